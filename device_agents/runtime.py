@@ -1,0 +1,287 @@
+"""One inference API over LiteRT, tflite-runtime and onnxruntime; never TensorFlow.
+
+>>> from device_agents import Model
+>>> model = Model.load("out/model.tflite")              # doctest: +SKIP
+>>> model.predict(x).shape                               # doctest: +SKIP
+(32, 10)
+
+Inputs and outputs are float32 at this API even when the model is int8: inputs are quantized
+and outputs dequantized with the scale and zero point stored in the model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agents.errors import ArtifactError, InputMismatchError
+
+
+class Runtime(str, Enum):
+    """The interpreters the agent can run an artifact with."""
+
+    LITERT = "litert"
+    TFLITE_RUNTIME = "tflite-runtime"
+    ONNXRUNTIME = "onnxruntime"
+
+
+class ArtifactFormat(str, Enum):
+    TFLITE = "tflite"
+    ONNX = "onnx"
+
+
+_RUNTIME_MODULE = {Runtime.LITERT: "ai_edge_litert", Runtime.TFLITE_RUNTIME: "tflite_runtime",
+                   Runtime.ONNXRUNTIME: "onnxruntime"}
+_PREFERENCE = {ArtifactFormat.TFLITE: (Runtime.LITERT, Runtime.TFLITE_RUNTIME),
+               ArtifactFormat.ONNX: (Runtime.ONNXRUNTIME,)}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: its name, shape (-1 for a free dimension), dtype and quantization."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scale: float | None = None
+    zero_point: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["shape"] = list(self.shape)
+        return out
+
+
+def detect_format(data: bytes) -> ArtifactFormat:
+    """Tell a TFLite flatbuffer from an ONNX protobuf by their first bytes."""
+    if len(data) >= 8 and data[4:8] == b"TFL3":
+        return ArtifactFormat.TFLITE
+    if len(data) >= 2 and data[0] == 0x08:  # ONNX ModelProto starts with field 1 (ir_version), varint
+        return ArtifactFormat.ONNX
+    raise ArtifactError("the artifact is neither a TFLite flatbuffer nor an ONNX model (corrupt or wrong file)")
+
+
+def available_runtimes() -> list[Runtime]:
+    """The runtimes importable in this environment, in order of preference."""
+    found = []
+    for runtime, module in _RUNTIME_MODULE.items():
+        try:
+            if importlib.util.find_spec(module) is not None:
+                found.append(runtime)
+        except (ImportError, ValueError):
+            pass
+    return found
+
+
+def pick_runtime(fmt: ArtifactFormat, forced: Runtime | str | None = None) -> Runtime:
+    """Choose the runtime for ``fmt``: the forced one, else the first installed by preference."""
+    allowed = _PREFERENCE[fmt]
+    if forced is not None:
+        try:
+            runtime = Runtime(forced)
+        except ValueError:
+            raise ArtifactError(
+                f"unknown runtime {forced!r}; valid: {', '.join(r.value for r in Runtime)}"
+            ) from None
+        if runtime not in allowed:
+            raise ArtifactError(f"runtime {runtime.value} cannot run {fmt.value} artifacts; "
+                                f"use {' or '.join(r.value for r in allowed)}")
+        if runtime not in available_runtimes():
+            raise ArtifactError(f"runtime {runtime.value} is not installed; install it to run this artifact")
+        return runtime
+    installed = available_runtimes()
+    for runtime in allowed:
+        if runtime in installed:
+            return runtime
+    raise ArtifactError(f"no runtime for {fmt.value} artifacts is installed; install "
+                        f"{' or '.join(_RUNTIME_MODULE[r] for r in allowed)}")
+
+
+class Model:
+    """A loaded artifact. Use :meth:`Model.load`; then :meth:`predict`."""
+
+    def __init__(self, backend: _Backend, *, runtime: Runtime, fmt: ArtifactFormat, size: int) -> None:
+        self._backend = backend
+        self.runtime = runtime
+        self.format = fmt
+        self.size = size
+
+    @classmethod
+    def load(cls, artifact: str | Path | bytes, *, runtime: Runtime | str | None = None,
+             num_threads: int | None = None) -> Model:
+        """Load a ``.tflite`` or ``.onnx`` artifact from a path or bytes.
+
+        >>> Model.load(Path("model.tflite").read_bytes(), num_threads=2)   # doctest: +SKIP
+        """
+        if isinstance(artifact, (str, Path)):
+            path = Path(artifact)
+            if not path.is_file():
+                raise ArtifactError(f"artifact {path} does not exist")
+            data = path.read_bytes()
+        else:
+            data = bytes(artifact)
+        fmt = detect_format(data)
+        chosen = pick_runtime(fmt, runtime)
+        loader = LOADERS[chosen]
+        try:
+            backend = loader(data, num_threads)
+        except ArtifactError:
+            raise
+        except Exception as exc:  # interpreters raise RuntimeError/ValueError/their own types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ArtifactError(f"{chosen.value} cannot load the artifact: {first[:300]}") from None
+        return cls(backend, runtime=chosen, fmt=fmt, size=len(data))
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return self._backend.inputs
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return self._backend.outputs
+
+    def predict(self, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
+        """Run samples ``x`` (shape ``(n, ...)``, or one sample without the batch axis).
+
+        Returns float32 outputs, one row per sample.
+        """
+        spec = self.inputs[0]
+        x = np.asarray(x)
+        single = x.ndim == len(spec.shape) - 1
+        if single:
+            x = x[None]
+        self._check(x, spec)
+        outs = [self._backend.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        y = np.concatenate(outs) if outs else np.zeros((0,) + tuple(self.outputs[0].shape[1:]), np.float32)
+        return y[0] if single else y
+
+    def _check(self, x: np.ndarray, spec: TensorSpec) -> None:
+        want = spec.shape[1:]
+        if x.ndim != len(spec.shape) or any(w not in (-1, g) for w, g in zip(want, x.shape[1:])):
+            shape = "(n, " + ", ".join("?" if d == -1 else str(d) for d in want) + ")"
+            raise InputMismatchError(f"input has shape {x.shape}, the model expects {shape}")
+        integer_model = np.issubdtype(np.dtype(spec.dtype), np.integer) and spec.scale is None
+        if integer_model and not np.issubdtype(x.dtype, np.integer):
+            raise InputMismatchError(f"input has dtype {x.dtype}, the model expects integer token ids ({spec.dtype})")
+        if not integer_model and not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+            raise InputMismatchError(f"input has dtype {x.dtype}, the model expects numbers")
+
+
+class _Backend:
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    def run(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    info = np.iinfo(np.dtype(spec.dtype))
+    q = np.round(x.astype(np.float32) / np.float32(spec.scale) + spec.zero_point)
+    return np.clip(q, info.min, info.max).astype(spec.dtype)
+
+
+class _TFLiteBackend(_Backend):
+    def __init__(self, interpreter_cls: Any, data: bytes, num_threads: int | None) -> None:
+        self._interpreter = interpreter_cls(model_content=data, num_threads=num_threads)
+        self._interpreter.allocate_tensors()
+        self._in = self._interpreter.get_input_details()[0]
+        self._out = self._interpreter.get_output_details()[0]
+        self.inputs = [_tflite_spec(d) for d in self._interpreter.get_input_details()]
+        self.outputs = [_tflite_spec(d) for d in self._interpreter.get_output_details()]
+        self._batch = int(self._in["shape"][0])
+        self._resizable = True
+
+    @property
+    def interpreter(self) -> Any:
+        return self._interpreter
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        if len(x) != self._batch:
+            if not self._resizable:
+                return np.concatenate([self.run(x[i:i + self._batch]) for i in range(0, len(x), self._batch)])
+            try:
+                self._interpreter.resize_tensor_input(self._in["index"], [len(x), *self._in["shape"][1:]])
+                self._interpreter.allocate_tensors()
+                self._batch = len(x)
+            except (RuntimeError, ValueError):
+                self._resizable = False
+                self._interpreter.resize_tensor_input(self._in["index"], list(self._in["shape"]))
+                self._interpreter.allocate_tensors()
+                return self.run(x)
+        spec = self.inputs[0]
+        feed = _quantize(x, spec) if spec.scale is not None else x.astype(spec.dtype, copy=False)
+        self._interpreter.set_tensor(self._in["index"], feed)
+        self._interpreter.invoke()
+        y = self._interpreter.get_tensor(self._out["index"])
+        out_spec = self.outputs[0]
+        if out_spec.scale is not None:
+            return ((y.astype(np.float32) - out_spec.zero_point) * np.float32(out_spec.scale)).astype(np.float32)
+        return y.astype(np.float32, copy=False)
+
+
+def _tflite_spec(detail: dict) -> TensorSpec:
+    shape = tuple(int(d) for d in detail.get("shape_signature", detail["shape"]))
+    scale, zero_point = detail.get("quantization", (0.0, 0))
+    dtype = np.dtype(detail["dtype"]).name
+    quantized = scale not in (0, 0.0) and np.issubdtype(np.dtype(dtype), np.integer)
+    return TensorSpec(detail["name"], shape, dtype,
+                      float(scale) if quantized else None, int(zero_point) if quantized else None)
+
+
+def _load_litert(data: bytes, num_threads: int | None) -> _Backend:
+    from ai_edge_litert.interpreter import Interpreter
+
+    return _TFLiteBackend(Interpreter, data, num_threads)
+
+
+def _load_tflite_runtime(data: bytes, num_threads: int | None) -> _Backend:
+    from tflite_runtime.interpreter import Interpreter
+
+    return _TFLiteBackend(Interpreter, data, num_threads)
+
+
+_ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
+                "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(double)": "float64"}
+
+
+class _OnnxBackend(_Backend):
+    def __init__(self, data: bytes, num_threads: int | None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
+        self.inputs = [_onnx_spec(i) for i in self._session.get_inputs()]
+        self.outputs = [_onnx_spec(o) for o in self._session.get_outputs()]
+        self._in_name = self.inputs[0].name
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        feed = x.astype(self.inputs[0].dtype, copy=False)
+        return self._session.run(None, {self._in_name: feed})[0].astype(np.float32, copy=False)
+
+
+def _onnx_spec(arg: Any) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) else -1 for d in arg.shape)
+    return TensorSpec(arg.name, shape, _ONNX_DTYPES.get(arg.type, arg.type))
+
+
+def _load_onnxruntime(data: bytes, num_threads: int | None) -> _Backend:
+    return _OnnxBackend(data, num_threads)
+
+
+LOADERS: dict[Runtime, Callable[[bytes, int | None], _Backend]] = {
+    Runtime.LITERT: _load_litert,
+    Runtime.TFLITE_RUNTIME: _load_tflite_runtime,
+    Runtime.ONNXRUNTIME: _load_onnxruntime,
+}
+"""Runtime -> loader. Every :class:`Runtime` has one (a test checks it)."""

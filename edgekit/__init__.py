@@ -1,0 +1,35 @@
+"""edgekit: put trained Keras models on edge devices.
+
+Compress (prune, quantize, distill), export (TFLite, ONNX), verify every artifact in its own
+runtime, and write a manifest and a report. Importing edgekit does not import TensorFlow.
+
+>>> import edgekit
+>>> result = edgekit.compress("cnn.keras", "digits", "out",                  # doctest: +SKIP
+...                           config=edgekit.CompressConfig(max_accuracy_drop=1.0))
+"""
+
+from edgekit._pipeline import ArtifactResult, CandidateResult, CompressResult, compress
+from edgekit._version import __version__
+from edgekit.config import CompressConfig, Format, Quantization, Recipe, SizeMetric, TrainingConfig
+from edgekit.data import Dataset, load_data, load_digits
+from edgekit.errors import (
+    BudgetError,
+    ConversionError,
+    DataError,
+    EdgeKitError,
+    InputError,
+    ModelLoadError,
+    OutputError,
+    UnsupportedLayerError,
+    VerificationError,
+)
+from edgekit.inspect import inspect_artifact
+from edgekit.models import LoadedModel, load_model
+
+__all__ = sorted([
+    "ArtifactResult", "BudgetError", "CandidateResult", "CompressConfig", "CompressResult", "ConversionError",
+    "DataError", "Dataset", "EdgeKitError", "Format", "InputError", "LoadedModel", "ModelLoadError",
+    "OutputError", "Quantization", "Recipe", "SizeMetric", "TrainingConfig", "UnsupportedLayerError",
+    "VerificationError", "__version__", "compress", "inspect_artifact", "load_data", "load_digits",
+    "load_model",
+])

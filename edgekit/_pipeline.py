@@ -1,0 +1,276 @@
+"""``edgekit.compress``: load, compress by recipe(s), export, verify, select, write."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit import _tf
+from edgekit._output import StagedDir, check_output_dir
+from edgekit._progress import Progress
+from edgekit.compress._training import accuracy, predict
+from edgekit.config import CompressConfig, Format, Quantization, Recipe
+from edgekit.data import Dataset, Splits, fit_to_model, load_data, split
+from edgekit.errors import BudgetError, EdgeKitError
+from edgekit.export import exporter
+from edgekit.export.verify import verify
+from edgekit.models import LoadedModel, load_model
+
+
+@dataclass
+class ArtifactResult:
+    """One exported file, measured in its own runtime."""
+
+    format: Format
+    filename: str
+    data: bytes = field(repr=False)
+    quantization: Quantization
+    sparsity: float
+    accuracy: float | None
+    accuracy_drop: float | None
+    top1_agreement: float
+    max_abs_diff: float
+    tolerance: float | None
+    runtime: str
+    inputs: list
+    outputs: list
+    notes: list[str]
+
+    @property
+    def bytes(self) -> int:
+        return len(self.data)
+
+    @property
+    def gzip_bytes(self) -> int:
+        return len(gzip.compress(self.data, compresslevel=9, mtime=0))
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+@dataclass
+class CandidateResult:
+    """One recipe: its artifacts (one per format) or the error that stopped it."""
+
+    recipe: Recipe
+    artifacts: list[ArtifactResult] = field(default_factory=list)
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    params: int | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    within_budget: bool | None = None
+
+    def size(self, metric: str) -> int:
+        return getattr(self.artifacts[0], metric)
+
+    @property
+    def worst_drop(self) -> float | None:
+        drops = [a.accuracy_drop for a in self.artifacts if a.accuracy_drop is not None]
+        return max(drops) if drops else None
+
+
+@dataclass
+class CompressResult:
+    """What :func:`compress` did: the source, every candidate, the one selected, the output folder."""
+
+    source: dict[str, Any]
+    candidates: list[CandidateResult]
+    selected: CandidateResult | None
+    config: CompressConfig
+    out: Path | None = None
+    manifest: dict[str, Any] | None = None
+    data_info: dict[str, Any] = field(default_factory=dict)
+
+
+def compress(model: Any, data: str | Path | Dataset = "digits", out: str | Path | None = None, *,
+             config: CompressConfig | None = None, eval_data: str | Path | Dataset | None = None,
+             progress: bool = True) -> CompressResult:
+    """Compress ``model`` into verified TFLite/ONNX artifacts and write them to ``out``.
+
+    ``model``: a path (SavedModel folder, ``.h5``, ``.keras`` of tf-keras or Keras 3) or a Keras
+    model object. ``data``: ``"digits"``, an ``.npz`` path with ``x`` (and ``y``), or a Dataset.
+
+    >>> from edgekit import CompressConfig, Recipe, compress
+    >>> result = compress("cnn.keras", "digits", "out",                     # doctest: +SKIP
+    ...                   config=CompressConfig(recipe=Recipe(prune=0.75, quantize="int8")))
+    >>> result.selected.artifacts[0].accuracy                               # doctest: +SKIP
+    97.2
+    """
+    config = config or CompressConfig()
+    bars = Progress(enabled=progress)
+    if out is not None:
+        check_output_dir(out)
+    raw = load_data(data)
+    loaded = load_model(model)
+    dataset = fit_to_model(raw, loaded.input_shape, loaded.input_dtype, loaded.num_classes)
+    evaluation = None
+    if eval_data is not None:
+        evaluation = fit_to_model(load_data(eval_data), loaded.input_shape, loaded.input_dtype, loaded.num_classes)
+    labels = "given"
+    if dataset.y is None:  # no labels: the source model's predictions serve as labels
+        dataset = Dataset(dataset.x, predict(loaded.model, dataset.x).argmax(1), dataset.name)
+        labels = "source model predictions (no y in the data)"
+        if evaluation is not None and evaluation.y is None:
+            evaluation = Dataset(evaluation.x, predict(loaded.model, evaluation.x).argmax(1), evaluation.name)
+    splits = split(dataset, seed=config.seed, eval_data=evaluation)
+    source_out = predict(loaded.model, splits.evaluation.x)
+    source = {
+        "path": loaded.path, "sha256": loaded.sha256, "format": loaded.source_format,
+        "accuracy": accuracy(source_out, splits.evaluation.y), "params": loaded.params,
+        "input": {"shape": [None, *loaded.input_shape], "dtype": loaded.input_dtype},
+        "output": {"shape": [None, loaded.num_classes], "kind": "probabilities" if loaded.outputs_probabilities
+                   else "logits"},
+        "rebuild_max_abs_diff": loaded.rebuild_max_abs_diff,
+    }
+    data_info = {"name": raw.name, "samples": len(dataset), "labels": labels, "seed": config.seed,
+                 "finetune": len(splits.finetune), "calibration": len(splits.calibration),
+                 "evaluation": len(splits.evaluation)}
+    runner = _CandidateRunner(loaded, splits, source_out, source["accuracy"], config, bars)
+    recipes = config.candidates()
+    search = len(recipes) > 1
+    bar = bars.bar(len(recipes), "candidates", unit="recipe")
+    candidates = []
+    for recipe in recipes:
+        bar.set_postfix_str(recipe.name)
+        candidates.append(runner.run(recipe, keep_going=search))
+        bar.update(1)
+    bar.close()
+    selected = _select(candidates, config)
+    result = CompressResult(source, candidates, selected, config, data_info=data_info)
+    if out is not None:
+        _write(result, Path(out))
+    if config.max_accuracy_drop is not None and selected is None:
+        best = min((c.worst_drop for c in candidates if c.worst_drop is not None), default=None)
+        best_text = f"; the best candidate lost {best:.2f} points" if best is not None else ""
+        where = f"; see {Path(out) / 'report.md'}" if out is not None else ""
+        raise BudgetError(
+            f"no candidate kept the accuracy drop within {config.max_accuracy_drop:g} points{best_text}{where}",
+            budget=config.max_accuracy_drop, best_drop=best, report=str(Path(out) / "report.md") if out else None)
+    return result
+
+
+class _CandidateRunner:
+    """Builds each recipe's Keras model (reusing distilled and pruned models) and its artifacts."""
+
+    def __init__(self, loaded: LoadedModel, splits: Splits, source_out: np.ndarray, source_accuracy: float,
+                 config: CompressConfig, progress: Progress) -> None:
+        self.loaded, self.splits, self.source_out = loaded, splits, source_out
+        self.source_accuracy, self.config, self.progress = source_accuracy, config, progress
+        self._cache: dict[tuple, tuple[Any, dict[str, float]]] = {}
+
+    def run(self, recipe: Recipe, *, keep_going: bool) -> CandidateResult:
+        start = time.perf_counter()
+        result = CandidateResult(recipe)
+        try:
+            model, float_model, result.layer_sparsity = self._keras_model(recipe)
+            result.params = int(float_model.count_params())
+            result.artifacts = [self._export(model, float_model, recipe, fmt) for fmt in self.config.formats]
+        except EdgeKitError as exc:
+            if not keep_going:
+                raise
+            result.error = str(exc)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _base(self, recipe: Recipe) -> tuple[Any, tuple]:
+        from edgekit.compress.distill import distill, thin_student
+
+        if not recipe.distills:
+            return self.loaded.model, ("teacher",)
+        key = ("student", recipe.student_width, recipe.student)
+        if key not in self._cache:
+            _tf.set_seed(self.config.seed)
+            if recipe.student is not None:
+                student_loaded = load_model(recipe.student)
+                student, student_probs = student_loaded.model, student_loaded.outputs_probabilities
+            else:
+                student, student_probs = thin_student(self.loaded.model, recipe.student_width), \
+                    self.loaded.outputs_probabilities
+            distill(self.loaded.model, student, self.splits.finetune, training=self.config.training,
+                    teacher_probabilities=self.loaded.outputs_probabilities, student_probabilities=student_probs,
+                    progress=self.progress, seed=self.config.seed)
+            self._cache[key] = (student, {})
+        return self._cache[key][0], key
+
+    def _keras_model(self, recipe: Recipe) -> tuple[Any, Any, dict[str, float]]:
+        """The model to export, its float twin (differs for QAT) and its per-layer sparsity."""
+        from edgekit.compress.prune import layer_sparsity, prune
+        from edgekit.compress.qat import float_twin, quantize_aware
+
+        base, key = self._base(recipe)
+        sparsity: dict[str, float] = {}
+        probabilities = _ends_in_softmax(base)
+        if recipe.prunes:
+            pkey = (*key, "prune", recipe.prune, recipe.structured)
+            if pkey not in self._cache:
+                pruned = prune(base, self.splits.finetune, sparsity=recipe.prune, structured=recipe.structured,
+                               training=self.config.training, probabilities=probabilities,
+                               progress=self.progress, seed=self.config.seed)
+                self._cache[pkey] = (pruned.model, pruned.per_layer)
+            base, sparsity = self._cache[pkey]
+        else:
+            sparsity = layer_sparsity(base)
+        if recipe.quantize is Quantization.QAT:
+            qat_model = quantize_aware(base, self.splits.finetune, training=self.config.training,
+                                       probabilities=probabilities, progress=self.progress,
+                                       preserve_sparsity=recipe.prunes, seed=self.config.seed)
+            twin = float_twin(qat_model, base)
+            return qat_model, twin, layer_sparsity(twin)
+        return base, base, sparsity
+
+    def _export(self, model: Any, float_model: Any, recipe: Recipe, fmt: Format) -> ArtifactResult:
+        from edgekit.compress.prune import overall_sparsity
+
+        spec = exporter(fmt)
+        calibration = self.splits.calibration.x
+        name = f"{recipe.name} {fmt.value}"
+        with self.progress.step(f"export {name}"):
+            data, notes = spec.convert(model, quantization=recipe.quantize, calibration=calibration,
+                                       int8_io=self.config.int8_io, sparse=False, float_model=float_model)
+        check = verify(data, name=name, quantization=recipe.quantize, x=self.splits.evaluation.x,
+                       y=self.splits.evaluation.y, source_outputs=self.source_out)
+        drop = None if check.accuracy is None else self.source_accuracy - check.accuracy
+        return ArtifactResult(fmt, spec.filename, data, recipe.quantize, overall_sparsity(float_model), check.accuracy,
+                              drop, check.top1_agreement, check.max_abs_diff, check.tolerance, check.runtime,
+                              check.inputs, check.outputs, notes)
+
+
+def _ends_in_softmax(model: Any) -> bool:
+    from edgekit.models import _ends_in_softmax as ends
+
+    return ends(model)
+
+
+def _select(candidates: list[CandidateResult], config: CompressConfig) -> CandidateResult | None:
+    ok = [c for c in candidates if c.error is None and c.artifacts]
+    if config.max_accuracy_drop is None:
+        return ok[0] if len(candidates) == 1 and ok else None
+    for c in candidates:
+        c.within_budget = c.error is None and c.worst_drop is not None and c.worst_drop <= config.max_accuracy_drop
+    within = [c for c in ok if c.within_budget]
+    if not within:
+        return None
+    return min(within, key=lambda c: (c.size(config.select_by.value), c.worst_drop))
+
+
+def _write(result: CompressResult, out: Path) -> None:
+    from edgekit.export.manifest import build_manifest
+    from edgekit.report import write_report
+
+    with StagedDir(out) as stage:
+        if result.selected is not None:
+            for art in result.selected.artifacts:
+                (stage.path / art.filename).write_bytes(art.data)
+            result.manifest = build_manifest(result)
+            from edgekit.export.manifest import write_manifest
+
+            write_manifest(stage.path, result.manifest)
+        write_report(result, stage.path)
+        result.out = stage.commit()

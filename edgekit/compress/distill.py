@@ -1,0 +1,98 @@
+"""Knowledge distillation: a teacher trains a smaller student on the user's data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgekit import _tf
+from edgekit._progress import Progress
+from edgekit.compress._training import predict, steps_per_epoch
+from edgekit.config import TrainingConfig
+from edgekit.data import Dataset
+from edgekit.errors import InputError
+from edgekit.layers import LAYERS, iter_layers
+
+
+def thin_student(teacher: Any, width: float) -> Any:
+    """A freshly initialised copy of ``teacher`` with conv/dense/LSTM widths scaled by ``width``.
+
+    The output layer keeps its size (one unit per class).
+
+    >>> student = thin_student(teacher, 0.5)   # doctest: +SKIP
+    """
+    keras = _tf.keras()
+    weighted = [layer for layer in iter_layers(teacher) if layer.weights]
+    output_layer = weighted[-1].name if weighted else None
+
+    def scale(layer: Any) -> Any:
+        config = layer.get_config()
+        entry = LAYERS.get(layer.__class__.__name__)
+        if entry is not None and entry.scale and layer.name != output_layer and entry.scale in config:
+            config[entry.scale] = max(1, int(round(config[entry.scale] * width)))
+        return layer.__class__.from_config(config)
+
+    return keras.models.clone_model(teacher, clone_function=scale)
+
+
+def logits_of(outputs: np.ndarray, probabilities: bool) -> np.ndarray:
+    """Logits from model outputs (log-probabilities serve as logits for a softmax model)."""
+    return np.log(np.clip(outputs, 1e-8, 1.0)) if probabilities else outputs
+
+
+def check_student(student: Any, teacher: Any) -> None:
+    if tuple(student.inputs[0].shape[1:]) != tuple(teacher.inputs[0].shape[1:]):
+        raise InputError(f"the student's input {tuple(student.inputs[0].shape[1:])} differs from the teacher's "
+                         f"{tuple(teacher.inputs[0].shape[1:])}; give a student with the same input")
+    if student.outputs[0].shape[-1] != teacher.outputs[0].shape[-1]:
+        raise InputError(f"the student has {student.outputs[0].shape[-1]} outputs but the teacher has "
+                         f"{teacher.outputs[0].shape[-1]} classes; give a student with the same classes")
+
+
+def distill(teacher: Any, student: Any, data: Dataset, *, training: TrainingConfig, teacher_probabilities: bool,
+            student_probabilities: bool, progress: Progress, seed: int = 0) -> list[float]:
+    """Train ``student`` in place on soft targets (temperature T) plus hard labels; return epoch losses.
+
+    loss = alpha * CE(y, student) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))
+    """
+    tf = _tf.tf()
+    keras = _tf.keras()
+    check_student(student, teacher)
+    _tf.set_seed(seed)
+    t_logits = logits_of(predict(teacher, data.x), teacher_probabilities)
+    temperature, alpha = training.temperature, training.distill_alpha
+    if data.y is None:
+        alpha = 0.0
+    y = data.y if data.y is not None else t_logits.argmax(axis=1)
+    optimizer = keras.optimizers.Adam(training.learning_rate)
+    ds = (tf.data.Dataset.from_tensor_slices((data.x, y.astype(np.int64), t_logits))
+          .shuffle(len(data), seed=seed).batch(training.batch_size))
+
+    @tf.function
+    def step(x: Any, labels: Any, teacher_logits: Any) -> Any:
+        with tf.GradientTape() as tape:
+            out = student(x, training=True)
+            s_logits = tf.math.log(tf.clip_by_value(out, 1e-8, 1.0)) if student_probabilities else out
+            hard = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, s_logits))
+            soft_t = tf.nn.softmax(teacher_logits / temperature)
+            log_soft_s = tf.nn.log_softmax(s_logits / temperature)
+            kl = tf.reduce_mean(tf.reduce_sum(soft_t * (tf.math.log(soft_t + 1e-8) - log_soft_s), axis=1))
+            loss = alpha * hard + (1.0 - alpha) * temperature ** 2 * kl
+        grads = tape.gradient(loss, student.trainable_variables)
+        optimizer.apply_gradients(zip(grads, student.trainable_variables))
+        return loss
+
+    steps = steps_per_epoch(data, training.batch_size)
+    bar = progress.bar(training.distill_epochs * steps, "distill student", unit="step")
+    losses = []
+    for _ in range(training.distill_epochs):
+        total = 0.0
+        for xb, yb, tb in ds:
+            loss = float(step(xb, yb, tb))
+            total += loss
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        losses.append(total / steps)
+    bar.close()
+    return losses

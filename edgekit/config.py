@@ -1,0 +1,183 @@
+"""Options for :func:`edgekit.compress`, as validated dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from edgekit.errors import InputError
+
+
+class Quantization(str, Enum):
+    """How the exported weights (and activations) are quantized."""
+
+    NONE = "none"          # float32
+    DYNAMIC = "dynamic"    # int8 weights, float activations
+    FLOAT16 = "float16"    # float16 weights
+    INT8 = "int8"          # full integer, calibrated on the user's data (post-training)
+    QAT = "qat"            # full integer after quantization-aware fine-tuning
+
+
+class Format(str, Enum):
+    """Artifact formats edgekit exports."""
+
+    TFLITE = "tflite"
+    ONNX = "onnx"
+
+
+class SizeMetric(str, Enum):
+    """Which size the accuracy-budget search minimises."""
+
+    GZIP_BYTES = "gzip_bytes"  # download size: what pruning shrinks
+    BYTES = "bytes"            # size on disk / in memory
+
+
+def _enum(cls: type[Enum], value: object, option: str) -> Enum:
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(str(value).lower())
+    except ValueError:
+        valid = ", ".join(m.value for m in cls)
+        raise InputError(f"unknown {option} {value!r}; valid values: {valid}") from None
+
+
+def parse_structured(value: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """Parse ``"2:4"`` into ``(2, 4)``."""
+    if value is None or isinstance(value, tuple):
+        return value
+    try:
+        m, n = (int(v) for v in str(value).split(":"))
+    except ValueError:
+        raise InputError(f"--structured {value!r} is not of the form M:N (e.g. 2:4)") from None
+    return (m, n)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way to compress a model: pruning, a distilled student and a quantization mode.
+
+    >>> Recipe(prune=0.75, quantize="int8").name
+    'prune75+int8'
+    """
+
+    prune: float | None = None
+    structured: tuple[int, int] | None = None
+    quantize: Quantization = Quantization.INT8
+    student_width: float | None = None
+    student: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quantize", _enum(Quantization, self.quantize, "quantization"))
+        object.__setattr__(self, "structured", parse_structured(self.structured))
+        if self.prune is not None and not 0.0 < float(self.prune) < 1.0:
+            raise InputError(f"prune sparsity must be between 0 and 1 (exclusive), got {self.prune}")
+        if self.structured is not None and self.structured != (2, 4):
+            raise InputError(f"structured sparsity {self.structured[0]}:{self.structured[1]} is not supported; use 2:4")
+        if self.structured is not None and self.prune is not None:
+            raise InputError("give either --prune S (magnitude) or --structured 2:4, not both")
+        if self.student_width is not None and not 0.0 < float(self.student_width) < 1.0:
+            raise InputError(f"student width must be between 0 and 1 (exclusive), got {self.student_width}")
+        if self.student_width is not None and self.student is not None:
+            raise InputError("give either --student-width W or --student FILE, not both")
+        if self.student is not None and not Path(self.student).exists():
+            raise InputError(f"student model {self.student} does not exist")
+
+    @property
+    def name(self) -> str:
+        parts = []
+        if self.student_width is not None:
+            parts.append(f"student{self.student_width:g}")
+        if self.student is not None:
+            parts.append(f"student:{Path(self.student).stem}")
+        if self.prune is not None:
+            parts.append(f"prune{round(self.prune * 100)}")
+        if self.structured is not None:
+            parts.append("prune2:4")
+        parts.append("float32" if self.quantize is Quantization.NONE else self.quantize.value)
+        return "+".join(parts)
+
+    @property
+    def distills(self) -> bool:
+        return self.student_width is not None or self.student is not None
+
+    @property
+    def prunes(self) -> bool:
+        return self.prune is not None or self.structured is not None
+
+
+SEARCH_RECIPES: tuple[Recipe, ...] = (
+    Recipe(quantize=Quantization.FLOAT16),
+    Recipe(quantize=Quantization.DYNAMIC),
+    Recipe(quantize=Quantization.INT8),
+    Recipe(quantize=Quantization.QAT),
+    Recipe(prune=0.5, quantize=Quantization.INT8),
+    Recipe(prune=0.75, quantize=Quantization.INT8),
+    Recipe(structured=(2, 4), quantize=Quantization.INT8),
+    Recipe(student_width=0.5, quantize=Quantization.INT8),
+)
+"""The candidates tried by an accuracy-budget search when the user names no recipe."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Fine-tuning and distillation settings (small defaults suit models the size of the demo's)."""
+
+    finetune_epochs: int = 4
+    distill_epochs: int = 12
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    temperature: float = 4.0
+    distill_alpha: float = 0.3  # weight of the hard-label loss; the rest goes to the soft targets
+
+    def __post_init__(self) -> None:
+        for name in ("finetune_epochs", "distill_epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not self.temperature > 0:
+            raise InputError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise InputError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything :func:`edgekit.compress` does beyond the model and the data.
+
+    ``recipe`` ``None`` means: search :data:`SEARCH_RECIPES` when ``max_accuracy_drop`` is set,
+    else post-training int8.
+
+    >>> CompressConfig(recipe=Recipe(prune=0.75), formats=("tflite",)).formats
+    (<Format.TFLITE: 'tflite'>,)
+    """
+
+    recipe: Recipe | None = None
+    formats: tuple[Format, ...] = (Format.TFLITE, Format.ONNX)
+    max_accuracy_drop: float | None = None
+    int8_io: bool = False
+    select_by: SizeMetric = SizeMetric.GZIP_BYTES
+    seed: int = 0
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    search: tuple[Recipe, ...] = SEARCH_RECIPES
+
+    def __post_init__(self) -> None:
+        formats = self.formats
+        if isinstance(formats, str):
+            formats = tuple(f for f in formats.split(",") if f.strip())
+        formats = tuple(_enum(Format, f.strip() if isinstance(f, str) else f, "format") for f in formats)
+        if not formats:
+            raise InputError("no format asked for; use tflite, onnx or tflite,onnx")
+        object.__setattr__(self, "formats", tuple(dict.fromkeys(formats)))
+        object.__setattr__(self, "select_by", _enum(SizeMetric, self.select_by, "size metric"))
+        if self.max_accuracy_drop is not None and not float(self.max_accuracy_drop) >= 0:
+            raise InputError(f"--max-accuracy-drop must be >= 0 points, got {self.max_accuracy_drop}")
+
+    def candidates(self) -> tuple[Recipe, ...]:
+        if self.recipe is not None:
+            return (self.recipe,)
+        if self.max_accuracy_drop is not None:
+            return self.search
+        return (Recipe(quantize=Quantization.INT8),)

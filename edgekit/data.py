@@ -1,0 +1,259 @@
+"""Data: the embedded digits set, user ``.npz`` files, validation against a model, seeded splits.
+
+A dataset is an ``x`` array of samples and an optional ``y`` array of integer class labels.
+Nothing is downloaded: ``"digits"`` is scikit-learn's bundled copy of the UCI handwritten digits.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import DataError
+
+DIGITS = "digits"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Samples ``x`` and optional integer labels ``y`` (``None`` when the user has none)."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    name: str = "data"
+
+    def __post_init__(self) -> None:
+        if self.y is not None and len(self.y) != len(self.x):
+            raise DataError(
+                f"{self.name}: x has {len(self.x)} samples but y has {len(self.y)}; "
+                "give one label per sample"
+            )
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def take(self, index: np.ndarray, name: str | None = None) -> Dataset:
+        """Return the samples at ``index`` as a new dataset."""
+        return Dataset(self.x[index], None if self.y is None else self.y[index], name or self.name)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The three disjoint parts edgekit uses: fine-tuning, calibration and evaluation."""
+
+    finetune: Dataset
+    calibration: Dataset
+    evaluation: Dataset
+
+
+def load_digits(image_size: int = 8, channels: int = 1) -> Dataset:
+    """Load scikit-learn's bundled digits (1,797 8x8 images, 10 classes) as float32 in [0, 1].
+
+    ``image_size`` and ``channels`` resize the images (bilinear) and repeat the gray channel,
+    e.g. ``load_digits(96, 3)`` for a MobileNet-style input.
+
+    >>> ds = load_digits()
+    >>> ds.x.shape, ds.y.shape
+    ((1797, 8, 8, 1), (1797,))
+    """
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[..., None]
+    if image_size != 8:
+        x = _resize_bilinear(x, image_size)
+    if channels != 1:
+        x = np.repeat(x, channels, axis=-1)
+    return Dataset(np.ascontiguousarray(x, dtype=np.float32), bunch.target.astype(np.int64), DIGITS)
+
+
+def _resize_bilinear(x: np.ndarray, size: int) -> np.ndarray:
+    n, h, w, c = x.shape
+    ys = np.linspace(0, h - 1, size)
+    xs = np.linspace(0, w - 1, size)
+    y0, x0 = np.floor(ys).astype(int), np.floor(xs).astype(int)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    wy, wx = (ys - y0)[None, :, None, None], (xs - x0)[None, None, :, None]
+    top = x[:, y0][:, :, x0] * (1 - wx) + x[:, y0][:, :, x1] * wx
+    bottom = x[:, y1][:, :, x0] * (1 - wx) + x[:, y1][:, :, x1] * wx
+    return (top * (1 - wy) + bottom * wy).astype(np.float32)
+
+
+def load_npz(path: str | Path, *, require_labels: bool = False) -> Dataset:
+    """Load an ``.npz`` file holding ``x`` (samples) and optionally ``y`` (integer labels)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist; give an .npz file with arrays 'x' and 'y', or 'digits'")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
+            if "x" not in keys:
+                raise DataError(
+                    f"{path} has no array 'x' (it has: {', '.join(sorted(keys)) or 'none'}); "
+                    "save samples as x, labels as y: np.savez(path, x=..., y=...)"
+                )
+            x = npz["x"]
+            y = npz["y"] if "y" in keys else None
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path} is not a readable .npz file ({exc}); write it with numpy.savez") from None
+    if y is None and require_labels:
+        raise DataError(f"{path} has no array 'y'; labels are needed here: np.savez(path, x=..., y=...)")
+    return _check_arrays(x, y, str(path))
+
+
+def _check_arrays(x: np.ndarray, y: np.ndarray | None, name: str) -> Dataset:
+    if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise DataError(f"{name}: x has dtype {x.dtype}; it must be a numeric array")
+    if x.ndim < 2 or len(x) == 0:
+        raise DataError(f"{name}: x has shape {x.shape}; it must be (samples, ...) with at least one sample")
+    if np.issubdtype(x.dtype, np.floating):
+        bad = ~np.isfinite(x)
+        if bad.any():
+            first = int(np.argwhere(bad.reshape(len(x), -1).any(axis=1))[0][0])
+            raise DataError(
+                f"{name}: x holds {int(bad.sum())} NaN/inf values (first in sample {first}); "
+                "clean or drop those samples"
+            )
+    if y is not None:
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] > 1 and np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all():
+            y = y.argmax(axis=1)  # one-hot labels
+        y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
+        if y.ndim != 1:
+            raise DataError(f"{name}: y has shape {y.shape}; it must hold one integer class label per sample")
+        if np.issubdtype(y.dtype, np.floating):
+            if not np.isfinite(y).all():
+                raise DataError(f"{name}: y holds NaN/inf; labels must be integer class ids")
+            if not np.equal(np.mod(y, 1), 0).all():
+                raise DataError(f"{name}: y holds non-integer values; labels must be integer class ids")
+        elif not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{name}: y has dtype {y.dtype}; labels must be integer class ids")
+        y = y.astype(np.int64)
+        if len(y) != len(x):
+            raise DataError(f"{name}: x has {len(x)} samples but y has {len(y)}; give one label per sample")
+    return Dataset(x, y, name)
+
+
+def load_data(source: str | Path | Dataset, *, require_labels: bool = False) -> Dataset:
+    """Load ``"digits"``, an ``.npz`` path, or pass a :class:`Dataset` through.
+
+    >>> load_data("digits").x.dtype
+    dtype('float32')
+    """
+    if isinstance(source, Dataset):
+        return _check_arrays(source.x, source.y, source.name)
+    if str(source) == DIGITS:
+        return load_digits()
+    return load_npz(source, require_labels=require_labels)
+
+
+def fit_to_model(data: Dataset, input_shape: tuple[int | None, ...], input_dtype: str, num_classes: int) -> Dataset:
+    """Check that ``data`` fits a model's input and output, and cast ``x`` to the input dtype.
+
+    ``input_shape`` excludes the batch dimension; ``None`` entries accept any size.
+    """
+    x = data.x
+    sample_shape = tuple(x.shape[1:])
+    if len(sample_shape) == len(input_shape) - 1 and input_shape[-1] == 1:
+        x = x[..., None]  # (n, h, w) images for a (h, w, 1) input
+        sample_shape = tuple(x.shape[1:])
+    if len(sample_shape) != len(input_shape) or any(
+        want is not None and want != got for want, got in zip(input_shape, sample_shape)
+    ):
+        want = "(n, " + ", ".join("?" if d is None else str(d) for d in input_shape) + ")"
+        raise DataError(
+            f"{data.name}: x has shape {x.shape} but the model expects {want}; "
+            "reshape or resize the samples to the model's input"
+        )
+    if np.issubdtype(np.dtype(input_dtype), np.integer):
+        if np.issubdtype(x.dtype, np.floating):
+            if not np.equal(np.mod(x, 1), 0).all():
+                raise DataError(
+                    f"{data.name}: the model takes integer token ids but x holds fractional values; "
+                    "give token ids as integers"
+                )
+        x = x.astype(input_dtype)
+    else:
+        x = x.astype(np.float32)
+    if data.y is not None:
+        y = data.y
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= num_classes:
+            raise DataError(
+                f"{data.name}: labels range over [{lo}, {hi}] but the model has {num_classes} classes "
+                f"(valid labels 0..{num_classes - 1}); check y or the model's output layer"
+            )
+    return Dataset(x, data.y, data.name)
+
+
+def split(data: Dataset, *, seed: int = 0, eval_data: Dataset | None = None,
+          eval_fraction: float = 0.2, calibration_size: int = 256) -> Splits:
+    """Split reproducibly into fine-tune / calibration / evaluation parts (stratified when labelled).
+
+    With ``eval_data`` the evaluation part is that set and ``data`` is split into the other two.
+
+    >>> s = split(load_digits(), seed=0)
+    >>> len(s.finetune), len(s.calibration), len(s.evaluation)
+    (1182, 256, 359)
+    """
+    n = len(data)
+    if n < 10:
+        raise DataError(f"{data.name}: {n} samples are too few to split; give at least 10")
+    index = np.arange(n)
+    if eval_data is None:
+        n_eval = max(1, int(round(n * eval_fraction)))
+        rest, eval_idx = _split_index(index, data.y, n_eval, seed)
+        evaluation = data.take(np.sort(eval_idx), "evaluation")
+    else:
+        rest, evaluation = index, eval_data
+    n_cal = min(calibration_size, max(1, len(rest) // 5))
+    tune_idx, cal_idx = _split_index(rest, None if data.y is None else data.y[rest], n_cal, seed + 1)
+    return Splits(data.take(np.sort(tune_idx), "finetune"), data.take(np.sort(cal_idx), "calibration"), evaluation)
+
+
+def _split_index(index: np.ndarray, y: np.ndarray | None, n_second: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    stratify = None
+    if y is not None:
+        counts = np.bincount(y - y.min())
+        counts = counts[counts > 0]
+        if counts.min() >= 2 and n_second >= len(counts) and len(index) - n_second >= len(counts):
+            stratify = y
+    first, second = train_test_split(index, test_size=n_second, random_state=seed, stratify=stratify)
+    return first, second
+
+
+def partition(data: Dataset, num_parts: int, *, scheme: str = "iid", alpha: float = 0.5,
+              seed: int = 0) -> list[Dataset]:
+    """Split ``data`` among ``num_parts`` clients: ``"iid"`` or ``"dirichlet"`` (label skew, ``alpha``)."""
+    if num_parts < 1:
+        raise DataError(f"cannot partition into {num_parts} parts; give at least 1")
+    if num_parts > len(data):
+        raise DataError(f"{len(data)} samples cannot give {num_parts} clients one sample each; use fewer clients")
+    rng = np.random.default_rng(seed)
+    if scheme == "iid" or data.y is None:
+        parts = np.array_split(rng.permutation(len(data)), num_parts)
+    elif scheme == "dirichlet":
+        if alpha <= 0:
+            raise DataError(f"dirichlet alpha must be > 0, got {alpha}")
+        parts_l: list[list[int]] = [[] for _ in range(num_parts)]
+        for label in np.unique(data.y):
+            idx = rng.permutation(np.flatnonzero(data.y == label))
+            shares = rng.dirichlet(np.full(num_parts, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
+            for part, chunk in zip(parts_l, np.split(idx, cuts)):
+                part.extend(chunk.tolist())
+        for i, part in enumerate(parts_l):  # every client gets at least one sample
+            if not part:
+                donor = max(range(num_parts), key=lambda j: len(parts_l[j]))
+                part.append(parts_l[donor].pop())
+        parts = [np.array(sorted(p)) for p in parts_l]
+    else:
+        raise DataError(f"unknown partition scheme {scheme!r}; use 'iid' or 'dirichlet'")
+    return [data.take(np.sort(p), f"{data.name}[{i}]") for i, p in enumerate(parts)]

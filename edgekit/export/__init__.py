@@ -1,0 +1,60 @@
+"""Exporters by format, verification in each format's own runtime, and the manifest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgekit.config import Format, Quantization
+from edgekit.errors import InputError
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """How one format is written: its file name, converter and the quantization modes it takes.
+
+    ``convert(model, quantization=, calibration=, int8_io=, sparse=, float_model=)`` gets the
+    model to export (the QAT model for QAT) and ``float_model``, its float twin.
+    """
+
+    filename: str
+    convert: Callable[..., tuple[bytes, list[str]]]
+    quantizations: frozenset[Quantization]
+
+
+def _tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray, int8_io: bool,
+            sparse: bool, float_model: Any) -> tuple[bytes, list[str]]:
+    from edgekit.export.tflite import to_tflite
+
+    return to_tflite(model, quantization=quantization, calibration=calibration, int8_io=int8_io, sparse=sparse)
+
+
+def _onnx(model: Any, *, quantization: Quantization, calibration: np.ndarray, int8_io: bool,
+          sparse: bool, float_model: Any) -> tuple[bytes, list[str]]:
+    from edgekit.export.onnx import to_onnx
+
+    data, notes = to_onnx(float_model, quantization=quantization, calibration=calibration)
+    if quantization is Quantization.QAT:
+        notes.append("ONNX: the QAT-tuned weights, quantized by onnxruntime static QDQ (per channel) "
+                     "with activation ranges from the calibration data")
+    if int8_io and quantization in (Quantization.INT8, Quantization.QAT):
+        notes.append("ONNX QDQ models keep float32 inputs/outputs; int8 I/O applies to TFLite only")
+    return data, notes
+
+
+EXPORTERS: dict[Format, Exporter] = {
+    Format.TFLITE: Exporter("model.tflite", _tflite, frozenset(Quantization)),
+    Format.ONNX: Exporter("model.onnx", _onnx, frozenset(Quantization)),
+}
+"""Format -> exporter. Every :class:`Format` has one (a test checks it)."""
+
+
+def exporter(fmt: Format | str) -> Exporter:
+    """The registered exporter of ``fmt``; unknown formats are refused with the valid list."""
+    try:
+        return EXPORTERS[Format(fmt)]
+    except (ValueError, KeyError):
+        raise InputError(f"unknown format {fmt!r}; valid: {', '.join(f.value for f in EXPORTERS)}") from None

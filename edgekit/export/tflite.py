@@ -1,0 +1,81 @@
+"""TFLite export with the TFLite converter: float32, dynamic range, float16, int8 and QAT."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgekit import _tf
+from edgekit.config import Quantization
+from edgekit.errors import ConversionError
+
+
+def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray, int8_io: bool = False,
+              sparse: bool = False) -> tuple[bytes, list[str]]:
+    """Convert a tf-keras model; return the flatbuffer and notes (e.g. ops left in float).
+
+    ``calibration`` samples feed the representative dataset of full-integer quantization.
+    ``model`` is the QAT model itself for ``Quantization.QAT``.
+    """
+    tf = _tf.tf()
+    notes: list[str] = []
+    float_input = model.inputs[0].dtype.is_floating
+
+    def converter() -> Any:
+        conv = tf.lite.TFLiteConverter.from_keras_model(model)
+        if quantization is not Quantization.NONE:
+            conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        if sparse and quantization in (Quantization.NONE, Quantization.INT8, Quantization.QAT):
+            conv.optimizations = [*conv.optimizations, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
+        if quantization is Quantization.FLOAT16:
+            conv.target_spec.supported_types = [tf.float16]
+        if quantization is Quantization.INT8:
+            conv.representative_dataset = _representative(calibration)
+        if quantization in (Quantization.INT8, Quantization.QAT) and int8_io and float_input:
+            conv.inference_input_type = tf.int8
+            conv.inference_output_type = tf.int8
+        return conv
+
+    conv = converter()
+    if quantization is Quantization.INT8:
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    try:
+        return bytes(conv.convert()), notes
+    except Exception as exc:  # the converter raises ConverterError and others
+        if quantization is not Quantization.INT8:
+            raise ConversionError(f"TFLite conversion ({quantization.value}) failed: {_first_line(exc)}") from None
+        strict_error = _first_line(exc)
+    # Some ops (e.g. LSTM pieces) have no int8 kernel: keep those in float.
+    conv = converter()
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    try:
+        data = bytes(conv.convert())
+    except Exception as exc:
+        raise ConversionError(f"TFLite int8 conversion failed: {_first_line(exc)}") from None
+    notes.append(f"some ops have no int8 kernel and stay float ({strict_error[:120]})")
+    return data, notes
+
+
+def _representative(samples: np.ndarray):  # noqa: ANN202
+    def gen():  # noqa: ANN202
+        for i in range(len(samples)):
+            yield [samples[i:i + 1]]
+
+    return gen
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "error:" in line.lower():
+            return line.strip()[:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def tflite_ops(data: bytes) -> list[str]:
+    """Operator names of a TFLite flatbuffer, in graph order (via the LiteRT interpreter)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=data)
+    return [op["op_name"] for op in interpreter._get_ops_details()]  # noqa: SLF001 (no public API)

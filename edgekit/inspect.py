@@ -1,0 +1,86 @@
+"""``edgekit inspect``: ops, sizes, I/O quantization of an artifact, and a folder's manifest check."""
+
+from __future__ import annotations
+
+import gzip
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from device_agents.errors import AgentError
+from device_agents.integrity import check_entry, read_manifest
+from device_agents.runtime import ArtifactFormat, Model, detect_format
+from edgekit.errors import InputError
+
+
+def inspect_artifact(target: str | Path) -> dict[str, Any]:
+    """Describe a ``.tflite``/``.onnx`` file, or check and describe every artifact of an output folder.
+
+    >>> info = inspect_artifact("out")                     # doctest: +SKIP
+    >>> info["manifest_ok"], info["artifacts"][0]["ops"]   # doctest: +SKIP
+    (True, {'CONV_2D': 2, 'FULLY_CONNECTED': 1, ...})
+    """
+    target = Path(target)
+    if not target.exists():
+        raise InputError(f"{target} does not exist; give a .tflite/.onnx file or an edgekit output folder")
+    if target.is_file():
+        return {"path": str(target), "manifest_ok": None, "artifacts": [_describe(target.read_bytes(), target.name)]}
+    try:
+        manifest = read_manifest(target)
+    except AgentError as exc:
+        raise InputError(str(exc)) from None
+    artifacts, problems = [], []
+    for entry in manifest["artifacts"]:
+        try:
+            data = check_entry(target, entry)
+        except AgentError as exc:
+            problems.append(str(exc))
+            continue
+        info = _describe(data, entry["file"])
+        info.update({k: entry.get(k) for k in ("quantization", "sparsity", "accuracy", "top1_agreement")})
+        info["sha256_ok"] = True
+        artifacts.append(info)
+    return {"path": str(target), "manifest_ok": not problems, "problems": problems,
+            "edgekit_version": manifest.get("edgekit_version"), "kind": manifest.get("kind"),
+            "source": manifest.get("source"), "artifacts": artifacts}
+
+
+def _describe(data: bytes, name: str) -> dict[str, Any]:
+    try:
+        fmt = detect_format(data)
+        model = Model.load(data)
+    except AgentError as exc:
+        raise InputError(f"{name}: {exc}") from None
+    if fmt is ArtifactFormat.TFLITE:
+        from edgekit.export.tflite import tflite_ops
+
+        ops = tflite_ops(data)
+    else:
+        from edgekit.export.onnx import onnx_ops
+
+        ops = onnx_ops(data)
+    return {"file": name, "format": fmt.value, "bytes": len(data),
+            "gzip_bytes": len(gzip.compress(data, compresslevel=9, mtime=0)),
+            "ops": dict(sorted(Counter(ops).items())), "inputs": [s.to_dict() for s in model.inputs],
+            "outputs": [s.to_dict() for s in model.outputs]}
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    """Human-readable text of :func:`inspect_artifact`'s result."""
+    lines = [f"{info['path']}"]
+    if info.get("manifest_ok") is not None:
+        lines.append(f"  manifest: {'ok (every sha256 matches)' if info['manifest_ok'] else 'FAILED'}"
+                     f"  edgekit {info.get('edgekit_version')}  kind {info.get('kind')}")
+        for problem in info.get("problems", []):
+            lines.append(f"  ! {problem}")
+    for art in info["artifacts"]:
+        lines.append(f"  {art['file']}  {art['format']}  {art['bytes']:,} bytes  ({art['gzip_bytes']:,} gzip)")
+        for key in ("quantization", "sparsity", "accuracy", "top1_agreement"):
+            if art.get(key) is not None:
+                lines.append(f"    {key}: {art[key]}")
+        for kind in ("inputs", "outputs"):
+            for spec in art[kind]:
+                quant = f"  scale {spec['scale']:.6g} zero_point {spec['zero_point']}" if spec["scale"] else ""
+                lines.append(f"    {kind[:-1]} {spec['name']}: {spec['dtype']} {spec['shape']}{quant}")
+        lines.append("    ops: " + ", ".join(f"{k} x{v}" for k, v in art["ops"].items()))
+    return "\n".join(lines)

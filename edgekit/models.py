@@ -1,0 +1,357 @@
+"""Loading a user's Keras model, whatever the format, as one verified tf-keras model.
+
+Accepted: SavedModel folders written by tf-keras, ``.h5`` files, tf-keras ``.keras`` files and
+Keras 3 ``.keras`` (or ``.h5``) files. tensorflow-model-optimization works only on tf-keras, so a
+Keras 3 model is rebuilt layer by layer as a tf-keras model with the same weights, and the
+rebuild is checked numerically against the original before anything else runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit import _tf
+from edgekit.errors import ModelLoadError, UnsupportedLayerError
+from edgekit.layers import check_model, support
+
+REBUILD_TOLERANCE = 1e-5
+
+
+@dataclass
+class LoadedModel:
+    """A tf-keras model plus what edgekit learned about it while loading."""
+
+    model: Any
+    path: str
+    sha256: str
+    source_format: str  # "savedmodel" | "h5" | "keras" | "keras3" | "object"
+    rebuild_max_abs_diff: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int | None, ...]:
+        return tuple(self.model.inputs[0].shape[1:])
+
+    @property
+    def input_dtype(self) -> str:
+        return self.model.inputs[0].dtype.name
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.outputs[0].shape[-1])
+
+    @property
+    def outputs_probabilities(self) -> bool:
+        """True when the model ends in a softmax (outputs probabilities, not logits)."""
+        return _ends_in_softmax(self.model)
+
+    @property
+    def params(self) -> int:
+        return int(self.model.count_params())
+
+
+def sha256_of(path: str | Path) -> str:
+    """SHA-256 of a file, or of every file of a folder in sorted order."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_model(source: Any, *, sample: np.ndarray | None = None) -> LoadedModel:
+    """Load a Keras model from a path (or take a model object) as a checked tf-keras model.
+
+    ``sample`` (a few inputs) is used to verify a Keras 3 rebuild; random inputs otherwise.
+
+    >>> loaded = load_model("model.keras")          # doctest: +SKIP
+    >>> loaded.source_format, loaded.num_classes    # doctest: +SKIP
+    ('keras3', 10)
+    """
+    if not isinstance(source, (str, Path)):
+        return _from_object(source, sample)
+    path = Path(source)
+    if not path.exists():
+        raise ModelLoadError(f"model {path} does not exist; give a SavedModel folder, a .h5 or a .keras file")
+    if path.is_dir():
+        loaded = _load_savedmodel(path)
+    elif path.suffix in (".h5", ".hdf5"):
+        loaded = _load_h5(path, sample)
+    elif path.suffix == ".keras":
+        loaded = _load_keras_zip(path, sample)
+    else:
+        raise ModelLoadError(
+            f"model {path} has an unknown extension '{path.suffix}'; "
+            "give a SavedModel folder, a .h5 file or a .keras file"
+        )
+    _check_outputs(loaded.model)
+    return loaded
+
+
+def _from_object(model: Any, sample: np.ndarray | None) -> LoadedModel:
+    keras2 = _tf.keras()
+    if isinstance(model, keras2.Model):
+        check_model(model)
+        _check_outputs(model)
+        return LoadedModel(model, "<in-memory>", "", "object")
+    if type(model).__module__.startswith("keras"):
+        rebuilt, diff = rebuild_keras3(model, sample)
+        _check_outputs(rebuilt)
+        return LoadedModel(rebuilt, "<in-memory>", "", "keras3", rebuild_max_abs_diff=diff)
+    raise ModelLoadError(f"expected a Keras model or a path, got {type(model).__name__}")
+
+
+def _load_savedmodel(path: Path) -> LoadedModel:
+    if not (path / "saved_model.pb").is_file():
+        raise ModelLoadError(f"{path} is a folder without saved_model.pb; give a SavedModel folder or a model file")
+    if not (path / "keras_metadata.pb").is_file():
+        raise ModelLoadError(
+            f"{path} is a SavedModel without Keras metadata (written by model.export() or tf.saved_model.save); "
+            "edgekit needs the Keras layers: save with model.save('model.keras') instead"
+        )
+    model = _guarded_load(lambda: _tf.keras().models.load_model(path, compile=False), path)
+    check_model(model)
+    return LoadedModel(model, str(path), sha256_of(path), "savedmodel")
+
+
+def _load_h5(path: Path, sample: np.ndarray | None) -> LoadedModel:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            version = _attr_text(handle.attrs.get("keras_version", ""))
+            config = _attr_text(handle.attrs.get("model_config", ""))
+    except OSError:
+        raise ModelLoadError(f"{path} is not a valid HDF5 file (corrupt or truncated); re-save the model") from None
+    if not config:
+        raise ModelLoadError(f"{path} holds weights only (no model config); save the whole model with model.save()")
+    _check_config_layers(json.loads(config))
+    if version.startswith("3."):
+        k3 = _guarded_load(lambda: _tf.keras3().saving.load_model(path, compile=False), path)
+        model, diff = rebuild_keras3(k3, sample)
+        return LoadedModel(model, str(path), sha256_of(path), "keras3", rebuild_max_abs_diff=diff)
+    model = _guarded_load(lambda: _tf.keras().models.load_model(path, compile=False), path)
+    check_model(model)
+    return LoadedModel(model, str(path), sha256_of(path), "h5")
+
+
+def _load_keras_zip(path: Path, sample: np.ndarray | None) -> LoadedModel:
+    if not zipfile.is_zipfile(path):
+        raise ModelLoadError(f"{path} is not a valid .keras file (not a zip archive: corrupt or truncated); re-save it")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            metadata = json.loads(archive.read("metadata.json"))
+            config = json.loads(archive.read("config.json"))
+    except (KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise ModelLoadError(f"{path} is not a valid .keras file ({exc}); re-save it with model.save()") from None
+    _check_config_layers(config)
+    if str(metadata.get("keras_version", "")).startswith("3."):
+        k3 = _guarded_load(lambda: _tf.keras3().saving.load_model(path, compile=False), path)
+        model, diff = rebuild_keras3(k3, sample)
+        return LoadedModel(model, str(path), sha256_of(path), "keras3", rebuild_max_abs_diff=diff)
+    model = _guarded_load(lambda: _tf.keras().models.load_model(path, compile=False), path)
+    check_model(model)
+    return LoadedModel(model, str(path), sha256_of(path), "keras")
+
+
+def _attr_text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _guarded_load(load, path: Path):  # noqa: ANN001, ANN202
+    try:
+        return load()
+    except UnsupportedLayerError:
+        raise
+    except Exception as exc:  # the loaders raise many types for corrupt files
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model {path}: {text[:300]}") from None
+
+
+def _check_config_layers(config: dict) -> None:
+    """Refuse unknown layer types from the saved config, before loading any weights."""
+    for name, class_name in _config_layers(config):
+        support(class_name, layer_name=name)
+
+
+def _config_layers(config: dict):  # noqa: ANN202
+    inner = config.get("config", config)
+    for layer in inner.get("layers", []) if isinstance(inner, dict) else []:
+        class_name = layer.get("class_name", "?")
+        if class_name in ("Functional", "Sequential", "Model"):
+            yield from _config_layers(layer)
+        else:
+            yield layer.get("config", {}).get("name", layer.get("name", "?")), class_name
+
+
+def _check_outputs(model: Any) -> None:
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ModelLoadError(
+            f"the model has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
+            "edgekit handles single-input, single-output classifiers"
+        )
+    shape = model.outputs[0].shape
+    if len(shape) != 2 or shape[-1] is None or shape[-1] < 2:
+        raise ModelLoadError(
+            f"the model's output has shape {tuple(shape)}; edgekit handles classifiers with output "
+            "(batch, classes) and at least 2 classes (use a 2-unit softmax for binary tasks)"
+        )
+
+
+def _ends_in_softmax(model: Any) -> bool:
+    layer = model.layers[-1]
+    while hasattr(layer, "layers") and layer.layers:  # a nested model at the end
+        layer = layer.layers[-1]
+    if layer.__class__.__name__ == "Softmax":
+        return True
+    activation = getattr(layer, "activation", None)
+    return getattr(activation, "__name__", "") == "softmax"
+
+
+# --- Keras 3 -> tf-keras --------------------------------------------------------------------
+
+_BASE_LAYER_KWARGS = {"name", "trainable", "dtype", "input_shape", "batch_input_shape", "batch_size",
+                      "weights", "activity_regularizer", "autocast", "input_dim", "input_length"}
+
+
+def rebuild_keras3(k3_model: Any, sample: np.ndarray | None = None) -> tuple[Any, float]:
+    """Rebuild a Keras 3 model as an equal tf-keras model; return it and the max abs output diff.
+
+    Raises :class:`ModelLoadError` when the outputs differ by more than ``REBUILD_TOLERANCE``.
+    """
+    for name, class_name in _config_layers({"config": k3_model.get_config()}):
+        support(class_name, layer_name=name)
+    try:
+        model = _rebuild(k3_model.__class__.__name__, k3_model.get_config())
+        _copy_weights(k3_model, model)
+    except UnsupportedLayerError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot rebuild the Keras 3 model as tf-keras: {str(exc).splitlines()[0][:300]}") from None
+    check_model(model)
+    x = sample if sample is not None else _random_inputs(model)
+    x = x[:64]
+    want = np.asarray(k3_model(x, training=False))
+    got = model(x, training=False).numpy()
+    diff = float(np.max(np.abs(want - got))) if want.size else 0.0
+    if not diff <= REBUILD_TOLERANCE:
+        raise ModelLoadError(
+            f"the tf-keras rebuild of the Keras 3 model differs from it by {diff:.3g} "
+            f"(tolerance {REBUILD_TOLERANCE:g}); please report this model's architecture"
+        )
+    return model, diff
+
+
+def _random_inputs(model: Any) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    shape = [8] + [d or 16 for d in model.inputs[0].shape[1:]]
+    if model.inputs[0].dtype.is_integer:
+        vocab = min((layer.input_dim for layer in model.layers if hasattr(layer, "input_dim")), default=2)
+        return rng.integers(0, vocab, size=shape).astype(model.inputs[0].dtype.name)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _clean(value: Any) -> Any:
+    """Turn Keras 3 serialized objects into what tf-keras's deserializers read."""
+    if isinstance(value, dict):
+        if value.get("class_name") in ("DTypePolicy", "FloatDTypePolicy"):
+            return value["config"]["name"]
+        if value.get("class_name") == "__tuple__":
+            return tuple(_clean(v) for v in value["config"]["value"])
+        return {k: _clean(v) for k, v in value.items() if k not in ("module", "registered_name")}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _layer_from_config(class_name: str, config: dict) -> Any:
+    keras2 = _tf.keras()
+    cls = getattr(keras2.layers, class_name)
+    config = _clean(config)
+    config = {k: v for k, v in config.items() if not k.endswith("_initializer")}  # weights are copied
+    accepted = set(inspect.signature(cls.__init__).parameters) | _BASE_LAYER_KWARGS
+    config = {k: v for k, v in config.items() if k in accepted}
+    return cls.from_config(config)
+
+
+def _rebuild(class_name: str, config: dict) -> Any:
+    keras2 = _tf.keras()
+    if class_name == "Sequential":
+        model = keras2.Sequential(name=config.get("name"))
+        for spec in config["layers"]:
+            cfg = spec["config"]
+            if spec["class_name"] == "InputLayer":
+                model.add(keras2.Input(batch_shape=cfg.get("batch_shape") or cfg.get("batch_input_shape"),
+                                       dtype=_clean(cfg.get("dtype", "float32")), name=cfg.get("name")))
+            elif spec["class_name"] in ("Functional", "Sequential", "Model"):
+                model.add(_rebuild(spec["class_name"], cfg))
+            else:
+                model.add(_layer_from_config(spec["class_name"], cfg))
+        return model
+    tensors: dict[tuple[str, int, int], Any] = {}
+    for spec in config["layers"]:
+        name = spec.get("name") or spec["config"]["name"]
+        if spec["class_name"] == "InputLayer":
+            cfg = spec["config"]
+            tensors[(name, 0, 0)] = keras2.Input(
+                batch_shape=cfg.get("batch_shape") or cfg.get("batch_input_shape"),
+                dtype=_clean(cfg.get("dtype", "float32")), name=name)
+            continue
+        if spec["class_name"] in ("Functional", "Sequential", "Model"):
+            layer = _rebuild(spec["class_name"], spec["config"])
+        else:
+            layer = _layer_from_config(spec["class_name"], spec["config"])
+        for node_index, node in enumerate(spec.get("inbound_nodes", [])):
+            args = _resolve(node.get("args", []), tensors)
+            kwargs = _resolve(node.get("kwargs", {}), tensors)
+            out = layer(*args, **kwargs)
+            outs = out if isinstance(out, (list, tuple)) else [out]
+            for tensor_index, tensor in enumerate(outs):
+                tensors[(name, node_index, tensor_index)] = tensor
+    inputs = [tensors[tuple(ref)] for ref in _refs(config["input_layers"])]
+    outputs = [tensors[tuple(ref)] for ref in _refs(config["output_layers"])]
+    return keras2.Model(inputs[0] if len(inputs) == 1 else inputs,
+                        outputs[0] if len(outputs) == 1 else outputs, name=config.get("name"))
+
+
+def _refs(value: list) -> list:
+    return [value] if value and isinstance(value[0], str) else value
+
+
+def _resolve(value: Any, tensors: dict) -> Any:
+    if isinstance(value, dict):
+        if value.get("class_name") == "__keras_tensor__":
+            layer_name, node_index, tensor_index = value["config"]["keras_history"]
+            return tensors[(layer_name, node_index, tensor_index)]
+        return {k: _resolve(v, tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_resolve(v, tensors) for v in value]
+    return value
+
+
+def _copy_weights(source: Any, target: Any) -> None:
+    by_name = {layer.name: layer for layer in target.layers}
+    for layer in source.layers:
+        weights = layer.get_weights()
+        if not weights:
+            continue
+        twin = by_name.get(layer.name)
+        if twin is None:
+            raise ModelLoadError(f"layer '{layer.name}' was lost in the tf-keras rebuild")
+        if hasattr(layer, "layers") and hasattr(twin, "layers"):
+            _copy_weights(layer, twin)
+        else:
+            twin.set_weights(weights)

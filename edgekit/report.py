@@ -1,0 +1,149 @@
+"""``report.md`` and its PNG plots: the candidate table, size vs accuracy, per-layer sparsity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def candidate_rows(result: Any) -> list[dict[str, Any]]:
+    """One row per (candidate, artifact), or per failed candidate."""
+    rows = []
+    for cand in result.candidates:
+        chosen = cand is result.selected
+        if cand.error is not None:
+            rows.append({"recipe": cand.recipe.name, "format": "-", "error": cand.error, "selected": False,
+                         "within_budget": cand.within_budget})
+            continue
+        for art in cand.artifacts:
+            rows.append({"recipe": cand.recipe.name, "format": art.format.value, "bytes": art.bytes,
+                         "gzip_bytes": art.gzip_bytes, "accuracy": art.accuracy, "drop": art.accuracy_drop,
+                         "agreement": art.top1_agreement, "max_abs_diff": art.max_abs_diff,
+                         "within_budget": cand.within_budget, "selected": chosen, "error": None})
+    return rows
+
+
+def format_table(result: Any) -> str:
+    """The candidate table as aligned text, for the terminal."""
+    head = ["recipe", "format", "bytes", "gzip", "acc %", "drop", "agree %", "budget", ""]
+    lines = [head]
+    for r in candidate_rows(result):
+        budget = {True: "ok", False: "over", None: "-"}[r["within_budget"]]
+        if r["error"]:
+            lines.append([r["recipe"], "-", "-", "-", "-", "-", "-", "failed", r["error"][:60]])
+            continue
+        lines.append([r["recipe"], r["format"], f"{r['bytes']:,}", f"{r['gzip_bytes']:,}",
+                      _num(r["accuracy"]), _num(r["drop"], signed=True), f"{r['agreement']:.1f}", budget,
+                      "<- selected" if r["selected"] else ""])
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
+
+
+def _num(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def write_report(result: Any, folder: Path) -> None:
+    """Write ``report.md`` plus ``size_vs_accuracy.png`` and, when pruned, ``sparsity.png``."""
+    plots = []
+    if _plot_size_accuracy(result, folder / "size_vs_accuracy.png"):
+        plots.append(("Size vs accuracy of every candidate", "size_vs_accuracy.png"))
+    if result.selected is not None and result.selected.recipe.prunes and result.selected.layer_sparsity:
+        _plot_sparsity(result.selected.layer_sparsity, folder / "sparsity.png")
+        plots.append(("Per-layer sparsity of the selected model", "sparsity.png"))
+    src = result.source
+    lines = ["# edgekit compression report", "",
+             f"- source: `{src['path']}` ({src['format']}), {src['params']:,} parameters, "
+             f"accuracy {src['accuracy']:.2f}% on {result.data_info['evaluation']} evaluation samples",
+             f"- data: {result.data_info['name']}, {result.data_info['samples']} samples, labels: "
+             f"{result.data_info['labels']}; split (seed {result.data_info['seed']}): fine-tune "
+             f"{result.data_info['finetune']}, calibration {result.data_info['calibration']}, "
+             f"evaluation {result.data_info['evaluation']}"]
+    if src.get("rebuild_max_abs_diff") is not None:
+        lines.append(f"- Keras 3 model rebuilt as tf-keras; max abs output difference {src['rebuild_max_abs_diff']:.2g}")
+    if result.config.max_accuracy_drop is not None:
+        lines.append(f"- accuracy budget: at most {result.config.max_accuracy_drop:g} points below the source; "
+                     f"smallest by {result.config.select_by.value}")
+    if result.selected is not None:
+        lines.append(f"- **selected: {result.selected.recipe.name}**")
+    elif result.config.max_accuracy_drop is not None:
+        lines.append("- **no candidate met the budget**: nothing was exported")
+    lines += ["", "Accuracy and agreement are measured by running each artifact in its own runtime "
+              "(ai-edge-litert for .tflite, onnxruntime for .onnx).", "", "## Candidates", "",
+              "| recipe | format | bytes | gzip bytes | accuracy % | drop (points) | top-1 agreement % "
+              "| max abs diff | budget | selected |", "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for r in candidate_rows(result):
+        budget = {True: "ok", False: "over", None: "-"}[r["within_budget"]]
+        if r["error"]:
+            lines.append(f"| {r['recipe']} | - | - | - | - | - | - | - | failed: {r['error']} | |")
+            continue
+        lines.append(f"| {r['recipe']} | {r['format']} | {r['bytes']:,} | {r['gzip_bytes']:,} | "
+                     f"{_num(r['accuracy'])} | {_num(r['drop'], signed=True)} | {r['agreement']:.2f} | "
+                     f"{r['max_abs_diff']:.3g} | {budget} | {'**yes**' if r['selected'] else ''} |")
+    if result.selected is not None:
+        notes = [f"- {a.format.value}: {n}" for a in result.selected.artifacts for n in a.notes]
+        if notes:
+            lines += ["", "## Notes", "", *notes]
+        if result.selected.layer_sparsity:
+            lines += ["", "## Per-layer sparsity (fraction of zero weights)", "", "| layer | sparsity |", "|---|---:|"]
+            lines += [f"| {k} | {v:.3f} |" for k, v in result.selected.layer_sparsity.items()]
+    for title, name in plots:
+        lines += ["", f"## {title}", "", f"![{title}]({name})"]
+    (folder / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _plot_size_accuracy(result: Any, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(c, a) for c in result.candidates if c.error is None for a in c.artifacts if a.accuracy is not None]
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    metric = result.config.select_by.value
+    for fmt, marker in (("tflite", "o"), ("onnx", "s")):
+        pts = [(getattr(a, metric) / 1024, a.accuracy, c) for c, a in points if a.format.value == fmt]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=fmt, s=50)
+            for size, acc, cand in pts:
+                ax.annotate(cand.recipe.name, (size, acc), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.axhline(result.source["accuracy"], color="gray", linestyle="--", linewidth=1, label="source")
+    if result.config.max_accuracy_drop is not None:
+        ax.axhline(result.source["accuracy"] - result.config.max_accuracy_drop, color="red", linestyle=":",
+                   linewidth=1, label="budget")
+    if result.selected is not None:
+        for a in result.selected.artifacts:
+            ax.scatter([getattr(a, metric) / 1024], [a.accuracy], s=180, facecolors="none", edgecolors="green",
+                       linewidths=2)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{'gzip' if metric == 'gzip_bytes' else 'file'} size (KiB, log scale)")
+    ax.set_ylabel("accuracy in its runtime (%)")
+    ax.set_title("Candidates: size vs accuracy (circled: selected)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_sparsity(per_layer: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(per_layer) + 1.5))
+    names = list(per_layer)
+    ax.barh(names, [per_layer[n] * 100 for n in names], color="tab:blue")
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("zero weights (%)")
+    ax.set_title("Per-layer sparsity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
