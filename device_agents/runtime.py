@@ -197,6 +197,10 @@ class _TFLiteBackend(_Backend):
         self.outputs = [_tflite_spec(d) for d in self._interpreter.get_output_details()]
         self._batch = int(self._in["shape"][0])
         self._resizable = True
+        # Fused RNN ops keep their state in variable tensors that persist across invoke() calls;
+        # each request is independent, so that state is reset before every invoke.
+        ops = {op.get("op_name", "") for op in self._interpreter._get_ops_details()}  # noqa: SLF001
+        self._stateful = any("LSTM" in op or "RNN" in op for op in ops)
 
     @property
     def interpreter(self) -> Any:
@@ -217,6 +221,8 @@ class _TFLiteBackend(_Backend):
                 return self.run(x)
         spec = self.inputs[0]
         feed = _quantize(x, spec) if spec.scale is not None else x.astype(spec.dtype, copy=False)
+        if self._stateful:
+            self._interpreter.reset_all_variables()
         self._interpreter.set_tensor(self._in["index"], feed)
         self._interpreter.invoke()
         y = self._interpreter.get_tensor(self._out["index"])

@@ -19,7 +19,7 @@ from edgekit.config import CompressConfig, Format, Quantization, Recipe
 from edgekit.data import Dataset, Splits, fit_to_model, load_data, split
 from edgekit.errors import BudgetError, EdgeKitError
 from edgekit.export import exporter
-from edgekit.export.verify import verify
+from edgekit.export.verify import float_tolerance, verify
 from edgekit.models import LoadedModel, load_model
 
 
@@ -35,8 +35,9 @@ class ArtifactResult:
     accuracy: float | None
     accuracy_drop: float | None
     top1_agreement: float
-    max_abs_diff: float
-    tolerance: float | None
+    max_abs_diff: float              # vs the source model
+    conversion_max_abs_diff: float   # vs the Keras model it was converted from
+    tolerance: float | None          # on conversion_max_abs_diff, for float artifacts
     runtime: str
     inputs: list
     outputs: list
@@ -163,7 +164,7 @@ class _CandidateRunner:
                  config: CompressConfig, progress: Progress) -> None:
         self.loaded, self.splits, self.source_out = loaded, splits, source_out
         self.source_accuracy, self.config, self.progress = source_accuracy, config, progress
-        self._cache: dict[tuple, tuple[Any, dict[str, float]]] = {}
+        self._cache: dict[tuple, tuple[Any, Any]] = {}
 
     def run(self, recipe: Recipe, *, keep_going: bool) -> CandidateResult:
         start = time.perf_counter()
@@ -235,11 +236,21 @@ class _CandidateRunner:
             data, notes = spec.convert(model, quantization=recipe.quantize, calibration=calibration,
                                        int8_io=self.config.int8_io, sparse=False, float_model=float_model)
         check = verify(data, name=name, quantization=recipe.quantize, x=self.splits.evaluation.x,
-                       y=self.splits.evaluation.y, source_outputs=self.source_out)
+                       y=self.splits.evaluation.y, source_outputs=self.source_out,
+                       converted_outputs=self._outputs(model),
+                       tolerance_rule=float_tolerance(recipe.quantize))
         drop = None if check.accuracy is None else self.source_accuracy - check.accuracy
         return ArtifactResult(fmt, spec.filename, data, recipe.quantize, overall_sparsity(float_model), check.accuracy,
-                              drop, check.top1_agreement, check.max_abs_diff, check.tolerance, check.runtime,
-                              check.inputs, check.outputs, notes)
+                              drop, check.top1_agreement, check.max_abs_diff, check.conversion_max_abs_diff,
+                              check.tolerance, check.runtime, check.inputs, check.outputs, notes)
+
+    def _outputs(self, model: Any) -> np.ndarray:
+        if model is self.loaded.model:
+            return self.source_out
+        key = ("outputs", id(model))
+        if key not in self._cache:
+            self._cache[key] = (predict(model, self.splits.evaluation.x), model)  # keep model alive: id stays
+        return self._cache[key][0]
 
 
 def _ends_in_softmax(model: Any) -> bool:

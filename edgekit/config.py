@@ -127,16 +127,18 @@ class TrainingConfig:
     finetune_epochs: int = 4
     distill_epochs: int = 12
     batch_size: int = 32
-    learning_rate: float = 1e-3
-    temperature: float = 4.0
-    distill_alpha: float = 0.3  # weight of the hard-label loss; the rest goes to the soft targets
+    learning_rate: float = 1e-3          # fine-tuning (pruning; QAT uses a tenth of it)
+    distill_learning_rate: float = 3e-3  # a student learns from scratch: higher than fine-tuning
+    temperature: float = 3.0
+    distill_alpha: float = 0.5  # weight of the hard-label loss; the rest goes to the soft targets
 
     def __post_init__(self) -> None:
         for name in ("finetune_epochs", "distill_epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise InputError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("learning_rate", "distill_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.temperature > 0:
             raise InputError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.distill_alpha <= 1.0:

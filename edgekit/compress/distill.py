@@ -65,7 +65,7 @@ def distill(teacher: Any, student: Any, data: Dataset, *, training: TrainingConf
     if data.y is None:
         alpha = 0.0
     y = data.y if data.y is not None else t_logits.argmax(axis=1)
-    optimizer = keras.optimizers.Adam(training.learning_rate)
+    optimizer = keras.optimizers.Adam(training.distill_learning_rate)
     ds = (tf.data.Dataset.from_tensor_slices((data.x, y.astype(np.int64), t_logits))
           .shuffle(len(data), seed=seed).batch(training.batch_size))
 

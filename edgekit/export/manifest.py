@@ -42,8 +42,10 @@ def artifact_entry(art: Any) -> dict[str, Any]:
     return {
         "file": art.filename, "format": art.format.value, "sha256": art.sha256, "bytes": art.bytes,
         "gzip_bytes": art.gzip_bytes, "quantization": art.quantization.value, "sparsity": round(art.sparsity, 4),
-        "accuracy": art.accuracy, "accuracy_drop": art.accuracy_drop, "top1_agreement": art.top1_agreement,
-        "max_abs_diff": art.max_abs_diff, "verified_with": art.runtime,
+        "accuracy": _round(art.accuracy), "accuracy_drop": _round(art.accuracy_drop),
+        "top1_agreement": _round(art.top1_agreement), "max_abs_diff": _round(art.max_abs_diff, 6),
+        "conversion_max_abs_diff": _round(art.conversion_max_abs_diff, 6), "tolerance": art.tolerance,
+        "verified_with": art.runtime,
         "input": [s.to_dict() for s in art.inputs], "output": [s.to_dict() for s in art.outputs],
         "notes": art.notes,
     }
@@ -53,3 +55,7 @@ def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
     path = Path(folder) / MANIFEST
     write_atomic(path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
     return path
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(float(value), digits)

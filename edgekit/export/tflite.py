@@ -22,8 +22,17 @@ def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray
     notes: list[str] = []
     float_input = model.inputs[0].dtype.is_floating
 
+    recurrent = has_recurrent_layer(model)
+    if recurrent:
+        notes.append("recurrent layers convert at a fixed batch size of 1 (TFLite fuses the LSTM op)")
+
     def converter() -> Any:
-        conv = tf.lite.TFLiteConverter.from_keras_model(model)
+        if recurrent:  # a free batch dimension leaves TensorList ops that need Select TF ops
+            spec = tf.TensorSpec([1, *model.inputs[0].shape[1:]], model.inputs[0].dtype)
+            concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
+            conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
+        else:
+            conv = tf.lite.TFLiteConverter.from_keras_model(model)
         if quantization is not Quantization.NONE:
             conv.optimizations = [tf.lite.Optimize.DEFAULT]
         if sparse and quantization in (Quantization.NONE, Quantization.INT8, Quantization.QAT):
@@ -55,6 +64,12 @@ def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray
         raise ConversionError(f"TFLite int8 conversion failed: {_first_line(exc)}") from None
     notes.append(f"some ops have no int8 kernel and stay float ({strict_error[:120]})")
     return data, notes
+
+
+def has_recurrent_layer(model: Any) -> bool:
+    from edgekit.layers import iter_layers
+
+    return any(layer.__class__.__name__ in ("LSTM", "GRU", "SimpleRNN", "RNN") for layer in iter_layers(model))
 
 
 def _representative(samples: np.ndarray):  # noqa: ANN202

@@ -11,8 +11,14 @@ from device_agents.runtime import Model, TensorSpec
 from edgekit.config import Quantization
 from edgekit.errors import ConversionError, VerificationError
 
-# Float artifacts must reproduce the source: atol + rtol * max|source output|.
+# Float artifacts must reproduce the Keras model they were converted from:
+# |artifact - keras| <= atol + rtol * max|keras output|.
 FLOAT_TOLERANCE = {Quantization.NONE: (1e-4, 1e-4), Quantization.FLOAT16: (5e-2, 5e-2)}
+
+
+def float_tolerance(quantization: Quantization) -> tuple[float, float] | None:
+    """(atol, rtol) a float artifact must meet, or ``None`` for quantized artifacts."""
+    return FLOAT_TOLERANCE.get(quantization)
 
 
 @dataclass
@@ -20,17 +26,22 @@ class Verification:
     runtime: str
     accuracy: float | None
     top1_agreement: float
-    max_abs_diff: float
+    max_abs_diff: float              # vs the source model
+    conversion_max_abs_diff: float   # vs the Keras model the artifact was converted from
     tolerance: float | None
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 
 
 def verify(artifact: bytes, *, name: str, quantization: Quantization, x: np.ndarray, y: np.ndarray | None,
-           source_outputs: np.ndarray) -> Verification:
-    """Load ``artifact`` in its runtime, run ``x``, and compare with ``source_outputs``.
+           source_outputs: np.ndarray, converted_outputs: np.ndarray,
+           tolerance_rule: tuple[float, float] | None = None) -> Verification:
+    """Load ``artifact`` in its runtime, run ``x``, and compare with the source model's outputs.
 
-    Raises :class:`VerificationError` when a float artifact's outputs stray beyond the tolerance.
+    ``converted_outputs`` are those of the Keras model the artifact was converted from (the pruned
+    or distilled model, say): a float artifact must reproduce them within the tolerance, else
+    :class:`VerificationError`. ``tolerance_rule`` is (atol, rtol), see :func:`float_tolerance`.
+    Accuracy, top-1 agreement and max abs difference are vs the source.
     """
     try:
         model = Model.load(artifact, num_threads=None)
@@ -41,15 +52,16 @@ def verify(artifact: bytes, *, name: str, quantization: Quantization, x: np.ndar
         raise VerificationError(f"{name}: outputs have shape {out.shape}, the source's {source_outputs.shape}",
                                 max_abs_diff=float("inf"), tolerance=0.0, artifact=name)
     diff = float(np.max(np.abs(out - source_outputs))) if out.size else 0.0
+    conversion_diff = float(np.max(np.abs(out - converted_outputs))) if out.size else 0.0
     tolerance = None
-    if quantization in FLOAT_TOLERANCE:
-        atol, rtol = FLOAT_TOLERANCE[quantization]
-        tolerance = atol + rtol * float(np.max(np.abs(source_outputs)))
-        if not diff <= tolerance:
+    if tolerance_rule is not None:
+        atol, rtol = tolerance_rule
+        tolerance = atol + rtol * float(np.max(np.abs(converted_outputs)))
+        if not conversion_diff <= tolerance:
             raise VerificationError(
-                f"{name}: outputs differ from the source model by up to {diff:.3g} "
-                f"(tolerance {tolerance:.3g} for {quantization.value})",
-                max_abs_diff=diff, tolerance=tolerance, artifact=name)
+                f"{name}: outputs differ from the Keras model it was converted from by up to "
+                f"{conversion_diff:.3g} (tolerance {tolerance:.3g} for {quantization.value})",
+                max_abs_diff=conversion_diff, tolerance=tolerance, artifact=name)
     agreement = float(np.mean(out.argmax(1) == source_outputs.argmax(1)) * 100.0)
     accuracy = None if y is None else float(np.mean(out.argmax(1) == y) * 100.0)
-    return Verification(model.runtime.value, accuracy, agreement, diff, tolerance, model.inputs, model.outputs)
+    return Verification(model.runtime.value, accuracy, agreement, diff, conversion_diff, tolerance, model.inputs, model.outputs)

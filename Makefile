@@ -1,0 +1,45 @@
+# The two commands of the README: `make demo` and `make test`. Both set everything up on a fresh
+# machine with Python 3.11 and make: a .venv with the pinned server stack (requirements.lock).
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# A second, device-like environment: tflite-runtime 2.14 needs numpy < 2 (see README).
+TFLRT_VENV := .venv-tflite-runtime
+TFLRT_STAMP := $(TFLRT_VENV)/.installed
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+export TF_CPP_MIN_LOG_LEVEL := 3
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24" setuptools wheel
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[server,dev]"
+	touch $(STAMP)
+
+$(TFLRT_STAMP): pyproject.toml
+	test -x $(TFLRT_VENV)/bin/python || $(PYTHON) -m venv $(TFLRT_VENV)
+	$(TFLRT_VENV)/bin/python -m pip install -q "numpy<2" "tflite-runtime==2.14.0"
+	$(TFLRT_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(TFLRT_STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py --out demo_out
+
+test: $(STAMP) $(TFLRT_STAMP)
+	$(BIN)/ruff check edgekit tools device_agents tests benchmarks examples
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/compress.py
+
+clean:
+	rm -rf $(VENV) $(TFLRT_VENV) demo_out

@@ -1,0 +1,138 @@
+"""Shared fixtures: small real models on digits, built once per session, in every saved format."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from edgekit.data import load_digits
+
+    return load_digits()
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+def tiny_cnn():
+    from edgekit import _tf
+
+    keras = _tf.keras()
+    layers = keras.layers
+    return keras.Sequential([
+        keras.Input((8, 8, 1)),
+        layers.Conv2D(16, 3, padding="same", use_bias=False), layers.BatchNormalization(), layers.ReLU(),
+        layers.MaxPooling2D(),
+        layers.Conv2D(32, 3, padding="same", activation="relu"),
+        layers.Flatten(),
+        layers.Dense(32, activation="relu"),
+        layers.Dense(10, activation="softmax"),
+    ], name="tiny_cnn")
+
+
+@pytest.fixture(scope="session")
+def cnn(digits):
+    """A trained tf-keras CNN (about 97% on digits)."""
+    from edgekit import zoo
+
+    return zoo.train(tiny_cnn(), digits, epochs=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def cnn_path(cnn, workdir) -> Path:
+    path = workdir / "cnn.keras"
+    cnn.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def keras3_path(digits, workdir) -> Path:
+    """A trained Keras 3 functional model (residual Add, BN, DepthwiseConv2D, ReLU6, GAP)."""
+    from edgekit import _tf
+
+    keras = _tf.keras3()
+    inp = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(16, 3, padding="same")(inp)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU(max_value=6.0)(x)
+    y = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu")(x)
+    x = keras.layers.Add()([x, y])
+    x = keras.layers.AveragePooling2D(2)(x)
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.1)(x)
+    out = keras.layers.Dense(10, activation="softmax")(x)
+    model = keras.Model(inp, out)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    keras.utils.set_random_seed(0)
+    model.fit(digits.x, digits.y, epochs=6, batch_size=32, verbose=0)
+    path = workdir / "k3.keras"
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_npz(workdir) -> Path:
+    """Token-id sequences whose class is the most frequent token band (learnable quickly)."""
+    rng = np.random.default_rng(0)
+    n, length, vocab = 600, 16, 30
+    y = rng.integers(0, 3, n)
+    x = rng.integers(0, vocab, (n, length))
+    for i in range(n):
+        band = np.arange(y[i] * 10, y[i] * 10 + 10)
+        pos = rng.choice(length, 9, replace=False)
+        x[i, pos] = rng.choice(band, 9)
+    path = workdir / "text.npz"
+    np.savez(path, x=x.astype(np.int32), y=y)
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_model_path(text_npz, workdir) -> Path:
+    """A Keras 3 Embedding/Conv1D/LSTM/GlobalAveragePooling1D text classifier on integer tokens."""
+    from edgekit import _tf
+
+    keras = _tf.keras3()
+    data = np.load(text_npz)
+    model = keras.Sequential([
+        keras.Input((16,), dtype="int32"), keras.layers.Embedding(30, 8),
+        keras.layers.Conv1D(16, 3, padding="same", activation="relu"),
+        keras.layers.LSTM(16, return_sequences=True), keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(3, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    keras.utils.set_random_seed(0)
+    model.fit(data["x"], data["y"], epochs=8, batch_size=32, verbose=0)
+    path = workdir / "text.keras"
+    model.save(path)
+    return path
+
+
+def run_cli(*args: str, tool: str = "edgekit", timeout: int = 600, env: dict | None = None):
+    """Run a console script in a subprocess; return the CompletedProcess (text)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=ROOT)
+
+
+def fast_training(**overrides):
+    from edgekit import TrainingConfig
+
+    values = {"finetune_epochs": 2, "distill_epochs": 4, "batch_size": 32}
+    values.update(overrides)
+    return TrainingConfig(**values)

@@ -1,0 +1,255 @@
+"""Every compression technique end to end: real tfmot, real converters, real runtimes."""
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import fast_training
+
+from device_agents import Model
+from edgekit import BudgetError, CompressConfig, ConversionError, Recipe, compress
+from edgekit.compress.prune import prune
+from edgekit.config import Format, Quantization
+from edgekit.export import EXPORTERS, exporter
+from edgekit.export.tflite import tflite_ops
+from edgekit.errors import InputError, OutputError
+
+
+def config(**kw):
+    kw.setdefault("training", fast_training())
+    return CompressConfig(**kw)
+
+
+def artifact(result, fmt):
+    return next(a for a in result.selected.artifacts if a.format.value == fmt)
+
+
+def test_default_int8_writes_verified_artifacts_and_manifest(cnn_path, tmp_path):
+    out = tmp_path / "out"
+    result = compress(cnn_path, "digits", out, config=config(), progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["sha256"] == hashlib.sha256(cnn_path.read_bytes()).hexdigest()
+    assert {"path", "sha256", "accuracy", "params"} <= set(manifest["source"])
+    assert manifest["edgekit_version"]
+    files = {a["file"]: a for a in manifest["artifacts"]}
+    assert set(files) == {"model.tflite", "model.onnx"}
+    for name, entry in files.items():
+        data = (out / name).read_bytes()
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["bytes"] == len(data)
+        assert entry["gzip_bytes"] < entry["bytes"]
+        assert entry["quantization"] == "int8"
+        assert entry["top1_agreement"] >= 97.0
+        assert entry["accuracy"] >= manifest["source"]["accuracy"] - 3.0
+        for spec in entry["input"] + entry["output"]:
+            assert {"name", "shape", "dtype", "scale", "zero_point"} <= set(spec)
+    # int8 applies to every format: the ONNX model is QDQ with int8 weights
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)
+    assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
+    assert "FULLY_CONNECTED" in tflite_ops((out / "model.tflite").read_bytes())
+    assert (out / "report.md").is_file() and (out / "size_vs_accuracy.png").stat().st_size > 1000
+    assert result.selected.artifacts[0].runtime == "litert" and result.selected.artifacts[1].runtime == "onnxruntime"
+
+
+def test_int8_io_quantizes_model_inputs_and_outputs(cnn_path, digits, tmp_path):
+    result = compress(cnn_path, "digits", tmp_path / "o", progress=False,
+                      config=config(recipe=Recipe(quantize="int8"), formats="tflite", int8_io=True))
+    art = artifact(result, "tflite")
+    assert art.inputs[0].dtype == "int8" and art.inputs[0].scale > 0
+    assert art.outputs[0].dtype == "int8"
+    model = Model.load(art.data)
+    # the agent quantizes float inputs and dequantizes outputs: probabilities come back
+    probs = model.predict(digits.x[:50])
+    assert probs.dtype == np.float32 and np.allclose(probs.sum(1), 1.0, atol=0.05)
+    assert art.accuracy >= result.source["accuracy"] - 3.0
+
+
+def test_float_dynamic_float16_sizes_and_float_agreement(cnn_path, tmp_path):
+    recipes = (Recipe(quantize="none"), Recipe(quantize="dynamic"), Recipe(quantize="float16"))
+    result = compress(cnn_path, "digits", None, progress=False,
+                      config=config(max_accuracy_drop=100, search=recipes))
+    by = {c.recipe.quantize: c for c in result.candidates}
+    for fmt in (0, 1):
+        f32 = by[Quantization.NONE].artifacts[fmt]
+        assert f32.max_abs_diff <= 1e-4 and f32.conversion_max_abs_diff <= 1e-4 and f32.top1_agreement == 100.0
+        assert by[Quantization.FLOAT16].artifacts[fmt].bytes < 0.6 * f32.bytes
+        assert by[Quantization.DYNAMIC].artifacts[fmt].bytes < 0.4 * f32.bytes
+        assert by[Quantization.FLOAT16].artifacts[fmt].max_abs_diff < 1e-2
+
+
+def test_magnitude_pruning_reports_per_layer_sparsity_and_compresses(cnn_path, tmp_path):
+    out = tmp_path / "p"
+    result = compress(cnn_path, "digits", out, progress=False,
+                      config=config(recipe=Recipe(prune=0.75, quantize="none"), formats="tflite",
+                                    training=fast_training(finetune_epochs=4)))
+    sparsity = result.selected.layer_sparsity
+    assert set(sparsity) >= {"conv2d", "dense"}
+    for layer, value in sparsity.items():
+        assert value == pytest.approx(0.75, abs=0.02), layer
+    unpruned = compress(cnn_path, "digits", None, progress=False,
+                        config=config(recipe=Recipe(quantize="none"), formats="tflite"))
+    assert artifact(result, "tflite").gzip_bytes < 0.5 * artifact(unpruned, "tflite").gzip_bytes
+    assert artifact(result, "tflite").accuracy >= result.source["accuracy"] - 5
+    assert (out / "sparsity.png").is_file()
+    assert "Per-layer sparsity" in (out / "report.md").read_text()
+    assert json.loads((out / "manifest.json").read_text())["artifacts"][0]["sparsity"] == pytest.approx(0.75, abs=0.02)
+
+
+def test_structured_2_of_4_pattern(cnn, digits):
+    from edgekit._progress import QUIET
+
+    result = prune(cnn, digits, structured=(2, 4), training=fast_training(finetune_epochs=1),
+                   probabilities=True, progress=QUIET)
+    dense = result.model.get_layer("dense").kernel.numpy()  # (in, out): blocks of 4 along the input axis
+    blocks = dense.T.reshape(dense.shape[1], -1, 4)
+    assert ((blocks == 0).sum(axis=-1) >= 2).all()
+    assert result.per_layer["dense"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_qat_gives_int8_artifacts_in_both_formats(cnn_path, tmp_path):
+    result = compress(cnn_path, "digits", tmp_path / "q", progress=False,
+                      config=config(recipe=Recipe(quantize="qat")))
+    tfl, onx = artifact(result, "tflite"), artifact(result, "onnx")
+    assert "QUANTIZE" in tflite_ops(tfl.data)
+    graph = onnx.load_from_string(onx.data).graph
+    assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
+    for art in (tfl, onx):
+        assert art.accuracy >= result.source["accuracy"] - 3.0
+
+
+def test_distillation_into_a_thinner_student(cnn_path, tmp_path):
+    result = compress(cnn_path, "digits", None, progress=False,
+                      config=config(recipe=Recipe(student_width=0.5, quantize="none"), formats="tflite",
+                                    training=fast_training(distill_epochs=8)))
+    assert result.selected.params < result.source["params"] / 2.5
+    assert artifact(result, "tflite").accuracy >= 85.0
+
+
+def test_distillation_into_a_user_student_file(cnn_path, tmp_path):
+    from edgekit import _tf
+
+    keras = _tf.keras()
+    student = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                                keras.layers.Dense(24, activation="relu"), keras.layers.Dense(10)])
+    student.save(tmp_path / "student.keras")
+    result = compress(cnn_path, "digits", None, progress=False,
+                      config=config(recipe=Recipe(student=str(tmp_path / "student.keras"), quantize="int8"),
+                                    formats="tflite", training=fast_training(distill_epochs=8)))
+    assert result.selected.params == student.count_params()
+    assert artifact(result, "tflite").accuracy >= 85.0
+    wrong = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(5)])
+    wrong.save(tmp_path / "wrong.keras")
+    with pytest.raises(InputError, match="student has 5 outputs but the teacher has 10 classes"):
+        compress(cnn_path, "digits", None, progress=False,
+                 config=config(recipe=Recipe(student=str(tmp_path / "wrong.keras"))))
+
+
+def test_budget_search_keeps_the_smallest_within_budget(cnn_path, tmp_path):
+    recipes = (Recipe(quantize="float16"), Recipe(quantize="int8"), Recipe(prune=0.5, quantize="int8"),
+               Recipe(student_width=0.1, quantize="int8"))
+    out = tmp_path / "b"
+    result = compress(cnn_path, "digits", out, progress=False,
+                      config=config(max_accuracy_drop=3.0, search=recipes,
+                                    training=fast_training(finetune_epochs=4, distill_epochs=1)))
+    within = [c for c in result.candidates if c.within_budget]
+    assert result.selected in within
+    assert result.selected.size("gzip_bytes") == min(c.size("gzip_bytes") for c in within)
+    assert result.selected.recipe.name == "prune50+int8"
+    tiny = next(c for c in result.candidates if c.recipe.student_width)  # smaller, but over budget
+    assert tiny.within_budget is False and tiny.size("gzip_bytes") < result.selected.size("gzip_bytes")
+    report = (out / "report.md").read_text()
+    for recipe in recipes:
+        assert f"| {recipe.name} | tflite |" in report
+
+
+def test_budget_not_met_exits_with_report_and_no_artifacts(cnn_path, tmp_path):
+    out = tmp_path / "nb"
+    with pytest.raises(BudgetError, match=r"no candidate kept the accuracy drop within 0.01 points") as info:
+        compress(cnn_path, "digits", out, progress=False,
+                 config=config(max_accuracy_drop=0.01, search=(Recipe(student_width=0.1, quantize="int8"),),
+                               training=fast_training(distill_epochs=1)))
+    assert info.value.exit_code == 3 and info.value.best_drop > 0.01
+    assert (out / "report.md").is_file() and "no candidate met the budget" in (out / "report.md").read_text()
+    assert not (out / "model.tflite").exists() and not (out / "manifest.json").exists()
+
+
+def test_failure_midway_leaves_nothing_half_written(cnn_path, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ConversionError("simulated converter failure")
+
+    monkeypatch.setitem(EXPORTERS, Format.ONNX, EXPORTERS[Format.ONNX].__class__("model.onnx", broken,
+                                                                                   frozenset(Quantization)))
+    out = tmp_path / "half"
+    with pytest.raises(ConversionError, match="simulated"):
+        compress(cnn_path, "digits", out, config=config(), progress=False)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_output_folder_rules(cnn_path, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        compress(cnn_path, "digits", tmp_path / "file", config=config(), progress=False)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="non-empty folder that edgekit did not write"):
+        compress(cnn_path, "digits", foreign, config=config(), progress=False)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_text_model_int8_and_dynamic_export(text_model_path, text_npz, tmp_path):
+    recipes = (Recipe(quantize="int8"), Recipe(quantize="dynamic"))
+    result = compress(text_model_path, text_npz, None, progress=False,
+                      config=config(max_accuracy_drop=100, search=recipes))
+    assert result.source["accuracy"] > 80
+    for cand in result.candidates:
+        assert cand.error is None, cand.error
+        for art in cand.artifacts:
+            assert art.inputs[0].dtype in ("int32", "int64")
+            assert art.accuracy >= result.source["accuracy"] - 5, (cand.recipe.name, art.format)
+
+
+def test_keras3_model_compresses_like_any_other(keras3_path, tmp_path):
+    result = compress(keras3_path, "digits", tmp_path / "k3", progress=False,
+                      config=config(recipe=Recipe(quantize="int8")))
+    assert result.source["format"] == "keras3" and result.source["rebuild_max_abs_diff"] <= 1e-5
+    assert result.source["accuracy"] >= 60
+    for art in result.selected.artifacts:
+        assert art.top1_agreement >= 95.0
+
+
+def test_labels_are_optional(cnn_path, digits, tmp_path):
+    np.savez(tmp_path / "nolabels.npz", x=digits.x)
+    result = compress(cnn_path, tmp_path / "nolabels.npz", None, progress=False, config=config(formats="tflite"))
+    assert result.data_info["labels"].startswith("source model predictions")
+    assert result.source["accuracy"] == 100.0
+    assert artifact(result, "tflite").accuracy == artifact(result, "tflite").top1_agreement
+
+
+def test_every_registered_exporter_has_a_case():
+    assert set(EXPORTERS) == set(Format)
+    with pytest.raises(InputError, match="unknown format 'coreml'; valid: tflite, onnx"):
+        exporter("coreml")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prune": 1.5}, "between 0 and 1"),
+    ({"structured": "3:8"}, "3:8 is not supported; use 2:4"),
+    ({"structured": "two"}, "not of the form M:N"),
+    ({"quantize": "int4"}, "unknown quantization 'int4'; valid values: none, dynamic, float16, int8, qat"),
+    ({"prune": 0.5, "structured": "2:4"}, "not both"),
+    ({"student_width": 2.0}, "between 0 and 1"),
+])
+def test_recipe_validation(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        Recipe(**kwargs)
+
+
+def test_config_validation():
+    with pytest.raises(InputError, match="unknown format 'tflite2'"):
+        CompressConfig(formats="tflite2")
+    with pytest.raises(InputError, match=">= 0 points"):
+        CompressConfig(max_accuracy_drop=-1)
+    assert Recipe(prune=0.75, quantize="int8").name == "prune75+int8"

@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+
+from edgekit.data import Dataset, fit_to_model, load_data, load_digits, load_npz, partition, split
+from edgekit.errors import DataError
+
+
+def test_digits_is_embedded_and_normalised():
+    ds = load_digits()
+    assert ds.x.shape == (1797, 8, 8, 1) and ds.x.dtype == np.float32
+    assert 0.0 <= ds.x.min() and ds.x.max() <= 1.0
+    assert set(np.unique(ds.y)) == set(range(10))
+
+
+def test_digits_resized_for_mobilenet():
+    ds = load_digits(96, 3)
+    assert ds.x.shape == (1797, 96, 96, 3)
+    assert np.allclose(ds.x[..., 0], ds.x[..., 2])
+
+
+def test_split_is_seeded_disjoint_and_stratified(digits):
+    a, b = split(digits, seed=3), split(digits, seed=3)
+    assert np.array_equal(a.evaluation.x, b.evaluation.x)
+    assert len(a.finetune) + len(a.calibration) + len(a.evaluation) == len(digits)
+    assert np.bincount(a.evaluation.y).min() >= 30  # roughly 36 per class
+    c = split(digits, seed=4)
+    assert not np.array_equal(a.evaluation.y, c.evaluation.y)
+
+
+def test_split_with_eval_data_keeps_it_whole(digits):
+    ev = digits.take(np.arange(100), "ev")
+    s = split(digits, eval_data=ev)
+    assert s.evaluation is ev and len(s.finetune) + len(s.calibration) == len(digits)
+
+
+def test_npz_round_trip_and_one_hot_labels(tmp_path):
+    x = np.random.rand(20, 4).astype(np.float32)
+    y = np.eye(3)[np.arange(20) % 3]
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    ds = load_data(tmp_path / "d.npz")
+    assert ds.y.tolist() == (np.arange(20) % 3).tolist()
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"y": np.zeros(3)}, "has no array 'x'"),
+    ({"x": np.array([[np.nan, 1.0]] * 3), "y": np.zeros(3)}, "NaN/inf"),
+    ({"x": np.ones((3, 2)), "y": np.array([0.5, 1, 2])}, "non-integer"),
+    ({"x": np.ones((3, 2)), "y": np.zeros(4)}, "x has 3 samples but y has 4"),
+    ({"x": np.array([["a", "b"]] * 3)}, "numeric array"),
+])
+def test_bad_npz_contents(tmp_path, arrays, message):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DataError, match=message):
+        load_npz(tmp_path / "bad.npz")
+
+
+def test_corrupt_and_missing_npz(tmp_path):
+    (tmp_path / "c.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        load_npz(tmp_path / "c.npz")
+    with pytest.raises(DataError, match="does not exist"):
+        load_npz(tmp_path / "none.npz")
+
+
+def test_fit_to_model_checks_shape_labels_and_casts():
+    ds = Dataset(np.random.rand(10, 8, 8).astype(np.float64), np.arange(10) % 10)
+    fitted = fit_to_model(ds, (8, 8, 1), "float32", 10)
+    assert fitted.x.shape == (10, 8, 8, 1) and fitted.x.dtype == np.float32
+    with pytest.raises(DataError, match=r"expects \(n, 9, 9, 1\)"):
+        fit_to_model(ds, (9, 9, 1), "float32", 10)
+    with pytest.raises(DataError, match=r"labels range over \[0, 9\] but the model has 5 classes"):
+        fit_to_model(ds, (8, 8, 1), "float32", 5)
+    tokens = Dataset(np.array([[1.5, 2.0]] * 10), None)
+    with pytest.raises(DataError, match="integer token ids"):
+        fit_to_model(tokens, (2,), "int32", 3)
+
+
+def test_partitions_cover_the_data(digits):
+    iid = partition(digits, 10, scheme="iid", seed=0)
+    assert sum(len(p) for p in iid) == len(digits)
+    skew = partition(digits, 10, scheme="dirichlet", alpha=0.1, seed=0)
+    assert sum(len(p) for p in skew) == len(digits) and min(len(p) for p in skew) >= 1
+    # label skew: with alpha 0.1 most clients are dominated by few classes
+    top_share = np.median([np.bincount(p.y).max() / len(p) for p in skew])
+    assert top_share > 0.4
+    with pytest.raises(DataError, match="unknown partition scheme"):
+        partition(digits, 2, scheme="bogus")

@@ -1,0 +1,117 @@
+"""Loading every accepted format, the Keras 3 rebuild, and refusals before any training."""
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from edgekit import _tf
+from edgekit.errors import ModelLoadError, UnsupportedLayerError
+from edgekit.layers import LAYERS, support
+from edgekit.models import load_model, rebuild_keras3
+
+
+@pytest.mark.parametrize("fmt", ["keras", "h5", "savedmodel"])
+def test_tf_keras_formats_load_with_identical_outputs(cnn, digits, tmp_path, fmt):
+    path = tmp_path / {"keras": "m.keras", "h5": "m.h5", "savedmodel": "sm"}[fmt]
+    cnn.save(path)
+    loaded = load_model(path)
+    assert loaded.source_format == fmt
+    assert loaded.input_shape == (8, 8, 1) and loaded.num_classes == 10 and loaded.outputs_probabilities
+    assert len(loaded.sha256) == 64
+    np.testing.assert_allclose(loaded.model(digits.x[:32]).numpy(), cnn(digits.x[:32]).numpy(), atol=1e-6)
+
+
+def test_keras3_functional_model_is_rebuilt_and_verified(keras3_path, digits):
+    loaded = load_model(keras3_path)
+    assert loaded.source_format == "keras3"
+    assert loaded.rebuild_max_abs_diff is not None and loaded.rebuild_max_abs_diff <= 1e-5
+    assert isinstance(loaded.model, _tf.keras().Model)  # tf-keras, usable by tfmot
+    original = _tf.keras3().saving.load_model(keras3_path)
+    np.testing.assert_allclose(loaded.model(digits.x[:64]).numpy(), np.asarray(original(digits.x[:64])),
+                               atol=1e-5)
+
+
+def test_keras3_h5_and_text_model_rebuild(text_model_path, tmp_path):
+    k3 = _tf.keras3().saving.load_model(text_model_path)
+    k3.save(tmp_path / "text.h5")
+    for path in (text_model_path, tmp_path / "text.h5"):
+        loaded = load_model(path)
+        assert loaded.source_format == "keras3" and loaded.input_dtype == "int32" and loaded.num_classes == 3
+
+
+def test_rebuild_mismatch_is_refused(keras3_path):
+    k3 = _tf.keras3().saving.load_model(keras3_path)
+    model, diff = rebuild_keras3(k3)
+    assert diff <= 1e-5
+    # a model whose weights change after the rebuild would be caught by the same check
+    conv = next(layer for layer in k3.layers if layer.__class__.__name__ == "Conv2D")
+    conv.set_weights([w + 0.5 for w in conv.get_weights()])
+    original = conv.get_weights
+    conv.get_weights = lambda: [w - 0.5 for w in original()]  # hand the rebuild stale weights
+    with pytest.raises(ModelLoadError, match=r"differs from it by .* \(tolerance 1e-05\)"):
+        rebuild_keras3(k3)
+
+
+def test_unsupported_layer_is_named_before_loading_weights(tmp_path):
+    keras = _tf.keras3()
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="d"),
+                              keras.layers.LayerNormalization(name="norm_7"), keras.layers.Dense(3)])
+    model.save(tmp_path / "ln.keras")
+    with pytest.raises(UnsupportedLayerError, match="layer 'norm_7' is a LayerNormalization") as info:
+        load_model(tmp_path / "ln.keras")
+    assert info.value.layer_name == "norm_7" and "Conv2D" in str(info.value)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"garbage", "not a valid .keras file"),
+    (None, "not a valid .keras file"),
+])
+def test_corrupt_keras_files(tmp_path, content, message):
+    path = tmp_path / "bad.keras"
+    if content is None:  # a zip without metadata.json
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("config.json", json.dumps({}))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(path)
+
+
+def test_missing_unknown_truncated_and_weights_only(cnn, tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "none.keras")
+    (tmp_path / "m.pt").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="unknown extension '.pt'"):
+        load_model(tmp_path / "m.pt")
+    cnn.save(tmp_path / "m.h5")
+    data = (tmp_path / "m.h5").read_bytes()
+    (tmp_path / "t.h5").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ModelLoadError, match="HDF5|cannot load"):
+        load_model(tmp_path / "t.h5")
+    cnn.save_weights(tmp_path / "w.weights.h5")
+    with pytest.raises(ModelLoadError, match="weights only"):
+        load_model(tmp_path / "w.weights.h5")
+
+
+def test_savedmodel_without_keras_metadata(cnn, tmp_path):
+    _tf.tf().saved_model.save(cnn, str(tmp_path / "raw"))
+    with pytest.raises(ModelLoadError, match="without Keras metadata"):
+        load_model(tmp_path / "raw")
+
+
+def test_non_classifier_outputs_refused(tmp_path):
+    keras = _tf.keras()
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.save(tmp_path / "reg.keras")
+    with pytest.raises(ModelLoadError, match="at least 2 classes"):
+        load_model(tmp_path / "reg.keras")
+
+
+def test_every_registered_layer_is_known_to_tf_keras():
+    keras = _tf.keras()
+    for name in LAYERS:
+        assert hasattr(keras.layers, name), name
+    with pytest.raises(UnsupportedLayerError, match="supported layers: Activation, Add"):
+        support("Bogus", layer_name="b")

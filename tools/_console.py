@@ -1,0 +1,61 @@
+"""Console plumbing shared by the ``edgekit`` and ``edgekit-agent`` commands (no heavy imports)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+
+NATIVE_LOG = os.path.join(tempfile.gettempdir(), "edgekit-native.log")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump) and exit with code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
+def quiet_native_logs() -> None:
+    """Send what TensorFlow, the converters and the interpreters print from C++ to a log file.
+
+    Python's ``sys.stderr`` (progress bars, our messages) keeps the terminal. ``EDGEKIT_DEBUG=1``
+    leaves everything as it is.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    warnings.filterwarnings("ignore")
+    if os.environ.get("EDGEKIT_DEBUG") == "1" or sys.stderr is not sys.__stderr__:
+        return  # debugging, or stderr already captured (tests, notebooks)
+    try:
+        sys.stderr.flush()
+        terminal = os.dup(2)
+        log = os.open(NATIVE_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log, 2)
+        os.close(log)
+        sys.stderr = os.fdopen(terminal, "w", buffering=1)
+    except OSError:  # no file descriptor 2 (embedded use): leave it
+        pass
+
+
+def run(prog: str, handler: Callable[[], int], errors: tuple[type[BaseException], ...]) -> int:
+    """Call ``handler``; turn the library's errors into one line on stderr and an exit code."""
+    try:
+        return handler()
+    except errors as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 1))
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not a bad input: say so, keep it to one line unless debugging
+        if os.environ.get("EDGEKIT_DEBUG") == "1":
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"{prog}: internal error: {type(exc).__name__}: {first} "
+              f"(rerun with EDGEKIT_DEBUG=1 for the traceback; native log: {NATIVE_LOG})", file=sys.stderr)
+        return 70

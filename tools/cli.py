@@ -1,0 +1,104 @@
+"""The ``edgekit`` command: thin subcommands over the edgekit Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from tools._console import OneLineParser, quiet_native_logs, run
+
+QUANTIZE_CHOICES = ("none", "dynamic", "float16", "int8", "qat")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="edgekit", description="Compress, export and verify Keras models for edge devices.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+
+    c = sub.add_parser("compress", help="prune/quantize/distill a Keras model into verified TFLite/ONNX",
+                       description="Compress MODEL into verified artifacts in --out. With no technique flag: "
+                                   "post-training int8. With --max-accuracy-drop and no technique flag: try "
+                                   "candidate recipes and keep the smallest within the budget.")
+    c.add_argument("model", help="SavedModel folder, .h5, or .keras (tf-keras or Keras 3)")
+    c.add_argument("--data", default="digits", help="'digits' (embedded) or an .npz with x and y (default: digits)")
+    c.add_argument("--eval-data", help="an .npz to evaluate on instead of a split of --data")
+    c.add_argument("--out", required=True, help="output folder (written atomically)")
+    c.add_argument("--prune", type=float, metavar="S", help="magnitude pruning to sparsity S, e.g. 0.75")
+    c.add_argument("--structured", metavar="M:N", help="structured sparsity; 2:4 is supported")
+    c.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                   help="quantization (default: int8 alone, none when combined with another technique)")
+    c.add_argument("--int8-io", action="store_true", help="int8 inputs/outputs for int8/qat TFLite models")
+    students = c.add_mutually_exclusive_group()
+    students.add_argument("--student-width", type=float, metavar="W", help="distill into a copy W times as wide")
+    students.add_argument("--student", metavar="FILE", help="distill into this Keras model")
+    c.add_argument("--formats", default="tflite,onnx", help="comma-separated: tflite,onnx (default: both)")
+    c.add_argument("--max-accuracy-drop", type=float, metavar="P", help="accuracy budget in points")
+    c.add_argument("--select-by", choices=("gzip_bytes", "bytes"), default="gzip_bytes",
+                   help="size the budget search minimises (default: gzip_bytes)")
+    c.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs for pruning/QAT (default 4)")
+    c.add_argument("--distill-epochs", type=int, default=12, help="distillation epochs (default 12)")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=cmd_compress)
+
+    i = sub.add_parser("inspect", help="ops, sizes and quantization of an artifact; check a folder's manifest")
+    i.add_argument("target", help="a .tflite/.onnx file or an edgekit output folder")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import edgekit
+    from edgekit.report import format_table
+
+    technique = any(v is not None for v in (args.prune, args.structured, args.student_width, args.student))
+    recipe = None
+    if technique or args.quantize is not None:
+        recipe = edgekit.Recipe(prune=args.prune, structured=args.structured,
+                                quantize=args.quantize or ("none" if technique else "int8"),
+                                student_width=args.student_width, student=args.student)
+    config = edgekit.CompressConfig(
+        recipe=recipe, formats=args.formats, max_accuracy_drop=args.max_accuracy_drop, int8_io=args.int8_io,
+        select_by=args.select_by, seed=args.seed,
+        training=edgekit.TrainingConfig(finetune_epochs=args.epochs, distill_epochs=args.distill_epochs,
+                                        batch_size=args.batch_size))
+    result = edgekit.compress(args.model, args.data, args.out, config=config, eval_data=args.eval_data,
+                              progress=not args.quiet)
+    print(f"source: {result.source['path']}  accuracy {result.source['accuracy']:.2f}%  "
+          f"params {result.source['params']:,}")
+    print(format_table(result))
+    files = ", ".join(f"{a.filename} ({a.bytes:,} bytes)" for a in result.selected.artifacts)
+    print(f"wrote {result.out}: {files}, manifest.json, report.md")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from edgekit.inspect import format_inspection, inspect_artifact
+
+    info = inspect_artifact(args.target)
+    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    return 0 if info.get("manifest_ok") is not False else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from edgekit._version import __version__
+
+        print(f"edgekit {__version__}")
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    quiet_native_logs()
+    from edgekit.errors import EdgeKitError
+
+    return run("edgekit", lambda: args.func(args), (EdgeKitError,))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
