@@ -6,7 +6,15 @@ Never imports TensorFlow. Importing this package imports only numpy; runtimes lo
 from device_agents.errors import AgentError, ArtifactError, InputMismatchError, InstallError, IntegrityError
 from device_agents.runtime import ArtifactFormat, Model, Runtime, TensorSpec, available_runtimes
 
-__all__ = sorted([
-    "AgentError", "ArtifactError", "ArtifactFormat", "InputMismatchError", "InstallError",
-    "IntegrityError", "Model", "Runtime", "TensorSpec", "available_runtimes",
-])
+__all__ = [
+    "AgentError",
+    "ArtifactError",
+    "ArtifactFormat",
+    "InputMismatchError",
+    "InstallError",
+    "IntegrityError",
+    "Model",
+    "Runtime",
+    "TensorSpec",
+    "available_runtimes",
+]

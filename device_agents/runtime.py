@@ -157,7 +157,11 @@ class Model:
         if single:
             x = x[None]
         self._check(x, spec)
-        outs = [self._backend.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        try:
+            outs = [self._backend.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        except (RuntimeError, ValueError, TypeError) as exc:  # the interpreter refused the request
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise InputMismatchError(f"{self.runtime.value} rejected the input: {first[:200]}") from None
         y = np.concatenate(outs) if outs else np.zeros((0,) + tuple(self.outputs[0].shape[1:]), np.float32)
         return y[0] if single else y
 

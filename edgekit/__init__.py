@@ -9,6 +9,7 @@ runtime, and write a manifest and a report. Importing edgekit does not import Te
 """
 
 from edgekit._pipeline import ArtifactResult, CandidateResult, CompressResult, compress
+from edgekit._trainable_api import TrainableConfig, TrainableResult, export_trainable
 from edgekit._version import __version__
 from edgekit.config import CompressConfig, Format, Quantization, Recipe, SizeMetric, TrainingConfig
 from edgekit.data import Dataset, load_data, load_digits
@@ -26,10 +27,34 @@ from edgekit.errors import (
 from edgekit.inspect import inspect_artifact
 from edgekit.models import LoadedModel, load_model
 
-__all__ = sorted([
-    "ArtifactResult", "BudgetError", "CandidateResult", "CompressConfig", "CompressResult", "ConversionError",
-    "DataError", "Dataset", "EdgeKitError", "Format", "InputError", "LoadedModel", "ModelLoadError",
-    "OutputError", "Quantization", "Recipe", "SizeMetric", "TrainingConfig", "UnsupportedLayerError",
-    "VerificationError", "__version__", "compress", "inspect_artifact", "load_data", "load_digits",
+__all__ = [
+    "ArtifactResult",
+    "BudgetError",
+    "CandidateResult",
+    "CompressConfig",
+    "CompressResult",
+    "ConversionError",
+    "DataError",
+    "Dataset",
+    "EdgeKitError",
+    "Format",
+    "InputError",
+    "LoadedModel",
+    "ModelLoadError",
+    "OutputError",
+    "Quantization",
+    "Recipe",
+    "SizeMetric",
+    "TrainableConfig",
+    "TrainableResult",
+    "TrainingConfig",
+    "UnsupportedLayerError",
+    "VerificationError",
+    "__version__",
+    "compress",
+    "export_trainable",
+    "inspect_artifact",
+    "load_data",
+    "load_digits",
     "load_model",
-])
+]

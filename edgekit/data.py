@@ -249,7 +249,7 @@ def partition(data: Dataset, num_parts: int, *, scheme: str = "iid", alpha: floa
             cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
             for part, chunk in zip(parts_l, np.split(idx, cuts)):
                 part.extend(chunk.tolist())
-        for i, part in enumerate(parts_l):  # every client gets at least one sample
+        for part in parts_l:  # every client gets at least one sample
             if not part:
                 donor = max(range(num_parts), key=lambda j: len(parts_l[j]))
                 part.append(parts_l[donor].pop())

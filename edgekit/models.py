@@ -240,7 +240,8 @@ def rebuild_keras3(k3_model: Any, sample: np.ndarray | None = None) -> tuple[Any
     except UnsupportedLayerError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"cannot rebuild the Keras 3 model as tf-keras: {str(exc).splitlines()[0][:300]}") from None
+        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"cannot rebuild the Keras 3 model as tf-keras: {first}") from None
     check_model(model)
     x = sample if sample is not None else _random_inputs(model)
     x = x[:64]

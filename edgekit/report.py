@@ -62,7 +62,8 @@ def write_report(result: Any, folder: Path) -> None:
              f"{result.data_info['finetune']}, calibration {result.data_info['calibration']}, "
              f"evaluation {result.data_info['evaluation']}"]
     if src.get("rebuild_max_abs_diff") is not None:
-        lines.append(f"- Keras 3 model rebuilt as tf-keras; max abs output difference {src['rebuild_max_abs_diff']:.2g}")
+        lines.append("- Keras 3 model rebuilt as tf-keras; max abs output difference "
+                     f"{src['rebuild_max_abs_diff']:.2g}")
     if result.config.max_accuracy_drop is not None:
         lines.append(f"- accuracy budget: at most {result.config.max_accuracy_drop:g} points below the source; "
                      f"smallest by {result.config.select_by.value}")

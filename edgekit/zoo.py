@@ -30,6 +30,9 @@ def mobilenet_v2(input_shape: tuple[int, int, int] = (96, 96, 3), num_classes: i
     keras = _tf.keras()
     base = keras.applications.MobileNetV2(input_shape=input_shape, alpha=alpha, include_top=False,
                                           weights=None, pooling="avg")
+    for layer in base.layers:  # Keras uses 0.999: after a short training the moving statistics stay near
+        if isinstance(layer, keras.layers.BatchNormalization):  # their initial values and inference breaks
+            layer.momentum = 0.9
     out = keras.layers.Dense(num_classes, activation="softmax", name="classifier")(base.output)
     return keras.Model(base.input, out, name=f"mobilenetv2_{alpha:g}")
 

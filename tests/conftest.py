@@ -37,12 +37,13 @@ def tiny_cnn():
     layers = keras.layers
     return keras.Sequential([
         keras.Input((8, 8, 1)),
-        layers.Conv2D(16, 3, padding="same", use_bias=False), layers.BatchNormalization(), layers.ReLU(),
-        layers.MaxPooling2D(),
-        layers.Conv2D(32, 3, padding="same", activation="relu"),
-        layers.Flatten(),
-        layers.Dense(32, activation="relu"),
-        layers.Dense(10, activation="softmax"),
+        layers.Conv2D(16, 3, padding="same", use_bias=False, name="conv2d"),
+        layers.BatchNormalization(name="batch_normalization"), layers.ReLU(name="re_lu"),
+        layers.MaxPooling2D(name="max_pooling2d"),
+        layers.Conv2D(32, 3, padding="same", activation="relu", name="conv2d_1"),
+        layers.Flatten(name="flatten"),
+        layers.Dense(32, activation="relu", name="dense"),
+        layers.Dense(10, activation="softmax", name="dense_1"),
     ], name="tiny_cnn")
 
 

@@ -12,9 +12,9 @@ from device_agents import Model
 from edgekit import BudgetError, CompressConfig, ConversionError, Recipe, compress
 from edgekit.compress.prune import prune
 from edgekit.config import Format, Quantization
+from edgekit.errors import InputError, OutputError
 from edgekit.export import EXPORTERS, exporter
 from edgekit.export.tflite import tflite_ops
-from edgekit.errors import InputError, OutputError
 
 
 def config(**kw):

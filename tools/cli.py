@@ -43,6 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compress)
 
+    t = sub.add_parser("trainable", help="export a trainable TFLite artifact for on-device training",
+                       description="Write DIR/trainable.tflite (train/infer/get_weights/set_weights signatures, "
+                                   "builtin ops only, initialised with MODEL's weights) and DIR/manifest.json.")
+    t.add_argument("model", help="SavedModel folder, .h5, or .keras (tf-keras or Keras 3)")
+    t.add_argument("--out", required=True, help="output folder (written atomically)")
+    t.add_argument("--head-only", action="store_true",
+                   help="train only the head; the backbone becomes an int8 backbone.tflite")
+    t.add_argument("--batch-size", type=int, default=32, help="fixed batch of the train signature (default 32)")
+    t.add_argument("--learning-rate", type=float, default=0.05, help="suggested learning rate for devices")
+    t.add_argument("--data", default="digits", help="samples for verification and int8 calibration")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_trainable)
+
     i = sub.add_parser("inspect", help="ops, sizes and quantization of an artifact; check a folder's manifest")
     i.add_argument("target", help="a .tflite/.onnx file or an edgekit output folder")
     i.add_argument("--json", action="store_true", help="print JSON")
@@ -72,6 +85,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(format_table(result))
     files = ", ".join(f"{a.filename} ({a.bytes:,} bytes)" for a in result.selected.artifacts)
     print(f"wrote {result.out}: {files}, manifest.json, report.md")
+    return 0
+
+
+def cmd_trainable(args: argparse.Namespace) -> int:
+    import edgekit
+
+    config = edgekit.TrainableConfig(head_only=args.head_only, batch_size=args.batch_size,
+                                     learning_rate=args.learning_rate)
+    result = edgekit.export_trainable(args.model, args.out, data=args.data, config=config, progress=not args.quiet)
+    spec, check = result.manifest["trainable"], result.manifest["verification"]
+    print(f"trainable ({spec['mode']}): {len(spec['tensors'])} tensors, batch {spec['batch_size']}, "
+          f"{sum(int(__import__('math').prod(t['shape'])) for t in spec['tensors']):,} trainable weights")
+    print(f"verified in {check['runtime']}: infer max abs diff {check['infer_max_abs_diff']:.2g}, "
+          f"one train step vs TensorFlow max abs diff {check['train_step_max_abs_diff']:.2g}")
+    files = ", ".join(f"{name} ({len(data):,} bytes)" for name, data in result.files.items())
+    print(f"wrote {result.out}: {files}, manifest.json")
     return 0
 
 

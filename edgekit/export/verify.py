@@ -64,4 +64,5 @@ def verify(artifact: bytes, *, name: str, quantization: Quantization, x: np.ndar
                 max_abs_diff=conversion_diff, tolerance=tolerance, artifact=name)
     agreement = float(np.mean(out.argmax(1) == source_outputs.argmax(1)) * 100.0)
     accuracy = None if y is None else float(np.mean(out.argmax(1) == y) * 100.0)
-    return Verification(model.runtime.value, accuracy, agreement, diff, conversion_diff, tolerance, model.inputs, model.outputs)
+    return Verification(model.runtime.value, accuracy, agreement, diff, conversion_diff, tolerance,
+                        model.inputs, model.outputs)

@@ -1,0 +1,178 @@
+"""``edgekit-agent``: run, benchmark and install edgekit artifacts on a device. Never imports TensorFlow."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from tools._console import OneLineParser, quiet_native_logs, run
+
+_T0 = time.perf_counter()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="edgekit-agent", description="Run edgekit artifacts with LiteRT or onnxruntime.")
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", required=True,
+                       help="an artifact file, an edgekit output folder (hash-checked), or a store root")
+        p.add_argument("--runtime", choices=("litert", "tflite-runtime", "onnxruntime"), help="force a runtime")
+        p.add_argument("--threads", type=int, help="interpreter threads")
+
+    p = sub.add_parser("predict", help="run samples from an .npz through the model")
+    model_args(p)
+    p.add_argument("--input", required=True, help=".npz with an array x")
+    p.add_argument("--output", required=True, help=".npy to write (float32, one row per sample)")
+    p.add_argument("--telemetry", help="write telemetry JSON here")
+    p.set_defaults(func=cmd_predict)
+
+    b = sub.add_parser("bench", help="latency percentiles, cold start and peak memory")
+    model_args(b)
+    b.add_argument("--input", help=".npz with x (default: zeros of the input shape)")
+    b.add_argument("--repeats", type=int, default=500)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
+
+    i = sub.add_parser("install", help="verify and atomically install a model version into a store")
+    i.add_argument("--model", required=True, help="an edgekit output folder")
+    i.add_argument("--store", required=True, help="the store root folder")
+    i.add_argument("--runtime", choices=("litert", "tflite-runtime", "onnxruntime"))
+    i.set_defaults(func=cmd_install)
+
+    r = sub.add_parser("rollback", help="make the previous installed version current again")
+    r.add_argument("--store", required=True)
+    r.set_defaults(func=cmd_rollback)
+    return parser
+
+
+def _open(path: str, runtime: str | None, threads: int | None):  # noqa: ANN202
+    from device_agents.integrity import verified_artifact
+    from device_agents.runtime import Model
+
+    target = Path(path)
+    if target.is_dir() and (target / "current").is_symlink():
+        target = (target / "current").resolve()
+    if target.is_dir():
+        entry = verified_artifact(target, runtime=runtime, kind="inference")
+        return Model.load(entry.path, runtime=runtime, num_threads=threads), entry.sha256[:16]
+    model = Model.load(target, runtime=runtime, num_threads=threads)
+    return model, None
+
+
+def _load_x(path: str):  # noqa: ANN202
+    import zipfile
+
+    import numpy as np
+
+    from device_agents.errors import InputMismatchError
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "x" not in npz.files:
+                raise InputMismatchError(f"{path} has no array 'x' (it has: {', '.join(npz.files) or 'none'})")
+            return npz["x"]
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise InputMismatchError(f"cannot read {path}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from device_agents.telemetry import Telemetry
+
+    model, version = _open(args.model, args.runtime, args.threads)
+    x = _load_x(args.input)
+    telemetry = Telemetry(model_version=version)
+    with telemetry.measure(samples=len(x)):
+        y = model.predict(x)
+    out = Path(args.output)
+    tmp = out.with_name(f".{out.name}.partial.npy")
+    np.save(tmp, y.astype(np.float32))
+    os.replace(tmp, out)
+    if args.telemetry:
+        telemetry.write(args.telemetry)
+    print(f"{len(y)} predictions -> {out} ({model.runtime.value}, {model.format.value})")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from device_agents.telemetry import Telemetry, peak_rss_mib
+
+    model, version = _open(args.model, args.runtime, args.threads)
+    spec = model.inputs[0]
+    if args.input:
+        sample = _load_x(args.input)[:1]
+    else:
+        shape = [1, *(d if d > 0 else 1 for d in spec.shape[1:])]
+        sample = np.zeros(shape, np.int64 if "int" in spec.dtype and spec.scale is None else np.float32)
+    model.predict(sample)
+    first = time.perf_counter() - _T0
+    telemetry = Telemetry(model_version=version)
+    for _ in range(args.repeats):
+        with telemetry.measure():
+            model.predict(sample)
+    snap = telemetry.snapshot()
+    report = {"runtime": model.runtime.value, "format": model.format.value, "model_bytes": model.size,
+              "cold_start_s": round(first + _process_age_at_import(), 4), "latency_ms": snap["latency_ms"],
+              "peak_rss_mib": round(peak_rss_mib(), 1), "repeats": args.repeats}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        lat = report["latency_ms"]
+        print(f"{report['runtime']} {report['format']} ({report['model_bytes']:,} bytes): cold start "
+              f"{report['cold_start_s']:.3f} s, latency p50 {lat['p50']:.4f} ms, p90 {lat['p90']:.4f} ms, "
+              f"p99 {lat['p99']:.4f} ms, peak RSS {report['peak_rss_mib']} MiB")
+    return 0
+
+
+def _process_age_at_import() -> float:
+    """Seconds from process start to this module's import (Linux; 0 elsewhere)."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
+        uptime_now = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime_now - start - (time.perf_counter() - _T0))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from device_agents.store import ModelStore
+
+    store = ModelStore(args.store)
+    before = store.current
+    target = store.install(args.model, runtime=args.runtime)
+    print(f"installed {target.name} as current in {args.store}"
+          + (f" (previous: {before.name})" if before and before != target else ""))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from device_agents.store import ModelStore
+
+    target = ModelStore(args.store).rollback()
+    print(f"rolled back: current is {target.name}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from device_agents.errors import AgentError
+
+    quiet_native_logs()
+    return run("edgekit-agent", lambda: args.func(args), (AgentError,))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

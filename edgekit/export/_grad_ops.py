@@ -1,0 +1,189 @@
+"""Forward ops whose backward pass is written in TFLite builtin ops (``tf.custom_gradient``).
+
+TensorFlow's own gradients of conv, depthwise conv, ReLU, pooling and softmax cross-entropy
+(Conv2DBackpropFilter, ReluGrad, MaxPoolGrad, ...) are not TFLite builtins. Each gradient here is
+built from strided slices, matmuls, multiplies, pads and reshapes, which are. All shapes are
+static (the train signature has a fixed batch size).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgekit import _tf
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow's 'same' padding (before, after) along one axis."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _window(xp: Any, i: int, j: int, out_h: int, out_w: int, sh: int, sw: int) -> Any:
+    """The input values that window offset (i, j) sees for every output position."""
+    return xp[:, i:i + (out_h - 1) * sh + 1:sh, j:j + (out_w - 1) * sw + 1:sw, :]
+
+
+def _place(t: Any, i: int, j: int, sh: int, sw: int, padded_h: int, padded_w: int) -> Any:
+    """Scatter ``t`` (n, oh, ow, c) to rows i + k*sh and columns j + l*sw of a zero (n, H, W, c)."""
+    tf = _tf.tf()
+    n, oh, ow, c = t.shape
+    if sw > 1:
+        zeros = tf.zeros_like(t)
+        t = tf.reshape(tf.stack([t] + [zeros] * (sw - 1), axis=3), [n, oh, ow * sw, c])[:, :, :(ow - 1) * sw + 1, :]
+    if sh > 1:
+        zeros = tf.zeros_like(t)
+        t = tf.reshape(tf.stack([t] + [zeros] * (sh - 1), axis=2), [n, oh * sh, t.shape[2], c])[:, :(oh - 1) * sh + 1]
+    return tf.pad(t, [[0, 0], [i, padded_h - i - t.shape[1]], [j, padded_w - j - t.shape[2]], [0, 0]])
+
+
+def relu(x: Any, max_value: float | None = None) -> Any:
+    tf = _tf.tf()
+
+    @tf.custom_gradient
+    def f(x: Any) -> Any:
+        y = tf.nn.relu(x) if max_value is None else tf.minimum(tf.nn.relu(x), max_value)
+
+        def grad(g: Any) -> Any:
+            mask = tf.cast(x > 0, x.dtype)
+            if max_value is not None:
+                mask = mask * tf.cast(x < max_value, x.dtype)
+            return g * mask
+
+        return y, grad
+
+    return f(x)
+
+
+def conv2d(x: Any, w: Any, strides: tuple[int, int], pads: tuple[tuple[int, int], tuple[int, int]]) -> Any:
+    """VALID conv of the explicitly padded input; gradients as per-offset matmuls."""
+    tf = _tf.tf()
+    sh, sw = strides
+    (pt, pb), (pl, pr) = pads
+
+    @tf.custom_gradient
+    def f(x: Any, w: Any) -> Any:
+        xp = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]])
+        y = tf.nn.conv2d(xp, w, strides=[1, sh, sw, 1], padding="VALID")
+
+        def grad(g: Any) -> Any:
+            kh, kw, cin, cout = w.shape
+            n, oh, ow, _ = g.shape
+            hp, wp = xp.shape[1], xp.shape[2]
+            g2 = tf.reshape(g, [-1, cout])
+            dws, dxp = [], None
+            for i in range(kh):
+                for j in range(kw):
+                    xs = tf.reshape(_window(xp, i, j, oh, ow, sh, sw), [-1, cin])
+                    dws.append(tf.matmul(tf.transpose(xs), g2))
+                    contrib = tf.reshape(tf.matmul(g2, tf.transpose(w[i, j])), [n, oh, ow, cin])
+                    placed = _place(contrib, i, j, sh, sw, hp, wp)
+                    dxp = placed if dxp is None else dxp + placed
+            dw = tf.reshape(tf.stack(dws), [kh, kw, cin, cout])
+            return dxp[:, pt:pt + x.shape[1], pl:pl + x.shape[2], :], dw
+
+        return y, grad
+
+    return f(x, w)
+
+
+def depthwise_conv2d(x: Any, w: Any, strides: tuple[int, int], pads: tuple[tuple[int, int], tuple[int, int]]) -> Any:
+    """Depthwise conv (depth multiplier 1); gradients as per-offset multiplies and sums."""
+    tf = _tf.tf()
+    sh, sw = strides
+    (pt, pb), (pl, pr) = pads
+
+    @tf.custom_gradient
+    def f(x: Any, w: Any) -> Any:
+        xp = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]])
+        y = tf.nn.depthwise_conv2d(xp, w, strides=[1, sh, sw, 1], padding="VALID")
+
+        def grad(g: Any) -> Any:
+            kh, kw, c, _ = w.shape
+            n, oh, ow, _ = g.shape
+            hp, wp = xp.shape[1], xp.shape[2]
+            dws, dxp = [], None
+            for i in range(kh):
+                for j in range(kw):
+                    xs = _window(xp, i, j, oh, ow, sh, sw)
+                    dws.append(tf.reduce_sum(xs * g, axis=[0, 1, 2]))
+                    placed = _place(g * tf.reshape(w[i, j, :, 0], [1, 1, 1, c]), i, j, sh, sw, hp, wp)
+                    dxp = placed if dxp is None else dxp + placed
+            dw = tf.reshape(tf.stack(dws), [kh, kw, c, 1])
+            return dxp[:, pt:pt + x.shape[1], pl:pl + x.shape[2], :], dw
+
+        return y, grad
+
+    return f(x, w)
+
+
+def max_pool(x: Any, pool: tuple[int, int], strides: tuple[int, int],
+             pads: tuple[tuple[int, int], tuple[int, int]]) -> Any:
+    """Max pooling; the gradient goes to the first position equal to the window's maximum."""
+    tf = _tf.tf()
+    (ph, pw), (sh, sw) = pool, strides
+    (pt, pb), (pl, pr) = pads
+
+    @tf.custom_gradient
+    def f(x: Any) -> Any:
+        xp = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]], constant_values=-3.0e38) if pt + pb + pl + pr else x
+        y = tf.nn.max_pool2d(xp, [ph, pw], [sh, sw], "VALID")
+
+        def grad(g: Any) -> Any:
+            n, oh, ow, c = g.shape
+            hp, wp = xp.shape[1], xp.shape[2]
+            dxp, taken = None, tf.zeros_like(g)
+            for i in range(ph):  # like MaxPoolGrad: only the first maximum of a window (scan order) gets it
+                for j in range(pw):
+                    mask = tf.cast(tf.equal(_window(xp, i, j, oh, ow, sh, sw), y), g.dtype) * (1.0 - taken)
+                    taken = taken + mask
+                    placed = _place(g * mask, i, j, sh, sw, hp, wp)
+                    dxp = placed if dxp is None else dxp + placed
+            return dxp[:, pt:pt + x.shape[1], pl:pl + x.shape[2], :]
+
+        return y, grad
+
+    return f(x)
+
+
+def avg_pool(x: Any, pool: tuple[int, int], strides: tuple[int, int]) -> Any:
+    """Average pooling ('valid'); the gradient is spread evenly over each window."""
+    tf = _tf.tf()
+    (ph, pw), (sh, sw) = pool, strides
+
+    @tf.custom_gradient
+    def f(x: Any) -> Any:
+        y = tf.nn.avg_pool2d(x, [ph, pw], [sh, sw], "VALID")
+
+        def grad(g: Any) -> Any:
+            n, oh, ow, c = g.shape
+            share = g / float(ph * pw)
+            dx = None
+            for i in range(ph):
+                for j in range(pw):
+                    placed = _place(share, i, j, sh, sw, x.shape[1], x.shape[2])
+                    dx = placed if dx is None else dx + placed
+            return dx
+
+        return y, grad
+
+    return f(x)
+
+
+def cross_entropy(logits: Any, onehot: Any, weights: Any) -> Any:
+    """Weighted mean of -sum(onehot * log_softmax(logits)); gradient (softmax - onehot) * w / sum(w)."""
+    tf = _tf.tf()
+
+    @tf.custom_gradient
+    def f(logits: Any) -> Any:
+        logp = tf.nn.log_softmax(logits)
+        total = tf.maximum(tf.reduce_sum(weights), 1e-12)
+        loss = tf.reduce_sum(-tf.reduce_sum(onehot * logp, axis=1) * weights) / total
+
+        def grad(g: Any) -> Any:
+            return g * (tf.exp(logp) - onehot) * tf.reshape(weights / total, [-1, 1])
+
+        return loss, grad
+
+    return f(logits)

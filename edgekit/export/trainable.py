@@ -1,0 +1,407 @@
+"""A *trainable* TFLite artifact: ``train``, ``infer``, ``get_weights``, ``set_weights`` signatures.
+
+It converts with TFLITE_BUILTINS only (no Flex ops, which neither ai-edge-litert nor
+tflite-runtime ship): backward passes are written in builtin ops (:mod:`edgekit.export._grad_ops`)
+and weights live in resource variables.
+
+Signatures (all tensors float32 unless said):
+
+- ``train(x[B,...], y[B] int32, sample_weight[B], learning_rate[], mu[]) -> {loss}``: one SGD step on
+  the weighted cross-entropy, plus a FedProx term ``mu/2 * ||w - anchor||^2`` (``mu=0``: plain SGD).
+  Pad a short batch with ``sample_weight`` 0.
+- ``infer(x[n,...]) -> {output}``: the model's outputs (probabilities if it ends in softmax).
+- ``get_weights() -> {tensor name: value}``; ``set_weights(**tensors) -> {count}``: replace the
+  weights (and the FedProx anchor) with the given values.
+
+Two modes: full-model training, and head-only training, where the backbone (everything up to the
+last Flatten / global pooling layer) becomes a separate int8 ``backbone.tflite`` and only the head
+trains (on-device personalisation).
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit import _tf
+from edgekit.errors import ConversionError, UnsupportedLayerError
+from edgekit.export import _grad_ops as ops
+
+SIGNATURES = ("train", "infer", "get_weights", "set_weights")
+
+
+@dataclass
+class _Node:
+    """One layer of the trainable graph: its trainable tensors and a forward function."""
+
+    name: str
+    inputs: list[str]
+    params: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    forward: Callable[[list[Any], list[Any]], Any] = lambda xs, ws: xs[0]
+    softmax_output: bool = False  # a final softmax, skipped when training on logits
+
+
+def _unsupported(layer: Any, why: str) -> UnsupportedLayerError:
+    return UnsupportedLayerError(
+        f"layer '{layer.name}' ({layer.__class__.__name__}) cannot be trained on the device: {why}; "
+        f"trainable layers: {', '.join(sorted(HANDLERS))}",
+        layer_name=layer.name, layer_type=layer.__class__.__name__)
+
+
+def _activation(layer: Any, name: str, *, last: bool) -> tuple[Callable[[Any], Any], bool]:
+    if name in ("linear", None):
+        return (lambda x: x), False
+    if name == "relu":
+        return ops.relu, False
+    if name == "relu6":
+        return (lambda x: ops.relu(x, 6.0)), False
+    if name == "softmax" and last:
+        return _tf.tf().nn.softmax, True
+    raise _unsupported(layer, f"activation '{name}' (supported: linear, relu, relu6, softmax at the output)")
+
+
+def _act_name(layer: Any) -> str:
+    act = getattr(layer, "activation", None)
+    return getattr(act, "__name__", "linear") if act is not None else "linear"
+
+
+def _pads(layer: Any, in_shape: tuple, kernel: tuple[int, int], strides: tuple[int, int]) -> tuple:
+    if layer.padding == "valid":
+        return ((0, 0), (0, 0))
+    return (ops.same_padding(in_shape[1], kernel[0], strides[0]), ops.same_padding(in_shape[2], kernel[1], strides[1]))
+
+
+def _with_bias(node: _Node, layer: Any, core: Callable[[Any, list[Any]], Any], *, last: bool) -> _Node:
+    act, softmax = _activation(layer, _act_name(layer), last=last)
+    use_bias = getattr(layer, "use_bias", False)
+
+    def forward(xs: list[Any], ws: list[Any]) -> Any:
+        y = core(xs[0], ws)
+        if use_bias:
+            y = y + ws[-1]
+        return act(y)
+
+    node.forward, node.softmax_output = forward, softmax
+    return node
+
+
+def _dense(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    node.params = [("kernel", layer.kernel.numpy())] + ([("bias", layer.bias.numpy())] if layer.use_bias else [])
+    if len(in_shape) != 2:
+        raise _unsupported(layer, f"input of rank {len(in_shape)}; flatten or pool before a Dense layer")
+    return _with_bias(node, layer, lambda x, ws: _tf.tf().matmul(x, ws[0]), last=last)
+
+
+def _conv2d(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    if tuple(layer.dilation_rate) != (1, 1) or getattr(layer, "groups", 1) != 1:
+        raise _unsupported(layer, "dilated or grouped convolution")
+    strides, kernel = tuple(layer.strides), tuple(layer.kernel_size)
+    pads = _pads(layer, in_shape, kernel, strides)
+    node.params = [("kernel", layer.kernel.numpy())] + ([("bias", layer.bias.numpy())] if layer.use_bias else [])
+    return _with_bias(node, layer, lambda x, ws: ops.conv2d(x, ws[0], strides, pads), last=last)
+
+
+def _depthwise(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    if layer.depth_multiplier != 1 or tuple(layer.dilation_rate) != (1, 1):
+        raise _unsupported(layer, "depth multiplier or dilation other than 1")
+    strides, kernel = tuple(layer.strides), tuple(layer.kernel_size)
+    pads = _pads(layer, in_shape, kernel, strides)
+    node.params = [("depthwise_kernel", layer.depthwise_kernel.numpy())] + (
+        [("bias", layer.bias.numpy())] if layer.use_bias else [])
+    return _with_bias(node, layer, lambda x, ws: ops.depthwise_conv2d(x, ws[0], strides, pads), last=last)
+
+
+def _relu_layer(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    if float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0:
+        raise _unsupported(layer, "leaky or thresholded ReLU")
+    max_value = None if layer.max_value is None else float(layer.max_value)
+    node.forward = lambda xs, ws: ops.relu(xs[0], max_value)
+    return node
+
+
+def _activation_layer(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    act, node.softmax_output = _activation(layer, _act_name(layer), last=last)
+    node.forward = lambda xs, ws: act(xs[0])
+    return node
+
+
+def _softmax_layer(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    if not last:
+        raise _unsupported(layer, "softmax before the output")
+    node.forward, node.softmax_output = (lambda xs, ws: _tf.tf().nn.softmax(xs[0])), True
+    return node
+
+
+def _max_pool(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    pool, strides = tuple(layer.pool_size), tuple(layer.strides)
+    pads = _pads(layer, in_shape, pool, strides)
+    node.forward = lambda xs, ws: ops.max_pool(xs[0], pool, strides, pads)
+    return node
+
+
+def _avg_pool(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    if layer.padding != "valid":
+        raise _unsupported(layer, "'same' average pooling (use padding='valid')")
+    pool, strides = tuple(layer.pool_size), tuple(layer.strides)
+    node.forward = lambda xs, ws: ops.avg_pool(xs[0], pool, strides)
+    return node
+
+
+def _batch_norm(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    """Frozen: folded into a constant scale and shift (its statistics are not updated on the device)."""
+    gamma = layer.gamma.numpy() if layer.scale else np.ones(layer.moving_mean.shape, np.float32)
+    beta = layer.beta.numpy() if layer.center else np.zeros(layer.moving_mean.shape, np.float32)
+    scale = (gamma / np.sqrt(layer.moving_variance.numpy() + layer.epsilon)).astype(np.float32)
+    shift = (beta - layer.moving_mean.numpy() * scale).astype(np.float32)
+    node.forward = lambda xs, ws: xs[0] * scale + shift
+    return node
+
+
+def _flatten(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    size = int(np.prod(in_shape[1:]))
+    node.forward = lambda xs, ws: _tf.tf().reshape(xs[0], [-1, size])
+    return node
+
+
+def _gap(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    node.forward = lambda xs, ws: _tf.tf().reduce_mean(xs[0], axis=[1, 2])
+    return node
+
+
+def _identity(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    return node  # Dropout: off when training on the device (a single fixed batch step)
+
+
+def _add(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    node.forward = lambda xs, ws: _tf.tf().add_n(xs)
+    return node
+
+
+HANDLERS: dict[str, Callable[[Any, _Node, tuple, bool], _Node]] = {
+    "Activation": _activation_layer,
+    "Add": _add,
+    "AveragePooling2D": _avg_pool,
+    "BatchNormalization": _batch_norm,
+    "Conv2D": _conv2d,
+    "Dense": _dense,
+    "DepthwiseConv2D": _depthwise,
+    "Dropout": _identity,
+    "Flatten": _flatten,
+    "GlobalAveragePooling2D": _gap,
+    "MaxPooling2D": _max_pool,
+    "ReLU": _relu_layer,
+    "Softmax": _softmax_layer,
+}
+"""Layer type -> builder of its trainable node. A test checks gradient parity for every entry."""
+
+
+def _graph(model: Any) -> list[tuple[Any, list[str]]]:
+    """(layer, names of its input layers) in topological order; the model input is ``"input"``."""
+    keras = _tf.keras()
+    if isinstance(model, keras.Sequential):
+        out, previous = [], "input"
+        for layer in model.layers:
+            out.append((layer, [previous]))
+            previous = layer.name
+        return out
+    config = model.get_config()
+    input_names = {ref[0] for ref in config["input_layers"]}
+    by_name = {layer.name: layer for layer in model.layers}
+    out = []
+    for spec in config["layers"]:
+        if spec["name"] in input_names:
+            continue
+        nodes = spec["inbound_nodes"]
+        if len(nodes) != 1:
+            raise _unsupported(by_name[spec["name"]], "a layer shared between several calls")
+        refs = nodes[0]
+        refs = refs.get("args", refs) if isinstance(refs, dict) else refs
+        names = ["input" if ref[0] in input_names else ref[0] for ref in refs]
+        out.append((by_name[spec["name"]], names))
+    return out
+
+
+def build_nodes(model: Any) -> list[_Node]:
+    """Trainable nodes of ``model`` in order; raises for the first layer that cannot be trained."""
+    from edgekit.layers import iter_layers
+
+    if any(hasattr(layer, "layers") for layer in model.layers):
+        nested = next(layer for layer in model.layers if hasattr(layer, "layers"))
+        raise _unsupported(nested, "a nested model (flatten it into one model first)")
+    del iter_layers
+    graph = _graph(model)
+    nodes = []
+    last_name = graph[-1][0].name
+    for layer, inputs in graph:
+        handler = HANDLERS.get(layer.__class__.__name__)
+        if handler is None:
+            raise _unsupported(layer, "no on-device gradient for this layer type")
+        in_shape = tuple(layer.input_shape) if not isinstance(layer.input_shape, list) else tuple(layer.input_shape[0])
+        node = handler(layer, _Node(layer.name, inputs), in_shape, layer.name == last_name)
+        nodes.append(node)
+    return nodes
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"\W", "_", name)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+
+def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo], bool]:
+    """A ``tf.Module`` with the four signatures for ``model``; its tensor list; whether it outputs softmax."""
+    tf = _tf.tf()
+    nodes = build_nodes(model)
+    in_shape = tuple(model.inputs[0].shape[1:])
+    num_classes = int(model.outputs[0].shape[-1])
+    softmax_out = nodes[-1].softmax_output
+    tensors: list[TensorInfo] = []
+    for node in nodes:
+        for pname, value in node.params:
+            tensors.append(TensorInfo(_safe(f"{node.name}/{pname}"), tuple(int(d) for d in value.shape)))
+
+    class Trainable(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weights = {}
+            self.anchors = {}
+            for node in nodes:
+                for pname, value in node.params:
+                    key = _safe(f"{node.name}/{pname}")
+                    self.weights[key] = tf.Variable(value.astype(np.float32), name=key)
+                    self.anchors[key] = tf.Variable(value.astype(np.float32), name=f"{key}_anchor", trainable=False)
+
+        def forward(self, x: Any, *, logits: bool) -> Any:
+            values = {"input": x}
+            for node in nodes:
+                ws = [self.weights[_safe(f"{node.name}/{p}")] for p, _ in node.params]
+                xs = [values[name] for name in node.inputs]
+                if node.softmax_output and logits:
+                    values[node.name] = _logits_of(node, xs, ws)
+                else:
+                    values[node.name] = node.forward(xs, ws)
+            return values[nodes[-1].name]
+
+        @tf.function(autograph=False, input_signature=[
+            tf.TensorSpec([batch_size, *in_shape], tf.float32, name="x"),
+            tf.TensorSpec([batch_size], tf.int32, name="y"),
+            tf.TensorSpec([batch_size], tf.float32, name="sample_weight"),
+            tf.TensorSpec([], tf.float32, name="learning_rate"),
+            tf.TensorSpec([], tf.float32, name="mu"),
+        ])
+        def train(self, x: Any, y: Any, sample_weight: Any, learning_rate: Any, mu: Any) -> dict:
+            keys = list(self.weights)
+            variables = [self.weights[k] for k in keys]
+            with tf.GradientTape() as tape:
+                out = self.forward(x, logits=True)
+                loss = ops.cross_entropy(out, tf.one_hot(y, num_classes), sample_weight)
+            grads = tape.gradient(loss, variables)
+            for key, var, grad in zip(keys, variables, grads):
+                var.assign_sub(learning_rate * (grad + mu * (var - self.anchors[key])))
+            return {"loss": loss}
+
+        @tf.function(autograph=False, input_signature=[tf.TensorSpec([None, *in_shape], tf.float32, name="x")])
+        def infer(self, x: Any) -> dict:
+            return {"output": self.forward(x, logits=False)}
+
+        @tf.function(autograph=False, input_signature=[])
+        def get_weights(self) -> dict:
+            return {k: v.read_value() for k, v in self.weights.items()}
+
+        @tf.function(autograph=False,
+                     input_signature=[{t.name: tf.TensorSpec(t.shape, tf.float32, name=t.name) for t in tensors}])
+        def set_weights(self, values: dict) -> dict:
+            for key, value in values.items():
+                self.weights[key].assign(value)
+                self.anchors[key].assign(value)
+            return {"count": tf.constant(len(values), tf.int32)}
+
+    return Trainable(), tensors, softmax_out
+
+
+def _logits_of(node: _Node, xs: list[Any], ws: list[Any]) -> Any:
+    """The node's output before its final softmax."""
+    if node.params:  # Dense/Conv with activation='softmax': recompute without the activation
+        tf = _tf.tf()
+        y = tf.matmul(xs[0], ws[0]) if len(ws[0].shape) == 2 else None
+        if y is None:
+            raise ConversionError(f"a softmax convolution output ({node.name}) is not supported for training")
+        return y + ws[1] if len(ws) > 1 else y
+    return xs[0]  # a Softmax/Activation layer: its input are the logits
+
+
+def convert(module: Any) -> bytes:
+    """Convert the module's four signatures with TFLITE_BUILTINS only."""
+    tf = _tf.tf()
+    with tempfile.TemporaryDirectory(prefix="edgekit-trainable-") as tmp:
+        signatures = {name: getattr(module, name).get_concrete_function() for name in SIGNATURES}
+        tf.saved_model.save(module, tmp, signatures=signatures,
+                            options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=list(SIGNATURES))
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        converter.experimental_enable_resource_variables = True
+        try:
+            return bytes(converter.convert())
+        except Exception as exc:
+            lines = [line for line in str(exc).splitlines() if "error" in line.lower()] or [str(exc)]
+            raise ConversionError(f"the trainable model does not convert with builtin ops: {lines[0][:300]}") \
+                from None
+
+
+def split_head(model: Any) -> tuple[Any, Any]:
+    """Split at the last Flatten / global pooling layer: (backbone, head), both tf-keras models."""
+    keras = _tf.keras()
+    graph = _graph(model)
+    cut = max((i for i, (layer, _) in enumerate(graph)
+               if layer.__class__.__name__ in ("Flatten", "GlobalAveragePooling2D", "GlobalMaxPooling2D")),
+              default=None)
+    if cut is None or cut == len(graph) - 1:
+        raise UnsupportedLayerError("head-only training needs a Flatten or global pooling layer followed by "
+                                    "a dense head; this model has none", layer_name=model.name,
+                                    layer_type=model.__class__.__name__)
+    if any(len(inputs) != 1 for _, inputs in graph[cut + 1:]):
+        raise UnsupportedLayerError("head-only training needs a sequential head after the feature layer",
+                                    layer_name=graph[cut][0].name, layer_type=graph[cut][0].__class__.__name__)
+    feature = graph[cut][0]
+    backbone = keras.Model(model.inputs, feature.output, name="backbone")
+    head_in = keras.Input(tuple(feature.output.shape[1:]), name="features")
+    x = head_in
+    for layer, _ in graph[cut + 1:]:
+        x = layer(x)
+    head = keras.Model(head_in, x, name="head")
+    return backbone, head
+
+
+def reference_step(model: Any, x: np.ndarray, y: np.ndarray, *, learning_rate: float) -> dict[str, np.ndarray]:
+    """The same SGD step computed by TensorFlow's own autodiff (the parity reference)."""
+    tf = _tf.tf()
+    nodes = build_nodes(model)
+    softmax_out = nodes[-1].softmax_output
+    trained = {_safe(f"{node.name}/{p}") for node in nodes for p, _ in node.params}  # BN stays frozen
+    weights = {_safe(f"{layer.name}/{w.name.split('/')[-1].split(':')[0]}"): w
+               for layer in model.layers for w in layer.trainable_weights}
+    weights = {k: v for k, v in weights.items() if k in trained}
+    with tf.GradientTape() as tape:
+        out = model(x, training=False)
+        if softmax_out:
+            loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(y, out))
+        else:
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, out))
+    keys = list(weights)
+    grads = tape.gradient(loss, [weights[k] for k in keys])
+    return {k: weights[k].numpy() - learning_rate * g.numpy() for k, g in zip(keys, grads)}
+
+
+def write_model_file(path: Path, data: bytes) -> None:
+    path.write_bytes(data)

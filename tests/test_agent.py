@@ -1,0 +1,242 @@
+"""The device agent: every runtime path, int8 I/O, integrity, atomic install/rollback, CLI, no TensorFlow."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, fast_training, run_cli
+
+from device_agents import AgentError, ArtifactError, InputMismatchError, InstallError, IntegrityError, Model
+from device_agents.integrity import verified_artifact
+from device_agents.runtime import LOADERS, Runtime
+from device_agents.store import ModelStore
+from device_agents.telemetry import Telemetry
+
+TFLRT_PYTHON = ROOT / ".venv-tflite-runtime" / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def int8_out(cnn_path, tmp_path_factory):
+    from edgekit import CompressConfig, Recipe, compress
+
+    out = tmp_path_factory.mktemp("agent") / "int8"
+    compress(cnn_path, "digits", out, progress=False,
+             config=CompressConfig(recipe=Recipe(quantize="int8"), int8_io=True, training=fast_training()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def float_out(cnn_path, tmp_path_factory):
+    from edgekit import CompressConfig, Recipe, compress
+
+    out = tmp_path_factory.mktemp("agent") / "float"
+    compress(cnn_path, "digits", out, progress=False,
+             config=CompressConfig(recipe=Recipe(quantize="none"), training=fast_training()))
+    return out
+
+
+def test_every_runtime_has_a_loader():
+    assert set(LOADERS) == set(Runtime)
+
+
+def test_litert_and_onnxruntime_agree_with_the_manifest(int8_out, digits):
+    manifest = json.loads((int8_out / "manifest.json").read_text())
+    from edgekit.data import split
+
+    ev = split(digits, seed=0).evaluation
+    for entry in manifest["artifacts"]:
+        model = Model.load(int8_out / entry["file"], num_threads=1)
+        assert model.runtime is (Runtime.LITERT if entry["format"] == "tflite" else Runtime.ONNXRUNTIME)
+        out = model.predict(ev.x)
+        assert out.dtype == np.float32 and out.shape == (len(ev), 10)
+        assert float(np.mean(out.argmax(1) == ev.y) * 100) == pytest.approx(entry["accuracy"], abs=1e-3)
+        one = model.predict(ev.x[0])  # a single sample without the batch axis
+        assert one.shape == (10,)
+
+
+def test_int8_io_is_quantized_by_the_agent(int8_out, digits):
+    model = Model.load(int8_out / "model.tflite")
+    spec = model.inputs[0]
+    assert spec.dtype == "int8" and spec.scale > 0 and model.outputs[0].dtype == "int8"
+    probs = model.predict(digits.x[:20])
+    assert probs.dtype == np.float32 and np.allclose(probs.sum(1), 1, atol=0.05)
+
+
+def test_bad_requests_raise_one_documented_type(int8_out):
+    model = Model.load(int8_out / "model.tflite")
+    with pytest.raises(InputMismatchError, match=r"input has shape \(2, 9, 9, 1\), the model expects \(n, 8, 8, 1\)"):
+        model.predict(np.zeros((2, 9, 9, 1), np.float32))
+    with pytest.raises(InputMismatchError, match="expects numbers"):
+        model.predict(np.array([[["a"] * 1] * 8] * 8, dtype=object)[None])
+    with pytest.raises(ArtifactError, match="neither a TFLite flatbuffer nor an ONNX model"):
+        Model.load(b"\x00garbage")
+    with pytest.raises(ArtifactError, match="unknown runtime 'coreml'"):
+        Model.load(int8_out / "model.tflite", runtime="coreml")
+    with pytest.raises(ArtifactError, match="cannot run tflite artifacts"):
+        Model.load(int8_out / "model.tflite", runtime="onnxruntime")
+    truncated = (int8_out / "model.tflite").read_bytes()[:2000]
+    with pytest.raises(ArtifactError, match="litert cannot load the artifact"):
+        Model.load(truncated)
+    assert issubclass(InputMismatchError, AgentError) and issubclass(ArtifactError, AgentError)
+
+
+def test_integrity_refuses_a_tampered_artifact(int8_out, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(int8_out, copy)
+    assert verified_artifact(copy).format == "tflite"
+    data = bytearray((copy / "model.tflite").read_bytes())
+    data[100] ^= 0x01
+    (copy / "model.tflite").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="does not match its manifest: sha256"):
+        verified_artifact(copy)
+
+
+def test_install_swaps_atomically_and_rolls_back(int8_out, float_out, tmp_path):
+    import shutil
+
+    store = ModelStore(tmp_path / "store")
+    first = store.install(int8_out)
+    assert store.current == first.resolve() and store.previous is None
+    second = store.install(float_out)
+    assert store.current == second.resolve() and store.previous == first.resolve()
+    # a version whose artifact is broken but hash-consistent fails its smoke test: nothing changes
+    broken = tmp_path / "broken"
+    shutil.copytree(float_out, broken)
+    (broken / "model.tflite").write_bytes(b"\x00\x00\x00\x00TFL3" + b"\x00" * 64)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    import hashlib
+
+    for entry in manifest["artifacts"]:
+        data = (broken / entry["file"]).read_bytes()
+        entry["sha256"], entry["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InstallError, match="failed its smoke test"):
+        store.install(broken)
+    assert store.current == second.resolve()
+    assert not [p for p in (tmp_path / "store" / "versions").iterdir() if p.name.startswith(".")]
+    # a tampered version is refused before anything is copied
+    tampered = tmp_path / "tampered"
+    shutil.copytree(int8_out, tampered)
+    (tampered / "model.onnx").write_bytes(b"changed")
+    with pytest.raises(InstallError, match="does not match its manifest"):
+        store.install(tampered)
+    assert store.rollback() == first.resolve() and store.current == first.resolve()
+
+
+def test_telemetry_records_aggregates_only(int8_out, tmp_path, digits):
+    model = Model.load(int8_out / "model.tflite")
+    telemetry = Telemetry(model_version="v1")
+    for i in range(20):
+        with telemetry.measure():
+            model.predict(digits.x[i])
+    with pytest.raises(InputMismatchError), telemetry.measure():
+        model.predict(np.zeros((1, 3)))
+    path = telemetry.write(tmp_path / "t.json")
+    snap = json.loads(path.read_text())
+    assert set(snap) == {"model_version", "inferences", "samples", "errors", "latency_ms", "peak_rss_mib", "uptime_s"}
+    assert snap["inferences"] == 20 and snap["errors"] == 1
+    assert 0 < snap["latency_ms"]["p50"] <= snap["latency_ms"]["p90"] <= snap["latency_ms"]["p99"]
+
+
+def test_agent_cli_predict_bench_install_without_tensorflow(int8_out, digits, tmp_path):
+    np.savez(tmp_path / "x.npz", x=digits.x[:64])
+    code = ("import sys; from device_agents.cli import main; rc = main(sys.argv[1:]); "
+            "print('TF_LOADED' if any(m == 'tensorflow' or m.startswith('tensorflow.') for m in sys.modules) "
+            "else 'NO_TF'); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, "predict", "--model", str(int8_out), "--input",
+                           str(tmp_path / "x.npz"), "--output", str(tmp_path / "y.npy"), "--telemetry",
+                           str(tmp_path / "tel.json")], capture_output=True, text=True, env=os.environ)
+    assert proc.returncode == 0, proc.stderr
+    assert "NO_TF" in proc.stdout
+    y = np.load(tmp_path / "y.npy")
+    assert y.shape == (64, 10) and y.dtype == np.float32
+    assert np.mean(y.argmax(1) == digits.y[:64]) > 0.9
+    assert json.loads((tmp_path / "tel.json").read_text())["samples"] == 64
+    bench = run_cli("bench", "--model", str(int8_out / "model.onnx"), "--repeats", "50", "--json",
+                    tool="edgekit-agent")
+    report = json.loads(bench.stdout)
+    assert report["runtime"] == "onnxruntime" and report["latency_ms"]["p50"] > 0 and report["peak_rss_mib"] > 0
+    install = run_cli("install", "--model", str(int8_out), "--store", str(tmp_path / "store"), tool="edgekit-agent")
+    assert install.returncode == 0 and "installed" in install.stdout
+    via_store = run_cli("predict", "--model", str(tmp_path / "store"), "--input", str(tmp_path / "x.npz"),
+                        "--output", str(tmp_path / "y2.npy"), tool="edgekit-agent")
+    assert via_store.returncode == 0 and np.array_equal(np.load(tmp_path / "y2.npy"), y)
+
+
+@pytest.mark.parametrize("case", ["corrupt", "shape", "hash", "no x", "no rollback"])
+def test_agent_cli_bad_input(case, int8_out, tmp_path):
+    import shutil
+
+    np.savez(tmp_path / "x.npz", x=np.zeros((3, 8, 8, 1), np.float32))
+    args = ["predict", "--model", str(int8_out), "--input", str(tmp_path / "x.npz"),
+            "--output", str(tmp_path / "y.npy")]
+    if case == "corrupt":
+        (tmp_path / "bad.tflite").write_bytes(b"\x00\x00\x00\x00TFL3" + b"\x01" * 40)
+        args[2], want = str(tmp_path / "bad.tflite"), "cannot load the artifact"
+    elif case == "shape":
+        np.savez(tmp_path / "x.npz", x=np.zeros((3, 5), np.float32))
+        want = "input has shape (3, 5), the model expects (n, 8, 8, 1)"
+    elif case == "hash":
+        shutil.copytree(int8_out, tmp_path / "m")
+        (tmp_path / "m" / "model.tflite").write_bytes((int8_out / "model.tflite").read_bytes()[:-1] + b"\x00")
+        args[2], want = str(tmp_path / "m"), "does not match its manifest"
+    elif case == "no x":
+        np.savez(tmp_path / "x.npz", y=np.zeros(3))
+        want = "has no array 'x'"
+    else:
+        args, want = ["rollback", "--store", str(tmp_path / "empty")], "no previous version"
+    proc = run_cli(*args, tool="edgekit-agent")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and want in proc.stderr, proc.stderr
+    assert not (tmp_path / "y.npy").exists()
+
+
+@pytest.mark.skipif(not TFLRT_PYTHON.exists(), reason="make test creates .venv-tflite-runtime")
+def test_tflite_runtime_path_in_its_own_numpy1_venv(int8_out, float_out, digits, tmp_path):
+    """tflite-runtime 2.14 needs numpy < 2: it runs in the separate venv make test creates."""
+    np.save(tmp_path / "x.npy", digits.x[:100])
+    code = (
+        "import sys, numpy as np; from device_agents import Model; "
+        "out = {}; "
+        "[out.__setitem__(p, Model.load(p, runtime='tflite-runtime').predict(np.load(sys.argv[1]))) "
+        " for p in sys.argv[2:]]; "
+        "[np.save(p + '.out.npy', v) for p, v in out.items()]; "
+        "print(np.__version__, 'tensorflow' in sys.modules)")
+    paths = [str(int8_out / "model.tflite"), str(float_out / "model.tflite")]
+    proc = subprocess.run([str(TFLRT_PYTHON), "-c", code, str(tmp_path / "x.npy"), *paths], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    version, tf_loaded = proc.stdout.split()
+    assert version.startswith("1.") and tf_loaded == "False"
+    for path in paths:
+        theirs = np.load(path + ".out.npy")
+        ours = Model.load(path, runtime="litert")
+        mine = ours.predict(digits.x[:100])
+        if ours.outputs[0].scale is None:  # float: the same kernels' math
+            np.testing.assert_allclose(theirs, mine, atol=1e-5)
+        else:  # int8 kernels of tflite-runtime 2.14 and LiteRT 2.3 round a few values differently
+            assert np.mean(theirs.argmax(1) == mine.argmax(1)) >= 0.98
+            assert np.abs(theirs - mine).max() <= 0.05
+
+
+@pytest.mark.skipif(not TFLRT_PYTHON.exists(), reason="make test creates .venv-tflite-runtime")
+def test_tflite_runtime_trains_the_trainable_artifact(cnn_path, digits, tmp_path):
+    from edgekit import TrainableConfig, export_trainable
+
+    export_trainable(cnn_path, tmp_path / "tr", config=TrainableConfig(batch_size=8), progress=False)
+    np.savez(tmp_path / "d.npz", x=digits.x[:64], y=digits.y[:64])
+    code = ("import sys, numpy as np; from device_agents.training import Trainer; "
+            "t = Trainer.load(sys.argv[1], runtime='tflite-runtime'); d = np.load(sys.argv[2]); "
+            "losses = t.fit(d['x'], d['y'], epochs=2, learning_rate=0.01); print(t.runtime, losses[-1])")
+    proc = subprocess.run([str(TFLRT_PYTHON), "-c", code, str(tmp_path / "tr"), str(tmp_path / "d.npz")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    runtime, loss = proc.stdout.split()
+    assert runtime == "tflite-runtime" and np.isfinite(float(loss))
+    _ = Path

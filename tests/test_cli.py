@@ -1,0 +1,96 @@
+"""The edgekit command as a user runs it: exit codes, one-line errors, no tracebacks, no half-written output."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+
+def assert_one_line_error(proc, code, *fragments):
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "it/s]" not in line and "%|" not in line]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_compress_then_inspect_then_tamper(cnn_path, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("compress", str(cnn_path), "--data", "digits", "--out", str(out), "--prune", "0.5",
+                   "--quantize", "int8", "--formats", "tflite", "--epochs", "1", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "prune50+int8" in proc.stdout and "<- selected" in proc.stdout
+    assert f"wrote {out}" in proc.stdout
+    assert (out / "model.tflite").is_file() and not (out / "model.onnx").exists()
+    listing = run_cli("inspect", str(out))
+    assert listing.returncode == 0 and "manifest: ok" in listing.stdout and "CONV_2D" in listing.stdout
+    info = json.loads(run_cli("inspect", str(out), "--json").stdout)
+    assert info["artifacts"][0]["inputs"][0]["dtype"] == "float32"
+    data = bytearray((out / "model.tflite").read_bytes())
+    data[-10] ^= 0xFF
+    (out / "model.tflite").write_bytes(bytes(data))
+    tampered = run_cli("inspect", str(out))
+    assert tampered.returncode == 1 and "does not match its manifest" in tampered.stdout
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory, digits):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "corrupt.keras").write_bytes(b"PK\x03\x04 this is not a model")
+    np.savez(d / "shape.npz", x=np.zeros((20, 9, 9, 1), np.float32), y=np.zeros(20, int))
+    np.savez(d / "labels.npz", x=digits.x[:50], y=np.arange(50))
+    nan = digits.x[:50].copy()
+    nan[3, 0, 0, 0] = np.nan
+    np.savez(d / "nan.npz", x=nan, y=digits.y[:50])
+    (d / "afile").write_text("x")
+    return d
+
+
+@pytest.mark.parametrize("case, args, code, fragments", [
+    ("missing model", ["{d}/none.keras"], 2, ["does not exist"]),
+    ("corrupt model", ["{d}/corrupt.keras"], 2, ["not a valid .keras file"]),
+    ("shape mismatch", ["{cnn}", "--data", "{d}/shape.npz"], 2, ["expects (n, 8, 8, 1)"]),
+    ("labels out of range", ["{cnn}", "--data", "{d}/labels.npz"], 2, ["labels range over [0, 49]", "10 classes"]),
+    ("nan in data", ["{cnn}", "--data", "{d}/nan.npz"], 2, ["NaN/inf", "sample 3"]),
+    ("unknown quantize", ["{cnn}", "--quantize", "int4"], 2, ["invalid choice: 'int4'"]),
+    ("unknown format", ["{cnn}", "--formats", "tflite,coreml"], 2, ["unknown format 'coreml'"]),
+    ("bad sparsity", ["{cnn}", "--prune", "1.5"], 2, ["between 0 and 1"]),
+    ("out under a file", ["{cnn}", "--out", "{d}/afile/sub"], 2, ["not writable"]),
+    ("missing data file", ["{cnn}", "--data", "{d}/none.npz"], 2, ["does not exist"]),
+])
+def test_bad_input_gets_one_line_and_nonzero_exit(bad_inputs, cnn_path, tmp_path, case, args, code, fragments):
+    out = tmp_path / "out"
+    filled = [a.format(d=bad_inputs, cnn=cnn_path) for a in args]
+    if "--out" not in filled:
+        filled += ["--out", str(out)]
+    proc = run_cli("compress", *filled, "--quiet")
+    assert_one_line_error(proc, code, *fragments)
+    assert not out.exists()
+    assert not any(p.name.startswith(".out.partial") for p in tmp_path.iterdir())
+
+
+def test_budget_failure_exit_code_and_kept_report(cnn_path, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("compress", str(cnn_path), "--out", str(out), "--student-width", "0.1", "--quantize", "int8",
+                   "--distill-epochs", "1", "--max-accuracy-drop", "0.01", "--formats", "tflite", "--quiet")
+    assert proc.returncode == 3, proc.stderr
+    assert "no candidate kept the accuracy drop within 0.01 points" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "report.md").is_file() and not (out / "model.tflite").exists()
+
+
+def test_inspect_bad_targets(tmp_path):
+    assert_one_line_error(run_cli("inspect", str(tmp_path / "none")), 2, "does not exist")
+    (tmp_path / "junk.tflite").write_bytes(b"\x00" * 64)
+    assert_one_line_error(run_cli("inspect", str(tmp_path / "junk.tflite")), 2, "neither a TFLite flatbuffer")
+    assert_one_line_error(run_cli("inspect", str(tmp_path)), 2, "has no manifest.json")
+
+
+def test_importing_the_cli_and_library_does_not_import_tensorflow():
+    import subprocess
+    import sys
+
+    code = "import sys, edgekit, tools.cli, device_agents; print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

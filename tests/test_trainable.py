@@ -1,0 +1,179 @@
+"""The trainable TFLite artifact: builtins only, gradient parity with TensorFlow, learning in LiteRT."""
+
+import json
+
+import numpy as np
+import pytest
+
+from device_agents.training import Trainer
+from edgekit import _tf
+from edgekit._trainable_api import TrainableConfig, export_trainable
+from edgekit.errors import InputError, UnsupportedLayerError
+from edgekit.export.trainable import HANDLERS, build_module, convert, reference_step
+
+
+def parity_models():
+    """Small models that together use every registered layer handler, with strides and paddings."""
+    keras = _tf.keras()
+    _tf.set_seed(7)
+    L = keras.layers
+    seq = keras.Sequential([
+        keras.Input((9, 9, 2)),
+        L.Conv2D(4, 3, strides=2, padding="same"), L.BatchNormalization(), L.ReLU(max_value=6.0),
+        L.DepthwiseConv2D(3, strides=2, padding="same", activation="relu"),
+        L.Conv2D(6, 2, padding="valid", activation="relu6"),
+        L.Flatten(), L.Dropout(0.3), L.Dense(8, activation="relu"), L.Dense(5), L.Softmax()], name="seq")
+    inp = keras.Input((8, 8, 1))
+    x = L.Conv2D(4, 3, padding="same", use_bias=False)(inp)
+    x = L.Activation("relu")(x)
+    y = L.DepthwiseConv2D(3, padding="same")(x)
+    x = L.Add()([x, y])
+    x = L.MaxPooling2D(pool_size=3, strides=2, padding="same")(x)
+    x = L.AveragePooling2D(2)(x)
+    x = L.MaxPooling2D(2, padding="valid")(L.Conv2D(4, 1)(L.ReLU()(x)))
+    x = L.GlobalAveragePooling2D()(x)
+    out = L.Dense(3, activation="softmax")(x)
+    func = keras.Model(inp, out, name="func")
+    for model in (seq, func):  # non-trivial BN statistics
+        for layer in model.layers:
+            if isinstance(layer, L.BatchNormalization):
+                layer.set_weights([np.random.default_rng(1).uniform(0.5, 1.5, w.shape).astype(np.float32)
+                                   for w in layer.get_weights()])
+    return [seq, func]
+
+
+def test_every_registered_layer_has_a_parity_case():
+    covered = {layer.__class__.__name__ for model in parity_models() for layer in model.layers}
+    assert set(HANDLERS) <= covered, set(HANDLERS) - covered
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_one_train_step_matches_tensorflow(index):
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = parity_models()[index]
+    rng = np.random.default_rng(index)
+    batch = 6
+    x = rng.standard_normal((batch, *model.inputs[0].shape[1:])).astype(np.float32)
+    y = rng.integers(0, model.outputs[0].shape[-1], batch).astype(np.int32)
+    module, tensors, _ = build_module(model, batch_size=batch)
+    data = convert(module)  # TFLITE_BUILTINS only: raises if any op needed Flex
+    interp = Interpreter(model_content=data)
+    ops = {op["op_name"] for op in interp._get_ops_details()}
+    assert not any(op.startswith("Flex") or "CUSTOM" in op for op in ops), ops
+    np.testing.assert_allclose(interp.get_signature_runner("infer")(x=x)["output"], model(x).numpy(), atol=1e-5)
+    interp.get_signature_runner("train")(x=x, y=y, sample_weight=np.ones(batch, np.float32),
+                                          learning_rate=np.float32(0.1), mu=np.float32(0.0))
+    got = interp.get_signature_runner("get_weights")()
+    want = reference_step(model, x, y, learning_rate=0.1)
+    assert set(want) == set(got) == {t.name for t in tensors}
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
+
+
+def test_sample_weight_zero_ignores_padding_and_mu_pulls_to_anchor():
+    model = parity_models()[1]
+    module, _, _ = build_module(model, batch_size=4)
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=convert(module))
+    train, get = interp.get_signature_runner("train"), interp.get_signature_runner("get_weights")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 8, 8, 1)).astype(np.float32)
+    y = np.array([0, 1, 2, 0], np.int32)
+    start = get()
+    train(x=x, y=y, sample_weight=np.array([1, 1, 0, 0], np.float32), learning_rate=np.float32(0.1),
+          mu=np.float32(0.0))
+    padded = get()
+    want = reference_step(model, x[:2], y[:2], learning_rate=0.1)
+    for name in want:
+        np.testing.assert_allclose(padded[name], want[name], atol=1e-5)
+    # with a large proximal term, a step moves the weights back toward the anchor (the start)
+    before = {k: np.linalg.norm(padded[k] - start[k]) for k in start}
+    train(x=x, y=y, sample_weight=np.zeros(4, np.float32), learning_rate=np.float32(0.5), mu=np.float32(1.0))
+    after = get()
+    assert all(np.linalg.norm(after[k] - start[k]) <= before[k] * 0.51 + 1e-7 for k in start)
+
+
+@pytest.fixture(scope="module")
+def half_trained(digits, tmp_path_factory):
+    """The test CNN trained one epoch: room left for on-device training to improve it."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from conftest import tiny_cnn
+
+    from edgekit import zoo
+
+    model = zoo.train(tiny_cnn(), digits.take(np.arange(300)), epochs=1, learning_rate=1e-3)
+    path = tmp_path_factory.mktemp("half") / "half.keras"
+    model.save(path)
+    return path
+
+
+def test_export_cli_and_training_in_litert_matches_tensorflow(half_trained, digits, tmp_path):
+    from conftest import run_cli
+
+    from edgekit.data import split
+
+    out = tmp_path / "tr"
+    proc = run_cli("trainable", str(half_trained), "--out", str(out), "--batch-size", "16", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "trainable" and manifest["trainable"]["batch_size"] == 16
+    assert {t["name"] for t in manifest["trainable"]["tensors"]} >= {"conv2d_kernel", "dense_1_kernel"}
+    assert manifest["verification"]["train_step_max_abs_diff"] <= 1e-5
+    trainer = Trainer.load(out)
+    parts = split(digits, seed=0)
+    keras_model = __import__("edgekit").load_model(half_trained).model
+    start_acc = trainer.evaluate(parts.evaluation.x, parts.evaluation.y)[1]
+    source_acc = float(np.mean(keras_model(parts.evaluation.x).numpy().argmax(1) == parts.evaluation.y) * 100)
+    assert start_acc == pytest.approx(source_acc, abs=0.01)  # initialised with the source weights
+    x, y = parts.finetune.x[:480], parts.finetune.y[:480]
+    trainer.fit(x, y, epochs=3, learning_rate=0.05, seed=0)
+    lite_acc = trainer.evaluate(parts.evaluation.x, parts.evaluation.y)[1]
+    # the same steps (same order, same batches) in TensorFlow
+    rng = np.random.default_rng(0)
+    tf = _tf.tf()
+    for _ in range(3):
+        order = rng.permutation(len(x))
+        for s in range(0, len(x), 16):
+            idx = order[s:s + 16]
+            new = reference_step(keras_model, x[idx], y[idx].astype(np.int32), learning_rate=0.05)
+            for layer in keras_model.layers:
+                for w in layer.trainable_weights:
+                    key = f"{layer.name}_{w.name.split('/')[-1].split(':')[0]}"
+                    if key in new:
+                        w.assign(new[key])
+    del tf
+    tf_acc = float(np.mean(keras_model(parts.evaluation.x).numpy().argmax(1) == parts.evaluation.y) * 100)
+    assert lite_acc > start_acc + 5
+    assert lite_acc == pytest.approx(tf_acc, abs=1.0)
+
+
+def test_head_only_mode_has_int8_backbone_and_trains_the_head(half_trained, tmp_path):
+    result = export_trainable(half_trained, tmp_path / "head", config=TrainableConfig(head_only=True, batch_size=8),
+                              progress=False)
+    roles = {a["role"]: a for a in result.manifest["artifacts"]}
+    assert set(roles) == {"trainable", "backbone"}
+    tensors = {t["name"] for t in result.manifest["trainable"]["tensors"]}
+    assert tensors == {"dense_kernel", "dense_bias", "dense_1_kernel", "dense_1_bias"}  # the head only
+    from device_agents import Model
+
+    backbone = Model.load(result.files["backbone.tflite"])
+    assert backbone.inputs[0].dtype == "float32" and "QUANTIZE" in __import__(
+        "edgekit.export.tflite", fromlist=["x"]).tflite_ops(result.files["backbone.tflite"])
+    assert result.manifest["verification"]["train_step_max_abs_diff"] <= 1e-5
+
+
+def test_untrainable_layers_and_bad_options_are_refused(tmp_path, text_model_path):
+    keras = _tf.keras()
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, dilation_rate=2),
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
+    model.save(tmp_path / "dil.keras")
+    with pytest.raises(UnsupportedLayerError, match="layer 'conv2d.*' \\(Conv2D\\) cannot be trained on the device"):
+        export_trainable(tmp_path / "dil.keras", None, progress=False)
+    with pytest.raises(InputError, match="needs a float input"):
+        export_trainable(text_model_path, None, data="digits", progress=False)
+    with pytest.raises(InputError, match="batch-size must be between 1 and 4096"):
+        TrainableConfig(batch_size=0)
