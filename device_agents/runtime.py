@@ -111,6 +111,12 @@ class Model:
         self.runtime = runtime
         self.format = fmt
         self.size = size
+        spec = backend.inputs[0]
+        # checks precomputed once: predict() is on the hot path of every request
+        self._rank = len(spec.shape)
+        self._sample_shape = tuple(spec.shape[1:])
+        self._free_dims = any(d == -1 for d in self._sample_shape)
+        self._integer_model = np.issubdtype(np.dtype(spec.dtype), np.integer) and spec.scale is None
 
     @classmethod
     def load(cls, artifact: str | Path | bytes, *, runtime: Runtime | str | None = None,
@@ -151,30 +157,31 @@ class Model:
 
         Returns float32 outputs, one row per sample.
         """
-        spec = self.inputs[0]
         x = np.asarray(x)
-        single = x.ndim == len(spec.shape) - 1
+        single = x.ndim == self._rank - 1
         if single:
             x = x[None]
-        self._check(x, spec)
+        if x.ndim != self._rank or (x.shape[1:] != self._sample_shape and not self._shape_fits(x.shape)):
+            shape = "(n, " + ", ".join("?" if d == -1 else str(d) for d in self._sample_shape) + ")"
+            raise InputMismatchError(f"input has shape {x.shape}, the model expects {shape}")
+        kind = x.dtype.kind
+        if self._integer_model and kind not in "iu":
+            raise InputMismatchError(
+                f"input has dtype {x.dtype}, the model expects integer token ids ({self.inputs[0].dtype})")
+        if kind not in "iufb":
+            raise InputMismatchError(f"input has dtype {x.dtype}, the model expects numbers")
         try:
-            outs = [self._backend.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+            if len(x) <= batch_size:
+                y = self._backend.run(x)
+            else:
+                y = np.concatenate([self._backend.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
         except (RuntimeError, ValueError, TypeError) as exc:  # the interpreter refused the request
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise InputMismatchError(f"{self.runtime.value} rejected the input: {first[:200]}") from None
-        y = np.concatenate(outs) if outs else np.zeros((0,) + tuple(self.outputs[0].shape[1:]), np.float32)
         return y[0] if single else y
 
-    def _check(self, x: np.ndarray, spec: TensorSpec) -> None:
-        want = spec.shape[1:]
-        if x.ndim != len(spec.shape) or any(w not in (-1, g) for w, g in zip(want, x.shape[1:])):
-            shape = "(n, " + ", ".join("?" if d == -1 else str(d) for d in want) + ")"
-            raise InputMismatchError(f"input has shape {x.shape}, the model expects {shape}")
-        integer_model = np.issubdtype(np.dtype(spec.dtype), np.integer) and spec.scale is None
-        if integer_model and not np.issubdtype(x.dtype, np.integer):
-            raise InputMismatchError(f"input has dtype {x.dtype}, the model expects integer token ids ({spec.dtype})")
-        if not integer_model and not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-            raise InputMismatchError(f"input has dtype {x.dtype}, the model expects numbers")
+    def _shape_fits(self, shape: tuple[int, ...]) -> bool:
+        return self._free_dims and all(w in (-1, g) for w, g in zip(self._sample_shape, shape[1:]))
 
 
 class _Backend:
@@ -205,6 +212,10 @@ class _TFLiteBackend(_Backend):
         # each request is independent, so that state is reset before every invoke.
         ops = {op.get("op_name", "") for op in self._interpreter._get_ops_details()}  # noqa: SLF001
         self._stateful = any("LSTM" in op or "RNN" in op for op in ops)
+        self._in_spec, self._out_spec = self.inputs[0], self.outputs[0]
+        self._in_index, self._out_index = self._in["index"], self._out["index"]
+        self._set, self._invoke, self._get = (self._interpreter.set_tensor, self._interpreter.invoke,
+                                              self._interpreter.get_tensor)
 
     @property
     def interpreter(self) -> Any:
@@ -223,14 +234,14 @@ class _TFLiteBackend(_Backend):
                 self._interpreter.resize_tensor_input(self._in["index"], list(self._in["shape"]))
                 self._interpreter.allocate_tensors()
                 return self.run(x)
-        spec = self.inputs[0]
+        spec = self._in_spec
         feed = _quantize(x, spec) if spec.scale is not None else x.astype(spec.dtype, copy=False)
         if self._stateful:
             self._interpreter.reset_all_variables()
-        self._interpreter.set_tensor(self._in["index"], feed)
-        self._interpreter.invoke()
-        y = self._interpreter.get_tensor(self._out["index"])
-        out_spec = self.outputs[0]
+        self._set(self._in_index, feed)
+        self._invoke()
+        y = self._get(self._out_index)
+        out_spec = self._out_spec
         if out_spec.scale is not None:
             return ((y.astype(np.float32) - out_spec.zero_point) * np.float32(out_spec.scale)).astype(np.float32)
         return y.astype(np.float32, copy=False)

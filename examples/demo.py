@@ -36,7 +36,7 @@ def train(out: Path) -> Path:
         *(__import__("numpy").concatenate([a, b]) for a, b in
           ((parts.finetune.x, parts.calibration.x), (parts.finetune.y, parts.calibration.y))), "digits-train")
     start = time.perf_counter()
-    model = zoo.train(zoo.digits_cnn(), train_set, epochs=15)
+    model = zoo.train(zoo.digits_cnn(), train_set, epochs=25)
     print(f"trained the digits CNN on {len(train_set)} samples on the {zoo.device_name()} "
           f"in {time.perf_counter() - start:.1f} s", flush=True)
     path = out / "digits_cnn.keras"
@@ -59,8 +59,41 @@ def main() -> int:
 
     step("3. Inspect the result")
     sh(str(BIN / "edgekit"), "inspect", str(args.out / "compressed"))
+
+    step("4. Run it through the device agent (a process without TensorFlow) next to the source model")
+    device_vs_source(model, args.out)
     print(f"\nreport: {args.out / 'compressed' / 'report.md'}")
     return 0
+
+
+def device_vs_source(model: Path, out: Path) -> None:
+    """Accuracy, latency and memory of the agent (LiteRT) and of the source model (TensorFlow)."""
+    import json
+
+    import numpy as np
+
+    from edgekit.data import load_digits, split
+
+    evaluation = split(load_digits(), seed=0).evaluation
+    npz = out / "evaluation.npz"
+    np.savez(npz, x=evaluation.x, y=evaluation.y)
+    agent = [str(BIN / "edgekit-agent")]
+    sh(*agent, "predict", "--model", str(out / "compressed"), "--input", str(npz), "--output",
+       str(out / "predictions.npy"))
+    accuracy = float(np.mean(np.load(out / "predictions.npy").argmax(1) == evaluation.y) * 100)
+    bench = json.loads(subprocess.run([*agent, "bench", "--model", str(out / "compressed"), "--input", str(npz),
+                                       "--json"], check=True, capture_output=True, text=True).stdout)
+    keras = json.loads(subprocess.run([sys.executable, "-m", "edgekit._keras_probe", str(model), str(npz)],
+                                      check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    rows = [("", "source (TensorFlow, Keras __call__)", f"device agent ({bench['runtime']}, {bench['format']})"),
+            ("accuracy %", f"{keras['accuracy']:.2f}", f"{accuracy:.2f}"),
+            ("latency p50 (ms)", f"{keras['latency_ms']['p50']:.3f}", f"{bench['latency_ms']['p50']:.3f}"),
+            ("latency p99 (ms)", f"{keras['latency_ms']['p99']:.3f}", f"{bench['latency_ms']['p99']:.3f}"),
+            ("process start to first prediction (s)", f"{keras['cold_start_s']:.2f}", f"{bench['cold_start_s']:.2f}"),
+            ("peak RSS (MiB)", f"{keras['peak_rss_mib']:.0f}", f"{bench['peak_rss_mib']:.0f}")]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_trainable)
 
+    fl = sub.add_parser("fl", help="federated learning with Flower")
+    fl_sub = fl.add_subparsers(dest="fl_command", parser_class=OneLineParser)
+    sim = fl_sub.add_parser("simulate", help="a federated run in Flower's simulation engine (Ray), one machine",
+                            description="Each virtual client trains the trainable TFLite artifact in LiteRT on its "
+                                        "own seeded partition; the server aggregates with a Flower strategy, "
+                                        "evaluates on held-out data every round and checkpoints.")
+    sim.add_argument("--model", required=True, help="a Keras model (trained or never trained)")
+    sim.add_argument("--data", default="digits", help="'digits' or an .npz with x and y")
+    sim.add_argument("--clients", type=int, default=10)
+    sim.add_argument("--rounds", type=int, default=5)
+    sim.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (default iid)")
+    sim.add_argument("--out", required=True)
+    sim.add_argument("--strategy", default="fedavg", choices=("fedavg", "fedprox", "trimmed"))
+    sim.add_argument("--proximal-mu", type=float, default=0.01, help="FedProx mu (default 0.01)")
+    sim.add_argument("--local-epochs", type=int, default=1)
+    sim.add_argument("--learning-rate", type=float, default=0.05)
+    sim.add_argument("--batch-size", type=int, default=16, help="on-device batch size (default 16)")
+    sim.add_argument("--fraction", type=float, default=1.0, help="fraction of clients sampled per round")
+    sim.add_argument("--min-fraction", type=float, default=0.5,
+                     help="a round needs valid updates from this fraction of the sampled clients")
+    sim.add_argument("--compress-updates", action="store_true", help="clients send int8 weight deltas")
+    sim.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--quiet", action="store_true")
+    sim.set_defaults(func=cmd_fl_simulate)
+
     i = sub.add_parser("inspect", help="ops, sizes and quantization of an artifact; check a folder's manifest")
     i.add_argument("target", help="a .tflite/.onnx file or an edgekit output folder")
     i.add_argument("--json", action="store_true", help="print JSON")
@@ -104,6 +130,21 @@ def cmd_trainable(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fl_simulate(args: argparse.Namespace) -> int:
+    from edgekit.federated.server_app import RoundSettings
+    from edgekit.federated.simulate import SimulationConfig, simulate
+
+    rounds = RoundSettings(rounds=args.rounds, local_epochs=args.local_epochs, learning_rate=args.learning_rate,
+                           strategy=args.strategy, proximal_mu=args.proximal_mu, fraction=args.fraction,
+                           min_fraction=args.min_fraction, compress_updates=args.compress_updates, seed=args.seed)
+    config = SimulationConfig(clients=args.clients, partition=args.partition, rounds=rounds,
+                              batch_size=args.batch_size, resume=args.resume)
+    result = simulate(args.model, args.data, args.out, config=config, progress=not args.quiet,
+                      log=lambda line: print(line, flush=True))
+    print(f"wrote {result.out}: history.json, accuracy.png, checkpoints/, final/ (int8 model.tflite + manifest)")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from edgekit.inspect import format_inspection, inspect_artifact
 
@@ -123,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if args.command == "fl" and not getattr(args, "fl_command", None):
+        parser.parse_args(["fl", "--help"])
     quiet_native_logs()
     from edgekit.errors import EdgeKitError
 

@@ -1,0 +1,133 @@
+"""The Flower ClientApp of a device: trains edgekit's trainable artifact on local data with LiteRT.
+
+Only weights (or int8 weight deltas) and aggregate metrics leave the device: the number of examples,
+the mean loss and the accuracy. No sample, label or per-sample value is ever put in a reply.
+
+Message protocol (Flower Message API):
+
+- train: content ``arrays`` (global weights by tensor name) and ``config`` (``local-epochs``,
+  ``learning-rate``, ``proximal-mu``, ``compress-updates``, ``seed``). Reply: ``arrays`` (weights, or
+  int8 deltas when ``compress-updates``), ``codec`` (per-tensor scales, when compressed) and
+  ``metrics`` (``num-examples``, ``train-loss``, ``train-accuracy``).
+- evaluate: content ``arrays``; reply ``metrics`` (``num-examples``, ``eval-loss``, ``eval-accuracy``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agents import codec
+from device_agents.training import Trainer
+
+_TRAINERS: dict[str, Trainer] = {}
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Where a client finds its artifact and its private data.
+
+    ``data_dir`` holds ``<partition-id>.npz`` files (x, y); a real device points at its own file.
+    ``faults`` maps a partition id to ``"crash"``, ``"nan"`` or ``"shape"`` to rehearse faulty clients.
+    ``audit_dir`` keeps a copy of every outgoing reply (arrays and records), so a device owner can
+    check what left the device.
+    """
+
+    artifact_dir: str
+    data_dir: str
+    faults: dict[int, str] = field(default_factory=dict)
+    audit_dir: str | None = None  # when set, every reply this client sends is also written here
+
+
+def _trainer(artifact_dir: str) -> Trainer:
+    if artifact_dir not in _TRAINERS:  # one interpreter per process, reused across rounds
+        _TRAINERS[artifact_dir] = Trainer.load(artifact_dir, runtime="litert", num_threads=1)
+    return _TRAINERS[artifact_dir]
+
+
+def _local_data(settings: ClientSettings, context: Any) -> tuple[int, np.ndarray, np.ndarray]:
+    node = context.node_config
+    pid = int(node.get("partition-id", 0))
+    with np.load(Path(settings.data_dir) / f"{pid}.npz") as npz:
+        return pid, npz["x"].astype(np.float32), npz["y"].astype(np.int64)
+
+
+def make_client_app(settings: ClientSettings) -> Any:
+    """A ``flwr.clientapp.ClientApp`` bound to ``settings``."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    def weights_of(message: Any) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in message.content["arrays"].items()}
+
+    @app.train()
+    def train(message: Any, context: Any) -> Any:
+        trainer = _trainer(settings.artifact_dir)
+        pid, x, y = _local_data(settings, context)
+        config = message.content["config"]
+        global_weights = weights_of(message)
+        trainer.set_weights(global_weights)
+        losses = trainer.fit(x, y, epochs=int(config.get("local-epochs", 1)),
+                             learning_rate=float(config.get("learning-rate", 0.05)),
+                             mu=float(config.get("proximal-mu", 0.0)),
+                             seed=int(config.get("seed", 0)) * 100_003 + pid)
+        _, accuracy = trainer.evaluate(x, y)
+        new = trainer.get_weights()
+        fault = settings.faults.get(pid)
+        if fault == "crash":
+            raise RuntimeError(f"client {pid}: simulated crash")
+        if fault == "nan":
+            new = {k: np.full_like(v, np.nan) for k, v in new.items()}
+        if fault == "shape":
+            new = {k: v[..., :1] if v.ndim else v for k, v in new.items()}
+        content = RecordDict({"metrics": MetricRecord({"num-examples": len(x), "train-loss": float(losses[-1]),
+                                                      "train-accuracy": float(accuracy)})})
+        if bool(config.get("compress-updates", False)) and fault is None:
+            deltas, scales = codec.encode(new, global_weights)
+            content["arrays"] = ArrayRecord({k: _array(v) for k, v in deltas.items()})
+            content["codec"] = ConfigRecord({k: float(s) for k, s in scales.items()})
+        else:
+            content["arrays"] = ArrayRecord({k: _array(v) for k, v in new.items()})
+        _audit(settings, pid, f"train-r{int(config.get('server-round', 0))}", content)
+        return Message(content, reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Any, context: Any) -> Any:
+        trainer = _trainer(settings.artifact_dir)
+        _, x, y = _local_data(settings, context)
+        trainer.set_weights(weights_of(message))
+        loss, accuracy = trainer.evaluate(x, y)
+        metrics = MetricRecord({"num-examples": len(x), "eval-loss": loss, "eval-accuracy": accuracy})
+        content = RecordDict({"metrics": metrics})
+        _audit(settings, int(context.node_config.get("partition-id", 0)), "evaluate", content)
+        return Message(content, reply_to=message)
+
+    return app
+
+
+def _array(value: np.ndarray) -> Any:
+    from flwr.app import Array
+
+    return Array(np.ascontiguousarray(value))
+
+
+def _audit(settings: ClientSettings, pid: int, kind: str, content: Any) -> None:
+    """Write what a reply carries: every array, and every metric/config value."""
+    if settings.audit_dir is None:
+        return
+    import json
+    import os
+
+    folder = Path(settings.audit_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = folder / f"client{pid}-{kind}-{os.getpid()}-{len(list(folder.iterdir()))}"
+    arrays = {f"{record}/{k}": v.numpy() for record in ("arrays",) if record in content
+              for k, v in content[record].items()}
+    np.savez(f"{stem}.npz", **{k.replace("/", "__"): v for k, v in arrays.items()})
+    records = {name: {k: v for k, v in content[name].items()} for name in ("metrics", "codec") if name in content}
+    Path(f"{stem}.json").write_text(json.dumps(records, default=float))

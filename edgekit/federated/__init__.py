@@ -1,0 +1,1 @@
+"""Federated learning with Flower: the ServerApp, strategies and the simulation driver."""

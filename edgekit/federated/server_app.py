@@ -1,0 +1,162 @@
+"""The edgekit ServerApp: rounds of Flower training with validation, checkpoints and accounting.
+
+Each round: the strategy (Flower's FedAvg, FedProx or FedTrimmedAvg) samples clients and builds the
+train messages; replies are validated (finite values, the right tensor names and shapes; a faulty
+reply is rejected and logged, never aggregated), int8 deltas are decoded onto the global weights
+that were sent, the strategy aggregates, the server evaluates the new global model on held-out
+data (in LiteRT, with the same trainable artifact) and writes a checkpoint. A round whose valid
+replies fall below ``min_fraction`` of the sampled clients keeps the previous global model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agents import codec
+from device_agents.training import Trainer
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    rounds: int = 5
+    local_epochs: int = 1
+    learning_rate: float = 0.05
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    trim_beta: float = 0.2
+    fraction: float = 1.0
+    min_fraction: float = 0.5
+    compress_updates: bool = False
+    round_timeout: float = 600.0
+    seed: int = 0
+
+
+@dataclass
+class ServerState:
+    """What the server keeps between rounds (and in each checkpoint)."""
+
+    round: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def save_checkpoint(folder: Path, weights: dict[str, np.ndarray], state: ServerState) -> None:
+    """Atomically write ``global.npz`` and ``state.json`` of a completed round."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_w = folder / f".global.{os.getpid()}.npz"
+    np.savez(tmp_w, **weights)
+    tmp_s = folder / f".state.{os.getpid()}.json"
+    tmp_s.write_text(json.dumps(asdict(state), indent=2))
+    os.replace(tmp_w, folder / "global.npz")
+    os.replace(tmp_s, folder / "state.json")
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], ServerState] | None:
+    if not (folder / "state.json").is_file() or not (folder / "global.npz").is_file():
+        return None
+    state = json.loads((folder / "state.json").read_text())
+    with np.load(folder / "global.npz") as npz:
+        weights = {k: npz[k] for k in npz.files}
+    return weights, ServerState(round=state["round"], history=state["history"])
+
+
+def validate_reply(content: Any, reference: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray] | None, str]:
+    """Decoded weights of a train reply, or (None, why it was rejected)."""
+    if "arrays" not in content or "metrics" not in content:
+        return None, "no arrays or metrics"
+    arrays = {k: v.numpy() for k, v in content["arrays"].items()}
+    if set(arrays) != set(reference):
+        return None, f"tensor names differ ({len(arrays)} tensors, expected {len(reference)})"
+    for name, value in arrays.items():
+        if value.shape != reference[name].shape:
+            return None, f"tensor {name} has shape {value.shape}, expected {reference[name].shape}"
+    if "codec" in content:
+        scales = {k: float(v) for k, v in content["codec"].items()}
+        if set(scales) != set(reference) or not all(np.isfinite(s) and s > 0 for s in scales.values()):
+            return None, "invalid codec scales"
+        arrays = codec.decode(arrays, scales, reference)
+    for name, value in arrays.items():
+        if not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all():
+            return None, f"tensor {name} holds NaN/inf or is not float"
+    examples = content["metrics"].get("num-examples", 0)
+    if not examples or examples <= 0:
+        return None, "num-examples missing or not positive"
+    return arrays, ""
+
+
+def run_rounds(grid: Any, *, settings: RoundSettings, initial: dict[str, np.ndarray], evaluator: Trainer,
+               eval_x: np.ndarray, eval_y: np.ndarray, checkpoint_dir: Path, resume: bool,
+               log: Any = print) -> tuple[dict[str, np.ndarray], ServerState]:
+    """The round loop (called from the ServerApp's main with Flower's Grid)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    from edgekit.federated.strategies import make_strategy
+
+    weights, state = dict(initial), ServerState()
+    if resume:
+        restored = load_checkpoint(checkpoint_dir)
+        if restored is not None:
+            weights, state = restored
+            log(f"resuming after round {state.round} from {checkpoint_dir}")
+    num_nodes = len(list(grid.get_node_ids()))
+    min_nodes = max(1, int(np.ceil(num_nodes * settings.fraction)))
+    strategy = make_strategy(settings.strategy, fraction=settings.fraction, min_nodes=min_nodes,
+                             proximal_mu=settings.proximal_mu, trim_beta=settings.trim_beta)
+    if state.round == 0 and not state.history:
+        evaluator.set_weights(weights)
+        loss, acc = evaluator.evaluate(eval_x, eval_y)
+        state.history.append({"round": 0, "accuracy": acc, "loss": loss})
+        log(f"round 0/{settings.rounds}: accuracy {acc:.2f}% loss {loss:.4f} (initial model)")
+    for rnd in range(state.round + 1, settings.rounds + 1):
+        start = time.perf_counter()
+        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+        config = ConfigRecord({"local-epochs": settings.local_epochs, "learning-rate": settings.learning_rate,
+                               "compress-updates": settings.compress_updates, "seed": settings.seed * 1000 + rnd})
+        messages = list(strategy.configure_train(rnd, arrays, config, grid))
+        down = sum(v.nbytes for v in weights.values())
+        replies = list(grid.send_and_receive(messages=messages, timeout=settings.round_timeout))
+        valid, rejected, failed, up = [], [], 0, []
+        for reply in replies:
+            if reply.has_error():
+                failed += 1
+                continue
+            up.append(sum(v.numpy().nbytes for v in reply.content["arrays"].values())
+                      if "arrays" in reply.content else 0)
+            decoded, why = validate_reply(reply.content, weights)
+            if decoded is None:
+                rejected.append({"node": int(reply.metadata.src_node_id), "reason": why})
+                log(f"round {rnd}: rejected the update of node {reply.metadata.src_node_id}: {why}")
+                continue
+            reply.content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in decoded.items()}),
+                                        "metrics": reply.content["metrics"]})
+            valid.append(reply)
+        sampled = len(messages)
+        entry: dict[str, Any] = {"round": rnd, "sampled": sampled, "replied": len(replies) - failed,
+                                 "valid": len(valid), "failed": failed, "rejected": rejected,
+                                 "bytes_down_per_client": down,
+                                 "bytes_up_per_client": float(np.mean(up)) if up else 0.0}
+        if len(valid) >= max(1, int(np.ceil(settings.min_fraction * sampled))):
+            aggregated, metrics = strategy.aggregate_train(rnd, valid)
+            if aggregated is not None:
+                weights = {k: v.numpy() for k, v in aggregated.items()}
+            entry["train_metrics"] = dict(metrics) if metrics is not None else {}
+            entry["aggregated"] = True
+        else:
+            entry["aggregated"] = False
+            log(f"round {rnd}: only {len(valid)} of {sampled} clients gave a valid update "
+                f"(minimum {settings.min_fraction:.0%}); the global model is unchanged")
+        evaluator.set_weights(weights)
+        loss, acc = evaluator.evaluate(eval_x, eval_y)
+        entry.update({"accuracy": acc, "loss": loss, "seconds": time.perf_counter() - start})
+        state.history.append(entry)
+        state.round = rnd
+        save_checkpoint(checkpoint_dir, weights, state)
+        log(f"round {rnd}/{settings.rounds}: accuracy {acc:.2f}% loss {loss:.4f}  clients {len(valid)}/{sampled}"
+            f"  up {entry['bytes_up_per_client'] / 1024:.1f} KiB/client  {entry['seconds']:.1f} s")
+    return weights, state

@@ -1,0 +1,43 @@
+"""Strategy registry: name -> a Flower strategy (the real ``flwr.serverapp.strategy`` classes)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from edgekit.errors import InputError
+
+
+def _fedavg(**kw: Any) -> Any:
+    from flwr.serverapp.strategy import FedAvg
+
+    return FedAvg(**kw)
+
+
+def _fedprox(*, proximal_mu: float, **kw: Any) -> Any:
+    from flwr.serverapp.strategy import FedProx
+
+    return FedProx(proximal_mu=proximal_mu, **kw)
+
+
+def _trimmed(*, beta: float, **kw: Any) -> Any:
+    from flwr.serverapp.strategy import FedTrimmedAvg
+
+    return FedTrimmedAvg(beta=beta, **kw)
+
+
+STRATEGIES: dict[str, Callable[..., Any]] = {"fedavg": _fedavg, "fedprox": _fedprox, "trimmed": _trimmed}
+"""Strategy name -> factory. Every entry has a simulation test."""
+
+
+def make_strategy(name: str, *, fraction: float, min_nodes: int, proximal_mu: float, trim_beta: float) -> Any:
+    """Build the named strategy; unknown names are refused with the valid list."""
+    if name not in STRATEGIES:
+        raise InputError(f"unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}")
+    common = {"fraction_train": fraction, "fraction_evaluate": 0.0, "min_train_nodes": min_nodes,
+              "min_evaluate_nodes": 0, "min_available_nodes": min_nodes}
+    if name == "fedprox":
+        return _fedprox(proximal_mu=proximal_mu, **common)
+    if name == "trimmed":
+        return _trimmed(beta=trim_beta, **common)
+    return _fedavg(**common)

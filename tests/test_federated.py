@@ -1,0 +1,133 @@
+"""Federated learning on Flower's real simulation engine (Ray): strategies, faults, privacy, resume."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from device_agents import codec
+from edgekit.errors import InputError
+from edgekit.federated.server_app import RoundSettings
+from edgekit.federated.simulate import SimulationConfig, simulate
+from edgekit.federated.strategies import STRATEGIES, make_strategy
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def fl_model(digits, tmp_path_factory):
+    """The test CNN trained briefly on 300 samples: federated rounds have room to improve it."""
+    from conftest import tiny_cnn
+
+    from edgekit import zoo
+
+    model = zoo.train(tiny_cnn(), digits.take(np.arange(300)), epochs=2, learning_rate=1e-3)
+    path = tmp_path_factory.mktemp("fl") / "start.keras"
+    model.save(path)
+    return path
+
+
+def test_codec_round_trip_error_is_bounded():
+    rng = np.random.default_rng(0)
+    base = {"w": rng.standard_normal((64, 32)).astype(np.float32), "b": np.zeros(32, np.float32)}
+    new = {k: v + rng.standard_normal(v.shape).astype(np.float32) * 0.01 for k, v in base.items()}
+    deltas, scales = codec.encode(new, base)
+    assert all(d.dtype == np.int8 for d in deltas.values())
+    back = codec.decode(deltas, scales, base)
+    for k in base:
+        assert np.max(np.abs(back[k] - new[k])) <= scales[k] / 2 + 1e-7
+    assert sum(d.nbytes for d in deltas.values()) * 4 == sum(v.nbytes for v in new.values())
+
+
+def test_fedavg_iid_improves_and_closes_the_loop_with_privacy_audit(fl_model, digits, tmp_path):
+    out = tmp_path / "fedavg"
+    audit = tmp_path / "audit"
+    result = simulate(fl_model, "digits", out, progress=False, log=quiet,
+                      config=SimulationConfig(clients=4, rounds=RoundSettings(rounds=3, local_epochs=1),
+                                              audit_dir=str(audit)))
+    history = json.loads((out / "history.json").read_text())["rounds"]
+    assert [h["round"] for h in history] == [0, 1, 2, 3]
+    assert all(h["valid"] == 4 and h["aggregated"] for h in history[1:])
+    assert history[-1]["accuracy"] > history[0]["accuracy"] + 3
+    assert {"accuracy", "loss", "bytes_up_per_client", "bytes_down_per_client", "seconds"} <= set(history[1])
+    assert (out / "accuracy.png").stat().st_size > 1000
+    final = json.loads((out / "final" / "manifest.json").read_text())
+    assert final["artifacts"][0]["quantization"] == "int8"
+    assert final["artifacts"][0]["accuracy"] == pytest.approx(result.final_accuracy, abs=3)
+    # privacy: every reply a client sent holds weights of the manifest's shapes and aggregate metrics only
+    tensors = {t["name"]: tuple(t["shape"]) for t in
+               json.loads((out / "trainable" / "manifest.json").read_text())["trainable"]["tensors"]}
+    rows = {digits.x[i].tobytes() for i in range(len(digits))}
+    sent = sorted(audit.glob("*.npz"))
+    assert len(sent) == 4 * 3
+    for path in sent:
+        with np.load(path) as npz:
+            assert {k.split("__", 1)[1] for k in npz.files} == set(tensors)
+            for key in npz.files:
+                value = npz[key]
+                assert value.shape == tensors[key.split("__", 1)[1]]
+                flat = value.reshape(-1).astype(np.float32)
+                for start in range(0, max(1, flat.size - 63), 64):
+                    assert flat[start:start + 64].tobytes() not in rows
+        records = json.loads(path.with_suffix(".json").read_text())
+        assert set(records) == {"metrics"}
+        assert set(records["metrics"]) == {"num-examples", "train-loss", "train-accuracy"}
+        assert all(isinstance(v, (int, float)) for v in records["metrics"].values())
+
+
+def test_faulty_clients_are_rejected_and_compressed_updates_are_smaller(fl_model, tmp_path):
+    out = tmp_path / "faults"
+    result = simulate(fl_model, "digits", out, progress=False, log=quiet, config=SimulationConfig(
+        clients=5, partition="iid", faults={0: "nan", 1: "shape", 2: "crash"},
+        rounds=RoundSettings(rounds=2, strategy="trimmed", compress_updates=True, min_fraction=0.4)))
+    history = result.history
+    for h in history[1:]:
+        reasons = " ".join(r["reason"] for r in h["rejected"])
+        assert "NaN/inf" in reasons and "has shape" in reasons
+        assert h["failed"] == 1 and h["valid"] == 2 and h["aggregated"]
+    assert all(np.isfinite(v).all() for v in result.weights.values())
+    assert history[-1]["accuracy"] >= history[0]["accuracy"] - 2
+    # a round below the minimum keeps the global model
+    blocked = simulate(fl_model, "digits", tmp_path / "blocked", progress=False, log=quiet, config=SimulationConfig(
+        clients=3, faults={0: "nan", 1: "nan"}, rounds=RoundSettings(rounds=1, min_fraction=0.5)))
+    assert blocked.history[1]["aggregated"] is False
+    assert blocked.history[1]["accuracy"] == pytest.approx(blocked.history[0]["accuracy"])
+
+
+def test_fedprox_compressed_bytes_and_resume(fl_model, tmp_path):
+    out = tmp_path / "prox"
+    settings = {"strategy": "fedprox", "compress_updates": True, "proximal_mu": 0.1}
+    first = simulate(fl_model, "digits", out, progress=False, log=quiet,
+                     config=SimulationConfig(clients=3, partition="dirichlet:0.5",
+                                             rounds=RoundSettings(rounds=1, **settings)))
+    h1 = first.history[1]
+    assert h1["bytes_up_per_client"] * 3.5 <= h1["bytes_down_per_client"]
+    resumed = simulate(fl_model, "digits", out, progress=False, log=quiet,
+                       config=SimulationConfig(clients=3, partition="dirichlet:0.5", resume=True,
+                                               rounds=RoundSettings(rounds=2, **settings)))
+    assert [h["round"] for h in resumed.history] == [0, 1, 2]
+    assert resumed.history[1] == json.loads(json.dumps(h1))  # the completed round was kept, not rerun
+
+
+def test_every_strategy_is_registered_and_validated():
+    for name in STRATEGIES:
+        strategy = make_strategy(name, fraction=1.0, min_nodes=2, proximal_mu=0.1, trim_beta=0.2)
+        assert strategy.__class__.__name__ in {"FedAvg", "FedProx", "FedTrimmedAvg"}
+    with pytest.raises(InputError, match="unknown strategy 'krum2'"):
+        make_strategy("krum2", fraction=1.0, min_nodes=2, proximal_mu=0.0, trim_beta=0.2)
+    with pytest.raises(InputError, match="is not iid or dirichlet:ALPHA"):
+        SimulationConfig(partition="dirichlet:-1")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--partition", "zipf"], "is not iid or dirichlet:ALPHA"),
+    (["--clients", "1"], "--clients must be at least 2"),
+    (["--strategy", "krum"], "invalid choice: 'krum'"),
+])
+def test_fl_cli_bad_input(fl_model, tmp_path, args, fragment):
+    proc = run_cli("fl", "simulate", "--model", str(fl_model), "--out", str(tmp_path / "o"), *args)
+    assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
