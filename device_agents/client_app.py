@@ -40,6 +40,7 @@ class ClientSettings:
     data_dir: str
     faults: dict[int, str] = field(default_factory=dict)
     audit_dir: str | None = None  # when set, every reply this client sends is also written here
+    clip_updates: bool = False    # differential privacy: Flower's fixedclipping_mod clips each update
 
 
 def _trainer(artifact_dir: str) -> Trainer:
@@ -65,7 +66,23 @@ def make_client_app(settings: ClientSettings) -> Any:
     def weights_of(message: Any) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in message.content["arrays"].items()}
 
-    @app.train()
+    def audit_mod(message: Any, context: Any, call_next: Any) -> Any:
+        """Outermost mod: records each reply exactly as it leaves the device (after clipping)."""
+        reply = call_next(message, context)
+        if settings.audit_dir is not None and not reply.has_error():
+            pid = int(context.node_config.get("partition-id", 0))
+            kind = message.metadata.message_type.split(".")[0]
+            rnd = int(message.content["config"].get("server-round", 0)) if "config" in message.content else 0
+            _audit(settings, pid, f"{kind}-r{rnd}", reply.content)
+        return reply
+
+    mods = [audit_mod]
+    if settings.clip_updates:
+        from flwr.clientapp.mod import fixedclipping_mod
+
+        mods.append(fixedclipping_mod)
+
+    @app.train(mods=mods)
     def train(message: Any, context: Any) -> Any:
         trainer = _trainer(settings.artifact_dir)
         pid, x, y = _local_data(settings, context)
@@ -93,19 +110,16 @@ def make_client_app(settings: ClientSettings) -> Any:
             content["codec"] = ConfigRecord({k: float(s) for k, s in scales.items()})
         else:
             content["arrays"] = ArrayRecord({k: _array(v) for k, v in new.items()})
-        _audit(settings, pid, f"train-r{int(config.get('server-round', 0))}", content)
         return Message(content, reply_to=message)
 
-    @app.evaluate()
+    @app.evaluate(mods=[audit_mod])
     def evaluate(message: Any, context: Any) -> Any:
         trainer = _trainer(settings.artifact_dir)
         _, x, y = _local_data(settings, context)
         trainer.set_weights(weights_of(message))
         loss, accuracy = trainer.evaluate(x, y)
         metrics = MetricRecord({"num-examples": len(x), "eval-loss": loss, "eval-accuracy": accuracy})
-        content = RecordDict({"metrics": metrics})
-        _audit(settings, int(context.node_config.get("partition-id", 0)), "evaluate", content)
-        return Message(content, reply_to=message)
+        return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
     return app
 

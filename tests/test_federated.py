@@ -112,6 +112,28 @@ def test_fedprox_compressed_bytes_and_resume(fl_model, tmp_path):
     assert resumed.history[1] == json.loads(json.dumps(h1))  # the completed round was kept, not rerun
 
 
+def test_differential_privacy_clips_updates_and_reports_epsilon(fl_model, tmp_path):
+    audit = tmp_path / "audit"
+    result = simulate(fl_model, "digits", tmp_path / "dp", progress=False, log=quiet, config=SimulationConfig(
+        clients=3, audit_dir=str(audit),
+        rounds=RoundSettings(rounds=2, dp_noise_multiplier=0.8, dp_clipping_norm=0.5)))
+    eps = [h["privacy"]["epsilon"] for h in result.history[1:]]
+    assert all(np.isfinite(e) and e > 0 for e in eps) and eps[1] > eps[0]
+    assert result.history[1]["privacy"]["noise_multiplier"] == 0.8
+    assert all(np.isfinite(v).all() for v in result.weights.values())
+    from device_agents.training import Trainer
+
+    start = Trainer.load(tmp_path / "dp" / "trainable").get_weights()  # the global model of round 1
+    sent = sorted(audit.glob("*train-r1*.npz"))
+    assert len(sent) == 3
+    for path in sent:
+        with np.load(path) as npz:
+            norm = np.sqrt(sum(np.sum((npz[k] - start[k.split("__", 1)[1]]) ** 2) for k in npz.files))
+        assert norm <= 0.5 + 1e-4  # clipped on the device before it was sent
+    with pytest.raises(InputError, match="cannot be combined with --compress-updates"):
+        SimulationConfig(rounds=RoundSettings(dp_noise_multiplier=1.0, compress_updates=True))
+
+
 def test_every_strategy_is_registered_and_validated():
     for name in STRATEGIES:
         strategy = make_strategy(name, fraction=1.0, min_nodes=2, proximal_mu=0.1, trim_beta=0.2)

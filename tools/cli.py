@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--min-fraction", type=float, default=0.5,
                      help="a round needs valid updates from this fraction of the sampled clients")
     sim.add_argument("--compress-updates", action="store_true", help="clients send int8 weight deltas")
+    sim.add_argument("--dp-noise", type=float, metavar="SIGMA",
+                     help="differential privacy: client-side clipping + Gaussian noise with this multiplier")
+    sim.add_argument("--dp-clip", type=float, default=1.0, help="L2 clipping norm of each update (default 1.0)")
+    sim.add_argument("--dp-delta", type=float, default=1e-5, help="delta of the reported (epsilon, delta)")
     sim.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--quiet", action="store_true")
@@ -136,7 +140,8 @@ def cmd_fl_simulate(args: argparse.Namespace) -> int:
 
     rounds = RoundSettings(rounds=args.rounds, local_epochs=args.local_epochs, learning_rate=args.learning_rate,
                            strategy=args.strategy, proximal_mu=args.proximal_mu, fraction=args.fraction,
-                           min_fraction=args.min_fraction, compress_updates=args.compress_updates, seed=args.seed)
+                           min_fraction=args.min_fraction, compress_updates=args.compress_updates, seed=args.seed,
+                           dp_noise_multiplier=args.dp_noise, dp_clipping_norm=args.dp_clip, dp_delta=args.dp_delta)
     config = SimulationConfig(clients=args.clients, partition=args.partition, rounds=rounds,
                               batch_size=args.batch_size, resume=args.resume)
     result = simulate(args.model, args.data, args.out, config=config, progress=not args.quiet,

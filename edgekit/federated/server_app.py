@@ -36,6 +36,9 @@ class RoundSettings:
     compress_updates: bool = False
     round_timeout: float = 600.0
     seed: int = 0
+    dp_noise_multiplier: float | None = None  # differential privacy: Gaussian noise (x clipping norm)
+    dp_clipping_norm: float = 1.0              # each client's update is clipped to this L2 norm
+    dp_delta: float = 1e-5
 
 
 @dataclass
@@ -90,13 +93,23 @@ def validate_reply(content: Any, reference: dict[str, np.ndarray]) -> tuple[dict
     return arrays, ""
 
 
+def wait_for_nodes(grid: Any, expected: int, timeout: float) -> int:
+    """Wait until ``expected`` nodes are connected (or ``timeout`` passes); return how many are."""
+    deadline = time.monotonic() + timeout
+    while True:
+        count = len(list(grid.get_node_ids()))
+        if count >= expected or time.monotonic() >= deadline:
+            return count
+        time.sleep(0.5)
+
+
 def run_rounds(grid: Any, *, settings: RoundSettings, initial: dict[str, np.ndarray], evaluator: Trainer,
-               eval_x: np.ndarray, eval_y: np.ndarray, checkpoint_dir: Path, resume: bool,
+               eval_x: np.ndarray, eval_y: np.ndarray, checkpoint_dir: Path, resume: bool, expected_nodes: int,
                log: Any = print) -> tuple[dict[str, np.ndarray], ServerState]:
     """The round loop (called from the ServerApp's main with Flower's Grid)."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-    from edgekit.federated.strategies import make_strategy
+    from edgekit.federated.strategies import UNIFORM_WEIGHT, make_strategy, with_differential_privacy
 
     weights, state = dict(initial), ServerState()
     if resume:
@@ -104,10 +117,19 @@ def run_rounds(grid: Any, *, settings: RoundSettings, initial: dict[str, np.ndar
         if restored is not None:
             weights, state = restored
             log(f"resuming after round {state.round} from {checkpoint_dir}")
-    num_nodes = len(list(grid.get_node_ids()))
+    num_nodes = wait_for_nodes(grid, expected_nodes, settings.round_timeout)
+    if num_nodes < 1:
+        raise RuntimeError(f"no client connected within {settings.round_timeout:.0f} s")
     min_nodes = max(1, int(np.ceil(num_nodes * settings.fraction)))
+    private = settings.dp_noise_multiplier is not None
     strategy = make_strategy(settings.strategy, fraction=settings.fraction, min_nodes=min_nodes,
-                             proximal_mu=settings.proximal_mu, trim_beta=settings.trim_beta)
+                             proximal_mu=settings.proximal_mu, trim_beta=settings.trim_beta, uniform=private)
+    if private:
+        strategy = with_differential_privacy(strategy, noise_multiplier=settings.dp_noise_multiplier,
+                                             clipping_norm=settings.dp_clipping_norm, num_sampled=min_nodes,
+                                             population=num_nodes, delta=settings.dp_delta)
+        for _ in range(state.round):  # a resumed run has already spent the completed rounds
+            strategy.accountant.compose(_privacy_event(settings, min_nodes, num_nodes))
     if state.round == 0 and not state.history:
         evaluator.set_weights(weights)
         loss, acc = evaluator.evaluate(eval_x, eval_y)
@@ -133,8 +155,11 @@ def run_rounds(grid: Any, *, settings: RoundSettings, initial: dict[str, np.ndar
                 rejected.append({"node": int(reply.metadata.src_node_id), "reason": why})
                 log(f"round {rnd}: rejected the update of node {reply.metadata.src_node_id}: {why}")
                 continue
+            metrics = reply.content["metrics"]
+            if private:
+                metrics = MetricRecord({**dict(metrics), UNIFORM_WEIGHT: 1})
             reply.content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in decoded.items()}),
-                                        "metrics": reply.content["metrics"]})
+                                        "metrics": metrics})
             valid.append(reply)
         sampled = len(messages)
         entry: dict[str, Any] = {"round": rnd, "sampled": sampled, "replied": len(replies) - failed,
@@ -151,12 +176,25 @@ def run_rounds(grid: Any, *, settings: RoundSettings, initial: dict[str, np.ndar
             entry["aggregated"] = False
             log(f"round {rnd}: only {len(valid)} of {sampled} clients gave a valid update "
                 f"(minimum {settings.min_fraction:.0%}); the global model is unchanged")
+        if private:
+            spent = strategy.privacy_spent()
+            entry["privacy"] = {"epsilon": float(spent.epsilon), "delta": float(spent.delta),
+                                "noise_multiplier": settings.dp_noise_multiplier,
+                                "clipping_norm": settings.dp_clipping_norm}
         evaluator.set_weights(weights)
         loss, acc = evaluator.evaluate(eval_x, eval_y)
         entry.update({"accuracy": acc, "loss": loss, "seconds": time.perf_counter() - start})
         state.history.append(entry)
         state.round = rnd
         save_checkpoint(checkpoint_dir, weights, state)
+        privacy = f"  (epsilon {entry['privacy']['epsilon']:.2f}, delta {settings.dp_delta:g})" if private else ""
         log(f"round {rnd}/{settings.rounds}: accuracy {acc:.2f}% loss {loss:.4f}  clients {len(valid)}/{sampled}"
-            f"  up {entry['bytes_up_per_client'] / 1024:.1f} KiB/client  {entry['seconds']:.1f} s")
+            f"  up {entry['bytes_up_per_client'] / 1024:.1f} KiB/client  {entry['seconds']:.1f} s{privacy}")
     return weights, state
+
+
+def _privacy_event(settings: RoundSettings, sampled: int, population: int) -> Any:
+    from flwr.serverapp import GaussianPrivacyEvent
+
+    return GaussianPrivacyEvent(noise_multiplier=settings.dp_noise_multiplier, sample_size=sampled,
+                                population_size=population)

@@ -48,6 +48,13 @@ class SimulationConfig:
             raise InputError(f"unknown strategy {self.rounds.strategy!r}; valid: {', '.join(STRATEGIES)}")
         if not 0 < self.rounds.fraction <= 1 or not 0 < self.rounds.min_fraction <= 1:
             raise InputError("--fraction and --min-fraction must be in (0, 1]")
+        if self.rounds.dp_noise_multiplier is not None:
+            if not self.rounds.dp_noise_multiplier > 0 or not self.rounds.dp_clipping_norm > 0:
+                raise InputError("--dp-noise and --dp-clip must be > 0")
+            if self.rounds.compress_updates:
+                raise InputError("--dp clips float weight updates; it cannot be combined with --compress-updates")
+            if self.rounds.strategy == "trimmed":
+                raise InputError("--dp needs FedAvg-style aggregation; use --strategy fedavg or fedprox")
 
     def scheme(self) -> tuple[str, float]:
         if self.partition == "iid":
@@ -122,12 +129,14 @@ def simulate(model: Any, data: str | Path | Dataset, out: str | Path, *, config:
         try:
             outcome["weights"], outcome["state"] = run_rounds(
                 grid, settings=config.rounds, initial=initial, evaluator=evaluator, eval_x=parts.evaluation.x,
-                eval_y=parts.evaluation.y, checkpoint_dir=out / "checkpoints", resume=config.resume, log=log)
+                eval_y=parts.evaluation.y, checkpoint_dir=out / "checkpoints", resume=config.resume,
+                expected_nodes=config.clients, log=log)
         except BaseException as exc:  # the simulation engine would only log it
             outcome["error"] = exc
 
     client_app = make_client_app(ClientSettings(str(trainable_dir), str(data_dir), dict(config.faults),
-                                                audit_dir=config.audit_dir))
+                                                audit_dir=config.audit_dir,
+                                                clip_updates=config.rounds.dp_noise_multiplier is not None))
     _run_simulation(server_app, client_app, config.clients)
     if "error" in outcome:
         exc = outcome["error"]

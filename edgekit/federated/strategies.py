@@ -30,14 +30,34 @@ STRATEGIES: dict[str, Callable[..., Any]] = {"fedavg": _fedavg, "fedprox": _fedp
 """Strategy name -> factory. Every entry has a simulation test."""
 
 
-def make_strategy(name: str, *, fraction: float, min_nodes: int, proximal_mu: float, trim_beta: float) -> Any:
+UNIFORM_WEIGHT = "uniform-weight"
+"""The metric DP runs aggregate by: every valid client counts once (DP-FedAvg weighting)."""
+
+
+def make_strategy(name: str, *, fraction: float, min_nodes: int, proximal_mu: float, trim_beta: float,
+                  uniform: bool = False) -> Any:
     """Build the named strategy; unknown names are refused with the valid list."""
     if name not in STRATEGIES:
         raise InputError(f"unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}")
     common = {"fraction_train": fraction, "fraction_evaluate": 0.0, "min_train_nodes": min_nodes,
               "min_evaluate_nodes": 0, "min_available_nodes": min_nodes}
+    if uniform:
+        common["weighted_by_key"] = UNIFORM_WEIGHT
     if name == "fedprox":
         return _fedprox(proximal_mu=proximal_mu, **common)
     if name == "trimmed":
         return _trimmed(beta=trim_beta, **common)
     return _fedavg(**common)
+
+
+def with_differential_privacy(strategy: Any, *, noise_multiplier: float, clipping_norm: float,
+                              num_sampled: int, population: int, delta: float) -> Any:
+    """Wrap ``strategy`` in Flower's client-side fixed clipping + Gaussian noise, with RDP accounting."""
+    from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    accountant = RdpAccountant(PrivacyConfig(target_delta=delta, population_size=population,
+                                             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                             sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    return DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier, clipping_norm, num_sampled,
+                                                      accountant=accountant)
