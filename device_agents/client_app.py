@@ -36,8 +36,8 @@ class ClientSettings:
     check what left the device.
     """
 
-    artifact_dir: str
-    data_dir: str
+    artifact_dir: str | None = None  # None: read "artifact-dir" from the SuperNode's --node-config
+    data_dir: str | None = None      # None: read "data-dir" from the SuperNode's --node-config
     faults: dict[int, str] = field(default_factory=dict)
     audit_dir: str | None = None  # when set, every reply this client sends is also written here
     clip_updates: bool = False    # differential privacy: Flower's fixedclipping_mod clips each update
@@ -49,10 +49,15 @@ def _trainer(artifact_dir: str) -> Trainer:
     return _TRAINERS[artifact_dir]
 
 
+def _artifact_dir(settings: ClientSettings, context: Any) -> str:
+    return settings.artifact_dir or str(context.node_config["artifact-dir"])
+
+
 def _local_data(settings: ClientSettings, context: Any) -> tuple[int, np.ndarray, np.ndarray]:
     node = context.node_config
     pid = int(node.get("partition-id", 0))
-    with np.load(Path(settings.data_dir) / f"{pid}.npz") as npz:
+    data_dir = settings.data_dir or str(node["data-dir"])
+    with np.load(Path(data_dir) / f"{pid}.npz") as npz:
         return pid, npz["x"].astype(np.float32), npz["y"].astype(np.int64)
 
 
@@ -84,7 +89,7 @@ def make_client_app(settings: ClientSettings) -> Any:
 
     @app.train(mods=mods)
     def train(message: Any, context: Any) -> Any:
-        trainer = _trainer(settings.artifact_dir)
+        trainer = _trainer(_artifact_dir(settings, context))
         pid, x, y = _local_data(settings, context)
         config = message.content["config"]
         global_weights = weights_of(message)
@@ -114,7 +119,7 @@ def make_client_app(settings: ClientSettings) -> Any:
 
     @app.evaluate(mods=[audit_mod])
     def evaluate(message: Any, context: Any) -> Any:
-        trainer = _trainer(settings.artifact_dir)
+        trainer = _trainer(_artifact_dir(settings, context))
         _, x, y = _local_data(settings, context)
         trainer.set_weights(weights_of(message))
         loss, accuracy = trainer.evaluate(x, y)
@@ -145,3 +150,8 @@ def _audit(settings: ClientSettings, pid: int, kind: str, content: Any) -> None:
     np.savez(f"{stem}.npz", **{k.replace("/", "__"): v for k, v in arrays.items()})
     records = {name: {k: v for k, v in content[name].items()} for name in ("metrics", "codec") if name in content}
     Path(f"{stem}.json").write_text(json.dumps(records, default=float))
+
+
+def deployed_client_app() -> Any:
+    """The ClientApp a SuperNode runs: ``--node-config 'partition-id=0 data-dir="..." artifact-dir="..."'``."""
+    return make_client_app(ClientSettings())

@@ -153,3 +153,56 @@ def test_fl_cli_bad_input(fl_model, tmp_path, args, fragment):
     proc = run_cli("fl", "simulate", "--model", str(fl_model), "--out", str(tmp_path / "o"), *args)
     assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_real_superlink_and_supernodes_with_tls(fl_model, tmp_path):
+    """flower-superlink + 2 flower-supernode processes on 127.0.0.1, TLS from a generated CA, flwr run."""
+    out = tmp_path / "up"
+    proc = run_cli("fl", "up", "--model", str(fl_model), "--clients", "2", "--rounds", "2", "--out", str(out),
+                   "--timeout", "400", "--quiet", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "(TLS)" in proc.stdout and "round 2/2" in proc.stdout
+    history = json.loads((out / "history.json").read_text())["rounds"]
+    assert [h["round"] for h in history] == [0, 1, 2] and all(h["valid"] == 2 for h in history[1:])
+    assert history[-1]["accuracy"] > history[0]["accuracy"]
+    superlink_log = (out / "logs" / "superlink.log").read_text()
+    assert "https://127.0.0.1:" in superlink_log  # served over TLS, on loopback only
+    final = json.loads((out / "final" / "manifest.json").read_text())
+    assert final["artifacts"][0]["quantization"] == "int8"
+    # every process was stopped
+    import subprocess
+
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert left == []
+
+
+def test_a_supernode_that_does_not_trust_the_ca_cannot_join(tmp_path):
+    import os
+    import sys
+    import time
+    from pathlib import Path
+
+    from edgekit.federated.deploy import _Processes, _wait_port, free_port, make_certificates
+    from edgekit.federated.simulate import FLOWER_ENV
+
+    good, other = make_certificates(tmp_path / "good"), make_certificates(tmp_path / "other")
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, **FLOWER_ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    procs = _Processes(tmp_path, env)
+    port = free_port()
+    try:
+        procs.start("superlink", [str(bin_dir / "flower-superlink"), "--ssl-ca-certfile", str(good["ca"]),
+                                  "--ssl-certfile", str(good["cert"]), "--ssl-keyfile", str(good["key"]),
+                                  "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:"])
+        _wait_port(port, procs)
+        node = procs.start("stranger", [str(bin_dir / "flower-supernode"), "--root-certificates", str(other["ca"]),
+                                        "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
+                                        "--max-retries", "1", "--max-wait-time", "5"])
+        deadline = time.monotonic() + 60
+        while node.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        log = (tmp_path / "stranger.log").read_text()
+        assert "SuperNode ID" not in log  # it never registered
+        assert "CERTIFICATE_VERIFY_FAILED" in log or "certificate verify failed" in log.lower(), log[-1500:]
+    finally:
+        procs.stop()
