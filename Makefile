@@ -41,6 +41,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/compress.py
+	$(BIN)/python benchmarks/agent.py
+	$(BIN)/python benchmarks/federated.py
 
 clean:
 	rm -rf $(VENV) $(TFLRT_VENV) demo_out

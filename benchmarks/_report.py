@@ -44,6 +44,20 @@ def median_us(fn: Callable[[], object], *, repeats: int = 200, warmup: int = 20)
     return statistics.median(times), times[min(len(times) - 1, int(len(times) * 0.99))]
 
 
+def interleaved_us(fn_a: Callable[[], object], fn_b: Callable[[], object], *, blocks: int = 10,
+                   per_block: int = 100) -> tuple[float, float, float]:
+    """Medians (µs) of ``fn_a`` and ``fn_b`` measured in alternating blocks, and the median of the
+    per-block ratios a/b: drift of the machine (frequency, other load) hits both alike."""
+    a_all, b_all, ratios = [], [], []
+    for _ in range(blocks):
+        a, _ = median_us(fn_a, repeats=per_block, warmup=5)
+        b, _ = median_us(fn_b, repeats=per_block, warmup=5)
+        a_all.append(a)
+        b_all.append(b)
+        ratios.append(a / b)
+    return statistics.median(a_all), statistics.median(b_all), statistics.median(ratios)
+
+
 def write_section(name: str, body: str) -> None:
     """Replace the section between this benchmark's markers (or append it)."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"

@@ -67,6 +67,7 @@ class CandidateResult:
     error: str | None = None
     seconds: float = 0.0
     within_budget: bool | None = None
+    keras_model: Any = field(default=None, repr=False)  # the float model behind the artifacts
 
     def size(self, metric: str) -> int:
         return getattr(self.artifacts[0], metric)
@@ -172,6 +173,7 @@ class _CandidateRunner:
         try:
             model, float_model, result.layer_sparsity = self._keras_model(recipe)
             result.params = int(float_model.count_params())
+            result.keras_model = float_model
             result.artifacts = [self._export(model, float_model, recipe, fmt) for fmt in self.config.formats]
         except EdgeKitError as exc:
             if not keep_going:
@@ -279,6 +281,8 @@ def _write(result: CompressResult, out: Path) -> None:
         if result.selected is not None:
             for art in result.selected.artifacts:
                 (stage.path / art.filename).write_bytes(art.data)
+            # the selected float Keras model (pruned/distilled/QAT-tuned): for further training or federation
+            result.selected.keras_model.save(stage.path / "model.keras")
             result.manifest = build_manifest(result)
             from edgekit.export.manifest import write_manifest
 

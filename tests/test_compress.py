@@ -50,6 +50,9 @@ def test_default_int8_writes_verified_artifacts_and_manifest(cnn_path, tmp_path)
     assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
     assert "FULLY_CONNECTED" in tflite_ops((out / "model.tflite").read_bytes())
     assert (out / "report.md").is_file() and (out / "size_vs_accuracy.png").stat().st_size > 1000
+    from edgekit import load_model
+
+    assert load_model(out / "model.keras").params == result.selected.params  # the selected float model
     assert result.selected.artifacts[0].runtime == "litert" and result.selected.artifacts[1].runtime == "onnxruntime"
 
 

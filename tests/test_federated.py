@@ -161,7 +161,7 @@ def test_real_superlink_and_supernodes_with_tls(fl_model, tmp_path):
     proc = run_cli("fl", "up", "--model", str(fl_model), "--clients", "2", "--rounds", "2", "--out", str(out),
                    "--timeout", "400", "--quiet", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "(TLS)" in proc.stdout and "round 2/2" in proc.stdout
+    assert "(TLS, SuperNode key auth)" in proc.stdout and "round 2/2" in proc.stdout
     history = json.loads((out / "history.json").read_text())["rounds"]
     assert [h["round"] for h in history] == [0, 1, 2] and all(h["valid"] == 2 for h in history[1:])
     assert history[-1]["accuracy"] > history[0]["accuracy"]
@@ -176,13 +176,13 @@ def test_real_superlink_and_supernodes_with_tls(fl_model, tmp_path):
     assert left == []
 
 
-def test_a_supernode_that_does_not_trust_the_ca_cannot_join(tmp_path):
+def test_strangers_cannot_join_a_tls_superlink_with_node_auth(tmp_path):
     import os
     import sys
     import time
     from pathlib import Path
 
-    from edgekit.federated.deploy import _Processes, _wait_port, free_port, make_certificates
+    from edgekit.federated.deploy import _Processes, _wait_port, free_port, make_certificates, make_node_key
     from edgekit.federated.simulate import FLOWER_ENV
 
     good, other = make_certificates(tmp_path / "good"), make_certificates(tmp_path / "other")
@@ -193,16 +193,24 @@ def test_a_supernode_that_does_not_trust_the_ca_cannot_join(tmp_path):
     try:
         procs.start("superlink", [str(bin_dir / "flower-superlink"), "--ssl-ca-certfile", str(good["ca"]),
                                   "--ssl-certfile", str(good["cert"]), "--ssl-keyfile", str(good["key"]),
-                                  "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:"])
+                                  "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:",
+                                  "--enable-supernode-auth"])
         _wait_port(port, procs)
-        node = procs.start("stranger", [str(bin_dir / "flower-supernode"), "--root-certificates", str(other["ca"]),
-                                        "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                                        "--max-retries", "1", "--max-wait-time", "5"])
-        deadline = time.monotonic() + 60
-        while node.poll() is None and time.monotonic() < deadline:
+        private, _ = make_node_key(tmp_path / "keys", "unregistered")
+        common = ["--superlink", f"127.0.0.1:{port}", "--max-retries", "1", "--max-wait-time", "5"]
+        wrong_ca = procs.start("wrong-ca", [str(bin_dir / "flower-supernode"), "--root-certificates",
+                                            str(other["ca"]), *common, "--port", str(free_port()),
+                                            "--auth-supernode-private-key", str(private)])
+        no_key = procs.start("unregistered", [str(bin_dir / "flower-supernode"), "--root-certificates",
+                                              str(good["ca"]), *common, "--port", str(free_port()),
+                                              "--auth-supernode-private-key", str(private)])
+        deadline = time.monotonic() + 90
+        while (wrong_ca.poll() is None or no_key.poll() is None) and time.monotonic() < deadline:
             time.sleep(0.5)
-        log = (tmp_path / "stranger.log").read_text()
+        log = (tmp_path / "wrong-ca.log").read_text()
         assert "SuperNode ID" not in log  # it never registered
         assert "CERTIFICATE_VERIFY_FAILED" in log or "certificate verify failed" in log.lower(), log[-1500:]
+        log = (tmp_path / "unregistered.log").read_text()
+        assert "SuperNode ID" not in log and no_key.returncode not in (None, 0), log[-1500:]
     finally:
         procs.stop()

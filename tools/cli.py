@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--learning-rate", type=float, default=0.05)
     dep.add_argument("--compress-updates", action="store_true")
     dep.add_argument("--insecure", action="store_true", help="no TLS (only when asked)")
+    dep.add_argument("--no-node-auth", action="store_true",
+                     help="do not register SuperNode key pairs (by default each SuperNode gets an ECDSA key)")
     dep.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole run")
     dep.add_argument("--quiet", action="store_true")
     dep.set_defaults(func=cmd_fl_up)
@@ -176,7 +178,7 @@ def cmd_fl_up(args: argparse.Namespace) -> int:
     rounds = RoundSettings(rounds=args.rounds, local_epochs=args.local_epochs, learning_rate=args.learning_rate,
                            strategy=args.strategy, compress_updates=args.compress_updates)
     config = DeployConfig(clients=args.clients, partition=args.partition, rounds=rounds, insecure=args.insecure,
-                          timeout=args.timeout)
+                          node_auth=not args.no_node_auth, timeout=args.timeout)
     result = up(args.model, args.data, args.out, config=config, progress=not args.quiet,
                 log=lambda line: print(line, flush=True))
     print(f"wrote {result.out}: history.json, accuracy.png, certs/, logs/, final/ (int8 model.tflite + manifest)")

@@ -8,6 +8,7 @@ static (the train signature has a fixed batch size).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from edgekit import _tf
@@ -56,8 +57,14 @@ def relu(x: Any, max_value: float | None = None) -> Any:
     return f(x)
 
 
-def conv2d(x: Any, w: Any, strides: tuple[int, int], pads: tuple[tuple[int, int], tuple[int, int]]) -> Any:
-    """VALID conv of the explicitly padded input; gradients as per-offset matmuls."""
+def _windowed(x: Any, w: Any, strides: tuple[int, int], pads: tuple[tuple[int, int], tuple[int, int]],
+              forward: Callable[[Any, Any], Any], weight_grad: Callable[[Any, Any], Any],
+              input_grad: Callable[[Any, Any], Any]) -> Any:
+    """A VALID op over the explicitly padded input whose gradients are sums over kernel offsets.
+
+    ``weight_grad(window, g)`` gives the kernel gradient at one offset; ``input_grad(g, w[i, j])``
+    what that offset sends back to the input (scattered to its positions with :func:`_place`).
+    """
     tf = _tf.tf()
     sh, sw = strides
     (pt, pb), (pl, pr) = pads
@@ -65,57 +72,53 @@ def conv2d(x: Any, w: Any, strides: tuple[int, int], pads: tuple[tuple[int, int]
     @tf.custom_gradient
     def f(x: Any, w: Any) -> Any:
         xp = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]])
-        y = tf.nn.conv2d(xp, w, strides=[1, sh, sw, 1], padding="VALID")
+        y = forward(xp, w)
 
         def grad(g: Any) -> Any:
-            kh, kw, cin, cout = w.shape
-            n, oh, ow, _ = g.shape
+            kh, kw = w.shape[0], w.shape[1]
+            oh, ow = g.shape[1], g.shape[2]
             hp, wp = xp.shape[1], xp.shape[2]
-            g2 = tf.reshape(g, [-1, cout])
             dws, dxp = [], None
             for i in range(kh):
                 for j in range(kw):
-                    xs = tf.reshape(_window(xp, i, j, oh, ow, sh, sw), [-1, cin])
-                    dws.append(tf.matmul(tf.transpose(xs), g2))
-                    contrib = tf.reshape(tf.matmul(g2, tf.transpose(w[i, j])), [n, oh, ow, cin])
-                    placed = _place(contrib, i, j, sh, sw, hp, wp)
+                    dws.append(weight_grad(_window(xp, i, j, oh, ow, sh, sw), g))
+                    placed = _place(input_grad(g, w[i, j]), i, j, sh, sw, hp, wp)
                     dxp = placed if dxp is None else dxp + placed
-            dw = tf.reshape(tf.stack(dws), [kh, kw, cin, cout])
+            dw = tf.reshape(tf.stack(dws), w.shape)
             return dxp[:, pt:pt + x.shape[1], pl:pl + x.shape[2], :], dw
 
         return y, grad
 
     return f(x, w)
+
+
+def conv2d(x: Any, w: Any, strides: tuple[int, int], pads: tuple[tuple[int, int], tuple[int, int]]) -> Any:
+    """Convolution; per offset, the kernel gradient is a matmul of the window and the output gradient."""
+    tf = _tf.tf()
+    cin, cout = w.shape[2], w.shape[3]
+
+    def weight_grad(window: Any, g: Any) -> Any:
+        return tf.matmul(tf.transpose(tf.reshape(window, [-1, cin])), tf.reshape(g, [-1, cout]))
+
+    def input_grad(g: Any, w_ij: Any) -> Any:
+        n, oh, ow, _ = g.shape
+        return tf.reshape(tf.matmul(tf.reshape(g, [-1, cout]), tf.transpose(w_ij)), [n, oh, ow, cin])
+
+    return _windowed(x, w, strides, pads,
+                     lambda xp, w: tf.nn.conv2d(xp, w, strides=[1, *strides, 1], padding="VALID"),
+                     weight_grad, input_grad)
 
 
 def depthwise_conv2d(x: Any, w: Any, strides: tuple[int, int], pads: tuple[tuple[int, int], tuple[int, int]]) -> Any:
-    """Depthwise conv (depth multiplier 1); gradients as per-offset multiplies and sums."""
+    """Depthwise convolution (depth multiplier 1); per offset, multiplies and sums."""
     tf = _tf.tf()
-    sh, sw = strides
-    (pt, pb), (pl, pr) = pads
+    c = w.shape[2]
 
-    @tf.custom_gradient
-    def f(x: Any, w: Any) -> Any:
-        xp = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]])
-        y = tf.nn.depthwise_conv2d(xp, w, strides=[1, sh, sw, 1], padding="VALID")
-
-        def grad(g: Any) -> Any:
-            kh, kw, c, _ = w.shape
-            n, oh, ow, _ = g.shape
-            hp, wp = xp.shape[1], xp.shape[2]
-            dws, dxp = [], None
-            for i in range(kh):
-                for j in range(kw):
-                    xs = _window(xp, i, j, oh, ow, sh, sw)
-                    dws.append(tf.reduce_sum(xs * g, axis=[0, 1, 2]))
-                    placed = _place(g * tf.reshape(w[i, j, :, 0], [1, 1, 1, c]), i, j, sh, sw, hp, wp)
-                    dxp = placed if dxp is None else dxp + placed
-            dw = tf.reshape(tf.stack(dws), [kh, kw, c, 1])
-            return dxp[:, pt:pt + x.shape[1], pl:pl + x.shape[2], :], dw
-
-        return y, grad
-
-    return f(x, w)
+    return _windowed(
+        x, w, strides, pads,
+        lambda xp, w: tf.nn.depthwise_conv2d(xp, w, strides=[1, *strides, 1], padding="VALID"),
+        lambda window, g: tf.reshape(tf.reduce_sum(window * g, axis=[0, 1, 2]), [c, 1]),
+        lambda g, w_ij: g * tf.reshape(w_ij[:, 0], [1, 1, 1, c]))
 
 
 def max_pool(x: Any, pool: tuple[int, int], strides: tuple[int, int],

@@ -35,6 +35,7 @@ def build_manifest(result: Any) -> dict[str, Any]:
         "max_accuracy_drop": result.config.max_accuracy_drop,
         "artifacts": [artifact_entry(a) for a in selected.artifacts],
         "layer_sparsity": selected.layer_sparsity,
+        "keras_model": "model.keras",
     }
 
 

@@ -39,6 +39,7 @@ class DeployConfig:
     rounds: RoundSettings = field(default_factory=RoundSettings)
     batch_size: int = 16
     insecure: bool = False
+    node_auth: bool = True  # SuperNode key pairs registered with the SuperLink (needs TLS)
     timeout: float = 900.0
 
     def __post_init__(self) -> None:
@@ -89,6 +90,22 @@ def make_certificates(folder: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "l
                                                serialization.NoEncryption()))
     os.chmod(paths["key"], 0o600)
     return paths
+
+
+def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """An ECDSA (P-256) key pair in OpenSSH format, for SuperNode authentication."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    os.chmod(private, 0o600)
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH))
+    return private, public
 
 
 def deployed_server_app() -> Any:
@@ -188,30 +205,26 @@ def up(model: Any, data: Any, out: str | Path, *, config: DeployConfig | None = 
        log: Any = print) -> Any:
     """Run a real federation on this machine; return the :class:`FederatedResult`."""
     from edgekit._output import check_output_dir
-    from edgekit._trainable_api import TrainableConfig, export_trainable
-    from edgekit.data import Dataset, fit_to_model, load_data, partition, split
-    from edgekit.federated.simulate import FLOWER_ENV, FederatedResult, close_the_loop, plot_history
-    from edgekit.models import load_model
+    from edgekit.federated.simulate import (
+        FLOWER_ENV,
+        FederatedResult,
+        SimulationConfig,
+        close_the_loop,
+        plot_history,
+        prepare_run,
+    )
 
     config = config or DeployConfig()
     out = Path(out).absolute()
     check_output_dir(out)
     if shutil.which("flower-superlink", path=str(Path(sys.executable).parent)) is None:
         raise InputError("flower-superlink is not installed next to this Python; install edgekit[server]")
-    loaded = load_model(model)
-    dataset = fit_to_model(load_data(data, require_labels=True), loaded.input_shape, loaded.input_dtype,
-                           loaded.num_classes)
-    parts = split(dataset, seed=config.rounds.seed)
-    pool = Dataset(np.concatenate([parts.finetune.x, parts.calibration.x]),
-                   np.concatenate([parts.finetune.y, parts.calibration.y]), "clients")
-    scheme, alpha = (("iid", 0.0) if config.partition == "iid" else ("dirichlet", float(config.partition[10:])))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "partitions").mkdir(exist_ok=True)
-    for i, part in enumerate(partition(pool, config.clients, scheme=scheme, alpha=alpha, seed=config.rounds.seed)):
-        np.savez(out / "partitions" / f"{i}.npz", x=part.x, y=part.y)
-    np.savez(out / "evaluation.npz", x=parts.evaluation.x, y=parts.evaluation.y)
-    export_trainable(loaded.model, out / "trainable", data=dataset, progress=progress,
-                     config=TrainableConfig(batch_size=config.batch_size, learning_rate=config.rounds.learning_rate))
+    sim = SimulationConfig(clients=config.clients, partition=config.partition, rounds=config.rounds,
+                           batch_size=config.batch_size)
+    run = prepare_run(model, data, out, clients=config.clients, partition_spec=sim.scheme(),
+                      seed=config.rounds.seed, batch_size=config.batch_size,
+                      learning_rate=config.rounds.learning_rate, progress=progress)
+    loaded, dataset = run.loaded, run.dataset
     (out / "run.json").write_text(json.dumps({"clients": config.clients, "partition": config.partition,
                                               "rounds": asdict(config.rounds), "insecure": config.insecure}))
     _write_app(out / "app", out)
@@ -229,6 +242,9 @@ def up(model: Any, data: Any, out: str | Path, *, config: DeployConfig | None = 
     procs = _Processes(out / "logs", env)
     security = (["--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
                  "--ssl-keyfile", str(certs["key"])] if certs else ["--insecure"])
+    node_auth = config.node_auth and certs is not None
+    if node_auth:
+        security.append("--enable-supernode-auth")
     try:
         procs.start("superlink", [str(bin_dir / "flower-superlink"), *security,
                                   "--host", "127.0.0.1", "--port", str(port),
@@ -239,11 +255,18 @@ def up(model: Any, data: Any, out: str | Path, *, config: DeployConfig | None = 
             node_config = f'partition-id={i} num-partitions={config.clients} ' \
                           f'data-dir="{out / "partitions"}" artifact-dir="{out / "trainable"}"'
             node_security = ["--root-certificates", str(certs["ca"])] if certs else ["--insecure"]
+            if node_auth:
+                private, public = make_node_key(out / "node_keys", f"supernode-{i}")
+                reg = subprocess.run([str(bin_dir / "flwr"), "supernode", "register", str(public), "edgekit"],
+                                     env=env, capture_output=True, text=True, timeout=120)
+                if reg.returncode != 0:
+                    raise EdgeKitError(f"flwr supernode register failed: {(reg.stdout + reg.stderr)[-300:]}")
+                node_security += ["--auth-supernode-private-key", str(private)]
             procs.start(f"supernode-{i}", [str(bin_dir / "flower-supernode"), *node_security,
                                            "--superlink", f"127.0.0.1:{port}", "--node-config", node_config,
                                            "--host", "127.0.0.1", "--port", str(free_port())])
-        log(f"SuperLink on 127.0.0.1:{port} ({'TLS' if certs else 'insecure'}), {config.clients} SuperNodes; "
-            f"submitting the run with flwr run")
+        mode = ("TLS, SuperNode key auth" if node_auth else "TLS") if certs else "insecure"
+        log(f"SuperLink on 127.0.0.1:{port} ({mode}), {config.clients} SuperNodes; submitting the run with flwr run")
         run = subprocess.run([str(bin_dir / "flwr"), "run", str(out / "app"), "edgekit", "--stream"],
                              env=env, cwd=out / "app", capture_output=True, text=True, timeout=config.timeout)
         (out / "logs" / "flwr-run.log").write_text(run.stdout + run.stderr)

@@ -84,34 +84,18 @@ def simulate(model: Any, data: str | Path | Dataset, out: str | Path, *, config:
     >>> simulate("cnn.keras", "digits", "fl_out",                                # doctest: +SKIP
     ...          config=SimulationConfig(clients=10, partition="dirichlet:0.5"))
     """
-    from edgekit._trainable_api import TrainableConfig, export_trainable
-
     config = config or SimulationConfig()
     out = Path(out).absolute()
     if not (config.resume and (out / "checkpoints" / "state.json").exists()):
         check_output_dir(out)
     for key, value in FLOWER_ENV.items():
         os.environ[key] = value
-    loaded = load_model(model)
-    dataset = fit_to_model(load_data(data, require_labels=True), loaded.input_shape, loaded.input_dtype,
-                           loaded.num_classes)
-    if dataset.y is None:
-        raise InputError("federated training needs labels: give an .npz with x and y")
-    parts = split(dataset, seed=config.rounds.seed)
-    pool = Dataset(np.concatenate([parts.finetune.x, parts.calibration.x]),
-                   np.concatenate([parts.finetune.y, parts.calibration.y]), "clients")
-    scheme, alpha = config.scheme()
-    clients = partition(pool, config.clients, scheme=scheme, alpha=alpha, seed=config.rounds.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    data_dir = out / "partitions"
-    data_dir.mkdir(exist_ok=True)
-    for i, part in enumerate(clients):
-        np.savez(data_dir / f"{i}.npz", x=part.x, y=part.y)
-    trainable_dir = out / "trainable"
-    if not (config.resume and (trainable_dir / "manifest.json").exists()):
-        export_trainable(loaded.model, trainable_dir, data=dataset, progress=progress,
-                         config=TrainableConfig(batch_size=config.batch_size,
-                                                learning_rate=config.rounds.learning_rate))
+    run = prepare_run(model, data, out, clients=config.clients, partition_spec=config.scheme(),
+                      seed=config.rounds.seed, batch_size=config.batch_size,
+                      learning_rate=config.rounds.learning_rate, progress=progress,
+                      reuse_trainable=config.resume)
+    loaded, dataset, parts = run.loaded, run.dataset, run.parts
+    data_dir, trainable_dir = out / "partitions", out / "trainable"
     from device_agents.training import Trainer
 
     evaluator = Trainer.load(trainable_dir)
@@ -178,6 +162,39 @@ def close_the_loop(model: Any, weights: dict[str, np.ndarray], dataset: Dataset,
                       config=CompressConfig(recipe=Recipe(quantize="int8"), formats="tflite"))
     art = result.selected.artifacts[0]
     return {"bytes": art.bytes, "accuracy": art.accuracy}
+
+
+@dataclass
+class PreparedRun:
+    loaded: Any
+    dataset: Dataset
+    parts: Any
+
+
+def prepare_run(model: Any, data: Any, out: Path, *, clients: int, partition_spec: tuple[str, float], seed: int,
+                batch_size: int, learning_rate: float, progress: bool, reuse_trainable: bool = False) -> PreparedRun:
+    """Load and check the model and data; write each client's partition, the held-out evaluation
+    split and the trainable artifact into ``out`` (shared by simulation and real deployment)."""
+    from edgekit._trainable_api import TrainableConfig, export_trainable
+
+    loaded = load_model(model)
+    dataset = fit_to_model(load_data(data, require_labels=True), loaded.input_shape, loaded.input_dtype,
+                           loaded.num_classes)
+    if dataset.y is None:
+        raise InputError("federated training needs labels: give an .npz with x and y")
+    parts = split(dataset, seed=seed)
+    pool = Dataset(np.concatenate([parts.finetune.x, parts.calibration.x]),
+                   np.concatenate([parts.finetune.y, parts.calibration.y]), "clients")
+    scheme, alpha = partition_spec
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "partitions").mkdir(exist_ok=True)
+    for i, part in enumerate(partition(pool, clients, scheme=scheme, alpha=alpha, seed=seed)):
+        np.savez(out / "partitions" / f"{i}.npz", x=part.x, y=part.y)
+    np.savez(out / "evaluation.npz", x=parts.evaluation.x, y=parts.evaluation.y)
+    if not (reuse_trainable and (out / "trainable" / "manifest.json").exists()):
+        export_trainable(loaded.model, out / "trainable", data=dataset, progress=progress,
+                         config=TrainableConfig(batch_size=batch_size, learning_rate=learning_rate))
+    return PreparedRun(loaded, dataset, parts)
 
 
 def _config_dict(config: SimulationConfig) -> dict[str, Any]:
