@@ -155,3 +155,35 @@ def _audit(settings: ClientSettings, pid: int, kind: str, content: Any) -> None:
 def deployed_client_app() -> Any:
     """The ClientApp a SuperNode runs: ``--node-config 'partition-id=0 data-dir="..." artifact-dir="..."'``."""
     return make_client_app(ClientSettings())
+
+
+def make_secagg_client_app(settings: ClientSettings) -> Any:
+    """A ClientApp for secure aggregation (SecAgg+).
+
+    In Flower 1.41, SecAgg+ works only through the legacy fit path: a ``NumPyClient`` with
+    ``secaggplus_mod``. The server then receives only the masked sum of all updates, never an
+    individual one. Weights travel as a list in the manifest's tensor order.
+    """
+    from flwr.client import ClientApp as LegacyClientApp
+    from flwr.client import NumPyClient
+    from flwr.client.mod import secaggplus_mod
+
+    class DeviceClient(NumPyClient):
+        def __init__(self, context: Any) -> None:
+            self.context = context
+            self.trainer = _trainer(_artifact_dir(settings, context))
+            self.names = list(self.trainer.tensors)
+
+        def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+            pid, x, y = _local_data(settings, self.context)
+            self.trainer.set_weights(dict(zip(self.names, parameters)))
+            losses = self.trainer.fit(x, y, epochs=int(config.get("local-epochs", 1)),
+                                      learning_rate=float(config.get("learning-rate", 0.05)),
+                                      seed=int(config.get("seed", 0)) * 100_003 + pid)
+            new = self.trainer.get_weights()
+            return [new[n] for n in self.names], len(x), {"train-loss": float(losses[-1])}
+
+    def client_fn(context: Any) -> Any:
+        return DeviceClient(context).to_client()
+
+    return LegacyClientApp(client_fn=client_fn, mods=[secaggplus_mod])

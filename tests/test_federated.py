@@ -134,6 +134,19 @@ def test_differential_privacy_clips_updates_and_reports_epsilon(fl_model, tmp_pa
         SimulationConfig(rounds=RoundSettings(dp_noise_multiplier=1.0, compress_updates=True))
 
 
+def test_secure_aggregation_server_sees_only_the_aggregate(fl_model, tmp_path):
+    result = simulate(fl_model, "digits", tmp_path / "secagg", progress=False, log=quiet,
+                      config=SimulationConfig(clients=4, secure_aggregation=True, rounds=RoundSettings(rounds=2)))
+    rounds = result.history[1:]
+    assert [h["round"] for h in rounds] == [1, 2]
+    # every result handed to the strategy carried the same unmasked sum, never a client's own update
+    assert all(h["distinct_updates_seen_by_server"] == 1 for h in rounds)
+    assert rounds[-1]["accuracy"] > result.history[0]["accuracy"]
+    assert (tmp_path / "secagg" / "final" / "model.tflite").is_file()
+    with pytest.raises(InputError, match="cannot be combined with --compress-updates"):
+        SimulationConfig(clients=4, secure_aggregation=True, rounds=RoundSettings(compress_updates=True))
+
+
 def test_every_strategy_is_registered_and_validated():
     for name in STRATEGIES:
         strategy = make_strategy(name, fraction=1.0, min_nodes=2, proximal_mu=0.1, trim_beta=0.2)

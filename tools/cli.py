@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="differential privacy: client-side clipping + Gaussian noise with this multiplier")
     sim.add_argument("--dp-clip", type=float, default=1.0, help="L2 clipping norm of each update (default 1.0)")
     sim.add_argument("--dp-delta", type=float, default=1e-5, help="delta of the reported (epsilon, delta)")
+    sim.add_argument("--secagg", action="store_true",
+                     help="secure aggregation (SecAgg+): the server sees only the sum of the masked updates")
     sim.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--quiet", action="store_true")
@@ -164,7 +166,7 @@ def cmd_fl_simulate(args: argparse.Namespace) -> int:
                            min_fraction=args.min_fraction, compress_updates=args.compress_updates, seed=args.seed,
                            dp_noise_multiplier=args.dp_noise, dp_clipping_norm=args.dp_clip, dp_delta=args.dp_delta)
     config = SimulationConfig(clients=args.clients, partition=args.partition, rounds=rounds,
-                              batch_size=args.batch_size, resume=args.resume)
+                              batch_size=args.batch_size, resume=args.resume, secure_aggregation=args.secagg)
     result = simulate(args.model, args.data, args.out, config=config, progress=not args.quiet,
                       log=lambda line: print(line, flush=True))
     print(f"wrote {result.out}: history.json, accuracy.png, checkpoints/, final/ (int8 model.tflite + manifest)")

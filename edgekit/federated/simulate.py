@@ -35,6 +35,7 @@ class SimulationConfig:
     resume: bool = False
     faults: dict[int, str] = field(default_factory=dict)
     audit_dir: str | None = None
+    secure_aggregation: bool = False  # SecAgg+ (Flower's legacy fit workflow); see edgekit.federated.secagg
 
     def __post_init__(self) -> None:
         if self.clients < 2:
@@ -48,6 +49,16 @@ class SimulationConfig:
             raise InputError(f"unknown strategy {self.rounds.strategy!r}; valid: {', '.join(STRATEGIES)}")
         if not 0 < self.rounds.fraction <= 1 or not 0 < self.rounds.min_fraction <= 1:
             raise InputError("--fraction and --min-fraction must be in (0, 1]")
+        if self.secure_aggregation:
+            clash = [name for name, on in (("--compress-updates", self.rounds.compress_updates),
+                                            ("--dp", self.rounds.dp_noise_multiplier is not None),
+                                            ("--resume", self.resume),
+                                            ("--strategy " + self.rounds.strategy, self.rounds.strategy != "fedavg"))
+                     if on]
+            if clash:
+                raise InputError(f"--secagg runs FedAvg on masked updates; it cannot be combined with {clash[0]}")
+            if self.clients < 3:
+                raise InputError("--secagg needs at least 3 clients (secret sharing)")
         if self.rounds.dp_noise_multiplier is not None:
             if not self.rounds.dp_noise_multiplier > 0 or not self.rounds.dp_clipping_norm > 0:
                 raise InputError("--dp-noise and --dp-clip must be > 0")
@@ -106,6 +117,9 @@ def simulate(model: Any, data: str | Path | Dataset, out: str | Path, *, config:
 
     from device_agents.client_app import ClientSettings, make_client_app
 
+    if config.secure_aggregation:
+        return _simulate_secagg(config, out, evaluator, initial, parts, loaded, dataset, data_dir, trainable_dir,
+                                progress, log)
     server_app = ServerApp()
 
     @server_app.main()
@@ -162,6 +176,33 @@ def close_the_loop(model: Any, weights: dict[str, np.ndarray], dataset: Dataset,
                       config=CompressConfig(recipe=Recipe(quantize="int8"), formats="tflite"))
     art = result.selected.artifacts[0]
     return {"bytes": art.bytes, "accuracy": art.accuracy}
+
+
+def _simulate_secagg(config: SimulationConfig, out: Path, evaluator: Any, initial: dict[str, np.ndarray], parts: Any,
+                     loaded: Any, dataset: Dataset, data_dir: Path, trainable_dir: Path, progress: bool,
+                     log: Any) -> FederatedResult:
+    from device_agents.client_app import ClientSettings, make_secagg_client_app
+    from edgekit.federated.secagg import make_secagg_server_app
+
+    outcome: dict[str, Any] = {}
+    names = list(evaluator.tensors)
+    server_app = make_secagg_server_app(settings=config.rounds, names=names, initial=initial, evaluator=evaluator,
+                                        eval_x=parts.evaluation.x, eval_y=parts.evaluation.y, clients=config.clients,
+                                        log=log, outcome=outcome)
+    client_app = make_secagg_client_app(ClientSettings(str(trainable_dir), str(data_dir)))
+    _run_simulation(server_app, client_app, config.clients)
+    if "error" in outcome:
+        raise EdgeKitError(f"the secure-aggregation run failed: {outcome['error']}")
+    if "history" not in outcome:
+        raise EdgeKitError("the secure-aggregation run ended without a result; see the Flower log above")
+    history = outcome["history"]
+    write_atomic(out / "history.json", json.dumps({"config": _config_dict(config), "rounds": history},
+                                                  indent=2).encode())
+    plot_history(history, out / "accuracy.png")
+    final = close_the_loop(loaded.model, outcome["weights"], dataset, out / "final", progress=progress)
+    log(f"final global model: int8 TFLite {final['bytes']:,} bytes, accuracy {final['accuracy']:.2f}% "
+        f"-> {out / 'final'}")
+    return FederatedResult(out, history, history[-1]["accuracy"], outcome["weights"])
 
 
 @dataclass
