@@ -32,7 +32,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--clients", type=int, default=100)
-    parser.add_argument("--local-epochs", type=int, default=3)
+    parser.add_argument("--local-epochs", type=int, default=5)
     args = parser.parse_args()
     from edgekit import zoo
     from edgekit.data import Dataset, load_digits, split
@@ -75,7 +75,8 @@ def main() -> int:
     cost = runs["FedAvg float32"][-1]["accuracy"] - runs["FedAvg + int8 deltas"][-1]["accuracy"]
     body = "\n".join([
         "## Federated learning (`benchmarks/federated.py`)", "",
-        f"Command: `.venv/bin/python benchmarks/federated.py --rounds {args.rounds} --clients {args.clients}`. "
+        f"Command: `.venv/bin/python benchmarks/federated.py --rounds {args.rounds} --clients {args.clients} "
+        f"--local-epochs {args.local_epochs}`. "
         f"Machine: {machine()}.", "",
         f"Targets (issue): {TARGETS}.", "",
         f"Digits CNN, {args.clients} simulated clients (Flower simulation engine, Ray, 2 actors), Dirichlet(0.5) "

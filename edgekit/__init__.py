@@ -24,6 +24,9 @@ from edgekit.errors import (
     UnsupportedLayerError,
     VerificationError,
 )
+from edgekit.federated.deploy import DeployConfig, up
+from edgekit.federated.server_app import RoundSettings
+from edgekit.federated.simulate import FederatedResult, SimulationConfig, simulate
 from edgekit.inspect import inspect_artifact
 from edgekit.models import LoadedModel, load_model
 
@@ -36,7 +39,9 @@ __all__ = [
     "ConversionError",
     "DataError",
     "Dataset",
+    "DeployConfig",
     "EdgeKitError",
+    "FederatedResult",
     "Format",
     "InputError",
     "LoadedModel",
@@ -44,6 +49,8 @@ __all__ = [
     "OutputError",
     "Quantization",
     "Recipe",
+    "RoundSettings",
+    "SimulationConfig",
     "SizeMetric",
     "TrainableConfig",
     "TrainableResult",
@@ -57,4 +64,6 @@ __all__ = [
     "load_data",
     "load_digits",
     "load_model",
+    "simulate",
+    "up",
 ]

@@ -20,7 +20,7 @@ from edgekit.data import Dataset, Splits, fit_to_model, load_data, split
 from edgekit.errors import BudgetError, EdgeKitError
 from edgekit.export import exporter
 from edgekit.export.verify import float_tolerance, verify
-from edgekit.models import LoadedModel, load_model
+from edgekit.models import LoadedModel, ends_in_softmax, load_model
 
 
 @dataclass
@@ -209,7 +209,7 @@ class _CandidateRunner:
 
         base, key = self._base(recipe)
         sparsity: dict[str, float] = {}
-        probabilities = _ends_in_softmax(base)
+        probabilities = ends_in_softmax(base)
         if recipe.prunes:
             pkey = (*key, "prune", recipe.prune, recipe.structured)
             if pkey not in self._cache:
@@ -253,12 +253,6 @@ class _CandidateRunner:
         if key not in self._cache:
             self._cache[key] = (predict(model, self.splits.evaluation.x), model)  # keep model alive: id stays
         return self._cache[key][0]
-
-
-def _ends_in_softmax(model: Any) -> bool:
-    from edgekit.models import _ends_in_softmax as ends
-
-    return ends(model)
 
 
 def _select(candidates: list[CandidateResult], config: CompressConfig) -> CandidateResult | None:

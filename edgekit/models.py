@@ -51,7 +51,7 @@ class LoadedModel:
     @property
     def outputs_probabilities(self) -> bool:
         """True when the model ends in a softmax (outputs probabilities, not logits)."""
-        return _ends_in_softmax(self.model)
+        return ends_in_softmax(self.model)
 
     @property
     def params(self) -> int:
@@ -211,7 +211,8 @@ def _check_outputs(model: Any) -> None:
         )
 
 
-def _ends_in_softmax(model: Any) -> bool:
+def ends_in_softmax(model: Any) -> bool:
+    """True when the model's last layer is a softmax (it outputs probabilities, not logits)."""
     layer = model.layers[-1]
     while hasattr(layer, "layers") and layer.layers:  # a nested model at the end
         layer = layer.layers[-1]

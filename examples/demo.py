@@ -27,14 +27,14 @@ def sh(*args: str) -> None:
 def train(out: Path) -> Path:
     """Train the digits CNN on the fine-tune/calibration parts; the evaluation part stays unseen."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import numpy as np
+
     from edgekit import zoo
     from edgekit.data import Dataset, load_digits, split
 
-    data = load_digits()
-    parts = split(data, seed=0)  # the same seeded split `edgekit compress --data digits` makes
-    train_set = Dataset(
-        *(__import__("numpy").concatenate([a, b]) for a, b in
-          ((parts.finetune.x, parts.calibration.x), (parts.finetune.y, parts.calibration.y))), "digits-train")
+    parts = split(load_digits(), seed=0)  # the same seeded split `edgekit compress --data digits` makes
+    train_set = Dataset(np.concatenate([parts.finetune.x, parts.calibration.x]),
+                        np.concatenate([parts.finetune.y, parts.calibration.y]), "digits-train")
     start = time.perf_counter()
     model = zoo.train(zoo.digits_cnn(), train_set, epochs=25)
     print(f"trained the digits CNN on {len(train_set)} samples on the {zoo.device_name()} "

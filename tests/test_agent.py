@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,4 +238,3 @@ def test_tflite_runtime_trains_the_trainable_artifact(cnn_path, digits, tmp_path
     assert proc.returncode == 0, proc.stderr
     runtime, loss = proc.stdout.split()
     assert runtime == "tflite-runtime" and np.isfinite(float(loss))
-    _ = Path

@@ -227,3 +227,36 @@ def test_strangers_cannot_join_a_tls_superlink_with_node_auth(tmp_path):
         assert "SuperNode ID" not in log and no_key.returncode not in (None, 0), log[-1500:]
     finally:
         procs.stop()
+
+
+def test_resume_after_the_server_process_is_killed(fl_model, tmp_path):
+    """SIGKILL the server mid-run once round 1 is checkpointed; --resume continues without losing it."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import BIN, ROOT
+
+    out = tmp_path / "crash"
+    args = [str(BIN / "edgekit"), "fl", "simulate", "--model", str(fl_model), "--clients", "3", "--rounds", "3",
+            "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    state = out / "checkpoints" / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["round"] >= 1:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = json.loads(state.read_text())["round"]
+    assert 1 <= done < 3 and not (out / "history.json").exists()
+    resumed = run_cli("fl", "simulate", "--model", str(fl_model), "--clients", "3", "--rounds", "3",
+                      "--out", str(out), "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr[-1500:]
+    assert f"resuming after round {done}" in resumed.stdout
+    history = json.loads((out / "history.json").read_text())["rounds"]
+    assert [h["round"] for h in history] == [0, 1, 2, 3]
+    assert (out / "final" / "model.tflite").is_file()

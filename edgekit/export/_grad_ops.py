@@ -93,20 +93,30 @@ def _windowed(x: Any, w: Any, strides: tuple[int, int], pads: tuple[tuple[int, i
 
 
 def conv2d(x: Any, w: Any, strides: tuple[int, int], pads: tuple[tuple[int, int], tuple[int, int]]) -> Any:
-    """Convolution; per offset, the kernel gradient is a matmul of the window and the output gradient."""
+    """Convolution. Kernel gradient: one im2col matmul (windows concatenated along channels);
+    input gradient: TRANSPOSE_CONV of the output gradient (a builtin)."""
     tf = _tf.tf()
-    cin, cout = w.shape[2], w.shape[3]
+    sh, sw = strides
+    (pt, pb), (pl, pr) = pads
 
-    def weight_grad(window: Any, g: Any) -> Any:
-        return tf.matmul(tf.transpose(tf.reshape(window, [-1, cin])), tf.reshape(g, [-1, cout]))
+    @tf.custom_gradient
+    def f(x: Any, w: Any) -> Any:
+        xp = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]])
+        y = tf.nn.conv2d(xp, w, strides=[1, sh, sw, 1], padding="VALID")
 
-    def input_grad(g: Any, w_ij: Any) -> Any:
-        n, oh, ow, _ = g.shape
-        return tf.reshape(tf.matmul(tf.reshape(g, [-1, cout]), tf.transpose(w_ij)), [n, oh, ow, cin])
+        def grad(g: Any) -> Any:
+            kh, kw, cin, cout = w.shape
+            n, oh, ow, _ = g.shape
+            windows = [_window(xp, i, j, oh, ow, sh, sw) for i in range(kh) for j in range(kw)]
+            patches = tf.reshape(tf.concat(windows, axis=-1), [-1, kh * kw * cin])
+            dw = tf.reshape(tf.matmul(tf.transpose(patches), tf.reshape(g, [-1, cout])), [kh, kw, cin, cout])
+            dxp = tf.nn.conv2d_transpose(g, w, output_shape=[n, xp.shape[1], xp.shape[2], cin],
+                                         strides=[1, sh, sw, 1], padding="VALID")
+            return dxp[:, pt:pt + x.shape[1], pl:pl + x.shape[2], :], dw
 
-    return _windowed(x, w, strides, pads,
-                     lambda xp, w: tf.nn.conv2d(xp, w, strides=[1, *strides, 1], padding="VALID"),
-                     weight_grad, input_grad)
+        return y, grad
+
+    return f(x, w)
 
 
 def depthwise_conv2d(x: Any, w: Any, strides: tuple[int, int], pads: tuple[tuple[int, int], tuple[int, int]]) -> Any:

@@ -24,7 +24,6 @@ import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -229,12 +228,9 @@ def _graph(model: Any) -> list[tuple[Any, list[str]]]:
 
 def build_nodes(model: Any) -> list[_Node]:
     """Trainable nodes of ``model`` in order; raises for the first layer that cannot be trained."""
-    from edgekit.layers import iter_layers
-
     if any(hasattr(layer, "layers") for layer in model.layers):
         nested = next(layer for layer in model.layers if hasattr(layer, "layers"))
         raise _unsupported(nested, "a nested model (flatten it into one model first)")
-    del iter_layers
     graph = _graph(model)
     nodes = []
     last_name = graph[-1][0].name
@@ -401,7 +397,3 @@ def reference_step(model: Any, x: np.ndarray, y: np.ndarray, *, learning_rate: f
     keys = list(weights)
     grads = tape.gradient(loss, [weights[k] for k in keys])
     return {k: weights[k].numpy() - learning_rate * g.numpy() for k, g in zip(keys, grads)}
-
-
-def write_model_file(path: Path, data: bytes) -> None:
-    path.write_bytes(data)
