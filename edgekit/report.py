@@ -106,12 +106,15 @@ def _plot_size_accuracy(result: Any, path: Path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     metric = result.config.select_by.value
+    labelled = set()
     for fmt, marker in (("tflite", "o"), ("onnx", "s")):
         pts = [(getattr(a, metric) / 1024, a.accuracy, c) for c, a in points if a.format.value == fmt]
         if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=fmt, s=50)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=fmt, s=50, alpha=0.8)
             for size, acc, cand in pts:
-                ax.annotate(cand.recipe.name, (size, acc), fontsize=7, xytext=(4, 3), textcoords="offset points")
+                if cand.recipe.name not in labelled:  # one label per recipe, beside its first point
+                    labelled.add(cand.recipe.name)
+                    ax.annotate(cand.recipe.name, (size, acc), fontsize=7, xytext=(5, 4), textcoords="offset points")
     ax.axhline(result.source["accuracy"], color="gray", linestyle="--", linewidth=1, label="source")
     if result.config.max_accuracy_drop is not None:
         ax.axhline(result.source["accuracy"] - result.config.max_accuracy_drop, color="red", linestyle=":",
@@ -121,6 +124,11 @@ def _plot_size_accuracy(result: Any, path: Path) -> bool:
             ax.scatter([getattr(a, metric) / 1024], [a.accuracy], s=180, facecolors="none", edgecolors="green",
                        linewidths=2)
     ax.set_xscale("log")
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel(f"{'gzip' if metric == 'gzip_bytes' else 'file'} size (KiB, log scale)")
     ax.set_ylabel("accuracy in its runtime (%)")
     ax.set_title("Candidates: size vs accuracy (circled: selected)")

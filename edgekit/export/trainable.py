@@ -339,7 +339,20 @@ def _logits_of(node: _Node, xs: list[Any], ws: list[Any]) -> Any:
 
 def convert(module: Any) -> bytes:
     """Convert the module's four signatures with TFLITE_BUILTINS only."""
+    import absl.logging
+
     tf = _tf.tf()
+    verbosity = absl.logging.get_verbosity()
+    # the SavedModel is written without its custom gradients on purpose (the converter needs only the
+    # forward graphs of the signatures); silence TensorFlow's warning about them while converting
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    try:
+        return _convert(tf, module)
+    finally:
+        absl.logging.set_verbosity(verbosity)
+
+
+def _convert(tf: Any, module: Any) -> bytes:
     with tempfile.TemporaryDirectory(prefix="edgekit-trainable-") as tmp:
         signatures = {name: getattr(module, name).get_concrete_function() for name in SIGNATURES}
         tf.saved_model.save(module, tmp, signatures=signatures,

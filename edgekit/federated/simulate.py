@@ -249,8 +249,8 @@ def _run_simulation(server_app: Any, client_app: Any, clients: int) -> None:
 
     from flwr.simulation import run_simulation
 
-    flower = logging.getLogger("flwr")  # edgekit prints its own line per round
-    flower.setLevel(logging.WARNING)
+    flower = logging.getLogger("flwr")  # edgekit prints its own line per round; Flower's errors still show
+    flower.setLevel(logging.ERROR)
     flower.propagate = False
 
     temp = tempfile.mkdtemp(prefix="edgekit-ray-")
