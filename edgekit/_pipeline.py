@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from edgekit._progress import Progress
 from edgekit.compress._training import accuracy, predict
 from edgekit.config import CompressConfig, Format, Quantization, Recipe
 from edgekit.data import Dataset, Splits, fit_to_model, load_data, split
-from edgekit.errors import BudgetError, EdgeKitError
+from edgekit.errors import BudgetError, ConversionError, EdgeKitError
 from edgekit.export import exporter
 from edgekit.export.verify import float_tolerance, verify
 from edgekit.models import LoadedModel, ends_in_softmax, load_model
@@ -171,10 +172,20 @@ class _CandidateRunner:
         start = time.perf_counter()
         result = CandidateResult(recipe)
         try:
-            model, float_model, result.layer_sparsity = self._keras_model(recipe)
-            result.params = int(float_model.count_params())
-            result.keras_model = float_model
-            result.artifacts = [self._export(model, float_model, recipe, fmt) for fmt in self.config.formats]
+            try:
+                model, float_model, result.layer_sparsity = self._keras_model(recipe)
+                result.params = int(float_model.count_params())
+                result.keras_model = float_model
+                result.artifacts = [self._export(model, float_model, recipe, fmt) for fmt in self.config.formats]
+            except EdgeKitError:
+                raise
+            except Exception as exc:  # a library (tfmot, a converter) failed on this model and recipe
+                if os.environ.get("EDGEKIT_DEBUG") == "1":
+                    raise
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+                reason = next((line for line in reversed(lines) if "Error" in line or "not supported" in line),
+                              lines[0] if lines else "")
+                raise ConversionError(f"{recipe.name} failed: {type(exc).__name__}: {reason[:240]}") from None
         except EdgeKitError as exc:
             if not keep_going:
                 raise

@@ -203,11 +203,11 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"edgekit {__version__}")
         return 0
+    if args.command == "fl" and not getattr(args, "fl_command", None):
+        parser.parse_args(["fl", "--help"])  # prints the fl subcommands and exits
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if args.command == "fl" and not getattr(args, "fl_command", None):
-        parser.parse_args(["fl", "--help"])
     quiet_native_logs()
     from edgekit.errors import EdgeKitError
 

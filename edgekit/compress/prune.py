@@ -15,6 +15,7 @@ from edgekit.data import Dataset
 from edgekit.errors import ConversionError
 from edgekit.layers import LAYERS
 
+M_BY_N_LAYERS = ("Conv2D", "Dense")  # the layers tfmot's m-by-n (2:4) pruning handles
 _KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings", "recurrent_kernel")
 
 
@@ -49,6 +50,9 @@ def prune(model: Any, data: Dataset, *, sparsity: float | None = None, structure
     def wrap(layer: Any) -> Any:
         entry = LAYERS.get(layer.__class__.__name__)
         if entry is None or not entry.prune:
+            return layer
+        if structured is not None and layer.__class__.__name__ not in M_BY_N_LAYERS:
+            skipped[layer.name] = f"{structured[0]}:{structured[1]} sparsity supports {', '.join(M_BY_N_LAYERS)} only"
             return layer
         try:
             return sparsity_api.prune_low_magnitude(layer, **params)
