@@ -36,10 +36,7 @@ def _onnx(model: Any, *, quantization: Quantization, calibration: np.ndarray, in
           sparse: bool, float_model: Any) -> tuple[bytes, list[str]]:
     from edgekit.export.onnx import to_onnx
 
-    data, notes = to_onnx(float_model, quantization=quantization, calibration=calibration)
-    if quantization is Quantization.QAT:
-        notes.append("ONNX: the QAT-tuned weights, quantized by onnxruntime static QDQ (per channel) "
-                     "with activation ranges from the calibration data")
+    data, notes = to_onnx(model, quantization=quantization, calibration=calibration)
     if int8_io and quantization in (Quantization.INT8, Quantization.QAT):
         notes.append("ONNX QDQ models keep float32 inputs/outputs; int8 I/O applies to TFLite only")
     return data, notes

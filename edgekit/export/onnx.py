@@ -20,9 +20,9 @@ def to_onnx(model: Any, *, quantization: Quantization, calibration: np.ndarray) 
     """Convert a tf-keras model to ONNX and quantize it as asked.
 
     int8: onnxruntime's static QDQ quantization, per channel, calibrated on ``calibration``
-    (after ``quant_pre_process``). QAT: ``model`` is the float twin of the QAT model (see
-    :func:`edgekit.compress.qat.float_twin`), quantized the same way: tf2onnx would keep the weights
-    float32, folding their fake-quant into constants.
+    (after ``quant_pre_process``). QAT: ``model`` is the QAT model itself; tf2onnx turns its
+    activation fake-quants into QDQ pairs with the learned ranges and folds the fake-quantized weights
+    into float constants, which :func:`int8_weights` stores as int8.
     dynamic: int8 weights. float16: onnxruntime's float16 converter, float32 I/O kept.
     """
     tf = _tf.tf()
@@ -34,6 +34,11 @@ def to_onnx(model: Any, *, quantization: Quantization, calibration: np.ndarray) 
     except Exception as exc:
         raise ConversionError(f"tf2onnx conversion failed: {str(exc).splitlines()[0][:300]}") from None
     notes: list[str] = []
+    if quantization is Quantization.QAT:
+        proto, left_float = int8_weights(proto)
+        if left_float:
+            notes.append(f"weights left float (not on an int8 grid): {', '.join(left_float)}")
+        return proto.SerializeToString(), notes
     if quantization is Quantization.NONE:
         return proto.SerializeToString(), notes
     if quantization is Quantization.FLOAT16:
@@ -82,3 +87,67 @@ def onnx_ops(data: bytes) -> list[str]:
 
     return [node.op_type for node in onnx.load_from_string(data).graph.node]
 
+
+
+GRID_TOLERANCE = 1e-3  # in quantization steps
+
+
+def int8_weights(proto: Any) -> tuple[Any, list[str]]:
+    """Store fake-quantized float weights of Conv/MatMul/Gemm as int8 behind DequantizeLinear.
+
+    A QAT model's weights already lie on a symmetric int8 grid: per output channel (tfmot's
+    conv kernels) or per tensor (dense kernels). The scale is recovered as max|w| / 127 and checked:
+    a weight that is on neither grid is left float and named in the returned list.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits = {init.name: init for init in graph.initializer}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    new_nodes, left_float = [], []
+    for node in graph.node:
+        if node.op_type in ("Conv", "MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in inits \
+                and users.get(node.input[1], 0) == 1:
+            name = node.input[1]
+            w = numpy_helper.to_array(inits[name]).astype(np.float32)
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            axis = 0 if node.op_type == "Conv" or trans_b else w.ndim - 1
+            q = _on_grid(w, axis)
+            if q is None:
+                left_float.append(name)
+            else:
+                values, scale = q
+                graph.initializer.remove(inits[name])
+                graph.initializer.extend([
+                    numpy_helper.from_array(values, f"{name}_int8"),
+                    numpy_helper.from_array(scale, f"{name}_scale"),
+                    numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{name}_zero_point")])
+                attrs = {"axis": axis} if scale.ndim == 1 else {}
+                new_nodes.append(helper.make_node(
+                    "DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"],
+                    [f"{name}_dequantized"], name=f"{name}_DequantizeLinear", **attrs))
+                node.input[1] = f"{name}_dequantized"
+        new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    onnx.checker.check_model(proto)
+    return proto, left_float
+
+
+def _on_grid(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(int8 values, scales) if ``w`` is symmetric int8 per channel along ``axis``, or per tensor."""
+    others = tuple(i for i in range(w.ndim) if i != axis)
+    for per_channel in (True, False):
+        peak = np.abs(w).max(axis=others) if per_channel else np.array(np.abs(w).max(), np.float32)
+        scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+        shape = [1] * w.ndim
+        if per_channel:
+            shape[axis] = -1
+        steps = w / scale.reshape(shape)
+        if np.abs(steps - np.round(steps)).max() <= GRID_TOLERANCE:
+            return np.clip(np.round(steps), -127, 127).astype(np.int8), scale
+    return None
