@@ -57,37 +57,25 @@ def relu(x: Any, max_value: float | None = None) -> Any:
     return f(x)
 
 
-def _windowed(x: Any, w: Any, strides: tuple[int, int], pads: tuple[tuple[int, int], tuple[int, int]],
-              forward: Callable[[Any, Any], Any], weight_grad: Callable[[Any, Any], Any],
-              input_grad: Callable[[Any, Any], Any]) -> Any:
-    """A VALID op over the explicitly padded input whose gradients are sums over kernel offsets.
+def _padded(x: Any, w: Any, pads: tuple[tuple[int, int], tuple[int, int]], forward: Callable[[Any, Any], Any],
+            backward: Callable[[Any, Any, Any], tuple[Any, Any]]) -> Any:
+    """A VALID op over the explicitly padded input with a hand-written backward pass.
 
-    ``weight_grad(window, g)`` gives the kernel gradient at one offset; ``input_grad(g, w[i, j])``
-    what that offset sends back to the input (scattered to its positions with :func:`_place`).
+    ``backward(xp, w, g)`` returns the gradients of the padded input and of the kernel; the
+    padding is cut off the input gradient here.
     """
     tf = _tf.tf()
-    sh, sw = strides
     (pt, pb), (pl, pr) = pads
 
     @tf.custom_gradient
     def f(x: Any, w: Any) -> Any:
         xp = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]])
-        y = forward(xp, w)
 
         def grad(g: Any) -> Any:
-            kh, kw = w.shape[0], w.shape[1]
-            oh, ow = g.shape[1], g.shape[2]
-            hp, wp = xp.shape[1], xp.shape[2]
-            dws, dxp = [], None
-            for i in range(kh):
-                for j in range(kw):
-                    dws.append(weight_grad(_window(xp, i, j, oh, ow, sh, sw), g))
-                    placed = _place(input_grad(g, w[i, j]), i, j, sh, sw, hp, wp)
-                    dxp = placed if dxp is None else dxp + placed
-            dw = tf.reshape(tf.stack(dws), w.shape)
+            dxp, dw = backward(xp, w, g)
             return dxp[:, pt:pt + x.shape[1], pl:pl + x.shape[2], :], dw
 
-        return y, grad
+        return forward(xp, w), grad
 
     return f(x, w)
 
@@ -97,38 +85,39 @@ def conv2d(x: Any, w: Any, strides: tuple[int, int], pads: tuple[tuple[int, int]
     input gradient: TRANSPOSE_CONV of the output gradient (a builtin)."""
     tf = _tf.tf()
     sh, sw = strides
-    (pt, pb), (pl, pr) = pads
 
-    @tf.custom_gradient
-    def f(x: Any, w: Any) -> Any:
-        xp = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]])
-        y = tf.nn.conv2d(xp, w, strides=[1, sh, sw, 1], padding="VALID")
+    def backward(xp: Any, w: Any, g: Any) -> tuple[Any, Any]:
+        kh, kw, cin, cout = w.shape
+        n, oh, ow, _ = g.shape
+        windows = [_window(xp, i, j, oh, ow, sh, sw) for i in range(kh) for j in range(kw)]
+        patches = tf.reshape(tf.concat(windows, axis=-1), [-1, kh * kw * cin])
+        dw = tf.reshape(tf.matmul(tf.transpose(patches), tf.reshape(g, [-1, cout])), [kh, kw, cin, cout])
+        dxp = tf.nn.conv2d_transpose(g, w, output_shape=[n, xp.shape[1], xp.shape[2], cin],
+                                     strides=[1, sh, sw, 1], padding="VALID")
+        return dxp, dw
 
-        def grad(g: Any) -> Any:
-            kh, kw, cin, cout = w.shape
-            n, oh, ow, _ = g.shape
-            windows = [_window(xp, i, j, oh, ow, sh, sw) for i in range(kh) for j in range(kw)]
-            patches = tf.reshape(tf.concat(windows, axis=-1), [-1, kh * kw * cin])
-            dw = tf.reshape(tf.matmul(tf.transpose(patches), tf.reshape(g, [-1, cout])), [kh, kw, cin, cout])
-            dxp = tf.nn.conv2d_transpose(g, w, output_shape=[n, xp.shape[1], xp.shape[2], cin],
-                                         strides=[1, sh, sw, 1], padding="VALID")
-            return dxp[:, pt:pt + x.shape[1], pl:pl + x.shape[2], :], dw
-
-        return y, grad
-
-    return f(x, w)
+    return _padded(x, w, pads, lambda xp, w: tf.nn.conv2d(xp, w, strides=[1, sh, sw, 1], padding="VALID"),
+                   backward)
 
 
 def depthwise_conv2d(x: Any, w: Any, strides: tuple[int, int], pads: tuple[tuple[int, int], tuple[int, int]]) -> Any:
-    """Depthwise convolution (depth multiplier 1); per offset, multiplies and sums."""
+    """Depthwise convolution (depth multiplier 1); per kernel offset, multiplies and sums."""
     tf = _tf.tf()
-    c = w.shape[2]
+    sh, sw = strides
 
-    return _windowed(
-        x, w, strides, pads,
-        lambda xp, w: tf.nn.depthwise_conv2d(xp, w, strides=[1, *strides, 1], padding="VALID"),
-        lambda window, g: tf.reshape(tf.reduce_sum(window * g, axis=[0, 1, 2]), [c, 1]),
-        lambda g, w_ij: g * tf.reshape(w_ij[:, 0], [1, 1, 1, c]))
+    def backward(xp: Any, w: Any, g: Any) -> tuple[Any, Any]:
+        kh, kw, c, _ = w.shape
+        oh, ow = g.shape[1], g.shape[2]
+        dws, dxp = [], None
+        for i in range(kh):
+            for j in range(kw):
+                dws.append(tf.reduce_sum(_window(xp, i, j, oh, ow, sh, sw) * g, axis=[0, 1, 2]))
+                placed = _place(g * tf.reshape(w[i, j, :, 0], [1, 1, 1, c]), i, j, sh, sw, xp.shape[1], xp.shape[2])
+                dxp = placed if dxp is None else dxp + placed
+        return dxp, tf.reshape(tf.stack(dws), w.shape)
+
+    return _padded(x, w, pads,
+                   lambda xp, w: tf.nn.depthwise_conv2d(xp, w, strides=[1, sh, sw, 1], padding="VALID"), backward)
 
 
 def max_pool(x: Any, pool: tuple[int, int], strides: tuple[int, int],
