@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Both set everything up on a fresh
 # machine with Python 3.11 and make: a .venv with the pinned server stack (requirements.lock).
+# Two distributions: edgekit-sdk (edgekit + tools, this folder) and edgekit-device-agent (device_agents/).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -8,25 +9,34 @@ STAMP := $(VENV)/.installed
 # A second, device-like environment: tflite-runtime 2.14 needs numpy < 2 (see README).
 TFLRT_VENV := .venv-tflite-runtime
 TFLRT_STAMP := $(TFLRT_VENV)/.installed
+DEVICE_SOURCES := $(wildcard device_agents/*.py) device_agents/pyproject.toml
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export TF_CPP_MIN_LOG_LEVEL := 3
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench dist clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml device_agents/pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24" setuptools wheel
-	$(BIN)/python -m pip install -q -c requirements.lock -e ".[server,dev]"
+	$(BIN)/python -m pip install -q -c requirements.lock -e ./device_agents -e ".[dev]"
 	touch $(STAMP)
 
-$(TFLRT_STAMP): pyproject.toml
-	test -x $(TFLRT_VENV)/bin/python || $(PYTHON) -m venv $(TFLRT_VENV)
-	$(TFLRT_VENV)/bin/python -m pip install -q "numpy<2" "tflite-runtime==2.14.0"
-	$(TFLRT_VENV)/bin/python -m pip install -q --no-deps -e .
+# Both wheels: dist/edgekit_sdk-*.whl (server) and dist/edgekit_device_agent-*.whl (device).
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w dist ./device_agents .
+	rm -rf build device_agents/build
+
+# A device-like environment: the device wheel installed as a device installs it, next to tflite-runtime.
+$(TFLRT_STAMP): $(DEVICE_SOURCES) pyproject.toml
+	$(MAKE) dist
+	rm -rf $(TFLRT_VENV)
+	$(PYTHON) -m venv $(TFLRT_VENV)
+	$(TFLRT_VENV)/bin/python -m pip install -q "numpy<2" "tflite-runtime==2.14.0" dist/edgekit_device_agent-*.whl
 	touch $(TFLRT_STAMP)
 
 demo: $(STAMP)
@@ -45,4 +55,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/federated.py
 
 clean:
-	rm -rf $(VENV) $(TFLRT_VENV) demo_out
+	rm -rf $(VENV) $(TFLRT_VENV) demo_out dist build

@@ -37,8 +37,9 @@ def recipes():
 
 def bench_model(name, model, data, epochs, finetune_epochs, workdir):
     from device_agents import Model
-    from edgekit import CompressConfig, TrainingConfig, compress, zoo
-    from edgekit.data import Dataset, split
+    from edgekit import CompressConfig, TrainingConfig, compress
+    from edgekit.loading import zoo
+    from edgekit.loading.data import Dataset, split
 
     parts = split(data, seed=0)
     train = Dataset(np.concatenate([parts.finetune.x, parts.calibration.x]),
@@ -86,7 +87,8 @@ def main() -> int:
     args = parser.parse_args()
     import tempfile
 
-    from edgekit import load_digits, zoo
+    from edgekit import load_digits
+    from edgekit.loading import zoo
 
     sections = []
     with tempfile.TemporaryDirectory() as workdir:

@@ -34,10 +34,10 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--local-epochs", type=int, default=5)
     args = parser.parse_args()
-    from edgekit import zoo
-    from edgekit.data import Dataset, load_digits, split
-    from edgekit.federated.server_app import RoundSettings
+    from edgekit.federated.config import Partition, PartitionScheme, RoundSettings
     from edgekit.federated.simulate import SimulationConfig, simulate
+    from edgekit.loading import zoo
+    from edgekit.loading.data import Dataset, load_digits, split
 
     data = load_digits()
     parts = split(data, seed=0)
@@ -55,8 +55,10 @@ def main() -> int:
 
     runs = {}
     for label, compress in (("FedAvg float32", False), ("FedAvg + int8 deltas", True)):
-        config = SimulationConfig(clients=args.clients, partition="dirichlet:0.5", batch_size=16, rounds=RoundSettings(
-            rounds=args.rounds, local_epochs=args.local_epochs, learning_rate=0.05, compress_updates=compress))
+        config = SimulationConfig(
+            clients=args.clients, partition=Partition(PartitionScheme.DIRICHLET, 0.5), batch_size=16,
+            rounds=RoundSettings(rounds=args.rounds, local_epochs=args.local_epochs, learning_rate=0.05,
+                                 compress_updates=compress))
         result = simulate(work / "start.keras", "digits", work / label.replace(" ", "_").replace("+", ""),
                           config=config, progress=False, log=lambda line: print(line, flush=True))
         runs[label] = result.history

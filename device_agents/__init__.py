@@ -1,20 +1,33 @@
-"""edgekit's device agent: run, verify and train edgekit artifacts with LiteRT or onnxruntime.
+"""edgekit's device agent: run, verify, install and train edgekit artifacts with LiteRT,
+tflite-runtime or onnxruntime.
 
-Never imports TensorFlow. Importing this package imports only numpy; runtimes load on first use.
+Never imports TensorFlow, nor anything of ``edgekit`` or ``tools``: it is its own distribution
+(``edgekit-device-agent``). Importing this package imports only numpy; runtimes load on first use.
+
+>>> from device_agents import Model
+>>> model = Model.load("out/model.tflite")          # doctest: +SKIP
 """
 
 from device_agents.errors import AgentError, ArtifactError, InputMismatchError, InstallError, IntegrityError
+from device_agents.exit_codes import ExitCode
 from device_agents.runtime import ArtifactFormat, Model, Runtime, TensorSpec, available_runtimes
+from device_agents.store import ModelStore
+from device_agents.telemetry import Telemetry
+from device_agents.training import Trainer
 
 __all__ = [
     "AgentError",
     "ArtifactError",
     "ArtifactFormat",
+    "ExitCode",
     "InputMismatchError",
     "InstallError",
     "IntegrityError",
     "Model",
+    "ModelStore",
     "Runtime",
+    "Telemetry",
     "TensorSpec",
+    "Trainer",
     "available_runtimes",
 ]

@@ -9,19 +9,23 @@ import sys
 import time
 from pathlib import Path
 
-from tools._console import OneLineParser, quiet_native_logs, run
+from device_agents.console import OneLineParser, quiet_native_logs, run
+from device_agents.exit_codes import ExitCode
+from device_agents.runtime import Runtime
 
 _T0 = time.perf_counter()
+RUNTIMES = tuple(r.value for r in Runtime)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="edgekit-agent", description="Run edgekit artifacts with LiteRT or onnxruntime.")
+    parser = OneLineParser(prog="edgekit-agent", description="Run edgekit artifacts with LiteRT or onnxruntime.",
+                          exit_codes=True)
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", required=True,
                        help="an artifact file, an edgekit output folder (hash-checked), or a store root")
-        p.add_argument("--runtime", choices=("litert", "tflite-runtime", "onnxruntime"), help="force a runtime")
+        p.add_argument("--runtime", choices=RUNTIMES, help="force a runtime")
         p.add_argument("--threads", type=int, help="interpreter threads")
 
     p = sub.add_parser("predict", help="run samples from an .npz through the model")
@@ -41,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("install", help="verify and atomically install a model version into a store")
     i.add_argument("--model", required=True, help="an edgekit output folder")
     i.add_argument("--store", required=True, help="the store root folder")
-    i.add_argument("--runtime", choices=("litert", "tflite-runtime", "onnxruntime"))
+    i.add_argument("--runtime", choices=RUNTIMES)
     i.set_defaults(func=cmd_install)
 
     r = sub.add_parser("rollback", help="make the previous installed version current again")
@@ -69,7 +73,7 @@ def _load_x(path: str):  # noqa: ANN202
 
     import numpy as np
 
-    from device_agents.errors import InputMismatchError
+    from device_agents.errors import InputMismatchError, first_line
 
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -77,41 +81,51 @@ def _load_x(path: str):  # noqa: ANN202
                 raise InputMismatchError(f"{path} has no array 'x' (it has: {', '.join(npz.files) or 'none'})")
             return npz["x"]
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise InputMismatchError(f"cannot read {path}: {str(exc).splitlines()[0][:200]}") from None
+        raise InputMismatchError(f"cannot read {path}: {first_line(exc, limit=200)}") from None
+
+
+def _check_output(path: Path) -> None:
+    """Refuse an output path that cannot be written, before any inference runs."""
+    from device_agents.errors import InputMismatchError
+
+    if path.is_dir():
+        raise InputMismatchError(f"--output {path} is a folder; give a file path ending in .npy")
+    if not path.parent.is_dir():
+        raise InputMismatchError(f"the folder of --output {path} does not exist; create {path.parent} first")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise InputMismatchError(f"cannot write --output {path}: {path.parent} is not writable")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    import io
+
     import numpy as np
 
+    from device_agents.files import write_atomic
     from device_agents.telemetry import Telemetry
 
+    out = Path(args.output)
+    _check_output(out)
     model, version = _open(args.model, args.runtime, args.threads)
     x = _load_x(args.input)
     telemetry = Telemetry(model_version=version)
     with telemetry.measure(samples=len(x)):
         y = model.predict(x)
-    out = Path(args.output)
-    tmp = out.with_name(f".{out.name}.partial.npy")
-    np.save(tmp, y.astype(np.float32))
-    os.replace(tmp, out)
+    buffer = io.BytesIO()
+    np.save(buffer, y.astype(np.float32))
+    write_atomic(out, buffer.getvalue())
     if args.telemetry:
         telemetry.write(args.telemetry)
     print(f"{len(y)} predictions -> {out} ({model.runtime.value}, {model.format.value})")
-    return 0
+    return int(ExitCode.SUCCESS)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import numpy as np
 
     from device_agents.telemetry import Telemetry, peak_rss_mib
 
     model, version = _open(args.model, args.runtime, args.threads)
-    spec = model.inputs[0]
-    if args.input:
-        sample = _load_x(args.input)[:1]
-    else:
-        shape = [1, *(d if d > 0 else 1 for d in spec.shape[1:])]
-        sample = np.zeros(shape, np.int64 if "int" in spec.dtype and spec.scale is None else np.float32)
+    sample = _load_x(args.input)[:1] if args.input else model.example_input()
     model.predict(sample)
     first = time.perf_counter() - _T0
     telemetry = Telemetry(model_version=version)
@@ -129,7 +143,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"{report['runtime']} {report['format']} ({report['model_bytes']:,} bytes): cold start "
               f"{report['cold_start_s']:.3f} s, latency p50 {lat['p50']:.4f} ms, p90 {lat['p90']:.4f} ms, "
               f"p99 {lat['p99']:.4f} ms, peak RSS {report['peak_rss_mib']} MiB")
-    return 0
+    return int(ExitCode.SUCCESS)
 
 
 def _process_age_at_import() -> float:
@@ -151,7 +165,7 @@ def cmd_install(args: argparse.Namespace) -> int:
     target = store.install(args.model, runtime=args.runtime)
     print(f"installed {target.name} as current in {args.store}"
           + (f" (previous: {before.name})" if before and before != target else ""))
-    return 0
+    return int(ExitCode.SUCCESS)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -159,7 +173,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
     target = ModelStore(args.store).rollback()
     print(f"rolled back: current is {target.name}")
-    return 0
+    return int(ExitCode.SUCCESS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return int(ExitCode.BAD_INPUT)
     from device_agents.errors import AgentError
 
     quiet_native_logs()

@@ -15,6 +15,7 @@ Message protocol (Flower Message API):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -26,26 +27,38 @@ from device_agents.training import Trainer
 _TRAINERS: dict[str, Trainer] = {}
 
 
+class Fault(str, Enum):
+    """A rehearsed client fault (tests and drills): what a faulty device does in a train round."""
+
+    CRASH = "crash"   # raises: the round sees an error reply (a dropout)
+    NAN = "nan"       # replies with NaN weights
+    SHAPE = "shape"   # replies with wrongly shaped tensors
+
+
 @dataclass(frozen=True)
 class ClientSettings:
     """Where a client finds its artifact and its private data.
 
     ``data_dir`` holds ``<partition-id>.npz`` files (x, y); a real device points at its own file.
-    ``faults`` maps a partition id to ``"crash"``, ``"nan"`` or ``"shape"`` to rehearse faulty clients.
+    ``faults`` maps a partition id to a :class:`Fault` to rehearse faulty clients.
     ``audit_dir`` keeps a copy of every outgoing reply (arrays and records), so a device owner can
     check what left the device.
     """
 
     artifact_dir: str | None = None  # None: read "artifact-dir" from the SuperNode's --node-config
     data_dir: str | None = None      # None: read "data-dir" from the SuperNode's --node-config
-    faults: dict[int, str] = field(default_factory=dict)
+    faults: dict[int, Fault] = field(default_factory=dict)
     audit_dir: str | None = None  # when set, every reply this client sends is also written here
     clip_updates: bool = False    # differential privacy: Flower's fixedclipping_mod clips each update
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "faults", {int(k): Fault(v) for k, v in self.faults.items()})
 
 
 def _trainer(artifact_dir: str) -> Trainer:
     if artifact_dir not in _TRAINERS:  # one interpreter per process, reused across rounds
-        _TRAINERS[artifact_dir] = Trainer.load(artifact_dir, runtime="litert", num_threads=1)
+        # the runtime is picked as the agent picks it: LiteRT, else tflite-runtime
+        _TRAINERS[artifact_dir] = Trainer.load(artifact_dir, num_threads=1)
     return _TRAINERS[artifact_dir]
 
 
@@ -101,11 +114,11 @@ def make_client_app(settings: ClientSettings) -> Any:
         _, accuracy = trainer.evaluate(x, y)
         new = trainer.get_weights()
         fault = settings.faults.get(pid)
-        if fault == "crash":
+        if fault is Fault.CRASH:
             raise RuntimeError(f"client {pid}: simulated crash")
-        if fault == "nan":
+        if fault is Fault.NAN:
             new = {k: np.full_like(v, np.nan) for k, v in new.items()}
-        if fault == "shape":
+        if fault is Fault.SHAPE:
             new = {k: v[..., :1] if v.ndim else v for k, v in new.items()}
         content = RecordDict({"metrics": MetricRecord({"num-examples": len(x), "train-loss": float(losses[-1]),
                                                       "train-accuracy": float(accuracy)})})

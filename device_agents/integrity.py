@@ -17,6 +17,9 @@ from device_agents.errors import ArtifactError, IntegrityError
 from device_agents.runtime import ArtifactFormat, Runtime, available_runtimes
 
 MANIFEST = "manifest.json"
+"""The file name of the manifest in every edgekit output folder."""
+SCHEMA_VERSION = 1
+"""The manifest schema this agent reads (inference and trainable manifests share it)."""
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.errors import ArtifactError, InputMismatchError
+from device_agents.errors import ArtifactError, InputMismatchError, first_line
 
 
 class Runtime(str, Enum):
@@ -140,8 +140,7 @@ class Model:
         except ArtifactError:
             raise
         except Exception as exc:  # interpreters raise RuntimeError/ValueError/their own types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ArtifactError(f"{chosen.value} cannot load the artifact: {first[:300]}") from None
+            raise ArtifactError(f"{chosen.value} cannot load the artifact: {first_line(exc)}") from None
         return cls(backend, runtime=chosen, fmt=fmt, size=len(data))
 
     @property
@@ -176,9 +175,15 @@ class Model:
             else:
                 y = np.concatenate([self._backend.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
         except (RuntimeError, ValueError, TypeError) as exc:  # the interpreter refused the request
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise InputMismatchError(f"{self.runtime.value} rejected the input: {first[:200]}") from None
+            raise InputMismatchError(f"{self.runtime.value} rejected the input: {first_line(exc, limit=200)}") \
+                from None
         return y[0] if single else y
+
+    def example_input(self) -> np.ndarray:
+        """One all-zero sample of the model's input shape and dtype (free dimensions as 1): a smoke input."""
+        spec = self.inputs[0]
+        shape = [1, *(d if d > 0 else 1 for d in spec.shape[1:])]
+        return np.zeros(shape, np.int64 if self._integer_model else np.float32)
 
     def _shape_fits(self, shape: tuple[int, ...]) -> bool:
         return self._free_dims and all(w in (-1, g) for w, g in zip(self._sample_shape, shape[1:]))
@@ -256,16 +261,23 @@ def _tflite_spec(detail: dict) -> TensorSpec:
                       float(scale) if quantized else None, int(zero_point) if quantized else None)
 
 
-def _load_litert(data: bytes, num_threads: int | None) -> _Backend:
-    from ai_edge_litert.interpreter import Interpreter
+def interpreter_class(runtime: Runtime) -> Any:
+    """The ``Interpreter`` class of a TFLite runtime (LiteRT or tflite-runtime), imported on first use."""
+    if runtime is Runtime.LITERT:
+        from ai_edge_litert.interpreter import Interpreter
+    elif runtime is Runtime.TFLITE_RUNTIME:
+        from tflite_runtime.interpreter import Interpreter
+    else:
+        raise ArtifactError(f"runtime {runtime.value} has no TFLite interpreter")
+    return Interpreter
 
-    return _TFLiteBackend(Interpreter, data, num_threads)
+
+def _load_litert(data: bytes, num_threads: int | None) -> _Backend:
+    return _TFLiteBackend(interpreter_class(Runtime.LITERT), data, num_threads)
 
 
 def _load_tflite_runtime(data: bytes, num_threads: int | None) -> _Backend:
-    from tflite_runtime.interpreter import Interpreter
-
-    return _TFLiteBackend(Interpreter, data, num_threads)
+    return _TFLiteBackend(interpreter_class(Runtime.TFLITE_RUNTIME), data, num_threads)
 
 
 _ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",

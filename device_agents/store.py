@@ -105,10 +105,7 @@ def _smoke_test(folder: Path, manifest: dict, runtime: str | None) -> None:
         else:
             entry = verified_artifact(folder, runtime=runtime)
             model = Model.load(entry.path, runtime=runtime)
-            spec = model.inputs[0]
-            shape = [1, *(d if d > 0 else 1 for d in spec.shape[1:])]
-            out = model.predict(np.zeros(shape, np.int64 if "int" in spec.dtype and spec.scale is None
-                                         else np.float32))
+            out = model.predict(model.example_input())
     except AgentError as exc:
         raise InstallError(f"the new version failed its smoke test: {exc}") from None
     if not np.isfinite(out).all():

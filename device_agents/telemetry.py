@@ -8,10 +8,8 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
-import tempfile
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -19,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from device_agents.files import write_atomic
 
 
 def peak_rss_mib() -> float:
@@ -72,8 +72,4 @@ class Telemetry:
         """Write the snapshot as JSON (atomically: temp file, then rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(self.snapshot(), handle, indent=2)
-        os.replace(tmp, path)
-        return path
+        return write_atomic(path, (json.dumps(self.snapshot(), indent=2) + "\n").encode())

@@ -13,17 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.errors import ArtifactError, InputMismatchError
+from device_agents.errors import ArtifactError, InputMismatchError, first_line
 from device_agents.integrity import check_entry, read_manifest
-from device_agents.runtime import ArtifactFormat, Model, Runtime, pick_runtime
-
-
-def _interpreter_class(runtime: Runtime) -> Any:
-    if runtime is Runtime.LITERT:
-        from ai_edge_litert.interpreter import Interpreter
-    else:
-        from tflite_runtime.interpreter import Interpreter
-    return Interpreter
+from device_agents.runtime import ArtifactFormat, Model, Runtime, interpreter_class, pick_runtime
 
 
 class Trainer:
@@ -40,13 +32,13 @@ class Trainer:
         chosen = pick_runtime(ArtifactFormat.TFLITE, runtime)
         self.runtime = chosen.value
         try:
-            self._interpreter = _interpreter_class(chosen)(model_content=data, num_threads=num_threads)
+            self._interpreter = interpreter_class(chosen)(model_content=data, num_threads=num_threads)
             self._train = self._interpreter.get_signature_runner("train")
             self._infer = self._interpreter.get_signature_runner("infer")
             self._get = self._interpreter.get_signature_runner("get_weights")
             self._set = self._interpreter.get_signature_runner("set_weights")
         except (ValueError, RuntimeError) as exc:
-            raise ArtifactError(f"the trainable artifact cannot be loaded: {str(exc).splitlines()[0][:200]}") from None
+            raise ArtifactError(f"the trainable artifact cannot be loaded: {first_line(exc, limit=200)}") from None
         self._backbone = Model.load(backbone, runtime=chosen, num_threads=num_threads) if backbone else None
         if spec.get("mode") == "head-only" and self._backbone is None:
             raise ArtifactError("a head-only trainable artifact needs its backbone.tflite")

@@ -1,34 +1,48 @@
 """edgekit: put trained Keras models on edge devices.
 
 Compress (prune, quantize, distill), export (TFLite, ONNX), verify every artifact in its own
-runtime, and write a manifest and a report. Importing edgekit does not import TensorFlow.
+runtime, write a manifest and a report, export a trainable artifact, and federate it with Flower.
+Importing edgekit does not import TensorFlow.
+
+The packages follow the path a model takes (each imports only the ones before it)::
+
+    loading -> optimize -> export -> artifacts -> compression -> trainable -> federated
 
 >>> import edgekit
 >>> result = edgekit.compress("cnn.keras", "digits", "out",                  # doctest: +SKIP
 ...                           config=edgekit.CompressConfig(max_accuracy_drop=1.0))
 """
 
-from edgekit._pipeline import ArtifactResult, CandidateResult, CompressResult, compress
-from edgekit._trainable_api import TrainableConfig, TrainableResult, export_trainable
 from edgekit._version import __version__
+from edgekit.artifacts.inspection import inspect_artifact
+from edgekit.compression import ArtifactResult, CandidateResult, CompressResult, compress
 from edgekit.config import CompressConfig, Format, Quantization, Recipe, SizeMetric, TrainingConfig
-from edgekit.data import Dataset, load_data, load_digits
 from edgekit.errors import (
     BudgetError,
     ConversionError,
     DataError,
     EdgeKitError,
+    FederationError,
     InputError,
     ModelLoadError,
     OutputError,
     UnsupportedLayerError,
     VerificationError,
 )
-from edgekit.federated.deploy import DeployConfig, up
-from edgekit.federated.server_app import RoundSettings
-from edgekit.federated.simulate import FederatedResult, SimulationConfig, simulate
-from edgekit.inspect import inspect_artifact
-from edgekit.models import LoadedModel, load_model
+from edgekit.federated.config import (
+    DeployConfig,
+    Partition,
+    PartitionScheme,
+    RoundSettings,
+    SimulationConfig,
+    Strategy,
+)
+from edgekit.federated.deploy import up
+from edgekit.federated.run import FederatedResult
+from edgekit.federated.simulate import simulate
+from edgekit.loading.data import Dataset, load_data, load_digits
+from edgekit.loading.models import LoadedModel, load_model
+from edgekit.trainable.export import TrainableConfig, TrainableResult, export_trainable
 
 __all__ = [
     "ArtifactResult",
@@ -42,16 +56,20 @@ __all__ = [
     "DeployConfig",
     "EdgeKitError",
     "FederatedResult",
+    "FederationError",
     "Format",
     "InputError",
     "LoadedModel",
     "ModelLoadError",
     "OutputError",
+    "Partition",
+    "PartitionScheme",
     "Quantization",
     "Recipe",
     "RoundSettings",
     "SimulationConfig",
     "SizeMetric",
+    "Strategy",
     "TrainableConfig",
     "TrainableResult",
     "TrainingConfig",

@@ -1,4 +1,5 @@
-"""Options for :func:`edgekit.compress`, as validated dataclasses."""
+"""Options for :func:`edgekit.compress`, as validated dataclasses with enums (no string mini-languages:
+``structured`` takes ``(2, 4)``; the command line parses its own ``2:4`` syntax)."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ class SizeMetric(str, Enum):
     BYTES = "bytes"            # size on disk / in memory
 
 
-def _enum(cls: type[Enum], value: object, option: str) -> Enum:
+def coerce_enum(cls: type[Enum], value: object, option: str) -> Enum:
+    """``value`` as a member of ``cls`` (by member or value, case-insensitive); else InputError with the valid list."""
     if isinstance(value, cls):
         return value
     try:
@@ -43,14 +45,13 @@ def _enum(cls: type[Enum], value: object, option: str) -> Enum:
         raise InputError(f"unknown {option} {value!r}; valid values: {valid}") from None
 
 
-def parse_structured(value: str | tuple[int, int] | None) -> tuple[int, int] | None:
-    """Parse ``"2:4"`` into ``(2, 4)``."""
-    if value is None or isinstance(value, tuple):
-        return value
+def _structured(value: object) -> tuple[int, int] | None:
+    if value is None:
+        return None
     try:
-        m, n = (int(v) for v in str(value).split(":"))
-    except ValueError:
-        raise InputError(f"--structured {value!r} is not of the form M:N (e.g. 2:4)") from None
+        m, n = (int(v) for v in value)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise InputError(f"structured sparsity must be a pair (M, N) such as (2, 4), got {value!r}") from None
     return (m, n)
 
 
@@ -69,18 +70,18 @@ class Recipe:
     student: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "quantize", _enum(Quantization, self.quantize, "quantization"))
-        object.__setattr__(self, "structured", parse_structured(self.structured))
+        object.__setattr__(self, "quantize", coerce_enum(Quantization, self.quantize, "quantization"))
+        object.__setattr__(self, "structured", _structured(self.structured))
         if self.prune is not None and not 0.0 < float(self.prune) < 1.0:
             raise InputError(f"prune sparsity must be between 0 and 1 (exclusive), got {self.prune}")
         if self.structured is not None and self.structured != (2, 4):
             raise InputError(f"structured sparsity {self.structured[0]}:{self.structured[1]} is not supported; use 2:4")
         if self.structured is not None and self.prune is not None:
-            raise InputError("give either --prune S (magnitude) or --structured 2:4, not both")
+            raise InputError("give either a magnitude pruning sparsity or 2:4 structured sparsity, not both")
         if self.student_width is not None and not 0.0 < float(self.student_width) < 1.0:
             raise InputError(f"student width must be between 0 and 1 (exclusive), got {self.student_width}")
         if self.student_width is not None and self.student is not None:
-            raise InputError("give either --student-width W or --student FILE, not both")
+            raise InputError("give either a student width or a student model file, not both")
         if self.student is not None and not Path(self.student).exists():
             raise InputError(f"student model {self.student} does not exist")
 
@@ -166,16 +167,14 @@ class CompressConfig:
     search: tuple[Recipe, ...] = SEARCH_RECIPES
 
     def __post_init__(self) -> None:
-        formats = self.formats
-        if isinstance(formats, str):
-            formats = tuple(f for f in formats.split(",") if f.strip())
-        formats = tuple(_enum(Format, f.strip() if isinstance(f, str) else f, "format") for f in formats)
+        formats = (self.formats,) if isinstance(self.formats, (str, Format)) else tuple(self.formats)
+        formats = tuple(coerce_enum(Format, f, "format") for f in formats)
         if not formats:
-            raise InputError("no format asked for; use tflite, onnx or tflite,onnx")
+            raise InputError(f"no format asked for; give one or more of: {', '.join(f.value for f in Format)}")
         object.__setattr__(self, "formats", tuple(dict.fromkeys(formats)))
-        object.__setattr__(self, "select_by", _enum(SizeMetric, self.select_by, "size metric"))
+        object.__setattr__(self, "select_by", coerce_enum(SizeMetric, self.select_by, "size metric"))
         if self.max_accuracy_drop is not None and not float(self.max_accuracy_drop) >= 0:
-            raise InputError(f"--max-accuracy-drop must be >= 0 points, got {self.max_accuracy_drop}")
+            raise InputError(f"the maximum accuracy drop must be >= 0 points, got {self.max_accuracy_drop}")
 
     def candidates(self) -> tuple[Recipe, ...]:
         if self.recipe is not None:

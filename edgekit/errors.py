@@ -1,32 +1,36 @@
 """The exceptions edgekit raises.
 
 Every error edgekit raises on purpose is an :class:`EdgeKitError`; the CLI prints its message
-on one line and exits non-zero. The tree is small on purpose::
+on one line and exits with the error's ``exit_code`` (the table: :mod:`device_agents.exit_codes`).
+Messages name values and numbers, never command-line flags. The tree is small on purpose::
 
-    EdgeKitError
-    ├── InputError              a bad argument or option value
+    EdgeKitError                exit code 1
+    ├── InputError              exit code 2: a bad argument or option value
     │   ├── ModelLoadError      a model file that is missing, corrupt or of an unknown format
     │   ├── UnsupportedLayerError  a layer edgekit cannot rebuild, prune, quantize or train
     │   ├── DataError           data that does not fit the model (shape, dtype, labels, NaN/inf)
     │   └── OutputError         an output folder that cannot be written
     ├── ConversionError         a converter (TFLite, tf2onnx, ORT quantizer) failed
     ├── VerificationError       an artifact disagrees with its source beyond the tolerance
-    └── BudgetError             no candidate met the accuracy budget (the report is kept)
+    ├── FederationError         a federated run failed (a Flower process, no clients, a failed round loop)
+    └── BudgetError             exit code 3: no candidate met the accuracy budget (the report is kept)
 """
 
 from __future__ import annotations
+
+from device_agents.exit_codes import ExitCode
 
 
 class EdgeKitError(Exception):
     """Base class of every error edgekit raises on purpose."""
 
-    exit_code: int = 1
+    exit_code: ExitCode = ExitCode.FAILURE
 
 
 class InputError(EdgeKitError):
     """A bad argument or option value given by the user."""
 
-    exit_code = 2
+    exit_code = ExitCode.BAD_INPUT
 
 
 class ModelLoadError(InputError):
@@ -64,10 +68,14 @@ class VerificationError(EdgeKitError):
         self.artifact = artifact
 
 
+class FederationError(EdgeKitError):
+    """A federated run failed: a Flower process exited, no client connected, or the round loop failed."""
+
+
 class BudgetError(EdgeKitError):
     """No candidate recipe met the accuracy budget; the report was still written."""
 
-    exit_code = 3
+    exit_code = ExitCode.BUDGET_NOT_MET
 
     def __init__(self, message: str, *, budget: float, best_drop: float | None, report: str | None) -> None:
         super().__init__(message)

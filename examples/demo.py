@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def step(title: str) -> None:
@@ -29,8 +30,8 @@ def train(out: Path) -> Path:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import numpy as np
 
-    from edgekit import zoo
-    from edgekit.data import Dataset, load_digits, split
+    from edgekit.loading import zoo
+    from edgekit.loading.data import Dataset, load_digits, split
 
     parts = split(load_digits(), seed=0)  # the same seeded split `edgekit compress --data digits` makes
     train_set = Dataset(np.concatenate([parts.finetune.x, parts.calibration.x]),
@@ -79,7 +80,7 @@ def device_vs_source(model: Path, out: Path) -> None:
 
     import numpy as np
 
-    from edgekit.data import load_digits, split
+    from edgekit.loading.data import load_digits, split
 
     evaluation = split(load_digits(), seed=0).evaluation
     npz = out / "evaluation.npz"
@@ -90,7 +91,8 @@ def device_vs_source(model: Path, out: Path) -> None:
     accuracy = float(np.mean(np.load(out / "predictions.npy").argmax(1) == evaluation.y) * 100)
     bench = json.loads(subprocess.run([*agent, "bench", "--model", str(out / "compressed"), "--input", str(npz),
                                        "--json"], check=True, capture_output=True, text=True).stdout)
-    keras = json.loads(subprocess.run([sys.executable, "-m", "edgekit._keras_probe", str(model), str(npz)],
+    probe = ROOT / "benchmarks" / "keras_probe.py"
+    keras = json.loads(subprocess.run([sys.executable, str(probe), str(model), str(npz)],
                                       check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
     rows = [("", "source (TensorFlow, Keras __call__)", f"device agent ({bench['runtime']}, {bench['format']})"),
             ("accuracy %", f"{keras['accuracy']:.2f}", f"{accuracy:.2f}"),

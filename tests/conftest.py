@@ -20,7 +20,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="session")
 def digits():
-    from edgekit.data import load_digits
+    from edgekit.loading.data import load_digits
 
     return load_digits()
 
@@ -30,9 +30,11 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
 
 
-def tiny_cnn():
+def tiny_cnn(seed: int = 0):
+    """The test CNN, its initial weights seeded (the suite is reproducible run to run)."""
     from edgekit import _tf
 
+    _tf.set_seed(seed)
     keras = _tf.keras()
     layers = keras.layers
     return keras.Sequential([
@@ -50,7 +52,7 @@ def tiny_cnn():
 @pytest.fixture(scope="session")
 def cnn(digits):
     """A trained tf-keras CNN (about 97% on digits)."""
-    from edgekit import zoo
+    from edgekit.loading import zoo
 
     return zoo.train(tiny_cnn(), digits, epochs=8, seed=0)
 
@@ -68,6 +70,7 @@ def keras3_path(digits, workdir) -> Path:
     from edgekit import _tf
 
     keras = _tf.keras3()
+    keras.utils.set_random_seed(0)
     inp = keras.Input((8, 8, 1))
     x = keras.layers.Conv2D(16, 3, padding="same")(inp)
     x = keras.layers.BatchNormalization()(x)
@@ -110,6 +113,7 @@ def text_model_path(text_npz, workdir) -> Path:
     from edgekit import _tf
 
     keras = _tf.keras3()
+    keras.utils.set_random_seed(0)
     data = np.load(text_npz)
     model = keras.Sequential([
         keras.Input((16,), dtype="int32"), keras.layers.Embedding(30, 8),
@@ -124,11 +128,42 @@ def text_model_path(text_npz, workdir) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def int8_out(cnn_path, tmp_path_factory) -> Path:
+    """The test CNN compressed to int8 (int8 I/O) in both formats: an edgekit output folder."""
+    from edgekit import CompressConfig, Recipe, compress
+
+    out = tmp_path_factory.mktemp("agent") / "int8"
+    compress(cnn_path, "digits", out, progress=False,
+             config=CompressConfig(recipe=Recipe(quantize="int8"), int8_io=True, training=fast_training()))
+    return out
+
+
+@pytest.fixture(scope="session")
+def float_out(cnn_path, tmp_path_factory) -> Path:
+    """The test CNN exported as float32 in both formats."""
+    from edgekit import CompressConfig, Recipe, compress
+
+    out = tmp_path_factory.mktemp("agent") / "float"
+    compress(cnn_path, "digits", out, progress=False,
+             config=CompressConfig(recipe=Recipe(quantize="none"), training=fast_training()))
+    return out
+
+
 def run_cli(*args: str, tool: str = "edgekit", timeout: int = 600, env: dict | None = None):
     """Run a console script in a subprocess; return the CompletedProcess (text)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, timeout=timeout,
                           env=full_env, cwd=ROOT)
+
+
+def assert_one_line_error(proc, code, *fragments):
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "it/s]" not in line and "%|" not in line]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
 
 
 def fast_training(**overrides):

@@ -1,4 +1,4 @@
-"""The device agent: every runtime path, int8 I/O, integrity, atomic install/rollback, CLI, no TensorFlow."""
+"""The device agent: every runtime path, int8 I/O, integrity, telemetry, CLI, no TensorFlow, its own wheel."""
 
 import json
 import os
@@ -7,35 +7,14 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, fast_training, run_cli
+from conftest import ROOT, run_cli
 
-from device_agents import AgentError, ArtifactError, InputMismatchError, InstallError, IntegrityError, Model
+from device_agents import AgentError, ArtifactError, InputMismatchError, IntegrityError, Model
 from device_agents.integrity import verified_artifact
 from device_agents.runtime import LOADERS, Runtime
-from device_agents.store import ModelStore
 from device_agents.telemetry import Telemetry
 
 TFLRT_PYTHON = ROOT / ".venv-tflite-runtime" / "bin" / "python"
-
-
-@pytest.fixture(scope="module")
-def int8_out(cnn_path, tmp_path_factory):
-    from edgekit import CompressConfig, Recipe, compress
-
-    out = tmp_path_factory.mktemp("agent") / "int8"
-    compress(cnn_path, "digits", out, progress=False,
-             config=CompressConfig(recipe=Recipe(quantize="int8"), int8_io=True, training=fast_training()))
-    return out
-
-
-@pytest.fixture(scope="module")
-def float_out(cnn_path, tmp_path_factory):
-    from edgekit import CompressConfig, Recipe, compress
-
-    out = tmp_path_factory.mktemp("agent") / "float"
-    compress(cnn_path, "digits", out, progress=False,
-             config=CompressConfig(recipe=Recipe(quantize="none"), training=fast_training()))
-    return out
 
 
 def test_every_runtime_has_a_loader():
@@ -44,7 +23,7 @@ def test_every_runtime_has_a_loader():
 
 def test_litert_and_onnxruntime_agree_with_the_manifest(int8_out, digits):
     manifest = json.loads((int8_out / "manifest.json").read_text())
-    from edgekit.data import split
+    from edgekit.loading.data import split
 
     ev = split(digits, seed=0).evaluation
     for entry in manifest["artifacts"]:
@@ -80,7 +59,11 @@ def test_bad_requests_raise_one_documented_type(int8_out):
     truncated = (int8_out / "model.tflite").read_bytes()[:2000]
     with pytest.raises(ArtifactError, match="litert cannot load the artifact"):
         Model.load(truncated)
-    assert issubclass(InputMismatchError, AgentError) and issubclass(ArtifactError, AgentError)
+    # an app that catches the one documented type catches every bad request
+    for bad in (lambda: model.predict(np.zeros((2, 9, 9, 1), np.float32)), lambda: Model.load(b"\x00garbage"),
+                lambda: Model.load(truncated), lambda: Model.load(int8_out / "model.tflite", runtime="coreml")):
+        with pytest.raises(AgentError):
+            bad()
 
 
 def test_integrity_refuses_a_tampered_artifact(int8_out, tmp_path):
@@ -94,38 +77,6 @@ def test_integrity_refuses_a_tampered_artifact(int8_out, tmp_path):
     (copy / "model.tflite").write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="does not match its manifest: sha256"):
         verified_artifact(copy)
-
-
-def test_install_swaps_atomically_and_rolls_back(int8_out, float_out, tmp_path):
-    import shutil
-
-    store = ModelStore(tmp_path / "store")
-    first = store.install(int8_out)
-    assert store.current == first.resolve() and store.previous is None
-    second = store.install(float_out)
-    assert store.current == second.resolve() and store.previous == first.resolve()
-    # a version whose artifact is broken but hash-consistent fails its smoke test: nothing changes
-    broken = tmp_path / "broken"
-    shutil.copytree(float_out, broken)
-    (broken / "model.tflite").write_bytes(b"\x00\x00\x00\x00TFL3" + b"\x00" * 64)
-    manifest = json.loads((broken / "manifest.json").read_text())
-    import hashlib
-
-    for entry in manifest["artifacts"]:
-        data = (broken / entry["file"]).read_bytes()
-        entry["sha256"], entry["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
-    (broken / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(InstallError, match="failed its smoke test"):
-        store.install(broken)
-    assert store.current == second.resolve()
-    assert not [p for p in (tmp_path / "store" / "versions").iterdir() if p.name.startswith(".")]
-    # a tampered version is refused before anything is copied
-    tampered = tmp_path / "tampered"
-    shutil.copytree(int8_out, tampered)
-    (tampered / "model.onnx").write_bytes(b"changed")
-    with pytest.raises(InstallError, match="does not match its manifest"):
-        store.install(tampered)
-    assert store.rollback() == first.resolve() and store.current == first.resolve()
 
 
 def test_telemetry_records_aggregates_only(int8_out, tmp_path, digits):
@@ -238,3 +189,25 @@ def test_tflite_runtime_trains_the_trainable_artifact(cnn_path, digits, tmp_path
     assert proc.returncode == 0, proc.stderr
     runtime, loss = proc.stdout.split()
     assert runtime == "tflite-runtime" and np.isfinite(float(loss))
+
+
+@pytest.mark.skipif(not TFLRT_PYTHON.exists(), reason="make test creates .venv-tflite-runtime")
+def test_the_device_wheel_installs_alone_and_a_tflite_runtime_device_can_federate(cnn_path, tmp_path):
+    """.venv-tflite-runtime holds only the built edgekit-device-agent wheel (+ numpy<2, tflite-runtime)."""
+    from edgekit import TrainableConfig, export_trainable
+
+    bin_dir = TFLRT_PYTHON.parent
+    assert (bin_dir / "edgekit-agent").is_file() and not (bin_dir / "edgekit").exists()
+    help_text = subprocess.run([str(bin_dir / "edgekit-agent"), "--help"], capture_output=True, text=True)
+    assert help_text.returncode == 0 and "exit codes:" in help_text.stdout
+    probe = subprocess.run([str(TFLRT_PYTHON), "-c", "import device_agents, importlib.util as u; "
+                            "print(device_agents.__file__, u.find_spec('edgekit'), u.find_spec('tools'))"],
+                           capture_output=True, text=True, cwd=tmp_path)
+    location, edgekit_spec, tools_spec = probe.stdout.split()
+    assert "site-packages" in location and edgekit_spec == "None" and tools_spec == "None", probe.stderr
+    # the federated client picks its runtime as the agent does: tflite-runtime when LiteRT is absent
+    export_trainable(cnn_path, tmp_path / "tr", config=TrainableConfig(batch_size=8), progress=False)
+    code = "import sys; from device_agents.client_app import _trainer; print(_trainer(sys.argv[1]).runtime)"
+    picked = subprocess.run([str(TFLRT_PYTHON), "-c", code, str(tmp_path / "tr")], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert picked.returncode == 0 and picked.stdout.strip() == "tflite-runtime", picked.stderr

@@ -4,16 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_cli
-
-
-def assert_one_line_error(proc, code, *fragments):
-    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and "it/s]" not in line and "%|" not in line]
-    assert len(lines) == 1, proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from conftest import assert_one_line_error, run_cli
 
 
 def test_compress_then_inspect_then_tamper(cnn_path, tmp_path):
@@ -59,6 +50,7 @@ def bad_inputs(tmp_path_factory, digits):
     ("bad sparsity", ["{cnn}", "--prune", "1.5"], 2, ["between 0 and 1"]),
     ("out under a file", ["{cnn}", "--out", "{d}/afile/sub"], 2, ["not writable"]),
     ("missing data file", ["{cnn}", "--data", "{d}/none.npz"], 2, ["does not exist"]),
+    ("bad structured", ["{cnn}", "--structured", "two"], 2, ["'two' is not of the form M:N"]),
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(bad_inputs, cnn_path, tmp_path, case, args, code, fragments):
     out = tmp_path / "out"
@@ -78,13 +70,6 @@ def test_budget_failure_exit_code_and_kept_report(cnn_path, tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert "no candidate kept the accuracy drop within 0.01 points" in proc.stderr and "Traceback" not in proc.stderr
     assert (out / "report.md").is_file() and not (out / "model.tflite").exists()
-
-
-def test_inspect_bad_targets(tmp_path):
-    assert_one_line_error(run_cli("inspect", str(tmp_path / "none")), 2, "does not exist")
-    (tmp_path / "junk.tflite").write_bytes(b"\x00" * 64)
-    assert_one_line_error(run_cli("inspect", str(tmp_path / "junk.tflite")), 2, "neither a TFLite flatbuffer")
-    assert_one_line_error(run_cli("inspect", str(tmp_path)), 2, "has no manifest.json")
 
 
 def test_importing_the_cli_and_library_does_not_import_tensorflow():

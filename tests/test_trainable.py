@@ -7,9 +7,9 @@ import pytest
 
 from device_agents.training import Trainer
 from edgekit import _tf
-from edgekit._trainable_api import TrainableConfig, export_trainable
 from edgekit.errors import InputError, UnsupportedLayerError
-from edgekit.export.trainable import HANDLERS, build_module, convert, reference_step
+from edgekit.trainable.export import TrainableConfig, export_trainable
+from edgekit.trainable.graph import HANDLERS, build_module, convert, reference_step
 
 
 def parity_models():
@@ -103,7 +103,7 @@ def half_trained(digits, tmp_path_factory):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from conftest import tiny_cnn
 
-    from edgekit import zoo
+    from edgekit.loading import zoo
 
     model = zoo.train(tiny_cnn(), digits.take(np.arange(300)), epochs=1, learning_rate=1e-3)
     path = tmp_path_factory.mktemp("half") / "half.keras"
@@ -114,7 +114,7 @@ def half_trained(digits, tmp_path_factory):
 def test_export_cli_and_training_in_litert_matches_tensorflow(half_trained, digits, tmp_path):
     from conftest import run_cli
 
-    from edgekit.data import split
+    from edgekit.loading.data import split
 
     out = tmp_path / "tr"
     proc = run_cli("trainable", str(half_trained), "--out", str(out), "--batch-size", "16", "--quiet")
@@ -175,5 +175,5 @@ def test_untrainable_layers_and_bad_options_are_refused(tmp_path, text_model_pat
         export_trainable(tmp_path / "dil.keras", None, progress=False)
     with pytest.raises(InputError, match="needs a float input"):
         export_trainable(text_model_path, None, data="digits", progress=False)
-    with pytest.raises(InputError, match="batch-size must be between 1 and 4096"):
+    with pytest.raises(InputError, match="batch size must be between 1 and 4096"):
         TrainableConfig(batch_size=0)

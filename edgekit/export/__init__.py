@@ -1,4 +1,9 @@
-"""Exporters by format, verification in each format's own runtime, and the manifest."""
+"""Export and verification: exporters by format (a registry), the TFLite converter and tf2onnx with
+onnxruntime's quantizer, and verification of every artifact in its own runtime.
+
+May import: ``edgekit.loading`` and below, and ``device_agents`` (artifacts are run with the
+device's own runtime code).
+"""
 
 from __future__ import annotations
 
@@ -14,26 +19,25 @@ from edgekit.errors import InputError
 
 @dataclass(frozen=True)
 class Exporter:
-    """How one format is written: its file name, converter and the quantization modes it takes.
+    """How one format is written: its file name and its converter.
 
-    ``convert(model, quantization=, calibration=, int8_io=, sparse=, float_model=)`` gets the
-    model to export (the QAT model for QAT) and ``float_model``, its float twin.
+    ``convert(model, quantization=, calibration=, int8_io=)`` gets the model to export (the QAT
+    model itself for QAT) and returns the artifact's bytes and notes.
     """
 
     filename: str
     convert: Callable[..., tuple[bytes, list[str]]]
-    quantizations: frozenset[Quantization]
 
 
-def _tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray, int8_io: bool,
-            sparse: bool, float_model: Any) -> tuple[bytes, list[str]]:
+def _tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray,
+            int8_io: bool) -> tuple[bytes, list[str]]:
     from edgekit.export.tflite import to_tflite
 
-    return to_tflite(model, quantization=quantization, calibration=calibration, int8_io=int8_io, sparse=sparse)
+    return to_tflite(model, quantization=quantization, calibration=calibration, int8_io=int8_io)
 
 
-def _onnx(model: Any, *, quantization: Quantization, calibration: np.ndarray, int8_io: bool,
-          sparse: bool, float_model: Any) -> tuple[bytes, list[str]]:
+def _onnx(model: Any, *, quantization: Quantization, calibration: np.ndarray,
+          int8_io: bool) -> tuple[bytes, list[str]]:
     from edgekit.export.onnx import to_onnx
 
     data, notes = to_onnx(model, quantization=quantization, calibration=calibration)
@@ -43,8 +47,8 @@ def _onnx(model: Any, *, quantization: Quantization, calibration: np.ndarray, in
 
 
 EXPORTERS: dict[Format, Exporter] = {
-    Format.TFLITE: Exporter("model.tflite", _tflite, frozenset(Quantization)),
-    Format.ONNX: Exporter("model.onnx", _onnx, frozenset(Quantization)),
+    Format.TFLITE: Exporter("model.tflite", _tflite),
+    Format.ONNX: Exporter("model.onnx", _onnx),
 }
 """Format -> exporter. Every :class:`Format` has one (a test checks it)."""
 

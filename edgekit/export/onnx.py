@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from device_agents.errors import first_line
 from edgekit import _tf
 from edgekit.config import Quantization
 from edgekit.errors import ConversionError
@@ -32,7 +33,7 @@ def to_onnx(model: Any, *, quantization: Quantization, calibration: np.ndarray) 
     try:
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=OPSET)
     except Exception as exc:
-        raise ConversionError(f"tf2onnx conversion failed: {str(exc).splitlines()[0][:300]}") from None
+        raise ConversionError(f"tf2onnx conversion failed: {first_line(exc)}") from None
     notes: list[str] = []
     if quantization is Quantization.QAT:
         proto, left_float = int8_weights(proto)
@@ -58,9 +59,7 @@ def to_onnx(model: Any, *, quantization: Quantization, calibration: np.ndarray) 
         except ConversionError:
             raise
         except Exception as exc:
-            raise ConversionError(
-                f"onnxruntime {quantization.value} quantization failed: {str(exc).splitlines()[0][:300]}"
-            ) from None
+            raise ConversionError(f"onnxruntime {quantization.value} quantization failed: {first_line(exc)}") from None
         return out.read_bytes(), notes
 
 

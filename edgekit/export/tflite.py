@@ -6,13 +6,14 @@ from typing import Any
 
 import numpy as np
 
+from device_agents.errors import first_line
 from edgekit import _tf
 from edgekit.config import Quantization
 from edgekit.errors import ConversionError
 
 
-def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray, int8_io: bool = False,
-              sparse: bool = False) -> tuple[bytes, list[str]]:
+def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray,
+              int8_io: bool = False) -> tuple[bytes, list[str]]:
     """Convert a tf-keras model; return the flatbuffer and notes (e.g. ops left in float).
 
     ``calibration`` samples feed the representative dataset of full-integer quantization.
@@ -35,8 +36,6 @@ def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray
             conv = tf.lite.TFLiteConverter.from_keras_model(model)
         if quantization is not Quantization.NONE:
             conv.optimizations = [tf.lite.Optimize.DEFAULT]
-        if sparse and quantization in (Quantization.NONE, Quantization.INT8, Quantization.QAT):
-            conv.optimizations = [*conv.optimizations, tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
         if quantization is Quantization.FLOAT16:
             conv.target_spec.supported_types = [tf.float16]
         if quantization is Quantization.INT8:
@@ -53,21 +52,22 @@ def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray
         return bytes(conv.convert()), notes
     except Exception as exc:  # the converter raises ConverterError and others
         if quantization is not Quantization.INT8:
-            raise ConversionError(f"TFLite conversion ({quantization.value}) failed: {_first_line(exc)}") from None
-        strict_error = _first_line(exc)
+            raise ConversionError(f"TFLite conversion ({quantization.value}) failed: "
+                                  f"{first_line(exc, prefer='error:')}") from None
+        strict_error = first_line(exc, prefer='error:')
     # Some ops (e.g. LSTM pieces) have no int8 kernel: keep those in float.
     conv = converter()
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
     try:
         data = bytes(conv.convert())
     except Exception as exc:
-        raise ConversionError(f"TFLite int8 conversion failed: {_first_line(exc)}") from None
+        raise ConversionError(f"TFLite int8 conversion failed: {first_line(exc, prefer='error:')}") from None
     notes.append(f"some ops have no int8 kernel and stay float ({strict_error[:120]})")
     return data, notes
 
 
 def has_recurrent_layer(model: Any) -> bool:
-    from edgekit.layers import iter_layers
+    from edgekit.loading.layers import iter_layers
 
     return any(layer.__class__.__name__ in ("LSTM", "GRU", "SimpleRNN", "RNN") for layer in iter_layers(model))
 
@@ -78,14 +78,6 @@ def _representative(samples: np.ndarray):  # noqa: ANN202
             yield [samples[i:i + 1]]
 
     return gen
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
-    for line in lines:
-        if "error:" in line.lower():
-            return line.strip()[:300]
-    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def tflite_ops(data: bytes) -> list[str]:

@@ -10,8 +10,6 @@ SuperNode on a device against a SuperLink on a server (README).
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 import os
 import shutil
@@ -20,92 +18,25 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgekit.errors import EdgeKitError, InputError
-from edgekit.federated.server_app import RoundSettings
+from edgekit.errors import FederationError, InputError
+from edgekit.federated._tls import make_certificates, make_node_key
+from edgekit.federated.config import DeployConfig, RoundSettings
+from edgekit.federated.run import FederatedResult
 
 APP_MODULE = "edgekit_fl_app"
 
 
-@dataclass(frozen=True)
-class DeployConfig:
-    clients: int = 2
-    partition: str = "iid"
-    rounds: RoundSettings = field(default_factory=RoundSettings)
-    batch_size: int = 16
-    insecure: bool = False
-    node_auth: bool = True  # SuperNode key pairs registered with the SuperLink (needs TLS)
-    timeout: float = 900.0
-
-    def __post_init__(self) -> None:
-        from edgekit.federated.simulate import SimulationConfig
-
-        SimulationConfig(clients=self.clients, partition=self.partition, rounds=self.rounds)  # same checks
-
-
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def make_certificates(folder: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> dict[str, Path]:
-    """A CA and a SuperLink certificate signed by it (SAN: ``hosts``), with the ``cryptography`` package."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgekit federation CA")])
-    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=365))
-               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-               .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "superlink")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=365))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    paths = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
-    paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-    os.chmod(paths["key"], 0o600)
-    return paths
-
-
-def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
-    """An ECDSA (P-256) key pair in OpenSSH format, for SuperNode authentication."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    folder.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = folder / name, folder / f"{name}.pub"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                          serialization.NoEncryption()))
-    os.chmod(private, 0o600)
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                     serialization.PublicFormat.OpenSSH))
-    return private, public
 
 
 def deployed_server_app() -> Any:
@@ -117,8 +48,8 @@ def deployed_server_app() -> Any:
     @app.main()
     def main(grid: Any, context: Any) -> None:
         from device_agents.training import Trainer
+        from edgekit.federated.run import plot_history
         from edgekit.federated.server_app import run_rounds
-        from edgekit.federated.simulate import plot_history
 
         run_dir = Path(str(context.run_config["run-dir"]))
         spec = json.loads((run_dir / "run.json").read_text())
@@ -184,7 +115,7 @@ class _Processes:
         for name, proc, _ in self.procs:
             if proc.poll() is not None:
                 tail = (self.logs / f"{name}.log").read_text()[-400:].strip().splitlines()
-                raise EdgeKitError(f"{name} exited with code {proc.returncode}: {tail[-1] if tail else ''} "
+                raise FederationError(f"{name} exited with code {proc.returncode}: {tail[-1] if tail else ''} "
                                    f"(log: {self.logs / (name + '.log')})")
 
     def stop(self) -> None:
@@ -202,30 +133,22 @@ class _Processes:
 
 
 def up(model: Any, data: Any, out: str | Path, *, config: DeployConfig | None = None, progress: bool = True,
-       log: Any = print) -> Any:
-    """Run a real federation on this machine; return the :class:`FederatedResult`."""
-    from edgekit._output import check_output_dir
-    from edgekit.federated.simulate import (
-        FLOWER_ENV,
-        FederatedResult,
-        SimulationConfig,
-        close_the_loop,
-        plot_history,
-        prepare_run,
-    )
+       log: Any = print) -> FederatedResult:
+    """Run a real federation on this machine (SuperLink + one SuperNode per client, TLS by default).
+
+    >>> up("cnn.keras", "digits", "fl_up", config=DeployConfig(clients=2))   # doctest: +SKIP
+    """
+    from edgekit._io import check_output_dir
+    from edgekit.federated.run import FLOWER_ENV, finish_run, prepare_run
 
     config = config or DeployConfig()
     out = Path(out).absolute()
     check_output_dir(out)
-    if shutil.which("flower-superlink", path=str(Path(sys.executable).parent)) is None:
-        raise InputError("flower-superlink is not installed next to this Python; install edgekit[server]")
-    sim = SimulationConfig(clients=config.clients, partition=config.partition, rounds=config.rounds,
-                           batch_size=config.batch_size)
-    run = prepare_run(model, data, out, clients=config.clients, partition_spec=sim.scheme(),
-                      seed=config.rounds.seed, batch_size=config.batch_size,
-                      learning_rate=config.rounds.learning_rate, progress=progress)
-    loaded, dataset = run.loaded, run.dataset
-    (out / "run.json").write_text(json.dumps({"clients": config.clients, "partition": config.partition,
+    bin_dir = Path(sys.executable).parent
+    if shutil.which("flower-superlink", path=str(bin_dir)) is None:
+        raise InputError("flower-superlink is not installed next to this Python; install edgekit-sdk")
+    run = prepare_run(model, data, out, config, progress=progress)
+    (out / "run.json").write_text(json.dumps({"clients": config.clients, "partition": asdict(config.partition),
                                               "rounds": asdict(config.rounds), "insecure": config.insecure}))
     _write_app(out / "app", out)
     certs = None if config.insecure else make_certificates(out / "certs")
@@ -235,62 +158,70 @@ def up(model: Any, data: Any, out: str | Path, *, config: DeployConfig | None = 
     tls = f'root-certificates = "{certs["ca"]}"' if certs else "insecure = true"
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "edgekit"\n\n[superlink.edgekit]\naddress = "127.0.0.1:{port}"\n{tls}\n')
-    bin_dir = Path(sys.executable).parent
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home),
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "TF_CPP_MIN_LOG_LEVEL": "3"}
     (out / "logs").mkdir(exist_ok=True)
     procs = _Processes(out / "logs", env)
-    security = (["--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
-                 "--ssl-keyfile", str(certs["key"])] if certs else ["--insecure"])
     node_auth = config.node_auth and certs is not None
-    if node_auth:
-        security.append("--enable-supernode-auth")
     try:
-        procs.start("superlink", [str(bin_dir / "flower-superlink"), *security,
-                                  "--host", "127.0.0.1", "--port", str(port),
-                                  "--disable-runtime-dependency-installation",
-                                  "--database", str(out / "superlink.db")])
-        _wait_port(port, procs)
+        _start_superlink(procs, bin_dir, out, port, certs, node_auth=node_auth)
         for i in range(config.clients):
-            node_config = f'partition-id={i} num-partitions={config.clients} ' \
-                          f'data-dir="{out / "partitions"}" artifact-dir="{out / "trainable"}"'
-            node_security = ["--root-certificates", str(certs["ca"])] if certs else ["--insecure"]
-            if node_auth:
-                private, public = make_node_key(out / "node_keys", f"supernode-{i}")
-                reg = subprocess.run([str(bin_dir / "flwr"), "supernode", "register", str(public), "edgekit"],
-                                     env=env, capture_output=True, text=True, timeout=120)
-                if reg.returncode != 0:
-                    raise EdgeKitError(f"flwr supernode register failed: {(reg.stdout + reg.stderr)[-300:]}")
-                node_security += ["--auth-supernode-private-key", str(private)]
-            procs.start(f"supernode-{i}", [str(bin_dir / "flower-supernode"), *node_security,
-                                           "--superlink", f"127.0.0.1:{port}", "--node-config", node_config,
-                                           "--host", "127.0.0.1", "--port", str(free_port())])
+            _start_supernode(procs, bin_dir, out, port, certs, i, config, env, node_auth=node_auth)
         mode = ("TLS, SuperNode key auth" if node_auth else "TLS") if certs else "insecure"
         log(f"SuperLink on 127.0.0.1:{port} ({mode}), {config.clients} SuperNodes; submitting the run with flwr run")
-        run = subprocess.run([str(bin_dir / "flwr"), "run", str(out / "app"), "edgekit", "--stream"],
-                             env=env, cwd=out / "app", capture_output=True, text=True, timeout=config.timeout)
-        (out / "logs" / "flwr-run.log").write_text(run.stdout + run.stderr)
-        for line in run.stdout.splitlines():
-            if line.startswith("round "):
-                log(line)
-        procs.check()
-        if run.returncode != 0 or not (out / "history.json").exists():
-            tail = (run.stdout + run.stderr).strip().splitlines()[-3:]
-            raise EdgeKitError(f"flwr run failed (code {run.returncode}): {' | '.join(tail)[:400]} "
-                               f"(logs in {out / 'logs'})")
+        _submit(procs, bin_dir, out, env, config.timeout, log)
     except subprocess.TimeoutExpired:
-        raise EdgeKitError(f"the federated run did not finish in {config.timeout:.0f} s (logs in {out / 'logs'})") \
-            from None
+        raise FederationError(f"the federated run did not finish in {config.timeout:.0f} s "
+                              f"(logs in {out / 'logs'})") from None
     finally:
         procs.stop()
     history = json.loads((out / "history.json").read_text())["rounds"]
     with np.load(out / "final_weights.npz") as npz:
         weights = {k: npz[k] for k in npz.files}
-    plot_history(history, out / "accuracy.png")
-    final = close_the_loop(loaded.model, weights, dataset, out / "final", progress=progress)
-    log(f"final global model: int8 TFLite {final['bytes']:,} bytes, accuracy {final['accuracy']:.2f}% "
-        f"-> {out / 'final'}")
-    return FederatedResult(out, history, history[-1]["accuracy"], weights)
+    return finish_run(run, out, config, history, weights, progress=progress, log=log)
+
+
+def _start_superlink(procs: _Processes, bin_dir: Path, out: Path, port: int, certs: dict[str, Path] | None, *,
+                     node_auth: bool) -> None:
+    security = (["--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile", str(certs["cert"]),
+                 "--ssl-keyfile", str(certs["key"])] if certs else ["--insecure"])
+    if node_auth:
+        security.append("--enable-supernode-auth")
+    procs.start("superlink", [str(bin_dir / "flower-superlink"), *security, "--host", "127.0.0.1",
+                              "--port", str(port), "--disable-runtime-dependency-installation",
+                              "--database", str(out / "superlink.db")])
+    _wait_port(port, procs)
+
+
+def _start_supernode(procs: _Processes, bin_dir: Path, out: Path, port: int, certs: dict[str, Path] | None,
+                     index: int, config: DeployConfig, env: dict[str, str], *, node_auth: bool) -> None:
+    node_config = (f'partition-id={index} num-partitions={config.clients} '
+                   f'data-dir="{out / "partitions"}" artifact-dir="{out / "trainable"}"')
+    security = ["--root-certificates", str(certs["ca"])] if certs else ["--insecure"]
+    if node_auth:
+        private, public = make_node_key(out / "node_keys", f"supernode-{index}")
+        reg = subprocess.run([str(bin_dir / "flwr"), "supernode", "register", str(public), "edgekit"],
+                             env=env, capture_output=True, text=True, timeout=120)
+        if reg.returncode != 0:
+            raise FederationError(f"flwr supernode register failed: {(reg.stdout + reg.stderr)[-300:]}")
+        security += ["--auth-supernode-private-key", str(private)]
+    procs.start(f"supernode-{index}", [str(bin_dir / "flower-supernode"), *security,
+                                       "--superlink", f"127.0.0.1:{port}", "--node-config", node_config,
+                                       "--host", "127.0.0.1", "--port", str(free_port())])
+
+
+def _submit(procs: _Processes, bin_dir: Path, out: Path, env: dict[str, str], timeout: float, log: Any) -> None:
+    run = subprocess.run([str(bin_dir / "flwr"), "run", str(out / "app"), "edgekit", "--stream"],
+                         env=env, cwd=out / "app", capture_output=True, text=True, timeout=timeout)
+    (out / "logs" / "flwr-run.log").write_text(run.stdout + run.stderr)
+    for line in run.stdout.splitlines():
+        if line.startswith("round "):
+            log(line)
+    procs.check()
+    if run.returncode != 0 or not (out / "history.json").exists():
+        tail = (run.stdout + run.stderr).strip().splitlines()[-3:]
+        raise FederationError(f"flwr run failed (code {run.returncode}): {' | '.join(tail)[:400]} "
+                              f"(logs in {out / 'logs'})")
 
 
 def _wait_port(port: int, procs: _Processes, timeout: float = 60.0) -> None:
@@ -301,4 +232,4 @@ def _wait_port(port: int, procs: _Processes, timeout: float = 60.0) -> None:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.3)
-    raise EdgeKitError(f"the SuperLink did not open 127.0.0.1:{port} within {timeout:.0f} s")
+    raise FederationError(f"the SuperLink did not open 127.0.0.1:{port} within {timeout:.0f} s")

@@ -10,8 +10,8 @@ replies fall below ``min_fraction`` of the sampled clients keeps the previous gl
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,24 +21,9 @@ import numpy as np
 
 from device_agents import codec
 from device_agents.training import Trainer
-
-
-@dataclass(frozen=True)
-class RoundSettings:
-    rounds: int = 5
-    local_epochs: int = 1
-    learning_rate: float = 0.05
-    strategy: str = "fedavg"
-    proximal_mu: float = 0.01
-    trim_beta: float = 0.2
-    fraction: float = 1.0
-    min_fraction: float = 0.5
-    compress_updates: bool = False
-    round_timeout: float = 600.0
-    seed: int = 0
-    dp_noise_multiplier: float | None = None  # differential privacy: Gaussian noise (x clipping norm)
-    dp_clipping_norm: float = 1.0              # each client's update is clipped to this L2 norm
-    dp_delta: float = 1e-5
+from edgekit._io import write_atomic
+from edgekit.errors import FederationError
+from edgekit.federated.config import RoundSettings
 
 
 @dataclass
@@ -50,14 +35,12 @@ class ServerState:
 
 
 def save_checkpoint(folder: Path, weights: dict[str, np.ndarray], state: ServerState) -> None:
-    """Atomically write ``global.npz`` and ``state.json`` of a completed round."""
+    """Write ``global.npz`` and ``state.json`` of a completed round, each atomically and durably."""
     folder.mkdir(parents=True, exist_ok=True)
-    tmp_w = folder / f".global.{os.getpid()}.npz"
-    np.savez(tmp_w, **weights)
-    tmp_s = folder / f".state.{os.getpid()}.json"
-    tmp_s.write_text(json.dumps(asdict(state), indent=2))
-    os.replace(tmp_w, folder / "global.npz")
-    os.replace(tmp_s, folder / "state.json")
+    buffer = io.BytesIO()
+    np.savez(buffer, **weights)
+    write_atomic(folder / "global.npz", buffer.getvalue())
+    write_atomic(folder / "state.json", json.dumps(asdict(state), indent=2).encode())
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], ServerState] | None:
@@ -119,7 +102,7 @@ def run_rounds(grid: Any, *, settings: RoundSettings, initial: dict[str, np.ndar
             log(f"resuming after round {state.round} from {checkpoint_dir}")
     num_nodes = wait_for_nodes(grid, expected_nodes, settings.round_timeout)
     if num_nodes < 1:
-        raise RuntimeError(f"no client connected within {settings.round_timeout:.0f} s")
+        raise FederationError(f"no client connected within {settings.round_timeout:.0f} s")
     min_nodes = max(1, int(np.ceil(num_nodes * settings.fraction)))
     private = settings.dp_noise_multiplier is not None
     strategy = make_strategy(settings.strategy, fraction=settings.fraction, min_nodes=min_nodes,

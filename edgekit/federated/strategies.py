@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edgekit.errors import InputError
+from edgekit.federated.config import Strategy
 
 
 def _fedavg(**kw: Any) -> Any:
@@ -26,28 +27,34 @@ def _trimmed(*, beta: float, **kw: Any) -> Any:
     return FedTrimmedAvg(beta=beta, **kw)
 
 
-STRATEGIES: dict[str, Callable[..., Any]] = {"fedavg": _fedavg, "fedprox": _fedprox, "trimmed": _trimmed}
-"""Strategy name -> factory. Every entry has a simulation test."""
+STRATEGIES: dict[Strategy, Callable[..., Any]] = {
+    Strategy.FEDAVG: _fedavg,
+    Strategy.FEDPROX: _fedprox,
+    Strategy.TRIMMED: _trimmed,
+}
+"""Strategy -> factory of the Flower strategy. Every entry has an aggregation test and a simulation test."""
 
 
 UNIFORM_WEIGHT = "uniform-weight"
 """The metric DP runs aggregate by: every valid client counts once (DP-FedAvg weighting)."""
 
 
-def make_strategy(name: str, *, fraction: float, min_nodes: int, proximal_mu: float, trim_beta: float,
-                  uniform: bool = False) -> Any:
-    """Build the named strategy; unknown names are refused with the valid list."""
-    if name not in STRATEGIES:
-        raise InputError(f"unknown strategy {name!r}; valid: {', '.join(STRATEGIES)}")
+def make_strategy(strategy: Strategy | str, *, fraction: float, min_nodes: int, proximal_mu: float,
+                  trim_beta: float, uniform: bool = False) -> Any:
+    """Build the Flower strategy registered for ``strategy``; unknown names are refused with the valid list.
+
+    ``uniform``: every valid client weighs the same (DP-FedAvg), instead of by its number of examples.
+    """
+    try:
+        factory = STRATEGIES[Strategy(strategy)]
+    except ValueError:
+        raise InputError(f"unknown strategy {strategy!r}; valid: {', '.join(s.value for s in STRATEGIES)}") from None
     common = {"fraction_train": fraction, "fraction_evaluate": 0.0, "min_train_nodes": min_nodes,
               "min_evaluate_nodes": 0, "min_available_nodes": min_nodes}
     if uniform:
         common["weighted_by_key"] = UNIFORM_WEIGHT
-    if name == "fedprox":
-        return _fedprox(proximal_mu=proximal_mu, **common)
-    if name == "trimmed":
-        return _trimmed(beta=trim_beta, **common)
-    return _fedavg(**common)
+    extra = {Strategy.FEDPROX: {"proximal_mu": proximal_mu}, Strategy.TRIMMED: {"beta": trim_beta}}
+    return factory(**extra.get(Strategy(strategy), {}), **common)
 
 
 def with_differential_privacy(strategy: Any, *, noise_multiplier: float, clipping_norm: float,

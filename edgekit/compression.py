@@ -1,4 +1,8 @@
-"""``edgekit.compress``: load, compress by recipe(s), export, verify, select, write."""
+"""``edgekit.compress``: load, compress by recipe(s), export, verify, select, write.
+
+The top of the compression path: it may import every package below it (``loading``, ``optimize``,
+``export``, ``artifacts``), never ``federated`` or the package face ``edgekit``.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +16,16 @@ from typing import Any
 
 import numpy as np
 
+from device_agents.errors import first_line
 from edgekit import _tf
-from edgekit._output import StagedDir, check_output_dir
+from edgekit._io import StagedDir, check_output_dir
 from edgekit._progress import Progress
-from edgekit.compress._training import accuracy, predict
 from edgekit.config import CompressConfig, Format, Quantization, Recipe
-from edgekit.data import Dataset, Splits, fit_to_model, load_data, split
 from edgekit.errors import BudgetError, ConversionError, EdgeKitError
 from edgekit.export import exporter
 from edgekit.export.verify import float_tolerance, verify
-from edgekit.models import LoadedModel, ends_in_softmax, load_model
+from edgekit.loading.data import Dataset, Splits, fit_to_model, load_data, split
+from edgekit.loading.models import LoadedModel, accuracy, ends_in_softmax, load_model, predict
 
 
 @dataclass
@@ -182,10 +186,7 @@ class _CandidateRunner:
             except Exception as exc:  # a library (tfmot, a converter) failed on this model and recipe
                 if os.environ.get("EDGEKIT_DEBUG") == "1":
                     raise
-                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-                reason = next((line for line in reversed(lines) if "Error" in line or "not supported" in line),
-                              lines[0] if lines else "")
-                raise ConversionError(f"{recipe.name} failed: {type(exc).__name__}: {reason[:240]}") from None
+                raise ConversionError(f"{recipe.name} failed: {type(exc).__name__}: {_reason(exc)}") from None
         except EdgeKitError as exc:
             if not keep_going:
                 raise
@@ -194,7 +195,7 @@ class _CandidateRunner:
         return result
 
     def _base(self, recipe: Recipe) -> tuple[Any, tuple]:
-        from edgekit.compress.distill import distill, thin_student
+        from edgekit.optimize.distill import distill, thin_student
 
         if not recipe.distills:
             return self.loaded.model, ("teacher",)
@@ -215,8 +216,8 @@ class _CandidateRunner:
 
     def _keras_model(self, recipe: Recipe) -> tuple[Any, Any, dict[str, float]]:
         """The model to export, its float twin (differs for QAT) and its per-layer sparsity."""
-        from edgekit.compress.prune import layer_sparsity, prune
-        from edgekit.compress.qat import float_twin, quantize_aware
+        from edgekit.optimize.prune import layer_sparsity, prune
+        from edgekit.optimize.qat import float_twin, quantize_aware
 
         base, key = self._base(recipe)
         sparsity: dict[str, float] = {}
@@ -240,14 +241,14 @@ class _CandidateRunner:
         return base, base, sparsity
 
     def _export(self, model: Any, float_model: Any, recipe: Recipe, fmt: Format) -> ArtifactResult:
-        from edgekit.compress.prune import overall_sparsity
+        from edgekit.optimize.prune import overall_sparsity
 
         spec = exporter(fmt)
         calibration = self.splits.calibration.x
         name = f"{recipe.name} {fmt.value}"
         with self.progress.step(f"export {name}"):
             data, notes = spec.convert(model, quantization=recipe.quantize, calibration=calibration,
-                                       int8_io=self.config.int8_io, sparse=False, float_model=float_model)
+                                       int8_io=self.config.int8_io)
         check = verify(data, name=name, quantization=recipe.quantize, x=self.splits.evaluation.x,
                        y=self.splits.evaluation.y, source_outputs=self.source_out,
                        converted_outputs=self._outputs(model),
@@ -266,6 +267,13 @@ class _CandidateRunner:
         return self._cache[key][0]
 
 
+def _reason(exc: BaseException) -> str:
+    """The telling line of a library's long message: its last line naming an error, else its first."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    telling = [line for line in lines if "Error" in line or "not supported" in line]
+    return (telling[-1] if telling else first_line(exc))[:240]
+
+
 def _select(candidates: list[CandidateResult], config: CompressConfig) -> CandidateResult | None:
     ok = [c for c in candidates if c.error is None and c.artifacts]
     if config.max_accuracy_drop is None:
@@ -279,18 +287,16 @@ def _select(candidates: list[CandidateResult], config: CompressConfig) -> Candid
 
 
 def _write(result: CompressResult, out: Path) -> None:
-    from edgekit.export.manifest import build_manifest
-    from edgekit.report import write_report
+    from edgekit.artifacts.manifest import KERAS_MODEL, inference_manifest, write_manifest
+    from edgekit.artifacts.report import write_report
 
     with StagedDir(out) as stage:
         if result.selected is not None:
             for art in result.selected.artifacts:
                 (stage.path / art.filename).write_bytes(art.data)
             # the selected float Keras model (pruned/distilled/QAT-tuned): for further training or federation
-            result.selected.keras_model.save(stage.path / "model.keras")
-            result.manifest = build_manifest(result)
-            from edgekit.export.manifest import write_manifest
-
+            result.selected.keras_model.save(stage.path / KERAS_MODEL)
+            result.manifest = inference_manifest(result)
             write_manifest(stage.path, result.manifest)
         write_report(result, stage.path)
         result.out = stage.commit()

@@ -8,19 +8,20 @@ rebuild is checked numerically against the original before anything else runs.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from device_agents.errors import first_line
 from edgekit import _tf
+from edgekit._io import sha256_of
 from edgekit.errors import ModelLoadError, UnsupportedLayerError
-from edgekit.layers import check_model, support
+from edgekit.loading.layers import check_model, support
 
 REBUILD_TOLERANCE = 1e-5
 
@@ -34,7 +35,6 @@ class LoadedModel:
     sha256: str
     source_format: str  # "savedmodel" | "h5" | "keras" | "keras3" | "object"
     rebuild_max_abs_diff: float | None = None
-    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def input_shape(self) -> tuple[int | None, ...]:
@@ -58,18 +58,23 @@ class LoadedModel:
         return int(self.model.count_params())
 
 
-def sha256_of(path: str | Path) -> str:
-    """SHA-256 of a file, or of every file of a folder in sorted order."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(str(file.relative_to(path)).encode())
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+def copy_model(model: Any) -> Any:
+    """A structural copy of a tf-keras model with its own copy of the weights."""
+    keras = _tf.keras()
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def predict(model: Any, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Model outputs as float32, batched, without Keras ``predict``'s per-call overhead."""
+    outs = [np.asarray(model(x[i:i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
+    return np.concatenate(outs).astype(np.float32)
+
+
+def accuracy(outputs: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy in percent."""
+    return float(np.mean(outputs.argmax(axis=1) == y) * 100.0)
 
 
 def load_model(source: Any, *, sample: np.ndarray | None = None) -> LoadedModel:
@@ -139,13 +144,7 @@ def _load_h5(path: Path, sample: np.ndarray | None) -> LoadedModel:
     if not config:
         raise ModelLoadError(f"{path} holds weights only (no model config); save the whole model with model.save()")
     _check_config_layers(json.loads(config))
-    if version.startswith("3."):
-        k3 = _guarded_load(lambda: _tf.keras3().saving.load_model(path, compile=False), path)
-        model, diff = rebuild_keras3(k3, sample)
-        return LoadedModel(model, str(path), sha256_of(path), "keras3", rebuild_max_abs_diff=diff)
-    model = _guarded_load(lambda: _tf.keras().models.load_model(path, compile=False), path)
-    check_model(model)
-    return LoadedModel(model, str(path), sha256_of(path), "h5")
+    return _load_checked(path, sample, keras3=version.startswith("3."), fmt="h5")
 
 
 def _load_keras_zip(path: Path, sample: np.ndarray | None) -> LoadedModel:
@@ -158,13 +157,18 @@ def _load_keras_zip(path: Path, sample: np.ndarray | None) -> LoadedModel:
     except (KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise ModelLoadError(f"{path} is not a valid .keras file ({exc}); re-save it with model.save()") from None
     _check_config_layers(config)
-    if str(metadata.get("keras_version", "")).startswith("3."):
+    return _load_checked(path, sample, keras3=str(metadata.get("keras_version", "")).startswith("3."), fmt="keras")
+
+
+def _load_checked(path: Path, sample: np.ndarray | None, *, keras3: bool, fmt: str) -> LoadedModel:
+    """Load a file whose config was checked: Keras 3 files are rebuilt as tf-keras, others load directly."""
+    if keras3:
         k3 = _guarded_load(lambda: _tf.keras3().saving.load_model(path, compile=False), path)
         model, diff = rebuild_keras3(k3, sample)
         return LoadedModel(model, str(path), sha256_of(path), "keras3", rebuild_max_abs_diff=diff)
     model = _guarded_load(lambda: _tf.keras().models.load_model(path, compile=False), path)
     check_model(model)
-    return LoadedModel(model, str(path), sha256_of(path), "keras")
+    return LoadedModel(model, str(path), sha256_of(path), fmt)
 
 
 def _attr_text(value: Any) -> str:
@@ -177,8 +181,7 @@ def _guarded_load(load, path: Path):  # noqa: ANN001, ANN202
     except UnsupportedLayerError:
         raise
     except Exception as exc:  # the loaders raise many types for corrupt files
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load model {path}: {text[:300]}") from None
+        raise ModelLoadError(f"cannot load model {path}: {first_line(exc)}") from None
 
 
 def _check_config_layers(config: dict) -> None:
@@ -241,8 +244,7 @@ def rebuild_keras3(k3_model: Any, sample: np.ndarray | None = None) -> tuple[Any
     except UnsupportedLayerError:
         raise
     except Exception as exc:
-        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"cannot rebuild the Keras 3 model as tf-keras: {first}") from None
+        raise ModelLoadError(f"cannot rebuild the Keras 3 model as tf-keras: {first_line(exc)}") from None
     check_model(model)
     x = sample if sample is not None else _random_inputs(model)
     x = x[:64]

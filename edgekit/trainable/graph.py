@@ -1,7 +1,7 @@
 """A *trainable* TFLite artifact: ``train``, ``infer``, ``get_weights``, ``set_weights`` signatures.
 
 It converts with TFLITE_BUILTINS only (no Flex ops, which neither ai-edge-litert nor
-tflite-runtime ship): backward passes are written in builtin ops (:mod:`edgekit.export._grad_ops`)
+tflite-runtime ship): backward passes are written in builtin ops (:mod:`edgekit.trainable._grad_ops`)
 and weights live in resource variables.
 
 Signatures (all tensors float32 unless said):
@@ -20,7 +20,6 @@ trains (on-device personalisation).
 
 from __future__ import annotations
 
-import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,9 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from device_agents.errors import first_line
 from edgekit import _tf
 from edgekit.errors import ConversionError, UnsupportedLayerError
-from edgekit.export import _grad_ops as ops
+from edgekit.trainable import _grad_ops as ops
+from edgekit.trainable.contract import TensorInfo, tensor_key, weight_key
 
 SIGNATURES = ("train", "infer", "get_weights", "set_weights")
 
@@ -244,17 +245,6 @@ def build_nodes(model: Any) -> list[_Node]:
     return nodes
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"\W", "_", name)
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str = "float32"
-
-
 def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo], bool]:
     """A ``tf.Module`` with the four signatures for ``model``; its tensor list; whether it outputs softmax."""
     tf = _tf.tf()
@@ -265,7 +255,7 @@ def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo],
     tensors: list[TensorInfo] = []
     for node in nodes:
         for pname, value in node.params:
-            tensors.append(TensorInfo(_safe(f"{node.name}/{pname}"), tuple(int(d) for d in value.shape)))
+            tensors.append(TensorInfo(tensor_key(node.name, pname), tuple(int(d) for d in value.shape)))
 
     class Trainable(tf.Module):
         def __init__(self) -> None:
@@ -274,14 +264,14 @@ def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo],
             self.anchors = {}
             for node in nodes:
                 for pname, value in node.params:
-                    key = _safe(f"{node.name}/{pname}")
+                    key = tensor_key(node.name, pname)
                     self.weights[key] = tf.Variable(value.astype(np.float32), name=key)
                     self.anchors[key] = tf.Variable(value.astype(np.float32), name=f"{key}_anchor", trainable=False)
 
         def forward(self, x: Any, *, logits: bool) -> Any:
             values = {"input": x}
             for node in nodes:
-                ws = [self.weights[_safe(f"{node.name}/{p}")] for p, _ in node.params]
+                ws = [self.weights[tensor_key(node.name, p)] for p, _ in node.params]
                 xs = [values[name] for name in node.inputs]
                 if node.softmax_output and logits:
                     values[node.name] = _logits_of(node, xs, ws)
@@ -363,9 +353,8 @@ def _convert(tf: Any, module: Any) -> bytes:
         try:
             return bytes(converter.convert())
         except Exception as exc:
-            lines = [line for line in str(exc).splitlines() if "error" in line.lower()] or [str(exc)]
-            raise ConversionError(f"the trainable model does not convert with builtin ops: {lines[0][:300]}") \
-                from None
+            raise ConversionError(f"the trainable model does not convert with builtin ops: "
+                                  f"{first_line(exc, prefer='error')}") from None
 
 
 def split_head(model: Any) -> tuple[Any, Any]:
@@ -397,9 +386,8 @@ def reference_step(model: Any, x: np.ndarray, y: np.ndarray, *, learning_rate: f
     tf = _tf.tf()
     nodes = build_nodes(model)
     softmax_out = nodes[-1].softmax_output
-    trained = {_safe(f"{node.name}/{p}") for node in nodes for p, _ in node.params}  # BN stays frozen
-    weights = {_safe(f"{layer.name}/{w.name.split('/')[-1].split(':')[0]}"): w
-               for layer in model.layers for w in layer.trainable_weights}
+    trained = {tensor_key(node.name, p) for node in nodes for p, _ in node.params}  # BN stays frozen
+    weights = {weight_key(layer, w): w for layer in model.layers for w in layer.trainable_weights}
     weights = {k: v for k, v in weights.items() if k in trained}
     with tf.GradientTape() as tape:
         out = model(x, training=False)

@@ -1,4 +1,4 @@
-"""``edgekit inspect``: ops, sizes, I/O quantization of an artifact, and a folder's manifest check."""
+"""Inspection: ops, sizes, I/O quantization of an artifact, and a check of an output folder's manifest."""
 
 from __future__ import annotations
 
@@ -63,24 +63,3 @@ def _describe(data: bytes, name: str) -> dict[str, Any]:
             "gzip_bytes": len(gzip.compress(data, compresslevel=9, mtime=0)),
             "ops": dict(sorted(Counter(ops).items())), "inputs": [s.to_dict() for s in model.inputs],
             "outputs": [s.to_dict() for s in model.outputs]}
-
-
-def format_inspection(info: dict[str, Any]) -> str:
-    """Human-readable text of :func:`inspect_artifact`'s result."""
-    lines = [f"{info['path']}"]
-    if info.get("manifest_ok") is not None:
-        lines.append(f"  manifest: {'ok (every sha256 matches)' if info['manifest_ok'] else 'FAILED'}"
-                     f"  edgekit {info.get('edgekit_version')}  kind {info.get('kind')}")
-        for problem in info.get("problems", []):
-            lines.append(f"  ! {problem}")
-    for art in info["artifacts"]:
-        lines.append(f"  {art['file']}  {art['format']}  {art['bytes']:,} bytes  ({art['gzip_bytes']:,} gzip)")
-        for key in ("quantization", "sparsity", "accuracy", "top1_agreement"):
-            if art.get(key) is not None:
-                lines.append(f"    {key}: {art[key]}")
-        for kind in ("inputs", "outputs"):
-            for spec in art[kind]:
-                quant = f"  scale {spec['scale']:.6g} zero_point {spec['zero_point']}" if spec["scale"] else ""
-                lines.append(f"    {kind[:-1]} {spec['name']}: {spec['dtype']} {spec['shape']}{quant}")
-        lines.append("    ops: " + ", ".join(f"{k} x{v}" for k, v in art["ops"].items()))
-    return "\n".join(lines)

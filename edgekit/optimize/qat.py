@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from device_agents.errors import first_line
 from edgekit import _tf
 from edgekit._progress import Progress
-from edgekit.compress._training import copy_model, fit
 from edgekit.config import TrainingConfig
-from edgekit.data import Dataset
 from edgekit.errors import ConversionError
-from edgekit.layers import check_model
+from edgekit.loading.data import Dataset
+from edgekit.loading.layers import check_model
+from edgekit.loading.models import copy_model
+from edgekit.optimize._fit import fit
 
 
 def quantize_aware(model: Any, data: Dataset, *, training: TrainingConfig, probabilities: bool,
@@ -33,8 +35,7 @@ def quantize_aware(model: Any, data: Dataset, *, training: TrainingConfig, proba
         else:
             qat_model = quant.quantize_model(base)
     except (ValueError, TypeError, RuntimeError) as exc:
-        raise ConversionError(f"tfmot cannot make this model quantization-aware: {str(exc).splitlines()[0][:300]}") \
-            from None
+        raise ConversionError(f"tfmot cannot make this model quantization-aware: {first_line(exc)}") from None
     fit(qat_model, data, epochs=training.finetune_epochs, batch_size=training.batch_size,
         learning_rate=training.learning_rate / 10, probabilities=probabilities, progress=progress,
         desc="quantization-aware training", seed=seed)

@@ -2,7 +2,7 @@
 
 A model whose layers are not all registered here is refused before any training starts, with
 an error naming the first such layer. The device-side training support of a layer is registered
-separately, in :mod:`edgekit.export.trainable`.
+separately, in :mod:`edgekit.trainable.graph`.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def check_model(model, *, need: str | None = None) -> None:  # noqa: ANN001
         if need == "qat" and not entry.qat:
             raise UnsupportedLayerError(
                 f"layer '{layer.name}' is a {layer.__class__.__name__}, which quantization-aware training "
-                "does not support; use --quantize int8 (post-training) or dynamic for this model",
+                "does not support; use post-training int8 or dynamic quantization for this model",
                 layer_name=layer.name, layer_type=layer.__class__.__name__,
             )
         activation = getattr(layer, "activation", None)

@@ -1,4 +1,8 @@
-"""Console plumbing shared by the ``edgekit`` and ``edgekit-agent`` commands (no heavy imports)."""
+"""Console plumbing of the ``edgekit`` and ``edgekit-agent`` commands (no heavy imports).
+
+It lives in ``device_agents`` (the lowest layer) so that the device package stands alone and the
+server CLI (``tools``) uses the same one-line errors, exit codes and native-log routing.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,26 @@ import tempfile
 import warnings
 from collections.abc import Callable
 
+from device_agents.errors import first_line
+from device_agents.exit_codes import ExitCode, exit_code_help
+
 NATIVE_LOG = os.path.join(tempfile.gettempdir(), "edgekit-native.log")
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage dump) and exit with code 2."""
+    """An ArgumentParser whose errors are one line (no usage dump) and exit with code 2.
+
+    Top-level parsers (``exit_codes=True``) list the exit-code table in their ``--help``.
+    """
+
+    def __init__(self, *args: object, exit_codes: bool = False, **kwargs: object) -> None:
+        if exit_codes:
+            kwargs.setdefault("epilog", exit_code_help())
+            kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+        self.exit(int(ExitCode.BAD_INPUT), f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
 
 def quiet_native_logs() -> None:
@@ -48,14 +64,13 @@ def run(prog: str, handler: Callable[[], int], errors: tuple[type[BaseException]
         return handler()
     except errors as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        return int(getattr(exc, "exit_code", 1))
+        return int(getattr(exc, "exit_code", ExitCode.FAILURE))
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        return int(ExitCode.INTERRUPTED)
     except Exception as exc:  # a bug, not a bad input: say so, keep it to one line unless debugging
         if os.environ.get("EDGEKIT_DEBUG") == "1":
             raise
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        print(f"{prog}: internal error: {type(exc).__name__}: {first} "
+        print(f"{prog}: internal error: {type(exc).__name__}: {first_line(exc)} "
               f"(rerun with EDGEKIT_DEBUG=1 for the traceback; native log: {NATIVE_LOG})", file=sys.stderr)
-        return 70
+        return int(ExitCode.INTERNAL_ERROR)

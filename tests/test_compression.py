@@ -10,11 +10,11 @@ from conftest import fast_training
 
 from device_agents import Model
 from edgekit import BudgetError, CompressConfig, ConversionError, Recipe, compress
-from edgekit.compress.prune import prune
 from edgekit.config import Format, Quantization
 from edgekit.errors import InputError, OutputError
 from edgekit.export import EXPORTERS, exporter
 from edgekit.export.tflite import tflite_ops
+from edgekit.optimize.prune import prune
 
 
 def config(**kw):
@@ -198,8 +198,7 @@ def test_failure_midway_leaves_nothing_half_written(cnn_path, tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise ConversionError("simulated converter failure")
 
-    monkeypatch.setitem(EXPORTERS, Format.ONNX, EXPORTERS[Format.ONNX].__class__("model.onnx", broken,
-                                                                                   frozenset(Quantization)))
+    monkeypatch.setitem(EXPORTERS, Format.ONNX, EXPORTERS[Format.ONNX].__class__("model.onnx", broken))
     out = tmp_path / "half"
     with pytest.raises(ConversionError, match="simulated"):
         compress(cnn_path, "digits", out, config=config(), progress=False)
@@ -213,14 +212,14 @@ def test_output_folder_rules(cnn_path, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(OutputError, match="non-empty folder that edgekit did not write"):
+    with pytest.raises(OutputError, match="is not empty and edgekit did not write it"):
         compress(cnn_path, "digits", foreign, config=config(), progress=False)
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
 def test_text_model_int8_and_dynamic_export(text_model_path, text_npz, tmp_path):
     # 2:4 applies to Dense layers only here (tfmot's m-by-n fails on Conv1D/LSTM/Embedding at training time)
-    recipes = (Recipe(quantize="int8"), Recipe(quantize="dynamic"), Recipe(structured="2:4", quantize="int8"))
+    recipes = (Recipe(quantize="int8"), Recipe(quantize="dynamic"), Recipe(structured=(2, 4), quantize="int8"))
     result = compress(text_model_path, text_npz, None, progress=False,
                       config=config(max_accuracy_drop=100, search=recipes))
     assert result.source["accuracy"] > 80
@@ -258,10 +257,10 @@ def test_every_registered_exporter_has_a_case():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"prune": 1.5}, "between 0 and 1"),
-    ({"structured": "3:8"}, "3:8 is not supported; use 2:4"),
-    ({"structured": "two"}, "not of the form M:N"),
+    ({"structured": (3, 8)}, "3:8 is not supported; use 2:4"),
+    ({"structured": "two"}, "must be a pair"),
     ({"quantize": "int4"}, "unknown quantization 'int4'; valid values: none, dynamic, float16, int8, qat"),
-    ({"prune": 0.5, "structured": "2:4"}, "not both"),
+    ({"prune": 0.5, "structured": (2, 4)}, "not both"),
     ({"student_width": 2.0}, "between 0 and 1"),
 ])
 def test_recipe_validation(kwargs, message):

@@ -23,23 +23,7 @@ def candidate_rows(result: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def format_table(result: Any) -> str:
-    """The candidate table as aligned text, for the terminal."""
-    head = ["recipe", "format", "bytes", "gzip", "acc %", "drop", "agree %", "budget", ""]
-    lines = [head]
-    for r in candidate_rows(result):
-        budget = {True: "ok", False: "over", None: "-"}[r["within_budget"]]
-        if r["error"]:
-            lines.append([r["recipe"], "-", "-", "-", "-", "-", "-", "failed", r["error"][:60]])
-            continue
-        lines.append([r["recipe"], r["format"], f"{r['bytes']:,}", f"{r['gzip_bytes']:,}",
-                      _num(r["accuracy"]), _num(r["drop"], signed=True), f"{r['agreement']:.1f}", budget,
-                      "<- selected" if r["selected"] else ""])
-    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
-
-
-def _num(value: float | None, signed: bool = False) -> str:
+def num(value: float | None, *, signed: bool = False) -> str:
     if value is None:
         return "-"
     return f"{value:+.2f}" if signed else f"{value:.2f}"
@@ -81,13 +65,13 @@ def write_report(result: Any, folder: Path) -> None:
             lines.append(f"| {r['recipe']} | - | - | - | - | - | - | - | failed: {r['error']} | |")
             continue
         lines.append(f"| {r['recipe']} | {r['format']} | {r['bytes']:,} | {r['gzip_bytes']:,} | "
-                     f"{_num(r['accuracy'])} | {_num(r['drop'], signed=True)} | {r['agreement']:.2f} | "
+                     f"{num(r['accuracy'])} | {num(r['drop'], signed=True)} | {r['agreement']:.2f} | "
                      f"{r['max_abs_diff']:.3g} | {budget} | {'**yes**' if r['selected'] else ''} |")
     if result.selected is not None:
         notes = [f"- {a.format.value}: {n}" for a in result.selected.artifacts for n in a.notes]
         if notes:
             lines += ["", "## Notes", "", *notes]
-        if result.selected.layer_sparsity:
+        if result.selected.recipe.prunes and result.selected.layer_sparsity:  # nothing to show otherwise
             lines += ["", "## Per-layer sparsity (fraction of zero weights)", "", "| layer | sparsity |", "|---|---:|"]
             lines += [f"| {k} | {v:.3f} |" for k, v in result.selected.layer_sparsity.items()]
     for title, name in plots:

@@ -8,11 +8,12 @@ import numpy as np
 
 from edgekit import _tf
 from edgekit._progress import Progress
-from edgekit.compress._training import predict, steps_per_epoch
 from edgekit.config import TrainingConfig
-from edgekit.data import Dataset
 from edgekit.errors import InputError
-from edgekit.layers import LAYERS, iter_layers
+from edgekit.loading.data import Dataset
+from edgekit.loading.layers import LAYERS, iter_layers
+from edgekit.loading.models import predict
+from edgekit.optimize._fit import reestimate_batchnorm, steps_per_epoch
 
 
 def thin_student(teacher: Any, width: float) -> Any:
@@ -95,4 +96,5 @@ def distill(teacher: Any, student: Any, data: Dataset, *, training: TrainingConf
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         losses.append(total / steps)
     bar.close()
+    reestimate_batchnorm(student, data.x, batch_size=training.batch_size)
     return losses

@@ -7,13 +7,15 @@ from typing import Any
 
 import numpy as np
 
+from device_agents.errors import first_line
 from edgekit import _tf
 from edgekit._progress import Progress
-from edgekit.compress._training import copy_model, fit, steps_per_epoch
 from edgekit.config import TrainingConfig
-from edgekit.data import Dataset
 from edgekit.errors import ConversionError
-from edgekit.layers import LAYERS
+from edgekit.loading.data import Dataset
+from edgekit.loading.layers import LAYERS
+from edgekit.loading.models import copy_model
+from edgekit.optimize._fit import fit, reestimate_batchnorm, steps_per_epoch
 
 M_BY_N_LAYERS = ("Conv2D", "Dense")  # the layers tfmot's m-by-n (2:4) pruning handles
 _KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings", "recurrent_kernel")
@@ -57,14 +59,14 @@ def prune(model: Any, data: Dataset, *, sparsity: float | None = None, structure
         try:
             return sparsity_api.prune_low_magnitude(layer, **params)
         except (ValueError, TypeError) as exc:
-            skipped[layer.name] = str(exc).splitlines()[0][:160]
+            skipped[layer.name] = first_line(exc, limit=160)
             return layer
 
     base = copy_model(model)
     try:
         wrapped = keras.models.clone_model(base, clone_function=wrap)
     except (ValueError, TypeError) as exc:
-        raise ConversionError(f"tfmot cannot prune this model: {str(exc).splitlines()[0][:300]}") from None
+        raise ConversionError(f"tfmot cannot prune this model: {first_line(exc)}") from None
     if not any(layer.__class__.__name__ == "PruneLowMagnitude" for layer in wrapped.layers):
         raise ConversionError("no layer of this model can be pruned "
                               f"({'; '.join(f'{k}: {v}' for k, v in skipped.items()) or 'no weighted layers'})")
@@ -73,6 +75,7 @@ def prune(model: Any, data: Dataset, *, sparsity: float | None = None, structure
                  learning_rate=training.learning_rate, probabilities=probabilities, progress=progress,
                  desc=desc, callbacks=[sparsity_api.UpdatePruningStep()], seed=seed)
     stripped = sparsity_api.strip_pruning(wrapped)
+    reestimate_batchnorm(stripped, data.x, batch_size=training.batch_size)  # the fine-tune left them stale
     return PruneResult(stripped, layer_sparsity(stripped), skipped, losses)
 
 

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgekit._output import StagedDir, check_output_dir
+from edgekit._io import StagedDir, check_output_dir
 from edgekit._progress import Progress
-from edgekit._version import __version__
+from edgekit.artifacts.manifest import trainable_manifest, write_manifest
 from edgekit.config import Quantization
-from edgekit.data import Dataset, fit_to_model, load_data
 from edgekit.errors import InputError, VerificationError
-from edgekit.models import load_model
+from edgekit.loading.data import Dataset, fit_to_model, load_data
+from edgekit.loading.models import load_model
 
 PARITY_TOLERANCE = 1e-5
 
@@ -36,7 +33,7 @@ class TrainableConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= int(self.batch_size) <= 4096:
-            raise InputError(f"--batch-size must be between 1 and 4096, got {self.batch_size}")
+            raise InputError(f"the train batch size must be between 1 and 4096, got {self.batch_size}")
         if not self.learning_rate > 0:
             raise InputError(f"learning rate must be > 0, got {self.learning_rate}")
 
@@ -60,7 +57,7 @@ def export_trainable(model: Any, out: str | Path | None, *, data: str | Path | D
     """
     from device_agents.training import Trainer
     from edgekit.export.tflite import to_tflite
-    from edgekit.export.trainable import build_module, build_nodes, convert, reference_step, split_head
+    from edgekit.trainable.graph import build_module, build_nodes, convert, reference_step, split_head
 
     config = config or TrainableConfig()
     bars = Progress(enabled=progress)
@@ -73,7 +70,6 @@ def export_trainable(model: Any, out: str | Path | None, *, data: str | Path | D
     dataset = fit_to_model(load_data(data), loaded.input_shape, loaded.input_dtype, loaded.num_classes)
     keras_model = loaded.model
     files: dict[str, bytes] = {}
-    backbone_entry = None
     if config.head_only:
         backbone, head = split_head(keras_model)
         calib = dataset.x[:256]
@@ -85,27 +81,8 @@ def export_trainable(model: Any, out: str | Path | None, *, data: str | Path | D
     with bars.step("build and convert the trainable model"):
         module, tensors, softmax_out = build_module(train_model, batch_size=config.batch_size)
         files["trainable.tflite"] = convert(module)
-    if config.head_only:
-        backbone_entry = _entry("backbone.tflite", files["backbone.tflite"], role="backbone")
-    manifest = {
-        "schema_version": 1, "edgekit_version": __version__, "kind": "trainable",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {"path": loaded.path, "sha256": loaded.sha256, "format": loaded.source_format,
-                   "params": loaded.params},
-        "artifacts": [_entry("trainable.tflite", files["trainable.tflite"], role="trainable")]
-                     + ([backbone_entry] if backbone_entry else []),
-        "trainable": {
-            "mode": "head-only" if config.head_only else "full", "batch_size": config.batch_size,
-            "num_classes": loaded.num_classes, "learning_rate": config.learning_rate,
-            "input": {"shape": [None, *loaded.input_shape], "dtype": "float32"},
-            "head_input": {"shape": [None, *train_model.inputs[0].shape[1:]]} if config.head_only else None,
-            "output": "probabilities" if softmax_out else "logits",
-            "signatures": {
-                "train": ["x", "y", "sample_weight", "learning_rate", "mu"], "infer": ["x"],
-                "get_weights": [], "set_weights": [t.name for t in tensors]},
-            "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in tensors],
-        },
-    }
+    source = {"path": loaded.path, "sha256": loaded.sha256, "format": loaded.source_format, "params": loaded.params}
+    manifest = trainable_manifest(source, files, _contract(loaded, train_model, tensors, softmax_out, config))
     with bars.step("verify in LiteRT"):
         checks = _verify(files, manifest, keras_model, train_model, dataset, config, reference_step, Trainer)
     manifest["verification"] = checks
@@ -114,14 +91,25 @@ def export_trainable(model: Any, out: str | Path | None, *, data: str | Path | D
         with StagedDir(out) as stage:
             for name, data_bytes in files.items():
                 (stage.path / name).write_bytes(data_bytes)
-            (stage.path / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            write_manifest(stage.path, manifest)
             result.out = stage.commit()
     return result
 
 
-def _entry(name: str, data: bytes, *, role: str) -> dict[str, Any]:
-    return {"file": name, "format": "tflite", "role": role, "sha256": hashlib.sha256(data).hexdigest(),
-            "bytes": len(data)}
+def _contract(loaded: Any, train_model: Any, tensors: list, softmax_out: bool,
+              config: TrainableConfig) -> dict[str, Any]:
+    """The ``trainable`` section of the manifest: signatures, tensors and shapes a device relies on."""
+    return {
+        "mode": "head-only" if config.head_only else "full", "batch_size": config.batch_size,
+        "num_classes": loaded.num_classes, "learning_rate": config.learning_rate,
+        "input": {"shape": [None, *loaded.input_shape], "dtype": "float32"},
+        "head_input": {"shape": [None, *train_model.inputs[0].shape[1:]]} if config.head_only else None,
+        "output": "probabilities" if softmax_out else "logits",
+        "signatures": {
+            "train": ["x", "y", "sample_weight", "learning_rate", "mu"], "infer": ["x"],
+            "get_weights": [], "set_weights": [t.name for t in tensors]},
+        "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in tensors],
+    }
 
 
 def _verify(files: dict[str, bytes], manifest: dict, keras_model: Any, train_model: Any, dataset: Dataset,

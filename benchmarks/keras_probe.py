@@ -1,9 +1,9 @@
 """Measure the source Keras model the way the agent is measured: run as its own process.
 
-``python -m edgekit._keras_probe MODEL X.npz [--repeats N]`` prints one JSON line: accuracy (when the
+``python benchmarks/keras_probe.py MODEL X.npz [--repeats N]`` prints one JSON line: accuracy (when the
 npz has ``y``), single-sample ``__call__`` latency percentiles, time from process start to the first
 prediction, and peak RSS. Used by ``make demo`` and ``benchmarks/agent.py`` to compare with
-``edgekit-agent``.
+``edgekit-agent``. A benchmark helper: it is not shipped in the edgekit-sdk wheel.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
     from device_agents.telemetry import peak_rss_mib
-    from edgekit.models import load_model
+    from edgekit.loading.models import load_model
 
     with np.load(args.data) as npz:
         x = npz["x"].astype(np.float32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgekit import _tf
-from edgekit.data import Dataset
+from edgekit.loading.data import Dataset
 
 
 def digits_cnn(input_shape: tuple[int, int, int] = (8, 8, 1), num_classes: int = 10) -> Any:

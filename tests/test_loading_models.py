@@ -8,8 +8,8 @@ import pytest
 
 from edgekit import _tf
 from edgekit.errors import ModelLoadError, UnsupportedLayerError
-from edgekit.layers import LAYERS, support
-from edgekit.models import load_model, rebuild_keras3
+from edgekit.loading.layers import LAYERS, support
+from edgekit.loading.models import load_model, rebuild_keras3
 
 
 @pytest.mark.parametrize("fmt", ["keras", "h5", "savedmodel"])
@@ -109,9 +109,19 @@ def test_non_classifier_outputs_refused(tmp_path):
         load_model(tmp_path / "reg.keras")
 
 
-def test_every_registered_layer_is_known_to_tf_keras():
+PRUNE_ARGS = {"Conv1D": (2, 3), "Conv2D": (2, 3), "Dense": (2,), "DepthwiseConv2D": (3,), "Embedding": (10, 2),
+              "LSTM": (2,), "SeparableConv2D": (2, 3)}
+
+
+def test_every_registered_layer_is_a_tf_keras_layer_and_prunable_ones_are_prunable():
+    from tensorflow_model_optimization.python.core.sparsity.keras.prune_registry import PruneRegistry
+
     keras = _tf.keras()
-    for name in LAYERS:
-        assert hasattr(keras.layers, name), name
+    for name, entry in LAYERS.items():
+        cls = getattr(keras.layers, name)
+        assert issubclass(cls, keras.layers.Layer), name
+        if entry.prune:  # the registry's claim holds: tfmot prunes an instance of it
+            assert PruneRegistry.supports(cls(*PRUNE_ARGS[name])), name
+    assert set(PRUNE_ARGS) == {name for name, entry in LAYERS.items() if entry.prune}
     with pytest.raises(UnsupportedLayerError, match="supported layers: Activation, Add"):
         support("Bogus", layer_name="b")

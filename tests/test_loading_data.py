@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from edgekit.data import Dataset, fit_to_model, load_data, load_digits, load_npz, partition, split
 from edgekit.errors import DataError
+from edgekit.loading.data import Dataset, fit_to_model, load_data, load_digits, load_npz, partition, split
 
 
 def test_digits_is_embedded_and_normalised():

@@ -1,0 +1,93 @@
+"""``manifest.json``: the hand-off between the server and the devices, one schema for every output.
+
+Both kinds share the header (``schema_version``, ``edgekit_version``, ``kind``, ``created``,
+``source``) and the artifact entry (``file``, ``format``, ``sha256``, ``bytes``, plus ``role`` for
+trainable outputs and the measurements for inference outputs). ``kind`` is ``"inference"``
+(:func:`inference_manifest`) or ``"trainable"`` (:func:`trainable_manifest`). The device agent reads
+only this file and the artifacts it lists (:mod:`device_agents.integrity` checks hashes and sizes
+against it); the file name and the schema version are the device's constants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from device_agents.integrity import MANIFEST, SCHEMA_VERSION
+from edgekit._io import write_atomic
+from edgekit._version import __version__
+
+KERAS_MODEL = "model.keras"
+"""The selected float Keras model in every compress output (for further training or federation)."""
+
+__all__ = ["KERAS_MODEL", "MANIFEST", "SCHEMA_VERSION", "artifact_entry", "file_entry", "inference_manifest",
+           "trainable_manifest", "write_manifest"]
+
+
+def _header(kind: str, source: dict[str, Any]) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "edgekit_version": __version__, "kind": kind,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": source}
+
+
+def file_entry(name: str, data: bytes, *, fmt: str, role: str | None = None) -> dict[str, Any]:
+    """The entry every artifact has: file name, format, SHA-256, size (and its role, when it has one)."""
+    entry: dict[str, Any] = {"file": name, "format": fmt, "sha256": hashlib.sha256(data).hexdigest(),
+                             "bytes": len(data)}
+    if role is not None:
+        entry["role"] = role
+    return entry
+
+
+def artifact_entry(art: Any) -> dict[str, Any]:
+    """The entry of a measured inference artifact (:class:`~edgekit.ArtifactResult`)."""
+    return {
+        **file_entry(art.filename, art.data, fmt=art.format.value),
+        "gzip_bytes": art.gzip_bytes, "quantization": art.quantization.value, "sparsity": round(art.sparsity, 4),
+        "accuracy": _round(art.accuracy), "accuracy_drop": _round(art.accuracy_drop),
+        "top1_agreement": _round(art.top1_agreement), "max_abs_diff": _round(art.max_abs_diff, 6),
+        "conversion_max_abs_diff": _round(art.conversion_max_abs_diff, 6), "tolerance": art.tolerance,
+        "verified_with": art.runtime,
+        "input": [s.to_dict() for s in art.inputs], "output": [s.to_dict() for s in art.outputs],
+        "notes": art.notes,
+    }
+
+
+def inference_manifest(result: Any) -> dict[str, Any]:
+    """The manifest of a :class:`~edgekit.CompressResult` whose candidate was selected."""
+    selected = result.selected
+    recipe = selected.recipe
+    return {
+        **_header("inference", result.source),
+        "data": result.data_info,
+        "recipe": {"name": recipe.name, "prune": recipe.prune,
+                   "structured": f"{recipe.structured[0]}:{recipe.structured[1]}" if recipe.structured else None,
+                   "quantize": recipe.quantize.value, "student_width": recipe.student_width,
+                   "student": recipe.student, "params": selected.params},
+        "max_accuracy_drop": result.config.max_accuracy_drop,
+        "artifacts": [artifact_entry(a) for a in selected.artifacts],
+        "layer_sparsity": selected.layer_sparsity,
+        "keras_model": KERAS_MODEL,
+    }
+
+
+def trainable_manifest(source: dict[str, Any], files: dict[str, bytes], trainable: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a trainable export: ``files`` maps file name -> bytes (``trainable.tflite``
+    and, head-only, ``backbone.tflite``); ``trainable`` is the signature and tensor contract."""
+    roles = {"trainable.tflite": "trainable", "backbone.tflite": "backbone"}
+    return {
+        **_header("trainable", source),
+        "artifacts": [file_entry(name, data, fmt="tflite", role=roles[name]) for name, data in files.items()],
+        "trainable": trainable,
+    }
+
+
+def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
+    """Write ``folder/manifest.json`` atomically."""
+    return write_atomic(Path(folder) / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(float(value), digits)

@@ -1,1 +1,0 @@
-"""Compression techniques: pruning, quantization-aware training, distillation."""

@@ -1,0 +1,162 @@
+"""Settings of a federated run, as validated frozen dataclasses with enums.
+
+:class:`RoundSettings` is what the server does each round; :class:`SimulationConfig` and
+:class:`DeployConfig` add where the clients run (Flower's simulation engine, or real SuperLink and
+SuperNode processes). Partitions are :class:`Partition` values, not strings; the command line
+parses its own ``dirichlet:0.5`` syntax. Messages name the setting, never a command-line flag.
+
+>>> SimulationConfig(clients=10, partition=Partition(PartitionScheme.DIRICHLET, 0.5)).partition.alpha
+0.5
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from device_agents.client_app import Fault
+from edgekit.config import coerce_enum
+from edgekit.errors import InputError
+
+
+class Strategy(str, Enum):
+    """The server's aggregation strategy (Flower's classes; see :mod:`edgekit.federated.strategies`)."""
+
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    TRIMMED = "trimmed"
+
+
+class PartitionScheme(str, Enum):
+    """How the clients' data is split from the user's dataset."""
+
+    IID = "iid"              # shuffled, equal shares
+    DIRICHLET = "dirichlet"  # label skew: each class is shared out by Dirichlet(alpha) proportions
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A partition scheme and its Dirichlet concentration ``alpha`` (smaller: more skewed)."""
+
+    scheme: PartitionScheme = PartitionScheme.IID
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scheme", coerce_enum(PartitionScheme, self.scheme, "partition scheme"))
+        if self.scheme is PartitionScheme.DIRICHLET and not float(self.alpha) > 0:
+            raise InputError(f"the Dirichlet alpha of a partition must be > 0 (e.g. 0.5), got {self.alpha}")
+
+    def __str__(self) -> str:
+        return self.scheme.value if self.scheme is PartitionScheme.IID else f"dirichlet({self.alpha:g})"
+
+
+@dataclass(frozen=True)
+class RoundSettings:
+    """What the server does each round, and how clients train (sent in each round's config)."""
+
+    rounds: int = 5
+    local_epochs: int = 1
+    learning_rate: float = 0.05
+    strategy: Strategy = Strategy.FEDAVG
+    proximal_mu: float = 0.01
+    trim_beta: float = 0.2
+    fraction: float = 1.0
+    min_fraction: float = 0.5
+    compress_updates: bool = False
+    round_timeout: float = 600.0
+    seed: int = 0
+    dp_noise_multiplier: float | None = None  # differential privacy: Gaussian noise (x clipping norm)
+    dp_clipping_norm: float = 1.0              # each client's update is clipped to this L2 norm
+    dp_delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strategy", coerce_enum(Strategy, self.strategy, "strategy"))
+        for name in ("rounds", "local_epochs"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "round_timeout"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name.replace('_', ' ')} must be > 0, got {getattr(self, name)}")
+        if not self.proximal_mu >= 0:
+            raise InputError(f"the FedProx proximal mu must be >= 0, got {self.proximal_mu}")
+        if not 0 <= self.trim_beta < 0.5:
+            raise InputError(f"the trimmed-mean beta must be in [0, 0.5), got {self.trim_beta}")
+        if not 0 < self.fraction <= 1 or not 0 < self.min_fraction <= 1:
+            raise InputError(f"the sampled fraction ({self.fraction}) and the minimum valid fraction "
+                             f"({self.min_fraction}) must be in (0, 1]")
+        if self.dp_noise_multiplier is not None:
+            if not self.dp_noise_multiplier > 0 or not self.dp_clipping_norm > 0:
+                raise InputError("the differential-privacy noise multiplier and clipping norm must be > 0")
+            if not 0 < self.dp_delta < 1:
+                raise InputError(f"the differential-privacy delta must be in (0, 1), got {self.dp_delta}")
+            if self.compress_updates:
+                raise InputError("differential privacy clips float weight updates; "
+                                 "it cannot be combined with update compression")
+            if self.strategy is Strategy.TRIMMED:
+                raise InputError("differential privacy needs FedAvg-style aggregation; use fedavg or fedprox")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """What every federated run has: the clients, how the data is split among them, the rounds."""
+
+    clients: int = 10
+    partition: Partition = field(default_factory=Partition)
+    rounds: RoundSettings = field(default_factory=RoundSettings)
+    batch_size: int = 16  # the on-device batch of the trainable artifact
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.partition, Partition):
+            object.__setattr__(self, "partition", Partition(self.partition))
+        if self.clients < 2:
+            raise InputError(f"a federation needs at least 2 clients, got {self.clients}")
+        if not 1 <= self.batch_size <= 4096:
+            raise InputError(f"the on-device batch size must be between 1 and 4096, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class SimulationConfig(FederationConfig):
+    """Options of :func:`edgekit.federated.simulate.simulate` (Flower's simulation engine on Ray).
+
+    ``faults`` rehearses faulty clients (partition id -> :class:`~device_agents.client_app.Fault`);
+    ``audit_dir`` keeps a copy of every reply a client sends; ``secure_aggregation`` runs SecAgg+.
+    """
+
+    resume: bool = False
+    faults: dict[int, Fault] = field(default_factory=dict)
+    audit_dir: str | None = None
+    secure_aggregation: bool = False  # SecAgg+ (Flower's legacy fit workflow); see edgekit.federated.secagg
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "faults", {int(k): coerce_enum(Fault, v, "fault") for k, v in self.faults.items()})
+        if self.secure_aggregation:
+            clash = [name for name, on in (("update compression", self.rounds.compress_updates),
+                                            ("differential privacy", self.rounds.dp_noise_multiplier is not None),
+                                            ("resuming", self.resume),
+                                            (f"the {self.rounds.strategy.value} strategy",
+                                             self.rounds.strategy is not Strategy.FEDAVG)) if on]
+            if clash:
+                raise InputError(f"secure aggregation runs FedAvg on masked updates; "
+                                 f"it cannot be combined with {clash[0]}")
+            if self.clients < 3:
+                raise InputError("secure aggregation needs at least 3 clients (secret sharing)")
+
+
+@dataclass(frozen=True)
+class DeployConfig(FederationConfig):
+    """Options of :func:`edgekit.federated.deploy.up`: real SuperLink/SuperNode processes on 127.0.0.1.
+
+    ``insecure`` drops TLS (and node authentication); ``node_auth`` registers one key pair per
+    SuperNode with the SuperLink; ``timeout`` bounds the whole run in seconds.
+    """
+
+    clients: int = 2
+    insecure: bool = False
+    node_auth: bool = True
+    timeout: float = 900.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.timeout > 0:
+            raise InputError(f"the run timeout must be > 0 seconds, got {self.timeout}")

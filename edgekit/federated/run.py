@@ -1,0 +1,120 @@
+"""What every federated run shares: preparing the run folder, and the tail that ends it.
+
+:func:`prepare_run` loads and checks the model and data, writes each client's partition, the
+held-out evaluation split and the trainable artifact. :func:`finish_run` writes ``history.json`` and
+``accuracy.png`` and compresses the final global model into ``final/`` (a verified int8 TFLite with
+its manifest, ready to install). Simulation, secure aggregation and real deployment all end with it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit._io import write_atomic
+from edgekit.errors import InputError
+from edgekit.federated.config import FederationConfig
+from edgekit.loading.data import Dataset, Splits, fit_to_model, load_data, partition, split
+from edgekit.loading.models import LoadedModel, load_model
+
+# Flower must not call out to the internet; Ray must bind to 127.0.0.1 only. Ray swaps 127.0.0.1 for
+# the machine's address unless its multi-node mode is off, which this variable does; it is read when
+# Ray is imported and inherited by its workers.
+FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@dataclass
+class FederatedResult:
+    """A finished federated run: its folder, the per-round history, the final accuracy and weights."""
+
+    out: Path
+    history: list[dict[str, Any]]
+    final_accuracy: float
+    weights: dict[str, np.ndarray]
+
+
+@dataclass
+class PreparedRun:
+    """The checked model and data of a run, and the splits its partitions were cut from."""
+
+    loaded: LoadedModel
+    dataset: Dataset
+    parts: Splits
+
+
+def prepare_run(model: Any, data: Any, out: Path, config: FederationConfig, *, progress: bool,
+                reuse_trainable: bool = False) -> PreparedRun:
+    """Load and check the model and data; write each client's partition, the held-out evaluation split
+    and the trainable artifact into ``out``."""
+    from edgekit.trainable.export import TrainableConfig, export_trainable
+
+    loaded = load_model(model)
+    dataset = fit_to_model(load_data(data, require_labels=True), loaded.input_shape, loaded.input_dtype,
+                           loaded.num_classes)
+    if dataset.y is None:
+        raise InputError("federated training needs labels: give an .npz with x and y")
+    seed = config.rounds.seed
+    parts = split(dataset, seed=seed)
+    pool = Dataset(np.concatenate([parts.finetune.x, parts.calibration.x]),
+                   np.concatenate([parts.finetune.y, parts.calibration.y]), "clients")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "partitions").mkdir(exist_ok=True)
+    shares = partition(pool, config.clients, scheme=config.partition.scheme.value, alpha=config.partition.alpha,
+                       seed=seed)
+    for i, part in enumerate(shares):
+        np.savez(out / "partitions" / f"{i}.npz", x=part.x, y=part.y)
+    np.savez(out / "evaluation.npz", x=parts.evaluation.x, y=parts.evaluation.y)
+    if not (reuse_trainable and (out / "trainable" / "manifest.json").exists()):
+        export_trainable(loaded.model, out / "trainable", data=dataset, progress=progress,
+                         config=TrainableConfig(batch_size=config.batch_size,
+                                                learning_rate=config.rounds.learning_rate))
+    return PreparedRun(loaded, dataset, parts)
+
+
+def finish_run(run: PreparedRun, out: Path, config: FederationConfig, history: list[dict[str, Any]],
+               weights: dict[str, np.ndarray], *, progress: bool, log: Callable[[str], Any]) -> FederatedResult:
+    """Write ``history.json`` and ``accuracy.png``; compress the final global model into ``out/final``."""
+    write_atomic(out / "history.json",
+                 json.dumps({"config": asdict(config), "rounds": history}, indent=2).encode())
+    plot_history(history, out / "accuracy.png")
+    final = close_the_loop(run.loaded.model, weights, run.dataset, out / "final", progress=progress)
+    log(f"final global model: int8 TFLite {final['bytes']:,} bytes, accuracy {final['accuracy']:.2f}% "
+        f"-> {out / 'final'} (install with: edgekit-agent install --model {out / 'final'} --store DIR)")
+    return FederatedResult(out, history, history[-1]["accuracy"], weights)
+
+
+def close_the_loop(model: Any, weights: dict[str, np.ndarray], dataset: Dataset, out: Path, *,
+                   progress: bool) -> dict[str, Any]:
+    """Compress the final global model to a verified int8 TFLite + manifest, ready to install."""
+    from edgekit.compression import compress
+    from edgekit.config import CompressConfig, Format, Quantization, Recipe
+    from edgekit.trainable.contract import keras_with_weights
+
+    result = compress(keras_with_weights(model, weights), dataset, out, progress=progress,
+                      config=CompressConfig(recipe=Recipe(quantize=Quantization.INT8), formats=(Format.TFLITE,)))
+    art = result.selected.artifacts[0]
+    return {"bytes": art.bytes, "accuracy": art.accuracy}
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    """``accuracy.png``: the global model's held-out accuracy per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot([h["round"] for h in history], [h["accuracy"] for h in history], marker="o")
+    ax.set_xlabel("round")
+    ax.set_ylabel("global model accuracy on held-out data (%)")
+    ax.set_title("Federated training")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,46 @@
+"""Inspection of an artifact or an output folder: ops, sizes, I/O quantization, the manifest check."""
+
+import shutil
+
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+from edgekit import InputError, inspect_artifact
+from tools._render import format_inspection
+
+
+def test_a_folder_is_checked_and_described(int8_out):
+    info = inspect_artifact(int8_out)
+    assert info["manifest_ok"] is True and info["problems"] == [] and info["kind"] == "inference"
+    by_file = {a["file"]: a for a in info["artifacts"]}
+    assert set(by_file) == {"model.tflite", "model.onnx"}
+    tflite = by_file["model.tflite"]
+    assert tflite["sha256_ok"] and tflite["quantization"] == "int8" and tflite["ops"]["CONV_2D"] == 2
+    assert tflite["inputs"][0]["dtype"] == "int8" and tflite["inputs"][0]["scale"] > 0
+    assert tflite["gzip_bytes"] < tflite["bytes"] == (int8_out / "model.tflite").stat().st_size
+    assert "QuantizeLinear" in by_file["model.onnx"]["ops"]
+    text = format_inspection(info)
+    assert "manifest: ok (every sha256 matches)" in text and "CONV_2D x2" in text and "scale" in text
+
+
+def test_a_single_file_and_a_tampered_folder(int8_out, tmp_path):
+    single = inspect_artifact(int8_out / "model.onnx")
+    assert single["manifest_ok"] is None and single["artifacts"][0]["format"] == "onnx"
+    copy = tmp_path / "copy"
+    shutil.copytree(int8_out, copy)
+    data = bytearray((copy / "model.onnx").read_bytes())
+    data[-5] ^= 0xFF
+    (copy / "model.onnx").write_bytes(bytes(data))
+    info = inspect_artifact(copy)
+    assert info["manifest_ok"] is False and [a["file"] for a in info["artifacts"]] == ["model.tflite"]
+    assert "model.onnx does not match its manifest" in info["problems"][0]
+    assert "FAILED" in format_inspection(info)
+    with pytest.raises(InputError, match="does not exist"):
+        inspect_artifact(tmp_path / "none")
+
+
+def test_inspect_bad_targets(tmp_path):
+    assert_one_line_error(run_cli("inspect", str(tmp_path / "none")), 2, "does not exist")
+    (tmp_path / "junk.tflite").write_bytes(b"\x00" * 64)
+    assert_one_line_error(run_cli("inspect", str(tmp_path / "junk.tflite")), 2, "neither a TFLite flatbuffer")
+    assert_one_line_error(run_cli("inspect", str(tmp_path)), 2, "has no manifest.json")

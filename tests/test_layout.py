@@ -1,0 +1,135 @@
+"""The shape of the code: packages by stage, imports only downward, one exit-code table, a curated API,
+and a README layout that lists every module (no TensorFlow needed: these read the source)."""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+# edgekit's packages in the order of the path a model takes; a module may import its own rank or lower
+RANKS = {"errors": 0, "_version": 0, "_tf": 0, "_progress": 0, "_io": 0, "config": 0, "loading": 1,
+         "optimize": 2, "export": 3, "artifacts": 4, "compression": 5, "trainable": 6, "federated": 7}
+
+
+def python_files(folder):
+    return sorted(p for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts
+                  and not any(part.endswith(".egg-info") or part == "build" for part in p.parts))
+
+
+def imported_modules(path):
+    """(module, names) of every import in a file, module names absolute."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, []
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.module, [alias.name for alias in node.names]
+
+
+def stage(module):
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def test_device_agents_imports_nothing_of_the_server_or_the_cli():
+    for path in python_files("device_agents"):
+        for module, _ in imported_modules(path):
+            assert module.split(".")[0] not in ("edgekit", "tools", "tensorflow", "tf_keras"), (path, module)
+
+
+def test_edgekit_imports_only_downward_and_never_its_package_face():
+    checked = 0
+    for path in python_files("edgekit"):
+        rel = path.relative_to(ROOT / "edgekit")
+        own = rel.parts[0].removesuffix(".py")
+        if own == "__init__":
+            continue  # the package face re-exports everything
+        for module, names in imported_modules(path):
+            if module.split(".")[0] == "tools":
+                pytest.fail(f"{rel} imports the CLI ({module})")
+            if module == "edgekit":  # only submodules, never names of the package face
+                for name in names:
+                    assert (ROOT / "edgekit" / f"{name}.py").exists() or (ROOT / "edgekit" / name).is_dir(), \
+                        f"{rel} imports '{name}' from the package face edgekit"
+                continue
+            if module.startswith("edgekit."):
+                target = stage(module)
+                assert RANKS[target] <= RANKS[own], f"{rel} ({own}) imports upward: {module} ({target})"
+                checked += 1
+    assert checked > 50
+
+
+def test_library_errors_do_not_name_command_line_flags():
+    flag = re.compile(r"(?<![\w-])--[a-z][\w-]*")
+    for path in python_files("edgekit") + python_files("device_agents"):
+        if path.name in ("cli.py", "console.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                text = " ".join(c.value for c in ast.walk(node.exc)
+                                if isinstance(c, ast.Constant) and isinstance(c.value, str))
+                assert not flag.search(text), f"{path.relative_to(ROOT)}:{node.lineno} names a flag: {text[:120]}"
+
+
+def test_every_exit_code_has_help_and_every_error_uses_the_table():
+    from device_agents.errors import AgentError
+    from device_agents.exit_codes import EXIT_CODE_HELP, ExitCode, exit_code_help
+    from edgekit import errors
+
+    assert set(EXIT_CODE_HELP) == set(ExitCode)
+    assert all(len(text) > 20 for text in EXIT_CODE_HELP.values())
+    classes = [AgentError, *AgentError.__subclasses__(),
+               *(c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.EdgeKitError))]
+    assert len(classes) >= 12
+    for cls in classes:
+        assert isinstance(cls.exit_code, ExitCode), cls
+    table = exit_code_help()
+    for code in ExitCode:
+        assert f"  {int(code):>3}  " in table
+    for tool in ("edgekit", "edgekit-agent"):
+        out = subprocess.run([str(Path(sys.executable).parent / tool), "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "exit codes:" in out.stdout and " 70  An internal error" in out.stdout
+
+
+def test_public_api_is_curated_sorted_and_importable():
+    import device_agents
+    import edgekit
+
+    for package in (edgekit, device_agents):
+        names = package.__all__
+        assert names == sorted(names)
+        assert all(hasattr(package, name) for name in names)
+    assert {"Trainer", "ModelStore", "Telemetry"} <= set(device_agents.__all__)
+    assert {"FederationError", "Strategy", "Partition", "compress", "export_trainable", "simulate"} <= set(
+        edgekit.__all__)
+
+
+def readme_layout():
+    """Paths listed in the README's Layout block (folders end in '/', indentation nests them)."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    paths, stack = set(), []
+    for line in block.splitlines()[1:]:
+        if not line.strip():
+            continue
+        indent = (len(line) - len(line.lstrip())) // 2
+        name = line.split()[0]
+        stack = stack[:indent]
+        if name.endswith("/"):
+            stack.append(name.rstrip("/"))
+        elif name.endswith(".py") or name in ("pyproject.toml",):
+            paths.add("/".join([*stack, name]))
+    return {p for p in paths if p.split("/")[0] in ("edgekit", "device_agents", "tools")}
+
+
+def test_readme_layout_lists_every_module_and_nothing_else():
+    listed = readme_layout()
+    actual = {str(p.relative_to(ROOT)) for folder in ("edgekit", "device_agents", "tools")
+              for p in python_files(folder)} | {"device_agents/pyproject.toml"}
+    assert listed - actual == set(), f"README lists modules that do not exist: {sorted(listed - actual)}"
+    assert actual - listed == set(), f"README's Layout misses: {sorted(actual - listed)}"
