@@ -62,26 +62,26 @@ def _open(path: str, runtime: str | None, threads: int | None):  # noqa: ANN202
     if target.is_dir() and (target / "current").is_symlink():
         target = (target / "current").resolve()
     if target.is_dir():
-        entry = verified_artifact(target, runtime=runtime, kind="inference")
-        return Model.load(entry.path, runtime=runtime, num_threads=threads), entry.sha256[:16]
+        entry = verified_artifact(target, runtime=runtime, kind="inference")  # the bytes that were hashed
+        return Model.load(entry.data, runtime=runtime, num_threads=threads), entry.sha256[:16]
     model = Model.load(target, runtime=runtime, num_threads=threads)
     return model, None
 
 
 def _load_x(path: str):  # noqa: ANN202
-    import zipfile
+    """The array ``x`` of an .npz, its size checked from its header before it is read."""
+    from device_agents.errors import InputMismatchError
+    from device_agents.files import UnsafeFileError, read_npz
 
-    import numpy as np
-
-    from device_agents.errors import InputMismatchError, first_line
-
+    if not Path(path).is_file():
+        raise InputMismatchError(f"input file {path} does not exist; give an .npz with an array x")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if "x" not in npz.files:
-                raise InputMismatchError(f"{path} has no array 'x' (it has: {', '.join(npz.files) or 'none'})")
-            return npz["x"]
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise InputMismatchError(f"cannot read {path}: {first_line(exc, limit=200)}") from None
+        arrays = read_npz(path, names=("x",))
+    except UnsafeFileError as exc:
+        raise InputMismatchError(str(exc)) from None
+    if "x" not in arrays:
+        raise InputMismatchError(f"{path} has no array 'x'; write it with numpy.savez(path, x=...)")
+    return arrays["x"]
 
 
 def _check_output(path: Path) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from device_agents import codec
+from device_agents.files import read_npz
 from device_agents.training import Trainer
 
 _TRAINERS: dict[str, Trainer] = {}
@@ -70,8 +71,8 @@ def _local_data(settings: ClientSettings, context: Any) -> tuple[int, np.ndarray
     node = context.node_config
     pid = int(node.get("partition-id", 0))
     data_dir = settings.data_dir or str(node["data-dir"])
-    with np.load(Path(data_dir) / f"{pid}.npz") as npz:
-        return pid, npz["x"].astype(np.float32), npz["y"].astype(np.int64)
+    arrays = read_npz(Path(data_dir) / f"{pid}.npz", names=("x", "y"))  # sizes checked before reading
+    return pid, arrays["x"].astype(np.float32), arrays["y"].astype(np.int64)
 
 
 def make_client_app(settings: ClientSettings) -> Any:

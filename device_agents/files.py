@@ -43,3 +43,115 @@ def write_atomic(path: str | Path, data: bytes, *, mode: int = 0o644) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+# --- bounded reads of untrusted files --------------------------------------------------------------
+
+MAX_ARRAY_BYTES = 2 * 1024**3
+"""The most an ``.npz`` may expand to in memory (all its arrays together), unless the environment
+variable ``EDGEKIT_MAX_ARRAY_BYTES`` sets another number of bytes (see :func:`max_array_bytes`)."""
+MAX_ARTIFACT_BYTES = 2 * 1024**3
+"""The largest model artifact read (a TFLite flatbuffer cannot exceed 2 GiB)."""
+MAX_MANIFEST_BYTES = 16 * 1024**2
+"""The largest ``manifest.json`` parsed."""
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+class UnsafeFileError(ValueError):
+    """A file is not what it claims, or would take more memory than the documented limit.
+
+    Callers turn it into their own error type (``DataError``, ``InputMismatchError``...).
+    """
+
+
+def describe_file(path: Path, head: bytes) -> str:
+    """What a file that is not the expected format looks like, for an error message."""
+    if head.startswith(_NPY_MAGIC):
+        return "a single .npy array"
+    if head[:1] in (b"{", b"["):
+        return "a JSON file"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "a binary file of another format"
+    return "a text file (CSV?)" if b"," in head or b";" in head or b"\t" in head else "a text file"
+
+
+def max_array_bytes() -> int:
+    """The limit in force: ``EDGEKIT_MAX_ARRAY_BYTES`` when set to a positive integer, else :data:`MAX_ARRAY_BYTES`."""
+    import os
+
+    try:
+        value = int(os.environ.get("EDGEKIT_MAX_ARRAY_BYTES", MAX_ARRAY_BYTES))
+    except ValueError:
+        return MAX_ARRAY_BYTES
+    return value if value > 0 else MAX_ARRAY_BYTES
+
+
+def read_npz(path: str | Path, *, names: tuple[str, ...], max_bytes: int | None = None) -> dict:
+    """Read arrays ``names`` (those present) of an ``.npz`` file, checking sizes before any allocation.
+
+    Every array's header (shape x itemsize) and the zip member's declared size are checked against
+    ``max_bytes`` (all arrays together) before reading; object arrays are refused (no pickle); a
+    member that decompresses to less than its header declares is refused as corrupt. Raises
+    :class:`UnsafeFileError` with a one-line reason.
+    """
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    max_bytes = max_array_bytes() if max_bytes is None else max_bytes
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if not head.startswith(_ZIP_MAGIC):
+        raise UnsafeFileError(f"{path} is {describe_file(path, head)}, not an .npz archive; "
+                              "write it with numpy.savez(path, x=..., y=...)")
+    arrays, total = {}, 0
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            for name in names:
+                info = members.get(name)
+                if info is None:
+                    continue
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                              else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = header(member)
+                if dtype.hasobject:
+                    raise UnsafeFileError(f"{path}: array '{name}' holds Python objects ({dtype}); "
+                                          "only numeric arrays are read (no pickle)")
+                need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                total += max(need, info.file_size)
+                if total > max_bytes:
+                    raise UnsafeFileError(
+                        f"{path}: array '{name}' declares shape {tuple(shape)} of {dtype} ({need / 2**20:,.0f} MiB, "
+                        f"{info.file_size / 2**20:,.0f} MiB unpacked); the limit is {max_bytes / 2**20:,.0f} MiB "
+                        "for all arrays together (EDGEKIT_MAX_ARRAY_BYTES)")
+                with archive.open(info) as member:
+                    arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+    except UnsafeFileError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+        from device_agents.errors import first_line
+
+        raise UnsafeFileError(f"{path} is not a readable .npz file ({first_line(exc, limit=160)}); "
+                              "write it with numpy.savez") from None
+    return arrays
+
+
+def read_bounded(path: str | Path, *, max_bytes: int, what: str) -> bytes:
+    """Read a whole file of at most ``max_bytes`` (checked before reading, and while reading)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise UnsafeFileError(f"{path} has {size:,} bytes, more than the {max_bytes:,} a {what} may have")
+    with open(path, "rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise UnsafeFileError(f"{path} grew past {max_bytes:,} bytes while it was read")
+    return data

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from device_agents.errors import ArtifactError, IntegrityError
+from device_agents.errors import ArtifactError, IntegrityError, first_line
+from device_agents.files import MAX_ARTIFACT_BYTES, MAX_MANIFEST_BYTES, UnsafeFileError, read_bounded
 from device_agents.runtime import ArtifactFormat, Runtime, available_runtimes
 
 MANIFEST = "manifest.json"
@@ -24,11 +26,14 @@ SCHEMA_VERSION = 1
 
 @dataclass(frozen=True)
 class ArtifactEntry:
+    """One checked artifact: its path, format, SHA-256, size, manifest entry, and (when read) its bytes."""
+
     path: Path
     format: str
     sha256: str
     bytes: int
     entry: dict[str, Any]
+    data: bytes | None = field(default=None, repr=False)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -36,57 +41,105 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """Read ``folder/manifest.json``, refusing a missing or malformed one."""
+    """Read ``folder/manifest.json`` (at most 16 MiB), refusing a missing or malformed one."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{folder} has no {MANIFEST}; give an edgekit output folder or an artifact file")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(read_bounded(path, max_bytes=MAX_MANIFEST_BYTES, what="manifest"))
+    except UnsafeFileError as exc:
+        raise ArtifactError(str(exc)) from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc})") from None
+        raise ArtifactError(f"{path} is not valid JSON ({first_line(exc, limit=120)})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts"), list):
         raise ArtifactError(f"{path} has no 'artifacts' list; it is not an edgekit manifest")
+    for entry in manifest["artifacts"]:
+        _entry_fields(entry)
     return manifest
 
 
-def check_entry(folder: str | Path, entry: dict[str, Any]) -> bytes:
-    """Read the artifact named by ``entry`` and check its size and SHA-256; return its bytes."""
-    try:
-        name, expected = entry["file"], entry["sha256"]
-    except (KeyError, TypeError):
-        raise ArtifactError("a manifest artifact entry lacks 'file' or 'sha256'") from None
-    path = Path(folder) / name
-    if Path(name).name != name:
+def _entry_fields(entry: Any) -> tuple[str, str, int]:
+    """(file, sha256, bytes) of a manifest entry, each of the right type, or :class:`ArtifactError`."""
+    if not isinstance(entry, dict):
+        raise ArtifactError("a manifest artifact entry is not an object")
+    name, digest, size = entry.get("file"), entry.get("sha256"), entry.get("bytes")
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
         raise ArtifactError(f"manifest names artifact {name!r} outside its folder; refusing it")
-    if not path.is_file():
-        raise ArtifactError(f"manifest lists {name} but {path} does not exist")
-    data = path.read_bytes()
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ArtifactError(f"manifest entry {name}: 'sha256' is not a SHA-256 hex digest")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_ARTIFACT_BYTES:
+        raise ArtifactError(f"manifest entry {name}: 'bytes' must be a size between 0 and {MAX_ARTIFACT_BYTES:,}")
+    return name, digest, size
+
+
+def _artifact_path(folder: str | Path, name: str, size: int) -> Path:
+    path = Path(folder) / name
+    if path.is_symlink() or not path.is_file():
+        raise ArtifactError(f"manifest lists {name} but {path} is not a regular file")
+    actual = path.stat().st_size
+    if actual != size:  # checked before anything is read or hashed
+        raise IntegrityError(f"{path} has {actual:,} bytes, its manifest says {size:,}; "
+                             "the file was altered or truncated, refusing it", expected=str(size), actual=str(actual))
+    return path
+
+
+def _mismatch(path: Path, expected: str, actual: str) -> IntegrityError:
+    return IntegrityError(f"{path} does not match its manifest: sha256 {actual[:12]}... != {expected[:12]}...; "
+                          "the file was altered or truncated, refusing it", expected=expected, actual=actual)
+
+
+def check_entry(folder: str | Path, entry: dict[str, Any]) -> bytes:
+    """Read the artifact named by ``entry`` (size checked first) and check its SHA-256; return its bytes.
+
+    The bytes returned are the ones hashed: a file swapped after the check is never used.
+    """
+    name, expected, size = _entry_fields(entry)
+    path = _artifact_path(folder, name, size)
+    data = read_bounded(path, max_bytes=size, what="manifest entry of that size")
     actual = sha256_bytes(data)
     if actual != expected:
-        raise IntegrityError(
-            f"{path} does not match its manifest: sha256 {actual[:12]}... != {expected[:12]}...; "
-            "the file was altered or truncated, refusing it",
-            expected=expected, actual=actual)
-    if "bytes" in entry and entry["bytes"] != len(data):
-        raise IntegrityError(f"{path} has {len(data)} bytes, its manifest says {entry['bytes']}",
-                             expected=str(entry["bytes"]), actual=str(len(data)))
+        raise _mismatch(path, expected, actual)
     return data
 
 
+def copy_verified(folder: str | Path, entry: dict[str, Any], target: Path) -> None:
+    """Copy the artifact of ``entry`` to ``target`` in 1 MiB chunks, hashing what is written; the copy
+    is flushed to disk and must match the manifest (memory stays bounded whatever the file's size)."""
+    name, expected, size = _entry_fields(entry)
+    path = _artifact_path(folder, name, size)
+    digest, written = hashlib.sha256(), 0
+    with open(path, "rb") as src, open(target, "wb") as dst:
+        while written <= size and (chunk := src.read(1 << 20)):
+            digest.update(chunk)
+            dst.write(chunk)
+            written += len(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    if written != size or digest.hexdigest() != expected:
+        raise _mismatch(path, expected, digest.hexdigest())
+
+
 def check_folder(folder: str | Path) -> list[ArtifactEntry]:
-    """Check every artifact the manifest lists; return them."""
+    """Check every artifact the manifest lists, hashing in 1 MiB chunks; return them (without bytes)."""
     manifest = read_manifest(folder)
     out = []
     for entry in manifest["artifacts"]:
-        data = check_entry(folder, entry)
-        out.append(ArtifactEntry(Path(folder) / entry["file"], entry.get("format", ""), entry["sha256"],
-                                 len(data), entry))
+        name, expected, size = _entry_fields(entry)
+        path = _artifact_path(folder, name, size)
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        if digest.hexdigest() != expected:
+            raise _mismatch(path, expected, digest.hexdigest())
+        out.append(ArtifactEntry(path, entry.get("format", ""), expected, size, entry))
     return out
 
 
 def verified_artifact(folder: str | Path, *, runtime: Runtime | str | None = None,
                       kind: str | None = None) -> ArtifactEntry:
-    """Pick the artifact of ``folder`` this device can run (TFLite first), check it, return it."""
+    """Pick the artifact of ``folder`` this device can run (TFLite first), read and check it, return it
+    with its bytes (load those: they are the ones that were hashed)."""
     manifest = read_manifest(folder)
     if kind is not None and manifest.get("kind", "inference") != kind:
         raise ArtifactError(f"{folder} holds a {manifest.get('kind')} artifact, not a {kind} one")
@@ -99,7 +152,8 @@ def verified_artifact(folder: str | Path, *, runtime: Runtime | str | None = Non
     for entry in entries:
         if runnable.get(entry.get("format"), False):
             data = check_entry(folder, entry)
-            return ArtifactEntry(Path(folder) / entry["file"], entry["format"], entry["sha256"], len(data), entry)
-    formats = ", ".join(sorted({e.get('format', '?') for e in entries})) or "none"
+            return ArtifactEntry(Path(folder) / entry["file"], entry["format"], entry["sha256"], len(data), entry,
+                                 data)
+    formats = ", ".join(sorted({str(e.get('format', '?')) for e in entries})) or "none"
     raise ArtifactError(f"no artifact in {folder} can run here (it has: {formats}; installed runtimes: "
                         f"{', '.join(r.value for r in installed) or 'none'})")

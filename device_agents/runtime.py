@@ -67,6 +67,20 @@ def detect_format(data: bytes) -> ArtifactFormat:
     raise ArtifactError("the artifact is neither a TFLite flatbuffer nor an ONNX model (corrupt or wrong file)")
 
 
+def _read_artifact(path: Path) -> bytes:
+    """An artifact file's bytes: its size and its format (first 8 bytes) are checked before it is read."""
+    from device_agents.files import MAX_ARTIFACT_BYTES, UnsafeFileError, read_bounded
+
+    if not path.is_file():
+        raise ArtifactError(f"artifact {path} does not exist")
+    with open(path, "rb") as handle:
+        detect_format(handle.read(8))
+    try:
+        return read_bounded(path, max_bytes=MAX_ARTIFACT_BYTES, what="model artifact")
+    except UnsafeFileError as exc:
+        raise ArtifactError(str(exc)) from None
+
+
 def available_runtimes() -> list[Runtime]:
     """The runtimes importable in this environment, in order of preference."""
     found = []
@@ -126,10 +140,7 @@ class Model:
         >>> Model.load(Path("model.tflite").read_bytes(), num_threads=2)   # doctest: +SKIP
         """
         if isinstance(artifact, (str, Path)):
-            path = Path(artifact)
-            if not path.is_file():
-                raise ArtifactError(f"artifact {path} does not exist")
-            data = path.read_bytes()
+            data = _read_artifact(Path(artifact))
         else:
             data = bytes(artifact)
         fmt = detect_format(data)
@@ -157,12 +168,14 @@ class Model:
         Returns float32 outputs, one row per sample.
         """
         x = np.asarray(x)
+        given = x.shape
         single = x.ndim == self._rank - 1
         if single:
             x = x[None]
         if x.ndim != self._rank or (x.shape[1:] != self._sample_shape and not self._shape_fits(x.shape)):
             shape = "(n, " + ", ".join("?" if d == -1 else str(d) for d in self._sample_shape) + ")"
-            raise InputMismatchError(f"input has shape {x.shape}, the model expects {shape}")
+            raise InputMismatchError(f"input has shape {given}, the model expects {shape} "
+                                     f"(or one sample of shape {self._sample_shape})")
         kind = x.dtype.kind
         if self._integer_model and kind not in "iu":
             raise InputMismatchError(

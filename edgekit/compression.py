@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 
 from device_agents.errors import first_line
 from edgekit import _tf
-from edgekit._io import StagedDir, check_output_dir
+from edgekit._io import StagedDir
 from edgekit._progress import Progress
 from edgekit.config import CompressConfig, Format, Quantization, Recipe
 from edgekit.errors import BudgetError, ConversionError, EdgeKitError
@@ -111,21 +112,27 @@ def compress(model: Any, data: str | Path | Dataset = "digits", out: str | Path 
     97.2
     """
     config = config or CompressConfig()
-    bars = Progress(enabled=progress)
-    if out is not None:
-        check_output_dir(out)
+    # the output's staging folder exists before any work: an unwritable output is refused at once
+    with StagedDir(out, kind="compress") if out is not None else nullcontext() as stage:
+        result = _compress(model, data, eval_data, config, Progress(enabled=progress))
+        if stage is not None:
+            _write(result, stage)
+    if config.max_accuracy_drop is not None and result.selected is None:
+        best = min((c.worst_drop for c in result.candidates if c.worst_drop is not None), default=None)
+        best_text = f"; the best candidate lost {best:.2f} points" if best is not None else ""
+        report = str(Path(out).absolute() / "report.md") if out is not None else None
+        raise BudgetError(
+            f"no candidate kept the accuracy drop within {config.max_accuracy_drop:g} points{best_text}"
+            + (f"; see {report}" if report else ""), budget=config.max_accuracy_drop, best_drop=best, report=report)
+    return result
+
+
+def _compress(model: Any, data: str | Path | Dataset, eval_data: str | Path | Dataset | None,
+              config: CompressConfig, bars: Progress) -> CompressResult:
+    """Load, measure the source, run every candidate recipe, select."""
     raw = load_data(data)
     loaded = load_model(model)
-    dataset = fit_to_model(raw, loaded.input_shape, loaded.input_dtype, loaded.num_classes)
-    evaluation = None
-    if eval_data is not None:
-        evaluation = fit_to_model(load_data(eval_data), loaded.input_shape, loaded.input_dtype, loaded.num_classes)
-    labels = "given"
-    if dataset.y is None:  # no labels: the source model's predictions serve as labels
-        dataset = Dataset(dataset.x, predict(loaded.model, dataset.x).argmax(1), dataset.name)
-        labels = "source model predictions (no y in the data)"
-        if evaluation is not None and evaluation.y is None:
-            evaluation = Dataset(evaluation.x, predict(loaded.model, evaluation.x).argmax(1), evaluation.name)
+    dataset, evaluation, labels = _labelled(loaded, raw, eval_data)
     splits = split(dataset, seed=config.seed, eval_data=evaluation)
     source_out = predict(loaded.model, splits.evaluation.x)
     source = {
@@ -141,26 +148,29 @@ def compress(model: Any, data: str | Path | Dataset = "digits", out: str | Path 
                  "evaluation": len(splits.evaluation)}
     runner = _CandidateRunner(loaded, splits, source_out, source["accuracy"], config, bars)
     recipes = config.candidates()
-    search = len(recipes) > 1
     bar = bars.bar(len(recipes), "candidates", unit="recipe")
     candidates = []
     for recipe in recipes:
         bar.set_postfix_str(recipe.name)
-        candidates.append(runner.run(recipe, keep_going=search))
+        candidates.append(runner.run(recipe, keep_going=len(recipes) > 1))
         bar.update(1)
     bar.close()
-    selected = _select(candidates, config)
-    result = CompressResult(source, candidates, selected, config, data_info=data_info)
-    if out is not None:
-        _write(result, Path(out))
-    if config.max_accuracy_drop is not None and selected is None:
-        best = min((c.worst_drop for c in candidates if c.worst_drop is not None), default=None)
-        best_text = f"; the best candidate lost {best:.2f} points" if best is not None else ""
-        where = f"; see {Path(out) / 'report.md'}" if out is not None else ""
-        raise BudgetError(
-            f"no candidate kept the accuracy drop within {config.max_accuracy_drop:g} points{best_text}{where}",
-            budget=config.max_accuracy_drop, best_drop=best, report=str(Path(out) / "report.md") if out else None)
-    return result
+    return CompressResult(source, candidates, _select(candidates, config), config, data_info=data_info)
+
+
+def _labelled(loaded: LoadedModel, raw: Dataset,
+              eval_data: str | Path | Dataset | None) -> tuple[Dataset, Dataset | None, str]:
+    """The data fitted to the model; without labels, the source model's predictions serve as labels."""
+    dataset = fit_to_model(raw, loaded.input_shape, loaded.input_dtype, loaded.num_classes)
+    evaluation = None
+    if eval_data is not None:
+        evaluation = fit_to_model(load_data(eval_data), loaded.input_shape, loaded.input_dtype, loaded.num_classes)
+    if dataset.y is not None:
+        return dataset, evaluation, "given"
+    dataset = Dataset(dataset.x, predict(loaded.model, dataset.x).argmax(1), dataset.name)
+    if evaluation is not None and evaluation.y is None:
+        evaluation = Dataset(evaluation.x, predict(loaded.model, evaluation.x).argmax(1), evaluation.name)
+    return dataset, evaluation, "source model predictions (no y in the data)"
 
 
 class _CandidateRunner:
@@ -286,17 +296,16 @@ def _select(candidates: list[CandidateResult], config: CompressConfig) -> Candid
     return min(within, key=lambda c: (c.size(config.select_by.value), c.worst_drop))
 
 
-def _write(result: CompressResult, out: Path) -> None:
+def _write(result: CompressResult, stage: StagedDir) -> None:
     from edgekit.artifacts.manifest import KERAS_MODEL, inference_manifest, write_manifest
     from edgekit.artifacts.report import write_report
 
-    with StagedDir(out) as stage:
-        if result.selected is not None:
-            for art in result.selected.artifacts:
-                (stage.path / art.filename).write_bytes(art.data)
-            # the selected float Keras model (pruned/distilled/QAT-tuned): for further training or federation
-            result.selected.keras_model.save(stage.path / KERAS_MODEL)
-            result.manifest = inference_manifest(result)
-            write_manifest(stage.path, result.manifest)
-        write_report(result, stage.path)
-        result.out = stage.commit()
+    if result.selected is not None:
+        for art in result.selected.artifacts:
+            (stage.path / art.filename).write_bytes(art.data)
+        # the selected float Keras model (pruned/distilled/QAT-tuned): for further training or federation
+        result.selected.keras_model.save(stage.path / KERAS_MODEL)
+        result.manifest = inference_manifest(result)
+        write_manifest(stage.path, result.manifest)
+    write_report(result, stage.path)
+    result.out = stage.commit()

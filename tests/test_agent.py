@@ -48,6 +48,8 @@ def test_bad_requests_raise_one_documented_type(int8_out):
     model = Model.load(int8_out / "model.tflite")
     with pytest.raises(InputMismatchError, match=r"input has shape \(2, 9, 9, 1\), the model expects \(n, 8, 8, 1\)"):
         model.predict(np.zeros((2, 9, 9, 1), np.float32))
+    with pytest.raises(InputMismatchError, match=r"input has shape \(50, 28, 28\), the model expects \(n, 8, 8, 1\)"):
+        model.predict(np.zeros((50, 28, 28), np.float32))  # the user's own shape, not one with a batch axis added
     with pytest.raises(InputMismatchError, match="expects numbers"):
         model.predict(np.array([[["a"] * 1] * 8] * 8, dtype=object)[None])
     with pytest.raises(ArtifactError, match="neither a TFLite flatbuffer nor an ONNX model"):

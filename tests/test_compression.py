@@ -217,6 +217,60 @@ def test_output_folder_rules(cnn_path, tmp_path):
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
+def test_a_folder_with_a_report_md_that_edgekit_did_not_write_is_never_deleted(cnn_path, tmp_path):
+    """Once any folder holding report.md or manifest.json counted as edgekit's: the user's files went too."""
+    mine = tmp_path / "project"
+    (mine / ".git").mkdir(parents=True)
+    (mine / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    (mine / "report.md").write_text("my report")
+    (mine / "manifest.json").write_text("{}")
+    with pytest.raises(OutputError, match="edgekit did not write it"):
+        compress(cnn_path, "digits", mine, config=config(), progress=False)
+    assert (mine / ".git" / "HEAD").read_text() == "ref: refs/heads/main"
+    assert (mine / "report.md").read_text() == "my report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]  # no staging left either
+
+
+def test_an_unwritable_output_is_refused_before_any_work(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    # as root, os.access says /proc is writable; creating the staging folder is what tells
+    proc = run_cli("compress", str(tmp_path / "missing.keras"), "--out", "/proc/edgekit-out", "--quiet")
+    assert_one_line_error(proc, 2, "cannot write output folder /proc/edgekit-out")  # not the missing model
+
+
+def test_a_killed_compress_loses_nothing_and_its_staging_is_cleaned(cnn_path, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "out"
+    args = ["compress", str(cnn_path), "--out", str(out), "--formats", "tflite", "--quiet", "--quantize"]
+    assert run_cli(*args, "float16").returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    killed = run_cli(*args, "dynamic", env={"EDGEKIT_CRASH_AT": "output-staged"})
+    assert killed.returncode == -9
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # the old output, whole
+    assert len(list(tmp_path.glob(".out.partial-*"))) == 1  # what the kill left
+    assert run_cli(*args, "dynamic").returncode == 0
+    assert list(tmp_path.glob(".out.*")) == []  # stale staging removed, no second copy
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["artifacts"][0]["quantization"] == "dynamic" and (out / ".edgekit-output").is_file()
+
+
+def test_an_output_displaced_by_a_kill_between_two_renames_is_put_back(tmp_path):
+    import subprocess
+
+    from edgekit._io import check_output_dir, mark_output
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    old = tmp_path / f".out.old-{dead.pid}"
+    old.mkdir()
+    mark_output(old, "compress")
+    (old / "model.tflite").write_bytes(b"the previous output")
+    check_output_dir(tmp_path / "out")
+    assert (tmp_path / "out" / "model.tflite").read_bytes() == b"the previous output" and not old.exists()
+
+
 def test_text_model_int8_and_dynamic_export(text_model_path, text_npz, tmp_path):
     # 2:4 applies to Dense layers only here (tfmot's m-by-n fails on Conv1D/LSTM/Embedding at training time)
     recipes = (Recipe(quantize="int8"), Recipe(quantize="dynamic"), Recipe(structured=(2, 4), quantize="int8"))

@@ -55,9 +55,12 @@ def test_bad_npz_contents(tmp_path, arrays, message):
 
 
 def test_corrupt_and_missing_npz(tmp_path):
-    (tmp_path / "c.npz").write_bytes(b"not a zip")
+    (tmp_path / "c.npz").write_bytes(b"PK\x03\x04 not a zip after all")
     with pytest.raises(DataError, match="not a readable .npz"):
         load_npz(tmp_path / "c.npz")
+    (tmp_path / "b.npz").write_bytes(b"\x00\x01\x02\xff" * 8)
+    with pytest.raises(DataError, match="is a binary file of another format, not an .npz archive"):
+        load_npz(tmp_path / "b.npz")
     with pytest.raises(DataError, match="does not exist"):
         load_npz(tmp_path / "none.npz")
 
@@ -85,3 +88,46 @@ def test_partitions_cover_the_data(digits):
     assert top_share > 0.4
     with pytest.raises(DataError, match="unknown partition scheme"):
         partition(digits, 2, scheme="bogus")
+
+
+def _npz_with_header(path, shape, payload: bytes, dtype="<f4", compress=False):
+    """An .npz whose x.npy header declares ``shape`` but whose data is ``payload`` (headers can lie)."""
+    import zipfile
+
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with zipfile.ZipFile(path, "w", method) as archive, archive.open("x.npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array_header_1_0(member, {"descr": dtype, "fortran_order": False, "shape": shape})
+        for start in range(0, len(payload), 1 << 24):
+            member.write(payload[start:start + (1 << 24)])
+
+
+def test_a_zip_bomb_is_refused_before_it_is_expanded(tmp_path, monkeypatch):
+    """A 300 KB .npz that expands to 256 MiB, over a 64 MiB limit: refused from its header, nothing allocated."""
+    import resource
+
+    monkeypatch.setenv("EDGEKIT_MAX_ARRAY_BYTES", str(64 * 2**20))
+    bomb = tmp_path / "bomb.npz"
+    _npz_with_header(bomb, (2**26,), b"\0" * 2**28, compress=True)
+    assert bomb.stat().st_size < 2**20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DataError, match=r"declares shape \(67108864,\) of float32 \(256 MiB.*limit is 64 MiB"):
+        load_npz(bomb)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB: no 256 MiB spike
+
+
+def test_a_lying_header_and_a_pickle_are_refused(tmp_path):
+    _npz_with_header(tmp_path / "lie.npz", (10**9, 64), b"\0" * 100)
+    with pytest.raises(DataError, match=r"declares shape \(1000000000, 64\)"):
+        load_npz(tmp_path / "lie.npz")
+    _npz_with_header(tmp_path / "short.npz", (1000,), b"\0" * 40)
+    with pytest.raises(DataError, match="not a readable .npz file"):
+        load_npz(tmp_path / "short.npz")
+    np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}, None], dtype=object))
+    with pytest.raises(DataError, match="holds Python objects"):
+        load_npz(tmp_path / "obj.npz")
+
+
+def test_a_csv_given_as_data_is_named_as_such(tmp_path):
+    (tmp_path / "data.csv").write_text("pixel0,pixel1,label\n0.1,0.2,3\n")
+    with pytest.raises(DataError, match=r"is a text file \(CSV\?\), not an .npz archive; write it with numpy.savez"):
+        load_npz(tmp_path / "data.csv")

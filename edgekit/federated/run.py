@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit._io import write_atomic
+from edgekit._io import mark_output, write_atomic
 from edgekit.errors import InputError
 from edgekit.federated.config import FederationConfig
 from edgekit.loading.data import Dataset, Splits, fit_to_model, load_data, partition, split
@@ -64,6 +64,7 @@ def prepare_run(model: Any, data: Any, out: Path, config: FederationConfig, *, p
     pool = Dataset(np.concatenate([parts.finetune.x, parts.calibration.x]),
                    np.concatenate([parts.finetune.y, parts.calibration.y]), "clients")
     out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "federated")  # this run folder is edgekit's: a later run may replace it
     (out / "partitions").mkdir(exist_ok=True)
     shares = partition(pool, config.clients, scheme=config.partition.scheme.value, alpha=config.partition.alpha,
                        seed=seed)

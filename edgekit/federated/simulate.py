@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit._io import check_output_dir
+from edgekit._io import check_output_dir, owned
 from edgekit.errors import EdgeKitError, FederationError
 from edgekit.federated.config import SimulationConfig
 from edgekit.federated.run import FLOWER_ENV, FederatedResult, PreparedRun, finish_run, prepare_run
@@ -29,7 +29,7 @@ def simulate(model: Any, data: str | Path | Dataset, out: str | Path, *, config:
 
     config = config or SimulationConfig()
     out = Path(out).absolute()
-    if not (config.resume and (out / "checkpoints" / "state.json").exists()):
+    if not (config.resume and owned(out) and (out / "checkpoints" / "state.json").exists()):
         check_output_dir(out)
     for key, value in FLOWER_ENV.items():
         os.environ[key] = value

@@ -6,7 +6,6 @@ Nothing is downloaded: ``"digits"`` is scikit-learn's bundled copy of the UCI ha
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,24 +82,29 @@ def _resize_bilinear(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_npz(path: str | Path, *, require_labels: bool = False) -> Dataset:
-    """Load an ``.npz`` file holding ``x`` (samples) and optionally ``y`` (integer labels)."""
+    """Load an ``.npz`` file holding ``x`` (samples) and optionally ``y`` (integer labels).
+
+    Sizes are checked from the array headers before anything is allocated (at most
+    :func:`device_agents.files.max_array_bytes` for both arrays; ``EDGEKIT_MAX_ARRAY_BYTES`` sets it),
+    and nothing is unpickled.
+    """
+    from device_agents.files import UnsafeFileError, read_npz
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; give an .npz file with arrays 'x' and 'y', or 'digits'")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            keys = set(npz.files)
-            if "x" not in keys:
-                raise DataError(
-                    f"{path} has no array 'x' (it has: {', '.join(sorted(keys)) or 'none'}); "
-                    "save samples as x, labels as y: np.savez(path, x=..., y=...)"
-                )
-            x = npz["x"]
-            y = npz["y"] if "y" in keys else None
-    except DataError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path} is not a readable .npz file ({exc}); write it with numpy.savez") from None
+        arrays = read_npz(path, names=("x", "y"))
+    except UnsafeFileError as exc:
+        raise DataError(str(exc)) from None
+    if "x" not in arrays:
+        import zipfile
+
+        with zipfile.ZipFile(path) as archive:
+            keys = sorted(name.removesuffix(".npy") for name in archive.namelist())
+        raise DataError(f"{path} has no array 'x' (it has: {', '.join(keys) or 'none'}); "
+                        "save samples as x, labels as y: np.savez(path, x=..., y=...)")
+    x, y = arrays["x"], arrays.get("y")
     if y is None and require_labels:
         raise DataError(f"{path} has no array 'y'; labels are needed here: np.savez(path, x=..., y=...)")
     return _check_arrays(x, y, str(path))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgekit._io import StagedDir, check_output_dir
+from edgekit._io import StagedDir
 from edgekit._progress import Progress
 from edgekit.artifacts.manifest import trainable_manifest, write_manifest
 from edgekit.config import Quantization
@@ -55,14 +56,22 @@ def export_trainable(model: Any, out: str | Path | None, *, data: str | Path | D
 
     >>> export_trainable("cnn.keras", "trainable_out", data="digits")   # doctest: +SKIP
     """
+    config = config or TrainableConfig()
+    with StagedDir(out, kind="trainable") if out is not None else nullcontext() as stage:
+        result = _export(model, data, config, Progress(enabled=progress))
+        if stage is not None:
+            for name, data_bytes in result.files.items():
+                (stage.path / name).write_bytes(data_bytes)
+            write_manifest(stage.path, result.manifest)
+            result.out = stage.commit()
+    return result
+
+
+def _export(model: Any, data: str | Path | Dataset, config: TrainableConfig, bars: Progress) -> TrainableResult:
     from device_agents.training import Trainer
     from edgekit.export.tflite import to_tflite
     from edgekit.trainable.graph import build_module, build_nodes, convert, reference_step, split_head
 
-    config = config or TrainableConfig()
-    bars = Progress(enabled=progress)
-    if out is not None:
-        check_output_dir(out)
     loaded = load_model(model)
     if loaded.input_dtype not in ("float32", "float16"):
         raise InputError(f"on-device training needs a float input; this model takes {loaded.input_dtype}")
@@ -86,14 +95,7 @@ def export_trainable(model: Any, out: str | Path | None, *, data: str | Path | D
     with bars.step("verify in LiteRT"):
         checks = _verify(files, manifest, keras_model, train_model, dataset, config, reference_step, Trainer)
     manifest["verification"] = checks
-    result = TrainableResult(None, manifest, files)
-    if out is not None:
-        with StagedDir(out) as stage:
-            for name, data_bytes in files.items():
-                (stage.path / name).write_bytes(data_bytes)
-            write_manifest(stage.path, manifest)
-            result.out = stage.commit()
-    return result
+    return TrainableResult(None, manifest, files)
 
 
 def _contract(loaded: Any, train_model: Any, tensors: list, softmax_out: bool,
