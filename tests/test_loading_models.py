@@ -125,3 +125,62 @@ def test_every_registered_layer_is_a_tf_keras_layer_and_prunable_ones_are_prunab
     assert set(PRUNE_ARGS) == {name for name, entry in LAYERS.items() if entry.prune}
     with pytest.raises(UnsupportedLayerError, match="supported layers: Activation, Add"):
         support("Bogus", layer_name="b")
+
+
+def _lambda_writing(marker):
+    """A function whose only effect, when called, is to create ``marker``: the payload of the attack."""
+    return eval(f"lambda x: (__import__('pathlib').Path({str(marker)!r}).write_text('ran'), x)[1]")  # noqa: S307
+
+
+@pytest.fixture(scope="module")
+def code_carrying_models(tmp_path_factory):
+    """The same model with a marker-writing Lambda in every format edgekit accepts."""
+    import json
+
+    import h5py
+
+    d = tmp_path_factory.mktemp("lambda")
+    marker = d / "MARKER"
+    keras = _tf.keras()
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(_lambda_writing(marker)),
+                              keras.layers.Dense(2, activation="softmax")])
+    model.save(d / "tfk.keras")
+    model.save(d / "tfk.h5")
+    model.save(d / "saved", save_format="tf")
+    model.save(d / "legacy.h5")  # then rewritten to the legacy list form of a Sequential config
+    with h5py.File(d / "legacy.h5", "r+") as handle:
+        config = json.loads(handle.attrs["model_config"])
+        config["config"] = config["config"]["layers"]
+        handle.attrs["model_config"] = json.dumps(config)
+    k3 = _tf.keras3()
+    k3_model = k3.Sequential([k3.Input((4,)), k3.layers.Lambda(_lambda_writing(marker)),
+                              k3.layers.Dense(2, activation="softmax")])
+    k3_model.save(d / "k3.keras")
+    marker.unlink()  # building the models above ran the lambda once; from here on it must never run
+    return d, marker
+
+
+def test_an_h5_lambda_really_runs_code_when_tf_keras_loads_it(tmp_path):
+    """The attack is real: tf-keras itself runs a saved Lambda's code while loading an .h5."""
+    import shutil
+
+    marker = tmp_path / "MARKER"
+    keras = _tf.keras()
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Lambda(_lambda_writing(marker)), keras.layers.Dense(2)])
+    model.save(tmp_path / "probe.h5")
+    marker.unlink()
+    shutil.copy(tmp_path / "probe.h5", tmp_path / "copy.h5")
+    keras.models.load_model(tmp_path / "copy.h5", compile=False)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("name", ["tfk.keras", "tfk.h5", "legacy.h5", "saved", "k3.keras"])
+def test_a_model_that_carries_code_is_refused_before_any_of_it_runs(code_carrying_models, name):
+    from conftest import assert_one_line_error, run_cli
+
+    d, marker = code_carrying_models
+    with pytest.raises(ModelLoadError, match="is a Lambda, whose Python code would run when the model loads"):
+        load_model(d / name)
+    proc = run_cli("compress", str(d / name), "--out", str(d / f"out-{name}"), "--quiet")
+    assert_one_line_error(proc, 2, "edgekit refuses models that carry code")
+    assert not marker.exists() and not (d / f"out-{name}").exists()

@@ -127,9 +127,31 @@ def _load_savedmodel(path: Path) -> LoadedModel:
             f"{path} is a SavedModel without Keras metadata (written by model.export() or tf.saved_model.save); "
             "edgekit needs the Keras layers: save with model.save('model.keras') instead"
         )
+    for config in _savedmodel_configs(path / "keras_metadata.pb"):
+        check_code_free(config, source=path)
     model = _guarded_load(lambda: _tf.keras().models.load_model(path, compile=False), path)
     check_model(model)
     return LoadedModel(model, str(path), sha256_of(path), "savedmodel")
+
+
+def _savedmodel_configs(metadata_path: Path) -> list[Any]:
+    """Every node's JSON metadata of a tf-keras SavedModel, parsed without deserializing any layer."""
+    from device_agents.files import UnsafeFileError, read_bounded
+
+    _tf.tf()  # tf-keras' protobuf module needs TensorFlow imported the edgekit way
+    from tf_keras.protobuf import saved_metadata_pb2
+
+    try:
+        raw = read_bounded(metadata_path, max_bytes=MAX_CONFIG_BYTES, what="Keras metadata file")
+        metadata = saved_metadata_pb2.SavedMetadata()
+        metadata.ParseFromString(raw)
+        return [json.loads(node.metadata) for node in metadata.nodes]
+    except (UnsafeFileError, ValueError) as exc:
+        raise ModelLoadError(f"{metadata_path} cannot be checked before it is deserialized "
+                             f"({first_line(exc, limit=160)}); refusing the model") from None
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ModelLoadError(f"{metadata_path} is not valid Keras metadata ({first_line(exc, limit=160)}); "
+                             "refusing the model") from None
 
 
 def _load_h5(path: Path, sample: np.ndarray | None) -> LoadedModel:
@@ -143,7 +165,9 @@ def _load_h5(path: Path, sample: np.ndarray | None) -> LoadedModel:
         raise ModelLoadError(f"{path} is not a valid HDF5 file (corrupt or truncated); re-save the model") from None
     if not config:
         raise ModelLoadError(f"{path} holds weights only (no model config); save the whole model with model.save()")
-    _check_config_layers(json.loads(config))
+    parsed = _parse_json(config, path, "model_config")
+    check_code_free(parsed, source=path)
+    _check_config_layers(parsed)
     return _load_checked(path, sample, keras3=version.startswith("3."), fmt="h5")
 
 
@@ -152,18 +176,68 @@ def _load_keras_zip(path: Path, sample: np.ndarray | None) -> LoadedModel:
         raise ModelLoadError(f"{path} is not a valid .keras file (not a zip archive: corrupt or truncated); re-save it")
     try:
         with zipfile.ZipFile(path) as archive:
-            metadata = json.loads(archive.read("metadata.json"))
-            config = json.loads(archive.read("config.json"))
-    except (KeyError, ValueError, zipfile.BadZipFile) as exc:
+            texts = {}
+            for name in ("metadata.json", "config.json"):
+                info = archive.getinfo(name)
+                if info.file_size > MAX_CONFIG_BYTES:  # checked before it is inflated
+                    raise ModelLoadError(f"{path}: {name} unpacks to {info.file_size:,} bytes (limit "
+                                         f"{MAX_CONFIG_BYTES:,}); refusing the model")
+                texts[name] = archive.read(info)
+    except (KeyError, zipfile.BadZipFile) as exc:
         raise ModelLoadError(f"{path} is not a valid .keras file ({exc}); re-save it with model.save()") from None
+    metadata = _parse_json(texts["metadata.json"], path, "metadata.json")
+    config = _parse_json(texts["config.json"], path, "config.json")
+    check_code_free(config, source=path)
     _check_config_layers(config)
     return _load_checked(path, sample, keras3=str(metadata.get("keras_version", "")).startswith("3."), fmt="keras")
+
+
+def _parse_json(text: str | bytes, path: Path, what: str) -> Any:
+    try:
+        value = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not a valid model file ({what}: {first_line(exc, limit=120)}); "
+                             "re-save it with model.save()") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{path} is not a valid model file ({what} is not an object); re-save it")
+    return value
+
+
+MAX_CONFIG_BYTES = 64 * 1024**2
+"""The largest model configuration (config.json, an .h5 model_config, keras_metadata.pb) parsed."""
+CODE_CLASSES = frozenset({"Lambda", "__lambda__", "TFOpLambda", "SlicingOpLambda"})
+"""Serialized objects that carry or call Python code when deserialized."""
+
+
+def check_code_free(config: Any, *, source: Path) -> None:
+    """Refuse a saved model configuration that would run Python code when deserialized (a ``Lambda``
+    layer's bytecode, a serialized function), wherever it sits: every node, dict or list form,
+    nested models, wrapper layers. Runs before any loader sees the file.
+    """
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        class_name = node.get("class_name")
+        if class_name in CODE_CLASSES:
+            inner = node.get("config") if isinstance(node.get("config"), dict) else node
+            raise ModelLoadError(
+                f"{source}: layer '{inner.get('name', '?')}' is a {class_name}, whose Python code would run when "
+                "the model loads; edgekit refuses models that carry code (rebuild it with standard layers)")
+        if "function_type" in node or "output_shape_type" in node:
+            raise ModelLoadError(f"{source}: layer '{node.get('name', '?')}' holds a serialized Python function, "
+                                 "which would run when the model loads; edgekit refuses models that carry code")
+        stack.extend(node.values())
 
 
 def _load_checked(path: Path, sample: np.ndarray | None, *, keras3: bool, fmt: str) -> LoadedModel:
     """Load a file whose config was checked: Keras 3 files are rebuilt as tf-keras, others load directly."""
     if keras3:
-        k3 = _guarded_load(lambda: _tf.keras3().saving.load_model(path, compile=False), path)
+        k3 = _guarded_load(lambda: _tf.keras3().saving.load_model(path, compile=False, safe_mode=True), path)
         model, diff = rebuild_keras3(k3, sample)
         return LoadedModel(model, str(path), sha256_of(path), "keras3", rebuild_max_abs_diff=diff)
     model = _guarded_load(lambda: _tf.keras().models.load_model(path, compile=False), path)
@@ -192,7 +266,10 @@ def _check_config_layers(config: dict) -> None:
 
 def _config_layers(config: dict):  # noqa: ANN202
     inner = config.get("config", config)
-    for layer in inner.get("layers", []) if isinstance(inner, dict) else []:
+    layers = inner if isinstance(inner, list) else inner.get("layers", []) if isinstance(inner, dict) else []
+    for layer in layers:  # the legacy .h5 Sequential form is a plain list of layers
+        if not isinstance(layer, dict):
+            continue
         class_name = layer.get("class_name", "?")
         if class_name in ("Functional", "Sequential", "Model"):
             yield from _config_layers(layer)
