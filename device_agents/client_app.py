@@ -10,6 +10,12 @@ Message protocol (Flower Message API):
   int8 deltas when ``compress-updates``), ``codec`` (per-tensor scales, when compressed) and
   ``metrics`` (``num-examples``, ``train-loss``, ``train-accuracy``).
 - evaluate: content ``arrays``; reply ``metrics`` (``num-examples``, ``eval-loss``, ``eval-accuracy``).
+
+The server is not trusted to behave (:class:`ClientLimits`): incoming tensors are checked by name,
+shape and dtype before they are decoded; round settings are capped to documented limits and
+non-finite ones are refused; evaluation answers only for the global weights the device last
+trained from, once per train round, with coarse metrics (accuracy on a 5-point grid, counts to tens),
+so crafted weights cannot probe the device's label counts.
 """
 
 from __future__ import annotations
@@ -29,11 +35,40 @@ _TRAINERS: dict[str, Trainer] = {}
 
 
 class Fault(str, Enum):
-    """A rehearsed client fault (tests and drills): what a faulty device does in a train round."""
+    """A rehearsed client fault (tests and drills): what a faulty or hostile device does in a train round."""
 
-    CRASH = "crash"   # raises: the round sees an error reply (a dropout)
-    NAN = "nan"       # replies with NaN weights
-    SHAPE = "shape"   # replies with wrongly shaped tensors
+    CRASH = "crash"                # raises: the round sees an error reply (a dropout)
+    NAN = "nan"                    # replies with NaN weights
+    SHAPE = "shape"                # replies with wrongly shaped tensors
+    SCALE = "scale"                # weights x 1e30: finite, and poison to an average
+    LIAR = "liar"                  # a plausible "always class 0" model claiming 1e12 examples
+    FLOAT64 = "float64"            # float64 weights of 1e300
+    NAN_EXAMPLES = "nan-examples"  # num-examples = NaN
+    LIST_EXAMPLES = "list-examples"  # num-examples = [5]
+    EXTRA_METRIC = "extra-metric"  # one metric key more than the protocol has
+    CODEC_SCALE = "codec-scale"    # compressed update with a scale of 1e30
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """What a device obeys of the server's round settings (node config keys in brackets).
+
+    ``max_local_epochs`` [max-local-epochs], ``max_learning_rate`` [max-learning-rate] and
+    ``max_proximal_mu`` cap the values the server sends; non-finite values are refused.
+    ``evaluate`` [evaluate]: ``"coarse"`` (default) or ``"off"``.
+    """
+
+    max_local_epochs: int = 10
+    max_learning_rate: float = 1.0
+    max_proximal_mu: float = 10.0
+    evaluate: str = "coarse"
+
+    @classmethod
+    def from_node_config(cls, node: Any) -> ClientLimits:
+        keys = {"max-local-epochs": ("max_local_epochs", int), "max-learning-rate": ("max_learning_rate", float),
+                "evaluate": ("evaluate", str)}
+        values = {field_name: kind(node[key]) for key, (field_name, kind) in keys.items() if key in node}
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -51,6 +86,7 @@ class ClientSettings:
     faults: dict[int, Fault] = field(default_factory=dict)
     audit_dir: str | None = None  # when set, every reply this client sends is also written here
     clip_updates: bool = False    # differential privacy: Flower's fixedclipping_mod clips each update
+    limits: ClientLimits | None = None  # None: ClientLimits from the SuperNode's --node-config
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "faults", {int(k): Fault(v) for k, v in self.faults.items()})
@@ -75,15 +111,60 @@ def _local_data(settings: ClientSettings, context: Any) -> tuple[int, np.ndarray
     return pid, arrays["x"].astype(np.float32), arrays["y"].astype(np.int64)
 
 
+_LAST_TRAINED: dict[tuple[str, int], str] = {}  # (artifact dir, partition) -> digest of the weights last trained from
+
+
+def _limits(settings: ClientSettings, context: Any) -> ClientLimits:
+    return settings.limits or ClientLimits.from_node_config(context.node_config)
+
+
+def checked_weights(arrays: Any, tensors: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The global weights of a message, each checked by name, dtype and shape before it is decoded."""
+    names = set(arrays.keys())
+    if names != set(tensors):
+        raise ValueError(f"the server sent tensors that are not this model's ({len(names)} sent, {len(tensors)} "
+                         f"expected; unknown: {sorted(names - set(tensors))[:3]}); refusing the round")
+    for name, array in arrays.items():
+        if array.dtype != "float32" or tuple(array.shape) != tuple(tensors[name]):
+            raise ValueError(f"the server sent tensor {name} as {array.dtype} {tuple(array.shape)}, expected "
+                             f"float32 {tuple(tensors[name])}; refusing the round")
+    return {name: array.numpy() for name, array in arrays.items()}
+
+
+def round_settings(config: Any, limits: ClientLimits) -> tuple[int, float, float, int]:
+    """(epochs, learning rate, proximal mu, seed) from the server's config: capped, non-finite refused."""
+    import math
+
+    def number(key: str, default: float) -> float:
+        value = config.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"the server's {key} {value!r} is not a finite number; refusing the round")
+        return value
+
+    learning_rate = number("learning-rate", 0.05)
+    if learning_rate <= 0:
+        raise ValueError(f"the server's learning-rate {learning_rate} is not positive; refusing the round")
+    return (min(max(1, int(number("local-epochs", 1))), limits.max_local_epochs),
+            min(learning_rate, limits.max_learning_rate),
+            min(max(0.0, number("proximal-mu", 0.0)), limits.max_proximal_mu),
+            int(number("seed", 0)) % 2**31)
+
+
+def _digest(weights: dict[str, np.ndarray]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode() + np.ascontiguousarray(weights[name]).tobytes())
+    return digest.hexdigest()
+
+
 def make_client_app(settings: ClientSettings) -> Any:
     """A ``flwr.clientapp.ClientApp`` bound to ``settings``."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
-
-    def weights_of(message: Any) -> dict[str, np.ndarray]:
-        return {k: v.numpy() for k, v in message.content["arrays"].items()}
 
     def audit_mod(message: Any, context: Any, call_next: Any) -> Any:
         """Outermost mod: records each reply exactly as it leaves the device (after clipping)."""
@@ -103,28 +184,25 @@ def make_client_app(settings: ClientSettings) -> Any:
 
     @app.train(mods=mods)
     def train(message: Any, context: Any) -> Any:
-        trainer = _trainer(_artifact_dir(settings, context))
-        pid, x, y = _local_data(settings, context)
+        artifact_dir = _artifact_dir(settings, context)
+        trainer = _trainer(artifact_dir)
         config = message.content["config"]
-        global_weights = weights_of(message)
+        epochs, learning_rate, mu, seed = round_settings(config, _limits(settings, context))
+        global_weights = checked_weights(message.content["arrays"], trainer.tensors)
+        pid, x, y = _local_data(settings, context)
         trainer.set_weights(global_weights)
-        losses = trainer.fit(x, y, epochs=int(config.get("local-epochs", 1)),
-                             learning_rate=float(config.get("learning-rate", 0.05)),
-                             mu=float(config.get("proximal-mu", 0.0)),
-                             seed=int(config.get("seed", 0)) * 100_003 + pid)
+        _LAST_TRAINED[(artifact_dir, pid)] = _digest(global_weights)
+        losses = trainer.fit(x, y, epochs=epochs, learning_rate=learning_rate, mu=mu, seed=seed * 100_003 + pid)
         _, accuracy = trainer.evaluate(x, y)
-        new = trainer.get_weights()
-        fault = settings.faults.get(pid)
-        if fault is Fault.CRASH:
-            raise RuntimeError(f"client {pid}: simulated crash")
-        if fault is Fault.NAN:
-            new = {k: np.full_like(v, np.nan) for k, v in new.items()}
-        if fault is Fault.SHAPE:
-            new = {k: v[..., :1] if v.ndim else v for k, v in new.items()}
-        content = RecordDict({"metrics": MetricRecord({"num-examples": len(x), "train-loss": float(losses[-1]),
-                                                      "train-accuracy": float(accuracy)})})
-        if bool(config.get("compress-updates", False)) and fault is None:
+        metrics = {"num-examples": len(x), "train-loss": float(losses[-1]), "train-accuracy": float(accuracy)}
+        new, fault = trainer.get_weights(), settings.faults.get(pid)
+        if fault is not None:
+            new, metrics = _rehearse(fault, pid, new, metrics, output_bias=list(trainer.tensors)[-1])
+        content = RecordDict({"metrics": MetricRecord(metrics)})
+        if bool(config.get("compress-updates", False)) and fault in (None, Fault.CODEC_SCALE):
             deltas, scales = codec.encode(new, global_weights)
+            if fault is Fault.CODEC_SCALE:
+                scales = {k: 1e30 for k in scales}
             content["arrays"] = ArrayRecord({k: _array(v) for k, v in deltas.items()})
             content["codec"] = ConfigRecord({k: float(s) for k, s in scales.items()})
         else:
@@ -133,14 +211,49 @@ def make_client_app(settings: ClientSettings) -> Any:
 
     @app.evaluate(mods=[audit_mod])
     def evaluate(message: Any, context: Any) -> Any:
-        trainer = _trainer(_artifact_dir(settings, context))
-        _, x, y = _local_data(settings, context)
-        trainer.set_weights(weights_of(message))
+        artifact_dir = _artifact_dir(settings, context)
+        trainer = _trainer(artifact_dir)
+        if _limits(settings, context).evaluate == "off":
+            raise ValueError("this device does not answer evaluation requests (node config evaluate=off)")
+        weights = checked_weights(message.content["arrays"], trainer.tensors)
+        pid, x, y = _local_data(settings, context)
+        # only the global model this device last trained from, once: crafted weights cannot probe labels
+        if _LAST_TRAINED.pop((artifact_dir, pid), None) != _digest(weights):
+            raise ValueError("evaluation is answered once per train round, for the weights last trained from")
+        trainer.set_weights(weights)
         loss, accuracy = trainer.evaluate(x, y)
-        metrics = MetricRecord({"num-examples": len(x), "eval-loss": loss, "eval-accuracy": accuracy})
+        metrics = MetricRecord({"num-examples": max(10, len(x) // 10 * 10), "eval-loss": round(loss, 2),
+                                "eval-accuracy": float(round(accuracy / 5) * 5)})
         return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
     return app
+
+
+def _rehearse(fault: Fault, pid: int, new: dict[str, np.ndarray], metrics: dict[str, Any], *,
+              output_bias: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """What a faulty or hostile device sends instead of its honest reply (tests and drills)."""
+    if fault is Fault.CRASH:
+        raise RuntimeError(f"client {pid}: simulated crash")
+    if fault is Fault.NAN:
+        new = {k: np.full_like(v, np.nan) for k, v in new.items()}
+    elif fault is Fault.SHAPE:
+        new = {k: v[..., :1] if v.ndim else v for k, v in new.items()}
+    elif fault is Fault.SCALE:
+        new = {k: (v * np.float32(1e30)).astype(np.float32) for k, v in new.items()}
+    elif fault is Fault.LIAR:  # the output bias makes every prediction class 0
+        bias = np.zeros_like(new[output_bias])
+        bias[..., 0] = 100.0
+        new = {**new, output_bias: bias}
+        metrics = {**metrics, "num-examples": 10**12}
+    elif fault is Fault.FLOAT64:
+        new = {k: np.full(v.shape, 1e300, np.float64) for k, v in new.items()}
+    elif fault is Fault.NAN_EXAMPLES:
+        metrics = {**metrics, "num-examples": float("nan")}
+    elif fault is Fault.LIST_EXAMPLES:
+        metrics = {**metrics, "num-examples": [5]}
+    elif fault is Fault.EXTRA_METRIC:
+        metrics = {**metrics, "label-0-count": 17}
+    return new, metrics
 
 
 def _array(value: np.ndarray) -> Any:
@@ -190,10 +303,13 @@ def make_secagg_client_app(settings: ClientSettings) -> Any:
 
         def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
             pid, x, y = _local_data(settings, self.context)
+            epochs, learning_rate, _, seed = round_settings(config, _limits(settings, self.context))
+            if len(parameters) != len(self.names) or any(
+                    np.asarray(p).dtype != np.float32 or tuple(np.shape(p)) != self.trainer.tensors[n]
+                    for p, n in zip(parameters, self.names)):
+                raise ValueError("the server sent tensors that are not this model's; refusing the round")
             self.trainer.set_weights(dict(zip(self.names, parameters)))
-            losses = self.trainer.fit(x, y, epochs=int(config.get("local-epochs", 1)),
-                                      learning_rate=float(config.get("learning-rate", 0.05)),
-                                      seed=int(config.get("seed", 0)) * 100_003 + pid)
+            losses = self.trainer.fit(x, y, epochs=epochs, learning_rate=learning_rate, seed=seed * 100_003 + pid)
             new = self.trainer.get_weights()
             return [new[n] for n in self.names], len(x), {"train-loss": float(losses[-1])}
 

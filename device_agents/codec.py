@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+MAX_SCALE = 10.0
+"""The largest per-tensor scale a receiver accepts (a weight moving by over 1,270 in one round is an attack)."""
+
 
 def encode(new: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """(int8 deltas, per-tensor scales) of ``new`` relative to ``base``."""

@@ -291,3 +291,104 @@ def test_resume_after_the_server_process_is_killed(fl_model, tmp_path):
     history = json.loads((out / "history.json").read_text())["rounds"]
     assert [h["round"] for h in history] == [0, 1, 2, 3]
     assert (out / "final" / "model.tflite").is_file()
+
+
+def test_poisoned_and_malformed_updates_are_rejected_and_never_stop_the_run(fl_model, tmp_path):
+    """Six hostile clients of ten, one of each kind; four honest ones still improve the model."""
+    faults = {0: "scale", 1: "liar", 2: "float64", 3: "nan-examples", 4: "list-examples", 5: "extra-metric",
+              6: "codec-scale"}
+    result = simulate(fl_model, "digits", tmp_path / "poison", progress=False, log=quiet, config=SimulationConfig(
+        clients=10, faults=faults, rounds=RoundSettings(rounds=2, compress_updates=True, min_fraction=0.3)))
+    for h in result.history[1:]:
+        reasons = {r["node"]: r["reason"] for r in h["rejected"]}
+        text = " | ".join(reasons.values())
+        assert len(reasons) == 7 and h["valid"] == 3 and h["aggregated"], text
+        for fragment in ("is float64, expected float32", "metric num-examples is nan", "metric num-examples is [5]",
+                         "metrics ['label-0-count',", "invalid codec scales", "over 5x the round's median"):
+            assert fragment in text, (fragment, text)
+        assert text.count("over 5x the round's median") == 2  # the x1e30 update and the "always 0" liar
+    assert all(np.isfinite(v).all() for v in result.weights.values())
+    assert result.history[-1]["loss"] < result.history[0]["loss"]  # the honest clients still improve the model
+
+
+def test_an_aggregate_that_collapses_accuracy_is_not_committed(fl_model, tmp_path):
+    """Two liars of three pass the median filter together; the last-good-model guard keeps the model."""
+    result = simulate(fl_model, "digits", tmp_path / "guard", progress=False, log=quiet, config=SimulationConfig(
+        clients=3, faults={0: "liar", 1: "liar"}, rounds=RoundSettings(rounds=1)))
+    entry = result.history[1]
+    assert entry["aggregated"] is False and "points below the last good model" in entry["guard"]
+    assert entry["accuracy"] == pytest.approx(result.history[0]["accuracy"])
+    with pytest.raises(InputError, match="trims nothing; it needs beta x clients >= 1"):
+        SimulationConfig(clients=3, rounds=RoundSettings(strategy=Strategy.TRIMMED))
+
+
+def _message(content, message_type, node=1):
+    import time
+
+    from flwr.app import Message, Metadata
+
+    metadata = Metadata(run_id=1, message_id=f"m{time.monotonic_ns()}", src_node_id=0, dst_node_id=node,
+                        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600.0,
+                        message_type=message_type)
+    return Message(content, metadata=metadata)
+
+
+@pytest.fixture(scope="module")
+def device(fl_model, digits, tmp_path_factory):
+    """A device's ClientApp with its own data, driven directly with crafted server messages."""
+    from flwr.app import Context, RecordDict
+
+    from device_agents.client_app import ClientSettings, make_client_app
+    from edgekit import TrainableConfig, export_trainable
+
+    d = tmp_path_factory.mktemp("device")
+    export_trainable(fl_model, d / "trainable", config=TrainableConfig(batch_size=16), progress=False)
+    (d / "data").mkdir()
+    np.savez(d / "data" / "0.npz", x=digits.x[:100], y=digits.y[:100])
+    app = make_client_app(ClientSettings(str(d / "trainable"), str(d / "data")))
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    from device_agents.training import Trainer
+
+    return app, context, Trainer.load(d / "trainable").get_weights()
+
+
+def _train_message(weights, **config):
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    return _message(RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()}),
+                                "config": ConfigRecord(config)}), "train")
+
+
+def test_a_hostile_server_cannot_steer_or_probe_the_device(device):
+    from flwr.app import Array, ArrayRecord, RecordDict
+
+    from device_agents.client_app import ClientLimits, round_settings
+
+    app, context, weights = device
+    for config, fragment in (({"learning-rate": float("nan")}, "learning-rate nan is not a finite number"),
+                             ({"local-epochs": float("inf")}, "local-epochs inf is not a finite number"),
+                             ({"learning-rate": -1.0}, "learning-rate -1.0 is not positive")):
+        with pytest.raises(ValueError, match=fragment):  # Flower turns it into an error reply
+            app(_train_message(weights, **config), context)
+    huge = {**weights, "extra": np.zeros((4096, 4096), np.float32)}
+    with pytest.raises(ValueError, match="not this model's"):
+        app(_train_message(huge, **{"learning-rate": 0.01}), context)
+    wrong = {**weights, next(iter(weights)): np.zeros(7, np.float64)}
+    with pytest.raises(ValueError, match=r"as float64 \(7,\), expected float32"):
+        app(_train_message(wrong, **{"learning-rate": 0.01}), context)
+    # documented caps, and the node config sets them
+    assert round_settings({"local-epochs": 50, "learning-rate": 9.0, "proximal-mu": 1e9}, ClientLimits())[:3] == \
+        (10, 1.0, 10.0)
+    assert round_settings({"local-epochs": 50}, ClientLimits.from_node_config({"max-local-epochs": 3}))[0] == 3
+    assert not app(_train_message(weights, **{"local-epochs": 50, "learning-rate": 0.01}), context).has_error()
+    # evaluation: only the weights last trained from, once, with coarse metrics
+    probe = {k: np.zeros_like(v) for k, v in weights.items()}
+    evaluate = _message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in probe.items()})}), "evaluate")
+    with pytest.raises(ValueError, match="once per train round"):
+        app(evaluate, context)
+    app(_train_message(weights, **{"learning-rate": 0.01}), context)
+    last = _message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in weights.items()})}), "evaluate")
+    metrics = app(last, context).content["metrics"]
+    assert metrics["eval-accuracy"] % 5 == 0 and metrics["num-examples"] % 10 == 0
+    with pytest.raises(ValueError, match="once per train round"):
+        app(last, context)  # the same probe twice: refused

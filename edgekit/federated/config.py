@@ -11,6 +11,7 @@ parses its own ``dirichlet:0.5`` syntax. Messages name the setting, never a comm
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -68,9 +69,18 @@ class RoundSettings:
     dp_noise_multiplier: float | None = None  # differential privacy: Gaussian noise (x clipping norm)
     dp_clipping_norm: float = 1.0              # each client's update is clipped to this L2 norm
     dp_delta: float = 1e-5
+    max_update_norm_ratio: float = 5.0    # reject an update over this many times the round's median update
+    max_examples_ratio: float = 2.0       # cap a client's reported sample count at this many times the median
+    max_round_accuracy_drop: float = 20.0  # last-good-model guard: commit no aggregate that loses more (points)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", coerce_enum(Strategy, self.strategy, "strategy"))
+        for name in ("max_update_norm_ratio", "max_examples_ratio"):
+            if not getattr(self, name) >= 1:
+                raise InputError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.max_round_accuracy_drop <= 100:
+            raise InputError(f"the per-round accuracy guard must be in (0, 100] points, "
+                             f"got {self.max_round_accuracy_drop}")
         for name in ("rounds", "local_epochs"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
@@ -112,6 +122,10 @@ class FederationConfig:
             raise InputError(f"a federation needs at least 2 clients, got {self.clients}")
         if not 1 <= self.batch_size <= 4096:
             raise InputError(f"the on-device batch size must be between 1 and 4096, got {self.batch_size}")
+        sampled = max(1, math.ceil(self.clients * self.rounds.fraction))
+        if self.rounds.strategy is Strategy.TRIMMED and int(self.rounds.trim_beta * sampled) < 1:
+            raise InputError(f"a trimmed mean with beta {self.rounds.trim_beta:g} over {sampled} clients per round "
+                             "trims nothing; it needs beta x clients >= 1 (more clients or a larger beta)")
 
 
 @dataclass(frozen=True)

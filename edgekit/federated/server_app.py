@@ -1,17 +1,25 @@
-"""The edgekit ServerApp: rounds of Flower training with validation, checkpoints and accounting.
+"""The edgekit ServerApp: rounds of Flower training with validation, robust filtering, checkpoints.
 
 Each round: the strategy (Flower's FedAvg, FedProx or FedTrimmedAvg) samples clients and builds the
-train messages; replies are validated (finite values, the right tensor names and shapes; a faulty
-reply is rejected and logged, never aggregated), int8 deltas are decoded onto the global weights
-that were sent, the strategy aggregates, the server evaluates the new global model on held-out
-data (in LiteRT, with the same trainable artifact) and writes a checkpoint. A round whose valid
-replies fall below ``min_fraction`` of the sampled clients keeps the previous global model.
+train messages. Replies are untrusted: each is checked before anything is decoded (the protocol's
+records and metric names and types, tensor names, dtypes and shapes, codec scales), then decoded
+(int8 deltas onto the global weights that were sent) and checked for finite values. A reply that
+fails is rejected and logged, never aggregated, and never stops the run. Of the valid replies, an
+update far larger than the round's median (``max_update_norm_ratio``) is rejected and the reported
+sample counts are capped (``max_examples_ratio`` x the median), so one client cannot take the
+average over. The strategy aggregates; the server evaluates the new global model on held-out data
+(in LiteRT, with the same trainable artifact) and commits it only if it is finite and does not lose
+more than ``max_round_accuracy_drop`` points against the last committed model (the last-good-model
+guard). A round whose valid replies fall below ``min_fraction`` of the sampled clients keeps the
+previous global model. Each committed round is checkpointed in one atomic step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,10 +28,14 @@ from typing import Any
 import numpy as np
 
 from device_agents import codec
+from device_agents.files import read_npz
 from device_agents.training import Trainer
-from edgekit._io import write_atomic
+from edgekit._io import crash_point, write_atomic
 from edgekit.errors import FederationError
-from edgekit.federated.config import RoundSettings
+from edgekit.federated.config import RoundSettings, Strategy
+
+TRAIN_METRICS = {"num-examples": int, "train-loss": float, "train-accuracy": float}
+"""The metrics a train reply carries: exactly these names, of these types."""
 
 
 @dataclass
@@ -35,45 +47,108 @@ class ServerState:
 
 
 def save_checkpoint(folder: Path, weights: dict[str, np.ndarray], state: ServerState) -> None:
-    """Write ``global.npz`` and ``state.json`` of a completed round, each atomically and durably."""
+    """Commit a round in one atomic step: the weights go to a new ``global-rN.npz`` first; ``state.json``,
+    written atomically after it, names that file and its SHA-256. A crash in between leaves the previous
+    state, whose weights file is kept until the new state is committed."""
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     np.savez(buffer, **weights)
-    write_atomic(folder / "global.npz", buffer.getvalue())
-    write_atomic(folder / "state.json", json.dumps(asdict(state), indent=2).encode())
+    name = f"global-r{state.round}.npz"
+    write_atomic(folder / name, buffer.getvalue())
+    crash_point(f"checkpoint-weights-r{state.round}")
+    record = {**asdict(state), "weights": name, "weights_sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}
+    write_atomic(folder / "state.json", json.dumps(record, indent=2).encode())
+    for old in folder.glob("global-r*.npz"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], ServerState] | None:
-    if not (folder / "state.json").is_file() or not (folder / "global.npz").is_file():
+    """The last committed round, or ``None``; a weights file that does not match its state is refused."""
+    if not (folder / "state.json").is_file():
         return None
-    state = json.loads((folder / "state.json").read_text())
-    with np.load(folder / "global.npz") as npz:
-        weights = {k: npz[k] for k in npz.files}
-    return weights, ServerState(round=state["round"], history=state["history"])
+    record = json.loads((folder / "state.json").read_text())
+    path = folder / record.get("weights", "global.npz")
+    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != record.get("weights_sha256"):
+        raise FederationError(f"the checkpoint in {folder} is damaged ({path.name} does not match state.json); "
+                              "start a new run")
+    weights = read_npz(path, names=tuple(record.get("tensors", [])) or _npz_names(path))
+    return weights, ServerState(round=record["round"], history=record["history"])
+
+
+def _npz_names(path: Path) -> tuple[str, ...]:
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        return tuple(name.removesuffix(".npy") for name in archive.namelist())
+
+
+def _check_metrics(metrics: Any) -> str:
+    if set(metrics.keys()) != set(TRAIN_METRICS):
+        return f"metrics {sorted(metrics.keys())} are not the protocol's {sorted(TRAIN_METRICS)}"
+    for name, kind in TRAIN_METRICS.items():
+        value = metrics[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (kind is int and not float(value).is_integer()):
+            return f"metric {name} is {value!r}, not a finite {kind.__name__}"
+    if metrics["num-examples"] < 1:
+        return "num-examples is not positive"
+    return ""
 
 
 def validate_reply(content: Any, reference: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray] | None, str]:
-    """Decoded weights of a train reply, or (None, why it was rejected)."""
-    if "arrays" not in content or "metrics" not in content:
-        return None, "no arrays or metrics"
-    arrays = {k: v.numpy() for k, v in content["arrays"].items()}
-    if set(arrays) != set(reference):
+    """Decoded weights of a train reply, or (None, why it was rejected). Nothing is decoded before the
+    records, metrics, tensor names, dtypes and shapes are checked."""
+    records = set(content.keys())
+    compressed = "codec" in records
+    if records != {"arrays", "metrics"} | ({"codec"} if compressed else set()):
+        return None, f"records {sorted(records)} are not the protocol's"
+    why = _check_metrics(content["metrics"])
+    if why:
+        return None, why
+    arrays = content["arrays"]
+    if set(arrays.keys()) != set(reference):
         return None, f"tensor names differ ({len(arrays)} tensors, expected {len(reference)})"
-    for name, value in arrays.items():
-        if value.shape != reference[name].shape:
-            return None, f"tensor {name} has shape {value.shape}, expected {reference[name].shape}"
-    if "codec" in content:
-        scales = {k: float(v) for k, v in content["codec"].items()}
-        if set(scales) != set(reference) or not all(np.isfinite(s) and s > 0 for s in scales.values()):
+    dtype = "int8" if compressed else "float32"
+    for name, array in arrays.items():
+        if tuple(array.shape) != reference[name].shape:
+            return None, f"tensor {name} has shape {tuple(array.shape)}, expected {reference[name].shape}"
+        if array.dtype != dtype:
+            return None, f"tensor {name} is {array.dtype}, expected {dtype}"
+    decoded = {name: array.numpy() for name, array in arrays.items()}
+    if compressed:
+        scales = dict(content["codec"].items())
+        if set(scales) != set(reference) or not all(
+                isinstance(s, float) and math.isfinite(s) and 0 < s <= codec.MAX_SCALE for s in scales.values()):
             return None, "invalid codec scales"
-        arrays = codec.decode(arrays, scales, reference)
-    for name, value in arrays.items():
-        if not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all():
-            return None, f"tensor {name} holds NaN/inf or is not float"
-    examples = content["metrics"].get("num-examples", 0)
-    if not examples or examples <= 0:
-        return None, "num-examples missing or not positive"
-    return arrays, ""
+        decoded = codec.decode(decoded, scales, reference)
+    for name, value in decoded.items():
+        if value.dtype != np.float32 or not np.isfinite(value).all():
+            return None, f"tensor {name} holds NaN/inf or is not float32"
+    return decoded, ""
+
+
+def robust_filter(updates: list[tuple[Any, dict[str, np.ndarray], int]], weights: dict[str, np.ndarray],
+                  settings: RoundSettings) -> tuple[list[tuple[Any, dict[str, np.ndarray], int]], list[dict]]:
+    """Reject updates far larger than the round's median update; cap reported sample counts.
+
+    ``updates``: (reply, decoded weights, reported examples). Returns the kept ones (examples capped)
+    and the rejections.
+    """
+    if len(updates) < 3:
+        return updates, []
+    norms = [math.sqrt(sum(float(np.sum((w[k] - weights[k]) ** 2)) for k in weights)) for _, w, _ in updates]
+    bound = settings.max_update_norm_ratio * float(np.median(norms))
+    kept, rejected = [], []
+    for update, norm in zip(updates, norms):
+        if norm > bound and norm > 1e-6:
+            rejected.append({"node": int(update[0].metadata.src_node_id),
+                             "reason": f"update norm {norm:.3g} is over {settings.max_update_norm_ratio:g}x the "
+                                       f"round's median ({bound / settings.max_update_norm_ratio:.3g})"})
+        else:
+            kept.append(update)
+    cap = max(1, int(settings.max_examples_ratio * float(np.median([n for _, _, n in kept]))))
+    return [(reply, w, min(n, cap)) for reply, w, n in kept], rejected
 
 
 def wait_for_nodes(grid: Any, expected: int, timeout: float) -> int:
@@ -86,24 +161,63 @@ def wait_for_nodes(grid: Any, expected: int, timeout: float) -> int:
         time.sleep(0.5)
 
 
+@dataclass
+class _Round:
+    """One round's bookkeeping: what was sent, what came back, what was kept."""
+
+    number: int
+    sampled: int
+    entry: dict[str, Any] = field(default_factory=dict)
+
+
 def run_rounds(grid: Any, *, settings: RoundSettings, initial: dict[str, np.ndarray], evaluator: Trainer,
                eval_x: np.ndarray, eval_y: np.ndarray, checkpoint_dir: Path, resume: bool, expected_nodes: int,
                log: Any = print) -> tuple[dict[str, np.ndarray], ServerState]:
     """The round loop (called from the ServerApp's main with Flower's Grid)."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-
-    from edgekit.federated.strategies import UNIFORM_WEIGHT, make_strategy, with_differential_privacy
-
     weights, state = dict(initial), ServerState()
     if resume:
         restored = load_checkpoint(checkpoint_dir)
         if restored is not None:
             weights, state = restored
             log(f"resuming after round {state.round} from {checkpoint_dir}")
+    strategy, min_nodes, population = _strategy(grid, settings, expected_nodes, state)
+    if state.round == 0 and not state.history:
+        loss, acc = _evaluate(evaluator, weights, eval_x, eval_y)
+        state.history.append({"round": 0, "accuracy": acc, "loss": loss})
+        log(f"round 0/{settings.rounds}: accuracy {acc:.2f}% loss {loss:.4f} (initial model)")
+    good = next(h["accuracy"] for h in reversed(state.history) if h.get("aggregated", True))
+    for rnd in range(state.round + 1, settings.rounds + 1):
+        start = time.perf_counter()
+        weights, entry = _one_round(grid, strategy, rnd, weights, settings, evaluator, eval_x, eval_y, good, log)
+        if entry.get("aggregated"):
+            good = entry["accuracy"]
+        if settings.dp_noise_multiplier is not None:
+            spent = strategy.privacy_spent()
+            entry["privacy"] = {"epsilon": float(spent.epsilon), "delta": float(spent.delta),
+                                "noise_multiplier": settings.dp_noise_multiplier,
+                                "clipping_norm": settings.dp_clipping_norm}
+        entry["seconds"] = time.perf_counter() - start
+        state.history.append(entry)
+        state.round = rnd
+        save_checkpoint(checkpoint_dir, weights, state)
+        privacy = (f"  (epsilon {entry['privacy']['epsilon']:.2f}, delta {settings.dp_delta:g})"
+                   if "privacy" in entry else "")
+        log(f"round {rnd}/{settings.rounds}: accuracy {entry['accuracy']:.2f}% loss {entry['loss']:.4f}  "
+            f"clients {entry['valid']}/{entry['sampled']}  up {entry['bytes_up_per_client'] / 1024:.1f} KiB/client  "
+            f"{entry['seconds']:.1f} s{privacy}")
+    return weights, state
+
+
+def _strategy(grid: Any, settings: RoundSettings, expected_nodes: int, state: ServerState) -> tuple[Any, int, int]:
+    from edgekit.federated.strategies import make_strategy, with_differential_privacy
+
     num_nodes = wait_for_nodes(grid, expected_nodes, settings.round_timeout)
     if num_nodes < 1:
         raise FederationError(f"no client connected within {settings.round_timeout:.0f} s")
     min_nodes = max(1, int(np.ceil(num_nodes * settings.fraction)))
+    if settings.strategy is Strategy.TRIMMED and int(settings.trim_beta * min_nodes) < 1:
+        raise FederationError(f"a trimmed mean with beta {settings.trim_beta:g} over {min_nodes} clients per round "
+                              "trims nothing; it needs beta x clients >= 1")
     private = settings.dp_noise_multiplier is not None
     strategy = make_strategy(settings.strategy, fraction=settings.fraction, min_nodes=min_nodes,
                              proximal_mu=settings.proximal_mu, trim_beta=settings.trim_beta, uniform=private)
@@ -113,67 +227,97 @@ def run_rounds(grid: Any, *, settings: RoundSettings, initial: dict[str, np.ndar
                                              population=num_nodes, delta=settings.dp_delta)
         for _ in range(state.round):  # a resumed run has already spent the completed rounds
             strategy.accountant.compose(_privacy_event(settings, min_nodes, num_nodes))
-    if state.round == 0 and not state.history:
+    return strategy, min_nodes, num_nodes
+
+
+def _evaluate(evaluator: Trainer, weights: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(loss, accuracy) of ``weights`` on held-out data; NaN for weights that cannot even be set."""
+    from device_agents.errors import AgentError
+
+    try:
         evaluator.set_weights(weights)
-        loss, acc = evaluator.evaluate(eval_x, eval_y)
-        state.history.append({"round": 0, "accuracy": acc, "loss": loss})
-        log(f"round 0/{settings.rounds}: accuracy {acc:.2f}% loss {loss:.4f} (initial model)")
-    for rnd in range(state.round + 1, settings.rounds + 1):
-        start = time.perf_counter()
-        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
-        config = ConfigRecord({"local-epochs": settings.local_epochs, "learning-rate": settings.learning_rate,
-                               "compress-updates": settings.compress_updates, "seed": settings.seed * 1000 + rnd})
-        messages = list(strategy.configure_train(rnd, arrays, config, grid))
-        down = sum(v.nbytes for v in weights.values())
-        replies = list(grid.send_and_receive(messages=messages, timeout=settings.round_timeout))
-        valid, rejected, failed, up = [], [], 0, []
-        for reply in replies:
-            if reply.has_error():
-                failed += 1
-                continue
-            up.append(sum(v.numpy().nbytes for v in reply.content["arrays"].values())
-                      if "arrays" in reply.content else 0)
-            decoded, why = validate_reply(reply.content, weights)
-            if decoded is None:
-                rejected.append({"node": int(reply.metadata.src_node_id), "reason": why})
-                log(f"round {rnd}: rejected the update of node {reply.metadata.src_node_id}: {why}")
-                continue
-            metrics = reply.content["metrics"]
-            if private:
-                metrics = MetricRecord({**dict(metrics), UNIFORM_WEIGHT: 1})
-            reply.content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in decoded.items()}),
-                                        "metrics": metrics})
-            valid.append(reply)
-        sampled = len(messages)
-        entry: dict[str, Any] = {"round": rnd, "sampled": sampled, "replied": len(replies) - failed,
-                                 "valid": len(valid), "failed": failed, "rejected": rejected,
-                                 "bytes_down_per_client": down,
-                                 "bytes_up_per_client": float(np.mean(up)) if up else 0.0}
-        if len(valid) >= max(1, int(np.ceil(settings.min_fraction * sampled))):
-            aggregated, metrics = strategy.aggregate_train(rnd, valid)
-            if aggregated is not None:
-                weights = {k: v.numpy() for k, v in aggregated.items()}
-            entry["train_metrics"] = dict(metrics) if metrics is not None else {}
-            entry["aggregated"] = True
+        return evaluator.evaluate(x, y)
+    except AgentError:
+        return float("nan"), float("nan")
+
+
+def _one_round(grid: Any, strategy: Any, rnd: int, weights: dict[str, np.ndarray], settings: RoundSettings,
+               evaluator: Trainer, eval_x: np.ndarray, eval_y: np.ndarray, good: float,
+               log: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+    config = ConfigRecord({"local-epochs": settings.local_epochs, "learning-rate": settings.learning_rate,
+                           "compress-updates": settings.compress_updates, "seed": settings.seed * 1000 + rnd})
+    messages = list(strategy.configure_train(rnd, arrays, config, grid))
+    replies = list(grid.send_and_receive(messages=messages, timeout=settings.round_timeout))
+    valid, rejected, failed, up = _collect(replies, weights, rnd, log)
+    valid, outliers = robust_filter(valid, weights, settings)
+    rejected += outliers
+    for item in outliers:
+        log(f"round {rnd}: rejected the update of node {item['node']}: {item['reason']}")
+    entry: dict[str, Any] = {"round": rnd, "sampled": len(messages), "replied": len(replies) - failed,
+                             "valid": len(valid), "failed": failed, "rejected": rejected,
+                             "bytes_down_per_client": sum(v.nbytes for v in weights.values()),
+                             "bytes_up_per_client": float(np.mean(up)) if up else 0.0, "aggregated": False}
+    if len(valid) < max(1, int(np.ceil(settings.min_fraction * len(messages)))):
+        log(f"round {rnd}: only {len(valid)} of {len(messages)} clients gave a valid update "
+            f"(minimum {settings.min_fraction:.0%}); the global model is unchanged")
+    else:
+        candidate, metrics = _aggregate(strategy, rnd, valid, settings)
+        loss, acc = _evaluate(evaluator, candidate, eval_x, eval_y) if candidate is not None else (math.nan,) * 2
+        entry["train_metrics"] = metrics
+        if math.isfinite(acc) and acc >= good - settings.max_round_accuracy_drop:
+            weights, entry["aggregated"] = candidate, True
+            entry.update({"accuracy": acc, "loss": loss})
         else:
-            entry["aggregated"] = False
-            log(f"round {rnd}: only {len(valid)} of {sampled} clients gave a valid update "
-                f"(minimum {settings.min_fraction:.0%}); the global model is unchanged")
-        if private:
-            spent = strategy.privacy_spent()
-            entry["privacy"] = {"epsilon": float(spent.epsilon), "delta": float(spent.delta),
-                                "noise_multiplier": settings.dp_noise_multiplier,
-                                "clipping_norm": settings.dp_clipping_norm}
-        evaluator.set_weights(weights)
-        loss, acc = evaluator.evaluate(eval_x, eval_y)
-        entry.update({"accuracy": acc, "loss": loss, "seconds": time.perf_counter() - start})
-        state.history.append(entry)
-        state.round = rnd
-        save_checkpoint(checkpoint_dir, weights, state)
-        privacy = f"  (epsilon {entry['privacy']['epsilon']:.2f}, delta {settings.dp_delta:g})" if private else ""
-        log(f"round {rnd}/{settings.rounds}: accuracy {acc:.2f}% loss {loss:.4f}  clients {len(valid)}/{sampled}"
-            f"  up {entry['bytes_up_per_client'] / 1024:.1f} KiB/client  {entry['seconds']:.1f} s{privacy}")
-    return weights, state
+            entry["guard"] = (f"the aggregate's held-out accuracy {acc:.2f}% is over "
+                              f"{settings.max_round_accuracy_drop:g} points below the last good model's {good:.2f}%"
+                              if math.isfinite(acc) else "the aggregate has non-finite weights")
+            log(f"round {rnd}: not committed: {entry['guard']}; the global model is unchanged")
+    if "accuracy" not in entry:
+        entry["loss"], entry["accuracy"] = _evaluate(evaluator, weights, eval_x, eval_y)
+    return weights, entry
+
+
+def _collect(replies: list, weights: dict[str, np.ndarray], rnd: int,
+             log: Any) -> tuple[list[tuple[Any, dict[str, np.ndarray], int]], list[dict], int, list[int]]:
+    """(valid (reply, weights, examples), rejections, failures, bytes up) of a round's replies."""
+    valid, rejected, failed, up = [], [], 0, []
+    for reply in replies:
+        if reply.has_error():
+            failed += 1
+            continue
+        try:
+            up.append(sum(len(a.data) for a in reply.content["arrays"].values()) if "arrays" in reply.content else 0)
+            decoded, why = validate_reply(reply.content, weights)
+        except Exception as exc:  # a malformed reply of any kind is rejected, never fatal
+            decoded, why = None, f"malformed reply ({type(exc).__name__}: {str(exc)[:120]})"
+        if decoded is None:
+            rejected.append({"node": int(reply.metadata.src_node_id), "reason": why})
+            log(f"round {rnd}: rejected the update of node {reply.metadata.src_node_id}: {why}")
+            continue
+        valid.append((reply, decoded, int(reply.content["metrics"]["num-examples"])))
+    return valid, rejected, failed, up
+
+
+def _aggregate(strategy: Any, rnd: int, valid: list[tuple[Any, dict[str, np.ndarray], int]],
+               settings: RoundSettings) -> tuple[dict[str, np.ndarray] | None, dict[str, Any]]:
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+    from edgekit.federated.strategies import UNIFORM_WEIGHT
+
+    for reply, decoded, examples in valid:
+        metrics = {**dict(reply.content["metrics"]), "num-examples": examples}
+        if settings.dp_noise_multiplier is not None:
+            metrics[UNIFORM_WEIGHT] = 1
+        reply.content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in decoded.items()}),
+                                    "metrics": MetricRecord(metrics)})
+    aggregated, metrics = strategy.aggregate_train(rnd, [reply for reply, _, _ in valid])
+    weights = None if aggregated is None else {k: v.numpy() for k, v in aggregated.items()}
+    if weights is not None and not all(np.isfinite(v).all() for v in weights.values()):
+        weights = None
+    return weights, dict(metrics) if metrics is not None else {}
 
 
 def _privacy_event(settings: RoundSettings, sampled: int, population: int) -> Any:
