@@ -56,17 +56,32 @@ class ClientLimits:
     ``max_local_epochs`` [max-local-epochs], ``max_learning_rate`` [max-learning-rate] and
     ``max_proximal_mu`` cap the values the server sends; non-finite values are refused.
     ``evaluate`` [evaluate]: ``"coarse"`` (default) or ``"off"``.
+    ``local_dp_epsilon`` [local-dp-epsilon]: when set, the device adds its own Gaussian noise to every
+    update (Flower's ``LocalDpMod``: clipped to ``local_dp_clip`` [local-dp-clip], sensitivity = that
+    norm, ``local_dp_delta`` [local-dp-delta]), for devices that do not trust the server; updates are
+    then sent uncompressed.
     """
 
     max_local_epochs: int = 10
     max_learning_rate: float = 1.0
     max_proximal_mu: float = 10.0
     evaluate: str = "coarse"
+    local_dp_epsilon: float | None = None
+    local_dp_clip: float = 1.0
+    local_dp_delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.evaluate not in ("coarse", "off"):
+            raise ValueError(f"evaluate must be 'coarse' or 'off', got {self.evaluate!r}")
+        if self.local_dp_epsilon is not None and not (self.local_dp_epsilon > 0 and self.local_dp_clip > 0
+                                                      and 0 < self.local_dp_delta < 1):
+            raise ValueError("local DP needs epsilon > 0, a clipping norm > 0 and delta in (0, 1)")
 
     @classmethod
     def from_node_config(cls, node: Any) -> ClientLimits:
         keys = {"max-local-epochs": ("max_local_epochs", int), "max-learning-rate": ("max_learning_rate", float),
-                "evaluate": ("evaluate", str)}
+                "evaluate": ("evaluate", str), "local-dp-epsilon": ("local_dp_epsilon", float),
+                "local-dp-clip": ("local_dp_clip", float), "local-dp-delta": ("local_dp_delta", float)}
         values = {field_name: kind(node[key]) for key, (field_name, kind) in keys.items() if key in node}
         return cls(**values)
 
@@ -176,7 +191,17 @@ def make_client_app(settings: ClientSettings) -> Any:
             _audit(settings, pid, f"{kind}-r{rnd}", reply.content)
         return reply
 
-    mods = [audit_mod]
+    def local_dp_mod(message: Any, context: Any, call_next: Any) -> Any:
+        """Flower's LocalDpMod, when this device's limits ask for local DP (read per message: node config)."""
+        limits = _limits(settings, context)
+        if limits.local_dp_epsilon is None:
+            return call_next(message, context)
+        from flwr.clientapp.mod import LocalDpMod
+
+        mod = LocalDpMod(limits.local_dp_clip, limits.local_dp_clip, limits.local_dp_epsilon, limits.local_dp_delta)
+        return mod(message, context, call_next)
+
+    mods = [audit_mod, local_dp_mod]
     if settings.clip_updates:
         from flwr.clientapp.mod import fixedclipping_mod
 
@@ -199,7 +224,8 @@ def make_client_app(settings: ClientSettings) -> Any:
         if fault is not None:
             new, metrics = _rehearse(fault, pid, new, metrics, output_bias=list(trainer.tensors)[-1])
         content = RecordDict({"metrics": MetricRecord(metrics)})
-        if bool(config.get("compress-updates", False)) and fault in (None, Fault.CODEC_SCALE):
+        compress = bool(config.get("compress-updates", False)) and _limits(settings, context).local_dp_epsilon is None
+        if compress and fault in (None, Fault.CODEC_SCALE):
             deltas, scales = codec.encode(new, global_weights)
             if fault is Fault.CODEC_SCALE:
                 scales = {k: 1e30 for k in scales}

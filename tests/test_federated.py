@@ -136,6 +136,26 @@ def test_differential_privacy_clips_updates_and_reports_epsilon(fl_model, tmp_pa
         SimulationConfig(rounds=RoundSettings(dp_noise_multiplier=1.0, compress_updates=True))
 
 
+def test_local_differential_privacy_noises_every_update_on_the_device(fl_model, tmp_path):
+    """Each device adds its own Gaussian noise (Flower's LocalDpMod) before anything leaves it."""
+    import math
+
+    from device_agents.training import Trainer
+
+    audit = tmp_path / "audit"
+    result = simulate(fl_model, "digits", tmp_path / "ldp", progress=False, log=quiet, config=SimulationConfig(
+        clients=3, audit_dir=str(audit), local_dp_epsilon=2.0, rounds=RoundSettings(rounds=1, dp_clipping_norm=0.5)))
+    start = Trainer.load(tmp_path / "ldp" / "trainable").get_weights()
+    want = 0.5 * math.sqrt(2 * math.log(1.25 / 1e-5)) / 2.0  # sensitivity x sqrt(2 ln(1.25/delta)) / epsilon
+    sent = sorted(audit.glob("*train-r1*.npz"))
+    assert len(sent) == 3
+    for path in sent:
+        with np.load(path) as npz:
+            noise = np.concatenate([(npz[k] - start[k.split("__", 1)[1]]).ravel() for k in npz.files])
+        assert abs(noise.std() - want) < 0.1 * want  # the update itself is clipped to 0.5: noise dominates
+    assert result.history[1]["aggregated"] is False and "guard" in result.history[1]  # too noisy to commit
+
+
 def test_secure_aggregation_server_sees_only_the_aggregate(fl_model, tmp_path):
     result = simulate(fl_model, "digits", tmp_path / "secagg", progress=False, log=quiet,
                       config=SimulationConfig(clients=4, secure_aggregation=True, rounds=RoundSettings(rounds=2)))
@@ -219,29 +239,74 @@ def test_real_superlink_and_supernodes_with_tls(fl_model, tmp_path):
     assert left == []
 
 
-def test_strangers_cannot_join_a_tls_superlink_with_node_auth(tmp_path):
+OUTSIDER_APP = """
+from pathlib import Path
+from flwr.serverapp import ServerApp
+from flwr.clientapp import ClientApp
+
+server_app = ServerApp()
+client_app = ClientApp()
+
+@server_app.main()
+def main(grid, context):
+    Path({marker!r}).write_text("server ran the outsider's code")
+"""
+
+
+def _flwr_home(folder, port, ca):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.toml").write_text(f'[superlink]\ndefault = "target"\n\n[superlink.target]\n'
+                                        f'address = "127.0.0.1:{port}"\nroot-certificates = "{ca}"\n')
+    return folder
+
+
+def test_strangers_cannot_join_register_or_run_code_through_the_gateway(tmp_path):
+    """An outsider holding only the public ca.crt and the devices' address: refused at every door."""
     import os
+    import subprocess
     import sys
     import time
     from pathlib import Path
 
+    import httpx
+
     from edgekit.federated._tls import make_certificates, make_node_key
-    from edgekit.federated.deploy import _Processes, _wait_port, free_port
+    from edgekit.federated.deploy import _Processes, _start_gateway, _wait_port, free_port
     from edgekit.federated.run import FLOWER_ENV
 
     good, other = make_certificates(tmp_path / "good"), make_certificates(tmp_path / "other")
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, **FLOWER_ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     procs = _Processes(tmp_path, env)
-    port = free_port()
+    port, gateway = free_port(), free_port()
+    marker = tmp_path / "OUTSIDER_RAN"
+    app = tmp_path / "outsider_app"
+    app.mkdir()
+    (app / "outsider.py").write_text(OUTSIDER_APP.format(marker=str(marker)))
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n[project]\nname = "outsider"\n'
+        'version = "1.0.0"\ndependencies = []\n[tool.hatch.build.targets.wheel]\npackages = ["."]\n'
+        '[tool.flwr.app]\npublisher = "outsider"\n[tool.flwr.app.components]\nserverapp = "outsider:server_app"\n'
+        'clientapp = "outsider:client_app"\n')
     try:
         procs.start("superlink", [str(bin_dir / "flower-superlink"), "--ssl-ca-certfile", str(good["ca"]),
                                   "--ssl-certfile", str(good["cert"]), "--ssl-keyfile", str(good["key"]),
                                   "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:",
-                                  "--enable-supernode-auth"])
+                                  "--enable-supernode-auth", "--disable-runtime-dependency-installation"])
         _wait_port(port, procs)
-        private, _ = make_node_key(tmp_path / "keys", "unregistered")
-        common = ["--superlink", f"127.0.0.1:{port}", "--max-retries", "1", "--max-wait-time", "5"]
+        _start_gateway(procs, gateway, port, good)
+        private, public = make_node_key(tmp_path / "keys", "outsider")
+        outside = {**env, "FLWR_HOME": str(_flwr_home(tmp_path / "outside", gateway, good["ca"]))}
+        register = subprocess.run([str(bin_dir / "flwr"), "supernode", "register", str(public), "target"],
+                                  env=outside, capture_output=True, text=True, timeout=120)
+        assert register.returncode != 0 and "only the Fleet API is served here" in register.stdout + register.stderr
+        run = subprocess.run([str(bin_dir / "flwr"), "run", str(app), "target"], env=outside, cwd=app,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode != 0 and "only the Fleet API is served here" in run.stdout + run.stderr
+        for path in ("/v1/control/start-run", "/v1/runtime/pull-task-input", "/docs"):
+            response = httpx.post(f"https://127.0.0.1:{gateway}{path}", verify=str(good["ca"]), content=b"x")
+            assert response.status_code == 404, path
+        common = ["--superlink", f"127.0.0.1:{gateway}", "--max-retries", "1", "--max-wait-time", "5"]
         wrong_ca = procs.start("wrong-ca", [str(bin_dir / "flower-supernode"), "--root-certificates",
                                             str(other["ca"]), *common, "--port", str(free_port()),
                                             "--auth-supernode-private-key", str(private)])
@@ -256,8 +321,14 @@ def test_strangers_cannot_join_a_tls_superlink_with_node_auth(tmp_path):
         assert "CERTIFICATE_VERIFY_FAILED" in log or "certificate verify failed" in log.lower(), log[-1500:]
         log = (tmp_path / "unregistered.log").read_text()
         assert "SuperNode ID" not in log and no_key.returncode not in (None, 0), log[-1500:]
+        # the same registration from the server's own loopback (the operator) is what works
+        inside = {**env, "FLWR_HOME": str(_flwr_home(tmp_path / "inside", port, good["ca"]))}
+        operator = subprocess.run([str(bin_dir / "flwr"), "supernode", "register", str(public), "target"],
+                                  env=inside, capture_output=True, text=True, timeout=120)
+        assert operator.returncode == 0, operator.stdout + operator.stderr
     finally:
         procs.stop()
+    assert not marker.exists() and not list(tmp_path.rglob("OUTSIDER_RAN"))
 
 
 def test_resume_after_the_server_process_is_killed(fl_model, tmp_path):
@@ -392,3 +463,58 @@ def test_a_hostile_server_cannot_steer_or_probe_the_device(device):
     assert metrics["eval-accuracy"] % 5 == 0 and metrics["num-examples"] % 10 == 0
     with pytest.raises(ValueError, match="once per train round"):
         app(last, context)  # the same probe twice: refused
+
+
+def test_a_kill_between_the_checkpoint_writes_loses_nothing_and_cleans_up(fl_model, tmp_path):
+    """SIGKILL after round 2's weights are written but before its state: resume reruns round 2 from round 1."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    out = tmp_path / "crash2"
+    args = ["fl", "simulate", "--model", str(fl_model), "--clients", "3", "--rounds", "3", "--out", str(out),
+            "--quiet"]
+    killed = run_cli(*args, env={"EDGEKIT_CRASH_AT": "checkpoint-weights-r2"})
+    assert killed.returncode == -9
+    state = json.loads((out / "checkpoints" / "state.json").read_text())
+    assert state["round"] == 1 and state["weights"] == "global-r1.npz"
+    assert (out / "checkpoints" / "global-r2.npz").exists()  # written, never committed
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0 and "resuming after round 1" in resumed.stdout, resumed.stderr[-800:]
+    history = json.loads((out / "history.json").read_text())["rounds"]
+    assert [h["round"] for h in history] == [0, 1, 2, 3]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["global-r3.npz", "state.json"]
+    stale = []  # the killed run's Ray folder was removed by the next run, which removed its own too
+    for folder in Path(tempfile.gettempdir()).glob("edgekit-ray-*-*"):
+        try:
+            os.kill(int(folder.name.split("-")[2]), 0)
+        except ProcessLookupError:
+            stale.append(folder)
+        except (ValueError, OSError):
+            pass
+    assert stale == []
+
+
+def test_federation_keys_are_private_from_the_start_and_certificates_say_their_use(tmp_path):
+    import stat
+
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from edgekit.federated._tls import make_certificates, make_node_key, make_server_certificate
+
+    paths = make_certificates(tmp_path / "certs")
+    private, public = make_node_key(tmp_path / "keys", "node")
+    for key in (paths["key"], paths["ca_key"], private):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    assert stat.S_IMODE(public.stat().st_mode) == 0o644
+    leaf = x509.load_pem_x509_certificate(paths["cert"].read_bytes())
+    usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.digital_signature and not usage.key_cert_sign
+    assert ExtendedKeyUsageOID.SERVER_AUTH in leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    ca = x509.load_pem_x509_certificate(paths["ca"].read_bytes())
+    assert ca.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    renewed = make_server_certificate(tmp_path / "certs", hosts=("127.0.0.1", "edge.example"))  # the kept CA key
+    again = x509.load_pem_x509_certificate(renewed["cert"].read_bytes())
+    assert again.issuer == ca.subject and again.serial_number != leaf.serial_number
+    again.verify_directly_issued_by(ca)

@@ -170,6 +170,9 @@ def _add_simulate(fl_sub: argparse._SubParsersAction) -> None:
                      help="L2 clipping norm of each update (default %(default)s)")
     sim.add_argument("--dp-delta", type=float, default=_default(RoundSettings, "dp_delta"),
                      help="delta of the reported (epsilon, delta) (default %(default)s)")
+    sim.add_argument("--local-dp-epsilon", type=float, metavar="EPSILON",
+                     help="local differential privacy: each device clips (--dp-clip) and adds its own noise "
+                          "(Flower's LocalDpMod), for devices that do not trust the server")
     sim.add_argument("--secagg", action="store_true",
                      help="secure aggregation (SecAgg+): the server sees only the sum of the masked updates")
     sim.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
@@ -246,7 +249,8 @@ def cmd_fl_simulate(args: argparse.Namespace) -> int:
     rounds = _round_settings(args, dp_noise_multiplier=args.dp_noise, dp_clipping_norm=args.dp_clip,
                              dp_delta=args.dp_delta)
     config = SimulationConfig(clients=args.clients, partition=args.partition, rounds=rounds,
-                              batch_size=args.batch_size, resume=args.resume, secure_aggregation=args.secagg)
+                              batch_size=args.batch_size, resume=args.resume, secure_aggregation=args.secagg,
+                              local_dp_epsilon=args.local_dp_epsilon)
     result = simulate(args.model, args.data, args.out, config=config, progress=not args.quiet,
                       log=lambda line: print(line, flush=True))
     print(f"wrote {result.out}: history.json, accuracy.png, checkpoints/, final/ (int8 model.tflite + manifest)")

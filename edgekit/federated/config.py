@@ -133,20 +133,25 @@ class SimulationConfig(FederationConfig):
     """Options of :func:`edgekit.federated.simulate.simulate` (Flower's simulation engine on Ray).
 
     ``faults`` rehearses faulty clients (partition id -> :class:`~device_agents.client_app.Fault`);
-    ``audit_dir`` keeps a copy of every reply a client sends; ``secure_aggregation`` runs SecAgg+.
+    ``audit_dir`` keeps a copy of every reply a client sends; ``secure_aggregation`` runs SecAgg+;
+    ``local_dp_epsilon`` makes every device add its own noise (local DP: the server is not trusted).
     """
 
     resume: bool = False
     faults: dict[int, Fault] = field(default_factory=dict)
     audit_dir: str | None = None
     secure_aggregation: bool = False  # SecAgg+ (Flower's legacy fit workflow); see edgekit.federated.secagg
+    local_dp_epsilon: float | None = None  # each device adds its own noise (Flower's LocalDpMod), clip dp_clipping_norm
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.local_dp_epsilon is not None and not self.local_dp_epsilon > 0:
+            raise InputError(f"the local differential-privacy epsilon must be > 0, got {self.local_dp_epsilon}")
         object.__setattr__(self, "faults", {int(k): coerce_enum(Fault, v, "fault") for k, v in self.faults.items()})
         if self.secure_aggregation:
             clash = [name for name, on in (("update compression", self.rounds.compress_updates),
                                             ("differential privacy", self.rounds.dp_noise_multiplier is not None),
+                                            ("local differential privacy", self.local_dp_epsilon is not None),
                                             ("resuming", self.resume),
                                             (f"the {self.rounds.strategy.value} strategy",
                                              self.rounds.strategy is not Strategy.FEDAVG)) if on]

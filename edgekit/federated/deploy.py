@@ -3,9 +3,10 @@
 edgekit writes a run folder (partitions, the trainable artifact, held-out data, settings), a CA and a
 SuperLink certificate (``cryptography``), a small Flower app (``app/``) whose ServerApp and ClientApp
 are edgekit's, and a Flower configuration (``flwr_home/config.toml``). It then starts
-``flower-superlink`` and one ``flower-supernode`` per client, all bound to 127.0.0.1, submits the run
-with ``flwr run`` and stops every process at the end. The same commands, with real addresses, run a
-SuperNode on a device against a SuperLink on a server (README).
+``flower-superlink`` on 127.0.0.1 (its Control API, where nodes are registered and runs submitted,
+never leaves loopback), the Fleet-only TLS gateway (:mod:`edgekit.federated.gateway`) that SuperNodes
+connect to, and one ``flower-supernode`` per client; submits the run with ``flwr run`` and stops every
+process at the end. The README shows the same layout with a real address for the gateway.
 """
 
 from __future__ import annotations
@@ -163,12 +164,15 @@ def up(model: Any, data: Any, out: str | Path, *, config: DeployConfig | None = 
     (out / "logs").mkdir(exist_ok=True)
     procs = _Processes(out / "logs", env)
     node_auth = config.node_auth and certs is not None
+    gateway = free_port()
     try:
         _start_superlink(procs, bin_dir, out, port, certs, node_auth=node_auth)
+        _start_gateway(procs, gateway, port, certs)
         for i in range(config.clients):
-            _start_supernode(procs, bin_dir, out, port, certs, i, config, env, node_auth=node_auth)
+            _start_supernode(procs, bin_dir, out, gateway, certs, i, config, env, node_auth=node_auth)
         mode = ("TLS, SuperNode key auth" if node_auth else "TLS") if certs else "insecure"
-        log(f"SuperLink on 127.0.0.1:{port} ({mode}), {config.clients} SuperNodes; submitting the run with flwr run")
+        log(f"SuperLink on 127.0.0.1:{port} (loopback only: control), Fleet gateway on 127.0.0.1:{gateway} "
+            f"({mode}), {config.clients} SuperNodes; submitting the run with flwr run")
         _submit(procs, bin_dir, out, env, config.timeout, log)
     except subprocess.TimeoutExpired:
         raise FederationError(f"the federated run did not finish in {config.timeout:.0f} s "
@@ -190,6 +194,14 @@ def _start_superlink(procs: _Processes, bin_dir: Path, out: Path, port: int, cer
     procs.start("superlink", [str(bin_dir / "flower-superlink"), *security, "--host", "127.0.0.1",
                               "--port", str(port), "--disable-runtime-dependency-installation",
                               "--database", str(out / "superlink.db")])
+    _wait_port(port, procs)
+
+
+def _start_gateway(procs: _Processes, port: int, upstream: int, certs: dict[str, Path] | None) -> None:
+    """The Fleet-only gateway devices connect to (see :mod:`edgekit.federated.gateway`)."""
+    tls = ["--certfile", str(certs["cert"]), "--keyfile", str(certs["key"]), "--ca", str(certs["ca"])] if certs else []
+    procs.start("gateway", [sys.executable, "-m", "edgekit.federated.gateway", "--host", "127.0.0.1",
+                            "--port", str(port), "--upstream-port", str(upstream), *tls])
     _wait_port(port, procs)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ def _rounds(config: SimulationConfig, out: Path, evaluator: Any, run: PreparedRu
             log: Any) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     from flwr.serverapp import ServerApp
 
-    from device_agents.client_app import ClientSettings, make_client_app
+    from device_agents.client_app import ClientLimits, ClientSettings, make_client_app
 
     outcome: dict[str, Any] = {}
     initial = evaluator.get_weights()
@@ -62,8 +63,10 @@ def _rounds(config: SimulationConfig, out: Path, evaluator: Any, run: PreparedRu
         except BaseException as exc:  # the simulation engine would only log it
             outcome["error"] = exc
 
+    limits = ClientLimits(local_dp_epsilon=config.local_dp_epsilon, local_dp_clip=config.rounds.dp_clipping_norm,
+                          local_dp_delta=config.rounds.dp_delta)
     client_app = make_client_app(ClientSettings(str(out / "trainable"), str(out / "partitions"), dict(config.faults),
-                                                audit_dir=config.audit_dir,
+                                                audit_dir=config.audit_dir, limits=limits,
                                                 clip_updates=config.rounds.dp_noise_multiplier is not None))
     _run_simulation(server_app, client_app, config.clients)
     if "error" in outcome:
@@ -102,9 +105,25 @@ def _run_simulation(server_app: Any, client_app: Any, clients: int) -> None:
     flower.setLevel(logging.ERROR)
     flower.propagate = False
 
-    temp = tempfile.mkdtemp(prefix="edgekit-ray-")
+    _remove_stale_ray_folders()
+    temp = tempfile.mkdtemp(prefix=f"edgekit-ray-{os.getpid()}-")  # 0700, removed when the run ends
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": min(2, os.cpu_count() or 1), "_temp_dir": temp,
                              "include_dashboard": False,
                              "logging_level": "ERROR", "log_to_driver": False}}
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=clients, backend_config=backend)
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=clients, backend_config=backend)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _remove_stale_ray_folders() -> None:
+    """Ray folders of simulations whose process is gone (killed before it could clean up)."""
+    for folder in Path(tempfile.gettempdir()).glob("edgekit-ray-*-*"):
+        try:
+            pid = int(folder.name.split("-")[2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError, OSError):
+            continue
