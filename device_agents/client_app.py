@@ -331,8 +331,7 @@ def make_secagg_client_app(settings: ClientSettings) -> Any:
             pid, x, y = _local_data(settings, self.context)
             epochs, learning_rate, _, seed = round_settings(config, _limits(settings, self.context))
             if len(parameters) != len(self.names) or any(
-                    np.asarray(p).dtype != np.float32 or tuple(np.shape(p)) != self.trainer.tensors[n]
-                    for p, n in zip(parameters, self.names)):
+                    tuple(np.shape(p)) != tuple(self.trainer.tensors[n]) for p, n in zip(parameters, self.names)):
                 raise ValueError("the server sent tensors that are not this model's; refusing the round")
             self.trainer.set_weights(dict(zip(self.names, parameters)))
             losses = self.trainer.fit(x, y, epochs=epochs, learning_rate=learning_rate, seed=seed * 100_003 + pid)

@@ -13,6 +13,14 @@ import tempfile
 from pathlib import Path
 
 
+def crash_point(name: str) -> None:
+    """Fault injection for crash-safety tests: SIGKILL this process here when ``EDGEKIT_CRASH_AT`` is ``name``."""
+    if os.environ.get("EDGEKIT_CRASH_AT") == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def fsync_dir(folder: str | Path) -> None:
     """Make a rename or a new entry in ``folder`` durable (no-op where folders cannot be opened)."""
     try:

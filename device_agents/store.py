@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from device_agents.errors import AgentError, InstallError
-from device_agents.files import MAX_MANIFEST_BYTES, fsync_dir, read_bounded, write_atomic
+from device_agents.files import MAX_MANIFEST_BYTES, crash_point, fsync_dir, read_bounded, write_atomic
 from device_agents.integrity import MANIFEST, check_folder, copy_verified, read_manifest, verified_artifact
 from device_agents.runtime import Model
 
@@ -74,6 +74,7 @@ class ModelStore:
             staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=self.versions))
             try:
                 manifest_bytes = self._stage(folder, staging)
+                crash_point("install-staged")
                 _smoke_test(staging, runtime)
                 target = self.versions / hashlib.sha256(manifest_bytes).hexdigest()[:16]
                 self._place(staging, target)

@@ -17,23 +17,16 @@ import json
 import os
 import re
 import shutil
-import signal
 import tempfile
 from pathlib import Path
 
-from device_agents.files import fsync_dir, write_atomic
+from device_agents.files import crash_point, fsync_dir, write_atomic
 from edgekit.errors import OutputError
 
 __all__ = ["MARKER", "StagedDir", "check_output_dir", "crash_point", "mark_output", "sha256_of", "write_atomic"]
 
 MARKER = ".edgekit-output"
 """The file that says edgekit wrote a folder (and may replace it)."""
-
-
-def crash_point(name: str) -> None:
-    """Fault injection for crash-safety tests: SIGKILL this process here when ``EDGEKIT_CRASH_AT`` is ``name``."""
-    if os.environ.get("EDGEKIT_CRASH_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def mark_output(folder: Path, kind: str) -> None:

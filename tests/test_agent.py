@@ -213,3 +213,27 @@ def test_the_device_wheel_installs_alone_and_a_tflite_runtime_device_can_federat
     picked = subprocess.run([str(TFLRT_PYTHON), "-c", code, str(tmp_path / "tr")], capture_output=True, text=True,
                             cwd=tmp_path)
     assert picked.returncode == 0 and picked.stdout.strip() == "tflite-runtime", picked.stderr
+
+
+def test_the_agent_refuses_a_zip_bomb_and_a_huge_non_model_file_without_reading_them(int8_out, tmp_path):
+    import zipfile
+
+    bomb = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive, archive.open("x.npy", "w") as member:
+        np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False,
+                                                      "shape": (2**26, 8, 8, 1)})
+        member.write(b"\0" * 2**24)  # 16 MiB of a declared 16 GiB: the header is what is checked
+    proc = run_cli("predict", "--model", str(int8_out), "--input", str(bomb), "--output", str(tmp_path / "y.npy"),
+                   tool="edgekit-agent")
+    assert proc.returncode == 2 and "declares shape (67108864, 8, 8, 1)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "y.npy").exists()
+    huge = tmp_path / "huge.tflite"
+    with open(huge, "wb") as handle:  # 3 GiB, sparse: it costs nothing unless someone reads it
+        handle.truncate(3 * 2**30)
+    with pytest.raises(ArtifactError, match="neither a TFLite flatbuffer nor an ONNX model"):
+        Model.load(huge)
+    with open(huge, "r+b") as handle:
+        handle.write(b"\0\0\0\0TFL3")
+    with pytest.raises(ArtifactError, match="more than the 2,147,483,648 a model artifact may have"):
+        Model.load(huge)

@@ -99,3 +99,19 @@ def test_a_relative_store_names_the_right_versions(int8_out, float_out, tmp_path
     first_id = first.stdout.split()[1]
     assert f"(previous: {first_id})" in second.stdout
     assert (tmp_path / "store" / "previous").resolve().name == first_id
+
+
+def test_a_killed_install_leaves_the_current_version_serving_and_its_staging_is_cleaned(int8_out, float_out,
+                                                                                         tmp_path):
+    from conftest import run_cli
+
+    store = tmp_path / "store"
+    assert run_cli("install", "--model", str(int8_out), "--store", str(store), tool="edgekit-agent").returncode == 0
+    serving = (store / "current").resolve()
+    killed = run_cli("install", "--model", str(float_out), "--store", str(store), tool="edgekit-agent",
+                     env={"EDGEKIT_CRASH_AT": "install-staged"})
+    assert killed.returncode == -9
+    assert (store / "current").resolve() == serving and len(list((store / "versions").glob(".staging.*"))) == 1
+    done = run_cli("install", "--model", str(float_out), "--store", str(store), tool="edgekit-agent")
+    assert done.returncode == 0 and not list((store / "versions").glob(".staging.*"))
+    assert (store / "previous").resolve() == serving
