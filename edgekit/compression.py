@@ -74,6 +74,7 @@ class CandidateResult:
     seconds: float = 0.0
     within_budget: bool | None = None
     keras_model: Any = field(default=None, repr=False)  # the float model behind the artifacts
+    format_errors: dict[str, str] = field(default_factory=dict)  # format -> why its converter failed
 
     def size(self, metric: str) -> int:
         return getattr(self.artifacts[0], metric)
@@ -134,7 +135,7 @@ def _compress(model: Any, data: str | Path | Dataset, eval_data: str | Path | Da
     loaded = load_model(model)
     dataset, evaluation, labels = _labelled(loaded, raw, eval_data)
     splits = split(dataset, seed=config.seed, eval_data=evaluation)
-    source_out = predict(loaded.model, splits.evaluation.x)
+    source_out = predict(loaded.source, splits.evaluation.x)
     source = {
         "path": loaded.path, "sha256": loaded.sha256, "format": loaded.source_format,
         "accuracy": accuracy(source_out, splits.evaluation.y), "params": loaded.params,
@@ -167,9 +168,9 @@ def _labelled(loaded: LoadedModel, raw: Dataset,
         evaluation = fit_to_model(load_data(eval_data), loaded.input_shape, loaded.input_dtype, loaded.num_classes)
     if dataset.y is not None:
         return dataset, evaluation, "given"
-    dataset = Dataset(dataset.x, predict(loaded.model, dataset.x).argmax(1), dataset.name)
+    dataset = Dataset(dataset.x, predict(loaded.source, dataset.x).argmax(1), dataset.name)
     if evaluation is not None and evaluation.y is None:
-        evaluation = Dataset(evaluation.x, predict(loaded.model, evaluation.x).argmax(1), evaluation.name)
+        evaluation = Dataset(evaluation.x, predict(loaded.source, evaluation.x).argmax(1), evaluation.name)
     return dataset, evaluation, "source model predictions (no y in the data)"
 
 
@@ -188,9 +189,10 @@ class _CandidateRunner:
         try:
             try:
                 model, float_model, result.layer_sparsity = self._keras_model(recipe)
-                result.params = int(float_model.count_params())
+                result.params = int(float_model.count_params()) if hasattr(float_model, "count_params") \
+                    else self.loaded.params
                 result.keras_model = float_model
-                result.artifacts = [self._export(model, float_model, recipe, fmt) for fmt in self.config.formats]
+                result.artifacts, result.format_errors = self._export_all(model, float_model, recipe)
             except EdgeKitError:
                 raise
             except Exception as exc:  # a library (tfmot, a converter) failed on this model and recipe
@@ -204,21 +206,36 @@ class _CandidateRunner:
         result.seconds = time.perf_counter() - start
         return result
 
+    def _export_all(self, model: Any, float_model: Any,
+                    recipe: Recipe) -> tuple[list[ArtifactResult], dict[str, str]]:
+        """Every format's artifact; a format whose converter fails is recorded and the others still written
+        (when every format fails, the first failure is raised)."""
+        artifacts, errors = [], {}
+        for fmt in self.config.formats:
+            try:
+                artifacts.append(self._export(model, float_model, recipe, fmt))
+            except ConversionError as exc:
+                errors[fmt.value] = str(exc)
+        if not artifacts:
+            raise ConversionError(next(iter(errors.values())))
+        return artifacts, errors
+
     def _base(self, recipe: Recipe) -> tuple[Any, tuple]:
         from edgekit.optimize.distill import distill, thin_student
 
         if not recipe.distills:
-            return self.loaded.model, ("teacher",)
+            return self.loaded.source, ("teacher",)
         key = ("student", recipe.student_width, recipe.student)
         if key not in self._cache:
             _tf.set_seed(self.config.seed)
+            teacher = self.loaded.trainable_model("distillation")
             if recipe.student is not None:
                 student_loaded = load_model(recipe.student)
-                student, student_probs = student_loaded.model, student_loaded.outputs_probabilities
+                student, student_probs = student_loaded.trainable_model("distillation"), \
+                    student_loaded.outputs_probabilities
             else:
-                student, student_probs = thin_student(self.loaded.model, recipe.student_width), \
-                    self.loaded.outputs_probabilities
-            distill(self.loaded.model, student, self.splits.finetune, training=self.config.training,
+                student, student_probs = thin_student(teacher, recipe.student_width), self.loaded.outputs_probabilities
+            distill(teacher, student, self.splits.finetune, training=self.config.training,
                     teacher_probabilities=self.loaded.outputs_probabilities, student_probabilities=student_probs,
                     progress=self.progress, seed=self.config.seed)
             self._cache[key] = (student, {})
@@ -231,6 +248,10 @@ class _CandidateRunner:
 
         base, key = self._base(recipe)
         sparsity: dict[str, float] = {}
+        if base is self.loaded.source and (recipe.prunes or recipe.quantize is Quantization.QAT):
+            base = self.loaded.trainable_model("pruning" if recipe.prunes else "quantization-aware training")
+        if base is self.loaded.graph and self.loaded.graph is not None:  # post-training from the graph
+            return base, base, {}
         probabilities = ends_in_softmax(base)
         if recipe.prunes:
             pkey = (*key, "prune", recipe.prune, recipe.structured)
@@ -264,12 +285,13 @@ class _CandidateRunner:
                        converted_outputs=self._outputs(model),
                        tolerance_rule=float_tolerance(recipe.quantize))
         drop = None if check.accuracy is None else self.source_accuracy - check.accuracy
-        return ArtifactResult(fmt, spec.filename, data, recipe.quantize, overall_sparsity(float_model), check.accuracy,
+        sparsity = overall_sparsity(float_model) if hasattr(float_model, "layers") else 0.0
+        return ArtifactResult(fmt, spec.filename, data, recipe.quantize, sparsity, check.accuracy,
                               drop, check.top1_agreement, check.max_abs_diff, check.conversion_max_abs_diff,
                               check.tolerance, check.runtime, check.inputs, check.outputs, notes)
 
     def _outputs(self, model: Any) -> np.ndarray:
-        if model is self.loaded.model:
+        if model is self.loaded.source:
             return self.source_out
         key = ("outputs", id(model))
         if key not in self._cache:
@@ -293,7 +315,8 @@ def _select(candidates: list[CandidateResult], config: CompressConfig) -> Candid
     within = [c for c in ok if c.within_budget]
     if not within:
         return None
-    return min(within, key=lambda c: (c.size(config.select_by.value), c.worst_drop))
+    # every asked-for format written beats a smaller candidate that lacks one
+    return min(within, key=lambda c: (bool(c.format_errors), c.size(config.select_by.value), c.worst_drop))
 
 
 def _write(result: CompressResult, stage: StagedDir) -> None:
@@ -304,8 +327,10 @@ def _write(result: CompressResult, stage: StagedDir) -> None:
         for art in result.selected.artifacts:
             (stage.path / art.filename).write_bytes(art.data)
         # the selected float Keras model (pruned/distilled/QAT-tuned): for further training or federation
-        result.selected.keras_model.save(stage.path / KERAS_MODEL)
-        result.manifest = inference_manifest(result)
+        keras_model = result.selected.keras_model
+        if hasattr(keras_model, "save"):  # a tf-keras model (a model known only by its graph has none)
+            keras_model.save(stage.path / KERAS_MODEL)
+        result.manifest = inference_manifest(result, keras_model=KERAS_MODEL if hasattr(keras_model, "save") else None)
         write_manifest(stage.path, result.manifest)
     write_report(result, stage.path)
     result.out = stage.commit()

@@ -54,14 +54,21 @@ def test_rebuild_mismatch_is_refused(keras3_path):
         rebuild_keras3(k3)
 
 
-def test_unsupported_layer_is_named_before_loading_weights(tmp_path):
+def test_a_layer_tf_keras_cannot_rebuild_leaves_the_graph_for_post_training(tmp_path):
     keras = _tf.keras3()
+    keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="d"),
                               keras.layers.LayerNormalization(name="norm_7"), keras.layers.Dense(3)])
     model.save(tmp_path / "ln.keras")
-    with pytest.raises(UnsupportedLayerError, match="layer 'norm_7' is a LayerNormalization") as info:
-        load_model(tmp_path / "ln.keras")
-    assert info.value.layer_name == "norm_7" and "Conv2D" in str(info.value)
+    loaded = load_model(tmp_path / "ln.keras")
+    assert loaded.model is None and loaded.source is loaded.graph and loaded.source_format == "keras3"
+    assert (loaded.input_shape, loaded.input_dtype, loaded.num_classes) == ((4,), "float32", 3)
+    assert loaded.params == model.count_params() and loaded.outputs_probabilities is False
+    x = np.random.default_rng(0).random((5, 4)).astype(np.float32)
+    np.testing.assert_allclose(loaded.source(x), model(x).numpy(), atol=1e-6)  # the same graph
+    with pytest.raises(UnsupportedLayerError, match="pruning needs a tf-keras model: .*layer 'norm_7' is a "
+                                                    "LayerNormalization"):
+        loaded.trainable_model("pruning")
 
 
 @pytest.mark.parametrize("content, message", [
@@ -95,10 +102,31 @@ def test_missing_unknown_truncated_and_weights_only(cnn, tmp_path):
         load_model(tmp_path / "w.weights.h5")
 
 
-def test_savedmodel_without_keras_metadata(cnn, tmp_path):
-    _tf.tf().saved_model.save(cnn, str(tmp_path / "raw"))
-    with pytest.raises(ModelLoadError, match="without Keras metadata"):
-        load_model(tmp_path / "raw")
+def test_a_plain_savedmodel_is_used_by_its_serving_signature(cnn, digits, tmp_path):
+    tf = _tf.tf()
+    tf.saved_model.save(cnn, str(tmp_path / "raw"))
+    loaded = load_model(tmp_path / "raw")
+    assert loaded.model is None and loaded.num_classes == 10 and loaded.input_shape == (8, 8, 1)
+    assert loaded.outputs_probabilities is True and "graph only" in loaded.training_unavailable
+    np.testing.assert_allclose(loaded.source(digits.x[:16]), cnn(digits.x[:16]).numpy(), atol=1e-5)
+
+
+def test_a_savedmodel_whose_graph_writes_files_is_refused_before_it_runs(tmp_path):
+    tf = _tf.tf()
+    marker = tmp_path / "GRAPH_RAN"
+
+    class Sneaky(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+        def serve(self, x):
+            tf.io.write_file(str(marker), "ran")
+            return {"output": tf.nn.softmax(tf.concat([x, x], axis=1))}
+
+    module = Sneaky()
+    tf.saved_model.save(module, str(tmp_path / "sneaky"), signatures={"serving_default": module.serve})
+    marker.unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match="the graph runs WriteFile"):
+        load_model(tmp_path / "sneaky")
+    assert not marker.exists()
 
 
 def test_non_classifier_outputs_refused(tmp_path):

@@ -14,7 +14,7 @@ def format_table(result: Any) -> str:
     for r in candidate_rows(result):
         budget = {True: "ok", False: "over", None: "-"}[r["within_budget"]]
         if r["error"]:
-            lines.append([r["recipe"], "-", "-", "-", "-", "-", "-", "failed", r["error"][:60]])
+            lines.append([r["recipe"], r["format"], "-", "-", "-", "-", "-", "failed", r["error"][:60]])
             continue
         lines.append([r["recipe"], r["format"], f"{r['bytes']:,}", f"{r['gzip_bytes']:,}",
                       num(r["accuracy"]), num(r["drop"], signed=True), f"{r['agreement']:.1f}", budget,

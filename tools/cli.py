@@ -214,7 +214,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
           f"params {result.source['params']:,}")
     print(format_table(result))
     files = ", ".join(f"{a.filename} ({a.bytes:,} bytes)" for a in result.selected.artifacts)
-    print(f"wrote {result.out}: {files}, model.keras, manifest.json, report.md")
+    keras_file = ", model.keras" if result.manifest and result.manifest.get("keras_model") else ""
+    print(f"wrote {result.out}: {files}{keras_file}, manifest.json, report.md")
+    for fmt, error in result.selected.format_errors.items():
+        print(f"edgekit: warning: no {fmt} artifact: {error}", file=sys.stderr)
     return int(ExitCode.SUCCESS)
 
 

@@ -55,8 +55,9 @@ def artifact_entry(art: Any) -> dict[str, Any]:
     }
 
 
-def inference_manifest(result: Any) -> dict[str, Any]:
-    """The manifest of a :class:`~edgekit.CompressResult` whose candidate was selected."""
+def inference_manifest(result: Any, *, keras_model: str | None = KERAS_MODEL) -> dict[str, Any]:
+    """The manifest of a :class:`~edgekit.CompressResult` whose candidate was selected; ``keras_model``
+    names the float Keras model written beside the artifacts (``None`` when there is none)."""
     selected = result.selected
     recipe = selected.recipe
     return {
@@ -69,7 +70,7 @@ def inference_manifest(result: Any) -> dict[str, Any]:
         "max_accuracy_drop": result.config.max_accuracy_drop,
         "artifacts": [artifact_entry(a) for a in selected.artifacts],
         "layer_sparsity": selected.layer_sparsity,
-        "keras_model": KERAS_MODEL,
+        "keras_model": keras_model,
     }
 
 

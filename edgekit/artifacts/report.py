@@ -20,6 +20,9 @@ def candidate_rows(result: Any) -> list[dict[str, Any]]:
                          "gzip_bytes": art.gzip_bytes, "accuracy": art.accuracy, "drop": art.accuracy_drop,
                          "agreement": art.top1_agreement, "max_abs_diff": art.max_abs_diff,
                          "within_budget": cand.within_budget, "selected": chosen, "error": None})
+        for fmt, error in cand.format_errors.items():  # this format failed; the others above were written
+            rows.append({"recipe": cand.recipe.name, "format": fmt, "error": f"{fmt} not written: {error}",
+                         "selected": False, "within_budget": None})
     return rows
 
 
@@ -62,7 +65,7 @@ def write_report(result: Any, folder: Path) -> None:
     for r in candidate_rows(result):
         budget = {True: "ok", False: "over", None: "-"}[r["within_budget"]]
         if r["error"]:
-            lines.append(f"| {r['recipe']} | - | - | - | - | - | - | - | failed: {r['error']} | |")
+            lines.append(f"| {r['recipe']} | {r['format']} | - | - | - | - | - | - | failed: {r['error']} | |")
             continue
         lines.append(f"| {r['recipe']} | {r['format']} | {r['bytes']:,} | {r['gzip_bytes']:,} | "
                      f"{num(r['accuracy'])} | {num(r['drop'], signed=True)} | {r['agreement']:.2f} | "

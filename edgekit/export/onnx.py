@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,23 @@ def to_onnx(model: Any, *, quantization: Quantization, calibration: np.ndarray) 
     into float constants, which :func:`int8_weights` stores as int8.
     dynamic: int8 weights. float16: onnxruntime's float16 converter, float32 I/O kept.
     """
+    from edgekit.loading.graph import SavedModelGraph
+
     tf = _tf.tf()
     import tf2onnx
 
-    spec = [tf.TensorSpec((None, *model.inputs[0].shape[1:]), model.inputs[0].dtype, name=INPUT_NAME)]
+    logging.getLogger("tf2onnx").setLevel(logging.CRITICAL)  # its optimizer logs tracebacks it recovers from
     try:
-        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=OPSET)
+        if isinstance(model, SavedModelGraph):  # the serving graph, frozen as tf2onnx's --saved-model does
+            from tf2onnx import tf_loader
+
+            graph_def, inputs, outputs = tf_loader.from_saved_model(
+                str(model.path), None, None, tag="serve", signatures=["serving_default"])[:3]
+            proto, _ = tf2onnx.convert.from_graph_def(graph_def, input_names=inputs, output_names=outputs,
+                                                      opset=OPSET, tensors_to_rename={inputs[0]: INPUT_NAME})
+        else:
+            spec = [tf.TensorSpec((None, *model.inputs[0].shape[1:]), model.inputs[0].dtype, name=INPUT_NAME)]
+            proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=OPSET)
     except Exception as exc:
         raise ConversionError(f"tf2onnx conversion failed: {first_line(exc)}") from None
     notes: list[str] = []

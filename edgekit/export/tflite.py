@@ -14,21 +14,28 @@ from edgekit.errors import ConversionError
 
 def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray,
               int8_io: bool = False) -> tuple[bytes, list[str]]:
-    """Convert a tf-keras model; return the flatbuffer and notes (e.g. ops left in float).
+    """Convert a tf-keras model, or a model's serving graph; return the flatbuffer and notes.
 
     ``calibration`` samples feed the representative dataset of full-integer quantization.
-    ``model`` is the QAT model itself for ``Quantization.QAT``.
+    ``model`` is the QAT model itself for ``Quantization.QAT``, or a
+    :class:`~edgekit.loading.graph.SavedModelGraph` (any layer the converter takes).
     """
+    from edgekit.loading.graph import SIGNATURE, SavedModelGraph
+
     tf = _tf.tf()
     notes: list[str] = []
-    float_input = model.inputs[0].dtype.is_floating
+    graph = isinstance(model, SavedModelGraph)
+    float_input = np.issubdtype(np.dtype(model.input_dtype), np.floating) if graph else \
+        model.inputs[0].dtype.is_floating
 
-    recurrent = has_recurrent_layer(model)
+    recurrent = not graph and has_recurrent_layer(model)
     if recurrent:
         notes.append("recurrent layers convert at a fixed batch size of 1 (TFLite fuses the LSTM op)")
 
     def converter() -> Any:
-        if recurrent:  # a free batch dimension leaves TensorList ops that need Select TF ops
+        if graph:
+            conv = tf.lite.TFLiteConverter.from_saved_model(str(model.path), signature_keys=[SIGNATURE])
+        elif recurrent:  # a free batch dimension leaves TensorList ops that need Select TF ops
             spec = tf.TensorSpec([1, *model.inputs[0].shape[1:]], model.inputs[0].dtype)
             concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
             conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)

@@ -55,6 +55,7 @@ def prepare_run(model: Any, data: Any, out: Path, config: FederationConfig, *, p
     from edgekit.trainable.export import TrainableConfig, export_trainable
 
     loaded = load_model(model)
+    keras_model = loaded.trainable_model("federated training")  # refused before anything is written
     dataset = fit_to_model(load_data(data, require_labels=True), loaded.input_shape, loaded.input_dtype,
                            loaded.num_classes)
     if dataset.y is None:
@@ -72,7 +73,7 @@ def prepare_run(model: Any, data: Any, out: Path, config: FederationConfig, *, p
         np.savez(out / "partitions" / f"{i}.npz", x=part.x, y=part.y)
     np.savez(out / "evaluation.npz", x=parts.evaluation.x, y=parts.evaluation.y)
     if not (reuse_trainable and (out / "trainable" / "manifest.json").exists()):
-        export_trainable(loaded.model, out / "trainable", data=dataset, progress=progress,
+        export_trainable(keras_model, out / "trainable", data=dataset, progress=progress,
                          config=TrainableConfig(batch_size=config.batch_size,
                                                 learning_rate=config.rounds.learning_rate))
     return PreparedRun(loaded, dataset, parts)

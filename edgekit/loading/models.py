@@ -28,34 +28,54 @@ REBUILD_TOLERANCE = 1e-5
 
 @dataclass
 class LoadedModel:
-    """A tf-keras model plus what edgekit learned about it while loading."""
+    """The user's model as edgekit uses it, plus what edgekit learned about it while loading.
+
+    ``model`` is a tf-keras model (what training-based techniques need) or ``None``; ``graph`` is the
+    model's serving graph when there is no tf-keras model (a Keras 3 model tf-keras cannot rebuild, a
+    plain SavedModel). :attr:`source` is whichever exists: what post-training paths convert and what
+    predictions run on. ``training_unavailable`` says why pruning, QAT, distillation and on-device
+    training cannot run on this model (``None`` when they can).
+    """
 
     model: Any
     path: str
     sha256: str
     source_format: str  # "savedmodel" | "h5" | "keras" | "keras3" | "object"
     rebuild_max_abs_diff: float | None = None
+    graph: Any = None
+    training_unavailable: str | None = None
+
+    @property
+    def source(self) -> Any:
+        return self.model if self.model is not None else self.graph
 
     @property
     def input_shape(self) -> tuple[int | None, ...]:
-        return tuple(self.model.inputs[0].shape[1:])
+        return tuple(self.model.inputs[0].shape[1:]) if self.model is not None else self.graph.input_shape
 
     @property
     def input_dtype(self) -> str:
-        return self.model.inputs[0].dtype.name
+        return self.model.inputs[0].dtype.name if self.model is not None else self.graph.input_dtype
 
     @property
     def num_classes(self) -> int:
-        return int(self.model.outputs[0].shape[-1])
+        return int(self.model.outputs[0].shape[-1]) if self.model is not None else self.graph.num_classes
 
     @property
     def outputs_probabilities(self) -> bool:
         """True when the model ends in a softmax (outputs probabilities, not logits)."""
-        return ends_in_softmax(self.model)
+        return ends_in_softmax(self.model) if self.model is not None else self.graph.outputs_probabilities
 
     @property
     def params(self) -> int:
-        return int(self.model.count_params())
+        return int(self.model.count_params()) if self.model is not None else self.graph.params
+
+    def trainable_model(self, technique: str) -> Any:
+        """The tf-keras model for a training-based ``technique``, or :class:`UnsupportedLayerError` saying why not."""
+        if self.training_unavailable is not None:
+            raise UnsupportedLayerError(f"{technique} needs a tf-keras model: {self.training_unavailable}",
+                                        layer_name="?", layer_type="?")
+        return self.model
 
 
 def copy_model(model: Any) -> Any:
@@ -102,36 +122,62 @@ def load_model(source: Any, *, sample: np.ndarray | None = None) -> LoadedModel:
             f"model {path} has an unknown extension '{path.suffix}'; "
             "give a SavedModel folder, a .h5 file or a .keras file"
         )
-    _check_outputs(loaded.model)
+    if loaded.model is not None:
+        _check_outputs(loaded.model)
     return loaded
 
 
 def _from_object(model: Any, sample: np.ndarray | None) -> LoadedModel:
     keras2 = _tf.keras()
     if isinstance(model, keras2.Model):
-        check_model(model)
         _check_outputs(model)
-        return LoadedModel(model, "<in-memory>", "", "object")
+        return LoadedModel(model, "<in-memory>", "", "object", training_unavailable=_training_check(model))
     if type(model).__module__.startswith("keras"):
-        rebuilt, diff = rebuild_keras3(model, sample)
-        _check_outputs(rebuilt)
-        return LoadedModel(rebuilt, "<in-memory>", "", "keras3", rebuild_max_abs_diff=diff)
+        return _keras3_loaded(model, sample, "<in-memory>", "")
     raise ModelLoadError(f"expected a Keras model or a path, got {type(model).__name__}")
+
+
+def _training_check(model: Any) -> str | None:
+    """Why training-based techniques cannot run on this tf-keras model (a layer edgekit's registry lacks)."""
+    try:
+        check_model(model)
+    except UnsupportedLayerError as exc:
+        return str(exc).split("; supported layers:")[0]
+    return None
+
+
+def _keras3_loaded(k3: Any, sample: np.ndarray | None, path: str, digest: str) -> LoadedModel:
+    """A Keras 3 model: rebuilt as tf-keras when it can be (training-based techniques need it); else
+    exported to its TensorFlow graph, which every post-training path takes."""
+    from edgekit.loading.graph import export_keras3
+
+    try:
+        model, diff = rebuild_keras3(k3, sample)
+        _check_outputs(model)
+        return LoadedModel(model, path, digest, "keras3", rebuild_max_abs_diff=diff)
+    except UnsupportedLayerError as exc:
+        reason = str(exc).split("; supported layers:")[0]
+    except ModelLoadError as exc:
+        reason = str(exc)
+    graph = export_keras3(k3, probabilities=ends_in_softmax(k3))
+    return LoadedModel(None, path, digest, "keras3", graph=graph,
+                       training_unavailable=f"the Keras 3 model is not rebuilt as tf-keras ({reason})")
 
 
 def _load_savedmodel(path: Path) -> LoadedModel:
     if not (path / "saved_model.pb").is_file():
         raise ModelLoadError(f"{path} is a folder without saved_model.pb; give a SavedModel folder or a model file")
-    if not (path / "keras_metadata.pb").is_file():
-        raise ModelLoadError(
-            f"{path} is a SavedModel without Keras metadata (written by model.export() or tf.saved_model.save); "
-            "edgekit needs the Keras layers: save with model.save('model.keras') instead"
-        )
+    if not (path / "keras_metadata.pb").is_file():  # Keras 3 model.export(), tf.saved_model.save: a graph only
+        from edgekit.loading.graph import load_graph
+
+        graph = load_graph(path)
+        return LoadedModel(None, str(path), sha256_of(path), "savedmodel", graph=graph,
+                           training_unavailable="a SavedModel without Keras layers (written by model.export() or "
+                                                "tf.saved_model.save) holds a graph only")
     for config in _savedmodel_configs(path / "keras_metadata.pb"):
         check_code_free(config, source=path)
     model = _guarded_load(lambda: _tf.keras().models.load_model(path, compile=False), path)
-    check_model(model)
-    return LoadedModel(model, str(path), sha256_of(path), "savedmodel")
+    return LoadedModel(model, str(path), sha256_of(path), "savedmodel", training_unavailable=_training_check(model))
 
 
 def _savedmodel_configs(metadata_path: Path) -> list[Any]:
@@ -167,7 +213,6 @@ def _load_h5(path: Path, sample: np.ndarray | None) -> LoadedModel:
         raise ModelLoadError(f"{path} holds weights only (no model config); save the whole model with model.save()")
     parsed = _parse_json(config, path, "model_config")
     check_code_free(parsed, source=path)
-    _check_config_layers(parsed)
     return _load_checked(path, sample, keras3=version.startswith("3."), fmt="h5")
 
 
@@ -188,7 +233,6 @@ def _load_keras_zip(path: Path, sample: np.ndarray | None) -> LoadedModel:
     metadata = _parse_json(texts["metadata.json"], path, "metadata.json")
     config = _parse_json(texts["config.json"], path, "config.json")
     check_code_free(config, source=path)
-    _check_config_layers(config)
     return _load_checked(path, sample, keras3=str(metadata.get("keras_version", "")).startswith("3."), fmt="keras")
 
 
@@ -235,14 +279,13 @@ def check_code_free(config: Any, *, source: Path) -> None:
 
 
 def _load_checked(path: Path, sample: np.ndarray | None, *, keras3: bool, fmt: str) -> LoadedModel:
-    """Load a file whose config was checked: Keras 3 files are rebuilt as tf-keras, others load directly."""
+    """Load a file whose config was checked: Keras 3 files are rebuilt as tf-keras (or used as their
+    graph), tf-keras files load directly (any layer tf-keras has; training needs registered layers)."""
     if keras3:
         k3 = _guarded_load(lambda: _tf.keras3().saving.load_model(path, compile=False, safe_mode=True), path)
-        model, diff = rebuild_keras3(k3, sample)
-        return LoadedModel(model, str(path), sha256_of(path), "keras3", rebuild_max_abs_diff=diff)
-    model = _guarded_load(lambda: _tf.keras().models.load_model(path, compile=False), path)
-    check_model(model)
-    return LoadedModel(model, str(path), sha256_of(path), fmt)
+        return _keras3_loaded(k3, sample, str(path), sha256_of(path))
+    model = _guarded_load(lambda: _tf.keras().models.load_model(path, compile=False, safe_mode=True), path)
+    return LoadedModel(model, str(path), sha256_of(path), fmt, training_unavailable=_training_check(model))
 
 
 def _attr_text(value: Any) -> str:
@@ -256,12 +299,6 @@ def _guarded_load(load, path: Path):  # noqa: ANN001, ANN202
         raise
     except Exception as exc:  # the loaders raise many types for corrupt files
         raise ModelLoadError(f"cannot load model {path}: {first_line(exc)}") from None
-
-
-def _check_config_layers(config: dict) -> None:
-    """Refuse unknown layer types from the saved config, before loading any weights."""
-    for name, class_name in _config_layers(config):
-        support(class_name, layer_name=name)
 
 
 def _config_layers(config: dict):  # noqa: ANN202

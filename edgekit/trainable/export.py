@@ -73,11 +73,11 @@ def _export(model: Any, data: str | Path | Dataset, config: TrainableConfig, bar
     from edgekit.trainable.graph import build_module, build_nodes, convert, reference_step, split_head
 
     loaded = load_model(model)
+    keras_model = loaded.trainable_model("on-device training")
     if loaded.input_dtype not in ("float32", "float16"):
         raise InputError(f"on-device training needs a float input; this model takes {loaded.input_dtype}")
-    build_nodes(split_head(loaded.model)[1] if config.head_only else loaded.model)  # refuse before any work
+    build_nodes(split_head(keras_model)[1] if config.head_only else keras_model)  # refuse before any work
     dataset = fit_to_model(load_data(data), loaded.input_shape, loaded.input_dtype, loaded.num_classes)
-    keras_model = loaded.model
     files: dict[str, bytes] = {}
     if config.head_only:
         backbone, head = split_head(keras_model)

@@ -1,0 +1,137 @@
+"""A model known by its serving graph only: a SavedModel folder with a ``serving_default`` signature.
+
+Post-training paths (float32, float16, dynamic and int8 export, verification) need nothing more than
+the model's graph: the TFLite converter reads the SavedModel, tf2onnx the signature's function. So a
+Keras 3 model that cannot be rebuilt as tf-keras (any layer tf-keras lacks: MultiHeadAttention with
+Keras 3 options, preprocessing, custom-free architectures of keras.applications...) is exported to a
+SavedModel (Keras 3's own ``model.export``), and a plain SavedModel (``model.export()``,
+``tf.saved_model.save``) is used as it is. Only training-based techniques need tf-keras.
+
+Graphs are code too: before a SavedModel's function is called, its op list is checked and graphs with
+file-system or Python-callback ops are refused (:data:`FORBIDDEN_OPS`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit import _tf
+from edgekit.errors import ModelLoadError
+
+FORBIDDEN_OPS = frozenset({
+    "WriteFile", "ReadFile", "DeleteFile", "MatchingFiles", "PyFunc", "PyFuncStateless", "EagerPyFunc",
+    "CreateSummaryFileWriter", "WriteSummary", "WriteScalarSummary", "WriteRawProtoSummary",
+    "DatasetToTFRecord", "ExperimentalDatasetToTFRecord", "RecursiveCreateDir", "ShellExecute",
+})
+"""Ops a classifier's serving graph has no business running: file I/O, Python callbacks, summaries."""
+SIGNATURE = "serving_default"
+
+
+@dataclass
+class SavedModelGraph:
+    """The serving signature of a SavedModel, callable like a model: ``graph(x) -> outputs``."""
+
+    path: Path
+    input_name: str
+    input_shape: tuple[int | None, ...]
+    input_dtype: str
+    num_classes: int
+    params: int
+    function: Any = field(repr=False)
+    owner: Any = field(repr=False)  # the loaded object: keeps the function's variables alive
+    outputs_probabilities: bool = False
+    temporary: bool = False  # exported by edgekit into a temporary folder (removed with the graph)
+
+    def __call__(self, x: Any, training: bool = False) -> np.ndarray:
+        tf = _tf.tf()
+        out = self.function(**{self.input_name: tf.constant(np.asarray(x), dtype=self.input_dtype)})
+        return next(iter(out.values())).numpy()
+
+    def __del__(self) -> None:
+        if self.temporary:  # edgekit's own export: a folder of its own under the temporary directory
+            shutil.rmtree(self.path.parent, ignore_errors=True)
+
+
+def check_graph_ops(path: Path) -> None:
+    """Refuse a SavedModel whose graph (or any function in its library) holds a forbidden op."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from device_agents.files import UnsafeFileError, read_bounded
+
+    _tf.tf()
+    try:
+        proto = saved_model_pb2.SavedModel()
+        proto.ParseFromString(read_bounded(path / "saved_model.pb", max_bytes=1024**3, what="saved_model.pb"))
+    except (UnsafeFileError, ValueError) as exc:
+        raise ModelLoadError(f"{path}/saved_model.pb cannot be checked before it is loaded ({exc})") from None
+    except Exception as exc:  # protobuf's DecodeError
+        raise ModelLoadError(f"{path}/saved_model.pb is not a valid SavedModel ({type(exc).__name__})") from None
+    for meta in proto.meta_graphs:
+        nodes = list(meta.graph_def.node)
+        for function in meta.graph_def.library.function:
+            nodes.extend(function.node_def)
+        bad = sorted({node.op for node in nodes} & FORBIDDEN_OPS)
+        if bad:
+            raise ModelLoadError(f"{path}: the graph runs {', '.join(bad)} (file system or Python code); edgekit "
+                                 "refuses models that carry code")
+
+
+def load_graph(path: Path, *, temporary: bool = False, params: int | None = None,
+               probabilities: bool | None = None) -> SavedModelGraph:
+    """Load ``path``'s serving signature (checked first) as a :class:`SavedModelGraph` of one classifier."""
+    check_graph_ops(path)
+    tf = _tf.tf()
+    try:
+        owner = tf.saved_model.load(str(path))
+        function = owner.signatures[SIGNATURE]
+    except KeyError:
+        raise ModelLoadError(f"{path} has no '{SIGNATURE}' signature; export the model with model.export() or "
+                             "tf.saved_model.save(model, path, signatures=...)") from None
+    except Exception as exc:
+        from device_agents.errors import first_line
+
+        raise ModelLoadError(f"cannot load SavedModel {path}: {first_line(exc)}") from None
+    inputs = function.structured_input_signature[1]
+    outputs = function.structured_outputs
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelLoadError(f"{path}: the serving signature has {len(inputs)} inputs and {len(outputs)} outputs; "
+                             "edgekit handles single-input, single-output classifiers")
+    name, spec = next(iter(inputs.items()))
+    out_shape = next(iter(outputs.values())).shape
+    if len(out_shape) != 2 or out_shape[-1] is None or out_shape[-1] < 2:
+        raise ModelLoadError(f"{path}: the serving output has shape {tuple(out_shape)}; edgekit handles classifiers "
+                             "with output (batch, classes) and at least 2 classes")
+    if params is None:
+        params = int(sum(np.prod(v.shape) for v in getattr(owner, "variables", [])))
+    graph = SavedModelGraph(path, name, tuple(spec.shape[1:]), spec.dtype.name, int(out_shape[-1]), params,
+                            function, owner, temporary=temporary)
+    graph.outputs_probabilities = _looks_like_probabilities(graph) if probabilities is None else probabilities
+    return graph
+
+
+def export_keras3(model: Any, *, probabilities: bool) -> SavedModelGraph:
+    """Export a Keras 3 model with its own ``model.export`` into a temporary SavedModel and load it."""
+    folder = Path(tempfile.mkdtemp(prefix="edgekit-graph-")) / "saved_model"
+    try:
+        model.export(str(folder), format="tf_saved_model", verbose=False)
+    except Exception as exc:
+        from device_agents.errors import first_line
+
+        shutil.rmtree(folder.parent, ignore_errors=True)
+        raise ModelLoadError(f"the Keras 3 model cannot be exported as a TensorFlow graph: {first_line(exc)}") from None
+    return load_graph(folder, temporary=True, params=int(model.count_params()), probabilities=probabilities)
+
+
+def _looks_like_probabilities(graph: SavedModelGraph) -> bool:
+    """Whether the outputs on random inputs are rows of probabilities (non-negative, summing to 1)."""
+    rng = np.random.default_rng(0)
+    shape = [4, *(d or 8 for d in graph.input_shape)]
+    x = rng.integers(0, 2, shape) if np.issubdtype(np.dtype(graph.input_dtype), np.integer) else rng.random(shape)
+    out = graph(x.astype(graph.input_dtype))
+    return bool((out >= 0).all() and np.allclose(out.sum(axis=1), 1.0, atol=1e-3))

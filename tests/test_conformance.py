@@ -1,0 +1,114 @@
+"""Real architectures a user brings, built by Keras 3 itself, through post-training int8 in both formats.
+
+Models tf-keras cannot rebuild (MultiHeadAttention, LayerNormalization, preprocessing layers,
+keras.applications' MobileNetV3 with hard-swish and squeeze-excite, GRU) are converted from their own
+TensorFlow graph; a plain SavedModel (``model.export()``) is used by its serving signature.
+"""
+
+import numpy as np
+import pytest
+
+from edgekit import CompressConfig, Recipe, UnsupportedLayerError, _tf, compress
+
+VOCAB, LENGTH = 30, 16
+
+
+@pytest.fixture(scope="module")
+def text_data(text_npz):
+    return text_npz
+
+
+@pytest.fixture(scope="module")
+def images32(tmp_path_factory):
+    from edgekit.loading.data import load_digits
+
+    data = load_digits(32, 3)
+    path = tmp_path_factory.mktemp("conf") / "digits32.npz"
+    np.savez(path, x=data.x[:900], y=data.y[:900])
+    return path
+
+
+def _trained(model, npz, epochs):
+    keras = _tf.keras3()
+    arrays = np.load(npz)
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    model.fit(arrays["x"], arrays["y"], epochs=epochs, batch_size=32, verbose=0)
+    return model
+
+
+def _transformer():
+    keras = _tf.keras3()
+    inp = keras.Input((LENGTH,), dtype="int32")
+    x = keras.layers.Embedding(VOCAB, 16)(inp)
+    x = keras.layers.LayerNormalization()(x + keras.layers.MultiHeadAttention(2, 8)(x, x))
+    x = keras.layers.LayerNormalization()(x + keras.layers.Dense(16, activation="relu")(x))
+    return keras.Model(inp, keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling1D()(x)))
+
+
+def _preprocessing_cnn(images32):
+    keras = _tf.keras3()
+    norm = keras.layers.Normalization()
+    norm.adapt(np.load(images32)["x"][:200])
+    return keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(2.0, offset=-1.0), norm,
+                             keras.layers.Conv2D(16, 3, activation="relu"), keras.layers.MaxPooling2D(),
+                             keras.layers.Conv2D(16, 3, activation="relu"), keras.layers.MaxPooling2D(),
+                             keras.layers.Flatten(),
+                             keras.layers.Dense(10, activation="softmax")])
+
+
+ARCHITECTURES = ["transformer", "preprocessing-cnn", "mobilenetv3small", "gru", "model.export() savedmodel"]
+
+
+@pytest.fixture(scope="module")
+def saved(text_data, images32, tmp_path_factory):
+    """Each architecture trained briefly and saved the way a Keras 3 user saves it."""
+    keras = _tf.keras3()
+    keras.utils.set_random_seed(0)
+    d = tmp_path_factory.mktemp("conformance")
+    models = {
+        "transformer": (_trained(_transformer(), text_data, 6), text_data),
+        "preprocessing-cnn": (_trained(_preprocessing_cnn(images32), images32, 6), images32),
+        "mobilenetv3small": (_trained(keras.applications.MobileNetV3Small(
+            input_shape=(32, 32, 3), weights=None, classes=10, include_preprocessing=True), images32, 1), images32),
+        "gru": (_trained(keras.Sequential([keras.Input((LENGTH,), dtype="int32"), keras.layers.Embedding(VOCAB, 8),
+                                           keras.layers.GRU(16), keras.layers.Dense(3, activation="softmax")]),
+                         text_data, 6), text_data),
+    }
+    paths = {}
+    for name, (model, data) in models.items():
+        paths[name] = (d / f"{name}.keras", data)
+        model.save(paths[name][0])
+    cnn = models["preprocessing-cnn"][0]
+    cnn.export(str(d / "exported"), format="tf_saved_model", verbose=False)
+    paths["model.export() savedmodel"] = (d / "exported", images32)
+    return paths
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_post_training_int8_in_both_formats(saved, name, tmp_path):
+    path, data = saved[name]
+    result = compress(path, data, tmp_path / "out", progress=False,
+                      config=CompressConfig(recipe=Recipe(quantize="int8")))
+    formats = {a.format.value: a for a in result.selected.artifacts}
+    if name == "gru":  # a free-batch recurrent graph needs TensorList ops TFLite builtins lack: ONNX only
+        assert set(formats) == {"onnx"} and "TensorList" in result.selected.format_errors["tflite"]
+    else:
+        assert set(formats) == {"tflite", "onnx"}, result.selected.format_errors
+    for art in formats.values():
+        assert art.runtime in ("litert", "onnxruntime") and art.outputs[0].shape[-1] == result.source["output"][
+            "shape"][-1]
+        if name != "mobilenetv3small":  # one epoch: near chance, so only its agreement is asked
+            assert result.source["accuracy"] >= 60 and art.accuracy_drop <= 5, (art.format, art.accuracy_drop)
+        assert art.top1_agreement >= 80, (art.format, art.top1_agreement)
+    assert (tmp_path / "out" / "manifest.json").is_file() and not (tmp_path / "out" / "model.keras").exists()
+
+
+def test_training_based_techniques_say_why_they_cannot_run(saved, tmp_path):
+    path, data = saved["transformer"]
+    with pytest.raises(UnsupportedLayerError, match="pruning needs a tf-keras model: the Keras 3 model is not rebuilt"):
+        compress(path, data, None, progress=False, config=CompressConfig(recipe=Recipe(prune=0.5)))
+    search = compress(path, data, None, progress=False, config=CompressConfig(
+        max_accuracy_drop=5, search=(Recipe(quantize="int8"), Recipe(quantize="qat")), formats=("tflite",)))
+    qat = next(c for c in search.candidates if c.recipe.quantize.value == "qat")
+    assert "quantization-aware training needs a tf-keras model" in qat.error
+    assert search.selected.recipe.name == "int8"
