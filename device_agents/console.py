@@ -45,6 +45,11 @@ def quiet_native_logs() -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
     warnings.filterwarnings("ignore")
+    if os.environ.get("EDGEKIT_DEBUG") != "1":  # Python-side chatter of TensorFlow, tf2onnx, onnxruntime's quantizer
+        import logging
+
+        for name in ("", "tensorflow", "tf2onnx", "onnxruntime", "absl", "h5py", "flwr"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     if os.environ.get("EDGEKIT_DEBUG") == "1" or sys.stderr is not sys.__stderr__:
         return  # debugging, or stderr already captured (tests, notebooks)
     try:

@@ -219,6 +219,10 @@ def _quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
 class _TFLiteBackend(_Backend):
     def __init__(self, interpreter_cls: Any, data: bytes, num_threads: int | None) -> None:
         self._interpreter = interpreter_cls(model_content=data, num_threads=num_threads)
+        if not self._interpreter.get_input_details():
+            signatures = ", ".join(sorted(self._interpreter.get_signature_list())) or "none"
+            raise ArtifactError(f"the artifact has no plain input, only signatures ({signatures}): a trainable "
+                                "artifact; load its folder with device_agents.Trainer")
         self._interpreter.allocate_tensors()
         self._in = self._interpreter.get_input_details()[0]
         self._out = self._interpreter.get_output_details()[0]

@@ -75,6 +75,7 @@ class CandidateResult:
     within_budget: bool | None = None
     keras_model: Any = field(default=None, repr=False)  # the float model behind the artifacts
     format_errors: dict[str, str] = field(default_factory=dict)  # format -> why its converter failed
+    skipped_layers: dict[str, str] = field(default_factory=dict)  # layer -> why pruning left it as it was
 
     def size(self, metric: str) -> int:
         return getattr(self.artifacts[0], metric)
@@ -96,6 +97,7 @@ class CompressResult:
     out: Path | None = None
     manifest: dict[str, Any] | None = None
     data_info: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, dict[str, int]] = field(default_factory=dict)  # format -> float32 bytes, gzip_bytes
 
 
 def compress(model: Any, data: str | Path | Dataset = "digits", out: str | Path | None = None, *,
@@ -156,7 +158,9 @@ def _compress(model: Any, data: str | Path | Dataset, eval_data: str | Path | Da
         candidates.append(runner.run(recipe, keep_going=len(recipes) > 1))
         bar.update(1)
     bar.close()
-    return CompressResult(source, candidates, _select(candidates, config), config, data_info=data_info)
+    result = CompressResult(source, candidates, _select(candidates, config), config, data_info=data_info)
+    result.reference = runner.float32_reference(candidates)
+    return result
 
 
 def _labelled(loaded: LoadedModel, raw: Dataset,
@@ -181,7 +185,8 @@ class _CandidateRunner:
                  config: CompressConfig, progress: Progress) -> None:
         self.loaded, self.splits, self.source_out = loaded, splits, source_out
         self.source_accuracy, self.config, self.progress = source_accuracy, config, progress
-        self._cache: dict[tuple, tuple[Any, Any]] = {}
+        self._cache: dict[tuple, tuple] = {}
+        self._skipped: dict[str, dict[str, str]] = {}  # recipe -> layer -> why a technique left it as it was
 
     def run(self, recipe: Recipe, *, keep_going: bool) -> CandidateResult:
         start = time.perf_counter()
@@ -193,6 +198,7 @@ class _CandidateRunner:
                     else self.loaded.params
                 result.keras_model = float_model
                 result.artifacts, result.format_errors = self._export_all(model, float_model, recipe)
+                result.skipped_layers = self._skipped.get(recipe.name, {})
             except EdgeKitError:
                 raise
             except Exception as exc:  # a library (tfmot, a converter) failed on this model and recipe
@@ -205,6 +211,22 @@ class _CandidateRunner:
             result.error = str(exc)
         result.seconds = time.perf_counter() - start
         return result
+
+    def float32_reference(self, candidates: list[CandidateResult]) -> dict[str, dict[str, int]]:
+        """The source model's float32 artifact size per format: what every candidate is compared with."""
+        plain = next((c for c in candidates if c.recipe == Recipe(quantize=Quantization.NONE) and c.artifacts), None)
+        if plain is not None:
+            return {a.format.value: {"bytes": a.bytes, "gzip_bytes": a.gzip_bytes} for a in plain.artifacts}
+        reference = {}
+        for fmt in self.config.formats:
+            try:
+                with self.progress.step(f"float32 reference {fmt.value}"):
+                    data, _ = exporter(fmt).convert(self.loaded.source, quantization=Quantization.NONE,
+                                                    calibration=self.splits.calibration.x, int8_io=False)
+            except ConversionError:
+                continue
+            reference[fmt.value] = {"bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9, mtime=0))}
+        return reference
 
     def _export_all(self, model: Any, float_model: Any,
                     recipe: Recipe) -> tuple[list[ArtifactResult], dict[str, str]]:
@@ -259,8 +281,9 @@ class _CandidateRunner:
                 pruned = prune(base, self.splits.finetune, sparsity=recipe.prune, structured=recipe.structured,
                                training=self.config.training, probabilities=probabilities,
                                progress=self.progress, seed=self.config.seed)
-                self._cache[pkey] = (pruned.model, pruned.per_layer)
-            base, sparsity = self._cache[pkey]
+                self._cache[pkey] = (pruned.model, pruned.per_layer, pruned.skipped)
+            base, sparsity, skipped = self._cache[pkey]
+            self._skipped[recipe.name] = skipped
         else:
             sparsity = layer_sparsity(base)
         if recipe.quantize is Quantization.QAT:

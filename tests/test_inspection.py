@@ -44,3 +44,21 @@ def test_inspect_bad_targets(tmp_path):
     (tmp_path / "junk.tflite").write_bytes(b"\x00" * 64)
     assert_one_line_error(run_cli("inspect", str(tmp_path / "junk.tflite")), 2, "neither a TFLite flatbuffer")
     assert_one_line_error(run_cli("inspect", str(tmp_path)), 2, "has no manifest.json")
+
+
+def test_a_trainable_folder_and_its_artifact_are_described_by_their_signatures(cnn_path, tmp_path):
+    from edgekit import TrainableConfig, export_trainable
+
+    out = tmp_path / "trainable"
+    export_trainable(cnn_path, out, config=TrainableConfig(batch_size=8), progress=False)
+    for target in (out, out / "trainable.tflite"):
+        proc = run_cli("inspect", str(target))
+        assert proc.returncode == 0, proc.stderr
+        assert "signature train(" in proc.stdout and "signature set_weights(" in proc.stdout
+    info = inspect_artifact(out)
+    assert info["manifest_ok"] and info["kind"] == "trainable"
+    assert set(info["artifacts"][0]["signatures"]) == {"train", "infer", "get_weights", "set_weights"}
+    from device_agents import ArtifactError, Model
+
+    with pytest.raises(ArtifactError, match="only signatures .*load its folder with device_agents.Trainer"):
+        Model.load(out / "trainable.tflite")

@@ -36,6 +36,7 @@ def test_report_has_a_row_per_candidate_and_marks_the_selected(searched):
     assert len(rows) == 2 and all("| ok |" in row for row in rows)
     assert sum("**yes**" in row for row in rows) == 1 and "**yes**" in next(r for r in rows if r.startswith("| int8"))
     assert "![Size vs accuracy of every candidate](size_vs_accuracy.png)" in report
+    assert f"| float32 (source, reference) | tflite | {result.reference['tflite']['bytes']:,} |" in report
     assert "sparsity" not in report and not (out / "sparsity.png").exists()  # nothing was pruned
 
 
@@ -50,5 +51,8 @@ def test_terminal_table(searched):
     lines = format_table(result).splitlines()
     assert lines[0].split() == ["recipe", "format", "bytes", "gzip", "acc", "%", "drop", "agree", "%", "budget"]
     selected = [line for line in lines if line.endswith("<- selected")]
-    assert len(selected) == 1 and selected[0].startswith("int8") and len(lines) == 3
+    assert len(selected) == 1 and selected[0].startswith("int8") and len(lines) == 4
     assert f"{result.selected.artifacts[0].bytes:,}" in selected[0]
+    reference = next(line for line in lines if line.startswith("float32 (reference)"))
+    assert f"{result.reference['tflite']['bytes']:,}" in reference
+    assert result.reference["tflite"]["bytes"] > 3 * result.selected.artifacts[0].bytes  # int8 vs float32

@@ -152,8 +152,10 @@ def test_export_cli_and_training_in_litert_matches_tensorflow(half_trained, digi
 
 
 def test_head_only_mode_has_int8_backbone_and_trains_the_head(half_trained, tmp_path):
+    with pytest.raises(InputError, match="head-only export calibrates its int8 backbone on real samples"):
+        export_trainable(half_trained, None, config=TrainableConfig(head_only=True), progress=False)
     result = export_trainable(half_trained, tmp_path / "head", config=TrainableConfig(head_only=True, batch_size=8),
-                              progress=False)
+                              data="digits", progress=False)
     roles = {a["role"]: a for a in result.manifest["artifacts"]}
     assert set(roles) == {"trainable", "backbone"}
     tensors = {t["name"] for t in result.manifest["trainable"]["tensors"]}
@@ -177,3 +179,18 @@ def test_untrainable_layers_and_bad_options_are_refused(tmp_path, text_model_pat
         export_trainable(text_model_path, None, data="digits", progress=False)
     with pytest.raises(InputError, match="batch size must be between 1 and 4096"):
         TrainableConfig(batch_size=0)
+
+
+def test_a_model_whose_input_is_not_8x8_exports_without_data(tmp_path):
+    """Verification used the digits unless --data was given: a 16x16x3 model failed. Synthetic inputs now."""
+    from conftest import run_cli
+
+    keras = _tf.keras()
+    model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(4, 3, activation="relu"),
+                              keras.layers.Flatten(), keras.layers.Dense(5, activation="softmax")])
+    model.save(tmp_path / "m16.keras")
+    proc = run_cli("trainable", str(tmp_path / "m16.keras"), "--out", str(tmp_path / "t"), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "one train step vs TensorFlow max abs diff" in proc.stdout
+    manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert manifest["trainable"]["input"]["shape"] == [None, 16, 16, 3]

@@ -11,6 +11,9 @@ def format_table(result: Any) -> str:
     """The candidate table as aligned text, for the terminal."""
     head = ["recipe", "format", "bytes", "gzip", "acc %", "drop", "agree %", "budget", ""]
     lines = [head]
+    for fmt, size in result.reference.items():  # what every candidate is compared with
+        lines.append(["float32 (reference)", fmt, f"{size['bytes']:,}", f"{size['gzip_bytes']:,}",
+                      f"{result.source['accuracy']:.2f}", "", "", "", ""])
     for r in candidate_rows(result):
         budget = {True: "ok", False: "over", None: "-"}[r["within_budget"]]
         if r["error"]:
@@ -37,6 +40,9 @@ def format_inspection(info: dict[str, Any]) -> str:
         for key in ("quantization", "sparsity", "accuracy", "top1_agreement"):
             if art.get(key) is not None:
                 lines.append(f"    {key}: {art[key]}")
+        for signature, spec in art.get("signatures", {}).items():
+            if len(art["signatures"]) > 1:
+                lines.append(f"    signature {signature}({', '.join(spec['inputs'])}) -> {', '.join(spec['outputs'])}")
         for kind in ("inputs", "outputs"):
             for spec in art[kind]:
                 quant = f"  scale {spec['scale']:.6g} zero_point {spec['zero_point']}" if spec["scale"] else ""

@@ -123,9 +123,10 @@ def _add_trainable(sub: argparse._SubParsersAction) -> None:
                    help="fixed batch of the train signature (default %(default)s)")
     t.add_argument("--learning-rate", type=float, default=_default(TrainableConfig, "learning_rate"),
                    help="suggested learning rate for devices (default %(default)s)")
-    t.add_argument("--data", default="digits",
-                   help="samples of the model's input for verification and int8 calibration: 'digits' (embedded, "
-                        "8x8x1 images) or an .npz with x and y (default: digits)")
+    t.add_argument("--data",
+                   help="samples of the model's input: 'digits' (embedded, 8x8x1 images) or an .npz with x and y. "
+                        "Default: synthetic inputs of the model's shape for verification; --head-only needs real "
+                        "samples to calibrate the int8 backbone")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_trainable)
 

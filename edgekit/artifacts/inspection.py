@@ -48,18 +48,26 @@ def inspect_artifact(target: str | Path) -> dict[str, Any]:
 def _describe(data: bytes, name: str) -> dict[str, Any]:
     try:
         fmt = detect_format(data)
-        model = Model.load(data)
     except AgentError as exc:
         raise InputError(f"{name}: {exc}") from None
+    info = {"file": name, "format": fmt.value, "bytes": len(data),
+            "gzip_bytes": len(gzip.compress(data, compresslevel=9, mtime=0)), "signatures": {}}
     if fmt is ArtifactFormat.TFLITE:
-        from edgekit.export.tflite import tflite_ops
+        from edgekit.export.tflite import tflite_ops, tflite_signatures
 
-        ops = tflite_ops(data)
+        info["ops"] = dict(sorted(Counter(tflite_ops(data)).items()))
+        info["signatures"] = tflite_signatures(data)
     else:
         from edgekit.export.onnx import onnx_ops
 
-        ops = onnx_ops(data)
-    return {"file": name, "format": fmt.value, "bytes": len(data),
-            "gzip_bytes": len(gzip.compress(data, compresslevel=9, mtime=0)),
-            "ops": dict(sorted(Counter(ops).items())), "inputs": [s.to_dict() for s in model.inputs],
-            "outputs": [s.to_dict() for s in model.outputs]}
+        info["ops"] = dict(sorted(Counter(onnx_ops(data)).items()))
+    if info["signatures"] and len(info["signatures"]) > 1:  # a trainable artifact: signatures, no plain input
+        info["inputs"], info["outputs"] = [], []
+        return info
+    try:
+        model = Model.load(data)
+    except AgentError as exc:
+        raise InputError(f"{name}: {exc}") from None
+    info["inputs"] = [s.to_dict() for s in model.inputs]
+    info["outputs"] = [s.to_dict() for s in model.outputs]
+    return info

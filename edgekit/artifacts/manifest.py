@@ -68,8 +68,10 @@ def inference_manifest(result: Any, *, keras_model: str | None = KERAS_MODEL) ->
                    "quantize": recipe.quantize.value, "student_width": recipe.student_width,
                    "student": recipe.student, "params": selected.params},
         "max_accuracy_drop": result.config.max_accuracy_drop,
+        "float32_reference": result.reference,
         "artifacts": [artifact_entry(a) for a in selected.artifacts],
         "layer_sparsity": selected.layer_sparsity,
+        "skipped_layers": selected.skipped_layers,
         "keras_model": keras_model,
     }
 

@@ -62,6 +62,9 @@ def write_report(result: Any, folder: Path) -> None:
               "(ai-edge-litert for .tflite, onnxruntime for .onnx).", "", "## Candidates", "",
               "| recipe | format | bytes | gzip bytes | accuracy % | drop (points) | top-1 agreement % "
               "| max abs diff | budget | selected |", "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+    for fmt, size in result.reference.items():
+        lines.append(f"| float32 (source, reference) | {fmt} | {size['bytes']:,} | {size['gzip_bytes']:,} | "
+                     f"{result.source['accuracy']:.2f} | | | | | |")
     for r in candidate_rows(result):
         budget = {True: "ok", False: "over", None: "-"}[r["within_budget"]]
         if r["error"]:
@@ -74,6 +77,9 @@ def write_report(result: Any, folder: Path) -> None:
         notes = [f"- {a.format.value}: {n}" for a in result.selected.artifacts for n in a.notes]
         if notes:
             lines += ["", "## Notes", "", *notes]
+        if result.selected.skipped_layers:
+            lines += ["", "## Layers the technique left as they were", "", "| layer | why |", "|---|---|"]
+            lines += [f"| {k} | {v} |" for k, v in result.selected.skipped_layers.items()]
         if result.selected.recipe.prunes and result.selected.layer_sparsity:  # nothing to show otherwise
             lines += ["", "## Per-layer sparsity (fraction of zero weights)", "", "| layer | sparsity |", "|---|---:|"]
             lines += [f"| {k} | {v:.3f} |" for k, v in result.selected.layer_sparsity.items()]

@@ -30,7 +30,15 @@ def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray
 
     recurrent = not graph and has_recurrent_layer(model)
     if recurrent:
-        notes.append("recurrent layers convert at a fixed batch size of 1 (TFLite fuses the LSTM op)")
+        unrolled = _unrolled(model)
+        if unrolled is not None:  # plain ops, no state kept between invoke() calls: right in any runtime
+            model, recurrent = unrolled, False
+            notes.append("recurrent layers unrolled over the fixed sequence length: the artifact keeps no state "
+                         "between invoke() calls")
+        else:
+            notes.append("stateful: recurrent layers convert at a fixed batch size of 1 as TFLite's fused LSTM, "
+                         "which keeps its state in variable tensors; call interpreter.reset_all_variables() "
+                         "before every invoke() (edgekit's agent does)")
 
     def converter() -> Any:
         if graph:
@@ -73,10 +81,35 @@ def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray
     return data, notes
 
 
+def _unrolled(model: Any) -> Any | None:
+    """A copy of ``model`` with its recurrent layers unrolled (same weights), or ``None`` when the sequence
+    length is not fixed (unrolling needs it)."""
+    shape = model.inputs[0].shape
+    if len(shape) < 2 or shape[1] is None:
+        return None
+    keras = _tf.keras()
+
+    def unroll(layer: Any) -> Any:
+        config = layer.get_config()
+        if layer.__class__.__name__ in _RECURRENT:
+            config["unroll"] = True
+        return layer.__class__.from_config(config)
+
+    try:
+        clone = keras.models.clone_model(model, clone_function=unroll)
+        clone.set_weights(model.get_weights())
+    except (ValueError, TypeError):
+        return None
+    return clone
+
+
+_RECURRENT = ("LSTM", "GRU", "SimpleRNN")
+
+
 def has_recurrent_layer(model: Any) -> bool:
     from edgekit.loading.layers import iter_layers
 
-    return any(layer.__class__.__name__ in ("LSTM", "GRU", "SimpleRNN", "RNN") for layer in iter_layers(model))
+    return any(layer.__class__.__name__ in (*_RECURRENT, "RNN") for layer in iter_layers(model))
 
 
 def _representative(samples: np.ndarray):  # noqa: ANN202
@@ -93,3 +126,11 @@ def tflite_ops(data: bytes) -> list[str]:
 
     interpreter = Interpreter(model_content=data)
     return [op["op_name"] for op in interpreter._get_ops_details()]  # noqa: SLF001 (no public API)
+
+
+def tflite_signatures(data: bytes) -> dict[str, dict[str, list[str]]]:
+    """Signature name -> its input and output names (a trainable artifact has four)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    return {name: {"inputs": list(spec["inputs"]), "outputs": list(spec["outputs"])}
+            for name, spec in Interpreter(model_content=data).get_signature_list().items()}

@@ -36,7 +36,7 @@ LAYERS: dict[str, LayerSupport] = {
     "Conv1D": LayerSupport(prune=True, scale="filters"),
     "Conv2D": LayerSupport(prune=True, scale="filters"),
     "Dense": LayerSupport(prune=True, scale="units"),
-    "DepthwiseConv2D": LayerSupport(prune=True),
+    "DepthwiseConv2D": LayerSupport(),  # tfmot's prune registry lists no prunable weights for it
     "Dropout": LayerSupport(),
     "Embedding": LayerSupport(prune=True, qat=False, scale="output_dim"),
     "Flatten": LayerSupport(),

@@ -52,6 +52,8 @@ def prune(model: Any, data: Dataset, *, sparsity: float | None = None, structure
     def wrap(layer: Any) -> Any:
         entry = LAYERS.get(layer.__class__.__name__)
         if entry is None or not entry.prune:
+            if any(_is_kernel(w) for w in layer.weights):  # weighted, yet not prunable: say so
+                skipped[layer.name] = f"tensorflow-model-optimization prunes no weights of a {layer.__class__.__name__}"
             return layer
         if structured is not None and layer.__class__.__name__ not in M_BY_N_LAYERS:
             skipped[layer.name] = f"{structured[0]}:{structured[1]} sparsity supports {', '.join(M_BY_N_LAYERS)} only"
@@ -77,6 +79,10 @@ def prune(model: Any, data: Dataset, *, sparsity: float | None = None, structure
     stripped = sparsity_api.strip_pruning(wrapped)
     reestimate_batchnorm(stripped, data.x, batch_size=training.batch_size)  # the fine-tune left them stale
     return PruneResult(stripped, layer_sparsity(stripped), skipped, losses)
+
+
+def _is_kernel(weight: Any) -> bool:
+    return weight.name.split("/")[-1].split(":")[0] in _KERNEL_NAMES
 
 
 def layer_sparsity(model: Any) -> dict[str, float]:

@@ -46,7 +46,7 @@ class TrainableResult:
     files: dict[str, bytes]
 
 
-def export_trainable(model: Any, out: str | Path | None, *, data: str | Path | Dataset = "digits",
+def export_trainable(model: Any, out: str | Path | None, *, data: str | Path | Dataset | None = None,
                      config: TrainableConfig | None = None, progress: bool = True) -> TrainableResult:
     """Export ``model`` as a trainable TFLite artifact (``trainable.tflite``) with ``manifest.json``.
 
@@ -54,7 +54,10 @@ def export_trainable(model: Any, out: str | Path | None, *, data: str | Path | D
     and is verified before anything is written: ``infer`` reproduces the Keras model, and one
     ``train`` step gives the weights TensorFlow's own SGD step gives (within 1e-5).
 
-    >>> export_trainable("cnn.keras", "trainable_out", data="digits")   # doctest: +SKIP
+    Without ``data`` the artifact is verified on synthetic inputs of the model's own shape
+    (a head-only export needs real samples to calibrate its int8 backbone).
+
+    >>> export_trainable("cnn.keras", "trainable_out")   # doctest: +SKIP
     """
     config = config or TrainableConfig()
     with StagedDir(out, kind="trainable") if out is not None else nullcontext() as stage:
@@ -67,7 +70,8 @@ def export_trainable(model: Any, out: str | Path | None, *, data: str | Path | D
     return result
 
 
-def _export(model: Any, data: str | Path | Dataset, config: TrainableConfig, bars: Progress) -> TrainableResult:
+def _export(model: Any, data: str | Path | Dataset | None, config: TrainableConfig,
+            bars: Progress) -> TrainableResult:
     from device_agents.training import Trainer
     from edgekit.export.tflite import to_tflite
     from edgekit.trainable.graph import build_module, build_nodes, convert, reference_step, split_head
@@ -77,7 +81,7 @@ def _export(model: Any, data: str | Path | Dataset, config: TrainableConfig, bar
     if loaded.input_dtype not in ("float32", "float16"):
         raise InputError(f"on-device training needs a float input; this model takes {loaded.input_dtype}")
     build_nodes(split_head(keras_model)[1] if config.head_only else keras_model)  # refuse before any work
-    dataset = fit_to_model(load_data(data), loaded.input_shape, loaded.input_dtype, loaded.num_classes)
+    dataset = _verification_data(loaded, data, config)
     files: dict[str, bytes] = {}
     if config.head_only:
         backbone, head = split_head(keras_model)
@@ -96,6 +100,21 @@ def _export(model: Any, data: str | Path | Dataset, config: TrainableConfig, bar
         checks = _verify(files, manifest, keras_model, train_model, dataset, config, reference_step, Trainer)
     manifest["verification"] = checks
     return TrainableResult(None, manifest, files)
+
+
+def _verification_data(loaded: Any, data: str | Path | Dataset | None, config: TrainableConfig) -> Dataset:
+    """The user's data fitted to the model; without data, synthetic samples of the model's own input shape
+    (verification compares the artifact with the Keras model, so any input of the right shape serves)."""
+    if data is not None:
+        return fit_to_model(load_data(data), loaded.input_shape, loaded.input_dtype, loaded.num_classes)
+    if config.head_only:
+        raise InputError("a head-only export calibrates its int8 backbone on real samples: give data "
+                         "(an .npz with x of the model's input shape)")
+    if any(d is None for d in loaded.input_shape):
+        raise InputError(f"the model's input {loaded.input_shape} has a free dimension: give data to verify with")
+    rng = np.random.default_rng(0)
+    x = rng.random((256, *loaded.input_shape), dtype=np.float32)
+    return Dataset(x, rng.integers(0, loaded.num_classes, 256), "synthetic inputs")
 
 
 def _contract(loaded: Any, train_model: Any, tensors: list, softmax_out: bool,
