@@ -199,10 +199,16 @@ def test_failure_midway_leaves_nothing_half_written(cnn_path, tmp_path, monkeypa
         raise ConversionError("simulated converter failure")
 
     monkeypatch.setitem(EXPORTERS, Format.ONNX, EXPORTERS[Format.ONNX].__class__("model.onnx", broken))
+    one = compress(cnn_path, "digits", tmp_path / "one", config=config(), progress=False)
+    assert [a.format.value for a in one.selected.artifacts] == ["tflite"]  # the other format is still written
+    assert one.selected.format_errors == {"onnx": "simulated converter failure"}
+    assert [a["file"] for a in json.loads((tmp_path / "one" / "manifest.json").read_text())["artifacts"]] == \
+        ["model.tflite"]
+    monkeypatch.setitem(EXPORTERS, Format.TFLITE, EXPORTERS[Format.TFLITE].__class__("model.tflite", broken))
     out = tmp_path / "half"
     with pytest.raises(ConversionError, match="simulated"):
         compress(cnn_path, "digits", out, config=config(), progress=False)
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["one"]
 
 
 def test_output_folder_rules(cnn_path, tmp_path):

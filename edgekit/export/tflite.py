@@ -70,6 +70,8 @@ def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray
             raise ConversionError(f"TFLite conversion ({quantization.value}) failed: "
                                   f"{first_line(exc, prefer='error:')}") from None
         strict_error = first_line(exc, prefer='error:')
+        if "TensorList" in strict_error:  # no builtin kernel at all, int8 or float: the fallback fails the same
+            raise ConversionError(f"TFLite int8 conversion failed: {strict_error}") from None
     # Some ops (e.g. LSTM pieces) have no int8 kernel: keep those in float.
     conv = converter()
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -93,6 +95,10 @@ def _unrolled(model: Any) -> Any | None:
         config = layer.get_config()
         if layer.__class__.__name__ in _RECURRENT:
             config["unroll"] = True
+        for key in ("layer", "backward_layer"):  # Bidirectional's inner layers
+            inner = config.get(key)
+            if isinstance(inner, dict) and inner.get("class_name") in _RECURRENT:
+                config[key] = {**inner, "config": {**inner["config"], "unroll": True}}
         return layer.__class__.from_config(config)
 
     try:

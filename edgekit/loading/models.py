@@ -398,11 +398,22 @@ def _clean(value: Any) -> Any:
 def _layer_from_config(class_name: str, config: dict) -> Any:
     keras2 = _tf.keras()
     cls = getattr(keras2.layers, class_name)
-    config = _clean(config)
-    config = {k: v for k, v in config.items() if not k.endswith("_initializer")}  # weights are copied
+    return cls.from_config(_tf_keras_config(cls, _clean(config)))
+
+
+def _tf_keras_config(cls: type, config: dict) -> dict:
+    """A Keras 3 layer config as tf-keras ``cls`` takes it: initializers dropped (weights are copied), keys its
+    constructor lacks dropped; a wrapper's inner layers (Bidirectional, TimeDistributed) the same way."""
+    keras2 = _tf.keras()
+    config = {k: v for k, v in config.items() if not k.endswith("_initializer")}
+    for key in ("layer", "backward_layer"):
+        inner = config.get(key)
+        if isinstance(inner, dict) and isinstance(inner.get("config"), dict):
+            inner_cls = getattr(keras2.layers, inner.get("class_name", ""), None)
+            if inner_cls is not None:
+                config[key] = {**inner, "config": _tf_keras_config(inner_cls, inner["config"])}
     accepted = set(inspect.signature(cls.__init__).parameters) | _BASE_LAYER_KWARGS
-    config = {k: v for k, v in config.items() if k in accepted}
-    return cls.from_config(config)
+    return {k: v for k, v in config.items() if k in accepted}
 
 
 def _rebuild(class_name: str, config: dict) -> Any:
