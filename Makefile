@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/compress.py
 	$(BIN)/python benchmarks/agent.py
 	$(BIN)/python benchmarks/federated.py
+	$(BIN)/python benchmarks/conformance.py
 
 clean:
 	rm -rf $(VENV) $(TFLRT_VENV) demo_out dist build

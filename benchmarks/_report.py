@@ -58,13 +58,13 @@ def interleaved_us(fn_a: Callable[[], object], fn_b: Callable[[], object], *, bl
     return statistics.median(a_all), statistics.median(b_all), statistics.median(ratios)
 
 
-def write_section(name: str, body: str) -> None:
-    """Replace the section between this benchmark's markers (or append it)."""
+def write_section(name: str, body: str, *, path: Path = BENCHMARKS) -> None:
+    """Replace the section between this benchmark's markers in ``path`` (or append it)."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else HEADER
+    text = path.read_text() if path.exists() else HEADER
     block = f"{begin}\n{body.rstrip()}\n{end}"
     if begin in text and end in text:
         text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
-    BENCHMARKS.write_text(text)
+    path.write_text(text)

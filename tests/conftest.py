@@ -94,16 +94,11 @@ def keras3_path(digits, workdir) -> Path:
 @pytest.fixture(scope="session")
 def text_npz(workdir) -> Path:
     """Token-id sequences whose class is the most frequent token band (learnable quickly)."""
-    rng = np.random.default_rng(0)
-    n, length, vocab = 600, 16, 30
-    y = rng.integers(0, 3, n)
-    x = rng.integers(0, vocab, (n, length))
-    for i in range(n):
-        band = np.arange(y[i] * 10, y[i] * 10 + 10)
-        pos = rng.choice(length, 9, replace=False)
-        x[i, pos] = rng.choice(band, 9)
+    from edgekit.loading import zoo
+
+    data = zoo.token_dataset()
     path = workdir / "text.npz"
-    np.savez(path, x=x.astype(np.int32), y=y)
+    np.savez(path, x=data.x, y=data.y)
     return path
 
 

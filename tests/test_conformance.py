@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from edgekit import CompressConfig, Recipe, UnsupportedLayerError, _tf, compress
-
-VOCAB, LENGTH = 30, 16
+from edgekit.loading import zoo
 
 
 @pytest.fixture(scope="module")
@@ -37,26 +36,6 @@ def _trained(model, npz, epochs):
     return model
 
 
-def _transformer():
-    keras = _tf.keras3()
-    inp = keras.Input((LENGTH,), dtype="int32")
-    x = keras.layers.Embedding(VOCAB, 16)(inp)
-    x = keras.layers.LayerNormalization()(x + keras.layers.MultiHeadAttention(2, 8)(x, x))
-    x = keras.layers.LayerNormalization()(x + keras.layers.Dense(16, activation="relu")(x))
-    return keras.Model(inp, keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling1D()(x)))
-
-
-def _preprocessing_cnn(images32):
-    keras = _tf.keras3()
-    norm = keras.layers.Normalization()
-    norm.adapt(np.load(images32)["x"][:200])
-    return keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(2.0, offset=-1.0), norm,
-                             keras.layers.Conv2D(16, 3, activation="relu"), keras.layers.MaxPooling2D(),
-                             keras.layers.Conv2D(16, 3, activation="relu"), keras.layers.MaxPooling2D(),
-                             keras.layers.Flatten(),
-                             keras.layers.Dense(10, activation="softmax")])
-
-
 ARCHITECTURES = ["transformer", "preprocessing-cnn", "mobilenetv3small", "gru", "bilstm", "model.export() savedmodel"]
 
 
@@ -66,18 +45,11 @@ def saved(text_data, images32, tmp_path_factory):
     keras = _tf.keras3()
     keras.utils.set_random_seed(0)
     d = tmp_path_factory.mktemp("conformance")
-    models = {
-        "transformer": (_trained(_transformer(), text_data, 6), text_data),
-        "preprocessing-cnn": (_trained(_preprocessing_cnn(images32), images32, 6), images32),
-        "mobilenetv3small": (_trained(keras.applications.MobileNetV3Small(
-            input_shape=(32, 32, 3), weights=None, classes=10, include_preprocessing=True), images32, 1), images32),
-        "gru": (_trained(keras.Sequential([keras.Input((LENGTH,), dtype="int32"), keras.layers.Embedding(VOCAB, 8),
-                                           keras.layers.GRU(16), keras.layers.Dense(3, activation="softmax")]),
-                         text_data, 6), text_data),
-        "bilstm": (_trained(keras.Sequential([keras.Input((LENGTH,), dtype="int32"), keras.layers.Embedding(VOCAB, 8),
-                                              keras.layers.Bidirectional(keras.layers.LSTM(8)),
-                                              keras.layers.Dense(3, activation="softmax")]), text_data, 6), text_data),
-    }
+    models = {}
+    for name in ARCHITECTURES[:-1]:
+        data = images32 if name in ("preprocessing-cnn", "mobilenetv3small") else text_data
+        model = zoo.keras3_architecture(name, sample=np.load(images32)["x"][:200])
+        models[name] = (_trained(model, data, 1 if name == "mobilenetv3small" else 6), data)
     paths = {}
     for name, (model, data) in models.items():
         paths[name] = (d / f"{name}.keras", data)

@@ -137,8 +137,8 @@ def test_non_classifier_outputs_refused(tmp_path):
         load_model(tmp_path / "reg.keras")
 
 
-PRUNE_ARGS = {"Conv1D": (2, 3), "Conv2D": (2, 3), "Dense": (2,), "Embedding": (10, 2), "LSTM": (2,),
-              "SeparableConv2D": (2, 3)}
+PRUNE_ARGS = {"Conv1D": (2, 3), "Conv2D": (2, 3), "Dense": (2,), "Embedding": (10, 2), "LSTM": (2,), "GRU": (2,),
+              "SimpleRNN": (2,), "SeparableConv2D": (2, 3)}
 
 
 def test_every_registered_layer_is_a_tf_keras_layer_and_prunable_ones_are_prunable():
@@ -150,7 +150,8 @@ def test_every_registered_layer_is_a_tf_keras_layer_and_prunable_ones_are_prunab
         assert issubclass(cls, keras.layers.Layer), name
         if entry.prune:  # the registry's claim holds: tfmot prunes some weight of an instance of it
             layer = cls(*PRUNE_ARGS[name])
-            weights = PruneRegistry._RNN_LAYERS if name == "LSTM" else PruneRegistry._LAYERS_WEIGHTS_MAP[cls]  # noqa: SLF001
+            rnn = name in ("LSTM", "GRU", "SimpleRNN")
+            weights = PruneRegistry._RNN_LAYERS if rnn else PruneRegistry._LAYERS_WEIGHTS_MAP[cls]  # noqa: SLF001
             assert PruneRegistry.supports(layer) and weights, name
     assert set(PRUNE_ARGS) == {name for name, entry in LAYERS.items() if entry.prune}
     with pytest.raises(UnsupportedLayerError, match="supported layers: Activation, Add"):

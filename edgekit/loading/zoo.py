@@ -51,3 +51,52 @@ def train(model: Any, data: Dataset, *, epochs: int = 15, batch_size: int = 32, 
 def device_name() -> str:
     """``"GPU"`` when TensorFlow sees one, else ``"CPU"``."""
     return "GPU" if _tf.tf().config.list_physical_devices("GPU") else "CPU"
+
+
+# --- Keras 3 architectures of the conformance suite (tests/test_conformance.py, benchmarks/conformance.py) ---
+
+def token_dataset(n: int = 600, length: int = 16, vocab: int = 30, classes: int = 3, seed: int = 0) -> Dataset:
+    """Token-id sequences whose class is their most frequent token band: a text task learnt in seconds."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    x = rng.integers(0, vocab, (n, length))
+    band = vocab // classes
+    for i in range(n):
+        pos = rng.choice(length, length // 2 + 1, replace=False)
+        x[i, pos] = rng.choice(np.arange(y[i] * band, (y[i] + 1) * band), len(pos))
+    return Dataset(x.astype(np.int32), y.astype(np.int64), "tokens")
+
+
+def keras3_architecture(name: str, *, sample: Any = None, length: int = 16, vocab: int = 30) -> Any:
+    """A Keras 3 model of the conformance suite, randomly initialised: ``"transformer"``,
+    ``"preprocessing-cnn"`` (``sample`` adapts its Normalization), ``"mobilenetv3small"``, ``"gru"``, ``"bilstm"``.
+    Images are 32x32x3 with 10 classes; texts ``length`` token ids below ``vocab`` with 3 classes."""
+    keras = _tf.keras3()
+    layers = keras.layers
+    if name == "transformer":
+        inp = keras.Input((length,), dtype="int32")
+        x = layers.Embedding(vocab, 16)(inp)
+        x = layers.LayerNormalization()(x + layers.MultiHeadAttention(2, 8)(x, x))
+        x = layers.LayerNormalization()(x + layers.Dense(16, activation="relu")(x))
+        return keras.Model(inp, layers.Dense(3, activation="softmax")(layers.GlobalAveragePooling1D()(x)))
+    if name == "preprocessing-cnn":
+        norm = layers.Normalization()
+        norm.adapt(sample)
+        return keras.Sequential([keras.Input((32, 32, 3)), layers.Rescaling(2.0, offset=-1.0), norm,
+                                 layers.Conv2D(16, 3, activation="relu"), layers.MaxPooling2D(),
+                                 layers.Conv2D(16, 3, activation="relu"), layers.MaxPooling2D(), layers.Flatten(),
+                                 layers.Dense(10, activation="softmax")])
+    if name == "mobilenetv3small":
+        model = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None, classes=10,
+                                                    include_preprocessing=True)
+        for layer in model.layers:  # keras.applications use 0.999: a short training leaves the statistics stale
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = 0.9
+        return model
+    if name in ("gru", "bilstm"):
+        rnn = layers.GRU(16) if name == "gru" else layers.Bidirectional(layers.LSTM(8))
+        return keras.Sequential([keras.Input((length,), dtype="int32"), layers.Embedding(vocab, 8), rnn,
+                                 layers.Dense(3, activation="softmax")])
+    raise ValueError(f"unknown architecture {name!r}")
