@@ -22,7 +22,9 @@ def step(title: str) -> None:
 
 def sh(*args: str) -> None:
     print("$ " + " ".join(args), flush=True)
-    subprocess.run(args, check=True)
+    code = subprocess.run(args).returncode
+    if code:  # the command printed its one-line error: stop with its exit code, no traceback
+        sys.exit(code)
 
 
 def train(out: Path) -> Path:

@@ -378,6 +378,7 @@ def test_poisoned_and_malformed_updates_are_rejected_and_never_stop_the_run(fl_m
                          "metrics ['label-0-count',", "invalid codec scales", "over 5x the round's median"):
             assert fragment in text, (fragment, text)
         assert text.count("over 5x the round's median") == 2  # the x1e30 update and the "always 0" liar
+        assert text.count("the model's norm") == 2
     assert all(np.isfinite(v).all() for v in result.weights.values())
     assert result.history[-1]["loss"] < result.history[0]["loss"]  # the honest clients still improve the model
 
@@ -518,3 +519,11 @@ def test_federation_keys_are_private_from_the_start_and_certificates_say_their_u
     again = x509.load_pem_x509_certificate(renewed["cert"].read_bytes())
     assert again.issuer == ca.subject and again.serial_number != leaf.serial_number
     again.verify_directly_issued_by(ca)
+
+
+def test_honest_clients_of_a_converged_model_on_skewed_data_are_not_rejected(fl_model, tmp_path):
+    """Fine-tuning on Dirichlet(0.5) partitions: a few honest updates are 20-50x the median; none is poison."""
+    result = simulate(fl_model, "digits", tmp_path / "skew", progress=False, log=quiet, config=SimulationConfig(
+        clients=8, partition=SKEWED, rounds=RoundSettings(rounds=2, strategy=Strategy.FEDPROX, proximal_mu=0.1,
+                                                           learning_rate=0.01)))
+    assert all(h["rejected"] == [] and h["valid"] == 8 for h in result.history[1:])

@@ -69,7 +69,8 @@ class RoundSettings:
     dp_noise_multiplier: float | None = None  # differential privacy: Gaussian noise (x clipping norm)
     dp_clipping_norm: float = 1.0              # each client's update is clipped to this L2 norm
     dp_delta: float = 1e-5
-    max_update_norm_ratio: float = 5.0    # reject an update over this many times the round's median update
+    max_update_norm_ratio: float = 5.0    # reject an update over this many times the round's median update ...
+    update_norm_floor: float = 0.1        # ... that is also over this fraction of the global model's norm
     max_examples_ratio: float = 2.0       # cap a client's reported sample count at this many times the median
     max_round_accuracy_drop: float = 20.0  # last-good-model guard: commit no aggregate that loses more (points)
 
@@ -78,6 +79,8 @@ class RoundSettings:
         for name in ("max_update_norm_ratio", "max_examples_ratio"):
             if not getattr(self, name) >= 1:
                 raise InputError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        if not self.update_norm_floor >= 0:
+            raise InputError(f"update norm floor must be >= 0, got {self.update_norm_floor}")
         if not 0 < self.max_round_accuracy_drop <= 100:
             raise InputError(f"the per-round accuracy guard must be in (0, 100] points, "
                              f"got {self.max_round_accuracy_drop}")

@@ -5,7 +5,8 @@ train messages. Replies are untrusted: each is checked before anything is decode
 records and metric names and types, tensor names, dtypes and shapes, codec scales), then decoded
 (int8 deltas onto the global weights that were sent) and checked for finite values. A reply that
 fails is rejected and logged, never aggregated, and never stops the run. Of the valid replies, an
-update far larger than the round's median (``max_update_norm_ratio``) is rejected and the reported
+update far larger than the round's median (``max_update_norm_ratio``) and large against the model
+itself (``update_norm_floor`` of its norm) is rejected and the reported
 sample counts are capped (``max_examples_ratio`` x the median), so one client cannot take the
 average over. The strategy aggregates; the server evaluates the new global model on held-out data
 (in LiteRT, with the same trainable artifact) and commits it only if it is finite and does not lose
@@ -137,14 +138,23 @@ def robust_filter(updates: list[tuple[Any, dict[str, np.ndarray], int]], weights
     """
     if len(updates) < 3:
         return updates, []
-    norms = [math.sqrt(sum(float(np.sum((w[k] - weights[k]) ** 2)) for k in weights)) for _, w, _ in updates]
+
+    def norm(values: dict[str, np.ndarray], base: dict[str, np.ndarray] | None = None) -> float:
+        return math.sqrt(sum(float(np.sum((v.astype(np.float64) - (0 if base is None else base[k])) ** 2))
+                             for k, v in values.items()))
+
+    norms = [norm(w, weights) for _, w, _ in updates]
     bound = settings.max_update_norm_ratio * float(np.median(norms))
+    # honest clients of a converged model on skewed data move little, some far more than the median: an update
+    # is rejected only when it is also large against the model itself
+    floor = settings.update_norm_floor * norm(weights)
     kept, rejected = [], []
-    for update, norm in zip(updates, norms):
-        if norm > bound and norm > 1e-6:
+    for update, size in zip(updates, norms):
+        if size > bound and size > floor:
             rejected.append({"node": int(update[0].metadata.src_node_id),
-                             "reason": f"update norm {norm:.3g} is over {settings.max_update_norm_ratio:g}x the "
-                                       f"round's median ({bound / settings.max_update_norm_ratio:.3g})"})
+                             "reason": f"update norm {size:.3g} is over {settings.max_update_norm_ratio:g}x the "
+                                       f"round's median ({bound / settings.max_update_norm_ratio:.3g}) and over "
+                                       f"{settings.update_norm_floor:g}x the model's norm ({floor:.3g})"})
         else:
             kept.append(update)
     cap = max(1, int(settings.max_examples_ratio * float(np.median([n for _, _, n in kept]))))
