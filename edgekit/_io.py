@@ -23,7 +23,8 @@ from pathlib import Path
 from device_agents.files import crash_point, fsync_dir, write_atomic
 from edgekit.errors import OutputError
 
-__all__ = ["MARKER", "StagedDir", "check_output_dir", "crash_point", "mark_output", "sha256_of", "write_atomic"]
+__all__ = ["MARKER", "StagedDir", "check_output_dir", "crash_point", "mark_output", "pid_alive", "sha256_of",
+           "write_atomic"]
 
 MARKER = ".edgekit-output"
 """The file that says edgekit wrote a folder (and may replace it)."""
@@ -63,7 +64,8 @@ def check_output_dir(out: str | Path) -> Path:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a folder named after it is then not stale)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -81,7 +83,7 @@ def _recover(out: Path) -> None:
     pattern = re.compile(rf"^\.{re.escape(out.name)}\.(partial|old)-(\d+)(-.*)?$")
     for sibling in out.parent.iterdir():
         match = pattern.match(sibling.name)
-        if not match or not sibling.is_dir() or sibling.is_symlink() or _pid_alive(int(match.group(2))):
+        if not match or not sibling.is_dir() or sibling.is_symlink() or pid_alive(int(match.group(2))):
             continue
         if match.group(1) == "old" and not out.exists() and owned(sibling):
             os.rename(sibling, out)

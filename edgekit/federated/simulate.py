@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit._io import check_output_dir, owned
+from edgekit._io import check_output_dir, owned, pid_alive
 from edgekit.errors import EdgeKitError, FederationError
 from edgekit.federated.config import SimulationConfig
 from edgekit.federated.run import FLOWER_ENV, FederatedResult, PreparedRun, finish_run, prepare_run
@@ -120,10 +120,6 @@ def _run_simulation(server_app: Any, client_app: Any, clients: int) -> None:
 def _remove_stale_ray_folders() -> None:
     """Ray folders of simulations whose process is gone (killed before it could clean up)."""
     for folder in Path(tempfile.gettempdir()).glob("edgekit-ray-*-*"):
-        try:
-            pid = int(folder.name.split("-")[2])
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        pid = folder.name.split("-")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError, OSError):
-            continue
