@@ -41,7 +41,7 @@ from edgekit.federated.deploy import up
 from edgekit.federated.run import FederatedResult
 from edgekit.federated.simulate import simulate
 from edgekit.loading.data import Dataset, load_data, load_digits
-from edgekit.loading.models import LoadedModel, load_model
+from edgekit.loading.models import LoadedModel, import_custom_objects, load_model
 from edgekit.trainable.export import TrainableConfig, TrainableResult, export_trainable
 
 __all__ = [
@@ -78,6 +78,7 @@ __all__ = [
     "__version__",
     "compress",
     "export_trainable",
+    "import_custom_objects",
     "inspect_artifact",
     "load_data",
     "load_digits",

@@ -75,7 +75,8 @@ class CandidateResult:
     within_budget: bool | None = None
     keras_model: Any = field(default=None, repr=False)  # the float model behind the artifacts
     format_errors: dict[str, str] = field(default_factory=dict)  # format -> why its converter failed
-    skipped_layers: dict[str, str] = field(default_factory=dict)  # layer -> why pruning left it as it was
+    # technique ("prune", "qat") -> layer -> why the technique left that layer as it was
+    skipped_layers: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def size(self, metric: str) -> int:
         return getattr(self.artifacts[0], metric)
@@ -186,7 +187,7 @@ class _CandidateRunner:
         self.loaded, self.splits, self.source_out = loaded, splits, source_out
         self.source_accuracy, self.config, self.progress = source_accuracy, config, progress
         self._cache: dict[tuple, tuple] = {}
-        self._skipped: dict[str, dict[str, str]] = {}  # recipe -> layer -> why a technique left it as it was
+        self._skipped: dict[str, dict[str, dict[str, str]]] = {}  # recipe -> technique -> layer -> why
 
     def run(self, recipe: Recipe, *, keep_going: bool) -> CandidateResult:
         start = time.perf_counter()
@@ -283,13 +284,14 @@ class _CandidateRunner:
                                progress=self.progress, seed=self.config.seed)
                 self._cache[pkey] = (pruned.model, pruned.per_layer, pruned.skipped)
             base, sparsity, skipped = self._cache[pkey]
-            self._skipped[recipe.name] = skipped
+            self._skipped.setdefault(recipe.name, {})["prune"] = skipped
         else:
             sparsity = layer_sparsity(base)
         if recipe.quantize is Quantization.QAT:
-            qat_model = quantize_aware(base, self.splits.finetune, training=self.config.training,
-                                       probabilities=probabilities, progress=self.progress,
-                                       preserve_sparsity=recipe.prunes, seed=self.config.seed)
+            qat_model, skipped = quantize_aware(base, self.splits.finetune, training=self.config.training,
+                                                probabilities=probabilities, progress=self.progress,
+                                                preserve_sparsity=recipe.prunes, seed=self.config.seed)
+            self._skipped.setdefault(recipe.name, {})["qat"] = skipped
             twin = float_twin(qat_model, base)
             return qat_model, twin, layer_sparsity(twin)
         return base, base, sparsity

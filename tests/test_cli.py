@@ -1,10 +1,12 @@
 """The edgekit command as a user runs it: exit codes, one-line errors, no tracebacks, no half-written output."""
 
 import json
+import os
+import subprocess
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import BIN, assert_one_line_error, run_cli
 
 
 def test_compress_then_inspect_then_tamper(cnn_path, tmp_path):
@@ -79,3 +81,45 @@ def test_importing_the_cli_and_library_does_not_import_tensorflow():
     code = "import sys, edgekit, tools.cli, device_agents; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+CUSTOM_LAYER = '''
+import keras
+
+
+@keras.saving.register_keras_serializable(package="mine")
+class Scale(keras.layers.Layer):
+    """A user's own layer: a learned per-feature scale."""
+
+    def build(self, input_shape):
+        self.gain = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.gain
+'''
+
+
+def test_a_custom_layer_loads_when_its_module_is_named_and_only_then(tmp_path):
+    (tmp_path / "mine_layers.py").write_text(CUSTOM_LAYER)
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import numpy as np, keras, mine_layers\n"
+              "keras.utils.set_random_seed(0)\n"
+              "m = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), mine_layers.Scale(),"
+              " keras.layers.Dense(10, activation='softmax')])\n"
+              "from sklearn.datasets import load_digits; d = load_digits()\n"
+              "m.compile('adam', 'sparse_categorical_crossentropy')\n"
+              "m.fit((d.images / 16.0)[..., None], d.target, epochs=3, verbose=0)\n"
+              "m.save(sys.argv[2])\n")
+    subprocess.run([str(BIN / "python"), "-c", script, str(tmp_path), str(tmp_path / "custom.keras")], check=True,
+                   env={**os.environ, "TF_USE_LEGACY_KERAS": "0"}, capture_output=True)
+    refused = run_cli("compress", str(tmp_path / "custom.keras"), "--out", str(tmp_path / "no"), "--quiet")
+    assert_one_line_error(refused, 2, "mine>Scale", "import the module that registers it first")
+    assert not (tmp_path / "no").exists()
+    proc = run_cli("compress", str(tmp_path / "custom.keras"), "--custom-objects", "mine_layers", "--out",
+                   str(tmp_path / "out"), "--quiet", env={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert {a["format"] for a in manifest["artifacts"]} == {"tflite", "onnx"}
+    assert all(a["accuracy_drop"] <= 3 for a in manifest["artifacts"]), manifest["artifacts"]
+    bad = run_cli("compress", str(tmp_path / "custom.keras"), "--custom-objects", "no_such_module", "--out",
+                  str(tmp_path / "bad"), "--quiet")
+    assert_one_line_error(bad, 2, "cannot import the custom-objects module 'no_such_module'")

@@ -288,8 +288,10 @@ def test_text_model_int8_and_dynamic_export(text_model_path, text_npz, tmp_path)
         for art in cand.artifacts:
             assert art.inputs[0].dtype in ("int32", "int64")
             assert art.accuracy >= result.source["accuracy"] - 5, (cand.recipe.name, art.format)
-    structured = result.candidates[2].layer_sparsity
-    assert structured["dense"] == pytest.approx(0.5, abs=0.01) and structured["lstm"] < 0.1
+    structured = result.candidates[2].layer_sparsity  # by layer type: Keras names depend on what ran before
+    dense = next(v for k, v in structured.items() if k.startswith("dense"))
+    lstm = next(v for k, v in structured.items() if k.startswith("lstm"))
+    assert dense == pytest.approx(0.5, abs=0.01) and lstm < 0.1
 
 
 def test_keras3_model_compresses_like_any_other(keras3_path, tmp_path):
@@ -342,12 +344,12 @@ def test_layers_pruning_cannot_touch_are_listed_with_the_reason(keras3_path, tmp
              config=config(recipe=Recipe(prune=0.5, quantize="none"), formats="tflite",
                            training=fast_training(finetune_epochs=1)))
     manifest = json.loads((out / "manifest.json").read_text())
-    skipped = manifest["skipped_layers"]
+    skipped = manifest["skipped_layers"]["prune"]
     depthwise = [name for name in skipped if "depthwise" in name]
     assert depthwise and "prunes no weights of a DepthwiseConv2D" in skipped[depthwise[0]]
     assert manifest["layer_sparsity"][depthwise[0]] == 0.0
     report = (out / "report.md").read_text()
-    assert "## Layers the technique left as they were" in report and depthwise[0] in report
+    assert "## Layers a technique left as they were" in report and depthwise[0] in report
 
 
 def test_a_recurrent_int8_tflite_is_right_in_a_plain_interpreter_loop(text_model_path, text_npz, tmp_path):

@@ -1,15 +1,15 @@
-"""Real architectures a user brings, built by Keras 3 itself, through post-training int8 in both formats.
+"""Real architectures a user brings, built by Keras 3 itself, through post-training int8 in both formats,
+training-based techniques per layer, and on-device training.
 
-Models tf-keras cannot rebuild (MultiHeadAttention, LayerNormalization, preprocessing layers,
-keras.applications' MobileNetV3 with hard-swish and squeeze-excite) are converted from their own
-TensorFlow graph; a plain SavedModel (``model.export()``) is used by its serving signature; recurrent
-text models are rebuilt as tf-keras and their TFLite is unrolled (stateless).
+Every one of them is rebuilt as tf-keras by the generic rebuild (ops such as ``x + y``, Keras 3 activations,
+attention, preprocessing layers); a plain SavedModel (``model.export()``) is used by its serving signature;
+recurrent text models are unrolled in their TFLite (stateless).
 """
 
 import numpy as np
 import pytest
 
-from edgekit import CompressConfig, Recipe, UnsupportedLayerError, _tf, compress
+from edgekit import CompressConfig, Recipe, TrainableConfig, TrainingConfig, _tf, compress, export_trainable
 from edgekit.loading import zoo
 
 
@@ -36,7 +36,9 @@ def _trained(model, npz, epochs):
     return model
 
 
-ARCHITECTURES = ["transformer", "preprocessing-cnn", "mobilenetv3small", "gru", "bilstm", "model.export() savedmodel"]
+# DenseNet121 (7M parameters) is left to benchmarks/conformance.py: it alone would take over a minute of make test
+ARCHITECTURES = [*(name for name in zoo.KERAS3_ARCHITECTURES if name != "densenet121"), "model.export() savedmodel"]
+BRIEFLY_TRAINED = ("mobilenetv3small", "mobilenetv2", "efficientnetb0", "densenet121")  # one epoch: near chance
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +49,9 @@ def saved(text_data, images32, tmp_path_factory):
     d = tmp_path_factory.mktemp("conformance")
     models = {}
     for name in ARCHITECTURES[:-1]:
-        data = images32 if name in ("preprocessing-cnn", "mobilenetv3small") else text_data
+        data = text_data if name in zoo.TEXT_ARCHITECTURES else images32
         model = zoo.keras3_architecture(name, sample=np.load(images32)["x"][:200])
-        models[name] = (_trained(model, data, 1 if name == "mobilenetv3small" else 6), data)
+        models[name] = (_trained(model, data, 1 if name in BRIEFLY_TRAINED else 6), data)
     paths = {}
     for name, (model, data) in models.items():
         paths[name] = (d / f"{name}.keras", data)
@@ -73,20 +75,39 @@ def test_post_training_int8_in_both_formats(saved, name, tmp_path):
     for art in formats.values():
         assert art.runtime in ("litert", "onnxruntime") and art.outputs[0].shape[-1] == result.source["output"][
             "shape"][-1]
-        if name != "mobilenetv3small":  # one epoch: near chance, so only its agreement is asked
+        if name not in BRIEFLY_TRAINED:  # one epoch: near chance, so only its agreement is asked
             assert result.source["accuracy"] >= 60 and art.accuracy_drop <= 5, (art.format, art.accuracy_drop)
         assert art.top1_agreement >= 80, (art.format, art.top1_agreement)
-    graph_only = name not in ("gru", "bilstm")  # the recurrent ones are rebuilt as tf-keras: model.keras is kept
+    graph_only = name == "model.export() savedmodel"  # the others are rebuilt as tf-keras: model.keras is kept
+    diff = result.source["rebuild_max_abs_diff"]
+    assert diff is None if graph_only else diff <= 1e-5
     assert (tmp_path / "out" / "manifest.json").is_file()
     assert (tmp_path / "out" / "model.keras").exists() is not graph_only
 
 
-def test_training_based_techniques_say_why_they_cannot_run(saved, tmp_path):
+def test_training_based_techniques_run_per_layer_and_list_what_they_left(saved, tmp_path):
+    """The transformer was refused by pruning, QAT and distillation; now each applies to the layers it can."""
     path, data = saved["transformer"]
-    with pytest.raises(UnsupportedLayerError, match="pruning needs a tf-keras model: the Keras 3 model is not rebuilt"):
-        compress(path, data, None, progress=False, config=CompressConfig(recipe=Recipe(prune=0.5)))
-    search = compress(path, data, None, progress=False, config=CompressConfig(
-        max_accuracy_drop=5, search=(Recipe(quantize="int8"), Recipe(quantize="qat")), formats=("tflite",)))
-    qat = next(c for c in search.candidates if c.recipe.quantize.value == "qat")
-    assert "quantization-aware training needs a tf-keras model" in qat.error
-    assert search.selected.recipe.name == "int8"
+    search = compress(path, data, tmp_path / "t", progress=False, config=CompressConfig(
+        max_accuracy_drop=5, formats=("tflite",), training=TrainingConfig(finetune_epochs=2, distill_epochs=4),
+        search=(Recipe(prune=0.5, quantize="none"), Recipe(quantize="qat"),
+                Recipe(student_width=0.5, quantize="int8"))))
+    pruned, qat, student = search.candidates
+    assert all(c.error is None and c.worst_drop <= 5 for c in search.candidates), [c.error for c in search.candidates]
+    assert "prunes no weights of a MultiHeadAttention" in pruned.skipped_layers["prune"]["multi_head_attention"]
+    assert pruned.layer_sparsity["embedding"] >= 0.45 and pruned.layer_sparsity["multi_head_attention"] == 0
+    assert "does not quantize a LayerNormalization" in qat.skipped_layers["qat"]["layer_normalization"]
+    assert student.params < search.source["params"] * 0.6
+    report = (tmp_path / "t" / "report.md").read_text()
+    assert "## Layers a technique left as they were" in report or search.selected is student
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3small", "preprocessing-cnn"])
+def test_on_device_training_of_keras_applications_layers(saved, name, tmp_path):
+    """hard-swish, squeeze-excite, ZeroPadding2D, Rescaling, Normalization: every layer has an on-device gradient;
+    without data the artifact is verified on synthetic inputs of the model's own shape."""
+    path, _ = saved[name]
+    result = export_trainable(path, tmp_path / "tr", progress=False, config=TrainableConfig(batch_size=8))
+    check = result.manifest["verification"]
+    assert result.manifest["trainable"]["mode"] == "full" and check["infer_top1_agreement"] == 100.0
+    assert check["infer_max_abs_diff"] <= 1e-4 and check["train_step_max_relative_l2"] <= 1e-2

@@ -1,5 +1,6 @@
 """Loading every accepted format, the Keras 3 rebuild, and refusals before any training."""
 
+import inspect
 import json
 import zipfile
 
@@ -8,7 +9,7 @@ import pytest
 
 from edgekit import _tf
 from edgekit.errors import ModelLoadError, UnsupportedLayerError
-from edgekit.loading.layers import LAYERS, support
+from edgekit.loading.layers import PRUNABLE, SCALE_ATTRIBUTES, prune_skip_reason, qat_skip_reason
 from edgekit.loading.models import load_model, rebuild_keras3
 
 
@@ -58,17 +59,41 @@ def test_a_layer_tf_keras_cannot_rebuild_leaves_the_graph_for_post_training(tmp_
     keras = _tf.keras3()
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="d"),
-                              keras.layers.LayerNormalization(name="norm_7"), keras.layers.Dense(3)])
-    model.save(tmp_path / "ln.keras")
-    loaded = load_model(tmp_path / "ln.keras")
+                              keras.layers.RMSNormalization(name="norm_7"), keras.layers.Dense(3)])
+    model.save(tmp_path / "rms.keras")
+    loaded = load_model(tmp_path / "rms.keras")
     assert loaded.model is None and loaded.source is loaded.graph and loaded.source_format == "keras3"
     assert (loaded.input_shape, loaded.input_dtype, loaded.num_classes) == ((4,), "float32", 3)
     assert loaded.params == model.count_params() and loaded.outputs_probabilities is False
     x = np.random.default_rng(0).random((5, 4)).astype(np.float32)
     np.testing.assert_allclose(loaded.source(x), model(x).numpy(), atol=1e-6)  # the same graph
     with pytest.raises(UnsupportedLayerError, match="pruning needs a tf-keras model: .*layer 'norm_7' is a "
-                                                    "LayerNormalization"):
+                                                    "RMSNormalization, which tf-keras does not have"):
         loaded.trainable_model("pruning")
+
+
+def test_the_rebuild_is_generic_ops_keras3_activations_shared_and_nested_layers(tmp_path):
+    """Every construct of this model was refused by the old allow-list rebuild; it rebuilds, saves and reloads."""
+    keras = _tf.keras3()
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 8))
+    shared = layers.Dense(8, activation="hard_sigmoid", name="shared")  # Keras 3's hard_sigmoid is not tf-keras's
+    a = shared(inp)
+    x = layers.LayerNormalization()(a + layers.MultiHeadAttention(2, 4)(a, a))  # an op node, attention
+    x = layers.Activation("hard_silu")(x * 0.5 + 1.0)  # ops with numbers, an activation tf-keras lacks
+    x = shared(x)  # the shared layer's second call
+    block = keras.Sequential([layers.GlobalAveragePooling1D(), layers.Dense(8, activation="silu")], name="block")
+    out = layers.Dense(3, activation="softmax")(block(x))
+    model = keras.Model(inp, out)
+    model.save(tmp_path / "generic.keras")
+    loaded = load_model(tmp_path / "generic.keras")
+    assert loaded.model is not None and loaded.training_unavailable is None, loaded.training_unavailable
+    assert loaded.rebuild_max_abs_diff <= 1e-5
+    loaded.model.save(tmp_path / "rebuilt.keras")  # edgekit's model.keras output loads again, still code-free
+    again = load_model(tmp_path / "rebuilt.keras")
+    x = np.random.default_rng(1).standard_normal((4, 6, 8)).astype(np.float32)
+    np.testing.assert_allclose(again.model(x).numpy(), model(x).numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -141,21 +166,35 @@ PRUNE_ARGS = {"Conv1D": (2, 3), "Conv2D": (2, 3), "Dense": (2,), "Embedding": (1
               "SimpleRNN": (2,), "SeparableConv2D": (2, 3)}
 
 
-def test_every_registered_layer_is_a_tf_keras_layer_and_prunable_ones_are_prunable():
+def test_the_prune_registry_claims_only_what_tfmot_prunes_and_skips_the_rest_with_a_reason():
     from tensorflow_model_optimization.python.core.sparsity.keras.prune_registry import PruneRegistry
 
     keras = _tf.keras()
-    for name, entry in LAYERS.items():
+    assert set(PRUNE_ARGS) == PRUNABLE
+    for name in PRUNABLE:  # the registry's claim holds: tfmot prunes some weight of an instance of it
         cls = getattr(keras.layers, name)
-        assert issubclass(cls, keras.layers.Layer), name
-        if entry.prune:  # the registry's claim holds: tfmot prunes some weight of an instance of it
-            layer = cls(*PRUNE_ARGS[name])
-            rnn = name in ("LSTM", "GRU", "SimpleRNN")
-            weights = PruneRegistry._RNN_LAYERS if rnn else PruneRegistry._LAYERS_WEIGHTS_MAP[cls]  # noqa: SLF001
-            assert PruneRegistry.supports(layer) and weights, name
-    assert set(PRUNE_ARGS) == {name for name, entry in LAYERS.items() if entry.prune}
-    with pytest.raises(UnsupportedLayerError, match="supported layers: Activation, Add"):
-        support("Bogus", layer_name="b")
+        layer = cls(*PRUNE_ARGS[name])
+        rnn = name in ("LSTM", "GRU", "SimpleRNN")
+        weights = PruneRegistry._RNN_LAYERS if rnn else PruneRegistry._LAYERS_WEIGHTS_MAP[cls]  # noqa: SLF001
+        assert PruneRegistry.supports(layer) and weights, name
+        assert prune_skip_reason(layer, None) is None
+    assert "prunes no weights of a DepthwiseConv2D" in prune_skip_reason(keras.layers.DepthwiseConv2D(3), None)
+    assert "2:4 sparsity supports Conv2D, Dense only" in prune_skip_reason(keras.layers.Conv1D(2, 3), (2, 4))
+    assert "prunes no weights of a MultiHeadAttention" in prune_skip_reason(keras.layers.MultiHeadAttention(2, 4), None)
+    for name, attribute in SCALE_ATTRIBUTES.items():  # every scaled width is a constructor argument
+        assert attribute in inspect.signature(getattr(keras.layers, name).__init__).parameters, name
+
+
+def test_qat_annotates_what_tfmot_quantizes_and_says_why_for_the_rest():
+    keras = _tf.keras()
+    inp = keras.Input((8, 8, 1))
+    conv = keras.layers.Conv2D(4, 3)
+    bn_after_conv, bn_alone = keras.layers.BatchNormalization(), keras.layers.BatchNormalization()
+    keras.Model(inp, bn_alone(keras.layers.Rescaling(2.0)(bn_after_conv(conv(inp)))))
+    assert qat_skip_reason(conv) is None and qat_skip_reason(bn_after_conv) is None  # tfmot folds it
+    assert "does not quantize a BatchNormalization" in qat_skip_reason(bn_alone)
+    assert "does not quantize a LayerNormalization" in qat_skip_reason(keras.layers.LayerNormalization())
+    assert "does not quantize the activation elu" in qat_skip_reason(keras.layers.Dense(3, activation="elu"))
 
 
 def _lambda_writing(marker):

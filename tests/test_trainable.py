@@ -39,7 +39,47 @@ def parity_models():
             if isinstance(layer, L.BatchNormalization):
                 layer.set_weights([np.random.default_rng(1).uniform(0.5, 1.5, w.shape).astype(np.float32)
                                    for w in layer.get_weights()])
-    return [seq, func]
+    return [seq, func, mobile_model(), concat_model()]
+
+
+def mobile_model():
+    """The layers of keras.applications' mobile CNNs: preprocessing, zero padding, swish and hard-swish,
+    squeeze-excite (GAP keepdims, sigmoid gate, Multiply), separable convs, LeakyReLU, Reshape."""
+    from edgekit.loading.rebuild import register_activations
+
+    keras = _tf.keras()
+    L = keras.layers
+    register_activations()
+    _tf.set_seed(8)
+    inp = keras.Input((9, 9, 2))
+    norm = L.Normalization(mean=[0.2, -0.1], variance=[2.0, 0.5])
+    x = norm(L.Rescaling(1.5, offset=-0.25)(inp))
+    x = L.ZeroPadding2D(((1, 0), (0, 2)))(x)
+    x = L.Conv2D(6, 3, strides=2, activation="edgekit_hard_silu")(x)
+    x = L.Activation("swish")(L.BatchNormalization()(x))
+    gate = L.GlobalAveragePooling2D(keepdims=True)(x)
+    gate = L.Conv2D(3, 1, activation="relu")(gate)
+    gate = L.Conv2D(6, 1, activation="edgekit_hard_sigmoid")(gate)
+    x = L.Multiply()([x, gate])
+    x = L.SeparableConv2D(5, 3, padding="same", activation="sigmoid")(x)
+    x = L.LeakyReLU(0.1)(L.Activation("tanh")(x))
+    x = L.Activation("hard_sigmoid")(L.Activation("edgekit_silu")(x))
+    x = L.Reshape((2, -1, 5))(L.Reshape((-1, 5))(x))
+    out = L.Dense(3, activation="softmax")(L.GlobalMaxPooling2D()(x))
+    return keras.Model(inp, out, name="mobile")
+
+
+def concat_model():
+    """A DenseNet-style block: concatenated features, global max pooling with keepdims."""
+    keras = _tf.keras()
+    L = keras.layers
+    _tf.set_seed(9)
+    inp = keras.Input((6, 6, 2))
+    a = L.Conv2D(3, 3, padding="same", activation="relu")(inp)
+    x = L.Concatenate()([inp, a])
+    x = L.GlobalMaxPooling2D(keepdims=True)(L.Conv2D(4, 1)(x))
+    out = L.Dense(3)(L.Flatten()(x))
+    return keras.Model(inp, out, name="concat")
 
 
 def test_every_registered_layer_has_a_parity_case():
@@ -47,7 +87,7 @@ def test_every_registered_layer_has_a_parity_case():
     assert set(HANDLERS) <= covered, set(HANDLERS) - covered
 
 
-@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
 def test_one_train_step_matches_tensorflow(index):
     from ai_edge_litert.interpreter import Interpreter
 

@@ -85,6 +85,7 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                                    "post-training int8. With --max-accuracy-drop and no technique flag: try "
                                    "candidate recipes and keep the smallest within the budget.")
     c.add_argument("model", help="SavedModel folder, .h5, or .keras (tf-keras or Keras 3)")
+    _add_custom_objects(c)
     c.add_argument("--data", default="digits", help="'digits' (embedded) or an .npz with x and y (default: digits)")
     c.add_argument("--eval-data", help="an .npz to evaluate on instead of a split of --data")
     c.add_argument("--out", required=True, help="output folder (written atomically)")
@@ -111,11 +112,18 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=cmd_compress)
 
 
+def _add_custom_objects(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--custom-objects", metavar="MODULE", action="append", default=[],
+                   help="import this module (e.g. my_project.layers) before loading: it registers the model's custom "
+                        "layers with keras.saving.register_keras_serializable. Runs that module's code; repeatable")
+
+
 def _add_trainable(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("trainable", help="export a trainable TFLite artifact for on-device training",
                        description="Write DIR/trainable.tflite (train/infer/get_weights/set_weights signatures, "
                                    "builtin ops only, initialised with MODEL's weights) and DIR/manifest.json.")
     t.add_argument("model", help="SavedModel folder, .h5, or .keras (tf-keras or Keras 3)")
+    _add_custom_objects(t)
     t.add_argument("--out", required=True, help="output folder (written atomically)")
     t.add_argument("--head-only", action="store_true",
                    help="train only the head; the backbone becomes an int8 backbone.tflite")
@@ -134,6 +142,7 @@ def _add_trainable(sub: argparse._SubParsersAction) -> None:
 def _add_round_args(p: argparse.ArgumentParser, config: type) -> None:
     """Options shared by ``fl simulate`` and ``fl up``; defaults from the config dataclasses."""
     p.add_argument("--model", required=True, help="a Keras model (trained or never trained)")
+    _add_custom_objects(p)
     p.add_argument("--data", default="digits", help="'digits' or an .npz with x and y (default: digits)")
     p.add_argument("--out", required=True, help="the run folder")
     p.add_argument("--clients", type=int, default=_default(config, "clients"), help="(default %(default)s)")
@@ -298,7 +307,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet_native_logs()
     from edgekit.errors import EdgeKitError
 
-    return run("edgekit", lambda: args.func(args), (EdgeKitError,))
+    def command() -> int:
+        from edgekit.loading.models import import_custom_objects
+
+        for module in getattr(args, "custom_objects", []):
+            import_custom_objects(module)
+        return args.func(args)
+
+    return run("edgekit", command, (EdgeKitError,))
 
 
 if __name__ == "__main__":

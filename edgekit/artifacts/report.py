@@ -77,9 +77,10 @@ def write_report(result: Any, folder: Path) -> None:
         notes = [f"- {a.format.value}: {n}" for a in result.selected.artifacts for n in a.notes]
         if notes:
             lines += ["", "## Notes", "", *notes]
-        if result.selected.skipped_layers:
-            lines += ["", "## Layers the technique left as they were", "", "| layer | why |", "|---|---|"]
-            lines += [f"| {k} | {v} |" for k, v in result.selected.skipped_layers.items()]
+        skipped = [(t, k, v) for t, layers in result.selected.skipped_layers.items() for k, v in layers.items()]
+        if skipped:
+            lines += ["", "## Layers a technique left as they were", "", "| technique | layer | why |", "|---|---|---|"]
+            lines += [f"| {t} | {k} | {v} |" for t, k, v in skipped]
         if result.selected.recipe.prunes and result.selected.layer_sparsity:  # nothing to show otherwise
             lines += ["", "## Per-layer sparsity (fraction of zero weights)", "", "| layer | sparsity |", "|---|---:|"]
             lines += [f"| {k} | {v:.3f} |" for k, v in result.selected.layer_sparsity.items()]

@@ -1,84 +1,43 @@
-"""The registry of Keras layer types edgekit accepts, and what it can do with each.
+"""What edgekit's training-based techniques do with each layer, decided per layer, never per model.
 
-A model whose layers are not all registered here is refused before any training starts, with
-an error naming the first such layer. The device-side training support of a layer is registered
+Post-training paths take any layer the converters take. Pruning, QAT and distillation apply to the
+layers they can handle and leave the others as they are, with the reason (:func:`prune_skip_reason`,
+:func:`qat_skip_reason`, :data:`SCALE_ATTRIBUTES`). Pruning follows the registry below, whose claims are
+checked against tensorflow-model-optimization's own in the tests; QAT asks tfmot's default 8-bit
+registry about each layer instance. The device-side training support of a layer is registered
 separately, in :mod:`edgekit.trainable.graph`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
 from edgekit.errors import UnsupportedLayerError
 
+PRUNABLE: frozenset[str] = frozenset({
+    "Conv1D", "Conv2D", "Dense", "Embedding", "GRU", "LSTM", "SeparableConv2D", "SimpleRNN",
+})
+"""Layer classes whose weights tensorflow-model-optimization prunes (DepthwiseConv2D is listed in tfmot's
+registry with no prunable weight, so it is not here)."""
 
-@dataclass(frozen=True)
-class LayerSupport:
-    """What edgekit can do with one layer type.
+M_BY_N_LAYERS: frozenset[str] = frozenset({"Conv2D", "Dense"})
+"""The layers tfmot's m-by-n (2:4) pruning handles."""
 
-    ``prune``: tensorflow-model-optimization can prune its weights. ``qat``: tfmot's default
-    8-bit scheme can annotate it for quantization-aware training. ``scale``: the attribute a
-    thinner distillation student scales (``filters``, ``units``...), or ``None``.
-    """
-
-    prune: bool = False
-    qat: bool = True
-    scale: str | None = None
-
-
-LAYERS: dict[str, LayerSupport] = {
-    "Activation": LayerSupport(),
-    "Add": LayerSupport(),
-    "AveragePooling1D": LayerSupport(),
-    "AveragePooling2D": LayerSupport(),
-    "BatchNormalization": LayerSupport(),
-    "Bidirectional": LayerSupport(qat=False),
-    "Concatenate": LayerSupport(),
-    "Conv1D": LayerSupport(prune=True, scale="filters"),
-    "Conv2D": LayerSupport(prune=True, scale="filters"),
-    "Dense": LayerSupport(prune=True, scale="units"),
-    "DepthwiseConv2D": LayerSupport(),  # tfmot's prune registry lists no prunable weights for it
-    "Dropout": LayerSupport(),
-    "Embedding": LayerSupport(prune=True, qat=False, scale="output_dim"),
-    "Flatten": LayerSupport(),
-    "GlobalAveragePooling1D": LayerSupport(),
-    "GlobalAveragePooling2D": LayerSupport(),
-    "GlobalMaxPooling1D": LayerSupport(),
-    "GlobalMaxPooling2D": LayerSupport(),
-    "GRU": LayerSupport(prune=True, qat=False, scale="units"),
-    "InputLayer": LayerSupport(),
-    "LSTM": LayerSupport(prune=True, qat=False, scale="units"),
-    "MaxPooling1D": LayerSupport(),
-    "MaxPooling2D": LayerSupport(),
-    "Multiply": LayerSupport(),
-    "ReLU": LayerSupport(),
-    "SimpleRNN": LayerSupport(prune=True, qat=False, scale="units"),
-    "Reshape": LayerSupport(),
-    "SeparableConv2D": LayerSupport(prune=True, scale="filters"),
-    "Softmax": LayerSupport(),
-    "ZeroPadding2D": LayerSupport(),
+SCALE_ATTRIBUTES: dict[str, str] = {
+    "Conv1D": "filters", "Conv2D": "filters", "Dense": "units", "Embedding": "output_dim", "GRU": "units",
+    "LSTM": "units", "MultiHeadAttention": "key_dim", "SeparableConv2D": "filters", "SimpleRNN": "units",
 }
-"""Layer class name -> what edgekit can do with it (Keras 2 and Keras 3 share these names)."""
+"""Layer class -> the width a thinner distillation student scales; other layers are kept as they are."""
 
-_ALIASES = {"MaxPool1D": "MaxPooling1D", "MaxPool2D": "MaxPooling2D", "AvgPool2D": "AveragePooling2D",
-            "AvgPool1D": "AveragePooling1D", "GlobalAvgPool2D": "GlobalAveragePooling2D",
-            "GlobalAvgPool1D": "GlobalAveragePooling1D", "Convolution2D": "Conv2D", "Convolution1D": "Conv1D"}
+QAT_ACTIVATIONS: frozenset[str] = frozenset({"gelu", "linear", "relu", "relu6", "sigmoid", "softmax", "swish",
+                                             "tanh"})
+"""Activations tfmot's default 8-bit scheme quantizes (``quantize_aware_activation``)."""
 
-
-def support(layer_type: str, *, layer_name: str = "?") -> LayerSupport:
-    """Return the registered support of ``layer_type`` or raise :class:`UnsupportedLayerError`."""
-    entry = LAYERS.get(_ALIASES.get(layer_type, layer_type))
-    if entry is None:
-        raise UnsupportedLayerError(
-            f"layer '{layer_name}' is a {layer_type}, which edgekit does not support; "
-            f"supported layers: {', '.join(sorted(LAYERS))}",
-            layer_name=layer_name, layer_type=layer_type,
-        )
-    return entry
+_KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings", "recurrent_kernel")
 
 
-def iter_layers(model):  # noqa: ANN001, ANN201  (a tf-keras model; TensorFlow stays lazy)
-    """Yield every leaf layer of ``model``, descending into nested models."""
+def iter_layers(model: Any) -> Any:
+    """Yield every leaf layer of a tf-keras ``model``, descending into nested models."""
     for layer in model.layers:
         if hasattr(layer, "layers") and layer.__class__.__name__ in ("Functional", "Sequential", "Model"):
             yield from iter_layers(layer)
@@ -86,19 +45,63 @@ def iter_layers(model):  # noqa: ANN001, ANN201  (a tf-keras model; TensorFlow s
             yield layer
 
 
-def check_model(model, *, need: str | None = None) -> None:  # noqa: ANN001
-    """Raise :class:`UnsupportedLayerError` for the first layer edgekit cannot handle.
+def has_kernel(layer: Any) -> bool:
+    """True when ``layer`` holds a kernel-like weight (what pruning would act on)."""
+    return any(weight.name.split("/")[-1].split(":")[0] in _KERNEL_NAMES for weight in layer.weights)
 
-    ``need`` names a capability (``"prune"`` or ``"qat"``) every weighted layer must have.
-    """
+
+def prune_skip_reason(layer: Any, structured: tuple[int, int] | None) -> str | None:
+    """Why pruning leaves ``layer`` as it is (``None``: it is pruned; layers without kernels are not listed)."""
+    kind = layer.__class__.__name__
+    if kind not in PRUNABLE:
+        return f"tensorflow-model-optimization prunes no weights of a {kind}"
+    if structured is not None and kind not in M_BY_N_LAYERS:
+        return f"{structured[0]}:{structured[1]} sparsity supports {', '.join(sorted(M_BY_N_LAYERS))} only"
+    return None
+
+
+def qat_skip_reason(layer: Any) -> str | None:
+    """Why quantization-aware training leaves ``layer`` in float (``None``: tfmot's 8-bit scheme annotates it)."""
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+        default_8bit_quantize_registry as registry,
+    )
+
+    kind = layer.__class__.__name__
+    if kind == "InputLayer" or (kind == "BatchNormalization" and _follows(layer, _BN_FOLDED_INTO)):
+        return None  # tfmot folds a BatchNormalization into the convolution or dense layer before it
+    if not registry.Default8BitQuantizeRegistry().supports(layer):
+        return f"tensorflow-model-optimization's 8-bit scheme does not quantize a {kind}"
+    if kind != "Activation" and activation_name(layer) not in (None, *QAT_ACTIVATIONS):
+        return f"tensorflow-model-optimization's 8-bit scheme does not quantize the activation {activation_name(layer)}"
+    return None
+
+
+_BN_FOLDED_INTO = frozenset({"Conv2D", "DepthwiseConv2D", "Dense"})
+
+
+def _follows(layer: Any, kinds: frozenset[str]) -> bool:
+    """True when every call of ``layer`` takes the output of one layer of ``kinds``."""
+    nodes = getattr(layer, "inbound_nodes", [])
+    return bool(nodes) and all(
+        len(node.inbound_layers if isinstance(node.inbound_layers, list) else [node.inbound_layers]) == 1
+        and (node.inbound_layers[0] if isinstance(node.inbound_layers, list) else node.inbound_layers)
+        .__class__.__name__ in kinds for node in nodes)
+
+
+def qat_output_only(layer: Any) -> bool:
+    """True for an ``Activation`` layer whose function tfmot's scheme lacks (hard-swish...): only its output is
+    quantized (what the int8 converters do with such an op), instead of failing the whole model."""
+    return layer.__class__.__name__ == "Activation" and activation_name(layer) not in QAT_ACTIVATIONS
+
+
+def activation_name(layer: Any) -> str | None:
+    """The name of ``layer``'s activation function, or ``None`` when it has none."""
+    return getattr(getattr(layer, "activation", None), "__name__", None)
+
+
+def check_model(model: Any) -> None:
+    """Raise :class:`UnsupportedLayerError` for a layer no technique can export (a lambda activation)."""
     for layer in iter_layers(model):
-        entry = support(layer.__class__.__name__, layer_name=layer.name)
-        if need == "qat" and not entry.qat:
-            raise UnsupportedLayerError(
-                f"layer '{layer.name}' is a {layer.__class__.__name__}, which quantization-aware training "
-                "does not support; use post-training int8 or dynamic quantization for this model",
-                layer_name=layer.name, layer_type=layer.__class__.__name__,
-            )
         activation = getattr(layer, "activation", None)
         if activation is not None and getattr(activation, "__name__", "") == "<lambda>":
             raise UnsupportedLayerError(

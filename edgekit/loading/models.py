@@ -8,7 +8,6 @@ rebuild is checked numerically against the original before anything else runs.
 
 from __future__ import annotations
 
-import inspect
 import json
 import zipfile
 from dataclasses import dataclass
@@ -21,9 +20,11 @@ from device_agents.errors import first_line
 from edgekit import _tf
 from edgekit._io import sha256_of
 from edgekit.errors import ModelLoadError, UnsupportedLayerError
-from edgekit.loading.layers import check_model, support
+from edgekit.loading.layers import check_model
+from edgekit.loading.rebuild import REBUILD_TOLERANCE, rebuild_keras3
 
-REBUILD_TOLERANCE = 1e-5
+__all__ = ["REBUILD_TOLERANCE", "LoadedModel", "accuracy", "check_code_free", "copy_model", "ends_in_softmax",
+           "import_custom_objects", "load_model", "predict", "rebuild_keras3"]
 
 
 @dataclass
@@ -142,7 +143,7 @@ def _training_check(model: Any) -> str | None:
     try:
         check_model(model)
     except UnsupportedLayerError as exc:
-        return str(exc).split("; supported layers:")[0]
+        return str(exc)
     return None
 
 
@@ -154,14 +155,12 @@ def _keras3_loaded(k3: Any, sample: np.ndarray | None, path: str, digest: str) -
     try:
         model, diff = rebuild_keras3(k3, sample)
         _check_outputs(model)
-        return LoadedModel(model, path, digest, "keras3", rebuild_max_abs_diff=diff)
-    except UnsupportedLayerError as exc:
-        reason = str(exc).split("; supported layers:")[0]
+        return LoadedModel(model, path, digest, "keras3", rebuild_max_abs_diff=diff,
+                           training_unavailable=_training_check(model))
     except ModelLoadError as exc:
         reason = str(exc)
     graph = export_keras3(k3, probabilities=ends_in_softmax(k3))
-    return LoadedModel(None, path, digest, "keras3", graph=graph,
-                       training_unavailable=f"the Keras 3 model is not rebuilt as tf-keras ({reason})")
+    return LoadedModel(None, path, digest, "keras3", graph=graph, training_unavailable=reason)
 
 
 def _load_savedmodel(path: Path) -> LoadedModel:
@@ -213,6 +212,7 @@ def _load_h5(path: Path, sample: np.ndarray | None) -> LoadedModel:
         raise ModelLoadError(f"{path} holds weights only (no model config); save the whole model with model.save()")
     parsed = _parse_json(config, path, "model_config")
     check_code_free(parsed, source=path)
+    _check_registered(parsed, keras3=version.startswith("3."), source=path)
     return _load_checked(path, sample, keras3=version.startswith("3."), fmt="h5")
 
 
@@ -233,7 +233,9 @@ def _load_keras_zip(path: Path, sample: np.ndarray | None) -> LoadedModel:
     metadata = _parse_json(texts["metadata.json"], path, "metadata.json")
     config = _parse_json(texts["config.json"], path, "config.json")
     check_code_free(config, source=path)
-    return _load_checked(path, sample, keras3=str(metadata.get("keras_version", "")).startswith("3."), fmt="keras")
+    keras3 = str(metadata.get("keras_version", "")).startswith("3.")
+    _check_registered(config, keras3=keras3, source=path)
+    return _load_checked(path, sample, keras3=keras3, fmt="keras")
 
 
 def _parse_json(text: str | bytes, path: Path, what: str) -> Any:
@@ -258,14 +260,7 @@ def check_code_free(config: Any, *, source: Path) -> None:
     layer's bytecode, a serialized function), wherever it sits: every node, dict or list form,
     nested models, wrapper layers. Runs before any loader sees the file.
     """
-    stack = [config]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-            continue
-        if not isinstance(node, dict):
-            continue
+    for node in _config_nodes(config):
         class_name = node.get("class_name")
         if class_name in CODE_CLASSES:
             inner = node.get("config") if isinstance(node.get("config"), dict) else node
@@ -275,7 +270,29 @@ def check_code_free(config: Any, *, source: Path) -> None:
         if "function_type" in node or "output_shape_type" in node:
             raise ModelLoadError(f"{source}: layer '{node.get('name', '?')}' holds a serialized Python function, "
                                  "which would run when the model loads; edgekit refuses models that carry code")
-        stack.extend(node.values())
+
+
+def _config_nodes(config: Any) -> Any:
+    """Every dict inside a parsed model configuration, at any depth (iteratively: no recursion limit)."""
+    stack = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            yield node
+            stack.extend(node.values())
+
+
+def _check_registered(config: Any, *, keras3: bool, source: Path) -> None:
+    """Refuse, naming it, a custom class (``package>Name``) of the config that no imported module registered."""
+    keras = _tf.keras3() if keras3 else _tf.keras()
+    for node in _config_nodes(config):
+        registered = node.get("registered_name")
+        if isinstance(registered, str) and ">" in registered and keras.saving.get_registered_object(registered) is None:
+            name = node.get("config", {}).get("name", "?") if isinstance(node.get("config"), dict) else "?"
+            raise ModelLoadError(f"{source}: layer '{name}' is the custom class '{registered}', which no imported "
+                                 "module registers; import the module that registers it first (custom objects)")
 
 
 def _load_checked(path: Path, sample: np.ndarray | None, *, keras3: bool, fmt: str) -> LoadedModel:
@@ -292,26 +309,45 @@ def _attr_text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def import_custom_objects(module: str) -> None:
+    """Import the module that registers a model's custom layers (``@keras.saving.register_keras_serializable``)
+    so that models using them load. Importing runs that module's code: name only modules you trust.
+    Everything else keeps loading in safe mode (no Lambda or serialized function is ever deserialized).
+
+    >>> import_custom_objects("my_project.layers")   # doctest: +SKIP
+    """
+    import importlib
+    import sys
+
+    _tf.tf()  # TensorFlow first, the edgekit way: the module may import keras or tensorflow itself
+    added = "" not in sys.path and str(Path.cwd()) not in sys.path
+    if added:  # a module of the current folder, as `python -m` would find it
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        importlib.import_module(module)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot import the custom-objects module '{module}': {first_line(exc)}; "
+                             "give an importable module path (e.g. my_project.layers)") from None
+    finally:
+        if added:
+            sys.path.remove(str(Path.cwd()))
+
+
+_UNKNOWN_CLASS = ("Could not locate class", "Unknown layer", "Could not deserialize class", "Unknown object")
+
+
 def _guarded_load(load, path: Path):  # noqa: ANN001, ANN202
+    from edgekit.loading.rebuild import register_activations
+
+    register_activations()  # a model edgekit rebuilt from Keras 3 may use its activations
     try:
         return load()
     except UnsupportedLayerError:
         raise
     except Exception as exc:  # the loaders raise many types for corrupt files
-        raise ModelLoadError(f"cannot load model {path}: {first_line(exc)}") from None
-
-
-def _config_layers(config: dict):  # noqa: ANN202
-    inner = config.get("config", config)
-    layers = inner if isinstance(inner, list) else inner.get("layers", []) if isinstance(inner, dict) else []
-    for layer in layers:  # the legacy .h5 Sequential form is a plain list of layers
-        if not isinstance(layer, dict):
-            continue
-        class_name = layer.get("class_name", "?")
-        if class_name in ("Functional", "Sequential", "Model"):
-            yield from _config_layers(layer)
-        else:
-            yield layer.get("config", {}).get("name", layer.get("name", "?")), class_name
+        hint = ("; if it is a custom layer, import the module that registers it first (custom objects)"
+                if any(marker in str(exc) for marker in _UNKNOWN_CLASS) else "")
+        raise ModelLoadError(f"cannot load model {path}: {first_line(exc, limit=200)}{hint}") from None
 
 
 def _check_outputs(model: Any) -> None:
@@ -337,150 +373,3 @@ def ends_in_softmax(model: Any) -> bool:
         return True
     activation = getattr(layer, "activation", None)
     return getattr(activation, "__name__", "") == "softmax"
-
-
-# --- Keras 3 -> tf-keras --------------------------------------------------------------------
-
-_BASE_LAYER_KWARGS = {"name", "trainable", "dtype", "input_shape", "batch_input_shape", "batch_size",
-                      "weights", "activity_regularizer", "autocast", "input_dim", "input_length"}
-
-
-def rebuild_keras3(k3_model: Any, sample: np.ndarray | None = None) -> tuple[Any, float]:
-    """Rebuild a Keras 3 model as an equal tf-keras model; return it and the max abs output diff.
-
-    Raises :class:`ModelLoadError` when the outputs differ by more than ``REBUILD_TOLERANCE``.
-    """
-    for name, class_name in _config_layers({"config": k3_model.get_config()}):
-        support(class_name, layer_name=name)
-    try:
-        model = _rebuild(k3_model.__class__.__name__, k3_model.get_config())
-        _copy_weights(k3_model, model)
-    except UnsupportedLayerError:
-        raise
-    except Exception as exc:
-        raise ModelLoadError(f"cannot rebuild the Keras 3 model as tf-keras: {first_line(exc)}") from None
-    check_model(model)
-    x = sample if sample is not None else _random_inputs(model)
-    x = x[:64]
-    want = np.asarray(k3_model(x, training=False))
-    got = model(x, training=False).numpy()
-    diff = float(np.max(np.abs(want - got))) if want.size else 0.0
-    if not diff <= REBUILD_TOLERANCE:
-        raise ModelLoadError(
-            f"the tf-keras rebuild of the Keras 3 model differs from it by {diff:.3g} "
-            f"(tolerance {REBUILD_TOLERANCE:g}); please report this model's architecture"
-        )
-    return model, diff
-
-
-def _random_inputs(model: Any) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    shape = [8] + [d or 16 for d in model.inputs[0].shape[1:]]
-    if model.inputs[0].dtype.is_integer:
-        vocab = min((layer.input_dim for layer in model.layers if hasattr(layer, "input_dim")), default=2)
-        return rng.integers(0, vocab, size=shape).astype(model.inputs[0].dtype.name)
-    return rng.standard_normal(shape).astype(np.float32)
-
-
-def _clean(value: Any) -> Any:
-    """Turn Keras 3 serialized objects into what tf-keras's deserializers read."""
-    if isinstance(value, dict):
-        if value.get("class_name") in ("DTypePolicy", "FloatDTypePolicy"):
-            return value["config"]["name"]
-        if value.get("class_name") == "__tuple__":
-            return tuple(_clean(v) for v in value["config"]["value"])
-        return {k: _clean(v) for k, v in value.items() if k not in ("module", "registered_name")}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
-
-
-def _layer_from_config(class_name: str, config: dict) -> Any:
-    keras2 = _tf.keras()
-    cls = getattr(keras2.layers, class_name)
-    return cls.from_config(_tf_keras_config(cls, _clean(config)))
-
-
-def _tf_keras_config(cls: type, config: dict) -> dict:
-    """A Keras 3 layer config as tf-keras ``cls`` takes it: initializers dropped (weights are copied), keys its
-    constructor lacks dropped; a wrapper's inner layers (Bidirectional, TimeDistributed) the same way."""
-    keras2 = _tf.keras()
-    config = {k: v for k, v in config.items() if not k.endswith("_initializer")}
-    for key in ("layer", "backward_layer"):
-        inner = config.get(key)
-        if isinstance(inner, dict) and isinstance(inner.get("config"), dict):
-            inner_cls = getattr(keras2.layers, inner.get("class_name", ""), None)
-            if inner_cls is not None:
-                config[key] = {**inner, "config": _tf_keras_config(inner_cls, inner["config"])}
-    accepted = set(inspect.signature(cls.__init__).parameters) | _BASE_LAYER_KWARGS
-    return {k: v for k, v in config.items() if k in accepted}
-
-
-def _rebuild(class_name: str, config: dict) -> Any:
-    keras2 = _tf.keras()
-    if class_name == "Sequential":
-        model = keras2.Sequential(name=config.get("name"))
-        for spec in config["layers"]:
-            cfg = spec["config"]
-            if spec["class_name"] == "InputLayer":
-                model.add(keras2.Input(batch_shape=cfg.get("batch_shape") or cfg.get("batch_input_shape"),
-                                       dtype=_clean(cfg.get("dtype", "float32")), name=cfg.get("name")))
-            elif spec["class_name"] in ("Functional", "Sequential", "Model"):
-                model.add(_rebuild(spec["class_name"], cfg))
-            else:
-                model.add(_layer_from_config(spec["class_name"], cfg))
-        return model
-    tensors: dict[tuple[str, int, int], Any] = {}
-    for spec in config["layers"]:
-        name = spec.get("name") or spec["config"]["name"]
-        if spec["class_name"] == "InputLayer":
-            cfg = spec["config"]
-            tensors[(name, 0, 0)] = keras2.Input(
-                batch_shape=cfg.get("batch_shape") or cfg.get("batch_input_shape"),
-                dtype=_clean(cfg.get("dtype", "float32")), name=name)
-            continue
-        if spec["class_name"] in ("Functional", "Sequential", "Model"):
-            layer = _rebuild(spec["class_name"], spec["config"])
-        else:
-            layer = _layer_from_config(spec["class_name"], spec["config"])
-        for node_index, node in enumerate(spec.get("inbound_nodes", [])):
-            args = _resolve(node.get("args", []), tensors)
-            kwargs = _resolve(node.get("kwargs", {}), tensors)
-            out = layer(*args, **kwargs)
-            outs = out if isinstance(out, (list, tuple)) else [out]
-            for tensor_index, tensor in enumerate(outs):
-                tensors[(name, node_index, tensor_index)] = tensor
-    inputs = [tensors[tuple(ref)] for ref in _refs(config["input_layers"])]
-    outputs = [tensors[tuple(ref)] for ref in _refs(config["output_layers"])]
-    return keras2.Model(inputs[0] if len(inputs) == 1 else inputs,
-                        outputs[0] if len(outputs) == 1 else outputs, name=config.get("name"))
-
-
-def _refs(value: list) -> list:
-    return [value] if value and isinstance(value[0], str) else value
-
-
-def _resolve(value: Any, tensors: dict) -> Any:
-    if isinstance(value, dict):
-        if value.get("class_name") == "__keras_tensor__":
-            layer_name, node_index, tensor_index = value["config"]["keras_history"]
-            return tensors[(layer_name, node_index, tensor_index)]
-        return {k: _resolve(v, tensors) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_resolve(v, tensors) for v in value]
-    return value
-
-
-def _copy_weights(source: Any, target: Any) -> None:
-    by_name = {layer.name: layer for layer in target.layers}
-    for layer in source.layers:
-        weights = layer.get_weights()
-        if not weights:
-            continue
-        twin = by_name.get(layer.name)
-        if twin is None:
-            raise ModelLoadError(f"layer '{layer.name}' was lost in the tf-keras rebuild")
-        if hasattr(layer, "layers") and hasattr(twin, "layers"):
-            _copy_weights(layer, twin)
-        else:
-            twin.set_weights(weights)

@@ -69,12 +69,33 @@ def token_dataset(n: int = 600, length: int = 16, vocab: int = 30, classes: int 
     return Dataset(x.astype(np.int32), y.astype(np.int64), "tokens")
 
 
+KERAS3_ARCHITECTURES = ("transformer", "preprocessing-cnn", "mobilenetv3small", "mobilenetv2", "efficientnetb0",
+                        "densenet121", "gru", "bilstm")
+"""The conformance suite's architectures (:func:`keras3_architecture`)."""
+TEXT_ARCHITECTURES = ("transformer", "gru", "bilstm")
+
+
 def keras3_architecture(name: str, *, sample: Any = None, length: int = 16, vocab: int = 30) -> Any:
-    """A Keras 3 model of the conformance suite, randomly initialised: ``"transformer"``,
-    ``"preprocessing-cnn"`` (``sample`` adapts its Normalization), ``"mobilenetv3small"``, ``"gru"``, ``"bilstm"``.
+    """A Keras 3 model of the conformance suite (:data:`KERAS3_ARCHITECTURES`), randomly initialised: a transformer,
+    a CNN with preprocessing layers (``sample`` adapts its Normalization), keras.applications MobileNetV3Small,
+    MobileNetV2 (width 0.35), EfficientNetB0 and DenseNet121 (``weights=None``), GRU and bidirectional LSTM.
     Images are 32x32x3 with 10 classes; texts ``length`` token ids below ``vocab`` with 3 classes."""
     keras = _tf.keras3()
     layers = keras.layers
+    applications = {"mobilenetv3small": lambda: keras.applications.MobileNetV3Small(
+                        input_shape=(32, 32, 3), weights=None, classes=10, include_preprocessing=True),
+                    "mobilenetv2": lambda: keras.applications.MobileNetV2(
+                        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10),
+                    "efficientnetb0": lambda: keras.applications.EfficientNetB0(
+                        input_shape=(32, 32, 3), weights=None, classes=10),
+                    "densenet121": lambda: keras.applications.DenseNet121(
+                        input_shape=(32, 32, 3), weights=None, classes=10)}
+    if name in applications:
+        model = applications[name]()
+        for layer in model.layers:  # keras.applications use 0.99-0.999: a short training leaves the statistics stale
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = 0.9
+        return model
     if name == "transformer":
         inp = keras.Input((length,), dtype="int32")
         x = layers.Embedding(vocab, 16)(inp)
@@ -88,13 +109,6 @@ def keras3_architecture(name: str, *, sample: Any = None, length: int = 16, voca
                                  layers.Conv2D(16, 3, activation="relu"), layers.MaxPooling2D(),
                                  layers.Conv2D(16, 3, activation="relu"), layers.MaxPooling2D(), layers.Flatten(),
                                  layers.Dense(10, activation="softmax")])
-    if name == "mobilenetv3small":
-        model = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None, classes=10,
-                                                    include_preprocessing=True)
-        for layer in model.layers:  # keras.applications use 0.999: a short training leaves the statistics stale
-            if isinstance(layer, layers.BatchNormalization):
-                layer.momentum = 0.9
-        return model
     if name in ("gru", "bilstm"):
         rnn = layers.GRU(16) if name == "gru" else layers.Bidirectional(layers.LSTM(8))
         return keras.Sequential([keras.Input((length,), dtype="int32"), layers.Embedding(vocab, 8), rnn,

@@ -42,7 +42,8 @@ def reestimate_batchnorm(model: Any, x: Any, *, batch_size: int = 64, max_sample
     from edgekit.loading.layers import iter_layers
 
     keras = _tf.keras()
-    layers = [layer for layer in iter_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    layers = [inner for inner in (getattr(layer, "layer", layer) for layer in iter_layers(model))  # unwrap tfmot
+              if isinstance(inner, keras.layers.BatchNormalization)]
     if not layers or len(x) == 0:
         return 0
     momenta = [layer.momentum for layer in layers]

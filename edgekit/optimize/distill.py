@@ -11,13 +11,14 @@ from edgekit._progress import Progress
 from edgekit.config import TrainingConfig
 from edgekit.errors import InputError
 from edgekit.loading.data import Dataset
-from edgekit.loading.layers import LAYERS, iter_layers
+from edgekit.loading.layers import SCALE_ATTRIBUTES, iter_layers
 from edgekit.loading.models import predict
 from edgekit.optimize._fit import reestimate_batchnorm, steps_per_epoch
 
 
 def thin_student(teacher: Any, width: float) -> Any:
-    """A freshly initialised copy of ``teacher`` with conv/dense/LSTM widths scaled by ``width``.
+    """A freshly initialised copy of ``teacher`` with the widths of :data:`SCALE_ATTRIBUTES` (filters, units,
+    attention key size...) scaled by ``width``; every other layer is kept as it is.
 
     The output layer keeps its size (one unit per class).
 
@@ -29,9 +30,12 @@ def thin_student(teacher: Any, width: float) -> Any:
 
     def scale(layer: Any) -> Any:
         config = layer.get_config()
-        entry = LAYERS.get(layer.__class__.__name__)
-        if entry is not None and entry.scale and layer.name != output_layer and entry.scale in config:
-            config[entry.scale] = max(1, int(round(config[entry.scale] * width)))
+        attribute = SCALE_ATTRIBUTES.get(layer.__class__.__name__)
+        if attribute in config and layer.name != output_layer:
+            config[attribute] = max(1, int(round(config[attribute] * width)))
+        for key in ("query_shape", "key_shape", "value_shape"):  # tf-keras attention: built from its new inputs
+            if key in config:
+                config[key] = None
         return layer.__class__.from_config(config)
 
     return keras.models.clone_model(teacher, clone_function=scale)

@@ -13,11 +13,10 @@ from edgekit._progress import Progress
 from edgekit.config import TrainingConfig
 from edgekit.errors import ConversionError
 from edgekit.loading.data import Dataset
-from edgekit.loading.layers import LAYERS
+from edgekit.loading.layers import has_kernel, prune_skip_reason
 from edgekit.loading.models import copy_model
 from edgekit.optimize._fit import fit, reestimate_batchnorm, steps_per_epoch
 
-M_BY_N_LAYERS = ("Conv2D", "Dense")  # the layers tfmot's m-by-n (2:4) pruning handles
 _KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings", "recurrent_kernel")
 
 
@@ -50,13 +49,10 @@ def prune(model: Any, data: Dataset, *, sparsity: float | None = None, structure
     skipped: dict[str, str] = {}
 
     def wrap(layer: Any) -> Any:
-        entry = LAYERS.get(layer.__class__.__name__)
-        if entry is None or not entry.prune:
-            if any(_is_kernel(w) for w in layer.weights):  # weighted, yet not prunable: say so
-                skipped[layer.name] = f"tensorflow-model-optimization prunes no weights of a {layer.__class__.__name__}"
-            return layer
-        if structured is not None and layer.__class__.__name__ not in M_BY_N_LAYERS:
-            skipped[layer.name] = f"{structured[0]}:{structured[1]} sparsity supports {', '.join(M_BY_N_LAYERS)} only"
+        why = prune_skip_reason(layer, structured)
+        if why is not None:
+            if has_kernel(layer):  # weighted, yet not pruned: say so
+                skipped[layer.name] = why
             return layer
         try:
             return sparsity_api.prune_low_magnitude(layer, **params)
@@ -79,10 +75,6 @@ def prune(model: Any, data: Dataset, *, sparsity: float | None = None, structure
     stripped = sparsity_api.strip_pruning(wrapped)
     reestimate_batchnorm(stripped, data.x, batch_size=training.batch_size)  # the fine-tune left them stale
     return PruneResult(stripped, layer_sparsity(stripped), skipped, losses)
-
-
-def _is_kernel(weight: Any) -> bool:
-    return weight.name.split("/")[-1].split(":")[0] in _KERNEL_NAMES
 
 
 def layer_sparsity(model: Any) -> dict[str, float]:

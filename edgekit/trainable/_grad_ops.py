@@ -189,3 +189,95 @@ def cross_entropy(logits: Any, onehot: Any, weights: Any) -> Any:
         return loss, grad
 
     return f(logits)
+
+
+def _with_output_gradient(forward: Callable[[Any], Any], slope: Callable[[Any], Any], x: Any) -> Any:
+    """``forward(x)`` whose backward pass is ``g * slope(y)``, written from the output ``y``."""
+    tf = _tf.tf()
+
+    @tf.custom_gradient
+    def f(x: Any) -> Any:
+        y = forward(x)
+        return y, lambda g: g * slope(y)
+
+    return f(x)
+
+
+def sigmoid(x: Any) -> Any:
+    """Sigmoid; gradient y * (1 - y) (TensorFlow's SigmoidGrad is not a builtin)."""
+    return _with_output_gradient(_tf.tf().sigmoid, lambda y: y * (1.0 - y), x)
+
+
+def tanh(x: Any) -> Any:
+    """Tanh; gradient 1 - y^2 (TanhGrad is not a builtin)."""
+    return _with_output_gradient(_tf.tf().tanh, lambda y: 1.0 - y * y, x)
+
+
+def leaky_relu(x: Any, alpha: float) -> Any:
+    """Leaky ReLU; gradient 1 or ``alpha`` (LeakyReluGrad is not a builtin)."""
+    tf = _tf.tf()
+
+    @tf.custom_gradient
+    def f(x: Any) -> Any:
+        positive = tf.cast(x > 0, x.dtype)
+        return tf.nn.leaky_relu(x, alpha=alpha), lambda g: g * (positive + alpha * (1.0 - positive))
+
+    return f(x)
+
+
+def clip(x: Any, low: float, high: float) -> Any:
+    """Clip to [low, high]; gradient 1 inside, 0 outside."""
+    tf = _tf.tf()
+
+    @tf.custom_gradient
+    def f(x: Any) -> Any:
+        inside = tf.cast(x > low, x.dtype) * tf.cast(x < high, x.dtype)
+        return tf.clip_by_value(x, low, high), lambda g: g * inside
+
+    return f(x)
+
+
+def zero_pad(x: Any, pads: tuple[tuple[int, int], tuple[int, int]]) -> Any:
+    """Zero padding of height and width; the gradient is the slice of the inside."""
+    tf = _tf.tf()
+    (pt, pb), (pl, pr) = pads
+
+    @tf.custom_gradient
+    def f(x: Any) -> Any:
+        y = tf.pad(x, [[0, 0], [pt, pb], [pl, pr], [0, 0]])
+        return y, lambda g: g[:, pt:pt + x.shape[1], pl:pl + x.shape[2], :]
+
+    return f(x)
+
+
+def global_max_pool(x: Any, *, keepdims: bool) -> Any:
+    """Max over height and width; the gradient goes to every position equal to the maximum."""
+    tf = _tf.tf()
+
+    @tf.custom_gradient
+    def f(x: Any) -> Any:
+        top = tf.reduce_max(x, axis=[1, 2], keepdims=True)
+
+        def grad(g: Any) -> Any:
+            mask = tf.cast(tf.equal(x, top), x.dtype)
+            return mask * tf.reshape(g, [-1, 1, 1, g.shape[-1]]) / tf.reduce_sum(mask, [1, 2], keepdims=True)
+
+        return (top if keepdims else tf.reshape(top, [-1, x.shape[-1]])), grad
+
+    return f(x)
+
+
+def multiply(a: Any, b: Any) -> Any:
+    """Elementwise product with broadcasting (squeeze-excite: (n, 1, 1, c) * (n, h, w, c)); each gradient is summed
+    over the axes its input was broadcast along (static shapes: no BroadcastGradientArgs op)."""
+    tf = _tf.tf()
+
+    def reduce_to(g: Any, shape: Any) -> Any:
+        axes = [i for i, (have, want) in enumerate(zip(g.shape, shape)) if want == 1 and have != 1]
+        return tf.reduce_sum(g, axis=axes, keepdims=True) if axes else g
+
+    @tf.custom_gradient
+    def f(a: Any, b: Any) -> Any:
+        return a * b, lambda g: (reduce_to(g * b, a.shape), reduce_to(g * a, b.shape))
+
+    return f(a, b)

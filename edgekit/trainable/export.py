@@ -18,6 +18,12 @@ from edgekit.loading.data import Dataset, fit_to_model, load_data
 from edgekit.loading.models import load_model
 
 PARITY_TOLERANCE = 1e-5
+PARITY_RTOL = 1e-2
+"""One train step matches TensorFlow's when, for every weight tensor, the difference is within
+``PARITY_TOLERANCE`` (max abs) or its L2 norm is within ``PARITY_RTOL`` of the L2 norm of the change
+TensorFlow made to that tensor. Small models match to 1e-6; in a deep untrained network (MobileNetV3,
+steps of size 5) float32 sums in another order move a few pre-activations across a ReLU6 kink, which
+changes the first layers' gradients by ~0.2% (L2). A wrong gradient is off by tens of percent."""
 
 
 @dataclass(frozen=True)
@@ -156,9 +162,14 @@ def _verify(files: dict[str, bytes], manifest: dict, keras_model: Any, train_mod
     # the reference runs on a float copy of the head (head-only) or of the whole model
     want = reference_step(train_model, xb, yb, learning_rate=config.learning_rate)
     step_diff = max(float(np.max(np.abs(after[k] - want[k]))) for k in want)
-    if step_diff > PARITY_TOLERANCE:
-        raise VerificationError(f"one train step in LiteRT differs from TensorFlow's SGD step by {step_diff:.3g} "
-                                f"(tolerance {PARITY_TOLERANCE:g})", max_abs_diff=step_diff,
-                                tolerance=PARITY_TOLERANCE, artifact="trainable.tflite")
+    relative = {k: float(np.linalg.norm(after[k] - want[k]) / max(np.linalg.norm(want[k] - before[k]), 1e-12))
+                for k in want if float(np.max(np.abs(after[k] - want[k]))) > PARITY_TOLERANCE}
+    worst = max(relative, key=relative.get, default=None)
+    if worst is not None and relative[worst] > PARITY_RTOL:
+        raise VerificationError(f"one train step in LiteRT differs from TensorFlow's SGD step on {worst} by "
+                                f"{relative[worst]:.3g} of the step (L2; tolerance {PARITY_RTOL:g}; max abs diff "
+                                f"{step_diff:.3g})", max_abs_diff=step_diff, tolerance=PARITY_RTOL,
+                                artifact="trainable.tflite")
     return {"infer_max_abs_diff": infer_diff, "infer_top1_agreement": agreement,
-            "train_step_max_abs_diff": step_diff, "runtime": trainer.runtime}
+            "train_step_max_abs_diff": step_diff, "train_step_max_relative_l2": max(relative.values(), default=0.0),
+            "runtime": trainer.runtime}

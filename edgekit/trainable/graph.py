@@ -54,16 +54,37 @@ def _unsupported(layer: Any, why: str) -> UnsupportedLayerError:
         layer_name=layer.name, layer_type=layer.__class__.__name__)
 
 
+def _hard_sigmoid(x: Any) -> Any:  # Keras 3: relu6(x + 3) / 6
+    return ops.relu(x + 3.0, 6.0) / 6.0
+
+
+ACTIVATIONS: dict[str, Callable[[Any], Any]] = {
+    "linear": lambda x: x,
+    "relu": ops.relu,
+    "relu6": lambda x: ops.relu(x, 6.0),
+    "edgekit_relu6": lambda x: ops.relu(x, 6.0),
+    "sigmoid": ops.sigmoid,
+    "tanh": ops.tanh,
+    "swish": lambda x: x * ops.sigmoid(x),
+    "silu": lambda x: x * ops.sigmoid(x),
+    "edgekit_silu": lambda x: x * ops.sigmoid(x),
+    "hard_sigmoid": lambda x: ops.clip(0.2 * x + 0.5, 0.0, 1.0),  # tf-keras's definition
+    "edgekit_hard_sigmoid": _hard_sigmoid,
+    "edgekit_hard_silu": lambda x: x * _hard_sigmoid(x),
+    "edgekit_leaky_relu": lambda x: ops.leaky_relu(x, 0.2),
+}
+"""Activation name -> its forward with a builtin-op backward pass (``softmax`` is handled at the output)."""
+
+
 def _activation(layer: Any, name: str, *, last: bool) -> tuple[Callable[[Any], Any], bool]:
-    if name in ("linear", None):
-        return (lambda x: x), False
-    if name == "relu":
-        return ops.relu, False
-    if name == "relu6":
-        return (lambda x: ops.relu(x, 6.0)), False
+    if name is None:
+        return ACTIVATIONS["linear"], False
     if name == "softmax" and last:
         return _tf.tf().nn.softmax, True
-    raise _unsupported(layer, f"activation '{name}' (supported: linear, relu, relu6, softmax at the output)")
+    if name not in ACTIVATIONS:
+        raise _unsupported(layer, f"activation '{name}' (supported: {', '.join(sorted(ACTIVATIONS))}, "
+                                  "softmax at the output)")
+    return ACTIVATIONS[name], False
 
 
 def _act_name(layer: Any) -> str:
@@ -170,7 +191,79 @@ def _flatten(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
 
 
 def _gap(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
-    node.forward = lambda xs, ws: _tf.tf().reduce_mean(xs[0], axis=[1, 2])
+    keepdims = bool(getattr(layer, "keepdims", False))
+    node.forward = lambda xs, ws: _tf.tf().reduce_mean(xs[0], axis=[1, 2], keepdims=keepdims)
+    return node
+
+
+def _gmp(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    keepdims = bool(getattr(layer, "keepdims", False))
+    node.forward = lambda xs, ws: ops.global_max_pool(xs[0], keepdims=keepdims)
+    return node
+
+
+def _zero_padding(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    pads = tuple(tuple(int(p) for p in side) for side in layer.padding)
+    node.forward = lambda xs, ws: ops.zero_pad(xs[0], pads)
+    return node
+
+
+def _rescaling(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    """Frozen: x * scale + offset with constants."""
+    scale = np.asarray(layer.scale, np.float32)
+    offset = np.asarray(layer.offset, np.float32)
+    node.forward = lambda xs, ws: xs[0] * scale + offset
+    return node
+
+
+def _normalization(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    """Frozen: (x - mean) / max(sqrt(variance), eps) with the adapted statistics as constants."""
+    if getattr(layer, "invert", False):
+        raise _unsupported(layer, "an inverted Normalization")
+    mean = np.asarray(layer.mean, np.float32)
+    scale = (1.0 / np.maximum(np.sqrt(np.asarray(layer.variance, np.float32)), 1e-7)).astype(np.float32)
+    node.forward = lambda xs, ws: (xs[0] - mean) * scale
+    return node
+
+
+def _separable(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    if layer.depth_multiplier != 1 or tuple(layer.dilation_rate) != (1, 1):
+        raise _unsupported(layer, "depth multiplier or dilation other than 1")
+    strides, kernel = tuple(layer.strides), tuple(layer.kernel_size)
+    pads = _pads(layer, in_shape, kernel, strides)
+    node.params = [("depthwise_kernel", layer.depthwise_kernel.numpy()),
+                   ("pointwise_kernel", layer.pointwise_kernel.numpy())] + (
+        [("bias", layer.bias.numpy())] if layer.use_bias else [])
+    return _with_bias(node, layer, lambda x, ws: ops.conv2d(ops.depthwise_conv2d(x, ws[0], strides, pads), ws[1],
+                                                            (1, 1), ((0, 0), (0, 0))), last=last)
+
+
+def _leaky_relu(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    alpha = float(getattr(layer, "alpha", getattr(layer, "negative_slope", 0.3)))
+    node.forward = lambda xs, ws: ops.leaky_relu(xs[0], alpha)
+    return node
+
+
+def _multiply(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    def forward(xs: list[Any], ws: list[Any]) -> Any:
+        out = xs[0]
+        for x in xs[1:]:
+            out = ops.multiply(out, x)
+        return out
+
+    node.forward = forward
+    return node
+
+
+def _concatenate(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    axis = int(layer.axis)
+    node.forward = lambda xs, ws: _tf.tf().concat(xs, axis=axis)
+    return node
+
+
+def _reshape(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    target = [int(d) for d in layer.output_shape[1:]]  # resolved (a -1 in target_shape is known here)
+    node.forward = lambda xs, ws: _tf.tf().reshape(xs[0], [-1, *target])
     return node
 
 
@@ -188,15 +281,24 @@ HANDLERS: dict[str, Callable[[Any, _Node, tuple, bool], _Node]] = {
     "Add": _add,
     "AveragePooling2D": _avg_pool,
     "BatchNormalization": _batch_norm,
+    "Concatenate": _concatenate,
     "Conv2D": _conv2d,
     "Dense": _dense,
     "DepthwiseConv2D": _depthwise,
     "Dropout": _identity,
     "Flatten": _flatten,
     "GlobalAveragePooling2D": _gap,
+    "GlobalMaxPooling2D": _gmp,
+    "LeakyReLU": _leaky_relu,
     "MaxPooling2D": _max_pool,
+    "Multiply": _multiply,
+    "Normalization": _normalization,
     "ReLU": _relu_layer,
+    "Rescaling": _rescaling,
+    "Reshape": _reshape,
+    "SeparableConv2D": _separable,
     "Softmax": _softmax_layer,
+    "ZeroPadding2D": _zero_padding,
 }
 """Layer type -> builder of its trainable node. A test checks gradient parity for every entry."""
 

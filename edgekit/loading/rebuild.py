@@ -1,0 +1,302 @@
+"""Keras 3 -> tf-keras: a generic, numerically checked rebuild of a Keras 3 model.
+
+tensorflow-model-optimization (pruning, QAT) and edgekit's own training paths work on tf-keras, so a
+Keras 3 model is rebuilt as tf-keras with the same weights. The rebuild is generic: any layer class
+that tf-keras also has is built from the Keras 3 config (keys the tf-keras constructor lacks dropped,
+initializers dropped because the weights are copied), nested models are rebuilt recursively, shared
+layers are called once per node in dependency order, and the Keras 3 activations tf-keras lacks (or
+defines differently, like ``hard_sigmoid``) are provided here. Whatever cannot be rebuilt, or differs
+from the original by more than :data:`REBUILD_TOLERANCE` on real inputs, raises
+:class:`~edgekit.errors.ModelLoadError`; the caller then uses the model's own TensorFlow graph.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import numpy as np
+
+from device_agents.errors import first_line
+from edgekit import _tf
+from edgekit.errors import ModelLoadError
+
+REBUILD_TOLERANCE = 1e-5
+_BASE_LAYER_KWARGS = {"name", "trainable", "dtype", "input_shape", "batch_input_shape", "batch_size",
+                      "weights", "activity_regularizer", "autocast", "input_dim", "input_length"}
+_MODEL_CLASSES = ("Functional", "Sequential", "Model")
+_EXTRA_CONFIG = {"MultiHeadAttention": {"query_shape": None, "key_shape": None, "value_shape": None}}
+"""Config keys a tf-keras layer's ``from_config`` requires although its constructor does not take them."""
+
+
+def _activations() -> dict[str, Any]:
+    """Keras 3 activations by name, as tf-keras functions: those tf-keras lacks or defines differently."""
+    tf = _tf.tf()
+
+    def edgekit_hard_sigmoid(x: Any) -> Any:  # Keras 3: relu6(x + 3) / 6 (tf-keras: clip(0.2x + 0.5))
+        return tf.nn.relu6(x + 3.0) / 6.0
+
+    def edgekit_hard_silu(x: Any) -> Any:
+        return x * tf.nn.relu6(x + 3.0) / 6.0
+
+    def edgekit_silu(x: Any) -> Any:
+        return x * tf.sigmoid(x)
+
+    def edgekit_relu6(x: Any) -> Any:
+        return tf.nn.relu6(x)
+
+    def edgekit_leaky_relu(x: Any) -> Any:  # Keras 3's default negative slope
+        return tf.nn.leaky_relu(x, alpha=0.2)
+
+    def edgekit_log_softmax(x: Any) -> Any:
+        return tf.nn.log_softmax(x)
+
+    def edgekit_hard_tanh(x: Any) -> Any:
+        return tf.clip_by_value(x, -1.0, 1.0)
+
+    def edgekit_log_sigmoid(x: Any) -> Any:
+        return tf.math.log_sigmoid(x)
+
+    return {"hard_sigmoid": edgekit_hard_sigmoid, "hard_silu": edgekit_hard_silu, "hard_swish": edgekit_hard_silu,
+            "silu": edgekit_silu, "relu6": edgekit_relu6, "leaky_relu": edgekit_leaky_relu,
+            "log_softmax": edgekit_log_softmax, "hard_tanh": edgekit_hard_tanh, "log_sigmoid": edgekit_log_sigmoid}
+
+
+def register_activations() -> dict[str, str]:
+    """Make edgekit's Keras 3 activations known to tf-keras (so a rebuilt model saves and loads again);
+    return Keras 3 name -> tf-keras name."""
+    keras = _tf.keras()
+    custom = keras.utils.get_custom_objects()
+    names = {}
+    for k3_name, fn in _activations().items():
+        custom.setdefault(fn.__name__, fn)
+        names[k3_name] = fn.__name__
+    return names
+
+
+def rebuild_keras3(k3_model: Any, sample: np.ndarray | None = None) -> tuple[Any, float]:
+    """Rebuild a Keras 3 model as an equal tf-keras model; return it and the max abs output diff.
+
+    Raises :class:`ModelLoadError` naming the layer that cannot be rebuilt, or the difference when the
+    outputs differ by more than ``REBUILD_TOLERANCE``.
+
+    >>> model, diff = rebuild_keras3(keras.applications.MobileNetV2(weights=None))  # doctest: +SKIP
+    """
+    builder = _Builder(register_activations())
+    try:
+        model = builder.model(k3_model.__class__.__name__, k3_model.get_config())
+        _copy_weights(k3_model, model)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        where = f" at layer '{builder.current}'" if builder.current else ""
+        raise ModelLoadError(f"cannot rebuild the Keras 3 model as tf-keras{where}: {first_line(exc)}") from None
+    x = (sample if sample is not None else _random_inputs(model))[:64]
+    want = np.asarray(k3_model(x, training=False))
+    got = model(x, training=False).numpy()
+    diff = float(np.max(np.abs(want - got))) if want.size else 0.0
+    if not diff <= REBUILD_TOLERANCE:
+        raise ModelLoadError(
+            f"the tf-keras rebuild of the Keras 3 model differs from it by {diff:.3g} "
+            f"(tolerance {REBUILD_TOLERANCE:g}); please report this model's architecture")
+    return model, diff
+
+
+def _random_inputs(model: Any) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    shape = [8] + [d or 16 for d in model.inputs[0].shape[1:]]
+    if model.inputs[0].dtype.is_integer:
+        vocab = min((layer.input_dim for layer in model.layers if hasattr(layer, "input_dim")), default=2)
+        return rng.integers(0, vocab, size=shape).astype(model.inputs[0].dtype.name)
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+class _Builder:
+    """Builds tf-keras layers and models from Keras 3 configs; ``current`` names the layer being built."""
+
+    def __init__(self, activation_names: dict[str, str]) -> None:
+        self.activation_names = activation_names
+        self.current = ""
+
+    def clean(self, value: Any) -> Any:
+        """Keras 3 serialized objects as tf-keras's deserializers read them."""
+        if isinstance(value, dict):
+            if value.get("class_name") in ("DTypePolicy", "FloatDTypePolicy"):
+                return value["config"]["name"]
+            if value.get("class_name") == "__tuple__":
+                return tuple(self.clean(v) for v in value["config"]["value"])
+            if value.get("class_name") == "function" and isinstance(value.get("config"), str):
+                return self.activation_names.get(value["config"], value["config"])
+            return {k: self.clean(v) for k, v in value.items() if k not in ("module", "registered_name")}
+        if isinstance(value, list):
+            return [self.clean(v) for v in value]
+        return value
+
+    def layer(self, class_name: str, config: dict) -> Any:
+        keras = _tf.keras()
+        self.current = config.get("name", "?")
+        cls = getattr(keras.layers, class_name, None)
+        if cls is None or not isinstance(cls, type):
+            raise ModelLoadError(f"cannot rebuild the Keras 3 model as tf-keras: layer '{self.current}' is a "
+                                 f"{class_name}, which tf-keras does not have")
+        return cls.from_config(self.layer_config(cls, self.clean(config)))
+
+    def layer_config(self, cls: type, config: dict) -> dict:
+        """A config as tf-keras ``cls`` takes it: initializers dropped (weights are copied), keys its constructor
+        lacks dropped, Keras 3 activation names mapped; wrapped layers (Bidirectional, TimeDistributed) alike."""
+        keras = _tf.keras()
+        config = {k: v for k, v in config.items() if not k.endswith("_initializer")}
+        if isinstance(config.get("activation"), str):
+            config["activation"] = self.activation_names.get(config["activation"], config["activation"])
+        for key in ("layer", "backward_layer"):
+            inner = config.get(key)
+            if isinstance(inner, dict) and isinstance(inner.get("config"), dict):
+                inner_cls = getattr(keras.layers, inner.get("class_name", ""), None)
+                if inner_cls is not None:
+                    config[key] = {**inner, "config": self.layer_config(inner_cls, inner["config"])}
+        accepted = set(inspect.signature(cls.__init__).parameters) | _BASE_LAYER_KWARGS
+        return {**_EXTRA_CONFIG.get(cls.__name__, {}), **{k: v for k, v in config.items() if k in accepted}}
+
+    def model(self, class_name: str, config: dict) -> Any:
+        if class_name == "Sequential":
+            return self._sequential(config)
+        return self._functional(config)
+
+    def _input(self, config: dict, name: str | None) -> Any:
+        keras = _tf.keras()
+        return keras.Input(batch_shape=config.get("batch_shape") or config.get("batch_input_shape"),
+                           dtype=self.clean(config.get("dtype", "float32")), name=name)
+
+    def _sequential(self, config: dict) -> Any:
+        keras = _tf.keras()
+        model = keras.Sequential(name=config.get("name"))
+        for spec in config["layers"]:
+            cfg = spec["config"]
+            if spec["class_name"] == "InputLayer":
+                model.add(self._input(cfg, cfg.get("name")))
+            elif spec["class_name"] in _MODEL_CLASSES:
+                model.add(self.model(spec["class_name"], cfg))
+            else:
+                model.add(self.layer(spec["class_name"], cfg))
+        return model
+
+    def _functional(self, config: dict) -> Any:
+        """Layers are created in config order; their calls (nodes) run as soon as their inputs exist, so a
+        shared layer whose second call depends on later layers is still wired correctly."""
+        keras = _tf.keras()
+        tensors: dict[tuple[str, int, int], Any] = {}
+        pending: list[tuple[Any, str, int, dict]] = []
+        for spec in config["layers"]:
+            name = spec.get("name") or spec["config"]["name"]
+            if spec["class_name"] == "InputLayer":
+                tensors[(name, 0, 0)] = self._input(spec["config"], name)
+                continue
+            if str(spec.get("module", "")).startswith("keras.src.ops"):  # `x + y`, `x * 0.5` in a Keras 3 model
+                built = _OpNode(spec["class_name"], name)
+            elif spec["class_name"] in _MODEL_CLASSES:
+                built = self.model(spec["class_name"], spec["config"])
+            else:
+                built = self.layer(spec["class_name"], spec["config"])
+            pending.extend((built, name, i, node) for i, node in enumerate(spec.get("inbound_nodes", [])))
+        while pending:
+            ready = [item for item in pending if _inputs_ready(item[3], tensors)]
+            if not ready:
+                raise ModelLoadError(f"cannot rebuild the Keras 3 model as tf-keras: the inputs of layer "
+                                     f"'{pending[0][1]}' are never produced")
+            for item in ready:
+                built, name, node_index, node = item
+                self.current = name
+                out = built(*_resolve(node.get("args", []), tensors), **_resolve(node.get("kwargs", {}), tensors))
+                for tensor_index, tensor in enumerate(out if isinstance(out, (list, tuple)) else [out]):
+                    tensors[(name, node_index, tensor_index)] = tensor
+                pending.remove(item)
+        inputs = [tensors[tuple(ref)] for ref in _refs(config["input_layers"])]
+        outputs = [tensors[tuple(ref)] for ref in _refs(config["output_layers"])]
+        return keras.Model(inputs[0] if len(inputs) == 1 else inputs,
+                           outputs[0] if len(outputs) == 1 else outputs, name=config.get("name"))
+
+
+class _OpNode:
+    """A Keras 3 arithmetic op node (``x + y``, ``x * 0.5``) as the standard tf-keras layer doing the same: a merge
+    layer for two tensors, ``Rescaling`` for a tensor and a number (serializable, no code in the saved model)."""
+
+    _MERGE = {"Add": "Add", "Subtract": "Subtract", "Multiply": "Multiply"}
+
+    def __init__(self, op: str, name: str) -> None:
+        self.op, self.name = op, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        keras = _tf.keras()
+        numbers = [a for a in args if isinstance(a, (int, float))]
+        tensors = [a for a in args if not isinstance(a, (int, float))]
+        if kwargs or len(args) != 2:
+            raise ModelLoadError(f"cannot rebuild the Keras 3 model as tf-keras: op '{self.name}' ({self.op}) "
+                                 "has no tf-keras layer")
+        if len(tensors) == 2 and self.op in self._MERGE:
+            return getattr(keras.layers, self._MERGE[self.op])(name=self.name)(tensors)
+        if len(tensors) == 1 and numbers:
+            scale, offset = self._affine(float(numbers[0]), tensor_first=not isinstance(args[0], (int, float)))
+            return keras.layers.Rescaling(scale, offset=offset, name=self.name)(tensors[0])
+        raise ModelLoadError(f"cannot rebuild the Keras 3 model as tf-keras: op '{self.name}' ({self.op}) "
+                             "has no tf-keras layer")
+
+    def _affine(self, c: float, *, tensor_first: bool) -> tuple[float, float]:
+        """(scale, offset) with op(x, c) == x * scale + offset."""
+        if self.op == "Add":
+            return 1.0, c
+        if self.op == "Subtract":
+            return (1.0, -c) if tensor_first else (-1.0, c)
+        if self.op == "Multiply":
+            return c, 0.0
+        if self.op in ("Divide", "TrueDivide") and tensor_first and c != 0:
+            return 1.0 / c, 0.0
+        raise ModelLoadError(f"cannot rebuild the Keras 3 model as tf-keras: op '{self.name}' ({self.op}) "
+                             "has no tf-keras layer")
+
+
+def _refs(value: list) -> list:
+    return [value] if value and isinstance(value[0], str) else value
+
+
+def _history(value: Any) -> list[tuple]:
+    """Every (layer, node, tensor) reference inside a node's arguments."""
+    if isinstance(value, dict):
+        if value.get("class_name") == "__keras_tensor__":
+            return [tuple(value["config"]["keras_history"])]
+        return [ref for v in value.values() for ref in _history(v)]
+    if isinstance(value, (list, tuple)):
+        return [ref for v in value for ref in _history(v)]
+    return []
+
+
+def _inputs_ready(node: dict, tensors: dict) -> bool:
+    return all(ref in tensors for ref in _history([node.get("args", []), node.get("kwargs", {})]))
+
+
+def _resolve(value: Any, tensors: dict) -> Any:
+    if isinstance(value, dict):
+        if value.get("class_name") == "__keras_tensor__":
+            return tensors[tuple(value["config"]["keras_history"])]
+        return {k: _resolve(v, tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_resolve(v, tensors) for v in value]
+    return value
+
+
+def _copy_weights(source: Any, target: Any) -> None:
+    by_name = {layer.name: layer for layer in target.layers}
+    for layer in source.layers:
+        weights = layer.get_weights()
+        if not weights:
+            continue
+        twin = by_name.get(layer.name)
+        if twin is None:
+            raise ModelLoadError(f"layer '{layer.name}' was lost in the tf-keras rebuild")
+        if hasattr(layer, "layers") and hasattr(twin, "layers"):
+            _copy_weights(layer, twin)
+            continue
+        mine = twin.get_weights()
+        if len(mine) != len(weights) or any(a.shape != b.shape for a, b in zip(mine, weights)):
+            raise ModelLoadError(f"cannot rebuild the Keras 3 model as tf-keras: layer '{layer.name}' "
+                                 f"({layer.__class__.__name__}) holds its weights differently in tf-keras")
+        twin.set_weights(weights)
