@@ -54,6 +54,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/agent.py
 	$(BIN)/python benchmarks/federated.py
 	$(BIN)/python benchmarks/conformance.py
+	$(BIN)/python benchmarks/batchnorm.py
 
 clean:
 	rm -rf $(VENV) $(TFLRT_VENV) demo_out dist build

@@ -43,6 +43,12 @@ class Trainer:
         if spec.get("mode") == "head-only" and self._backbone is None:
             raise ArtifactError("a head-only trainable artifact needs its backbone.tflite")
         self.tensors = {t["name"]: tuple(t["shape"]) for t in spec["tensors"]}
+        dtype = str(spec.get("input", {}).get("dtype", "float32"))
+        if dtype not in ("float32", "int32", "int64"):
+            raise ArtifactError(f"the trainable artifact's input dtype {dtype!r} is not float32, int32 or int64")
+        if dtype != "float32" and self._backbone is None:
+            raise ArtifactError("only a head-only trainable artifact takes integer inputs (its backbone does)")
+        self.input_dtype = np.dtype(dtype)  # token ids for a text model's backbone; float32 otherwise
 
     @classmethod
     def from_bytes(cls, data: bytes, manifest: dict[str, Any], **kwargs: Any) -> Trainer:
@@ -81,7 +87,7 @@ class Trainer:
     # -- data ----------------------------------------------------------------------------------
     def features(self, x: np.ndarray) -> np.ndarray:
         """Backbone features for head-only training (the input itself in full mode)."""
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(x, dtype=self.input_dtype)
         return self._backbone.predict(x) if self._backbone is not None else x
 
     def _check(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
@@ -111,7 +117,7 @@ class Trainer:
 
         Returns the mean loss of each epoch.
         """
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(x, dtype=self.input_dtype)
         y = np.asarray(y).astype(np.int32)
         self._check(x, y)
         if len(x) == 0:
@@ -138,7 +144,7 @@ class Trainer:
 
     # -- inference -----------------------------------------------------------------------------
     def predict(self, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(x, dtype=self.input_dtype)
         self._check(x)
         feats = self.features(x)
         outs = [np.array(self._infer(x=feats[i:i + batch_size])["output"]) for i in range(0, len(feats), batch_size)]

@@ -16,7 +16,7 @@ The packages follow the path a model takes (each imports only the ones before it
 from edgekit._version import __version__
 from edgekit.artifacts.inspection import inspect_artifact
 from edgekit.compression import ArtifactResult, CandidateResult, CompressResult, compress
-from edgekit.config import CompressConfig, Format, Quantization, Recipe, SizeMetric, TrainingConfig
+from edgekit.config import BatchNorm, CompressConfig, Format, Quantization, Recipe, SizeMetric, TrainingConfig
 from edgekit.errors import (
     BudgetError,
     ConversionError,
@@ -46,6 +46,7 @@ from edgekit.trainable.export import TrainableConfig, TrainableResult, export_tr
 
 __all__ = [
     "ArtifactResult",
+    "BatchNorm",
     "BudgetError",
     "CandidateResult",
     "CompressConfig",

@@ -34,6 +34,20 @@ class SizeMetric(str, Enum):
     BYTES = "bytes"            # size on disk / in memory
 
 
+class BatchNorm(str, Enum):
+    """What fine-tuning (pruning, QAT) does with BatchNormalization layers; distillation re-estimates unless KEEP.
+
+    ``reestimate`` (default): BN trains, then its moving statistics are recomputed from the fine-tuning data.
+    ``freeze``: BN runs in inference mode while fine-tuning, then its statistics are recomputed.
+    ``keep``: as Keras leaves it (with momentum 0.99-0.999 a short fine-tune leaves the statistics stale).
+    The default was chosen by measurement: ``benchmarks/batchnorm.py`` (BENCHMARKS.md).
+    """
+
+    REESTIMATE = "reestimate"
+    FREEZE = "freeze"
+    KEEP = "keep"
+
+
 def coerce_enum(cls: type[Enum], value: object, option: str) -> Enum:
     """``value`` as a member of ``cls`` (by member or value, case-insensitive); else InputError with the valid list."""
     if isinstance(value, cls):
@@ -132,8 +146,10 @@ class TrainingConfig:
     distill_learning_rate: float = 3e-3  # a student learns from scratch: higher than fine-tuning
     temperature: float = 3.0
     distill_alpha: float = 0.5  # weight of the hard-label loss; the rest goes to the soft targets
+    batchnorm: BatchNorm = BatchNorm.REESTIMATE
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "batchnorm", coerce_enum(BatchNorm, self.batchnorm, "batchnorm mode"))
         for name in ("finetune_epochs", "distill_epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -372,3 +372,32 @@ def test_a_recurrent_int8_tflite_is_right_in_a_plain_interpreter_loop(text_model
         interpreter.invoke()
         hits += int(interpreter.get_tensor(outp["index"])[0].argmax() == y[i])
     assert hits / len(x) * 100 >= art.accuracy - 3  # the loop agrees with what the manifest claims
+
+
+@pytest.mark.parametrize("mode", ["reestimate", "freeze", "keep"])
+def test_each_batchnorm_mode_does_what_it_says(mode):
+    from edgekit import BatchNorm, _tf
+    from edgekit._progress import Progress
+    from edgekit.loading.data import Dataset
+    from edgekit.optimize._fit import after_finetune, fit
+
+    keras = _tf.keras()
+    _tf.set_seed(0)
+    bn = keras.layers.BatchNormalization(momentum=0.999)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(6), bn, keras.layers.Dense(3)])
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((256, 4)) * 3 + 5).astype(np.float32)
+    data = Dataset(x, rng.integers(0, 3, 256), "t")
+    fit(model, data, epochs=1, batch_size=32, learning_rate=1e-2, probabilities=False,
+        progress=Progress(enabled=False), desc="t", batchnorm=BatchNorm(mode))
+    after_fit = bn.moving_mean.numpy().copy()
+    if mode == "freeze":  # inference mode while fine-tuning: the statistics did not move at all
+        np.testing.assert_array_equal(after_fit, np.zeros(6, np.float32))
+    after_finetune(model, x, batch_size=32, batchnorm=BatchNorm(mode))
+    features = model.layers[0](x).numpy()
+    if mode == "keep":  # momentum 0.999 over 8 steps: still near the initial zeros, far from the data
+        np.testing.assert_array_equal(bn.moving_mean.numpy(), after_fit)
+        assert np.max(np.abs(bn.moving_mean.numpy() - features.mean(0))) > 0.5
+    else:  # recomputed from the data the fine-tuned layers produce
+        np.testing.assert_allclose(bn.moving_mean.numpy(), features.mean(0), atol=1e-3)
+        assert bn.trainable

@@ -13,7 +13,7 @@ from dataclasses import fields
 
 from device_agents.console import OneLineParser, quiet_native_logs, run
 from device_agents.exit_codes import ExitCode
-from edgekit.config import CompressConfig, Format, Quantization, SizeMetric, TrainingConfig
+from edgekit.config import BatchNorm, CompressConfig, Format, Quantization, SizeMetric, TrainingConfig
 from edgekit.federated.config import DeployConfig, PartitionScheme, RoundSettings, SimulationConfig, Strategy
 from edgekit.trainable.export import TrainableConfig
 
@@ -107,6 +107,9 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--distill-epochs", type=int, default=training.distill_epochs,
                    help="distillation epochs (default %(default)s)")
     c.add_argument("--batch-size", type=int, default=training.batch_size, help="(default %(default)s)")
+    c.add_argument("--batchnorm", choices=_values(BatchNorm), default=training.batchnorm.value,
+                   help="BatchNormalization while fine-tuning: re-estimate its statistics after, freeze it during "
+                        "(and re-estimate), or keep what Keras leaves (default %(default)s)")
     c.add_argument("--seed", type=int, default=_default(CompressConfig, "seed"), help="(default %(default)s)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=cmd_compress)
@@ -217,7 +220,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         recipe=recipe, formats=args.formats, max_accuracy_drop=args.max_accuracy_drop, int8_io=args.int8_io,
         select_by=args.select_by, seed=args.seed,
         training=edgekit.TrainingConfig(finetune_epochs=args.epochs, distill_epochs=args.distill_epochs,
-                                        batch_size=args.batch_size))
+                                        batch_size=args.batch_size, batchnorm=args.batchnorm))
     result = edgekit.compress(args.model, args.data, args.out, config=config, eval_data=args.eval_data,
                               progress=not args.quiet)
     print(f"source: {result.source['path']}  accuracy {result.source['accuracy']:.2f}%  "

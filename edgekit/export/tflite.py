@@ -115,7 +115,7 @@ _RECURRENT = ("LSTM", "GRU", "SimpleRNN")
 def has_recurrent_layer(model: Any) -> bool:
     from edgekit.loading.layers import iter_layers
 
-    return any(layer.__class__.__name__ in (*_RECURRENT, "RNN") for layer in iter_layers(model))
+    return any(layer.__class__.__name__ in (*_RECURRENT, "RNN", "Bidirectional") for layer in iter_layers(model))
 
 
 def _representative(samples: np.ndarray):  # noqa: ANN202

@@ -7,6 +7,7 @@ from typing import Any
 
 from edgekit import _tf
 from edgekit._progress import Progress
+from edgekit.config import BatchNorm
 from edgekit.loading.data import Dataset
 
 
@@ -16,9 +17,15 @@ def steps_per_epoch(data: Dataset, batch_size: int) -> int:
 
 def fit(model: Any, data: Dataset, *, epochs: int, batch_size: int, learning_rate: float,
         probabilities: bool, progress: Progress, desc: str, callbacks: list | None = None,
-        seed: int = 0) -> list[float]:
-    """Fine-tune ``model`` on labelled ``data`` with Adam and cross-entropy; return epoch losses."""
+        seed: int = 0, batchnorm: BatchNorm = BatchNorm.KEEP) -> list[float]:
+    """Fine-tune ``model`` on labelled ``data`` with Adam and cross-entropy; return epoch losses.
+
+    ``batchnorm`` FREEZE runs every BatchNormalization layer in inference mode while fine-tuning.
+    """
     keras = _tf.keras()
+    if batchnorm is BatchNorm.FREEZE:
+        for layer in _batchnorm_layers(model):
+            layer.trainable = False  # tf-keras: a non-trainable BN runs in inference mode
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=not probabilities))
     steps = steps_per_epoch(data, batch_size)
@@ -39,11 +46,7 @@ def reestimate_batchnorm(model: Any, x: Any, *, batch_size: int = 64, max_sample
     the moving statistics become the plain average over the batches; no weight changes. Returns the
     number of layers re-estimated.
     """
-    from edgekit.loading.layers import iter_layers
-
-    keras = _tf.keras()
-    layers = [inner for inner in (getattr(layer, "layer", layer) for layer in iter_layers(model))  # unwrap tfmot
-              if isinstance(inner, keras.layers.BatchNormalization)]
+    layers = _batchnorm_layers(model)
     if not layers or len(x) == 0:
         return 0
     momenta = [layer.momentum for layer in layers]
@@ -56,3 +59,20 @@ def reestimate_batchnorm(model: Any, x: Any, *, batch_size: int = 64, max_sample
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
     return len(layers)
+
+
+def after_finetune(model: Any, x: Any, *, batch_size: int, batchnorm: BatchNorm) -> None:
+    """What ``batchnorm`` asks once fine-tuning is over: re-estimate the statistics, with BN training again."""
+    for layer in _batchnorm_layers(model):
+        layer.trainable = True
+    if batchnorm is not BatchNorm.KEEP:
+        reestimate_batchnorm(model, x, batch_size=batch_size)
+
+
+def _batchnorm_layers(model: Any) -> list[Any]:
+    """Every BatchNormalization layer of ``model``, inside nested models and tfmot's wrappers."""
+    from edgekit.loading.layers import iter_layers
+
+    keras = _tf.keras()
+    return [inner for inner in (getattr(layer, "layer", layer) for layer in iter_layers(model))
+            if isinstance(inner, keras.layers.BatchNormalization)]

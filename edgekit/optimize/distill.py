@@ -8,7 +8,7 @@ import numpy as np
 
 from edgekit import _tf
 from edgekit._progress import Progress
-from edgekit.config import TrainingConfig
+from edgekit.config import BatchNorm, TrainingConfig
 from edgekit.errors import InputError
 from edgekit.loading.data import Dataset
 from edgekit.loading.layers import SCALE_ATTRIBUTES, iter_layers
@@ -100,5 +100,6 @@ def distill(teacher: Any, student: Any, data: Dataset, *, training: TrainingConf
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         losses.append(total / steps)
     bar.close()
-    reestimate_batchnorm(student, data.x, batch_size=training.batch_size)
+    if training.batchnorm is not BatchNorm.KEEP:  # a student trains its BN from scratch: never frozen
+        reestimate_batchnorm(student, data.x, batch_size=training.batch_size)
     return losses

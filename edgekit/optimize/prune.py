@@ -15,7 +15,7 @@ from edgekit.errors import ConversionError
 from edgekit.loading.data import Dataset
 from edgekit.loading.layers import has_kernel, prune_skip_reason
 from edgekit.loading.models import copy_model
-from edgekit.optimize._fit import fit, reestimate_batchnorm, steps_per_epoch
+from edgekit.optimize._fit import after_finetune, fit, steps_per_epoch
 
 _KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings", "recurrent_kernel")
 
@@ -71,9 +71,9 @@ def prune(model: Any, data: Dataset, *, sparsity: float | None = None, structure
     desc = "prune 2:4" if structured else f"prune {sparsity:.0%}"
     losses = fit(wrapped, data, epochs=training.finetune_epochs, batch_size=training.batch_size,
                  learning_rate=training.learning_rate, probabilities=probabilities, progress=progress,
-                 desc=desc, callbacks=[sparsity_api.UpdatePruningStep()], seed=seed)
+                 desc=desc, callbacks=[sparsity_api.UpdatePruningStep()], seed=seed, batchnorm=training.batchnorm)
     stripped = sparsity_api.strip_pruning(wrapped)
-    reestimate_batchnorm(stripped, data.x, batch_size=training.batch_size)  # the fine-tune left them stale
+    after_finetune(stripped, data.x, batch_size=training.batch_size, batchnorm=training.batchnorm)
     return PruneResult(stripped, layer_sparsity(stripped), skipped, losses)
 
 

@@ -12,7 +12,7 @@ from edgekit.errors import ConversionError
 from edgekit.loading.data import Dataset
 from edgekit.loading.layers import qat_output_only, qat_skip_reason
 from edgekit.loading.models import copy_model
-from edgekit.optimize._fit import fit, reestimate_batchnorm
+from edgekit.optimize._fit import after_finetune, fit
 
 
 def quantize_aware(model: Any, data: Dataset, *, training: TrainingConfig, probabilities: bool,
@@ -62,8 +62,8 @@ def quantize_aware(model: Any, data: Dataset, *, training: TrainingConfig, proba
         raise ConversionError(f"tfmot cannot make this model quantization-aware: {first_line(exc)}") from None
     fit(qat_model, data, epochs=training.finetune_epochs, batch_size=training.batch_size,
         learning_rate=training.learning_rate / 10, probabilities=probabilities, progress=progress,
-        desc="quantization-aware training", seed=seed)
-    reestimate_batchnorm(qat_model, data.x, batch_size=training.batch_size)  # the fine-tune left them stale
+        desc="quantization-aware training", seed=seed, batchnorm=training.batchnorm)
+    after_finetune(qat_model, data.x, batch_size=training.batch_size, batchnorm=training.batchnorm)
     return qat_model, skipped
 
 

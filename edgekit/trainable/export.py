@@ -84,8 +84,12 @@ def _export(model: Any, data: str | Path | Dataset | None, config: TrainableConf
 
     loaded = load_model(model)
     keras_model = loaded.trainable_model("on-device training")
-    if loaded.input_dtype not in ("float32", "float16"):
-        raise InputError(f"on-device training needs a float input; this model takes {loaded.input_dtype}")
+    if loaded.input_dtype not in ("float32", "float16") and not config.head_only:
+        raise InputError(f"training the whole model on the device needs a float input; this model takes "
+                         f"{loaded.input_dtype} (train its head only: the backbone takes the token ids)")
+    if loaded.input_dtype not in ("float32", "float16", "int32", "int64"):
+        raise InputError(f"on-device training takes float32, int32 or int64 inputs; this model takes "
+                         f"{loaded.input_dtype}")
     build_nodes(split_head(keras_model)[1] if config.head_only else keras_model)  # refuse before any work
     dataset = _verification_data(loaded, data, config)
     files: dict[str, bytes] = {}
@@ -129,7 +133,8 @@ def _contract(loaded: Any, train_model: Any, tensors: list, softmax_out: bool,
     return {
         "mode": "head-only" if config.head_only else "full", "batch_size": config.batch_size,
         "num_classes": loaded.num_classes, "learning_rate": config.learning_rate,
-        "input": {"shape": [None, *loaded.input_shape], "dtype": "float32"},
+        "input": {"shape": [None, *loaded.input_shape],
+                  "dtype": "float32" if loaded.input_dtype.startswith("float") else loaded.input_dtype},
         "head_input": {"shape": [None, *train_model.inputs[0].shape[1:]]} if config.head_only else None,
         "output": "probabilities" if softmax_out else "logits",
         "signatures": {
@@ -151,7 +156,7 @@ def _verify(files: dict[str, bytes], manifest: dict, keras_model: Any, train_mod
         raise VerificationError(f"trainable infer differs from the Keras model by {infer_diff:.3g} (tolerance 1e-4)",
                                 max_abs_diff=infer_diff, tolerance=1e-4, artifact="trainable.tflite")
     batch = config.batch_size
-    xb = np.resize(dataset.x, (batch, *dataset.x.shape[1:])).astype(np.float32)
+    xb = np.resize(dataset.x, (batch, *dataset.x.shape[1:])).astype(trainer.input_dtype)
     yb = np.resize(dataset.y if dataset.y is not None else source.argmax(1), batch).astype(np.int32)
     if config.head_only:
         xb = trainer.features(xb)

@@ -459,13 +459,16 @@ def _convert(tf: Any, module: Any) -> bytes:
                                   f"{first_line(exc, prefer='error')}") from None
 
 
+FEATURE_LAYERS = ("Flatten", "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalMaxPooling1D",
+                  "GlobalMaxPooling2D")
+"""Where head-only training cuts a model: after the last of these, the head is what follows."""
+
+
 def split_head(model: Any) -> tuple[Any, Any]:
     """Split at the last Flatten / global pooling layer: (backbone, head), both tf-keras models."""
     keras = _tf.keras()
     graph = _graph(model)
-    cut = max((i for i, (layer, _) in enumerate(graph)
-               if layer.__class__.__name__ in ("Flatten", "GlobalAveragePooling2D", "GlobalMaxPooling2D")),
-              default=None)
+    cut = max((i for i, (layer, _) in enumerate(graph) if layer.__class__.__name__ in FEATURE_LAYERS), default=None)
     if cut is None or cut == len(graph) - 1:
         raise UnsupportedLayerError("head-only training needs a Flatten or global pooling layer followed by "
                                     "a dense head; this model has none", layer_name=model.name,
