@@ -401,3 +401,29 @@ def test_each_batchnorm_mode_does_what_it_says(mode):
     else:  # recomputed from the data the fine-tuned layers produce
         np.testing.assert_allclose(bn.moving_mean.numpy(), features.mean(0), atol=1e-3)
         assert bn.trainable
+
+
+def test_an_op_tflite_lacks_is_named_with_its_layer_and_onnx_is_still_written(tmp_path):
+    from edgekit import _tf
+
+    keras = _tf.keras3()
+
+    @keras.saving.register_keras_serializable(package="edgekit_tests")
+    class Determinant(keras.layers.Layer):
+        """A user's layer whose op (MatrixDeterminant) TFLite has no builtin kernel for; ONNX has Det."""
+
+        def call(self, x):
+            square = keras.ops.reshape(x, (-1, 8, 8))[:, :2, :2] + keras.ops.eye(2)
+            return keras.ops.expand_dims(keras.ops.det(square), -1)
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 1))
+    features = keras.layers.Concatenate()([keras.layers.Flatten()(inp), Determinant(name="det_layer")(inp)])
+    model = keras.Model(inp, keras.layers.Dense(10, activation="softmax")(features))
+    model.save(tmp_path / "det.keras")
+    result = compress(tmp_path / "det.keras", "digits", tmp_path / "out", progress=False,
+                      config=config(recipe=Recipe(quantize="none")))
+    assert [a.format.value for a in result.selected.artifacts] == ["onnx"]
+    error = result.selected.format_errors["tflite"]
+    assert "op MatrixDeterminant (layer 'det_layer') has no TFLite builtin kernel" in error, error
+    assert (tmp_path / "out" / "model.onnx").is_file() and not (tmp_path / "out" / "model.tflite").exists()

@@ -66,6 +66,11 @@ def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray
     try:
         return bytes(conv.convert()), notes
     except Exception as exc:  # the converter raises ConverterError and others
+        names = model.layer_names if graph else tuple(layer.name for layer in model.submodules
+                                                       if hasattr(layer, "name"))
+        missing = unsupported_op(str(exc), layer_names=names)
+        if missing is not None:  # no builtin kernel at all, int8 or float: a fallback fails the same
+            raise ConversionError(f"TFLite conversion ({quantization.value}) failed: {missing}") from None
         if quantization is not Quantization.INT8:
             raise ConversionError(f"TFLite conversion ({quantization.value}) failed: "
                                   f"{first_line(exc, prefer='error:')}") from None
@@ -81,6 +86,27 @@ def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray
         raise ConversionError(f"TFLite int8 conversion failed: {first_line(exc, prefer='error:')}") from None
     notes.append(f"some ops have no int8 kernel and stay float ({strict_error[:120]})")
     return data, notes
+
+
+def unsupported_op(message: str, *, layer_names: tuple[str, ...] = ()) -> str | None:
+    """"op X (layer 'L') has no TFLite builtin kernel" from a converter error, or ``None`` when it names no op.
+
+    The converter reports the op's graph node (``model/layer/.../Op``); the layer is the first scope that names
+    one of ``layer_names`` (TensorFlow may have suffixed the scope with ``_1`` when it traced the layer again).
+    """
+    import re
+
+    found = re.search(r'fused\["(\w+):", "([^"@]+)@', message)
+    if found is None:
+        named = re.search(r"'tf\.(\w+)' op is neither a custom op nor a flex op", message)
+        return f"op {named.group(1)} has no TFLite builtin kernel (Flex ops are not on devices)" if named else None
+    op, node = found.groups()
+    parts = node.split("/")
+    known = set(layer_names)
+    layer = next((name for part in parts[1:-1] for name in (part, re.sub(r"_\d+$", "", part)) if name in known),
+                 "/".join(parts[1:-1]))
+    where = f"layer '{layer}'" if len(parts) > 2 else f"node '{node}', outside any layer"
+    return f"op {op} ({where}) has no TFLite builtin kernel (Flex ops are not on devices)"
 
 
 def _unrolled(model: Any) -> Any | None:

@@ -47,6 +47,7 @@ class SavedModelGraph:
     owner: Any = field(repr=False)  # the loaded object: keeps the function's variables alive
     outputs_probabilities: bool = False
     temporary: bool = False  # exported by edgekit into a temporary folder (removed with the graph)
+    layer_names: tuple[str, ...] = ()  # the Keras layers it was exported from (to name a layer in errors)
 
     def __call__(self, x: Any, training: bool = False) -> np.ndarray:
         tf = _tf.tf()
@@ -125,7 +126,9 @@ def export_keras3(model: Any, *, probabilities: bool) -> SavedModelGraph:
 
         shutil.rmtree(folder.parent, ignore_errors=True)
         raise ModelLoadError(f"the Keras 3 model cannot be exported as a TensorFlow graph: {first_line(exc)}") from None
-    return load_graph(folder, temporary=True, params=int(model.count_params()), probabilities=probabilities)
+    graph = load_graph(folder, temporary=True, params=int(model.count_params()), probabilities=probabilities)
+    graph.layer_names = tuple(layer.name for layer in model._flatten_layers(include_self=False))  # noqa: SLF001
+    return graph
 
 
 def _looks_like_probabilities(graph: SavedModelGraph) -> bool:
