@@ -48,6 +48,13 @@ class ArtifactResult:
     inputs: list
     outputs: list
     notes: list[str]
+    latency_us: float = 0.0                 # median single-sample time in its runtime
+    float32_latency_us: float | None = None  # the source's float32 artifact in the same runtime
+
+    @property
+    def slower_than_float32(self) -> bool:
+        """Slower than the float32 artifact of the source in the same runtime (by more than 10%: timing noise)."""
+        return self.float32_latency_us is not None and self.latency_us > 1.1 * self.float32_latency_us
 
     @property
     def bytes(self) -> int:
@@ -78,8 +85,14 @@ class CandidateResult:
     # technique ("prune", "qat") -> layer -> why the technique left that layer as it was
     skipped_layers: dict[str, dict[str, str]] = field(default_factory=dict)
 
-    def size(self, metric: str) -> int:
+    def size(self, metric: str) -> float:
+        """``metric`` (bytes, gzip_bytes, latency_us) of the first format's artifact."""
         return getattr(self.artifacts[0], metric)
+
+    @property
+    def slower_than_float32(self) -> list[str]:
+        """The formats whose artifact runs slower than the source's float32 artifact in the same runtime."""
+        return [a.format.value for a in self.artifacts if a.slower_than_float32]
 
     @property
     def worst_drop(self) -> float | None:
@@ -98,7 +111,8 @@ class CompressResult:
     out: Path | None = None
     manifest: dict[str, Any] | None = None
     data_info: dict[str, Any] = field(default_factory=dict)
-    reference: dict[str, dict[str, int]] = field(default_factory=dict)  # format -> float32 bytes, gzip_bytes
+    # format -> the source's float32 artifact: bytes, gzip_bytes, latency_us
+    reference: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def compress(model: Any, data: str | Path | Dataset = "digits", out: str | Path | None = None, *,
@@ -159,8 +173,12 @@ def _compress(model: Any, data: str | Path | Dataset, eval_data: str | Path | Da
         candidates.append(runner.run(recipe, keep_going=len(recipes) > 1))
         bar.update(1)
     bar.close()
+    reference = runner.float32_reference(candidates)
+    for cand in candidates:  # what quantizing bought (or cost) in time, in the same runtime
+        for art in cand.artifacts:
+            art.float32_latency_us = reference.get(art.format.value, {}).get("latency_us")
     result = CompressResult(source, candidates, _select(candidates, config), config, data_info=data_info)
-    result.reference = runner.float32_reference(candidates)
+    result.reference = reference
     return result
 
 
@@ -213,20 +231,26 @@ class _CandidateRunner:
         result.seconds = time.perf_counter() - start
         return result
 
-    def float32_reference(self, candidates: list[CandidateResult]) -> dict[str, dict[str, int]]:
-        """The source model's float32 artifact size per format: what every candidate is compared with."""
+    def float32_reference(self, candidates: list[CandidateResult]) -> dict[str, dict[str, float]]:
+        """The source model's float32 artifact per format (bytes, gzip bytes, single-sample latency in its runtime):
+        what every candidate is compared with."""
+        from edgekit.export.verify import measure_latency
+
         plain = next((c for c in candidates if c.recipe == Recipe(quantize=Quantization.NONE) and c.artifacts), None)
         if plain is not None:
-            return {a.format.value: {"bytes": a.bytes, "gzip_bytes": a.gzip_bytes} for a in plain.artifacts}
+            return {a.format.value: {"bytes": a.bytes, "gzip_bytes": a.gzip_bytes, "latency_us": a.latency_us}
+                    for a in plain.artifacts}
         reference = {}
         for fmt in self.config.formats:
             try:
                 with self.progress.step(f"float32 reference {fmt.value}"):
                     data, _ = exporter(fmt).convert(self.loaded.source, quantization=Quantization.NONE,
                                                     calibration=self.splits.calibration.x, int8_io=False)
-            except ConversionError:
+                    latency = measure_latency(data, self.splits.evaluation.x[:1], threads=self.config.threads)
+            except EdgeKitError:
                 continue
-            reference[fmt.value] = {"bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9, mtime=0))}
+            reference[fmt.value] = {"bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9, mtime=0)),
+                                    "latency_us": latency}
         return reference
 
     def _export_all(self, model: Any, float_model: Any,
@@ -308,12 +332,13 @@ class _CandidateRunner:
         check = verify(data, name=name, quantization=recipe.quantize, x=self.splits.evaluation.x,
                        y=self.splits.evaluation.y, source_outputs=self.source_out,
                        converted_outputs=self._outputs(model),
-                       tolerance_rule=float_tolerance(recipe.quantize))
+                       tolerance_rule=float_tolerance(recipe.quantize), threads=self.config.threads)
         drop = None if check.accuracy is None else self.source_accuracy - check.accuracy
         sparsity = overall_sparsity(float_model) if hasattr(float_model, "layers") else 0.0
         return ArtifactResult(fmt, spec.filename, data, recipe.quantize, sparsity, check.accuracy,
                               drop, check.top1_agreement, check.max_abs_diff, check.conversion_max_abs_diff,
-                              check.tolerance, check.runtime, check.inputs, check.outputs, notes)
+                              check.tolerance, check.runtime, check.inputs, check.outputs, notes,
+                              latency_us=check.latency_us)
 
     def _outputs(self, model: Any) -> np.ndarray:
         if model is self.loaded.source:
@@ -340,7 +365,8 @@ def _select(candidates: list[CandidateResult], config: CompressConfig) -> Candid
     within = [c for c in ok if c.within_budget]
     if not within:
         return None
-    # every asked-for format written beats a smaller candidate that lacks one
+    # every asked-for format written beats a smaller candidate that lacks one. Latency is measured, not
+    # selected on unless asked (timings of small models are noisy): a slower-than-float32 pick gets a note
     return min(within, key=lambda c: (bool(c.format_errors), c.size(config.select_by.value), c.worst_drop))
 
 

@@ -32,6 +32,7 @@ class SizeMetric(str, Enum):
 
     GZIP_BYTES = "gzip_bytes"  # download size: what pruning shrinks
     BYTES = "bytes"            # size on disk / in memory
+    LATENCY = "latency_us"     # single-sample latency in its runtime (median, ``CompressConfig.threads``)
 
 
 class BatchNorm(str, Enum):
@@ -181,8 +182,11 @@ class CompressConfig:
     seed: int = 0
     training: TrainingConfig = field(default_factory=TrainingConfig)
     search: tuple[Recipe, ...] = SEARCH_RECIPES
+    threads: int = 1  # interpreter threads for verification and latency (1: comparable across machines)
 
     def __post_init__(self) -> None:
+        if not 1 <= int(self.threads) <= 256:
+            raise InputError(f"threads must be between 1 and 256, got {self.threads}")
         formats = (self.formats,) if isinstance(self.formats, (str, Format)) else tuple(self.formats)
         formats = tuple(coerce_enum(Format, f, "format") for f in formats)
         if not formats:

@@ -427,3 +427,38 @@ def test_an_op_tflite_lacks_is_named_with_its_layer_and_onnx_is_still_written(tm
     error = result.selected.format_errors["tflite"]
     assert "op MatrixDeterminant (layer 'det_layer') has no TFLite builtin kernel" in error, error
     assert (tmp_path / "out" / "model.onnx").is_file() and not (tmp_path / "out" / "model.tflite").exists()
+
+
+def test_latency_is_measured_against_float32_and_can_be_selected_on(cnn_path, tmp_path):
+    search = (Recipe(quantize="float16"), Recipe(quantize="dynamic"), Recipe(quantize="int8"))
+    result = compress(cnn_path, "digits", tmp_path / "lat", progress=False,
+                      config=config(max_accuracy_drop=5, search=search, select_by="latency_us"))
+    for fmt in ("tflite", "onnx"):
+        assert result.reference[fmt]["latency_us"] > 0  # the source's float32 artifact, timed in the same runtime
+    arts = [a for c in result.candidates for a in c.artifacts]
+    assert all(a.latency_us > 0 and a.float32_latency_us == result.reference[a.format.value]["latency_us"]
+               for a in arts)
+    within = [c for c in result.candidates if c.within_budget]
+    assert result.selected is min(within, key=lambda c: c.artifacts[0].latency_us)  # the fastest within budget
+    manifest = json.loads((tmp_path / "lat" / "manifest.json").read_text())
+    assert all(a["latency_us"] > 0 and a["float32_latency_us"] > 0 for a in manifest["artifacts"])
+    report = (tmp_path / "lat" / "report.md").read_text()
+    assert "| µs / sample | vs float32 time |" in report and "float32 (source, reference)" in report
+
+
+def test_an_artifact_slower_than_float32_is_flagged_and_noted():
+    from types import SimpleNamespace
+
+    from edgekit.artifacts.report import slower_notes, speed_text
+    from edgekit.compression import ArtifactResult
+
+    def art(latency, reference):
+        return ArtifactResult(Format.ONNX, "model.onnx", b"", Quantization.INT8, 0.0, 90.0, 1.0, 99.0, 0.1, 0.1,
+                              None, "onnxruntime", [], [], [], latency_us=latency, float32_latency_us=reference)
+
+    slow, quick, noise = art(840.0, 470.0), art(300.0, 470.0), art(500.0, 470.0)
+    assert slow.slower_than_float32 and not quick.slower_than_float32 and not noise.slower_than_float32
+    assert speed_text(slow) == "1.79x SLOWER" and speed_text(quick) == "0.64x"
+    notes = slower_notes(SimpleNamespace(artifacts=[slow, quick]))
+    assert notes == ["onnx int8 runs 1.79x the time of the float32 onnx in onnxruntime (840 vs 470 µs per sample): "
+                     "it is smaller, not faster"]

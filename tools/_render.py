@@ -9,18 +9,19 @@ from edgekit.artifacts.report import candidate_rows, num
 
 def format_table(result: Any) -> str:
     """The candidate table as aligned text, for the terminal."""
-    head = ["recipe", "format", "bytes", "gzip", "acc %", "drop", "agree %", "budget", ""]
+    head = ["recipe", "format", "bytes", "gzip", "acc %", "drop", "agree %", "µs", "time", "budget", ""]
     lines = [head]
     for fmt, size in result.reference.items():  # what every candidate is compared with
         lines.append(["float32 (reference)", fmt, f"{size['bytes']:,}", f"{size['gzip_bytes']:,}",
-                      f"{result.source['accuracy']:.2f}", "", "", "", ""])
+                      f"{result.source['accuracy']:.2f}", "", "", f"{size.get('latency_us', 0):.0f}", "1.00x", "", ""])
     for r in candidate_rows(result):
         budget = {True: "ok", False: "over", None: "-"}[r["within_budget"]]
         if r["error"]:
-            lines.append([r["recipe"], r["format"], "-", "-", "-", "-", "-", "failed", r["error"][:60]])
+            lines.append([r["recipe"], r["format"], "-", "-", "-", "-", "-", "-", "-", "failed", r["error"][:60]])
             continue
         lines.append([r["recipe"], r["format"], f"{r['bytes']:,}", f"{r['gzip_bytes']:,}",
-                      num(r["accuracy"]), num(r["drop"], signed=True), f"{r['agreement']:.1f}", budget,
+                      num(r["accuracy"]), num(r["drop"], signed=True), f"{r['agreement']:.1f}",
+                      f"{r['latency_us']:.0f}", r["speed"], budget,
                       "<- selected" if r["selected"] else ""])
     widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)

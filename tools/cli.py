@@ -101,7 +101,10 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                    help=f"comma-separated: {','.join(_values(Format))} (default: all)")
     c.add_argument("--max-accuracy-drop", type=float, metavar="P", help="accuracy budget in points")
     c.add_argument("--select-by", choices=_values(SizeMetric), default=_default(CompressConfig, "select_by").value,
-                   help="size the budget search minimises (default: %(default)s)")
+                   help="what the budget search minimises: download size, file size or single-sample latency "
+                        "(default: %(default)s)")
+    c.add_argument("--threads", type=int, default=_default(CompressConfig, "threads"),
+                   help="interpreter threads when verifying and timing artifacts (default %(default)s)")
     c.add_argument("--epochs", type=int, default=training.finetune_epochs,
                    help="fine-tuning epochs for pruning/QAT (default %(default)s)")
     c.add_argument("--distill-epochs", type=int, default=training.distill_epochs,
@@ -218,7 +221,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                 student_width=args.student_width, student=args.student)
     config = edgekit.CompressConfig(
         recipe=recipe, formats=args.formats, max_accuracy_drop=args.max_accuracy_drop, int8_io=args.int8_io,
-        select_by=args.select_by, seed=args.seed,
+        select_by=args.select_by, seed=args.seed, threads=args.threads,
         training=edgekit.TrainingConfig(finetune_epochs=args.epochs, distill_epochs=args.distill_epochs,
                                         batch_size=args.batch_size, batchnorm=args.batchnorm))
     result = edgekit.compress(args.model, args.data, args.out, config=config, eval_data=args.eval_data,
@@ -231,6 +234,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(f"wrote {result.out}: {files}{keras_file}, manifest.json, report.md")
     for fmt, error in result.selected.format_errors.items():
         print(f"edgekit: warning: no {fmt} artifact: {error}", file=sys.stderr)
+    from edgekit.artifacts.report import slower_notes
+
+    for line in slower_notes(result.selected):
+        print(f"edgekit: warning: {line}", file=sys.stderr)
     return int(ExitCode.SUCCESS)
 
 

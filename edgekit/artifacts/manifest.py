@@ -49,7 +49,8 @@ def artifact_entry(art: Any) -> dict[str, Any]:
         "accuracy": _round(art.accuracy), "accuracy_drop": _round(art.accuracy_drop),
         "top1_agreement": _round(art.top1_agreement), "max_abs_diff": _round(art.max_abs_diff, 6),
         "conversion_max_abs_diff": _round(art.conversion_max_abs_diff, 6), "tolerance": art.tolerance,
-        "verified_with": art.runtime,
+        "verified_with": art.runtime, "latency_us": _round(art.latency_us, 1),
+        "float32_latency_us": _round(art.float32_latency_us, 1),
         "input": [s.to_dict() for s in art.inputs], "output": [s.to_dict() for s in art.outputs],
         "notes": art.notes,
     }

@@ -19,11 +19,27 @@ def candidate_rows(result: Any) -> list[dict[str, Any]]:
             rows.append({"recipe": cand.recipe.name, "format": art.format.value, "bytes": art.bytes,
                          "gzip_bytes": art.gzip_bytes, "accuracy": art.accuracy, "drop": art.accuracy_drop,
                          "agreement": art.top1_agreement, "max_abs_diff": art.max_abs_diff,
+                         "latency_us": art.latency_us, "speed": speed_text(art),
                          "within_budget": cand.within_budget, "selected": chosen, "error": None})
         for fmt, error in cand.format_errors.items():  # this format failed; the others above were written
             rows.append({"recipe": cand.recipe.name, "format": fmt, "error": f"{fmt} not written: {error}",
                          "selected": False, "within_budget": None})
     return rows
+
+
+def speed_text(art: Any) -> str:
+    """Time relative to the float32 artifact in the same runtime: ``0.62x`` or ``1.40x SLOWER``."""
+    if not art.float32_latency_us:
+        return "-"
+    ratio = art.latency_us / art.float32_latency_us
+    return f"{ratio:.2f}x SLOWER" if art.slower_than_float32 else f"{ratio:.2f}x"
+
+
+def slower_notes(candidate: Any) -> list[str]:
+    """One line per artifact of ``candidate`` that runs slower than the float32 artifact in the same runtime."""
+    return [f"{a.format.value} {a.quantization.value} runs {a.latency_us / a.float32_latency_us:.2f}x the time of "
+            f"the float32 {a.format.value} in {a.runtime} ({a.latency_us:.0f} vs {a.float32_latency_us:.0f} µs per "
+            "sample): it is smaller, not faster" for a in candidate.artifacts if a.slower_than_float32]
 
 
 def num(value: float | None, *, signed: bool = False) -> str:
@@ -61,20 +77,23 @@ def write_report(result: Any, folder: Path) -> None:
     lines += ["", "Accuracy and agreement are measured by running each artifact in its own runtime "
               "(ai-edge-litert for .tflite, onnxruntime for .onnx).", "", "## Candidates", "",
               "| recipe | format | bytes | gzip bytes | accuracy % | drop (points) | top-1 agreement % "
-              "| max abs diff | budget | selected |", "|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
+              "| max abs diff | µs / sample | vs float32 time | budget | selected |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for fmt, size in result.reference.items():
         lines.append(f"| float32 (source, reference) | {fmt} | {size['bytes']:,} | {size['gzip_bytes']:,} | "
-                     f"{result.source['accuracy']:.2f} | | | | | |")
+                     f"{result.source['accuracy']:.2f} | | | | {size.get('latency_us', 0):.0f} | 1.00x | | |")
     for r in candidate_rows(result):
         budget = {True: "ok", False: "over", None: "-"}[r["within_budget"]]
         if r["error"]:
-            lines.append(f"| {r['recipe']} | {r['format']} | - | - | - | - | - | - | failed: {r['error']} | |")
+            lines.append(f"| {r['recipe']} | {r['format']} | - | - | - | - | - | - | - | - | failed: {r['error']} | |")
             continue
         lines.append(f"| {r['recipe']} | {r['format']} | {r['bytes']:,} | {r['gzip_bytes']:,} | "
                      f"{num(r['accuracy'])} | {num(r['drop'], signed=True)} | {r['agreement']:.2f} | "
-                     f"{r['max_abs_diff']:.3g} | {budget} | {'**yes**' if r['selected'] else ''} |")
+                     f"{r['max_abs_diff']:.3g} | {r['latency_us']:.0f} | {r['speed']} | {budget} | "
+                     f"{'**yes**' if r['selected'] else ''} |")
     if result.selected is not None:
         notes = [f"- {a.format.value}: {n}" for a in result.selected.artifacts for n in a.notes]
+        notes += [f"- **{line}**" for line in slower_notes(result.selected)]
         if notes:
             lines += ["", "## Notes", "", *notes]
         skipped = [(t, k, v) for t, layers in result.selected.skipped_layers.items() for k, v in layers.items()]

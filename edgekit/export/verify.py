@@ -31,21 +31,47 @@ class Verification:
     tolerance: float | None
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    latency_us: float  # median single-sample time in its runtime
+
+
+LATENCY_REPEATS = 40
+
+
+def latency_us(model: Model, sample: np.ndarray, *, repeats: int = LATENCY_REPEATS) -> float:
+    """Median wall time of one single-sample call of ``model`` in microseconds (after 5 warm-up calls)."""
+    import statistics
+    import time
+
+    for _ in range(5):
+        model.predict(sample)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter_ns()
+        model.predict(sample)
+        times.append((time.perf_counter_ns() - start) / 1000)
+    return float(statistics.median(times))
+
+
+def measure_latency(artifact: bytes, sample: np.ndarray, *, threads: int) -> float:
+    """Single-sample latency (µs) of an artifact in its runtime."""
+    return latency_us(Model.load(artifact, num_threads=threads), sample)
 
 
 def verify(artifact: bytes, *, name: str, quantization: Quantization, x: np.ndarray, y: np.ndarray | None,
            source_outputs: np.ndarray, converted_outputs: np.ndarray,
-           tolerance_rule: tuple[float, float] | None = None) -> Verification:
+           tolerance_rule: tuple[float, float] | None = None, threads: int = 1) -> Verification:
     """Load ``artifact`` in its runtime, run ``x``, and compare with the source model's outputs.
 
     ``converted_outputs`` are those of the Keras model the artifact was converted from (the pruned
     or distilled model, say): a float artifact must reproduce them within the tolerance, else
     :class:`VerificationError`. ``tolerance_rule`` is (atol, rtol), see :func:`float_tolerance`.
-    Accuracy, top-1 agreement and max abs difference are vs the source.
+    Accuracy, top-1 agreement and max abs difference are vs the source; latency is the median single-sample
+    time with ``threads`` interpreter threads.
     """
     try:
-        model = Model.load(artifact, num_threads=None)
+        model = Model.load(artifact, num_threads=threads)
         out = model.predict(x)
+        latency = latency_us(model, x[:1])
     except AgentError as exc:
         raise ConversionError(f"{name}: the exported artifact does not run in its runtime: {exc}") from None
     if out.shape != source_outputs.shape:
@@ -65,4 +91,4 @@ def verify(artifact: bytes, *, name: str, quantization: Quantization, x: np.ndar
     agreement = float(np.mean(out.argmax(1) == source_outputs.argmax(1)) * 100.0)
     accuracy = None if y is None else float(np.mean(out.argmax(1) == y) * 100.0)
     return Verification(model.runtime.value, accuracy, agreement, diff, conversion_diff, tolerance,
-                        model.inputs, model.outputs)
+                        model.inputs, model.outputs, latency)
