@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.errors import first_line
+from device_agents.errors import AgentError, first_line
 from edgekit import _tf
 from edgekit._io import StagedDir
 from edgekit._progress import Progress
@@ -247,7 +247,7 @@ class _CandidateRunner:
                     data, _ = exporter(fmt).convert(self.loaded.source, quantization=Quantization.NONE,
                                                     calibration=self.splits.calibration.x, int8_io=False)
                     latency = measure_latency(data, self.splits.evaluation.x[:1], threads=self.config.threads)
-            except EdgeKitError:
+            except (EdgeKitError, AgentError):  # the format failed for every candidate too: nothing to compare
                 continue
             reference[fmt.value] = {"bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9, mtime=0)),
                                     "latency_us": latency}

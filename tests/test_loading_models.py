@@ -254,3 +254,31 @@ def test_a_model_that_carries_code_is_refused_before_any_of_it_runs(code_carryin
     proc = run_cli("compress", str(d / name), "--out", str(d / f"out-{name}"), "--quiet")
     assert_one_line_error(proc, 2, "edgekit refuses models that carry code")
     assert not marker.exists() and not (d / f"out-{name}").exists()
+
+
+def test_a_nested_backbone_is_inlined_so_training_techniques_reach_its_layers(tmp_path):
+    """The transfer-learning pattern of keras.io: augmentation and a backbone as nested models. tfmot does not
+    descend into nested models, so the rebuild inlines them (layer names and weights kept)."""
+    from edgekit.optimize.prune import layer_sparsity
+
+    keras = _tf.keras3()
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    b_in = keras.Input((8, 8, 1))
+    b_out = layers.GlobalAveragePooling2D()(layers.BatchNormalization()(layers.Conv2D(8, 3, name="b_conv")(b_in)))
+    backbone = keras.Model(b_in, b_out, name="backbone")
+    augment = keras.Sequential([layers.RandomFlip("horizontal"), layers.RandomTranslation(0.1, 0.1)], name="aug")
+    inp = keras.Input((8, 8, 1))
+    out = layers.Dense(10, activation="softmax", name="head")(backbone(augment(inp), training=False))
+    keras.Model(inp, out).save(tmp_path / "transfer.keras")
+    loaded = load_model(tmp_path / "transfer.keras")
+    assert not any(hasattr(layer, "layers") for layer in loaded.model.layers)  # one flat model
+    assert {"b_conv", "head"} <= {layer.name for layer in loaded.model.layers} and loaded.rebuild_max_abs_diff <= 1e-5
+    from edgekit._progress import Progress
+    from edgekit.config import TrainingConfig
+    from edgekit.loading.data import load_digits
+    from edgekit.optimize.prune import prune
+
+    pruned = prune(loaded.model, load_digits().take(np.arange(200)), sparsity=0.5, probabilities=True,
+                   training=TrainingConfig(finetune_epochs=1), progress=Progress(enabled=False))
+    assert layer_sparsity(pruned.model)["b_conv"] >= 0.45  # inside the former backbone

@@ -117,6 +117,7 @@ class _Builder:
     def __init__(self, activation_names: dict[str, str]) -> None:
         self.activation_names = activation_names
         self.current = ""
+        self.flatten: bool | None = None  # inline nested models (decided once, by the top-level config)
 
     def clean(self, value: Any) -> Any:
         """Keras 3 serialized objects as tf-keras's deserializers read them."""
@@ -158,45 +159,77 @@ class _Builder:
         return {**_EXTRA_CONFIG.get(cls.__name__, {}), **{k: v for k, v in config.items() if k in accepted}}
 
     def model(self, class_name: str, config: dict) -> Any:
-        if class_name == "Sequential":
+        """A tf-keras model of a Keras 3 model config. Nested models are inlined (one flat model: what
+        tensorflow-model-optimization and on-device training need) unless two leaf layers share a name."""
+        keras = _tf.keras()
+        if self.flatten is None:  # decided once, for the whole model
+            self.flatten = _unique_leaf_names(config)
+        if class_name == "Sequential" and not (self.flatten and _has_nested(config)):
             return self._sequential(config)
-        return self._functional(config)
+        inputs, outputs = self.body(class_name, config, None)
+        return keras.Model(inputs[0] if len(inputs) == 1 else inputs,
+                           outputs[0] if len(outputs) == 1 else outputs, name=config.get("name"))
 
     def _input(self, config: dict, name: str | None) -> Any:
         keras = _tf.keras()
         return keras.Input(batch_shape=config.get("batch_shape") or config.get("batch_input_shape"),
                            dtype=self.clean(config.get("dtype", "float32")), name=name)
 
+    def _built(self, spec: dict, name: str) -> Any:
+        """The callable of one entry of a model config: a layer, an op node, or a nested model (inlined)."""
+        if str(spec.get("module", "")).startswith("keras.src.ops"):  # `x + y`, `x * 0.5` in a Keras 3 model
+            return _OpNode(spec["class_name"], name)
+        if spec["class_name"] in _MODEL_CLASSES:
+            if self.flatten:
+                return _Inlined(self, spec["class_name"], spec["config"])
+            return self.model(spec["class_name"], spec["config"])
+        return self.layer(spec["class_name"], spec["config"])
+
     def _sequential(self, config: dict) -> Any:
         keras = _tf.keras()
         model = keras.Sequential(name=config.get("name"))
         for spec in config["layers"]:
             cfg = spec["config"]
-            if spec["class_name"] == "InputLayer":
-                model.add(self._input(cfg, cfg.get("name")))
-            elif spec["class_name"] in _MODEL_CLASSES:
-                model.add(self.model(spec["class_name"], cfg))
-            else:
-                model.add(self.layer(spec["class_name"], cfg))
+            model.add(self._input(cfg, cfg.get("name")) if spec["class_name"] == "InputLayer"
+                      else self._built(spec, cfg.get("name", "?")))
         return model
 
-    def _functional(self, config: dict) -> Any:
+    def body(self, class_name: str, config: dict, given: tuple | None) -> tuple[list, list]:
+        """(inputs, outputs) of a model config's layers called in order; ``given`` tensors stand in for its inputs
+        when it is inlined into an outer model."""
+        if class_name != "Sequential":
+            return self._functional_body(config, given)
+        specs = config["layers"]
+        if given is None:
+            if not specs or specs[0]["class_name"] != "InputLayer":
+                raise ModelLoadError("cannot rebuild the Keras 3 model as tf-keras: a Sequential model without "
+                                     "an input shape")
+            x = self._input(specs[0]["config"], specs[0]["config"].get("name"))
+            inputs = [x]
+        else:
+            x, inputs = _single(list(given)), list(given)
+        for spec in specs:
+            if spec["class_name"] != "InputLayer":
+                self.current = spec["config"].get("name", "?")
+                x = self._built(spec, self.current)(x)
+        return inputs, [x]
+
+    def _functional_body(self, config: dict, given: tuple | None) -> tuple[list, list]:
         """Layers are created in config order; their calls (nodes) run as soon as their inputs exist, so a
         shared layer whose second call depends on later layers is still wired correctly."""
-        keras = _tf.keras()
         tensors: dict[tuple[str, int, int], Any] = {}
         pending: list[tuple[Any, str, int, dict]] = []
+        input_refs = [tuple(ref) for ref in _refs(config["input_layers"])]
+        given_list = list(given[0]) if given and len(given) == 1 and isinstance(given[0], (list, tuple)) \
+            else list(given or [])
         for spec in config["layers"]:
             name = spec.get("name") or spec["config"]["name"]
             if spec["class_name"] == "InputLayer":
-                tensors[(name, 0, 0)] = self._input(spec["config"], name)
+                ref = (name, 0, 0)
+                tensors[ref] = given_list[input_refs.index(ref)] if given is not None \
+                    else self._input(spec["config"], name)
                 continue
-            if str(spec.get("module", "")).startswith("keras.src.ops"):  # `x + y`, `x * 0.5` in a Keras 3 model
-                built = _OpNode(spec["class_name"], name)
-            elif spec["class_name"] in _MODEL_CLASSES:
-                built = self.model(spec["class_name"], spec["config"])
-            else:
-                built = self.layer(spec["class_name"], spec["config"])
+            built = self._built(spec, name)
             pending.extend((built, name, i, node) for i, node in enumerate(spec.get("inbound_nodes", [])))
         while pending:
             ready = [item for item in pending if _inputs_ready(item[3], tensors)]
@@ -210,10 +243,41 @@ class _Builder:
                 for tensor_index, tensor in enumerate(out if isinstance(out, (list, tuple)) else [out]):
                     tensors[(name, node_index, tensor_index)] = tensor
                 pending.remove(item)
-        inputs = [tensors[tuple(ref)] for ref in _refs(config["input_layers"])]
-        outputs = [tensors[tuple(ref)] for ref in _refs(config["output_layers"])]
-        return keras.Model(inputs[0] if len(inputs) == 1 else inputs,
-                           outputs[0] if len(outputs) == 1 else outputs, name=config.get("name"))
+        return [tensors[ref] for ref in input_refs], [tensors[tuple(ref)] for ref in _refs(config["output_layers"])]
+
+
+class _Inlined:
+    """A nested model called inside an outer one, inlined: its layers are called on the outer tensors. Its call
+    options (``training=False`` on a frozen backbone, a mask) are dropped: edgekit runs the graph in inference."""
+
+    def __init__(self, builder: _Builder, class_name: str, config: dict) -> None:
+        self.builder, self.class_name, self.config = builder, class_name, config
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _single(self.builder.body(self.class_name, self.config, args)[1])
+
+
+def _single(values: list) -> Any:
+    return values[0] if len(values) == 1 else values
+
+
+def _leaf_names(config: dict) -> list[str]:
+    names = []
+    for spec in config.get("layers", []):
+        if spec["class_name"] in _MODEL_CLASSES:
+            names += _leaf_names(spec["config"])
+        elif spec["class_name"] != "InputLayer":
+            names.append(spec.get("name") or spec["config"].get("name"))
+    return names
+
+
+def _unique_leaf_names(config: dict) -> bool:
+    names = _leaf_names(config)
+    return len(names) == len(set(names))
+
+
+def _has_nested(config: dict) -> bool:
+    return any(spec["class_name"] in _MODEL_CLASSES for spec in config.get("layers", []))
 
 
 class _OpNode:
@@ -283,18 +347,24 @@ def _resolve(value: Any, tensors: dict) -> Any:
     return value
 
 
+def _leaves(model: Any) -> list[Any]:
+    """Every leaf layer of ``model``, nested models opened."""
+    out = []
+    for layer in model.layers:
+        out += _leaves(layer) if layer.__class__.__name__ in _MODEL_CLASSES and hasattr(layer, "layers") else [layer]
+    return out
+
+
 def _copy_weights(source: Any, target: Any) -> None:
-    by_name = {layer.name: layer for layer in target.layers}
-    for layer in source.layers:
+    """Copy every leaf layer's weights by name (the target may be the flattened form of a nested source)."""
+    by_name = {layer.name: layer for layer in _leaves(target)}
+    for layer in _leaves(source):
         weights = layer.get_weights()
         if not weights:
             continue
         twin = by_name.get(layer.name)
         if twin is None:
             raise ModelLoadError(f"layer '{layer.name}' was lost in the tf-keras rebuild")
-        if hasattr(layer, "layers") and hasattr(twin, "layers"):
-            _copy_weights(layer, twin)
-            continue
         mine = twin.get_weights()
         if len(mine) != len(weights) or any(a.shape != b.shape for a, b in zip(mine, weights)):
             raise ModelLoadError(f"cannot rebuild the Keras 3 model as tf-keras: layer '{layer.name}' "
