@@ -83,7 +83,8 @@ def test_the_rebuild_is_generic_ops_keras3_activations_shared_and_nested_layers(
     x = layers.LayerNormalization()(a + layers.MultiHeadAttention(2, 4)(a, a))  # an op node, attention
     x = layers.Activation("hard_silu")(x * 0.5 + 1.0)  # ops with numbers, an activation tf-keras lacks
     x = shared(x)  # the shared layer's second call
-    block = keras.Sequential([layers.GlobalAveragePooling1D(), layers.Dense(8, activation="silu")], name="block")
+    block = keras.Sequential([layers.GlobalAveragePooling1D(), layers.Dense(8, activation="silu"),
+                              layers.Dense(8, activation="gelu")], name="block")  # gelu through erf (ONNX: Erf)
     out = layers.Dense(3, activation="softmax")(block(x))
     model = keras.Model(inp, out)
     model.save(tmp_path / "generic.keras")

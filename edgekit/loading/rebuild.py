@@ -57,9 +57,13 @@ def _activations() -> dict[str, Any]:
     def edgekit_log_sigmoid(x: Any) -> Any:
         return tf.math.log_sigmoid(x)
 
+    def edgekit_gelu(x: Any) -> Any:  # exact gelu through erf: TFLite's GELU builtin and ONNX's Erf (tf.nn.gelu
+        return 0.5 * x * (1.0 + tf.math.erf(x * 0.7071067811865476))  # emits Erfc, which ONNX lacks)
+
     return {"hard_sigmoid": edgekit_hard_sigmoid, "hard_silu": edgekit_hard_silu, "hard_swish": edgekit_hard_silu,
             "silu": edgekit_silu, "relu6": edgekit_relu6, "leaky_relu": edgekit_leaky_relu,
-            "log_softmax": edgekit_log_softmax, "hard_tanh": edgekit_hard_tanh, "log_sigmoid": edgekit_log_sigmoid}
+            "log_softmax": edgekit_log_softmax, "hard_tanh": edgekit_hard_tanh, "log_sigmoid": edgekit_log_sigmoid,
+            "gelu": edgekit_gelu}
 
 
 def register_activations() -> dict[str, str]:
