@@ -234,3 +234,29 @@ def test_a_model_whose_input_is_not_8x8_exports_without_data(tmp_path):
     assert "one train step vs TensorFlow max abs diff" in proc.stdout
     manifest = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert manifest["trainable"]["input"]["shape"] == [None, 16, 16, 3]
+
+
+def test_head_only_training_of_a_model_tf_keras_cannot_rebuild(digits, tmp_path):
+    """RMSNormalization has no tf-keras twin: the Keras 3 backbone converts from its own graph, the Dense head
+    is rebuilt alone, verified against the whole model and trained in LiteRT."""
+    keras = _tf.keras3()
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(8, 3, activation="relu"),
+                              layers.RMSNormalization(), layers.GlobalAveragePooling2D(),
+                              layers.Dense(16, activation="relu"), layers.Dense(10, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(digits.x[:600], digits.y[:600], epochs=2, verbose=0)
+    model.save(tmp_path / "rms.keras")
+    np.savez(tmp_path / "d.npz", x=digits.x[:600], y=digits.y[:600])
+    with pytest.raises(UnsupportedLayerError, match="on-device training needs a tf-keras model"):
+        export_trainable(tmp_path / "rms.keras", None, progress=False)
+    result = export_trainable(tmp_path / "rms.keras", tmp_path / "head", data=tmp_path / "d.npz", progress=False,
+                              config=TrainableConfig(head_only=True, batch_size=16))
+    assert set(result.files) == {"backbone.tflite", "trainable.tflite"}
+    assert result.manifest["verification"]["infer_top1_agreement"] >= 95
+    trainer = Trainer.load(tmp_path / "head")
+    before, _ = trainer.evaluate(digits.x[600:900], digits.y[600:900])
+    trainer.fit(digits.x[:600], digits.y[:600], epochs=3, learning_rate=0.05)
+    after, _ = trainer.evaluate(digits.x[600:900], digits.y[600:900])
+    assert after < before

@@ -45,6 +45,8 @@ class LoadedModel:
     rebuild_max_abs_diff: float | None = None
     graph: Any = None
     training_unavailable: str | None = None
+    keras3_model: Any = None  # the Keras 3 model behind ``graph`` when tf-keras could not rebuild it (head-only
+    #                           on-device training splits it: its trailing Dense head is rebuilt on its own)
 
     @property
     def source(self) -> Any:
@@ -160,7 +162,7 @@ def _keras3_loaded(k3: Any, sample: np.ndarray | None, path: str, digest: str) -
     except ModelLoadError as exc:
         reason = str(exc)
     graph = export_keras3(k3, probabilities=ends_in_softmax(k3))
-    return LoadedModel(None, path, digest, "keras3", graph=graph, training_unavailable=reason)
+    return LoadedModel(None, path, digest, "keras3", graph=graph, training_unavailable=reason, keras3_model=k3)
 
 
 def _load_savedmodel(path: Path) -> LoadedModel:

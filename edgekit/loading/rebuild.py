@@ -106,6 +106,17 @@ def rebuild_keras3(k3_model: Any, sample: np.ndarray | None = None) -> tuple[Any
     return model, diff
 
 
+def rebuild_layer(layer: Any) -> Any:
+    """One Keras 3 layer as an (unbuilt) tf-keras layer of the same config; :class:`ModelLoadError` if it cannot be."""
+    builder = _Builder(register_activations())
+    try:
+        return builder.layer(layer.__class__.__name__, layer.get_config())
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"cannot rebuild layer '{layer.name}' as tf-keras: {first_line(exc)}") from None
+
+
 def _random_inputs(model: Any) -> np.ndarray:
     rng = np.random.default_rng(0)
     shape = [8] + [d or 16 for d in model.inputs[0].shape[1:]]

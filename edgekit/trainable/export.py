@@ -80,27 +80,23 @@ def _export(model: Any, data: str | Path | Dataset | None, config: TrainableConf
             bars: Progress) -> TrainableResult:
     from device_agents.training import Trainer
     from edgekit.export.tflite import to_tflite
-    from edgekit.trainable.graph import build_module, build_nodes, convert, reference_step, split_head
+    from edgekit.trainable.graph import build_module, build_nodes, convert, reference_step
 
     loaded = load_model(model)
-    keras_model = loaded.trainable_model("on-device training")
     if loaded.input_dtype not in ("float32", "float16") and not config.head_only:
         raise InputError(f"training the whole model on the device needs a float input; this model takes "
                          f"{loaded.input_dtype} (train its head only: the backbone takes the token ids)")
     if loaded.input_dtype not in ("float32", "float16", "int32", "int64"):
         raise InputError(f"on-device training takes float32, int32 or int64 inputs; this model takes "
                          f"{loaded.input_dtype}")
-    build_nodes(split_head(keras_model)[1] if config.head_only else keras_model)  # refuse before any work
+    backbone, train_model, keras_model = _parts(loaded, config)
+    build_nodes(train_model)  # refuse before any work
     dataset = _verification_data(loaded, data, config)
     files: dict[str, bytes] = {}
-    if config.head_only:
-        backbone, head = split_head(keras_model)
-        calib = dataset.x[:256]
+    if backbone is not None:
         with bars.step("export int8 backbone"):
-            files["backbone.tflite"], _ = to_tflite(backbone, quantization=Quantization.INT8, calibration=calib)
-        train_model = head
-    else:
-        train_model = keras_model
+            files["backbone.tflite"], _ = to_tflite(backbone, quantization=Quantization.INT8,
+                                                    calibration=dataset.x[:256])
     with bars.step("build and convert the trainable model"):
         module, tensors, softmax_out = build_module(train_model, batch_size=config.batch_size)
         files["trainable.tflite"] = convert(module)
@@ -110,6 +106,25 @@ def _export(model: Any, data: str | Path | Dataset | None, config: TrainableConf
         checks = _verify(files, manifest, keras_model, train_model, dataset, config, reference_step, Trainer)
     manifest["verification"] = checks
     return TrainableResult(None, manifest, files)
+
+
+def _parts(loaded: Any, config: TrainableConfig) -> tuple[Any, Any, Any]:
+    """(backbone to export as int8 or ``None``, the model that trains, the whole model to verify against).
+
+    Head-only training of a Keras 3 model tf-keras cannot rebuild as a whole splits the Keras 3 model: its
+    backbone converts from its own graph (any layer the converter takes), its Dense head is rebuilt alone.
+    """
+    from edgekit.loading.graph import export_keras3
+    from edgekit.trainable.graph import split_head, split_head_keras3
+
+    if config.head_only and loaded.model is None and loaded.keras3_model is not None:
+        backbone, head = split_head_keras3(loaded.keras3_model)
+        return export_keras3(backbone, probabilities=False), head, loaded.source
+    keras_model = loaded.trainable_model("on-device training")
+    if config.head_only:
+        backbone, head = split_head(keras_model)
+        return backbone, head, keras_model
+    return None, keras_model, keras_model
 
 
 def _verification_data(loaded: Any, data: str | Path | Dataset | None, config: TrainableConfig) -> Dataset:

@@ -486,6 +486,35 @@ def split_head(model: Any) -> tuple[Any, Any]:
     return backbone, head
 
 
+_MERGE_LAYERS = frozenset({"Add", "Average", "Concatenate", "Dot", "Maximum", "Minimum", "Multiply", "Subtract"})
+
+
+def split_head_keras3(model: Any) -> tuple[Any, Any]:
+    """Split a Keras 3 model tf-keras cannot rebuild as a whole: (Keras 3 backbone up to the last Flatten / global
+    pooling layer, tf-keras head of the layers after it, with their weights)."""
+    from edgekit.loading.rebuild import rebuild_layer
+
+    keras3 = _tf.keras3()
+    keras = _tf.keras()
+    layers = [layer for layer in model.layers if layer.__class__.__name__ != "InputLayer"]
+    cut = max((i for i, layer in enumerate(layers) if layer.__class__.__name__ in FEATURE_LAYERS), default=None)
+    if cut is None or cut == len(layers) - 1:
+        raise UnsupportedLayerError("head-only training needs a Flatten or global pooling layer followed by "
+                                    "a dense head; this model has none", layer_name=model.name,
+                                    layer_type=model.__class__.__name__)
+    feature = layers[cut]
+    backbone = keras3.Model(model.inputs, feature.output, name="backbone")
+    x = head_in = keras.Input(tuple(feature.output.shape[1:]), name="features")
+    for layer in layers[cut + 1:]:
+        if layer.__class__.__name__ in _MERGE_LAYERS:
+            raise UnsupportedLayerError("head-only training needs a sequential head after the feature layer",
+                                        layer_name=layer.name, layer_type=layer.__class__.__name__)
+        twin = rebuild_layer(layer)
+        x = twin(x)
+        twin.set_weights(layer.get_weights())
+    return backbone, keras.Model(head_in, x, name="head")
+
+
 def reference_step(model: Any, x: np.ndarray, y: np.ndarray, *, learning_rate: float) -> dict[str, np.ndarray]:
     """The same SGD step computed by TensorFlow's own autodiff (the parity reference)."""
     tf = _tf.tf()
