@@ -66,14 +66,8 @@ def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray
     try:
         return bytes(conv.convert()), notes
     except Exception as exc:  # the converter raises ConverterError and others
-        names = model.layer_names if graph else tuple(layer.name for layer in model.submodules
-                                                       if hasattr(layer, "name"))
-        missing = unsupported_op(str(exc), layer_names=names)
-        if missing is not None:  # no builtin kernel at all, int8 or float: a fallback fails the same
-            raise ConversionError(f"TFLite conversion ({quantization.value}) failed: {missing}") from None
         if quantization is not Quantization.INT8:
-            raise ConversionError(f"TFLite conversion ({quantization.value}) failed: "
-                                  f"{first_line(exc, prefer='error:')}") from None
+            raise _failure(exc, quantization, _layer_names(model)) from None
         strict_error = first_line(exc, prefer='error:')
         if "TensorList" in strict_error:  # no builtin kernel at all, int8 or float: the fallback fails the same
             raise ConversionError(f"TFLite int8 conversion failed: {strict_error}") from None
@@ -83,9 +77,23 @@ def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray
     try:
         data = bytes(conv.convert())
     except Exception as exc:
-        raise ConversionError(f"TFLite int8 conversion failed: {first_line(exc, prefer='error:')}") from None
+        raise _failure(exc, quantization, _layer_names(model)) from None
     notes.append(f"some ops have no int8 kernel and stay float ({strict_error[:120]})")
     return data, notes
+
+
+def _layer_names(model: Any) -> tuple[str, ...]:
+    """The layer names of a tf-keras model or of the Keras model a graph was exported from."""
+    if hasattr(model, "layer_names"):
+        return model.layer_names
+    return tuple(layer.name for layer in model.submodules if hasattr(layer, "name"))
+
+
+def _failure(exc: BaseException, quantization: Quantization, names: tuple[str, ...]) -> ConversionError:
+    """The converter's failure as one line: the op and layer without a builtin kernel when it names one."""
+    missing = unsupported_op(str(exc), layer_names=names)
+    return ConversionError(f"TFLite conversion ({quantization.value}) failed: "
+                           f"{missing or first_line(exc, prefer='error:')}")
 
 
 def unsupported_op(message: str, *, layer_names: tuple[str, ...] = ()) -> str | None:

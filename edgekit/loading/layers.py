@@ -29,9 +29,10 @@ SCALE_ATTRIBUTES: dict[str, str] = {
 }
 """Layer class -> the width a thinner distillation student scales; other layers are kept as they are."""
 
-QAT_ACTIVATIONS: frozenset[str] = frozenset({"gelu", "linear", "relu", "relu6", "sigmoid", "softmax", "swish",
-                                             "tanh"})
-"""Activations tfmot's default 8-bit scheme quantizes (``quantize_aware_activation``)."""
+QAT_ACTIVATIONS: frozenset[str] = frozenset({"gelu", "linear", "relu", "sigmoid", "softmax", "swish", "tanh"})
+"""Activations tfmot's default 8-bit scheme quantizes inside a layer (``QuantizeAwareActivation``)."""
+QAT_ACTIVATION_LAYERS: frozenset[str] = QAT_ACTIVATIONS | {"relu6"}
+"""Activations tfmot's scheme quantizes as an ``Activation`` layer (``Default8BitActivationQuantizeConfig``)."""
 
 _KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings", "recurrent_kernel")
 
@@ -71,8 +72,6 @@ def qat_skip_reason(layer: Any) -> str | None:
         return None  # tfmot folds a BatchNormalization into the convolution or dense layer before it
     if not registry.Default8BitQuantizeRegistry().supports(layer):
         return f"tensorflow-model-optimization's 8-bit scheme does not quantize a {kind}"
-    if kind != "Activation" and activation_name(layer) not in (None, *QAT_ACTIVATIONS):
-        return f"tensorflow-model-optimization's 8-bit scheme does not quantize the activation {activation_name(layer)}"
     return None
 
 
@@ -88,10 +87,15 @@ def _follows(layer: Any, kinds: frozenset[str]) -> bool:
         .__class__.__name__ in kinds for node in nodes)
 
 
-def qat_output_only(layer: Any) -> bool:
-    """True for an ``Activation`` layer whose function tfmot's scheme lacks (hard-swish...): only its output is
-    quantized (what the int8 converters do with such an op), instead of failing the whole model."""
-    return layer.__class__.__name__ == "Activation" and activation_name(layer) not in QAT_ACTIVATIONS
+def qat_output_only(layer: Any) -> str | None:
+    """Why only ``layer``'s output is quantized during QAT (``None``: fully annotated): its activation is one tfmot's
+    scheme lacks (hard-swish, relu6 inside a convolution...). Left unannotated, tfmot would still wrap it (it feeds
+    an annotated layer) and fail the whole model; its weights are quantized by the converter afterwards."""
+    name = activation_name(layer)
+    allowed = QAT_ACTIVATION_LAYERS if layer.__class__.__name__ == "Activation" else QAT_ACTIVATIONS
+    if name is None or name in allowed:
+        return None
+    return f"only its output is quantized: tensorflow-model-optimization's scheme lacks the activation {name}"
 
 
 def activation_name(layer: Any) -> str | None:

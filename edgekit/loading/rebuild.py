@@ -30,7 +30,8 @@ _EXTRA_CONFIG = {"MultiHeadAttention": {"query_shape": None, "key_shape": None, 
 
 
 def _activations() -> dict[str, Any]:
-    """Keras 3 activations by name, as tf-keras functions: those tf-keras lacks or defines differently."""
+    """Keras 3 activations by name, as tf-keras functions (those tf-keras lacks or defines differently) or as the
+    name of the tf-keras builtin that equals them (``silu`` is tf-keras's ``swish``, which tfmot also knows)."""
     tf = _tf.tf()
 
     def edgekit_hard_sigmoid(x: Any) -> Any:  # Keras 3: relu6(x + 3) / 6 (tf-keras: clip(0.2x + 0.5))
@@ -61,7 +62,7 @@ def _activations() -> dict[str, Any]:
         return 0.5 * x * (1.0 + tf.math.erf(x * 0.7071067811865476))  # emits Erfc, which ONNX lacks)
 
     return {"hard_sigmoid": edgekit_hard_sigmoid, "hard_silu": edgekit_hard_silu, "hard_swish": edgekit_hard_silu,
-            "silu": edgekit_silu, "relu6": edgekit_relu6, "leaky_relu": edgekit_leaky_relu,
+            "silu": "swish", "edgekit_silu": edgekit_silu, "relu6": edgekit_relu6, "leaky_relu": edgekit_leaky_relu,
             "log_softmax": edgekit_log_softmax, "hard_tanh": edgekit_hard_tanh, "log_sigmoid": edgekit_log_sigmoid,
             "gelu": edgekit_gelu}
 
@@ -73,6 +74,9 @@ def register_activations() -> dict[str, str]:
     custom = keras.utils.get_custom_objects()
     names = {}
     for k3_name, fn in _activations().items():
+        if isinstance(fn, str):
+            names[k3_name] = fn
+            continue
         custom.setdefault(fn.__name__, fn)
         names[k3_name] = fn.__name__
     return names

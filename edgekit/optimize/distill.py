@@ -36,6 +36,8 @@ def thin_student(teacher: Any, width: float) -> Any:
         for key in ("query_shape", "key_shape", "value_shape"):  # tf-keras attention: built from its new inputs
             if key in config:
                 config[key] = None
+        if layer.__class__.__name__ == "Reshape" and -1 not in config["target_shape"]:  # e.g. squeeze-excite's
+            config["target_shape"] = (*config["target_shape"][:-1], -1)  # (1, 1, filters): follow the thinner input
         return layer.__class__.from_config(config)
 
     return keras.models.clone_model(teacher, clone_function=scale)

@@ -39,7 +39,9 @@ def quantize_aware(model: Any, data: Dataset, *, training: TrainingConfig, proba
         if why is not None:
             skipped[layer.name] = why
             return layer
-        if qat_output_only(layer):
+        partial = qat_output_only(layer)
+        if partial is not None:
+            skipped[layer.name] = partial
             return quant.quantize_annotate_layer(layer, quantize_config=Default8BitOutputQuantizeConfig())
         return quant.quantize_annotate_layer(layer)
 
