@@ -93,9 +93,11 @@ def test_training_based_techniques_run_per_layer_and_list_what_they_left(saved, 
                 Recipe(student_width=0.5, quantize="int8"))))
     pruned, qat, student = search.candidates
     assert all(c.error is None and c.worst_drop <= 5 for c in search.candidates), [c.error for c in search.candidates]
-    assert "prunes no weights of a MultiHeadAttention" in pruned.skipped_layers["prune"]["multi_head_attention"]
-    assert pruned.layer_sparsity["embedding"] >= 0.45 and pruned.layer_sparsity["multi_head_attention"] == 0
-    assert "does not quantize a LayerNormalization" in qat.skipped_layers["qat"]["layer_normalization"]
+    by_type = {name.rstrip("_0123456789"): value for name, value in pruned.layer_sparsity.items()}  # Keras numbers
+    skipped = {name.rstrip("_0123456789"): why for name, why in pruned.skipped_layers["prune"].items()}  # names
+    assert "prunes no weights of a MultiHeadAttention" in skipped["multi_head_attention"]
+    assert by_type["embedding"] >= 0.45 and by_type["multi_head_attention"] == 0
+    assert any("does not quantize a LayerNormalization" in why for why in qat.skipped_layers["qat"].values())
     assert student.params < search.source["params"] * 0.6
     report = (tmp_path / "t" / "report.md").read_text()
     assert "## Layers a technique left as they were" in report or search.selected is student
