@@ -9,7 +9,7 @@ import pytest
 
 from edgekit import _tf
 from edgekit.errors import ModelLoadError, UnsupportedLayerError
-from edgekit.loading.layers import PRUNABLE, SCALE_ATTRIBUTES, prune_skip_reason, qat_skip_reason
+from edgekit.loading.layers import PRUNABLE, SCALE_ATTRIBUTES, prune_skip_reason, qat_output_only, qat_skip_reason
 from edgekit.loading.models import load_model, rebuild_keras3
 
 
@@ -195,7 +195,9 @@ def test_qat_annotates_what_tfmot_quantizes_and_says_why_for_the_rest():
     assert qat_skip_reason(conv) is None and qat_skip_reason(bn_after_conv) is None  # tfmot folds it
     assert "does not quantize a BatchNormalization" in qat_skip_reason(bn_alone)
     assert "does not quantize a LayerNormalization" in qat_skip_reason(keras.layers.LayerNormalization())
-    assert "does not quantize the activation elu" in qat_skip_reason(keras.layers.Dense(3, activation="elu"))
+    elu = keras.layers.Dense(3, activation="elu")  # annotated, but only its output: tfmot lacks elu inside a layer
+    assert qat_skip_reason(elu) is None and "lacks the activation elu" in qat_output_only(elu)
+    assert qat_output_only(keras.layers.Activation("relu6")) is None  # as a layer, tfmot quantizes relu6
 
 
 def _lambda_writing(marker):

@@ -49,7 +49,8 @@ def test_plots_are_real_pngs(searched):
 def test_terminal_table(searched):
     result, _ = searched
     lines = format_table(result).splitlines()
-    assert lines[0].split() == ["recipe", "format", "bytes", "gzip", "acc", "%", "drop", "agree", "%", "budget"]
+    assert lines[0].split() == ["recipe", "format", "bytes", "gzip", "acc", "%", "drop", "agree", "%", "µs", "time",
+                                "budget"]
     selected = [line for line in lines if line.endswith("<- selected")]
     assert len(selected) == 1 and selected[0].startswith("int8") and len(lines) == 4
     assert f"{result.selected.artifacts[0].bytes:,}" in selected[0]
