@@ -36,9 +36,9 @@ def _trained(model, npz, epochs):
     return model
 
 
-# DenseNet121 and EfficientNetB0 (7M and 4M parameters) are left to benchmarks/conformance.py: each would take
-# about a minute of make test, which must stay under 15 minutes on 2 cores
-BENCHMARK_ONLY = ("densenet121", "efficientnetb0")
+# DenseNet121, EfficientNetB0 and MobileNetV2 are left to benchmarks/conformance.py: together they would take about
+# three minutes of make test, which must stay under 15 minutes on 2 cores
+BENCHMARK_ONLY = ("densenet121", "efficientnetb0", "mobilenetv2")  # MobileNetV3Small stands for keras.applications
 ARCHITECTURES = [*(n for n in zoo.KERAS3_ARCHITECTURES if n not in BENCHMARK_ONLY), "model.export() savedmodel"]
 BRIEFLY_TRAINED = ("mobilenetv3small", "mobilenetv2", "efficientnetb0", "densenet121")  # one epoch: near chance
 
@@ -105,7 +105,7 @@ def test_training_based_techniques_run_per_layer_and_list_what_they_left(saved, 
     assert "## Layers a technique left as they were" in report or search.selected is student
 
 
-@pytest.mark.parametrize("name", ["mobilenetv3small", "preprocessing-cnn"])
+@pytest.mark.parametrize("name", ["mobilenetv3small"])  # its layers' gradients each have a parity test as well
 def test_on_device_training_of_keras_applications_layers(saved, name, tmp_path):
     """hard-swish, squeeze-excite, ZeroPadding2D, Rescaling, Normalization: every layer has an on-device gradient;
     without data the artifact is verified on synthetic inputs of the model's own shape."""
