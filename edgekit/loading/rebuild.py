@@ -20,6 +20,7 @@ import numpy as np
 from device_agents.errors import first_line
 from edgekit import _tf
 from edgekit.errors import ModelLoadError
+from edgekit.loading.layers import iter_layers
 
 REBUILD_TOLERANCE = 1e-5
 _BASE_LAYER_KWARGS = {"name", "trainable", "dtype", "input_shape", "batch_input_shape", "batch_size",
@@ -366,18 +367,10 @@ def _resolve(value: Any, tensors: dict) -> Any:
     return value
 
 
-def _leaves(model: Any) -> list[Any]:
-    """Every leaf layer of ``model``, nested models opened."""
-    out = []
-    for layer in model.layers:
-        out += _leaves(layer) if layer.__class__.__name__ in _MODEL_CLASSES and hasattr(layer, "layers") else [layer]
-    return out
-
-
 def _copy_weights(source: Any, target: Any) -> None:
     """Copy every leaf layer's weights by name (the target may be the flattened form of a nested source)."""
-    by_name = {layer.name: layer for layer in _leaves(target)}
-    for layer in _leaves(source):
+    by_name = {layer.name: layer for layer in iter_layers(target)}
+    for layer in iter_layers(source):
         weights = layer.get_weights()
         if not weights:
             continue
