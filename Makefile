@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/federated.py
 	$(BIN)/python benchmarks/conformance.py
 	$(BIN)/python benchmarks/batchnorm.py
+	$(BIN)/python benchmarks/remedies.py
 
 clean:
 	rm -rf $(VENV) $(TFLRT_VENV) demo_out dist build

@@ -50,6 +50,13 @@ class ArtifactResult:
     notes: list[str]
     latency_us: float = 0.0                 # median single-sample time in its runtime
     float32_latency_us: float | None = None  # the source's float32 artifact in the same runtime
+    # post-training int8 over the budget: the remedy kept ("" = the quantizer's defaults), its quantizer
+    # options, and every remedy tried -> its accuracy drop (empty when the defaults were within the budget)
+    # int8/QAT/dynamic: accuracy of the float model it was quantized from minus its own (what quantizing cost)
+    quantization_drop: float | None = None
+    remedy: str = ""
+    quantizer_options: dict[str, Any] = field(default_factory=dict)
+    remedies_tried: dict[str, float] = field(default_factory=dict)
 
     @property
     def slower_than_float32(self) -> bool:
@@ -99,6 +106,12 @@ class CandidateResult:
         drops = [a.accuracy_drop for a in self.artifacts if a.accuracy_drop is not None]
         return max(drops) if drops else None
 
+    @property
+    def worst_quantization_drop(self) -> float | None:
+        """The most accuracy quantizing cost any of its artifacts (vs the float model it was quantized from)."""
+        drops = [a.quantization_drop for a in self.artifacts if a.quantization_drop is not None]
+        return max(drops) if drops else None
+
 
 @dataclass
 class CompressResult:
@@ -135,13 +148,19 @@ def compress(model: Any, data: str | Path | Dataset = "digits", out: str | Path 
         result = _compress(model, data, eval_data, config, Progress(enabled=progress))
         if stage is not None:
             _write(result, stage)
-    if config.max_accuracy_drop is not None and result.selected is None:
+    if result.selected is None and any(c.within_budget is False for c in result.candidates):
         best = min((c.worst_drop for c in result.candidates if c.worst_drop is not None), default=None)
-        best_text = f"; the best candidate lost {best:.2f} points" if best is not None else ""
         report = str(Path(out).absolute() / "report.md") if out is not None else None
-        raise BudgetError(
-            f"no candidate kept the accuracy drop within {config.max_accuracy_drop:g} points{best_text}"
-            + (f"; see {report}" if report else ""), budget=config.max_accuracy_drop, best_drop=best, report=report)
+        if config.max_accuracy_drop is not None:
+            best_text = f"; the best candidate lost {best:.2f} points" if best is not None else ""
+            message = f"no candidate kept the accuracy drop within {config.budget:g} points{best_text}"
+        else:
+            cost = result.candidates[0].worst_quantization_drop
+            message = (f"{result.candidates[0].recipe.name}: quantizing costs {cost:.2f} points of accuracy, more than "
+                       f"the {config.budget:g} points int8 artifacts may lose when no budget is given, after every "
+                       "remedy; give a larger accuracy budget to accept it")
+        raise BudgetError(message + (f"; see {report}" if report else ""), budget=config.budget, best_drop=best,
+                          report=report)
     return result
 
 
@@ -329,16 +348,72 @@ class _CandidateRunner:
         with self.progress.step(f"export {name}"):
             data, notes = spec.convert(model, quantization=recipe.quantize, calibration=calibration,
                                        int8_io=self.config.int8_io)
-        check = verify(data, name=name, quantization=recipe.quantize, x=self.splits.evaluation.x,
-                       y=self.splits.evaluation.y, source_outputs=self.source_out,
-                       converted_outputs=self._outputs(model),
-                       tolerance_rule=float_tolerance(recipe.quantize), threads=self.config.threads)
-        drop = None if check.accuracy is None else self.source_accuracy - check.accuracy
+        check = self._verify(data, name, recipe.quantize, model)
         sparsity = overall_sparsity(float_model) if hasattr(float_model, "layers") else 0.0
-        return ArtifactResult(fmt, spec.filename, data, recipe.quantize, sparsity, check.accuracy,
-                              drop, check.top1_agreement, check.max_abs_diff, check.conversion_max_abs_diff,
-                              check.tolerance, check.runtime, check.inputs, check.outputs, notes,
-                              latency_us=check.latency_us)
+        art = ArtifactResult(fmt, spec.filename, data, recipe.quantize, sparsity, check.accuracy,
+                             self._drop(check), check.top1_agreement, check.max_abs_diff,
+                             check.conversion_max_abs_diff, check.tolerance, check.runtime, check.inputs,
+                             check.outputs, notes, latency_us=check.latency_us)
+        float_accuracy = self._float_accuracy(float_model)
+        if recipe.quantize in _INTEGER and check.accuracy is not None and float_accuracy is not None:
+            art.quantization_drop = float_accuracy - check.accuracy
+        if recipe.quantize is Quantization.INT8 and art.quantization_drop is not None \
+                and self._over_budget(art.accuracy_drop, art.quantization_drop):
+            self._remedy(art, model, name, float_accuracy)
+        return art
+
+    def _over_budget(self, drop: float, quantization_drop: float) -> bool:
+        """Over the budget in a way a quantizer remedy can help: with no ``max_accuracy_drop`` the default budget
+        is on what quantizing cost; with one, on the drop from the source, when quantizing cost a point or more."""
+        from edgekit.export.remedies import MIN_GAIN
+
+        if self.config.max_accuracy_drop is None:
+            return quantization_drop > self.config.budget
+        return drop > self.config.budget and quantization_drop >= MIN_GAIN
+
+    def _float_accuracy(self, float_model: Any) -> float | None:
+        if self.splits.evaluation.y is None:
+            return None
+        return accuracy(self._outputs(float_model), self.splits.evaluation.y)
+
+    def _verify(self, data: bytes, name: str, quantization: Quantization, model: Any) -> Any:
+        return verify(data, name=name, quantization=quantization, x=self.splits.evaluation.x,
+                      y=self.splits.evaluation.y, source_outputs=self.source_out,
+                      converted_outputs=self._outputs(model), tolerance_rule=float_tolerance(quantization),
+                      threads=self.config.threads)
+
+    def _drop(self, check: Any) -> float | None:
+        return None if check.accuracy is None else self.source_accuracy - check.accuracy
+
+    def _remedy(self, art: ArtifactResult, model: Any, name: str, float_accuracy: float) -> None:
+        """Walk the format's remedy ladder (:mod:`edgekit.export.remedies`); keep the best attempt in ``art``."""
+        from edgekit.export.remedies import Attempt, Int8Options, recover
+
+        explicit = self.config.max_accuracy_drop is None  # the budget is on what quantizing cost
+
+        def evaluate(data: bytes) -> tuple[float, Any]:
+            check = self._verify(data, name, Quantization.INT8, model)
+            return (float_accuracy - check.accuracy) if explicit else self._drop(check), check
+
+        first = art.quantization_drop if explicit else art.accuracy_drop
+        spec = exporter(art.format)
+        with self.progress.step(f"remedies {name}"), \
+                spec.int8(model, calibration=self.splits.calibration.x, int8_io=self.config.int8_io) as quantizer:
+            recovery = recover(art.format, quantizer, Attempt("", Int8Options(), art.data, first),
+                               budget=self.config.budget, evaluate=evaluate)
+        art.remedies_tried = {k: round(float(v), 4) for k, v in recovery.tried.items()}
+        best = recovery.best
+        if not best.remedy:
+            art.notes.append(f"int8 lost {art.accuracy_drop:.2f} points; no remedy did better")
+            return
+        check = best.extra
+        art.data, art.remedy, art.quantizer_options = best.data, best.remedy, best.options.as_dict()
+        art.accuracy, art.accuracy_drop, art.top1_agreement = check.accuracy, self._drop(check), check.top1_agreement
+        art.quantization_drop = float_accuracy - check.accuracy
+        art.max_abs_diff, art.conversion_max_abs_diff = check.max_abs_diff, check.conversion_max_abs_diff
+        art.inputs, art.outputs, art.latency_us = check.inputs, check.outputs, check.latency_us
+        art.notes.append(f"int8 with the quantizer's defaults lost {recovery.tried['default']:.2f} points; "
+                         f"remedy {best.remedy} ({best.options.changes()}) loses {best.score:.2f}")
 
     def _outputs(self, model: Any) -> np.ndarray:
         if model is self.loaded.source:
@@ -347,6 +422,9 @@ class _CandidateRunner:
         if key not in self._cache:
             self._cache[key] = (predict(model, self.splits.evaluation.x), model)  # keep model alive: id stays
         return self._cache[key][0]
+
+
+_INTEGER = (Quantization.INT8, Quantization.QAT, Quantization.DYNAMIC)
 
 
 def _reason(exc: BaseException) -> str:
@@ -358,8 +436,15 @@ def _reason(exc: BaseException) -> str:
 
 def _select(candidates: list[CandidateResult], config: CompressConfig) -> CandidateResult | None:
     ok = [c for c in candidates if c.error is None and c.artifacts]
-    if config.max_accuracy_drop is None:
-        return ok[0] if len(candidates) == 1 and ok else None
+    if config.max_accuracy_drop is None:  # one explicit recipe: int8 and QAT artifacts get the default budget
+        if len(candidates) != 1 or not ok:
+            return None
+        chosen = ok[0]
+        if chosen.recipe.quantize in (Quantization.INT8, Quantization.QAT) \
+                and chosen.worst_quantization_drop is not None:
+            chosen.within_budget = chosen.worst_quantization_drop <= config.budget
+            return chosen if chosen.within_budget else None
+        return chosen
     for c in candidates:
         c.within_budget = c.error is None and c.worst_drop is not None and c.worst_drop <= config.max_accuracy_drop
     within = [c for c in ok if c.within_budget]

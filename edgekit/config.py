@@ -163,6 +163,10 @@ class TrainingConfig:
             raise InputError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
 
 
+DEFAULT_INT8_BUDGET = 2.0
+"""Points of accuracy an int8 or QAT artifact may lose when no ``max_accuracy_drop`` is given."""
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     """Everything :func:`edgekit.compress` does beyond the model and the data.
@@ -195,6 +199,12 @@ class CompressConfig:
         object.__setattr__(self, "select_by", coerce_enum(SizeMetric, self.select_by, "size metric"))
         if self.max_accuracy_drop is not None and not float(self.max_accuracy_drop) >= 0:
             raise InputError(f"the maximum accuracy drop must be >= 0 points, got {self.max_accuracy_drop}")
+
+    @property
+    def budget(self) -> float:
+        """The accuracy budget in points: ``max_accuracy_drop``, else :data:`DEFAULT_INT8_BUDGET`, which applies to
+        the int8 and QAT artifacts of an explicit recipe (post-training int8 tries remedies before giving up)."""
+        return DEFAULT_INT8_BUDGET if self.max_accuracy_drop is None else float(self.max_accuracy_drop)
 
     def candidates(self) -> tuple[Recipe, ...]:
         if self.recipe is not None:

@@ -1,5 +1,6 @@
 """Every compression technique end to end: real tfmot, real converters, real runtimes."""
 
+import dataclasses
 import hashlib
 import json
 
@@ -198,13 +199,13 @@ def test_failure_midway_leaves_nothing_half_written(cnn_path, tmp_path, monkeypa
     def broken(*args, **kwargs):
         raise ConversionError("simulated converter failure")
 
-    monkeypatch.setitem(EXPORTERS, Format.ONNX, EXPORTERS[Format.ONNX].__class__("model.onnx", broken))
+    monkeypatch.setitem(EXPORTERS, Format.ONNX, dataclasses.replace(EXPORTERS[Format.ONNX], convert=broken))
     one = compress(cnn_path, "digits", tmp_path / "one", config=config(), progress=False)
     assert [a.format.value for a in one.selected.artifacts] == ["tflite"]  # the other format is still written
     assert one.selected.format_errors == {"onnx": "simulated converter failure"}
     assert [a["file"] for a in json.loads((tmp_path / "one" / "manifest.json").read_text())["artifacts"]] == \
         ["model.tflite"]
-    monkeypatch.setitem(EXPORTERS, Format.TFLITE, EXPORTERS[Format.TFLITE].__class__("model.tflite", broken))
+    monkeypatch.setitem(EXPORTERS, Format.TFLITE, dataclasses.replace(EXPORTERS[Format.TFLITE], convert=broken))
     out = tmp_path / "half"
     with pytest.raises(ConversionError, match="simulated"):
         compress(cnn_path, "digits", out, config=config(), progress=False)

@@ -234,8 +234,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(f"wrote {result.out}: {files}{keras_file}, manifest.json, report.md")
     for fmt, error in result.selected.format_errors.items():
         print(f"edgekit: warning: no {fmt} artifact: {error}", file=sys.stderr)
-    from edgekit.artifacts.report import slower_notes
+    from edgekit.artifacts.report import remedy_notes, slower_notes
 
+    for line in remedy_notes(result.selected):
+        print(f"edgekit: note: {line}", file=sys.stderr)
     for line in slower_notes(result.selected):
         print(f"edgekit: warning: {line}", file=sys.stderr)
     return int(ExitCode.SUCCESS)

@@ -47,12 +47,15 @@ def artifact_entry(art: Any) -> dict[str, Any]:
         **file_entry(art.filename, art.data, fmt=art.format.value),
         "gzip_bytes": art.gzip_bytes, "quantization": art.quantization.value, "sparsity": round(art.sparsity, 4),
         "accuracy": _round(art.accuracy), "accuracy_drop": _round(art.accuracy_drop),
+        "quantization_drop": _round(art.quantization_drop),
         "top1_agreement": _round(art.top1_agreement), "max_abs_diff": _round(art.max_abs_diff, 6),
         "conversion_max_abs_diff": _round(art.conversion_max_abs_diff, 6), "tolerance": art.tolerance,
         "verified_with": art.runtime, "latency_us": _round(art.latency_us, 1),
         "float32_latency_us": _round(art.float32_latency_us, 1),
         "input": [s.to_dict() for s in art.inputs], "output": [s.to_dict() for s in art.outputs],
         "notes": art.notes,
+        "remedy": art.remedy or None, "quantizer_options": art.quantizer_options or None,
+        "remedies_tried": art.remedies_tried or None,
     }
 
 
@@ -69,6 +72,7 @@ def inference_manifest(result: Any, *, keras_model: str | None = KERAS_MODEL) ->
                    "quantize": recipe.quantize.value, "student_width": recipe.student_width,
                    "student": recipe.student, "params": selected.params},
         "max_accuracy_drop": result.config.max_accuracy_drop,
+        "accuracy_budget": result.config.budget,
         "float32_reference": result.reference,
         "artifacts": [artifact_entry(a) for a in selected.artifacts],
         "layer_sparsity": selected.layer_sparsity,

@@ -42,6 +42,12 @@ def slower_notes(candidate: Any) -> list[str]:
             "sample): it is smaller, not faster" for a in candidate.artifacts if a.slower_than_float32]
 
 
+def remedy_notes(candidate: Any) -> list[str]:
+    """One line per artifact of ``candidate`` that needed an int8 remedy to stay within the budget."""
+    return [f"{a.format.value} int8 lost {a.remedies_tried['default']:.2f} points with the quantizer's defaults; "
+            f"kept with remedy {a.remedy}, which loses {a.accuracy_drop:.2f}" for a in candidate.artifacts if a.remedy]
+
+
 def num(value: float | None, *, signed: bool = False) -> str:
     if value is None:
         return "-"
@@ -70,9 +76,12 @@ def write_report(result: Any, folder: Path) -> None:
     if result.config.max_accuracy_drop is not None:
         lines.append(f"- accuracy budget: at most {result.config.max_accuracy_drop:g} points below the source; "
                      f"smallest by {result.config.select_by.value}")
+    else:
+        lines.append(f"- accuracy budget of int8 and QAT artifacts: at most {result.config.budget:g} points below "
+                     "the source (the default)")
     if result.selected is not None:
         lines.append(f"- **selected: {result.selected.recipe.name}**")
-    elif result.config.max_accuracy_drop is not None:
+    elif any(c.within_budget is False for c in result.candidates):
         lines.append("- **no candidate met the budget**: nothing was exported")
     lines += ["", "Accuracy and agreement are measured by running each artifact in its own runtime "
               "(ai-edge-litert for .tflite, onnxruntime for .onnx).", "", "## Candidates", "",
@@ -91,6 +100,7 @@ def write_report(result: Any, folder: Path) -> None:
                      f"{num(r['accuracy'])} | {num(r['drop'], signed=True)} | {r['agreement']:.2f} | "
                      f"{r['max_abs_diff']:.3g} | {r['latency_us']:.0f} | {r['speed']} | {budget} | "
                      f"{'**yes**' if r['selected'] else ''} |")
+    lines += _remedy_lines(result)
     if result.selected is not None:
         notes = [f"- {a.format.value}: {n}" for a in result.selected.artifacts for n in a.notes]
         notes += [f"- **{line}**" for line in slower_notes(result.selected)]
@@ -106,6 +116,20 @@ def write_report(result: Any, folder: Path) -> None:
     for title, name in plots:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
     (folder / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _remedy_lines(result: Any) -> list[str]:
+    """The remedies tried on every int8 artifact that lost more than the budget, with the drop each left."""
+    rows = [(c.recipe.name, a) for c in result.candidates for a in c.artifacts if a.remedies_tried]
+    if not rows:
+        return []
+    lines = ["", "## int8 remedies", "", "Post-training int8 artifacts that lost more than the budget with the "
+             "quantizer's defaults; each remedy was measured in the artifact's runtime (accuracy drop in points).",
+             "", "| recipe | format | tried (drop) | kept |", "|---|---|---|---|"]
+    for recipe, art in rows:
+        tried = ", ".join(f"{k} ({v:+.2f})" for k, v in art.remedies_tried.items())
+        lines.append(f"| {recipe} | {art.format.value} | {tried} | {art.remedy or 'defaults (nothing did better)'} |")
+    return lines
 
 
 def _plot_size_accuracy(result: Any, path: Path) -> bool:

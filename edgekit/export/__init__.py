@@ -22,11 +22,14 @@ class Exporter:
     """How one format is written: its file name and its converter.
 
     ``convert(model, quantization=, calibration=, int8_io=)`` gets the model to export (the QAT
-    model itself for QAT) and returns the artifact's bytes and notes.
+    model itself for QAT) and returns the artifact's bytes and notes. ``int8(model, calibration=, int8_io=)``
+    prepares the format's post-training int8 quantizer once, to be re-run with the remedies'
+    options (:mod:`edgekit.export.remedies`); it is a context manager.
     """
 
     filename: str
     convert: Callable[..., tuple[bytes, list[str]]]
+    int8: Callable[..., Any]
 
 
 def _tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray,
@@ -46,9 +49,21 @@ def _onnx(model: Any, *, quantization: Quantization, calibration: np.ndarray,
     return data, notes
 
 
+def _tflite_int8(model: Any, *, calibration: np.ndarray, int8_io: bool) -> Any:
+    from edgekit.export.tflite import TfliteInt8
+
+    return TfliteInt8(model, calibration, int8_io=int8_io)
+
+
+def _onnx_int8(model: Any, *, calibration: np.ndarray, int8_io: bool) -> Any:
+    from edgekit.export.onnx import OnnxInt8, float_onnx
+
+    return OnnxInt8(float_onnx(model), calibration)
+
+
 EXPORTERS: dict[Format, Exporter] = {
-    Format.TFLITE: Exporter("model.tflite", _tflite),
-    Format.ONNX: Exporter("model.onnx", _onnx),
+    Format.TFLITE: Exporter("model.tflite", _tflite, _tflite_int8),
+    Format.ONNX: Exporter("model.onnx", _onnx, _onnx_int8),
 }
 """Format -> exporter. Every :class:`Format` has one (a test checks it)."""
 

@@ -13,6 +13,15 @@ from device_agents.errors import first_line
 from edgekit import _tf
 from edgekit.config import Quantization
 from edgekit.errors import ConversionError
+from edgekit.export.remedies import (
+    SENSITIVITY_SAMPLES,
+    Activations,
+    Calibration,
+    Int8Options,
+    OnnxFormat,
+    rank_nodes,
+    relative_error,
+)
 
 OPSET = 17
 INPUT_NAME = "input"
@@ -27,6 +36,42 @@ def to_onnx(model: Any, *, quantization: Quantization, calibration: np.ndarray) 
     into float constants, which :func:`int8_weights` stores as int8.
     dynamic: int8 weights. float16: onnxruntime's float16 converter, float32 I/O kept.
     """
+    proto = float_onnx(model)
+    notes: list[str] = []
+    if quantization is Quantization.QAT:
+        proto, left_float = int8_weights(proto)
+        if left_float:
+            notes.append(f"weights left float (not on an int8 grid): {', '.join(left_float)}")
+        return proto.SerializeToString(), notes
+    if quantization is Quantization.NONE:
+        return proto.SerializeToString(), notes
+    if quantization is Quantization.FLOAT16:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        return convert_float_to_float16(proto, keep_io_types=True).SerializeToString(), notes
+    try:
+        if quantization is Quantization.DYNAMIC:
+            return _quantize_dynamic(proto), notes
+        with OnnxInt8(proto, calibration) as quantizer:
+            return quantizer.quantize(Int8Options()), notes
+    except ConversionError:
+        raise
+    except Exception as exc:
+        raise ConversionError(f"onnxruntime {quantization.value} quantization failed: {first_line(exc)}") from None
+
+
+def _quantize_dynamic(proto: Any) -> bytes:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="edgekit-onnx-") as tmp:
+        src, out = Path(tmp, "float.onnx"), Path(tmp, "quant.onnx")
+        src.write_bytes(proto.SerializeToString())
+        quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=True)
+        return out.read_bytes()
+
+
+def float_onnx(model: Any) -> Any:
+    """The float32 ONNX ModelProto of a tf-keras model or of a SavedModel's serving graph (tf2onnx)."""
     from edgekit.loading.graph import SavedModelGraph
 
     tf = _tf.tf()
@@ -46,50 +91,159 @@ def to_onnx(model: Any, *, quantization: Quantization, calibration: np.ndarray) 
             proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=OPSET)
     except Exception as exc:
         raise ConversionError(f"tf2onnx conversion failed: {first_line(exc)}") from None
-    notes: list[str] = []
-    if quantization is Quantization.QAT:
-        proto, left_float = int8_weights(proto)
-        if left_float:
-            notes.append(f"weights left float (not on an int8 grid): {', '.join(left_float)}")
-        return proto.SerializeToString(), notes
-    if quantization is Quantization.NONE:
-        return proto.SerializeToString(), notes
-    if quantization is Quantization.FLOAT16:
-        from onnxruntime.transformers.float16 import convert_float_to_float16
-
-        return convert_float_to_float16(proto, keep_io_types=True).SerializeToString(), notes
-    with tempfile.TemporaryDirectory(prefix="edgekit-onnx-") as tmp:
-        src, pre, out = Path(tmp, "float.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "quant.onnx")
-        src.write_bytes(proto.SerializeToString())
-        try:
-            if quantization is Quantization.DYNAMIC:
-                from onnxruntime.quantization import QuantType, quantize_dynamic
-
-                quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=True)
-            else:  # INT8, and QAT (given the float twin holding the QAT-tuned weights)
-                _quantize_static(src, pre, out, calibration)
-        except ConversionError:
-            raise
-        except Exception as exc:
-            raise ConversionError(f"onnxruntime {quantization.value} quantization failed: {first_line(exc)}") from None
-        return out.read_bytes(), notes
+    return proto
 
 
-def _quantize_static(src: Path, pre: Path, out: Path, calibration: np.ndarray) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def affine_batchnorm(proto: Any) -> Any:
+    """The model with every BatchNormalization that onnxruntime cannot fold into a preceding Conv or Gemm (a
+    pre-activation BN: concat -> BN -> ReLU -> conv, as in DenseNet; a BN on a conv output that also goes
+    elsewhere) written as Mul and Add.
 
-    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    onnxruntime's QDQ quantizer has no BatchNormalization kernel, so such a BN would run in float between a
+    DequantizeLinear and a QuantizeLinear; as Mul and Add it is quantized, as the TFLite converter does.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.shape_inference.infer_shapes(proto)
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    producer = {out: node.op_type for node in graph.node for out in node.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.value_info, *graph.input)}
+    nodes = []
+    for node in graph.node:
+        params = node.input[1:5]
+        foldable = producer.get(node.input[0]) in ("Conv", "ConvTranspose", "Gemm") and consumers[node.input[0]] == 1
+        if node.op_type != "BatchNormalization" or foldable or len(params) != 4 \
+                or not all(name in inits for name in params) or len(node.output) != 1:
+            nodes.append(node)
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[name]).astype(np.float64) for name in params)
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        scale = gamma / np.sqrt(var + eps)
+        shape = [-1] + [1] * max(ranks.get(node.input[0], 4) - 2, 0)
+        names = (f"{node.name}_scale", f"{node.name}_shift", f"{node.name}_scaled")
+        graph.initializer.extend([numpy_helper.from_array(scale.reshape(shape).astype(np.float32), names[0]),
+                                  numpy_helper.from_array((beta - mean * scale).reshape(shape).astype(np.float32),
+                                                          names[1])])
+        nodes += [helper.make_node("Mul", [node.input[0], names[0]], [names[2]], name=f"{node.name}_mul"),
+                  helper.make_node("Add", [names[2], names[1]], [node.output[0]], name=f"{node.name}_add")]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+def _reader(samples: np.ndarray) -> Any:
+    """An onnxruntime CalibrationDataReader over ``samples``, one sample per batch."""
+    from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._batches = iter([{INPUT_NAME: calibration[i:i + 1]} for i in range(len(calibration))])
+            self._batches = iter([{INPUT_NAME: samples[i:i + 1]} for i in range(len(samples))])
 
         def get_next(self) -> dict | None:
             return next(self._batches, None)
 
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    return Reader()
+
+
+def _quantize_static(pre: Path, out: Path, calibration: np.ndarray, options: Int8Options) -> None:
+    """onnxruntime's static quantization of the pre-processed float model ``pre`` with ``options``."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    kind = QuantType.QUInt8 if options.activations is Activations.UINT8 else QuantType.QInt8
+    extra: dict[str, Any] = {}
+    method = {Calibration.MINMAX: CalibrationMethod.MinMax, Calibration.ENTROPY: CalibrationMethod.MinMax,
+              Calibration.PERCENTILE: CalibrationMethod.Percentile}[options.calibration]
+    if options.calibration is Calibration.ENTROPY:
+        extra["TensorQuantOverrides"] = _entropy_ranges(pre, calibration)
+    quantize_static(
+        str(pre), str(out), _reader(calibration),
+        quant_format=QuantFormat.QOperator if options.onnx_format is OnnxFormat.QOPERATOR else QuantFormat.QDQ,
+        per_channel=options.per_channel, reduce_range=options.reduce_range, activation_type=kind, weight_type=kind,
+        calibrate_method=method, nodes_to_exclude=list(options.float_nodes), extra_options=extra)
+
+
+ENTROPY_BINS = (2048, 128)  # histogram bins, quantized bins (TensorRT's KL calibration)
+
+
+def _entropy_ranges(pre: Path, calibration: np.ndarray) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Activation ranges by onnxruntime's entropy (KL) calibrator over a 2048-bin histogram, as tensor overrides.
+
+    ``quantize_static`` builds its entropy calibrator with 128 histogram bins for 128 quantized bins, where the
+    KL search has a single candidate (the full range: min-max); the calibrator itself takes the bin counts.
+    """
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    with tempfile.TemporaryDirectory(prefix="edgekit-entropy-") as tmp:
+        calibrator = create_calibrator(str(pre), augmented_model_path=str(Path(tmp, "augmented.onnx")),
+                                       calibrate_method=CalibrationMethod.Entropy,
+                                       extra_options={"num_bins": ENTROPY_BINS[0],
+                                                      "num_quantized_bins": ENTROPY_BINS[1]})
+        calibrator.collect_data(_reader(calibration))
+        ranges = calibrator.compute_data()
+    return {name: [{"rmin": np.float32(np.min(data.range_value[0])), "rmax": np.float32(np.max(data.range_value[1]))}]
+            for name, data in ranges.items()}
+
+
+class OnnxInt8:
+    """onnxruntime's static int8 quantizer on one model, converted and pre-processed once (a context manager).
+
+    >>> with OnnxInt8(float_onnx(model), calibration) as quantizer:                      # doctest: +SKIP
+    ...     data = quantizer.quantize(Int8Options(calibration=Calibration.ENTROPY))
+    """
+
+    def __init__(self, proto: Any, calibration: np.ndarray) -> None:
+        """``proto``: the float ONNX model (:func:`float_onnx`); ``calibration``: samples for the ranges."""
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="edgekit-onnx-")
+        self._calibration = calibration
+        self._pre = Path(self._tmp.name, "pre.onnx")
+        src = Path(self._tmp.name, "float.onnx")
+        src.write_bytes(affine_batchnorm(proto).SerializeToString())
+        quant_pre_process(str(src), str(self._pre), skip_symbolic_shape=True)
+
+    def __enter__(self) -> OnnxInt8:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._tmp.cleanup()
+
+    def quantize(self, options: Int8Options) -> bytes:
+        out = Path(self._tmp.name, "quant.onnx")
+        _quantize_static(self._pre, out, self._calibration, options)
+        return out.read_bytes()
+
+    def sensitive_nodes(self, quantized: bytes) -> list[tuple[str, ...]]:
+        """Nodes of the float graph, those whose quantization adds most to the intermediate error first."""
+        import onnx
+        from onnxruntime.quantization.qdq_loss_debug import (
+            collect_activations,
+            modify_model_output_intermediate_tensors,
+        )
+
+        samples = self._calibration[:SENSITIVITY_SAMPLES]
+        acts = {}
+        for kind, path in (("float", self._pre), ("quant", Path(self._tmp.name, "sens.onnx"))):
+            if kind == "quant":
+                path.write_bytes(quantized)
+            augmented = Path(self._tmp.name, f"aug-{kind}.onnx")
+            modify_model_output_intermediate_tensors(str(path), str(augmented))
+            acts[kind] = {name: np.concatenate(values) for name, values in
+                          collect_activations(str(augmented), _reader(samples)).items()}
+        errors = {}
+        for name, reference in acts["float"].items():
+            quant = acts["quant"].get(f"{name}_DequantizeLinear_Output", acts["quant"].get(name))
+            if quant is not None and quant.shape == reference.shape and np.issubdtype(reference.dtype, np.floating):
+                errors[name] = relative_error(quant, reference)
+        graph = onnx.load(str(self._pre)).graph
+        return rank_nodes([(n.name, list(n.input), list(n.output)) for n in graph.node if n.name], errors)
 
 
 def onnx_ops(data: bytes) -> list[str]:

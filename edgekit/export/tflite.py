@@ -10,6 +10,7 @@ from device_agents.errors import first_line
 from edgekit import _tf
 from edgekit.config import Quantization
 from edgekit.errors import ConversionError
+from edgekit.export.remedies import SENSITIVITY_SAMPLES, Int8Options, rank_nodes, relative_error
 
 
 def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray,
@@ -20,30 +21,63 @@ def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray
     ``model`` is the QAT model itself for ``Quantization.QAT``, or a
     :class:`~edgekit.loading.graph.SavedModelGraph` (any layer the converter takes).
     """
-    from edgekit.loading.graph import SIGNATURE, SavedModelGraph
-
     tf = _tf.tf()
-    notes: list[str] = []
-    graph = isinstance(model, SavedModelGraph)
-    float_input = np.issubdtype(np.dtype(model.input_dtype), np.floating) if graph else \
-        model.inputs[0].dtype.is_floating
+    source = _Source.of(model)
+    conv = source.converter(quantization, calibration, int8_io=int8_io)
+    if quantization is Quantization.INT8:
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    try:
+        return bytes(conv.convert()), source.notes
+    except Exception as exc:  # the converter raises ConverterError and others
+        if quantization is not Quantization.INT8:
+            raise _failure(exc, quantization, _layer_names(model)) from None
+        strict_error = first_line(exc, prefer='error:')
+        if "TensorList" in strict_error:  # no builtin kernel at all, int8 or float: the fallback fails the same
+            raise ConversionError(f"TFLite int8 conversion failed: {strict_error}") from None
+    # Some ops (e.g. LSTM pieces) have no int8 kernel: keep those in float.
+    conv = source.converter(quantization, calibration, int8_io=int8_io)
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    try:
+        data = bytes(conv.convert())
+    except Exception as exc:
+        raise _failure(exc, quantization, _layer_names(model)) from None
+    return data, [*source.notes, f"some ops have no int8 kernel and stay float ({strict_error[:120]})"]
 
-    recurrent = not graph and has_recurrent_layer(model)
-    if recurrent:
-        unrolled = _unrolled(model)
-        if unrolled is not None:  # plain ops, no state kept between invoke() calls: right in any runtime
-            model, recurrent = unrolled, False
-            notes.append("recurrent layers unrolled over the fixed sequence length: the artifact keeps no state "
-                         "between invoke() calls")
-        else:
-            notes.append("stateful: recurrent layers convert at a fixed batch size of 1 as TFLite's fused LSTM, "
-                         "which keeps its state in variable tensors; call interpreter.reset_all_variables() "
-                         "before every invoke() (edgekit's agent does)")
 
-    def converter() -> Any:
-        if graph:
+class _Source:
+    """What the converter is given: a tf-keras model (recurrent layers unrolled when they can be) or a graph."""
+
+    def __init__(self, model: Any, *, graph: bool, recurrent: bool, notes: list[str]) -> None:
+        self.model, self.graph, self.recurrent, self.notes = model, graph, recurrent, notes
+        self.float_input = np.issubdtype(np.dtype(model.input_dtype), np.floating) if graph else \
+            model.inputs[0].dtype.is_floating
+
+    @classmethod
+    def of(cls, model: Any) -> _Source:
+        from edgekit.loading.graph import SavedModelGraph
+
+        notes: list[str] = []
+        graph = isinstance(model, SavedModelGraph)
+        recurrent = not graph and has_recurrent_layer(model)
+        if recurrent:
+            unrolled = _unrolled(model)
+            if unrolled is not None:  # plain ops, no state kept between invoke() calls: right in any runtime
+                model, recurrent = unrolled, False
+                notes.append("recurrent layers unrolled over the fixed sequence length: the artifact keeps no "
+                             "state between invoke() calls")
+            else:
+                notes.append("stateful: recurrent layers convert at a fixed batch size of 1 as TFLite's fused LSTM, "
+                             "which keeps its state in variable tensors; call interpreter.reset_all_variables() "
+                             "before every invoke() (edgekit's agent does)")
+        return cls(model, graph=graph, recurrent=recurrent, notes=notes)
+
+    def converter(self, quantization: Quantization, calibration: np.ndarray, *, int8_io: bool) -> Any:
+        from edgekit.loading.graph import SIGNATURE
+
+        tf, model = _tf.tf(), self.model
+        if self.graph:
             conv = tf.lite.TFLiteConverter.from_saved_model(str(model.path), signature_keys=[SIGNATURE])
-        elif recurrent:  # a free batch dimension leaves TensorList ops that need Select TF ops
+        elif self.recurrent:  # a free batch dimension leaves TensorList ops that need Select TF ops
             spec = tf.TensorSpec([1, *model.inputs[0].shape[1:]], model.inputs[0].dtype)
             concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
             conv = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
@@ -55,31 +89,97 @@ def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray
             conv.target_spec.supported_types = [tf.float16]
         if quantization is Quantization.INT8:
             conv.representative_dataset = _representative(calibration)
-        if quantization in (Quantization.INT8, Quantization.QAT) and int8_io and float_input:
+        if quantization in (Quantization.INT8, Quantization.QAT) and int8_io and self.float_input:
             conv.inference_input_type = tf.int8
             conv.inference_output_type = tf.int8
         return conv
 
-    conv = converter()
-    if quantization is Quantization.INT8:
-        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    try:
-        return bytes(conv.convert()), notes
-    except Exception as exc:  # the converter raises ConverterError and others
-        if quantization is not Quantization.INT8:
-            raise _failure(exc, quantization, _layer_names(model)) from None
-        strict_error = first_line(exc, prefer='error:')
-        if "TensorList" in strict_error:  # no builtin kernel at all, int8 or float: the fallback fails the same
-            raise ConversionError(f"TFLite int8 conversion failed: {strict_error}") from None
-    # Some ops (e.g. LSTM pieces) have no int8 kernel: keep those in float.
-    conv = converter()
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
-    try:
-        data = bytes(conv.convert())
-    except Exception as exc:
-        raise _failure(exc, quantization, _layer_names(model)) from None
-    notes.append(f"some ops have no int8 kernel and stay float ({strict_error[:120]})")
-    return data, notes
+
+class TfliteInt8:
+    """The TFLite converter's int8 quantization of one model, calibrated once and re-quantized with options, as
+    TensorFlow's own quantization debugger does (``mlir_quantize`` with per-tensor weights or denylisted nodes).
+
+    >>> with TfliteInt8(model, calibration, int8_io=False) as quantizer:      # doctest: +SKIP
+    ...     data = quantizer.quantize(Int8Options(per_channel=False))
+    """
+
+    def __init__(self, model: Any, calibration: np.ndarray, *, int8_io: bool) -> None:
+        source = _Source.of(model)
+        conv = source.converter(Quantization.INT8, calibration, int8_io=int8_io)
+        conv.experimental_mlir_quantizer = True
+        conv._experimental_calibrate_only = True  # noqa: SLF001 (the debugger's documented route)
+        self._calibrated = bytes(conv.convert())
+        self._int8_io = int8_io and source.float_input
+        self._samples = calibration[:SENSITIVITY_SAMPLES]
+
+    def __enter__(self) -> TfliteInt8:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._calibrated = b""
+
+    def quantize(self, options: Int8Options) -> bytes:
+        from tensorflow.lite.python import convert
+
+        tf = _tf.tf()
+        io_type = tf.int8 if self._int8_io else tf.float32
+        return bytes(convert.mlir_quantize(
+            self._calibrated, disable_per_channel=not options.per_channel, fully_quantize=self._int8_io,
+            input_data_type=io_type, output_data_type=io_type,
+            denylisted_nodes=list(options.float_nodes) or None))
+
+    def sensitive_nodes(self, quantized: bytes) -> list[tuple[str, ...]]:
+        """Op output names of the float graph, those whose quantization adds most to the intermediate error
+        first (they name the ops to keep float, as the debugger's denylisted nodes)."""
+        reference = _tensors(self._calibrated, self._samples)
+        quant = _tensors(quantized, self._samples)
+        errors = {name: relative_error(quant[name], ref) for name, ref in reference.items()
+                  if name in quant and quant[name].shape == ref.shape}
+        return rank_nodes(_ops(self._calibrated), errors)
+
+
+
+def _ops(data: bytes) -> list[tuple[str, list[str], list[str]]]:
+    """(name, input tensor names, output tensor names) of each op; an op is named by its first output."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=data)
+    names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
+    ops = []
+    for op in interpreter._get_ops_details():  # noqa: SLF001 (no public API)
+        outputs = [names[i] for i in op["outputs"] if i >= 0]
+        if outputs:
+            ops.append((outputs[0], [names[i] for i in op["inputs"] if i >= 0], outputs))
+    return ops
+
+
+def _tensors(data: bytes, samples: np.ndarray) -> dict[str, np.ndarray]:
+    """Every float or dequantized intermediate tensor of a flatbuffer over ``samples``, by name."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=data, experimental_preserve_all_tensors=True)
+    interpreter.allocate_tensors()
+    detail = interpreter.get_input_details()[0]
+    values: dict[str, list[np.ndarray]] = {}
+    for i in range(len(samples)):
+        x = samples[i:i + 1]
+        if detail["dtype"] == np.int8:
+            scale, zero = detail["quantization"]
+            x = np.clip(np.round(x / scale + zero), -128, 127)
+        interpreter.set_tensor(detail["index"], x.astype(detail["dtype"]))
+        interpreter.invoke()
+        for t in interpreter.get_tensor_details():
+            try:
+                value = interpreter.get_tensor(t["index"])
+            except ValueError:
+                continue
+            scale, zero = t["quantization"]
+            if value.dtype in (np.int8, np.uint8, np.int16) and scale:
+                value = (value.astype(np.float32) - zero) * scale
+            elif not np.issubdtype(value.dtype, np.floating):
+                continue
+            values.setdefault(t["name"], []).append(np.array(value, np.float32))
+    return {name: np.stack(v) for name, v in values.items() if len(v) == len(samples)}
 
 
 def _layer_names(model: Any) -> tuple[str, ...]:

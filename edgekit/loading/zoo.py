@@ -114,3 +114,28 @@ def keras3_architecture(name: str, *, sample: Any = None, length: int = 16, voca
         return keras.Sequential([keras.Input((length,), dtype="int32"), layers.Embedding(vocab, 8), rnn,
                                  layers.Dense(3, activation="softmax")])
     raise ValueError(f"unknown architecture {name!r}")
+
+
+def with_outlier_unit(model: Any, value: float = 3000.0) -> Any:
+    """A copy of a Sequential model ending Dense(relu) -> Dense with one more hidden unit that is constantly
+    ``value`` and that nothing reads (zero outgoing weights): the float model answers exactly as ``model``, and
+    int8 with a per-tensor activation range [0, value] crushes the units that matter. One outlier channel is a
+    failure mode real models have; the int8 remedies are tested and measured on it."""
+    import numpy as np
+
+    keras = _tf.keras()
+    *body, hidden, head = model.layers
+    x = inp = keras.Input(model.inputs[0].shape[1:])
+    for layer in body:
+        x = layer.__class__.from_config(layer.get_config())(x)
+    x = keras.layers.Dense(hidden.units + 1, activation="relu", name=hidden.name)(x)
+    out = keras.layers.Dense(head.units, activation=head.activation, name=head.name)(x)
+    copy = keras.Model(inp, out, name=f"{model.name}_outlier")
+    for layer in body:
+        copy.get_layer(layer.name).set_weights(layer.get_weights())
+    kernel, bias = hidden.get_weights()
+    copy.get_layer(hidden.name).set_weights([np.concatenate([kernel, np.zeros((kernel.shape[0], 1), kernel.dtype)], 1),
+                                             np.append(bias, value).astype(bias.dtype)])
+    kernel, bias = head.get_weights()
+    copy.get_layer(head.name).set_weights([np.concatenate([kernel, np.zeros((1, head.units), kernel.dtype)]), bias])
+    return copy

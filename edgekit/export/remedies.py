@@ -1,0 +1,233 @@
+"""What edgekit tries when a post-training int8 artifact loses more accuracy than the budget allows.
+
+Each format has a ladder of remedies (:data:`LADDERS`): the real quantizer's own options, tried in order,
+each measured in the artifact's runtime; the first within the budget wins. When none is, the best settings
+found so far get a float fallback: the nodes whose quantization hurts most (ranked by how much each one adds
+to the error of the intermediate tensors, float vs quantized, as NNCF's accuracy control and Intel Neural
+Compressor rank them) are kept in float, 1, 2, 4 ... groups at a time, up to :data:`MAX_FLOAT_NODES` nodes.
+
+The quantizers themselves live with their formats: :class:`edgekit.export.onnx.OnnxInt8` (onnxruntime's
+``quantize_static``) and :class:`edgekit.export.tflite.TfliteInt8` (the TFLite converter, calibrated once,
+re-quantized with ``mlir_quantize`` as TensorFlow's quantization debugger does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Protocol
+
+import numpy as np
+
+from edgekit.config import Format
+
+
+class Calibration(str, Enum):
+    """How activation ranges are taken from the calibration data (onnxruntime's calibration methods)."""
+
+    MINMAX = "minmax"
+    ENTROPY = "entropy"
+    PERCENTILE = "percentile"
+
+
+class Activations(str, Enum):
+    """The integer type of quantized activations (weights are int8, or uint8 with uint8 activations: U8U8)."""
+
+    INT8 = "int8"    # S8S8 in onnxruntime's terms
+    UINT8 = "uint8"  # U8U8: no int16 saturation on x86 without VNNI
+
+
+class OnnxFormat(str, Enum):
+    """How onnxruntime writes a quantized graph."""
+
+    QDQ = "qdq"              # QuantizeLinear/DequantizeLinear pairs around float ops, fused by the runtime
+    QOPERATOR = "qoperator"  # QLinearConv, QLinearMatMul ... written out
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """One way to run a format's int8 quantizer. The defaults are what edgekit does first.
+
+    >>> Int8Options(calibration=Calibration.ENTROPY).changes()
+    'entropy calibration'
+    """
+
+    calibration: Calibration = Calibration.MINMAX
+    activations: Activations = Activations.INT8
+    reduce_range: bool = False  # 7-bit weights: onnxruntime's remedy for int16 saturation on x86 without VNNI
+    per_channel: bool = True
+    onnx_format: OnnxFormat = OnnxFormat.QDQ
+    float_nodes: tuple[str, ...] = ()  # kept in float (their names in the float graph)
+
+    def __post_init__(self) -> None:
+        for name, cls in (("calibration", Calibration), ("activations", Activations), ("onnx_format", OnnxFormat)):
+            object.__setattr__(self, name, cls(getattr(self, name)))
+        object.__setattr__(self, "float_nodes", tuple(self.float_nodes))
+
+    def changes(self) -> str:
+        """What differs from the defaults, in words ("" for the defaults)."""
+        base = Int8Options()
+        words = []
+        if self.calibration is not base.calibration:
+            words.append(f"{self.calibration.value} calibration")
+        if self.activations is not base.activations:
+            words.append(f"{self.activations.value} activations and weights")
+        if self.reduce_range:
+            words.append("reduced range (7-bit weights)")
+        if not self.per_channel:
+            words.append("per-tensor weights")
+        if self.onnx_format is not base.onnx_format:
+            words.append(f"{self.onnx_format.value} format")
+        if self.float_nodes:
+            words.append(f"{len(self.float_nodes)} node(s) kept float: {', '.join(self.float_nodes)}")
+        return "; ".join(words)
+
+    def as_dict(self) -> dict:
+        return {"calibration": self.calibration.value, "activations": self.activations.value,
+                "reduce_range": self.reduce_range, "per_channel": self.per_channel,
+                "onnx_format": self.onnx_format.value, "float_nodes": list(self.float_nodes)}
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """One rung of a ladder: a name (recorded in the manifest) and the quantizer options it sets."""
+
+    name: str
+    options: Int8Options
+
+
+LADDERS: dict[Format, tuple[Remedy, ...]] = {
+    Format.ONNX: (
+        Remedy("entropy-calibration", Int8Options(calibration=Calibration.ENTROPY)),
+        Remedy("percentile-calibration", Int8Options(calibration=Calibration.PERCENTILE)),
+        Remedy("reduce-range", Int8Options(reduce_range=True)),
+        Remedy("u8u8", Int8Options(activations=Activations.UINT8)),
+        Remedy("per-tensor", Int8Options(per_channel=False)),
+        Remedy("qoperator", Int8Options(onnx_format=OnnxFormat.QOPERATOR)),
+    ),
+    Format.TFLITE: (
+        Remedy("per-tensor", Int8Options(per_channel=False)),
+    ),
+}
+"""Format -> the quantizer options tried, in order, after the defaults (then the float fallback)."""
+
+FLOAT_FALLBACK = "float-fallback"
+MAX_FLOAT_NODES = 8
+MIN_GAIN = 1.0  # points: a remedy that gains less is noise; the float fallback starts from the defaults
+SENSITIVITY_SAMPLES = 64  # calibration samples the sensitivity pass runs
+
+
+class Int8Quantizer(Protocol):
+    """A format's int8 quantizer, prepared once (converted, calibrated) and re-run with options."""
+
+    def quantize(self, options: Int8Options) -> bytes: ...
+
+    def sensitive_nodes(self, quantized: bytes) -> list[tuple[str, ...]]:
+        """Groups of node names, most harmful first (:func:`rank_nodes`)."""
+        ...
+
+
+@dataclass
+class Attempt:
+    """One quantized artifact and what it cost. ``score`` is its accuracy drop (lower is better)."""
+
+    remedy: str  # "" for the defaults
+    options: Int8Options
+    data: bytes
+    score: float
+    extra: object = None  # what the caller's evaluation returned (its verification)
+
+
+@dataclass
+class Recovery:
+    """The attempt kept and every attempt made (name -> score)."""
+
+    best: Attempt
+    tried: dict[str, float] = field(default_factory=dict)
+    within_budget: bool = False
+
+
+def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: float,
+            evaluate: Callable[[bytes], tuple[float, object]],
+            on_attempt: Callable[[str], None] | None = None) -> Recovery:
+    """Walk ``fmt``'s ladder from ``first`` (the default artifact, over budget) until an attempt is within ``budget``.
+
+    ``evaluate(data)`` returns the artifact's accuracy drop and whatever the caller wants kept with it.
+    A remedy whose quantizer fails is recorded as failed (score ``inf``) and the ladder goes on.
+    """
+    recovery = Recovery(first, {"default": first.score})
+
+    def attempt(name: str, options: Int8Options) -> bool:
+        if on_attempt is not None:
+            on_attempt(name)
+        try:
+            data = quantizer.quantize(options)
+            score, extra = evaluate(data)
+        except Exception:  # noqa: BLE001 (a remedy the library cannot apply to this model is just not a remedy)
+            recovery.tried[name] = float("inf")
+            return False
+        recovery.tried[name] = score
+        if score < recovery.best.score:
+            recovery.best = Attempt(name, options, data, score, extra)
+        recovery.within_budget = score <= budget
+        return recovery.within_budget
+
+    for remedy in LADDERS[fmt]:
+        if attempt(remedy.name, remedy.options):
+            return recovery
+    base = recovery.best if recovery.best.score < first.score - MIN_GAIN else first
+    groups = quantizer.sensitive_nodes(base.data)
+    count = 1
+    while count <= len(groups):
+        nodes = tuple(dict.fromkeys(node for group in groups[:count] for node in group))
+        if len(nodes) > MAX_FLOAT_NODES:
+            break
+        name = FLOAT_FALLBACK if not base.remedy else f"{base.remedy}+{FLOAT_FALLBACK}"
+        if attempt(f"{name}({len(nodes)})", replace(base.options, float_nodes=nodes)):
+            return recovery
+        count *= 2
+    recovery.within_budget = recovery.best.score <= budget
+    return recovery
+
+
+def rank_nodes(nodes: Sequence[tuple[str, Sequence[str], Sequence[str]]],
+               errors: dict[str, float]) -> list[tuple[str, ...]]:
+    """Groups of node names, the group whose first node adds the most error first. A node adds its output's
+    error minus the largest of its inputs' errors.
+
+    ``nodes``: (name, input tensor names, output tensor names) in graph order; ``errors``: tensor name ->
+    relative error of the quantized tensor vs the float one (tensors missing from it count as exact). Each
+    group holds the node and the nodes that produce its inputs (:func:`_upstream`): a consumer whose
+    quantized input is crushed (an outlier channel widening the range) is only helped when that input stays
+    float too.
+    """
+    producer = {out: name for name, _, outs in nodes for out in outs}
+    inputs_of = {name: list(inputs) for name, inputs, _ in nodes}
+    added: dict[str, float] = {}
+    for name, inputs, outputs in nodes:
+        out_error = max((errors.get(t, 0.0) for t in outputs), default=0.0)
+        in_error = max((errors.get(t, 0.0) for t in inputs), default=0.0)
+        added[name] = out_error - in_error
+    return [(name, *_upstream(name, inputs_of, producer))
+            for name in sorted((n for n in added if added[n] > 1e-3), key=lambda n: -added[n])]
+
+
+def _upstream(name: str, inputs_of: dict[str, list[str]], producer: dict[str, str]) -> list[str]:
+    """The producers of ``name``'s inputs; through a pass-through producer (one input, itself produced, no
+    constants: ReLU, pooling, reshape) the walk goes on up to the op that computed the values."""
+    found = []
+    for tensor in inputs_of[name]:
+        node = producer.get(tensor)
+        while node is not None and node not in found:
+            found.append(node)
+            ins = inputs_of[node]
+            node = producer.get(ins[0]) if len(ins) == 1 else None
+    return found
+
+
+def relative_error(quantized: np.ndarray, reference: np.ndarray) -> float:
+    """||quantized - reference|| / ||reference|| over a batch (0 when both are zero)."""
+    norm = float(np.linalg.norm(reference))
+    diff = float(np.linalg.norm(quantized.astype(np.float64) - reference))
+    return diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))

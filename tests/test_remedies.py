@@ -1,0 +1,212 @@
+"""int8 that never silently breaks: the remedy ladders, the sensitivity ranking, the default budget."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import BIN, fast_training
+
+from edgekit import BudgetError, CompressConfig, Recipe, compress
+from edgekit.config import Format
+from edgekit.export import EXPORTERS
+from edgekit.export import remedies as remedies_module
+from edgekit.export.remedies import LADDERS, Activations, Calibration, Int8Options, OnnxFormat, rank_nodes
+
+
+@pytest.fixture(scope="module")
+def outlier_path(cnn, digits, tmp_path_factory):
+    """The test CNN with an outlier unit (:func:`edgekit.loading.zoo.with_outlier_unit`): int8 collapses."""
+    from edgekit.loading import zoo
+
+    model = zoo.with_outlier_unit(cnn)
+    assert np.abs(model.predict(digits.x, verbose=0) - cnn.predict(digits.x, verbose=0)).max() < 1e-5
+    path = tmp_path_factory.mktemp("remedies") / "outlier.keras"
+    model.save(path)
+    return path
+
+
+def test_an_int8_collapse_is_recovered_by_keeping_the_sensitive_nodes_float(outlier_path, tmp_path):
+    out = tmp_path / "out"
+    run = subprocess.run([str(BIN / "edgekit"), "compress", str(outlier_path), "--quantize", "int8", "--out", str(out),
+                          "--epochs", "1", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    for art in manifest["artifacts"]:
+        tried = art["remedies_tried"]
+        assert tried["default"] > 5, tried  # the defaults collapse: the case this exists for
+        assert art["remedy"].endswith(")") and "float-fallback" in art["remedy"], tried
+        assert art["quantization_drop"] <= 2.0 and art["accuracy_drop"] <= 2.0
+        # the nodes kept float are those around the outlier: the 33-unit dense layer and its consumer
+        kept = " ".join(art["quantizer_options"]["float_nodes"])
+        assert "dense_1" in kept and "dense/" in kept and "conv2d" not in kept, kept
+        assert list(tried)[0] == "default" and list(tried)[-1] == art["remedy"]
+    onnx_tried = next(a for a in manifest["artifacts"] if a["format"] == "onnx")["remedies_tried"]
+    assert [k for k in onnx_tried if "fallback" not in k] == ["default", *(r.name for r in LADDERS[Format.ONNX])]
+    assert "kept with remedy" in run.stderr and "int8 remedies" in (out / "report.md").read_text()
+
+
+def test_int8_io_remedy_keeps_int8_inputs(outlier_path, digits):
+    from device_agents.runtime import Model
+
+    result = compress(outlier_path, digits, None, progress=False,
+                      config=CompressConfig(recipe=Recipe(quantize="int8"), formats=("tflite",), int8_io=True,
+                                            training=fast_training()))
+    art = result.selected.artifacts[0]
+    assert art.remedy and art.quantization_drop <= 2.0
+    assert Model.load(art.data).inputs[0].dtype == "int8"
+
+
+def test_no_remedy_left_means_exit_code_3_with_the_report(outlier_path, tmp_path, monkeypatch):
+    monkeypatch.setitem(LADDERS, Format.TFLITE, ())
+    monkeypatch.setattr(remedies_module, "MAX_FLOAT_NODES", 0)  # no float fallback either
+    out = tmp_path / "over"
+    with pytest.raises(BudgetError, match=r"int8: quantizing costs \d+\.\d\d points .* more than the 2 points") as info:
+        compress(outlier_path, "digits", out, progress=False,
+                 config=CompressConfig(recipe=Recipe(quantize="int8"), formats=("tflite",), training=fast_training()))
+    assert info.value.exit_code == 3 and info.value.best_drop > 5
+    report = (out / "report.md").read_text()
+    assert "no candidate met the budget" in report and "| int8 | tflite | default (+" in report
+    assert not (out / "model.tflite").exists()
+
+
+def test_a_loss_from_pruning_is_not_a_quantization_loss(cnn_path):
+    """The default budget judges what quantizing cost, not what the recipe's other techniques cost."""
+    result = compress(cnn_path, "digits", None, progress=False,
+                      config=CompressConfig(recipe=Recipe(prune=0.9, quantize="int8"), formats=("tflite",),
+                                            training=fast_training()))
+    art = result.selected.artifacts[0]
+    assert art.accuracy_drop > art.quantization_drop and art.quantization_drop <= 2.0 and not art.remedies_tried
+
+
+ONNX_CHECKS = {
+    "entropy-calibration": lambda m, base: _scales(m) != _scales(base),
+    "percentile-calibration": lambda m, base: _scales(m) != _scales(base),
+    "reduce-range": lambda m, base: _max_weight(m) <= 64,
+    "u8u8": lambda m, base: "uint8" in _activation_types(m),
+    "per-tensor": lambda m, base: all(np.size(s) == 1 for s in _weight_scales(m)),
+    "qoperator": lambda m, base: "QLinearConv" in [n.op_type for n in m.graph.node],
+}
+TFLITE_CHECKS = {
+    "per-tensor": lambda details: all(len(d["quantization_parameters"]["scales"]) <= 1 for d in details),
+}
+
+
+def test_every_remedy_has_a_check():
+    assert set(ONNX_CHECKS) == {r.name for r in LADDERS[Format.ONNX]}
+    assert set(TFLITE_CHECKS) == {r.name for r in LADDERS[Format.TFLITE]}
+
+
+@pytest.fixture(scope="module")
+def onnx_quantizer(cnn, digits):
+    with EXPORTERS[Format.ONNX].int8(cnn, calibration=digits.x[:100], int8_io=False) as quantizer:
+        yield quantizer
+
+
+@pytest.mark.parametrize("remedy", LADDERS[Format.ONNX], ids=lambda r: r.name)
+def test_onnx_remedy_does_what_it_says(remedy, onnx_quantizer, digits, cnn):
+    import onnx
+
+    from device_agents.runtime import Model
+
+    base = onnx.load_from_string(onnx_quantizer.quantize(Int8Options()))
+    data = onnx_quantizer.quantize(remedy.options)
+    assert ONNX_CHECKS[remedy.name](onnx.load_from_string(data), base)
+    agreement = np.mean(Model.load(data).predict(digits.x).argmax(1) == cnn.predict(digits.x, verbose=0).argmax(1))
+    assert agreement > 0.9  # a working artifact in onnxruntime
+
+
+@pytest.mark.parametrize("remedy", LADDERS[Format.TFLITE], ids=lambda r: r.name)
+def test_tflite_remedy_does_what_it_says(remedy, cnn, digits):
+    from ai_edge_litert.interpreter import Interpreter
+
+    from device_agents.runtime import Model
+
+    with EXPORTERS[Format.TFLITE].int8(cnn, calibration=digits.x[:100], int8_io=False) as quantizer:
+        data = quantizer.quantize(remedy.options)
+    details = [d for d in Interpreter(model_content=data).get_tensor_details()
+               if d["dtype"] == np.int8 and len(d["shape"]) >= 2 and d["name"].endswith(("Conv2D", "MatMul"))]
+    assert details and TFLITE_CHECKS[remedy.name](details)
+    agreement = np.mean(Model.load(data).predict(digits.x).argmax(1) == cnn.predict(digits.x, verbose=0).argmax(1))
+    assert agreement > 0.9
+
+
+def test_options_validate_and_describe_themselves():
+    options = Int8Options(calibration="entropy", activations="uint8", onnx_format="qoperator", float_nodes=["a"])
+    assert options.calibration is Calibration.ENTROPY and options.activations is Activations.UINT8
+    assert options.onnx_format is OnnxFormat.QOPERATOR and options.float_nodes == ("a",)
+    assert options.changes() == "entropy calibration; uint8 activations and weights; qoperator format; " \
+        "1 node(s) kept float: a"
+    with pytest.raises(ValueError):
+        Int8Options(calibration="kl")
+
+
+def test_rank_nodes_blames_the_node_that_adds_the_error_and_keeps_its_inputs_float():
+    nodes = [("conv", ["x", "w1"], ["c"]), ("relu", ["c"], ["r"]), ("dense", ["r", "w2"], ["d"]),
+             ("softmax", ["d"], ["y"])]
+    errors = {"c": 0.01, "r": 0.01, "d": 0.6, "y": 0.61}
+    assert rank_nodes(nodes, errors)[0] == ("dense", "relu", "conv")
+    assert rank_nodes(nodes, {})[:1] == []
+
+
+def _initializers(model):
+    from onnx import numpy_helper
+
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+
+
+def _dq_nodes(model):
+    return [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+
+
+def _weight_scales(model):
+    inits = _initializers(model)
+    return [inits[n.input[1]] for n in _dq_nodes(model) if n.input[0] in inits and inits[n.input[0]].ndim >= 2]
+
+
+def _scales(model):
+    inits = _initializers(model)
+    return sorted(float(inits[n.input[1]]) for n in _dq_nodes(model)
+                  if n.input[0] not in inits and np.size(inits.get(n.input[1], [0, 0])) == 1)
+
+
+def _max_weight(model):
+    inits = _initializers(model)
+    weights = [np.abs(v.astype(np.int32) - (128 if v.dtype == np.uint8 else 0)).max()
+               for v in inits.values() if v.dtype in (np.int8, np.uint8) and v.ndim >= 2]
+    return max(weights)
+
+
+def _activation_types(model):
+    inits = _initializers(model)
+    return {str(inits[n.input[2]].dtype) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits}
+
+
+def test_batchnorm_that_cannot_fold_is_quantized_as_mul_and_add(digits):
+    """A pre-activation BN (concat -> BN -> ReLU -> conv, as in DenseNet) has no QDQ kernel in onnxruntime: left
+    as BatchNormalization it ran in float between DequantizeLinear and QuantizeLinear."""
+    from device_agents.runtime import Model
+    from edgekit import _tf
+    from edgekit.config import Quantization
+    from edgekit.export.onnx import onnx_ops, to_onnx
+
+    _tf.set_seed(0)
+    keras = _tf.keras()
+    layers = keras.layers
+    inp = keras.Input((8, 8, 1))
+    x = layers.Conv2D(8, 3, padding="same")(inp)
+    for _ in range(2):
+        y = layers.Conv2D(8, 3, padding="same")(layers.ReLU()(layers.BatchNormalization()(x)))
+        x = layers.Concatenate()([x, y])
+    x = layers.GlobalAveragePooling2D()(layers.ReLU()(layers.BatchNormalization()(x)))
+    model = keras.Model(inp, layers.Dense(10, activation="softmax")(x))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(digits.x, digits.y, epochs=6, verbose=0)
+    data, _ = to_onnx(model, quantization=Quantization.INT8, calibration=digits.x[:100])
+    ops = onnx_ops(data)
+    assert "BatchNormalization" not in ops and ops.count("Mul") == 3 and ops.count("Add") == 3
+    reference = model.predict(digits.x, verbose=0).argmax(1)
+    assert np.mean(Model.load(data).predict(digits.x).argmax(1) == reference) > 0.9
