@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,11 +58,16 @@ class ArtifactResult:
     remedy: str = ""
     quantizer_options: dict[str, Any] = field(default_factory=dict)
     remedies_tried: dict[str, float] = field(default_factory=dict)
+    # int8 slower than float32: the speed rung kept ("" = none) and each rung's time over the first int8 artifact's
+    speed_remedy: str = ""
+    speed_tried: dict[str, float] = field(default_factory=dict)
 
     @property
     def slower_than_float32(self) -> bool:
         """Slower than the float32 artifact of the source in the same runtime (by more than 10%: timing noise)."""
-        return self.float32_latency_us is not None and self.latency_us > 1.1 * self.float32_latency_us
+        from edgekit.export.remedies import SLOWER
+
+        return self.float32_latency_us is not None and self.latency_us > SLOWER * self.float32_latency_us
 
     @property
     def bytes(self) -> int:
@@ -261,16 +267,29 @@ class _CandidateRunner:
                     for a in plain.artifacts}
         reference = {}
         for fmt in self.config.formats:
+            data = self._float32_data(fmt)
+            if data is None:  # the format failed for every candidate too: nothing to compare
+                continue
             try:
-                with self.progress.step(f"float32 reference {fmt.value}"):
-                    data, _ = exporter(fmt).convert(self.loaded.source, quantization=Quantization.NONE,
-                                                    calibration=self.splits.calibration.x, int8_io=False)
-                    latency = measure_latency(data, self.splits.evaluation.x[:1], threads=self.config.threads)
-            except (EdgeKitError, AgentError):  # the format failed for every candidate too: nothing to compare
+                latency = measure_latency(data, self.splits.evaluation.x[:1], threads=self.config.threads)
+            except AgentError:
                 continue
             reference[fmt.value] = {"bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9, mtime=0)),
                                     "latency_us": latency}
         return reference
+
+    def _float32_data(self, fmt: Format) -> bytes | None:
+        """The source model's float32 artifact in ``fmt`` (converted once), or ``None`` when its converter fails."""
+        key = ("float32", fmt)
+        if key not in self._cache:
+            try:
+                with self.progress.step(f"float32 reference {fmt.value}"):
+                    data, _ = exporter(fmt).convert(self.loaded.source, quantization=Quantization.NONE,
+                                                    calibration=self.splits.calibration.x, int8_io=False)
+            except EdgeKitError:
+                data = None
+            self._cache[key] = (data,)
+        return self._cache[key][0]
 
     def _export_all(self, model: Any, float_model: Any,
                     recipe: Recipe) -> tuple[list[ArtifactResult], dict[str, str]]:
@@ -357,10 +376,35 @@ class _CandidateRunner:
         float_accuracy = self._float_accuracy(float_model)
         if recipe.quantize in _INTEGER and check.accuracy is not None and float_accuracy is not None:
             art.quantization_drop = float_accuracy - check.accuracy
-        if recipe.quantize is Quantization.INT8 and art.quantization_drop is not None \
-                and self._over_budget(art.accuracy_drop, art.quantization_drop):
-            self._remedy(art, model, name, float_accuracy)
+        if recipe.quantize is Quantization.INT8 and art.quantization_drop is not None:
+            if self._over_budget(art.accuracy_drop, art.quantization_drop):
+                self._remedy(art, model, name, float_accuracy)
+            self._speed(art, model, name, float_accuracy)
+        if recipe.quantize is Quantization.QAT and fmt in QAT_REQUANTIZE and float_accuracy is not None:
+            self._qat_requantize(art, float_model, name, float_accuracy)
         return art
+
+    def _qat_requantize(self, art: ArtifactResult, twin: Any, name: str, float_accuracy: float) -> None:
+        """Measure the format's own int8 quantizer on the QAT-tuned float weights against the QAT export, and keep
+        it when it is as accurate (within half a point) and faster, or more accurate by more than half a point."""
+        from edgekit.export.remedies import SPEED_GAIN, Int8Options
+        from edgekit.export.verify import latency_ratio
+
+        spec = exporter(art.format)
+        with self.progress.step(f"requantize {name}"), \
+                spec.int8(twin, calibration=self.splits.calibration.x, int8_io=self.config.int8_io) as quantizer:
+            data = quantizer.quantize(Int8Options())
+        check = self._verify(data, name, Quantization.INT8, twin)
+        ratio = latency_ratio(art.data, data, self.splits.evaluation.x[:1], threads=self.config.threads)
+        art.speed_tried = {QAT_REQUANTIZED: round(ratio, 3)}
+        gain = check.accuracy - art.accuracy
+        if gain > 0.5 or (gain >= -0.5 and ratio <= SPEED_GAIN):
+            from edgekit.export.remedies import Attempt
+
+            art.notes.append(f"the QAT export ran {1 / ratio:.2f}x the time of the format's own int8 quantizer on the "
+                             f"QAT-tuned weights, which scores {gain:+.2f} points against it: the latter is kept")
+            art.speed_remedy = QAT_REQUANTIZED
+            self._adopt(art, Attempt(QAT_REQUANTIZED, Int8Options(), data, 0.0, check), float_accuracy)
 
     def _over_budget(self, drop: float, quantization_drop: float) -> bool:
         """Over the budget in a way a quantizer remedy can help: with no ``max_accuracy_drop`` the default budget
@@ -385,35 +429,76 @@ class _CandidateRunner:
     def _drop(self, check: Any) -> float | None:
         return None if check.accuracy is None else self.source_accuracy - check.accuracy
 
-    def _remedy(self, art: ArtifactResult, model: Any, name: str, float_accuracy: float) -> None:
-        """Walk the format's remedy ladder (:mod:`edgekit.export.remedies`); keep the best attempt in ``art``."""
-        from edgekit.export.remedies import Attempt, Int8Options, recover
-
-        explicit = self.config.max_accuracy_drop is None  # the budget is on what quantizing cost
+    def _scorer(self, model: Any, name: str, float_accuracy: float) -> Callable[[bytes], tuple[float, Any]]:
+        """An int8 artifact's score for the remedies: what quantizing cost when the budget is the default one,
+        else its drop from the source; with its verification."""
+        explicit = self.config.max_accuracy_drop is None
 
         def evaluate(data: bytes) -> tuple[float, Any]:
             check = self._verify(data, name, Quantization.INT8, model)
             return (float_accuracy - check.accuracy) if explicit else self._drop(check), check
 
-        first = art.quantization_drop if explicit else art.accuracy_drop
+        return evaluate
+
+    def _score(self, art: ArtifactResult) -> float:
+        return art.quantization_drop if self.config.max_accuracy_drop is None else art.accuracy_drop
+
+    def _remedy(self, art: ArtifactResult, model: Any, name: str, float_accuracy: float) -> None:
+        """Walk the format's remedy ladder (:mod:`edgekit.export.remedies`); keep the best attempt in ``art``."""
+        from edgekit.export.remedies import Attempt, Int8Options, recover
+
         spec = exporter(art.format)
         with self.progress.step(f"remedies {name}"), \
                 spec.int8(model, calibration=self.splits.calibration.x, int8_io=self.config.int8_io) as quantizer:
-            recovery = recover(art.format, quantizer, Attempt("", Int8Options(), art.data, first),
-                               budget=self.config.budget, evaluate=evaluate)
+            recovery = recover(art.format, quantizer, Attempt("", Int8Options(), art.data, self._score(art)),
+                               budget=self.config.budget, evaluate=self._scorer(model, name, float_accuracy))
         art.remedies_tried = {k: round(float(v), 4) for k, v in recovery.tried.items()}
         best = recovery.best
         if not best.remedy:
             art.notes.append(f"int8 lost {art.accuracy_drop:.2f} points; no remedy did better")
             return
-        check = best.extra
-        art.data, art.remedy, art.quantizer_options = best.data, best.remedy, best.options.as_dict()
+        art.remedy = best.remedy
+        self._adopt(art, best, float_accuracy)
+        art.notes.append(f"int8 with the quantizer's defaults lost {recovery.tried['default']:.2f} points; "
+                         f"remedy {best.remedy} ({best.options.changes()}) loses {best.score:.2f}")
+
+    def _speed(self, art: ArtifactResult, model: Any, name: str, float_accuracy: float) -> None:
+        """When the int8 artifact runs slower than the source's float32 one (side by side), try the format's speed
+        rungs (:data:`~edgekit.export.remedies.SPEED_LADDERS`) and keep the fastest within the budget."""
+        from edgekit.export.remedies import SLOWER, SPEED_LADDERS, Attempt, Int8Options, speed_up
+        from edgekit.export.verify import latency_ratio
+
+        reference = self._float32_data(art.format)
+        if not SPEED_LADDERS[art.format] or reference is None:
+            return
+        sample = self.splits.evaluation.x[:1]
+
+        def ratio(a: bytes, b: bytes) -> float:
+            return latency_ratio(a, b, sample, threads=self.config.threads)
+
+        if ratio(reference, art.data) <= SLOWER:
+            return
+        options = Int8Options(**art.quantizer_options) if art.quantizer_options else Int8Options()
+        spec = exporter(art.format)
+        with self.progress.step(f"speed {name}"), \
+                spec.int8(model, calibration=self.splits.calibration.x, int8_io=self.config.int8_io) as quantizer:
+            current = Attempt(art.remedy, options, art.data, self._score(art))
+            best, art.speed_tried = speed_up(art.format, quantizer, current, budget=self.config.budget,
+                                             evaluate=self._scorer(model, name, float_accuracy), ratio=ratio)
+        if best is not current:
+            art.speed_remedy = best.remedy
+            self._adopt(art, best, float_accuracy)
+            art.notes.append(f"int8 ran slower than float32; {best.remedy} ({best.options.changes()}) runs "
+                             f"{art.speed_tried[best.remedy]:.2f}x the time of the first int8 artifact")
+
+    def _adopt(self, art: ArtifactResult, attempt: Any, float_accuracy: float) -> None:
+        """``art`` becomes ``attempt``'s artifact, with its verification's figures."""
+        check = attempt.extra
+        art.data, art.quantizer_options = attempt.data, attempt.options.as_dict()
         art.accuracy, art.accuracy_drop, art.top1_agreement = check.accuracy, self._drop(check), check.top1_agreement
         art.quantization_drop = float_accuracy - check.accuracy
         art.max_abs_diff, art.conversion_max_abs_diff = check.max_abs_diff, check.conversion_max_abs_diff
         art.inputs, art.outputs, art.latency_us = check.inputs, check.outputs, check.latency_us
-        art.notes.append(f"int8 with the quantizer's defaults lost {recovery.tried['default']:.2f} points; "
-                         f"remedy {best.remedy} ({best.options.changes()}) loses {best.score:.2f}")
 
     def _outputs(self, model: Any) -> np.ndarray:
         if model is self.loaded.source:
@@ -425,6 +510,11 @@ class _CandidateRunner:
 
 
 _INTEGER = (Quantization.INT8, Quantization.QAT, Quantization.DYNAMIC)
+QAT_REQUANTIZE = (Format.ONNX,)
+"""Formats whose QAT export is measured against their own int8 quantizer run on the QAT-tuned weights: tf2onnx's
+QAT graph keeps float ops between QDQ pairs (unfolded BatchNormalization, padding, weights off the int8 grid),
+which onnxruntime runs unfused (MobileNetV2 0.35: 2.7x the float32 time, BENCHMARKS.md)."""
+QAT_REQUANTIZED = "onnxruntime-int8-of-qat-weights"
 
 
 def _reason(exc: BaseException) -> str:

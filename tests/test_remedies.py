@@ -13,7 +13,15 @@ from edgekit import BudgetError, CompressConfig, Recipe, compress
 from edgekit.config import Format
 from edgekit.export import EXPORTERS
 from edgekit.export import remedies as remedies_module
-from edgekit.export.remedies import LADDERS, Activations, Calibration, Int8Options, OnnxFormat, rank_nodes
+from edgekit.export.remedies import (
+    LADDERS,
+    SPEED_LADDERS,
+    Calibration,
+    Int8Options,
+    IntType,
+    OnnxFormat,
+    rank_nodes,
+)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +93,8 @@ ONNX_CHECKS = {
     "entropy-calibration": lambda m, base: _scales(m) != _scales(base),
     "percentile-calibration": lambda m, base: _scales(m) != _scales(base),
     "reduce-range": lambda m, base: _max_weight(m) <= 64,
-    "u8u8": lambda m, base: "uint8" in _activation_types(m),
+    "s8s8": lambda m, base: _activation_types(m) == {"int8"} and _activation_types(base) == {"uint8"},
+    "u8u8": lambda m, base: _weight_types(m) == {"uint8"} and _weight_types(base) == {"int8"},
     "per-tensor": lambda m, base: all(np.size(s) == 1 for s in _weight_scales(m)),
     "qoperator": lambda m, base: "QLinearConv" in [n.op_type for n in m.graph.node],
 }
@@ -134,10 +143,12 @@ def test_tflite_remedy_does_what_it_says(remedy, cnn, digits):
 
 
 def test_options_validate_and_describe_themselves():
-    options = Int8Options(calibration="entropy", activations="uint8", onnx_format="qoperator", float_nodes=["a"])
-    assert options.calibration is Calibration.ENTROPY and options.activations is Activations.UINT8
-    assert options.onnx_format is OnnxFormat.QOPERATOR and options.float_nodes == ("a",)
-    assert options.changes() == "entropy calibration; uint8 activations and weights; qoperator format; " \
+    options = Int8Options(calibration="entropy", activations="int8", weights="uint8", onnx_format="qoperator",
+                          float_nodes=["a"])
+    assert options.calibration is Calibration.ENTROPY and options.activations is IntType.INT8
+    assert options.weights is IntType.UINT8 and options.onnx_format is OnnxFormat.QOPERATOR
+    assert options.float_nodes == ("a",) and Int8Options(**options.as_dict()) == options
+    assert options.changes() == "entropy calibration; int8 activations; uint8 weights; qoperator format; " \
         "1 node(s) kept float: a"
     with pytest.raises(ValueError):
         Int8Options(calibration="kl")
@@ -179,19 +190,20 @@ def _max_weight(model):
     return max(weights)
 
 
+def _weight_types(model):
+    return {str(v.dtype) for v in _initializers(model).values() if v.dtype in (np.int8, np.uint8) and v.ndim >= 2}
+
+
 def _activation_types(model):
     inits = _initializers(model)
     return {str(inits[n.input[2]].dtype) for n in model.graph.node
             if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits}
 
 
-def test_batchnorm_that_cannot_fold_is_quantized_as_mul_and_add(digits):
-    """A pre-activation BN (concat -> BN -> ReLU -> conv, as in DenseNet) has no QDQ kernel in onnxruntime: left
-    as BatchNormalization it ran in float between DequantizeLinear and QuantizeLinear."""
-    from device_agents.runtime import Model
+@pytest.fixture(scope="module")
+def preact(digits):
+    """A DenseNet-style pre-activation CNN (concat -> BN -> ReLU -> conv): its BN cannot fold into a conv."""
     from edgekit import _tf
-    from edgekit.config import Quantization
-    from edgekit.export.onnx import onnx_ops, to_onnx
 
     _tf.set_seed(0)
     keras = _tf.keras()
@@ -205,8 +217,52 @@ def test_batchnorm_that_cannot_fold_is_quantized_as_mul_and_add(digits):
     model = keras.Model(inp, layers.Dense(10, activation="softmax")(x))
     model.compile("adam", "sparse_categorical_crossentropy")
     model.fit(digits.x, digits.y, epochs=6, verbose=0)
-    data, _ = to_onnx(model, quantization=Quantization.INT8, calibration=digits.x[:100])
+    return model
+
+
+def test_batchnorm_that_cannot_fold_is_quantized_as_mul_and_add(preact, digits):
+    """onnxruntime's QDQ quantizer has no BatchNormalization kernel: left as it was, such a BN ran in float
+    between DequantizeLinear and QuantizeLinear."""
+    from device_agents.runtime import Model
+    from edgekit.config import Quantization
+    from edgekit.export.onnx import onnx_ops, to_onnx
+
+    data, _ = to_onnx(preact, quantization=Quantization.INT8, calibration=digits.x[:100])
     ops = onnx_ops(data)
     assert "BatchNormalization" not in ops and ops.count("Mul") == 3 and ops.count("Add") == 3
-    reference = model.predict(digits.x, verbose=0).argmax(1)
+    reference = preact.predict(digits.x, verbose=0).argmax(1)
     assert np.mean(Model.load(data).predict(digits.x).argmax(1) == reference) > 0.9
+
+
+def test_an_int8_onnx_slower_than_float32_tries_the_speed_rungs(preact, digits):
+    """A tiny concat-heavy CNN: its int8 .onnx runs about 1.5x the float32 time here (measured in BENCHMARKS.md)."""
+    from edgekit.export.remedies import SPEED_GAIN
+
+    result = compress(preact, digits, None, progress=False,
+                      config=CompressConfig(recipe=Recipe(quantize="int8"), formats=("onnx",),
+                                            training=fast_training()))
+    art = result.selected.artifacts[0]
+    assert list(art.speed_tried) == [name for name, _ in SPEED_LADDERS[Format.ONNX]]
+    assert all(ratio > 0 for ratio in art.speed_tried.values())
+    if art.speed_remedy:  # kept only when measured faster by the margin, and never at the budget's cost
+        assert art.speed_tried[art.speed_remedy] <= SPEED_GAIN and art.quantization_drop <= 2.0
+        assert art.quantizer_options["activations"] == "int8" or art.quantizer_options["reduce_range"] \
+            or art.quantizer_options["onnx_format"] == "qoperator"
+    else:
+        assert art.quantizer_options == {}
+
+
+def test_qat_onnx_is_measured_against_onnxruntimes_quantizer_on_the_qat_weights(cnn_path):
+    from edgekit.compression import QAT_REQUANTIZED
+    from edgekit.export.onnx import onnx_ops
+
+    result = compress(cnn_path, "digits", None, progress=False,
+                      config=CompressConfig(recipe=Recipe(quantize="qat"), formats=("onnx",), training=fast_training()))
+    art = result.selected.artifacts[0]
+    ratio = art.speed_tried[QAT_REQUANTIZED]
+    assert ratio > 0 and art.quantization_drop <= 2.0
+    if art.speed_remedy:
+        assert art.speed_remedy == QAT_REQUANTIZED and art.quantizer_options["onnx_format"] == "qdq"
+        assert "BatchNormalization" not in onnx_ops(art.data) and "kept" in art.notes[-1]
+    else:
+        assert not art.quantizer_options

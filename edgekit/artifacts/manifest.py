@@ -56,6 +56,7 @@ def artifact_entry(art: Any) -> dict[str, Any]:
         "notes": art.notes,
         "remedy": art.remedy or None, "quantizer_options": art.quantizer_options or None,
         "remedies_tried": art.remedies_tried or None,
+        "speed_remedy": art.speed_remedy or None, "speed_tried": art.speed_tried or None,
     }
 
 

@@ -43,9 +43,11 @@ def slower_notes(candidate: Any) -> list[str]:
 
 
 def remedy_notes(candidate: Any) -> list[str]:
-    """One line per artifact of ``candidate`` that needed an int8 remedy to stay within the budget."""
-    return [f"{a.format.value} int8 lost {a.remedies_tried['default']:.2f} points with the quantizer's defaults; "
-            f"kept with remedy {a.remedy}, which loses {a.accuracy_drop:.2f}" for a in candidate.artifacts if a.remedy]
+    """One line per artifact of ``candidate`` that needed an int8 remedy to stay within the budget or to be faster."""
+    lines = [f"{a.format.value} int8 lost {a.remedies_tried['default']:.2f} points with the quantizer's defaults; "
+             f"kept with remedy {a.remedy}, which loses {a.accuracy_drop:.2f}" for a in candidate.artifacts if a.remedy]
+    return lines + [f"{a.format.value} int8 ran slower than float32; kept with {a.speed_remedy}, "
+                    f"{a.speed_tried[a.speed_remedy]:.2f}x the time" for a in candidate.artifacts if a.speed_remedy]
 
 
 def num(value: float | None, *, signed: bool = False) -> str:
@@ -119,16 +121,21 @@ def write_report(result: Any, folder: Path) -> None:
 
 
 def _remedy_lines(result: Any) -> list[str]:
-    """The remedies tried on every int8 artifact that lost more than the budget, with the drop each left."""
-    rows = [(c.recipe.name, a) for c in result.candidates for a in c.artifacts if a.remedies_tried]
+    """The remedies tried on int8 artifacts: over the budget (drop per rung) or slower than float32 (time per rung)."""
+    rows = [(c.recipe.name, a) for c in result.candidates for a in c.artifacts if a.remedies_tried or a.speed_tried]
     if not rows:
         return []
     lines = ["", "## int8 remedies", "", "Post-training int8 artifacts that lost more than the budget with the "
-             "quantizer's defaults; each remedy was measured in the artifact's runtime (accuracy drop in points).",
-             "", "| recipe | format | tried (drop) | kept |", "|---|---|---|---|"]
+             "quantizer's defaults (each rung's accuracy drop in points) or ran slower than the float32 artifact "
+             "(each speed rung's time over the first int8 artifact's, measured side by side), each rung measured in "
+             "the artifact's runtime.", "",
+             "| recipe | format | accuracy rungs (drop) | kept | speed rungs (time) | kept |",
+             "|---|---|---|---|---|---|"]
     for recipe, art in rows:
-        tried = ", ".join(f"{k} ({v:+.2f})" for k, v in art.remedies_tried.items())
-        lines.append(f"| {recipe} | {art.format.value} | {tried} | {art.remedy or 'defaults (nothing did better)'} |")
+        tried = ", ".join(f"{k} ({v:+.2f})" for k, v in art.remedies_tried.items()) or "-"
+        speed = ", ".join(f"{k} ({v:.2f}x)" for k, v in art.speed_tried.items()) or "-"
+        kept = art.remedy or ("defaults (nothing did better)" if art.remedies_tried else "-")
+        lines.append(f"| {recipe} | {art.format.value} | {tried} | {kept} | {speed} | {art.speed_remedy or '-'} |")
     return lines
 
 

@@ -31,11 +31,11 @@ class Calibration(str, Enum):
     PERCENTILE = "percentile"
 
 
-class Activations(str, Enum):
-    """The integer type of quantized activations (weights are int8, or uint8 with uint8 activations: U8U8)."""
+class IntType(str, Enum):
+    """An 8-bit integer type of quantized activations or weights (onnxruntime's U8S8, S8S8, U8U8)."""
 
-    INT8 = "int8"    # S8S8 in onnxruntime's terms
-    UINT8 = "uint8"  # U8U8: no int16 saturation on x86 without VNNI
+    INT8 = "int8"
+    UINT8 = "uint8"
 
 
 class OnnxFormat(str, Enum):
@@ -54,14 +54,18 @@ class Int8Options:
     """
 
     calibration: Calibration = Calibration.MINMAX
-    activations: Activations = Activations.INT8
+    # U8S8 (onnxruntime's default): x86 VNNI's vpdpbusd and AVX2's vpmaddubsw multiply u8 by s8 natively;
+    # ARM64 runs it with its dot-product instructions. S8S8 is converted on x86 (slower, measured)
+    activations: IntType = IntType.UINT8
+    weights: IntType = IntType.INT8
     reduce_range: bool = False  # 7-bit weights: onnxruntime's remedy for int16 saturation on x86 without VNNI
     per_channel: bool = True
     onnx_format: OnnxFormat = OnnxFormat.QDQ
     float_nodes: tuple[str, ...] = ()  # kept in float (their names in the float graph)
 
     def __post_init__(self) -> None:
-        for name, cls in (("calibration", Calibration), ("activations", Activations), ("onnx_format", OnnxFormat)):
+        for name, cls in (("calibration", Calibration), ("activations", IntType), ("weights", IntType),
+                          ("onnx_format", OnnxFormat)):
             object.__setattr__(self, name, cls(getattr(self, name)))
         object.__setattr__(self, "float_nodes", tuple(self.float_nodes))
 
@@ -72,7 +76,9 @@ class Int8Options:
         if self.calibration is not base.calibration:
             words.append(f"{self.calibration.value} calibration")
         if self.activations is not base.activations:
-            words.append(f"{self.activations.value} activations and weights")
+            words.append(f"{self.activations.value} activations")
+        if self.weights is not base.weights:
+            words.append(f"{self.weights.value} weights")
         if self.reduce_range:
             words.append("reduced range (7-bit weights)")
         if not self.per_channel:
@@ -85,6 +91,7 @@ class Int8Options:
 
     def as_dict(self) -> dict:
         return {"calibration": self.calibration.value, "activations": self.activations.value,
+                "weights": self.weights.value,
                 "reduce_range": self.reduce_range, "per_channel": self.per_channel,
                 "onnx_format": self.onnx_format.value, "float_nodes": list(self.float_nodes)}
 
@@ -102,7 +109,8 @@ LADDERS: dict[Format, tuple[Remedy, ...]] = {
         Remedy("entropy-calibration", Int8Options(calibration=Calibration.ENTROPY)),
         Remedy("percentile-calibration", Int8Options(calibration=Calibration.PERCENTILE)),
         Remedy("reduce-range", Int8Options(reduce_range=True)),
-        Remedy("u8u8", Int8Options(activations=Activations.UINT8)),
+        Remedy("s8s8", Int8Options(activations=IntType.INT8)),
+        Remedy("u8u8", Int8Options(weights=IntType.UINT8)),
         Remedy("per-tensor", Int8Options(per_channel=False)),
         Remedy("qoperator", Int8Options(onnx_format=OnnxFormat.QOPERATOR)),
     ),
@@ -111,6 +119,20 @@ LADDERS: dict[Format, tuple[Remedy, ...]] = {
     ),
 }
 """Format -> the quantizer options tried, in order, after the defaults (then the float fallback)."""
+
+SPEED_LADDERS: dict[Format, tuple[tuple[str, dict[str, object]], ...]] = {
+    Format.ONNX: (
+        ("s8s8", {"activations": IntType.INT8}),
+        ("reduce-range", {"reduce_range": True}),
+        ("qoperator", {"onnx_format": OnnxFormat.QOPERATOR}),
+    ),
+    Format.TFLITE: (),
+}
+"""Format -> (name, option changes) tried when an int8 artifact runs slower than the float32 one: the changes
+apply on top of the options kept for accuracy. Which is fastest depends on the model and the CPU (measured in
+BENCHMARKS.md), so each is measured in the artifact's runtime; the fastest within the budget is kept."""
+SLOWER = 1.1  # an int8 artifact is slower than float32 when it takes more than this (10%: timing noise)
+SPEED_GAIN = 0.9  # a rung replaces the artifact only if it takes at most this fraction of its time
 
 FLOAT_FALLBACK = "float-fallback"
 MAX_FLOAT_NODES = 8
@@ -123,8 +145,8 @@ class Int8Quantizer(Protocol):
 
     def quantize(self, options: Int8Options) -> bytes: ...
 
-    def sensitive_nodes(self, quantized: bytes) -> list[tuple[str, ...]]:
-        """Groups of node names, most harmful first (:func:`rank_nodes`)."""
+    def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
+        """Groups of node names, most harmful when quantized with ``options`` first (:func:`rank_nodes`)."""
         ...
 
 
@@ -177,7 +199,7 @@ def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: fl
         if attempt(remedy.name, remedy.options):
             return recovery
     base = recovery.best if recovery.best.score < first.score - MIN_GAIN else first
-    groups = quantizer.sensitive_nodes(base.data)
+    groups = quantizer.sensitive_nodes(base.options)
     count = 1
     while count <= len(groups):
         nodes = tuple(dict.fromkeys(node for group in groups[:count] for node in group))
@@ -189,6 +211,31 @@ def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: fl
         count *= 2
     recovery.within_budget = recovery.best.score <= budget
     return recovery
+
+
+def speed_up(fmt: Format, quantizer: Int8Quantizer, current: Attempt, *, budget: float,
+             evaluate: Callable[[bytes], tuple[float, object]],
+             ratio: Callable[[bytes, bytes], float]) -> tuple[Attempt, dict[str, float]]:
+    """Try ``fmt``'s speed rungs on top of ``current``'s options; return the fastest attempt within ``budget``
+    (``current`` unless a rung takes at most :data:`SPEED_GAIN` of its time) and each rung's time ratio.
+
+    ``ratio(a, b)``: b's time over a's, measured side by side.
+    """
+    best, best_ratio, tried = current, 1.0, {}
+    for name, changes in SPEED_LADDERS[fmt]:
+        options = replace(current.options, **changes)
+        if options == current.options:
+            continue
+        try:
+            data = quantizer.quantize(options)
+            score, extra = evaluate(data)
+            time_ratio = ratio(current.data, data)
+        except Exception:  # noqa: BLE001 (a rung the library cannot apply here is just not a rung)
+            continue
+        tried[name] = round(time_ratio, 3)
+        if score <= max(budget, current.score) and time_ratio <= SPEED_GAIN and time_ratio < best_ratio:
+            best, best_ratio = Attempt(name, options, data, score, extra), time_ratio
+    return best, tried
 
 
 def rank_nodes(nodes: Sequence[tuple[str, Sequence[str], Sequence[str]]],

@@ -128,11 +128,11 @@ class TfliteInt8:
             input_data_type=io_type, output_data_type=io_type,
             denylisted_nodes=list(options.float_nodes) or None))
 
-    def sensitive_nodes(self, quantized: bytes) -> list[tuple[str, ...]]:
-        """Op output names of the float graph, those whose quantization adds most to the intermediate error
-        first (they name the ops to keep float, as the debugger's denylisted nodes)."""
+    def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
+        """Op output names of the float graph, those whose quantization with ``options`` adds most to the
+        intermediate error first (they name the ops to keep float, as the debugger's denylisted nodes)."""
         reference = _tensors(self._calibrated, self._samples)
-        quant = _tensors(quantized, self._samples)
+        quant = _tensors(self.quantize(options), self._samples)
         errors = {name: relative_error(quant[name], ref) for name, ref in reference.items()
                   if name in quant and quant[name].shape == ref.shape}
         return rank_nodes(_ops(self._calibrated), errors)

@@ -52,6 +52,28 @@ def latency_us(model: Model, sample: np.ndarray, *, repeats: int = LATENCY_REPEA
     return float(statistics.median(times))
 
 
+def latency_ratio(reference: bytes, candidate: bytes, sample: np.ndarray, *, threads: int, blocks: int = 8,
+                  calls: int = 20) -> float:
+    """``candidate``'s single-sample time over ``reference``'s, measured in alternating blocks of ``calls`` calls
+    (the ratio of the medians of the per-block times): both see the same machine state, so small differences
+    are not noise from running one after the other."""
+    import statistics
+    import time
+
+    models = [Model.load(reference, num_threads=threads), Model.load(candidate, num_threads=threads)]
+    times: list[list[float]] = [[], []]
+    for model in models:
+        for _ in range(5):
+            model.predict(sample)
+    for _ in range(blocks):
+        for i, model in enumerate(models):
+            start = time.perf_counter_ns()
+            for _ in range(calls):
+                model.predict(sample)
+            times[i].append(time.perf_counter_ns() - start)
+    return statistics.median(times[1]) / statistics.median(times[0])
+
+
 def measure_latency(artifact: bytes, sample: np.ndarray, *, threads: int) -> float:
     """Single-sample latency (µs) of an artifact in its runtime."""
     return latency_us(Model.load(artifact, num_threads=threads), sample)
