@@ -44,7 +44,7 @@ demo: $(STAMP)
 
 test: $(STAMP) $(TFLRT_STAMP)
 	$(BIN)/ruff check edgekit tools device_agents tests benchmarks examples
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -12,6 +12,10 @@ from edgekit.federated.config import Partition, PartitionScheme, RoundSettings, 
 from edgekit.federated.simulate import simulate
 from edgekit.federated.strategies import STRATEGIES, make_strategy
 
+# make test runs two pytest workers (pytest-xdist, --dist loadgroup): the federated tests, each with its Ray
+# cluster or its Flower processes, run one after another in one worker while the other worker takes the rest
+pytestmark = pytest.mark.xdist_group("federated")
+
 SKEWED = Partition(PartitionScheme.DIRICHLET, 0.5)
 
 

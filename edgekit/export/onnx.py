@@ -137,13 +137,27 @@ def affine_batchnorm(proto: Any) -> Any:
     return model
 
 
-def _reader(samples: np.ndarray) -> Any:
-    """An onnxruntime CalibrationDataReader over ``samples``, one sample per batch."""
+CALIBRATION_BATCH = 32  # samples per calibration run when the model's batch dimension is free
+
+
+def _batch(proto: Any) -> int:
+    """``proto``'s fixed batch dimension, or 0 when it is free."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    return dims[0].dim_value if dims and dims[0].dim_value > 0 else 0
+
+
+def _reader(samples: np.ndarray, fixed_batch: int = 0) -> Any:
+    """An onnxruntime CalibrationDataReader over ``samples`` in runs of equal size (onnxruntime's histogram
+    calibrators stack them): the largest divisor of the sample count up to :data:`CALIBRATION_BATCH`, or
+    ``fixed_batch`` when the model's batch dimension is fixed (then a remainder is left out)."""
     from onnxruntime.quantization import CalibrationDataReader
+
+    batch = fixed_batch or max(b for b in range(1, CALIBRATION_BATCH + 1) if len(samples) % b == 0)
+    usable = len(samples) - len(samples) % batch
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._batches = iter([{INPUT_NAME: samples[i:i + 1]} for i in range(len(samples))])
+            self._batches = iter([{INPUT_NAME: samples[i:min(i + batch, usable)]} for i in range(0, usable, batch)])
 
         def get_next(self) -> dict | None:
             return next(self._batches, None)
@@ -151,8 +165,10 @@ def _reader(samples: np.ndarray) -> Any:
     return Reader()
 
 
-def _quantize_static(pre: Path, out: Path, calibration: np.ndarray, options: Int8Options) -> None:
-    """onnxruntime's static quantization of the pre-processed float model ``pre`` with ``options``."""
+def _quantize_static(pre: Path, out: Path, calibration: np.ndarray, options: Int8Options,
+                     ranges: dict[str, Any] | None = None, batch: int = 0) -> None:
+    """onnxruntime's static quantization of the pre-processed float model ``pre`` with ``options`` (``ranges``:
+    the entropy ranges of ``pre``, when already computed)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     types = {IntType.INT8: QuantType.QInt8, IntType.UINT8: QuantType.QUInt8}
@@ -160,9 +176,9 @@ def _quantize_static(pre: Path, out: Path, calibration: np.ndarray, options: Int
     method = {Calibration.MINMAX: CalibrationMethod.MinMax, Calibration.ENTROPY: CalibrationMethod.MinMax,
               Calibration.PERCENTILE: CalibrationMethod.Percentile}[options.calibration]
     if options.calibration is Calibration.ENTROPY:
-        extra["TensorQuantOverrides"] = _entropy_ranges(pre, calibration)
+        extra["TensorQuantOverrides"] = ranges if ranges is not None else _entropy_ranges(pre, calibration, batch)
     quantize_static(
-        str(pre), str(out), _reader(calibration),
+        str(pre), str(out), _reader(calibration, batch),
         quant_format=QuantFormat.QOperator if options.onnx_format is OnnxFormat.QOPERATOR else QuantFormat.QDQ,
         per_channel=options.per_channel, reduce_range=options.reduce_range, activation_type=types[options.activations],
         weight_type=types[options.weights],
@@ -172,7 +188,7 @@ def _quantize_static(pre: Path, out: Path, calibration: np.ndarray, options: Int
 ENTROPY_BINS = (2048, 128)  # histogram bins, quantized bins (TensorRT's KL calibration)
 
 
-def _entropy_ranges(pre: Path, calibration: np.ndarray) -> dict[str, list[dict[str, np.ndarray]]]:
+def _entropy_ranges(pre: Path, calibration: np.ndarray, batch: int = 0) -> dict[str, list[dict[str, np.ndarray]]]:
     """Activation ranges by onnxruntime's entropy (KL) calibrator over a 2048-bin histogram, as tensor overrides.
 
     ``quantize_static`` builds its entropy calibrator with 128 histogram bins for 128 quantized bins, where the
@@ -186,7 +202,7 @@ def _entropy_ranges(pre: Path, calibration: np.ndarray) -> dict[str, list[dict[s
                                        calibrate_method=CalibrationMethod.Entropy,
                                        extra_options={"num_bins": ENTROPY_BINS[0],
                                                       "num_quantized_bins": ENTROPY_BINS[1]})
-        calibrator.collect_data(_reader(calibration))
+        calibrator.collect_data(_reader(calibration, batch))
         ranges = calibrator.compute_data()
     return {name: [{"rmin": np.float32(np.min(data.range_value[0])), "rmax": np.float32(np.max(data.range_value[1]))}]
             for name, data in ranges.items()}
@@ -206,6 +222,8 @@ class OnnxInt8:
         self._tmp = tempfile.TemporaryDirectory(prefix="edgekit-onnx-")
         self._calibration = calibration
         self._pre = Path(self._tmp.name, "pre.onnx")
+        self._entropy: dict[str, Any] | None = None
+        self._batch = _batch(proto)
         src = Path(self._tmp.name, "float.onnx")
         src.write_bytes(affine_batchnorm(proto).SerializeToString())
         quant_pre_process(str(src), str(self._pre), skip_symbolic_shape=True)
@@ -222,7 +240,9 @@ class OnnxInt8:
 
     def _quantized(self, options: Int8Options) -> bytes:
         out = Path(self._tmp.name, "quant.onnx")
-        _quantize_static(self._pre, out, self._calibration, options)
+        if options.calibration is Calibration.ENTROPY and self._entropy is None:  # the KL search is slow: once
+            self._entropy = _entropy_ranges(self._pre, self._calibration, self._batch)
+        _quantize_static(self._pre, out, self._calibration, options, self._entropy, self._batch)
         return out.read_bytes()
 
     def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
@@ -243,7 +263,7 @@ class OnnxInt8:
             augmented = Path(self._tmp.name, f"aug-{kind}.onnx")
             modify_model_output_intermediate_tensors(str(path), str(augmented))
             acts[kind] = {name: np.concatenate(values) for name, values in
-                          collect_activations(str(augmented), _reader(samples)).items()}
+                          collect_activations(str(augmented), _reader(samples, self._batch)).items()}
         errors = {}
         for name, reference in acts["float"].items():
             quant = acts["quant"].get(f"{name}_DequantizeLinear_Output", acts["quant"].get(name))
