@@ -266,3 +266,16 @@ def test_qat_onnx_is_measured_against_onnxruntimes_quantizer_on_the_qat_weights(
         assert "BatchNormalization" not in onnx_ops(art.data) and "kept" in art.notes[-1]
     else:
         assert not art.quantizer_options
+
+
+def test_a_remedy_that_cannot_run_leaves_the_artifact_to_the_budget(outlier_path, monkeypatch):
+    import dataclasses
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated: the quantizer cannot be prepared")
+
+    monkeypatch.setitem(EXPORTERS, Format.TFLITE, dataclasses.replace(EXPORTERS[Format.TFLITE], int8=broken))
+    with pytest.raises(BudgetError) as info:
+        compress(outlier_path, "digits", None, progress=False,
+                 config=CompressConfig(recipe=Recipe(quantize="int8"), formats=("tflite",), training=fast_training()))
+    assert info.value.exit_code == 3 and "quantizing costs" in str(info.value)  # judged, not crashed
