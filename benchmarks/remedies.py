@@ -1,7 +1,8 @@
 """int8 remedies, measured: post-training int8 in both formats with the quantizers' defaults and after edgekit's
 remedy ladder, side by side in one run, on the digits CNN, the same CNN with one outlier unit
 (:func:`edgekit.loading.zoo.with_outlier_unit`), a DenseNet-style pre-activation CNN (its BN cannot fold) with
-and without the BN-as-Mul/Add rewrite, and keras.applications MobileNetV2 0.35 (Keras 3, 32x32 digits).
+and without the BN-as-Mul/Add rewrite, keras.applications MobileNetV2 0.35 (Keras 3, 32x32 digits) and the
+conformance suite's transformer text classifier (token ids).
 Writes its section of BENCHMARKS.md.
 
     .venv/bin/python benchmarks/remedies.py
@@ -52,10 +53,18 @@ def models(work: Path) -> dict[str, tuple[Path, Path]]:
     mnv2.compile(keras3.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
     mnv2.fit(digits32.x, digits32.y, epochs=10, batch_size=32, verbose=0)
     mnv2.save(work / "mobilenetv2.keras")
+    tokens = zoo.token_dataset()
+    np.savez(work / "tokens.npz", x=tokens.x, y=tokens.y)
+    keras3.utils.set_random_seed(0)
+    transformer = zoo.keras3_architecture("transformer")
+    transformer.compile(keras3.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    transformer.fit(tokens.x, tokens.y, epochs=6, batch_size=32, verbose=0)
+    transformer.save(work / "transformer.keras")
     return {"digits CNN": (work / "cnn.keras", work / "digits.npz"),
             "digits CNN + outlier unit": (work / "outlier.keras", work / "digits.npz"),
             "pre-activation CNN (DenseNet-style BN)": (work / "preact.keras", work / "digits.npz"),
-            "MobileNetV2 0.35 (Keras 3)": (work / "mobilenetv2.keras", work / "digits32.npz")}
+            "MobileNetV2 0.35 (Keras 3)": (work / "mobilenetv2.keras", work / "digits32.npz"),
+            "transformer text classifier (Keras 3)": (work / "transformer.keras", work / "tokens.npz")}
 
 
 def run(path: Path, data: Path) -> list[list[str]]:
@@ -116,7 +125,7 @@ def onnx_variants(path: Path, data: Path, *, blocks: int = 10, calls: int = 30) 
     from edgekit.loading.models import load_model
 
     arrays = np.load(data)
-    x, y = arrays["x"].astype(np.float32), arrays["y"]
+    x, y = arrays["x"], arrays["y"]
     proto = float_onnx(load_model(path).source)
     blobs = {"float32": proto.SerializeToString()}
     with OnnxInt8(proto, x[:256]) as quantizer:
@@ -207,7 +216,8 @@ def main() -> int:
               "Each model's int8 `.onnx` in every format onnxruntime's quantizer writes, from the same calibration "
               "(256 samples, min-max), one thread, timed in alternating blocks of 30 single-sample calls within one "
               f"run; accuracy on the last 400 samples. {vnni()}", ""]
-    for name in ("digits CNN", "pre-activation CNN (DenseNet-style BN)", "MobileNetV2 0.35 (Keras 3)"):
+    for name in ("digits CNN", "pre-activation CNN (DenseNet-style BN)", "MobileNetV2 0.35 (Keras 3)",
+                 "transformer text classifier (Keras 3)"):
         lines += [f"**{name}**", "", "| variant | accuracy % | bytes | µs / sample | time vs float32 |",
                   "|---|---:|---:|---:|---:|", *onnx_variants(*built[name]), ""]
         print(name, "variants done", flush=True)
@@ -217,7 +227,7 @@ def main() -> int:
               "int32 biases): a ratio target above it is out of reach whatever the metadata.", "",
               "| model | float32 bytes | int8 bytes | ratio | int8 weight+bias buffers | float32 / buffers only "
               "| scales | int64 zero points | tensor names |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name in ("digits CNN", "MobileNetV2 0.35 (Keras 3)"):
+    for name in ("digits CNN", "MobileNetV2 0.35 (Keras 3)", "transformer text classifier (Keras 3)"):
         lines.append(f"| {name} " + tflite_breakdown(*built[name]))
     write_section("int8 remedies", "\n".join(lines))
     return 0
