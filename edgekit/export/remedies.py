@@ -273,8 +273,26 @@ def _upstream(name: str, inputs_of: dict[str, list[str]], producer: dict[str, st
     return found
 
 
-def relative_error(quantized: np.ndarray, reference: np.ndarray) -> float:
-    """||quantized - reference|| / ||reference|| over a batch (0 when both are zero)."""
-    norm = float(np.linalg.norm(reference))
-    diff = float(np.linalg.norm(quantized.astype(np.float64) - reference))
-    return diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
+class ErrorSums:
+    """Relative L2 error of quantized tensors against float ones, accumulated batch by batch (memory: one batch).
+
+    >>> sums = ErrorSums()
+    >>> sums.add("t", np.array([1.0, 2.0]), np.array([1.0, 1.0]))
+    >>> round(sums.errors()["t"], 3)
+    0.707
+    """
+
+    def __init__(self) -> None:
+        self._diff: dict[str, float] = {}
+        self._norm: dict[str, float] = {}
+
+    def add(self, name: str, quantized: np.ndarray, reference: np.ndarray) -> None:
+        if quantized.shape != reference.shape or not np.issubdtype(reference.dtype, np.floating):
+            return
+        self._diff[name] = self._diff.get(name, 0.0) + float(np.sum((quantized.astype(np.float64) - reference) ** 2))
+        self._norm[name] = self._norm.get(name, 0.0) + float(np.sum(reference.astype(np.float64) ** 2))
+
+    def errors(self) -> dict[str, float]:
+        """Tensor name -> ||quantized - reference|| / ||reference|| (0 when both are zero)."""
+        return {name: float(np.sqrt(d / self._norm[name])) if self._norm[name] > 0 else (0.0 if d == 0 else np.inf)
+                for name, d in self._diff.items()}

@@ -10,7 +10,7 @@ from device_agents.errors import first_line
 from edgekit import _tf
 from edgekit.config import Quantization
 from edgekit.errors import ConversionError
-from edgekit.export.remedies import SENSITIVITY_SAMPLES, Int8Options, rank_nodes, relative_error
+from edgekit.export.remedies import SENSITIVITY_SAMPLES, ErrorSums, Int8Options, rank_nodes
 
 
 def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray,
@@ -131,12 +131,8 @@ class TfliteInt8:
     def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
         """Op output names of the float graph, those whose quantization with ``options`` adds most to the
         intermediate error first (they name the ops to keep float, as the debugger's denylisted nodes)."""
-        reference = _tensors(self._calibrated, self._samples)
-        quant = _tensors(self.quantize(options), self._samples)
-        errors = {name: relative_error(quant[name], ref) for name, ref in reference.items()
-                  if name in quant and quant[name].shape == ref.shape}
-        return rank_nodes(_ops(self._calibrated), errors)
-
+        return rank_nodes(_ops(self._calibrated), _relative_errors(self._calibrated, self.quantize(options),
+                                                                   self._samples))
 
 
 def _ops(data: bytes) -> list[tuple[str, list[str], list[str]]]:
@@ -153,33 +149,43 @@ def _ops(data: bytes) -> list[tuple[str, list[str], list[str]]]:
     return ops
 
 
-def _tensors(data: bytes, samples: np.ndarray) -> dict[str, np.ndarray]:
-    """Every float or dequantized intermediate tensor of a flatbuffer over ``samples``, by name."""
+def _relative_errors(reference: bytes, quantized: bytes, samples: np.ndarray) -> dict[str, float]:
+    """Tensor name -> relative L2 error of ``quantized``'s tensor against ``reference``'s over ``samples``, the
+    two models run side by side one sample at a time (memory: one sample's tensors, whatever the model)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_content=data, experimental_preserve_all_tensors=True)
-    interpreter.allocate_tensors()
-    detail = interpreter.get_input_details()[0]
-    values: dict[str, list[np.ndarray]] = {}
+    runs = [Interpreter(model_content=data, experimental_preserve_all_tensors=True) for data in (reference, quantized)]
+    for interpreter in runs:
+        interpreter.allocate_tensors()
+    sums = ErrorSums()
     for i in range(len(samples)):
-        x = samples[i:i + 1]
-        if detail["dtype"] == np.int8:
-            scale, zero = detail["quantization"]
-            x = np.clip(np.round(x / scale + zero), -128, 127)
-        interpreter.set_tensor(detail["index"], x.astype(detail["dtype"]))
-        interpreter.invoke()
-        for t in interpreter.get_tensor_details():
-            try:
-                value = interpreter.get_tensor(t["index"])
-            except ValueError:
-                continue
-            scale, zero = t["quantization"]
-            if value.dtype in (np.int8, np.uint8, np.int16) and scale:
-                value = (value.astype(np.float32) - zero) * scale
-            elif not np.issubdtype(value.dtype, np.floating):
-                continue
-            values.setdefault(t["name"], []).append(np.array(value, np.float32))
-    return {name: np.stack(v) for name, v in values.items() if len(v) == len(samples)}
+        ref, quant = (_sample_tensors(interpreter, samples[i:i + 1]) for interpreter in runs)
+        for name, value in ref.items():
+            if name in quant:
+                sums.add(name, quant[name], value)
+    return sums.errors()
+
+
+def _sample_tensors(interpreter: Any, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Every float or dequantized tensor of ``interpreter`` after running one sample ``x``, by name."""
+    detail = interpreter.get_input_details()[0]
+    if detail["dtype"] == np.int8:
+        scale, zero = detail["quantization"]
+        x = np.clip(np.round(x / scale + zero), -128, 127)
+    interpreter.set_tensor(detail["index"], x.astype(detail["dtype"]))
+    interpreter.invoke()
+    values = {}
+    for t in interpreter.get_tensor_details():
+        try:
+            value = interpreter.get_tensor(t["index"])
+        except ValueError:
+            continue
+        scale, zero = t["quantization"]
+        if value.dtype in (np.int8, np.uint8, np.int16) and scale:
+            values[t["name"]] = (value.astype(np.float32) - zero) * scale
+        elif np.issubdtype(value.dtype, np.floating):
+            values[t["name"]] = np.array(value, np.float32)
+    return values
 
 
 def _layer_names(model: Any) -> tuple[str, ...]:
