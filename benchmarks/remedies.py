@@ -34,17 +34,8 @@ def models(work: Path) -> dict[str, tuple[Path, Path]]:
     cnn = zoo.train(zoo.digits_cnn(), digits, epochs=10)
     cnn.save(work / "cnn.keras")
     zoo.with_outlier_unit(cnn, 10000.0).save(work / "outlier.keras")
-    keras = _tf.keras()
     _tf.set_seed(0)
-    layers = keras.layers
-    inp = keras.Input((8, 8, 1))
-    x = layers.Conv2D(16, 3, padding="same")(inp)
-    for _ in range(3):
-        y = layers.Conv2D(16, 3, padding="same")(layers.ReLU()(layers.BatchNormalization()(x)))
-        x = layers.Concatenate()([x, y])
-    x = layers.GlobalAveragePooling2D()(layers.ReLU()(layers.BatchNormalization()(x)))
-    preact = keras.Model(inp, layers.Dense(10, activation="softmax")(x))
-    zoo.train(preact, digits, epochs=10).save(work / "preact.keras")
+    zoo.train(zoo.preactivation_cnn(16, 3), digits, epochs=10).save(work / "preact.keras")
     keras3 = _tf.keras3()
     keras3.utils.set_random_seed(0)
     digits32 = load_digits(32, 3)

@@ -477,8 +477,10 @@ class _CandidateRunner:
         from edgekit.export.remedies import SLOWER, SPEED_LADDERS, Attempt, Int8Options, speed_up
         from edgekit.export.verify import latency_ratio
 
+        if not SPEED_LADDERS[art.format]:
+            return
         reference = self._float32_data(art.format)
-        if not SPEED_LADDERS[art.format] or reference is None:
+        if reference is None:
             return
         sample = self.splits.evaluation.x[:1]
 

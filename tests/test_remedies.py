@@ -208,17 +208,10 @@ def _activation_types(model):
 def preact(digits):
     """A DenseNet-style pre-activation CNN (concat -> BN -> ReLU -> conv): its BN cannot fold into a conv."""
     from edgekit import _tf
+    from edgekit.loading import zoo
 
     _tf.set_seed(0)
-    keras = _tf.keras()
-    layers = keras.layers
-    inp = keras.Input((8, 8, 1))
-    x = layers.Conv2D(8, 3, padding="same")(inp)
-    for _ in range(2):
-        y = layers.Conv2D(8, 3, padding="same")(layers.ReLU()(layers.BatchNormalization()(x)))
-        x = layers.Concatenate()([x, y])
-    x = layers.GlobalAveragePooling2D()(layers.ReLU()(layers.BatchNormalization()(x)))
-    model = keras.Model(inp, layers.Dense(10, activation="softmax")(x))
+    model = zoo.preactivation_cnn(filters=8, blocks=2)
     model.compile("adam", "sparse_categorical_crossentropy")
     model.fit(digits.x, digits.y, epochs=6, verbose=0)
     return model

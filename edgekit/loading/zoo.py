@@ -25,6 +25,21 @@ def digits_cnn(input_shape: tuple[int, int, int] = (8, 8, 1), num_classes: int =
     ], name="digits_cnn")
 
 
+def preactivation_cnn(filters: int = 16, blocks: int = 3, input_shape: tuple[int, int, int] = (8, 8, 1),
+                      num_classes: int = 10) -> Any:
+    """A DenseNet-style CNN: each block is concat(x, conv(relu(BN(x)))), so its BatchNormalization layers follow a
+    concatenation and cannot fold into a convolution."""
+    keras = _tf.keras()
+    layers = keras.layers
+    inp = keras.Input(input_shape)
+    x = layers.Conv2D(filters, 3, padding="same")(inp)
+    for _ in range(blocks):
+        y = layers.Conv2D(filters, 3, padding="same")(layers.ReLU()(layers.BatchNormalization()(x)))
+        x = layers.Concatenate()([x, y])
+    x = layers.GlobalAveragePooling2D()(layers.ReLU()(layers.BatchNormalization()(x)))
+    return keras.Model(inp, layers.Dense(num_classes, activation="softmax")(x))
+
+
 def mobilenet_v2(input_shape: tuple[int, int, int] = (96, 96, 3), num_classes: int = 10, alpha: float = 0.35) -> Any:
     """MobileNetV2 (width ``alpha``), randomly initialised: no weights are downloaded."""
     keras = _tf.keras()
