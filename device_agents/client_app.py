@@ -6,9 +6,12 @@ the mean loss and the accuracy. No sample, label or per-sample value is ever put
 Message protocol (Flower Message API):
 
 - train: content ``arrays`` (global weights by tensor name) and ``config`` (``local-epochs``,
-  ``learning-rate``, ``proximal-mu``, ``compress-updates``, ``seed``). Reply: ``arrays`` (weights, or
-  int8 deltas when ``compress-updates``), ``codec`` (per-tensor scales, when compressed) and
-  ``metrics`` (``num-examples``, ``train-loss``, ``train-accuracy``).
+  ``learning-rate``, ``proximal-mu``, ``compress-updates`` (``float32``, ``int8`` or ``int4``; see
+  :mod:`device_agents.codec`), ``seed``). Reply: ``arrays`` (weights; int8 deltas; or packed int4
+  deltas in one ``int4`` tensor), ``codec`` (int8: a ConfigRecord of per-tensor scales; int4: one ``scales``
+  tensor of block scales)
+  and ``metrics`` (``num-examples``, ``train-loss``, ``train-accuracy``). An int4 device keeps what
+  rounding lost in its Flower context state (``codec-residual``) and adds it to its next update.
 - evaluate: content ``arrays``; reply ``metrics`` (``num-examples``, ``eval-loss``, ``eval-accuracy``).
 
 The server is not trusted to behave (:class:`ClientLimits`): incoming tensors are checked by name,
@@ -176,7 +179,7 @@ def _digest(weights: dict[str, np.ndarray]) -> str:
 
 def make_client_app(settings: ClientSettings) -> Any:
     """A ``flwr.clientapp.ClientApp`` bound to ``settings``."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app import Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
@@ -224,15 +227,11 @@ def make_client_app(settings: ClientSettings) -> Any:
         if fault is not None:
             new, metrics = _rehearse(fault, pid, new, metrics, output_bias=list(trainer.tensors)[-1])
         content = RecordDict({"metrics": MetricRecord(metrics)})
-        compress = bool(config.get("compress-updates", False)) and _limits(settings, context).local_dp_epsilon is None
-        if compress and fault in (None, Fault.CODEC_SCALE):
-            deltas, scales = codec.encode(new, global_weights)
-            if fault is Fault.CODEC_SCALE:
-                scales = {k: 1e30 for k in scales}
-            content["arrays"] = ArrayRecord({k: _array(v) for k, v in deltas.items()})
-            content["codec"] = ConfigRecord({k: float(s) for k, s in scales.items()})
-        else:
-            content["arrays"] = ArrayRecord({k: _array(v) for k, v in new.items()})
+        used = _codec(config) if _limits(settings, context).local_dp_epsilon is None else codec.Codec.FLOAT32
+        if fault not in (None, Fault.CODEC_SCALE):
+            used = codec.Codec.FLOAT32
+        _encode(content, used, new, global_weights, context, rng=np.random.default_rng([seed, pid]),
+                hostile_scale=fault is Fault.CODEC_SCALE)
         return Message(content, reply_to=message)
 
     @app.evaluate(mods=[audit_mod])
@@ -253,6 +252,42 @@ def make_client_app(settings: ClientSettings) -> Any:
         return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
     return app
+
+
+def _codec(config: Any) -> codec.Codec:
+    """The codec a round asks for (``True``/``False`` from older servers: int8 / none)."""
+    value = config.get("compress-updates", codec.Codec.FLOAT32.value)
+    if isinstance(value, bool):
+        return codec.Codec.INT8 if value else codec.Codec.FLOAT32
+    try:
+        return codec.Codec(value)
+    except ValueError:
+        raise ValueError(f"the server asked for update codec {value!r}; this device knows "
+                         f"{', '.join(c.value for c in codec.Codec)}") from None
+
+
+RESIDUAL = "codec-residual"
+"""The context-state record where an int4 device keeps what its last update's rounding lost."""
+
+
+def _encode(content: Any, used: codec.Codec, new: dict[str, np.ndarray], base: dict[str, np.ndarray], context: Any,
+            *, rng: np.random.Generator, hostile_scale: bool) -> None:
+    """Put the update into ``content`` as ``used`` encodes it."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    if used is codec.Codec.INT8:
+        deltas, scales = codec.encode(new, base)
+        content["arrays"] = ArrayRecord({k: _array(v) for k, v in deltas.items()})
+        content["codec"] = ConfigRecord({k: 1e30 if hostile_scale else float(s) for k, s in scales.items()})
+    elif used is codec.Codec.INT4:
+        state = context.state
+        kept = {k: v.numpy() for k, v in state[RESIDUAL].items()} if RESIDUAL in state else {}
+        packed, scales, left = codec.encode_int4(new, base, kept, rng)
+        state[RESIDUAL] = ArrayRecord({k: _array(v) for k, v in left.items()})
+        content["arrays"] = ArrayRecord({codec.PACKED: _array(packed)})
+        content["codec"] = ArrayRecord({codec.SCALES: _array(np.full_like(scales, 1e30) if hostile_scale else scales)})
+    else:
+        content["arrays"] = ArrayRecord({k: _array(v) for k, v in new.items()})
 
 
 def _rehearse(fault: Fault, pid: int, new: dict[str, np.ndarray], metrics: dict[str, Any], *,
@@ -298,10 +333,13 @@ def _audit(settings: ClientSettings, pid: int, kind: str, content: Any) -> None:
     folder = Path(settings.audit_dir)
     folder.mkdir(parents=True, exist_ok=True)
     stem = folder / f"client{pid}-{kind}-{os.getpid()}-{len(list(folder.iterdir()))}"
-    arrays = {f"{record}/{k}": v.numpy() for record in ("arrays",) if record in content
-              for k, v in content[record].items()}
+    from flwr.app import ArrayRecord
+
+    tensors = [name for name in ("arrays", "codec") if name in content and isinstance(content[name], ArrayRecord)]
+    arrays = {f"{record}/{k}": v.numpy() for record in tensors for k, v in content[record].items()}
     np.savez(f"{stem}.npz", **{k.replace("/", "__"): v for k, v in arrays.items()})
-    records = {name: {k: v for k, v in content[name].items()} for name in ("metrics", "codec") if name in content}
+    records = {name: {k: v for k, v in content[name].items()} for name in ("metrics", "codec")
+               if name in content and name not in tensors}
     Path(f"{stem}.json").write_text(json.dumps(records, default=float))
 
 

@@ -46,9 +46,9 @@ class Trainer:
         dtype = str(spec.get("input", {}).get("dtype", "float32"))
         if dtype not in ("float32", "int32", "int64"):
             raise ArtifactError(f"the trainable artifact's input dtype {dtype!r} is not float32, int32 or int64")
-        if dtype != "float32" and self._backbone is None:
-            raise ArtifactError("only a head-only trainable artifact takes integer inputs (its backbone does)")
-        self.input_dtype = np.dtype(dtype)  # token ids for a text model's backbone; float32 otherwise
+        self.input_dtype = np.dtype(dtype)  # token ids of a text model (its backbone's or its Embedding's input)
+        # what the train/infer signatures take: the backbone's float features, else the model's own input
+        self._x_dtype = np.dtype(np.int32) if self._backbone is None and dtype != "float32" else np.dtype(np.float32)
 
     @classmethod
     def from_bytes(cls, data: bytes, manifest: dict[str, Any], **kwargs: Any) -> Trainer:
@@ -106,7 +106,7 @@ class Trainer:
         """One SGD step on exactly one batch (already features in head-only mode); returns the loss."""
         if sample_weight is None:
             sample_weight = np.ones(len(x), np.float32)
-        out = self._train(x=np.asarray(x, np.float32), y=np.asarray(y, np.int32),
+        out = self._train(x=np.asarray(x, self._x_dtype), y=np.asarray(y, np.int32),
                           sample_weight=np.asarray(sample_weight, np.float32),
                           learning_rate=np.float32(learning_rate), mu=np.float32(mu))
         return float(out["loss"])
@@ -147,6 +147,7 @@ class Trainer:
         x = np.asarray(x, dtype=self.input_dtype)
         self._check(x)
         feats = self.features(x)
+        feats = np.asarray(feats, self._x_dtype)
         outs = [np.array(self._infer(x=feats[i:i + batch_size])["output"]) for i in range(0, len(feats), batch_size)]
         return np.concatenate(outs).astype(np.float32)
 

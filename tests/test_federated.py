@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import assert_one_line_error, run_cli
 
 from device_agents import codec
 from edgekit.errors import InputError
@@ -48,6 +48,28 @@ def test_codec_round_trip_error_is_bounded():
     assert sum(d.nbytes for d in deltas.values()) * 4 == sum(v.nbytes for v in new.values())
 
 
+def test_int4_codec_is_unbiased_keeps_its_rounding_error_and_packs_two_levels_a_byte():
+    rng = np.random.default_rng(0)
+    base = {"w": rng.standard_normal((3, 3, 16, 32)).astype(np.float32), "b": np.zeros(33, np.float32)}
+    new = {k: v + rng.standard_normal(v.shape).astype(np.float32) * 0.01 for k, v in base.items()}
+    packed, scales, left = codec.encode_int4(new, base, {}, rng)
+    # 4641 values -> 2321 bytes; blocks: 36 of "w" + 1 of "b" (a block never mixes tensors)
+    assert (packed.size, scales.size) == codec.int4_sizes({k: v.shape for k, v in base.items()}) == (2321, 37)
+    assert packed.dtype == np.uint8 and scales.dtype == np.float32
+    back = codec.decode_int4(packed, scales, base)
+    for k in base:  # what was sent plus what the device kept is exactly the update
+        assert np.allclose(back[k] + left[k].reshape(base[k].shape), new[k], atol=1e-6)
+        assert np.max(np.abs(left[k])) <= np.max(scales) + 1e-7  # stochastic rounding: under one level
+    assert sum(v.nbytes for v in new.values()) / (packed.nbytes + scales.nbytes) >= 7.0
+    # unbiased: the mean of many encodings is the update (error feedback off)
+    mean = np.mean([codec.decode_int4(*codec.encode_int4(new, base, {}, rng)[:2], base)["w"] for _ in range(400)], 0)
+    assert np.max(np.abs(mean - new["w"])) < 0.1 * np.max(np.abs(new["w"] - base["w"]))
+    # error feedback: the kept error is added to the next update
+    again, scales2, left2 = codec.encode_int4(base, base, left, rng)  # no new training: only the carried error
+    carried = codec.decode_int4(again, scales2, base)["w"] - base["w"] + left2["w"].reshape(base["w"].shape)
+    assert np.allclose(carried, left["w"].reshape(base["w"].shape), atol=1e-6)
+
+
 def test_fedavg_iid_improves_and_closes_the_loop_with_privacy_audit(fl_model, digits, tmp_path):
     out = tmp_path / "fedavg"
     audit = tmp_path / "audit"
@@ -88,7 +110,7 @@ def test_faulty_clients_are_rejected_and_compressed_updates_are_smaller(fl_model
     out = tmp_path / "faults"
     result = simulate(fl_model, "digits", out, progress=False, log=quiet, config=SimulationConfig(
         clients=5, partition="iid", faults={0: "nan", 1: "shape", 2: "crash"},
-        rounds=RoundSettings(rounds=2, strategy="trimmed", compress_updates=True, min_fraction=0.4)))
+        rounds=RoundSettings(rounds=2, strategy="trimmed", compress_updates="int4", min_fraction=0.4)))
     history = result.history
     for h in history[1:]:
         reasons = " ".join(r["reason"] for r in h["rejected"])
@@ -122,7 +144,7 @@ def test_differential_privacy_clips_updates_and_reports_epsilon(fl_model, tmp_pa
     audit = tmp_path / "audit"
     result = simulate(fl_model, "digits", tmp_path / "dp", progress=False, log=quiet, config=SimulationConfig(
         clients=3, audit_dir=str(audit),
-        rounds=RoundSettings(rounds=2, dp_noise_multiplier=0.8, dp_clipping_norm=0.5)))
+        rounds=RoundSettings(rounds=2, dp_noise_multiplier=0.8, dp_clipping_norm=0.5, dp_noise_guard="warn")))
     eps = [h["privacy"]["epsilon"] for h in result.history[1:]]
     assert all(np.isfinite(e) and e > 0 for e in eps) and eps[1] > eps[0]
     assert result.history[1]["privacy"]["noise_multiplier"] == 0.8
@@ -138,6 +160,24 @@ def test_differential_privacy_clips_updates_and_reports_epsilon(fl_model, tmp_pa
         assert norm <= 0.5 + 1e-4  # clipped on the device before it was sent
     with pytest.raises(InputError, match="cannot be combined with update compression"):
         SimulationConfig(rounds=RoundSettings(dp_noise_multiplier=1.0, compress_updates=True))
+
+
+def test_a_dp_run_whose_noise_drowns_every_update_is_refused_before_anything_is_written(fl_model, tmp_path):
+    """The issue's case: sigma 1 over 5 clients per round took a 99% model to 9% in one round."""
+    from edgekit.federated.run import check_privacy_noise
+
+    out = tmp_path / "dp-refused"
+    proc = run_cli("fl", "simulate", "--model", str(fl_model), "--clients", "10", "--fraction", "0.5",
+                   "--dp-noise", "1.0", "--rounds", "3", "--out", str(out))
+    # the test CNN has 21,562 trainable weights: noise norm 1.0 x 1.0 x sqrt(21562) / 5 = 29.4;
+    # 147 clients per round needed
+    assert_one_line_error(proc, 2, "noise of L2 norm 29.4 on 21,562 weights against a mean update of at most 1 "
+                          "(ratio 29.4)", "at least 147 clients per round", "epsilon after 3 rounds")
+    assert not out.exists()
+    config = SimulationConfig(clients=200, rounds=RoundSettings(rounds=3, dp_noise_multiplier=1.0, fraction=0.75))
+    assert "ratio 0.979" in check_privacy_noise(config, 21_562)[0]  # 150 clients per round: allowed
+    warned = SimulationConfig(clients=10, rounds=RoundSettings(dp_noise_multiplier=1.0, dp_noise_guard="warn"))
+    assert check_privacy_noise(warned, 21_562)[0].startswith("warning: differential-privacy noise will drown")
 
 
 def test_local_differential_privacy_noises_every_update_on_the_device(fl_model, tmp_path):
@@ -186,25 +226,129 @@ def _reply(value, examples, node):
     return Message(content, metadata=metadata)
 
 
+class _FiveNodes:
+    """The one Grid method the strategies' configure_train calls (sampling); messages are never sent."""
+
+    def get_node_ids(self):
+        return [1, 2, 3, 4, 5]
+
+
+@pytest.fixture
+def run_identity(monkeypatch):
+    """Flower's messages carry the run, node and task ids the ServerApp process sets; here run 1, node 0, task 1."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+_REPLIES = [(1, 10), (2, 10), (3, 20), (4, 10), (100, 10)]  # (value, examples); FedAvg's mean is 1130 / 60
+
+
+def _two_rounds(built):
+    """Two rounds from w = 0 with the same five replies; the weights after each."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    weights, after = np.zeros(3, np.float32), []
+    for rnd in (1, 2):
+        list(built.configure_train(rnd, ArrayRecord({"w": Array(weights)}), ConfigRecord({}), _FiveNodes()))
+        replies = [_reply(v, n, i + 1) for i, (v, n) in enumerate(_REPLIES)]
+        arrays, _ = built.aggregate_train(rnd, replies)
+        weights = arrays["w"].numpy()
+        after.append(float(weights[0]))
+    return after
+
+
+def _adam_like(yogi):
+    """Two rounds of Reddi et al.'s FedAdam / FedYogi (eta 0.01, beta1 0.9, beta2 0.99, tau 1e-3) by hand."""
+    w, m, v, out = 0.0, 0.0, 0.0, []
+    for rnd in (1, 2):
+        delta = 1130 / 60 - w
+        m = 0.9 * m + 0.1 * delta
+        v = v - 0.01 * delta ** 2 * np.sign(v - delta ** 2) if yogi else 0.99 * v + 0.01 * delta ** 2
+        eta = 0.01 if yogi else 0.01 * np.sqrt(1 - 0.99 ** (rnd + 1)) / (1 - 0.9 ** (rnd + 1))
+        w = w + eta * m / (np.sqrt(v) + 1e-3)
+        out.append(w)
+    return out
+
+
+def _adagrad():
+    w, v, out = 0.0, 0.0, []
+    for _ in (1, 2):
+        delta = 1130 / 60 - w
+        v += delta ** 2
+        w += 0.01 * delta / (np.sqrt(v) + 1e-3)
+        out.append(w)
+    return out
+
+
+MEAN = 1130 / 60
+
+
 @pytest.mark.parametrize("strategy, expected", [
-    # five replies (value, examples): (1, 10) (2, 10) (3, 20) (4, 10) (100, 10)
-    (Strategy.FEDAVG, 1130 / 60),    # weighted by examples: the outlier pulls the mean up
-    (Strategy.FEDPROX, 1130 / 60),   # same aggregation; the proximal term acts on the devices
-    (Strategy.TRIMMED, 3.0),         # beta 0.2 trims one reply at each end: mean of 2, 3, 4
+    (Strategy.FEDAVG, [MEAN, MEAN]),     # weighted by examples: the outlier pulls the mean up
+    (Strategy.FEDPROX, [MEAN, MEAN]),    # same aggregation; the proximal term acts on the devices
+    (Strategy.TRIMMED, [3.0, 3.0]),      # beta 0.2 trims one reply at each end: mean of 2, 3, 4
+    (Strategy.FEDAVGM, [MEAN, MEAN + 0.9 * MEAN]),  # momentum 0.9 carries round 1's step into round 2
+    (Strategy.FEDADAM, _adam_like(yogi=False)),
+    (Strategy.FEDYOGI, _adam_like(yogi=True)),
+    (Strategy.FEDADAGRAD, _adagrad()),
 ])
-def test_every_registered_strategy_aggregates_as_documented(strategy, expected):
+def test_every_registered_strategy_aggregates_as_documented(strategy, expected, run_identity):
     assert set(STRATEGIES) == set(Strategy)
-    built = make_strategy(strategy, fraction=1.0, min_nodes=2, proximal_mu=0.1, trim_beta=0.2)
-    replies = [_reply(v, n, i + 1) for i, (v, n) in enumerate([(1, 10), (2, 10), (3, 20), (4, 10), (100, 10)])]
-    arrays, _ = built.aggregate_train(1, replies)
-    assert np.allclose(arrays["w"].numpy(), expected, rtol=1e-6)
+    built = make_strategy(RoundSettings(strategy=strategy, proximal_mu=0.1, trim_beta=0.2), min_nodes=2)
+    assert _two_rounds(built) == pytest.approx(expected, rel=1e-5)
     if strategy is Strategy.FEDPROX:
         assert built.proximal_mu == 0.1
 
 
+@pytest.mark.parametrize("strategy", [Strategy.FEDAVGM, Strategy.FEDADAM, Strategy.FEDYOGI, Strategy.FEDADAGRAD])
+def test_every_server_optimizer_trains_in_a_simulation(fl_model, tmp_path, strategy):
+    result = simulate(fl_model, "digits", tmp_path / strategy.value, progress=False, log=quiet,
+                      config=SimulationConfig(clients=3, rounds=RoundSettings(rounds=2, strategy=strategy)))
+    assert all(h["aggregated"] and h["valid"] == 3 for h in result.history[1:])
+    assert result.history[-1]["accuracy"] > result.history[0]["accuracy"] + 2
+    saved = json.loads((tmp_path / strategy.value / "history.json").read_text())
+    assert saved["config"]["rounds"]["strategy"] == strategy.value and saved["worse_than_start"] is False
+
+
+def test_a_text_classifier_federates_on_token_ids(text_npz, tmp_path):
+    """Embedding + Conv1D + global max pooling trained on the devices (LiteRT) from scratch, on token ids."""
+    from edgekit import _tf
+    from edgekit.loading import zoo
+
+    _tf.set_seed(0)
+    zoo.text_cnn().save(tmp_path / "text.keras")
+    result = simulate(tmp_path / "text.keras", text_npz, tmp_path / "text", progress=False, log=quiet,
+                      config=SimulationConfig(clients=3, rounds=RoundSettings(rounds=3, local_epochs=5,
+                                                                              learning_rate=0.2)))
+    manifest = json.loads((tmp_path / "text" / "trainable" / "manifest.json").read_text())
+    assert manifest["trainable"]["input"]["dtype"] == "int32"
+    assert any(t["name"].startswith("embedding") for t in manifest["trainable"]["tensors"])
+    assert result.history[0]["accuracy"] < 50 and result.history[-1]["accuracy"] > 80  # 3 classes, from chance
+
+
+def test_a_refused_round_leaves_the_server_optimizer_as_it_was(run_identity):
+    """The last-good-model guard refuses an aggregate: FedAdam's moments and model copy are put back."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from edgekit.federated.strategies import OptimizerSnapshot
+
+    built = make_strategy(RoundSettings(strategy=Strategy.FEDAVGM), min_nodes=2)
+    list(built.configure_train(1, ArrayRecord({"w": Array(np.zeros(3, np.float32))}), ConfigRecord({}), _FiveNodes()))
+    snapshot = OptimizerSnapshot(built)
+    built.aggregate_train(1, [_reply(v, n, i + 1) for i, (v, n) in enumerate(_REPLIES)])
+    assert built.momentum_vector is not None
+    snapshot.restore()
+    assert built.momentum_vector is None and np.all(built.current_arrays["w"].numpy() == 0)
+
+
 def test_strategy_and_partition_validation():
-    with pytest.raises(InputError, match="unknown strategy 'krum2'; valid: fedavg, fedprox, trimmed"):
-        make_strategy("krum2", fraction=1.0, min_nodes=2, proximal_mu=0.0, trim_beta=0.2)
+    with pytest.raises(InputError, match="unknown strategy 'krum2'; valid values: fedadagrad, fedadam, fedavg, "
+                                         "fedavgm, fedprox, fedyogi, trimmed"):
+        RoundSettings(strategy="krum2")
+    with pytest.raises(InputError, match="server momentum must be in"):
+        RoundSettings(server_momentum=1.0)
     with pytest.raises(InputError, match="Dirichlet alpha of a partition must be > 0"):
         SimulationConfig(partition=Partition(PartitionScheme.DIRICHLET, -1))
     with pytest.raises(InputError, match="unknown partition scheme 'zipf'"):
@@ -468,6 +612,50 @@ def test_a_hostile_server_cannot_steer_or_probe_the_device(device):
     assert metrics["eval-accuracy"] % 5 == 0 and metrics["num-examples"] % 10 == 0
     with pytest.raises(ValueError, match="once per train round"):
         app(last, context)  # the same probe twice: refused
+
+
+def test_int4_device_updates_decode_carry_their_error_and_hostile_ones_are_rejected(device):
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from device_agents.client_app import RESIDUAL
+    from device_agents.codec import Codec
+    from edgekit.federated.server_app import _payload_bytes, validate_reply
+
+    app, context, weights = device
+    if RESIDUAL in context.state:
+        del context.state[RESIDUAL]
+    config = {"learning-rate": 0.05, "seed": 3}
+    trained = app(_train_message(weights, **config, **{"compress-updates": "float32"}), context).content
+    truth = {k: v.numpy() for k, v in trained["arrays"].items()}
+    reply = app(_train_message(weights, **config, **{"compress-updates": "int4"}), context).content
+    assert _payload_bytes(trained) / _payload_bytes(reply) >= 7.0
+    decoded, why = validate_reply(reply, weights, Codec.INT4)
+    assert why == ""
+    kept = {k: v.numpy().reshape(weights[k].shape) for k, v in context.state[RESIDUAL].items()}
+    for k in weights:  # the same training (same seed): sent + kept = the trained weights
+        assert np.allclose(decoded[k] + kept[k], truth[k], atol=1e-5)
+    second = app(_train_message(weights, **config, **{"compress-updates": "int4"}), context).content
+    decoded2, _ = validate_reply(second, weights, Codec.INT4)
+    kept2 = {k: v.numpy().reshape(weights[k].shape) for k, v in context.state[RESIDUAL].items()}
+    for k in weights:  # the next update carries the first one's rounding error
+        assert np.allclose(decoded2[k] + kept2[k], truth[k] + kept[k], atol=1e-5)
+
+    def tampered(**records):
+        from flwr.app import RecordDict
+
+        content = RecordDict({"metrics": reply["metrics"], "arrays": reply["arrays"], "codec": reply["codec"]})
+        for name, value in records.items():
+            content[name] = value
+        return validate_reply(content, weights, Codec.INT4)[1]
+
+    packed, scales = reply["arrays"]["int4"].numpy(), reply["codec"]["scales"].numpy()
+    assert tampered(codec=ArrayRecord({"scales": Array(np.full_like(scales, 1e30))})) == "invalid codec scales"
+    assert tampered(codec=ArrayRecord({"scales": Array(np.full_like(scales, np.nan))})) == "invalid codec scales"
+    assert "exactly one tensor 'scales'" in tampered(codec=ConfigRecord({"scales": 0.1}))
+    assert f"expected uint8 ({packed.size},)" in tampered(arrays=ArrayRecord({"int4": Array(packed[:-1])}))
+    assert "is int8" in tampered(arrays=ArrayRecord({"int4": Array(packed.view(np.int8))}))
+    assert "exactly one tensor 'int4'" in tampered(arrays=ArrayRecord({k: Array(v) for k, v in weights.items()}))
+    assert "records" in validate_reply(reply, weights, Codec.FLOAT32)[1]  # a codec the round did not ask for
 
 
 def test_a_kill_between_the_checkpoint_writes_loses_nothing_and_cleans_up(fl_model, tmp_path):

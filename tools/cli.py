@@ -11,10 +11,18 @@ import json
 import sys
 from dataclasses import fields
 
+from device_agents.codec import Codec
 from device_agents.console import OneLineParser, quiet_native_logs, run
 from device_agents.exit_codes import ExitCode
 from edgekit.config import BatchNorm, CompressConfig, Format, Quantization, SizeMetric, TrainingConfig
-from edgekit.federated.config import DeployConfig, PartitionScheme, RoundSettings, SimulationConfig, Strategy
+from edgekit.federated.config import (
+    DeployConfig,
+    NoiseGuard,
+    PartitionScheme,
+    RoundSettings,
+    SimulationConfig,
+    Strategy,
+)
 from edgekit.trainable.export import TrainableConfig
 
 
@@ -155,8 +163,17 @@ def _add_round_args(p: argparse.ArgumentParser, config: type) -> None:
     p.add_argument("--partition", type=parse_partition, default=_default(config, "partition"),
                    help="iid or dirichlet:ALPHA (default %(default)s)")
     p.add_argument("--rounds", type=int, default=_default(RoundSettings, "rounds"), help="(default %(default)s)")
-    p.add_argument("--strategy", default=_default(RoundSettings, "strategy").value,
-                   choices=_values(Strategy), help="(default %(default)s)")
+    from edgekit.federated.strategies import STRATEGIES
+
+    described = [f"{k.value}: {spec.summary}" + (f", server learning rate {spec.server_learning_rate:g}"
+                                                  if spec.server_learning_rate else "")
+                 for k, spec in sorted(STRATEGIES.items(), key=lambda kv: kv[0].value)]
+    p.add_argument("--strategy", default=_default(RoundSettings, "strategy").value, choices=_values(Strategy),
+                   help="; ".join(described) + " (default %(default)s)")
+    p.add_argument("--server-learning-rate", type=float, metavar="ETA",
+                   help="server learning rate of fedavgm/fedadam/fedyogi/fedadagrad (default: the strategy's)")
+    p.add_argument("--server-momentum", type=float, default=_default(RoundSettings, "server_momentum"),
+                   help="fedavgm momentum, fedadam/fedyogi beta_1 (default %(default)s)")
     p.add_argument("--proximal-mu", type=float, default=_default(RoundSettings, "proximal_mu"),
                    help="FedProx mu (default %(default)s)")
     p.add_argument("--local-epochs", type=int, default=_default(RoundSettings, "local_epochs"),
@@ -169,7 +186,11 @@ def _add_round_args(p: argparse.ArgumentParser, config: type) -> None:
                    help="fraction of clients sampled per round (default %(default)s)")
     p.add_argument("--min-fraction", type=float, default=_default(RoundSettings, "min_fraction"),
                    help="a round needs valid updates from this fraction of the sampled clients (default %(default)s)")
-    p.add_argument("--compress-updates", action="store_true", help="clients send int8 weight deltas")
+    p.add_argument("--compress-updates", nargs="?", const=Codec.INT8.value, default=Codec.FLOAT32.value,
+                   choices=_values(Codec), metavar="CODEC",
+                   help="clients send weight deltas: int8 (one scale per tensor, ~4x fewer bytes; the value when "
+                        "the flag is given alone) or int4 (block scales, stochastic rounding, error feedback on "
+                        "the device, ~7.5x fewer bytes) (default %(default)s: no compression)")
     p.add_argument("--seed", type=int, default=_default(RoundSettings, "seed"), help="(default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -186,6 +207,10 @@ def _add_simulate(fl_sub: argparse._SubParsersAction) -> None:
                      help="L2 clipping norm of each update (default %(default)s)")
     sim.add_argument("--dp-delta", type=float, default=_default(RoundSettings, "dp_delta"),
                      help="delta of the reported (epsilon, delta) (default %(default)s)")
+    sim.add_argument("--dp-noise-guard", choices=_values(NoiseGuard),
+                     default=_default(RoundSettings, "dp_noise_guard").value,
+                     help="when the noise would be larger than any clipped mean update (sigma x sqrt(weights) > "
+                          "clients per round): refuse to start, or warn and run (default %(default)s)")
     sim.add_argument("--local-dp-epsilon", type=float, metavar="EPSILON",
                      help="local differential privacy: each device clips (--dp-clip) and adds its own noise "
                           "(Flower's LocalDpMod), for devices that do not trust the server")
@@ -264,6 +289,7 @@ def cmd_trainable(args: argparse.Namespace) -> int:
 def _round_settings(args: argparse.Namespace, **extra: object) -> RoundSettings:
     return RoundSettings(rounds=args.rounds, local_epochs=args.local_epochs, learning_rate=args.learning_rate,
                          strategy=args.strategy, proximal_mu=args.proximal_mu, fraction=args.fraction,
+                         server_learning_rate=args.server_learning_rate, server_momentum=args.server_momentum,
                          min_fraction=args.min_fraction, compress_updates=args.compress_updates, seed=args.seed,
                          **extra)
 
@@ -272,7 +298,7 @@ def cmd_fl_simulate(args: argparse.Namespace) -> int:
     from edgekit.federated.simulate import simulate
 
     rounds = _round_settings(args, dp_noise_multiplier=args.dp_noise, dp_clipping_norm=args.dp_clip,
-                             dp_delta=args.dp_delta)
+                             dp_delta=args.dp_delta, dp_noise_guard=args.dp_noise_guard)
     config = SimulationConfig(clients=args.clients, partition=args.partition, rounds=rounds,
                               batch_size=args.batch_size, resume=args.resume, secure_aggregation=args.secagg,
                               local_dp_epsilon=args.local_dp_epsilon)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from device_agents.client_app import Fault
+from device_agents.codec import Codec
 from edgekit.config import coerce_enum
 from edgekit.errors import InputError
 
@@ -23,9 +24,21 @@ from edgekit.errors import InputError
 class Strategy(str, Enum):
     """The server's aggregation strategy (Flower's classes; see :mod:`edgekit.federated.strategies`)."""
 
+    FEDADAGRAD = "fedadagrad"
+    FEDADAM = "fedadam"
     FEDAVG = "fedavg"
+    FEDAVGM = "fedavgm"
     FEDPROX = "fedprox"
+    FEDYOGI = "fedyogi"
     TRIMMED = "trimmed"
+
+
+class NoiseGuard(str, Enum):
+    """What a differential-privacy run does when its noise would drown every update (see
+    :mod:`edgekit.federated.privacy`)."""
+
+    REFUSE = "refuse"  # do not start; say how many clients per round the noise needs
+    WARN = "warn"      # start anyway, with the numbers in a warning (rehearsals, small simulations)
 
 
 class PartitionScheme(str, Enum):
@@ -61,14 +74,18 @@ class RoundSettings:
     strategy: Strategy = Strategy.FEDAVG
     proximal_mu: float = 0.01
     trim_beta: float = 0.2
+    server_learning_rate: float | None = None  # FedAvgM / FedAdam / FedYogi / FedAdagrad; None: the registry's
+    server_momentum: float = 0.9   # FedAvgM's momentum; FedAdam's and FedYogi's beta_1
+    adaptivity: float = 1e-3       # tau of FedAdam / FedYogi / FedAdagrad (larger: closer to server SGD)
     fraction: float = 1.0
     min_fraction: float = 0.5
-    compress_updates: bool = False
+    compress_updates: Codec = Codec.FLOAT32  # how clients send updates (True: int8, for older callers)
     round_timeout: float = 600.0
     seed: int = 0
     dp_noise_multiplier: float | None = None  # differential privacy: Gaussian noise (x clipping norm)
     dp_clipping_norm: float = 1.0              # each client's update is clipped to this L2 norm
     dp_delta: float = 1e-5
+    dp_noise_guard: NoiseGuard = NoiseGuard.REFUSE  # when the noise would exceed any clipped mean update
     max_update_norm_ratio: float = 5.0    # reject an update over this many times the round's median update ...
     update_norm_floor: float = 0.1        # ... that is also over this fraction of the global model's norm
     max_examples_ratio: float = 2.0       # cap a client's reported sample count at this many times the median
@@ -76,6 +93,10 @@ class RoundSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", coerce_enum(Strategy, self.strategy, "strategy"))
+        object.__setattr__(self, "dp_noise_guard", coerce_enum(NoiseGuard, self.dp_noise_guard, "noise guard"))
+        codec = {True: Codec.INT8, False: Codec.FLOAT32, None: Codec.FLOAT32}.get(self.compress_updates,
+                                                                                 self.compress_updates)
+        object.__setattr__(self, "compress_updates", coerce_enum(Codec, codec, "update codec"))
         for name in ("max_update_norm_ratio", "max_examples_ratio"):
             if not getattr(self, name) >= 1:
                 raise InputError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
@@ -90,6 +111,12 @@ class RoundSettings:
         for name in ("learning_rate", "round_timeout"):
             if not getattr(self, name) > 0:
                 raise InputError(f"{name.replace('_', ' ')} must be > 0, got {getattr(self, name)}")
+        if self.server_learning_rate is not None and not self.server_learning_rate > 0:
+            raise InputError(f"the server learning rate must be > 0, got {self.server_learning_rate}")
+        if not 0 <= self.server_momentum < 1:
+            raise InputError(f"the server momentum must be in [0, 1), got {self.server_momentum}")
+        if not self.adaptivity > 0:
+            raise InputError(f"the adaptivity (tau) of the adaptive strategies must be > 0, got {self.adaptivity}")
         if not self.proximal_mu >= 0:
             raise InputError(f"the FedProx proximal mu must be >= 0, got {self.proximal_mu}")
         if not 0 <= self.trim_beta < 0.5:
@@ -102,11 +129,11 @@ class RoundSettings:
                 raise InputError("the differential-privacy noise multiplier and clipping norm must be > 0")
             if not 0 < self.dp_delta < 1:
                 raise InputError(f"the differential-privacy delta must be in (0, 1), got {self.dp_delta}")
-            if self.compress_updates:
+            if self.compress_updates is not Codec.FLOAT32:
                 raise InputError("differential privacy clips float weight updates; "
                                  "it cannot be combined with update compression")
             if self.strategy is Strategy.TRIMMED:
-                raise InputError("differential privacy needs FedAvg-style aggregation; use fedavg or fedprox")
+                raise InputError("differential privacy needs averaging aggregation; the trimmed mean is not one")
 
 
 @dataclass(frozen=True)
@@ -152,7 +179,7 @@ class SimulationConfig(FederationConfig):
             raise InputError(f"the local differential-privacy epsilon must be > 0, got {self.local_dp_epsilon}")
         object.__setattr__(self, "faults", {int(k): coerce_enum(Fault, v, "fault") for k, v in self.faults.items()})
         if self.secure_aggregation:
-            clash = [name for name, on in (("update compression", self.rounds.compress_updates),
+            clash = [name for name, on in (("update compression", self.rounds.compress_updates is not Codec.FLOAT32),
                                             ("differential privacy", self.rounds.dp_noise_multiplier is not None),
                                             ("local differential privacy", self.local_dp_epsilon is not None),
                                             ("resuming", self.resume),

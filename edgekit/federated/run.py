@@ -9,6 +9,7 @@ its manifest, ready to install). Simulation, secure aggregation and real deploym
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +30,10 @@ FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+WORSE_THAN_START = 0.5
+"""Points below the starting model at which a run's final model is reported as worse, not as ready."""
+
+
 @dataclass
 class FederatedResult:
     """A finished federated run: its folder, the per-round history, the final accuracy and weights."""
@@ -46,6 +51,7 @@ class PreparedRun:
     loaded: LoadedModel
     dataset: Dataset
     parts: Splits
+    warnings: tuple[str, ...] = ()
 
 
 def prepare_run(model: Any, data: Any, out: Path, config: FederationConfig, *, progress: bool,
@@ -56,6 +62,7 @@ def prepare_run(model: Any, data: Any, out: Path, config: FederationConfig, *, p
 
     loaded = load_model(model)
     keras_model = loaded.trainable_model("federated training")  # refused before anything is written
+    warnings = check_privacy_noise(config, sum(int(np.prod(w.shape)) for w in keras_model.trainable_weights))
     dataset = fit_to_model(load_data(data, require_labels=True), loaded.input_shape, loaded.input_dtype,
                            loaded.num_classes)
     if dataset.y is None:
@@ -76,18 +83,47 @@ def prepare_run(model: Any, data: Any, out: Path, config: FederationConfig, *, p
         export_trainable(keras_model, out / "trainable", data=dataset, progress=progress,
                          config=TrainableConfig(batch_size=config.batch_size,
                                                 learning_rate=config.rounds.learning_rate))
-    return PreparedRun(loaded, dataset, parts)
+    return PreparedRun(loaded, dataset, parts, warnings)
+
+
+def check_privacy_noise(config: FederationConfig, parameters: int) -> tuple[str, ...]:
+    """Refuse (or, with the guard set to warn, warn about) a DP run whose noise would drown every update.
+
+    Returns the lines to log: the noise plan, and the warning when the guard only warns.
+    """
+    from edgekit.federated.config import NoiseGuard
+    from edgekit.federated.privacy import NOISE_TO_SIGNAL_LIMIT, plan_noise
+
+    settings = config.rounds
+    if settings.dp_noise_multiplier is None:
+        return ()
+    plan = plan_noise(noise_multiplier=settings.dp_noise_multiplier, clipping_norm=settings.dp_clipping_norm,
+                      clients_per_round=max(1, math.ceil(config.clients * settings.fraction)),
+                      parameters=parameters, rounds=settings.rounds, population=config.clients,
+                      delta=settings.dp_delta)
+    if plan.ratio <= NOISE_TO_SIGNAL_LIMIT:
+        return (f"differential privacy: {plan.describe()}",)
+    if settings.dp_noise_guard is NoiseGuard.REFUSE:
+        raise InputError(f"differential-privacy noise would drown every update: {plan.describe()}; "
+                         f"{plan.advice()} (or set the noise guard to warn to run anyway)")
+    return (f"warning: differential-privacy noise will drown every update: {plan.describe()}; {plan.advice()}",)
 
 
 def finish_run(run: PreparedRun, out: Path, config: FederationConfig, history: list[dict[str, Any]],
                weights: dict[str, np.ndarray], *, progress: bool, log: Callable[[str], Any]) -> FederatedResult:
     """Write ``history.json`` and ``accuracy.png``; compress the final global model into ``out/final``."""
-    write_atomic(out / "history.json",
-                 json.dumps({"config": asdict(config), "rounds": history}, indent=2).encode())
+    start, end = history[0]["accuracy"], history[-1]["accuracy"]
+    worse = not end >= start - WORSE_THAN_START
+    write_atomic(out / "history.json", json.dumps({"config": asdict(config), "rounds": history,
+                                                   "worse_than_start": worse}, indent=2).encode())
     plot_history(history, out / "accuracy.png")
     final = close_the_loop(run.loaded.model, weights, run.dataset, out / "final", progress=progress)
-    log(f"final global model: int8 TFLite {final['bytes']:,} bytes, accuracy {final['accuracy']:.2f}% "
-        f"-> {out / 'final'} (install with: edgekit-agent install --model {out / 'final'} --store DIR)")
+    if worse:
+        log(f"warning: the final global model ({end:.2f}% on held-out data) is worse than the model the run "
+            f"started from ({start:.2f}%); {out / 'final'} is kept for inspection, not as an update to install")
+    else:
+        log(f"final global model: int8 TFLite {final['bytes']:,} bytes, accuracy {final['accuracy']:.2f}% "
+            f"-> {out / 'final'} (install with: edgekit-agent install --model {out / 'final'} --store DIR)")
     return FederatedResult(out, history, history[-1]["accuracy"], weights)
 
 

@@ -97,36 +97,72 @@ def _check_metrics(metrics: Any) -> str:
     return ""
 
 
-def validate_reply(content: Any, reference: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray] | None, str]:
+def validate_reply(content: Any, reference: dict[str, np.ndarray],
+                   asked: codec.Codec = codec.Codec.INT8) -> tuple[dict[str, np.ndarray] | None, str]:
     """Decoded weights of a train reply, or (None, why it was rejected). Nothing is decoded before the
-    records, metrics, tensor names, dtypes and shapes are checked."""
+    records, metrics, tensor names, dtypes and shapes are checked.
+
+    ``asked``: the codec the round asked for; a client may always answer in float32 (a device with
+    local differential privacy does), never in another codec.
+    """
     records = set(content.keys())
-    compressed = "codec" in records
-    if records != {"arrays", "metrics"} | ({"codec"} if compressed else set()):
+    used = asked if "codec" in records and asked is not codec.Codec.FLOAT32 else codec.Codec.FLOAT32
+    if records != {"arrays", "metrics"} | ({"codec"} if used is not codec.Codec.FLOAT32 else set()):
         return None, f"records {sorted(records)} are not the protocol's"
     why = _check_metrics(content["metrics"])
     if why:
         return None, why
+    if used is codec.Codec.INT4:
+        decoded, why = _decode_int4(content, reference)
+    else:
+        decoded, why = _decode_per_tensor(content, reference, used)
+    if decoded is None:
+        return None, why
+    for name, value in decoded.items():
+        if value.dtype != np.float32 or not np.isfinite(value).all():
+            return None, f"tensor {name} holds NaN/inf or is not float32"
+    return decoded, ""
+
+
+def _decode_per_tensor(content: Any, reference: dict[str, np.ndarray],
+                       used: codec.Codec) -> tuple[dict[str, np.ndarray] | None, str]:
+    """float32 weights or int8 deltas: one tensor per weight, of its shape."""
     arrays = content["arrays"]
     if set(arrays.keys()) != set(reference):
         return None, f"tensor names differ ({len(arrays)} tensors, expected {len(reference)})"
-    dtype = "int8" if compressed else "float32"
+    dtype = "int8" if used is codec.Codec.INT8 else "float32"
     for name, array in arrays.items():
         if tuple(array.shape) != reference[name].shape:
             return None, f"tensor {name} has shape {tuple(array.shape)}, expected {reference[name].shape}"
         if array.dtype != dtype:
             return None, f"tensor {name} is {array.dtype}, expected {dtype}"
     decoded = {name: array.numpy() for name, array in arrays.items()}
-    if compressed:
+    if used is codec.Codec.INT8:
         scales = dict(content["codec"].items())
         if set(scales) != set(reference) or not all(
                 isinstance(s, float) and math.isfinite(s) and 0 < s <= codec.MAX_SCALE for s in scales.values()):
             return None, "invalid codec scales"
         decoded = codec.decode(decoded, scales, reference)
-    for name, value in decoded.items():
-        if value.dtype != np.float32 or not np.isfinite(value).all():
-            return None, f"tensor {name} holds NaN/inf or is not float32"
     return decoded, ""
+
+
+def _decode_int4(content: Any, reference: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray] | None, str]:
+    """Packed int4 deltas: one ``int4`` uint8 tensor and one ``scales`` float32 tensor of known sizes."""
+    from flwr.app import ArrayRecord
+
+    size, blocks = codec.int4_sizes({k: v.shape for k, v in reference.items()})
+    for record, name, dtype, length in (("arrays", codec.PACKED, "uint8", size),
+                                        ("codec", codec.SCALES, "float32", blocks)):
+        held = content[record]
+        if not isinstance(held, ArrayRecord) or list(held.keys()) != [name]:
+            return None, f"an int4 update's {record} record must hold exactly one tensor {name!r}"
+        if held[name].dtype != dtype or tuple(held[name].shape) != (length,):
+            return None, (f"tensor {name} is {held[name].dtype} {tuple(held[name].shape)}, "
+                          f"expected {dtype} ({length},)")
+    scales = content["codec"][codec.SCALES].numpy()
+    if not (np.isfinite(scales).all() and (scales > 0).all() and (scales <= codec.MAX_SCALE).all()):
+        return None, "invalid codec scales"
+    return codec.decode_int4(content["arrays"][codec.PACKED].numpy(), scales, reference), ""
 
 
 def robust_filter(updates: list[tuple[Any, dict[str, np.ndarray], int]], weights: dict[str, np.ndarray],
@@ -229,8 +265,7 @@ def _strategy(grid: Any, settings: RoundSettings, expected_nodes: int, state: Se
         raise FederationError(f"a trimmed mean with beta {settings.trim_beta:g} over {min_nodes} clients per round "
                               "trims nothing; it needs beta x clients >= 1")
     private = settings.dp_noise_multiplier is not None
-    strategy = make_strategy(settings.strategy, fraction=settings.fraction, min_nodes=min_nodes,
-                             proximal_mu=settings.proximal_mu, trim_beta=settings.trim_beta, uniform=private)
+    strategy = make_strategy(settings, min_nodes=min_nodes, uniform=private)
     if private:
         strategy = with_differential_privacy(strategy, noise_multiplier=settings.dp_noise_multiplier,
                                              clipping_norm=settings.dp_clipping_norm, num_sampled=min_nodes,
@@ -256,12 +291,14 @@ def _one_round(grid: Any, strategy: Any, rnd: int, weights: dict[str, np.ndarray
                log: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
+    from edgekit.federated.strategies import OptimizerSnapshot
+
     arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
     config = ConfigRecord({"local-epochs": settings.local_epochs, "learning-rate": settings.learning_rate,
-                           "compress-updates": settings.compress_updates, "seed": settings.seed * 1000 + rnd})
+                           "compress-updates": settings.compress_updates.value, "seed": settings.seed * 1000 + rnd})
     messages = list(strategy.configure_train(rnd, arrays, config, grid))
     replies = list(grid.send_and_receive(messages=messages, timeout=settings.round_timeout))
-    valid, rejected, failed, up = _collect(replies, weights, rnd, log)
+    valid, rejected, failed, up = _collect(replies, weights, settings, rnd, log)
     valid, outliers = robust_filter(valid, weights, settings)
     rejected += outliers
     for item in outliers:
@@ -274,6 +311,7 @@ def _one_round(grid: Any, strategy: Any, rnd: int, weights: dict[str, np.ndarray
         log(f"round {rnd}: only {len(valid)} of {len(messages)} clients gave a valid update "
             f"(minimum {settings.min_fraction:.0%}); the global model is unchanged")
     else:
+        snapshot = OptimizerSnapshot(strategy)
         candidate, metrics = _aggregate(strategy, rnd, valid, settings)
         loss, acc = _evaluate(evaluator, candidate, eval_x, eval_y) if candidate is not None else (math.nan,) * 2
         entry["train_metrics"] = metrics
@@ -281,6 +319,7 @@ def _one_round(grid: Any, strategy: Any, rnd: int, weights: dict[str, np.ndarray
             weights, entry["aggregated"] = candidate, True
             entry.update({"accuracy": acc, "loss": loss})
         else:
+            snapshot.restore()  # the server optimizer forgets the refused round
             entry["guard"] = (f"the aggregate's held-out accuracy {acc:.2f}% is over "
                               f"{settings.max_round_accuracy_drop:g} points below the last good model's {good:.2f}%"
                               if math.isfinite(acc) else "the aggregate has non-finite weights")
@@ -290,7 +329,7 @@ def _one_round(grid: Any, strategy: Any, rnd: int, weights: dict[str, np.ndarray
     return weights, entry
 
 
-def _collect(replies: list, weights: dict[str, np.ndarray], rnd: int,
+def _collect(replies: list, weights: dict[str, np.ndarray], settings: RoundSettings, rnd: int,
              log: Any) -> tuple[list[tuple[Any, dict[str, np.ndarray], int]], list[dict], int, list[int]]:
     """(valid (reply, weights, examples), rejections, failures, bytes up) of a round's replies."""
     valid, rejected, failed, up = [], [], 0, []
@@ -299,8 +338,8 @@ def _collect(replies: list, weights: dict[str, np.ndarray], rnd: int,
             failed += 1
             continue
         try:
-            up.append(sum(len(a.data) for a in reply.content["arrays"].values()) if "arrays" in reply.content else 0)
-            decoded, why = validate_reply(reply.content, weights)
+            up.append(_payload_bytes(reply.content))
+            decoded, why = validate_reply(reply.content, weights, settings.compress_updates)
         except Exception as exc:  # a malformed reply of any kind is rejected, never fatal
             decoded, why = None, f"malformed reply ({type(exc).__name__}: {str(exc)[:120]})"
         if decoded is None:
@@ -309,6 +348,18 @@ def _collect(replies: list, weights: dict[str, np.ndarray], rnd: int,
             continue
         valid.append((reply, decoded, int(reply.content["metrics"]["num-examples"])))
     return valid, rejected, failed, up
+
+
+def _payload_bytes(content: Any) -> int:
+    """Bytes of the tensors and codec scales a reply carries (a ConfigRecord float travels as 8 bytes)."""
+    from flwr.app import ArrayRecord
+
+    total = 0
+    for name in ("arrays", "codec"):
+        if name in content:
+            record = content[name]
+            total += sum(len(a.data) for a in record.values()) if isinstance(record, ArrayRecord) else 8 * len(record)
+    return total
 
 
 def _aggregate(strategy: Any, rnd: int, valid: list[tuple[Any, dict[str, np.ndarray], int]],
@@ -324,7 +375,8 @@ def _aggregate(strategy: Any, rnd: int, valid: list[tuple[Any, dict[str, np.ndar
         reply.content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in decoded.items()}),
                                     "metrics": MetricRecord(metrics)})
     aggregated, metrics = strategy.aggregate_train(rnd, [reply for reply, _, _ in valid])
-    weights = None if aggregated is None else {k: v.numpy() for k, v in aggregated.items()}
+    # Flower's FedAdam/FedYogi scale by a numpy float64, which makes float64 weights: the model is float32
+    weights = None if aggregated is None else {k: v.numpy().astype(np.float32) for k, v in aggregated.items()}
     if weights is not None and not all(np.isfinite(v).all() for v in weights.values()):
         weights = None
     return weights, dict(metrics) if metrics is not None else {}

@@ -35,6 +35,8 @@ def simulate(model: Any, data: str | Path | Dataset, out: str | Path, *, config:
     for key, value in FLOWER_ENV.items():
         os.environ[key] = value
     run = prepare_run(model, data, out, config, progress=progress, reuse_trainable=config.resume)
+    for line in run.warnings:
+        log(line)
     evaluator = Trainer.load(out / "trainable")
     if config.secure_aggregation:
         history, weights = _secagg_rounds(config, out, evaluator, run, log)

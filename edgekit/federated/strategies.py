@@ -1,60 +1,127 @@
-"""Strategy registry: name -> a Flower strategy (the real ``flwr.serverapp.strategy`` classes)."""
+"""Strategy registry: name -> a Flower strategy (the real ``flwr.serverapp.strategy`` classes).
+
+Each entry is a :class:`StrategySpec`: the factory of the Flower class and the server learning rate
+used when the round settings leave it unset. FedAvg, FedProx and the trimmed mean average the
+clients' weights; FedAvgM adds server momentum; FedAdam, FedYogi and FedAdagrad treat the averaged
+update as a pseudo-gradient for an adaptive server optimizer (Reddi et al., "Adaptive Federated
+Optimization", 2021).
+
+>>> sorted(s.value for s in STRATEGIES)[:3]
+['fedadagrad', 'fedadam', 'fedavg']
+"""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from edgekit.errors import InputError
-from edgekit.federated.config import Strategy
+from edgekit.federated.config import RoundSettings, Strategy
 
 
-def _fedavg(**kw: Any) -> Any:
+@dataclass(frozen=True)
+class StrategySpec:
+    """A registered strategy: its factory and the server learning rate it uses by default."""
+
+    factory: Callable[..., Any]
+    server_learning_rate: float | None = None  # None: the strategy has no server learning rate
+    summary: str = ""
+
+
+def _fedavg(settings: RoundSettings, lr: float | None, **kw: Any) -> Any:
     from flwr.serverapp.strategy import FedAvg
 
     return FedAvg(**kw)
 
 
-def _fedprox(*, proximal_mu: float, **kw: Any) -> Any:
+def _fedprox(settings: RoundSettings, lr: float | None, **kw: Any) -> Any:
     from flwr.serverapp.strategy import FedProx
 
-    return FedProx(proximal_mu=proximal_mu, **kw)
+    return FedProx(proximal_mu=settings.proximal_mu, **kw)
 
 
-def _trimmed(*, beta: float, **kw: Any) -> Any:
+def _trimmed(settings: RoundSettings, lr: float | None, **kw: Any) -> Any:
     from flwr.serverapp.strategy import FedTrimmedAvg
 
-    return FedTrimmedAvg(beta=beta, **kw)
+    return FedTrimmedAvg(beta=settings.trim_beta, **kw)
 
 
-STRATEGIES: dict[Strategy, Callable[..., Any]] = {
-    Strategy.FEDAVG: _fedavg,
-    Strategy.FEDPROX: _fedprox,
-    Strategy.TRIMMED: _trimmed,
+def _fedavgm(settings: RoundSettings, lr: float | None, **kw: Any) -> Any:
+    from flwr.serverapp.strategy import FedAvgM
+
+    return FedAvgM(server_learning_rate=lr, server_momentum=settings.server_momentum, **kw)
+
+
+def _adaptive(name: str) -> Callable[..., Any]:
+    def factory(settings: RoundSettings, lr: float | None, **kw: Any) -> Any:
+        import flwr.serverapp.strategy as flower
+
+        extra = {} if name == "FedAdagrad" else {"beta_1": settings.server_momentum}
+        # eta_l is only logged by Flower: the devices use the round's own learning rate
+        return getattr(flower, name)(eta=lr, eta_l=settings.learning_rate, tau=settings.adaptivity, **extra, **kw)
+
+    return factory
+
+
+STRATEGIES: dict[Strategy, StrategySpec] = {
+    Strategy.FEDADAGRAD: StrategySpec(_adaptive("FedAdagrad"), 0.01, "adaptive server optimizer (Adagrad)"),
+    Strategy.FEDADAM: StrategySpec(_adaptive("FedAdam"), 0.01, "adaptive server optimizer (Adam)"),
+    Strategy.FEDAVG: StrategySpec(_fedavg, None, "weighted average of the clients' weights"),
+    Strategy.FEDAVGM: StrategySpec(_fedavgm, 1.0, "FedAvg with server momentum"),
+    Strategy.FEDPROX: StrategySpec(_fedprox, None, "FedAvg; clients add a proximal term"),
+    Strategy.FEDYOGI: StrategySpec(_adaptive("FedYogi"), 0.01, "adaptive server optimizer (Yogi)"),
+    Strategy.TRIMMED: StrategySpec(_trimmed, None, "coordinate-wise trimmed mean (robust to outliers)"),
 }
-"""Strategy -> factory of the Flower strategy. Every entry has an aggregation test and a simulation test."""
+"""Strategy -> its spec. Every entry has an aggregation test and a simulation test."""
 
 
 UNIFORM_WEIGHT = "uniform-weight"
 """The metric DP runs aggregate by: every valid client counts once (DP-FedAvg weighting)."""
 
+OPTIMIZER_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector")
+"""Attributes in which Flower's server optimizers keep state between rounds."""
 
-def make_strategy(strategy: Strategy | str, *, fraction: float, min_nodes: int, proximal_mu: float,
-                  trim_beta: float, uniform: bool = False) -> Any:
-    """Build the Flower strategy registered for ``strategy``; unknown names are refused with the valid list.
+
+def server_learning_rate(settings: RoundSettings) -> float | None:
+    """The server learning rate of a run: the settings' own, else the registered default."""
+    spec = STRATEGIES[settings.strategy]
+    if spec.server_learning_rate is None:
+        return None
+    return settings.server_learning_rate if settings.server_learning_rate is not None else spec.server_learning_rate
+
+
+def make_strategy(settings: RoundSettings, *, min_nodes: int, uniform: bool = False) -> Any:
+    """Build the Flower strategy registered for ``settings.strategy``.
 
     ``uniform``: every valid client weighs the same (DP-FedAvg), instead of by its number of examples.
+
+    >>> make_strategy(RoundSettings(strategy=Strategy.FEDADAM), min_nodes=2).eta
+    0.01
     """
-    try:
-        factory = STRATEGIES[Strategy(strategy)]
-    except ValueError:
-        raise InputError(f"unknown strategy {strategy!r}; valid: {', '.join(s.value for s in STRATEGIES)}") from None
-    common = {"fraction_train": fraction, "fraction_evaluate": 0.0, "min_train_nodes": min_nodes,
+    common = {"fraction_train": settings.fraction, "fraction_evaluate": 0.0, "min_train_nodes": min_nodes,
               "min_evaluate_nodes": 0, "min_available_nodes": min_nodes}
     if uniform:
         common["weighted_by_key"] = UNIFORM_WEIGHT
-    extra = {Strategy.FEDPROX: {"proximal_mu": proximal_mu}, Strategy.TRIMMED: {"beta": trim_beta}}
-    return factory(**extra.get(Strategy(strategy), {}), **common)
+    return STRATEGIES[settings.strategy].factory(settings, server_learning_rate(settings), **common)
+
+
+class OptimizerSnapshot:
+    """The server optimizer's state before an aggregation, to put back when the aggregate is not committed.
+
+    FedAvgM and FedAdam/FedYogi/FedAdagrad move their momentum and their copy of the global model inside
+    ``aggregate_train``; a round the last-good-model guard refuses must not leave that state behind.
+    """
+
+    def __init__(self, strategy: Any) -> None:
+        self._inner = strategy
+        while hasattr(self._inner, "strategy"):  # the differential-privacy wrappers hold the real one
+            self._inner = self._inner.strategy
+        self._saved = {k: copy.deepcopy(getattr(self._inner, k)) for k in OPTIMIZER_STATE if hasattr(self._inner, k)}
+
+    def restore(self) -> None:
+        for name, value in self._saved.items():
+            setattr(self._inner, name, value)
 
 
 def with_differential_privacy(strategy: Any, *, noise_multiplier: float, clipping_norm: float,

@@ -84,6 +84,17 @@ def token_dataset(n: int = 600, length: int = 16, vocab: int = 30, classes: int 
     return Dataset(x.astype(np.int32), y.astype(np.int64), "tokens")
 
 
+def text_cnn(length: int = 16, vocab: int = 30, classes: int = 3) -> Any:
+    """A token-id text classifier that trains on devices: Embedding, Conv1D, global max pooling, Dense
+    (the shape of keras.io's "text classification from scratch")."""
+    keras = _tf.keras()
+    layers = keras.layers
+    return keras.Sequential([
+        keras.Input((length,), dtype="int32", name="tokens"), layers.Embedding(vocab, 16),
+        layers.Conv1D(32, 3, padding="same", activation="relu"), layers.GlobalMaxPooling1D(),
+        layers.Dense(16, activation="relu"), layers.Dense(classes, activation="softmax")])
+
+
 KERAS3_ARCHITECTURES = ("transformer", "preprocessing-cnn", "mobilenetv3small", "mobilenetv2", "efficientnetb0",
                         "densenet121", "gru", "bilstm")
 """The conformance suite's architectures (:func:`keras3_architecture`)."""

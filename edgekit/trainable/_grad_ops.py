@@ -281,3 +281,27 @@ def multiply(a: Any, b: Any) -> Any:
         return a * b, lambda g: (reduce_to(g * b, a.shape), reduce_to(g * a, b.shape))
 
     return f(a, b)
+
+
+def embedding(ids: Any, table: Any) -> Any:
+    """Rows of ``table`` for integer ``ids``; the table's gradient is a scatter-add of the output gradient
+    (UNSORTED_SEGMENT_SUM, a builtin), dense, so a plain SGD step updates it."""
+    tf = _tf.tf()
+    vocab, width = int(table.shape[0]), int(table.shape[1])
+    flat = tf.reshape(tf.clip_by_value(ids, 0, vocab - 1), [-1])  # Keras raises on out-of-range ids; a device clips
+
+    @tf.custom_gradient
+    def f(table: Any) -> Any:
+        y = tf.reshape(tf.gather(table, flat), tf.concat([tf.shape(ids), [width]], 0))
+        return y, lambda g: tf.math.unsorted_segment_sum(tf.reshape(g, [-1, width]), flat, vocab)
+
+    return f(table)
+
+
+def as_2d(x: Any) -> Any:
+    """A sequence ``[B, T, C]`` as a one-row image ``[B, 1, T, C]`` (1D layers reuse the 2D gradients)."""
+    return _tf.tf().expand_dims(x, 1)
+
+
+def from_2d(x: Any) -> Any:
+    return _tf.tf().squeeze(x, [1])

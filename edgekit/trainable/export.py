@@ -83,9 +83,6 @@ def _export(model: Any, data: str | Path | Dataset | None, config: TrainableConf
     from edgekit.trainable.graph import build_module, build_nodes, convert, reference_step
 
     loaded = load_model(model)
-    if loaded.input_dtype not in ("float32", "float16") and not config.head_only:
-        raise InputError(f"training the whole model on the device needs a float input; this model takes "
-                         f"{loaded.input_dtype} (train its head only: the backbone takes the token ids)")
     if loaded.input_dtype not in ("float32", "float16", "int32", "int64"):
         raise InputError(f"on-device training takes float32, int32 or int64 inputs; this model takes "
                          f"{loaded.input_dtype}")
@@ -138,7 +135,12 @@ def _verification_data(loaded: Any, data: str | Path | Dataset | None, config: T
     if any(d is None for d in loaded.input_shape):
         raise InputError(f"the model's input {loaded.input_shape} has a free dimension: give data to verify with")
     rng = np.random.default_rng(0)
-    x = rng.random((256, *loaded.input_shape), dtype=np.float32)
+    if not loaded.input_dtype.startswith("float"):  # token ids: within the first Embedding's vocabulary
+        layers = getattr(loaded.model, "layers", [])
+        vocab = min((layer.input_dim for layer in layers if hasattr(layer, "input_dim")), default=2)
+        x = rng.integers(0, vocab, (256, *loaded.input_shape)).astype(loaded.input_dtype)
+    else:
+        x = rng.random((256, *loaded.input_shape), dtype=np.float32)
     return Dataset(x, rng.integers(0, loaded.num_classes, 256), "synthetic inputs")
 
 

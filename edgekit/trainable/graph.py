@@ -10,6 +10,7 @@ Signatures (all tensors float32 unless said):
   the weighted cross-entropy, plus a FedProx term ``mu/2 * ||w - anchor||^2`` (``mu=0``: plain SGD).
   Pad a short batch with ``sample_weight`` 0.
 - ``infer(x[n,...]) -> {output}``: the model's outputs (probabilities if it ends in softmax).
+  ``x`` is int32 token ids for a model that starts with an Embedding, float32 otherwise.
 - ``get_weights() -> {tensor name: value}``; ``set_weights(**tensors) -> {count}``: replace the
   weights (and the FedProx anchor) with the given values.
 
@@ -159,6 +160,46 @@ def _softmax_layer(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Nod
     return node
 
 
+def _embedding(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    if getattr(layer, "mask_zero", False):
+        raise _unsupported(layer, "mask_zero=True (the layers after it would need the mask); use mask_zero=False")
+    node.params = [("embeddings", layer.embeddings.numpy())]
+    node.forward = lambda xs, ws: ops.embedding(xs[0], ws[0])
+    return node
+
+
+def _conv1d(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    """A convolution over time: the 2D convolution of a one-row image."""
+    if tuple(layer.dilation_rate) != (1,) or getattr(layer, "groups", 1) != 1 or layer.padding == "causal":
+        raise _unsupported(layer, "dilated, grouped or causal 1D convolution")
+    (stride,), (kernel,) = tuple(layer.strides), tuple(layer.kernel_size)
+    pads = ((0, 0), (0, 0) if layer.padding == "valid" else ops.same_padding(in_shape[1], kernel, stride))
+    node.params = [("kernel", layer.kernel.numpy())] + ([("bias", layer.bias.numpy())] if layer.use_bias else [])
+    tf = _tf.tf()
+    return _with_bias(node, layer, lambda x, ws: ops.from_2d(
+        ops.conv2d(ops.as_2d(x), tf.expand_dims(ws[0], 0), (1, stride), pads)), last=last)
+
+
+def _max_pool1d(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    (pool,), (stride,) = tuple(layer.pool_size), tuple(layer.strides)
+    pads = ((0, 0), (0, 0) if layer.padding == "valid" else ops.same_padding(in_shape[1], pool, stride))
+    node.forward = lambda xs, ws: ops.from_2d(ops.max_pool(ops.as_2d(xs[0]), (1, pool), (1, stride), pads))
+    return node
+
+
+def _gap1d(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    keepdims = bool(getattr(layer, "keepdims", False))
+    node.forward = lambda xs, ws: _tf.tf().reduce_mean(xs[0], axis=[1], keepdims=keepdims)
+    return node
+
+
+def _gmp1d(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    keepdims = bool(getattr(layer, "keepdims", False))
+    node.forward = lambda xs, ws: (ops.from_2d(ops.global_max_pool(ops.as_2d(xs[0]), keepdims=True)) if keepdims
+                                   else ops.global_max_pool(ops.as_2d(xs[0]), keepdims=False))
+    return node
+
+
 def _max_pool(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
     pool, strides = tuple(layer.pool_size), tuple(layer.strides)
     pads = _pads(layer, in_shape, pool, strides)
@@ -282,14 +323,19 @@ HANDLERS: dict[str, Callable[[Any, _Node, tuple, bool], _Node]] = {
     "AveragePooling2D": _avg_pool,
     "BatchNormalization": _batch_norm,
     "Concatenate": _concatenate,
+    "Conv1D": _conv1d,
     "Conv2D": _conv2d,
     "Dense": _dense,
     "DepthwiseConv2D": _depthwise,
     "Dropout": _identity,
+    "Embedding": _embedding,
     "Flatten": _flatten,
+    "GlobalAveragePooling1D": _gap1d,
     "GlobalAveragePooling2D": _gap,
+    "GlobalMaxPooling1D": _gmp1d,
     "GlobalMaxPooling2D": _gmp,
     "LeakyReLU": _leaky_relu,
+    "MaxPooling1D": _max_pool1d,
     "MaxPooling2D": _max_pool,
     "Multiply": _multiply,
     "Normalization": _normalization,
@@ -335,6 +381,10 @@ def build_nodes(model: Any) -> list[_Node]:
         nested = next(layer for layer in model.layers if hasattr(layer, "layers"))
         raise _unsupported(nested, "a nested model (flatten it into one model first)")
     graph = _graph(model)
+    if model.inputs[0].dtype.is_integer:
+        for layer, inputs in graph:
+            if "input" in inputs and layer.__class__.__name__ != "Embedding":
+                raise _unsupported(layer, "integer inputs train on the device only through an Embedding layer")
     nodes = []
     last_name = graph[-1][0].name
     for layer, inputs in graph:
@@ -352,6 +402,7 @@ def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo],
     tf = _tf.tf()
     nodes = build_nodes(model)
     in_shape = tuple(model.inputs[0].shape[1:])
+    x_dtype = tf.int32 if model.inputs[0].dtype.is_integer else tf.float32  # token ids into an Embedding
     num_classes = int(model.outputs[0].shape[-1])
     softmax_out = nodes[-1].softmax_output
     tensors: list[TensorInfo] = []
@@ -382,7 +433,7 @@ def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo],
             return values[nodes[-1].name]
 
         @tf.function(autograph=False, input_signature=[
-            tf.TensorSpec([batch_size, *in_shape], tf.float32, name="x"),
+            tf.TensorSpec([batch_size, *in_shape], x_dtype, name="x"),
             tf.TensorSpec([batch_size], tf.int32, name="y"),
             tf.TensorSpec([batch_size], tf.float32, name="sample_weight"),
             tf.TensorSpec([], tf.float32, name="learning_rate"),
@@ -399,7 +450,7 @@ def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo],
                 var.assign_sub(learning_rate * (grad + mu * (var - self.anchors[key])))
             return {"loss": loss}
 
-        @tf.function(autograph=False, input_signature=[tf.TensorSpec([None, *in_shape], tf.float32, name="x")])
+        @tf.function(autograph=False, input_signature=[tf.TensorSpec([None, *in_shape], x_dtype, name="x")])
         def infer(self, x: Any) -> dict:
             return {"output": self.forward(x, logits=False)}
 
@@ -531,4 +582,5 @@ def reference_step(model: Any, x: np.ndarray, y: np.ndarray, *, learning_rate: f
             loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y, out))
     keys = list(weights)
     grads = tape.gradient(loss, [weights[k] for k in keys])
-    return {k: weights[k].numpy() - learning_rate * g.numpy() for k, g in zip(keys, grads)}
+    # an Embedding's gradient comes back as IndexedSlices: made dense, as the device's scatter-add is
+    return {k: weights[k].numpy() - learning_rate * tf.convert_to_tensor(g).numpy() for k, g in zip(keys, grads)}

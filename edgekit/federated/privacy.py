@@ -1,0 +1,70 @@
+"""Will differential privacy leave a useful model? The noise of a DP run, worked out before it starts.
+
+With client-side clipping to ``C`` and Gaussian noise of multiplier ``sigma`` (DP-FedAvg, Flower's
+``DifferentialPrivacyClientSideFixedClipping``), the aggregate of ``m`` clients carries noise of
+standard deviation ``sigma * C / m`` on each of the model's ``d`` weights, so a noise vector of L2
+norm about ``sigma * C * sqrt(d) / m``, while the mean of the clipped updates has norm at most ``C``.
+Their ratio ``sigma * sqrt(d) / m`` does not depend on ``C``: past 1 the noise is larger than any
+update the clients can send, and the model is destroyed (a 99% digits CNN fell to 9% in one round at
+sigma 1 with 5 clients per round). It needs ``m >= sigma * sqrt(d)`` clients per round.
+
+The epsilon is Flower's RDP accountant composed over every round with no amplification by sampling
+(a conservative choice: the sampled clients are not assumed to be a random subset).
+
+>>> plan = plan_noise(noise_multiplier=1.0, clipping_norm=1.0, clients_per_round=5, parameters=94_218,
+...                   rounds=30, population=10, delta=1e-5)
+>>> round(plan.ratio, 1), plan.clients_needed
+(61.4, 307)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+NOISE_TO_SIGNAL_LIMIT = 1.0
+"""Largest noise-to-update norm ratio a DP run may start with unless told to go on anyway."""
+
+
+@dataclass(frozen=True)
+class NoisePlan:
+    """The noise a DP run's aggregate will carry, and the privacy it buys."""
+
+    parameters: int
+    clients_per_round: int
+    noise_norm: float    # sigma * C * sqrt(d) / m
+    update_norm: float   # C: the largest mean of clipped updates
+    ratio: float         # noise_norm / update_norm
+    clients_needed: int  # clients per round for the ratio to reach NOISE_TO_SIGNAL_LIMIT
+    epsilon: float       # after every round, at delta
+    delta: float
+    rounds: int
+
+    def describe(self) -> str:
+        return (f"the aggregate of {self.clients_per_round} clients per round carries noise of L2 norm "
+                f"{self.noise_norm:.3g} on {self.parameters:,} weights against a mean update of at most "
+                f"{self.update_norm:.3g} (ratio {self.ratio:.3g}); epsilon after {self.rounds} rounds "
+                f"{self.epsilon:.3g} at delta {self.delta:g}")
+
+    def advice(self) -> str:
+        return (f"it needs at least {self.clients_needed:,} clients per round at this noise, or a smaller "
+                "noise multiplier (a larger epsilon)")
+
+
+def plan_noise(*, noise_multiplier: float, clipping_norm: float, clients_per_round: int, parameters: int,
+               rounds: int, population: int, delta: float) -> NoisePlan:
+    """The :class:`NoisePlan` of a DP-FedAvg run."""
+    from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+
+    root = math.sqrt(parameters)
+    accountant = RdpAccountant(PrivacyConfig(target_delta=delta, population_size=population,
+                                             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                             sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    for _ in range(rounds):
+        accountant.compose(GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=clients_per_round,
+                                                population_size=population))
+    return NoisePlan(parameters=parameters, clients_per_round=clients_per_round,
+                     noise_norm=noise_multiplier * clipping_norm * root / clients_per_round,
+                     update_norm=clipping_norm, ratio=noise_multiplier * root / clients_per_round,
+                     clients_needed=math.ceil(noise_multiplier * root / NOISE_TO_SIGNAL_LIMIT),
+                     epsilon=float(accountant.get_privacy_spent().epsilon), delta=delta, rounds=rounds)
