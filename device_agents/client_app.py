@@ -12,6 +12,9 @@ Message protocol (Flower Message API):
   tensor of block scales)
   and ``metrics`` (``num-examples``, ``train-loss``, ``train-accuracy``). An int4 device keeps what
   rounding lost in its Flower context state (``codec-residual``) and adds it to its next update.
+  With compression on, the server may send the global model as an int8 delta (``arrays`` int8, ``codec``
+  per-tensor scales, config ``base-sha256``) against the model the device kept from the last round
+  (context state ``codec-base``); a device that does not hold that exact model refuses the round.
 - evaluate: content ``arrays``; reply ``metrics`` (``num-examples``, ``eval-loss``, ``eval-accuracy``).
 
 The server is not trusted to behave (:class:`ClientLimits`): incoming tensors are checked by name,
@@ -23,6 +26,7 @@ so crafted weights cannot probe the device's label counts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -149,6 +153,38 @@ def checked_weights(arrays: Any, tensors: dict[str, tuple[int, ...]]) -> dict[st
     return {name: array.numpy() for name, array in arrays.items()}
 
 
+BASE = "codec-base"
+"""The context-state record where a device keeps the global model it last received, for down-link deltas."""
+
+
+def received_weights(content: Any, tensors: dict[str, tuple[int, ...]], context: Any) -> dict[str, np.ndarray]:
+    """The global weights of a train message: float32 weights, or an int8 delta (with per-tensor scales in
+    ``codec``) against the model this device holds, whose SHA-256 the config names. Everything is checked
+    before it is decoded. With update compression on, the result is kept for the next round's delta."""
+    from flwr.app import ArrayRecord
+
+    if "codec" not in content.keys():
+        weights = checked_weights(content["arrays"], tensors)
+    else:
+        state = context.state
+        base = {k: v.numpy() for k, v in state[BASE].items()} if BASE in state else None
+        if base is None or codec.digest(base) != content["config"].get(codec.BASE_DIGEST):
+            raise ValueError("the server sent a delta against a model this device does not hold; refusing the round")
+        arrays, scales = content["arrays"], dict(content["codec"].items())
+        if set(arrays.keys()) != set(tensors) or set(scales) != set(tensors):
+            raise ValueError("the server sent a delta of tensors that are not this model's; refusing the round")
+        for name, array in arrays.items():
+            if array.dtype != "int8" or tuple(array.shape) != tuple(tensors[name]):
+                raise ValueError(f"the server sent delta {name} as {array.dtype} {tuple(array.shape)}, expected "
+                                 f"int8 {tuple(tensors[name])}; refusing the round")
+        if not all(isinstance(v, float) and math.isfinite(v) and 0 < v <= codec.MAX_SCALE for v in scales.values()):
+            raise ValueError("the server sent a delta with invalid scales; refusing the round")
+        weights = codec.decode({k: v.numpy() for k, v in arrays.items()}, scales, base)
+    if _codec(content["config"]) is not codec.Codec.FLOAT32:
+        context.state[BASE] = ArrayRecord({k: _array(v) for k, v in weights.items()})
+    return weights
+
+
 def round_settings(config: Any, limits: ClientLimits) -> tuple[int, float, float, int]:
     """(epochs, learning rate, proximal mu, seed) from the server's config: capped, non-finite refused."""
     import math
@@ -166,15 +202,6 @@ def round_settings(config: Any, limits: ClientLimits) -> tuple[int, float, float
             min(learning_rate, limits.max_learning_rate),
             min(max(0.0, number("proximal-mu", 0.0)), limits.max_proximal_mu),
             int(number("seed", 0)) % 2**31)
-
-
-def _digest(weights: dict[str, np.ndarray]) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        digest.update(name.encode() + np.ascontiguousarray(weights[name]).tobytes())
-    return digest.hexdigest()
 
 
 def make_client_app(settings: ClientSettings) -> Any:
@@ -216,10 +243,10 @@ def make_client_app(settings: ClientSettings) -> Any:
         trainer = _trainer(artifact_dir)
         config = message.content["config"]
         epochs, learning_rate, mu, seed = round_settings(config, _limits(settings, context))
-        global_weights = checked_weights(message.content["arrays"], trainer.tensors)
+        global_weights = received_weights(message.content, trainer.tensors, context)
         pid, x, y = _local_data(settings, context)
         trainer.set_weights(global_weights)
-        _LAST_TRAINED[(artifact_dir, pid)] = _digest(global_weights)
+        _LAST_TRAINED[(artifact_dir, pid)] = codec.digest(global_weights)
         losses = trainer.fit(x, y, epochs=epochs, learning_rate=learning_rate, mu=mu, seed=seed * 100_003 + pid)
         _, accuracy = trainer.evaluate(x, y)
         metrics = {"num-examples": len(x), "train-loss": float(losses[-1]), "train-accuracy": float(accuracy)}
@@ -243,7 +270,7 @@ def make_client_app(settings: ClientSettings) -> Any:
         weights = checked_weights(message.content["arrays"], trainer.tensors)
         pid, x, y = _local_data(settings, context)
         # only the global model this device last trained from, once: crafted weights cannot probe labels
-        if _LAST_TRAINED.pop((artifact_dir, pid), None) != _digest(weights):
+        if _LAST_TRAINED.pop((artifact_dir, pid), None) != codec.digest(weights):
             raise ValueError("evaluation is answered once per train round, for the weights last trained from")
         trainer.set_weights(weights)
         loss, accuracy = trainer.evaluate(x, y)

@@ -27,12 +27,27 @@ BLOCK = 128
 """Values per int4 scale: 64 bytes of levels + 4 bytes of scale per 512 bytes of float32."""
 
 
+BASE_DIGEST = "base-sha256"
+"""Config key of a train message whose weights are an int8 delta: the :func:`digest` of the model the
+device must hold for the delta to apply (down-link compression)."""
+
+
 class Codec(str, Enum):
     """How a client encodes its update."""
 
     FLOAT32 = "float32"  # the new weights themselves
     INT8 = "int8"        # int8 deltas, one scale per tensor
     INT4 = "int4"        # packed int4 deltas, a scale per block, stochastic rounding, error feedback
+
+
+def digest(weights: dict[str, np.ndarray]) -> str:
+    """SHA-256 of a set of weights (names and bytes, in sorted-name order)."""
+    import hashlib
+
+    hashed = hashlib.sha256()
+    for name in sorted(weights):
+        hashed.update(name.encode() + np.ascontiguousarray(weights[name]).tobytes())
+    return hashed.hexdigest()
 
 
 def encode(new: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:

@@ -117,6 +117,8 @@ def test_faulty_clients_are_rejected_and_compressed_updates_are_smaller(fl_model
         assert "NaN/inf" in reasons and "has shape" in reasons
         assert h["failed"] == 1 and h["valid"] == 2 and h["aggregated"]
     assert all(np.isfinite(v).all() for v in result.weights.values())
+    # round 2: the two honest devices hold round 1's model and get int8 deltas; the three others float32
+    assert history[2]["bytes_down_per_client"] < 0.75 * history[1]["bytes_down_per_client"]
     assert history[-1]["accuracy"] > history[0]["accuracy"]  # the two honest clients still improve the model
     # a round below the minimum keeps the global model
     blocked = simulate(fl_model, "digits", tmp_path / "blocked", progress=False, log=quiet, config=SimulationConfig(
@@ -619,7 +621,8 @@ def test_int4_device_updates_decode_carry_their_error_and_hostile_ones_are_rejec
 
     from device_agents.client_app import RESIDUAL
     from device_agents.codec import Codec
-    from edgekit.federated.server_app import _payload_bytes, validate_reply
+    from edgekit.federated.downlink import payload_bytes
+    from edgekit.federated.server_app import validate_reply
 
     app, context, weights = device
     if RESIDUAL in context.state:
@@ -628,7 +631,7 @@ def test_int4_device_updates_decode_carry_their_error_and_hostile_ones_are_rejec
     trained = app(_train_message(weights, **config, **{"compress-updates": "float32"}), context).content
     truth = {k: v.numpy() for k, v in trained["arrays"].items()}
     reply = app(_train_message(weights, **config, **{"compress-updates": "int4"}), context).content
-    assert _payload_bytes(trained) / _payload_bytes(reply) >= 7.0
+    assert payload_bytes(trained) / payload_bytes(reply) >= 7.0
     decoded, why = validate_reply(reply, weights, Codec.INT4)
     assert why == ""
     kept = {k: v.numpy().reshape(weights[k].shape) for k, v in context.state[RESIDUAL].items()}
@@ -656,6 +659,49 @@ def test_int4_device_updates_decode_carry_their_error_and_hostile_ones_are_rejec
     assert "is int8" in tampered(arrays=ArrayRecord({"int4": Array(packed.view(np.int8))}))
     assert "exactly one tensor 'int4'" in tampered(arrays=ArrayRecord({k: Array(v) for k, v in weights.items()}))
     assert "records" in validate_reply(reply, weights, Codec.FLOAT32)[1]  # a codec the round did not ask for
+
+
+def test_the_global_model_goes_down_as_an_int8_delta_to_devices_that_hold_the_last_one(device):
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    from device_agents import codec
+    from edgekit.federated.downlink import Downlink, payload_bytes
+
+    app, context, weights = device
+    link = Downlink()
+    first = link.advance(weights)  # round 1: nobody holds a model, float32 to all
+    message = _train_message(first, **{"learning-rate": 0.01, "compress-updates": "int8"})
+    link.compress([message])
+    assert message.content["arrays"][next(iter(weights))].dtype == "float32"
+    reply = app(message, context)
+    assert "codec" in reply.content
+    link.settle({1})  # the device replied compressed: it holds the broadcast model
+    moved = {k: v + np.float32(0.01) * np.sign(v) for k, v in weights.items()}  # the next global model
+    second = link.advance(moved)
+    message = _train_message(second, **{"learning-rate": 0.01, "compress-updates": "int8"})
+    full = payload_bytes(message.content)
+    link.compress([message])
+    assert all(a.dtype == "int8" for a in message.content["arrays"].values())
+    assert full / payload_bytes(message.content) > 3.5
+    assert not app(message, context).has_error()
+    held = {k: v.numpy() for k, v in context.state["codec-base"].items()}
+    assert codec.digest(held) == codec.digest(second)  # the device rebuilt exactly what the server holds
+    for k in weights:
+        assert np.max(np.abs(second[k] - moved[k])) <= np.max(np.abs(moved[k] - first[k])) / 254 + 1e-7
+    # a delta against a model the device does not hold, or a hostile delta, is refused
+    stale = RecordDict({"arrays": message.content["arrays"], "codec": message.content["codec"],
+                        "config": ConfigRecord({**dict(message.content["config"].items()), "base-sha256": "0" * 64})})
+    with pytest.raises(ValueError, match="a model this device does not hold"):
+        app(_message(stale, "train"), context)
+    digest = codec.digest(held)
+    for arrays, scales, fragment in (
+            ({k: Array(v.astype(np.float32)) for k, v in weights.items()}, 0.1, "expected int8"),
+            ({k: Array(np.zeros(v.shape, np.int8)) for k, v in weights.items()}, float("nan"), "invalid scales")):
+        hostile = RecordDict({"arrays": ArrayRecord(arrays), "codec": ConfigRecord({k: scales for k in weights}),
+                              "config": ConfigRecord({"learning-rate": 0.01, "compress-updates": "int8",
+                                                      "base-sha256": digest})})
+        with pytest.raises(ValueError, match=fragment):
+            app(_message(hostile, "train"), context)
 
 
 def test_a_kill_between_the_checkpoint_writes_loses_nothing_and_cleans_up(fl_model, tmp_path):

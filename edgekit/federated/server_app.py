@@ -34,6 +34,7 @@ from device_agents.training import Trainer
 from edgekit._io import crash_point, write_atomic
 from edgekit.errors import FederationError
 from edgekit.federated.config import RoundSettings, Strategy
+from edgekit.federated.downlink import Downlink, payload_bytes
 
 TRAIN_METRICS = {"num-examples": int, "train-loss": float, "train-accuracy": float}
 """The metrics a train reply carries: exactly these names, of these types."""
@@ -232,9 +233,11 @@ def run_rounds(grid: Any, *, settings: RoundSettings, initial: dict[str, np.ndar
         state.history.append({"round": 0, "accuracy": acc, "loss": loss})
         log(f"round 0/{settings.rounds}: accuracy {acc:.2f}% loss {loss:.4f} (initial model)")
     good = next(h["accuracy"] for h in reversed(state.history) if h.get("aggregated", True))
+    link = Downlink() if settings.compress_updates is not codec.Codec.FLOAT32 else None
     for rnd in range(state.round + 1, settings.rounds + 1):
         start = time.perf_counter()
-        weights, entry = _one_round(grid, strategy, rnd, weights, settings, evaluator, eval_x, eval_y, good, log)
+        weights, entry = _one_round(grid, strategy, rnd, weights, settings, evaluator, eval_x, eval_y, good, link,
+                                    log)
         if entry.get("aggregated"):
             good = entry["accuracy"]
         if settings.dp_noise_multiplier is not None:
@@ -249,7 +252,8 @@ def run_rounds(grid: Any, *, settings: RoundSettings, initial: dict[str, np.ndar
         privacy = (f"  (epsilon {entry['privacy']['epsilon']:.2f}, delta {settings.dp_delta:g})"
                    if "privacy" in entry else "")
         log(f"round {rnd}/{settings.rounds}: accuracy {entry['accuracy']:.2f}% loss {entry['loss']:.4f}  "
-            f"clients {entry['valid']}/{entry['sampled']}  up {entry['bytes_up_per_client'] / 1024:.1f} KiB/client  "
+            f"clients {entry['valid']}/{entry['sampled']}  up {entry['bytes_up_per_client'] / 1024:.1f} "
+            f"down {entry['bytes_down_per_client'] / 1024:.1f} KiB/client  "
             f"{entry['seconds']:.1f} s{privacy}")
     return weights, state
 
@@ -287,25 +291,31 @@ def _evaluate(evaluator: Trainer, weights: dict[str, np.ndarray], x: np.ndarray,
 
 
 def _one_round(grid: Any, strategy: Any, rnd: int, weights: dict[str, np.ndarray], settings: RoundSettings,
-               evaluator: Trainer, eval_x: np.ndarray, eval_y: np.ndarray, good: float,
+               evaluator: Trainer, eval_x: np.ndarray, eval_y: np.ndarray, good: float, link: Downlink | None,
                log: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
     from edgekit.federated.strategies import OptimizerSnapshot
 
-    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+    sent = link.advance(weights) if link is not None else weights  # what every device trains from
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in sent.items()})
     config = ConfigRecord({"local-epochs": settings.local_epochs, "learning-rate": settings.learning_rate,
                            "compress-updates": settings.compress_updates.value, "seed": settings.seed * 1000 + rnd})
     messages = list(strategy.configure_train(rnd, arrays, config, grid))
+    if link is not None:
+        link.compress(messages)
+    down = [payload_bytes(m.content) for m in messages]
     replies = list(grid.send_and_receive(messages=messages, timeout=settings.round_timeout))
-    valid, rejected, failed, up = _collect(replies, weights, settings, rnd, log)
-    valid, outliers = robust_filter(valid, weights, settings)
+    if link is not None:
+        link.settle({int(r.metadata.src_node_id) for r in replies if not r.has_error() and "codec" in r.content})
+    valid, rejected, failed, up = _collect(replies, sent, settings, rnd, log)
+    valid, outliers = robust_filter(valid, sent, settings)
     rejected += outliers
     for item in outliers:
         log(f"round {rnd}: rejected the update of node {item['node']}: {item['reason']}")
     entry: dict[str, Any] = {"round": rnd, "sampled": len(messages), "replied": len(replies) - failed,
                              "valid": len(valid), "failed": failed, "rejected": rejected,
-                             "bytes_down_per_client": sum(v.nbytes for v in weights.values()),
+                             "bytes_down_per_client": float(np.mean(down)) if down else 0.0,
                              "bytes_up_per_client": float(np.mean(up)) if up else 0.0, "aggregated": False}
     if len(valid) < max(1, int(np.ceil(settings.min_fraction * len(messages)))):
         log(f"round {rnd}: only {len(valid)} of {len(messages)} clients gave a valid update "
@@ -338,7 +348,7 @@ def _collect(replies: list, weights: dict[str, np.ndarray], settings: RoundSetti
             failed += 1
             continue
         try:
-            up.append(_payload_bytes(reply.content))
+            up.append(payload_bytes(reply.content))
             decoded, why = validate_reply(reply.content, weights, settings.compress_updates)
         except Exception as exc:  # a malformed reply of any kind is rejected, never fatal
             decoded, why = None, f"malformed reply ({type(exc).__name__}: {str(exc)[:120]})"
@@ -348,18 +358,6 @@ def _collect(replies: list, weights: dict[str, np.ndarray], settings: RoundSetti
             continue
         valid.append((reply, decoded, int(reply.content["metrics"]["num-examples"])))
     return valid, rejected, failed, up
-
-
-def _payload_bytes(content: Any) -> int:
-    """Bytes of the tensors and codec scales a reply carries (a ConfigRecord float travels as 8 bytes)."""
-    from flwr.app import ArrayRecord
-
-    total = 0
-    for name in ("arrays", "codec"):
-        if name in content:
-            record = content[name]
-            total += sum(len(a.data) for a in record.values()) if isinstance(record, ArrayRecord) else 8 * len(record)
-    return total
 
 
 def _aggregate(strategy: Any, rnd: int, valid: list[tuple[Any, dict[str, np.ndarray], int]],
