@@ -206,7 +206,7 @@ def round_settings(config: Any, limits: ClientLimits) -> tuple[int, float, float
 
 def make_client_app(settings: ClientSettings) -> Any:
     """A ``flwr.clientapp.ClientApp`` bound to ``settings``."""
-    from flwr.app import Message, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
     app = ClientApp()
@@ -261,6 +261,19 @@ def make_client_app(settings: ClientSettings) -> Any:
                 hostile_scale=fault is Fault.CODEC_SCALE)
         return Message(content, reply_to=message)
 
+    @app.query(PERSONALIZE, mods=[audit_mod])
+    def personalize(message: Any, context: Any) -> Any:
+        trainer = _trainer(_artifact_dir(settings, context))
+        config = message.content["config"]
+        epochs, learning_rate, _, seed = round_settings({**dict(config.items()), "local-epochs": config.get(
+            "personalize-epochs", 1)}, _limits(settings, context))
+        weights = checked_weights(message.content["arrays"], trainer.tensors)
+        pid, x, y = _local_data(settings, context)
+        metrics, head = personalized_head(trainer, weights, x, y, epochs=epochs, learning_rate=learning_rate,
+                                          seed=seed * 100_003 + pid)
+        context.state[PERSONAL_HEAD] = ArrayRecord({k: _array(v) for k, v in head.items()})
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+
     @app.evaluate(mods=[audit_mod])
     def evaluate(message: Any, context: Any) -> Any:
         artifact_dir = _artifact_dir(settings, context)
@@ -279,6 +292,38 @@ def make_client_app(settings: ClientSettings) -> Any:
         return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
     return app
+
+
+PERSONALIZE = "personalize"
+"""The query action after the rounds: fine-tune the head on the device's own data and keep it there."""
+PERSONAL_HEAD = "personal-head"
+"""The context-state record where a device keeps its fine-tuned head."""
+PERSONALIZE_METRICS = ("num-examples", "accuracy-before", "accuracy-after", "kept")
+"""What a personalisation reply carries: counts in tens, accuracies on a 5-point grid, whether the device
+kept its fine-tuned head (1) or the global one (0)."""
+
+
+def personalized_head(trainer: Trainer, weights: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, *,
+                      epochs: int, learning_rate: float, seed: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Fine-tune the head of the global ``weights`` on 80% of the local data (the backbone frozen); return the
+    coarse accuracies before and after on the other 20%, and the head the device keeps: the fine-tuned one
+    when it is at least as accurate there, else the global one (personalising never makes a device worse on
+    its own held-out data)."""
+    head = set(trainer.spec.get("head_tensors") or ())
+    if not head:
+        raise ValueError("this trainable artifact names no head tensors (no Flatten or global pooling layer)")
+    order = np.random.default_rng(seed).permutation(len(x))
+    held = order[: max(1, len(x) // 5)]
+    train = order[len(held):] if len(x) > 1 else order
+    trainer.set_weights(weights)
+    _, before = trainer.evaluate(x[held], y[held])
+    trainer.fit(x[train], y[train], epochs=epochs, learning_rate=learning_rate, seed=seed,
+                frozen=[k for k in trainer.tensors if k not in head])
+    _, after = trainer.evaluate(x[held], y[held])
+    kept = after >= before
+    metrics = {"num-examples": max(10, len(held) // 10 * 10), "accuracy-before": float(round(before / 5) * 5),
+               "accuracy-after": float(round(after / 5) * 5), "kept": int(kept)}
+    return metrics, {k: v for k, v in (trainer.get_weights() if kept else weights).items() if k in head}
 
 
 def _codec(config: Any) -> codec.Codec:

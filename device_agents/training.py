@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -112,10 +113,11 @@ class Trainer:
         return float(out["loss"])
 
     def fit(self, x: np.ndarray, y: np.ndarray, *, epochs: int = 1, learning_rate: float | None = None,
-            mu: float = 0.0, seed: int = 0) -> list[float]:
+            mu: float = 0.0, seed: int = 0, frozen: Collection[str] = ()) -> list[float]:
         """Train on ``x, y`` for ``epochs``; the last short batch is padded with weight-0 samples.
 
-        Returns the mean loss of each epoch.
+        ``frozen``: tensors put back after every step (e.g. the backbone, to train only the head:
+        the manifest's ``head_tensors``). Returns the mean loss of each epoch.
         """
         x = np.asarray(x, dtype=self.input_dtype)
         y = np.asarray(y).astype(np.int32)
@@ -127,6 +129,7 @@ class Trainer:
         rng = np.random.default_rng(seed)
         b = self.batch_size
         losses = []
+        kept = {k: v for k, v in self.get_weights().items() if k in set(frozen)}
         for _ in range(epochs):
             order = rng.permutation(len(x))
             total, weight = 0.0, 0
@@ -137,6 +140,8 @@ class Trainer:
                 w = np.zeros(b, np.float32)
                 w[:n] = 1.0
                 loss = self.train_step(feats[pad], y[pad], learning_rate=lr, mu=mu, sample_weight=w)
+                if kept:
+                    self.set_weights({**self.get_weights(), **kept})
                 total += loss * n
                 weight += n
             losses.append(total / weight)

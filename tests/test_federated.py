@@ -1,6 +1,7 @@
 """Federated learning on Flower's real simulation engine (Ray): strategies, faults, privacy, resume."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -568,7 +569,8 @@ def device(fl_model, digits, tmp_path_factory):
     (d / "data").mkdir()
     np.savez(d / "data" / "0.npz", x=digits.x[:100], y=digits.y[:100])
     app = make_client_app(ClientSettings(str(d / "trainable"), str(d / "data")))
-    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "artifact-dir": str(d / "trainable")},
+                      state=RecordDict(), run_config={})
     from device_agents.training import Trainer
 
     return app, context, Trainer.load(d / "trainable").get_weights()
@@ -704,6 +706,35 @@ def test_the_global_model_goes_down_as_an_int8_delta_to_devices_that_hold_the_la
             app(_message(hostile, "train"), context)
 
 
+def test_personalisation_trains_only_the_head_and_keeps_it_on_the_device(device, digits):
+    """A device that only ever sees the digits 0 and 1: its own head fits its data better than the global one."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+
+    from device_agents.client_app import PERSONAL_HEAD, _trainer
+    from device_agents.training import Trainer
+
+    app, shared, weights = device
+    folder = Path(shared.node_config["artifact-dir"]).parent
+    pick = np.flatnonzero(digits.y < 2)[:150]
+    np.savez(folder / "data" / "1.npz", x=digits.x[pick], y=digits.y[pick])
+    context = Context(run_id=1, node_id=2, node_config={**shared.node_config, "partition-id": 1}, state=RecordDict(),
+                      run_config={})
+    head = set(Trainer.load(context.node_config["artifact-dir"]).spec["head_tensors"])
+    assert head == {"dense_kernel", "dense_bias", "dense_1_kernel", "dense_1_bias"}  # after the Flatten
+
+    query = _message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
+                                 "config": ConfigRecord({"personalize-epochs": 5, "learning-rate": 0.05, "seed": 1})}),
+                     "query.personalize")
+    metrics = app(query, context).content["metrics"]
+    assert set(metrics.keys()) == {"num-examples", "accuracy-before", "accuracy-after", "kept"}
+    assert metrics["accuracy-before"] % 5 == 0 and metrics["num-examples"] % 10 == 0
+    kept = {k: v.numpy() for k, v in context.state[PERSONAL_HEAD].items()}
+    assert metrics["kept"] == 1 and metrics["accuracy-after"] > metrics["accuracy-before"]
+    assert set(kept) == head and all(not np.array_equal(kept[k], weights[k]) for k in head)
+    after = _trainer(context.node_config["artifact-dir"]).get_weights()
+    assert all(np.array_equal(after[k], weights[k]) for k in weights if k not in head)  # the backbone is frozen
+
+
 def test_a_kill_between_the_checkpoint_writes_loses_nothing_and_cleans_up(fl_model, tmp_path):
     """SIGKILL after round 2's weights are written but before its state: resume reruns round 2 from round 1."""
     import os
@@ -762,6 +793,11 @@ def test_federation_keys_are_private_from_the_start_and_certificates_say_their_u
 def test_honest_clients_of_a_converged_model_on_skewed_data_are_not_rejected(fl_model, tmp_path):
     """Fine-tuning on Dirichlet(0.5) partitions: a few honest updates are 20-50x the median; none is poison."""
     result = simulate(fl_model, "digits", tmp_path / "skew", progress=False, log=quiet, config=SimulationConfig(
-        clients=8, partition=SKEWED, rounds=RoundSettings(rounds=2, strategy=Strategy.FEDPROX, proximal_mu=0.1,
-                                                           learning_rate=0.01)))
+        clients=8, partition=SKEWED, personalize_epochs=5,
+        rounds=RoundSettings(rounds=2, strategy=Strategy.FEDPROX, proximal_mu=0.1, learning_rate=0.01)))
     assert all(h["rejected"] == [] and h["valid"] == 8 for h in result.history[1:])
+    # personalisation: each label-skewed device fine-tunes its head and keeps it only where it is not worse
+    summary = json.loads((tmp_path / "skew" / "history.json").read_text())["personalization"]
+    assert summary["devices"] == 8 and summary["failed_or_rejected"] == 0
+    assert summary["accuracy_after"] >= summary["accuracy_before"]
+    assert summary["accuracy_after"] >= summary["accuracy_fine_tuned"]  # a head that got worse is not kept

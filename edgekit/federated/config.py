@@ -164,7 +164,8 @@ class SimulationConfig(FederationConfig):
 
     ``faults`` rehearses faulty clients (partition id -> :class:`~device_agents.client_app.Fault`);
     ``audit_dir`` keeps a copy of every reply a client sends; ``secure_aggregation`` runs SecAgg+;
-    ``local_dp_epsilon`` makes every device add its own noise (local DP: the server is not trusted).
+    ``local_dp_epsilon`` makes every device add its own noise (local DP: the server is not trusted);
+    ``personalize_epochs`` has every device fine-tune the final model's head on its own data and keep it.
     """
 
     resume: bool = False
@@ -172,17 +173,21 @@ class SimulationConfig(FederationConfig):
     audit_dir: str | None = None
     secure_aggregation: bool = False  # SecAgg+ (Flower's legacy fit workflow); see edgekit.federated.secagg
     local_dp_epsilon: float | None = None  # each device adds its own noise (Flower's LocalDpMod), clip dp_clipping_norm
+    personalize_epochs: int = 0  # after the rounds, each device fine-tunes its own head this many epochs (0: off)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.local_dp_epsilon is not None and not self.local_dp_epsilon > 0:
             raise InputError(f"the local differential-privacy epsilon must be > 0, got {self.local_dp_epsilon}")
         object.__setattr__(self, "faults", {int(k): coerce_enum(Fault, v, "fault") for k, v in self.faults.items()})
+        if not 0 <= self.personalize_epochs <= 10:
+            raise InputError(f"personalisation epochs must be between 0 and 10, got {self.personalize_epochs}")
         if self.secure_aggregation:
             clash = [name for name, on in (("update compression", self.rounds.compress_updates is not Codec.FLOAT32),
                                             ("differential privacy", self.rounds.dp_noise_multiplier is not None),
                                             ("local differential privacy", self.local_dp_epsilon is not None),
                                             ("resuming", self.resume),
+                                            ("personalisation", self.personalize_epochs > 0),
                                             (f"the {self.rounds.strategy.value} strategy",
                                              self.rounds.strategy is not Strategy.FEDAVG)) if on]
             if clash:

@@ -110,12 +110,14 @@ def check_privacy_noise(config: FederationConfig, parameters: int) -> tuple[str,
 
 
 def finish_run(run: PreparedRun, out: Path, config: FederationConfig, history: list[dict[str, Any]],
-               weights: dict[str, np.ndarray], *, progress: bool, log: Callable[[str], Any]) -> FederatedResult:
-    """Write ``history.json`` and ``accuracy.png``; compress the final global model into ``out/final``."""
+               weights: dict[str, np.ndarray], *, progress: bool, log: Callable[[str], Any],
+               extra: dict[str, Any] | None = None) -> FederatedResult:
+    """Write ``history.json`` (with ``extra`` keys, e.g. ``personalization``) and ``accuracy.png``; compress
+    the final global model into ``out/final``."""
     start, end = history[0]["accuracy"], history[-1]["accuracy"]
     worse = not end >= start - WORSE_THAN_START
     write_atomic(out / "history.json", json.dumps({"config": asdict(config), "rounds": history,
-                                                   "worse_than_start": worse}, indent=2).encode())
+                                                   "worse_than_start": worse, **(extra or {})}, indent=2).encode())
     plot_history(history, out / "accuracy.png")
     final = close_the_loop(run.loaded.model, weights, run.dataset, out / "final", progress=progress)
     if worse:

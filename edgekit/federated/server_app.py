@@ -46,6 +46,7 @@ class ServerState:
 
     round: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    personalization: dict[str, Any] | None = None
 
 
 def save_checkpoint(folder: Path, weights: dict[str, np.ndarray], state: ServerState) -> None:
@@ -219,8 +220,9 @@ class _Round:
 
 def run_rounds(grid: Any, *, settings: RoundSettings, initial: dict[str, np.ndarray], evaluator: Trainer,
                eval_x: np.ndarray, eval_y: np.ndarray, checkpoint_dir: Path, resume: bool, expected_nodes: int,
-               log: Any = print) -> tuple[dict[str, np.ndarray], ServerState]:
-    """The round loop (called from the ServerApp's main with Flower's Grid)."""
+               log: Any = print, personalize_epochs: int = 0) -> tuple[dict[str, np.ndarray], ServerState]:
+    """The round loop (called from the ServerApp's main with Flower's Grid); then, when
+    ``personalize_epochs`` is set, every device fine-tunes its own head (:func:`personalize`)."""
     weights, state = dict(initial), ServerState()
     if resume:
         restored = load_checkpoint(checkpoint_dir)
@@ -255,7 +257,47 @@ def run_rounds(grid: Any, *, settings: RoundSettings, initial: dict[str, np.ndar
             f"clients {entry['valid']}/{entry['sampled']}  up {entry['bytes_up_per_client'] / 1024:.1f} "
             f"down {entry['bytes_down_per_client'] / 1024:.1f} KiB/client  "
             f"{entry['seconds']:.1f} s{privacy}")
+    if personalize_epochs:
+        state.personalization = personalize(grid, weights, settings, personalize_epochs, log)
     return weights, state
+
+
+def personalize(grid: Any, weights: dict[str, np.ndarray], settings: RoundSettings, epochs: int,
+                log: Any) -> dict[str, Any]:
+    """Ask every device to fine-tune the final model's head on its own data and keep it; aggregate the
+    coarse before/after accuracies the devices report (weighted by their counts)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+    from device_agents.client_app import PERSONALIZE, PERSONALIZE_METRICS
+
+    content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()}),
+                          "config": ConfigRecord({"personalize-epochs": epochs, "learning-rate": settings.learning_rate,
+                                                  "seed": settings.seed})})
+    messages = [Message(content=content, message_type=f"query.{PERSONALIZE}", dst_node_id=node)
+                for node in grid.get_node_ids()]
+    rows, refused = [], 0
+    for reply in grid.send_and_receive(messages=messages, timeout=settings.round_timeout):
+        metrics = None if reply.has_error() else reply.content.get("metrics")
+        if metrics is None or set(metrics.keys()) != set(PERSONALIZE_METRICS) or not all(
+                isinstance(metrics[k], (int, float)) and not isinstance(metrics[k], bool)
+                and math.isfinite(metrics[k]) and 0 <= metrics[k] <= {"num-examples": 10**9, "kept": 1}.get(k, 100)
+                for k in PERSONALIZE_METRICS):
+            refused += 1
+            continue
+        rows.append([float(metrics[k]) for k in PERSONALIZE_METRICS])
+    summary: dict[str, Any] = {"epochs": epochs, "devices": len(rows), "failed_or_rejected": refused}
+    if rows:
+        table = np.array(rows)
+        kept = np.where(table[:, 3] > 0, table[:, 2], table[:, 1])  # what each device serves now
+        summary.update({"accuracy_before": float(np.average(table[:, 1], weights=table[:, 0])),
+                        "accuracy_fine_tuned": float(np.average(table[:, 2], weights=table[:, 0])),
+                        "accuracy_after": float(np.average(kept, weights=table[:, 0])),
+                        "devices_kept_their_head": int(np.sum(table[:, 3] > 0)),
+                        "devices_improved": int(np.sum(kept > table[:, 1]))})
+        log(f"personalisation: {len(rows)} devices fine-tuned their head for {epochs} epochs; "
+            f"{summary['devices_kept_their_head']} kept it (as accurate or better on their own held-out data): "
+            f"accuracy there {summary['accuracy_before']:.1f}% -> {summary['accuracy_after']:.1f}%")
+    return summary
 
 
 def _strategy(grid: Any, settings: RoundSettings, expected_nodes: int, state: ServerState) -> tuple[Any, int, int]:

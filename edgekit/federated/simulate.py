@@ -38,15 +38,17 @@ def simulate(model: Any, data: str | Path | Dataset, out: str | Path, *, config:
     for line in run.warnings:
         log(line)
     evaluator = Trainer.load(out / "trainable")
+    personalization = None
     if config.secure_aggregation:
         history, weights = _secagg_rounds(config, out, evaluator, run, log)
     else:
-        history, weights = _rounds(config, out, evaluator, run, log)
-    return finish_run(run, out, config, history, weights, progress=progress, log=log)
+        history, weights, personalization = _rounds(config, out, evaluator, run, log)
+    return finish_run(run, out, config, history, weights, progress=progress, log=log,
+                      extra={"personalization": personalization} if personalization else None)
 
 
 def _rounds(config: SimulationConfig, out: Path, evaluator: Any, run: PreparedRun,
-            log: Any) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+            log: Any) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], dict[str, Any] | None]:
     from flwr.serverapp import ServerApp
 
     from device_agents.client_app import ClientLimits, ClientSettings, make_client_app
@@ -61,7 +63,7 @@ def _rounds(config: SimulationConfig, out: Path, evaluator: Any, run: PreparedRu
             outcome["weights"], outcome["state"] = run_rounds(
                 grid, settings=config.rounds, initial=initial, evaluator=evaluator, eval_x=run.parts.evaluation.x,
                 eval_y=run.parts.evaluation.y, checkpoint_dir=out / "checkpoints", resume=config.resume,
-                expected_nodes=config.clients, log=log)
+                expected_nodes=config.clients, log=log, personalize_epochs=config.personalize_epochs)
         except BaseException as exc:  # the simulation engine would only log it
             outcome["error"] = exc
 
@@ -76,7 +78,7 @@ def _rounds(config: SimulationConfig, out: Path, evaluator: Any, run: PreparedRu
         raise exc if isinstance(exc, EdgeKitError) else FederationError(f"the federated run failed: {exc}")
     if "state" not in outcome:
         raise FederationError("the federated run ended without a result; see the Flower log above")
-    return outcome["state"].history, outcome["weights"]
+    return outcome["state"].history, outcome["weights"], outcome["state"].personalization
 
 
 def _secagg_rounds(config: SimulationConfig, out: Path, evaluator: Any, run: PreparedRun,

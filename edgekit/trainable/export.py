@@ -147,6 +147,7 @@ def _verification_data(loaded: Any, data: str | Path | Dataset | None, config: T
 def _contract(loaded: Any, train_model: Any, tensors: list, softmax_out: bool,
               config: TrainableConfig) -> dict[str, Any]:
     """The ``trainable`` section of the manifest: signatures, tensors and shapes a device relies on."""
+
     return {
         "mode": "head-only" if config.head_only else "full", "batch_size": config.batch_size,
         "num_classes": loaded.num_classes, "learning_rate": config.learning_rate,
@@ -158,7 +159,18 @@ def _contract(loaded: Any, train_model: Any, tensors: list, softmax_out: bool,
             "train": ["x", "y", "sample_weight", "learning_rate", "mu"], "infer": ["x"],
             "get_weights": [], "set_weights": [t.name for t in tensors]},
         "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in tensors],
+        # personalisation: the tensors of the layers after the last Flatten / global pooling layer
+        "head_tensors": [t.name for t in tensors] if config.head_only else _head_tensors(train_model),
     }
+
+
+def _head_tensors(model: Any) -> list[str]:
+    """Names of the trainable tensors of the model's head (after its last Flatten / global pooling layer)."""
+    from edgekit.trainable.contract import tensor_key
+    from edgekit.trainable.graph import build_nodes, head_layers
+
+    head = set(head_layers(model))
+    return [tensor_key(node.name, p) for node in build_nodes(model) if node.name in head for p, _ in node.params]
 
 
 def _verify(files: dict[str, bytes], manifest: dict, keras_model: Any, train_model: Any, dataset: Dataset,

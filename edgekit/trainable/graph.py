@@ -515,6 +515,16 @@ FEATURE_LAYERS = ("Flatten", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
 """Where head-only training cuts a model: after the last of these, the head is what follows."""
 
 
+def head_layers(model: Any) -> list[str]:
+    """Names of the layers after the last Flatten / global pooling layer (the head), or ``[]`` when the
+    model has no such cut or its head is not sequential."""
+    graph = _graph(model)
+    cut = max((i for i, (layer, _) in enumerate(graph) if layer.__class__.__name__ in FEATURE_LAYERS), default=None)
+    if cut is None or cut == len(graph) - 1 or any(len(inputs) != 1 for _, inputs in graph[cut + 1:]):
+        return []
+    return [layer.name for layer, _ in graph[cut + 1:]]
+
+
 def split_head(model: Any) -> tuple[Any, Any]:
     """Split at the last Flatten / global pooling layer: (backbone, head), both tf-keras models."""
     keras = _tf.keras()
