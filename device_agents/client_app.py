@@ -56,6 +56,14 @@ class Fault(str, Enum):
     CODEC_SCALE = "codec-scale"    # compressed update with a scale of 1e30
 
 
+class Clipping(str, Enum):
+    """How a device clips its update for central differential privacy (Flower's client-side mods)."""
+
+    NONE = "none"
+    FIXED = "fixed"        # fixedclipping_mod: to the norm the server sends
+    ADAPTIVE = "adaptive"  # adaptiveclipping_mod: also reports whether its update was clipped (norm_bit)
+
+
 @dataclass(frozen=True)
 class ClientLimits:
     """What a device obeys of the server's round settings (node config keys in brackets).
@@ -107,11 +115,12 @@ class ClientSettings:
     data_dir: str | None = None      # None: read "data-dir" from the SuperNode's --node-config
     faults: dict[int, Fault] = field(default_factory=dict)
     audit_dir: str | None = None  # when set, every reply this client sends is also written here
-    clip_updates: bool = False    # differential privacy: Flower's fixedclipping_mod clips each update
+    clipping: Clipping = Clipping.NONE  # central differential privacy: Flower's fixed or adaptive clipping mod
     limits: ClientLimits | None = None  # None: ClientLimits from the SuperNode's --node-config
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "faults", {int(k): Fault(v) for k, v in self.faults.items()})
+        object.__setattr__(self, "clipping", Clipping(self.clipping))
 
 
 def _trainer(artifact_dir: str) -> Trainer:
@@ -232,10 +241,10 @@ def make_client_app(settings: ClientSettings) -> Any:
         return mod(message, context, call_next)
 
     mods = [audit_mod, local_dp_mod]
-    if settings.clip_updates:
-        from flwr.clientapp.mod import fixedclipping_mod
+    if settings.clipping is not Clipping.NONE:
+        from flwr.clientapp import mod
 
-        mods.append(fixedclipping_mod)
+        mods.append(mod.fixedclipping_mod if settings.clipping is Clipping.FIXED else mod.adaptiveclipping_mod)
 
     @app.train(mods=mods)
     def train(message: Any, context: Any) -> Any:

@@ -143,14 +143,18 @@ def test_fedprox_compressed_bytes_and_resume(fl_model, tmp_path):
     assert resumed.history[1] == json.loads(json.dumps(h1))  # the completed round was kept, not rerun
 
 
-def test_differential_privacy_clips_updates_and_reports_epsilon(fl_model, tmp_path):
+@pytest.mark.parametrize("clipping, sigma", [("fixed", 0.8), ("adaptive", 0.25)])
+def test_differential_privacy_clips_updates_and_reports_epsilon(fl_model, tmp_path, clipping, sigma):
     audit = tmp_path / "audit"
     result = simulate(fl_model, "digits", tmp_path / "dp", progress=False, log=quiet, config=SimulationConfig(
-        clients=3, audit_dir=str(audit),
-        rounds=RoundSettings(rounds=2, dp_noise_multiplier=0.8, dp_clipping_norm=0.5, dp_noise_guard="warn")))
+        clients=3, audit_dir=str(audit), rounds=RoundSettings(rounds=2, dp_noise_multiplier=sigma,
+                                                              dp_clipping_norm=0.5, dp_noise_guard="warn",
+                                                              dp_clipping=clipping)))
     eps = [h["privacy"]["epsilon"] for h in result.history[1:]]
     assert all(np.isfinite(e) and e > 0 for e in eps) and eps[1] > eps[0]
-    assert result.history[1]["privacy"]["noise_multiplier"] == 0.8
+    assert result.history[1]["privacy"]["noise_multiplier"] == sigma
+    assert result.history[1]["privacy"]["clipping"] == clipping
+    assert all(h["valid"] == 3 and h["rejected"] == [] for h in result.history[1:])  # the norm bit is protocol
     assert all(np.isfinite(v).all() for v in result.weights.values())
     from device_agents.training import Trainer
 
@@ -161,8 +165,14 @@ def test_differential_privacy_clips_updates_and_reports_epsilon(fl_model, tmp_pa
         with np.load(path) as npz:
             norm = np.sqrt(sum(np.sum((npz[k] - start[k.split("__", 1)[1]]) ** 2) for k in npz.files))
         assert norm <= 0.5 + 1e-4  # clipped on the device before it was sent
+        bits = json.loads(path.with_suffix(".json").read_text())["metrics"]
+        assert ("norm_bit" in bits) == (clipping == "adaptive")
+    moved = result.history[1]["privacy"]["clipping_norm"]  # the norm the devices clip to in round 2
+    assert (moved != 0.5) == (clipping == "adaptive")
     with pytest.raises(InputError, match="cannot be combined with update compression"):
         SimulationConfig(rounds=RoundSettings(dp_noise_multiplier=1.0, compress_updates=True))
+    with pytest.raises(InputError, match="needs more than 8 clients per round, this run has 3"):
+        SimulationConfig(clients=3, rounds=RoundSettings(dp_noise_multiplier=0.8, dp_clipping="adaptive"))
 
 
 def test_a_dp_run_whose_noise_drowns_every_update_is_refused_before_anything_is_written(fl_model, tmp_path):

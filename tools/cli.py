@@ -11,6 +11,7 @@ import json
 import sys
 from dataclasses import fields
 
+from device_agents.client_app import Clipping
 from device_agents.codec import Codec
 from device_agents.console import OneLineParser, quiet_native_logs, run
 from device_agents.exit_codes import ExitCode
@@ -207,6 +208,10 @@ def _add_simulate(fl_sub: argparse._SubParsersAction) -> None:
                      help="L2 clipping norm of each update (default %(default)s)")
     sim.add_argument("--dp-delta", type=float, default=_default(RoundSettings, "dp_delta"),
                      help="delta of the reported (epsilon, delta) (default %(default)s)")
+    sim.add_argument("--dp-clipping", choices=[c.value for c in Clipping if c is not Clipping.NONE],
+                     default=_default(RoundSettings, "dp_clipping").value,
+                     help="fixed: every update clipped to --dp-clip; adaptive: starts at --dp-clip and follows the "
+                          "median update norm (Flower's adaptive clipping) (default %(default)s)")
     sim.add_argument("--dp-noise-guard", choices=_values(NoiseGuard),
                      default=_default(RoundSettings, "dp_noise_guard").value,
                      help="when the noise would be larger than any clipped mean update (sigma x sqrt(weights) > "
@@ -303,7 +308,7 @@ def cmd_fl_simulate(args: argparse.Namespace) -> int:
     from edgekit.federated.simulate import simulate
 
     rounds = _round_settings(args, dp_noise_multiplier=args.dp_noise, dp_clipping_norm=args.dp_clip,
-                             dp_delta=args.dp_delta, dp_noise_guard=args.dp_noise_guard)
+                             dp_delta=args.dp_delta, dp_noise_guard=args.dp_noise_guard, dp_clipping=args.dp_clipping)
     config = SimulationConfig(clients=args.clients, partition=args.partition, rounds=rounds,
                               batch_size=args.batch_size, resume=args.resume, secure_aggregation=args.secagg,
                               local_dp_epsilon=args.local_dp_epsilon, personalize_epochs=args.personalize_epochs)

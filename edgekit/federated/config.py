@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
-from device_agents.client_app import Fault
+from device_agents.client_app import Clipping, Fault
 from device_agents.codec import Codec
 from edgekit.config import coerce_enum
 from edgekit.errors import InputError
@@ -83,7 +83,8 @@ class RoundSettings:
     round_timeout: float = 600.0
     seed: int = 0
     dp_noise_multiplier: float | None = None  # differential privacy: Gaussian noise (x clipping norm)
-    dp_clipping_norm: float = 1.0              # each client's update is clipped to this L2 norm
+    dp_clipping_norm: float = 1.0              # each client's update is clipped to this L2 norm (adaptive: at first)
+    dp_clipping: Clipping = Clipping.FIXED     # or ADAPTIVE: the norm follows the median update (Andrew et al.)
     dp_delta: float = 1e-5
     dp_noise_guard: NoiseGuard = NoiseGuard.REFUSE  # when the noise would exceed any clipped mean update
     max_update_norm_ratio: float = 5.0    # reject an update over this many times the round's median update ...
@@ -94,6 +95,9 @@ class RoundSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "strategy", coerce_enum(Strategy, self.strategy, "strategy"))
         object.__setattr__(self, "dp_noise_guard", coerce_enum(NoiseGuard, self.dp_noise_guard, "noise guard"))
+        object.__setattr__(self, "dp_clipping", coerce_enum(Clipping, self.dp_clipping, "clipping"))
+        if self.dp_clipping is Clipping.NONE:
+            raise InputError("differential-privacy clipping must be fixed or adaptive")
         codec = {True: Codec.INT8, False: Codec.FLOAT32, None: Codec.FLOAT32}.get(self.compress_updates,
                                                                                  self.compress_updates)
         object.__setattr__(self, "compress_updates", coerce_enum(Codec, codec, "update codec"))
@@ -153,6 +157,12 @@ class FederationConfig:
         if not 1 <= self.batch_size <= 4096:
             raise InputError(f"the on-device batch size must be between 1 and 4096, got {self.batch_size}")
         sampled = max(1, math.ceil(self.clients * self.rounds.fraction))
+        sigma = self.rounds.dp_noise_multiplier
+        if sigma is not None and self.rounds.dp_clipping is Clipping.ADAPTIVE and not sigma < sampled / 10:
+            raise InputError(f"adaptive clipping also noises the count of clipped updates (deviation clients/20 per "
+                             f"round, Flower's default); at noise multiplier {sigma:g} it needs more than "
+                             f"{10 * sigma:g} clients per round, this run has {sampled} (use fixed clipping or more "
+                             "clients)")
         if self.rounds.strategy is Strategy.TRIMMED and int(self.rounds.trim_beta * sampled) < 1:
             raise InputError(f"a trimmed mean with beta {self.rounds.trim_beta:g} over {sampled} clients per round "
                              "trims nothing; it needs beta x clients >= 1 (more clients or a larger beta)")

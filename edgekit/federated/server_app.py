@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from device_agents import codec
+from device_agents.client_app import Clipping
 from device_agents.files import read_npz
 from device_agents.training import Trainer
 from edgekit._io import crash_point, write_atomic
@@ -38,6 +39,8 @@ from edgekit.federated.downlink import Downlink, payload_bytes
 
 TRAIN_METRICS = {"num-examples": int, "train-loss": float, "train-accuracy": float}
 """The metrics a train reply carries: exactly these names, of these types."""
+NORM_BIT = "norm_bit"
+"""The metric Flower's ``adaptiveclipping_mod`` adds (1: the update was clipped), in adaptive-clipping runs."""
 
 
 @dataclass
@@ -86,9 +89,12 @@ def _npz_names(path: Path) -> tuple[str, ...]:
         return tuple(name.removesuffix(".npy") for name in archive.namelist())
 
 
-def _check_metrics(metrics: Any) -> str:
-    if set(metrics.keys()) != set(TRAIN_METRICS):
-        return f"metrics {sorted(metrics.keys())} are not the protocol's {sorted(TRAIN_METRICS)}"
+def _check_metrics(metrics: Any, clipping: Clipping) -> str:
+    expected = {**TRAIN_METRICS, **({NORM_BIT: int} if clipping is Clipping.ADAPTIVE else {})}
+    if set(metrics.keys()) != set(expected):
+        return f"metrics {sorted(metrics.keys())} are not the protocol's {sorted(expected)}"
+    if clipping is Clipping.ADAPTIVE and metrics[NORM_BIT] not in (0, 1):
+        return f"metric {NORM_BIT} is {metrics[NORM_BIT]!r}, not 0 or 1"
     for name, kind in TRAIN_METRICS.items():
         value = metrics[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
@@ -99,19 +105,20 @@ def _check_metrics(metrics: Any) -> str:
     return ""
 
 
-def validate_reply(content: Any, reference: dict[str, np.ndarray],
-                   asked: codec.Codec = codec.Codec.INT8) -> tuple[dict[str, np.ndarray] | None, str]:
+def validate_reply(content: Any, reference: dict[str, np.ndarray], asked: codec.Codec = codec.Codec.INT8,
+                   clipping: Clipping = Clipping.NONE) -> tuple[dict[str, np.ndarray] | None, str]:
     """Decoded weights of a train reply, or (None, why it was rejected). Nothing is decoded before the
     records, metrics, tensor names, dtypes and shapes are checked.
 
     ``asked``: the codec the round asked for; a client may always answer in float32 (a device with
-    local differential privacy does), never in another codec.
+    local differential privacy does), never in another codec. ``clipping``: adaptive clipping adds
+    the norm bit to the metrics.
     """
     records = set(content.keys())
     used = asked if "codec" in records and asked is not codec.Codec.FLOAT32 else codec.Codec.FLOAT32
     if records != {"arrays", "metrics"} | ({"codec"} if used is not codec.Codec.FLOAT32 else set()):
         return None, f"records {sorted(records)} are not the protocol's"
-    why = _check_metrics(content["metrics"])
+    why = _check_metrics(content["metrics"], clipping)
     if why:
         return None, why
     if used is codec.Codec.INT4:
@@ -246,7 +253,8 @@ def run_rounds(grid: Any, *, settings: RoundSettings, initial: dict[str, np.ndar
             spent = strategy.privacy_spent()
             entry["privacy"] = {"epsilon": float(spent.epsilon), "delta": float(spent.delta),
                                 "noise_multiplier": settings.dp_noise_multiplier,
-                                "clipping_norm": settings.dp_clipping_norm}
+                                "clipping": settings.dp_clipping.value,
+                                "clipping_norm": float(strategy.clipping_norm)}  # adaptive: the next round's
         entry["seconds"] = time.perf_counter() - start
         state.history.append(entry)
         state.round = rnd
@@ -315,7 +323,8 @@ def _strategy(grid: Any, settings: RoundSettings, expected_nodes: int, state: Se
     if private:
         strategy = with_differential_privacy(strategy, noise_multiplier=settings.dp_noise_multiplier,
                                              clipping_norm=settings.dp_clipping_norm, num_sampled=min_nodes,
-                                             population=num_nodes, delta=settings.dp_delta)
+                                             population=num_nodes, delta=settings.dp_delta,
+                                             clipping=settings.dp_clipping)
         for _ in range(state.round):  # a resumed run has already spent the completed rounds
             strategy.accountant.compose(_privacy_event(settings, min_nodes, num_nodes))
     return strategy, min_nodes, num_nodes
@@ -391,7 +400,8 @@ def _collect(replies: list, weights: dict[str, np.ndarray], settings: RoundSetti
             continue
         try:
             up.append(payload_bytes(reply.content))
-            decoded, why = validate_reply(reply.content, weights, settings.compress_updates)
+            clipping = settings.dp_clipping if settings.dp_noise_multiplier is not None else Clipping.NONE
+            decoded, why = validate_reply(reply.content, weights, settings.compress_updates, clipping)
         except Exception as exc:  # a malformed reply of any kind is rejected, never fatal
             decoded, why = None, f"malformed reply ({type(exc).__name__}: {str(exc)[:120]})"
         if decoded is None:

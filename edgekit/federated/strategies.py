@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from device_agents.client_app import Clipping
 from edgekit.federated.config import RoundSettings, Strategy
 
 
@@ -124,14 +125,43 @@ class OptimizerSnapshot:
             setattr(self._inner, name, value)
 
 
-def with_differential_privacy(strategy: Any, *, noise_multiplier: float, clipping_norm: float,
-                              num_sampled: int, population: int, delta: float) -> Any:
-    """Wrap ``strategy`` in Flower's client-side fixed clipping + Gaussian noise, with RDP accounting."""
-    from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
-    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
+def with_differential_privacy(strategy: Any, *, noise_multiplier: float, clipping_norm: float, num_sampled: int,
+                              population: int, delta: float, clipping: Clipping = Clipping.FIXED) -> Any:
+    """Wrap ``strategy`` in Flower's client-side clipping + Gaussian noise, with RDP accounting.
+
+    ``clipping``: ``FIXED`` clips every update to ``clipping_norm``; ``ADAPTIVE`` starts there and moves
+    the norm each round towards the median update norm (Andrew et al., "Differentially Private Learning
+    with Adaptive Clipping", 2021), from the devices' noised clipped/not-clipped bits. Flower splits the
+    noise between the update and those bits so that together they are a Gaussian mechanism of multiplier
+    ``noise_multiplier``, which is what the accountant composes each round.
+    """
+    from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+    from flwr.serverapp.strategy import (
+        DifferentialPrivacyClientSideAdaptiveClipping,
+        DifferentialPrivacyClientSideFixedClipping,
+    )
 
     accountant = RdpAccountant(PrivacyConfig(target_delta=delta, population_size=population,
                                              neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
                                              sampling_method=SamplingMethod.NO_AMPLIFICATION))
-    return DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier, clipping_norm, num_sampled,
-                                                      accountant=accountant)
+    if clipping is Clipping.FIXED:
+        return DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier, clipping_norm, num_sampled,
+                                                          accountant=accountant)
+    event = GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=num_sampled,
+                                 population_size=population)
+
+    class AccountedAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
+        """Flower's adaptive clipping, with the RDP accountant its fixed sibling has."""
+
+        def aggregate_train(self, server_round: int, replies: Any) -> Any:
+            arrays, metrics = super().aggregate_train(server_round, replies)
+            if arrays is not None:
+                self.accountant.compose(event)
+            return arrays, metrics
+
+        def privacy_spent(self) -> Any:
+            return self.accountant.get_privacy_spent()
+
+    wrapped = AccountedAdaptiveClipping(strategy, noise_multiplier, num_sampled, initial_clipping_norm=clipping_norm)
+    wrapped.accountant = accountant
+    return wrapped
