@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 NOISE_TO_SIGNAL_LIMIT = 1.0
 """Largest noise-to-update norm ratio a DP run may start with unless told to go on anyway."""
+REFERENCE_EPSILONS = (1.0, 3.0, 8.0)
+"""Targets the advice prices in clients per round."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class NoisePlan:
     epsilon: float       # after every round, at delta
     delta: float
     rounds: int
+    targets: tuple[tuple[float, float, int], ...] = ()  # (epsilon, noise multiplier it needs, clients per round)
 
     def describe(self) -> str:
         return (f"the aggregate of {self.clients_per_round} clients per round carries noise of L2 norm "
@@ -47,8 +50,11 @@ class NoisePlan:
                 f"{self.epsilon:.3g} at delta {self.delta:g}")
 
     def advice(self) -> str:
+        targets = "; ".join(f"epsilon {eps:g}: noise multiplier {sigma:.2f}, {clients:,} clients per round"
+                            for eps, sigma, clients in self.targets)
+        priced = f" (over {self.rounds} rounds, {targets})" if targets else ""
         return (f"it needs at least {self.clients_needed:,} clients per round at this noise, or a smaller "
-                "noise multiplier (a larger epsilon)")
+                f"noise multiplier (a larger epsilon){priced}")
 
 
 def plan_noise(*, noise_multiplier: float, clipping_norm: float, clients_per_round: int, parameters: int,
@@ -57,14 +63,25 @@ def plan_noise(*, noise_multiplier: float, clipping_norm: float, clients_per_rou
     from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 
     root = math.sqrt(parameters)
-    accountant = RdpAccountant(PrivacyConfig(target_delta=delta, population_size=population,
-                                             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                                             sampling_method=SamplingMethod.NO_AMPLIFICATION))
-    for _ in range(rounds):
-        accountant.compose(GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=clients_per_round,
-                                                population_size=population))
+
+    def epsilon(sigma: float) -> float:
+        accountant = RdpAccountant(PrivacyConfig(target_delta=delta, population_size=population,
+                                                 neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                                 sampling_method=SamplingMethod.NO_AMPLIFICATION))
+        for _ in range(rounds):
+            accountant.compose(GaussianPrivacyEvent(noise_multiplier=sigma, sample_size=clients_per_round,
+                                                    population_size=population))
+        return float(accountant.get_privacy_spent().epsilon)
+
+    targets = []
+    for target in REFERENCE_EPSILONS:
+        low, high = 0.01, 1000.0  # epsilon falls as sigma grows: bisect on a log scale
+        for _ in range(40):
+            middle = math.sqrt(low * high)
+            low, high = (middle, high) if epsilon(middle) > target else (low, middle)
+        targets.append((target, high, math.ceil(high * root / NOISE_TO_SIGNAL_LIMIT)))
     return NoisePlan(parameters=parameters, clients_per_round=clients_per_round,
                      noise_norm=noise_multiplier * clipping_norm * root / clients_per_round,
                      update_norm=clipping_norm, ratio=noise_multiplier * root / clients_per_round,
                      clients_needed=math.ceil(noise_multiplier * root / NOISE_TO_SIGNAL_LIMIT),
-                     epsilon=float(accountant.get_privacy_spent().epsilon), delta=delta, rounds=rounds)
+                     epsilon=epsilon(noise_multiplier), delta=delta, rounds=rounds, targets=tuple(targets))
