@@ -745,6 +745,33 @@ def test_personalisation_trains_only_the_head_and_keeps_it_on_the_device(device,
     assert all(np.array_equal(after[k], weights[k]) for k in weights if k not in head)  # the backbone is frozen
 
 
+def test_a_final_model_int8_cannot_hold_is_written_as_float16_not_lost(fl_model, digits, tmp_path, monkeypatch):
+    """30 rounds were lost when the final int8 conversion went over the int8 budget (BudgetError after the run)."""
+    import edgekit.compression
+    from device_agents.training import Trainer
+    from edgekit import export_trainable
+    from edgekit.errors import BudgetError
+    from edgekit.federated.run import close_the_loop
+    from edgekit.loading.models import load_model
+
+    real = edgekit.compression.compress
+
+    def over_budget(model, data, out, *, config, **kwargs):
+        if config.recipe.quantize.value == "int8":  # what an int8 collapse beyond every remedy raises
+            raise BudgetError("int8: quantizing costs 2.79 points of accuracy, more than the 2 points int8 "
+                              "artifacts may lose", budget=2.0, best_drop=2.79, report=None)
+        return real(model, data, out, config=config, **kwargs)
+
+    monkeypatch.setattr(edgekit.compression, "compress", over_budget)
+    loaded = load_model(fl_model)
+    export_trainable(fl_model, tmp_path / "t", progress=False)
+    final = close_the_loop(loaded.model, Trainer.load(tmp_path / "t").get_weights(), digits, tmp_path / "final",
+                           progress=False)
+    assert final["quantization"] == "float16" and "2.79 points" in final["int8_error"]
+    manifest = json.loads((tmp_path / "final" / "manifest.json").read_text())
+    assert manifest["artifacts"][0]["quantization"] == "float16"
+
+
 def test_a_kill_between_the_checkpoint_writes_loses_nothing_and_cleans_up(fl_model, tmp_path):
     """SIGKILL after round 2's weights are written but before its state: resume reruns round 2 from round 1."""
     import os

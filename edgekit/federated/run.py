@@ -120,26 +120,40 @@ def finish_run(run: PreparedRun, out: Path, config: FederationConfig, history: l
                                                    "worse_than_start": worse, **(extra or {})}, indent=2).encode())
     plot_history(history, out / "accuracy.png")
     final = close_the_loop(run.loaded.model, weights, run.dataset, out / "final", progress=progress)
+    if final["quantization"] != "int8":
+        log(f"warning: the final global model loses too much as int8 ({final['int8_error']}); "
+            f"{out / 'final'} holds it as {final['quantization']} instead")
     if worse:
         log(f"warning: the final global model ({end:.2f}% on held-out data) is worse than the model the run "
             f"started from ({start:.2f}%); {out / 'final'} is kept for inspection, not as an update to install")
     else:
-        log(f"final global model: int8 TFLite {final['bytes']:,} bytes, accuracy {final['accuracy']:.2f}% "
+        log(f"final global model: {final['quantization']} TFLite {final['bytes']:,} bytes, accuracy "
+            f"{final['accuracy']:.2f}% "
             f"-> {out / 'final'} (install with: edgekit-agent install --model {out / 'final'} --store DIR)")
     return FederatedResult(out, history, history[-1]["accuracy"], weights)
 
 
 def close_the_loop(model: Any, weights: dict[str, np.ndarray], dataset: Dataset, out: Path, *,
                    progress: bool) -> dict[str, Any]:
-    """Compress the final global model to a verified int8 TFLite + manifest, ready to install."""
+    """Compress the final global model to a verified TFLite + manifest, ready to install: int8 when it stays
+    within the int8 budget after every remedy, else float16 (the rounds' result is never lost to the
+    final conversion)."""
     from edgekit.compression import compress
     from edgekit.config import CompressConfig, Format, Quantization, Recipe
+    from edgekit.errors import BudgetError
     from edgekit.trainable.contract import keras_with_weights
 
-    result = compress(keras_with_weights(model, weights), dataset, out, progress=progress,
-                      config=CompressConfig(recipe=Recipe(quantize=Quantization.INT8), formats=(Format.TFLITE,)))
+    trained = keras_with_weights(model, weights)
+    error = ""
+    for quantization in (Quantization.INT8, Quantization.FLOAT16):
+        try:
+            result = compress(trained, dataset, out, progress=progress, config=CompressConfig(
+                recipe=Recipe(quantize=quantization), formats=(Format.TFLITE,)))
+            break
+        except BudgetError as exc:
+            error = str(exc).split("; see ")[0]
     art = result.selected.artifacts[0]
-    return {"bytes": art.bytes, "accuracy": art.accuracy}
+    return {"bytes": art.bytes, "accuracy": art.accuracy, "quantization": quantization.value, "int8_error": error}
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:
