@@ -52,6 +52,9 @@ SWEEP = {
     "fedyogi 0.01 lr 0.05 e5 b8": {"strategy": "fedyogi", "learning_rate": 0.05, "local_epochs": 5, "batch": 8},
     "fedadagrad 0.01 lr 0.05 e5 b8": {"strategy": "fedadagrad", "learning_rate": 0.05, "local_epochs": 5,
                                       "batch": 8},
+    "fedavgm lr 0.05 e10 b8": {"strategy": "fedavgm", "learning_rate": 0.05, "local_epochs": 10, "batch": 8},
+    "fedavg lr 0.1 e10 b8": {"strategy": "fedavg", "learning_rate": 0.1, "local_epochs": 10, "batch": 8},
+    "fedavgm lr 0.1 e10 b8": {"strategy": "fedavgm", "learning_rate": 0.1, "local_epochs": 10, "batch": 8},
 }
 """Sweep label -> settings (``batch`` is the on-device batch; the rest are RoundSettings fields)."""
 SCRATCH_ONLY = ("fedyogi", "fedadagrad")
@@ -79,6 +82,7 @@ def setup(work: Path) -> Setup:
                    np.concatenate([parts.finetune.y, parts.calibration.y]), "pool")
     rng = np.random.default_rng(0)
     seed_set = pool.take(rng.choice(len(pool), len(pool) // 20, replace=False), "seed")
+    _tf.set_seed(0)  # the initial weights too: every run of this script starts from the same two models
     warm = zoo.train(zoo.digits_cnn(), seed_set, epochs=10, seed=0)
     _tf.set_seed(0)
     scratch = zoo.digits_cnn()
