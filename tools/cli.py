@@ -169,8 +169,9 @@ def _add_round_args(p: argparse.ArgumentParser, config: type) -> None:
     described = [f"{k.value}: {spec.summary}" + (f", server learning rate {spec.server_learning_rate:g}"
                                                   if spec.server_learning_rate else "")
                  for k, spec in sorted(STRATEGIES.items(), key=lambda kv: kv[0].value)]
-    p.add_argument("--strategy", default=_default(RoundSettings, "strategy").value, choices=_values(Strategy),
-                   help="; ".join(described) + " (default %(default)s)")
+    p.add_argument("--strategy", choices=_values(Strategy),
+                   help="; ".join(described) + f" (default {RoundSettings().aggregation.value}; "
+                   f"{RoundSettings(dp_noise_multiplier=1.0).aggregation.value} with differential privacy)")
     p.add_argument("--server-learning-rate", type=float, metavar="ETA",
                    help="server learning rate of fedavgm/fedadam/fedyogi/fedadagrad (default: the strategy's)")
     p.add_argument("--server-momentum", type=float, default=_default(RoundSettings, "server_momentum"),

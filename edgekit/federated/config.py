@@ -68,10 +68,11 @@ class Partition:
 class RoundSettings:
     """What the server does each round, and how clients train (sent in each round's config)."""
 
-    rounds: int = 5
-    local_epochs: int = 1
-    learning_rate: float = 0.05
-    strategy: Strategy = Strategy.FEDAVG
+    # defaults chosen by the measured sweep in BENCHMARKS.md ("Federated settings sweep")
+    rounds: int = 10
+    local_epochs: int = 10
+    learning_rate: float = 0.1
+    strategy: Strategy | None = None  # None: FedAvgM, or FedAvg in DP runs (see the aggregation property)
     proximal_mu: float = 0.01
     trim_beta: float = 0.2
     server_learning_rate: float | None = None  # FedAvgM / FedAdam / FedYogi / FedAdagrad; None: the registry's
@@ -92,8 +93,17 @@ class RoundSettings:
     max_examples_ratio: float = 2.0       # cap a client's reported sample count at this many times the median
     max_round_accuracy_drop: float = 20.0  # last-good-model guard: commit no aggregate that loses more (points)
 
+    @property
+    def aggregation(self) -> Strategy:
+        """The strategy the run uses: the one given; else FedAvg in a differential-privacy run (Flower's
+        accounting needs plain averaging) and FedAvgM, the measured default, otherwise."""
+        if self.strategy is not None:
+            return self.strategy
+        return Strategy.FEDAVG if self.dp_noise_multiplier is not None else Strategy.FEDAVGM
+
     def __post_init__(self) -> None:
-        object.__setattr__(self, "strategy", coerce_enum(Strategy, self.strategy, "strategy"))
+        if self.strategy is not None:
+            object.__setattr__(self, "strategy", coerce_enum(Strategy, self.strategy, "strategy"))
         object.__setattr__(self, "dp_noise_guard", coerce_enum(NoiseGuard, self.dp_noise_guard, "noise guard"))
         object.__setattr__(self, "dp_clipping", coerce_enum(Clipping, self.dp_clipping, "clipping"))
         if self.dp_clipping is Clipping.NONE:
@@ -136,8 +146,9 @@ class RoundSettings:
             if self.compress_updates is not Codec.FLOAT32:
                 raise InputError("differential privacy clips float weight updates; "
                                  "it cannot be combined with update compression")
-            if self.strategy is Strategy.TRIMMED:
-                raise InputError("differential privacy needs averaging aggregation; the trimmed mean is not one")
+            if self.strategy not in (None, Strategy.FEDAVG, Strategy.FEDPROX):
+                raise InputError(f"differential privacy's accounting (Flower's) needs plain averaging of the clipped "
+                                 f"updates: fedavg or fedprox, not {self.strategy.value}")
 
 
 @dataclass(frozen=True)
@@ -147,7 +158,7 @@ class FederationConfig:
     clients: int = 10
     partition: Partition = field(default_factory=Partition)
     rounds: RoundSettings = field(default_factory=RoundSettings)
-    batch_size: int = 16  # the on-device batch of the trainable artifact
+    batch_size: int = 8  # the on-device batch of the trainable artifact (8: more steps on a device's few samples)
 
     def __post_init__(self) -> None:
         if not isinstance(self.partition, Partition):
@@ -198,8 +209,8 @@ class SimulationConfig(FederationConfig):
                                             ("local differential privacy", self.local_dp_epsilon is not None),
                                             ("resuming", self.resume),
                                             ("personalisation", self.personalize_epochs > 0),
-                                            (f"the {self.rounds.strategy.value} strategy",
-                                             self.rounds.strategy is not Strategy.FEDAVG)) if on]
+                                            (f"the {self.rounds.aggregation.value} strategy",
+                                             self.rounds.strategy not in (None, Strategy.FEDAVG))) if on]
             if clash:
                 raise InputError(f"secure aggregation runs FedAvg on masked updates; "
                                  f"it cannot be combined with {clash[0]}")

@@ -86,14 +86,14 @@ OPTIMIZER_STATE = ("current_arrays", "m_t", "v_t", "momentum_vector")
 
 def server_learning_rate(settings: RoundSettings) -> float | None:
     """The server learning rate of a run: the settings' own, else the registered default."""
-    spec = STRATEGIES[settings.strategy]
+    spec = STRATEGIES[settings.aggregation]
     if spec.server_learning_rate is None:
         return None
     return settings.server_learning_rate if settings.server_learning_rate is not None else spec.server_learning_rate
 
 
 def make_strategy(settings: RoundSettings, *, min_nodes: int, uniform: bool = False) -> Any:
-    """Build the Flower strategy registered for ``settings.strategy``.
+    """Build the Flower strategy registered for ``settings.aggregation`` (the strategy given, or the default).
 
     ``uniform``: every valid client weighs the same (DP-FedAvg), instead of by its number of examples.
 
@@ -104,7 +104,7 @@ def make_strategy(settings: RoundSettings, *, min_nodes: int, uniform: bool = Fa
               "min_evaluate_nodes": 0, "min_available_nodes": min_nodes}
     if uniform:
         common["weighted_by_key"] = UNIFORM_WEIGHT
-    return STRATEGIES[settings.strategy].factory(settings, server_learning_rate(settings), **common)
+    return STRATEGIES[settings.aggregation].factory(settings, server_learning_rate(settings), **common)
 
 
 class OptimizerSnapshot:
@@ -118,11 +118,26 @@ class OptimizerSnapshot:
         self._inner = strategy
         while hasattr(self._inner, "strategy"):  # the differential-privacy wrappers hold the real one
             self._inner = self._inner.strategy
-        self._saved = {k: copy.deepcopy(getattr(self._inner, k)) for k in OPTIMIZER_STATE if hasattr(self._inner, k)}
+        self._saved = {k: _copied(getattr(self._inner, k)) for k in OPTIMIZER_STATE if hasattr(self._inner, k)}
 
     def restore(self) -> None:
         for name, value in self._saved.items():
             setattr(self._inner, name, value)
+
+
+def _copied(value: Any) -> Any:
+    """A copy of optimizer state: arrays, dicts or lists of them, or an ArrayRecord (whose arrays may hold a
+    memoryview of a received message, which ``copy.deepcopy`` cannot copy)."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    if isinstance(value, ArrayRecord):
+        return ArrayRecord({k: Array(np.array(v.numpy())) for k, v in value.items()})
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copied(v) for v in value]
+    return np.array(value) if isinstance(value, np.ndarray) else copy.deepcopy(value)
 
 
 def with_differential_privacy(strategy: Any, *, noise_multiplier: float, clipping_norm: float, num_sampled: int,
