@@ -157,9 +157,11 @@ def sweep(args: argparse.Namespace) -> int:
         "rate. From scratch: a never-trained model; warm: trained on a 5% server-side seed set. Centralized "
         f"(Adam, 15 epochs, all the clients' data in one place): **{base.central:.2f}%**; 95% of it = {goal:.2f}%. "
         "The runs are in `benchmarks/federated_sweep.jsonl` (one line a run, every round's accuracy); a run "
-        "already there is not run again. This sweep was interrupted and resumed twice, and each process trained "
-        "its own warm-start model (the sweep then seeded only the data), so the warm start differs between rows: "
-        "compare warm rows by their start. The chosen defaults: " + _defaults() + ".",
+        "already there is not run again. The runs of this table were made by a first copy of this loop (the same "
+        "settings and `simulate` calls, outside the repository while this script was written), interrupted and "
+        "resumed twice; each of its three processes trained its own warm-start model with unseeded initial weights, "
+        "so the warm start differs between rows: compare warm rows by their start. (This script now seeds them.) "
+        "The chosen defaults: " + _defaults() + ".",
         "", "| settings | scratch r10 % | scratch r30 % | scratch rounds to 95% | warm start % | warm r10 % | "
         "warm r30 % | warm rounds to 95% |", "|---|---:|---:|---:|---:|---:|---:|---:|", *rows])
     write_section("federated-sweep", body)
