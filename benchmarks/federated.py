@@ -294,7 +294,7 @@ def privacy_rows(base: Setup, args: argparse.Namespace) -> list[str]:
                           parameters=weights, rounds=args.rounds, population=args.clients, delta=1e-5)
         committed = sum(1 for h in history[1:] if h.get("aggregated"))
         rows.append(f"| {sigma:g} | {clipping} | {history[-1]['privacy']['epsilon']:.2f} | {plan.ratio:.2f} | "
-                    f"{'refused' if plan.ratio > 1 else 'allowed'} | {history[-1]['accuracy']:.2f} | "
+                    f"{plan.verdict()} | {history[-1]['accuracy']:.2f} | "
                     f"{committed}/{args.rounds} |")
     return ["Differential privacy (DP-FedAvg: client-side clipping 1.0, Gaussian noise on the aggregate, "
             f"{args.clients} clients per round, delta 1e-5, no amplification by sampling claimed), from the warm "

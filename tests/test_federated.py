@@ -191,6 +191,10 @@ def test_a_dp_run_whose_noise_drowns_every_update_is_refused_before_anything_is_
     assert "ratio 0.979" in check_privacy_noise(config, 21_562)[0]  # 150 clients per round: allowed
     warned = SimulationConfig(clients=10, rounds=RoundSettings(dp_noise_multiplier=1.0, dp_noise_guard="warn"))
     assert check_privacy_noise(warned, 21_562)[0].startswith("warning: differential-privacy noise will drown")
+    # between 1 and 10 the run goes ahead with a warning (BENCHMARKS: 95.8% at ratio 2.15), whatever the guard
+    noisy = SimulationConfig(clients=100, rounds=RoundSettings(dp_noise_multiplier=1.0))
+    assert check_privacy_noise(noisy, 21_562)[0].startswith(
+        "warning: differential-privacy noise is larger than any clipped update")
 
 
 def test_local_differential_privacy_noises_every_update_on_the_device(fl_model, tmp_path):

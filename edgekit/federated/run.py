@@ -101,12 +101,15 @@ def check_privacy_noise(config: FederationConfig, parameters: int) -> tuple[str,
                       clients_per_round=max(1, math.ceil(config.clients * settings.fraction)),
                       parameters=parameters, rounds=settings.rounds, population=config.clients,
                       delta=settings.dp_delta)
-    if plan.ratio <= NOISE_TO_SIGNAL_LIMIT:
+    verdict = plan.verdict()
+    if verdict == "allowed":
         return (f"differential privacy: {plan.describe()}",)
-    if settings.dp_noise_guard is NoiseGuard.REFUSE:
-        raise InputError(f"differential-privacy noise would drown every update: {plan.describe()}; "
-                         f"{plan.advice()} (or set the noise guard to warn to run anyway)")
-    return (f"warning: differential-privacy noise will drown every update: {plan.describe()}; {plan.advice()}",)
+    if verdict == "refused" and settings.dp_noise_guard is NoiseGuard.REFUSE:
+        raise InputError(f"differential-privacy noise would drown every update: {plan.describe()}, over the "
+                         f"limit of {NOISE_TO_SIGNAL_LIMIT:g}; {plan.advice()} (or set the noise guard to warn to "
+                         "run anyway)")
+    what = "will drown every update" if verdict == "refused" else "is larger than any clipped update"
+    return (f"warning: differential-privacy noise {what}: {plan.describe()}; {plan.advice()}",)
 
 
 def finish_run(run: PreparedRun, out: Path, config: FederationConfig, history: list[dict[str, Any]],
