@@ -117,12 +117,13 @@ def test_on_device_training_of_keras_applications_layers(saved, name, tmp_path):
 
 
 def test_a_text_model_trains_its_head_on_the_device(saved, tmp_path):
-    """Token ids go to the int8 backbone; the float head trains in LiteRT (the whole model cannot: say so)."""
+    """Token ids go to the int8 backbone; the float head trains in LiteRT (the whole model cannot: its attention
+    has no on-device gradient, and the error names the layer)."""
     from device_agents.training import Trainer
-    from edgekit.errors import InputError
+    from edgekit.errors import UnsupportedLayerError
 
     path, data = saved["transformer"]
-    with pytest.raises(InputError, match="needs a float input; this model takes int32 \\(train its head only"):
+    with pytest.raises(UnsupportedLayerError, match=r"\(MultiHeadAttention\) cannot be trained on the device"):
         export_trainable(path, None, progress=False)
     export_trainable(path, tmp_path / "head", data=data, progress=False,
                      config=TrainableConfig(head_only=True, batch_size=8))
