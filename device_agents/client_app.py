@@ -180,13 +180,13 @@ def received_weights(content: Any, tensors: dict[str, tuple[int, ...]], context:
         if base is None or codec.digest(base) != content["config"].get(codec.BASE_DIGEST):
             raise ValueError("the server sent a delta against a model this device does not hold; refusing the round")
         arrays, scales = content["arrays"], dict(content["codec"].items())
-        if set(arrays.keys()) != set(tensors) or set(scales) != set(tensors):
+        if set(arrays.keys()) != set(tensors):
             raise ValueError("the server sent a delta of tensors that are not this model's; refusing the round")
         for name, array in arrays.items():
             if array.dtype != "int8" or tuple(array.shape) != tuple(tensors[name]):
                 raise ValueError(f"the server sent delta {name} as {array.dtype} {tuple(array.shape)}, expected "
                                  f"int8 {tuple(tensors[name])}; refusing the round")
-        if not all(isinstance(v, float) and math.isfinite(v) and 0 < v <= codec.MAX_SCALE for v in scales.values()):
+        if not codec.valid_scales(scales, tensors):
             raise ValueError("the server sent a delta with invalid scales; refusing the round")
         weights = codec.decode({k: v.numpy() for k, v in arrays.items()}, scales, base)
     if _codec(content["config"]) is not codec.Codec.FLOAT32:
@@ -196,7 +196,6 @@ def received_weights(content: Any, tensors: dict[str, tuple[int, ...]], context:
 
 def round_settings(config: Any, limits: ClientLimits) -> tuple[int, float, float, int]:
     """(epochs, learning rate, proximal mu, seed) from the server's config: capped, non-finite refused."""
-    import math
 
     def number(key: str, default: float) -> float:
         value = config.get(key, default)

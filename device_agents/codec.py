@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from enum import Enum
 
 import numpy as np
@@ -60,6 +62,12 @@ def encode(new: dict[str, np.ndarray], base: dict[str, np.ndarray]) -> tuple[dic
         deltas[name] = np.clip(np.round(delta / scale), -127, 127).astype(np.int8)
         scales[name] = scale
     return deltas, scales
+
+
+def valid_scales(scales: dict[str, object], names: Iterable[str]) -> bool:
+    """Whether received int8 scales name exactly ``names`` and are finite floats in (0, MAX_SCALE]."""
+    return set(scales) == set(names) and all(
+        isinstance(s, float) and math.isfinite(s) and 0 < s <= MAX_SCALE for s in scales.values())
 
 
 def decode(deltas: dict[str, np.ndarray], scales: dict[str, float],

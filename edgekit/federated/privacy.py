@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 NOISE_TO_SIGNAL_WARN = 1.0
 """Noise-to-update norm ratio above which a DP run starts with a warning."""
@@ -69,21 +70,32 @@ class NoisePlan:
                 f"noise multiplier (a larger epsilon){priced}")
 
 
+def accountant(*, population: int, delta: float) -> Any:
+    """Flower's RDP accountant as edgekit uses it: add-or-remove-one neighbours, no amplification by sampling."""
+    from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+
+    return RdpAccountant(PrivacyConfig(target_delta=delta, population_size=population,
+                                       neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                       sampling_method=SamplingMethod.NO_AMPLIFICATION))
+
+
+def round_event(*, noise_multiplier: float, sampled: int, population: int) -> Any:
+    """The privacy event of one round: a Gaussian mechanism over ``sampled`` of ``population`` clients."""
+    from flwr.serverapp import GaussianPrivacyEvent
+
+    return GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=sampled, population_size=population)
+
+
 def plan_noise(*, noise_multiplier: float, clipping_norm: float, clients_per_round: int, parameters: int,
                rounds: int, population: int, delta: float) -> NoisePlan:
     """The :class:`NoisePlan` of a DP-FedAvg run."""
-    from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
-
     root = math.sqrt(parameters)
 
     def epsilon(sigma: float) -> float:
-        accountant = RdpAccountant(PrivacyConfig(target_delta=delta, population_size=population,
-                                                 neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                                                 sampling_method=SamplingMethod.NO_AMPLIFICATION))
+        spent = accountant(population=population, delta=delta)
         for _ in range(rounds):
-            accountant.compose(GaussianPrivacyEvent(noise_multiplier=sigma, sample_size=clients_per_round,
-                                                    population_size=population))
-        return float(accountant.get_privacy_spent().epsilon)
+            spent.compose(round_event(noise_multiplier=sigma, sampled=clients_per_round, population=population))
+        return float(spent.get_privacy_spent().epsilon)
 
     targets = []
     for target in REFERENCE_EPSILONS:

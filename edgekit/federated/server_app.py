@@ -148,8 +148,7 @@ def _decode_per_tensor(content: Any, reference: dict[str, np.ndarray],
     decoded = {name: array.numpy() for name, array in arrays.items()}
     if used is codec.Codec.INT8:
         scales = dict(content["codec"].items())
-        if set(scales) != set(reference) or not all(
-                isinstance(s, float) and math.isfinite(s) and 0 < s <= codec.MAX_SCALE for s in scales.values()):
+        if not codec.valid_scales(scales, reference):
             return None, "invalid codec scales"
         decoded = codec.decode(decoded, scales, reference)
     return decoded, ""
@@ -309,6 +308,7 @@ def personalize(grid: Any, weights: dict[str, np.ndarray], settings: RoundSettin
 
 
 def _strategy(grid: Any, settings: RoundSettings, expected_nodes: int, state: ServerState) -> tuple[Any, int, int]:
+    from edgekit.federated.privacy import round_event
     from edgekit.federated.strategies import make_strategy, with_differential_privacy
 
     num_nodes = wait_for_nodes(grid, expected_nodes, settings.round_timeout)
@@ -326,7 +326,8 @@ def _strategy(grid: Any, settings: RoundSettings, expected_nodes: int, state: Se
                                              population=num_nodes, delta=settings.dp_delta,
                                              clipping=settings.dp_clipping)
         for _ in range(state.round):  # a resumed run has already spent the completed rounds
-            strategy.accountant.compose(_privacy_event(settings, min_nodes, num_nodes))
+            strategy.accountant.compose(round_event(noise_multiplier=settings.dp_noise_multiplier,
+                                                    sampled=min_nodes, population=num_nodes))
     return strategy, min_nodes, num_nodes
 
 
@@ -430,10 +431,3 @@ def _aggregate(strategy: Any, rnd: int, valid: list[tuple[Any, dict[str, np.ndar
     if weights is not None and not all(np.isfinite(v).all() for v in weights.values()):
         weights = None
     return weights, dict(metrics) if metrics is not None else {}
-
-
-def _privacy_event(settings: RoundSettings, sampled: int, population: int) -> Any:
-    from flwr.serverapp import GaussianPrivacyEvent
-
-    return GaussianPrivacyEvent(noise_multiplier=settings.dp_noise_multiplier, sample_size=sampled,
-                                population_size=population)

@@ -150,20 +150,18 @@ def with_differential_privacy(strategy: Any, *, noise_multiplier: float, clippin
     noise between the update and those bits so that together they are a Gaussian mechanism of multiplier
     ``noise_multiplier``, which is what the accountant composes each round.
     """
-    from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
     from flwr.serverapp.strategy import (
         DifferentialPrivacyClientSideAdaptiveClipping,
         DifferentialPrivacyClientSideFixedClipping,
     )
 
-    accountant = RdpAccountant(PrivacyConfig(target_delta=delta, population_size=population,
-                                             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                                             sampling_method=SamplingMethod.NO_AMPLIFICATION))
+    from edgekit.federated.privacy import accountant, round_event
+
+    spent = accountant(population=population, delta=delta)
     if clipping is Clipping.FIXED:
         return DifferentialPrivacyClientSideFixedClipping(strategy, noise_multiplier, clipping_norm, num_sampled,
-                                                          accountant=accountant)
-    event = GaussianPrivacyEvent(noise_multiplier=noise_multiplier, sample_size=num_sampled,
-                                 population_size=population)
+                                                          accountant=spent)
+    event = round_event(noise_multiplier=noise_multiplier, sampled=num_sampled, population=population)
 
     class AccountedAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
         """Flower's adaptive clipping, with the RDP accountant its fixed sibling has."""
@@ -178,5 +176,5 @@ def with_differential_privacy(strategy: Any, *, noise_multiplier: float, clippin
             return self.accountant.get_privacy_spent()
 
     wrapped = AccountedAdaptiveClipping(strategy, noise_multiplier, num_sampled, initial_clipping_norm=clipping_norm)
-    wrapped.accountant = accountant
+    wrapped.accountant = spent
     return wrapped
