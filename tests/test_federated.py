@@ -776,6 +776,16 @@ def test_a_final_model_int8_cannot_hold_is_written_as_float16_not_lost(fl_model,
     assert manifest["artifacts"][0]["quantization"] == "float16"
 
 
+def test_hostile_personalisation_replies_are_not_counted():
+    from edgekit.federated.server_app import personal_row
+
+    good = {"num-examples": 20, "accuracy-before": 60.0, "accuracy-after": 75.0, "kept": 1}
+    assert personal_row(good) == [20.0, 60.0, 75.0, 1.0]
+    for bad in ({**good, "accuracy-after": float("nan")}, {**good, "accuracy-after": 1e9}, {**good, "kept": 7},
+                {**good, "num-examples": True}, {**good, "label-0-count": 3}, {"num-examples": 20}, None):
+        assert personal_row(bad) is None, bad
+
+
 def test_a_kill_between_the_checkpoint_writes_loses_nothing_and_cleans_up(fl_model, tmp_path):
     """SIGKILL after round 2's weights are written but before its state: resume reruns round 2 from round 1."""
     import os

@@ -275,7 +275,7 @@ def personalize(grid: Any, weights: dict[str, np.ndarray], settings: RoundSettin
     coarse before/after accuracies the devices report (weighted by their counts)."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-    from device_agents.client_app import PERSONALIZE, PERSONALIZE_METRICS
+    from device_agents.client_app import PERSONALIZE
 
     content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()}),
                           "config": ConfigRecord({"personalize-epochs": epochs, "learning-rate": settings.learning_rate,
@@ -284,14 +284,11 @@ def personalize(grid: Any, weights: dict[str, np.ndarray], settings: RoundSettin
                 for node in grid.get_node_ids()]
     rows, refused = [], 0
     for reply in grid.send_and_receive(messages=messages, timeout=settings.round_timeout):
-        metrics = None if reply.has_error() else reply.content.get("metrics")
-        if metrics is None or set(metrics.keys()) != set(PERSONALIZE_METRICS) or not all(
-                isinstance(metrics[k], (int, float)) and not isinstance(metrics[k], bool)
-                and math.isfinite(metrics[k]) and 0 <= metrics[k] <= {"num-examples": 10**9, "kept": 1}.get(k, 100)
-                for k in PERSONALIZE_METRICS):
+        row = personal_row(None if reply.has_error() else reply.content.get("metrics"))
+        if row is None:
             refused += 1
             continue
-        rows.append([float(metrics[k]) for k in PERSONALIZE_METRICS])
+        rows.append(row)
     summary: dict[str, Any] = {"epochs": epochs, "devices": len(rows), "failed_or_rejected": refused}
     if rows:
         table = np.array(rows)
@@ -305,6 +302,19 @@ def personalize(grid: Any, weights: dict[str, np.ndarray], settings: RoundSettin
             f"{summary['devices_kept_their_head']} kept it (as accurate or better on their own held-out data): "
             f"accuracy there {summary['accuracy_before']:.1f}% -> {summary['accuracy_after']:.1f}%")
     return summary
+
+
+def personal_row(metrics: Any) -> list[float] | None:
+    """A personalisation reply's metrics as numbers, or ``None`` when they are not exactly the protocol's
+    (names; finite non-boolean numbers; counts up to 1e9, accuracies 0-100, ``kept`` 0 or 1)."""
+    from device_agents.client_app import PERSONALIZE_METRICS
+
+    if metrics is None or set(metrics.keys()) != set(PERSONALIZE_METRICS) or not all(
+            isinstance(metrics[k], (int, float)) and not isinstance(metrics[k], bool)
+            and math.isfinite(metrics[k]) and 0 <= metrics[k] <= {"num-examples": 10**9, "kept": 1}.get(k, 100)
+            for k in PERSONALIZE_METRICS):
+        return None
+    return [float(metrics[k]) for k in PERSONALIZE_METRICS]
 
 
 def _strategy(grid: Any, settings: RoundSettings, expected_nodes: int, state: ServerState) -> tuple[Any, int, int]:
