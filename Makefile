@@ -9,6 +9,9 @@ STAMP := $(VENV)/.installed
 # A second, device-like environment: tflite-runtime 2.14 needs numpy < 2 (see README).
 TFLRT_VENV := .venv-tflite-runtime
 TFLRT_STAMP := $(TFLRT_VENV)/.installed
+# A device environment for fleet tests: the device wheel with its [fl] extra (LiteRT + Flower), no TensorFlow.
+DEVICE_VENV := .venv-device
+DEVICE_STAMP := $(DEVICE_VENV)/.installed
 DEVICE_SOURCES := $(wildcard device_agents/*.py) device_agents/pyproject.toml
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
@@ -39,10 +42,17 @@ $(TFLRT_STAMP): $(DEVICE_SOURCES) pyproject.toml
 	$(TFLRT_VENV)/bin/python -m pip install -q "numpy<2" "tflite-runtime==2.14.0" dist/edgekit_device_agent-*.whl
 	touch $(TFLRT_STAMP)
 
+$(DEVICE_STAMP): $(DEVICE_SOURCES) pyproject.toml requirements.lock
+	$(MAKE) dist
+	rm -rf $(DEVICE_VENV)
+	$(PYTHON) -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/python -m pip install -q -c requirements.lock "$$(ls dist/edgekit_device_agent-*.whl)[fl]"
+	touch $(DEVICE_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py --out demo_out
 
-test: $(STAMP) $(TFLRT_STAMP)
+test: $(STAMP) $(TFLRT_STAMP) $(DEVICE_STAMP)
 	$(BIN)/ruff check edgekit tools device_agents tests benchmarks examples
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup tests
 
@@ -56,6 +66,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/conformance.py
 	$(BIN)/python benchmarks/batchnorm.py
 	$(BIN)/python benchmarks/remedies.py
+	$(BIN)/python benchmarks/fleet.py
 
 clean:
-	rm -rf $(VENV) $(TFLRT_VENV) demo_out dist build
+	rm -rf $(VENV) $(TFLRT_VENV) $(DEVICE_VENV) demo_out dist build

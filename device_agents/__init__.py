@@ -8,7 +8,14 @@ Never imports TensorFlow, nor anything of ``edgekit`` or ``tools``: it is its ow
 >>> model = Model.load("out/model.tflite")          # doctest: +SKIP
 """
 
-from device_agents.errors import AgentError, ArtifactError, InputMismatchError, InstallError, IntegrityError
+from device_agents.errors import (
+    AgentError,
+    ArtifactError,
+    InputMismatchError,
+    InstallError,
+    IntegrityError,
+    ReleaseError,
+)
 from device_agents.exit_codes import ExitCode
 from device_agents.runtime import ArtifactFormat, Model, Runtime, TensorSpec, available_runtimes
 from device_agents.store import ModelStore
@@ -25,6 +32,7 @@ __all__ = [
     "IntegrityError",
     "Model",
     "ModelStore",
+    "ReleaseError",
     "Runtime",
     "Telemetry",
     "TensorSpec",

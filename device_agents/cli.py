@@ -46,7 +46,34 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", required=True, help="an edgekit output folder")
     i.add_argument("--store", required=True, help="the store root folder")
     i.add_argument("--runtime", choices=RUNTIMES)
+    i.add_argument("--trust", metavar="PUBKEY",
+                   help="install only releases signed with this key (signing.pub of `edgekit keys new`), each newer "
+                        "than the last; the store pins the key at its first install and keeps requiring it")
     i.set_defaults(func=cmd_install)
+
+    st = sub.add_parser("status", help="the versions a store serves, their release numbers, the pinned key")
+    st.add_argument("--store", required=True)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    k = sub.add_parser("node-key", help="write this device's SuperNode key pair: DIR/node.key (0600), DIR/node.pub")
+    k.add_argument("--out", required=True, help="the folder for the key pair (an existing key is never replaced)")
+    k.set_defaults(func=cmd_node_key)
+
+    j = sub.add_parser("join", help="join a fleet: run a SuperNode with this device's key, data and model store",
+                       description="Runs flower-supernode in the foreground (stop it with Ctrl-C or SIGTERM): it "
+                                   "connects to the fleet with TLS and this device's key (registered by the "
+                                   "operator), installs signed releases into --store, and trains on --data in "
+                                   "federated rounds. Only aggregates and model updates leave the device.")
+    j.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the fleet's address (its gateway)")
+    j.add_argument("--ca", required=True, help="the fleet's ca.crt")
+    j.add_argument("--key", required=True, help="this device's node.key (see node-key)")
+    j.add_argument("--store", required=True, help="the model store folder of this device")
+    j.add_argument("--data", help="this device's labeled data: an .npz with x (shaped as the model's input, "
+                                  "scaled as its training data) and y (class ids)")
+    j.add_argument("--trust", metavar="PUBKEY", help="the release signing key (signing.pub); required when the "
+                                                     "store has not pinned one yet")
+    j.set_defaults(func=cmd_join)
 
     r = sub.add_parser("rollback", help="make the previous installed version current again")
     r.add_argument("--store", required=True)
@@ -160,11 +187,31 @@ def _process_age_at_import() -> float:
 def cmd_install(args: argparse.Namespace) -> int:
     from device_agents.store import ModelStore
 
-    store = ModelStore(args.store)
+    store = ModelStore(args.store, trust=args.trust)
     before = store.current
     target = store.install(args.model, runtime=args.runtime)
-    print(f"installed {target.name} as current in {args.store}"
-          + (f" (previous: {before.name})" if before and before != target else ""))
+    release = store.release_version() if (target / "release.json").is_file() else None
+    print(f"installed {target.name}" + (f" (signed release {release})" if release is not None else " (unsigned)")
+          + f" as current in {args.store}" + (f" (previous: {before.name})" if before and before != target else ""))
+    return int(ExitCode.SUCCESS)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from device_agents.errors import InputMismatchError
+    from device_agents.store import ModelStore
+
+    if not Path(args.store).is_dir():
+        raise InputMismatchError(f"store {args.store} does not exist")
+    status = ModelStore(args.store).status()
+    if args.json:
+        print(json.dumps(status))
+        return int(ExitCode.SUCCESS)
+    for name in ("current", "previous"):
+        info = status[name]
+        print(f"{name}: " + ("none" if info is None else
+                             f"{info['id']} ({info['kind']}, " + (f"release {info['release']})" if info["release"]
+                                                                  is not None else "unsigned)")))
+    print(f"highest release installed: {status['highest_release']}; pinned key: {status['trusted_key'] or 'none'}")
     return int(ExitCode.SUCCESS)
 
 
@@ -173,6 +220,52 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
     target = ModelStore(args.store).rollback()
     print(f"rolled back: current is {target.name}")
+    return int(ExitCode.SUCCESS)
+
+
+def cmd_node_key(args: argparse.Namespace) -> int:
+    from device_agents.errors import InputMismatchError
+    from device_agents.join import make_node_key
+
+    out = Path(args.out)
+    if (out / "node.key").exists() or (out / "node.pub").exists():
+        raise InputMismatchError(f"{out / 'node.key'} already exists; a device key is never replaced")
+    if out.exists() and not out.is_dir():
+        raise InputMismatchError(f"{out} is a file; give a folder for the key pair")
+    private, public = make_node_key(out, "node")
+    print(f"wrote {private} (stays on this device) and {public} (give it to the fleet operator to register)")
+    return int(ExitCode.SUCCESS)
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    import signal
+    import subprocess
+
+    from device_agents.errors import InputMismatchError
+    from device_agents.join import supernode_command
+    from device_agents.store import ModelStore
+
+    store = Path(args.store)
+    trust = Path(args.trust) if args.trust else None
+    if trust is None and not (store / "trusted.pub").is_file():
+        raise InputMismatchError(f"store {store} trusts no release key yet; give the fleet's signing.pub")
+    if trust is not None:
+        ModelStore(store, trust=trust).trusted_key()  # refuses a key other than the pinned one, now
+    command, env = supernode_command(args.superlink, Path(args.ca), Path(args.key), store,
+                                     data=Path(args.data) if args.data else None, trust=trust)
+    print(f"joining the fleet at {args.superlink} (store {store}); Ctrl-C to leave", flush=True)
+    proc = subprocess.Popen(command, env=env, start_new_session=True)
+
+    def forward(signum: int, _frame: object) -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = proc.wait()
+    if code not in (0, -signal.SIGTERM, 128 + signal.SIGTERM):
+        print(f"edgekit-agent: error: the SuperNode exited with code {code} (see its log above)", file=sys.stderr)
+        return int(ExitCode.FAILURE)
     return int(ExitCode.SUCCESS)
 
 

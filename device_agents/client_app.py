@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agents import codec
+from device_agents import codec, fleet
 from device_agents.files import read_npz
 from device_agents.training import Trainer
 
@@ -131,14 +131,30 @@ def _trainer(artifact_dir: str) -> Trainer:
 
 
 def _artifact_dir(settings: ClientSettings, context: Any) -> str:
-    return settings.artifact_dir or str(context.node_config["artifact-dir"])
+    """The trainable artifact: ``artifact-dir`` of the node config, else the store's newest trainable version
+    (a trainable release rolled out to the fleet)."""
+    node = context.node_config
+    if settings.artifact_dir or "artifact-dir" in node:
+        return settings.artifact_dir or str(node["artifact-dir"])
+    if "store" in node:
+        from device_agents.store import ModelStore
+
+        folder = ModelStore(str(node["store"])).newest("trainable")
+        if folder is not None:
+            return str(folder)
+    raise ValueError("this device has no trainable artifact: roll out a trainable release to it first")
 
 
 def _local_data(settings: ClientSettings, context: Any) -> tuple[int, np.ndarray, np.ndarray]:
     node = context.node_config
     pid = int(node.get("partition-id", 0))
-    data_dir = settings.data_dir or str(node["data-dir"])
-    arrays = read_npz(Path(data_dir) / f"{pid}.npz", names=("x", "y"))  # sizes checked before reading
+    if settings.data_dir is None and "data-file" in node:
+        path = Path(str(node["data-file"]))
+    else:
+        path = Path(settings.data_dir or str(node["data-dir"])) / f"{pid}.npz"
+    arrays = read_npz(path, names=("x", "y"))  # sizes checked before reading
+    if "x" not in arrays or "y" not in arrays:
+        raise ValueError(f"{path} needs arrays x and y to train on")
     return pid, arrays["x"].astype(np.float32), arrays["y"].astype(np.int64)
 
 
@@ -281,6 +297,26 @@ def make_client_app(settings: ClientSettings) -> Any:
                                           seed=seed * 100_003 + pid)
         context.state[PERSONAL_HEAD] = ArrayRecord({k: _array(v) for k, v in head.items()})
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+
+    def fleet_reply(message: Any, result: tuple[dict[str, float], dict[str, str]]) -> Any:
+        from flwr.app import ConfigRecord
+
+        metrics, text = result
+        return Message(RecordDict({"metrics": MetricRecord(fleet.finite(metrics)), "text": ConfigRecord(text)}),
+                       reply_to=message)
+
+    @app.query(fleet.INSTALL, mods=[audit_mod])
+    def install(message: Any, context: Any) -> Any:
+        return fleet_reply(message, fleet.install(message.content["release"], context.node_config))
+
+    @app.query(fleet.ROLLBACK, mods=[audit_mod])
+    def rollback(message: Any, context: Any) -> Any:
+        from_id = str(message.content["config"].get("from-id", ""))
+        return fleet_reply(message, fleet.rollback(from_id, context.node_config))
+
+    @app.query(fleet.STATUS, mods=[audit_mod])
+    def status(message: Any, context: Any) -> Any:
+        return fleet_reply(message, fleet.status(context.node_config))
 
     @app.evaluate(mods=[audit_mod])
     def evaluate(message: Any, context: Any) -> Any:

@@ -8,6 +8,8 @@ escape from a bad artifact or a bad request::
     ├── IntegrityError      the artifact's SHA-256 or size does not match its manifest entry
     ├── InputMismatchError  a request's shape or dtype does not fit the model (exit code 2)
     └── InstallError        a new model version failed its smoke test (the old one stays)
+        └── ReleaseError    a release was refused: unsigned, bad signature, expired, altered, or not
+                            newer than the installed one (the old one stays)
 """
 
 from __future__ import annotations
@@ -57,3 +59,7 @@ class InputMismatchError(AgentError):
 
 class InstallError(AgentError):
     """A new model version failed to install; the previous version is still active."""
+
+
+class ReleaseError(InstallError):
+    """A release was refused: unsigned, not signed by the trusted key, expired, altered, or a downgrade."""

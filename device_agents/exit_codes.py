@@ -17,6 +17,7 @@ class ExitCode(IntEnum):
     FAILURE = 1          # the work could not be done: conversion, verification, federation, integrity
     BAD_INPUT = 2        # a bad argument, file or option value: nothing was changed
     BUDGET_NOT_MET = 3   # edgekit compress: no candidate within the accuracy budget (report kept)
+    ROLLOUT_STOPPED = 4  # edgekit fleet rollout: the canary failed its gates (rolled back) or devices refused
     INTERNAL_ERROR = 70  # a bug: not caused by the input (EX_SOFTWARE)
     INTERRUPTED = 130    # Ctrl-C (128 + SIGINT)
 
@@ -32,6 +33,10 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.BUDGET_NOT_MET: "edgekit compress: no candidate kept the accuracy drop within the budget. The "
                              "report (report.md) was written; no artifact was. Allow a larger drop or try "
                              "other recipes.",
+    ExitCode.ROLLOUT_STOPPED: "edgekit fleet rollout: the canary devices failed a gate (they were rolled back "
+                              "and serve the previous version), or devices after the canary did not install the "
+                              "release. The message names the gate and the numbers; the job folder has "
+                              "rollout.json.",
     ExitCode.INTERNAL_ERROR: "An internal error (a bug, not your input). Rerun with EDGEKIT_DEBUG=1 for the "
                              "traceback and report it.",
     ExitCode.INTERRUPTED: "Interrupted (Ctrl-C). Outputs are written atomically, so nothing half-written "

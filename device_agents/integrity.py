@@ -46,9 +46,16 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"{folder} has no {MANIFEST}; give an edgekit output folder or an artifact file")
     try:
-        manifest = json.loads(read_bounded(path, max_bytes=MAX_MANIFEST_BYTES, what="manifest"))
+        data = read_bounded(path, max_bytes=MAX_MANIFEST_BYTES, what="manifest")
     except UnsafeFileError as exc:
         raise ArtifactError(str(exc)) from None
+    return parse_manifest(data, path)
+
+
+def parse_manifest(data: bytes, path: str | Path) -> dict[str, Any]:
+    """The manifest in ``data`` (read from ``path``), refusing malformed JSON or entries."""
+    try:
+        manifest = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON ({first_line(exc, limit=120)})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts"), list):

@@ -2,16 +2,26 @@
 
 Layout under the store root::
 
-    versions/<id>/manifest.json + artifacts     one folder per installed version (id: manifest sha256 prefix)
+    versions/<id>/manifest.json + artifacts     one folder per installed version; id: the first 16 hex
+                 (+ release.json when signed)   digits of the SHA-256 of the signed release metadata
+                                                (of the manifest for an unsigned install)
     current  -> versions/<id>                   the version serving now (a symlink, swapped atomically)
     previous -> versions/<id>                   the last good version, for rollback
+    trusted.pub                                 the release signing key this store is pinned to
+    release-version.json                        the highest release version ever installed here
     .lock                                       held while a store is changed (one installer at a time)
+
+Signed releases (:mod:`device_agents.release`): a store given a trusted key (``trust=``) pins it at its
+first install, and from then on installs only releases signed by that key, each newer than every release
+installed before (TUF's rollback protection: a release that was rolled back is not installed again; sign
+a new version). ``rollback`` is the one way back to an older version. A store that never had a key
+installs unsigned output folders (hash-checked against their manifest), for development.
 
 Every switch (install, rollback) verifies the version it switches to; a version folder that fails its
 check is replaced by a fresh copy or refused. A crashed install leaves only a ``versions/.*`` staging
 folder, removed by the next install; at most ``keep`` versions besides current and previous are kept.
 
->>> store = ModelStore("/var/lib/edgekit")     # doctest: +SKIP
+>>> store = ModelStore("/var/lib/edgekit", trust="signing.pub")     # doctest: +SKIP
 >>> store.install("out")                       # doctest: +SKIP
 >>> store.rollback()                           # doctest: +SKIP
 """
@@ -20,26 +30,103 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from device_agents.errors import AgentError, InstallError
+from device_agents.errors import AgentError, InstallError, ReleaseError
 from device_agents.files import MAX_MANIFEST_BYTES, crash_point, fsync_dir, read_bounded, write_atomic
-from device_agents.integrity import MANIFEST, check_folder, copy_verified, read_manifest, verified_artifact
+from device_agents.integrity import (
+    MANIFEST,
+    check_folder,
+    copy_verified,
+    parse_manifest,
+    read_manifest,
+    verified_artifact,
+)
+from device_agents.release import RELEASE, Release, check_manifest, load_public_key, verify_release
 from device_agents.runtime import Model
+
+TRUSTED_KEY = "trusted.pub"
+HIGH_WATER = "release-version.json"
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)  # "now" for checks that ignore expiry (explicit rollback)
 
 
 class ModelStore:
-    """The model versions of one device folder. ``keep``: older versions kept besides current and previous."""
+    """The model versions of one device folder. ``keep``: older versions kept besides current and previous;
+    ``trust``: the Ed25519 public key (PEM) releases must be signed with (pinned at the first install)."""
 
-    def __init__(self, root: str | Path, *, keep: int = 2) -> None:
+    def __init__(self, root: str | Path, *, keep: int = 2, trust: str | Path | None = None) -> None:
         self.root = Path(root).absolute()  # resolved once: links and messages never depend on the cwd
         self.versions = self.root / "versions"
         self.keep = keep
+        self.trust = Path(trust) if trust is not None else None
+
+    def trusted_key(self) -> Any | None:
+        """The key releases must be signed with: the pinned one, or ``trust`` (which must equal the pin)."""
+        pinned = self.root / TRUSTED_KEY
+        pin = load_public_key(pinned) if pinned.is_file() else None
+        if self.trust is None:
+            return pin
+        key = load_public_key(self.trust)
+        if pin is not None and pin.keyid != key.keyid:
+            raise ReleaseError(f"this store is pinned to signing key {pin.keyid[:12]}, not {key.keyid[:12]} "
+                               f"({self.trust}); to trust another key, remove {pinned} deliberately first")
+        return key
+
+    def newest(self, kind: str) -> Path | None:
+        """The version of ``kind`` (``"inference"`` or ``"trainable"``) to use: current if it is one, else
+        previous, else the most recently installed other one (None: none installed)."""
+        others = sorted((p for p in self.versions.glob("[!.]*") if p.is_dir()), key=lambda p: p.stat().st_mtime,
+                        reverse=True) if self.versions.is_dir() else []
+        for folder in dict.fromkeys([self.current, self.previous, *others]):
+            if folder is None:
+                continue
+            try:
+                if read_manifest(folder).get("kind", "inference") == kind:
+                    return folder
+            except AgentError:
+                continue
+        return None
+
+    def release_version(self) -> int | None:
+        """The highest release version ever installed in this store (None: no signed release yet)."""
+        path = self.root / HIGH_WATER
+        if not path.is_file():
+            return None
+        try:
+            version = json.loads(read_bounded(path, max_bytes=4096, what="release record"))["version"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, AgentError) as exc:
+            raise ReleaseError(f"{path} is unreadable ({exc}); restore it or reinstall the store") from None
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ReleaseError(f"{path} does not hold an integer version; restore it or reinstall the store")
+        return version
+
+    def status(self) -> dict[str, Any]:
+        """What this store serves: current and previous version ids, their release versions and kinds."""
+
+        def describe(folder: Path | None) -> dict[str, Any] | None:
+            if folder is None:
+                return None
+            info: dict[str, Any] = {"id": folder.name, "release": None, "kind": None}
+            try:
+                info["kind"] = read_manifest(folder).get("kind", "inference")
+                if (folder / RELEASE).is_file():
+                    info["release"] = json.loads((folder / RELEASE).read_bytes())["signed"]["version"]
+            except (AgentError, ValueError, KeyError, TypeError):
+                info["kind"] = "unreadable"
+            return info
+
+        pinned = self.root / TRUSTED_KEY
+        return {"current": describe(self.current), "previous": describe(self.previous),
+                "highest_release": self.release_version(),
+                "trusted_key": load_public_key(pinned).keyid if pinned.is_file() else None}
 
     def _link(self, name: str) -> Path | None:
         link = self.root / name
@@ -70,13 +157,16 @@ class ModelStore:
         """
         folder = Path(folder)
         with self._locked():
+            key = self.trusted_key()
+            release = self._check_release(folder, key) if key is not None else None
             self._remove_stale_staging()
             staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=self.versions))
             try:
-                manifest_bytes = self._stage(folder, staging)
+                manifest_bytes = self._stage(folder, staging, release)
                 crash_point("install-staged")
                 _smoke_test(staging, runtime)
-                target = self.versions / hashlib.sha256(manifest_bytes).hexdigest()[:16]
+                name = release.id if release else hashlib.sha256(manifest_bytes).hexdigest()[:16]
+                target = self.versions / name
                 self._place(staging, target)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -85,8 +175,22 @@ class ModelStore:
             if current is not None and current != target:
                 self._swap("previous", current)
             self._swap("current", target)
+            if release is not None:
+                write_atomic(self.root / HIGH_WATER, json.dumps({"version": release.version,
+                                                                 "id": release.id}).encode())
+                if not (self.root / TRUSTED_KEY).is_file() and self.trust is not None:
+                    write_atomic(self.root / TRUSTED_KEY, read_bounded(self.trust, max_bytes=1 << 16, what="key"))
             self._prune()
             return target
+
+    def _check_release(self, folder: Path, key: Any) -> Release:
+        """The verified release in ``folder``, refused when it is not newer than every installed one."""
+        release = verify_release(folder, key)
+        highest = self.release_version()
+        if highest is not None and release.version <= highest:
+            raise ReleaseError(f"release {release.version} is not newer than release {highest}, already installed "
+                               "on this device; refusing a downgrade (an explicit rollback is the way back)")
+        return release
 
     def rollback(self) -> Path:
         """Make the previous version current again (and the current one previous), after verifying it."""
@@ -96,6 +200,9 @@ class ModelStore:
                 raise InstallError(f"no previous version to roll back to in {self.root}")
             try:
                 check_folder(previous)
+                key = self.trusted_key()
+                if key is not None:  # a pinned store switches only to releases its key signed
+                    check_manifest(verify_release(previous, key, now=_EPOCH), (previous / MANIFEST).read_bytes())
             except AgentError as exc:
                 raise InstallError(f"the previous version {previous.name} fails its check ({exc}); "
                                    "not switching to it: install a good release instead") from None
@@ -104,15 +211,26 @@ class ModelStore:
                 self._swap("previous", current)
             return previous
 
-    def _stage(self, folder: Path, staging: Path) -> bytes:
+    def _stage(self, folder: Path, staging: Path, release: Release | None) -> bytes:
+        """Copy the manifest and its artifacts (hashed as they are copied) into ``staging``; the manifest
+        is parsed from the very bytes that were checked against the signed release."""
         try:
-            manifest = read_manifest(folder)
+            if not (folder / MANIFEST).is_file():
+                read_manifest(folder)  # raises the one-line "no manifest" error
             manifest_bytes = read_bounded(folder / MANIFEST, max_bytes=MAX_MANIFEST_BYTES, what="manifest")
+            if release is not None:
+                manifest = check_manifest(release, manifest_bytes)
+            else:
+                manifest = parse_manifest(manifest_bytes, folder / MANIFEST)
             for entry in manifest["artifacts"]:
                 copy_verified(folder, entry, staging / entry["file"])
+        except ReleaseError:
+            raise
         except AgentError as exc:
             raise InstallError(f"refusing {folder}: {exc}") from None
         write_atomic(staging / MANIFEST, manifest_bytes)
+        if release is not None:
+            write_atomic(staging / RELEASE, release.data)
         return manifest_bytes
 
     def _place(self, staging: Path, target: Path) -> None:

@@ -1,12 +1,13 @@
 """edgekit: put trained Keras models on edge devices.
 
 Compress (prune, quantize, distill), export (TFLite, ONNX), verify every artifact in its own
-runtime, write a manifest and a report, export a trainable artifact, and federate it with Flower.
+runtime, write a manifest and a report, export a trainable artifact, federate it with Flower, and sign
+releases and roll them out to a fleet of devices behind canary gates.
 Importing edgekit does not import TensorFlow.
 
 The packages follow the path a model takes (each imports only the ones before it)::
 
-    loading -> optimize -> export -> artifacts -> compression -> trainable -> federated
+    loading -> optimize -> export -> artifacts -> compression -> trainable -> federated -> fleet
 
 >>> import edgekit
 >>> result = edgekit.compress("cnn.keras", "digits", "out",                  # doctest: +SKIP
@@ -26,6 +27,7 @@ from edgekit.errors import (
     InputError,
     ModelLoadError,
     OutputError,
+    RolloutError,
     UnsupportedLayerError,
     VerificationError,
 )
@@ -40,6 +42,10 @@ from edgekit.federated.config import (
 from edgekit.federated.deploy import up
 from edgekit.federated.run import FederatedResult
 from edgekit.federated.simulate import simulate
+from edgekit.fleet.rollout import Gates, RolloutConfig, fleet_status, rollout
+from edgekit.fleet.serve import FleetConfig
+from edgekit.fleet.signing import new_keys, sign_release
+from edgekit.fleet.train import FleetRunConfig, run_on_fleet
 from edgekit.loading.data import Dataset, load_data, load_digits
 from edgekit.loading.models import LoadedModel, import_custom_objects, load_model
 from edgekit.trainable.export import TrainableConfig, TrainableResult, export_trainable
@@ -58,7 +64,10 @@ __all__ = [
     "EdgeKitError",
     "FederatedResult",
     "FederationError",
+    "FleetConfig",
+    "FleetRunConfig",
     "Format",
+    "Gates",
     "InputError",
     "LoadedModel",
     "ModelLoadError",
@@ -67,6 +76,8 @@ __all__ = [
     "PartitionScheme",
     "Quantization",
     "Recipe",
+    "RolloutConfig",
+    "RolloutError",
     "RoundSettings",
     "SimulationConfig",
     "SizeMetric",
@@ -79,11 +90,16 @@ __all__ = [
     "__version__",
     "compress",
     "export_trainable",
+    "fleet_status",
     "import_custom_objects",
     "inspect_artifact",
     "load_data",
     "load_digits",
     "load_model",
+    "new_keys",
+    "rollout",
+    "run_on_fleet",
+    "sign_release",
     "simulate",
     "up",
 ]

@@ -13,6 +13,7 @@ Messages name values and numbers, never command-line flags. The tree is small on
     ├── ConversionError         a converter (TFLite, tf2onnx, ORT quantizer) failed
     ├── VerificationError       an artifact disagrees with its source beyond the tolerance
     ├── FederationError         a federated run failed (a Flower process, no clients, a failed round loop)
+    ├── RolloutError            exit code 4: a fleet rollout stopped at its canary (rolled back) or was partial
     └── BudgetError             exit code 3: no candidate met the accuracy budget (the report is kept)
 """
 
@@ -82,3 +83,14 @@ class BudgetError(EdgeKitError):
         self.budget = budget
         self.best_drop = best_drop
         self.report = report
+
+
+class RolloutError(EdgeKitError):
+    """A rollout stopped: the canary failed a gate (its devices rolled back), or later devices refused.
+    ``result`` holds every device's answer."""
+
+    exit_code = ExitCode.ROLLOUT_STOPPED
+
+    def __init__(self, message: str, result: dict | None = None) -> None:
+        super().__init__(message)
+        self.result = result or {}

@@ -436,13 +436,13 @@ def test_strangers_cannot_join_register_or_run_code_through_the_gateway(tmp_path
     import httpx
 
     from edgekit.federated._tls import make_certificates, make_node_key
-    from edgekit.federated.deploy import _Processes, _start_gateway, _wait_port, free_port
+    from edgekit.federated.deploy import Processes, free_port, start_gateway, wait_port
     from edgekit.federated.run import FLOWER_ENV
 
     good, other = make_certificates(tmp_path / "good"), make_certificates(tmp_path / "other")
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, **FLOWER_ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    procs = _Processes(tmp_path, env)
+    procs = Processes(tmp_path, env)
     port, gateway = free_port(), free_port()
     marker = tmp_path / "OUTSIDER_RAN"
     app = tmp_path / "outsider_app"
@@ -458,8 +458,8 @@ def test_strangers_cannot_join_register_or_run_code_through_the_gateway(tmp_path
                                   "--ssl-certfile", str(good["cert"]), "--ssl-keyfile", str(good["key"]),
                                   "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:",
                                   "--enable-supernode-auth", "--disable-runtime-dependency-installation"])
-        _wait_port(port, procs)
-        _start_gateway(procs, gateway, port, good)
+        wait_port(port, procs)
+        start_gateway(procs, gateway, port, good)
         private, public = make_node_key(tmp_path / "keys", "outsider")
         outside = {**env, "FLWR_HOME": str(_flwr_home(tmp_path / "outside", gateway, good["ca"]))}
         register = subprocess.run([str(bin_dir / "flwr"), "supernode", "register", str(public), "target"],

@@ -12,7 +12,8 @@ from conftest import ROOT
 
 # edgekit's packages in the order of the path a model takes; a module may import its own rank or lower
 RANKS = {"errors": 0, "_version": 0, "_tf": 0, "_progress": 0, "_io": 0, "config": 0, "loading": 1,
-         "optimize": 2, "export": 3, "artifacts": 4, "compression": 5, "trainable": 6, "federated": 7}
+         "optimize": 2, "export": 3, "artifacts": 4, "compression": 5, "trainable": 6, "federated": 7,
+         "fleet": 8}
 
 
 def python_files(folder):

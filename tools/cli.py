@@ -80,11 +80,78 @@ def build_parser() -> argparse.ArgumentParser:
     fl_sub = fl.add_subparsers(dest="fl_command", parser_class=OneLineParser)
     _add_simulate(fl_sub)
     _add_up(fl_sub)
+    _add_fleet_run(fl_sub)
+    _add_fleet(sub)
     i = sub.add_parser("inspect", help="ops, sizes and quantization of an artifact; check a folder's manifest")
     i.add_argument("target", help="a .tflite/.onnx file or an edgekit output folder")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_inspect)
     return parser
+
+
+def _add_fleet(sub: argparse._SubParsersAction) -> None:
+    from edgekit.fleet.signing import DEFAULT_EXPIRY
+
+    keys = sub.add_parser("keys", help="release signing keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", parser_class=OneLineParser)
+    k = keys_sub.add_parser("new", help="write a new Ed25519 signing key pair: DIR/signing.key (0600), signing.pub")
+    k.add_argument("--out", required=True, help="the folder for the key pair (existing keys are never overwritten)")
+    k.set_defaults(func=cmd_keys_new)
+    r = sub.add_parser("release", help="sign an edgekit output folder as a release (writes DIR/release.json)",
+                       description="Sign the manifest and every artifact of DIR (an output of compress, trainable "
+                                   "or a federated final/) as release VERSION: TUF targets metadata, Ed25519.")
+    r.add_argument("folder", metavar="DIR")
+    r.add_argument("--key", required=True, help="signing.key of `edgekit keys new`")
+    r.add_argument("--version", dest="release_version", required=True, type=int, metavar="N",
+                   help="the release number; devices install only newer ones")
+    r.add_argument("--expires-days", type=float, default=DEFAULT_EXPIRY.days,
+                   help="devices refuse the release after this many days (default %(default)s)")
+    r.set_defaults(func=cmd_release)
+
+    from edgekit.fleet.rollout import Gates, RolloutConfig
+    from edgekit.fleet.serve import FleetConfig
+
+    fleet = sub.add_parser("fleet", help="serve a fleet of devices, roll signed releases out to it, see its status")
+    fleet_sub = fleet.add_subparsers(dest="fleet_command", parser_class=OneLineParser)
+    s = fleet_sub.add_parser("serve", help="run the fleet's SuperLink (TLS, node keys) until Ctrl-C",
+                             description="Start the fleet in DIR (CA, certificates, Flower state; reused on restart): "
+                                         "the SuperLink on 127.0.0.1 and the Fleet-only TLS gateway devices dial on "
+                                         "--host:--port. Prints the enrollment commands.")
+    s.add_argument("--out", required=True, metavar="DIR", help="the fleet folder")
+    s.add_argument("--host", default=_default(FleetConfig, "host"),
+                   help="address the gateway listens on (default %(default)s; 0.0.0.0 for every interface)")
+    s.add_argument("--port", type=int, default=_default(FleetConfig, "port"), help="(default %(default)s)")
+    s.add_argument("--address", action="append", default=[], metavar="NAME",
+                   help="a host name or IP devices dial, put in the server certificate; repeatable")
+    s.set_defaults(func=cmd_fleet_serve)
+    g = fleet_sub.add_parser("register", help="register a device's node.pub (only on the fleet's server)")
+    g.add_argument("public_key", metavar="NODE_PUB")
+    g.add_argument("--fleet", required=True, metavar="DIR")
+    g.set_defaults(func=cmd_fleet_register)
+    ro = fleet_sub.add_parser("rollout", help="send a signed release to a canary fraction, gate, then to all",
+                              description="Devices verify, install, smoke-test and measure the release on their own "
+                                          "data. If the canary meets every gate the release goes to all devices; "
+                                          "otherwise the canary rolls back and the command exits 4.")
+    ro.add_argument("--fleet", required=True, metavar="DIR")
+    ro.add_argument("--release", required=True, metavar="DIR", help="a folder signed with edgekit release")
+    gates = Gates()
+    ro.add_argument("--canary", type=float, default=_default(RolloutConfig, "canary"),
+                    help="fraction of devices that get it first (default %(default)s)")
+    ro.add_argument("--max-error-rate", type=float, default=gates.max_error_rate,
+                    help="failed inferences / inferences on the canary (default %(default)s)")
+    ro.add_argument("--max-p99-ms", type=float, help="worst canary device's p99 latency in ms (default: no limit)")
+    ro.add_argument("--min-accuracy", type=float, help="accuracy %% on the canary devices' own labeled data")
+    ro.add_argument("--max-accuracy-drop", type=float, default=gates.max_accuracy_drop,
+                    help="points the canary may lose against the version it served before (default %(default)s)")
+    ro.add_argument("--min-nodes", type=int, default=_default(RolloutConfig, "min_nodes"),
+                    help="wait for this many connected devices (default %(default)s)")
+    ro.add_argument("--timeout", type=float, default=_default(RolloutConfig, "timeout"),
+                    help="seconds per step (default %(default)s)")
+    ro.set_defaults(func=cmd_fleet_rollout)
+    st = fleet_sub.add_parser("status", help="every device's version and telemetry: fleet.json and fleet.png")
+    st.add_argument("--fleet", required=True, metavar="DIR")
+    st.add_argument("--out", help="where to write fleet.json and fleet.png (default DIR/status)")
+    st.set_defaults(func=cmd_fleet_status)
 
 
 def _add_compress(sub: argparse._SubParsersAction) -> None:
@@ -161,8 +228,9 @@ def _add_round_args(p: argparse.ArgumentParser, config: type) -> None:
     p.add_argument("--data", default="digits", help="'digits' or an .npz with x and y (default: digits)")
     p.add_argument("--out", required=True, help="the run folder")
     p.add_argument("--clients", type=int, default=_default(config, "clients"), help="(default %(default)s)")
-    p.add_argument("--partition", type=parse_partition, default=_default(config, "partition"),
-                   help="iid or dirichlet:ALPHA (default %(default)s)")
+    if config.LOCAL_PARTITIONS:
+        p.add_argument("--partition", type=parse_partition, default=_default(config, "partition"),
+                       help="iid or dirichlet:ALPHA (default %(default)s)")
     p.add_argument("--rounds", type=int, default=_default(RoundSettings, "rounds"), help="(default %(default)s)")
     from edgekit.federated.strategies import STRATEGIES
 
@@ -240,9 +308,37 @@ def _add_up(fl_sub: argparse._SubParsersAction) -> None:
     dep.add_argument("--insecure", action="store_true", help="no TLS (only when asked)")
     dep.add_argument("--no-node-auth", action="store_true",
                      help="do not register SuperNode key pairs (by default each SuperNode gets an ECDSA key)")
-    dep.add_argument("--timeout", type=float, default=_default(DeployConfig, "timeout"),
-                     help="seconds for the whole run (default %(default)s)")
+    _add_timeout(dep, DeployConfig)
     dep.set_defaults(func=cmd_fl_up)
+
+
+def _add_timeout(p: argparse.ArgumentParser, config: type) -> None:
+    p.add_argument("--timeout", type=float, default=_default(config, "timeout"),
+                   help="seconds for the whole run (default %(default)s)")
+
+
+def _add_fleet_run(fl_sub: argparse._SubParsersAction) -> None:
+    from edgekit.fleet.train import FleetRunConfig
+
+    run = fl_sub.add_parser("run", help="federated rounds on a served fleet (edgekit fleet serve), devices' own data",
+                            description="Each device trains the trainable release it has installed (roll one out "
+                                        "first) on the data it joined with; --data is the server's held-out "
+                                        "evaluation data. Writes history.json, accuracy.png and final/ to --out.")
+    _add_round_args(run, FleetRunConfig)
+    run.add_argument("--fleet", required=True, metavar="DIR", help="the served fleet folder")
+    _add_timeout(run, FleetRunConfig)
+    run.set_defaults(func=cmd_fl_run)
+
+
+def cmd_fl_run(args: argparse.Namespace) -> int:
+    from edgekit.fleet.train import FleetRunConfig, run_on_fleet
+
+    config = FleetRunConfig(clients=args.clients, rounds=_round_settings(args), batch_size=args.batch_size,
+                            timeout=args.timeout)
+    result = run_on_fleet(args.model, args.data, args.out, args.fleet, config, progress=not args.quiet,
+                          log=lambda line: print(line, flush=True))
+    print(f"wrote {result.out}: history.json, accuracy.png, final/ (sign it with edgekit release, then roll it out)")
+    return int(ExitCode.SUCCESS)
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -331,6 +427,89 @@ def cmd_fl_up(args: argparse.Namespace) -> int:
     return int(ExitCode.SUCCESS)
 
 
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    from edgekit.fleet.signing import new_keys, public_key_id
+
+    private, public = new_keys(args.out)
+    print(f"wrote {private} (private, mode 0600: keep it off devices) and {public} (give it to devices: "
+          f"edgekit-agent install --trust {public}); key id {public_key_id(public)[:16]}")
+    return int(ExitCode.SUCCESS)
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from edgekit.errors import InputError
+    from edgekit.fleet.signing import sign_release
+
+    if not 0 < args.expires_days <= 3650:
+        raise InputError(f"--expires-days {args.expires_days:g} must be more than 0 and at most 3650")
+    path = sign_release(args.folder, args.key, version=args.release_version, expires=timedelta(days=args.expires_days))
+    print(f"signed release {args.release_version} of {args.folder}: {path} (expires in {args.expires_days:g} days)")
+    return int(ExitCode.SUCCESS)
+
+
+def cmd_fleet_serve(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from edgekit.fleet.serve import FleetConfig, serve
+
+    fleet = serve(args.out, FleetConfig(host=args.host, port=args.port, addresses=tuple(args.address)))
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stop.append(signum))
+    dial = args.address[0] if args.address else (args.host if args.host not in ("0.0.0.0", "::") else "HOST")
+    print(f"fleet served from {fleet.folder}: devices connect to {fleet.gateway} (TLS, registered node keys only); "
+          f"control on 127.0.0.1:{fleet.control} (this machine only)\n"
+          f"on each device:  edgekit-agent node-key --out keys\n"
+          f"here, per device: edgekit fleet register --fleet {args.out} keys/node.pub\n"
+          f"on each device:  edgekit-agent join --superlink {dial}:{args.port} --ca ca.crt --key keys/node.key "
+          f"--data DEVICE_DATA.npz --store STORE --trust signing.pub   (ca.crt: {fleet.ca})", flush=True)
+    try:
+        while not stop:
+            fleet.check()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        fleet.stop()
+    print("fleet stopped")
+    return int(ExitCode.SUCCESS)
+
+
+def cmd_fleet_register(args: argparse.Namespace) -> int:
+    from edgekit.fleet.serve import register_node
+
+    print(register_node(args.fleet, args.public_key))
+    return int(ExitCode.SUCCESS)
+
+
+def cmd_fleet_rollout(args: argparse.Namespace) -> int:
+    from edgekit.fleet.rollout import Gates, RolloutConfig, rollout
+
+    config = RolloutConfig(canary=args.canary, min_nodes=args.min_nodes, timeout=args.timeout,
+                           gates=Gates(max_error_rate=args.max_error_rate, max_p99_ms=args.max_p99_ms,
+                                       min_accuracy=args.min_accuracy, max_accuracy_drop=args.max_accuracy_drop))
+    result = rollout(args.fleet, args.release, config, log=lambda line: print(line, flush=True))
+    print(f"rollout complete: release {result['release_id']} on {result['nodes']} device(s) "
+          f"(report: {result['job']}/rollout.json)")
+    return int(ExitCode.SUCCESS)
+
+
+def cmd_fleet_status(args: argparse.Namespace) -> int:
+    from edgekit.fleet.rollout import fleet_status
+
+    summary = fleet_status(args.fleet, args.out, log=lambda line: print(line, flush=True))
+    for row in summary["nodes"]:
+        release = f"release {row['release']:g}" if row.get("release", -1) >= 0 else "unsigned"
+        print(f"node {row['node']}: " + (f"{row['version_id'] or 'no model'} ({release}), p99 {row['p99_ms']:.2f} ms, "
+                                         f"errors {row['errors']:g}/{row['inferences']:g}"
+                                         + (f", accuracy {row['accuracy']:.1f}%" if row["accuracy"] >= 0 else "")
+                                         if row["ok"] else f"no answer ({row['reason']})"))
+    print(f"wrote {summary['out']}/fleet.json and fleet.png")
+    return int(ExitCode.SUCCESS)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from edgekit.artifacts.inspection import inspect_artifact
     from tools._render import format_inspection
@@ -343,13 +522,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.version:
+    if getattr(args, "version", False):
         from edgekit._version import __version__
 
         print(f"edgekit {__version__}")
         return int(ExitCode.SUCCESS)
-    if args.command == "fl" and not getattr(args, "fl_command", None):
-        parser.parse_args(["fl", "--help"])  # prints the fl subcommands and exits
+    for group in ("fl", "keys", "fleet"):
+        if args.command == group and not getattr(args, f"{group}_command", None):
+            parser.parse_args([group, "--help"])  # prints the group's subcommands and exits
     if not getattr(args, "func", None):
         parser.print_help()
         return int(ExitCode.BAD_INPUT)

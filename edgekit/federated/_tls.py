@@ -13,7 +13,10 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
+from device_agents.join import make_node_key
 from edgekit._io import write_atomic
+
+__all__ = ["make_certificates", "make_node_key", "make_server_certificate"]
 
 VALIDITY = dt.timedelta(days=365)
 PRIVATE = 0o600
@@ -84,17 +87,3 @@ def make_server_certificate(folder: Path, *, hosts: tuple[str, ...]) -> dict[str
     write_atomic(paths["key"], _pem_key(key, serialization.PrivateFormat.PKCS8), mode=PRIVATE)
     write_atomic(paths["cert"], cert.public_bytes(serialization.Encoding.PEM))
     return paths
-
-
-def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
-    """An ECDSA (P-256) key pair in OpenSSH format, for SuperNode authentication: (private, public)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    folder.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = folder / name, folder / f"{name}.pub"
-    write_atomic(private, _pem_key(key, serialization.PrivateFormat.OpenSSH), mode=PRIVATE)
-    write_atomic(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                       serialization.PublicFormat.OpenSSH))
-    return private, public

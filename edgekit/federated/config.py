@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import ClassVar
 
 from device_agents.client_app import Clipping, Fault
 from device_agents.codec import Codec
@@ -155,6 +156,7 @@ class RoundSettings:
 class FederationConfig:
     """What every federated run has: the clients, how the data is split among them, the rounds."""
 
+    LOCAL_PARTITIONS: ClassVar[bool] = True  # the run's clients train on partitions of the data given here
     clients: int = 10
     partition: Partition = field(default_factory=Partition)
     rounds: RoundSettings = field(default_factory=RoundSettings)

@@ -73,11 +73,12 @@ def prepare_run(model: Any, data: Any, out: Path, config: FederationConfig, *, p
                    np.concatenate([parts.finetune.y, parts.calibration.y]), "clients")
     out.mkdir(parents=True, exist_ok=True)
     mark_output(out, "federated")  # this run folder is edgekit's: a later run may replace it
-    (out / "partitions").mkdir(exist_ok=True)
-    shares = partition(pool, config.clients, scheme=config.partition.scheme.value, alpha=config.partition.alpha,
-                       seed=seed)
-    for i, part in enumerate(shares):
-        np.savez(out / "partitions" / f"{i}.npz", x=part.x, y=part.y)
+    if config.LOCAL_PARTITIONS:
+        (out / "partitions").mkdir(exist_ok=True)
+        shares = partition(pool, config.clients, scheme=config.partition.scheme.value,
+                           alpha=config.partition.alpha, seed=seed)
+        for i, part in enumerate(shares):
+            np.savez(out / "partitions" / f"{i}.npz", x=part.x, y=part.y)
     np.savez(out / "evaluation.npz", x=parts.evaluation.x, y=parts.evaluation.y)
     if not (reuse_trainable and (out / "trainable" / "manifest.json").exists()):
         export_trainable(keras_model, out / "trainable", data=dataset, progress=progress,

@@ -1,0 +1,201 @@
+"""The ServerApp of fleet jobs: one Flower app, one job per run (``--run-config job=PATH``).
+
+:data:`ACTIONS` maps a job's ``action`` to its handler; each gets the Flower grid and the job, and
+returns the JSON result written beside the job. Replies from devices are checked before use
+(:func:`node_row`): exactly the protocol's metric names, finite numbers, short text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from device_agents import fleet as device_fleet
+from device_agents.files import read_bounded, write_atomic
+from device_agents.release import RELEASE
+
+MAX_TEXT = 300
+
+
+def fleet_server_app() -> Any:
+    """The ``flwr.serverapp.ServerApp`` that runs the job named by the run config's ``job``."""
+    from flwr.serverapp import ServerApp
+
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Any, context: Any) -> None:
+        job_path = Path(str(context.run_config["job"]))
+        job = json.loads(job_path.read_text())
+        try:
+            result = ACTIONS[job["action"]](grid, job)
+        except Exception as exc:  # noqa: BLE001 (the operator's command reports it as one line)
+            (job_path.parent / "traceback.txt").write_text(traceback.format_exc())
+            result = {"status": "error", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+        write_atomic(job_path.parent / "result.json", json.dumps(result, indent=2).encode())
+
+    return app
+
+
+def report(line: str) -> None:
+    """A line for the operator (``submit_job`` relays lines with this prefix)."""
+    print(f"edgekit: {line}", flush=True)
+
+
+def _nodes(grid: Any, job: dict[str, Any]) -> list[int]:
+    from edgekit.federated.server_app import wait_for_nodes
+
+    wait_for_nodes(grid, int(job.get("min_nodes", 1)), float(job.get("wait", 30)))
+    return sorted(int(n) for n in grid.get_node_ids())
+
+
+def node_row(node: int, reply: Any) -> dict[str, Any]:
+    """One node's answer as a row: ``ok``, ``reason`` and the metrics, or a refusal of a malformed reply."""
+    row: dict[str, Any] = {"node": node, "ok": False, "reason": "", "version_id": "", "previous_id": ""}
+    if reply is None or reply.has_error():
+        row["reason"] = "no reply" if reply is None else f"error: {str(reply.error.reason)[:MAX_TEXT]}"
+        return row
+    content = reply.content
+    metrics = content.get("metrics") if "metrics" in content.keys() else None
+    text = content.get("text") if "text" in content.keys() else None
+    if metrics is None or text is None or set(metrics.keys()) != set(device_fleet.METRICS):
+        row["reason"] = "malformed reply (not the fleet protocol's metrics)"
+        return row
+    values = dict(metrics.items())
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) < 1e12
+               for v in values.values()):
+        row["reason"] = "malformed reply (non-finite or out-of-range numbers)"
+        return row
+    strings = {k: v for k, v in text.items() if k in ("version-id", "previous-id", "reason") and isinstance(v, str)}
+    row.update({k.replace("-", "_"): float(v) for k, v in values.items()})
+    row.update({"ok": values["ok"] == 1.0, "reason": strings.get("reason", "")[:MAX_TEXT],
+                "version_id": strings.get("version-id", "")[:32], "previous_id": strings.get("previous-id", "")[:32]})
+    return row
+
+
+def _ask(grid: Any, nodes: list[int], query: str, content: Any, timeout: float) -> list[dict[str, Any]]:
+    from flwr.app import Message
+
+    if not nodes:
+        return []
+    messages = [Message(content=content, message_type=f"query.{query}", dst_node_id=node) for node in nodes]
+    replies = {int(r.metadata.src_node_id): r for r in grid.send_and_receive(messages=messages, timeout=timeout)}
+    return [node_row(node, replies.get(node)) for node in nodes]
+
+
+def release_files(folder: Path) -> dict[str, bytes]:
+    from device_agents.integrity import MANIFEST, read_manifest
+
+    names = [RELEASE, MANIFEST, *(entry["file"] for entry in read_manifest(folder)["artifacts"])]
+    return {name: read_bounded(folder / name, max_bytes=device_fleet.MAX_RELEASE_BYTES, what="release file")
+            for name in names}
+
+
+def rollout_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """Send the release to a canary fraction of nodes, check the gates, then to the rest or roll back."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from edgekit.fleet.rollout import Gates
+
+    gates = Gates(**job["gates"])
+    files = release_files(Path(job["release"]))
+    release_id = hashlib.sha256(files[RELEASE]).hexdigest()[:16]
+    nodes = _nodes(grid, job)
+    if not nodes:
+        return {"status": "halted", "reason": "no device is connected to the fleet", "release_id": release_id}
+    count = max(1, math.ceil(job["canary"] * len(nodes)))
+    canary = sorted(random.Random(job.get("seed", 0)).sample(nodes, count))
+    rest = [n for n in nodes if n not in canary]
+    content = RecordDict({"release": ConfigRecord(files)})
+    report(f"release {release_id} ({sum(map(len, files.values())):,} bytes) to {len(canary)} canary node(s) "
+           f"of {len(nodes)}")
+    started = time.monotonic()
+    canary_rows = _ask(grid, canary, device_fleet.INSTALL, content, job["timeout"])
+    canary_seconds = time.monotonic() - started
+    summary = gate_summary(canary_rows)
+    failures = gates.failures(summary)
+    result: dict[str, Any] = {"release_id": release_id, "nodes": len(nodes), "canary": canary_rows,
+                              "payload_bytes_per_node": sum(map(len, files.values())),
+                              "seconds": {"canary": round(canary_seconds, 3)},
+                              "canary_summary": summary, "gates": job["gates"], "rest": [], "rolled_back": []}
+    if failures:
+        installed = [row["node"] for row in canary_rows if row["ok"] and row["version_id"] == release_id]
+        back = RecordDict({"config": ConfigRecord({"from-id": release_id})})
+        result["rolled_back"] = _ask(grid, installed, device_fleet.ROLLBACK, back, job["timeout"])
+        report(f"canary failed: {'; '.join(failures)}; rolled back on {len(installed)} node(s)")
+        return {**result, "status": "halted", "reason": "; ".join(failures)}
+    report(f"canary passed ({summary_line(summary)}); release to the other {len(rest)} node(s)")
+    started = time.monotonic()
+    result["rest"] = _ask(grid, rest, device_fleet.INSTALL, content, job["timeout"])
+    result["seconds"]["rest"] = round(time.monotonic() - started, 3)
+    missing = [row for row in result["rest"] if not row["ok"]]
+    if missing:
+        reasons = sorted({row["reason"] or "failed" for row in missing})
+        return {**result, "status": "partial",
+                "reason": f"{len(missing)} of {len(rest)} node(s) after the canary did not install it: "
+                          f"{'; '.join(reasons)[:MAX_TEXT]}"}
+    return {**result, "status": "complete", "reason": ""}
+
+
+def gate_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The canary's aggregates: nodes that installed, error rate, worst p99, accuracy now and before."""
+    good = [r for r in rows if r["ok"]]
+    inferences = sum(r["inferences"] for r in good if r["inferences"] > 0)
+    errors = sum(r["errors"] for r in good if r["inferences"] > 0)
+
+    def mean(key: str, among: list[dict[str, Any]]) -> float | None:
+        pairs = [(r[key], r["samples"]) for r in among if r[key] >= 0 and r["samples"] > 0]
+        return sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else None
+
+    labeled = [r for r in good if r["accuracy"] >= 0 and r["previous_accuracy"] >= 0]
+    p99 = [r["p99_ms"] for r in good if r["p99_ms"] >= 0]
+    return {"nodes": len(rows), "installed": len(good),
+            "refusals": sorted({r["reason"] or "failed" for r in rows if not r["ok"]}),
+            "error_rate": errors / inferences if inferences else (1.0 if good else None),
+            "p99_ms": max(p99) if p99 else None, "accuracy": mean("accuracy", good),
+            "accuracy_same_nodes": mean("accuracy", labeled), "previous_accuracy": mean("previous_accuracy", labeled),
+            "previous_p99_ms": max((r["previous_p99_ms"] for r in good if r["previous_p99_ms"] >= 0), default=None)}
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    parts = [f"{summary['installed']}/{summary['nodes']} installed"]
+    if summary["error_rate"] is not None:
+        parts.append(f"error rate {summary['error_rate']:.3f}")
+    if summary["p99_ms"] is not None:
+        parts.append(f"p99 {summary['p99_ms']:.2f} ms")
+    if summary["accuracy"] is not None:
+        parts.append(f"accuracy {summary['accuracy']:.1f}%")
+    return ", ".join(parts)
+
+
+def status_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """Every connected node's versions and a measurement of the one it serves."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    nodes = _nodes(grid, job)
+    rows = _ask(grid, nodes, device_fleet.STATUS, RecordDict({"config": ConfigRecord({})}), job["timeout"])
+    report(f"{sum(r['ok'] for r in rows)} of {len(nodes)} node(s) answered")
+    return {"status": "complete", "nodes": rows}
+
+
+def train_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """The federated rounds of a run folder prepared by :func:`edgekit.fleet.train.run_on_fleet`."""
+    from edgekit.federated.deploy import run_rounds_in
+
+    run_rounds_in(grid, Path(job["run_dir"]), log=report)
+    return {"status": "complete"}
+
+
+ACTIONS: dict[str, Callable[[Any, dict[str, Any]], dict[str, Any]]] = {
+    "rollout": rollout_job,
+    "status": status_job,
+    "train": train_job,
+}
+"""Job action -> handler (run in the fleet's ServerApp)."""

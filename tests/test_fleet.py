@@ -1,0 +1,423 @@
+"""Signed releases, the device store's refusals, and canary rollouts on a real fleet (SuperLink + 4 SuperNodes)."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import BIN, ROOT, assert_one_line_error, run_cli
+
+from device_agents import ModelStore
+from device_agents.errors import InstallError, ReleaseError
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    from edgekit.fleet.signing import new_keys
+
+    base = tmp_path_factory.mktemp("keys")
+    return new_keys(base / "ours"), new_keys(base / "theirs")
+
+
+def _signed(source: Path, target: Path, key: Path, version: int, **kwargs) -> Path:
+    from edgekit.fleet.signing import sign_release
+
+    shutil.copytree(source, target)
+    sign_release(target, key, version=version, **kwargs)
+    return target
+
+
+def _rehash(folder: Path) -> None:
+    """What the issue's attacker did: recompute every sha256 and size in manifest.json."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["artifacts"]:
+        data = (folder / entry["file"]).read_bytes()
+        entry["sha256"], entry["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _serves(store: ModelStore, version_id: str) -> None:
+    from device_agents.integrity import verified_artifact
+    from device_agents.runtime import Model
+
+    assert store.current is not None and store.current.name == version_id
+    model = Model.load(verified_artifact(store.current).data)
+    assert np.isfinite(model.predict(model.example_input())).all()
+
+
+def test_keys_are_new_private_and_never_overwritten(tmp_path):
+    proc = run_cli("keys", "new", "--out", str(tmp_path / "k"))
+    assert proc.returncode == 0, proc.stderr
+    assert oct((tmp_path / "k" / "signing.key").stat().st_mode & 0o777) == "0o600"
+    assert (tmp_path / "k" / "signing.pub").read_text().startswith("-----BEGIN PUBLIC KEY-----")
+    before = (tmp_path / "k" / "signing.key").read_bytes()
+    assert_one_line_error(run_cli("keys", "new", "--out", str(tmp_path / "k")), 2, "already exists")
+    assert (tmp_path / "k" / "signing.key").read_bytes() == before
+
+
+def test_a_signed_release_installs_and_the_store_pins_its_key(float_out, keys, tmp_path):
+    from device_agents.release import load_public_key, verify_release
+
+    (_, ours), _ = keys
+    release = _signed(float_out, tmp_path / "r1", keys[0][0], 1)
+    store = ModelStore(tmp_path / "store", trust=ours)
+    target = store.install(release)
+    assert target.name == verify_release(release, load_public_key(ours)).id  # named by the signed metadata's hash
+    assert (target / "release.json").read_bytes() == (release / "release.json").read_bytes()
+    status = ModelStore(tmp_path / "store").status()
+    assert status["current"]["release"] == 1 and status["highest_release"] == 1
+    assert status["trusted_key"] == load_public_key(ours).keyid
+    _serves(store, target.name)
+
+
+def test_every_hostile_release_is_refused_and_the_old_model_keeps_serving(float_out, int8_out, keys, tmp_path):
+    (private, public), (their_private, their_public) = keys
+    store = ModelStore(tmp_path / "store", trust=public)
+    serving = store.install(_signed(float_out, tmp_path / "v2", private, 2)).name
+
+    # the issue's attack: a different model.tflite with the manifest's sha256 and size recomputed
+    swapped = _signed(int8_out, tmp_path / "swapped", private, 3)
+    shutil.copy(float_out / "model.tflite", swapped / "model.tflite")
+    _rehash(swapped)
+    with pytest.raises(ReleaseError, match="manifest.json is not the one release 3 signed"):
+        store.install(swapped)
+    # an artifact changed, manifest left alone
+    altered = _signed(int8_out, tmp_path / "altered", private, 3)
+    data = bytearray((altered / "model.tflite").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (altered / "model.tflite").write_bytes(bytes(data))
+    with pytest.raises(InstallError, match="does not match its manifest"):
+        store.install(altered)
+    # the version number edited without re-signing
+    bumped = _signed(int8_out, tmp_path / "bumped", private, 3)
+    meta = json.loads((bumped / "release.json").read_text())
+    meta["signed"]["version"] = 99
+    (bumped / "release.json").write_text(json.dumps(meta))
+    with pytest.raises(ReleaseError, match="no valid signature by the trusted key"):
+        store.install(bumped)
+    # signed by another key; unsigned; older; equal; expired
+    with pytest.raises(ReleaseError, match="no valid signature by the trusted key"):
+        store.install(_signed(int8_out, tmp_path / "theirs", their_private, 3))
+    with pytest.raises(ReleaseError, match="not a signed release"):
+        store.install(int8_out)
+    with pytest.raises(ReleaseError, match="release 1 is not newer than release 2"):
+        store.install(_signed(int8_out, tmp_path / "older", private, 1))
+    with pytest.raises(ReleaseError, match="release 2 is not newer than release 2"):
+        store.install(_signed(int8_out, tmp_path / "equal", private, 2))
+    expired = _signed(int8_out, tmp_path / "expired", private, 5, expires=timedelta(minutes=1))
+    from device_agents.release import load_public_key, verify_release
+
+    with pytest.raises(ReleaseError, match="expired"):
+        verify_release(expired, load_public_key(public), now=datetime.now(timezone.utc) + timedelta(minutes=2))
+    # a pinned store keeps requiring its key without being told, and refuses another one
+    with pytest.raises(ReleaseError, match="not a signed release"):
+        ModelStore(tmp_path / "store").install(int8_out)
+    with pytest.raises(ReleaseError, match="pinned to signing key"):
+        ModelStore(tmp_path / "store", trust=their_public).install(_signed(int8_out, tmp_path / "t2", their_private, 9))
+    _serves(store, serving)
+    assert not [p for p in (tmp_path / "store" / "versions").iterdir() if p.name.startswith(".")]
+
+
+def test_hostile_release_metadata_is_refused_in_one_line(int8_out, keys, tmp_path):
+    (private, public), _ = keys
+    store = ModelStore(tmp_path / "store", trust=public)
+    for name, content in [("huge", b"{" + b" " * (2 << 20)), ("garbage", b"\x00\xffnot json"),
+                          ("root", b'{"signed": {"_type": "root"}, "signatures": []}')]:
+        folder = _signed(int8_out, tmp_path / name, private, 3)
+        (folder / "release.json").write_bytes(content)
+        with pytest.raises(ReleaseError) as caught:
+            store.install(folder)
+        assert "\n" not in str(caught.value) and len(str(caught.value)) < 400
+    # a signed target outside its folder, or an extra signed file the manifest does not list
+    from edgekit.fleet.signing import sign_release
+
+    extra = _signed(int8_out, tmp_path / "extra", private, 3)
+    manifest = json.loads((extra / "manifest.json").read_text())
+    manifest["artifacts"] = manifest["artifacts"][:1]
+    (extra / "manifest.json").write_text(json.dumps(manifest))
+    sign_release(extra, private, version=3)
+    meta = json.loads((extra / "release.json").read_text())
+    assert len(meta["signed"]["targets"]) == 2  # manifest + the one artifact it still lists
+    store.install(extra)  # a consistent, smaller release is fine
+
+
+def test_rollback_is_the_way_back_and_a_rolled_back_release_is_not_reinstalled(float_out, int8_out, keys, tmp_path):
+    (private, public), _ = keys
+    store = ModelStore(tmp_path / "store", trust=public)
+    first = store.install(_signed(float_out, tmp_path / "v1", private, 1)).name
+    second_folder = _signed(int8_out, tmp_path / "v2", private, 2)
+    second = store.install(second_folder).name
+    assert store.rollback().name == first
+    with pytest.raises(ReleaseError, match="release 2 is not newer than release 2"):
+        store.install(second_folder)
+    assert store.install(_signed(int8_out, tmp_path / "v3", private, 3)).name not in (first, second)
+
+
+def test_cli_install_trust_refusals_are_one_line_and_release_checks_its_folder(float_out, int8_out, keys, tmp_path):
+    (private, public), (their_private, _) = keys
+    store = str(tmp_path / "store")
+    good = _signed(float_out, tmp_path / "v2", private, 2)
+    proc = run_cli("install", "--model", str(good), "--store", store, "--trust", str(public), tool="edgekit-agent")
+    assert proc.returncode == 0 and "signed release 2" in proc.stdout, proc.stderr
+    theirs = _signed(int8_out, tmp_path / "theirs", their_private, 3)
+    assert_one_line_error(run_cli("install", "--model", str(theirs), "--store", store, "--trust", str(public),
+                                  tool="edgekit-agent"), 1, "no valid signature by the trusted key")
+    assert_one_line_error(run_cli("install", "--model", str(int8_out), "--store", store, tool="edgekit-agent"),
+                          1, "not a signed release")
+    older = _signed(int8_out, tmp_path / "older", private, 1)
+    assert_one_line_error(run_cli("install", "--model", str(older), "--store", store, tool="edgekit-agent"),
+                          1, "not newer than release 2")
+    status = json.loads(run_cli("status", "--store", store, "--json", tool="edgekit-agent").stdout)
+    assert status["current"]["release"] == 2
+    # edgekit release refuses a folder altered since edgekit wrote it, bad versions and a public key as key
+    altered = tmp_path / "altered"
+    shutil.copytree(int8_out, altered)
+    (altered / "model.tflite").write_bytes(b"x")
+    assert_one_line_error(run_cli("release", str(altered), "--key", str(private), "--version", "4"), 2,
+                          "cannot release")
+    assert_one_line_error(run_cli("release", str(good), "--key", str(private), "--version", "0"), 2, "version")
+    assert_one_line_error(run_cli("release", str(good), "--key", str(public), "--version", "4"), 2, "private key")
+
+
+# --- a real fleet: `fleet serve`, 4 devices enrolled with their own keys, rollouts and status -------------------
+
+def _device_bin() -> Path:
+    """The device environment's scripts (make test builds .venv-device from the device wheel)."""
+    device = ROOT / ".venv-device" / "bin"
+    return device if (device / "edgekit-agent").exists() else BIN
+
+
+def _always_seven(folder: Path) -> Path:
+    """A valid float TFLite release that answers class 7 for every input."""
+    from edgekit import _tf
+    from edgekit.artifacts.manifest import file_entry
+
+    tf, keras = _tf.tf(), _tf.keras()
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    bias = np.full(10, -10.0, np.float32)
+    bias[7] = 10.0
+    model.layers[-1].set_weights([np.zeros((64, 10), np.float32), bias])
+    data = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    folder.mkdir()
+    (folder / "model.tflite").write_bytes(data)
+    (folder / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "inference",
+                                                      "artifacts": [file_entry("model.tflite", data, fmt="tflite")]}))
+    return folder
+
+
+def _versions(tmp_path, count):
+    return [ModelStore(tmp_path / f"device{i}" / "store").current.name for i in range(count)]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("fleet")
+def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, keys, tmp_path):
+    """fleet serve; four devices (their own environment, key pair and data) registered and joined; a trainable
+    release rolled out; fl run on the devices' data; its final/ released and rolled out; bad, older, tampered
+    and foreign releases stopped; fleet status."""
+    from edgekit import TrainableConfig, export_trainable
+    from edgekit.errors import RolloutError
+    from edgekit.federated.config import RoundSettings
+    from edgekit.federated.deploy import free_port
+    from edgekit.fleet.rollout import Gates, RolloutConfig, fleet_status, rollout
+    from edgekit.fleet.serve import FleetConfig, serve
+    from edgekit.fleet.signing import sign_release
+    from edgekit.fleet.train import FleetRunConfig, run_on_fleet
+
+    (private, public), _ = keys
+    quiet = {"log": lambda _: None}
+    fleet = serve(tmp_path / "fleet", FleetConfig(port=free_port()))
+    devices = []
+    try:
+        devices = _enroll(fleet, digits, tmp_path, public)
+        canary = RolloutConfig(canary=0.25, min_nodes=4, wait=90, timeout=120)
+        export_trainable(cnn_path, tmp_path / "trainable", data="digits", progress=False,
+                         config=TrainableConfig(batch_size=8))
+        sign_release(tmp_path / "trainable", private, version=1)
+        first = rollout(fleet.folder, tmp_path / "trainable", canary, **quiet)
+        assert first["status"] == "complete" and len(first["canary"]) == 1 and len(first["rest"]) == 3
+        assert _versions(tmp_path, 4) == [first["release_id"]] * 4
+        assert first["canary_summary"]["accuracy"] > 80 and first["canary_summary"]["error_rate"] == 0
+
+        # federated rounds on the devices' own data, with the trainable release they installed
+        run = run_on_fleet(cnn_path, "digits", tmp_path / "run", fleet.folder, progress=False,
+                           config=FleetRunConfig(clients=4, rounds=RoundSettings(rounds=1, local_epochs=1)), **quiet)
+        assert len(run.history) == 2 and run.history[-1]["replied"] == 4 and run.final_accuracy > 80
+        sign_release(tmp_path / "run" / "final", private, version=2)
+        v2 = rollout(fleet.folder, tmp_path / "run" / "final", canary, **quiet)["release_id"]
+        assert _versions(tmp_path, 4) == [v2] * 4
+
+        # accuracy collapses on the canary: it stops there and is rolled back (through the command: exit 4)
+        seven = _signed(_always_seven(tmp_path / "seven-src"), tmp_path / "v3", private, 3)
+        proc = run_cli("fleet", "rollout", "--fleet", str(fleet.folder), "--release", str(seven), "--min-nodes", "4",
+                       "--min-accuracy", "80")
+        assert_one_line_error(proc, 4, "rollout halted", "accuracy", "< 80%")
+        assert "rollout complete" not in proc.stdout and "rolled back on 1 node(s)" in proc.stdout
+        assert _versions(tmp_path, 4) == [v2] * 4
+
+        # a release that fails on the device (its smoke test): the canary refuses it, nobody else gets it
+        broken = _signed(int8_out, tmp_path / "v4", private, 4)
+        (broken / "model.tflite").write_bytes(b"\x00\x00\x00\x00TFL3" + b"\x00" * 64)
+        _rehash(broken)
+        sign_release(broken, private, version=4)
+        with pytest.raises(RolloutError, match="did not install it.*smoke test") as caught:
+            rollout(fleet.folder, broken, canary, **quiet)
+        assert caught.value.result["rest"] == []
+        assert _versions(tmp_path, 4) == [v2] * 4
+
+        # a good new release reaches everyone; then older, tampered and foreign releases are refused by every node
+        v5 = rollout(fleet.folder, _signed(int8_out, tmp_path / "v5", private, 5), canary, **quiet)["release_id"]
+        assert _versions(tmp_path, 4) == [v5] * 4
+        everyone = RolloutConfig(canary=1.0, min_nodes=4, wait=90, timeout=120, gates=Gates(max_accuracy_drop=None))
+        tampered = _signed(int8_out, tmp_path / "v6", private, 6)
+        shutil.copy(tmp_path / "run" / "final" / "model.tflite", tampered / "model.tflite")
+        _rehash(tampered)
+        for folder, reason in [(tmp_path / "run" / "final", "not newer than release 5"),
+                               (tampered, "is not the one release 6 signed"),
+                               (_signed(int8_out, tmp_path / "foreign", keys[1][0], 7), "no valid signature")]:
+            with pytest.raises(RolloutError) as caught:
+                rollout(fleet.folder, folder, everyone, **quiet)
+            rows = caught.value.result["canary"]
+            assert len(rows) == 4 and all(not r["ok"] and reason in r["reason"] for r in rows), rows
+            assert caught.value.result["rolled_back"] == []
+            assert _versions(tmp_path, 4) == [v5] * 4
+
+        status = fleet_status(fleet.folder, tmp_path / "status", **quiet)
+        assert sorted(r["version_id"] for r in status["nodes"]) == [v5] * 4
+        assert all(r["release"] == 5 and r["accuracy"] > 80 for r in status["nodes"])
+        assert status["versions"][v5]["nodes"] == 4
+        assert json.loads((tmp_path / "status" / "fleet.json").read_text())["versions"][v5]["nodes"] == 4
+        assert (tmp_path / "status" / "fleet.png").read_bytes()[:4] == b"\x89PNG"
+    finally:
+        for proc, _ in devices:
+            proc.terminate()
+        for proc, log in devices:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+        fleet.stop()
+    assert all(proc.returncode == 0 for proc, _ in devices), [p.returncode for p, _ in devices]
+
+
+def _enroll(fleet, digits, tmp_path, public):
+    """Four devices as the README enrolls them: own key pair, registered by the operator, joined with `join`."""
+    from edgekit.fleet.serve import register_node
+
+    procs = []
+
+    device = _device_bin()
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    for i in range(4):
+        home = tmp_path / f"device{i}"
+        home.mkdir()
+        shutil.copy(public, home / "signing.pub")
+        rows = slice(1400 + 90 * i, 1490 + 90 * i)
+        np.savez(home / "data.npz", x=digits.x[rows], y=digits.y[rows])
+        made = subprocess.run([str(device / "edgekit-agent"), "node-key", "--out", "keys"],
+                              capture_output=True, text=True, env=env, cwd=home, timeout=120)
+        assert made.returncode == 0, made.stderr
+        assert "registered" in register_node(fleet.folder, home / "keys" / "node.pub")
+        shutil.copy(fleet.ca, home / "ca.crt")
+        log = open(home / "join.log", "w")  # noqa: SIM115 (closed with the process)
+        procs.append((subprocess.Popen(
+            [str(device / "edgekit-agent"), "join", "--superlink", fleet.gateway, "--ca", "ca.crt", "--key",
+             "keys/node.key", "--data", "data.npz", "--store", "store", "--trust", "signing.pub"],
+            cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not all("joining the fleet" in (tmp_path / f"device{i}" / "join.log")
+                                                  .read_text() for i in range(4)):
+        time.sleep(0.5)
+    return procs
+
+
+def test_gates_fail_with_the_numbers_and_pass_otherwise():
+    from edgekit.errors import InputError
+    from edgekit.fleet.jobs import gate_summary
+    from edgekit.fleet.rollout import Gates
+
+    def row(ok=True, accuracy=95.0, previous=96.0, errors=0.0, p99=1.0, reason=""):
+        return {"node": 1, "ok": ok, "reason": reason, "inferences": 100.0, "errors": errors, "p99_ms": p99,
+                "accuracy": accuracy, "previous_accuracy": previous, "samples": 100.0, "previous_p99_ms": 0.5}
+
+    good = gate_summary([row(), row(accuracy=97.0)])
+    assert good["accuracy"] == pytest.approx(96.0) and Gates(min_accuracy=90, max_p99_ms=2).failures(good) == []
+    assert Gates(min_accuracy=97).failures(good) == ["accuracy 96.0% < 97%"]
+    assert Gates(max_p99_ms=0.5).failures(good) == ["p99 latency 1.00 ms > 0.5 ms"]
+    assert Gates().failures(gate_summary([row(errors=3)])) == ["error rate 0.030 > 0"]
+    assert Gates().failures(gate_summary([row(accuracy=90.0)])) == ["accuracy fell 6.0 points (96.0% -> 90.0%) > 2"]
+    assert Gates(max_accuracy_drop=None).failures(gate_summary([row(accuracy=90.0)])) == []
+    refused = Gates().failures(gate_summary([row(), row(ok=False, reason="bad signature")]))
+    assert refused == ["1 of 2 canary node(s) did not install it (bad signature)"]
+    assert Gates(min_accuracy=50).failures(gate_summary([row(accuracy=-1.0, previous=-1.0)])) == [
+        "no canary device has labeled data to measure accuracy on"]
+    for bad in ({"max_error_rate": -0.1}, {"min_accuracy": 101}, {"max_p99_ms": float("nan")},
+                {"max_accuracy_drop": True}):
+        with pytest.raises(InputError, match="must be a number"):
+            Gates(**bad)
+
+
+def test_lying_or_malformed_device_replies_count_as_failures():
+    from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+
+    from device_agents.fleet import METRICS
+    from edgekit.fleet.jobs import node_row
+
+    honest = dict.fromkeys(METRICS, 1.0)
+
+    def reply(metrics, text=None):
+        metadata = Metadata(run_id=1, message_id="m7", src_node_id=7, dst_node_id=0, reply_to_message_id="q7",
+                            group_id="1", created_at=time.time(), ttl=60.0, message_type="query.install")
+        return Message(RecordDict({"metrics": MetricRecord(metrics), "text": ConfigRecord(text or {"reason": ""})}),
+                       metadata=metadata)
+
+    assert node_row(7, reply(honest))["ok"] is True
+    assert node_row(7, None)["reason"] == "no reply"
+    for metrics in ({**honest, "extra": 1.0}, {k: v for k, v in honest.items() if k != "ok"},
+                    {**honest, "accuracy": float("nan")}, {**honest, "p99-ms": 1e30}):
+        row = node_row(7, reply(metrics))
+        assert row["ok"] is False and "malformed reply" in row["reason"], metrics
+    long = node_row(7, reply(honest, {"reason": "x" * 10_000, "version-id": "y" * 500}))
+    assert len(long["reason"]) == 300 and len(long["version_id"]) == 32
+
+
+def test_fleet_commands_refuse_bad_input_in_one_line(int8_out, keys, tmp_path):
+    (private, public), _ = keys
+    # serve: a folder that is not a fleet's; register / rollout / status / fl run: no served fleet
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.txt").write_text("keep me")
+    assert_one_line_error(run_cli("fleet", "serve", "--out", str(tmp_path / "mine")), 2, "not a fleet folder")
+    assert (tmp_path / "mine" / "thesis.txt").read_text() == "keep me"
+    assert_one_line_error(run_cli("fleet", "register", str(public), "--fleet", str(tmp_path / "none")), 2,
+                          "not a served fleet")
+    signed = _signed(int8_out, tmp_path / "signed", private, 1)
+    assert_one_line_error(run_cli("fleet", "rollout", "--fleet", str(tmp_path / "none"), "--release",
+                                  str(signed)), 2, "not a served fleet")
+    assert_one_line_error(run_cli("fleet", "rollout", "--fleet", str(tmp_path / "none"), "--release",
+                                  str(int8_out)), 2, "not a signed release")
+    assert_one_line_error(run_cli("fleet", "rollout", "--fleet", str(tmp_path / "none"), "--release",
+                                  str(signed), "--canary", "1.5"), 2, "canary fraction")
+    # join: a world-readable device key, a CA that is not a certificate, no trusted key for a new store
+    made = run_cli("node-key", "--out", str(tmp_path / "keys"), tool="edgekit-agent")
+    assert made.returncode == 0 and oct((tmp_path / "keys" / "node.key").stat().st_mode & 0o777) == "0o600"
+    assert_one_line_error(run_cli("node-key", "--out", str(tmp_path / "keys"), tool="edgekit-agent"), 2,
+                          "never replaced")
+    common = ["join", "--superlink", "127.0.0.1:1", "--key", str(tmp_path / "keys" / "node.key"),
+              "--store", str(tmp_path / "store")]
+    assert_one_line_error(run_cli(*common, "--ca", str(public), "--trust", str(public), tool="edgekit-agent"), 2,
+                          "not a PEM certificate")
+    assert_one_line_error(run_cli(*common, "--ca", str(public), tool="edgekit-agent"), 2, "trusts no release key")
+    (tmp_path / "keys" / "node.key").chmod(0o644)
+    ca = tmp_path / "ca.crt"
+    from edgekit.federated._tls import make_certificates
+
+    shutil.copy(make_certificates(tmp_path / "certs")["ca"], ca)
+    assert_one_line_error(run_cli(*common, "--ca", str(ca), "--trust", str(public), tool="edgekit-agent"), 2,
+                          "readable by other users")
