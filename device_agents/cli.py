@@ -254,7 +254,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     command, env = supernode_command(args.superlink, Path(args.ca), Path(args.key), store,
                                      data=Path(args.data) if args.data else None, trust=trust)
     print(f"joining the fleet at {args.superlink} (store {store}); Ctrl-C to leave", flush=True)
-    proc = subprocess.Popen(command, env=env, start_new_session=True)
+    proc = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
     def forward(signum: int, _frame: object) -> None:
         if proc.poll() is None:
@@ -267,6 +267,18 @@ def cmd_join(args: argparse.Namespace) -> int:
         print(f"edgekit-agent: error: the SuperNode exited with code {code} (see its log above)", file=sys.stderr)
         return int(ExitCode.FAILURE)
     return int(ExitCode.SUCCESS)
+
+
+def _die_with_parent() -> None:
+    """In the SuperNode child (Linux): receive SIGTERM when this agent dies, even by SIGKILL, so no SuperNode is
+    left running without its supervisor. Elsewhere a no-op."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

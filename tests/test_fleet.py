@@ -278,8 +278,13 @@ def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, k
         tampered = _signed(int8_out, tmp_path / "v6", private, 6)
         shutil.copy(tmp_path / "run" / "final" / "model.tflite", tampered / "model.tflite")
         _rehash(tampered)
+        unsigned = _signed(int8_out, tmp_path / "v7", private, 7)
+        meta = json.loads((unsigned / "release.json").read_text())
+        meta["signatures"] = []  # well-formed TUF metadata that nobody signed
+        (unsigned / "release.json").write_text(json.dumps(meta))
         for folder, reason in [(tmp_path / "run" / "final", "not newer than release 5"),
                                (tampered, "is not the one release 6 signed"),
+                               (unsigned, "no valid signature by the trusted key"),
                                (_signed(int8_out, tmp_path / "foreign", keys[1][0], 7), "no valid signature")]:
             with pytest.raises(RolloutError) as caught:
                 rollout(fleet.folder, folder, everyone, **quiet)
