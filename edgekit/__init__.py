@@ -33,6 +33,7 @@ from edgekit.errors import (
 )
 from edgekit.federated.config import (
     DeployConfig,
+    OversizedUpdate,
     Partition,
     PartitionScheme,
     RoundSettings,
@@ -72,6 +73,7 @@ __all__ = [
     "LoadedModel",
     "ModelLoadError",
     "OutputError",
+    "OversizedUpdate",
     "Partition",
     "PartitionScheme",
     "Quantization",

@@ -852,3 +852,27 @@ def test_honest_clients_of_a_converged_model_on_skewed_data_are_not_rejected(fl_
     assert summary["devices"] == 8 and summary["failed_or_rejected"] == 0
     assert summary["accuracy_after"] >= summary["accuracy_before"]
     assert summary["accuracy_after"] >= summary["accuracy_fine_tuned"]  # a head that got worse is not kept
+
+
+def test_an_oversized_update_is_rejected_or_its_norm_bounded_to_the_limit():
+    from edgekit.federated.config import RoundSettings
+    from edgekit.federated.server_app import robust_filter
+
+    base = {"w": np.zeros(3, np.float32)}
+    updates = [(_reply(v, 10, node), {"w": np.array([v, v, -v], np.float32)}, 10)
+               for node, v in enumerate([1.0, 1.1, 0.9, 100.0])]
+    norms = [np.linalg.norm(w["w"]) for _, w, _ in updates]
+    kept, rejected = robust_filter(updates, base, RoundSettings())
+    assert len(kept) == 3 and [r["node"] for r in rejected] == [3] and "over 5x the round's median" in \
+        rejected[0]["reason"]
+    kept, outliers = robust_filter(updates, base, RoundSettings(oversized_updates="bound"))
+    assert len(kept) == 4 and [(r["node"], r["bounded"]) for r in outliers] == [(3, True)]
+    bounded = kept[3][1]["w"]
+    assert np.linalg.norm(bounded) == pytest.approx(5 * np.median(norms), rel=1e-5)  # scaled to the limit
+    assert np.allclose(bounded / np.linalg.norm(bounded), np.array([1, 1, -1]) / np.sqrt(3))  # same direction
+    assert all(np.array_equal(k[1]["w"], u[1]["w"]) for k, u in zip(kept[:3], updates[:3]))  # others untouched
+    # bounding, but an update over 10x the median (this one is ~95x) is still rejected
+    kept, outliers = robust_filter(updates, base, RoundSettings(oversized_updates="bound", bound_reject_ratio=10))
+    assert len(kept) == 3 and [(r["node"], r.get("bounded", False)) for r in outliers] == [(3, False)]
+    with pytest.raises(InputError, match="bound-reject ratio 2 must be at least the norm ratio 5"):
+        RoundSettings(oversized_updates="bound", bound_reject_ratio=2)

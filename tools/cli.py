@@ -19,6 +19,7 @@ from edgekit.config import BatchNorm, CompressConfig, Format, Quantization, Size
 from edgekit.federated.config import (
     DeployConfig,
     NoiseGuard,
+    OversizedUpdate,
     PartitionScheme,
     RoundSettings,
     SimulationConfig,
@@ -261,6 +262,10 @@ def _add_round_args(p: argparse.ArgumentParser, config: type) -> None:
                    help="clients send weight deltas: int8 (one scale per tensor, ~4x fewer bytes; the value when "
                         "the flag is given alone) or int4 (block scales, stochastic rounding, error feedback on "
                         "the device, ~7.5x fewer bytes) (default %(default)s: no compression)")
+    p.add_argument("--oversized-updates", choices=_values(OversizedUpdate),
+                   default=_default(RoundSettings, "oversized_updates").value,
+                   help="an update over 5x the round's median norm (and over 0.1x the model's): reject it, or bound "
+                        "its norm to that limit keeping its direction (default %(default)s)")
     p.add_argument("--seed", type=int, default=_default(RoundSettings, "seed"), help="(default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -398,6 +403,7 @@ def _round_settings(args: argparse.Namespace, **extra: object) -> RoundSettings:
                          strategy=args.strategy, proximal_mu=args.proximal_mu, fraction=args.fraction,
                          server_learning_rate=args.server_learning_rate, server_momentum=args.server_momentum,
                          min_fraction=args.min_fraction, compress_updates=args.compress_updates, seed=args.seed,
+                         oversized_updates=args.oversized_updates,
                          **extra)
 
 

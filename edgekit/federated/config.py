@@ -65,6 +65,13 @@ class Partition:
         return self.scheme.value if self.scheme is PartitionScheme.IID else f"dirichlet({self.alpha:g})"
 
 
+class OversizedUpdate(str, Enum):
+    """What the server does with an update far larger than the round's median (and than the model's floor)."""
+
+    REJECT = "reject"  # drop it from the round
+    BOUND = "bound"    # keep its direction, scale its norm down to the limit (norm bounding, Sun et al. 2019)
+
+
 @dataclass(frozen=True)
 class RoundSettings:
     """What the server does each round, and how clients train (sent in each round's config)."""
@@ -91,6 +98,8 @@ class RoundSettings:
     dp_noise_guard: NoiseGuard = NoiseGuard.REFUSE  # when the noise would exceed any clipped mean update
     max_update_norm_ratio: float = 5.0    # reject an update over this many times the round's median update ...
     update_norm_floor: float = 0.1        # ... that is also over this fraction of the global model's norm
+    oversized_updates: OversizedUpdate = OversizedUpdate.REJECT  # ... or bound its norm to that limit
+    bound_reject_ratio: float | None = None  # when bounding: still reject updates over this many times the median
     max_examples_ratio: float = 2.0       # cap a client's reported sample count at this many times the median
     max_round_accuracy_drop: float = 20.0  # last-good-model guard: commit no aggregate that loses more (points)
 
@@ -107,6 +116,8 @@ class RoundSettings:
             object.__setattr__(self, "strategy", coerce_enum(Strategy, self.strategy, "strategy"))
         object.__setattr__(self, "dp_noise_guard", coerce_enum(NoiseGuard, self.dp_noise_guard, "noise guard"))
         object.__setattr__(self, "dp_clipping", coerce_enum(Clipping, self.dp_clipping, "clipping"))
+        object.__setattr__(self, "oversized_updates", coerce_enum(OversizedUpdate, self.oversized_updates,
+                                                                  "oversized-update policy"))
         if self.dp_clipping is Clipping.NONE:
             raise InputError("differential-privacy clipping must be fixed or adaptive")
         codec = {True: Codec.INT8, False: Codec.FLOAT32, None: Codec.FLOAT32}.get(self.compress_updates,
@@ -115,6 +126,9 @@ class RoundSettings:
         for name in ("max_update_norm_ratio", "max_examples_ratio"):
             if not getattr(self, name) >= 1:
                 raise InputError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        if self.bound_reject_ratio is not None and not self.bound_reject_ratio >= self.max_update_norm_ratio:
+            raise InputError(f"the bound-reject ratio {self.bound_reject_ratio} must be at least the norm ratio "
+                             f"{self.max_update_norm_ratio}")
         if not self.update_norm_floor >= 0:
             raise InputError(f"update norm floor must be >= 0, got {self.update_norm_floor}")
         if not 0 < self.max_round_accuracy_drop <= 100:

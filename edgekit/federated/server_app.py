@@ -6,7 +6,8 @@ records and metric names and types, tensor names, dtypes and shapes, codec scale
 (int8 deltas onto the global weights that were sent) and checked for finite values. A reply that
 fails is rejected and logged, never aggregated, and never stops the run. Of the valid replies, an
 update far larger than the round's median (``max_update_norm_ratio``) and large against the model
-itself (``update_norm_floor`` of its norm) is rejected and the reported
+itself (``update_norm_floor`` of its norm) is rejected (or, with ``oversized_updates`` BOUND, scaled down
+to that norm) and the reported
 sample counts are capped (``max_examples_ratio`` x the median), so one client cannot take the
 average over. The strategy aggregates; the server evaluates the new global model on held-out data
 (in LiteRT, with the same trainable artifact) and commits it only if it is finite and does not lose
@@ -175,11 +176,14 @@ def _decode_int4(content: Any, reference: dict[str, np.ndarray]) -> tuple[dict[s
 
 def robust_filter(updates: list[tuple[Any, dict[str, np.ndarray], int]], weights: dict[str, np.ndarray],
                   settings: RoundSettings) -> tuple[list[tuple[Any, dict[str, np.ndarray], int]], list[dict]]:
-    """Reject updates far larger than the round's median update; cap reported sample counts.
+    """Reject (or bound the norm of) updates far larger than the round's median update; cap reported sample
+    counts.
 
-    ``updates``: (reply, decoded weights, reported examples). Returns the kept ones (examples capped)
-    and the rejections.
+    ``updates``: (reply, decoded weights, reported examples). Returns the kept ones (examples capped; bounded
+    ones scaled) and the rejections (each bounded update is listed too, with ``"bounded": True``).
     """
+    from edgekit.federated.config import OversizedUpdate
+
     if len(updates) < 3:
         return updates, []
 
@@ -194,13 +198,23 @@ def robust_filter(updates: list[tuple[Any, dict[str, np.ndarray], int]], weights
     floor = settings.update_norm_floor * norm(weights)
     kept, rejected = [], []
     for update, size in zip(updates, norms):
-        if size > bound and size > floor:
-            rejected.append({"node": int(update[0].metadata.src_node_id),
-                             "reason": f"update norm {size:.3g} is over {settings.max_update_norm_ratio:g}x the "
-                                       f"round's median ({bound / settings.max_update_norm_ratio:.3g}) and over "
-                                       f"{settings.update_norm_floor:g}x the model's norm ({floor:.3g})"})
-        else:
+        if not (size > bound and size > floor):
             kept.append(update)
+            continue
+        reason = (f"update norm {size:.3g} is over {settings.max_update_norm_ratio:g}x the round's median "
+                  f"({bound / settings.max_update_norm_ratio:.3g}) and over {settings.update_norm_floor:g}x the "
+                  f"model's norm ({floor:.3g})")
+        node = int(update[0].metadata.src_node_id)
+        median = bound / settings.max_update_norm_ratio
+        hard = settings.bound_reject_ratio
+        if settings.oversized_updates is OversizedUpdate.BOUND and (hard is None or size <= hard * median):
+            scale = max(bound, floor) / size
+            reply, values, examples = update
+            kept.append((reply, {k: (weights[k] + (v.astype(np.float64) - weights[k]) * scale).astype(v.dtype)
+                                 for k, v in values.items()}, examples))
+            rejected.append({"node": node, "bounded": True, "reason": f"{reason}; scaled by {scale:.3g}"})
+        else:
+            rejected.append({"node": node, "reason": reason})
     cap = max(1, int(settings.max_examples_ratio * float(np.median([n for _, _, n in kept]))))
     return [(reply, w, min(n, cap)) for reply, w, n in kept], rejected
 
@@ -372,13 +386,16 @@ def _one_round(grid: Any, strategy: Any, rnd: int, weights: dict[str, np.ndarray
         link.settle({int(r.metadata.src_node_id) for r in replies if not r.has_error() and "codec" in r.content})
     valid, rejected, failed, up = _collect(replies, sent, settings, rnd, log)
     valid, outliers = robust_filter(valid, sent, settings)
-    rejected += outliers
+    rejected += [item for item in outliers if not item.get("bounded")]
+    bounded = [item for item in outliers if item.get("bounded")]
     for item in outliers:
-        log(f"round {rnd}: rejected the update of node {item['node']}: {item['reason']}")
+        log(f"round {rnd}: {'bounded' if item.get('bounded') else 'rejected'} the update of node {item['node']}: "
+            f"{item['reason']}")
     entry: dict[str, Any] = {"round": rnd, "sampled": len(messages), "replied": len(replies) - failed,
                              "valid": len(valid), "failed": failed, "rejected": rejected,
                              "bytes_down_per_client": float(np.mean(down)) if down else 0.0,
-                             "bytes_up_per_client": float(np.mean(up)) if up else 0.0, "aggregated": False}
+                             "bytes_up_per_client": float(np.mean(up)) if up else 0.0, "aggregated": False,
+                             "bounded": bounded}
     if len(valid) < max(1, int(np.ceil(settings.min_fraction * len(messages)))):
         log(f"round {rnd}: only {len(valid)} of {len(messages)} clients gave a valid update "
             f"(minimum {settings.min_fraction:.0%}); the global model is unchanged")

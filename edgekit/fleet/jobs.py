@@ -126,10 +126,12 @@ def rollout_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
                               "seconds": {"canary": round(canary_seconds, 3)},
                               "canary_summary": summary, "gates": job["gates"], "rest": [], "rolled_back": []}
     if failures:
-        installed = [row["node"] for row in canary_rows if row["ok"] and row["version_id"] == release_id]
+        # every canary device is asked (one that crashed after its swap never said it installed); a device
+        # rolls back only when it serves this release
         back = RecordDict({"config": ConfigRecord({"from-id": release_id})})
-        result["rolled_back"] = _ask(grid, installed, device_fleet.ROLLBACK, back, job["timeout"])
-        report(f"canary failed: {'; '.join(failures)}; rolled back on {len(installed)} node(s)")
+        result["rolled_back"] = _ask(grid, canary, device_fleet.ROLLBACK, back, job["timeout"])
+        done = sum(row["ok"] for row in result["rolled_back"])
+        report(f"canary failed: {'; '.join(failures)}; rolled back on {done} node(s)")
         return {**result, "status": "halted", "reason": "; ".join(failures)}
     report(f"canary passed ({summary_line(summary)}); release to the other {len(rest)} node(s)")
     started = time.monotonic()
