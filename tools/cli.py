@@ -327,8 +327,9 @@ def _add_fleet_run(fl_sub: argparse._SubParsersAction) -> None:
 
     run = fl_sub.add_parser("run", help="federated rounds on a served fleet (edgekit fleet serve), devices' own data",
                             description="Each device trains the trainable release it has installed (roll one out "
-                                        "first) on the data it joined with; --data is the server's held-out "
-                                        "evaluation data. Writes history.json, accuracy.png and final/ to --out.")
+                                        "first) on the data it joined with; --data is the server's own data "
+                                        "(rounds are evaluated on its held-out split). Writes history.json, "
+                                        "accuracy.png and final/ to --out.")
     _add_round_args(run, FleetRunConfig)
     run.add_argument("--fleet", required=True, metavar="DIR", help="the served fleet folder")
     _add_timeout(run, FleetRunConfig)
