@@ -41,6 +41,14 @@ MAX_RELEASE_BYTES = 1 << 30
 MAX_SAMPLES = 200
 
 
+def _metrics(**values: float) -> dict[str, float]:
+    """A reply's metrics: every name of :data:`METRICS` (-1 where there is nothing to report), then ``values``
+    (names with ``-`` written as ``_``)."""
+    metrics = dict.fromkeys(METRICS, -1.0)
+    metrics.update({k.replace("_", "-"): v for k, v in values.items()})
+    return metrics
+
+
 def _store(node: Any) -> ModelStore:
     if "store" not in node:
         raise AgentError("this SuperNode has no 'store' in its node config; start it with edgekit-agent join")
@@ -153,8 +161,8 @@ def install(files: Any, node: Any) -> tuple[dict[str, float], dict[str, str]]:
     samples = local_samples(node)
     before_folder = store.current
     before = measure(before_folder, samples)
-    metrics = {"ok": 0.0, "release": -1.0, "previous-release": _version_release(store, before_folder),
-               **dict.fromkeys(MEASURE, -1.0), **{f"previous-{k}": v for k, v in before.items()}}
+    metrics = {**_metrics(ok=0.0, previous_release=_version_release(store, before_folder)),
+               **{f"previous-{k}": v for k, v in before.items()}}
     text = {"version-id": "", "previous-id": before_folder.name if before_folder else "", "reason": ""}
     sent = files["release.json"] if "release.json" in files.keys() else None
     if before_folder is not None and (before_folder / "release.json").is_file() and \
@@ -181,7 +189,7 @@ def rollback(from_id: str, node: Any) -> tuple[dict[str, float], dict[str, str]]
     """Handle ``query.rollback``: roll back only when ``from_id`` is the version serving now."""
     store = _store(node)
     current = store.current
-    metrics = {"ok": 0.0, "release": _version_release(store, current), **dict.fromkeys(MEASURE, -1.0)}
+    metrics = _metrics(ok=0.0, release=_version_release(store, current))
     if current is None or current.name != from_id:
         return metrics, {"version-id": current.name if current else "",
                          "reason": f"not serving {from_id[:16]}: nothing rolled back"}
@@ -197,9 +205,9 @@ def status(node: Any) -> tuple[dict[str, float], dict[str, str]]:
     """Handle ``query.status``: the versions served and a measurement of the current one."""
     store = _store(node)
     current, previous = store.current, store.previous
-    metrics = {"ok": 1.0, "release": _version_release(store, current),
-               "previous-release": _version_release(store, previous),
-               **measure(current, local_samples(node)), **{f"previous-{k}": -1.0 for k in MEASURE}}
+    metrics = {**_metrics(ok=1.0, release=_version_release(store, current),
+                          previous_release=_version_release(store, previous)),
+               **measure(current, local_samples(node))}
     return metrics, {"version-id": current.name if current else "", "previous-id": previous.name if previous else "",
                      "reason": ""}
 

@@ -268,7 +268,7 @@ def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, k
         sign_release(broken, private, version=4)
         with pytest.raises(RolloutError, match="did not install it.*smoke test") as caught:
             rollout(fleet.folder, broken, canary, **quiet)
-        assert caught.value.result["rest"] == [] and not any(r["ok"] for r in caught.value.result["rolled_back"])
+        assert caught.value.result["rest"] == [] and caught.value.result["rolled_back"] == []
         assert _versions(tmp_path, 4) == [v2] * 4
 
         # a good new release reaches everyone; then older, tampered and foreign releases are refused by every node
@@ -290,7 +290,7 @@ def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, k
                 rollout(fleet.folder, folder, everyone, **quiet)
             rows = caught.value.result["canary"]
             assert len(rows) == 4 and all(not r["ok"] and reason in r["reason"] for r in rows), rows
-            assert not any(r["ok"] for r in caught.value.result["rolled_back"])  # nothing to roll back
+            assert caught.value.result["rolled_back"] == []  # every device answered that it refused it
             assert _versions(tmp_path, 4) == [v5] * 4
 
         status = fleet_status(fleet.folder, tmp_path / "status", **quiet)
@@ -383,8 +383,8 @@ def test_lying_or_malformed_device_replies_count_as_failures():
         return Message(RecordDict({"metrics": MetricRecord(metrics), "text": ConfigRecord(text or {"reason": ""})}),
                        metadata=metadata)
 
-    assert node_row(7, reply(honest))["ok"] is True
-    assert node_row(7, None)["reason"] == "no reply"
+    assert node_row(7, reply(honest))["ok"] is True and node_row(7, reply(honest))["answered"] is True
+    assert node_row(7, None)["reason"] == "no reply" and node_row(7, None)["answered"] is False
     for metrics in ({**honest, "extra": 1.0}, {k: v for k, v in honest.items() if k != "ok"},
                     {**honest, "accuracy": float("nan")}, {**honest, "p99-ms": 1e30}):
         row = node_row(7, reply(metrics))
@@ -426,3 +426,23 @@ def test_fleet_commands_refuse_bad_input_in_one_line(int8_out, keys, tmp_path):
     shutil.copy(make_certificates(tmp_path / "certs")["ca"], ca)
     assert_one_line_error(run_cli(*common, "--ca", str(ca), "--trust", str(public), tool="edgekit-agent"), 2,
                           "readable by other users")
+
+
+def test_every_device_answer_carries_exactly_the_protocol_metrics(int8_out, keys, tmp_path):
+    """install (refused and accepted), rollback and status replies all pass the server's reply check."""
+    from device_agents import fleet
+    from edgekit.fleet.jobs import release_files
+
+    (private, public), _ = keys
+    np.savez(tmp_path / "data.npz", x=np.zeros((20, 8, 8, 1), np.float32), y=np.zeros(20, np.int64))
+    node = {"store": str(tmp_path / "store"), "trust": str(public), "data-file": str(tmp_path / "data.npz")}
+    release = _signed(int8_out, tmp_path / "v1", private, 1)
+    answers = [fleet.install({"release.json": b"{}", "manifest.json": b"{}"}, node),
+               fleet.install(release_files(release), node), fleet.install(release_files(release), node),
+               fleet.status(node), fleet.rollback("someone-else", node)]
+    assert [a[0]["ok"] for a in answers] == [0.0, 1.0, 1.0, 1.0, 0.0]
+    assert answers[2][1]["reason"] == "already serving this release"
+    assert answers[3][0]["release"] == 1 and answers[3][0]["samples"] == 20 and answers[3][0]["errors"] == 0
+    for metrics, text in answers:
+        assert set(metrics) == set(fleet.METRICS) and all(isinstance(v, float) for v in metrics.values())
+        assert set(text) <= {"version-id", "previous-id", "reason"}

@@ -58,7 +58,8 @@ def _nodes(grid: Any, job: dict[str, Any]) -> list[int]:
 
 def node_row(node: int, reply: Any) -> dict[str, Any]:
     """One node's answer as a row: ``ok``, ``reason`` and the metrics, or a refusal of a malformed reply."""
-    row: dict[str, Any] = {"node": node, "ok": False, "reason": "", "version_id": "", "previous_id": ""}
+    row: dict[str, Any] = {"node": node, "ok": False, "answered": False, "reason": "", "version_id": "",
+                           "previous_id": ""}
     if reply is None or reply.has_error():
         row["reason"] = "no reply" if reply is None else f"error: {str(reply.error.reason)[:MAX_TEXT]}"
         return row
@@ -75,7 +76,7 @@ def node_row(node: int, reply: Any) -> dict[str, Any]:
         return row
     strings = {k: v for k, v in text.items() if k in ("version-id", "previous-id", "reason") and isinstance(v, str)}
     row.update({k.replace("-", "_"): float(v) for k, v in values.items()})
-    row.update({"ok": values["ok"] == 1.0, "reason": strings.get("reason", "")[:MAX_TEXT],
+    row.update({"ok": values["ok"] == 1.0, "answered": True, "reason": strings.get("reason", "")[:MAX_TEXT],
                 "version_id": strings.get("version-id", "")[:32], "previous_id": strings.get("previous-id", "")[:32]})
     return row
 
@@ -126,10 +127,11 @@ def rollout_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
                               "seconds": {"canary": round(canary_seconds, 3)},
                               "canary_summary": summary, "gates": job["gates"], "rest": [], "rolled_back": []}
     if failures:
-        # every canary device is asked (one that crashed after its swap never said it installed); a device
-        # rolls back only when it serves this release
+        # asked: every canary device but those that answered that they refused it (one that crashed after its
+        # swap never answered); a device rolls back only when it serves this release
         back = RecordDict({"config": ConfigRecord({"from-id": release_id})})
-        result["rolled_back"] = _ask(grid, canary, device_fleet.ROLLBACK, back, job["timeout"])
+        ask = [row["node"] for row in canary_rows if row["ok"] or not row["answered"]]
+        result["rolled_back"] = _ask(grid, ask, device_fleet.ROLLBACK, back, job["timeout"])
         done = sum(row["ok"] for row in result["rolled_back"])
         report(f"canary failed: {'; '.join(failures)}; rolled back on {done} node(s)")
         return {**result, "status": "halted", "reason": "; ".join(failures)}

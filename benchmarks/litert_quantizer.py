@@ -1,0 +1,132 @@
+"""The LiteRT Quantizer (``ai-edge-quantizer``) against the TFLite converter's int8, on the same models.
+
+For each model edgekit exports the float32 ``.tflite`` and the converter's full-int8 ``.tflite`` (its
+default post-training path, with its remedies). The LiteRT Quantizer then quantizes that same float32
+file with two of its recipes: ``static_wi8_ai8`` (int8 weights and activations, calibrated on 200
+training samples) and ``dynamic_wi8_afp32`` (int8 weights, float activations). Every file is measured
+the same way: accuracy on held-out samples in LiteRT, bytes, and single-sample latency against the
+float32 file in alternating blocks (one thread).
+
+    .venv/bin/python benchmarks/litert_quantizer.py [--models preprocessing-cnn,mobilenetv2,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from _report import interleaved_us, machine, write_section  # noqa: E402
+from conformance import build  # noqa: E402
+
+RECIPES = ("static_wi8_ai8", "dynamic_wi8_afp32")
+
+
+def litert_quantized(float_tflite: bytes, calibration: np.ndarray, name: str) -> bytes:
+    """``float_tflite`` quantized by the LiteRT Quantizer with its recipe ``name``."""
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer import quantizer, recipe
+    from ai_edge_quantizer.utils import tfl_interpreter_utils
+
+    key = tfl_interpreter_utils.DEFAULT_SIGNATURE_KEY
+    inputs = Interpreter(model_content=float_tflite).get_signature_list()[key]["inputs"]
+    qt = quantizer.Quantizer(bytes(float_tflite), getattr(recipe, name)())
+    result = None
+    if qt.need_calibration:
+        samples = [{inputs[0]: calibration[i:i + 1]} for i in range(len(calibration))]
+        result = qt.calibrate({key: samples})
+    return bytes(qt.quantize(result, enable_progress_report=False).quantized_model)
+
+
+def accuracy(data: bytes, x: np.ndarray, y: np.ndarray) -> float:
+    from device_agents import Model
+
+    return float(np.mean(Model.load(data, num_threads=1).predict(x).argmax(1) == y) * 100)
+
+
+def measure(name: str, path: Path, train: Path, held_out: Path) -> dict:
+    from device_agents import Model
+    from edgekit import CompressConfig, Quantization, Recipe, compress
+
+    search = (Recipe(quantize=Quantization.NONE), Recipe(quantize=Quantization.INT8))
+    result = compress(path, train, None, progress=False, eval_data=held_out,
+                      config=CompressConfig(max_accuracy_drop=100.0, search=search, formats=("tflite",)))
+    plain, int8 = (c.artifacts[0] for c in result.candidates)
+    with np.load(held_out) as npz:
+        x, y = npz["x"], npz["y"]
+    with np.load(train) as npz:
+        calibration = npz["x"][:200].astype(np.float32)
+    variants: dict[str, bytes | str] = {"converter int8": int8.data}
+    for recipe in RECIPES:
+        try:
+            variants[f"LiteRT Quantizer {recipe}"] = litert_quantized(plain.data, calibration, recipe)
+        except Exception as exc:  # noqa: BLE001 (a failure is a result: it goes in the table)
+            variants[f"LiteRT Quantizer {recipe}"] = f"failed: {str(exc).splitlines()[0][:80]}"
+    base = accuracy(plain.data, x, y)
+    row = {"name": name, "float_bytes": plain.bytes, "float_accuracy": base, "variants": {}}
+    sample = x[:1]
+    reference = Model.load(plain.data, num_threads=1)
+    for label, data in variants.items():
+        if isinstance(data, str):
+            row["variants"][label] = {"error": data}
+            continue
+        model = Model.load(data, num_threads=1)
+        _, _, ratio = interleaved_us(lambda m=model: m.predict(sample), lambda: reference.predict(sample),
+                                     blocks=8, per_block=40)
+        row["variants"][label] = {"bytes": len(data), "drop": base - accuracy(data, x, y), "ratio": ratio}
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    labels = ["converter int8", *(f"LiteRT Quantizer {r}" for r in RECIPES)]
+    head = "| model | float32 bytes, accuracy | " + " | ".join(labels) + " |"
+    lines = [head, "|---|---|" + "---|" * len(labels)]
+    for row in rows:
+        cells = []
+        for label in labels:
+            v = row["variants"][label]
+            cells.append(v["error"] if "error" in v else
+                         f"{row['float_bytes'] / v['bytes']:.2f}x smaller, {v['drop']:+.1f} pts lost, "
+                         f"{v['ratio']:.2f}x the float32 time")
+        lines.append(f"| {row['name']} | {row['float_bytes']:,} B, {row['float_accuracy']:.1f}% | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="preprocessing-cnn,mobilenetv2,mobilenetv3small,transformer")
+    args = parser.parse_args()
+    from edgekit.loading import zoo
+    from edgekit.loading.data import load_digits
+
+    work = Path(tempfile.mkdtemp(prefix="edgekit-aeq-"))
+    digits = load_digits(32, 3)
+    np.savez(work / "images.npz", x=digits.x, y=digits.y)
+    tokens = zoo.token_dataset(n=1200)
+    np.savez(work / "texts.npz", x=tokens.x, y=tokens.y)
+    rows = []
+    for name in args.models.split(","):
+        path, train, held_out = build(name, work, work / "images.npz", work / "texts.npz")
+        rows.append(measure(name, path, train, held_out))
+        print(rows[-1], flush=True)
+    body = (f"## LiteRT Quantizer against the converter's int8 (`benchmarks/litert_quantizer.py`)\n\n"
+            f"`.venv/bin/python benchmarks/litert_quantizer.py --models {args.models}` on {machine()}, "
+            "ai-edge-quantizer 0.10.0. The conformance suite's Keras 3 models (8 epochs on 32x32 digits or "
+            "token ids, held-out fifth). Each cell: bytes against the float32 `.tflite`, accuracy points lost "
+            "against it, and the single-sample latency ratio against it in LiteRT (one thread, alternating "
+            "blocks). \"converter int8\" is edgekit's own int8 export (with its remedies).\n\n" + table(rows))
+    write_section("litert-quantizer", body)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
