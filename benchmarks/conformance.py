@@ -98,18 +98,26 @@ def techniques(path: Path, data: Path, held_out: Path) -> dict[str, str]:
     return out
 
 
-def main() -> int:
+def datasets(work: Path) -> tuple[Path, Path]:
+    """The suite's data in ``work``: 32x32x3 digits (images.npz) and token ids (texts.npz)."""
     from edgekit.loading import zoo
     from edgekit.loading.data import load_digits
 
-    work = Path(tempfile.mkdtemp(prefix="edgekit-conformance-"))
     digits = load_digits(32, 3)
     np.savez(work / "images.npz", x=digits.x, y=digits.y)
     tokens = zoo.token_dataset(n=1200)
     np.savez(work / "texts.npz", x=tokens.x, y=tokens.y)
+    return work / "images.npz", work / "texts.npz"
+
+
+def main() -> int:
+    from edgekit.loading import zoo
+
+    work = Path(tempfile.mkdtemp(prefix="edgekit-conformance-"))
+    images, texts = datasets(work)
     rows = []
     for name in zoo.KERAS3_ARCHITECTURES:
-        path, data, held_out = build(name, work, work / "images.npz", work / "texts.npz")
+        path, data, held_out = build(name, work, images, texts)
         rows.append(measure(name, path, data, held_out))
         print(rows[-1], flush=True)
     write_section("conformance", benchmark_table(rows))

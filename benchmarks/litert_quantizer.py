@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from _report import interleaved_us, machine, write_section  # noqa: E402
-from conformance import build  # noqa: E402
+from conformance import build, datasets  # noqa: E402
 
 RECIPES = ("static_wi8_ai8", "dynamic_wi8_afp32")
 
@@ -104,17 +104,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="preprocessing-cnn,mobilenetv2,mobilenetv3small,transformer")
     args = parser.parse_args()
-    from edgekit.loading import zoo
-    from edgekit.loading.data import load_digits
-
     work = Path(tempfile.mkdtemp(prefix="edgekit-aeq-"))
-    digits = load_digits(32, 3)
-    np.savez(work / "images.npz", x=digits.x, y=digits.y)
-    tokens = zoo.token_dataset(n=1200)
-    np.savez(work / "texts.npz", x=tokens.x, y=tokens.y)
+    images, texts = datasets(work)
     rows = []
     for name in args.models.split(","):
-        path, train, held_out = build(name, work, work / "images.npz", work / "texts.npz")
+        path, train, held_out = build(name, work, images, texts)
         rows.append(measure(name, path, train, held_out))
         print(rows[-1], flush=True)
     body = (f"## LiteRT Quantizer against the converter's int8 (`benchmarks/litert_quantizer.py`)\n\n"

@@ -121,16 +121,10 @@ def measure(folder: Path | None, samples: tuple[np.ndarray, np.ndarray | None] |
     return result
 
 
-def _version_release(store: ModelStore, folder: Path | None) -> float:
-    """The signed release number of an installed version folder (-1: unsigned or none)."""
-    import json
-
-    if folder is None or not (folder / "release.json").is_file():
-        return -1.0
-    try:
-        return float(json.loads((folder / "release.json").read_bytes())["signed"]["version"])
-    except (ValueError, KeyError, TypeError):
-        return -1.0
+def _release(folder: Path | None) -> float:
+    """The signed release number of an installed version folder as a metric (-1: unsigned or none)."""
+    release = ModelStore.release_of(folder)
+    return -1.0 if release is None else float(release)
 
 
 def _receive(files: Any, store: ModelStore) -> Path:
@@ -161,7 +155,7 @@ def install(files: Any, node: Any) -> tuple[dict[str, float], dict[str, str]]:
     samples = local_samples(node)
     before_folder = store.current
     before = measure(before_folder, samples)
-    metrics = {**_metrics(ok=0.0, previous_release=_version_release(store, before_folder)),
+    metrics = {**_metrics(ok=0.0, previous_release=_release(before_folder)),
                **{f"previous-{k}": v for k, v in before.items()}}
     text = {"version-id": "", "previous-id": before_folder.name if before_folder else "", "reason": ""}
     sent = files["release.json"] if "release.json" in files.keys() else None
@@ -180,7 +174,7 @@ def install(files: Any, node: Any) -> tuple[dict[str, float], dict[str, str]]:
     finally:
         if incoming is not None:
             shutil.rmtree(incoming, ignore_errors=True)
-    metrics.update({"ok": 1.0, "release": _version_release(store, target), **measure(target, samples)})
+    metrics.update({"ok": 1.0, "release": _release(target), **measure(target, samples)})
     text["version-id"] = target.name
     return metrics, text
 
@@ -189,7 +183,7 @@ def rollback(from_id: str, node: Any) -> tuple[dict[str, float], dict[str, str]]
     """Handle ``query.rollback``: roll back only when ``from_id`` is the version serving now."""
     store = _store(node)
     current = store.current
-    metrics = _metrics(ok=0.0, release=_version_release(store, current))
+    metrics = _metrics(ok=0.0, release=_release(current))
     if current is None or current.name != from_id:
         return metrics, {"version-id": current.name if current else "",
                          "reason": f"not serving {from_id[:16]}: nothing rolled back"}
@@ -197,7 +191,7 @@ def rollback(from_id: str, node: Any) -> tuple[dict[str, float], dict[str, str]]
         target = store.rollback()
     except AgentError as exc:
         return metrics, {"version-id": current.name, "reason": first_line(exc, limit=300)}
-    metrics.update({"ok": 1.0, "release": _version_release(store, target)})
+    metrics.update({"ok": 1.0, "release": _release(target)})
     return metrics, {"version-id": target.name, "reason": ""}
 
 
@@ -205,8 +199,8 @@ def status(node: Any) -> tuple[dict[str, float], dict[str, str]]:
     """Handle ``query.status``: the versions served and a measurement of the current one."""
     store = _store(node)
     current, previous = store.current, store.previous
-    metrics = {**_metrics(ok=1.0, release=_version_release(store, current),
-                          previous_release=_version_release(store, previous)),
+    metrics = {**_metrics(ok=1.0, release=_release(current),
+                          previous_release=_release(previous)),
                **measure(current, local_samples(node))}
     return metrics, {"version-id": current.name if current else "", "previous-id": previous.name if previous else "",
                      "reason": ""}

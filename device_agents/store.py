@@ -108,6 +108,17 @@ class ModelStore:
             raise ReleaseError(f"{path} does not hold an integer version; restore it or reinstall the store")
         return version
 
+    @staticmethod
+    def release_of(folder: Path | None) -> int | None:
+        """The signed release number of an installed version folder (None: none, unsigned or unreadable)."""
+        if folder is None or not (folder / RELEASE).is_file():
+            return None
+        try:
+            version = json.loads((folder / RELEASE).read_bytes())["signed"]["version"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return version if isinstance(version, int) and not isinstance(version, bool) else None
+
     def status(self) -> dict[str, Any]:
         """What this store serves: current and previous version ids, their release versions and kinds."""
 
@@ -117,10 +128,9 @@ class ModelStore:
             info: dict[str, Any] = {"id": folder.name, "release": None, "kind": None}
             try:
                 info["kind"] = read_manifest(folder).get("kind", "inference")
-                if (folder / RELEASE).is_file():
-                    info["release"] = json.loads((folder / RELEASE).read_bytes())["signed"]["version"]
-            except (AgentError, ValueError, KeyError, TypeError):
+            except AgentError:
                 info["kind"] = "unreadable"
+            info["release"] = self.release_of(folder)
             return info
 
         pinned = self.root / TRUSTED_KEY
