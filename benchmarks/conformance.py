@@ -2,12 +2,18 @@
 single-sample latency of the int8 artifact against the float32 one in the same runtime (alternating
 blocks, one thread). Writes its section of BENCHMARKS.md and the README's "Supported models" table.
 
-    .venv/bin/python benchmarks/conformance.py
+    .venv/bin/python benchmarks/conformance.py [--only NAME,NAME]
+
+Each architecture's row is kept in benchmarks/results/conformance.jsonl with the commit it was measured at;
+``--only`` re-measures those architectures and keeps the other rows, so a long run can be done in parts.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,6 +44,10 @@ def build(name: str, work: Path, images: Path, texts: Path) -> tuple[Path, Path,
     return work / f"{name}.keras", work / f"{name}-train.npz", work / f"{name}-test.npz"
 
 
+EXPORTED = "model.export() savedmodel"  # the preprocessing CNN as Keras 3's model.export() writes it
+ROWS = ROOT / "benchmarks" / "results" / "conformance.jsonl"
+
+
 def measure(name: str, path: Path, data: Path, held_out: Path) -> dict:
     from device_agents import Model
     from edgekit import CompressConfig, Quantization, Recipe, compress
@@ -46,7 +56,9 @@ def measure(name: str, path: Path, data: Path, held_out: Path) -> dict:
     result = compress(path, data, None, progress=False, eval_data=held_out,
                       config=CompressConfig(max_accuracy_drop=100.0, search=search))
     plain, int8 = result.candidates
-    row = {"name": name, "source": result.source["accuracy"], "formats": {}}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    row = {"name": name, "source": result.source["accuracy"], "formats": {}, "commit": commit}
     sample = np.load(data)["x"][:1]
     for art in int8.artifacts:
         ref = next(a for a in plain.artifacts if a.format is art.format)
@@ -111,15 +123,34 @@ def datasets(work: Path) -> tuple[Path, Path]:
 
 
 def main() -> int:
+    from edgekit import _tf
     from edgekit.loading import zoo
 
+    names = (*zoo.KERAS3_ARCHITECTURES, EXPORTED)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", type=lambda text: text.split(","), default=list(names),
+                        help=f"comma-separated, of: {', '.join(names)}")
+    args = parser.parse_args()
+    unknown = set(args.only) - set(names)
+    if unknown:
+        parser.error(f"unknown architectures {sorted(unknown)}; choose from {', '.join(names)}")
+    kept = {}
+    if ROWS.is_file():
+        kept = {row["name"]: row for row in map(json.loads, ROWS.read_text().splitlines())}
     work = Path(tempfile.mkdtemp(prefix="edgekit-conformance-"))
     images, texts = datasets(work)
-    rows = []
-    for name in zoo.KERAS3_ARCHITECTURES:
-        path, data, held_out = build(name, work, images, texts)
-        rows.append(measure(name, path, data, held_out))
-        print(rows[-1], flush=True)
+    for name in args.only:
+        if name == EXPORTED:
+            path, data, held_out = build("preprocessing-cnn", work, images, texts)
+            _tf.keras3().models.load_model(path).export(str(work / "exported"), verbose=False)
+            path = work / "exported"
+        else:
+            path, data, held_out = build(name, work, images, texts)
+        kept[name] = measure(name, path, data, held_out)
+        print(kept[name], flush=True)
+        ROWS.parent.mkdir(exist_ok=True)
+        ROWS.write_text("".join(json.dumps(kept[n]) + "\n" for n in names if n in kept))
+    rows = [kept[n] for n in names if n in kept]
     write_section("conformance", benchmark_table(rows))
     write_section("supported-models", supported_table(rows), path=ROOT / "README.md")
     return 0
@@ -131,17 +162,20 @@ def benchmark_table(rows: list[dict]) -> str:
              "(`weights=None`), trained 8 epochs on 80% of digits at 32x32x3 or of synthetic token ids and "
              "measured on the held-out 20%; single-sample "
              "latency of the int8 artifact vs the float32 artifact of the same model in the same runtime, one "
-             "thread, medians of 8 alternating blocks of 40 calls.", "",
+             "thread, medians of 8 alternating blocks of 40 calls. Rows measured at another commit than the "
+             "header's say so (`--only` re-measures some rows and keeps the others).", "",
              "| architecture | source accuracy % | format | float32 bytes | int8 bytes | ratio | accuracy drop "
              "(points) | int8 µs | float32 µs | int8 / float32 time |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    head = machine().rsplit("commit ", 1)[-1]
     for row in rows:
+        label = row["name"] if row.get("commit", head) == head else f"{row['name']} (commit {row['commit']})"
         for fmt, m in row["formats"].items():
             if "error" in m:
-                lines.append(f"| {row['name']} | {row['source']:.1f} | {fmt} | - | - | - | - | - | - | "
+                lines.append(f"| {label} | {row['source']:.1f} | {fmt} | - | - | - | - | - | - | "
                              f"not written: {m['error'].split('error: ')[-1][:90]} |")
                 continue
-            lines.append(f"| {row['name']} | {row['source']:.1f} | {fmt} ({m['runtime']}) | {m['float_bytes']:,} | "
+            lines.append(f"| {label} | {row['source']:.1f} | {fmt} ({m['runtime']}) | {m['float_bytes']:,} | "
                          f"{m['int8_bytes']:,} | "
                          f"{m['float_bytes'] / m['int8_bytes']:.2f}x | {m['drop']:+.2f} | {m['int8_us']:.0f} | "
                          f"{m['float_us']:.0f} | {m['ratio']:.2f} |")

@@ -278,3 +278,102 @@ def test_head_only_training_of_a_model_tf_keras_cannot_rebuild(digits, tmp_path)
     trainer.fit(digits.x[:600], digits.y[:600], epochs=3, learning_rate=0.05)
     after, _ = trainer.evaluate(digits.x[600:900], digits.y[600:900])
     assert after < before
+
+
+def _plain_savedmodels(digits, folder):
+    """A Keras 3 model.export() SavedModel and a tf.Module saved by tf.saved_model.save (its dense layers written
+    as x @ w + b, one with a transposed kernel), both trained on 600 digits."""
+    tf = _tf.tf()
+    keras = _tf.keras3()
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    model = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(8, 3, activation="relu"),
+                              layers.MaxPooling2D(), layers.Flatten(), layers.Dropout(0.1),
+                              layers.Dense(16, activation="relu"), layers.Dense(10, activation="softmax")])
+    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    model.fit(digits.x[:600], digits.y[:600], epochs=8, verbose=0)
+    model.export(str(folder / "exported"), verbose=False)
+
+    class Net(tf.Module):
+        def __init__(self):
+            self.w1 = tf.Variable(tf.random.normal([64, 32], stddev=0.1, seed=1))
+            self.b1 = tf.Variable(tf.zeros([32]))
+            self.w2t = tf.Variable(tf.random.normal([10, 32], stddev=0.1, seed=2))  # used as transpose_b
+            self.b2 = tf.Variable(tf.zeros([10]))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 1], tf.float32)])
+        def __call__(self, x):
+            h = tf.nn.relu(tf.matmul(tf.reshape(x, [-1, 64]), self.w1) + self.b1)
+            return {"probs": tf.nn.softmax(tf.matmul(h, self.w2t, transpose_b=True) + self.b2)}
+
+    net = Net()
+    variables = [net.w1, net.b1, net.w2t, net.b2]
+    for step in range(200):
+        i = np.random.default_rng(step).integers(0, 600, 64)
+        with tf.GradientTape() as tape:
+            probs = net(digits.x[i])["probs"]
+            loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(digits.y[i], probs))
+        for v, g in zip(variables, tape.gradient(loss, variables), strict=True):
+            v.assign_sub(0.5 * g)
+    tf.saved_model.save(net, str(folder / "module"), signatures=net.__call__)
+    return {"model.export()": folder / "exported", "tf.saved_model.save": folder / "module"}
+
+
+def test_head_only_training_of_a_plain_savedmodel(digits, tmp_path):
+    """A SavedModel without Keras layers is split at its trailing dense layers: the graph before them is the int8
+    backbone, the dense layers (read back from MatMul, bias and activation) the head that trains in LiteRT."""
+    from conftest import run_cli
+
+    np.savez(tmp_path / "d.npz", x=digits.x[:600], y=digits.y[:600])
+    for kind, path in _plain_savedmodels(digits, tmp_path).items():
+        with pytest.raises(UnsupportedLayerError, match="holds a graph only"):
+            export_trainable(path, None, progress=False)
+        proc = run_cli("trainable", str(path), "--head-only", "--data", str(tmp_path / "d.npz"), "--batch-size", "16",
+                       "--out", str(tmp_path / kind), "--quiet")
+        assert proc.returncode == 0, (kind, proc.stderr)
+        manifest = json.loads((tmp_path / kind / "manifest.json").read_text())
+        head = [t["shape"] for t in manifest["trainable"]["tensors"]]
+        assert head == ([[72, 16], [16], [16, 10], [10]] if kind == "model.export()" else
+                        [[64, 32], [32], [32, 10], [10]]), kind
+        assert manifest["verification"]["infer_top1_agreement"] >= 95, kind
+        trainer = Trainer.load(tmp_path / kind)
+        _, held_out = trainer.evaluate(digits.x[600:900], digits.y[600:900])
+        assert held_out >= 60, (kind, held_out)  # the graph's own weights, not a fresh head
+        before, _ = trainer.evaluate(digits.x[:600], digits.y[:600])
+        trainer.fit(digits.x[:600], digits.y[:600], epochs=3, learning_rate=0.05)
+        after, _ = trainer.evaluate(digits.x[:600], digits.y[:600])
+        assert after < before, kind  # it trains on the device
+
+
+def test_a_graph_that_does_not_end_in_dense_layers_is_refused_for_head_only(digits, tmp_path):
+    keras = _tf.keras3()
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(10, 8), keras.layers.Flatten(),
+                              keras.layers.Softmax()])
+    model.export(str(tmp_path / "conv_head"), verbose=False)
+    np.savez(tmp_path / "d.npz", x=digits.x[:64], y=digits.y[:64])
+    with pytest.raises(UnsupportedLayerError, match=r"needs the serving graph to end in dense layers .*Reshape op"):
+        export_trainable(tmp_path / "conv_head", None, data=tmp_path / "d.npz", progress=False,
+                         config=TrainableConfig(head_only=True))
+
+
+def test_head_only_cuts_before_a_mobilenetv3_style_top(digits, tmp_path):
+    """keras.applications MobileNetV3 ends pooling(keepdims) -> 1x1 convs -> Flatten -> softmax: nothing after its
+    Flatten trains, which crashed the export (no get_weights signature, exit 70). The cut is now the pooling."""
+    keras = _tf.keras()
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(8, 3, activation="relu"),
+                              layers.GlobalAveragePooling2D(keepdims=True), layers.Conv2D(16, 1, activation="relu"),
+                              layers.Dropout(0.2), layers.Conv2D(10, 1), layers.Flatten(),
+                              layers.Activation("softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(digits.x[:300], digits.y[:300], epochs=1, verbose=0)
+    model.save(tmp_path / "v3top.keras")
+    np.savez(tmp_path / "d.npz", x=digits.x[:300], y=digits.y[:300])
+    result = export_trainable(tmp_path / "v3top.keras", None, data=tmp_path / "d.npz", progress=False,
+                              config=TrainableConfig(head_only=True, batch_size=8))
+    assert result.manifest["trainable"]["head_input"] == {"shape": [None, 1, 1, 8]}
+    assert [t["shape"] for t in result.manifest["trainable"]["tensors"]] == [[1, 1, 8, 16], [16], [1, 1, 16, 10], [10]]
+    flat = keras.Sequential([keras.Input((8, 8, 1)), layers.Flatten(), layers.Activation("softmax")])
+    with pytest.raises(UnsupportedLayerError, match="followed by a sequential head with weights"):
+        export_trainable(flat, None, data=tmp_path / "d.npz", progress=False, config=TrainableConfig(head_only=True))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
 from pathlib import Path
@@ -177,12 +179,13 @@ def _quantize_static(pre: Path, out: Path, calibration: np.ndarray, options: Int
               Calibration.PERCENTILE: CalibrationMethod.Percentile}[options.calibration]
     if options.calibration is Calibration.ENTROPY:
         extra["TensorQuantOverrides"] = ranges if ranges is not None else _entropy_ranges(pre, calibration, batch)
-    quantize_static(
-        str(pre), str(out), _reader(calibration, batch),
-        quant_format=QuantFormat.QOperator if options.onnx_format is OnnxFormat.QOPERATOR else QuantFormat.QDQ,
-        per_channel=options.per_channel, reduce_range=options.reduce_range, activation_type=types[options.activations],
-        weight_type=types[options.weights],
-        calibrate_method=method, nodes_to_exclude=list(options.float_nodes), extra_options=extra)
+    with contextlib.redirect_stdout(io.StringIO()):  # its histogram calibrators print their progress
+        quantize_static(
+            str(pre), str(out), _reader(calibration, batch),
+            quant_format=QuantFormat.QOperator if options.onnx_format is OnnxFormat.QOPERATOR else QuantFormat.QDQ,
+            per_channel=options.per_channel, reduce_range=options.reduce_range,
+            activation_type=types[options.activations], weight_type=types[options.weights],
+            calibrate_method=method, nodes_to_exclude=list(options.float_nodes), extra_options=extra)
 
 
 ENTROPY_BINS = (2048, 128)  # histogram bins, quantized bins (TensorRT's KL calibration)
@@ -202,8 +205,9 @@ def _entropy_ranges(pre: Path, calibration: np.ndarray, batch: int = 0) -> dict[
                                        calibrate_method=CalibrationMethod.Entropy,
                                        extra_options={"num_bins": ENTROPY_BINS[0],
                                                       "num_quantized_bins": ENTROPY_BINS[1]})
-        calibrator.collect_data(_reader(calibration, batch))
-        ranges = calibrator.compute_data()
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+            calibrator.collect_data(_reader(calibration, batch))
+            ranges = calibrator.compute_data()
     return {name: [{"rmin": np.float32(np.min(data.range_value[0])), "rmax": np.float32(np.max(data.range_value[1]))}]
             for name, data in ranges.items()}
 

@@ -110,13 +110,18 @@ def _parts(loaded: Any, config: TrainableConfig) -> tuple[Any, Any, Any]:
 
     Head-only training of a Keras 3 model tf-keras cannot rebuild as a whole splits the Keras 3 model: its
     backbone converts from its own graph (any layer the converter takes), its Dense head is rebuilt alone.
+    A plain SavedModel's graph is split at its trailing dense layers the same way.
     """
     from edgekit.loading.graph import export_keras3
     from edgekit.trainable.graph import split_head, split_head_keras3
+    from edgekit.trainable.graph_head import split_head_graph
 
     if config.head_only and loaded.model is None and loaded.keras3_model is not None:
         backbone, head = split_head_keras3(loaded.keras3_model)
         return export_keras3(backbone, probabilities=False), head, loaded.source
+    if config.head_only and loaded.model is None:  # a plain SavedModel: split its graph at the dense head
+        backbone, head = split_head_graph(loaded.graph)
+        return backbone, head, loaded.source
     keras_model = loaded.trainable_model("on-device training")
     if config.head_only:
         backbone, head = split_head(keras_model)

@@ -515,28 +515,41 @@ FEATURE_LAYERS = ("Flatten", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
 """Where head-only training cuts a model: after the last of these, the head is what follows."""
 
 
+def _head_cut(layers: list[Any], single_input: list[bool]) -> int | None:
+    """Index of the last Flatten / global pooling layer followed by a sequential head with weights, or ``None``.
+
+    MobileNetV3's top is pooling (keepdims) -> 1x1 convs -> Flatten -> softmax: after its Flatten nothing trains,
+    so the cut is its pooling layer."""
+    for i in reversed(range(len(layers))):
+        if layers[i].__class__.__name__ not in FEATURE_LAYERS:
+            continue
+        if not all(single_input[i + 1:]):
+            return None
+        if any(layer.trainable_weights for layer in layers[i + 1:]):
+            return i
+    return None
+
+
 def head_layers(model: Any) -> list[str]:
-    """Names of the layers after the last Flatten / global pooling layer (the head), or ``[]`` when the
-    model has no such cut or its head is not sequential."""
+    """Names of the layers of the head (:func:`_head_cut`), or ``[]`` when the model has none."""
     graph = _graph(model)
-    cut = max((i for i, (layer, _) in enumerate(graph) if layer.__class__.__name__ in FEATURE_LAYERS), default=None)
-    if cut is None or cut == len(graph) - 1 or any(len(inputs) != 1 for _, inputs in graph[cut + 1:]):
-        return []
-    return [layer.name for layer, _ in graph[cut + 1:]]
+    cut = _head_cut([layer for layer, _ in graph], [len(inputs) == 1 for _, inputs in graph])
+    return [] if cut is None else [layer.name for layer, _ in graph[cut + 1:]]
+
+
+def _no_head(model: Any) -> UnsupportedLayerError:
+    return UnsupportedLayerError("head-only training needs a Flatten or global pooling layer followed by a "
+                                 "sequential head with weights (Dense, 1x1 convolutions); this model has none",
+                                 layer_name=model.name, layer_type=model.__class__.__name__)
 
 
 def split_head(model: Any) -> tuple[Any, Any]:
-    """Split at the last Flatten / global pooling layer: (backbone, head), both tf-keras models."""
+    """Split at the head's cut (:func:`_head_cut`): (backbone, head), both tf-keras models."""
     keras = _tf.keras()
     graph = _graph(model)
-    cut = max((i for i, (layer, _) in enumerate(graph) if layer.__class__.__name__ in FEATURE_LAYERS), default=None)
-    if cut is None or cut == len(graph) - 1:
-        raise UnsupportedLayerError("head-only training needs a Flatten or global pooling layer followed by "
-                                    "a dense head; this model has none", layer_name=model.name,
-                                    layer_type=model.__class__.__name__)
-    if any(len(inputs) != 1 for _, inputs in graph[cut + 1:]):
-        raise UnsupportedLayerError("head-only training needs a sequential head after the feature layer",
-                                    layer_name=graph[cut][0].name, layer_type=graph[cut][0].__class__.__name__)
+    cut = _head_cut([layer for layer, _ in graph], [len(inputs) == 1 for _, inputs in graph])
+    if cut is None:
+        raise _no_head(model)
     feature = graph[cut][0]
     backbone = keras.Model(model.inputs, feature.output, name="backbone")
     head_in = keras.Input(tuple(feature.output.shape[1:]), name="features")
@@ -551,25 +564,20 @@ _MERGE_LAYERS = frozenset({"Add", "Average", "Concatenate", "Dot", "Maximum", "M
 
 
 def split_head_keras3(model: Any) -> tuple[Any, Any]:
-    """Split a Keras 3 model tf-keras cannot rebuild as a whole: (Keras 3 backbone up to the last Flatten / global
-    pooling layer, tf-keras head of the layers after it, with their weights)."""
+    """Split a Keras 3 model tf-keras cannot rebuild as a whole: (Keras 3 backbone up to the head's cut
+    (:func:`_head_cut`), tf-keras head of the layers after it, with their weights)."""
     from edgekit.loading.rebuild import rebuild_layer
 
     keras3 = _tf.keras3()
     keras = _tf.keras()
     layers = [layer for layer in model.layers if layer.__class__.__name__ != "InputLayer"]
-    cut = max((i for i, layer in enumerate(layers) if layer.__class__.__name__ in FEATURE_LAYERS), default=None)
-    if cut is None or cut == len(layers) - 1:
-        raise UnsupportedLayerError("head-only training needs a Flatten or global pooling layer followed by "
-                                    "a dense head; this model has none", layer_name=model.name,
-                                    layer_type=model.__class__.__name__)
+    cut = _head_cut(layers, [layer.__class__.__name__ not in _MERGE_LAYERS for layer in layers])
+    if cut is None:
+        raise _no_head(model)
     feature = layers[cut]
     backbone = keras3.Model(model.inputs, feature.output, name="backbone")
     x = head_in = keras.Input(tuple(feature.output.shape[1:]), name="features")
     for layer in layers[cut + 1:]:
-        if layer.__class__.__name__ in _MERGE_LAYERS:
-            raise UnsupportedLayerError("head-only training needs a sequential head after the feature layer",
-                                        layer_name=layer.name, layer_type=layer.__class__.__name__)
         twin = rebuild_layer(layer)
         x = twin(x)
         twin.set_weights(layer.get_weights())
