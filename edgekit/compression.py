@@ -473,12 +473,11 @@ class _CandidateRunner:
 
     def _speed(self, art: ArtifactResult, model: Any, name: str, float_accuracy: float) -> None:
         """When the int8 artifact runs slower than the source's float32 one (side by side), try the format's speed
-        rungs (:data:`~edgekit.export.remedies.SPEED_LADDERS`) and keep the fastest within the budget."""
-        from edgekit.export.remedies import SLOWER, SPEED_LADDERS, Attempt, Int8Options, speed_up
+        rungs (:data:`~edgekit.export.remedies.SPEED_LADDERS` and the quantizer's own for this model) and keep the
+        fastest within the budget."""
+        from edgekit.export.remedies import SLOWER, Attempt, Int8Options, speed_up
         from edgekit.export.verify import latency_ratio
 
-        if not SPEED_LADDERS[art.format]:
-            return
         reference = self._float32_data(art.format)
         if reference is None:
             return

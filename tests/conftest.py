@@ -146,8 +146,9 @@ def float_out(cnn_path, tmp_path_factory) -> Path:
 
 
 def run_cli(*args: str, tool: str = "edgekit", timeout: int = 600, env: dict | None = None):
-    """Run a console script in a subprocess; return the CompletedProcess (text)."""
-    full_env = {**os.environ, **(env or {})}
+    """Run a console script in a subprocess, in the environment a user's shell has (no TF_USE_LEGACY_KERAS: this
+    process set it when it imported edgekit); return the CompletedProcess (text)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"} | (env or {})
     return subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, timeout=timeout,
                           env=full_env, cwd=ROOT)
 

@@ -325,7 +325,14 @@ def test_head_only_training_of_a_plain_savedmodel(digits, tmp_path):
     from conftest import run_cli
 
     np.savez(tmp_path / "d.npz", x=digits.x[:600], y=digits.y[:600])
-    for kind, path in _plain_savedmodels(digits, tmp_path).items():
+    paths = _plain_savedmodels(digits, tmp_path)
+    # TensorFlow was first imported by the graph-op check of such a SavedModel, before tf-keras was chosen: the
+    # compress command refused every plain SavedModel ("TensorFlow was imported with Keras 3 before edgekit")
+    proc = run_cli("compress", str(paths["model.export()"]), "--data", str(tmp_path / "d.npz"), "--formats", "tflite",
+                   "--out", str(tmp_path / "compressed"), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "compressed" / "model.tflite").is_file()
+    for kind, path in paths.items():
         with pytest.raises(UnsupportedLayerError, match="holds a graph only"):
             export_trainable(path, None, progress=False)
         proc = run_cli("trainable", str(path), "--head-only", "--data", str(tmp_path / "d.npz"), "--batch-size", "16",

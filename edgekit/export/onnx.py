@@ -242,7 +242,13 @@ class OnnxInt8:
         """The int8 model (names compacted: :func:`compact_names`)."""
         return compact_names(self._quantized(options))
 
+    def speed_rungs(self, data: bytes) -> list[tuple[str, dict[str, object]]]:
+        """None beyond the format's ladder: onnxruntime runs every quantized op type it writes."""
+        return []
+
     def _quantized(self, options: Int8Options) -> bytes:
+        if options.float_ops:
+            raise ValueError("op types kept float by type are a TFLite option; ONNX keeps nodes float by name")
         out = Path(self._tmp.name, "quant.onnx")
         if options.calibration is Calibration.ENTROPY and self._entropy is None:  # the KL search is slow: once
             self._entropy = _entropy_ranges(self._pre, self._calibration, self._batch)

@@ -62,12 +62,14 @@ class Int8Options:
     per_channel: bool = True
     onnx_format: OnnxFormat = OnnxFormat.QDQ
     float_nodes: tuple[str, ...] = ()  # kept in float (their names in the float graph)
+    float_ops: tuple[str, ...] = ()  # TFLite op types kept in float (the converter's denylisted ops)
 
     def __post_init__(self) -> None:
         for name, cls in (("calibration", Calibration), ("activations", IntType), ("weights", IntType),
                           ("onnx_format", OnnxFormat)):
             object.__setattr__(self, name, cls(getattr(self, name)))
         object.__setattr__(self, "float_nodes", tuple(self.float_nodes))
+        object.__setattr__(self, "float_ops", tuple(self.float_ops))
 
     def changes(self) -> str:
         """What differs from the defaults, in words ("" for the defaults)."""
@@ -87,13 +89,16 @@ class Int8Options:
             words.append(f"{self.onnx_format.value} format")
         if self.float_nodes:
             words.append(f"{len(self.float_nodes)} node(s) kept float: {', '.join(self.float_nodes)}")
+        if self.float_ops:
+            words.append(f"{', '.join(self.float_ops)} kept float")
         return "; ".join(words)
 
     def as_dict(self) -> dict:
         return {"calibration": self.calibration.value, "activations": self.activations.value,
                 "weights": self.weights.value,
                 "reduce_range": self.reduce_range, "per_channel": self.per_channel,
-                "onnx_format": self.onnx_format.value, "float_nodes": list(self.float_nodes)}
+                "onnx_format": self.onnx_format.value, "float_nodes": list(self.float_nodes),
+                "float_ops": list(self.float_ops)}
 
 
 @dataclass(frozen=True)
@@ -130,7 +135,10 @@ SPEED_LADDERS: dict[Format, tuple[tuple[str, dict[str, object]], ...]] = {
 }
 """Format -> (name, option changes) tried when an int8 artifact runs slower than the float32 one: the changes
 apply on top of the options kept for accuracy. Which is fastest depends on the model and the CPU (measured in
-BENCHMARKS.md), so each is measured in the artifact's runtime; the fastest within the budget is kept."""
+BENCHMARKS.md), so each is measured in the artifact's runtime; the fastest within the budget is kept. A quantizer
+adds rungs of its own for the model at hand (:meth:`Int8Quantizer.speed_rungs`: TFLite keeps float the op types
+XNNPACK does not run in int8)."""
+FLOAT_OPS = "float-ops"
 SLOWER = 1.1  # an int8 artifact is slower than float32 when it takes more than this (10%: timing noise)
 SPEED_GAIN = 0.9  # a rung replaces the artifact only if it takes at most this fraction of its time
 
@@ -147,6 +155,10 @@ class Int8Quantizer(Protocol):
 
     def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
         """Groups of node names, most harmful when quantized with ``options`` first (:func:`rank_nodes`)."""
+        ...
+
+    def speed_rungs(self, data: bytes) -> list[tuple[str, dict[str, object]]]:
+        """Speed rungs for this model, given its int8 artifact ``data`` (name, option changes)."""
         ...
 
 
@@ -222,7 +234,7 @@ def speed_up(fmt: Format, quantizer: Int8Quantizer, current: Attempt, *, budget:
     ``ratio(a, b)``: b's time over a's, measured side by side.
     """
     best, best_ratio, tried = current, 1.0, {}
-    for name, changes in SPEED_LADDERS[fmt]:
+    for name, changes in (*SPEED_LADDERS[fmt], *quantizer.speed_rungs(current.data)):
         options = replace(current.options, **changes)
         if options == current.options:
             continue

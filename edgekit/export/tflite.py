@@ -10,7 +10,7 @@ from device_agents.errors import first_line
 from edgekit import _tf
 from edgekit.config import Quantization
 from edgekit.errors import ConversionError
-from edgekit.export.remedies import SENSITIVITY_SAMPLES, ErrorSums, Int8Options, rank_nodes
+from edgekit.export.remedies import FLOAT_OPS, SENSITIVITY_SAMPLES, ErrorSums, Int8Options, rank_nodes
 
 
 def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray,
@@ -126,13 +126,51 @@ class TfliteInt8:
         return bytes(convert.mlir_quantize(
             self._calibrated, disable_per_channel=not options.per_channel, fully_quantize=self._int8_io,
             input_data_type=io_type, output_data_type=io_type,
-            denylisted_nodes=list(options.float_nodes) or None))
+            denylisted_ops=list(options.float_ops) or None, denylisted_nodes=list(options.float_nodes) or None))
+
+    def speed_rungs(self, data: bytes) -> list[tuple[str, dict[str, object]]]:
+        """Keep float the op types XNNPACK leaves out of its int8 graph (e.g. int8 AVERAGE_POOL_2D): each runs in
+        TFLite's own kernels between two delegate partitions, and a model with many of them (NASNet: 40) runs
+        slower in int8 than in float."""
+        ops = undelegated_ops(data)
+        return [(FLOAT_OPS, {"float_ops": ops})] if ops else []
 
     def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
         """Op output names of the float graph, those whose quantization with ``options`` adds most to the
         intermediate error first (they name the ops to keep float, as the debugger's denylisted nodes)."""
         return rank_nodes(_ops(self._calibrated), _relative_errors(self._calibrated, self.quantize(options),
                                                                    self._samples))
+
+
+QUANTIZE_OPS = frozenset({"QUANTIZE", "DEQUANTIZE"})
+
+
+def undelegated_ops(data: bytes) -> tuple[str, ...]:
+    """The op types of a quantized ``.tflite`` that LiteRT's default delegate (XNNPACK) leaves to TFLite's own
+    kernels, sorted (quantize/dequantize at the edges of float islands not counted).
+
+    The interpreter lists the model's own nodes and then one DELEGATE node per partition; a partition covers the
+    nodes between its inputs and its outputs, and a node no partition covers runs outside the delegate."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=data, num_threads=1)
+    interpreter.allocate_tensors()
+    details = interpreter._get_ops_details()  # noqa: SLF001 (no public API)
+    nodes = [op for op in details if op["op_name"] != "DELEGATE"]
+    producer = {int(t): op["index"] for op in nodes for t in op["outputs"]}
+    by_index = {op["index"]: op for op in nodes}
+    covered: set[int] = set()
+    for partition in (op for op in details if op["op_name"] == "DELEGATE"):
+        boundary = {int(t) for t in partition["inputs"]}
+        todo = [int(t) for t in partition["outputs"]]
+        while todo:
+            node = producer.get(todo.pop())
+            if node is None or node in covered:
+                continue
+            covered.add(node)
+            todo.extend(int(t) for t in by_index[node]["inputs"] if int(t) >= 0 and int(t) not in boundary)
+    left = {op["op_name"] for op in nodes if op["index"] not in covered}
+    return tuple(sorted(left - QUANTIZE_OPS))
 
 
 def _ops(data: bytes) -> list[tuple[str, list[str], list[str]]]:

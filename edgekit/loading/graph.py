@@ -61,11 +61,10 @@ class SavedModelGraph:
 
 def check_graph_ops(path: Path) -> None:
     """Refuse a SavedModel whose graph (or any function in its library) holds a forbidden op."""
+    _tf.tf()  # first: importing tensorflow.core imports TensorFlow itself, which must see tf-keras chosen
     from tensorflow.core.protobuf import saved_model_pb2
 
     from device_agents.files import UnsafeFileError, read_bounded
-
-    _tf.tf()
     try:
         proto = saved_model_pb2.SavedModel()
         proto.ParseFromString(read_bounded(path / "saved_model.pb", max_bytes=1024**3, what="saved_model.pb"))
