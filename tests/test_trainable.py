@@ -382,5 +382,26 @@ def test_head_only_cuts_before_a_mobilenetv3_style_top(digits, tmp_path):
     assert result.manifest["trainable"]["head_input"] == {"shape": [None, 1, 1, 8]}
     assert [t["shape"] for t in result.manifest["trainable"]["tensors"]] == [[1, 1, 8, 16], [16], [1, 1, 16, 10], [10]]
     flat = keras.Sequential([keras.Input((8, 8, 1)), layers.Flatten(), layers.Activation("softmax")])
-    with pytest.raises(UnsupportedLayerError, match="followed by a sequential head with weights"):
+    with pytest.raises(UnsupportedLayerError, match="needs a head at the end of the model"):
         export_trainable(flat, None, data=tmp_path / "d.npz", progress=False, config=TrainableConfig(head_only=True))
+
+
+def test_head_only_head_is_the_trailing_run_of_layers_that_train_on_the_device(digits, tmp_path):
+    """ConvNeXt ends pooling -> LayerNormalization -> Dense and a plain LSTM classifier LSTM -> Dense: the layer with
+    no on-device gradient stays in the int8 backbone and the Dense layer is the head (both were refused)."""
+    keras = _tf.keras()
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    convnext_top = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(8, 3, activation="relu"),
+                                     layers.GlobalAveragePooling2D(), layers.LayerNormalization(),
+                                     layers.Dense(10, activation="softmax")])
+    np.savez(tmp_path / "d.npz", x=digits.x[:200], y=digits.y[:200])
+    tokens = np.random.default_rng(0).integers(0, 20, (200, 12)).astype(np.int32)
+    np.savez(tmp_path / "t.npz", x=tokens, y=tokens[:, 0] % 3)
+    lstm = keras.Sequential([keras.Input((12,), dtype="int32"), layers.Embedding(20, 8), layers.LSTM(6),
+                             layers.Dense(3, activation="softmax")])
+    for model, data, head in ((convnext_top, "d.npz", [[8, 10], [10]]), (lstm, "t.npz", [[6, 3], [3]])):
+        result = export_trainable(model, None, data=tmp_path / data, progress=False,
+                                  config=TrainableConfig(head_only=True, batch_size=8))
+        assert [t["shape"] for t in result.manifest["trainable"]["tensors"]] == head
+        assert result.manifest["verification"]["infer_top1_agreement"] >= 90

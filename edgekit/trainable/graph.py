@@ -516,18 +516,23 @@ FEATURE_LAYERS = ("Flatten", "GlobalAveragePooling1D", "GlobalAveragePooling2D",
 
 
 def _head_cut(layers: list[Any], single_input: list[bool]) -> int | None:
-    """Index of the last Flatten / global pooling layer followed by a sequential head with weights, or ``None``.
+    """Index of the layer the head starts after, or ``None``: the head is a sequential run of layers with
+    on-device gradients (:data:`HANDLERS`), with weights, at the end of the model.
 
-    MobileNetV3's top is pooling (keepdims) -> 1x1 convs -> Flatten -> softmax: after its Flatten nothing trains,
-    so the cut is its pooling layer."""
-    for i in reversed(range(len(layers))):
-        if layers[i].__class__.__name__ not in FEATURE_LAYERS:
-            continue
-        if not all(single_input[i + 1:]):
-            return None
-        if any(layer.trainable_weights for layer in layers[i + 1:]):
-            return i
-    return None
+    The cut is the last Flatten / global pooling layer with such a head after it (MobileNetV3's top is pooling
+    (keepdims) -> 1x1 convs -> Flatten -> softmax: after its Flatten nothing trains, so the cut is its pooling);
+    without one, the head is the trailing run itself (ConvNeXt ends pooling -> LayerNormalization -> Dense: the
+    LayerNormalization has no on-device gradient and stays in the backbone)."""
+    start = len(layers)
+    while start > 0 and single_input[start - 1] and layers[start - 1].__class__.__name__ in HANDLERS:
+        start -= 1  # layers[start:] is the longest trailing run that can train on the device
+    with_weights = [i for i in range(start, len(layers)) if layers[i].trainable_weights]
+    if not with_weights:
+        return None
+    features = [i for i in range(max(start - 1, 0), with_weights[-1]) if layers[i].__class__.__name__ in FEATURE_LAYERS]
+    if features:
+        return features[-1]
+    return start - 1 if start > 0 else None
 
 
 def head_layers(model: Any) -> list[str]:
@@ -538,9 +543,9 @@ def head_layers(model: Any) -> list[str]:
 
 
 def _no_head(model: Any) -> UnsupportedLayerError:
-    return UnsupportedLayerError("head-only training needs a Flatten or global pooling layer followed by a "
-                                 "sequential head with weights (Dense, 1x1 convolutions); this model has none",
-                                 layer_name=model.name, layer_type=model.__class__.__name__)
+    return UnsupportedLayerError("head-only training needs a head at the end of the model: a sequential run of "
+                                 "layers with on-device gradients that holds weights (Dense, convolutions); this "
+                                 "model has none", layer_name=model.name, layer_type=model.__class__.__name__)
 
 
 def split_head(model: Any) -> tuple[Any, Any]:
