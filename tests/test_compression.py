@@ -463,3 +463,37 @@ def test_an_artifact_slower_than_float32_is_flagged_and_noted():
     notes = slower_notes(SimpleNamespace(artifacts=[slow, quick]))
     assert notes == ["onnx int8 runs 1.79x the time of the float32 onnx in onnxruntime (840 vs 470 µs per sample): "
                      "it is smaller, not faster"]
+
+
+def test_a_keras3_grouped_convolution_converts_to_onnx(digits):
+    """Keras 3 runs a grouped Conv2D (ConvNeXt's depthwise convolutions) in an XLA function grappler does not
+    inline: tf2onnx left a StatefulPartitionedCall, onnxruntime refused the graph and no .onnx was written."""
+    from edgekit import _tf
+
+    keras = _tf.keras3()
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(8, 1),
+                              layers.Conv2D(8, 3, padding="same", groups=8), layers.RMSNormalization(),
+                              layers.Flatten(), layers.Dense(10, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(digits.x, digits.y, epochs=2, verbose=0)
+    result = compress(model, digits, None, progress=False, config=CompressConfig(recipe=Recipe(quantize="int8")))
+    assert result.selected.format_errors == {}
+    onnx_art = next(a for a in result.selected.artifacts if a.format is Format.ONNX)
+    assert onnx_art.top1_agreement >= 90
+    ops = {node.op_type for node in onnx.load_from_string(onnx_art.data).graph.node}
+    assert ops & {"Conv", "QLinearConv"} and "StatefulPartitionedCall" not in ops, ops
+
+
+def test_an_op_onnx_does_not_define_is_named():
+    from onnx import TensorProto, helper
+
+    from edgekit.export.onnx import _check_onnx_ops
+
+    graph = helper.make_graph([helper.make_node("StatefulPartitionedCall", ["x"], ["y"], name="block_0/call")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    with pytest.raises(ConversionError, match=r"left the TensorFlow op StatefulPartitionedCall unconverted \(node "
+                                              r"block_0/call\)"):
+        _check_onnx_ops(helper.make_model(graph))

@@ -86,6 +86,7 @@ def float_onnx(model: Any) -> Any:
 
             graph_def, inputs, outputs = tf_loader.from_saved_model(
                 str(model.path), None, None, tag="serve", signatures=["serving_default"])[:3]
+            graph_def = _inline_xla_functions(graph_def, inputs, outputs)
             proto, _ = tf2onnx.convert.from_graph_def(graph_def, input_names=inputs, output_names=outputs,
                                                       opset=OPSET, tensors_to_rename={inputs[0]: INPUT_NAME})
         else:
@@ -93,7 +94,38 @@ def float_onnx(model: Any) -> Any:
             proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=OPSET)
     except Exception as exc:
         raise ConversionError(f"tf2onnx conversion failed: {first_line(exc)}") from None
+    _check_onnx_ops(proto)
     return proto
+
+
+_NO_INLINE = ("_XlaMustCompile", "_noinline")
+_CALLS = ("StatefulPartitionedCall", "PartitionedCall")
+
+
+def _inline_xla_functions(graph_def: Any, inputs: list[str], outputs: list[str]) -> Any:
+    """The frozen graph with the functions marked for XLA inlined: Keras 3 runs a grouped convolution (ConvNeXt's
+    depthwise Conv2D with ``groups``) in a ``jit_compile`` function, which grappler does not inline and tf2onnx
+    cannot convert. Without the XLA marks, grappler inlines it into plain ops."""
+    if not any(node.op in _CALLS for node in graph_def.node):
+        return graph_def
+    from tf2onnx import tf_loader
+
+    for attrs in (*(node.attr for node in graph_def.node), *(f.attr for f in graph_def.library.function)):
+        for key in _NO_INLINE:
+            if key in attrs:
+                del attrs[key]
+    with _tf.tf().Graph().as_default():
+        return tf_loader.tf_optimize(inputs, outputs, graph_def)
+
+
+def _check_onnx_ops(proto: Any) -> None:
+    """Refuse a graph with an op ONNX does not define (an op tf2onnx left as TensorFlow's), naming op and node."""
+    import onnx
+
+    for node in proto.graph.node:
+        if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type):
+            raise ConversionError(f"tf2onnx left the TensorFlow op {node.op_type} unconverted (node {node.name}); "
+                                  "ONNX has no such op")
 
 
 def affine_batchnorm(proto: Any) -> Any:
