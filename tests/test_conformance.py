@@ -36,32 +36,39 @@ def _trained(model, npz, epochs):
     return model
 
 
-# DenseNet121, EfficientNetB0 and MobileNetV2 are left to benchmarks/conformance.py: together they would take about
-# three minutes of make test, which must stay under 15 minutes on 2 cores
-BENCHMARK_ONLY = ("densenet121", "efficientnetb0", "mobilenetv2")  # MobileNetV3Small stands for keras.applications
-ARCHITECTURES = [*(n for n in zoo.KERAS3_ARCHITECTURES if n not in BENCHMARK_ONLY), "model.export() savedmodel"]
+ARCHITECTURES = [*zoo.KERAS3_ARCHITECTURES, "model.export() savedmodel"]
 BRIEFLY_TRAINED = ("mobilenetv3small", "mobilenetv2", "efficientnetb0", "densenet121")  # one epoch: near chance
+
+
+class _Saved:
+    """Each architecture trained briefly and saved the way a Keras 3 user saves it, on first use: the tests are
+    spread over pytest-xdist workers, and each worker builds only the models its tests ask for."""
+
+    def __init__(self, folder, text_data, images32):
+        self.folder, self.text_data, self.images32, self.paths = folder, text_data, images32, {}
+
+    def __getitem__(self, name):
+        if name not in self.paths:
+            self.paths[name] = self._build(name)
+        return self.paths[name]
+
+    def _build(self, name):
+        keras = _tf.keras3()
+        keras.utils.set_random_seed(0)
+        if name == "model.export() savedmodel":
+            path, data = self["preprocessing-cnn"]
+            keras.models.load_model(path).export(str(self.folder / "exported"), format="tf_saved_model",
+                                                 verbose=False)
+            return self.folder / "exported", data
+        data = self.text_data if name in zoo.TEXT_ARCHITECTURES else self.images32
+        model = zoo.keras3_architecture(name, sample=np.load(self.images32)["x"][:200])
+        _trained(model, data, 1 if name in BRIEFLY_TRAINED else 6).save(self.folder / f"{name}.keras")
+        return self.folder / f"{name}.keras", data
 
 
 @pytest.fixture(scope="module")
 def saved(text_data, images32, tmp_path_factory):
-    """Each architecture trained briefly and saved the way a Keras 3 user saves it."""
-    keras = _tf.keras3()
-    keras.utils.set_random_seed(0)
-    d = tmp_path_factory.mktemp("conformance")
-    models = {}
-    for name in ARCHITECTURES[:-1]:
-        data = text_data if name in zoo.TEXT_ARCHITECTURES else images32
-        model = zoo.keras3_architecture(name, sample=np.load(images32)["x"][:200])
-        models[name] = (_trained(model, data, 1 if name in BRIEFLY_TRAINED else 6), data)
-    paths = {}
-    for name, (model, data) in models.items():
-        paths[name] = (d / f"{name}.keras", data)
-        model.save(paths[name][0])
-    cnn = models["preprocessing-cnn"][0]
-    cnn.export(str(d / "exported"), format="tf_saved_model", verbose=False)
-    paths["model.export() savedmodel"] = (d / "exported", images32)
-    return paths
+    return _Saved(tmp_path_factory.mktemp("conformance"), text_data, images32)
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)

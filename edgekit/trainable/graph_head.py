@@ -127,7 +127,8 @@ def split_head_graph(graph: Any) -> tuple[Any, Any]:
     module.serve = tf.function(lambda x: {"features": pruned(x)}, input_signature=[spec])
     folder = Path(tempfile.mkdtemp(prefix="edgekit-backbone-")) / "saved_model"
     try:
-        tf.saved_model.save(module, str(folder), signatures=module.serve.get_concrete_function())
+        tf.saved_model.save(module, str(folder), signatures=module.serve.get_concrete_function(),
+                            options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))  # inference only
         backbone = load_graph(folder, temporary=True, probabilities=False)
     except Exception:
         shutil.rmtree(folder.parent, ignore_errors=True)
