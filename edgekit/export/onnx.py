@@ -86,7 +86,7 @@ def float_onnx(model: Any) -> Any:
 
             graph_def, inputs, outputs = tf_loader.from_saved_model(
                 str(model.path), None, None, tag="serve", signatures=["serving_default"])[:3]
-            graph_def = _inline_xla_functions(graph_def, inputs, outputs)
+            graph_def = _erfc_as_erf(_inline_xla_functions(graph_def, inputs, outputs))
             proto, _ = tf2onnx.convert.from_graph_def(graph_def, input_names=inputs, output_names=outputs,
                                                       opset=OPSET, tensors_to_rename={inputs[0]: INPUT_NAME})
         else:
@@ -116,6 +116,34 @@ def _inline_xla_functions(graph_def: Any, inputs: list[str], outputs: list[str])
                 del attrs[key]
     with _tf.tf().Graph().as_default():
         return tf_loader.tf_optimize(inputs, outputs, graph_def)
+
+
+def _erfc_as_erf(graph_def: Any) -> Any:
+    """The frozen graph with every ``Erfc(x)`` written as ``1 - Erf(x)``: TensorFlow's exact GELU uses ``Erfc``,
+    which ONNX does not define (ConvNeXt); ``Erf`` converts."""
+    from tensorflow.core.framework import node_def_pb2  # TensorFlow is loaded (edgekit._tf) by float_onnx
+    from tensorflow.python.framework import tensor_util
+
+    nodes = []
+    for node in graph_def.node:
+        if node.op != "Erfc":
+            nodes.append(node)
+            continue
+        dtype = node.attr["T"].type
+        erf = node_def_pb2.NodeDef(name=f"{node.name}/erf", op="Erf", input=[node.input[0]])
+        erf.attr["T"].type = dtype
+        one = node_def_pb2.NodeDef(name=f"{node.name}/one", op="Const")
+        one.attr["dtype"].type = dtype
+        one.attr["value"].tensor.CopyFrom(tensor_util.make_tensor_proto(1.0, dtype=dtype))
+        sub = node_def_pb2.NodeDef(name=node.name, op="Sub", input=[one.name, erf.name],
+                                   device=node.device)
+        sub.attr["T"].type = dtype
+        nodes += [erf, one, sub]
+    if len(nodes) == len(graph_def.node):
+        return graph_def
+    del graph_def.node[:]
+    graph_def.node.extend(nodes)
+    return graph_def
 
 
 def _check_onnx_ops(proto: Any) -> None:
