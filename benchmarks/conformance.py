@@ -86,14 +86,16 @@ def techniques(path: Path, data: Path, held_out: Path) -> dict[str, str]:
         compress,
         export_trainable,
     )
+    from edgekit.loading.models import load_model
 
     recipes = {"prune": Recipe(prune=0.5, quantize="int8"), "QAT": Recipe(quantize="qat"),
                "distill": Recipe(student_width=0.5, quantize="int8")}
-    result = compress(path, data, None, progress=False, eval_data=held_out, config=CompressConfig(
-        max_accuracy_drop=100.0, search=tuple(recipes.values()),
-        training=TrainingConfig(finetune_epochs=1, distill_epochs=2)))
-    out = {}
-    for (name, _), cand in zip(recipes.items(), result.candidates):
+    unavailable = load_model(path).training_unavailable  # a graph only (model.export()): no candidate can run
+    out = {name: "no: " + unavailable[:70] for name in recipes} if unavailable else {}
+    config = CompressConfig(max_accuracy_drop=100.0, search=tuple(recipes.values()),
+                            training=TrainingConfig(finetune_epochs=1, distill_epochs=2))
+    result = None if unavailable else compress(path, data, None, progress=False, eval_data=held_out, config=config)
+    for (name, _), cand in zip(recipes.items(), result.candidates if result else ()):
         if cand.error:
             out[name] = "no: " + cand.error[:70]
             continue

@@ -51,6 +51,7 @@ class ArtifactResult:
     notes: list[str]
     latency_us: float = 0.0                 # median single-sample time in its runtime
     float32_latency_us: float | None = None  # the source's float32 artifact in the same runtime
+    float32_bytes: int | None = None  # the source's float32 artifact in the same format
     # post-training int8 over the budget: the remedy kept ("" = the quantizer's defaults), its quantizer
     # options, and every remedy tried -> its accuracy drop (empty when the defaults were within the budget)
     # int8/QAT/dynamic: accuracy of the float model it was quantized from minus its own (what quantizing cost)
@@ -68,6 +69,12 @@ class ArtifactResult:
         from edgekit.export.remedies import SLOWER
 
         return self.float32_latency_us is not None and self.latency_us > SLOWER * self.float32_latency_us
+
+    @property
+    def larger_than_float32(self) -> bool:
+        """More bytes than the source's float32 artifact in the same format (an unrolled recurrent model's int8
+        graph: its quantization parameters outweigh its weights)."""
+        return self.float32_bytes is not None and self.bytes > self.float32_bytes
 
     @property
     def bytes(self) -> int:
@@ -202,6 +209,7 @@ def _compress(model: Any, data: str | Path | Dataset, eval_data: str | Path | Da
     for cand in candidates:  # what quantizing bought (or cost) in time, in the same runtime
         for art in cand.artifacts:
             art.float32_latency_us = reference.get(art.format.value, {}).get("latency_us")
+            art.float32_bytes = reference.get(art.format.value, {}).get("bytes")
     result = CompressResult(source, candidates, _select(candidates, config), config, data_info=data_info)
     result.reference = reference
     return result

@@ -51,7 +51,7 @@ def artifact_entry(art: Any) -> dict[str, Any]:
         "top1_agreement": _round(art.top1_agreement), "max_abs_diff": _round(art.max_abs_diff, 6),
         "conversion_max_abs_diff": _round(art.conversion_max_abs_diff, 6), "tolerance": art.tolerance,
         "verified_with": art.runtime, "latency_us": _round(art.latency_us, 1),
-        "float32_latency_us": _round(art.float32_latency_us, 1),
+        "float32_latency_us": _round(art.float32_latency_us, 1), "float32_bytes": art.float32_bytes,
         "input": [s.to_dict() for s in art.inputs], "output": [s.to_dict() for s in art.outputs],
         "notes": art.notes,
         "remedy": art.remedy or None, "quantizer_options": art.quantizer_options or None,

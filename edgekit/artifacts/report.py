@@ -36,10 +36,19 @@ def speed_text(art: Any) -> str:
 
 
 def slower_notes(candidate: Any) -> list[str]:
-    """One line per artifact of ``candidate`` that runs slower than the float32 artifact in the same runtime."""
-    return [f"{a.format.value} {a.quantization.value} runs {a.latency_us / a.float32_latency_us:.2f}x the time of "
-            f"the float32 {a.format.value} in {a.runtime} ({a.latency_us:.0f} vs {a.float32_latency_us:.0f} µs per "
-            "sample): it is smaller, not faster" for a in candidate.artifacts if a.slower_than_float32]
+    """One line per artifact of ``candidate`` that runs slower than the float32 artifact in the same runtime or
+    is larger than it."""
+    lines = []
+    for a in candidate.artifacts:
+        larger = (f"larger ({a.bytes:,} vs {a.float32_bytes:,} bytes)" if a.larger_than_float32 else "")
+        if a.slower_than_float32:
+            lines.append(f"{a.format.value} {a.quantization.value} runs {a.latency_us / a.float32_latency_us:.2f}x "
+                         f"the time of the float32 {a.format.value} in {a.runtime} ({a.latency_us:.0f} vs "
+                         f"{a.float32_latency_us:.0f} µs per sample): it is "
+                         + (f"{larger} and slower" if larger else "smaller, not faster"))
+        elif larger:
+            lines.append(f"{a.format.value} {a.quantization.value} is {larger} than the float32 {a.format.value}")
+    return lines
 
 
 def remedy_notes(candidate: Any) -> list[str]:
