@@ -130,8 +130,8 @@ def main() -> int:
 
     names = (*zoo.KERAS3_ARCHITECTURES, EXPORTED)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", type=lambda text: text.split(","), default=list(names),
-                        help=f"comma-separated, of: {', '.join(names)}")
+    parser.add_argument("--only", type=lambda text: [n for n in text.split(",") if n], default=list(names),
+                        help=f"comma-separated, of: {', '.join(names)} ('' rewrites the tables from the kept rows)")
     args = parser.parse_args()
     unknown = set(args.only) - set(names)
     if unknown:
