@@ -483,9 +483,13 @@ class _CandidateRunner:
         """When the int8 artifact runs slower than the source's float32 one (side by side), try the format's speed
         rungs (:data:`~edgekit.export.remedies.SPEED_LADDERS` and the quantizer's own for this model) and keep the
         fastest within the budget."""
-        from edgekit.export.remedies import SLOWER, Attempt, Int8Options, speed_up
+        from edgekit.export.remedies import SLOWER, SPEED_LADDERS, Attempt, Int8Options, speed_up
         from edgekit.export.verify import latency_ratio
 
+        spec = exporter(art.format)
+        extra_rungs = spec.speed_rungs(art.data)
+        if not SPEED_LADDERS[art.format] and not extra_rungs:  # nothing to try: no quantizer to prepare
+            return
         reference = self._float32_data(art.format)
         if reference is None:
             return
@@ -497,12 +501,12 @@ class _CandidateRunner:
         if ratio(reference, art.data) <= SLOWER:
             return
         options = Int8Options(**art.quantizer_options) if art.quantizer_options else Int8Options()
-        spec = exporter(art.format)
         with self.progress.step(f"speed {name}"), \
                 spec.int8(model, calibration=self.splits.calibration.x, int8_io=self.config.int8_io) as quantizer:
             current = Attempt(art.remedy, options, art.data, self._score(art))
             best, art.speed_tried = speed_up(art.format, quantizer, current, budget=self.config.budget,
-                                             evaluate=self._scorer(model, name, float_accuracy), ratio=ratio)
+                                             evaluate=self._scorer(model, name, float_accuracy), ratio=ratio,
+                                             extra_rungs=extra_rungs)
         if best is not current:
             art.speed_remedy = best.remedy
             self._adopt(art, best, float_accuracy)

@@ -24,12 +24,14 @@ class Exporter:
     ``convert(model, quantization=, calibration=, int8_io=)`` gets the model to export (the QAT
     model itself for QAT) and returns the artifact's bytes and notes. ``int8(model, calibration=, int8_io=)``
     prepares the format's post-training int8 quantizer once, to be re-run with the remedies'
-    options (:mod:`edgekit.export.remedies`); it is a context manager.
+    options (:mod:`edgekit.export.remedies`); it is a context manager. ``speed_rungs(data)``: the speed rungs
+    the format adds for one int8 artifact (name, option changes), read from the artifact alone.
     """
 
     filename: str
     convert: Callable[..., tuple[bytes, list[str]]]
     int8: Callable[..., Any]
+    speed_rungs: Callable[[bytes], list[tuple[str, dict[str, object]]]]
 
 
 def _tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray,
@@ -61,9 +63,19 @@ def _onnx_int8(model: Any, *, calibration: np.ndarray, int8_io: bool) -> Any:
     return OnnxInt8(float_onnx(model), calibration)
 
 
+def _tflite_speed_rungs(data: bytes) -> list[tuple[str, dict[str, object]]]:
+    from edgekit.export.tflite import speed_rungs
+
+    return speed_rungs(data)
+
+
+def _no_speed_rungs(data: bytes) -> list[tuple[str, dict[str, object]]]:
+    return []  # onnxruntime runs every quantized op type its quantizer writes
+
+
 EXPORTERS: dict[Format, Exporter] = {
-    Format.TFLITE: Exporter("model.tflite", _tflite, _tflite_int8),
-    Format.ONNX: Exporter("model.onnx", _onnx, _onnx_int8),
+    Format.TFLITE: Exporter("model.tflite", _tflite, _tflite_int8, _tflite_speed_rungs),
+    Format.ONNX: Exporter("model.onnx", _onnx, _onnx_int8, _no_speed_rungs),
 }
 """Format -> exporter. Every :class:`Format` has one (a test checks it)."""
 

@@ -302,10 +302,6 @@ class OnnxInt8:
         """The int8 model (names compacted: :func:`compact_names`)."""
         return compact_names(self._quantized(options))
 
-    def speed_rungs(self, data: bytes) -> list[tuple[str, dict[str, object]]]:
-        """None beyond the format's ladder: onnxruntime runs every quantized op type it writes."""
-        return []
-
     def _quantized(self, options: Int8Options) -> bytes:
         if options.float_ops:
             raise ValueError("op types kept float by type are a TFLite option; ONNX keeps nodes float by name")

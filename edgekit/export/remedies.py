@@ -136,8 +136,8 @@ SPEED_LADDERS: dict[Format, tuple[tuple[str, dict[str, object]], ...]] = {
 """Format -> (name, option changes) tried when an int8 artifact runs slower than the float32 one: the changes
 apply on top of the options kept for accuracy. Which is fastest depends on the model and the CPU (measured in
 BENCHMARKS.md), so each is measured in the artifact's runtime; the fastest within the budget is kept. A quantizer
-adds rungs of its own for the model at hand (:meth:`Int8Quantizer.speed_rungs`: TFLite keeps float the op types
-XNNPACK does not run in int8)."""
+adds rungs of its own for the artifact at hand (:attr:`edgekit.export.Exporter.speed_rungs`: TFLite keeps float the
+op types XNNPACK does not run in int8)."""
 FLOAT_OPS = "float-ops"
 SLOWER = 1.1  # an int8 artifact is slower than float32 when it takes more than this (10%: timing noise)
 SPEED_GAIN = 0.9  # a rung replaces the artifact only if it takes at most this fraction of its time
@@ -155,10 +155,6 @@ class Int8Quantizer(Protocol):
 
     def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
         """Groups of node names, most harmful when quantized with ``options`` first (:func:`rank_nodes`)."""
-        ...
-
-    def speed_rungs(self, data: bytes) -> list[tuple[str, dict[str, object]]]:
-        """Speed rungs for this model, given its int8 artifact ``data`` (name, option changes)."""
         ...
 
 
@@ -226,15 +222,15 @@ def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: fl
 
 
 def speed_up(fmt: Format, quantizer: Int8Quantizer, current: Attempt, *, budget: float,
-             evaluate: Callable[[bytes], tuple[float, object]],
-             ratio: Callable[[bytes, bytes], float]) -> tuple[Attempt, dict[str, float]]:
+             evaluate: Callable[[bytes], tuple[float, object]], ratio: Callable[[bytes, bytes], float],
+             extra_rungs: Sequence[tuple[str, dict[str, object]]] = ()) -> tuple[Attempt, dict[str, float]]:
     """Try ``fmt``'s speed rungs on top of ``current``'s options; return the fastest attempt within ``budget``
     (``current`` unless a rung takes at most :data:`SPEED_GAIN` of its time) and each rung's time ratio.
 
     ``ratio(a, b)``: b's time over a's, measured side by side.
     """
     best, best_ratio, tried = current, 1.0, {}
-    for name, changes in (*SPEED_LADDERS[fmt], *quantizer.speed_rungs(current.data)):
+    for name, changes in (*SPEED_LADDERS[fmt], *extra_rungs):
         options = replace(current.options, **changes)
         if options == current.options:
             continue

@@ -128,13 +128,6 @@ class TfliteInt8:
             input_data_type=io_type, output_data_type=io_type,
             denylisted_ops=list(options.float_ops) or None, denylisted_nodes=list(options.float_nodes) or None))
 
-    def speed_rungs(self, data: bytes) -> list[tuple[str, dict[str, object]]]:
-        """Keep float the op types XNNPACK leaves out of its int8 graph (e.g. int8 AVERAGE_POOL_2D): each runs in
-        TFLite's own kernels between two delegate partitions, and a model with many of them (NASNet: 40) runs
-        slower in int8 than in float."""
-        ops = undelegated_ops(data)
-        return [(FLOAT_OPS, {"float_ops": ops})] if ops else []
-
     def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
         """Op output names of the float graph, those whose quantization with ``options`` adds most to the
         intermediate error first (they name the ops to keep float, as the debugger's denylisted nodes)."""
@@ -143,6 +136,14 @@ class TfliteInt8:
 
 
 QUANTIZE_OPS = frozenset({"QUANTIZE", "DEQUANTIZE"})
+
+
+def speed_rungs(data: bytes) -> list[tuple[str, dict[str, object]]]:
+    """Keep float the op types XNNPACK leaves out of the int8 graph ``data`` (e.g. int8 AVERAGE_POOL_2D): each runs
+    in TFLite's own kernels between two delegate partitions, and a model with many of them (NASNet: 40) runs
+    slower in int8 than in float."""
+    ops = undelegated_ops(data)
+    return [(FLOAT_OPS, {"float_ops": ops})] if ops else []
 
 
 def undelegated_ops(data: bytes) -> tuple[str, ...]:
