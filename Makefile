@@ -54,7 +54,7 @@ demo: $(STAMP)
 
 test: $(STAMP) $(TFLRT_STAMP) $(DEVICE_STAMP)
 	$(BIN)/ruff check edgekit tools device_agents tests benchmarks examples
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --durations=25 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 3 --dist loadgroup --durations=25 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -13,9 +13,11 @@ from edgekit.federated.config import Partition, PartitionScheme, RoundSettings, 
 from edgekit.federated.simulate import simulate
 from edgekit.federated.strategies import STRATEGIES, make_strategy
 
-# make test runs two pytest workers (pytest-xdist, --dist loadgroup): the federated tests, each with its Ray
-# cluster or its Flower processes, run one after another in one worker while the other worker takes the rest
+# make test runs pytest-xdist workers with --dist loadgroup: the federated tests, each with its Ray cluster (its own
+# temporary folder) or its Flower processes, run in two groups, each one test after another in one worker (about
+# five minutes each); the other tests take the other workers
 pytestmark = pytest.mark.xdist_group("federated")
+SECOND = pytest.mark.xdist_group("federated-2")  # the real processes, the CLI and the server optimizers
 
 SKEWED = Partition(PartitionScheme.DIRICHLET, 0.5)
 
@@ -69,6 +71,33 @@ def test_int4_codec_is_unbiased_keeps_its_rounding_error_and_packs_two_levels_a_
     again, scales2, left2 = codec.encode_int4(base, base, left, rng)  # no new training: only the carried error
     carried = codec.decode_int4(again, scales2, base)["w"] - base["w"] + left2["w"].reshape(base["w"].shape)
     assert np.allclose(carried, left["w"].reshape(base["w"].shape), atol=1e-6)
+
+
+def test_simulated_devices_hold_no_tensorflow():
+    """Flower's Ray actor module imports TensorFlow when it can (about 9 s of CPU per worker per simulation); the
+    simulation's workers are devices, which run LiteRT only."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    from edgekit.federated.simulate import _start_ray
+
+    @ray.remote
+    def probe() -> tuple[bool, bool]:
+        import sys
+
+        from flwr.simulation.ray_transport import utils
+
+        return utils.TF is None, sys.modules.get("tensorflow") is None
+
+    temp = tempfile.mkdtemp(prefix="edgekit-ray-test-")
+    try:
+        _start_ray(temp)
+        assert ray.get(probe.remote()) == (True, True)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_fedavg_iid_improves_and_closes_the_loop_with_privacy_audit(fl_model, digits, tmp_path):
@@ -175,6 +204,7 @@ def test_differential_privacy_clips_updates_and_reports_epsilon(fl_model, tmp_pa
         SimulationConfig(clients=3, rounds=RoundSettings(dp_noise_multiplier=0.8, dp_clipping="adaptive"))
 
 
+@SECOND
 def test_a_dp_run_whose_noise_drowns_every_update_is_refused_before_anything_is_written(fl_model, tmp_path):
     """The issue's case: sigma 1 over 5 clients per round took a 99% model to 9% in one round."""
     from edgekit.federated.run import check_privacy_noise
@@ -319,6 +349,7 @@ def test_every_registered_strategy_aggregates_as_documented(strategy, expected, 
         assert built.proximal_mu == 0.1
 
 
+@SECOND
 @pytest.mark.parametrize("strategy", [Strategy.FEDAVGM, Strategy.FEDADAM, Strategy.FEDYOGI, Strategy.FEDADAGRAD])
 def test_every_server_optimizer_trains_in_a_simulation(fl_model, tmp_path, strategy):
     result = simulate(fl_model, "digits", tmp_path / strategy.value, progress=False, log=quiet,
@@ -329,6 +360,7 @@ def test_every_server_optimizer_trains_in_a_simulation(fl_model, tmp_path, strat
     assert saved["config"]["rounds"]["strategy"] == strategy.value and saved["worse_than_start"] is False
 
 
+@SECOND
 def test_a_text_classifier_federates_on_token_ids(text_npz, tmp_path):
     """Embedding + Conv1D + global max pooling trained on the devices (LiteRT) from scratch, on token ids."""
     from edgekit import _tf
@@ -372,6 +404,7 @@ def test_strategy_and_partition_validation():
         Partition("zipf")
 
 
+@SECOND
 @pytest.mark.parametrize("args, fragment", [
     (["--partition", "zipf"], "is not iid or dirichlet:ALPHA"),
     (["--clients", "1"], "at least 2 clients, got 1"),
@@ -383,6 +416,7 @@ def test_fl_cli_bad_input(fl_model, tmp_path, args, fragment):
     assert not (tmp_path / "o").exists()
 
 
+@SECOND
 def test_real_superlink_and_supernodes_with_tls(fl_model, tmp_path):
     """flower-superlink + 2 flower-supernode processes on 127.0.0.1, TLS from a generated CA, flwr run."""
     out = tmp_path / "up"
@@ -425,6 +459,7 @@ def _flwr_home(folder, port, ca):
     return folder
 
 
+@SECOND
 def test_strangers_cannot_join_register_or_run_code_through_the_gateway(tmp_path):
     """An outsider holding only the public ca.crt and the devices' address: refused at every door."""
     import os
@@ -496,6 +531,7 @@ def test_strangers_cannot_join_register_or_run_code_through_the_gateway(tmp_path
     assert not marker.exists() and not list(tmp_path.rglob("OUTSIDER_RAN"))
 
 
+@SECOND
 def test_resume_after_the_server_process_is_killed(fl_model, tmp_path):
     """SIGKILL the server mid-run once round 1 is checkpointed; --resume continues without losing it."""
     import os
@@ -786,6 +822,7 @@ def test_hostile_personalisation_replies_are_not_counted():
         assert personal_row(bad) is None, bad
 
 
+@SECOND
 def test_a_kill_between_the_checkpoint_writes_loses_nothing_and_cleans_up(fl_model, tmp_path):
     """SIGKILL after round 2's weights are written but before its state: resume reruns round 2 from round 1."""
     import os

@@ -99,6 +99,10 @@ KERAS3_ARCHITECTURES = ("transformer", "preprocessing-cnn", "mobilenetv3small", 
                         "densenet121", "gru", "bilstm")
 """The conformance suite's architectures (:func:`keras3_architecture`)."""
 TEXT_ARCHITECTURES = ("transformer", "gru", "bilstm")
+PIXELS_0_255 = ("mobilenetv3small", "efficientnetb0")
+"""Architectures whose keras.applications model rescales its input itself (``include_preprocessing``): as Keras
+documents, they take pixels in 0-255 (fed 0-1 pixels, MobileNetV3Small sees inputs within 0.008 of -1, learns
+little and its int8 artifacts lose everything); the others take 0-1 pixels."""
 
 
 def keras3_architecture(name: str, *, sample: Any = None, length: int = 16, vocab: int = 30) -> Any:
