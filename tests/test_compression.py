@@ -50,11 +50,48 @@ def test_default_int8_writes_verified_artifacts_and_manifest(cnn_path, tmp_path)
     assert any(n.op_type == "QuantizeLinear" for n in graph.node)
     assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
     assert "FULLY_CONNECTED" in tflite_ops((out / "model.tflite").read_bytes())
+    # converted from the traced inference function, with the signature a Keras model's conversion has
+    from edgekit.export.tflite import tflite_signatures
+
+    keras_model = tf_keras_model(cnn_path)
+    assert tflite_signatures((out / "model.tflite").read_bytes()) == {"serving_default": {
+        "inputs": [keras_model.input_names[0]], "outputs": [keras_model.output_names[0]]}}
     assert (out / "report.md").is_file() and (out / "size_vs_accuracy.png").stat().st_size > 1000
     from edgekit import load_model
 
     assert load_model(out / "model.keras").params == result.selected.params  # the selected float model
     assert result.selected.artifacts[0].runtime == "litert" and result.selected.artifacts[1].runtime == "onnxruntime"
+
+
+def tf_keras_model(path):
+    from edgekit.loading.models import load_model
+
+    return load_model(path).model
+
+
+def test_a_models_float_onnx_is_converted_once_and_again_when_its_weights_change(cnn):
+    from edgekit.export import onnx as onnx_export
+
+    calls = []
+    convert = onnx_export._float_onnx
+
+    def counted(model):
+        calls.append(model)
+        return convert(model)
+
+    onnx_export._float_onnx, weights = counted, cnn.get_weights()
+    try:
+        first, second = onnx_export.float_onnx(cnn), onnx_export.float_onnx(cnn)
+        assert len(calls) == 1 and first is not second  # a copy each: callers change their protos
+        assert first.SerializeToString() == second.SerializeToString()
+        first.graph.node.pop()
+        assert onnx_export.float_onnx(cnn).SerializeToString() == second.SerializeToString()
+        cnn.set_weights([w + 1 for w in weights])
+        changed = onnx_export.float_onnx(cnn)
+        assert len(calls) == 2 and changed.SerializeToString() != second.SerializeToString()
+    finally:
+        onnx_export._float_onnx = convert
+        cnn.set_weights(weights)
 
 
 def test_int8_io_quantizes_model_inputs_and_outputs(cnn_path, digits, tmp_path):
