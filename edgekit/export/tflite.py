@@ -124,10 +124,13 @@ def _input_name(model: Any) -> str:
 def with_serving_signature(data: bytes, *, input_name: str, output_name: str) -> bytes:
     """``data`` with a ``serving_default`` signature over its first subgraph's input and output (what the
     converter writes for a SavedModel or Keras model, and what LiteRT's signature runners and Android's
-    ``runSignature`` call), unchanged when it has signatures already."""
+    ``runSignature`` call), unchanged when it has signatures already, or is too large for a flatbuffer rewrite
+    (2 GB: the converter stores larger weights outside the flatbuffer)."""
     from tensorflow.lite.python import schema_py_generated as schema
     from tensorflow.lite.tools import flatbuffer_utils
 
+    if len(data) >= 2**31 - 2**20:
+        return data
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
     if model.signatureDefs or len(model.subgraphs) != 1:
         return data
