@@ -10,7 +10,9 @@ Message protocol (Flower Message API):
   :mod:`device_agents.codec`), ``seed``). Reply: ``arrays`` (weights; int8 deltas; or packed int4
   deltas in one ``int4`` tensor), ``codec`` (int8: a ConfigRecord of per-tensor scales; int4: one ``scales``
   tensor of block scales)
-  and ``metrics`` (``num-examples``, ``train-loss``, ``train-accuracy``). An int4 device keeps what
+  and ``metrics`` (``num-examples``, ``train-loss``, ``train-accuracy``, ``learning-rate``: the rate the
+  device trained at, below the server's when its local loss diverged and it halved it,
+  :meth:`~device_agents.training.Trainer.fit_safely`). An int4 device keeps what
   rounding lost in its Flower context state (``codec-residual``) and adds it to its next update.
   With compression on, the server may send the global model as an int8 delta (``arrays`` int8, ``codec``
   per-tensor scales, config ``base-sha256``) against the model the device kept from the last round
@@ -35,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from device_agents import codec, fleet
+from device_agents.errors import TrainingError
 from device_agents.files import read_npz
 from device_agents.training import Trainer
 
@@ -271,9 +274,9 @@ def make_client_app(settings: ClientSettings) -> Any:
         pid, x, y = _local_data(settings, context)
         trainer.set_weights(global_weights)
         _LAST_TRAINED[(artifact_dir, pid)] = codec.digest(global_weights)
-        losses = trainer.fit(x, y, epochs=epochs, learning_rate=learning_rate, mu=mu, seed=seed * 100_003 + pid)
-        _, accuracy = trainer.evaluate(x, y)
-        metrics = {"num-examples": len(x), "train-loss": float(losses[-1]), "train-accuracy": float(accuracy)}
+        local = trainer.fit_safely(x, y, epochs=epochs, learning_rate=learning_rate, mu=mu, seed=seed * 100_003 + pid)
+        metrics = {"num-examples": len(x), "train-loss": float(local.losses[-1]),
+                   "train-accuracy": float(local.accuracy), "learning-rate": float(local.learning_rate)}
         new, fault = trainer.get_weights(), settings.faults.get(pid)
         if fault is not None:
             new, metrics = _rehearse(fault, pid, new, metrics, output_bias=list(trainer.tensors)[-1])
@@ -361,10 +364,14 @@ def personalized_head(trainer: Trainer, weights: dict[str, np.ndarray], x: np.nd
     train = order[len(held):] if len(x) > 1 else order
     trainer.set_weights(weights)
     _, before = trainer.evaluate(x[held], y[held])
-    trainer.fit(x[train], y[train], epochs=epochs, learning_rate=learning_rate, seed=seed,
-                frozen=[k for k in trainer.tensors if k not in head])
-    _, after = trainer.evaluate(x[held], y[held])
-    kept = after >= before
+    try:
+        trainer.fit_safely(x[train], y[train], epochs=epochs, learning_rate=learning_rate, seed=seed,
+                           frozen=[k for k in trainer.tensors if k not in head])
+    except TrainingError:
+        after, kept = before, False  # the global head stays
+    else:
+        _, after = trainer.evaluate(x[held], y[held])
+        kept = after >= before
     metrics = {"num-examples": max(10, len(held) // 10 * 10), "accuracy-before": float(round(before / 5) * 5),
                "accuracy-after": float(round(after / 5) * 5), "kept": int(kept)}
     return metrics, {k: v for k, v in (trainer.get_weights() if kept else weights).items() if k in head}
@@ -488,9 +495,10 @@ def make_secagg_client_app(settings: ClientSettings) -> Any:
                     tuple(np.shape(p)) != tuple(self.trainer.tensors[n]) for p, n in zip(parameters, self.names)):
                 raise ValueError("the server sent tensors that are not this model's; refusing the round")
             self.trainer.set_weights(dict(zip(self.names, parameters)))
-            losses = self.trainer.fit(x, y, epochs=epochs, learning_rate=learning_rate, seed=seed * 100_003 + pid)
+            local = self.trainer.fit_safely(x, y, epochs=epochs, learning_rate=learning_rate,
+                                            seed=seed * 100_003 + pid)
             new = self.trainer.get_weights()
-            return [new[n] for n in self.names], len(x), {"train-loss": float(losses[-1])}
+            return [new[n] for n in self.names], len(x), {"train-loss": float(local.losses[-1])}
 
     def client_fn(context: Any) -> Any:
         return DeviceClient(context).to_client()

@@ -7,6 +7,8 @@ escape from a bad artifact or a bad request::
     ├── ArtifactError       the artifact cannot be loaded (corrupt, unknown format, no runtime)
     ├── IntegrityError      the artifact's SHA-256 or size does not match its manifest entry
     ├── InputMismatchError  a request's shape or dtype does not fit the model (exit code 2)
+    ├── TrainingError       local training diverged at every learning rate tried (the weights are left as
+    │                       they were)
     └── InstallError        a new model version failed its smoke test (the old one stays)
         └── ReleaseError    a release was refused: unsigned, bad signature, expired, altered, or not
                             newer than the installed one (the old one stays)
@@ -55,6 +57,10 @@ class InputMismatchError(AgentError):
     """The input's shape or dtype does not fit the model."""
 
     exit_code = ExitCode.BAD_INPUT
+
+
+class TrainingError(AgentError):
+    """Local training diverged at every learning rate tried; the weights are left as they were."""
 
 
 class InstallError(AgentError):

@@ -8,15 +8,41 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from device_agents.errors import ArtifactError, InputMismatchError, first_line
+from device_agents.errors import ArtifactError, InputMismatchError, TrainingError, first_line
 from device_agents.integrity import check_entry, read_manifest
 from device_agents.runtime import ArtifactFormat, Model, Runtime, interpreter_class, pick_runtime
+
+DIVERGED_RATIO = 1.5
+DIVERGED_MARGIN = 0.1
+"""Local training diverged when the loss on the device's data ends above ``RATIO x before + MARGIN`` (or is
+not finite): SGD on the data it trains on does not raise that loss unless the step is too large."""
+MAX_BACKOFFS = 4
+"""How many times :meth:`Trainer.fit_safely` halves the learning rate (down to 1/16 of it)."""
+
+
+@dataclass(frozen=True)
+class LocalFit:
+    """What :meth:`Trainer.fit_safely` kept: the attempt's per-epoch losses and learning rate, and the loss
+    and accuracy (%) on the training data before and after it."""
+
+    losses: list[float]
+    learning_rate: float
+    loss_before: float
+    loss_after: float
+    accuracy: float
+
+    @property
+    def diverged(self) -> bool:
+        return not (math.isfinite(self.loss_after)
+                    and self.loss_after <= DIVERGED_RATIO * self.loss_before + DIVERGED_MARGIN)
 
 
 class Trainer:
@@ -146,6 +172,38 @@ class Trainer:
                 weight += n
             losses.append(total / weight)
         return losses
+
+    def fit_safely(self, x: np.ndarray, y: np.ndarray, *, epochs: int = 1, learning_rate: float | None = None,
+                   mu: float = 0.0, seed: int = 0, frozen: Collection[str] = ()) -> LocalFit:
+        """:meth:`fit`, and when the loss on ``x, y`` ends higher than it started (:attr:`LocalFit.diverged`),
+        again from the same weights at half the learning rate, up to :data:`MAX_BACKOFFS` times. When every
+        rate diverges, the weights are put back and :class:`TrainingError` says so with the losses.
+
+        A rate chosen for a whole federation can be too large for one device: a converged CNN with frozen
+        BatchNormalization, SGD at 0.1 with batches of 8, went from 100% to 11% on its own 90 samples for
+        5 of 8 batch orders, and fine at 0.05 or 0.025.
+
+        >>> trainer.fit_safely(x, y, epochs=1, learning_rate=0.1).learning_rate   # doctest: +SKIP
+        0.025
+        """
+        lr = float(self.spec.get("learning_rate", 0.05) if learning_rate is None else learning_rate)
+        start = self.get_weights()
+        before, _ = self.evaluate(x, y)
+        ends = []
+        for attempt in range(MAX_BACKOFFS + 1):
+            if attempt:
+                self.set_weights(start)
+            rate = lr / 2 ** attempt
+            losses = self.fit(x, y, epochs=epochs, learning_rate=rate, mu=mu, seed=seed, frozen=frozen)
+            after, accuracy = self.evaluate(x, y)
+            result = LocalFit(losses, rate, before, after, accuracy)
+            if not math.isfinite(before) or not result.diverged:
+                return result
+            ends.append(f"{after:.3g}")
+        self.set_weights(start)
+        raise TrainingError(f"local training diverged at every learning rate from {lr:g} to {rate:g}: the loss "
+                            f"on this device's data rose from {before:.3g} to {', '.join(ends)}; the weights are "
+                            "left as they were")
 
     # -- inference -----------------------------------------------------------------------------
     def predict(self, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:

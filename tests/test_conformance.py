@@ -58,6 +58,12 @@ def _stepped(model, npz, steps=6):
 
 
 ARCHITECTURES = [*zoo.KERAS3_ARCHITECTURES, "model.export() savedmodel"]
+BUILT_FROM = {"model.export() savedmodel": "preprocessing-cnn"}
+
+
+def _on(name):
+    """The tests of one model run on one pytest-xdist worker, which builds and trains it once."""
+    return pytest.mark.xdist_group(f"conformance-{BUILT_FROM.get(name, name)}")
 BRIEFLY_TRAINED = ("mobilenetv3small", "mobilenetv2", "efficientnetb0", "densenet121")  # a few steps: near chance
 
 
@@ -95,7 +101,7 @@ def saved(text_data, images32, tmp_path_factory):
     return _Saved(tmp_path_factory.mktemp("conformance"), text_data, images32)
 
 
-@pytest.mark.parametrize("name", ARCHITECTURES)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=_on(name)) for name in ARCHITECTURES])
 def test_post_training_int8_in_both_formats(saved, name, tmp_path):
     path, data = saved[name]
     result = compress(path, data, tmp_path / "out", progress=False,
@@ -121,6 +127,7 @@ def test_post_training_int8_in_both_formats(saved, name, tmp_path):
     assert (tmp_path / "out" / "model.keras").exists() is not graph_only
 
 
+@_on("transformer")
 def test_training_based_techniques_run_per_layer_and_list_what_they_left(saved, tmp_path):
     """The transformer was refused by pruning, QAT and distillation; now each applies to the layers it can."""
     path, data = saved["transformer"]
@@ -140,7 +147,8 @@ def test_training_based_techniques_run_per_layer_and_list_what_they_left(saved, 
     assert "## Layers a technique left as they were" in report or search.selected is student
 
 
-@pytest.mark.parametrize("name", ["mobilenetv3small"])  # its layers' gradients each have a parity test as well
+@pytest.mark.parametrize("name", [pytest.param("mobilenetv3small", marks=_on("mobilenetv3small"))])  # and parity
+# tests of its layers' gradients
 def test_on_device_training_of_keras_applications_layers(saved, name, tmp_path):
     """hard-swish, squeeze-excite, ZeroPadding2D, Rescaling, Normalization: every layer has an on-device gradient;
     without data the artifact is verified on synthetic inputs of the model's own shape."""
@@ -151,6 +159,7 @@ def test_on_device_training_of_keras_applications_layers(saved, name, tmp_path):
     assert check["infer_max_abs_diff"] <= 1e-4 and check["train_step_max_relative_l2"] <= 1e-2
 
 
+@_on("transformer")
 def test_a_text_model_trains_its_head_on_the_device(saved, tmp_path):
     """Token ids go to the int8 backbone; the float head trains in LiteRT (the whole model cannot: its attention
     has no on-device gradient, and the error names the layer)."""

@@ -132,7 +132,7 @@ def test_fedavg_iid_improves_and_closes_the_loop_with_privacy_audit(fl_model, di
                     assert flat[start:start + 64].tobytes() not in rows
         records = json.loads(path.with_suffix(".json").read_text())
         assert set(records) == {"metrics"}
-        assert set(records["metrics"]) == {"num-examples", "train-loss", "train-accuracy"}
+        assert set(records["metrics"]) == {"num-examples", "train-loss", "train-accuracy", "learning-rate"}
         assert all(isinstance(v, (int, float)) for v in records["metrics"].values())
 
 
@@ -532,20 +532,24 @@ def test_strangers_cannot_join_register_or_run_code_through_the_gateway(tmp_path
 
 
 @SECOND
-def test_resume_after_the_server_process_is_killed(fl_model, tmp_path):
-    """SIGKILL the server mid-run once round 1 is checkpointed; --resume continues without losing it."""
+def test_a_killed_server_resumes_without_losing_a_round_and_cleans_up(fl_model, tmp_path):
+    """SIGKILL of the server's process group once round 1 is checkpointed; the first --resume killed between a
+    round's weights and its state (the window where a crash could lose a round); the second --resume reruns
+    that round from the last committed one, finishes, and leaves no stale Ray folder."""
     import os
     import signal
     import subprocess
+    import tempfile
     import time
+    from pathlib import Path
 
     from conftest import BIN, ROOT
 
     out = tmp_path / "crash"
-    args = [str(BIN / "edgekit"), "fl", "simulate", "--model", str(fl_model), "--clients", "3", "--rounds", "3",
-            "--out", str(out), "--quiet"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    args = ["fl", "simulate", "--model", str(fl_model), "--clients", "3", "--rounds", "3", "--out", str(out),
+            "--quiet"]
+    proc = subprocess.Popen([str(BIN / "edgekit"), *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     state = out / "checkpoints" / "state.json"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -556,13 +560,28 @@ def test_resume_after_the_server_process_is_killed(fl_model, tmp_path):
     proc.wait()
     done = json.loads(state.read_text())["round"]
     assert 1 <= done < 3 and not (out / "history.json").exists()
-    resumed = run_cli("fl", "simulate", "--model", str(fl_model), "--clients", "3", "--rounds", "3",
-                      "--out", str(out), "--resume", "--quiet")
-    assert resumed.returncode == 0, resumed.stderr[-1500:]
-    assert f"resuming after round {done}" in resumed.stdout
+
+    killed = run_cli(*args, "--resume", env={"EDGEKIT_CRASH_AT": f"checkpoint-weights-r{done + 1}"})
+    assert killed.returncode == -9
+    committed = json.loads(state.read_text())
+    assert committed["round"] == done and committed["weights"] == f"global-r{done}.npz"
+    assert (out / "checkpoints" / f"global-r{done + 1}.npz").exists()  # written, never committed
+
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0 and f"resuming after round {done}" in resumed.stdout, resumed.stderr[-800:]
     history = json.loads((out / "history.json").read_text())["rounds"]
     assert [h["round"] for h in history] == [0, 1, 2, 3]
     assert (out / "final" / "model.tflite").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["global-r3.npz", "state.json"]
+    stale = []  # the killed runs' Ray folders were removed by the next run, which removed its own too
+    for folder in Path(tempfile.gettempdir()).glob("edgekit-ray-*-*"):
+        try:
+            os.kill(int(folder.name.split("-")[2]), 0)
+        except ProcessLookupError:
+            stale.append(folder)
+        except (ValueError, OSError):
+            pass
+    assert stale == []
 
 
 def test_poisoned_and_malformed_updates_are_rejected_and_never_stop_the_run(fl_model, tmp_path):
@@ -820,37 +839,6 @@ def test_hostile_personalisation_replies_are_not_counted():
     for bad in ({**good, "accuracy-after": float("nan")}, {**good, "accuracy-after": 1e9}, {**good, "kept": 7},
                 {**good, "num-examples": True}, {**good, "label-0-count": 3}, {"num-examples": 20}, None):
         assert personal_row(bad) is None, bad
-
-
-@SECOND
-def test_a_kill_between_the_checkpoint_writes_loses_nothing_and_cleans_up(fl_model, tmp_path):
-    """SIGKILL after round 2's weights are written but before its state: resume reruns round 2 from round 1."""
-    import os
-    import tempfile
-    from pathlib import Path
-
-    out = tmp_path / "crash2"
-    args = ["fl", "simulate", "--model", str(fl_model), "--clients", "3", "--rounds", "3", "--out", str(out),
-            "--quiet"]
-    killed = run_cli(*args, env={"EDGEKIT_CRASH_AT": "checkpoint-weights-r2"})
-    assert killed.returncode == -9
-    state = json.loads((out / "checkpoints" / "state.json").read_text())
-    assert state["round"] == 1 and state["weights"] == "global-r1.npz"
-    assert (out / "checkpoints" / "global-r2.npz").exists()  # written, never committed
-    resumed = run_cli(*args, "--resume")
-    assert resumed.returncode == 0 and "resuming after round 1" in resumed.stdout, resumed.stderr[-800:]
-    history = json.loads((out / "history.json").read_text())["rounds"]
-    assert [h["round"] for h in history] == [0, 1, 2, 3]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["global-r3.npz", "state.json"]
-    stale = []  # the killed run's Ray folder was removed by the next run, which removed its own too
-    for folder in Path(tempfile.gettempdir()).glob("edgekit-ray-*-*"):
-        try:
-            os.kill(int(folder.name.split("-")[2]), 0)
-        except ProcessLookupError:
-            stale.append(folder)
-        except (ValueError, OSError):
-            pass
-    assert stale == []
 
 
 def test_federation_keys_are_private_from_the_start_and_certificates_say_their_use(tmp_path):

@@ -219,8 +219,8 @@ def _versions(tmp_path, count):
 @pytest.mark.xdist_group("fleet")
 def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, keys, tmp_path):
     """fleet serve; four devices (their own environment, key pair and data) registered and joined; a trainable
-    release rolled out; fl run on the devices' data; its final/ released and rolled out; bad, older, tampered
-    and foreign releases stopped; fleet status."""
+    release rolled out; fl run on the devices' data; its final/ released and rolled out; a collapsing and a
+    broken release stopped at the canary; tampered and foreign releases refused by every node; fleet status."""
     from edgekit import TrainableConfig, export_trainable
     from edgekit.errors import RolloutError
     from edgekit.federated.config import RoundSettings
@@ -249,6 +249,10 @@ def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, k
         run = run_on_fleet(cnn_path, "digits", tmp_path / "run", fleet.folder, progress=False,
                            config=FleetRunConfig(clients=4, rounds=RoundSettings(rounds=1, local_epochs=1)), **quiet)
         assert len(run.history) == 2 and run.history[-1]["replied"] == 4 and run.final_accuracy > 80
+        # the round counts: at the default rate this converged model diverged on every device, and the server
+        # refused the round; the devices now halve the rate when their own loss rises
+        assert run.history[-1]["aggregated"], run.history[-1]
+        assert 0 < run.history[-1]["train_metrics"]["learning-rate"] <= 0.1
         sign_release(tmp_path / "run" / "final", private, version=2)
         v2 = rollout(fleet.folder, tmp_path / "run" / "final", canary, **quiet)["release_id"]
         assert _versions(tmp_path, 4) == [v2] * 4
@@ -271,21 +275,17 @@ def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, k
         assert caught.value.result["rest"] == [] and caught.value.result["rolled_back"] == []
         assert _versions(tmp_path, 4) == [v2] * 4
 
-        # a good new release reaches everyone; then older, tampered and foreign releases are refused by every node
+        # a good new release reaches everyone; then tampered and foreign releases are refused by every node (each
+        # refusal of a store, older and unsigned releases among them, is tested on a store above)
         v5 = rollout(fleet.folder, _signed(int8_out, tmp_path / "v5", private, 5), canary, **quiet)["release_id"]
         assert _versions(tmp_path, 4) == [v5] * 4
         everyone = RolloutConfig(canary=1.0, min_nodes=4, wait=90, timeout=120, gates=Gates(max_accuracy_drop=None))
         tampered = _signed(int8_out, tmp_path / "v6", private, 6)
         shutil.copy(tmp_path / "run" / "final" / "model.tflite", tampered / "model.tflite")
         _rehash(tampered)
-        unsigned = _signed(int8_out, tmp_path / "v7", private, 7)
-        meta = json.loads((unsigned / "release.json").read_text())
-        meta["signatures"] = []  # well-formed TUF metadata that nobody signed
-        (unsigned / "release.json").write_text(json.dumps(meta))
-        for folder, reason in [(tmp_path / "run" / "final", "not newer than release 5"),
-                               (tampered, "is not the one release 6 signed"),
-                               (unsigned, "no valid signature by the trusted key"),
-                               (_signed(int8_out, tmp_path / "foreign", keys[1][0], 7), "no valid signature")]:
+        for folder, reason in [(tampered, "is not the one release 6 signed"),
+                               (_signed(int8_out, tmp_path / "foreign", keys[1][0], 7),
+                                "no valid signature by the trusted key")]:
             with pytest.raises(RolloutError) as caught:
                 rollout(fleet.folder, folder, everyone, **quiet)
             rows = caught.value.result["canary"]

@@ -209,6 +209,36 @@ def test_export_cli_and_training_in_litert_matches_tensorflow(half_trained, digi
     assert lite_acc == pytest.approx(tf_acc, abs=1.0)
 
 
+def test_local_training_halves_a_learning_rate_that_diverges_and_refuses_when_every_rate_does(cnn_path, digits,
+                                                                                                 tmp_path):
+    """Found in the README's fleet recipe: the converged test CNN (frozen BatchNormalization), SGD at 0.1 with
+    batches of 8 on a device's 90 samples, went from 100% to 11-25% for most batch orders, so every device's
+    update was garbage and the server refused the round. A device now halves the rate when its own loss rises."""
+    from device_agents.errors import TrainingError
+    from edgekit import TrainableConfig, export_trainable
+
+    export_trainable(cnn_path, tmp_path / "tr", data="digits", progress=False, config=TrainableConfig(batch_size=8))
+    x, y = digits.x[1400:1490], digits.y[1400:1490]
+    plain, safe = [], []
+    for seed in range(4):
+        trainer = Trainer.load(tmp_path / "tr")
+        trainer.fit(x, y, epochs=1, learning_rate=0.2, seed=seed)
+        plain.append(trainer.evaluate(x, y)[1])
+        trainer = Trainer.load(tmp_path / "tr")
+        local = trainer.fit_safely(x, y, epochs=1, learning_rate=0.2, seed=seed)
+        assert not local.diverged and local.accuracy == trainer.evaluate(x, y)[1]
+        assert local.loss_after <= 1.5 * local.loss_before + 0.1 and local.learning_rate in (0.2, 0.1, 0.05, 0.025,
+                                                                                             0.0125)
+        safe.append(local)
+    assert min(plain) < 50, plain  # the plain rate diverges here
+    assert all(local.accuracy >= 90 for local in safe) and any(local.learning_rate < 0.2 for local in safe)
+    trainer = Trainer.load(tmp_path / "tr")
+    start = trainer.get_weights()
+    with pytest.raises(TrainingError, match=r"diverged at every learning rate from 1e\+06 to 62500: the loss"):
+        trainer.fit_safely(x, y, learning_rate=1e6)
+    assert all(np.array_equal(value, trainer.get_weights()[name]) for name, value in start.items())
+
+
 def test_head_only_mode_has_int8_backbone_and_trains_the_head(half_trained, tmp_path):
     with pytest.raises(InputError, match="head-only export calibrates its int8 backbone on real samples"):
         export_trainable(half_trained, None, config=TrainableConfig(head_only=True), progress=False)

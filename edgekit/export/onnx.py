@@ -226,7 +226,7 @@ def affine_batchnorm(proto: Any) -> Any:
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
     ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in (*graph.value_info, *graph.input)}
-    nodes = []
+    nodes, rewritten = [], set()
     for node in graph.node:
         params = node.input[1:5]
         foldable = producer.get(node.input[0]) in ("Conv", "ConvTranspose", "Gemm") and consumers[node.input[0]] == 1
@@ -234,6 +234,7 @@ def affine_batchnorm(proto: Any) -> Any:
                 or not all(name in inits for name in params) or len(node.output) != 1:
             nodes.append(node)
             continue
+        rewritten.update(params)
         gamma, beta, mean, var = (numpy_helper.to_array(inits[name]).astype(np.float64) for name in params)
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
         scale = gamma / np.sqrt(var + eps)
@@ -246,7 +247,26 @@ def affine_batchnorm(proto: Any) -> Any:
                   helper.make_node("Add", [names[2], names[1]], [node.output[0]], name=f"{node.name}_add")]
     del graph.node[:]
     graph.node.extend(nodes)
+    used = _names_used(graph)
+    kept = [init for init in graph.initializer if init.name not in rewritten or init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)  # the rewritten BNs' own parameters go (onnxruntime warned of each)
     return model
+
+
+def _names_used(graph: Any) -> set[str]:
+    """Every tensor name the nodes of ``graph`` and of its subgraphs (If, Loop, Scan bodies) read, and its
+    outputs."""
+    import onnx
+
+    used = {out.name for out in graph.output}
+    for node in graph.node:
+        used.update(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else
+                        attr.graphs if attr.type == onnx.AttributeProto.GRAPHS else []):
+                used |= _names_used(sub)
+    return used
 
 
 CALIBRATION_BATCH = 32  # samples per calibration run when the model's batch dimension is free

@@ -38,8 +38,9 @@ from edgekit.errors import FederationError
 from edgekit.federated.config import RoundSettings, Strategy
 from edgekit.federated.downlink import Downlink, payload_bytes
 
-TRAIN_METRICS = {"num-examples": int, "train-loss": float, "train-accuracy": float}
-"""The metrics a train reply carries: exactly these names, of these types."""
+TRAIN_METRICS = {"num-examples": int, "train-loss": float, "train-accuracy": float, "learning-rate": float}
+"""The metrics a train reply carries: exactly these names, of these types (``learning-rate``: the rate the
+device trained at, lower than the round's when its local loss diverged at it)."""
 NORM_BIT = "norm_bit"
 """The metric Flower's ``adaptiveclipping_mod`` adds (1: the update was clipped), in adaptive-clipping runs."""
 
@@ -103,6 +104,8 @@ def _check_metrics(metrics: Any, clipping: Clipping) -> str:
             return f"metric {name} is {value!r}, not a finite {kind.__name__}"
     if metrics["num-examples"] < 1:
         return "num-examples is not positive"
+    if metrics["learning-rate"] <= 0:
+        return "learning-rate is not positive"
     return ""
 
 
@@ -385,6 +388,7 @@ def _one_round(grid: Any, strategy: Any, rnd: int, weights: dict[str, np.ndarray
     if link is not None:
         link.settle({int(r.metadata.src_node_id) for r in replies if not r.has_error() and "codec" in r.content})
     valid, rejected, failed, up = _collect(replies, sent, settings, rnd, log)
+    _report_backoffs(valid, settings, rnd, log)
     valid, outliers = robust_filter(valid, sent, settings)
     rejected += [item for item in outliers if not item.get("bounded")]
     bounded = [item for item in outliers if item.get("bounded")]
@@ -418,6 +422,17 @@ def _one_round(grid: Any, strategy: Any, rnd: int, weights: dict[str, np.ndarray
     return weights, entry
 
 
+def _report_backoffs(valid: list[tuple[Any, dict[str, np.ndarray], int]], settings: RoundSettings, rnd: int,
+                     log: Any) -> None:
+    """Say when devices trained at a lower rate than the round's (their local loss diverged at it)."""
+    rates = [float(reply.content["metrics"]["learning-rate"]) for reply, _, _ in valid]
+    lower = [rate for rate in rates if rate < settings.learning_rate * 0.999]
+    if lower:
+        log(f"round {rnd}: {len(lower)} of {len(rates)} device(s) diverged at learning rate "
+            f"{settings.learning_rate:g} on their own data and trained at {min(lower):g}-{max(lower):g}; "
+            "a lower learning rate suits this model")
+
+
 def _collect(replies: list, weights: dict[str, np.ndarray], settings: RoundSettings, rnd: int,
              log: Any) -> tuple[list[tuple[Any, dict[str, np.ndarray], int]], list[dict], int, list[int]]:
     """(valid (reply, weights, examples), rejections, failures, bytes up) of a round's replies."""
@@ -425,6 +440,8 @@ def _collect(replies: list, weights: dict[str, np.ndarray], settings: RoundSetti
     for reply in replies:
         if reply.has_error():
             failed += 1
+            log(f"round {rnd}: node {reply.metadata.src_node_id} sent no update: "
+                f"{' '.join(str(reply.error.reason).split())[:300]}")
             continue
         try:
             up.append(payload_bytes(reply.content))
