@@ -392,6 +392,36 @@ def test_a_refused_round_leaves_the_server_optimizer_as_it_was(run_identity):
     assert built.momentum_vector is None and np.all(built.current_arrays["w"].numpy() == 0)
 
 
+@pytest.mark.parametrize("strategy", [Strategy.FEDAVGM, Strategy.FEDADAM, Strategy.FEDYOGI, Strategy.FEDADAGRAD])
+def test_a_resumed_run_continues_the_server_optimizer_from_its_checkpoint(strategy, run_identity, tmp_path):
+    """The momentum and moments of a server optimizer are checkpointed with the weights: round 2 after a resume
+    gives the weights round 2 gives in one run (a fresh optimizer's first step is another one)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from edgekit.federated.server_app import ServerState, load_checkpoint, save_checkpoint
+    from edgekit.federated.strategies import optimizer_state, restore_optimizer_state
+
+    def one_round(built, rnd, weights):
+        list(built.configure_train(rnd, ArrayRecord({"w": Array(weights)}), ConfigRecord({}), _FiveNodes()))
+        arrays, _ = built.aggregate_train(rnd, [_reply(v, n, i + 1) for i, (v, n) in enumerate(_REPLIES)])
+        return arrays["w"].numpy()
+
+    settings = RoundSettings(strategy=strategy)
+    one_run = _two_rounds(make_strategy(settings, min_nodes=2))
+    first = make_strategy(settings, min_nodes=2)
+    weights = one_round(first, 1, np.zeros(3, np.float32))
+    arrays, layout = optimizer_state(first)
+    assert layout and all(name.startswith("server-optimizer:") for name in arrays)
+    save_checkpoint(tmp_path, {"w": weights}, ServerState(round=1, optimizer=layout), arrays)
+    restored_weights, state, saved = load_checkpoint(tmp_path)
+    assert list(restored_weights) == ["w"] and state.optimizer == layout and saved.keys() == arrays.keys()
+    resumed = make_strategy(settings, min_nodes=2)
+    assert restore_optimizer_state(resumed, saved, state.optimizer) == list(layout)
+    assert one_round(resumed, 2, restored_weights["w"])[0] == pytest.approx(one_run[1], rel=1e-6)
+    fresh = one_round(make_strategy(settings, min_nodes=2), 2, restored_weights["w"])[0]
+    assert fresh != pytest.approx(one_run[1], rel=1e-3)  # what a resume did before: the optimizer started over
+
+
 def test_strategy_and_partition_validation():
     with pytest.raises(InputError, match="unknown strategy 'krum2'; valid values: fedadagrad, fedadam, fedavg, "
                                          "fedavgm, fedprox, fedyogi, trimmed"):

@@ -37,6 +37,7 @@ from edgekit._io import crash_point, write_atomic
 from edgekit.errors import FederationError
 from edgekit.federated.config import RoundSettings, Strategy
 from edgekit.federated.downlink import Downlink, payload_bytes
+from edgekit.federated.strategies import OPTIMIZER_PREFIX, optimizer_state, restore_optimizer_state
 
 TRAIN_METRICS = {"num-examples": int, "train-loss": float, "train-accuracy": float, "learning-rate": float}
 """The metrics a train reply carries: exactly these names, of these types (``learning-rate``: the rate the
@@ -52,27 +53,32 @@ class ServerState:
     round: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     personalization: dict[str, Any] | None = None
+    optimizer: dict[str, str] = field(default_factory=dict)  # the server optimizer state's layout
 
 
-def save_checkpoint(folder: Path, weights: dict[str, np.ndarray], state: ServerState) -> None:
-    """Commit a round in one atomic step: the weights go to a new ``global-rN.npz`` first; ``state.json``,
+def save_checkpoint(folder: Path, weights: dict[str, np.ndarray], state: ServerState,
+                    optimizer: dict[str, np.ndarray] | None = None) -> None:
+    """Commit a round in one atomic step: the weights (and the server optimizer's state, ``optimizer``: see
+    :func:`~edgekit.federated.strategies.optimizer_state`) go to a new ``global-rN.npz`` first; ``state.json``,
     written atomically after it, names that file and its SHA-256. A crash in between leaves the previous
     state, whose weights file is kept until the new state is committed."""
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    np.savez(buffer, **weights)
+    np.savez(buffer, **weights, **(optimizer or {}))
     name = f"global-r{state.round}.npz"
     write_atomic(folder / name, buffer.getvalue())
     crash_point(f"checkpoint-weights-r{state.round}")
-    record = {**asdict(state), "weights": name, "weights_sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}
+    record = {**asdict(state), "weights": name, "weights_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(),
+              "tensors": sorted(weights)}
     write_atomic(folder / "state.json", json.dumps(record, indent=2).encode())
     for old in folder.glob("global-r*.npz"):
         if old.name != name:
             old.unlink(missing_ok=True)
 
 
-def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], ServerState] | None:
-    """The last committed round, or ``None``; a weights file that does not match its state is refused."""
+def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], ServerState, dict[str, np.ndarray]] | None:
+    """The last committed round (weights, state, the server optimizer's arrays), or ``None``; a weights file
+    that does not match its state is refused."""
     if not (folder / "state.json").is_file():
         return None
     record = json.loads((folder / "state.json").read_text())
@@ -80,8 +86,11 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], ServerState] |
     if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != record.get("weights_sha256"):
         raise FederationError(f"the checkpoint in {folder} is damaged ({path.name} does not match state.json); "
                               "start a new run")
-    weights = read_npz(path, names=tuple(record.get("tensors", [])) or _npz_names(path))
-    return weights, ServerState(round=record["round"], history=record["history"])
+    arrays = read_npz(path, names=_npz_names(path))
+    optimizer = {k: v for k, v in arrays.items() if k.startswith(OPTIMIZER_PREFIX)}
+    weights = {k: v for k, v in arrays.items() if not k.startswith(OPTIMIZER_PREFIX)}
+    layout = record.get("optimizer") or {}
+    return weights, ServerState(round=record["round"], history=record["history"], optimizer=dict(layout)), optimizer
 
 
 def _npz_names(path: Path) -> tuple[str, ...]:
@@ -246,13 +255,15 @@ def run_rounds(grid: Any, *, settings: RoundSettings, initial: dict[str, np.ndar
                log: Any = print, personalize_epochs: int = 0) -> tuple[dict[str, np.ndarray], ServerState]:
     """The round loop (called from the ServerApp's main with Flower's Grid); then, when
     ``personalize_epochs`` is set, every device fine-tunes its own head (:func:`personalize`)."""
-    weights, state = dict(initial), ServerState()
+    weights, state, saved_optimizer = dict(initial), ServerState(), {}
     if resume:
         restored = load_checkpoint(checkpoint_dir)
         if restored is not None:
-            weights, state = restored
+            weights, state, saved_optimizer = restored
             log(f"resuming after round {state.round} from {checkpoint_dir}")
     strategy, min_nodes, population = _strategy(grid, settings, expected_nodes, state)
+    if saved_optimizer and restore_optimizer_state(strategy, saved_optimizer, state.optimizer):
+        log(f"the server optimizer continues from its state after round {state.round}")
     if state.round == 0 and not state.history:
         loss, acc = _evaluate(evaluator, weights, eval_x, eval_y)
         state.history.append({"round": 0, "accuracy": acc, "loss": loss})
@@ -274,7 +285,8 @@ def run_rounds(grid: Any, *, settings: RoundSettings, initial: dict[str, np.ndar
         entry["seconds"] = time.perf_counter() - start
         state.history.append(entry)
         state.round = rnd
-        save_checkpoint(checkpoint_dir, weights, state)
+        optimizer, state.optimizer = optimizer_state(strategy)
+        save_checkpoint(checkpoint_dir, weights, state, optimizer)
         privacy = (f"  (epsilon {entry['privacy']['epsilon']:.2f}, delta {settings.dp_delta:g})"
                    if "privacy" in entry else "")
         log(f"round {rnd}/{settings.rounds}: accuracy {entry['accuracy']:.2f}% loss {entry['loss']:.4f}  "

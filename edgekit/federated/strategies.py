@@ -107,6 +107,63 @@ def make_strategy(settings: RoundSettings, *, min_nodes: int, uniform: bool = Fa
     return STRATEGIES[settings.aggregation].factory(settings, server_learning_rate(settings), **common)
 
 
+def _optimizer(strategy: Any) -> Any:
+    """The strategy that holds the optimizer state (the differential-privacy wrappers hold the real one)."""
+    while hasattr(strategy, "strategy"):
+        strategy = strategy.strategy
+    return strategy
+
+
+OPTIMIZER_PREFIX = "server-optimizer:"
+"""Names of the optimizer state's arrays in a checkpoint's weights file (``server-optimizer:m_t:dense_kernel``)."""
+
+
+def optimizer_state(strategy: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """The server optimizer's state as arrays to checkpoint beside the weights, and its layout (attribute ->
+    ``dict``, ``list`` or ``arrays``: how to put it back). Empty for strategies without state (FedAvg)."""
+    import numpy as np
+    from flwr.app import ArrayRecord
+
+    inner, arrays, layout = _optimizer(strategy), {}, {}
+    for attr in OPTIMIZER_STATE:
+        value = getattr(inner, attr, None)
+        if isinstance(value, ArrayRecord):
+            kind, items = "arrays", {k: v.numpy() for k, v in value.items()}
+        elif isinstance(value, dict):
+            kind, items = "dict", value
+        elif isinstance(value, list):
+            kind, items = "list", {str(i): v for i, v in enumerate(value)}
+        else:  # None (before the first aggregation) or a kind edgekit does not know: not kept
+            continue
+        layout[attr] = kind
+        arrays.update({f"{OPTIMIZER_PREFIX}{attr}:{k}": np.asarray(v) for k, v in items.items()})
+    return arrays, layout
+
+
+def restore_optimizer_state(strategy: Any, arrays: dict[str, Any], layout: dict[str, str]) -> list[str]:
+    """Put a checkpointed optimizer state (:func:`optimizer_state`) back into a new ``strategy`` of the same
+    kind; returns the attributes restored (none when the strategy has no such state)."""
+    from flwr.app import Array, ArrayRecord
+
+    inner, restored = _optimizer(strategy), []
+    for attr, kind in layout.items():
+        if attr not in OPTIMIZER_STATE or not hasattr(inner, attr):
+            continue
+        prefix = f"{OPTIMIZER_PREFIX}{attr}:"
+        items = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+        if kind == "arrays":
+            value: Any = ArrayRecord({k: Array(v) for k, v in items.items()})
+        elif kind == "dict":
+            value = dict(items)
+        elif kind == "list" and set(items) == {str(i) for i in range(len(items))}:
+            value = [items[str(i)] for i in range(len(items))]
+        else:
+            continue
+        setattr(inner, attr, value)
+        restored.append(attr)
+    return restored
+
+
 class OptimizerSnapshot:
     """The server optimizer's state before an aggregation, to put back when the aggregate is not committed.
 
@@ -115,9 +172,7 @@ class OptimizerSnapshot:
     """
 
     def __init__(self, strategy: Any) -> None:
-        self._inner = strategy
-        while hasattr(self._inner, "strategy"):  # the differential-privacy wrappers hold the real one
-            self._inner = self._inner.strategy
+        self._inner = _optimizer(strategy)
         self._saved = {k: _copied(getattr(self._inner, k)) for k in OPTIMIZER_STATE if hasattr(self._inner, k)}
 
     def restore(self) -> None:
