@@ -120,11 +120,13 @@ OPTIMIZER_PREFIX = "server-optimizer:"
 
 def optimizer_state(strategy: Any) -> tuple[dict[str, Any], dict[str, str]]:
     """The server optimizer's state as arrays to checkpoint beside the weights, and its layout (attribute ->
-    ``dict``, ``list`` or ``arrays``: how to put it back). Empty for strategies without state (FedAvg)."""
+    ``dict``, ``list`` or ``arrays``: how to put it back; ``strategy``: the Flower class that holds it). No
+    arrays for strategies without state (FedAvg)."""
     import numpy as np
     from flwr.app import ArrayRecord
 
-    inner, arrays, layout = _optimizer(strategy), {}, {}
+    inner, arrays = _optimizer(strategy), {}
+    layout = {"strategy": type(inner).__name__}
     for attr in OPTIMIZER_STATE:
         value = getattr(inner, attr, None)
         if isinstance(value, ArrayRecord):
@@ -142,10 +144,13 @@ def optimizer_state(strategy: Any) -> tuple[dict[str, Any], dict[str, str]]:
 
 def restore_optimizer_state(strategy: Any, arrays: dict[str, Any], layout: dict[str, str]) -> list[str]:
     """Put a checkpointed optimizer state (:func:`optimizer_state`) back into a new ``strategy`` of the same
-    kind; returns the attributes restored (none when the strategy has no such state)."""
+    kind; returns the attributes restored (none when the strategy has no such state, or is another kind than
+    the one that saved it: a run resumed with another strategy starts its optimizer afresh)."""
     from flwr.app import Array, ArrayRecord
 
     inner, restored = _optimizer(strategy), []
+    if layout.get("strategy") != type(inner).__name__:
+        return restored
     for attr, kind in layout.items():
         if attr not in OPTIMIZER_STATE or not hasattr(inner, attr):
             continue
