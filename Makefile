@@ -1,8 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Both set everything up on a fresh
 # machine with Python 3.11 and make: a .venv with the pinned server stack (requirements.lock).
 # Two distributions: edgekit-sdk (edgekit + tools, this folder) and edgekit-device-agent (device_agents/).
-# Installs skip pip's byte-compilation of every installed module (--no-compile): the main install took 52 s
-# instead of 90 s here, and the modules a run imports are compiled on first import (about 1 s).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
@@ -27,7 +25,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml device_agents/pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24" setuptools wheel
-	$(BIN)/python -m pip install -q --no-compile -c requirements.lock -e ./device_agents -e ".[dev]"
+	$(BIN)/python -m pip install -q -c requirements.lock -e ./device_agents -e ".[dev]"
 	touch $(STAMP)
 
 # Both wheels: dist/edgekit_sdk-*.whl (server) and dist/edgekit_device_agent-*.whl (device).
@@ -41,14 +39,14 @@ $(TFLRT_STAMP): $(DEVICE_SOURCES) pyproject.toml
 	$(MAKE) dist
 	rm -rf $(TFLRT_VENV)
 	$(PYTHON) -m venv $(TFLRT_VENV)
-	$(TFLRT_VENV)/bin/python -m pip install -q --no-compile "numpy<2" "tflite-runtime==2.14.0" dist/edgekit_device_agent-*.whl
+	$(TFLRT_VENV)/bin/python -m pip install -q "numpy<2" "tflite-runtime==2.14.0" dist/edgekit_device_agent-*.whl
 	touch $(TFLRT_STAMP)
 
 $(DEVICE_STAMP): $(DEVICE_SOURCES) pyproject.toml requirements.lock
 	$(MAKE) dist
 	rm -rf $(DEVICE_VENV)
 	$(PYTHON) -m venv $(DEVICE_VENV)
-	$(DEVICE_VENV)/bin/python -m pip install -q --no-compile -c requirements.lock "$$(ls dist/edgekit_device_agent-*.whl)[fl]"
+	$(DEVICE_VENV)/bin/python -m pip install -q -c requirements.lock "$$(ls dist/edgekit_device_agent-*.whl)[fl]"
 	touch $(DEVICE_STAMP)
 
 demo: $(STAMP)
