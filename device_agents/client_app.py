@@ -7,7 +7,9 @@ Message protocol (Flower Message API):
 
 - train: content ``arrays`` (global weights by tensor name) and ``config`` (``local-epochs``,
   ``learning-rate``, ``proximal-mu``, ``compress-updates`` (``float32``, ``int8`` or ``int4``; see
-  :mod:`device_agents.codec`), ``seed``). Reply: ``arrays`` (weights; int8 deltas; or packed int4
+  :mod:`device_agents.codec`), ``seed``, ``dp-clipping``: ``fixed`` or ``adaptive`` when the round is
+  differentially private, and Flower's DP wrapper adds the clipping norm; the device clips its update with
+  Flower's mod). Reply: ``arrays`` (weights; int8 deltas; or packed int4
   deltas in one ``int4`` tensor), ``codec`` (int8: a ConfigRecord of per-tensor scales; int4: one ``scales``
   tensor of block scales)
   and ``metrics`` (``num-examples``, ``train-loss``, ``train-accuracy``, ``learning-rate``: the rate the
@@ -118,12 +120,10 @@ class ClientSettings:
     data_dir: str | None = None      # None: read "data-dir" from the SuperNode's --node-config
     faults: dict[int, Fault] = field(default_factory=dict)
     audit_dir: str | None = None  # when set, every reply this client sends is also written here
-    clipping: Clipping = Clipping.NONE  # central differential privacy: Flower's fixed or adaptive clipping mod
     limits: ClientLimits | None = None  # None: ClientLimits from the SuperNode's --node-config
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "faults", {int(k): Fault(v) for k, v in self.faults.items()})
-        object.__setattr__(self, "clipping", Clipping(self.clipping))
 
 
 def _trainer(artifact_dir: str) -> Trainer:
@@ -213,6 +213,20 @@ def received_weights(content: Any, tensors: dict[str, tuple[int, ...]], context:
     return weights
 
 
+DP_CLIPPING = "dp-clipping"
+"""The train config key that asks devices to clip their updates (``fixed``/``adaptive``; ``none`` or absent: no
+central differential privacy this round)."""
+
+
+def clipping_of(config: Any) -> Clipping:
+    """The clipping a round asks for; a value the device does not know refuses the round."""
+    value = config.get(DP_CLIPPING, Clipping.NONE.value)
+    try:
+        return Clipping(value)
+    except ValueError:
+        raise ValueError(f"the server asked for {DP_CLIPPING} {str(value)[:40]!r}; refusing the round") from None
+
+
 def round_settings(config: Any, limits: ClientLimits) -> tuple[int, float, float, int]:
     """(epochs, learning rate, proximal mu, seed) from the server's config: capped, non-finite refused."""
 
@@ -258,11 +272,18 @@ def make_client_app(settings: ClientSettings) -> Any:
         mod = LocalDpMod(limits.local_dp_clip, limits.local_dp_clip, limits.local_dp_epsilon, limits.local_dp_delta)
         return mod(message, context, call_next)
 
-    mods = [audit_mod, local_dp_mod]
-    if settings.clipping is not Clipping.NONE:
+    def central_dp_mod(message: Any, context: Any, call_next: Any) -> Any:
+        """Flower's fixed or adaptive clipping mod, as the round's ``dp-clipping`` asks (central DP with
+        client-side clipping: the server adds the noise, each device clips its own update)."""
+        clipping = clipping_of(message.content["config"] if "config" in message.content.keys() else {})
+        if clipping is Clipping.NONE:
+            return call_next(message, context)
         from flwr.clientapp import mod
 
-        mods.append(mod.fixedclipping_mod if settings.clipping is Clipping.FIXED else mod.adaptiveclipping_mod)
+        chosen = mod.fixedclipping_mod if clipping is Clipping.FIXED else mod.adaptiveclipping_mod
+        return chosen(message, context, call_next)
+
+    mods = [audit_mod, local_dp_mod, central_dp_mod]
 
     @app.train(mods=mods)
     def train(message: Any, context: Any) -> Any:

@@ -451,15 +451,20 @@ def test_fl_cli_bad_input(fl_model, tmp_path, args, fragment):
 
 @SECOND
 def test_real_superlink_and_supernodes_with_tls(fl_model, tmp_path):
-    """flower-superlink + 2 flower-supernode processes on 127.0.0.1, TLS from a generated CA, flwr run."""
+    """flower-superlink + 2 flower-supernode processes on 127.0.0.1, TLS from a generated CA, flwr run; central
+    differential privacy with adaptive clipping, the devices clipping as the round asks (a reply without
+    Flower's adaptive-clipping bit would be rejected, so every valid reply was clipped on its device)."""
     out = tmp_path / "up"
     proc = run_cli("fl", "up", "--model", str(fl_model), "--clients", "2", "--rounds", "2", "--out", str(out),
+                   "--dp-noise", "0.001", "--dp-clip", "5", "--dp-clipping", "adaptive",
                    "--timeout", "400", "--quiet", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "(TLS, SuperNode key auth)" in proc.stdout and "round 2/2" in proc.stdout
     history = json.loads((out / "history.json").read_text())["rounds"]
     assert [h["round"] for h in history] == [0, 1, 2] and all(h["valid"] == 2 for h in history[1:])
     assert history[-1]["accuracy"] > history[0]["accuracy"]
+    assert all(h["privacy"]["clipping"] == "adaptive" and h["privacy"]["epsilon"] > 0 for h in history[1:])
+    assert history[2]["privacy"]["epsilon"] > history[1]["privacy"]["epsilon"]
     superlink_log = (out / "logs" / "superlink.log").read_text()
     assert "https://127.0.0.1:" in superlink_log  # served over TLS, on loopback only
     final = json.loads((out / "final" / "manifest.json").read_text())
@@ -693,7 +698,8 @@ def test_a_hostile_server_cannot_steer_or_probe_the_device(device):
     app, context, weights = device
     for config, fragment in (({"learning-rate": float("nan")}, "learning-rate nan is not a finite number"),
                              ({"local-epochs": float("inf")}, "local-epochs inf is not a finite number"),
-                             ({"learning-rate": -1.0}, "learning-rate -1.0 is not positive")):
+                             ({"learning-rate": -1.0}, "learning-rate -1.0 is not positive"),
+                             ({"learning-rate": 0.01, "dp-clipping": "ignore"}, "dp-clipping 'ignore'")):
         with pytest.raises(ValueError, match=fragment):  # Flower turns it into an error reply
             app(_train_message(weights, **config), context)
     huge = {**weights, "extra": np.zeros((4096, 4096), np.float32)}

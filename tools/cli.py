@@ -266,6 +266,21 @@ def _add_round_args(p: argparse.ArgumentParser, config: type) -> None:
                    default=_default(RoundSettings, "oversized_updates").value,
                    help="an update over 5x the round's median norm (and over 0.1x the model's): reject it, or bound "
                         "its norm to that limit keeping its direction (default %(default)s)")
+    p.add_argument("--dp-noise", type=float, metavar="SIGMA",
+                   help="differential privacy: each device clips its update, the server adds Gaussian noise "
+                        "with this multiplier")
+    p.add_argument("--dp-clip", type=float, default=_default(RoundSettings, "dp_clipping_norm"),
+                   help="L2 clipping norm of each update (default %(default)s)")
+    p.add_argument("--dp-delta", type=float, default=_default(RoundSettings, "dp_delta"),
+                   help="delta of the reported (epsilon, delta) (default %(default)s)")
+    p.add_argument("--dp-clipping", choices=[c.value for c in Clipping if c is not Clipping.NONE],
+                   default=_default(RoundSettings, "dp_clipping").value,
+                   help="fixed: every update clipped to --dp-clip; adaptive: starts at --dp-clip and follows the "
+                        "median update norm (Flower's adaptive clipping) (default %(default)s)")
+    p.add_argument("--dp-noise-guard", choices=_values(NoiseGuard),
+                   default=_default(RoundSettings, "dp_noise_guard").value,
+                   help="when the noise would be larger than any clipped mean update (sigma x sqrt(weights) > "
+                        "clients per round): refuse to start, or warn and run (default %(default)s)")
     p.add_argument("--seed", type=int, default=_default(RoundSettings, "seed"), help="(default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -276,20 +291,6 @@ def _add_simulate(fl_sub: argparse._SubParsersAction) -> None:
                                         "own seeded partition; the server aggregates with a Flower strategy, "
                                         "evaluates on held-out data every round and checkpoints.")
     _add_round_args(sim, SimulationConfig)
-    sim.add_argument("--dp-noise", type=float, metavar="SIGMA",
-                     help="differential privacy: client-side clipping + Gaussian noise with this multiplier")
-    sim.add_argument("--dp-clip", type=float, default=_default(RoundSettings, "dp_clipping_norm"),
-                     help="L2 clipping norm of each update (default %(default)s)")
-    sim.add_argument("--dp-delta", type=float, default=_default(RoundSettings, "dp_delta"),
-                     help="delta of the reported (epsilon, delta) (default %(default)s)")
-    sim.add_argument("--dp-clipping", choices=[c.value for c in Clipping if c is not Clipping.NONE],
-                     default=_default(RoundSettings, "dp_clipping").value,
-                     help="fixed: every update clipped to --dp-clip; adaptive: starts at --dp-clip and follows the "
-                          "median update norm (Flower's adaptive clipping) (default %(default)s)")
-    sim.add_argument("--dp-noise-guard", choices=_values(NoiseGuard),
-                     default=_default(RoundSettings, "dp_noise_guard").value,
-                     help="when the noise would be larger than any clipped mean update (sigma x sqrt(weights) > "
-                          "clients per round): refuse to start, or warn and run (default %(default)s)")
     sim.add_argument("--local-dp-epsilon", type=float, metavar="EPSILON",
                      help="local differential privacy: each device clips (--dp-clip) and adds its own noise "
                           "(Flower's LocalDpMod), for devices that do not trust the server")
@@ -399,20 +400,20 @@ def cmd_trainable(args: argparse.Namespace) -> int:
     return int(ExitCode.SUCCESS)
 
 
-def _round_settings(args: argparse.Namespace, **extra: object) -> RoundSettings:
+def _round_settings(args: argparse.Namespace) -> RoundSettings:
     return RoundSettings(rounds=args.rounds, local_epochs=args.local_epochs, learning_rate=args.learning_rate,
                          strategy=args.strategy, proximal_mu=args.proximal_mu, fraction=args.fraction,
                          server_learning_rate=args.server_learning_rate, server_momentum=args.server_momentum,
                          min_fraction=args.min_fraction, compress_updates=args.compress_updates, seed=args.seed,
-                         oversized_updates=args.oversized_updates,
-                         **extra)
+                         oversized_updates=args.oversized_updates, dp_noise_multiplier=args.dp_noise,
+                         dp_clipping_norm=args.dp_clip, dp_delta=args.dp_delta, dp_noise_guard=args.dp_noise_guard,
+                         dp_clipping=args.dp_clipping)
 
 
 def cmd_fl_simulate(args: argparse.Namespace) -> int:
     from edgekit.federated.simulate import simulate
 
-    rounds = _round_settings(args, dp_noise_multiplier=args.dp_noise, dp_clipping_norm=args.dp_clip,
-                             dp_delta=args.dp_delta, dp_noise_guard=args.dp_noise_guard, dp_clipping=args.dp_clipping)
+    rounds = _round_settings(args)
     config = SimulationConfig(clients=args.clients, partition=args.partition, rounds=rounds,
                               batch_size=args.batch_size, resume=args.resume, secure_aggregation=args.secagg,
                               local_dp_epsilon=args.local_dp_epsilon, personalize_epochs=args.personalize_epochs)

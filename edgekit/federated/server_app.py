@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from device_agents import codec
-from device_agents.client_app import Clipping
+from device_agents.client_app import DP_CLIPPING, Clipping
 from device_agents.files import read_npz
 from device_agents.training import Trainer
 from edgekit._io import crash_point, write_atomic
@@ -390,8 +390,10 @@ def _one_round(grid: Any, strategy: Any, rnd: int, weights: dict[str, np.ndarray
 
     sent = link.advance(weights) if link is not None else weights  # what every device trains from
     arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in sent.items()})
+    private = settings.dp_noise_multiplier is not None
     config = ConfigRecord({"local-epochs": settings.local_epochs, "learning-rate": settings.learning_rate,
-                           "compress-updates": settings.compress_updates.value, "seed": settings.seed * 1000 + rnd})
+                           "compress-updates": settings.compress_updates.value, "seed": settings.seed * 1000 + rnd,
+                           DP_CLIPPING: (settings.dp_clipping if private else Clipping.NONE).value})
     messages = list(strategy.configure_train(rnd, arrays, config, grid))
     if link is not None:
         link.compress(messages)

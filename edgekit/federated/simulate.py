@@ -51,7 +51,7 @@ def _rounds(config: SimulationConfig, out: Path, evaluator: Any, run: PreparedRu
             log: Any) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], dict[str, Any] | None]:
     from flwr.serverapp import ServerApp
 
-    from device_agents.client_app import ClientLimits, ClientSettings, Clipping, make_client_app
+    from device_agents.client_app import ClientLimits, ClientSettings, make_client_app
 
     outcome: dict[str, Any] = {}
     initial = evaluator.get_weights()
@@ -70,9 +70,7 @@ def _rounds(config: SimulationConfig, out: Path, evaluator: Any, run: PreparedRu
     limits = ClientLimits(local_dp_epsilon=config.local_dp_epsilon, local_dp_clip=config.rounds.dp_clipping_norm,
                           local_dp_delta=config.rounds.dp_delta)
     client_app = make_client_app(ClientSettings(str(out / "trainable"), str(out / "partitions"), dict(config.faults),
-                                                audit_dir=config.audit_dir, limits=limits,
-                                                clipping=config.rounds.dp_clipping
-                                                if config.rounds.dp_noise_multiplier is not None else Clipping.NONE))
+                                                audit_dir=config.audit_dir, limits=limits))
     _run_simulation(server_app, client_app, config.clients)
     if "error" in outcome:
         exc = outcome["error"]
