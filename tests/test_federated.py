@@ -456,7 +456,7 @@ def test_real_superlink_and_supernodes_with_tls(fl_model, tmp_path):
     Flower's adaptive-clipping bit would be rejected, so every valid reply was clipped on its device)."""
     out = tmp_path / "up"
     proc = run_cli("fl", "up", "--model", str(fl_model), "--clients", "2", "--rounds", "2", "--out", str(out),
-                   "--dp-noise", "0.001", "--dp-clip", "5", "--dp-clipping", "adaptive",
+                   "--dp-noise", "0.001", "--dp-clip", "5", "--dp-clipping", "adaptive", "--personalize-epochs", "1",
                    "--timeout", "400", "--quiet", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "(TLS, SuperNode key auth)" in proc.stdout and "round 2/2" in proc.stdout
@@ -465,6 +465,9 @@ def test_real_superlink_and_supernodes_with_tls(fl_model, tmp_path):
     assert history[-1]["accuracy"] > history[0]["accuracy"]
     assert all(h["privacy"]["clipping"] == "adaptive" and h["privacy"]["epsilon"] > 0 for h in history[1:])
     assert history[2]["privacy"]["epsilon"] > history[1]["privacy"]["epsilon"]
+    personal = json.loads((out / "history.json").read_text())["personalization"]  # each device kept a head
+    assert personal["devices"] == 2 and personal["failed_or_rejected"] == 0, personal
+    assert personal["accuracy_after"] >= personal["accuracy_before"]  # a head that got worse is not kept
     superlink_log = (out / "logs" / "superlink.log").read_text()
     assert "https://127.0.0.1:" in superlink_log  # served over TLS, on loopback only
     final = json.loads((out / "final" / "manifest.json").read_text())

@@ -281,6 +281,11 @@ def _add_round_args(p: argparse.ArgumentParser, config: type) -> None:
                    default=_default(RoundSettings, "dp_noise_guard").value,
                    help="when the noise would be larger than any clipped mean update (sigma x sqrt(weights) > "
                         "clients per round): refuse to start, or warn and run (default %(default)s)")
+    p.add_argument("--personalize-epochs", type=int, default=_default(config, "personalize_epochs"),
+                   metavar="EPOCHS", help="after the rounds, each device fine-tunes the final model's head "
+                   "(after its last Flatten / global pooling layer) on 80%% of its own data and keeps it; "
+                   "history.json gets the devices' accuracy before and after on the other 20%% (default "
+                   "%(default)s: off)")
     p.add_argument("--seed", type=int, default=_default(RoundSettings, "seed"), help="(default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -296,11 +301,6 @@ def _add_simulate(fl_sub: argparse._SubParsersAction) -> None:
                           "(Flower's LocalDpMod), for devices that do not trust the server")
     sim.add_argument("--secagg", action="store_true",
                      help="secure aggregation (SecAgg+): the server sees only the sum of the masked updates")
-    sim.add_argument("--personalize-epochs", type=int, default=_default(SimulationConfig, "personalize_epochs"),
-                     metavar="EPOCHS", help="after the rounds, each device fine-tunes the final model's head "
-                     "(after its last Flatten / global pooling layer) on 80%% of its own data and keeps it; "
-                     "history.json gets the devices' accuracy before and after on the other 20%% (default "
-                     "%(default)s: off)")
     sim.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     sim.set_defaults(func=cmd_fl_simulate)
 
@@ -341,7 +341,7 @@ def cmd_fl_run(args: argparse.Namespace) -> int:
     from edgekit.fleet.train import FleetRunConfig, run_on_fleet
 
     config = FleetRunConfig(clients=args.clients, rounds=_round_settings(args), batch_size=args.batch_size,
-                            timeout=args.timeout)
+                            timeout=args.timeout, personalize_epochs=args.personalize_epochs)
     result = run_on_fleet(args.model, args.data, args.out, args.fleet, config, progress=not args.quiet,
                           log=lambda line: print(line, flush=True))
     print(f"wrote {result.out}: history.json, accuracy.png, final/ (sign it with edgekit release, then roll it out)")
@@ -428,7 +428,7 @@ def cmd_fl_up(args: argparse.Namespace) -> int:
 
     config = DeployConfig(clients=args.clients, partition=args.partition, rounds=_round_settings(args),
                           batch_size=args.batch_size, insecure=args.insecure, node_auth=not args.no_node_auth,
-                          timeout=args.timeout)
+                          timeout=args.timeout, personalize_epochs=args.personalize_epochs)
     result = up(args.model, args.data, args.out, config=config, progress=not args.quiet,
                 log=lambda line: print(line, flush=True))
     print(f"wrote {result.out}: history.json, accuracy.png, certs/, logs/, final/ (int8 model.tflite + manifest)")

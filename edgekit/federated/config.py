@@ -168,17 +168,22 @@ class RoundSettings:
 
 @dataclass(frozen=True)
 class FederationConfig:
-    """What every federated run has: the clients, how the data is split among them, the rounds."""
+    """What every federated run has: the clients, how the data is split among them, the rounds, and
+    ``personalize_epochs``: after the rounds, every device fine-tunes the final model's head on its own data
+    and keeps it (0: off)."""
 
     LOCAL_PARTITIONS: ClassVar[bool] = True  # the run's clients train on partitions of the data given here
     clients: int = 10
     partition: Partition = field(default_factory=Partition)
     rounds: RoundSettings = field(default_factory=RoundSettings)
     batch_size: int = 8  # the on-device batch of the trainable artifact (8: more steps on a device's few samples)
+    personalize_epochs: int = 0  # after the rounds, each device fine-tunes its own head this many epochs (0: off)
 
     def __post_init__(self) -> None:
         if not isinstance(self.partition, Partition):
             object.__setattr__(self, "partition", Partition(self.partition))
+        if not 0 <= self.personalize_epochs <= 10:
+            raise InputError(f"personalisation epochs must be between 0 and 10, got {self.personalize_epochs}")
         if self.clients < 2:
             raise InputError(f"a federation needs at least 2 clients, got {self.clients}")
         if not 1 <= self.batch_size <= 4096:
@@ -201,8 +206,7 @@ class SimulationConfig(FederationConfig):
 
     ``faults`` rehearses faulty clients (partition id -> :class:`~device_agents.client_app.Fault`);
     ``audit_dir`` keeps a copy of every reply a client sends; ``secure_aggregation`` runs SecAgg+;
-    ``local_dp_epsilon`` makes every device add its own noise (local DP: the server is not trusted);
-    ``personalize_epochs`` has every device fine-tune the final model's head on its own data and keep it.
+    ``local_dp_epsilon`` makes every device add its own noise (local DP: the server is not trusted).
     """
 
     resume: bool = False
@@ -210,15 +214,12 @@ class SimulationConfig(FederationConfig):
     audit_dir: str | None = None
     secure_aggregation: bool = False  # SecAgg+ (Flower's legacy fit workflow); see edgekit.federated.secagg
     local_dp_epsilon: float | None = None  # each device adds its own noise (Flower's LocalDpMod), clip dp_clipping_norm
-    personalize_epochs: int = 0  # after the rounds, each device fine-tunes its own head this many epochs (0: off)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.local_dp_epsilon is not None and not self.local_dp_epsilon > 0:
             raise InputError(f"the local differential-privacy epsilon must be > 0, got {self.local_dp_epsilon}")
         object.__setattr__(self, "faults", {int(k): coerce_enum(Fault, v, "fault") for k, v in self.faults.items()})
-        if not 0 <= self.personalize_epochs <= 10:
-            raise InputError(f"personalisation epochs must be between 0 and 10, got {self.personalize_epochs}")
         if self.secure_aggregation:
             clash = [name for name, on in (("update compression", self.rounds.compress_updates is not Codec.FLOAT32),
                                             ("differential privacy", self.rounds.dp_noise_multiplier is not None),

@@ -62,9 +62,11 @@ def run_rounds_in(grid: Any, run_dir: Path, log: Any = print) -> None:
         eval_x, eval_y = npz["x"], npz["y"]
     weights, state = run_rounds(grid, settings=settings, initial=evaluator.get_weights(), evaluator=evaluator,
                                 eval_x=eval_x, eval_y=eval_y, checkpoint_dir=run_dir / "checkpoints",
-                                resume=False, expected_nodes=spec["clients"], log=log)
+                                resume=False, expected_nodes=spec["clients"], log=log,
+                                personalize_epochs=int(spec.get("personalize_epochs", 0)))
     np.savez(run_dir / "final_weights.npz", **weights)
-    (run_dir / "history.json").write_text(json.dumps({"config": spec, "rounds": state.history}, indent=2))
+    (run_dir / "history.json").write_text(json.dumps({"config": spec, "rounds": state.history,
+                                                      "personalization": state.personalization}, indent=2))
     plot_history(state.history, run_dir / "accuracy.png")
 
 
@@ -149,7 +151,7 @@ def up(model: Any, data: Any, out: str | Path, *, config: DeployConfig | None = 
     >>> up("cnn.keras", "digits", "fl_up", config=DeployConfig(clients=2))   # doctest: +SKIP
     """
     from edgekit._io import check_output_dir
-    from edgekit.federated.run import FLOWER_ENV, finish_run, prepare_run
+    from edgekit.federated.run import FLOWER_ENV, prepare_run
 
     config = config or DeployConfig()
     out = Path(out).absolute()
@@ -159,7 +161,8 @@ def up(model: Any, data: Any, out: str | Path, *, config: DeployConfig | None = 
         raise InputError("flower-superlink is not installed next to this Python; install edgekit-sdk")
     run = prepare_run(model, data, out, config, progress=progress)
     (out / "run.json").write_text(json.dumps({"clients": config.clients, "partition": asdict(config.partition),
-                                              "rounds": asdict(config.rounds), "insecure": config.insecure}))
+                                              "rounds": asdict(config.rounds), "insecure": config.insecure,
+                                              "personalize_epochs": config.personalize_epochs}))
     write_flower_app(out / "app", name="edgekit-fl", server="edgekit.federated.deploy:deployed_server_app",
                      config={"run-dir": str(out)})
     certs = None if config.insecure else make_certificates(out / "certs")
@@ -189,10 +192,20 @@ def up(model: Any, data: Any, out: str | Path, *, config: DeployConfig | None = 
                               f"(logs in {out / 'logs'})") from None
     finally:
         procs.stop()
-    history = json.loads((out / "history.json").read_text())["rounds"]
+    return finish_deployed_run(run, out, config, progress=progress, log=log)
+
+
+def finish_deployed_run(run: Any, out: Path, config: Any, *, progress: bool, log: Any) -> Any:
+    """:func:`~edgekit.federated.run.finish_run` for a run whose ServerApp wrote ``history.json`` and
+    ``final_weights.npz`` into ``out`` (``fl up``, ``fl run``)."""
+    from edgekit.federated.run import finish_run
+
+    written = json.loads((out / "history.json").read_text())
     with np.load(out / "final_weights.npz") as npz:
         weights = {k: npz[k] for k in npz.files}
-    return finish_run(run, out, config, history, weights, progress=progress, log=log)
+    personalization = written.get("personalization")
+    return finish_run(run, out, config, written["rounds"], weights, progress=progress, log=log,
+                      extra={"personalization": personalization} if personalization else None)
 
 
 def start_superlink(procs: Processes, bin_dir: Path, out: Path, port: int, certs: dict[str, Path] | None, *,

@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
-
 from edgekit.errors import FederationError, InputError
 from edgekit.federated.config import FederationConfig
 from edgekit.federated.run import FederatedResult
@@ -41,7 +39,8 @@ def run_on_fleet(model: Any, data: Any, out: str | Path, fleet: str | Path, conf
                  *, progress: bool = True, log: Any = print) -> FederatedResult:
     """Run the federated rounds of ``model`` on the devices of the served ``fleet``; evaluate on ``data``."""
     from edgekit._io import check_output_dir
-    from edgekit.federated.run import finish_run, prepare_run
+    from edgekit.federated.deploy import finish_deployed_run
+    from edgekit.federated.run import prepare_run
     from edgekit.fleet.serve import served, submit_job
 
     config = config or FleetRunConfig()
@@ -52,12 +51,10 @@ def run_on_fleet(model: Any, data: Any, out: str | Path, fleet: str | Path, conf
     for line in run.warnings:
         log(line)
     (out / "run.json").write_text(json.dumps({"clients": config.clients, "rounds": asdict(config.rounds),
-                                              "fleet": str(Path(fleet).absolute())}))
+                                              "fleet": str(Path(fleet).absolute()),
+                                              "personalize_epochs": config.personalize_epochs}))
     result = submit_job(fleet, "train", {"run_dir": str(out)}, timeout=config.timeout, log=log)
     if result.get("status") != "complete" or not (out / "history.json").is_file():
         raise FederationError(f"the federated run on the fleet failed: {result.get('reason', 'no history')} "
                               f"(job folder {result['job']})")
-    history = json.loads((out / "history.json").read_text())["rounds"]
-    with np.load(out / "final_weights.npz") as npz:
-        weights = {k: npz[k] for k in npz.files}
-    return finish_run(run, out, config, history, weights, progress=progress, log=log)
+    return finish_deployed_run(run, out, config, progress=progress, log=log)
