@@ -390,16 +390,20 @@ class OnnxInt8:
         from onnxruntime.quantization.qdq_loss_debug import modify_model_output_intermediate_tensors
 
         sessions = []
+        options = ort.SessionOptions()  # as onnxruntime's own collect_activations runs them
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
         for kind, path in (("float", self._pre), ("quant", Path(self._tmp.name, "sens.onnx"))):
             if kind == "quant":
                 path.write_bytes(quantized)
             augmented = Path(self._tmp.name, f"aug-{kind}.onnx")
             modify_model_output_intermediate_tensors(str(path), str(augmented))
-            sessions.append(ort.InferenceSession(str(augmented), providers=["CPUExecutionProvider"]))
+            sessions.append(ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"]))
         sums = ErrorSums()
         reader = _reader(self._calibration[:SENSITIVITY_SAMPLES], self._batch)
         while (feed := reader.get_next()) is not None:  # batch by batch: memory is one batch's tensors
-            ref, quant = ({o.name: v for o, v in zip(s.get_outputs(), s.run(None, feed))} for s in sessions)
+            ref, quant = ({_saved_name(o.name): v for o, v in zip(s.get_outputs(), s.run(None, feed))}
+                          for s in sessions)
             for name, value in ref.items():
                 other = quant.get(f"{name}_DequantizeLinear_Output", quant.get(name))
                 if other is not None:
@@ -407,6 +411,16 @@ class OnnxInt8:
         errors = sums.errors()
         graph = onnx.load(str(self._pre)).graph
         return rank_nodes([(n.name, list(n.input), list(n.output)) for n in graph.node if n.name], errors)
+
+
+SAVED_SUFFIX = "_ReshapedSavedOutput"
+"""What onnxruntime's ``modify_model_output_intermediate_tensors`` appends to each tensor it saves as an output
+(its ``collect_activations`` strips it the same way)."""
+
+
+def _saved_name(name: str) -> str:
+    """The graph's own name of an output of an augmented model."""
+    return name.removesuffix(SAVED_SUFFIX)
 
 
 def compact_names(data: bytes) -> bytes:
