@@ -145,27 +145,38 @@ class Trainer:
         ``frozen``: tensors put back after every step (e.g. the backbone, to train only the head:
         the manifest's ``head_tensors``). Returns the mean loss of each epoch.
         """
+        feats, y = self._training_data(x, y)
+        return self._fit_features(feats, y, epochs=epochs, learning_rate=self._rate(learning_rate), mu=mu,
+                                  seed=seed, frozen=frozen)
+
+    def _training_data(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(features, int32 labels) of a training set, checked."""
         x = np.asarray(x, dtype=self.input_dtype)
         y = np.asarray(y).astype(np.int32)
         self._check(x, y)
         if len(x) == 0:
             raise InputMismatchError("no training samples")
-        lr = float(self.spec.get("learning_rate", 0.05) if learning_rate is None else learning_rate)
-        feats = self.features(x)
+        return self.features(x), y
+
+    def _rate(self, learning_rate: float | None) -> float:
+        return float(self.spec.get("learning_rate", 0.05) if learning_rate is None else learning_rate)
+
+    def _fit_features(self, feats: np.ndarray, y: np.ndarray, *, epochs: int, learning_rate: float, mu: float,
+                      seed: int, frozen: Collection[str]) -> list[float]:
         rng = np.random.default_rng(seed)
         b = self.batch_size
         losses = []
         kept = {k: v for k, v in self.get_weights().items() if k in set(frozen)}
         for _ in range(epochs):
-            order = rng.permutation(len(x))
+            order = rng.permutation(len(feats))
             total, weight = 0.0, 0
-            for start in range(0, len(x), b):
+            for start in range(0, len(feats), b):
                 idx = order[start:start + b]
                 n = len(idx)
                 pad = np.resize(idx, b)  # fill the batch; padded samples weigh 0
                 w = np.zeros(b, np.float32)
                 w[:n] = 1.0
-                loss = self.train_step(feats[pad], y[pad], learning_rate=lr, mu=mu, sample_weight=w)
+                loss = self.train_step(feats[pad], y[pad], learning_rate=learning_rate, mu=mu, sample_weight=w)
                 if kept:
                     self.set_weights({**self.get_weights(), **kept})
                 total += loss * n
@@ -186,16 +197,18 @@ class Trainer:
         >>> trainer.fit_safely(x, y, epochs=1, learning_rate=0.1).learning_rate   # doctest: +SKIP
         0.025
         """
-        lr = float(self.spec.get("learning_rate", 0.05) if learning_rate is None else learning_rate)
+        lr = self._rate(learning_rate)
+        feats, labels = self._training_data(x, y)  # a head-only device runs its backbone once, not per attempt
         start = self.get_weights()
-        before, _ = self.evaluate(x, y)
+        before, _ = self._score(self._infer_features(feats), labels)
         ends = []
         for attempt in range(MAX_BACKOFFS + 1):
             if attempt:
                 self.set_weights(start)
             rate = lr / 2 ** attempt
-            losses = self.fit(x, y, epochs=epochs, learning_rate=rate, mu=mu, seed=seed, frozen=frozen)
-            after, accuracy = self.evaluate(x, y)
+            losses = self._fit_features(feats, labels, epochs=epochs, learning_rate=rate, mu=mu, seed=seed,
+                                        frozen=frozen)
+            after, accuracy = self._score(self._infer_features(feats), labels)
             result = LocalFit(losses, rate, before, after, accuracy)
             if not math.isfinite(before) or not result.diverged:
                 return result
@@ -209,14 +222,18 @@ class Trainer:
     def predict(self, x: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
         x = np.asarray(x, dtype=self.input_dtype)
         self._check(x)
-        feats = self.features(x)
+        return self._infer_features(self.features(x), batch_size=batch_size)
+
+    def _infer_features(self, feats: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
         feats = np.asarray(feats, self._x_dtype)
         outs = [np.array(self._infer(x=feats[i:i + batch_size])["output"]) for i in range(0, len(feats), batch_size)]
         return np.concatenate(outs).astype(np.float32)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         """(mean cross-entropy, accuracy in percent) of the current weights."""
-        out = self.predict(x)
+        return self._score(self.predict(x), y)
+
+    def _score(self, out: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         y = np.asarray(y).astype(np.int64)
         probs = out if self.spec.get("output") == "probabilities" else _softmax(out)
         loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-8, 1.0))))
