@@ -772,6 +772,11 @@ def test_int4_device_updates_decode_carry_their_error_and_hostile_ones_are_rejec
     assert "is int8" in tampered(arrays=ArrayRecord({"int4": Array(packed.view(np.int8))}))
     assert "exactly one tensor 'int4'" in tampered(arrays=ArrayRecord({k: Array(v) for k, v in weights.items()}))
     assert "records" in validate_reply(reply, weights, Codec.FLOAT32)[1]  # a codec the round did not ask for
+    from flwr.app import MetricRecord
+
+    for rate, why in ((0.0, "learning-rate is not positive"), (-0.1, "learning-rate is not positive"),
+                      (float("nan"), "metric learning-rate is nan, not a finite float")):
+        assert tampered(metrics=MetricRecord({**dict(reply["metrics"]), "learning-rate": rate})) == why
 
 
 def test_the_global_model_goes_down_as_an_int8_delta_to_devices_that_hold_the_last_one(device):
