@@ -168,10 +168,13 @@ def compress(model: Any, data: str | Path | Dataset = "digits", out: str | Path 
             best_text = f"; the best candidate lost {best:.2f} points" if best is not None else ""
             message = f"no candidate kept the accuracy drop within {config.budget:g} points{best_text}"
         else:
+            recipe = result.candidates[0].recipe
             cost = result.candidates[0].worst_quantization_drop
-            message = (f"{result.candidates[0].recipe.name}: quantizing costs {cost:.2f} points of accuracy, more than "
+            message = (f"{recipe.name}: quantizing costs {cost:.2f} points of accuracy, more than "
                        f"the {config.budget:g} points int8 artifacts may lose when no budget is given, after every "
-                       "remedy; give a larger accuracy budget to accept it")
+                       "remedy; give a larger accuracy budget to accept it"
+                       + (", or try quantization-aware training (the qat recipe)"
+                          if recipe.quantize is Quantization.INT8 else ""))
         raise BudgetError(message + (f"; see {report}" if report else ""), budget=config.budget, best_drop=best,
                           report=report)
     return result

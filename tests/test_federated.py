@@ -9,7 +9,15 @@ from conftest import assert_one_line_error, run_cli
 
 from device_agents import codec
 from edgekit.errors import InputError
-from edgekit.federated.config import Partition, PartitionScheme, RoundSettings, SimulationConfig, Strategy
+from edgekit.federated.config import (
+    LR_FLOOR,
+    LrSchedule,
+    Partition,
+    PartitionScheme,
+    RoundSettings,
+    SimulationConfig,
+    Strategy,
+)
 from edgekit.federated.simulate import simulate
 from edgekit.federated.strategies import STRATEGIES, make_strategy
 
@@ -159,7 +167,7 @@ def test_faulty_clients_are_rejected_and_compressed_updates_are_smaller(fl_model
 
 def test_fedprox_compressed_bytes_and_resume(fl_model, tmp_path):
     out = tmp_path / "prox"
-    settings = {"strategy": "fedprox", "compress_updates": True, "proximal_mu": 0.1}
+    settings = {"strategy": "fedprox", "compress_updates": True, "proximal_mu": 0.1, "lr_schedule": "cosine"}
     first = simulate(fl_model, "digits", out, progress=False, log=quiet,
                      config=SimulationConfig(clients=3, partition=SKEWED,
                                              rounds=RoundSettings(rounds=1, **settings)))
@@ -170,6 +178,8 @@ def test_fedprox_compressed_bytes_and_resume(fl_model, tmp_path):
                                                rounds=RoundSettings(rounds=2, **settings)))
     assert [h["round"] for h in resumed.history] == [0, 1, 2]
     assert resumed.history[1] == json.loads(json.dumps(h1))  # the completed round was kept, not rerun
+    # the resumed run's schedule: round 2 of 2 is the cosine schedule's last, at its floor
+    assert resumed.history[2]["learning_rate"] == pytest.approx(RoundSettings().learning_rate * LR_FLOOR)
 
 
 @pytest.mark.parametrize("clipping, sigma", [("fixed", 0.8), ("adaptive", 0.25)])
@@ -423,6 +433,17 @@ def test_a_resumed_run_continues_the_server_optimizer_from_its_checkpoint(strate
     assert one_round(resumed, 2, restored_weights["w"])[0] == pytest.approx(one_run[1], rel=1e-6)
     fresh = one_round(make_strategy(settings, min_nodes=2), 2, restored_weights["w"])[0]
     assert fresh != pytest.approx(one_run[1], rel=1e-3)  # what a resume did before: the optimizer started over
+
+
+def test_the_cosine_schedule_decays_the_device_learning_rate_to_its_floor_at_the_last_round():
+    cosine = RoundSettings(rounds=5, learning_rate=0.2, lr_schedule=LrSchedule.COSINE)
+    rates = [cosine.learning_rate_at(r) for r in range(1, 7)]
+    assert rates[0] == pytest.approx(0.2) and rates[4] == pytest.approx(0.2 * LR_FLOOR) and rates[5] == rates[4]
+    assert rates[2] == pytest.approx(0.2 * (LR_FLOOR + (1 - LR_FLOOR) / 2))  # half way: half way down
+    assert all(a > b for a, b in zip(rates[:4], rates[1:5]))
+    assert [RoundSettings(rounds=5, learning_rate=0.2).learning_rate_at(r) for r in (1, 5)] == [0.2, 0.2]
+    with pytest.raises(InputError, match="unknown learning-rate schedule 'step'; valid values: constant, cosine"):
+        RoundSettings(lr_schedule="step")
 
 
 def test_strategy_and_partition_validation():

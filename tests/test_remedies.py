@@ -71,17 +71,76 @@ def test_int8_io_remedy_keeps_int8_inputs(outlier_path, digits):
     assert Model.load(art.data).inputs[0].dtype == "int8"
 
 
+def _no_wide_activations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 16-bit activation rung fails, as it does when a model cannot be converted in 16x8 mode."""
+    from edgekit.export.tflite import TfliteInt8
+
+    def refuse(self, options):
+        raise ValueError("simulated: no 16x8 conversion")
+
+    monkeypatch.setattr(TfliteInt8, "_int16x8", refuse)
+
+
 def test_no_remedy_left_means_exit_code_3_with_the_report(outlier_path, tmp_path, monkeypatch):
     monkeypatch.setitem(LADDERS, Format.TFLITE, ())
     monkeypatch.setattr(remedies_module, "MAX_FLOAT_NODES", 0)  # no float fallback either
+    _no_wide_activations(monkeypatch)
     out = tmp_path / "over"
     with pytest.raises(BudgetError, match=r"int8: quantizing costs \d+\.\d\d points .* more than the 2 points") as info:
         compress(outlier_path, "digits", out, progress=False,
                  config=CompressConfig(recipe=Recipe(quantize="int8"), formats=("tflite",), training=fast_training()))
     assert info.value.exit_code == 3 and info.value.best_drop > 5
+    assert str(info.value).count("\n") == 0 and "quantization-aware training (the qat recipe)" in str(info.value)
     report = (out / "report.md").read_text()
     assert "no candidate met the budget" in report and "| int8 | tflite | default (+" in report
     assert not (out / "model.tflite").exists()
+
+
+def test_when_no_8_bit_remedy_recovers_16_bit_activations_do_and_the_slowdown_is_said(outlier_path, tmp_path,
+                                                                                        monkeypatch):
+    """The last rung: int8 weights with int16 activations, for a model whose activations 8 bits cannot hold (here the
+    outlier unit, with the other remedies taken away; measured on EfficientNetB0 in BENCHMARKS.md)."""
+    from device_agents.runtime import Model
+    from edgekit.export.remedies import WIDE_ACTIVATIONS
+
+    monkeypatch.setitem(LADDERS, Format.TFLITE, ())
+    monkeypatch.setitem(LADDERS, Format.ONNX, ())
+    monkeypatch.setattr(remedies_module, "MAX_FLOAT_NODES", 0)
+    result = compress(outlier_path, "digits", tmp_path / "out", progress=False,
+                      config=CompressConfig(recipe=Recipe(quantize="int8"), training=fast_training()))
+    for art in result.selected.artifacts:
+        assert art.remedies_tried["default"] > 5 and list(art.remedies_tried) == ["default", WIDE_ACTIVATIONS]
+        assert art.remedy == WIDE_ACTIVATIONS and art.quantization_drop <= 2.0, art.remedies_tried
+        assert art.quantizer_options["activations"] == "int16" and art.quantizer_options["calibration"] == "minmax"
+        assert not art.speed_tried  # no speed rung applies to 16-bit activations
+        assert any("remedy int16-activations (int16 activations)" in note for note in art.notes), art.notes
+        model = Model.load(art.data)  # the device runtimes run it
+        assert np.isfinite(model.predict(np.zeros((1, 8, 8, 1), np.float32))).all()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert {a["remedy"] for a in manifest["artifacts"]} == {WIDE_ACTIVATIONS}
+
+
+def test_the_16_bit_activation_rung_comes_after_the_float_fallback_with_minmax_ranges():
+    from edgekit.export.remedies import FLOAT_FALLBACK, WIDE_ACTIVATIONS, Attempt, recover
+
+    class Ranked(_Quantizer):
+        def sensitive_nodes(self, options):
+            return [("a",), ("b",)]
+
+    wide_only = lambda data: (0.5 if b"INT16" in data else 9.0, None)  # noqa: E731
+    recovery = recover(Format.ONNX, Ranked(), Attempt("", Int8Options(), b"first", 9.0), budget=2.0,
+                       evaluate=wide_only)
+    names = list(recovery.tried)
+    assert names[1:1 + len(LADDERS[Format.ONNX])] == [r.name for r in LADDERS[Format.ONNX]]
+    assert [n for n in names if FLOAT_FALLBACK in n] == [f"{FLOAT_FALLBACK}(1)", f"{FLOAT_FALLBACK}(2)"]
+    assert names[-1] == WIDE_ACTIVATIONS and recovery.within_budget and recovery.best.remedy == WIDE_ACTIVATIONS
+    options = recovery.best.options
+    assert options.activations is IntType.INT16 and options.calibration is Calibration.MINMAX
+    assert options.onnx_format is OnnxFormat.QDQ and options.per_channel and not options.float_nodes
+    # a remedy within the budget ends the ladder before the slow rung
+    early = recover(Format.ONNX, Ranked(), Attempt("", Int8Options(), b"first", 9.0), budget=2.0,
+                    evaluate=lambda data: (0.5 if b"ENTROPY" in data else 9.0, None))
+    assert WIDE_ACTIVATIONS not in early.tried and early.best.remedy == "entropy-calibration"
 
 
 def test_a_loss_from_pruning_is_not_a_quantization_loss(cnn_path):
@@ -146,6 +205,26 @@ def test_tflite_remedy_does_what_it_says(remedy, cnn, digits):
     assert agreement > 0.9
 
 
+@pytest.mark.parametrize("fmt", [Format.ONNX, Format.TFLITE], ids=lambda f: f.value)
+def test_16_bit_activations_are_int16_tensors_around_int8_weights(fmt, cnn, digits):
+    from device_agents.runtime import Model
+
+    with EXPORTERS[fmt].int8(cnn, calibration=digits.x[:100], int8_io=False) as quantizer:
+        data = quantizer.quantize(Int8Options(activations=IntType.INT16))
+    if fmt is Format.ONNX:
+        import onnx
+
+        proto = onnx.load_from_string(data)
+        assert _activation_types(proto) == {"int16"} and _weight_types(proto) == {"int8"}
+    else:
+        from ai_edge_litert.interpreter import Interpreter
+
+        dtypes = {d["dtype"] for d in Interpreter(model_content=data).get_tensor_details()}
+        assert np.int16 in dtypes and np.int8 in dtypes and np.uint8 not in dtypes
+    agreement = np.mean(Model.load(data).predict(digits.x).argmax(1) == cnn.predict(digits.x, verbose=0).argmax(1))
+    assert agreement > 0.97  # 16-bit activations: as the float model
+
+
 def test_options_validate_and_describe_themselves():
     options = Int8Options(calibration="entropy", activations="int8", weights="uint8", onnx_format="qoperator",
                           float_nodes=["a"])
@@ -156,6 +235,10 @@ def test_options_validate_and_describe_themselves():
         "1 node(s) kept float: a"
     with pytest.raises(ValueError):
         Int8Options(calibration="kl")
+    with pytest.raises(ValueError, match="weights are quantized to 8 bits"):
+        Int8Options(weights="int16")
+    assert Int8Options(activations="int16").wide_activations and Int8Options(activations="int16").changes() == \
+        "int16 activations"
 
 
 def test_rank_nodes_blames_the_node_that_adds_the_error_and_keeps_its_inputs_float():

@@ -17,7 +17,9 @@ from device_agents.console import OneLineParser, quiet_native_logs, run
 from device_agents.exit_codes import ExitCode
 from edgekit.config import BatchNorm, CompressConfig, Format, Quantization, SizeMetric, TrainingConfig
 from edgekit.federated.config import (
+    LR_FLOOR,
     DeployConfig,
+    LrSchedule,
     NoiseGuard,
     OversizedUpdate,
     PartitionScheme,
@@ -251,6 +253,9 @@ def _add_round_args(p: argparse.ArgumentParser, config: type) -> None:
                    help="(default %(default)s)")
     p.add_argument("--learning-rate", type=float, default=_default(RoundSettings, "learning_rate"),
                    help="on-device learning rate (default %(default)s)")
+    p.add_argument("--lr-schedule", choices=_values(LrSchedule), default=_default(RoundSettings, "lr_schedule").value,
+                   help=f"on-device learning rate over the rounds: constant, or cosine decay to {LR_FLOOR:g}x the "
+                   "rate at the last round (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=_default(config, "batch_size"),
                    help="on-device batch size (default %(default)s)")
     p.add_argument("--fraction", type=float, default=_default(RoundSettings, "fraction"),
@@ -402,7 +407,8 @@ def cmd_trainable(args: argparse.Namespace) -> int:
 
 def _round_settings(args: argparse.Namespace) -> RoundSettings:
     return RoundSettings(rounds=args.rounds, local_epochs=args.local_epochs, learning_rate=args.learning_rate,
-                         strategy=args.strategy, proximal_mu=args.proximal_mu, fraction=args.fraction,
+                         lr_schedule=args.lr_schedule, strategy=args.strategy, proximal_mu=args.proximal_mu,
+                         fraction=args.fraction,
                          server_learning_rate=args.server_learning_rate, server_momentum=args.server_momentum,
                          min_fraction=args.min_fraction, compress_updates=args.compress_updates, seed=args.seed,
                          oversized_updates=args.oversized_updates, dp_noise_multiplier=args.dp_noise,

@@ -303,7 +303,7 @@ def _quantize_static(pre: Path, out: Path, calibration: np.ndarray, options: Int
     the entropy ranges of ``pre``, when already computed)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    types = {IntType.INT8: QuantType.QInt8, IntType.UINT8: QuantType.QUInt8}
+    types = {IntType.INT8: QuantType.QInt8, IntType.UINT8: QuantType.QUInt8, IntType.INT16: QuantType.QInt16}
     extra: dict[str, Any] = {}
     method = {Calibration.MINMAX: CalibrationMethod.MinMax, Calibration.ENTROPY: CalibrationMethod.MinMax,
               Calibration.PERCENTILE: CalibrationMethod.Percentile}[options.calibration]

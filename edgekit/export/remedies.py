@@ -5,6 +5,7 @@ each measured in the artifact's runtime; the first within the budget wins. When 
 found so far get a float fallback: the nodes whose quantization hurts most (ranked by how much each one adds
 to the error of the intermediate tensors, float vs quantized, as NNCF's accuracy control and Intel Neural
 Compressor rank them) are kept in float, 1, 2, 4 ... groups at a time, up to :data:`MAX_FLOAT_NODES` nodes.
+Last comes :data:`WIDE_ACTIVATIONS`: int8 weights with 16-bit activations, accurate but slower than float32.
 
 The quantizers themselves live with their formats: :class:`edgekit.export.onnx.OnnxInt8` (onnxruntime's
 ``quantize_static``) and :class:`edgekit.export.tflite.TfliteInt8` (the TFLite converter, calibrated once,
@@ -32,10 +33,11 @@ class Calibration(str, Enum):
 
 
 class IntType(str, Enum):
-    """An 8-bit integer type of quantized activations or weights (onnxruntime's U8S8, S8S8, U8U8)."""
+    """An integer type of quantized activations or weights (onnxruntime's U8S8, S8S8, U8U8; A16W8)."""
 
     INT8 = "int8"
     UINT8 = "uint8"
+    INT16 = "int16"  # activations only: onnxruntime's QInt16, the TFLite converter's 16x8 mode
 
 
 class OnnxFormat(str, Enum):
@@ -70,6 +72,14 @@ class Int8Options:
             object.__setattr__(self, name, cls(getattr(self, name)))
         object.__setattr__(self, "float_nodes", tuple(self.float_nodes))
         object.__setattr__(self, "float_ops", tuple(self.float_ops))
+        if self.weights is IntType.INT16:
+            raise ValueError("weights are quantized to 8 bits (int8 or uint8); int16 is for activations")
+
+    @property
+    def wide_activations(self) -> bool:
+        """16-bit activations (int8 weights): no integer kernels on CPUs run them (onnxruntime and XNNPACK go
+        through float or reference kernels), so they are accurate but slower than float32."""
+        return self.activations is IntType.INT16
 
     def changes(self) -> str:
         """What differs from the defaults, in words ("" for the defaults)."""
@@ -123,7 +133,8 @@ LADDERS: dict[Format, tuple[Remedy, ...]] = {
         Remedy("per-tensor", Int8Options(per_channel=False)),
     ),
 }
-"""Format -> the quantizer options tried, in order, after the defaults (then the float fallback)."""
+"""Format -> the quantizer options tried, in order, after the defaults (then the float fallback, then
+:data:`WIDE_ACTIVATIONS`)."""
 
 SPEED_LADDERS: dict[Format, tuple[tuple[str, dict[str, object]], ...]] = {
     Format.ONNX: (
@@ -143,6 +154,12 @@ SLOWER = 1.1  # an int8 artifact is slower than float32 when it takes more than 
 SPEED_GAIN = 0.9  # a rung replaces the artifact only if it takes at most this fraction of its time
 
 FLOAT_FALLBACK = "float-fallback"
+WIDE_ACTIVATIONS = "int16-activations"
+"""The last rung of every format: int8 weights with 16-bit activations (onnxruntime's A16W8 QDQ, the TFLite
+converter's 16x8 mode). It keeps the weights' 4x saving and recovers models whose activations have outlier
+channels in many layers (per-tensor 8-bit activation ranges crush the other channels; EfficientNet's swish and
+squeeze-excite layers, BENCHMARKS.md), at the cost of speed: it runs slower than float32, which the report
+flags."""
 MAX_FLOAT_NODES = 8
 MIN_GAIN = 1.0  # points: a remedy that gains less is noise; the float fallback starts from the defaults
 SENSITIVITY_SAMPLES = 64  # calibration samples the sensitivity pass runs
@@ -217,7 +234,10 @@ def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: fl
         if attempt(f"{name}({len(nodes)})", replace(base.options, float_nodes=nodes)):
             return recovery
         count *= 2
-    recovery.within_budget = recovery.best.score <= budget
+    # the other rungs' changes serve 8-bit activations; 16 bits take min-max ranges (65,536 levels: nothing to clip)
+    # and per-channel weights (the converter's 16x8 mode has no per-tensor depthwise convolution)
+    if not attempt(WIDE_ACTIVATIONS, Int8Options(activations=IntType.INT16)):
+        recovery.within_budget = recovery.best.score <= budget
     return recovery
 
 
@@ -230,6 +250,8 @@ def speed_up(fmt: Format, quantizer: Int8Quantizer, current: Attempt, *, budget:
     ``ratio(a, b)``: b's time over a's, measured side by side.
     """
     best, best_ratio, tried = current, 1.0, {}
+    if current.options.wide_activations:  # no rung makes 16-bit activations fast; 8-bit ones lost the budget
+        return best, tried
     for name, changes in (*SPEED_LADDERS[fmt], *extra_rungs):
         options = replace(current.options, **changes)
         if options == current.options:

@@ -34,6 +34,17 @@ class Strategy(str, Enum):
     TRIMMED = "trimmed"
 
 
+class LrSchedule(str, Enum):
+    """How the on-device learning rate moves over the rounds (:meth:`RoundSettings.learning_rate_at`)."""
+
+    CONSTANT = "constant"  # the learning rate every round
+    COSINE = "cosine"      # cosine decay from the learning rate at round 1 to LR_FLOOR of it at the last round
+
+
+LR_FLOOR = 0.1
+"""The fraction of the learning rate a cosine schedule ends at (its last round)."""
+
+
 class NoiseGuard(str, Enum):
     """What a differential-privacy run does when its noise would drown every update (see
     :mod:`edgekit.federated.privacy`)."""
@@ -80,6 +91,7 @@ class RoundSettings:
     rounds: int = 10
     local_epochs: int = 10
     learning_rate: float = 0.1
+    lr_schedule: LrSchedule = LrSchedule.CONSTANT
     strategy: Strategy | None = None  # None: FedAvgM, or FedAvg in DP runs (see the aggregation property)
     proximal_mu: float = 0.01
     trim_beta: float = 0.2
@@ -111,7 +123,19 @@ class RoundSettings:
             return self.strategy
         return Strategy.FEDAVG if self.dp_noise_multiplier is not None else Strategy.FEDAVGM
 
+    def learning_rate_at(self, rnd: int) -> float:
+        """The on-device learning rate of round ``rnd`` (1-based; rounds past the last keep the last one's).
+
+        >>> RoundSettings(rounds=3, learning_rate=0.1, lr_schedule=LrSchedule.COSINE).learning_rate_at(3)
+        0.01
+        """
+        if self.lr_schedule is LrSchedule.CONSTANT or self.rounds <= 1:
+            return self.learning_rate
+        progress = min(max(rnd - 1, 0), self.rounds - 1) / (self.rounds - 1)
+        return round(self.learning_rate * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))), 12)
+
     def __post_init__(self) -> None:
+        object.__setattr__(self, "lr_schedule", coerce_enum(LrSchedule, self.lr_schedule, "learning-rate schedule"))
         if self.strategy is not None:
             object.__setattr__(self, "strategy", coerce_enum(Strategy, self.strategy, "strategy"))
         object.__setattr__(self, "dp_noise_guard", coerce_enum(NoiseGuard, self.dp_noise_guard, "noise guard"))

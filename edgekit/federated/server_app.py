@@ -391,7 +391,7 @@ def _one_round(grid: Any, strategy: Any, rnd: int, weights: dict[str, np.ndarray
     sent = link.advance(weights) if link is not None else weights  # what every device trains from
     arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in sent.items()})
     private = settings.dp_noise_multiplier is not None
-    config = ConfigRecord({"local-epochs": settings.local_epochs, "learning-rate": settings.learning_rate,
+    config = ConfigRecord({"local-epochs": settings.local_epochs, "learning-rate": settings.learning_rate_at(rnd),
                            "compress-updates": settings.compress_updates.value, "seed": settings.seed * 1000 + rnd,
                            DP_CLIPPING: (settings.dp_clipping if private else Clipping.NONE).value})
     messages = list(strategy.configure_train(rnd, arrays, config, grid))
@@ -409,7 +409,8 @@ def _one_round(grid: Any, strategy: Any, rnd: int, weights: dict[str, np.ndarray
     for item in outliers:
         log(f"round {rnd}: {'bounded' if item.get('bounded') else 'rejected'} the update of node {item['node']}: "
             f"{item['reason']}")
-    entry: dict[str, Any] = {"round": rnd, "sampled": len(messages), "replied": len(replies) - failed,
+    entry: dict[str, Any] = {"round": rnd, "learning_rate": settings.learning_rate_at(rnd),
+                             "sampled": len(messages), "replied": len(replies) - failed,
                              "valid": len(valid), "failed": failed, "rejected": rejected,
                              "bytes_down_per_client": float(np.mean(down)) if down else 0.0,
                              "bytes_up_per_client": float(np.mean(up)) if up else 0.0, "aggregated": False,
@@ -440,10 +441,11 @@ def _report_backoffs(valid: list[tuple[Any, dict[str, np.ndarray], int]], settin
                      log: Any) -> None:
     """Say when devices trained at a lower rate than the round's (their local loss diverged at it)."""
     rates = [float(reply.content["metrics"]["learning-rate"]) for reply, _, _ in valid]
-    lower = [rate for rate in rates if rate < settings.learning_rate * 0.999]
+    asked = settings.learning_rate_at(rnd)
+    lower = [rate for rate in rates if rate < asked * 0.999]
     if lower:
         log(f"round {rnd}: {len(lower)} of {len(rates)} device(s) diverged at learning rate "
-            f"{settings.learning_rate:g} on their own data and trained at {min(lower):g}-{max(lower):g}; "
+            f"{asked:g} on their own data and trained at {min(lower):g}-{max(lower):g}; "
             "a lower learning rate suits this model")
 
 
