@@ -2,8 +2,8 @@
 remedy ladder, side by side in one run, on the digits CNN, the same CNN with one outlier unit
 (:func:`edgekit.loading.zoo.with_outlier_unit`), a DenseNet-style pre-activation CNN (its BN cannot fold) with
 and without the BN-as-Mul/Add rewrite, keras.applications MobileNetV2 0.35 (Keras 3, 32x32 digits) and the
-conformance suite's transformer text classifier (token ids).
-Writes its section of BENCHMARKS.md.
+conformance suite's transformer text classifier (token ids) and EfficientNetB0 (the model that needs the
+16-bit activation rung). Writes its section of BENCHMARKS.md.
 
     .venv/bin/python benchmarks/remedies.py
 """
@@ -51,11 +51,15 @@ def models(work: Path) -> dict[str, tuple[Path, Path]]:
     transformer.compile(keras3.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
     transformer.fit(tokens.x, tokens.y, epochs=6, batch_size=32, verbose=0)
     transformer.save(work / "transformer.keras")
+    from conformance import build, datasets  # the conformance suite's EfficientNetB0: 0-255 pixels, 8 epochs
+
+    efficientnet, efficientnet_data, _ = build("efficientnetb0", work, *datasets(work))
     return {"digits CNN": (work / "cnn.keras", work / "digits.npz"),
             "digits CNN + outlier unit": (work / "outlier.keras", work / "digits.npz"),
             "pre-activation CNN (DenseNet-style BN)": (work / "preact.keras", work / "digits.npz"),
             "MobileNetV2 0.35 (Keras 3)": (work / "mobilenetv2.keras", work / "digits32.npz"),
-            "transformer text classifier (Keras 3)": (work / "transformer.keras", work / "tokens.npz")}
+            "transformer text classifier (Keras 3)": (work / "transformer.keras", work / "tokens.npz"),
+            "EfficientNetB0 (Keras 3, 0-255 pixels)": (efficientnet, efficientnet_data)}
 
 
 def run(path: Path, data: Path) -> list[list[str]]:
