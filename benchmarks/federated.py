@@ -178,15 +178,16 @@ OVERSIZED = {
 """Label -> RoundSettings overrides of the norm filter (everything else at the defaults)."""
 
 
-def oversized(args: argparse.Namespace) -> int:
-    """The defaults with the norm filter rejecting updates over 5x the round's median, or bounding their norm
-    to that limit (optionally still rejecting absurd ones), from scratch and from the warm start."""
-    work = Path(tempfile.mkdtemp(prefix="edgekit-fl-oversized-"))
+def compare(args: argparse.Namespace, variants: dict[str, dict[str, Any]], *, flag: str, section: str,
+            title: str, column: str, text: str) -> int:
+    """The defaults with each of ``variants``' overrides, from scratch and from the warm start, the variants
+    alternating within a start (drift hits them alike); writes ``section`` of BENCHMARKS.md."""
+    work = Path(tempfile.mkdtemp(prefix=f"edgekit-fl-{flag}-"))
     base = setup(work)
     goal = 0.95 * base.central
     rows = []
-    for start in ("scratch", "warm"):  # the policies alternate within a start: drift hits them alike
-        for label, settings in OVERSIZED.items():
+    for start in ("scratch", "warm"):
+        for label, settings in variants.items():
             history = federate(base.starts[start], "digits", work / f"{start}-{len(rows)}", clients=args.clients,
                                rounds=args.rounds, **settings)
             acc = [h["accuracy"] for h in history]
@@ -194,23 +195,36 @@ def oversized(args: argparse.Namespace) -> int:
             rejected = sum(len(h.get("rejected", [])) for h in history[1:])
             bounded = sum(len(h.get("bounded", [])) for h in history[1:])
             rows.append(f"| {start} | {label} | {acc[0]:.2f} | {acc[min(10, len(acc) - 1)]:.2f} | {acc[-1]:.2f} | "
-                        f"{acc[-1] - base.central:+.2f} | {hit if hit else f'> {len(acc) - 1}'} | {rejected} | "
-                        f"{bounded} |")
+                        f"{np.mean(acc[-5:]):.2f} | {acc[-1] - base.central:+.2f} | "
+                        f"{hit if hit else f'> {len(acc) - 1}'} | {rejected} | {bounded} |")
             print(rows[-1], flush=True)
     body = "\n".join([
-        "## Oversized updates: rejected or norm-bounded (`benchmarks/federated.py --oversized`)", "",
-        f"Command: `.venv/bin/python benchmarks/federated.py --oversized --rounds {args.rounds} --clients "
+        f"## {title} (`benchmarks/federated.py --{flag}`)", "",
+        f"Command: `.venv/bin/python benchmarks/federated.py --{flag} --rounds {args.rounds} --clients "
         f"{args.clients}`. Machine: {machine()}.", "",
-        f"Digits CNN, {args.clients} clients, Dirichlet(0.5), {args.rounds} rounds, the defaults except the norm "
-        "filter: an update over 5x the round's median update norm (and over 0.1x the model's norm) is rejected, "
-        "or scaled down to that norm keeping its direction (norm bounding), or bounded unless it is over 1000x "
-        f"the median. Centralized (Adam): **{base.central:.2f}%**; 95% of it = {goal:.2f}%. One run per row; "
-        "the rejected and bounded columns count updates over all rounds.", "",
-        "| start | oversized updates | start % | r10 % | r30 % | r30 - centralized | rounds to 95% | rejected | "
-        "bounded |", "|---|---|---:|---:|---:|---:|---:|---:|---:|", *rows])
-    write_section("federated-oversized", body)
+        f"Digits CNN, {args.clients} clients, Dirichlet(0.5), {args.rounds} rounds, the defaults except {text} "
+        f"Centralized (Adam): **{base.central:.2f}%**; 95% of it = {goal:.2f}%. One run per row; the rejected and "
+        "bounded columns count updates over all rounds.", "",
+        f"| start | {column} | start % | r10 % | r{args.rounds} % | mean of the last 5 rounds % | "
+        f"r{args.rounds} - centralized | rounds to 95% | rejected | bounded |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows])
+    write_section(section, body)
     print(body)
     return 0
+
+
+OVERSIZED_TEXT = ("the norm filter: an update over 5x the round's median update norm (and over 0.1x the model's "
+                  "norm) is rejected, or scaled down to that norm keeping its direction (norm bounding), or bounded "
+                  "unless it is over 1000x the median.")
+
+SCHEDULES = {
+    "constant 0.1 (the default)": {},
+    "cosine 0.1": {"lr_schedule": "cosine"},
+    "cosine 0.2": {"lr_schedule": "cosine", "learning_rate": 0.2},
+}
+"""Label -> RoundSettings overrides of the on-device learning rate and its schedule over the rounds."""
+SCHEDULES_TEXT = ("the on-device learning rate: constant, or decayed over the rounds by a cosine from the rate "
+                  "given at round 1 to a tenth of it at the last round (`--lr-schedule cosine`).")
 
 
 # -- the defaults, side by side --------------------------------------------------------------------
@@ -353,13 +367,20 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--sweep", action="store_true", help="run (or resume) the settings sweep")
+    parser.add_argument("--schedules", action="store_true",
+                        help="the defaults with a constant or a cosine-decayed on-device learning rate")
     parser.add_argument("--oversized", action="store_true",
                         help="compare what the server does with oversized updates: reject, bound, bound + reject")
     parser.add_argument("--jsonl", default=str(Path(__file__).with_name("federated_sweep.jsonl")),
                         help="the sweep's results, one run a line (runs already there are not run again)")
     args = parser.parse_args()
     if args.oversized:
-        return oversized(args)
+        return compare(args, OVERSIZED, flag="oversized", section="federated-oversized", column="oversized updates",
+                       title="Oversized updates: rejected or norm-bounded", text=OVERSIZED_TEXT)
+    if args.schedules:
+        return compare(args, SCHEDULES, flag="schedules", section="federated-schedules",
+                       column="on-device learning rate", title="On-device learning-rate schedules",
+                       text=SCHEDULES_TEXT)
     return sweep(args) if args.sweep else side_by_side(args)
 
 
