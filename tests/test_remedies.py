@@ -479,3 +479,13 @@ def test_a_speed_rung_replaces_the_artifact_only_when_faster_by_the_margin_and_w
                            extra_rungs=[(FLOAT_OPS, {"float_ops": ("AVERAGE_POOL_2D",)})])
     assert tried == {FLOAT_OPS: rung_ratio}
     assert (best.remedy == FLOAT_OPS and best.options == rung) if kept else best is current
+
+
+def test_latency_ratio_of_an_artifact_against_itself_is_about_one(cnn, digits):
+    """The side-by-side timing: blocks sized by time (a tiny model's block is many calls, not timer noise)."""
+    from edgekit.config import Quantization
+    from edgekit.export.verify import latency_ratio
+
+    data, _ = EXPORTERS[Format.TFLITE].convert(cnn, quantization=Quantization.NONE, calibration=digits.x[:10],
+                                               int8_io=False)
+    assert 0.6 < latency_ratio(data, data, digits.x[:1], threads=1) < 1.6

@@ -52,19 +52,31 @@ def latency_us(model: Model, sample: np.ndarray, *, repeats: int = LATENCY_REPEA
     return float(statistics.median(times))
 
 
+BLOCK_SECONDS = 0.02
+"""How long one block of :func:`latency_ratio` runs: long enough that a tiny model's block is not timer noise,
+short enough that a large model's comparison takes a fraction of a second a block."""
+
+
 def latency_ratio(reference: bytes, candidate: bytes, sample: np.ndarray, *, threads: int, blocks: int = 8,
-                  calls: int = 20) -> float:
+                  calls: int | None = None) -> float:
     """``candidate``'s single-sample time over ``reference``'s, measured in alternating blocks of ``calls`` calls
     (the ratio of the medians of the per-block times): both see the same machine state, so small differences
-    are not noise from running one after the other."""
+    are not noise from running one after the other. ``calls`` defaults to what makes the slower model's block
+    last about :data:`BLOCK_SECONDS` (3 to 500 calls), timed on the warm-up calls."""
     import statistics
     import time
 
     models = [Model.load(reference, num_threads=threads), Model.load(candidate, num_threads=threads)]
-    times: list[list[float]] = [[], []]
+    warm: list[int] = []
     for model in models:
-        for _ in range(5):
+        model.predict(sample)
+        start = time.perf_counter_ns()
+        for _ in range(4):
             model.predict(sample)
+        warm.append((time.perf_counter_ns() - start) // 4)
+    if calls is None:
+        calls = int(min(500, max(3, BLOCK_SECONDS * 1e9 // max(max(warm), 1))))
+    times: list[list[float]] = [[], []]
     for _ in range(blocks):
         for i, model in enumerate(models):
             start = time.perf_counter_ns()
