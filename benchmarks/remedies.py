@@ -75,7 +75,7 @@ def run(path: Path, data: Path) -> list[list[str]]:
         ref = result.reference[art.format.value]
         default = art.remedies_tried.get("default", art.quantization_drop)
         rows.append([art.format.value, f"{default:+.2f}", art.remedy or "none needed", f"{art.quantization_drop:+.2f}",
-                     f"{ref['bytes'] / art.bytes:.2f}x", f"{art.latency_us / ref['latency_us']:.2f}x",
+                     f"{ref['bytes'] / art.bytes:.2f}x", f"{art.time_vs_float32:.2f}x",
                      ", ".join(f"{k} {v:+.2f}" for k, v in art.remedies_tried.items() if k != "default") or "-",
                      art.speed_remedy or "-", ", ".join(f"{k} {v:.2f}x" for k, v in art.speed_tried.items()) or "-"])
     return rows
@@ -193,8 +193,9 @@ def main() -> int:
              f"`.venv/bin/python benchmarks/remedies.py` on {machine()}. Each model compressed with "
              "`--quantize int8` (both formats, 1 thread); drops are what quantizing cost, in points, against the "
              "float model on the evaluation split (the default 2-point budget applies). Size and time are against "
-             "the float32 artifact of the same model in the same runtime (>1 time: slower; single-run medians of 40 "
-             "calls, so small models' ratios carry about 10% noise). The outlier unit is constantly 10,000.", "",
+             "the float32 artifact of the same model in the same runtime (>1 time: slower; timed side by side in "
+             "alternating blocks of about 20 ms, as edgekit's speed step does). The outlier unit is constantly "
+             "10,000.", "",
              "| model | format | drop, defaults | remedy kept | drop, kept | float32 bytes / bytes | time vs float32 "
              "| accuracy rungs tried (drop) | speed rung kept | speed rungs tried (time vs first int8) |",
              "|---|---|---:|---|---:|---:|---:|---|---|---|"]

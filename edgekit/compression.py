@@ -62,13 +62,24 @@ class ArtifactResult:
     # int8 slower than float32: the speed rung kept ("" = none) and each rung's time over the first int8 artifact's
     speed_remedy: str = ""
     speed_tried: dict[str, float] = field(default_factory=dict)
+    # post-training int8: its time over the source's float32 artifact's, timed side by side (alternating blocks)
+    float32_time_ratio: float | None = None
+
+    @property
+    def time_vs_float32(self) -> float | None:
+        """Its time over the source's float32 artifact's in the same runtime: the side-by-side ratio where one was
+        measured, else the ratio of the two medians (measured apart)."""
+        if self.float32_time_ratio is not None:
+            return self.float32_time_ratio
+        return self.latency_us / self.float32_latency_us if self.float32_latency_us else None
 
     @property
     def slower_than_float32(self) -> bool:
         """Slower than the float32 artifact of the source in the same runtime (by more than 10%: timing noise)."""
         from edgekit.export.remedies import SLOWER
 
-        return self.float32_latency_us is not None and self.latency_us > SLOWER * self.float32_latency_us
+        ratio = self.time_vs_float32
+        return ratio is not None and ratio > SLOWER
 
     @property
     def larger_than_float32(self) -> bool:
@@ -490,9 +501,6 @@ class _CandidateRunner:
         from edgekit.export.verify import latency_ratio
 
         spec = exporter(art.format)
-        extra_rungs = spec.speed_rungs(art.data)
-        if not SPEED_LADDERS[art.format] and not extra_rungs:  # nothing to try: no quantizer to prepare
-            return
         reference = self._float32_data(art.format)
         if reference is None:
             return
@@ -501,7 +509,9 @@ class _CandidateRunner:
         def ratio(a: bytes, b: bytes) -> float:
             return latency_ratio(a, b, sample, threads=self.config.threads)
 
-        if ratio(reference, art.data) <= SLOWER:
+        art.float32_time_ratio = round(ratio(reference, art.data), 3)
+        extra_rungs = spec.speed_rungs(art.data)
+        if art.float32_time_ratio <= SLOWER or (not SPEED_LADDERS[art.format] and not extra_rungs):
             return
         options = Int8Options(**art.quantizer_options) if art.quantizer_options else Int8Options()
         with self.progress.step(f"speed {name}"), \
@@ -513,6 +523,7 @@ class _CandidateRunner:
         if best is not current:
             art.speed_remedy = best.remedy
             self._adopt(art, best, float_accuracy)
+            art.float32_time_ratio = round(ratio(reference, art.data), 3)
             art.notes.append(f"int8 ran slower than float32; {best.remedy} ({best.options.changes()}) runs "
                              f"{art.speed_tried[best.remedy]:.2f}x the time of the first int8 artifact")
 

@@ -497,6 +497,11 @@ def test_an_artifact_slower_than_float32_is_flagged_and_noted():
 
     slow, quick, noise = art(840.0, 470.0), art(300.0, 470.0), art(500.0, 470.0)
     assert slow.slower_than_float32 and not quick.slower_than_float32 and not noise.slower_than_float32
+    # a side-by-side ratio (int8's speed step measures one) outranks the two medians measured apart
+    timed_fast, timed_slow = art(840.0, 470.0), art(300.0, 470.0)
+    timed_fast.float32_time_ratio, timed_slow.float32_time_ratio = 0.8, 1.5
+    assert not timed_fast.slower_than_float32 and timed_slow.slower_than_float32
+    assert speed_text(timed_fast) == "0.80x" and speed_text(timed_slow) == "1.50x SLOWER"
     assert speed_text(slow) == "1.79x SLOWER" and speed_text(quick) == "0.64x"
     notes = slower_notes(SimpleNamespace(artifacts=[slow, quick]))
     assert notes == ["onnx int8 runs 1.79x the time of the float32 onnx in onnxruntime (840 vs 470 µs per sample): "

@@ -29,9 +29,9 @@ def candidate_rows(result: Any) -> list[dict[str, Any]]:
 
 def speed_text(art: Any) -> str:
     """Time relative to the float32 artifact in the same runtime: ``0.62x`` or ``1.40x SLOWER``."""
-    if not art.float32_latency_us:
+    ratio = art.time_vs_float32
+    if ratio is None:
         return "-"
-    ratio = art.latency_us / art.float32_latency_us
     return f"{ratio:.2f}x SLOWER" if art.slower_than_float32 else f"{ratio:.2f}x"
 
 
@@ -42,7 +42,7 @@ def slower_notes(candidate: Any) -> list[str]:
     for a in candidate.artifacts:
         larger = (f"larger ({a.bytes:,} vs {a.float32_bytes:,} bytes)" if a.larger_than_float32 else "")
         if a.slower_than_float32:
-            lines.append(f"{a.format.value} {a.quantization.value} runs {a.latency_us / a.float32_latency_us:.2f}x "
+            lines.append(f"{a.format.value} {a.quantization.value} runs {a.time_vs_float32:.2f}x "
                          f"the time of the float32 {a.format.value} in {a.runtime} ({a.latency_us:.0f} vs "
                          f"{a.float32_latency_us:.0f} µs per sample): it is "
                          + (f"{larger} and slower" if larger else "smaller, not faster"))
