@@ -53,8 +53,11 @@ def latency_us(model: Model, sample: np.ndarray, *, repeats: int = LATENCY_REPEA
 
 
 BLOCK_SECONDS = 0.02
-"""How long one block of :func:`latency_ratio` runs: long enough that a tiny model's block is not timer noise,
-short enough that a large model's comparison takes a fraction of a second a block."""
+"""How long one block of :func:`latency_ratio` runs at least: a tiny model's block of 20 calls was about 1 ms, timer
+and scheduler noise."""
+MIN_BLOCK_CALLS = 20
+"""Calls per block at least: fewer let the other model's block bias the ratio (its cache state lasts several calls:
+EfficientNetB0's 16x8 ``.tflite`` read 4.9x the float32 time in blocks of 3 calls, 6.3x in blocks of 20, 6.2x apart)."""
 
 
 def latency_ratio(reference: bytes, candidate: bytes, sample: np.ndarray, *, threads: int, blocks: int = 8,
@@ -62,7 +65,8 @@ def latency_ratio(reference: bytes, candidate: bytes, sample: np.ndarray, *, thr
     """``candidate``'s single-sample time over ``reference``'s, measured in alternating blocks of ``calls`` calls
     (the ratio of the medians of the per-block times): both see the same machine state, so small differences
     are not noise from running one after the other. ``calls`` defaults to what makes the slower model's block
-    last about :data:`BLOCK_SECONDS` (3 to 500 calls), timed on the warm-up calls."""
+    last at least :data:`BLOCK_SECONDS` (:data:`MIN_BLOCK_CALLS` to 500 calls), timed on the warm-up calls; each
+    block starts with one untimed call."""
     import statistics
     import time
 
@@ -75,10 +79,11 @@ def latency_ratio(reference: bytes, candidate: bytes, sample: np.ndarray, *, thr
             model.predict(sample)
         warm.append((time.perf_counter_ns() - start) // 4)
     if calls is None:
-        calls = int(min(500, max(3, BLOCK_SECONDS * 1e9 // max(max(warm), 1))))
+        calls = int(min(500, max(MIN_BLOCK_CALLS, BLOCK_SECONDS * 1e9 // max(max(warm), 1))))
     times: list[list[float]] = [[], []]
     for _ in range(blocks):
         for i, model in enumerate(models):
+            model.predict(sample)  # untimed: the other model's block left the caches cold
             start = time.perf_counter_ns()
             for _ in range(calls):
                 model.predict(sample)
