@@ -101,6 +101,7 @@ def test_when_no_8_bit_remedy_recovers_16_bit_activations_do_and_the_slowdown_is
     """The last rung: int8 weights with int16 activations, for a model whose activations 8 bits cannot hold (here the
     outlier unit, with the other remedies taken away; measured on EfficientNetB0 in BENCHMARKS.md)."""
     from device_agents.runtime import Model
+    from edgekit.artifacts.report import remedy_notes
     from edgekit.export.remedies import WIDE_ACTIVATIONS
 
     monkeypatch.setitem(LADDERS, Format.TFLITE, ())
@@ -118,6 +119,8 @@ def test_when_no_8_bit_remedy_recovers_16_bit_activations_do_and_the_slowdown_is
         assert np.isfinite(model.predict(np.zeros((1, 8, 8, 1), np.float32))).all()
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert {a["remedy"] for a in manifest["artifacts"]} == {WIDE_ACTIVATIONS}
+    notes = remedy_notes(result.selected)
+    assert len(notes) == 2 and all("try quantization-aware training (the qat recipe)" in n for n in notes), notes
 
 
 def test_the_16_bit_activation_rung_comes_after_the_float_fallback_with_minmax_ranges():
