@@ -72,13 +72,16 @@ def measure(name: str, path: Path, train: Path, held_out: Path) -> dict:
             variants[f"LiteRT Quantizer {recipe}"] = litert_quantized(plain.data, calibration, recipe)
         except Exception as exc:  # noqa: BLE001 (a failure is a result: it goes in the table)
             variants[f"LiteRT Quantizer {recipe}"] = f"failed: {str(exc).splitlines()[0][:80]}"
+    from edgekit.export.verify import crash_probe
+
     base = accuracy(plain.data, x, y)
     row = {"name": name, "float_bytes": plain.bytes, "float_accuracy": base, "variants": {}}
     sample = x[:1]
     reference = Model.load(plain.data, num_threads=1)
     for label, data in variants.items():
-        if isinstance(data, str):
-            row["variants"][label] = {"error": data}
+        failure = None if isinstance(data, str) else crash_probe(data, sample)  # 16-bit graphs can abort LiteRT
+        if isinstance(data, str) or failure is not None:
+            row["variants"][label] = {"error": data if isinstance(data, str) else f"does not run: {failure}"}
             continue
         model = Model.load(data, num_threads=1)
         _, _, ratio = interleaved_us(lambda m=model: m.predict(sample), lambda: reference.predict(sample),

@@ -492,3 +492,25 @@ def test_latency_ratio_of_an_artifact_against_itself_is_about_one(cnn, digits):
     data, _ = EXPORTERS[Format.TFLITE].convert(cnn, quantization=Quantization.NONE, calibration=digits.x[:10],
                                                int8_io=False)
     assert 0.6 < latency_ratio(data, data, digits.x[:1], threads=1) < 1.6
+
+
+def test_a_16x8_tflite_that_aborts_litert_is_a_failed_rung_not_a_dead_process(tmp_path):
+    """LiteRT aborted (SIGABRT, in invoke()) on the converter's 16x8 .tflite of a Keras transformer: run in edgekit's
+    process, the remedy ladder would have taken `compress` down with it. The artifact is probed in a child first."""
+    from edgekit import _tf, load_model
+    from edgekit.export.verify import crash_probe
+    from edgekit.loading import zoo
+
+    keras = _tf.keras3()
+    keras.utils.set_random_seed(0)
+    tokens = zoo.token_dataset(n=200)
+    model = zoo.keras3_architecture("transformer")
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(tokens.x, tokens.y, epochs=1, verbose=0)
+    model.save(tmp_path / "transformer.keras")
+    loaded = load_model(tmp_path / "transformer.keras")
+    with EXPORTERS[Format.TFLITE].int8(loaded.model, calibration=tokens.x[:50], int8_io=False) as quantizer:
+        assert crash_probe(quantizer.quantize(Int8Options()), tokens.x[:1]) is None  # 8 bits run
+        with pytest.raises(ValueError, match=r"the 16x8 artifact cannot run: the runtime crashed running it "
+                                             r"\(SIGABRT\)"):
+            quantizer.quantize(Int8Options(activations=IntType.INT16))

@@ -11,6 +11,7 @@ from edgekit import _tf
 from edgekit.config import Quantization
 from edgekit.errors import ConversionError
 from edgekit.export.remedies import FLOAT_OPS, SENSITIVITY_SAMPLES, ErrorSums, Int8Options, rank_nodes
+from edgekit.export.verify import crash_probe
 
 
 def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray,
@@ -204,7 +205,11 @@ class TfliteInt8:
         conv = self._source.converter(Quantization.INT8, self._calibration, int8_io=False)
         conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
         conv._experimental_disable_per_channel = not options.per_channel  # noqa: SLF001 (the converter's switch)
-        return self._signed(bytes(conv.convert()))
+        data = self._signed(bytes(conv.convert()))
+        failure = crash_probe(data, self._calibration[:1])  # LiteRT aborts on some 16x8 graphs (a transformer's)
+        if failure is not None:
+            raise ValueError(f"the 16x8 artifact cannot run: {failure}")
+        return data
 
     def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
         """Op output names of the float graph, those whose quantization with ``options`` adds most to the
