@@ -32,22 +32,6 @@ RECIPES = ("static_wi8_ai8", "static_wi8_ai16", "dynamic_wi8_afp32")
 CONVERTER_16X8 = "converter 16x8"  # edgekit's int16-activations rung: the converter's 16x8 mode
 
 
-def litert_quantized(float_tflite: bytes, calibration: np.ndarray, name: str) -> bytes:
-    """``float_tflite`` quantized by the LiteRT Quantizer with its recipe ``name``."""
-    from ai_edge_litert.interpreter import Interpreter
-    from ai_edge_quantizer import quantizer, recipe
-    from ai_edge_quantizer.utils import tfl_interpreter_utils
-
-    key = tfl_interpreter_utils.DEFAULT_SIGNATURE_KEY
-    inputs = Interpreter(model_content=float_tflite).get_signature_list()[key]["inputs"]
-    qt = quantizer.Quantizer(bytes(float_tflite), getattr(recipe, name)())
-    result = None
-    if qt.need_calibration:
-        samples = [{inputs[0]: calibration[i:i + 1]} for i in range(len(calibration))]
-        result = qt.calibrate({key: samples})
-    return bytes(qt.quantize(result, enable_progress_report=False).quantized_model)
-
-
 def accuracy(data: bytes, x: np.ndarray, y: np.ndarray) -> float:
     from device_agents import Model
 
@@ -57,6 +41,8 @@ def accuracy(data: bytes, x: np.ndarray, y: np.ndarray) -> float:
 def measure(name: str, path: Path, train: Path, held_out: Path) -> dict:
     from device_agents import Model
     from edgekit import CompressConfig, Quantization, Recipe, compress
+    from edgekit.export.tflite import litert_quantize
+    from edgekit.export.verify import crash_probe
 
     search = (Recipe(quantize=Quantization.NONE), Recipe(quantize=Quantization.INT8))
     result = compress(path, train, None, progress=False, eval_data=held_out,
@@ -69,11 +55,9 @@ def measure(name: str, path: Path, train: Path, held_out: Path) -> dict:
     variants: dict[str, bytes | str] = {"converter int8": int8.data, CONVERTER_16X8: converter_16x8(path, calibration)}
     for recipe in RECIPES:
         try:
-            variants[f"LiteRT Quantizer {recipe}"] = litert_quantized(plain.data, calibration, recipe)
+            variants[f"LiteRT Quantizer {recipe}"] = litert_quantize(plain.data, calibration, recipe)
         except Exception as exc:  # noqa: BLE001 (a failure is a result: it goes in the table)
             variants[f"LiteRT Quantizer {recipe}"] = f"failed: {str(exc).splitlines()[0][:80]}"
-    from edgekit.export.verify import crash_probe
-
     base = accuracy(plain.data, x, y)
     row = {"name": name, "float_bytes": plain.bytes, "float_accuracy": base, "variants": {}}
     sample = x[:1]

@@ -146,6 +146,32 @@ def test_the_16_bit_activation_rung_comes_after_the_float_fallback_with_minmax_r
     assert WIDE_ACTIVATIONS not in early.tried and early.best.remedy == "entropy-calibration"
 
 
+def test_the_float_fallback_builds_on_a_remedy_only_where_nodes_can_be_kept_float():
+    """The LiteRT Quantizer rung gained 4 points but its recipe takes no denylist: the fallback starts from the
+    converter's defaults; a converter rung that gains is built on."""
+    from edgekit.export.remedies import FLOAT_FALLBACK, Attempt, TfliteQuantizer, recover
+
+    bases = []
+
+    class Ranked(_Quantizer):
+        def sensitive_nodes(self, options):
+            bases.append(options)
+            return [("a",)]
+
+    def gains(rung: bytes):
+        return lambda data: (5.0 if rung in data and b"float_nodes=()" in data else 9.0, None)
+
+    recovery = recover(Format.TFLITE, Ranked(), Attempt("", Int8Options(), b"first", 9.0), budget=2.0,
+                       evaluate=gains(b"TfliteQuantizer.LITERT"))
+    assert recovery.best.remedy == "litert-quantizer" and not recovery.within_budget
+    assert bases == [Int8Options()] and f"{FLOAT_FALLBACK}(1)" in recovery.tried
+    assert Int8Options(tflite_quantizer=TfliteQuantizer.LITERT).changes() == "the LiteRT Quantizer"
+    bases.clear()
+    recover(Format.TFLITE, Ranked(), Attempt("", Int8Options(), b"first", 9.0), budget=2.0,
+            evaluate=gains(b"per_channel=False"))
+    assert bases == [Int8Options(per_channel=False)]
+
+
 def test_a_loss_from_pruning_is_not_a_quantization_loss(cnn_path):
     """The default budget judges what quantizing cost, not what the recipe's other techniques cost."""
     result = compress(cnn_path, "digits", None, progress=False,
@@ -164,8 +190,11 @@ ONNX_CHECKS = {
     "per-tensor": lambda m, base: all(np.size(s) == 1 for s in _weight_scales(m)),
     "qoperator": lambda m, base: "QLinearConv" in [n.op_type for n in m.graph.node],
 }
-TFLITE_CHECKS = {
-    "per-tensor": lambda details: all(len(d["quantization_parameters"]["scales"]) <= 1 for d in details),
+TFLITE_CHECKS = {  # (int8 weight tensors, the artifact, what the LiteRT Quantizer makes of the float32 .tflite)
+    "per-tensor": lambda details, data, litert: all(len(d["quantization_parameters"]["scales"]) <= 1
+                                                    for d in details),
+    "litert-quantizer": lambda details, data, litert: data == litert and all(
+        len(d["quantization_parameters"]["scales"]) > 1 for d in details if "Conv2D" in d["name"]),
 }
 
 
@@ -198,12 +227,17 @@ def test_tflite_remedy_does_what_it_says(remedy, cnn, digits):
     from ai_edge_litert.interpreter import Interpreter
 
     from device_agents.runtime import Model
+    from edgekit.config import Quantization
+    from edgekit.export.tflite import litert_quantize
 
     with EXPORTERS[Format.TFLITE].int8(cnn, calibration=digits.x[:100], int8_io=False) as quantizer:
         data = quantizer.quantize(remedy.options)
+    float32, _ = EXPORTERS[Format.TFLITE].convert(cnn, quantization=Quantization.NONE, calibration=digits.x[:10],
+                                                  int8_io=False)
+    litert = litert_quantize(float32, digits.x[:100], "static_wi8_ai8")
     details = [d for d in Interpreter(model_content=data).get_tensor_details()
                if d["dtype"] == np.int8 and len(d["shape"]) >= 2 and d["name"].endswith(("Conv2D", "MatMul"))]
-    assert details and TFLITE_CHECKS[remedy.name](details)
+    assert details and TFLITE_CHECKS[remedy.name](details, data, litert)
     agreement = np.mean(Model.load(data).predict(digits.x).argmax(1) == cnn.predict(digits.x, verbose=0).argmax(1))
     assert agreement > 0.9
 

@@ -40,6 +40,13 @@ class IntType(str, Enum):
     INT16 = "int16"  # activations only: onnxruntime's QInt16, the TFLite converter's 16x8 mode
 
 
+class TfliteQuantizer(str, Enum):
+    """Which library quantizes a ``.tflite`` (its float32 file, for the LiteRT Quantizer)."""
+
+    CONVERTER = "converter"              # the TFLite converter's post-training quantization (what edgekit does first)
+    LITERT = "litert-quantizer"          # the LiteRT Quantizer (ai-edge-quantizer), recipe static_wi8_ai8
+
+
 class OnnxFormat(str, Enum):
     """How onnxruntime writes a quantized graph."""
 
@@ -65,10 +72,11 @@ class Int8Options:
     onnx_format: OnnxFormat = OnnxFormat.QDQ
     float_nodes: tuple[str, ...] = ()  # kept in float (their names in the float graph)
     float_ops: tuple[str, ...] = ()  # TFLite op types kept in float (the converter's denylisted ops)
+    tflite_quantizer: TfliteQuantizer = TfliteQuantizer.CONVERTER
 
     def __post_init__(self) -> None:
         for name, cls in (("calibration", Calibration), ("activations", IntType), ("weights", IntType),
-                          ("onnx_format", OnnxFormat)):
+                          ("onnx_format", OnnxFormat), ("tflite_quantizer", TfliteQuantizer)):
             object.__setattr__(self, name, cls(getattr(self, name)))
         object.__setattr__(self, "float_nodes", tuple(self.float_nodes))
         object.__setattr__(self, "float_ops", tuple(self.float_ops))
@@ -101,14 +109,22 @@ class Int8Options:
             words.append(f"{len(self.float_nodes)} node(s) kept float: {', '.join(self.float_nodes)}")
         if self.float_ops:
             words.append(f"{', '.join(self.float_ops)} kept float")
+        if self.tflite_quantizer is not base.tflite_quantizer:
+            words.append("the LiteRT Quantizer")
         return "; ".join(words)
+
+    @property
+    def float_fallback(self) -> bool:
+        """Whether nodes can be kept float on top of these options (the converter's denylists; not yet through the
+        LiteRT Quantizer's per-op recipes)."""
+        return self.tflite_quantizer is TfliteQuantizer.CONVERTER
 
     def as_dict(self) -> dict:
         return {"calibration": self.calibration.value, "activations": self.activations.value,
                 "weights": self.weights.value,
                 "reduce_range": self.reduce_range, "per_channel": self.per_channel,
                 "onnx_format": self.onnx_format.value, "float_nodes": list(self.float_nodes),
-                "float_ops": list(self.float_ops)}
+                "float_ops": list(self.float_ops), "tflite_quantizer": self.tflite_quantizer.value}
 
 
 @dataclass(frozen=True)
@@ -130,6 +146,9 @@ LADDERS: dict[Format, tuple[Remedy, ...]] = {
         Remedy("qoperator", Int8Options(onnx_format=OnnxFormat.QOPERATOR)),
     ),
     Format.TFLITE: (
+        # Google's successor to the converter's (deprecated) quantization; on EfficientNetB0 its full-int8 recipe
+        # lost nothing where the converter lost 6.9 points (BENCHMARKS.md, "LiteRT Quantizer")
+        Remedy("litert-quantizer", Int8Options(tflite_quantizer=TfliteQuantizer.LITERT)),
         Remedy("per-tensor", Int8Options(per_channel=False)),
     ),
 }
@@ -223,7 +242,8 @@ def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: fl
     for remedy in LADDERS[fmt]:
         if attempt(remedy.name, remedy.options):
             return recovery
-    base = recovery.best if recovery.best.score < first.score - MIN_GAIN else first
+    gained = recovery.best.score < first.score - MIN_GAIN and recovery.best.options.float_fallback
+    base = recovery.best if gained else first
     groups = quantizer.sensitive_nodes(base.options)
     count = 1
     while count <= len(groups):

@@ -10,7 +10,14 @@ from device_agents.errors import first_line
 from edgekit import _tf
 from edgekit.config import Quantization
 from edgekit.errors import ConversionError
-from edgekit.export.remedies import FLOAT_OPS, SENSITIVITY_SAMPLES, ErrorSums, Int8Options, rank_nodes
+from edgekit.export.remedies import (
+    FLOAT_OPS,
+    SENSITIVITY_SAMPLES,
+    ErrorSums,
+    Int8Options,
+    TfliteQuantizer,
+    rank_nodes,
+)
 from edgekit.export.verify import crash_probe
 
 
@@ -172,6 +179,7 @@ class TfliteInt8:
         conv._experimental_calibrate_only = True  # noqa: SLF001 (the debugger's documented route)
         self._calibrated = bytes(conv.convert())
         self._source, self._calibration = source, calibration
+        self._float: bytes | None = None  # the float32 .tflite, for the LiteRT Quantizer
         self._signed = source.signed
         self._int8_io = int8_io and source.float_input
         self._samples = calibration[:SENSITIVITY_SAMPLES]
@@ -187,12 +195,23 @@ class TfliteInt8:
 
         if options.wide_activations:
             return self._int16x8(options)
+        if options.tflite_quantizer is TfliteQuantizer.LITERT:
+            return self._litert(options)
         tf = _tf.tf()
         io_type = tf.int8 if self._int8_io else tf.float32
         return self._signed(bytes(convert.mlir_quantize(
             self._calibrated, disable_per_channel=not options.per_channel, fully_quantize=self._int8_io,
             input_data_type=io_type, output_data_type=io_type,
             denylisted_ops=list(options.float_ops) or None, denylisted_nodes=list(options.float_nodes) or None)))
+
+    def _litert(self, options: Int8Options) -> bytes:
+        """The LiteRT Quantizer's full-int8 recipe on the float32 ``.tflite`` (converted once)."""
+        if self._int8_io or options.float_ops or options.float_nodes or not options.per_channel:
+            raise ValueError("the LiteRT Quantizer rung runs its static_wi8_ai8 recipe as is, with float inputs")
+        if self._float is None:
+            conv = self._source.converter(Quantization.NONE, self._calibration, int8_io=False)
+            self._float = self._signed(bytes(conv.convert()))
+        return litert_quantize(self._float, self._calibration[:LITERT_CALIBRATION_SAMPLES], "static_wi8_ai8")
 
     def _int16x8(self, options: Int8Options) -> bytes:
         """The converter's 16x8 mode (int16 activations, int8 weights), converted and calibrated anew: the int8
@@ -216,6 +235,30 @@ class TfliteInt8:
         intermediate error first (they name the ops to keep float, as the debugger's denylisted nodes)."""
         return rank_nodes(_ops(self._calibrated), _relative_errors(self._calibrated, self.quantize(options),
                                                                    self._samples))
+
+
+LITERT_CALIBRATION_SAMPLES = 256
+
+
+def litert_quantize(float_tflite: bytes, calibration: np.ndarray, recipe_name: str) -> bytes:
+    """``float_tflite`` quantized by the LiteRT Quantizer (``ai-edge-quantizer``) with its recipe ``recipe_name``
+    (e.g. ``static_wi8_ai8``), calibrated one sample at a time on ``calibration`` through the ``serving_default``
+    signature.
+
+    >>> litert_quantize(float_tflite, x[:200], "static_wi8_ai8")             # doctest: +SKIP
+    """
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer import quantizer, recipe
+    from ai_edge_quantizer.utils import tfl_interpreter_utils
+
+    key = tfl_interpreter_utils.DEFAULT_SIGNATURE_KEY
+    inputs = Interpreter(model_content=float_tflite).get_signature_list()[key]["inputs"]
+    qt = quantizer.Quantizer(bytes(float_tflite), getattr(recipe, recipe_name)())
+    result = None
+    if qt.need_calibration:
+        samples = [{inputs[0]: calibration[i:i + 1]} for i in range(len(calibration))]
+        result = qt.calibrate({key: samples})
+    return bytes(qt.quantize(result, enable_progress_report=False).quantized_model)
 
 
 QUANTIZE_OPS = frozenset({"QUANTIZE", "DEQUANTIZE"})
