@@ -463,7 +463,7 @@ def test_strategy_and_partition_validation():
     (["--partition", "zipf"], "is not iid or dirichlet:ALPHA"),
     (["--clients", "1"], "at least 2 clients, got 1"),
     (["--strategy", "krum"], "invalid choice: 'krum'"),
-    (["--lr-schedule", "step"], "invalid choice: 'step' (choose from constant, cosine)"),
+    (["--lr-schedule", "step"], "invalid choice: 'step' (choose from 'constant', 'cosine')"),
 ])
 def test_fl_cli_bad_input(fl_model, tmp_path, args, fragment):
     proc = run_cli("fl", "simulate", "--model", str(fl_model), "--out", str(tmp_path / "o"), *args)
