@@ -40,9 +40,9 @@ def accuracy(data: bytes, x: np.ndarray, y: np.ndarray) -> float:
 
 def measure(name: str, path: Path, train: Path, held_out: Path) -> dict:
     from device_agents import Model
+    from device_agents.isolation import probe_artifact
     from edgekit import CompressConfig, Quantization, Recipe, compress
     from edgekit.export.tflite import litert_quantize
-    from edgekit.export.verify import crash_probe
 
     search = (Recipe(quantize=Quantization.NONE), Recipe(quantize=Quantization.INT8))
     result = compress(path, train, None, progress=False, eval_data=held_out,
@@ -63,7 +63,7 @@ def measure(name: str, path: Path, train: Path, held_out: Path) -> dict:
     sample = x[:1]
     reference = Model.load(plain.data, num_threads=1)
     for label, data in variants.items():
-        failure = None if isinstance(data, str) else crash_probe(data, sample)  # 16-bit graphs can abort LiteRT
+        failure = None if isinstance(data, str) else probe_artifact(data, sample)  # 16-bit graphs can abort LiteRT
         if isinstance(data, str) or failure is not None:
             row["variants"][label] = {"error": data if isinstance(data, str) else f"does not run: {failure}"}
             continue

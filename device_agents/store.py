@@ -50,6 +50,7 @@ from device_agents.integrity import (
     read_manifest,
     verified_artifact,
 )
+from device_agents.isolation import probe_folder
 from device_agents.release import RELEASE, Release, check_manifest, load_public_key, verify_release
 from device_agents.runtime import Model
 
@@ -174,7 +175,9 @@ class ModelStore:
             try:
                 manifest_bytes = self._stage(folder, staging, release)
                 crash_point("install-staged")
-                _smoke_test(staging, runtime)
+                failure = probe_folder(staging, runtime=runtime)  # in a child: a runtime abort kills only it
+                if failure is not None:
+                    raise InstallError(failure if failure.startswith(SMOKE_FAILED) else f"{SMOKE_FAILED}: {failure}")
                 name = release.id if release else hashlib.sha256(manifest_bytes).hexdigest()[:16]
                 target = self.versions / name
                 self._place(staging, target)
@@ -282,8 +285,12 @@ class ModelStore:
         fsync_dir(self.root)
 
 
-def _smoke_test(folder: Path, runtime: str | None) -> None:
-    """Load the artifact, run one sample, require finite outputs."""
+SMOKE_FAILED = "the new version failed its smoke test"
+
+
+def smoke_test(folder: Path, runtime: str | None) -> None:
+    """Load the artifact, run one sample, require finite outputs (:class:`InstallError` otherwise). The store runs
+    it in a child process (:func:`device_agents.isolation.probe_folder`)."""
     import numpy as np
 
     try:
@@ -299,6 +306,6 @@ def _smoke_test(folder: Path, runtime: str | None) -> None:
             model = Model.load(entry.data, runtime=runtime)
             out = model.predict(model.example_input())
     except AgentError as exc:
-        raise InstallError(f"the new version failed its smoke test: {exc}") from None
+        raise InstallError(f"{SMOKE_FAILED}: {exc}") from None
     if not np.isfinite(out).all():
-        raise InstallError("the new version failed its smoke test: non-finite outputs")
+        raise InstallError(f"{SMOKE_FAILED}: non-finite outputs")

@@ -528,11 +528,16 @@ def test_latency_ratio_of_an_artifact_against_itself_is_about_one(cnn, digits):
     assert 0.6 < latency_ratio(data, data, digits.x[:1], threads=1) < 1.6
 
 
-def test_a_16x8_tflite_that_aborts_litert_is_a_failed_rung_not_a_dead_process(tmp_path):
+def test_a_16x8_tflite_that_aborts_litert_is_a_failed_rung_not_a_dead_process(tmp_path, monkeypatch):
     """LiteRT aborted (SIGABRT, in invoke()) on the converter's 16x8 .tflite of a Keras transformer: run in edgekit's
-    process, the remedy ladder would have taken `compress` down with it. The artifact is probed in a child first."""
+    process, the remedy ladder would have taken `compress` down with it, and a device installing such a model would
+    have died in its smoke test. Both now run a new model in a child process first."""
+    import hashlib
+
+    from device_agents import InstallError, ModelStore
+    from device_agents.isolation import probe_artifact
     from edgekit import _tf, load_model
-    from edgekit.export.verify import crash_probe
+    from edgekit.export import tflite
     from edgekit.loading import zoo
 
     keras = _tf.keras3()
@@ -544,7 +549,28 @@ def test_a_16x8_tflite_that_aborts_litert_is_a_failed_rung_not_a_dead_process(tm
     model.save(tmp_path / "transformer.keras")
     loaded = load_model(tmp_path / "transformer.keras")
     with EXPORTERS[Format.TFLITE].int8(loaded.model, calibration=tokens.x[:50], int8_io=False) as quantizer:
-        assert crash_probe(quantizer.quantize(Int8Options()), tokens.x[:1]) is None  # 8 bits run
+        assert probe_artifact(quantizer.quantize(Int8Options()), tokens.x[:1]) is None  # 8 bits run
         with pytest.raises(ValueError, match=r"the 16x8 artifact cannot run: the runtime crashed running it "
                                              r"\(SIGABRT\)"):
             quantizer.quantize(Int8Options(activations=IntType.INT16))
+        monkeypatch.setattr(tflite, "probe_artifact", lambda *args, **kwargs: None)  # the bytes, not run here
+        aborting = quantizer.quantize(Int8Options(activations=IntType.INT16))
+    # a device is sent a model folder whose (hash-consistent) artifact is that file
+    compress(tmp_path / "transformer.keras", _npz(tmp_path, tokens), tmp_path / "release", progress=False,
+             config=CompressConfig(recipe=Recipe(), formats=("tflite",), training=fast_training()))
+    folder = tmp_path / "release"
+    (folder / "model.tflite").write_bytes(aborting)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["artifacts"]:
+        entry["sha256"], entry["bytes"] = hashlib.sha256(aborting).hexdigest(), len(aborting)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    store = ModelStore(tmp_path / "store")
+    with pytest.raises(InstallError, match=r"failed its smoke test: the runtime crashed running it \(SIGABRT\)"):
+        store.install(folder)
+    assert store.current is None and not list((tmp_path / "store" / "versions").iterdir())
+
+
+def _npz(folder, data):
+    path = folder / "data.npz"
+    np.savez(path, x=data.x, y=data.y)
+    return path

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from device_agents.errors import first_line
+from device_agents.isolation import probe_artifact
 from edgekit import _tf
 from edgekit.config import Quantization
 from edgekit.errors import ConversionError
@@ -18,7 +19,6 @@ from edgekit.export.remedies import (
     TfliteQuantizer,
     rank_nodes,
 )
-from edgekit.export.verify import crash_probe
 
 
 def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray,
@@ -225,7 +225,7 @@ class TfliteInt8:
         conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
         conv._experimental_disable_per_channel = not options.per_channel  # noqa: SLF001 (the converter's switch)
         data = self._signed(bytes(conv.convert()))
-        failure = crash_probe(data, self._calibration[:1])  # LiteRT aborts on some 16x8 graphs (a transformer's)
+        failure = probe_artifact(data, self._calibration[:1])  # LiteRT aborts on some 16x8 graphs (a transformer's)
         if failure is not None:
             raise ValueError(f"the 16x8 artifact cannot run: {failure}")
         return data

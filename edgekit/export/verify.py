@@ -91,47 +91,6 @@ def latency_ratio(reference: bytes, candidate: bytes, sample: np.ndarray, *, thr
     return statistics.median(times[1]) / statistics.median(times[0])
 
 
-PROBE_SECONDS = 300.0
-_PROBE = ("import sys, numpy as np\n"
-          "from device_agents.runtime import Model\n"
-          "Model.load(open(sys.argv[1], 'rb').read(), num_threads=1).predict(np.load(sys.argv[2]))\n")
-
-
-def crash_probe(artifact: bytes, sample: np.ndarray, *, timeout: float = PROBE_SECONDS) -> str | None:
-    """Run ``artifact`` once on ``sample`` in a child process, through the device agent's code: ``None`` when it
-    ran, else what happened. A runtime that aborts takes its process with it (LiteRT aborted in ``invoke()`` on the
-    converter's 16x8 ``.tflite`` of a Keras transformer), so an artifact of a path known to do that is probed
-    before edgekit runs it in its own process."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    import device_agents
-    from device_agents.join import FLOWER_ENV
-
-    with tempfile.TemporaryDirectory(prefix="edgekit-probe-") as tmp:
-        model, x = Path(tmp, "artifact"), Path(tmp, "sample.npy")
-        model.write_bytes(artifact)
-        np.save(x, sample)
-        root = str(Path(device_agents.__file__).resolve().parent.parent)
-        env = {**os.environ, **FLOWER_ENV, "TF_CPP_MIN_LOG_LEVEL": "3",
-               "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
-        try:
-            proc = subprocess.run([sys.executable, "-c", _PROBE, str(model), str(x)], capture_output=True,
-                                  text=True, timeout=timeout, env=env, cwd=tmp)
-        except subprocess.TimeoutExpired:
-            return f"the runtime did not finish one inference in {timeout:g} s"
-    if proc.returncode < 0:
-        return f"the runtime crashed running it ({signal.Signals(-proc.returncode).name})"
-    if proc.returncode:
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        return f"the runtime failed running it: {lines[-1][:200] if lines else f'exit code {proc.returncode}'}"
-    return None
-
-
 def measure_latency(artifact: bytes, sample: np.ndarray, *, threads: int) -> float:
     """Single-sample latency (µs) of an artifact in its runtime."""
     return latency_us(Model.load(artifact, num_threads=threads), sample)
