@@ -71,20 +71,10 @@ def test_int8_io_remedy_keeps_int8_inputs(outlier_path, digits):
     assert Model.load(art.data).inputs[0].dtype == "int8"
 
 
-def _no_wide_activations(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The 16-bit activation rung fails, as it does when a model cannot be converted in 16x8 mode."""
-    from edgekit.export.tflite import TfliteInt8
-
-    def refuse(self, options):
-        raise ValueError("simulated: no 16x8 conversion")
-
-    monkeypatch.setattr(TfliteInt8, "_int16x8", refuse)
-
-
 def test_no_remedy_left_means_exit_code_3_with_the_report(outlier_path, tmp_path, monkeypatch):
     monkeypatch.setitem(LADDERS, Format.TFLITE, ())
     monkeypatch.setattr(remedies_module, "MAX_FLOAT_NODES", 0)  # no float fallback either
-    _no_wide_activations(monkeypatch)
+    monkeypatch.setitem(remedies_module.WIDE_RUNGS, Format.TFLITE, ())  # nor 16-bit activations
     out = tmp_path / "over"
     with pytest.raises(BudgetError, match=r"int8: quantizing costs \d+\.\d\d points .* more than the 2 points") as info:
         compress(outlier_path, "digits", out, progress=False,
@@ -135,6 +125,7 @@ def test_the_16_bit_activation_rung_comes_after_the_float_fallback_with_minmax_r
                        evaluate=wide_only)
     names = list(recovery.tried)
     assert names[1:1 + len(LADDERS[Format.ONNX])] == [r.name for r in LADDERS[Format.ONNX]]
+    assert [name for name, _ in remedies_module.WIDE_RUNGS[Format.ONNX]] == [WIDE_ACTIVATIONS]
     assert [n for n in names if FLOAT_FALLBACK in n] == [f"{FLOAT_FALLBACK}(1)", f"{FLOAT_FALLBACK}(2)"]
     assert names[-1] == WIDE_ACTIVATIONS and recovery.within_budget and recovery.best.remedy == WIDE_ACTIVATIONS
     options = recovery.best.options
@@ -144,6 +135,25 @@ def test_the_16_bit_activation_rung_comes_after_the_float_fallback_with_minmax_r
     early = recover(Format.ONNX, Ranked(), Attempt("", Int8Options(), b"first", 9.0), budget=2.0,
                     evaluate=lambda data: (0.5 if b"ENTROPY" in data else 9.0, None))
     assert WIDE_ACTIVATIONS not in early.tried and early.best.remedy == "entropy-calibration"
+
+
+def test_where_the_converters_16x8_fails_the_litert_quantizers_16_bit_recipe_is_tried():
+    from edgekit.export.remedies import WIDE_ACTIVATIONS, Attempt, recover
+
+    class Ranked(_Quantizer):
+        def quantize(self, options):
+            if options.wide_activations and options.tflite_quantizer.value == "converter":
+                raise ValueError("simulated: no 16x8 kernel")
+            return super().quantize(options)
+
+        def sensitive_nodes(self, options):
+            return []
+
+    recovery = recover(Format.TFLITE, Ranked(), Attempt("", Int8Options(), b"first", 9.0), budget=2.0,
+                       evaluate=lambda data: (0.5 if b"INT16" in data else 9.0, None))
+    assert list(recovery.tried)[-2:] == [WIDE_ACTIVATIONS, f"litert-quantizer+{WIDE_ACTIVATIONS}"]
+    assert recovery.tried[WIDE_ACTIVATIONS] == float("inf") and recovery.within_budget
+    assert recovery.best.options.changes() == "int16 activations; the LiteRT Quantizer"
 
 
 def test_the_float_fallback_builds_on_a_remedy_only_where_nodes_can_be_kept_float():
@@ -553,6 +563,9 @@ def test_a_16x8_tflite_that_aborts_litert_is_a_failed_rung_not_a_dead_process(tm
         with pytest.raises(ValueError, match=r"the 16x8 artifact cannot run: the runtime crashed running it "
                                              r"\(SIGABRT\)"):
             quantizer.quantize(Int8Options(activations=IntType.INT16))
+        # the next rung, the LiteRT Quantizer's static_wi8_ai16, writes a file that runs
+        litert16 = quantizer.quantize(Int8Options(activations=IntType.INT16, tflite_quantizer="litert-quantizer"))
+        assert probe_artifact(litert16, tokens.x[:1]) is None
         monkeypatch.setattr(tflite, "probe_artifact", lambda *args, **kwargs: None)  # the bytes, not run here
         aborting = quantizer.quantize(Int8Options(activations=IntType.INT16))
     # a device is sent a model folder whose (hash-consistent) artifact is that file

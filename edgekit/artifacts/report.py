@@ -53,12 +53,12 @@ def slower_notes(candidate: Any) -> list[str]:
 
 def remedy_notes(candidate: Any) -> list[str]:
     """One line per artifact of ``candidate`` that needed an int8 remedy to stay within the budget or to be faster."""
-    from edgekit.export.remedies import WIDE_ACTIVATIONS
-
+    wide = "; 16-bit activations have no fast CPU kernels: for 8-bit speed try quantization-aware training (the " \
+        "qat recipe)"
     lines = [f"{a.format.value} int8 lost {a.remedies_tried['default']:.2f} points with the quantizer's defaults; "
              f"kept with remedy {a.remedy}, which loses {a.accuracy_drop:.2f}"
-             + ("; 16-bit activations have no fast CPU kernels: for 8-bit speed try quantization-aware training (the "
-                "qat recipe)" if a.remedy == WIDE_ACTIVATIONS else "") for a in candidate.artifacts if a.remedy]
+             + (wide if a.quantizer_options.get("activations") == "int16" else "")
+             for a in candidate.artifacts if a.remedy]
     return lines + [f"{a.format.value} int8 ran slower than float32; kept with {a.speed_remedy}, "
                     f"{a.speed_tried[a.speed_remedy]:.2f}x the time" for a in candidate.artifacts if a.speed_remedy]
 

@@ -174,6 +174,19 @@ SPEED_GAIN = 0.9  # a rung replaces the artifact only if it takes at most this f
 
 FLOAT_FALLBACK = "float-fallback"
 WIDE_ACTIVATIONS = "int16-activations"
+# the other rungs' changes serve 8-bit activations; 16 bits take min-max ranges (65,536 levels: nothing to clip)
+# and per-channel weights (the converter's 16x8 mode has no per-tensor depthwise convolution)
+WIDE_RUNGS: dict[Format, tuple[tuple[str, Int8Options], ...]] = {
+    Format.ONNX: ((WIDE_ACTIVATIONS, Int8Options(activations=IntType.INT16)),),
+    Format.TFLITE: (
+        (WIDE_ACTIVATIONS, Int8Options(activations=IntType.INT16)),
+        # where the converter's 16x8 mode fails (no 16x8 HARD_SWISH) or writes a file LiteRT aborts on (a Keras
+        # transformer's), the LiteRT Quantizer's static_wi8_ai16 recipe ran (BENCHMARKS.md, "LiteRT Quantizer")
+        (f"litert-quantizer+{WIDE_ACTIVATIONS}",
+         Int8Options(activations=IntType.INT16, tflite_quantizer=TfliteQuantizer.LITERT)),
+    ),
+}
+"""Format -> the 16-bit activation rungs, tried in order after the float fallback."""
 """The last rung of every format: int8 weights with 16-bit activations (onnxruntime's A16W8 QDQ, the TFLite
 converter's 16x8 mode). It keeps the weights' 4x saving and recovers models whose activations have outlier
 channels in many layers (per-tensor 8-bit activation ranges crush the other channels; EfficientNet's swish and
@@ -254,10 +267,10 @@ def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: fl
         if attempt(f"{name}({len(nodes)})", replace(base.options, float_nodes=nodes)):
             return recovery
         count *= 2
-    # the other rungs' changes serve 8-bit activations; 16 bits take min-max ranges (65,536 levels: nothing to clip)
-    # and per-channel weights (the converter's 16x8 mode has no per-tensor depthwise convolution)
-    if not attempt(WIDE_ACTIVATIONS, Int8Options(activations=IntType.INT16)):
-        recovery.within_budget = recovery.best.score <= budget
+    for name, options in WIDE_RUNGS[fmt]:
+        if attempt(name, options):
+            return recovery
+    recovery.within_budget = recovery.best.score <= budget
     return recovery
 
 
