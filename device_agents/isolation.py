@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from device_agents.join import FLOWER_ENV
+
 PROBE_SECONDS = 300.0
 """How long one probe may take (loading the runtime and one inference) before it counts as hung."""
-_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
 _FAILED = 3  # the child's exit code when the model ran and failed (the reason is its last stderr line)
 
 
@@ -45,7 +46,8 @@ def probe_folder(folder: str | Path, *, runtime: str | None = None, timeout: flo
 
 def _run(args: list[str], *, cwd: str, timeout: float) -> str | None:
     root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, **_ENV, "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
+    path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
+    env = {**os.environ, **FLOWER_ENV, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": path}
     try:
         proc = subprocess.run([sys.executable, "-m", "device_agents.isolation", *args], capture_output=True,
                               text=True, timeout=timeout, env=env, cwd=cwd)

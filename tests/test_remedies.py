@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import BIN, fast_training
+from conftest import BIN, assert_one_line_error, fast_training, run_cli
 
 from edgekit import BudgetError, CompressConfig, Recipe, compress
 from edgekit.config import Format
@@ -538,7 +538,7 @@ def test_latency_ratio_of_an_artifact_against_itself_is_about_one(cnn, digits):
     assert 0.6 < latency_ratio(data, data, digits.x[:1], threads=1) < 1.6
 
 
-def test_a_16x8_tflite_that_aborts_litert_is_a_failed_rung_not_a_dead_process(tmp_path, monkeypatch):
+def test_a_16x8_tflite_that_aborts_litert_is_a_failed_rung_not_a_dead_process(tmp_path, monkeypatch, text_npz):
     """LiteRT aborted (SIGABRT, in invoke()) on the converter's 16x8 .tflite of a Keras transformer: run in edgekit's
     process, the remedy ladder would have taken `compress` down with it, and a device installing such a model would
     have died in its smoke test. Both now run a new model in a child process first."""
@@ -569,7 +569,7 @@ def test_a_16x8_tflite_that_aborts_litert_is_a_failed_rung_not_a_dead_process(tm
         monkeypatch.setattr(tflite, "probe_artifact", lambda *args, **kwargs: None)  # the bytes, not run here
         aborting = quantizer.quantize(Int8Options(activations=IntType.INT16))
     # a device is sent a model folder whose (hash-consistent) artifact is that file
-    compress(tmp_path / "transformer.keras", _npz(tmp_path, tokens), tmp_path / "release", progress=False,
+    compress(tmp_path / "transformer.keras", text_npz, tmp_path / "release", progress=False,
              config=CompressConfig(recipe=Recipe(), formats=("tflite",), training=fast_training()))
     folder = tmp_path / "release"
     (folder / "model.tflite").write_bytes(aborting)
@@ -581,9 +581,7 @@ def test_a_16x8_tflite_that_aborts_litert_is_a_failed_rung_not_a_dead_process(tm
     with pytest.raises(InstallError, match=r"failed its smoke test: the runtime crashed running it \(SIGABRT\)"):
         store.install(folder)
     assert store.current is None and not list((tmp_path / "store" / "versions").iterdir())
+    assert_one_line_error(run_cli("install", "--model", str(folder), "--store", str(tmp_path / "store"),
+                                  tool="edgekit-agent"), 1, "failed its smoke test: the runtime crashed", "SIGABRT")
+    assert store.current is None
 
-
-def _npz(folder, data):
-    path = folder / "data.npz"
-    np.savez(path, x=data.x, y=data.y)
-    return path
