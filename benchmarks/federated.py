@@ -226,6 +226,18 @@ SCHEDULES = {
 SCHEDULES_TEXT = ("the on-device learning rate: constant, or decayed over the rounds by a cosine from the rate "
                   "given at round 1 to a tenth of it at the last round (`--lr-schedule cosine`).")
 
+MOMENTUM = {
+    "none, lr 0.1 (the default)": {},
+    "0.5, lr 0.05": {"client_momentum": 0.5, "learning_rate": 0.05},
+    "0.9, lr 0.01": {"client_momentum": 0.9, "learning_rate": 0.01},
+    "0.9, lr 0.02": {"client_momentum": 0.9, "learning_rate": 0.02},
+}
+"""Label -> RoundSettings overrides of the on-device optimizer: heavy-ball momentum (lr / (1 - momentum) is the
+step a long run of equal gradients settles to, so 0.5/0.05 and 0.9/0.01 match the default's 0.1)."""
+MOMENTUM_TEXT = ("the on-device optimizer: plain SGD, or SGD with heavy-ball momentum (`--client-momentum`, zeroed "
+                 "at each round's start) at a learning rate scaled so that lr / (1 - momentum) is at or near the "
+                 "default's 0.1.")
+
 
 # -- the defaults, side by side --------------------------------------------------------------------
 def side_by_side(args: argparse.Namespace) -> int:
@@ -369,6 +381,8 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="run (or resume) the settings sweep")
     parser.add_argument("--schedules", action="store_true",
                         help="the defaults with a constant or a cosine-decayed on-device learning rate")
+    parser.add_argument("--momentum", action="store_true",
+                        help="the defaults with plain on-device SGD or with on-device momentum")
     parser.add_argument("--oversized", action="store_true",
                         help="compare what the server does with oversized updates: reject, bound, bound + reject")
     parser.add_argument("--jsonl", default=str(Path(__file__).with_name("federated_sweep.jsonl")),
@@ -381,6 +395,9 @@ def main() -> int:
         return compare(args, SCHEDULES, flag="schedules", section="federated-schedules",
                        column="on-device learning rate", title="On-device learning-rate schedules",
                        text=SCHEDULES_TEXT)
+    if args.momentum:
+        return compare(args, MOMENTUM, flag="momentum", section="federated-momentum", column="on-device momentum",
+                       title="On-device momentum", text=MOMENTUM_TEXT)
     return sweep(args) if args.sweep else side_by_side(args)
 
 

@@ -6,7 +6,8 @@ the mean loss and the accuracy. No sample, label or per-sample value is ever put
 Message protocol (Flower Message API):
 
 - train: content ``arrays`` (global weights by tensor name) and ``config`` (``local-epochs``,
-  ``learning-rate``, ``proximal-mu``, ``compress-updates`` (``float32``, ``int8`` or ``int4``; see
+  ``learning-rate``, ``momentum`` (on-device heavy-ball momentum, 0 if absent), ``proximal-mu``,
+  ``compress-updates`` (``float32``, ``int8`` or ``int4``; see
   :mod:`device_agents.codec`), ``seed``, ``dp-clipping``: ``fixed`` or ``adaptive`` when the round is
   differentially private, and Flower's DP wrapper adds the clipping norm; the device clips its update with
   Flower's mod). Reply: ``arrays`` (weights; int8 deltas; or packed int4
@@ -73,8 +74,8 @@ class Clipping(str, Enum):
 class ClientLimits:
     """What a device obeys of the server's round settings (node config keys in brackets).
 
-    ``max_local_epochs`` [max-local-epochs], ``max_learning_rate`` [max-learning-rate] and
-    ``max_proximal_mu`` cap the values the server sends; non-finite values are refused.
+    ``max_local_epochs`` [max-local-epochs], ``max_learning_rate`` [max-learning-rate], ``max_momentum``
+    [max-momentum] and ``max_proximal_mu`` cap the values the server sends; non-finite values are refused.
     ``evaluate`` [evaluate]: ``"coarse"`` (default) or ``"off"``.
     ``local_dp_epsilon`` [local-dp-epsilon]: when set, the device adds its own Gaussian noise to every
     update (Flower's ``LocalDpMod``: clipped to ``local_dp_clip`` [local-dp-clip], sensitivity = that
@@ -85,12 +86,15 @@ class ClientLimits:
     max_local_epochs: int = 10
     max_learning_rate: float = 1.0
     max_proximal_mu: float = 10.0
+    max_momentum: float = 0.9
     evaluate: str = "coarse"
     local_dp_epsilon: float | None = None
     local_dp_clip: float = 1.0
     local_dp_delta: float = 1e-5
 
     def __post_init__(self) -> None:
+        if not 0 <= self.max_momentum < 1:
+            raise ValueError(f"max-momentum must be in [0, 1), got {self.max_momentum}")
         if self.evaluate not in ("coarse", "off"):
             raise ValueError(f"evaluate must be 'coarse' or 'off', got {self.evaluate!r}")
         if self.local_dp_epsilon is not None and not (self.local_dp_epsilon > 0 and self.local_dp_clip > 0
@@ -100,6 +104,7 @@ class ClientLimits:
     @classmethod
     def from_node_config(cls, node: Any) -> ClientLimits:
         keys = {"max-local-epochs": ("max_local_epochs", int), "max-learning-rate": ("max_learning_rate", float),
+                "max-momentum": ("max_momentum", float),
                 "evaluate": ("evaluate", str), "local-dp-epsilon": ("local_dp_epsilon", float),
                 "local-dp-clip": ("local_dp_clip", float), "local-dp-delta": ("local_dp_delta", float)}
         values = {field_name: kind(node[key]) for key, (field_name, kind) in keys.items() if key in node}
@@ -227,8 +232,23 @@ def clipping_of(config: Any) -> Clipping:
         raise ValueError(f"the server asked for {DP_CLIPPING} {str(value)[:40]!r}; refusing the round") from None
 
 
-def round_settings(config: Any, limits: ClientLimits) -> tuple[int, float, float, int]:
-    """(epochs, learning rate, proximal mu, seed) from the server's config: capped, non-finite refused."""
+@dataclass(frozen=True)
+class LocalRound:
+    """How this device trains in one round, as the server asked and this device's limits allow."""
+
+    epochs: int
+    learning_rate: float
+    mu: float        # FedProx's proximal term
+    momentum: float  # on-device heavy-ball momentum (0: plain SGD)
+    seed: int
+
+    def fit_options(self) -> dict[str, float]:
+        """The keyword arguments :meth:`Trainer.fit_safely` takes from this round (but the seed)."""
+        return {"epochs": self.epochs, "learning_rate": self.learning_rate, "mu": self.mu, "momentum": self.momentum}
+
+
+def round_settings(config: Any, limits: ClientLimits) -> LocalRound:
+    """The round's local training from the server's config: capped, non-finite or out-of-range refused."""
 
     def number(key: str, default: float) -> float:
         value = config.get(key, default)
@@ -239,10 +259,14 @@ def round_settings(config: Any, limits: ClientLimits) -> tuple[int, float, float
     learning_rate = number("learning-rate", 0.05)
     if learning_rate <= 0:
         raise ValueError(f"the server's learning-rate {learning_rate} is not positive; refusing the round")
-    return (min(max(1, int(number("local-epochs", 1))), limits.max_local_epochs),
-            min(learning_rate, limits.max_learning_rate),
-            min(max(0.0, number("proximal-mu", 0.0)), limits.max_proximal_mu),
-            int(number("seed", 0)) % 2**31)
+    momentum = number("momentum", 0.0)
+    if not 0 <= momentum < 1:
+        raise ValueError(f"the server's momentum {momentum} is not in [0, 1); refusing the round")
+    return LocalRound(epochs=min(max(1, int(number("local-epochs", 1))), limits.max_local_epochs),
+                      learning_rate=min(learning_rate, limits.max_learning_rate),
+                      mu=min(max(0.0, number("proximal-mu", 0.0)), limits.max_proximal_mu),
+                      momentum=min(momentum, limits.max_momentum),
+                      seed=int(number("seed", 0)) % 2**31)
 
 
 def make_client_app(settings: ClientSettings) -> Any:
@@ -290,12 +314,12 @@ def make_client_app(settings: ClientSettings) -> Any:
         artifact_dir = _artifact_dir(settings, context)
         trainer = _trainer(artifact_dir)
         config = message.content["config"]
-        epochs, learning_rate, mu, seed = round_settings(config, _limits(settings, context))
+        local_round = round_settings(config, _limits(settings, context))
         global_weights = received_weights(message.content, trainer.tensors, context)
         pid, x, y = _local_data(settings, context)
         trainer.set_weights(global_weights)
         _LAST_TRAINED[(artifact_dir, pid)] = codec.digest(global_weights)
-        local = trainer.fit_safely(x, y, epochs=epochs, learning_rate=learning_rate, mu=mu, seed=seed * 100_003 + pid)
+        local = trainer.fit_safely(x, y, **local_round.fit_options(), seed=local_round.seed * 100_003 + pid)
         metrics = {"num-examples": len(x), "train-loss": float(local.losses[-1]),
                    "train-accuracy": float(local.accuracy), "learning-rate": float(local.learning_rate)}
         new, fault = trainer.get_weights(), settings.faults.get(pid)
@@ -305,7 +329,7 @@ def make_client_app(settings: ClientSettings) -> Any:
         used = _codec(config) if _limits(settings, context).local_dp_epsilon is None else codec.Codec.FLOAT32
         if fault not in (None, Fault.CODEC_SCALE):
             used = codec.Codec.FLOAT32
-        _encode(content, used, new, global_weights, context, rng=np.random.default_rng([seed, pid]),
+        _encode(content, used, new, global_weights, context, rng=np.random.default_rng([local_round.seed, pid]),
                 hostile_scale=fault is Fault.CODEC_SCALE)
         return Message(content, reply_to=message)
 
@@ -313,12 +337,13 @@ def make_client_app(settings: ClientSettings) -> Any:
     def personalize(message: Any, context: Any) -> Any:
         trainer = _trainer(_artifact_dir(settings, context))
         config = message.content["config"]
-        epochs, learning_rate, _, seed = round_settings({**dict(config.items()), "local-epochs": config.get(
+        local_round = round_settings({**dict(config.items()), "local-epochs": config.get(
             "personalize-epochs", 1)}, _limits(settings, context))
         weights = checked_weights(message.content["arrays"], trainer.tensors)
         pid, x, y = _local_data(settings, context)
-        metrics, head = personalized_head(trainer, weights, x, y, epochs=epochs, learning_rate=learning_rate,
-                                          seed=seed * 100_003 + pid)
+        metrics, head = personalized_head(trainer, weights, x, y, epochs=local_round.epochs,
+                                          learning_rate=local_round.learning_rate,
+                                          seed=local_round.seed * 100_003 + pid)
         context.state[PERSONAL_HEAD] = ArrayRecord({k: _array(v) for k, v in head.items()})
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
 
@@ -511,13 +536,12 @@ def make_secagg_client_app(settings: ClientSettings) -> Any:
 
         def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
             pid, x, y = _local_data(settings, self.context)
-            epochs, learning_rate, _, seed = round_settings(config, _limits(settings, self.context))
+            local_round = round_settings(config, _limits(settings, self.context))
             if len(parameters) != len(self.names) or any(
                     tuple(np.shape(p)) != tuple(self.trainer.tensors[n]) for p, n in zip(parameters, self.names)):
                 raise ValueError("the server sent tensors that are not this model's; refusing the round")
             self.trainer.set_weights(dict(zip(self.names, parameters)))
-            local = self.trainer.fit_safely(x, y, epochs=epochs, learning_rate=learning_rate,
-                                            seed=seed * 100_003 + pid)
+            local = self.trainer.fit_safely(x, y, **local_round.fit_options(), seed=local_round.seed * 100_003 + pid)
             new = self.trainer.get_weights()
             return [new[n] for n in self.names], len(x), {"train-loss": float(local.losses[-1])}
 

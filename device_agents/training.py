@@ -70,6 +70,8 @@ class Trainer:
         if spec.get("mode") == "head-only" and self._backbone is None:
             raise ArtifactError("a head-only trainable artifact needs its backbone.tflite")
         self.tensors = {t["name"]: tuple(t["shape"]) for t in spec["tensors"]}
+        # artifacts exported before edgekit 0.x had no momentum input: plain SGD only
+        self.has_momentum = "momentum" in (spec.get("signatures") or {}).get("train", ())
         dtype = str(spec.get("input", {}).get("dtype", "float32"))
         if dtype not in ("float32", "int32", "int64"):
             raise ArtifactError(f"the trainable artifact's input dtype {dtype!r} is not float32, int32 or int64")
@@ -129,25 +131,40 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------------
     def train_step(self, x: np.ndarray, y: np.ndarray, *, learning_rate: float, mu: float = 0.0,
-                   sample_weight: np.ndarray | None = None) -> float:
-        """One SGD step on exactly one batch (already features in head-only mode); returns the loss."""
+                   momentum: float = 0.0, sample_weight: np.ndarray | None = None) -> float:
+        """One SGD step on exactly one batch (already features in head-only mode); returns the loss.
+
+        ``momentum``: heavy-ball momentum in [0, 1); its velocity lives in the artifact and is zeroed by
+        :meth:`set_weights`.
+        """
         if sample_weight is None:
             sample_weight = np.ones(len(x), np.float32)
+        extra = {"momentum": np.float32(self._momentum(momentum))} if self.has_momentum or momentum else {}
         out = self._train(x=np.asarray(x, self._x_dtype), y=np.asarray(y, np.int32),
                           sample_weight=np.asarray(sample_weight, np.float32),
-                          learning_rate=np.float32(learning_rate), mu=np.float32(mu))
+                          learning_rate=np.float32(learning_rate), mu=np.float32(mu), **extra)
         return float(out["loss"])
 
+    def _momentum(self, momentum: float) -> float:
+        if not 0 <= momentum < 1:
+            raise InputMismatchError(f"momentum must be in [0, 1), got {momentum}")
+        if momentum and not self.has_momentum:
+            raise TrainingError(f"this trainable artifact has no momentum input (exported before it had one): "
+                                f"re-export it to train with momentum {momentum:g}, or use 0")
+        return momentum
+
     def fit(self, x: np.ndarray, y: np.ndarray, *, epochs: int = 1, learning_rate: float | None = None,
-            mu: float = 0.0, seed: int = 0, frozen: Collection[str] = ()) -> list[float]:
+            mu: float = 0.0, momentum: float = 0.0, seed: int = 0, frozen: Collection[str] = ()) -> list[float]:
         """Train on ``x, y`` for ``epochs``; the last short batch is padded with weight-0 samples.
 
         ``frozen``: tensors put back after every step (e.g. the backbone, to train only the head:
-        the manifest's ``head_tensors``). Returns the mean loss of each epoch.
+        the manifest's ``head_tensors``); putting them back zeroes the momentum, so with ``frozen`` the
+        steps are plain SGD. ``momentum``: heavy-ball momentum in [0, 1), carried across the epochs.
+        Returns the mean loss of each epoch.
         """
         feats, y = self._training_data(x, y)
         return self._fit_features(feats, y, epochs=epochs, learning_rate=self._rate(learning_rate), mu=mu,
-                                  seed=seed, frozen=frozen)
+                                  momentum=momentum, seed=seed, frozen=frozen)
 
     def _training_data(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(features, int32 labels) of a training set, checked."""
@@ -162,7 +179,7 @@ class Trainer:
         return float(self.spec.get("learning_rate", 0.05) if learning_rate is None else learning_rate)
 
     def _fit_features(self, feats: np.ndarray, y: np.ndarray, *, epochs: int, learning_rate: float, mu: float,
-                      seed: int, frozen: Collection[str]) -> list[float]:
+                      momentum: float, seed: int, frozen: Collection[str]) -> list[float]:
         rng = np.random.default_rng(seed)
         b = self.batch_size
         losses = []
@@ -176,7 +193,8 @@ class Trainer:
                 pad = np.resize(idx, b)  # fill the batch; padded samples weigh 0
                 w = np.zeros(b, np.float32)
                 w[:n] = 1.0
-                loss = self.train_step(feats[pad], y[pad], learning_rate=learning_rate, mu=mu, sample_weight=w)
+                loss = self.train_step(feats[pad], y[pad], learning_rate=learning_rate, mu=mu, momentum=momentum,
+                                       sample_weight=w)
                 if kept:
                     self.set_weights({**self.get_weights(), **kept})
                 total += loss * n
@@ -185,7 +203,8 @@ class Trainer:
         return losses
 
     def fit_safely(self, x: np.ndarray, y: np.ndarray, *, epochs: int = 1, learning_rate: float | None = None,
-                   mu: float = 0.0, seed: int = 0, frozen: Collection[str] = ()) -> LocalFit:
+                   mu: float = 0.0, momentum: float = 0.0, seed: int = 0,
+                   frozen: Collection[str] = ()) -> LocalFit:
         """:meth:`fit`, and when the loss on ``x, y`` ends higher than it started (:attr:`LocalFit.diverged`),
         again from the same weights at half the learning rate, up to :data:`MAX_BACKOFFS` times. When every
         rate diverges, the weights are put back and :class:`TrainingError` says so with the losses.
@@ -206,8 +225,8 @@ class Trainer:
             if attempt:
                 self.set_weights(start)
             rate = lr / 2 ** attempt
-            losses = self._fit_features(feats, labels, epochs=epochs, learning_rate=rate, mu=mu, seed=seed,
-                                        frozen=frozen)
+            losses = self._fit_features(feats, labels, epochs=epochs, learning_rate=rate, mu=mu, momentum=momentum,
+                                        seed=seed, frozen=frozen)
             after, accuracy = self._score(self._infer_features(feats), labels)
             result = LocalFit(losses, rate, before, after, accuracy)
             if not math.isfinite(before) or not result.diverged:

@@ -167,7 +167,8 @@ def test_faulty_clients_are_rejected_and_compressed_updates_are_smaller(fl_model
 
 def test_fedprox_compressed_bytes_and_resume(fl_model, tmp_path):
     out = tmp_path / "prox"
-    settings = {"strategy": "fedprox", "compress_updates": True, "proximal_mu": 0.1, "lr_schedule": "cosine"}
+    settings = {"strategy": "fedprox", "compress_updates": True, "proximal_mu": 0.1, "lr_schedule": "cosine",
+                "client_momentum": 0.5}
     first = simulate(fl_model, "digits", out, progress=False, log=quiet,
                      config=SimulationConfig(clients=3, partition=SKEWED,
                                              rounds=RoundSettings(rounds=1, **settings)))
@@ -180,6 +181,7 @@ def test_fedprox_compressed_bytes_and_resume(fl_model, tmp_path):
     assert resumed.history[1] == json.loads(json.dumps(h1))  # the completed round was kept, not rerun
     # the resumed run's schedule: round 2 of 2 is the cosine schedule's last, at its floor
     assert resumed.history[2]["learning_rate"] == pytest.approx(RoundSettings().learning_rate * LR_FLOOR)
+    assert resumed.history[2]["momentum"] == 0.5 and resumed.history[2]["valid"] == 3
 
 
 @pytest.mark.parametrize("clipping, sigma", [("fixed", 0.8), ("adaptive", 0.25)])
@@ -452,6 +454,8 @@ def test_strategy_and_partition_validation():
         RoundSettings(strategy="krum2")
     with pytest.raises(InputError, match="server momentum must be in"):
         RoundSettings(server_momentum=1.0)
+    with pytest.raises(InputError, match=r"on-device momentum must be in \[0, 0.9\] \(what devices accept"):
+        RoundSettings(client_momentum=0.95)
     with pytest.raises(InputError, match="Dirichlet alpha of a partition must be > 0"):
         SimulationConfig(partition=Partition(PartitionScheme.DIRICHLET, -1))
     with pytest.raises(InputError, match="unknown partition scheme 'zipf'"):
@@ -464,6 +468,7 @@ def test_strategy_and_partition_validation():
     (["--clients", "1"], "at least 2 clients, got 1"),
     (["--strategy", "krum"], "invalid choice: 'krum'"),
     (["--lr-schedule", "step"], "invalid choice: 'step' (choose from 'constant', 'cosine')"),
+    (["--client-momentum", "0.99"], "on-device momentum must be in [0, 0.9]"),
 ])
 def test_fl_cli_bad_input(fl_model, tmp_path, args, fragment):
     proc = run_cli("fl", "simulate", "--model", str(fl_model), "--out", str(tmp_path / "o"), *args)
@@ -724,6 +729,8 @@ def test_a_hostile_server_cannot_steer_or_probe_the_device(device):
     for config, fragment in (({"learning-rate": float("nan")}, "learning-rate nan is not a finite number"),
                              ({"local-epochs": float("inf")}, "local-epochs inf is not a finite number"),
                              ({"learning-rate": -1.0}, "learning-rate -1.0 is not positive"),
+                             ({"momentum": 1.0}, r"momentum 1.0 is not in \[0, 1\)"),
+                             ({"momentum": float("nan")}, "momentum nan is not a finite number"),
                              ({"learning-rate": 0.01, "dp-clipping": "ignore"}, "dp-clipping 'ignore'")):
         with pytest.raises(ValueError, match=fragment):  # Flower turns it into an error reply
             app(_train_message(weights, **config), context)
@@ -734,9 +741,11 @@ def test_a_hostile_server_cannot_steer_or_probe_the_device(device):
     with pytest.raises(ValueError, match=r"as float64 \(7,\), expected float32"):
         app(_train_message(wrong, **{"learning-rate": 0.01}), context)
     # documented caps, and the node config sets them
-    assert round_settings({"local-epochs": 50, "learning-rate": 9.0, "proximal-mu": 1e9}, ClientLimits())[:3] == \
-        (10, 1.0, 10.0)
-    assert round_settings({"local-epochs": 50}, ClientLimits.from_node_config({"max-local-epochs": 3}))[0] == 3
+    capped = round_settings({"local-epochs": 50, "learning-rate": 9.0, "proximal-mu": 1e9, "momentum": 0.99},
+                            ClientLimits())
+    assert (capped.epochs, capped.learning_rate, capped.mu, capped.momentum) == (10, 1.0, 10.0, 0.9)
+    assert round_settings({"local-epochs": 50}, ClientLimits.from_node_config({"max-local-epochs": 3})).epochs == 3
+    assert round_settings({"momentum": 0.5}, ClientLimits.from_node_config({"max-momentum": 0.0})).momentum == 0.0
     assert not app(_train_message(weights, **{"local-epochs": 50, "learning-rate": 0.01}), context).has_error()
     # evaluation: only the weights last trained from, once, with coarse metrics
     probe = {k: np.zeros_like(v) for k, v in weights.items()}

@@ -121,7 +121,8 @@ def test_one_train_step_matches_tensorflow(index):
     assert not any(op.startswith("Flex") or "CUSTOM" in op for op in ops), ops
     np.testing.assert_allclose(interp.get_signature_runner("infer")(x=x)["output"], model(x).numpy(), atol=1e-5)
     interp.get_signature_runner("train")(x=x, y=y, sample_weight=np.ones(batch, np.float32),
-                                          learning_rate=np.float32(0.1), mu=np.float32(0.0))
+                                          learning_rate=np.float32(0.1), mu=np.float32(0.0),
+                                          momentum=np.float32(0.0))
     got = interp.get_signature_runner("get_weights")()
     want = reference_step(model, x, y, learning_rate=0.1)
     assert set(want) == set(got) == {t.name for t in tensors}
@@ -141,16 +142,75 @@ def test_sample_weight_zero_ignores_padding_and_mu_pulls_to_anchor():
     y = np.array([0, 1, 2, 0], np.int32)
     start = get()
     train(x=x, y=y, sample_weight=np.array([1, 1, 0, 0], np.float32), learning_rate=np.float32(0.1),
-          mu=np.float32(0.0))
+          mu=np.float32(0.0), momentum=np.float32(0.0))
     padded = get()
     want = reference_step(model, x[:2], y[:2], learning_rate=0.1)
     for name in want:
         np.testing.assert_allclose(padded[name], want[name], atol=1e-5)
     # with a large proximal term, a step moves the weights back toward the anchor (the start)
     before = {k: np.linalg.norm(padded[k] - start[k]) for k in start}
-    train(x=x, y=y, sample_weight=np.zeros(4, np.float32), learning_rate=np.float32(0.5), mu=np.float32(1.0))
+    train(x=x, y=y, sample_weight=np.zeros(4, np.float32), learning_rate=np.float32(0.5), mu=np.float32(1.0),
+          momentum=np.float32(0.0))
     after = get()
     assert all(np.linalg.norm(after[k] - start[k]) <= before[k] * 0.51 + 1e-7 for k in start)
+
+
+def test_momentum_matches_heavy_ball_sgd_on_tensorflow_gradients_and_set_weights_restarts_it(tmp_path):
+    """Three steps at momentum 0.9 in LiteRT give the weights of v = 0.9 v + g, w -= lr v computed on
+    TensorFlow's own gradients; after set_weights the first step is plain SGD again (no stale velocity)."""
+    model = parity_models()[0]
+    export_trainable(model, tmp_path / "tr", progress=False, config=TrainableConfig(batch_size=4))
+    trainer = Trainer.load(tmp_path / "tr")
+    assert trainer.has_momentum
+    rng = np.random.default_rng(3)
+    batches = [(rng.standard_normal((4, 9, 9, 2)).astype(np.float32), rng.integers(0, 5, 4).astype(np.int32))
+               for _ in range(3)]
+    start = trainer.get_weights()
+    w, v = dict(start), {k: np.zeros_like(a) for k, a in start.items()}
+    for x, y in batches:
+        trainer.train_step(x, y, learning_rate=0.05, momentum=0.9)
+        _assign(model, w)
+        g = {k: w[k] - a for k, a in reference_step(model, x, y, learning_rate=1.0).items()}
+        v = {k: 0.9 * v[k] + g[k] for k in w}
+        w = {k: w[k] - 0.05 * v[k] for k in w}
+    got = trainer.get_weights()
+    moved = max(float(np.max(np.abs(got[k] - start[k]))) for k in w)
+    for k in w:
+        np.testing.assert_allclose(got[k], w[k], atol=2e-5 * max(1.0, moved), err_msg=k)
+    trainer.set_weights(got)  # a new round: the velocity (and the stepped flag) start again
+    trainer.train_step(*batches[0], learning_rate=0.05, momentum=0.9)
+    _assign(model, got)
+    want = reference_step(model, *batches[0], learning_rate=0.05)
+    for k, a in trainer.get_weights().items():
+        np.testing.assert_allclose(a, want[k], atol=1e-5, err_msg=k)
+
+
+def test_momentum_out_of_range_or_on_an_artifact_without_it_is_refused(tmp_path):
+    from device_agents.errors import InputMismatchError, TrainingError
+
+    model = parity_models()[0]
+    export_trainable(model, tmp_path / "tr", progress=False, config=TrainableConfig(batch_size=4))
+    trainer = Trainer.load(tmp_path / "tr")
+    x, y = np.zeros((4, 9, 9, 2), np.float32), np.zeros(4, np.int32)
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(InputMismatchError, match="momentum must be in"):
+            trainer.train_step(x, y, learning_rate=0.1, momentum=bad)
+    manifest = json.loads((tmp_path / "tr" / "manifest.json").read_text())
+    manifest["trainable"]["signatures"]["train"].remove("momentum")  # an artifact exported before momentum
+    old = Trainer.from_bytes((tmp_path / "tr" / "trainable.tflite").read_bytes(), manifest)
+    assert not old.has_momentum
+    with pytest.raises(TrainingError, match="has no momentum input .* re-export it to train with momentum 0.5"):
+        old.fit(np.zeros((4, 9, 9, 2)), np.zeros(4), momentum=0.5)
+
+
+def _assign(model, weights):
+    """Put ``weights`` (by tensor name) into the Keras ``model``."""
+    from edgekit.trainable.contract import weight_key
+
+    for layer in model.layers:
+        for var in layer.trainable_weights:
+            if weight_key(layer, var) in weights:
+                var.assign(weights[weight_key(layer, var)])
 
 
 @pytest.fixture(scope="module")

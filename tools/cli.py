@@ -256,6 +256,9 @@ def _add_round_args(p: argparse.ArgumentParser, config: type) -> None:
     p.add_argument("--lr-schedule", choices=_values(LrSchedule), default=_default(RoundSettings, "lr_schedule").value,
                    help=f"on-device learning rate over the rounds: constant, or cosine decay to {LR_FLOOR:g}x the "
                    "rate at the last round (default %(default)s)")
+    p.add_argument("--client-momentum", type=float, default=_default(RoundSettings, "client_momentum"),
+                   metavar="BETA", help="on-device SGD momentum, zeroed at each round's start (default %(default)s: "
+                   "plain SGD)")
     p.add_argument("--batch-size", type=int, default=_default(config, "batch_size"),
                    help="on-device batch size (default %(default)s)")
     p.add_argument("--fraction", type=float, default=_default(RoundSettings, "fraction"),
@@ -407,7 +410,8 @@ def cmd_trainable(args: argparse.Namespace) -> int:
 
 def _round_settings(args: argparse.Namespace) -> RoundSettings:
     return RoundSettings(rounds=args.rounds, local_epochs=args.local_epochs, learning_rate=args.learning_rate,
-                         lr_schedule=args.lr_schedule, strategy=args.strategy, proximal_mu=args.proximal_mu,
+                         lr_schedule=args.lr_schedule, client_momentum=args.client_momentum,
+                         strategy=args.strategy, proximal_mu=args.proximal_mu,
                          fraction=args.fraction,
                          server_learning_rate=args.server_learning_rate, server_momentum=args.server_momentum,
                          min_fraction=args.min_fraction, compress_updates=args.compress_updates, seed=args.seed,

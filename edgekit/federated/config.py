@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import ClassVar
 
-from device_agents.client_app import Clipping, Fault
+from device_agents.client_app import ClientLimits, Clipping, Fault
 from device_agents.codec import Codec
 from edgekit.config import coerce_enum
 from edgekit.errors import InputError
@@ -92,6 +92,7 @@ class RoundSettings:
     local_epochs: int = 10
     learning_rate: float = 0.1
     lr_schedule: LrSchedule = LrSchedule.CONSTANT
+    client_momentum: float = 0.0  # on-device heavy-ball momentum (0: plain SGD); zeroed at each round's start
     strategy: Strategy | None = None  # None: FedAvgM, or FedAvg in DP runs (see the aggregation property)
     proximal_mu: float = 0.01
     trim_beta: float = 0.2
@@ -168,6 +169,10 @@ class RoundSettings:
             raise InputError(f"the server learning rate must be > 0, got {self.server_learning_rate}")
         if not 0 <= self.server_momentum < 1:
             raise InputError(f"the server momentum must be in [0, 1), got {self.server_momentum}")
+        cap = ClientLimits().max_momentum
+        if not 0 <= self.client_momentum <= cap:
+            raise InputError(f"the on-device momentum must be in [0, {cap:g}] (what devices accept by default), "
+                             f"got {self.client_momentum}")
         if not self.adaptivity > 0:
             raise InputError(f"the adaptivity (tau) of the adaptive strategies must be > 0, got {self.adaptivity}")
         if not self.proximal_mu >= 0:

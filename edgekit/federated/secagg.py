@@ -55,6 +55,7 @@ def make_secagg_server_app(*, settings: Any, names: list[str], initial: dict[str
         min_available_clients=clients, evaluate_fn=evaluate,
         on_fit_config_fn=lambda rnd: {"local-epochs": settings.local_epochs,
                                       "learning-rate": settings.learning_rate_at(rnd),
+                                      "momentum": settings.client_momentum,
                                       "seed": settings.seed * 1000 + rnd},
         initial_parameters=ndarrays_to_parameters([initial[n] for n in names]))
     app = ServerApp()

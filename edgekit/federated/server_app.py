@@ -392,7 +392,8 @@ def _one_round(grid: Any, strategy: Any, rnd: int, weights: dict[str, np.ndarray
     arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in sent.items()})
     private = settings.dp_noise_multiplier is not None
     config = ConfigRecord({"local-epochs": settings.local_epochs, "learning-rate": settings.learning_rate_at(rnd),
-                           "compress-updates": settings.compress_updates.value, "seed": settings.seed * 1000 + rnd,
+                           "momentum": settings.client_momentum, "compress-updates": settings.compress_updates.value,
+                           "seed": settings.seed * 1000 + rnd,
                            DP_CLIPPING: (settings.dp_clipping if private else Clipping.NONE).value})
     messages = list(strategy.configure_train(rnd, arrays, config, grid))
     if link is not None:
@@ -410,6 +411,7 @@ def _one_round(grid: Any, strategy: Any, rnd: int, weights: dict[str, np.ndarray
         log(f"round {rnd}: {'bounded' if item.get('bounded') else 'rejected'} the update of node {item['node']}: "
             f"{item['reason']}")
     entry: dict[str, Any] = {"round": rnd, "learning_rate": settings.learning_rate_at(rnd),
+                             "momentum": settings.client_momentum,
                              "sampled": len(messages), "replied": len(replies) - failed,
                              "valid": len(valid), "failed": failed, "rejected": rejected,
                              "bytes_down_per_client": float(np.mean(down)) if down else 0.0,

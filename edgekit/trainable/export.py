@@ -161,7 +161,7 @@ def _contract(loaded: Any, train_model: Any, tensors: list, softmax_out: bool,
         "head_input": {"shape": [None, *train_model.inputs[0].shape[1:]]} if config.head_only else None,
         "output": "probabilities" if softmax_out else "logits",
         "signatures": {
-            "train": ["x", "y", "sample_weight", "learning_rate", "mu"], "infer": ["x"],
+            "train": ["x", "y", "sample_weight", "learning_rate", "mu", "momentum"], "infer": ["x"],
             "get_weights": [], "set_weights": [t.name for t in tensors]},
         "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in tensors],
         # personalisation: the tensors of the layers after the last Flatten / global pooling layer

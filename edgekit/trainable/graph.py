@@ -6,13 +6,15 @@ and weights live in resource variables.
 
 Signatures (all tensors float32 unless said):
 
-- ``train(x[B,...], y[B] int32, sample_weight[B], learning_rate[], mu[]) -> {loss}``: one SGD step on
-  the weighted cross-entropy, plus a FedProx term ``mu/2 * ||w - anchor||^2`` (``mu=0``: plain SGD).
-  Pad a short batch with ``sample_weight`` 0.
+- ``train(x[B,...], y[B] int32, sample_weight[B], learning_rate[], mu[], momentum[]) -> {loss}``: one
+  SGD step on the weighted cross-entropy, plus a FedProx term ``mu/2 * ||w - anchor||^2`` (``mu=0``:
+  plain SGD), with heavy-ball momentum (``v = momentum * v + g; w -= learning_rate * v``, as
+  ``keras.optimizers.SGD`` and ``torch.optim.SGD`` do; ``momentum=0``: plain SGD). Pad a short batch
+  with ``sample_weight`` 0.
 - ``infer(x[n,...]) -> {output}``: the model's outputs (probabilities if it ends in softmax).
   ``x`` is int32 token ids for a model that starts with an Embedding, float32 otherwise.
 - ``get_weights() -> {tensor name: value}``; ``set_weights(**tensors) -> {count}``: replace the
-  weights (and the FedProx anchor) with the given values.
+  weights (and the FedProx anchor) with the given values and zero the momentum (a new start).
 
 Two modes: full-model training, and head-only training, where the backbone (everything up to the
 last Flatten / global pooling layer) becomes a separate int8 ``backbone.tflite`` and only the head
@@ -415,11 +417,17 @@ def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo],
             super().__init__()
             self.weights = {}
             self.anchors = {}
+            self.velocity = {}
             for node in nodes:
                 for pname, value in node.params:
                     key = tensor_key(node.name, pname)
                     self.weights[key] = tf.Variable(value.astype(np.float32), name=key)
                     self.anchors[key] = tf.Variable(value.astype(np.float32), name=f"{key}_anchor", trainable=False)
+                    # initialised to the weights, not zeros: the converter stores identical constants once,
+                    # and `stepped` (0 until the first step) masks the initial value out
+                    self.velocity[key] = tf.Variable(value.astype(np.float32), name=f"{key}_velocity",
+                                                     trainable=False)
+            self.stepped = tf.Variable(0.0, name="momentum_started", trainable=False)
 
         def forward(self, x: Any, *, logits: bool) -> Any:
             values = {"input": x}
@@ -438,8 +446,9 @@ def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo],
             tf.TensorSpec([batch_size], tf.float32, name="sample_weight"),
             tf.TensorSpec([], tf.float32, name="learning_rate"),
             tf.TensorSpec([], tf.float32, name="mu"),
+            tf.TensorSpec([], tf.float32, name="momentum"),
         ])
-        def train(self, x: Any, y: Any, sample_weight: Any, learning_rate: Any, mu: Any) -> dict:
+        def train(self, x: Any, y: Any, sample_weight: Any, learning_rate: Any, mu: Any, momentum: Any) -> dict:
             keys = list(self.weights)
             variables = [self.weights[k] for k in keys]
             with tf.GradientTape() as tape:
@@ -447,7 +456,10 @@ def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo],
                 loss = ops.cross_entropy(out, tf.one_hot(y, num_classes), sample_weight)
             grads = tape.gradient(loss, variables)
             for key, var, grad in zip(keys, variables, grads):
-                var.assign_sub(learning_rate * (grad + mu * (var - self.anchors[key])))
+                velocity = self.velocity[key]
+                velocity.assign(momentum * self.stepped * velocity + grad + mu * (var - self.anchors[key]))
+                var.assign_sub(learning_rate * velocity)
+            self.stepped.assign(1.0)
             return {"loss": loss}
 
         @tf.function(autograph=False, input_signature=[tf.TensorSpec([None, *in_shape], x_dtype, name="x")])
@@ -464,6 +476,7 @@ def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo],
             for key, value in values.items():
                 self.weights[key].assign(value)
                 self.anchors[key].assign(value)
+            self.stepped.assign(0.0)  # a new start: no momentum from before
             return {"count": tf.constant(len(values), tf.int32)}
 
     return Trainable(), tensors, softmax_out
