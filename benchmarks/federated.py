@@ -186,10 +186,12 @@ def compare(args: argparse.Namespace, variants: dict[str, dict[str, Any]], *, fl
     base = setup(work)
     goal = 0.95 * base.central
     rows = []
+    if args.only:
+        variants = {label: variants[label] for label in args.only}
     for start in ("scratch", "warm"):
         for label, settings in variants.items():
             history = federate(base.starts[start], "digits", work / f"{start}-{len(rows)}", clients=args.clients,
-                               rounds=args.rounds, **settings)
+                               rounds=args.rounds, seed=args.seed, **settings)
             acc = [h["accuracy"] for h in history]
             hit = reached(history, goal)
             rejected = sum(len(h.get("rejected", [])) for h in history[1:])
@@ -198,17 +200,18 @@ def compare(args: argparse.Namespace, variants: dict[str, dict[str, Any]], *, fl
                         f"{np.mean(acc[-5:]):.2f} | {acc[-1] - base.central:+.2f} | "
                         f"{hit if hit else f'> {len(acc) - 1}'} | {rejected} | {bounded} |")
             print(rows[-1], flush=True)
+    again = f" --seed {args.seed}" + "".join(f" --only '{label}'" for label in args.only) if args.seed else ""
     body = "\n".join([
-        f"## {title} (`benchmarks/federated.py --{flag}`)", "",
+        f"## {title}{f', round seed {args.seed}' if args.seed else ''} (`benchmarks/federated.py --{flag}`)", "",
         f"Command: `.venv/bin/python benchmarks/federated.py --{flag} --rounds {args.rounds} --clients "
-        f"{args.clients}`. Machine: {machine()}.", "",
+        f"{args.clients}{again}`. Machine: {machine()}.", "",
         f"Digits CNN, {args.clients} clients, Dirichlet(0.5), {args.rounds} rounds, the defaults except {text} "
         f"Centralized (Adam): **{base.central:.2f}%**; 95% of it = {goal:.2f}%. One run per row; the rejected and "
         "bounded columns count updates over all rounds.", "",
         f"| start | {column} | start % | r10 % | r{args.rounds} % | mean of the last 5 rounds % | "
         f"r{args.rounds} - centralized | rounds to 95% | rejected | bounded |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows])
-    write_section(section, body)
+    write_section(section + (f"-seed{args.seed}" if args.seed else ""), body)
     print(body)
     return 0
 
@@ -385,6 +388,11 @@ def main() -> int:
                         help="the defaults with plain on-device SGD or with on-device momentum")
     parser.add_argument("--oversized", action="store_true",
                         help="compare what the server does with oversized updates: reject, bound, bound + reject")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the rounds' seed (client sampling, batch orders) of a comparison: a repeat with another "
+                             "seed writes a section of its own")
+    parser.add_argument("--only", action="append", default=[], metavar="LABEL",
+                        help="a comparison's variant to run (repeatable; default: all)")
     parser.add_argument("--jsonl", default=str(Path(__file__).with_name("federated_sweep.jsonl")),
                         help="the sweep's results, one run a line (runs already there are not run again)")
     args = parser.parse_args()
