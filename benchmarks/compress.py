@@ -135,7 +135,7 @@ def sparsity_rows(title: str, path: Path, data: Path, finetune: int) -> list[str
     result = compress(path, data, None, progress=False, config=CompressConfig(
         max_accuracy_drop=100.0, search=search, training=TrainingConfig(finetune_epochs=finetune)))
     f32 = {a.format.value: a for a in result.candidates[0].artifacts}
-    return [f"| {title.split(',')[0]} | {c.recipe.name} | {a.format.value} | {a.gzip_bytes:,} | "
+    return [f"| {title.split(', trained')[0]} | {c.recipe.name} | {a.format.value} | {a.gzip_bytes:,} | "
             f"{f32[a.format.value].gzip_bytes / a.gzip_bytes:.2f}x | {f32[a.format.value].bytes / a.gzip_bytes:.2f}x"
             f" | {a.accuracy_drop:+.2f} |" for c in result.candidates[1:] for a in c.artifacts]
 
