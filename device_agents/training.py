@@ -70,7 +70,7 @@ class Trainer:
         if spec.get("mode") == "head-only" and self._backbone is None:
             raise ArtifactError("a head-only trainable artifact needs its backbone.tflite")
         self.tensors = {t["name"]: tuple(t["shape"]) for t in spec["tensors"]}
-        # artifacts exported before edgekit 0.x had no momentum input: plain SGD only
+        # an artifact exported before the train signature had a momentum input trains plain SGD only
         self.has_momentum = "momentum" in (spec.get("signatures") or {}).get("train", ())
         dtype = str(spec.get("input", {}).get("dtype", "float32"))
         if dtype not in ("float32", "int32", "int64"):
@@ -139,13 +139,15 @@ class Trainer:
         """
         if sample_weight is None:
             sample_weight = np.ones(len(x), np.float32)
-        extra = {"momentum": np.float32(self._momentum(momentum))} if self.has_momentum or momentum else {}
+        momentum = self._momentum(momentum)
+        extra = {"momentum": np.float32(momentum)} if self.has_momentum else {}
         out = self._train(x=np.asarray(x, self._x_dtype), y=np.asarray(y, np.int32),
                           sample_weight=np.asarray(sample_weight, np.float32),
                           learning_rate=np.float32(learning_rate), mu=np.float32(mu), **extra)
         return float(out["loss"])
 
     def _momentum(self, momentum: float) -> float:
+        """``momentum``, checked: in [0, 1), and 0 for an artifact without the input."""
         if not 0 <= momentum < 1:
             raise InputMismatchError(f"momentum must be in [0, 1), got {momentum}")
         if momentum and not self.has_momentum:
