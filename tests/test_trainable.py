@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from device_agents.errors import TrainingError
 from device_agents.training import Trainer
 from edgekit import _tf
 from edgekit.errors import InputError, UnsupportedLayerError
@@ -183,6 +184,27 @@ def test_momentum_matches_heavy_ball_sgd_on_tensorflow_gradients_and_set_weights
     want = reference_step(model, *batches[0], learning_rate=0.05)
     for k, a in trainer.get_weights().items():
         np.testing.assert_allclose(a, want[k], atol=1e-5, err_msg=k)
+
+
+def test_a_step_that_diverged_to_nan_does_not_poison_the_steps_after_set_weights(tmp_path):
+    """A device whose first try diverged to NaN restores its weights and retries at a lower rate (fit_safely). The
+    velocity of that NaN step was masked by multiplying it by zero, and 0 * NaN is NaN: every retry, and every later
+    round in that process, trained to NaN (a 100-client run lost devices for good: "diverged at every learning rate
+    from 0.1 to 0.00625: the loss rose from 0.201 to nan")."""
+    model = parity_models()[0]
+    export_trainable(model, tmp_path / "tr", progress=False, config=TrainableConfig(batch_size=4))
+    trainer = Trainer.load(tmp_path / "tr")
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 9, 9, 2)).astype(np.float32), rng.integers(0, 5, 4).astype(np.int32)
+    start = trainer.get_weights()
+    with pytest.raises(TrainingError, match="diverged at every learning rate"):
+        trainer.fit_safely(x, y, epochs=2, learning_rate=1e30)
+    assert all(np.array_equal(a, start[k]) for k, a in trainer.get_weights().items())  # put back
+    fit = trainer.fit_safely(x, y, epochs=2, learning_rate=0.01)
+    assert fit.learning_rate == 0.01 and all(np.isfinite(fit.losses)) and np.isfinite(fit.loss_after)
+    assert all(np.isfinite(a).all() for a in trainer.get_weights().values())
+    trainer.set_weights(start)
+    assert np.isfinite(trainer.train_step(x, y, learning_rate=0.01, momentum=0.9))
 
 
 def test_momentum_out_of_range_or_on_an_artifact_without_it_is_refused(tmp_path):

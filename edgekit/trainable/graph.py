@@ -457,7 +457,10 @@ def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo],
             grads = tape.gradient(loss, variables)
             for key, var, grad in zip(keys, variables, grads):
                 velocity = self.velocity[key]
-                velocity.assign(momentum * self.stepped * velocity + grad + mu * (var - self.anchors[key]))
+                # selected, not multiplied by `stepped`: after a step that diverged to NaN, 0 * NaN would poison
+                # every later step, even after set_weights restored the weights
+                carried = tf.where(self.stepped > 0, momentum * velocity, 0.0)
+                velocity.assign(carried + grad + mu * (var - self.anchors[key]))
                 var.assign_sub(learning_rate * velocity)
             self.stepped.assign(1.0)
             return {"loss": loss}
