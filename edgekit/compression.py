@@ -62,6 +62,9 @@ class ArtifactResult:
     # int8 slower than float32: the speed rung kept ("" = none) and each rung's time over the first int8 artifact's
     speed_remedy: str = ""
     speed_tried: dict[str, float] = field(default_factory=dict)
+    # int8 within the budget: the size rung kept ("" = none) and each rung's drop, bytes and time over the artifact's
+    size_remedy: str = ""
+    size_tried: dict[str, dict[str, float]] = field(default_factory=dict)
     # post-training int8: its time over the source's float32 artifact's, timed side by side (alternating blocks)
     float32_time_ratio: float | None = None
 
@@ -403,6 +406,7 @@ class _CandidateRunner:
             if self._over_budget(art.accuracy_drop, art.quantization_drop):
                 steps.append(("remedies", lambda: self._remedy(art, model, name, float_accuracy)))
             steps.append(("speed rungs", lambda: self._speed(art, model, name, float_accuracy)))
+            steps.append(("size rungs", lambda: self._shrink(art, model, name, float_accuracy)))
         if recipe.quantize is Quantization.QAT and fmt in QAT_REQUANTIZE and float_accuracy is not None:
             steps.append(("requantizing the QAT weights", lambda: self._qat_requantize(art, float_model, name,
                                                                                         float_accuracy)))
@@ -526,6 +530,39 @@ class _CandidateRunner:
             art.float32_time_ratio = round(ratio(reference, art.data), 3)
             art.notes.append(f"int8 ran slower than float32; {best.remedy} ({best.options.changes()}) runs "
                              f"{art.speed_tried[best.remedy]:.2f}x the time of the first int8 artifact")
+
+    def _shrink(self, art: ArtifactResult, model: Any, name: str, float_accuracy: float) -> None:
+        """When the int8 artifact is within the budget, try the format's size rungs
+        (:data:`~edgekit.export.remedies.SIZE_RUNGS`) and keep the smallest that per-channel weights buy no accuracy
+        over and that is no slower."""
+        from edgekit.export.remedies import Attempt, Int8Options, shrink
+        from edgekit.export.verify import latency_ratio
+
+        score = self._score(art)
+        if score is None or score > self.config.budget:
+            return
+        sample = self.splits.evaluation.x[:1]
+
+        def ratio(a: bytes, b: bytes) -> float:
+            return latency_ratio(a, b, sample, threads=self.config.threads)
+
+        options = Int8Options(**art.quantizer_options) if art.quantizer_options else Int8Options()
+        spec = exporter(art.format)
+        with self.progress.step(f"size {name}"), \
+                spec.int8(model, calibration=self.splits.calibration.x, int8_io=self.config.int8_io) as quantizer:
+            current = Attempt(art.remedy, options, art.data, score)
+            best, art.size_tried = shrink(art.format, quantizer, current, budget=self.config.budget,
+                                          evaluate=self._scorer(model, name, float_accuracy),
+                                          ratio=ratio)
+        if best is not current:
+            before = len(art.data)
+            art.size_remedy = best.remedy
+            self._adopt(art, best, float_accuracy)
+            reference = self._float32_data(art.format)
+            if reference is not None:
+                art.float32_time_ratio = round(ratio(reference, art.data), 3)
+            art.notes.append(f"size rung {best.remedy} kept: {before:,} -> {len(art.data):,} bytes, "
+                             f"{best.score - current.score:+.2f} points against the artifact it replaced")
 
     def _adopt(self, art: ArtifactResult, attempt: Any, float_accuracy: float) -> None:
         """``art`` becomes ``attempt``'s artifact, with its verification's figures."""

@@ -69,8 +69,10 @@ def tf_keras_model(path):
     return load_model(path).model
 
 
-def test_a_models_float_onnx_is_converted_once_and_again_when_its_weights_change(cnn):
+def test_a_models_float_onnx_is_converted_once_and_again_when_its_weights_change(cnn, monkeypatch):
     from edgekit.export import onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "_RECENT", onnx_export._Recent())  # whatever other tests converted before
 
     calls = []
     convert = onnx_export._float_onnx

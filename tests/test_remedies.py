@@ -15,6 +15,8 @@ from edgekit.export import EXPORTERS
 from edgekit.export import remedies as remedies_module
 from edgekit.export.remedies import (
     LADDERS,
+    SIZE_TOLERANCE,
+    SLOWER,
     SPEED_LADDERS,
     Calibration,
     Int8Options,
@@ -381,8 +383,9 @@ def test_an_int8_onnx_slower_than_float32_tries_the_speed_rungs(preact, digits):
         assert art.speed_tried[art.speed_remedy] <= SPEED_GAIN and art.quantization_drop <= 2.0
         assert art.quantizer_options["activations"] == "int8" or art.quantizer_options["reduce_range"] \
             or art.quantizer_options["onnx_format"] == "qoperator"
-    else:
-        assert art.quantizer_options == {}
+    else:  # the defaults, or the size rung's per-tensor weights on them
+        assert art.quantizer_options in ({}, Int8Options(per_channel=False).as_dict())
+        assert bool(art.quantizer_options) is (art.size_remedy == "per-tensor")
 
 
 def test_qat_onnx_is_measured_against_onnxruntimes_quantizer_on_the_qat_weights(cnn_path):
@@ -526,6 +529,56 @@ def test_a_speed_rung_replaces_the_artifact_only_when_faster_by_the_margin_and_w
                            extra_rungs=[(FLOAT_OPS, {"float_ops": ("AVERAGE_POOL_2D",)})])
     assert tried == {FLOAT_OPS: rung_ratio}
     assert (best.remedy == FLOAT_OPS and best.options == rung) if kept else best is current
+
+
+def test_per_tensor_weights_are_kept_where_per_channel_weights_buy_no_accuracy(cnn_path, digits, tmp_path):
+    """The size rung: per-tensor weights drop a scale and a zero point per output channel (MobileNetV2 0.35: 2.97x ->
+    3.59x smaller than float32 as .onnx, 2.60x -> 3.54x as .tflite, no accuracy lost); the test CNN loses nothing
+    either, so both formats keep them, and say so in the manifest, the report and the CLI's notes."""
+    out = tmp_path / "out"
+    run = subprocess.run([str(BIN / "edgekit"), "compress", str(cnn_path), "--quantize", "int8", "--out", str(out),
+                          "--quiet"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {a["format"] for a in manifest["artifacts"]} == {"tflite", "onnx"}
+    for art in manifest["artifacts"]:
+        tried = art["size_tried"]["per-tensor"]
+        assert art["size_remedy"] == "per-tensor" and art["quantizer_options"]["per_channel"] is False, art
+        assert tried["bytes"] == art["bytes"] and tried["saved"] > 0 and tried["drop"] <= SIZE_TOLERANCE
+        assert tried["time"] <= SLOWER and art["remedy"] is None
+        assert f"{art['format']} int8 kept with per-tensor weights, {tried['saved']:,} bytes smaller" in run.stderr
+    assert "| per-tensor |" in (out / "report.md").read_text()
+
+
+class _Sizes:
+    """A quantizer whose per-tensor artifact is 30 bytes smaller than the per-channel one."""
+
+    def quantize(self, options):
+        return b"x" * (70 if not options.per_channel else 100)
+
+    def sensitive_nodes(self, options):
+        return []
+
+
+@pytest.mark.parametrize(("drop", "time", "kept"), [
+    (0.2, 1.0, True),                     # per-channel weights bought nothing
+    (0.1 + SIZE_TOLERANCE + 0.1, 1.0, False),  # they bought more than the tolerance: accuracy first
+    (2.1, 1.0, False),                    # over the budget
+    (0.2, 1.25, False),                   # slower (over SLOWER, 1.1)
+])
+def test_a_size_rung_is_kept_only_within_the_tolerance_the_budget_and_the_time(drop, time, kept):
+    from edgekit.export.remedies import Attempt, Int8Options, shrink
+
+    current = Attempt("", Int8Options(), b"x" * 100, 0.1)
+    best, tried = shrink(Format.ONNX, _Sizes(), current, budget=2.0, evaluate=lambda data: (drop, None),
+                         ratio=lambda a, b: time)
+    assert (best is not current) is kept and tried["per-tensor"] == {"drop": drop, "bytes": 70, "saved": 30,
+                                                                     "time": time}
+    if kept:
+        assert best.remedy == "per-tensor" and not best.options.per_channel and len(best.data) == 70
+    wide = Attempt("int16-activations", Int8Options(activations="int16"), b"x" * 100, 0.1)
+    assert shrink(Format.TFLITE, _Sizes(), wide, budget=2.0, evaluate=lambda data: (drop, None),
+                  ratio=lambda a, b: time) == (wide, {})  # the converter's 16x8 mode has no per-tensor depthwise
 
 
 def test_latency_ratio_of_an_artifact_against_itself_is_about_one(cnn, digits):

@@ -58,6 +58,7 @@ def artifact_entry(art: Any) -> dict[str, Any]:
         "remedy": art.remedy or None, "quantizer_options": art.quantizer_options or None,
         "remedies_tried": art.remedies_tried or None,
         "speed_remedy": art.speed_remedy or None, "speed_tried": art.speed_tried or None,
+        "size_remedy": art.size_remedy or None, "size_tried": art.size_tried or None,
     }
 
 

@@ -52,15 +52,19 @@ def slower_notes(candidate: Any) -> list[str]:
 
 
 def remedy_notes(candidate: Any) -> list[str]:
-    """One line per artifact of ``candidate`` that needed an int8 remedy to stay within the budget or to be faster."""
+    """One line per artifact of ``candidate`` that needed an int8 remedy to stay within the budget or to be faster,
+    or that a size rung made smaller."""
     wide = "; 16-bit activations have no fast CPU kernels: for 8-bit speed try quantization-aware training (the " \
         "qat recipe)"
     lines = [f"{a.format.value} int8 lost {a.remedies_tried['default']:.2f} points with the quantizer's defaults; "
              f"kept with remedy {a.remedy}, which loses {a.accuracy_drop:.2f}"
              + (wide if a.quantizer_options.get("activations") == "int16" else "")
              for a in candidate.artifacts if a.remedy]
-    return lines + [f"{a.format.value} int8 ran slower than float32; kept with {a.speed_remedy}, "
-                    f"{a.speed_tried[a.speed_remedy]:.2f}x the time" for a in candidate.artifacts if a.speed_remedy]
+    lines += [f"{a.format.value} int8 ran slower than float32; kept with {a.speed_remedy}, "
+              f"{a.speed_tried[a.speed_remedy]:.2f}x the time" for a in candidate.artifacts if a.speed_remedy]
+    return lines + [f"{a.format.value} int8 kept with {a.size_remedy} weights, "
+                    f"{a.size_tried[a.size_remedy]['saved']:,} bytes smaller: per-channel weights bought no accuracy"
+                    for a in candidate.artifacts if a.size_remedy]
 
 
 def num(value: float | None, *, signed: bool = False) -> str:
@@ -135,21 +139,31 @@ def write_report(result: Any, folder: Path) -> None:
 
 def _remedy_lines(result: Any) -> list[str]:
     """The remedies tried on int8 artifacts: over the budget (drop per rung) or slower than float32 (time per rung)."""
-    rows = [(c.recipe.name, a) for c in result.candidates for a in c.artifacts if a.remedies_tried or a.speed_tried]
+    rows = [(c.recipe.name, a) for c in result.candidates for a in c.artifacts
+            if a.remedies_tried or a.speed_tried or a.size_tried]
     if not rows:
         return []
     lines = ["", "## int8 remedies", "", "Post-training int8 artifacts that lost more than the budget with the "
              "quantizer's defaults (each rung's accuracy drop in points) or ran slower than the float32 artifact "
              "(each speed rung's time over the first int8 artifact's, measured side by side), each rung measured in "
-             "the artifact's runtime.", "",
-             "| recipe | format | accuracy rungs (drop) | kept | speed rungs (time) | kept |",
-             "|---|---|---|---|---|---|"]
+             "the artifact's runtime; then the size rungs tried on an artifact within the budget (drop, bytes, time "
+             "over the artifact's).", "",
+             "| recipe | format | accuracy rungs (drop) | kept | speed rungs (time) | kept | size rungs | kept |",
+             "|---|---|---|---|---|---|---|---|"]
     for recipe, art in rows:
         tried = ", ".join(f"{k} ({v:+.2f})" for k, v in art.remedies_tried.items()) or "-"
         speed = ", ".join(f"{k} ({v:.2f}x)" for k, v in art.speed_tried.items()) or "-"
         kept = art.remedy or ("defaults (nothing did better)" if art.remedies_tried else "-")
-        lines.append(f"| {recipe} | {art.format.value} | {tried} | {kept} | {speed} | {art.speed_remedy or '-'} |")
+        size = ", ".join(f"{k} ({_size_cell(v)})" for k, v in art.size_tried.items()) or "-"
+        lines.append(f"| {recipe} | {art.format.value} | {tried} | {kept} | {speed} | {art.speed_remedy or '-'} | "
+                     f"{size} | {art.size_remedy or '-'} |")
     return lines
+
+
+def _size_cell(tried: dict[str, float]) -> str:
+    if "drop" not in tried:
+        return f"{tried['bytes']:,} B, not smaller"
+    return f"{tried['drop']:+.2f}, {tried['bytes']:,} B, {tried['time']:.2f}x"
 
 
 def _plot_size_accuracy(result: Any, path: Path) -> bool:
