@@ -110,7 +110,7 @@ def bench_model(title: str, path: Path, data: Path, finetune: int) -> str:
                 float32[fmt] = art
             ref = float32[fmt]
             ratio = latency_ratio(ref.data, art.data, sample, threads=1) if art is not ref else 1.0
-            remedy = " / ".join(r for r in (art.remedy, art.speed_remedy) if r) or "-"
+            remedy = " / ".join(r or "-" for r in (art.remedy, art.speed_remedy, art.size_remedy))
             rows.append(f"| {label} | {fmt} | {art.bytes:,} | {art.gzip_bytes:,} | {ref.bytes / art.bytes:.2f}x | "
                         f"{ref.gzip_bytes / art.gzip_bytes:.2f}x | {art.accuracy:.2f} | {art.accuracy_drop:+.2f} | "
                         f"{art.top1_agreement:.2f} | {ratio:.2f}x | {remedy} |")
@@ -123,7 +123,7 @@ def bench_model(title: str, path: Path, data: Path, finetune: int) -> str:
         "float32 single-sample time, median of 200 calls, 1 thread: "
         + ", ".join(f"`.{fmt}` {us:.0f} µs" for fmt, us in f32.items()) + ".", "",
         "| recipe | format | bytes | gzip bytes | float32 / bytes | float32 / gzip bytes | accuracy % | drop (points) "
-        "| top-1 agreement % | time vs float32 | remedy (accuracy / speed) |",
+        "| top-1 agreement % | time vs float32 | rung kept (accuracy / speed / size) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|", *rows])
 
 
@@ -170,11 +170,12 @@ def main() -> int:
         f"Command: `.venv/bin/python benchmarks/compress.py`. Machine: {machine()}.", "",
         f"Targets (issue): {TARGETS}.", "",
         "Each recipe run as `edgekit compress --recipe R` runs it: the default 2-point budget on what quantizing "
-        "costs, post-training int8 walking its remedy and speed ladders (the last column: what it kept). Accuracy, "
-        "drop (against the source model) and agreement are measured in each artifact's runtime (ai-edge-litert, "
-        "onnxruntime) on the held-out evaluation split. Ratios are against the float32 artifact of the same "
-        "format; `time vs float32` is the single-sample time over the float32 artifact's in the same runtime, "
-        "measured side by side in alternating blocks of about 20 ms (one thread; > 1: slower).", "",
+        "costs, post-training int8 walking its remedy, speed and size ladders (the last column: what it kept). "
+        "Accuracy, drop (against the source model) and agreement are measured in each artifact's runtime "
+        "(ai-edge-litert, onnxruntime) on the held-out evaluation split. Ratios are against the float32 artifact of "
+        "the same format; `time vs float32` is the single-sample time over the float32 artifact's in the same "
+        "runtime, measured side by side in alternating blocks of about 20 ms of the calling thread's CPU time (one "
+        "thread; the median of the blocks' ratios; > 1: slower).", "",
         *("\n" + s + "\n" for s in sections)])
     write_section("compress", body)
     print(body)

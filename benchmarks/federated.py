@@ -377,6 +377,54 @@ def privacy_rows(base: Setup, args: argparse.Namespace) -> list[str]:
             "|---:|---|---:|---:|---|---:|---:|", *rows]
 
 
+# -- centralized training with the device's own trainer --------------------------------------------------------
+DEVICE_CENTRAL_EPOCHS = (5, 10, 15, 20, 30)
+DEVICE_CENTRAL_RATES = (0.1, 0.05)
+
+
+def device_central(args: argparse.Namespace) -> int:
+    """The federated runs' reference with the devices' constraints: the trainable artifact trained in LiteRT on all
+    the pooled data in one place (plain SGD, BatchNormalization frozen, dropout off: what a device runs), against
+    Keras/Adam centralized. Splits the gap of federated learning into what on-device training costs by itself and
+    what federating costs on top."""
+    from device_agents.training import Trainer
+    from edgekit.loading.data import load_digits, split
+    from edgekit.trainable.export import TrainableConfig, export_trainable
+
+    work = Path(tempfile.mkdtemp(prefix="edgekit-fl-device-central-"))
+    base = setup(work)
+    parts = split(load_digits(), seed=0)
+    x = np.concatenate([parts.finetune.x, parts.calibration.x])
+    y = np.concatenate([parts.finetune.y, parts.calibration.y])
+    rows = []
+    for start in ("scratch", "warm"):
+        export_trainable(base.starts[start], work / f"trainable-{start}", progress=False,
+                         config=TrainableConfig(batch_size=8))  # the federated runs' on-device batch
+        for rate in DEVICE_CENTRAL_RATES:
+            trainer = Trainer.load(work / f"trainable-{start}")
+            cells = []
+            for epoch in range(1, max(DEVICE_CENTRAL_EPOCHS) + 1):
+                trainer.fit(x, y, epochs=1, learning_rate=rate, seed=epoch)
+                if epoch in DEVICE_CENTRAL_EPOCHS:
+                    cells.append(trainer.evaluate(base.evaluation.x, base.evaluation.y)[1])
+            rows.append(f"| {start} | {base.start_accuracy[start]:.2f} | {rate:g} | "
+                        + " | ".join(f"{a:.2f}" for a in cells) + f" | {cells[-1] - base.central:+.2f} |")
+            print(rows[-1], flush=True)
+    body = "\n".join([
+        "## Centralized training with the device's trainer (`benchmarks/federated.py --device-central`)", "",
+        f"Command: `.venv/bin/python benchmarks/federated.py --device-central`. Machine: {machine()}.", "",
+        f"The federated benchmark's digits CNN and starts, its {len(x)} pooled training samples in one place, trained "
+        "by the device's own code: the trainable artifact in LiteRT (`Trainer.fit`, batch 8, plain SGD, "
+        "BatchNormalization frozen at the start's statistics, dropout off). Accuracy on the same held-out split. "
+        f"Keras centralized (Adam, BatchNormalization and dropout training): **{base.central:.2f}%**.", "",
+        "| start | start % | learning rate | " + " | ".join(f"epoch {e} %" for e in DEVICE_CENTRAL_EPOCHS)
+        + " | last - Keras centralized |",
+        "|---|---:|---:|" + "---:|" * (len(DEVICE_CENTRAL_EPOCHS) + 1), *rows])
+    write_section("federated-device-central", body)
+    print(body)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=30)
@@ -388,6 +436,9 @@ def main() -> int:
                         help="the defaults with plain on-device SGD or with on-device momentum")
     parser.add_argument("--oversized", action="store_true",
                         help="compare what the server does with oversized updates: reject, bound, bound + reject")
+    parser.add_argument("--device-central", action="store_true",
+                        help="the reference with the devices' constraints: the trainable artifact trained on all the "
+                             "data in one place")
     parser.add_argument("--seed", type=int, default=0,
                         help="the rounds' seed (client sampling, batch orders) of a comparison: a repeat with another "
                              "seed writes a section of its own")
@@ -403,6 +454,8 @@ def main() -> int:
         return compare(args, SCHEDULES, flag="schedules", section="federated-schedules",
                        column="on-device learning rate", title="On-device learning-rate schedules",
                        text=SCHEDULES_TEXT)
+    if args.device_central:
+        return device_central(args)
     if args.momentum:
         return compare(args, MOMENTUM, flag="momentum", section="federated-momentum", column="on-device momentum",
                        title="On-device momentum", text=MOMENTUM_TEXT)
