@@ -210,6 +210,19 @@ def test_differential_privacy_clips_updates_and_reports_epsilon(fl_model, tmp_pa
         assert ("norm_bit" in bits) == (clipping == "adaptive")
     moved = result.history[1]["privacy"]["clipping_norm"]  # the norm the devices clip to in round 2
     assert (moved != 0.5) == (clipping == "adaptive")
+    if clipping == "adaptive":  # resumed, the devices clip where round 2 left the norm (it restarted at 0.5)
+        left = result.history[2]["privacy"]["clipping_norm"]
+        resumed = simulate(fl_model, "digits", tmp_path / "dp", progress=False, log=quiet, config=SimulationConfig(
+            clients=3, audit_dir=str(audit), resume=True, rounds=RoundSettings(
+                rounds=3, dp_noise_multiplier=sigma, dp_clipping_norm=0.5, dp_noise_guard="warn",
+                dp_clipping=clipping)))
+        assert resumed.history[2]["privacy"] == result.history[2]["privacy"] and abs(left - 0.5) > 0.01
+        norms = []
+        for path in sorted(audit.glob("*train-r3*.npz")):
+            with np.load(path) as npz:
+                norms.append(np.sqrt(sum(np.sum((npz[k] - result.weights[k.split("__", 1)[1]]) ** 2)
+                                         for k in npz.files)))
+        assert len(norms) == 3 and max(norms) == pytest.approx(left, rel=1e-3), (norms, left)
     with pytest.raises(InputError, match="cannot be combined with update compression"):
         SimulationConfig(rounds=RoundSettings(dp_noise_multiplier=1.0, compress_updates=True))
     with pytest.raises(InputError, match="needs more than 8 clients per round, this run has 3"):

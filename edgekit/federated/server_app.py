@@ -367,7 +367,18 @@ def _strategy(grid: Any, settings: RoundSettings, expected_nodes: int, state: Se
         for _ in range(state.round):  # a resumed run has already spent the completed rounds
             strategy.accountant.compose(round_event(noise_multiplier=settings.dp_noise_multiplier,
                                                     sampled=min_nodes, population=num_nodes))
+        moved = _adaptive_clipping_norm(state.history) if settings.dp_clipping is Clipping.ADAPTIVE else None
+        if moved is not None:  # a resumed adaptive run clips where the last committed round left the norm
+            strategy.clipping_norm = moved
     return strategy, min_nodes, num_nodes
+
+
+def _adaptive_clipping_norm(history: list[dict[str, Any]]) -> float | None:
+    """The clipping norm the last checkpointed round of an adaptive-clipping run left for the next round (``None``
+    in a new run, or when the checkpoint holds no finite positive norm)."""
+    norm = next((h["privacy"].get("clipping_norm") for h in reversed(history) if isinstance(h.get("privacy"), dict)),
+                None)
+    return float(norm) if isinstance(norm, (int, float)) and math.isfinite(norm) and norm > 0 else None
 
 
 def _evaluate(evaluator: Trainer, weights: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
