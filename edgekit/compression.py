@@ -551,9 +551,9 @@ class _CandidateRunner:
         with self.progress.step(f"size {name}"), \
                 spec.int8(model, calibration=self.splits.calibration.x, int8_io=self.config.int8_io) as quantizer:
             current = Attempt(art.remedy, options, art.data, score)
-            best, art.size_tried = shrink(art.format, quantizer, current, budget=self.config.budget,
-                                          evaluate=self._scorer(model, name, float_accuracy),
-                                          ratio=ratio)
+            floor = 0.0 if self.config.max_accuracy_drop is None else self.source_accuracy - float_accuracy
+            best, art.size_tried = shrink(art.format, quantizer, current, budget=self.config.budget, floor=floor,
+                                          evaluate=self._scorer(model, name, float_accuracy), ratio=ratio)
         if best is not current:
             before = len(art.data)
             art.size_remedy = best.remedy

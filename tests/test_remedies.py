@@ -560,24 +560,27 @@ class _Sizes:
         return []
 
 
-@pytest.mark.parametrize(("drop", "time", "kept"), [
-    (0.2, 1.0, True),                     # per-channel weights bought nothing
-    (0.1 + SIZE_TOLERANCE + 0.1, 1.0, False),  # they bought more than the tolerance: accuracy first
-    (2.1, 1.0, False),                    # over the budget
-    (0.2, 1.25, False),                   # slower (over SLOWER, 1.1)
+@pytest.mark.parametrize(("score", "drop", "time", "kept"), [
+    (0.1, 0.2, 1.0, True),                            # per-channel weights bought nothing
+    (0.1, 0.1 + SIZE_TOLERANCE + 0.1, 1.0, False),    # they bought more than the tolerance: accuracy first
+    (0.1, 2.1, 1.0, False),                           # over the budget
+    (0.1, 0.2, 1.25, False),                          # slower (over SLOWER, 1.1)
+    # per-channel beat the float model (score -0.28, one sample of 359): chance, not what per-channel buys
+    (-0.28, 0.28, 1.0, True),
+    (-0.28, 0.6, 1.0, False),
 ])
-def test_a_size_rung_is_kept_only_within_the_tolerance_the_budget_and_the_time(drop, time, kept):
+def test_a_size_rung_is_kept_only_within_the_tolerance_the_budget_and_the_time(score, drop, time, kept):
     from edgekit.export.remedies import Attempt, Int8Options, shrink
 
-    current = Attempt("", Int8Options(), b"x" * 100, 0.1)
-    best, tried = shrink(Format.ONNX, _Sizes(), current, budget=2.0, evaluate=lambda data: (drop, None),
+    current = Attempt("", Int8Options(), b"x" * 100, score)
+    best, tried = shrink(Format.ONNX, _Sizes(), current, budget=2.0, floor=0.0, evaluate=lambda data: (drop, None),
                          ratio=lambda a, b: time)
     assert (best is not current) is kept and tried["per-tensor"] == {"drop": drop, "bytes": 70, "saved": 30,
                                                                      "time": time}
     if kept:
         assert best.remedy == "per-tensor" and not best.options.per_channel and len(best.data) == 70
     wide = Attempt("int16-activations", Int8Options(activations="int16"), b"x" * 100, 0.1)
-    assert shrink(Format.TFLITE, _Sizes(), wide, budget=2.0, evaluate=lambda data: (drop, None),
+    assert shrink(Format.TFLITE, _Sizes(), wide, budget=2.0, floor=0.0, evaluate=lambda data: (drop, None),
                   ratio=lambda a, b: time) == (wide, {})  # the converter's 16x8 mode has no per-tensor depthwise
 
 
