@@ -252,6 +252,13 @@ def test_tflite_remedy_does_what_it_says(remedy, cnn, digits):
     assert details and TFLITE_CHECKS[remedy.name](details, data, litert)
     agreement = np.mean(Model.load(data).predict(digits.x).argmax(1) == cnn.predict(digits.x, verbose=0).argmax(1))
     assert agreement > 0.9
+    # float32 in and out, as without int8_io, for an application's raw interpreter too: the LiteRT Quantizer's
+    # full-integer recipe alone made int8 inputs ("Got value of type FLOAT32 but expected type INT8")
+    raw = Interpreter(model_content=data)
+    assert [d["dtype"] for d in (*raw.get_input_details(), *raw.get_output_details())] == [np.float32, np.float32]
+    runner = raw.get_signature_runner()
+    out = runner(**{next(iter(runner.get_input_details())): digits.x[:1].astype(np.float32)})
+    assert next(iter(out.values())).argmax() == cnn.predict(digits.x[:1], verbose=0).argmax()
 
 
 @pytest.mark.parametrize("fmt", [Format.ONNX, Format.TFLITE], ids=lambda f: f.value)

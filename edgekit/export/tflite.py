@@ -249,17 +249,25 @@ LITERT_CALIBRATION_SAMPLES = 256
 def litert_quantize(float_tflite: bytes, calibration: np.ndarray, recipe_name: str) -> bytes:
     """``float_tflite`` quantized by the LiteRT Quantizer (``ai-edge-quantizer``) with its recipe ``recipe_name``
     (e.g. ``static_wi8_ai8``), calibrated one sample at a time on ``calibration`` through the ``serving_default``
-    signature.
+    signature. The model's inputs and outputs stay float32: the recipe's configuration for the graph's virtual
+    INPUT and OUTPUT ops is set to no quantization, so the quantizer puts QUANTIZE / DEQUANTIZE ops behind and
+    before them (its full-integer recipes alone give int8 inputs and outputs, which an application feeding float32
+    cannot run, as the converter's int8 without ``int8_io`` would not ask it to).
 
     >>> litert_quantize(float_tflite, x[:200], "static_wi8_ai8")             # doctest: +SKIP
     """
     from ai_edge_litert.interpreter import Interpreter
-    from ai_edge_quantizer import quantizer, recipe
+    from ai_edge_quantizer import qtyping, quantizer, recipe, recipe_manager
+    from ai_edge_quantizer.algorithm_manager import AlgorithmName
     from ai_edge_quantizer.utils import tfl_interpreter_utils
 
     key = tfl_interpreter_utils.DEFAULT_SIGNATURE_KEY
     inputs = Interpreter(model_content=float_tflite).get_signature_list()[key]["inputs"]
-    qt = quantizer.Quantizer(bytes(float_tflite), getattr(recipe, recipe_name)())
+    recipes = recipe_manager.RecipeManager()
+    recipes.load_quantization_recipe(getattr(recipe, recipe_name)())
+    for io in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):
+        recipes.add_quantization_config(regex=".*", operation_name=io, algorithm_key=AlgorithmName.NO_QUANTIZE)
+    qt = quantizer.Quantizer(bytes(float_tflite), recipes.get_quantization_recipe())
     result = None
     if qt.need_calibration:
         samples = [{inputs[0]: calibration[i:i + 1]} for i in range(len(calibration))]
