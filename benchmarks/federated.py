@@ -377,6 +377,44 @@ def privacy_rows(base: Setup, args: argparse.Namespace) -> list[str]:
             "|---:|---|---:|---:|---|---:|---:|", *rows]
 
 
+# -- the defaults over several round seeds ----------------------------------------------------------------------
+SEEDS = (0, 1, 2)
+
+
+def seeds(args: argparse.Namespace) -> int:
+    """The defaults from scratch and from the warm start at each of :data:`SEEDS` (client sampling, batch orders),
+    against centralized training measured in the same run: issue 11's targets, with their spread."""
+    work = Path(tempfile.mkdtemp(prefix="edgekit-fl-seeds-"))
+    base = setup(work)
+    goal = 0.95 * base.central
+    rows, finals = [], {"scratch": [], "warm": []}
+    for start in ("scratch", "warm"):
+        for seed in SEEDS:
+            history = federate(base.starts[start], "digits", work / f"{start}-{seed}", clients=args.clients,
+                               rounds=args.rounds, seed=seed)
+            acc = [h["accuracy"] for h in history]
+            hit = reached(history, goal)
+            finals[start].append(acc[-1])
+            rows.append(f"| {start} | {seed} | {acc[0]:.2f} | {acc[min(10, len(acc) - 1)]:.2f} | {acc[-1]:.2f} | "
+                        f"{acc[-1] - base.central:+.2f} | {hit if hit else f'> {len(acc) - 1}'} |")
+            print(rows[-1], flush=True)
+    means = "; ".join(f"{start} mean {np.mean(v):.2f}% ({np.mean(v) - base.central:+.2f})"
+                      for start, v in finals.items())
+    body = "\n".join([
+        "## The defaults over round seeds (`benchmarks/federated.py --seeds`)", "",
+        f"Command: `.venv/bin/python benchmarks/federated.py --seeds --rounds {args.rounds} --clients {args.clients}`. "
+        f"Machine: {machine()}.", "",
+        f"Targets (issue): {TARGETS}.", "",
+        f"Digits CNN, {args.clients} clients, Dirichlet(0.5), {args.rounds} rounds, the defaults ({_defaults()}), "
+        f"round seeds {', '.join(map(str, SEEDS))}. Centralized (Adam), same run: **{base.central:.2f}%**; 95% of it = "
+        f"{goal:.2f}%. {means}.", "",
+        f"| start | round seed | start % | r10 % | r{args.rounds} % | r{args.rounds} - centralized | rounds to 95% |",
+        "|---|---:|---:|---:|---:|---:|---:|", *rows])
+    write_section("federated-seeds", body)
+    print(body)
+    return 0
+
+
 # -- centralized training with the device's own trainer --------------------------------------------------------
 DEVICE_CENTRAL_EPOCHS = (5, 10, 15, 20, 30)
 DEVICE_CENTRAL_RATES = (0.1, 0.05)
@@ -384,9 +422,9 @@ DEVICE_CENTRAL_RATES = (0.1, 0.05)
 
 def device_central(args: argparse.Namespace) -> int:
     """The federated runs' reference with the devices' constraints: the trainable artifact trained in LiteRT on all
-    the pooled data in one place (plain SGD, BatchNormalization frozen, dropout off: what a device runs), against
-    Keras/Adam centralized. Splits the gap of federated learning into what on-device training costs by itself and
-    what federating costs on top."""
+    the pooled data in one place (plain SGD, BatchNormalization statistics frozen, dropout off: what a device
+    runs), against Keras/Adam centralized. Splits the gap of federated learning into what on-device training
+    costs by itself and what federating costs on top."""
     from device_agents.training import Trainer
     from edgekit.loading.data import load_digits, split
     from edgekit.trainable.export import TrainableConfig, export_trainable
@@ -415,7 +453,7 @@ def device_central(args: argparse.Namespace) -> int:
         f"Command: `.venv/bin/python benchmarks/federated.py --device-central`. Machine: {machine()}.", "",
         f"The federated benchmark's digits CNN and starts, its {len(x)} pooled training samples in one place, trained "
         "by the device's own code: the trainable artifact in LiteRT (`Trainer.fit`, batch 8, plain SGD, "
-        "BatchNormalization frozen at the start's statistics, dropout off). Accuracy on the same held-out split. "
+        "BatchNormalization's statistics frozen at the start's, dropout off). Accuracy on the same held-out split. "
         f"Keras centralized (Adam, BatchNormalization and dropout training): **{base.central:.2f}%**.", "",
         "| start | start % | learning rate | " + " | ".join(f"epoch {e} %" for e in DEVICE_CENTRAL_EPOCHS)
         + " | last - Keras centralized |",
@@ -436,6 +474,8 @@ def main() -> int:
                         help="the defaults with plain on-device SGD or with on-device momentum")
     parser.add_argument("--oversized", action="store_true",
                         help="compare what the server does with oversized updates: reject, bound, bound + reject")
+    parser.add_argument("--seeds", action="store_true",
+                        help=f"the defaults from scratch and warm at round seeds {', '.join(map(str, SEEDS))}")
     parser.add_argument("--device-central", action="store_true",
                         help="the reference with the devices' constraints: the trainable artifact trained on all the "
                              "data in one place")
@@ -456,6 +496,8 @@ def main() -> int:
                        text=SCHEDULES_TEXT)
     if args.device_central:
         return device_central(args)
+    if args.seeds:
+        return seeds(args)
     if args.momentum:
         return compare(args, MOMENTUM, flag="momentum", section="federated-momentum", column="on-device momentum",
                        title="On-device momentum", text=MOMENTUM_TEXT)

@@ -207,6 +207,31 @@ def test_a_step_that_diverged_to_nan_does_not_poison_the_steps_after_set_weights
     assert np.isfinite(trainer.train_step(x, y, learning_rate=0.01, momentum=0.9))
 
 
+def test_batchnorm_trains_gamma_and_beta_with_its_statistics_frozen_unless_keras_froze_it(tmp_path):
+    """A device trains BatchNormalization's gamma and beta (its statistics stay the model's); a layer frozen in
+    Keras stays constant. Their gradients are in the parity tests (the "seq" model)."""
+    keras = _tf.keras()
+    L = keras.layers
+    _tf.set_seed(3)
+    frozen = L.BatchNormalization(name="frozen_bn")
+    model = keras.Sequential([keras.Input((6, 6, 1)), L.Conv2D(3, 3, use_bias=False), L.BatchNormalization(name="bn"),
+                              L.ReLU(), L.Conv2D(3, 3), frozen, L.Flatten(), L.Dense(4, activation="softmax")])
+    frozen.trainable = False
+    export_trainable(model, tmp_path / "tr", progress=False, config=TrainableConfig(batch_size=4))
+    names = {t["name"] for t in json.loads((tmp_path / "tr" / "manifest.json").read_text())["trainable"]["tensors"]}
+    assert {"bn_gamma", "bn_beta"} <= names and not any(n.startswith("frozen_bn") for n in names), names
+    trainer = Trainer.load(tmp_path / "tr")
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 6, 6, 1)).astype(np.float32), rng.integers(0, 4, 4).astype(np.int32)
+    before = trainer.get_weights()
+    trainer.train_step(x, y, learning_rate=0.5)
+    after = trainer.get_weights()
+    assert not np.allclose(after["bn_beta"], before["bn_beta"]) and not np.allclose(after["bn_gamma"],
+                                                                                    before["bn_gamma"])
+    trainer.set_weights(before)  # the model's own statistics, not the batch's: infer is Keras's inference mode
+    np.testing.assert_allclose(trainer.predict(x), model(x, training=False).numpy(), atol=1e-5)
+
+
 def test_momentum_out_of_range_or_on_an_artifact_without_it_is_refused(tmp_path):
     from device_agents.errors import InputMismatchError, TrainingError
 
