@@ -423,14 +423,13 @@ class _CandidateRunner:
         """Measure the format's own int8 quantizer on the QAT-tuned float weights against the QAT export, and keep
         it when it is as accurate (within half a point) and faster, or more accurate by more than half a point."""
         from edgekit.export.remedies import SPEED_GAIN, Int8Options
-        from edgekit.export.verify import latency_ratio
 
         spec = exporter(art.format)
         with self.progress.step(f"requantize {name}"), \
                 spec.int8(twin, calibration=self.splits.calibration.x, int8_io=self.config.int8_io) as quantizer:
             data = quantizer.quantize(Int8Options())
         check = self._verify(data, name, Quantization.INT8, twin)
-        ratio = latency_ratio(art.data, data, self.splits.evaluation.x[:1], threads=self.config.threads)
+        ratio = self._time_ratio(art.data, data)
         art.speed_tried = {QAT_REQUANTIZED: round(ratio, 3)}
         gain = check.accuracy - art.accuracy
         if gain > 0.5 or (gain >= -0.5 and ratio <= SPEED_GAIN):
@@ -501,33 +500,26 @@ class _CandidateRunner:
         """When the int8 artifact runs slower than the source's float32 one (side by side), try the format's speed
         rungs (:data:`~edgekit.export.remedies.SPEED_LADDERS` and the quantizer's own for this model) and keep the
         fastest within the budget."""
-        from edgekit.export.remedies import SLOWER, SPEED_LADDERS, Attempt, Int8Options, speed_up
-        from edgekit.export.verify import latency_ratio
+        from edgekit.export.remedies import SLOWER, SPEED_LADDERS, speed_up
 
         spec = exporter(art.format)
         reference = self._float32_data(art.format)
         if reference is None:
             return
-        sample = self.splits.evaluation.x[:1]
-
-        def ratio(a: bytes, b: bytes) -> float:
-            return latency_ratio(a, b, sample, threads=self.config.threads)
-
-        art.float32_time_ratio = round(ratio(reference, art.data), 3)
+        art.float32_time_ratio = round(self._time_ratio(reference, art.data), 3)
         extra_rungs = spec.speed_rungs(art.data)
         if art.float32_time_ratio <= SLOWER or (not SPEED_LADDERS[art.format] and not extra_rungs):
             return
-        options = Int8Options(**art.quantizer_options) if art.quantizer_options else Int8Options()
         with self.progress.step(f"speed {name}"), \
                 spec.int8(model, calibration=self.splits.calibration.x, int8_io=self.config.int8_io) as quantizer:
-            current = Attempt(art.remedy, options, art.data, self._score(art))
+            current = self._attempt(art, self._score(art))
             best, art.speed_tried = speed_up(art.format, quantizer, current, budget=self.config.budget,
-                                             evaluate=self._scorer(model, name, float_accuracy), ratio=ratio,
-                                             extra_rungs=extra_rungs)
+                                             evaluate=self._scorer(model, name, float_accuracy),
+                                             ratio=self._time_ratio, extra_rungs=extra_rungs)
         if best is not current:
             art.speed_remedy = best.remedy
             self._adopt(art, best, float_accuracy)
-            art.float32_time_ratio = round(ratio(reference, art.data), 3)
+            art.float32_time_ratio = round(self._time_ratio(reference, art.data), 3)
             art.notes.append(f"int8 ran slower than float32; {best.remedy} ({best.options.changes()}) runs "
                              f"{art.speed_tried[best.remedy]:.2f}x the time of the first int8 artifact")
 
@@ -535,34 +527,41 @@ class _CandidateRunner:
         """When the int8 artifact is within the budget, try the format's size rungs
         (:data:`~edgekit.export.remedies.SIZE_RUNGS`) and keep the smallest that per-channel weights buy no accuracy
         over and that is no slower."""
-        from edgekit.export.remedies import Attempt, Int8Options, shrink
-        from edgekit.export.verify import latency_ratio
+        from edgekit.export.remedies import shrink
 
         score = self._score(art)
         if score is None or score > self.config.budget:
             return
-        sample = self.splits.evaluation.x[:1]
-
-        def ratio(a: bytes, b: bytes) -> float:
-            return latency_ratio(a, b, sample, threads=self.config.threads)
-
-        options = Int8Options(**art.quantizer_options) if art.quantizer_options else Int8Options()
         spec = exporter(art.format)
         with self.progress.step(f"size {name}"), \
                 spec.int8(model, calibration=self.splits.calibration.x, int8_io=self.config.int8_io) as quantizer:
-            current = Attempt(art.remedy, options, art.data, score)
+            current = self._attempt(art, score)
             floor = 0.0 if self.config.max_accuracy_drop is None else self.source_accuracy - float_accuracy
             best, art.size_tried = shrink(art.format, quantizer, current, budget=self.config.budget, floor=floor,
-                                          evaluate=self._scorer(model, name, float_accuracy), ratio=ratio)
+                                          evaluate=self._scorer(model, name, float_accuracy), ratio=self._time_ratio)
         if best is not current:
             before = len(art.data)
             art.size_remedy = best.remedy
             self._adopt(art, best, float_accuracy)
             reference = self._float32_data(art.format)
             if reference is not None:
-                art.float32_time_ratio = round(ratio(reference, art.data), 3)
+                art.float32_time_ratio = round(self._time_ratio(reference, art.data), 3)
             art.notes.append(f"size rung {best.remedy} kept: {before:,} -> {len(art.data):,} bytes, "
                              f"{best.score - current.score:+.2f} points against the artifact it replaced")
+
+    def _time_ratio(self, a: bytes, b: bytes) -> float:
+        """b's single-sample time over a's, side by side (:func:`~edgekit.export.verify.latency_ratio`)."""
+        from edgekit.export.verify import latency_ratio
+
+        return latency_ratio(a, b, self.splits.evaluation.x[:1], threads=self.config.threads)
+
+    @staticmethod
+    def _attempt(art: ArtifactResult, score: float) -> Any:
+        """``art`` as the attempt a speed or size ladder starts from: its remedy, its quantizer options, its bytes."""
+        from edgekit.export.remedies import Attempt, Int8Options
+
+        options = Int8Options(**art.quantizer_options) if art.quantizer_options else Int8Options()
+        return Attempt(art.remedy, options, art.data, score)
 
     def _adopt(self, art: ArtifactResult, attempt: Any, float_accuracy: float) -> None:
         """``art`` becomes ``attempt``'s artifact, with its verification's figures."""
