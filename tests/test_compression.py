@@ -69,6 +69,31 @@ def tf_keras_model(path):
     return load_model(path).model
 
 
+def test_quantized_tflite_artifacts_ship_without_what_no_runtime_reads(cnn, digits, int8_out, float_out):
+    """Intermediate tensor names, the description and the converter's CONVERSION_METADATA are dropped; the inputs,
+    outputs and signatures keep their names, and the file computes exactly what the converter's own does. The
+    float32 artifact keeps its names: the LiteRT Quantizer, which takes it, reads them."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgekit import _tf
+    from edgekit.export.tflite import compact, tflite_signatures
+
+    tf = _tf.tf()
+    raw = bytes(tf.lite.TFLiteConverter.from_keras_model(cnn).convert())
+    small = compact(raw)
+    assert len(raw) - len(small) > 1000 and b"CONVERSION_METADATA" in raw
+    assert tflite_signatures(small) == tflite_signatures(raw)
+    x = digits.x[:40]
+    assert np.array_equal(Model.load(small).predict(x), Model.load(raw).predict(x))
+    for data, kept in ((small, False), ((int8_out / "model.tflite").read_bytes(), False),
+                       ((float_out / "model.tflite").read_bytes(), True)):
+        interpreter = Interpreter(model_content=data)
+        io = {d["name"] for d in (*interpreter.get_input_details(), *interpreter.get_output_details())}
+        named = {t["name"] for t in interpreter.get_tensor_details()} - {""}
+        assert (named > io) if kept else (named == io and len(interpreter.get_tensor_details()) > len(io) + 5)
+        assert (b"CONVERSION_METADATA" in data) == kept
+
+
 def test_a_models_float_onnx_is_converted_once_and_again_when_its_weights_change(cnn, monkeypatch):
     from edgekit.export import onnx as onnx_export
 

@@ -202,12 +202,23 @@ ONNX_CHECKS = {
     "per-tensor": lambda m, base: all(np.size(s) == 1 for s in _weight_scales(m)),
     "qoperator": lambda m, base: "QLinearConv" in [n.op_type for n in m.graph.node],
 }
-TFLITE_CHECKS = {  # (int8 weight tensors, the artifact, what the LiteRT Quantizer makes of the float32 .tflite)
-    "per-tensor": lambda details, data, litert: all(len(d["quantization_parameters"]["scales"]) <= 1
-                                                    for d in details),
-    "litert-quantizer": lambda details, data, litert: data == litert and all(
-        len(d["quantization_parameters"]["scales"]) > 1 for d in details if "Conv2D" in d["name"]),
+TFLITE_CHECKS = {  # ((op, weight tensor) pairs, the artifact, what the LiteRT Quantizer makes of the float32 .tflite)
+    "per-tensor": lambda weights, data, litert: all(len(w["quantization_parameters"]["scales"]) <= 1
+                                                    for _, w in weights),
+    "litert-quantizer": lambda weights, data, litert: data == litert and all(
+        len(w["quantization_parameters"]["scales"]) > 1 for op, w in weights if op == "CONV_2D"),
 }
+
+
+def _tflite_weights(data):
+    """(op type, int8 weight tensor) of each convolution and fully connected op of a ``.tflite``."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=data)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    return [(op["op_name"], tensors[op["inputs"][1]]) for op in interpreter._get_ops_details()
+            if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+            and tensors[op["inputs"][1]]["dtype"] == np.int8]
 
 
 def test_every_remedy_has_a_check():
@@ -240,16 +251,16 @@ def test_tflite_remedy_does_what_it_says(remedy, cnn, digits):
 
     from device_agents.runtime import Model
     from edgekit.config import Quantization
-    from edgekit.export.tflite import litert_quantize
+    from edgekit.export.tflite import compact, litert_quantize
 
     with EXPORTERS[Format.TFLITE].int8(cnn, calibration=digits.x[:100], int8_io=False) as quantizer:
         data = quantizer.quantize(remedy.options)
     float32, _ = EXPORTERS[Format.TFLITE].convert(cnn, quantization=Quantization.NONE, calibration=digits.x[:10],
                                                   int8_io=False)
-    litert = litert_quantize(float32, digits.x[:100], "static_wi8_ai8")
-    details = [d for d in Interpreter(model_content=data).get_tensor_details()
-               if d["dtype"] == np.int8 and len(d["shape"]) >= 2 and d["name"].endswith(("Conv2D", "MatMul"))]
-    assert details and TFLITE_CHECKS[remedy.name](details, data, litert)
+    litert = compact(litert_quantize(float32, digits.x[:100], "static_wi8_ai8"))
+    weights = _tflite_weights(data)
+    assert {op for op, _ in weights} == {"CONV_2D", "FULLY_CONNECTED"}
+    assert TFLITE_CHECKS[remedy.name](weights, data, litert)
     agreement = np.mean(Model.load(data).predict(digits.x).argmax(1) == cnn.predict(digits.x, verbose=0).argmax(1))
     assert agreement > 0.9
     # float32 in and out, as without int8_io, for an application's raw interpreter too: the LiteRT Quantizer's

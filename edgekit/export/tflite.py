@@ -35,7 +35,7 @@ def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray
     if quantization is Quantization.INT8:
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     try:
-        return source.signed(bytes(conv.convert())), source.notes
+        return _shipped(source.signed(bytes(conv.convert())), quantization), source.notes
     except Exception as exc:  # the converter raises ConverterError and others
         if quantization is not Quantization.INT8:
             raise _failure(exc, quantization, _layer_names(model)) from None
@@ -46,10 +46,16 @@ def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray
     conv = source.converter(quantization, calibration, int8_io=int8_io)
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
     try:
-        data = source.signed(bytes(conv.convert()))
+        data = _shipped(source.signed(bytes(conv.convert())), quantization)
     except Exception as exc:
         raise _failure(exc, quantization, _layer_names(model)) from None
     return data, [*source.notes, f"some ops have no int8 kernel and stay float ({strict_error[:120]})"]
+
+
+def _shipped(data: bytes, quantization: Quantization) -> bytes:
+    """A quantized artifact is :func:`compact`; the float32 one keeps its tensor names, which the tools that take a
+    float ``.tflite`` read (the LiteRT Quantizer fails without them; Model Explorer and Netron show them)."""
+    return data if quantization is Quantization.NONE else compact(data)
 
 
 class _Source:
@@ -154,6 +160,35 @@ def with_serving_signature(data: bytes, *, input_name: str, output_name: str) ->
 
 
 SERVING = "serving_default"
+CONVERSION_METADATA = b"CONVERSION_METADATA"
+
+
+def compact(data: bytes) -> bytes:
+    """``data`` without what no runtime reads: the names of intermediate tensors (each subgraph's inputs and
+    outputs keep theirs; signatures keep their keys and names), the model's description and the converter's
+    ``CONVERSION_METADATA`` (its options, for tooling). Ops, weights and quantization parameters stay as they are,
+    so the artifact computes the same values; ``data`` is returned unchanged when it is too large for a flatbuffer
+    rewrite (2 GB). For quantized artifacts, which no tool quantizes again (:func:`_shipped`). The names took
+    18 KB of MobileNetV2 0.35's 632 KB per-channel int8 ``.tflite``.
+
+    >>> len(compact(data)) < len(data)                                       # doctest: +SKIP
+    True
+    """
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    if len(data) >= 2**31 - 2**20:
+        return data
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    model.description = None
+    for graph in model.subgraphs:
+        kept = {*graph.inputs, *graph.outputs}
+        for index, tensor in enumerate(graph.tensors):
+            if index not in kept:
+                tensor.name = None
+    for entry in [m for m in model.metadata or () if m.name == CONVERSION_METADATA]:
+        model.buffers[entry.buffer].data = None
+        model.metadata.remove(entry)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def _tensor_map(name: str, index: int) -> Any:
@@ -191,6 +226,12 @@ class TfliteInt8:
         self._calibrated = b""
 
     def quantize(self, options: Int8Options) -> bytes:
+        """The int8 artifact quantized with ``options``, as it ships (:func:`compact`)."""
+        return compact(self._quantized(options))
+
+    def _quantized(self, options: Int8Options) -> bytes:
+        """The quantized flatbuffer with the converter's tensor names (the sensitivity pass matches tensors by
+        name)."""
         from tensorflow.lite.python import convert
 
         if options.tflite_quantizer is TfliteQuantizer.LITERT:
@@ -239,7 +280,7 @@ class TfliteInt8:
     def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
         """Op output names of the float graph, those whose quantization with ``options`` adds most to the
         intermediate error first (they name the ops to keep float, as the debugger's denylisted nodes)."""
-        return rank_nodes(_ops(self._calibrated), _relative_errors(self._calibrated, self.quantize(options),
+        return rank_nodes(_ops(self._calibrated), _relative_errors(self._calibrated, self._quantized(options),
                                                                    self._samples))
 
 
