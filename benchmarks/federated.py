@@ -418,15 +418,19 @@ def seeds(args: argparse.Namespace) -> int:
 # -- centralized training with the device's own trainer --------------------------------------------------------
 DEVICE_CENTRAL_EPOCHS = (5, 10, 15, 20, 30)
 DEVICE_CENTRAL_RATES = (0.1, 0.05)
+DEVICE_CENTRAL_REPEATS = 3  # runs with dropout (a fresh random mask every step); without it a run is deterministic
 
 
 def device_central(args: argparse.Namespace) -> int:
     """The federated runs' reference with the devices' constraints: the trainable artifact trained in LiteRT on all
-    the pooled data in one place (plain SGD, BatchNormalization statistics frozen, dropout off: what a device
-    runs), against Keras/Adam centralized. Splits the gap of federated learning into what on-device training
-    costs by itself and what federating costs on top."""
+    the pooled data in one place (plain SGD, BatchNormalization statistics frozen), against Keras/Adam
+    centralized. Splits the gap of federated learning into what on-device training costs by itself and what
+    federating costs on top. Each start trains with its Dropout layer (Keras's training mode, what a device runs)
+    and without it (the layer removed), side by side."""
     from device_agents.training import Trainer
+    from edgekit import _tf
     from edgekit.loading.data import load_digits, split
+    from edgekit.loading.models import load_model
     from edgekit.trainable.export import TrainableConfig, export_trainable
 
     work = Path(tempfile.mkdtemp(prefix="edgekit-fl-device-central-"))
@@ -434,30 +438,40 @@ def device_central(args: argparse.Namespace) -> int:
     parts = split(load_digits(), seed=0)
     x = np.concatenate([parts.finetune.x, parts.calibration.x])
     y = np.concatenate([parts.finetune.y, parts.calibration.y])
+    keras = _tf.keras()
     rows = []
     for start in ("scratch", "warm"):
-        export_trainable(base.starts[start], work / f"trainable-{start}", progress=False,
-                         config=TrainableConfig(batch_size=8))  # the federated runs' on-device batch
+        model = load_model(base.starts[start]).model
+        kept = [layer for layer in model.layers if layer.__class__.__name__ != "Dropout"]
+        variants = {"on (0.2)": model, "off": keras.Sequential([keras.Input(model.inputs[0].shape[1:]), *kept])}
+        for label, variant in variants.items():
+            export_trainable(variant, work / f"trainable-{start}-{label}", progress=False,
+                             config=TrainableConfig(batch_size=8))  # the federated runs' on-device batch
         for rate in DEVICE_CENTRAL_RATES:
-            trainer = Trainer.load(work / f"trainable-{start}")
-            cells = []
-            for epoch in range(1, max(DEVICE_CENTRAL_EPOCHS) + 1):
-                trainer.fit(x, y, epochs=1, learning_rate=rate, seed=epoch)
-                if epoch in DEVICE_CENTRAL_EPOCHS:
-                    cells.append(trainer.evaluate(base.evaluation.x, base.evaluation.y)[1])
-            rows.append(f"| {start} | {base.start_accuracy[start]:.2f} | {rate:g} | "
-                        + " | ".join(f"{a:.2f}" for a in cells) + f" | {cells[-1] - base.central:+.2f} |")
-            print(rows[-1], flush=True)
+            for label in variants:
+                for repeat in range(DEVICE_CENTRAL_REPEATS if label != "off" else 1):
+                    trainer = Trainer.load(work / f"trainable-{start}-{label}")
+                    cells = []
+                    for epoch in range(1, max(DEVICE_CENTRAL_EPOCHS) + 1):
+                        trainer.fit(x, y, epochs=1, learning_rate=rate, seed=epoch)
+                        if epoch in DEVICE_CENTRAL_EPOCHS:
+                            cells.append(trainer.evaluate(base.evaluation.x, base.evaluation.y)[1])
+                    run = f", run {repeat + 1}" if label != "off" else ""
+                    rows.append(f"| {start} | {base.start_accuracy[start]:.2f} | {rate:g} | {label}{run} | "
+                                + " | ".join(f"{a:.2f}" for a in cells) + f" | {cells[-1] - base.central:+.2f} |")
+                    print(rows[-1], flush=True)
     body = "\n".join([
         "## Centralized training with the device's trainer (`benchmarks/federated.py --device-central`)", "",
         f"Command: `.venv/bin/python benchmarks/federated.py --device-central`. Machine: {machine()}.", "",
         f"The federated benchmark's digits CNN and starts, its {len(x)} pooled training samples in one place, trained "
         "by the device's own code: the trainable artifact in LiteRT (`Trainer.fit`, batch 8, plain SGD, "
-        "BatchNormalization's statistics frozen at the start's, dropout off). Accuracy on the same held-out split. "
+        "BatchNormalization's statistics frozen at the start's), with the model's Dropout(0.2) training as in Keras "
+        f"(a fresh random mask every step: {DEVICE_CENTRAL_REPEATS} runs) or with that layer removed (deterministic: "
+        "one run), side by side. Accuracy on the same held-out split. "
         f"Keras centralized (Adam, BatchNormalization and dropout training): **{base.central:.2f}%**.", "",
-        "| start | start % | learning rate | " + " | ".join(f"epoch {e} %" for e in DEVICE_CENTRAL_EPOCHS)
+        "| start | start % | learning rate | dropout | " + " | ".join(f"epoch {e} %" for e in DEVICE_CENTRAL_EPOCHS)
         + " | last - Keras centralized |",
-        "|---|---:|---:|" + "---:|" * (len(DEVICE_CENTRAL_EPOCHS) + 1), *rows])
+        "|---|---:|---:|---|" + "---:|" * (len(DEVICE_CENTRAL_EPOCHS) + 1), *rows])
     write_section("federated-device-central", body)
     print(body)
     return 0

@@ -70,8 +70,11 @@ class Trainer:
         if spec.get("mode") == "head-only" and self._backbone is None:
             raise ArtifactError("a head-only trainable artifact needs its backbone.tflite")
         self.tensors = {t["name"]: tuple(t["shape"]) for t in spec["tensors"]}
-        # an artifact exported before the train signature had a momentum input trains plain SGD only
-        self.has_momentum = "momentum" in (spec.get("signatures") or {}).get("train", ())
+        # an artifact exported before the train signature had a momentum input trains plain SGD only; one
+        # exported before it had a dropout input trains with its Dropout layers off
+        train_inputs = (spec.get("signatures") or {}).get("train", ())
+        self.has_momentum = "momentum" in train_inputs
+        self.has_dropout = "dropout" in train_inputs
         dtype = str(spec.get("input", {}).get("dtype", "float32"))
         if dtype not in ("float32", "int32", "int64"):
             raise ArtifactError(f"the trainable artifact's input dtype {dtype!r} is not float32, int32 or int64")
@@ -131,16 +134,22 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------------
     def train_step(self, x: np.ndarray, y: np.ndarray, *, learning_rate: float, mu: float = 0.0,
-                   momentum: float = 0.0, sample_weight: np.ndarray | None = None) -> float:
+                   momentum: float = 0.0, sample_weight: np.ndarray | None = None, dropout: float = 1.0) -> float:
         """One SGD step on exactly one batch (already features in head-only mode); returns the loss.
 
         ``momentum``: heavy-ball momentum in [0, 1); its velocity lives in the artifact and is zeroed by
-        :meth:`set_weights`.
+        :meth:`set_weights`. ``dropout`` scales the rates of the model's Dropout layers: 1 drops units as Keras's
+        training mode does (a fresh random mask every step; :meth:`predict` never drops), 0 keeps every unit (an
+        artifact exported before the train signature had a dropout input trains with them off).
         """
+        if not 0 <= dropout <= 1:
+            raise InputMismatchError(f"dropout must be in [0, 1], got {dropout}")
         if sample_weight is None:
             sample_weight = np.ones(len(x), np.float32)
         momentum = self._momentum(momentum)
         extra = {"momentum": np.float32(momentum)} if self.has_momentum else {}
+        if self.has_dropout:
+            extra["dropout"] = np.float32(dropout)
         out = self._train(x=np.asarray(x, self._x_dtype), y=np.asarray(y, np.int32),
                           sample_weight=np.asarray(sample_weight, np.float32),
                           learning_rate=np.float32(learning_rate), mu=np.float32(mu), **extra)

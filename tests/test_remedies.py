@@ -38,6 +38,25 @@ def outlier_path(cnn, digits, tmp_path_factory):
     return path
 
 
+def test_a_collapse_from_rare_large_activations_is_recovered_by_the_litert_quantizer(cnn, digits, tmp_path):
+    """A hidden unit that fires, huge, on 5% of the inputs: the converter's min-max range over all calibration
+    samples crushes every other unit of that layer, and int8 collapses. The LiteRT Quantizer calibrates with a
+    moving average of each sample's range, which clips the rare values; its artifact keeps the accuracy, so its
+    rung, the first of the TFLite ladder, is the one chosen."""
+    from edgekit.loading import zoo
+
+    model = zoo.with_rare_outlier_unit(cnn, digits.x, value=3000.0, fraction=0.05)
+    assert np.abs(model.predict(digits.x, verbose=0) - cnn.predict(digits.x, verbose=0)).max() < 1e-4
+    model.save(tmp_path / "rare.keras")
+    result = compress(tmp_path / "rare.keras", "digits", None, progress=False,
+                      config=CompressConfig(recipe=Recipe(quantize="int8"), formats=("tflite",),
+                                            training=fast_training()))
+    art = result.selected.artifacts[0]
+    assert art.remedies_tried["default"] > 20, art.remedies_tried  # the converter's int8 collapses
+    assert art.remedy == "litert-quantizer" and list(art.remedies_tried) == ["default", "litert-quantizer"]
+    assert art.quantization_drop <= 2.0 and art.quantizer_options["tflite_quantizer"] == "litert-quantizer"
+
+
 def test_an_int8_collapse_is_recovered_by_keeping_the_sensitive_nodes_float(outlier_path, tmp_path):
     out = tmp_path / "out"
     run = subprocess.run([str(BIN / "edgekit"), "compress", str(outlier_path), "--quantize", "int8", "--out", str(out),

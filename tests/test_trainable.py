@@ -123,12 +123,66 @@ def test_one_train_step_matches_tensorflow(index):
     np.testing.assert_allclose(interp.get_signature_runner("infer")(x=x)["output"], model(x).numpy(), atol=1e-5)
     interp.get_signature_runner("train")(x=x, y=y, sample_weight=np.ones(batch, np.float32),
                                           learning_rate=np.float32(0.1), mu=np.float32(0.0),
-                                          momentum=np.float32(0.0))
+                                          momentum=np.float32(0.0), dropout=np.float32(0.0))
     got = interp.get_signature_runner("get_weights")()
     want = reference_step(model, x, y, learning_rate=0.1)
     assert set(want) == set(got) == {t.name for t in tensors}
     for name in want:
         np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("noise_shape", [None, (None, 1, 1, 4)], ids=["units", "channels"])
+def test_dropout_trains_in_keras_training_mode_with_a_fresh_mask_each_step(noise_shape):
+    """With its dropout input 1, a train step zeroes each unit (or, with a noise shape, each channel) with
+    probability ``rate`` and scales the rest by 1 / (1 - rate): a Dense kernel after the dropout moves only in the
+    rows of kept units, by exactly TensorFlow's step on the masked, rescaled input. Masks differ from step to step
+    and from interpreter to interpreter; infer passes the values through."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    keras = _tf.keras()
+    L = keras.layers
+    _tf.set_seed(3)
+    inp = keras.Input((5, 5, 4))
+    model = keras.Model(inp, L.Dense(3, name="head")(L.Flatten()(L.Dropout(0.5, noise_shape=noise_shape)(inp))))
+    module, _, _ = build_module(model, batch_size=1)
+    _tf.tf().random.set_seed(3)  # as an exporting script may: the artifact's masks must not follow it
+    data = convert(module)
+    interp = Interpreter(model_content=data)
+    train, get, put = (interp.get_signature_runner(s) for s in ("train", "get_weights", "set_weights"))
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.5, 1.5, (1, 5, 5, 4)).astype(np.float32)  # no zero input: a kept unit always moves
+    y = np.array([1], np.int32)
+    start = get()
+    np.testing.assert_allclose(interp.get_signature_runner("infer")(x=x)["output"], model(x).numpy(), atol=1e-5)
+    masks = []
+    for _ in range(40):
+        put(**start)
+        train(x=x, y=y, sample_weight=np.ones(1, np.float32), learning_rate=np.float32(0.1), mu=np.float32(0.0),
+              momentum=np.float32(0.0), dropout=np.float32(1.0))
+        moved = np.any(get()["head_kernel"] != start["head_kernel"], axis=1)  # one row per flattened unit
+        masks.append(moved)
+        want = reference_step(model, x * moved.reshape(x.shape) * 2.0, y, learning_rate=0.1)
+        np.testing.assert_allclose(get()["head_kernel"], want["head_kernel"], atol=1e-5)
+    masks = np.array(masks)
+    # another interpreter of the same artifact draws other masks, though this process set TensorFlow's global seed
+    # when it exported (op seeds derived from it would give every device the same sequence)
+    other = Interpreter(model_content=data)
+    other_train, other_get = other.get_signature_runner("train"), other.get_signature_runner("get_weights")
+    others = []
+    for _ in range(3):
+        other.get_signature_runner("set_weights")(**start)
+        other_train(x=x, y=y, sample_weight=np.ones(1, np.float32), learning_rate=np.float32(0.1),
+                    mu=np.float32(0.0), momentum=np.float32(0.0), dropout=np.float32(1.0))
+        others.append(np.any(other_get()["head_kernel"] != start["head_kernel"], axis=1))
+    assert not np.array_equal(np.array(others), masks[:3])
+    if noise_shape is not None:  # one draw per channel, shared by the 25 positions
+        assert (masks.reshape(40, 25, 4) == masks.reshape(40, 25, 4)[:, :1]).all()
+    assert 0.35 < masks.mean() < 0.65 and len({m.tobytes() for m in masks}) > (30 if noise_shape is None else 7)
+    put(**start)
+    train(x=x, y=y, sample_weight=np.ones(1, np.float32), learning_rate=np.float32(0.1), mu=np.float32(0.0),
+          momentum=np.float32(0.0), dropout=np.float32(0.0))  # off: every unit, unscaled
+    np.testing.assert_allclose(get()["head_kernel"], reference_step(model, x, y, learning_rate=0.1)["head_kernel"],
+                               atol=1e-5)
 
 
 def test_sample_weight_zero_ignores_padding_and_mu_pulls_to_anchor():
@@ -143,7 +197,7 @@ def test_sample_weight_zero_ignores_padding_and_mu_pulls_to_anchor():
     y = np.array([0, 1, 2, 0], np.int32)
     start = get()
     train(x=x, y=y, sample_weight=np.array([1, 1, 0, 0], np.float32), learning_rate=np.float32(0.1),
-          mu=np.float32(0.0), momentum=np.float32(0.0))
+          mu=np.float32(0.0), momentum=np.float32(0.0), dropout=np.float32(0.0))
     padded = get()
     want = reference_step(model, x[:2], y[:2], learning_rate=0.1)
     for name in want:
@@ -151,7 +205,7 @@ def test_sample_weight_zero_ignores_padding_and_mu_pulls_to_anchor():
     # with a large proximal term, a step moves the weights back toward the anchor (the start)
     before = {k: np.linalg.norm(padded[k] - start[k]) for k in start}
     train(x=x, y=y, sample_weight=np.zeros(4, np.float32), learning_rate=np.float32(0.5), mu=np.float32(1.0),
-          momentum=np.float32(0.0))
+          momentum=np.float32(0.0), dropout=np.float32(0.0))
     after = get()
     assert all(np.linalg.norm(after[k] - start[k]) <= before[k] * 0.51 + 1e-7 for k in start)
 
@@ -169,7 +223,7 @@ def test_momentum_matches_heavy_ball_sgd_on_tensorflow_gradients_and_set_weights
     start = trainer.get_weights()
     w, v = dict(start), {k: np.zeros_like(a) for k, a in start.items()}
     for x, y in batches:
-        trainer.train_step(x, y, learning_rate=0.05, momentum=0.9)
+        trainer.train_step(x, y, learning_rate=0.05, momentum=0.9, dropout=0.0)
         _assign(model, w)
         g = {k: w[k] - a for k, a in reference_step(model, x, y, learning_rate=1.0).items()}
         v = {k: 0.9 * v[k] + g[k] for k in w}
@@ -179,7 +233,7 @@ def test_momentum_matches_heavy_ball_sgd_on_tensorflow_gradients_and_set_weights
     for k in w:
         np.testing.assert_allclose(got[k], w[k], atol=2e-5 * max(1.0, moved), err_msg=k)
     trainer.set_weights(got)  # a new round: the velocity (and the stepped flag) start again
-    trainer.train_step(*batches[0], learning_rate=0.05, momentum=0.9)
+    trainer.train_step(*batches[0], learning_rate=0.05, momentum=0.9, dropout=0.0)
     _assign(model, got)
     want = reference_step(model, *batches[0], learning_rate=0.05)
     for k, a in trainer.get_weights().items():
@@ -232,7 +286,7 @@ def test_batchnorm_trains_gamma_and_beta_with_its_statistics_frozen_unless_keras
     np.testing.assert_allclose(trainer.predict(x), model(x, training=False).numpy(), atol=1e-5)
 
 
-def test_momentum_out_of_range_or_on_an_artifact_without_it_is_refused(tmp_path):
+def test_momentum_or_dropout_out_of_range_or_momentum_on_an_artifact_without_it_is_refused(tmp_path):
     from device_agents.errors import InputMismatchError, TrainingError
 
     model = parity_models()[0]
@@ -242,10 +296,15 @@ def test_momentum_out_of_range_or_on_an_artifact_without_it_is_refused(tmp_path)
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(InputMismatchError, match="momentum must be in"):
             trainer.train_step(x, y, learning_rate=0.1, momentum=bad)
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(InputMismatchError, match="dropout must be in"):
+            trainer.train_step(x, y, learning_rate=0.1, dropout=bad)
     manifest = json.loads((tmp_path / "tr" / "manifest.json").read_text())
-    manifest["trainable"]["signatures"]["train"].remove("momentum")  # an artifact exported before momentum
+    assert trainer.has_dropout and "dropout" in manifest["trainable"]["signatures"]["train"]
+    for name in ("momentum", "dropout"):  # an artifact exported before these inputs
+        manifest["trainable"]["signatures"]["train"].remove(name)
     old = Trainer.from_bytes((tmp_path / "tr" / "trainable.tflite").read_bytes(), manifest)
-    assert not old.has_momentum
+    assert not old.has_momentum and not old.has_dropout
     with pytest.raises(TrainingError, match="has no momentum input .* re-export it to train with momentum 0.5"):
         old.fit(np.zeros((4, 9, 9, 2)), np.zeros(4), momentum=0.5)
 

@@ -169,3 +169,24 @@ def with_outlier_unit(model: Any, value: float = 3000.0) -> Any:
     kernel, bias = head.get_weights()
     copy.get_layer(head.name).set_weights([np.concatenate([kernel, np.zeros((1, head.units), kernel.dtype)]), bias])
     return copy
+
+
+def with_rare_outlier_unit(model: Any, x: Any, *, value: float = 3000.0, fraction: float = 0.05) -> Any:
+    """:func:`with_outlier_unit`, but the extra unit fires on about ``fraction`` of the inputs ``x`` only: it is the
+    first hidden unit's pre-activation above its ``1 - fraction`` quantile on ``x``, scaled so that its median
+    value when it fires is ``value``. Nothing reads it, so the float model answers exactly as ``model``. Rare, large
+    activations are a failure mode of min-max calibration (the converter's: one per-tensor range set by a few
+    inputs crushes the other units for all of them), which a calibration that averages each sample's range clips
+    (the LiteRT Quantizer's)."""
+    import numpy as np
+
+    copy = with_outlier_unit(model, 0.0)
+    hidden = copy.layers[-2]
+    features = _tf.keras().Model(copy.inputs, copy.layers[-3].output)(x).numpy()
+    kernel, bias = hidden.get_weights()
+    pre = features @ kernel[:, 0] + bias[0]
+    threshold = np.quantile(pre, 1 - fraction)
+    scale = value / np.median(pre[pre > threshold] - threshold)
+    kernel[:, -1], bias[-1] = scale * kernel[:, 0], scale * (bias[0] - threshold)
+    hidden.set_weights([kernel, bias])
+    return copy

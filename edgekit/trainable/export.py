@@ -161,7 +161,7 @@ def _contract(loaded: Any, train_model: Any, tensors: list, softmax_out: bool,
         "head_input": {"shape": [None, *train_model.inputs[0].shape[1:]]} if config.head_only else None,
         "output": "probabilities" if softmax_out else "logits",
         "signatures": {
-            "train": ["x", "y", "sample_weight", "learning_rate", "mu", "momentum"], "infer": ["x"],
+            "train": ["x", "y", "sample_weight", "learning_rate", "mu", "momentum", "dropout"], "infer": ["x"],
             "get_weights": [], "set_weights": [t.name for t in tensors]},
         "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in tensors],
         # personalisation: the tensors of the layers after the last Flatten / global pooling layer
@@ -195,7 +195,7 @@ def _verify(files: dict[str, bytes], manifest: dict, keras_model: Any, train_mod
     if config.head_only:
         xb = trainer.features(xb)
     before = trainer.get_weights()
-    trainer.train_step(xb, yb, learning_rate=config.learning_rate)
+    trainer.train_step(xb, yb, learning_rate=config.learning_rate, dropout=0.0)  # TensorFlow's step: inference mode
     after = trainer.get_weights()
     trainer.set_weights(before)
     # the reference runs on a float copy of the head (head-only) or of the whole model

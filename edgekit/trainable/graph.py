@@ -6,11 +6,12 @@ and weights live in resource variables.
 
 Signatures (all tensors float32 unless said):
 
-- ``train(x[B,...], y[B] int32, sample_weight[B], learning_rate[], mu[], momentum[]) -> {loss}``: one
-  SGD step on the weighted cross-entropy, plus a FedProx term ``mu/2 * ||w - anchor||^2`` (``mu=0``:
+- ``train(x[B,...], y[B] int32, sample_weight[B], learning_rate[], mu[], momentum[], dropout[]) -> {loss}``:
+  one SGD step on the weighted cross-entropy, plus a FedProx term ``mu/2 * ||w - anchor||^2`` (``mu=0``:
   plain SGD), with heavy-ball momentum (``v = momentum * v + g; w -= learning_rate * v``, as
-  ``keras.optimizers.SGD`` and ``torch.optim.SGD`` do; ``momentum=0``: plain SGD). Pad a short batch
-  with ``sample_weight`` 0.
+  ``keras.optimizers.SGD`` and ``torch.optim.SGD`` do; ``momentum=0``: plain SGD). ``dropout`` 1 applies
+  the model's Dropout layers as Keras's training mode does (0: off). Pad a short batch with
+  ``sample_weight`` 0.
 - ``infer(x[n,...]) -> {output}``: the model's outputs (probabilities if it ends in softmax).
   ``x`` is int32 token ids for a model that starts with an Embedding, float32 otherwise.
 - ``get_weights() -> {tensor name: value}``; ``set_weights(**tensors) -> {count}``: replace the
@@ -48,6 +49,8 @@ class _Node:
     params: list[tuple[str, np.ndarray]] = field(default_factory=list)
     forward: Callable[[list[Any], list[Any]], Any] = lambda xs, ws: xs[0]
     softmax_output: bool = False  # a final softmax, skipped when training on logits
+    # the forward of the train signature when it differs (Dropout): (inputs, weights, the dropout switch)
+    train_forward: Callable[[list[Any], list[Any], Any], Any] | None = None
 
 
 def _unsupported(layer: Any, why: str) -> UnsupportedLayerError:
@@ -325,8 +328,30 @@ def _reshape(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
     return node
 
 
-def _identity(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
-    return node  # Dropout: off when training on the device (a single fixed batch step)
+def _dropout(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    """Keras's training mode in the ``train`` signature (its ``dropout`` input 1): each unit is zeroed with
+    probability ``rate`` (units share a draw along the dimensions ``noise_shape`` gives as 1) and the others are
+    scaled by ``1 / (1 - rate)``, a fresh mask at every step (TFLite's RANDOM_UNIFORM, which the interpreter seeds
+    at random); ``infer`` passes the values through. With ``dropout`` 0 every unit is kept, unscaled."""
+    rate = float(layer.rate)
+    noise_shape = getattr(layer, "noise_shape", None)
+    if not 0.0 <= rate < 1.0:
+        raise _unsupported(layer, f"a dropout rate of {rate:g} (it must be in [0, 1))")
+
+    def train_forward(xs: list[Any], ws: list[Any], switch: Any) -> Any:
+        tf = _tf.tf()
+        x = xs[0]
+        shape = tf.shape(x) if noise_shape is None else tf.stack(
+            [tf.shape(x)[i] if d is None else int(d) for i, d in enumerate(noise_shape)])
+        drop = rate * switch
+        # seeds 0 and 0 as such (tf.random.uniform would derive them from a global seed the exporting process set):
+        # the interpreter then seeds each instance at random, so devices do not share a mask sequence
+        uniform = tf.raw_ops.RandomUniform(shape=shape, dtype=tf.float32, seed=0, seed2=0)  # in [0, 1)
+        keep = tf.cast(uniform >= drop, x.dtype)  # all kept when drop is 0
+        return x * keep / (1.0 - drop)
+
+    node.train_forward = train_forward
+    return node
 
 
 def _add(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
@@ -344,7 +369,7 @@ HANDLERS: dict[str, Callable[[Any, _Node, tuple, bool], _Node]] = {
     "Conv2D": _conv2d,
     "Dense": _dense,
     "DepthwiseConv2D": _depthwise,
-    "Dropout": _identity,
+    "Dropout": _dropout,
     "Embedding": _embedding,
     "Flatten": _flatten,
     "GlobalAveragePooling1D": _gap1d,
@@ -444,13 +469,16 @@ def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo],
                                                      trainable=False)
             self.stepped = tf.Variable(0.0, name="momentum_started", trainable=False)
 
-        def forward(self, x: Any, *, logits: bool) -> Any:
+        def forward(self, x: Any, *, logits: bool, dropout: Any = None) -> Any:
+            """The model's outputs (its logits when ``logits``); ``dropout``: the train signature's switch."""
             values = {"input": x}
             for node in nodes:
                 ws = [self.weights[tensor_key(node.name, p)] for p, _ in node.params]
                 xs = [values[name] for name in node.inputs]
                 if node.softmax_output and logits:
                     values[node.name] = _logits_of(node, xs, ws)
+                elif dropout is not None and node.train_forward is not None:
+                    values[node.name] = node.train_forward(xs, ws, dropout)
                 else:
                     values[node.name] = node.forward(xs, ws)
             return values[nodes[-1].name]
@@ -462,12 +490,14 @@ def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo],
             tf.TensorSpec([], tf.float32, name="learning_rate"),
             tf.TensorSpec([], tf.float32, name="mu"),
             tf.TensorSpec([], tf.float32, name="momentum"),
+            tf.TensorSpec([], tf.float32, name="dropout"),
         ])
-        def train(self, x: Any, y: Any, sample_weight: Any, learning_rate: Any, mu: Any, momentum: Any) -> dict:
+        def train(self, x: Any, y: Any, sample_weight: Any, learning_rate: Any, mu: Any, momentum: Any,
+                  dropout: Any) -> dict:
             keys = list(self.weights)
             variables = [self.weights[k] for k in keys]
             with tf.GradientTape() as tape:
-                out = self.forward(x, logits=True)
+                out = self.forward(x, logits=True, dropout=dropout)
                 loss = ops.cross_entropy(out, tf.one_hot(y, num_classes), sample_weight)
             grads = tape.gradient(loss, variables)
             for key, var, grad in zip(keys, variables, grads):
