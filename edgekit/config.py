@@ -141,6 +141,11 @@ class TrainingConfig:
     """Fine-tuning and distillation settings (small defaults suit models the size of the demo's)."""
 
     finetune_epochs: int = 4
+    # pruning fine-tunes for at least this many optimizer steps (more epochs than finetune_epochs on a small
+    # dataset): a sparsity ramp over ~150 steps removes weights faster than training recovers them (digits CNN,
+    # 80% sparse: +1.39 points lost after 148 steps, -0.28 after 296; MobileNetV2 0.35, 85%: +3.62 after 111,
+    # +0.56 after 222; BENCHMARKS.md, "prune+int8")
+    prune_min_steps: int = 300
     distill_epochs: int = 12
     batch_size: int = 32
     learning_rate: float = 1e-3          # fine-tuning (pruning; QAT uses a tenth of it)
@@ -154,6 +159,8 @@ class TrainingConfig:
         for name in ("finetune_epochs", "distill_epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if int(self.prune_min_steps) < 0:
+            raise InputError(f"prune_min_steps must be >= 0, got {self.prune_min_steps}")
         for name in ("learning_rate", "distill_learning_rate"):
             if not getattr(self, name) > 0:
                 raise InputError(f"{name} must be > 0, got {getattr(self, name)}")

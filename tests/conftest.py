@@ -165,6 +165,6 @@ def assert_one_line_error(proc, code, *fragments):
 def fast_training(**overrides):
     from edgekit import TrainingConfig
 
-    values = {"finetune_epochs": 2, "distill_epochs": 4, "batch_size": 32}
+    values = {"finetune_epochs": 2, "distill_epochs": 4, "batch_size": 32, "prune_min_steps": 0}
     values.update(overrides)
     return TrainingConfig(**values)

@@ -12,7 +12,7 @@ from conftest import BIN, assert_one_line_error, run_cli
 def test_compress_then_inspect_then_tamper(cnn_path, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("compress", str(cnn_path), "--data", "digits", "--out", str(out), "--prune", "0.5",
-                   "--quantize", "int8", "--formats", "tflite", "--epochs", "1", "--quiet")
+                   "--quantize", "int8", "--formats", "tflite", "--epochs", "1", "--prune-min-steps", "0", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "prune50+int8" in proc.stdout and "<- selected" in proc.stdout
     assert f"wrote {out}" in proc.stdout

@@ -165,6 +165,25 @@ def test_magnitude_pruning_reports_per_layer_sparsity_and_compresses(cnn_path, t
     assert json.loads((out / "manifest.json").read_text())["artifacts"][0]["sparsity"] == pytest.approx(0.75, abs=0.02)
 
 
+def test_pruning_fine_tunes_at_least_its_minimum_of_steps(cnn, digits):
+    """On a small dataset pruning runs more epochs than finetune_epochs, to make prune_min_steps optimizer steps
+    (a sparsity ramp over a few dozen steps loses accuracy training would recover); 0 leaves finetune_epochs."""
+    from edgekit._progress import Progress
+    from edgekit.config import TrainingConfig
+    from edgekit.optimize.prune import pruning_epochs
+
+    small = digits.take(np.arange(64))  # 2 steps an epoch at batch 32
+    for minimum, epochs in ((0, 1), (9, 5), (2, 1)):
+        training = TrainingConfig(finetune_epochs=1, prune_min_steps=minimum)
+        assert pruning_epochs(small, training) == epochs
+    result = prune(cnn, small, sparsity=0.5, probabilities=True, progress=Progress(enabled=False),
+                   training=TrainingConfig(finetune_epochs=1, prune_min_steps=9))
+    assert len(result.losses) == 5 and 0.45 <= max(result.per_layer.values()) <= 0.55
+    assert TrainingConfig().prune_min_steps == 300
+    with pytest.raises(InputError, match="prune_min_steps must be >= 0"):
+        TrainingConfig(prune_min_steps=-1)
+
+
 def test_structured_2_of_4_pattern(cnn, digits):
     from edgekit._progress import QUIET
 

@@ -283,5 +283,5 @@ def test_a_nested_backbone_is_inlined_so_training_techniques_reach_its_layers(tm
     from edgekit.optimize.prune import prune
 
     pruned = prune(loaded.model, load_digits().take(np.arange(200)), sparsity=0.5, probabilities=True,
-                   training=TrainingConfig(finetune_epochs=1), progress=Progress(enabled=False))
+                   training=TrainingConfig(finetune_epochs=1, prune_min_steps=0), progress=Progress(enabled=False))
     assert layer_sparsity(pruned.model)["b_conv"] >= 0.45  # inside the former backbone

@@ -185,7 +185,10 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--threads", type=int, default=_default(CompressConfig, "threads"),
                    help="interpreter threads when verifying and timing artifacts (default %(default)s)")
     c.add_argument("--epochs", type=int, default=training.finetune_epochs,
-                   help="fine-tuning epochs for pruning/QAT (default %(default)s)")
+                   help="fine-tuning epochs for pruning/QAT (default %(default)s; pruning runs more on a small "
+                        "dataset: see --prune-min-steps)")
+    c.add_argument("--prune-min-steps", type=int, default=training.prune_min_steps,
+                   help="optimizer steps pruning's fine-tuning makes at least (default %(default)s)")
     c.add_argument("--distill-epochs", type=int, default=training.distill_epochs,
                    help="distillation epochs (default %(default)s)")
     c.add_argument("--batch-size", type=int, default=training.batch_size, help="(default %(default)s)")
@@ -369,7 +372,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     config = edgekit.CompressConfig(
         recipe=recipe, formats=args.formats, max_accuracy_drop=args.max_accuracy_drop, int8_io=args.int8_io,
         select_by=args.select_by, seed=args.seed, threads=args.threads,
-        training=edgekit.TrainingConfig(finetune_epochs=args.epochs, distill_epochs=args.distill_epochs,
+        training=edgekit.TrainingConfig(finetune_epochs=args.epochs, prune_min_steps=args.prune_min_steps,
+                                        distill_epochs=args.distill_epochs,
                                         batch_size=args.batch_size, batchnorm=args.batchnorm))
     result = edgekit.compress(args.model, args.data, args.out, config=config, eval_data=args.eval_data,
                               progress=not args.quiet)

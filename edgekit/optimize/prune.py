@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,12 +34,14 @@ def prune(model: Any, data: Dataset, *, sparsity: float | None = None, structure
     """Prune a copy of ``model`` to ``sparsity`` (or 2:4) while fine-tuning on ``data``.
 
     Magnitude pruning ramps from 0 to ``sparsity`` with tfmot's ``PolynomialDecay`` over the first
-    70% of the fine-tuning steps, then holds it. 2:4 keeps the 2 largest of every 4 weights.
+    70% of the fine-tuning steps, then holds it. 2:4 keeps the 2 largest of every 4 weights. Fine-tuning
+    runs :func:`pruning_epochs` epochs.
     """
     tfmot = _tf.tfmot()
     sparsity_api = tfmot.sparsity.keras
     keras = _tf.keras()
-    steps = steps_per_epoch(data, training.batch_size) * training.finetune_epochs
+    epochs = pruning_epochs(data, training)
+    steps = steps_per_epoch(data, training.batch_size) * epochs
     if structured is not None:
         params = {"pruning_schedule": sparsity_api.ConstantSparsity(0.5, begin_step=0, frequency=max(1, steps // 10)),
                   "sparsity_m_by_n": structured}
@@ -69,12 +72,23 @@ def prune(model: Any, data: Dataset, *, sparsity: float | None = None, structure
         raise ConversionError("no layer of this model can be pruned "
                               f"({'; '.join(f'{k}: {v}' for k, v in skipped.items()) or 'no weighted layers'})")
     desc = "prune 2:4" if structured else f"prune {sparsity:.0%}"
-    losses = fit(wrapped, data, epochs=training.finetune_epochs, batch_size=training.batch_size,
+    losses = fit(wrapped, data, epochs=epochs, batch_size=training.batch_size,
                  learning_rate=training.learning_rate, probabilities=probabilities, progress=progress,
                  desc=desc, callbacks=[sparsity_api.UpdatePruningStep()], seed=seed, batchnorm=training.batchnorm)
     stripped = sparsity_api.strip_pruning(wrapped)
     after_finetune(stripped, data.x, batch_size=training.batch_size, batchnorm=training.batchnorm)
     return PruneResult(stripped, layer_sparsity(stripped), skipped, losses)
+
+
+def pruning_epochs(data: Dataset, training: TrainingConfig) -> int:
+    """Epochs of pruning's fine-tuning on ``data``: ``finetune_epochs``, or more to make at least
+    ``prune_min_steps`` optimizer steps.
+
+    >>> pruning_epochs(digits_finetune_split, TrainingConfig())   # doctest: +SKIP
+    9
+    """
+    per_epoch = steps_per_epoch(data, training.batch_size)
+    return max(training.finetune_epochs, math.ceil(training.prune_min_steps / per_epoch))
 
 
 def layer_sparsity(model: Any) -> dict[str, float]:
