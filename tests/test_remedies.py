@@ -38,23 +38,26 @@ def outlier_path(cnn, digits, tmp_path_factory):
     return path
 
 
-def test_a_collapse_from_rare_large_activations_is_recovered_by_the_litert_quantizer(cnn, digits, tmp_path):
-    """A hidden unit that fires, huge, on 5% of the inputs: the converter's min-max range over all calibration
-    samples crushes every other unit of that layer, and int8 collapses. The LiteRT Quantizer calibrates with a
-    moving average of each sample's range, which clips the rare values; its artifact keeps the accuracy, so its
-    rung, the first of the TFLite ladder, is the one chosen."""
+def test_a_collapse_from_rare_large_activations_is_recovered_by_averaged_ranges(cnn, digits, tmp_path):
+    """A hidden unit that fires, huge, on 5% of the inputs: min-max ranges over all calibration samples (the
+    converter's, onnxruntime's default) crush every other unit of that layer, and int8 collapses in both formats.
+    Ranges averaged over the samples clip the rare values: the LiteRT Quantizer's calibration (a moving average of
+    each sample's range) and onnxruntime's CalibMovingAverage, each its format's first rung, are the ones chosen."""
     from edgekit.loading import zoo
 
     model = zoo.with_rare_outlier_unit(cnn, digits.x, value=3000.0, fraction=0.05)
     assert np.abs(model.predict(digits.x, verbose=0) - cnn.predict(digits.x, verbose=0)).max() < 1e-4
     model.save(tmp_path / "rare.keras")
     result = compress(tmp_path / "rare.keras", "digits", None, progress=False,
-                      config=CompressConfig(recipe=Recipe(quantize="int8"), formats=("tflite",),
-                                            training=fast_training()))
-    art = result.selected.artifacts[0]
-    assert art.remedies_tried["default"] > 20, art.remedies_tried  # the converter's int8 collapses
-    assert art.remedy == "litert-quantizer" and list(art.remedies_tried) == ["default", "litert-quantizer"]
-    assert art.quantization_drop <= 2.0 and art.quantizer_options["tflite_quantizer"] == "litert-quantizer"
+                      config=CompressConfig(recipe=Recipe(quantize="int8"), training=fast_training()))
+    chosen = {"tflite": "litert-quantizer", "onnx": "moving-average-calibration"}
+    for art in result.selected.artifacts:
+        assert art.remedies_tried["default"] > 20, art.remedies_tried  # min-max int8 collapses
+        assert art.remedy == chosen[art.format.value] and list(art.remedies_tried) == ["default", art.remedy]
+        assert art.quantization_drop <= 2.0
+    options = {a.format.value: a.quantizer_options for a in result.selected.artifacts}
+    assert options["tflite"]["tflite_quantizer"] == "litert-quantizer"
+    assert options["onnx"]["calibration"] == "moving-average"
 
 
 def test_an_int8_collapse_is_recovered_by_keeping_the_sensitive_nodes_float(outlier_path, tmp_path):
@@ -213,6 +216,9 @@ def test_a_loss_from_pruning_is_not_a_quantization_loss(cnn_path):
 
 
 ONNX_CHECKS = {
+    # the mean of each sample's range is within the range of all samples: no activation scale grows, some shrink
+    "moving-average-calibration": lambda m, base: all(a <= b * (1 + 1e-6) for a, b in zip(_scales(m), _scales(base)))
+    and len(_scales(m)) == len(_scales(base)) and sum(_scales(m)) < 0.99 * sum(_scales(base)),
     "entropy-calibration": lambda m, base: _scales(m) != _scales(base),
     "percentile-calibration": lambda m, base: _scales(m) != _scales(base),
     "reduce-range": lambda m, base: _max_weight(m) <= 64,

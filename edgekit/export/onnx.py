@@ -305,13 +305,20 @@ def _quantize_static(pre: Path, out: Path, calibration: np.ndarray, options: Int
 
     types = {IntType.INT8: QuantType.QInt8, IntType.UINT8: QuantType.QUInt8, IntType.INT16: QuantType.QInt16}
     extra: dict[str, Any] = {}
-    method = {Calibration.MINMAX: CalibrationMethod.MinMax, Calibration.ENTROPY: CalibrationMethod.MinMax,
+    method = {Calibration.MINMAX: CalibrationMethod.MinMax, Calibration.MOVING_AVERAGE: CalibrationMethod.MinMax,
+              Calibration.ENTROPY: CalibrationMethod.MinMax,
               Calibration.PERCENTILE: CalibrationMethod.Percentile}[options.calibration]
     if options.calibration is Calibration.ENTROPY:
         extra["TensorQuantOverrides"] = ranges if ranges is not None else _entropy_ranges(pre, calibration, batch)
+    reader = _reader(calibration, batch)
+    if options.calibration is Calibration.MOVING_AVERAGE:
+        # onnxruntime averages the min and max of each calibration run: one sample a run (unless the model's batch
+        # is fixed) makes them each sample's
+        extra["CalibMovingAverage"] = True
+        reader = _reader(calibration, batch or 1)
     with contextlib.redirect_stdout(io.StringIO()):  # its histogram calibrators print their progress
         quantize_static(
-            str(pre), str(out), _reader(calibration, batch),
+            str(pre), str(out), reader,
             quant_format=QuantFormat.QOperator if options.onnx_format is OnnxFormat.QOPERATOR else QuantFormat.QDQ,
             per_channel=options.per_channel, reduce_range=options.reduce_range,
             activation_type=types[options.activations], weight_type=types[options.weights],
