@@ -310,15 +310,15 @@ def _quantize_static(pre: Path, out: Path, calibration: np.ndarray, options: Int
               Calibration.PERCENTILE: CalibrationMethod.Percentile}[options.calibration]
     if options.calibration is Calibration.ENTROPY:
         extra["TensorQuantOverrides"] = ranges if ranges is not None else _entropy_ranges(pre, calibration, batch)
-    reader = _reader(calibration, batch)
+    runs = batch
     if options.calibration is Calibration.MOVING_AVERAGE:
         # onnxruntime averages the min and max of each calibration run: one sample a run (unless the model's batch
         # is fixed) makes them each sample's
         extra["CalibMovingAverage"] = True
-        reader = _reader(calibration, batch or 1)
+        runs = batch or 1
     with contextlib.redirect_stdout(io.StringIO()):  # its histogram calibrators print their progress
         quantize_static(
-            str(pre), str(out), reader,
+            str(pre), str(out), _reader(calibration, runs),
             quant_format=QuantFormat.QOperator if options.onnx_format is OnnxFormat.QOPERATOR else QuantFormat.QDQ,
             per_channel=options.per_channel, reduce_range=options.reduce_range,
             activation_type=types[options.activations], weight_type=types[options.weights],

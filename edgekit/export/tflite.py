@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -135,28 +136,41 @@ def _input_name(model: Any) -> str:
     return str(names[0])
 
 
+def _rewritten(data: bytes, edit: Callable[[Any], bool]) -> bytes:
+    """``data`` read into TensorFlow's flatbuffer object model, changed by ``edit`` and written back; unchanged when
+    ``edit`` returns False, or when the file is too large for a flatbuffer rewrite (2 GB: the converter stores
+    larger weights outside the flatbuffer)."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    if len(data) >= 2**31 - 2**20:
+        return data
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    if not edit(model):
+        return data
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+
 def with_serving_signature(data: bytes, *, input_name: str, output_name: str) -> bytes:
     """``data`` with a ``serving_default`` signature over its first subgraph's input and output (what the
     converter writes for a SavedModel or Keras model, and what LiteRT's signature runners and Android's
     ``runSignature`` call), unchanged when it has signatures already, or is too large for a flatbuffer rewrite
     (2 GB: the converter stores larger weights outside the flatbuffer)."""
     from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
 
-    if len(data) >= 2**31 - 2**20:
-        return data
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
-    if model.signatureDefs or len(model.subgraphs) != 1:
-        return data
-    graph = model.subgraphs[0]
-    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
-        return data
-    signature = schema.SignatureDefT()
-    signature.signatureKey, signature.subgraphIndex = SERVING, 0
-    signature.inputs, signature.outputs = [_tensor_map(input_name, graph.inputs[0])], \
-        [_tensor_map(output_name, graph.outputs[0])]
-    model.signatureDefs = [signature]
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    def add(model: Any) -> bool:
+        if model.signatureDefs or len(model.subgraphs) != 1:
+            return False
+        graph = model.subgraphs[0]
+        if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+            return False
+        signature = schema.SignatureDefT()
+        signature.signatureKey, signature.subgraphIndex = SERVING, 0
+        signature.inputs, signature.outputs = [_tensor_map(input_name, graph.inputs[0])], \
+            [_tensor_map(output_name, graph.outputs[0])]
+        model.signatureDefs = [signature]
+        return True
+
+    return _rewritten(data, add)
 
 
 SERVING = "serving_default"
@@ -174,21 +188,20 @@ def compact(data: bytes) -> bytes:
     >>> len(compact(data)) < len(data)                                       # doctest: +SKIP
     True
     """
-    from tensorflow.lite.tools import flatbuffer_utils
 
-    if len(data) >= 2**31 - 2**20:
-        return data
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
-    model.description = None
-    for graph in model.subgraphs:
-        kept = {*graph.inputs, *graph.outputs}
-        for index, tensor in enumerate(graph.tensors):
-            if index not in kept:
-                tensor.name = None
-    for entry in [m for m in model.metadata or () if m.name == CONVERSION_METADATA]:
-        model.buffers[entry.buffer].data = None
-        model.metadata.remove(entry)
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    def strip(model: Any) -> bool:
+        model.description = None
+        for graph in model.subgraphs:
+            kept = {*graph.inputs, *graph.outputs}
+            for index, tensor in enumerate(graph.tensors):
+                if index not in kept:
+                    tensor.name = None
+        for entry in [m for m in model.metadata or () if m.name == CONVERSION_METADATA]:
+            model.buffers[entry.buffer].data = None
+            model.metadata.remove(entry)
+        return True
+
+    return _rewritten(data, strip)
 
 
 def _tensor_map(name: str, index: int) -> Any:
