@@ -53,6 +53,8 @@ def bad_inputs(tmp_path_factory, digits):
     ("out under a file", ["{cnn}", "--out", "{d}/afile/sub"], 2, ["not writable"]),
     ("missing data file", ["{cnn}", "--data", "{d}/none.npz"], 2, ["does not exist"]),
     ("bad structured", ["{cnn}", "--structured", "two"], 2, ["'two' is not of the form M:N"]),
+    ("negative prune steps", ["{cnn}", "--prune", "0.5", "--prune-min-steps", "-1"], 2,
+     ["prune_min_steps must be >= 0, got -1"]),
 ])
 def test_bad_input_gets_one_line_and_nonzero_exit(bad_inputs, cnn_path, tmp_path, case, args, code, fragments):
     out = tmp_path / "out"
