@@ -22,6 +22,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from _report import machine, write_section  # noqa: E402
 
+MASSIVE = ((100.0, 1.0), (1000.0, 0.5))
+"""(ratio, fraction) of the massive-activation CNNs (`zoo.massive_activation_cnn`): entropy's case, percentile's."""
+
 
 def models(work: Path) -> dict[str, tuple[Path, Path]]:
     """name -> (model path, data path)."""
@@ -35,6 +38,13 @@ def models(work: Path) -> dict[str, tuple[Path, Path]]:
     cnn.save(work / "cnn.keras")
     zoo.with_outlier_unit(cnn, 10000.0).save(work / "outlier.keras")
     zoo.with_rare_outlier_unit(cnn, digits.x, value=3000.0, fraction=0.05).save(work / "rare.keras")
+    massive = {}
+    for ratio, fraction in MASSIVE:
+        model, data = zoo.massive_activation_cnn(digits, ratio=ratio, fraction=fraction)
+        model.save(work / f"massive-{ratio:g}.keras")
+        np.savez(work / f"massive-{ratio:g}.npz", x=data.x, y=data.y)
+        massive[f"massive activation, {ratio:g}x in {fraction:.0%} of inputs"] = (
+            work / f"massive-{ratio:g}.keras", work / f"massive-{ratio:g}.npz")
     _tf.set_seed(0)
     zoo.train(zoo.preactivation_cnn(16, 3), digits, epochs=10).save(work / "preact.keras")
     keras3 = _tf.keras3()
@@ -58,6 +68,7 @@ def models(work: Path) -> dict[str, tuple[Path, Path]]:
     return {"digits CNN": (work / "cnn.keras", work / "digits.npz"),
             "digits CNN + outlier unit": (work / "outlier.keras", work / "digits.npz"),
             "digits CNN + rare outlier unit": (work / "rare.keras", work / "digits.npz"),
+            **massive,
             "pre-activation CNN (DenseNet-style BN)": (work / "preact.keras", work / "digits.npz"),
             "MobileNetV2 0.35 (Keras 3)": (work / "mobilenetv2.keras", work / "digits32.npz"),
             "transformer text classifier (Keras 3)": (work / "transformer.keras", work / "tokens.npz"),
@@ -198,7 +209,9 @@ def main() -> int:
              "the float32 artifact of the same model in the same runtime (>1 time: slower; timed side by side in "
              "alternating blocks of about 20 ms, as edgekit's speed step does). The outlier unit is constantly "
              "10,000; the rare outlier unit fires on 5% of the inputs, at a median of 3,000 when it does "
-             "(`zoo.with_rare_outlier_unit`).", "",
+             "(`zoo.with_rare_outlier_unit`). The massive activation is one value of a 65,536-value tensor at a "
+             "fixed position, that many times the tensor's largest other value, in that share of the inputs "
+             "(`zoo.massive_activation_cnn`; digits upscaled to 32x32 with a marker channel).", "",
              "| model | format | drop, defaults | remedy kept | drop, kept | float32 bytes / bytes | time vs float32 "
              "| accuracy rungs tried (drop) | speed rung kept | speed rungs tried (time vs first int8) |",
              "|---|---|---:|---|---:|---:|---:|---|---|---|"]

@@ -60,6 +60,36 @@ def test_a_collapse_from_rare_large_activations_is_recovered_by_averaged_ranges(
     assert options["onnx"]["calibration"] == "moving-average"
 
 
+@pytest.mark.parametrize(("ratio", "fraction", "chosen"), [(100.0, 1.0, "entropy-calibration"),
+                                                        (1000.0, 0.5, "percentile-calibration")])
+def test_a_collapse_from_a_massive_activation_is_recovered_by_clipping_calibration(digits, tmp_path, ratio, fraction,
+                                                                                   chosen):
+    """One value at a fixed position, ``ratio`` times the rest of a 65,536-value tensor, in ``fraction`` of the inputs
+    (:func:`edgekit.loading.zoo.massive_activation_cnn`). Min-max ranges and ranges averaged over samples both keep
+    it, and the 8-bit .onnx collapses. In every input and 100x: the KL (entropy) search clips it. In half the inputs
+    and 1000x: the KL search cannot go below 1/16 of the largest value and still collapses; the 99.999th percentile
+    clips it. Each is its own rung of the ladder, chosen where it is the one that works."""
+    from edgekit.loading import zoo
+
+    model, data = zoo.massive_activation_cnn(digits, ratio=ratio, fraction=fraction)
+    marked = data.x[:, 0, 0, 1] == 1
+    assert 0.4 * fraction < marked.mean() <= 1.0
+    unmarked = data.x.copy()
+    unmarked[..., 1] = 0.0
+    assert np.abs(model.predict(data.x, verbose=0) - model.predict(unmarked, verbose=0)).max() < 1e-5
+    model.save(tmp_path / "massive.keras")
+    result = compress(tmp_path / "massive.keras", data, None, progress=False,
+                      config=CompressConfig(recipe=Recipe(quantize="int8"), formats=("onnx",),
+                                            training=fast_training()))
+    art = result.selected.artifacts[0]
+    ladder = [r.name for r in LADDERS[Format.ONNX]]
+    tried = art.remedies_tried
+    assert list(tried) == ["default", *ladder[:ladder.index(chosen) + 1]], tried
+    assert all(score > 10 for name, score in tried.items() if name != chosen), tried  # the others collapse
+    assert art.remedy == chosen and art.quantization_drop <= 2.0
+    assert art.quantizer_options["calibration"] == chosen.removesuffix("-calibration")
+
+
 def test_an_int8_collapse_is_recovered_by_keeping_the_sensitive_nodes_float(outlier_path, tmp_path):
     out = tmp_path / "out"
     run = subprocess.run([str(BIN / "edgekit"), "compress", str(outlier_path), "--quantize", "int8", "--out", str(out),

@@ -190,3 +190,46 @@ def with_rare_outlier_unit(model: Any, x: Any, *, value: float = 3000.0, fractio
     kernel[:, -1], bias[-1] = scale * kernel[:, 0], scale * (bias[0] - threshold)
     hidden.set_weights([kernel, bias])
     return copy
+
+
+def massive_activation_cnn(data: Dataset, *, ratio: float, fraction: float, channels: int = 64, upscale: int = 4,
+                           epochs: int = 15, seed: int = 0) -> tuple[Any, Dataset]:
+    """A CNN trained on ``data``'s one-channel images upscaled ``upscale`` times, and that data with a second input
+    channel: a marker pixel at the top-left corner, set on about ``fraction`` of the samples (chosen with ``seed``).
+
+    The first convolution's first unit reads only the marker: ``ratio`` times the layer's largest other activation
+    at the corner of a marked sample, 0 everywhere else; the next layer crops the corner off (and reads nothing
+    of that unit), so the float model answers exactly as without it. This is the "massive activation" of real
+    networks (Sun et al. 2024: a few values at fixed positions, hundreds of times the rest, in many inputs), a
+    failure mode of 8-bit per-tensor ranges in which only a few values of a large tensor are outliers. Ranges
+    averaged over samples (moving-average calibration) keep the outlier when most samples have it; the KL
+    (entropy) search cannot clip below 1/16 of a tensor's largest value; a percentile of the values clips values
+    this rare at any size. With ``channels=64`` and ``upscale=4`` the tensor holds 65,536 values a sample:
+    ``ratio=100, fraction=1`` is recovered by entropy calibration alone, ``ratio=1000, fraction=0.5`` by
+    percentile calibration alone (tests/test_remedies.py)."""
+    import numpy as np
+
+    keras = _tf.keras()
+    layers = keras.layers
+    image = np.repeat(np.repeat(data.x, upscale, 1), upscale, 2)
+    x = np.concatenate([image, np.zeros_like(image)], -1)
+    _tf.set_seed(seed)
+    model = keras.Sequential([
+        keras.Input(x.shape[1:], name="image_and_marker"),
+        layers.Conv2D(channels, 3, padding="same", activation="relu", name="wide"),
+        layers.Cropping2D(((2, 0), (2, 0))), layers.MaxPooling2D(3),
+        layers.Conv2D(32, 3, activation="relu", name="after_crop"),
+        layers.GlobalAveragePooling2D(), layers.Dense(10, activation="softmax")], name="massive_activation_cnn")
+    train(model, Dataset(x, data.y, data.name), epochs=epochs, seed=seed)
+    wide, after = model.get_layer("wide"), model.get_layer("after_crop")
+    largest = float(keras.Model(model.inputs, wide.output)(x[:256]).numpy().max())
+    kernel, bias = wide.get_weights()
+    kernel[..., 0], bias[0] = 0.0, 0.0
+    kernel[kernel.shape[0] // 2, kernel.shape[1] // 2, 1, 0] = ratio * largest
+    wide.set_weights([kernel, bias])
+    kernel, bias = after.get_weights()
+    kernel[:, :, 0, :] = 0.0
+    after.set_weights([kernel, bias])
+    marked = np.random.default_rng(seed).random(len(x)) < fraction
+    x[marked, 0, 0, 1] = 1.0
+    return model, Dataset(x, data.y, f"{data.name}+marker")
