@@ -69,7 +69,7 @@ STRATEGIES: dict[Strategy, StrategySpec] = {
     Strategy.FEDADAGRAD: StrategySpec(_adaptive("FedAdagrad"), 0.01, "adaptive server optimizer (Adagrad)"),
     Strategy.FEDADAM: StrategySpec(_adaptive("FedAdam"), 0.01, "adaptive server optimizer (Adam)"),
     Strategy.FEDAVG: StrategySpec(_fedavg, None, "weighted average of the clients' weights"),
-    Strategy.FEDAVGM: StrategySpec(_fedavgm, 2.0, "FedAvg with server momentum"),
+    Strategy.FEDAVGM: StrategySpec(_fedavgm, 1.0, "FedAvg with server momentum"),
     Strategy.FEDPROX: StrategySpec(_fedprox, None, "FedAvg; clients add a proximal term"),
     Strategy.FEDYOGI: StrategySpec(_adaptive("FedYogi"), 0.01, "adaptive server optimizer (Yogi)"),
     Strategy.TRIMMED: StrategySpec(_trimmed, None, "coordinate-wise trimmed mean (robust to outliers)"),
