@@ -357,11 +357,22 @@ def _adagrad():
 MEAN = 1130 / 60
 
 
+def _fedavgm(lr=STRATEGIES[Strategy.FEDAVGM].server_learning_rate, momentum=0.9):
+    """Two rounds of FedAvgM (Hsu et al.: heavy-ball momentum on the pseudo-gradient) by hand."""
+    w, velocity, out = 0.0, 0.0, []
+    for rnd in (1, 2):
+        step = w - MEAN
+        velocity = step if rnd == 1 else momentum * velocity + step
+        w -= lr * velocity
+        out.append(w)
+    return out
+
+
 @pytest.mark.parametrize("strategy, expected", [
     (Strategy.FEDAVG, [MEAN, MEAN]),     # weighted by examples: the outlier pulls the mean up
     (Strategy.FEDPROX, [MEAN, MEAN]),    # same aggregation; the proximal term acts on the devices
     (Strategy.TRIMMED, [3.0, 3.0]),      # beta 0.2 trims one reply at each end: mean of 2, 3, 4
-    (Strategy.FEDAVGM, [MEAN, MEAN + 0.9 * MEAN]),  # momentum 0.9 carries round 1's step into round 2
+    (Strategy.FEDAVGM, _fedavgm()),  # momentum 0.9 carries round 1's step into round 2
     (Strategy.FEDADAM, _adam_like(yogi=False)),
     (Strategy.FEDYOGI, _adam_like(yogi=True)),
     (Strategy.FEDADAGRAD, _adagrad()),
