@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from _report import machine, write_section  # noqa: E402
 
-MASSIVE = ((100.0, 1.0), (1000.0, 0.5))
+MASSIVE = ((100.0, 1.0), (1000.0, 0.25))
 """(ratio, fraction) of the massive-activation CNNs (`zoo.massive_activation_cnn`): entropy's case, percentile's."""
 
 

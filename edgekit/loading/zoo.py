@@ -205,7 +205,7 @@ def massive_activation_cnn(data: Dataset, *, ratio: float, fraction: float, chan
     averaged over samples (moving-average calibration) keep the outlier when most samples have it; the KL
     (entropy) search cannot clip below 1/16 of a tensor's largest value; a percentile of the values clips values
     this rare at any size. With ``channels=64`` and ``upscale=4`` the tensor holds 65,536 values a sample:
-    ``ratio=100, fraction=1`` is recovered by entropy calibration alone, ``ratio=1000, fraction=0.5`` by
+    ``ratio=100, fraction=1`` is recovered by entropy calibration alone, ``ratio=1000, fraction=0.25`` by
     percentile calibration alone (tests/test_remedies.py)."""
     import numpy as np
 
