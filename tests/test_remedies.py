@@ -65,10 +65,12 @@ def test_a_collapse_from_rare_large_activations_is_recovered_by_averaged_ranges(
 def test_a_collapse_from_a_massive_activation_is_recovered_by_clipping_calibration(digits, tmp_path, ratio, fraction,
                                                                                    chosen):
     """One value at a fixed position, ``ratio`` times the rest of a 65,536-value tensor, in ``fraction`` of the inputs
-    (:func:`edgekit.loading.zoo.massive_activation_cnn`). Min-max ranges and ranges averaged over samples both keep
-    it, and the 8-bit .onnx collapses. In every input and 100x: the KL (entropy) search clips it. In a quarter of the
-    inputs and 1000x: the KL search cannot go below 1/16 of the largest value and still collapses; the 99.999th
-    percentile clips it. Each is its own rung of the ladder, chosen where it is the one that works."""
+    (:func:`edgekit.loading.zoo.massive_activation_cnn`). Min-max ranges and ranges averaged over samples (the
+    LiteRT Quantizer's, onnxruntime's moving average) all keep it, and 8-bit collapses in both formats. In every
+    input and 100x: the KL (entropy) search clips it. In a quarter of the inputs and 1000x: the KL search cannot go
+    below 1/16 of the largest value and still collapses; the 99.999th percentile clips it. Each is its own rung of
+    both ladders (onnxruntime's calibrators; for TFLite, the converter's ranges clipped by the same algorithms),
+    chosen where it is the one that works."""
     from edgekit.loading import zoo
 
     model, data = zoo.massive_activation_cnn(digits, ratio=ratio, fraction=fraction)
@@ -79,39 +81,61 @@ def test_a_collapse_from_a_massive_activation_is_recovered_by_clipping_calibrati
     assert np.abs(model.predict(data.x, verbose=0) - model.predict(unmarked, verbose=0)).max() < 1e-5
     model.save(tmp_path / "massive.keras")
     result = compress(tmp_path / "massive.keras", data, None, progress=False,
-                      config=CompressConfig(recipe=Recipe(quantize="int8"), formats=("onnx",),
-                                            training=fast_training()))
-    art = result.selected.artifacts[0]
-    ladder = [r.name for r in LADDERS[Format.ONNX]]
-    tried = art.remedies_tried
-    assert list(tried) == ["default", *ladder[:ladder.index(chosen) + 1]], tried
-    assert all(score > 10 for name, score in tried.items() if name != chosen), tried  # the others collapse
-    assert art.remedy == chosen and art.quantization_drop <= 2.0
-    assert art.quantizer_options["calibration"] == chosen.removesuffix("-calibration")
+                      config=CompressConfig(recipe=Recipe(quantize="int8"), training=fast_training()))
+    assert {a.format for a in result.selected.artifacts} == {Format.ONNX, Format.TFLITE}
+    for art in result.selected.artifacts:
+        ladder = [r.name for r in LADDERS[art.format]]
+        tried = art.remedies_tried
+        assert list(tried) == ["default", *ladder[:ladder.index(chosen) + 1]], tried
+        assert all(score > 10 for name, score in tried.items() if name != chosen), tried  # the others collapse
+        assert art.remedy == chosen and art.quantization_drop <= 2.0
+        assert art.quantizer_options["calibration"] == chosen.removesuffix("-calibration")
+        assert art.quantizer_options["activations"] != "int16"  # 8 bits: not the slow last rung
 
 
-def test_an_int8_collapse_is_recovered_by_keeping_the_sensitive_nodes_float(outlier_path, tmp_path):
+def test_an_outlier_channel_is_clipped_in_tflite_and_kept_float_on_top_of_clipping_in_onnx(outlier_path, tmp_path):
+    """A hidden unit constantly 10,000 that nothing reads (a 33-unit layer, so 3% of the tensor's values). The KL
+    (entropy) search clips its range to 1/16 of it: TFLite's int8 range is then [0, 625] and recovers; ONNX's
+    range is symmetric, [-625, 625], which still costs a few points, and the float fallback builds on it."""
     out = tmp_path / "out"
     run = subprocess.run([str(BIN / "edgekit"), "compress", str(outlier_path), "--quantize", "int8", "--out", str(out),
                           "--epochs", "1", "--quiet"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    for art in manifest["artifacts"]:
-        tried = art["remedies_tried"]
-        assert tried["default"] > 5, tried  # the defaults collapse: the case this exists for
-        assert art["remedy"].endswith(")") and "float-fallback" in art["remedy"], tried
+    arts = {a["format"]: a for a in manifest["artifacts"]}
+    for art in arts.values():
+        assert art["remedies_tried"]["default"] > 5, art["remedies_tried"]  # the defaults collapse
         assert art["quantization_drop"] <= 2.0 and art["accuracy_drop"] <= 2.0
-        # the nodes kept float are those around the outlier: the 33-unit dense layer's consumer (and the layer)
-        kept = " ".join(art["quantizer_options"]["float_nodes"])
-        assert "dense_1" in kept and "conv2d" not in kept, kept
-        assert list(tried)[0] == "default" and list(tried)[-1] == art["remedy"]
-    onnx = next(a for a in manifest["artifacts"] if a["format"] == "onnx")
-    onnx_tried = onnx["remedies_tried"]
+        assert art["quantizer_options"]["calibration"] == "entropy"
+    tflite = arts["tflite"]
+    assert list(tflite["remedies_tried"]) == ["default", "litert-quantizer", "entropy-calibration"]
+    assert tflite["remedy"] == "entropy-calibration" and not tflite["quantizer_options"]["float_nodes"]
+    onnx_tried = arts["onnx"]["remedies_tried"]
     assert [k for k in onnx_tried if "fallback" not in k] == ["default", *(r.name for r in LADDERS[Format.ONNX])]
-    # entropy calibration clips the outlier's range and recovers most of the collapse; the fallback builds on it
-    assert onnx_tried["entropy-calibration"] < onnx_tried["default"] / 4 and onnx["remedy"].startswith("entropy")
-    assert onnx["quantizer_options"]["calibration"] == "entropy"
+    assert onnx_tried["entropy-calibration"] < onnx_tried["default"] / 4
+    assert arts["onnx"]["remedy"].startswith("entropy-calibration+float-fallback(")
+    assert "dense_1" in " ".join(arts["onnx"]["quantizer_options"]["float_nodes"])
     assert "kept with remedy" in run.stderr and "int8 remedies" in (out / "report.md").read_text()
+
+
+def test_an_int8_collapse_no_rung_recovers_is_recovered_by_keeping_the_sensitive_nodes_float(cnn, tmp_path):
+    """The outlier unit at 100,000: clipping to 1/16 of it still crushes the layer in both formats, and no other rung
+    helps. Keeping the nodes around it in float does, in both."""
+    from edgekit.loading import zoo
+
+    zoo.with_outlier_unit(cnn, 100000.0).save(tmp_path / "huge.keras")
+    result = compress(tmp_path / "huge.keras", "digits", None, progress=False,
+                      config=CompressConfig(recipe=Recipe(quantize="int8"), training=fast_training()))
+    for art in result.selected.artifacts:
+        tried = art.remedies_tried
+        ladder = [r.name for r in LADDERS[art.format]]
+        assert list(tried)[:len(ladder) + 1] == ["default", *ladder], tried
+        assert all(tried[name] > 5 for name in ["default", *ladder]), tried  # every rung before it collapses
+        assert art.remedy.startswith("float-fallback(") and list(tried)[-1] == art.remedy, tried
+        assert art.quantization_drop <= 2.0
+        # the nodes kept float are those around the outlier: the 33-unit dense layer's consumer (and the layer)
+        kept = " ".join(art.quantizer_options["float_nodes"])
+        assert "dense_1" in kept and "conv2d" not in kept, kept
 
 
 def test_int8_io_remedy_keeps_int8_inputs(outlier_path, digits):
@@ -257,12 +281,33 @@ ONNX_CHECKS = {
     "per-tensor": lambda m, base: all(np.size(s) == 1 for s in _weight_scales(m)),
     "qoperator": lambda m, base: "QLinearConv" in [n.op_type for n in m.graph.node],
 }
-TFLITE_CHECKS = {  # ((op, weight tensor) pairs, the artifact, what the LiteRT Quantizer makes of the float32 .tflite)
-    "per-tensor": lambda weights, data, litert: all(len(w["quantization_parameters"]["scales"]) <= 1
-                                                    for _, w in weights),
-    "litert-quantizer": lambda weights, data, litert: data == litert and all(
+TFLITE_CHECKS = {  # ((op, weight tensor) pairs, the artifact, what the LiteRT Quantizer makes of the float32 .tflite,
+    # the artifact of the defaults)
+    "per-tensor": lambda weights, data, litert, default: all(len(w["quantization_parameters"]["scales"]) <= 1
+                                                             for _, w in weights),
+    "litert-quantizer": lambda weights, data, litert, default: data == litert and all(
         len(w["quantization_parameters"]["scales"]) > 1 for op, w in weights if op == "CONV_2D"),
+    # the converter's ranges clipped: the same graph, no activation scale grows, some shrink
+    "entropy-calibration": lambda weights, data, litert, default: _narrower(data, default),
+    "percentile-calibration": lambda weights, data, litert, default: _narrower(data, default),
 }
+
+
+def _narrower(data, default):
+    """Whether ``data``'s activation scales are each at most ``default``'s, and some smaller (tensor by tensor)."""
+    mine, base = _tflite_activation_scales(data), _tflite_activation_scales(default)
+    return (len(mine) == len(base) > 0 and all(a <= b * (1 + 1e-6) for a, b in zip(mine, base))
+            and any(a < b * (1 - 1e-4) for a, b in zip(mine, base)))
+
+
+def _tflite_activation_scales(data):
+    """The scale of each int8 tensor that is not a weight, in tensor order."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    weights = {w["index"] for _, w in _tflite_weights(data)}
+    tensors = Interpreter(model_content=data).get_tensor_details()
+    return [float(t["quantization_parameters"]["scales"][0]) for t in tensors
+            if t["dtype"] == np.int8 and t["index"] not in weights and len(t["quantization_parameters"]["scales"]) == 1]
 
 
 def _tflite_weights(data):
@@ -310,12 +355,13 @@ def test_tflite_remedy_does_what_it_says(remedy, cnn, digits):
 
     with EXPORTERS[Format.TFLITE].int8(cnn, calibration=digits.x[:100], int8_io=False) as quantizer:
         data = quantizer.quantize(remedy.options)
+        default = quantizer.quantize(Int8Options())
     float32, _ = EXPORTERS[Format.TFLITE].convert(cnn, quantization=Quantization.NONE, calibration=digits.x[:10],
                                                   int8_io=False)
     litert = compact(litert_quantize(float32, digits.x[:100], "static_wi8_ai8"))
     weights = _tflite_weights(data)
     assert {op for op, _ in weights} == {"CONV_2D", "FULLY_CONNECTED"}
-    assert TFLITE_CHECKS[remedy.name](weights, data, litert)
+    assert TFLITE_CHECKS[remedy.name](weights, data, litert, default)
     agreement = np.mean(Model.load(data).predict(digits.x).argmax(1) == cnn.predict(digits.x, verbose=0).argmax(1))
     assert agreement > 0.9
     # float32 in and out, as without int8_io, for an application's raw interpreter too: the LiteRT Quantizer's

@@ -16,6 +16,7 @@ from edgekit import _tf
 from edgekit.config import Quantization
 from edgekit.errors import ConversionError
 from edgekit.export.remedies import (
+    ENTROPY_BINS,
     SENSITIVITY_SAMPLES,
     Calibration,
     ErrorSums,
@@ -323,9 +324,6 @@ def _quantize_static(pre: Path, out: Path, calibration: np.ndarray, options: Int
             per_channel=options.per_channel, reduce_range=options.reduce_range,
             activation_type=types[options.activations], weight_type=types[options.weights],
             calibrate_method=method, nodes_to_exclude=list(options.float_nodes), extra_options=extra)
-
-
-ENTROPY_BINS = (2048, 128)  # histogram bins, quantized bins (TensorRT's KL calibration)
 
 
 def _entropy_ranges(pre: Path, calibration: np.ndarray, batch: int = 0) -> dict[str, list[dict[str, np.ndarray]]]:

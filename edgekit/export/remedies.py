@@ -9,7 +9,8 @@ Last comes :data:`WIDE_ACTIVATIONS`: int8 weights with 16-bit activations, accur
 
 The quantizers themselves live with their formats: :class:`edgekit.export.onnx.OnnxInt8` (onnxruntime's
 ``quantize_static``) and :class:`edgekit.export.tflite.TfliteInt8` (the TFLite converter, calibrated once,
-re-quantized with ``mlir_quantize`` as TensorFlow's quantization debugger does).
+re-quantized with ``mlir_quantize`` as TensorFlow's quantization debugger does; its entropy and percentile rungs
+write onnxruntime's histogram calibrators' ranges into the calibrated model, :func:`edgekit.export.tflite.clip_ranges`).
 """
 
 from __future__ import annotations
@@ -154,6 +155,10 @@ LADDERS: dict[Format, tuple[Remedy, ...]] = {
         # Google's successor to the converter's (deprecated) quantization; on EfficientNetB0 its full-int8 recipe
         # lost nothing where the converter lost 6.9 points (BENCHMARKS.md, "LiteRT Quantizer")
         Remedy("litert-quantizer", Int8Options(tflite_quantizer=TfliteQuantizer.LITERT)),
+        # the converter's calibration with each range clipped by onnxruntime's histogram calibrators (the converter
+        # has no such option): outliers in many samples but few positions, which averaged ranges keep
+        Remedy("entropy-calibration", Int8Options(calibration=Calibration.ENTROPY)),
+        Remedy("percentile-calibration", Int8Options(calibration=Calibration.PERCENTILE)),
         Remedy("per-tensor", Int8Options(per_channel=False)),
     ),
 }
@@ -189,6 +194,8 @@ and it is no slower (:data:`SLOWER`)."""
 SIZE_TOLERANCE = 0.5
 """Points: a size rung may score at most this much worse than the artifact it would replace (and stay within the
 budget); more means per-channel weights buy accuracy, and accuracy comes before bytes."""
+
+ENTROPY_BINS = (2048, 128)  # histogram bins, quantized bins of the KL (entropy) search (TensorRT's calibration)
 
 FLOAT_FALLBACK = "float-fallback"
 WIDE_ACTIVATIONS = "int16-activations"

@@ -13,8 +13,10 @@ from edgekit import _tf
 from edgekit.config import Quantization
 from edgekit.errors import ConversionError
 from edgekit.export.remedies import (
+    ENTROPY_BINS,
     FLOAT_OPS,
     SENSITIVITY_SAMPLES,
+    Calibration,
     ErrorSums,
     Int8Options,
     TfliteQuantizer,
@@ -228,6 +230,7 @@ class TfliteInt8:
         self._calibrated = bytes(conv.convert())
         self._source, self._calibration = source, calibration
         self._float: bytes | None = None  # the float32 .tflite, for the LiteRT Quantizer
+        self._clipped: dict[Calibration, bytes] = {}  # the calibrated model with clipped ranges, by calibration
         self._signed = source.signed
         self._int8_io = int8_io and source.float_input
         self._samples = calibration[:SENSITIVITY_SAMPLES]
@@ -254,14 +257,27 @@ class TfliteInt8:
         tf = _tf.tf()
         io_type = tf.int8 if self._int8_io else tf.float32
         return self._signed(bytes(convert.mlir_quantize(
-            self._calibrated, disable_per_channel=not options.per_channel, fully_quantize=self._int8_io,
-            input_data_type=io_type, output_data_type=io_type,
+            self._ranges(options.calibration), disable_per_channel=not options.per_channel,
+            fully_quantize=self._int8_io, input_data_type=io_type, output_data_type=io_type,
             denylisted_ops=list(options.float_ops) or None, denylisted_nodes=list(options.float_nodes) or None)))
+
+    def _ranges(self, calibration: Calibration) -> bytes:
+        """The calibrated model whose activation ranges ``calibration`` sets: min-max as calibrated, or clipped by a
+        histogram calibrator (:func:`clip_ranges`, computed once per method)."""
+        if calibration is Calibration.MINMAX:
+            return self._calibrated
+        if calibration not in CLIPPING:
+            raise ValueError(f"{calibration.value} calibration is not a TFLite converter option "
+                             "(the LiteRT Quantizer rung averages ranges over samples)")
+        if calibration not in self._clipped:
+            self._clipped[calibration] = clip_ranges(self._calibrated, self._calibration, calibration)
+        return self._clipped[calibration]
 
     def _litert(self, options: Int8Options) -> bytes:
         """The LiteRT Quantizer's full-integer recipe on the float32 ``.tflite`` (converted once): static_wi8_ai8,
         or static_wi8_ai16 for 16-bit activations (probed in a child process, as the converter's 16x8 mode is)."""
-        if self._int8_io or options.float_ops or options.float_nodes or not options.per_channel:
+        if (self._int8_io or options.float_ops or options.float_nodes or not options.per_channel
+                or options.calibration is not Calibration.MINMAX):
             raise ValueError("the LiteRT Quantizer rungs run its recipes as they are, with float inputs")
         if self._float is None:
             conv = self._source.converter(Quantization.NONE, self._calibration, int8_io=False)
@@ -298,6 +314,85 @@ class TfliteInt8:
 
 
 LITERT_CALIBRATION_SAMPLES = 256
+
+CLIPPING: dict[Calibration, dict[str, Any]] = {
+    Calibration.ENTROPY: {"method": "entropy", "num_bins": ENTROPY_BINS[0], "num_quantized_bins": ENTROPY_BINS[1]},
+    Calibration.PERCENTILE: {"method": "percentile", "num_bins": 2048, "num_quantized_bins": 128,
+                             "percentile": 99.999},
+}
+"""Calibration -> onnxruntime's ``HistogramCollector`` settings (its ``PercentileCalibrater``'s defaults; the entropy
+bins as edgekit's ONNX entropy rung): the same algorithms on the same histograms for both formats."""
+
+
+def clip_ranges(calibrated: bytes, samples: np.ndarray, calibration: Calibration) -> bytes:
+    """``calibrated`` (the converter's calibration-only model: each activation tensor's min and max over the
+    calibration samples) with each range narrowed to what onnxruntime's histogram calibrator finds on ``samples``:
+    the KL-optimal threshold (entropy) or the 99.999th percentile, so that values a few samples or a few positions
+    reach are clipped instead of widening the 8-bit grid of the rest. The TFLite converter has no such option; its
+    quantizer (``mlir_quantize``) takes the ranges as they are written. Ranges only narrow and keep 0 (the int8
+    grid holds it); the model runs one sample at a time, so memory is one sample's tensors and the histograms.
+
+    >>> data = convert.mlir_quantize(clip_ranges(calibrated, x[:256], Calibration.PERCENTILE))  # doctest: +SKIP
+    """
+    import contextlib
+    import io
+
+    from ai_edge_litert.interpreter import Interpreter
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    ranged = _activation_ranges(calibrated)
+    settings = CLIPPING[calibration]
+    collector = HistogramCollector(method=settings["method"], symmetric=False, num_bins=settings["num_bins"],
+                                   num_quantized_bins=settings["num_quantized_bins"],
+                                   percentile=settings.get("percentile", 99.999), scenario="same")
+    bins = settings["num_bins"]
+    for name, (low, high) in ranged.items():
+        # each histogram spans the tensor's whole calibrated range from the start: fed one sample at a time, the
+        # collector would otherwise add bins whenever a sample reaches further (a millionfold for a 1000x outlier)
+        # and its KL search would walk them all
+        top = np.float32(max(abs(low), abs(high)))
+        if top > 0:
+            collector.histogram_dict[name] = (np.zeros(bins, np.int64), np.linspace(-top, top, bins + 1,
+                                                                                 dtype=np.float32),
+                                              np.float32(low), np.float32(high), top)
+    interpreter = Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True)
+    interpreter.allocate_tensors()
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+        for i in range(len(samples)):
+            values = _sample_tensors(interpreter, samples[i:i + 1])
+            collector.collect({name: values[name].astype(np.float32) for name in collector.histogram_dict
+                               if name in values})
+        thresholds = collector.compute_collection_result() if collector.histogram_dict else {}
+    narrowed = {}
+    for name, (low, high) in ranged.items():
+        if name in thresholds:
+            new_low, new_high = float(thresholds[name][0]), float(thresholds[name][1])
+            narrowed[name] = (min(max(new_low, low), 0.0), max(min(new_high, high), 0.0))
+
+    def write(model: Any) -> bool:
+        for graph in model.subgraphs:
+            for tensor in graph.tensors:
+                name = tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name
+                if name in narrowed and narrowed[name][1] > narrowed[name][0]:
+                    tensor.quantization.min, tensor.quantization.max = [narrowed[name][0]], [narrowed[name][1]]
+        return bool(narrowed)
+
+    return _rewritten(calibrated, write)
+
+
+def _activation_ranges(calibrated: bytes) -> dict[str, tuple[float, float]]:
+    """Tensor name -> (min, max) of each tensor the converter's calibration recorded one range for."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(calibrated))
+    ranges = {}
+    for graph in model.subgraphs:
+        for tensor in graph.tensors:
+            q = tensor.quantization
+            if q is not None and q.min is not None and q.max is not None and len(q.min) == 1 and len(q.max) == 1:
+                name = tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name
+                ranges[name] = (float(q.min[0]), float(q.max[0]))
+    return ranges
 
 
 def litert_quantize(float_tflite: bytes, calibration: np.ndarray, recipe_name: str) -> bytes:
