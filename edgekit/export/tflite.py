@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Callable
 from typing import Any
 
@@ -334,9 +336,6 @@ def clip_ranges(calibrated: bytes, samples: np.ndarray, calibration: Calibration
 
     >>> data = convert.mlir_quantize(clip_ranges(calibrated, x[:256], Calibration.PERCENTILE))  # doctest: +SKIP
     """
-    import contextlib
-    import io
-
     from ai_edge_litert.interpreter import Interpreter
     from onnxruntime.quantization.calibrate import HistogramCollector
 
@@ -414,13 +413,14 @@ def litert_quantize(float_tflite: bytes, calibration: np.ndarray, recipe_name: s
     inputs = Interpreter(model_content=float_tflite).get_signature_list()[key]["inputs"]
     recipes = recipe_manager.RecipeManager()
     recipes.load_quantization_recipe(getattr(recipe, recipe_name)())
-    for io in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):
-        recipes.add_quantization_config(regex=".*", operation_name=io, algorithm_key=AlgorithmName.NO_QUANTIZE)
+    for end in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):
+        recipes.add_quantization_config(regex=".*", operation_name=end, algorithm_key=AlgorithmName.NO_QUANTIZE)
     qt = quantizer.Quantizer(bytes(float_tflite), recipes.get_quantization_recipe())
     result = None
     if qt.need_calibration:
         samples = [{inputs[0]: calibration[i:i + 1]} for i in range(len(calibration))]
-        result = qt.calibrate({key: samples})
+        with contextlib.redirect_stderr(io.StringIO()):  # its own tqdm bar, across edgekit's progress bars
+            result = qt.calibrate({key: samples})
     return bytes(qt.quantize(result, enable_progress_report=False).quantized_model)
 
 
