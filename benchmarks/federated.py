@@ -115,6 +115,12 @@ def reached(history: list[dict[str, Any]], goal: float) -> int | None:
     return next((h["round"] for h in history[1:] if h["accuracy"] >= goal), None)
 
 
+def rounds_to(history: list[dict[str, Any]], goal: float) -> str:
+    """The table cell of :func:`reached`: the round, or "> N" when the run's N rounds never reached ``goal``."""
+    hit = reached(history, goal)
+    return str(hit) if hit else f"> {len(history) - 1}"
+
+
 # -- the sweep -------------------------------------------------------------------------------------
 def sweep(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="edgekit-fl-sweep-"))
@@ -142,10 +148,9 @@ def sweep(args: argparse.Namespace) -> int:
             if acc is None:
                 cells += ["-"] * (3 if start == "scratch" else 4)
                 continue
-            hit = reached([{"round": i, "accuracy": a} for i, a in enumerate(acc)], goal)
             first = [] if start == "scratch" else [f"{acc[0]:.2f}"]
             cells += first + [f"{acc[min(10, len(acc) - 1)]:.2f}", f"{acc[-1]:.2f}",
-                              str(hit) if hit else f"> {len(acc) - 1}"]
+                              rounds_to([{"round": i, "accuracy": a} for i, a in enumerate(acc)], goal)]
         rows.append(f"| {label} | " + " | ".join(cells) + " |")
     body = "\n".join([
         "## Federated settings sweep (`benchmarks/federated.py --sweep`)", "",
@@ -193,12 +198,11 @@ def compare(args: argparse.Namespace, variants: dict[str, dict[str, Any]], *, fl
             history = federate(base.starts[start], "digits", work / f"{start}-{len(rows)}", clients=args.clients,
                                rounds=args.rounds, seed=args.seed, **settings)
             acc = [h["accuracy"] for h in history]
-            hit = reached(history, goal)
             rejected = sum(len(h.get("rejected", [])) for h in history[1:])
             bounded = sum(len(h.get("bounded", [])) for h in history[1:])
             rows.append(f"| {start} | {label} | {acc[0]:.2f} | {acc[min(10, len(acc) - 1)]:.2f} | {acc[-1]:.2f} | "
                         f"{np.mean(acc[-5:]):.2f} | {acc[-1] - base.central:+.2f} | "
-                        f"{hit if hit else f'> {len(acc) - 1}'} | {rejected} | {bounded} |")
+                        f"{rounds_to(history, goal)} | {rejected} | {bounded} |")
             print(rows[-1], flush=True)
     again = f" --seed {args.seed}" + "".join(f" --only '{label}'" for label in args.only) if args.seed else ""
     body = "\n".join([
@@ -257,9 +261,8 @@ def side_by_side(args: argparse.Namespace) -> int:
     sgd = centralized_sgd(base, epochs=args.rounds)
     rows, float_up = [], np.mean([h["bytes_up_per_client"] for h in runs[("defaults", "warm")][1:]])
     for (label, start), history in runs.items():
-        hit = reached(history, goal)
         up = np.mean([h["bytes_up_per_client"] for h in history[1:]])
-        rows.append(f"| {label} | {start} ({history[0]['accuracy']:.2f}) | {hit if hit else f'> {args.rounds}'} | "
+        rows.append(f"| {label} | {start} ({history[0]['accuracy']:.2f}) | {rounds_to(history, goal)} | "
                     f"{history[min(10, len(history) - 1)]['accuracy']:.2f} | {history[-1]['accuracy']:.2f} | "
                     f"{history[-1]['accuracy'] - base.central:+.2f} | {up / 1024:.1f} | {float_up / up:.2f}x | "
                     f"{np.median([h['seconds'] for h in history[1:]]):.1f} |")
@@ -341,13 +344,12 @@ def text_row(work: Path, args: argparse.Namespace) -> list[str]:
     central_acc = _accuracy(central, parts.evaluation)
     history = federate(work / "text.keras", work / "tokens.npz", work / "text", clients=args.clients,
                        rounds=args.rounds)
-    hit = reached(history, 0.95 * central_acc)
     return ["Text: the same run on a token-id classifier (Embedding 30x16, Conv1D 32, global max pooling, Dense; "
             f"{len(data)} synthetic sequences of 16 tokens, 3 classes) from scratch, with the defaults. Centralized "
             f"(Adam, 15 epochs on the training part): {central_acc:.2f}%.", "",
             "| run | start % | rounds to 95% of centralized | round 10 % | final % | vs centralized |",
             "|---|---:|---:|---:|---:|---:|",
-            f"| text, defaults | {history[0]['accuracy']:.2f} | {hit if hit else f'> {args.rounds}'} | "
+            f"| text, defaults | {history[0]['accuracy']:.2f} | {rounds_to(history, 0.95 * central_acc)} | "
             f"{history[min(10, len(history) - 1)]['accuracy']:.2f} | {history[-1]['accuracy']:.2f} | "
             f"{history[-1]['accuracy'] - central_acc:+.2f} |"]
 
@@ -393,10 +395,9 @@ def seeds(args: argparse.Namespace) -> int:
             history = federate(base.starts[start], "digits", work / f"{start}-{seed}", clients=args.clients,
                                rounds=args.rounds, seed=seed)
             acc = [h["accuracy"] for h in history]
-            hit = reached(history, goal)
             finals[start].append(acc[-1])
             rows.append(f"| {start} | {seed} | {acc[0]:.2f} | {acc[min(10, len(acc) - 1)]:.2f} | {acc[-1]:.2f} | "
-                        f"{acc[-1] - base.central:+.2f} | {hit if hit else f'> {len(acc) - 1}'} |")
+                        f"{acc[-1] - base.central:+.2f} | {rounds_to(history, goal)} |")
             print(rows[-1], flush=True)
     means = "; ".join(f"{start} mean {np.mean(v):.2f}% ({np.mean(v) - base.central:+.2f})"
                       for start, v in finals.items())
@@ -436,11 +437,10 @@ def server_rates(args: argparse.Namespace) -> int:
                     history = federate(base.starts[start], "digits", work / f"{clients}-{start}-{seed}-{rate:g}",
                                        clients=clients, rounds=rounds, seed=seed, server_learning_rate=rate)
                     acc = [h["accuracy"] for h in history]
-                    hit = reached(history, goal)
                     refused = sum(1 for h in history[1:] if not h.get("aggregated", True))
                     rows.append(f"| {label} | {start} | {seed} | {rate:g} | {acc[0]:.2f} | "
                                 f"{' / '.join(f'{a:.1f}' for a in acc[1:])} | {acc[-1]:.2f} | "
-                                f"{hit if hit else f'> {rounds}'} | {refused} |")
+                                f"{rounds_to(history, goal)} | {refused} |")
                     print(rows[-1], flush=True)
     body = "\n".join([
         "## FedAvgM's server learning rate (`benchmarks/federated.py --server-lr`)", "",

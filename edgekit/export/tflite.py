@@ -318,7 +318,8 @@ class TfliteInt8:
 LITERT_CALIBRATION_SAMPLES = 256
 
 CLIPPING: dict[Calibration, dict[str, Any]] = {
-    Calibration.ENTROPY: {"method": "entropy", "num_bins": ENTROPY_BINS[0], "num_quantized_bins": ENTROPY_BINS[1]},
+    Calibration.ENTROPY: {"method": "entropy", "num_bins": ENTROPY_BINS[0], "num_quantized_bins": ENTROPY_BINS[1],
+                          "percentile": 99.999},  # required by the collector; read by its percentile method only
     Calibration.PERCENTILE: {"method": "percentile", "num_bins": 2048, "num_quantized_bins": 128,
                              "percentile": 99.999},
 }
@@ -341,9 +342,7 @@ def clip_ranges(calibrated: bytes, samples: np.ndarray, calibration: Calibration
 
     ranged = _activation_ranges(calibrated)
     settings = CLIPPING[calibration]
-    collector = HistogramCollector(method=settings["method"], symmetric=False, num_bins=settings["num_bins"],
-                                   num_quantized_bins=settings["num_quantized_bins"],
-                                   percentile=settings.get("percentile", 99.999), scenario="same")
+    collector = HistogramCollector(symmetric=False, scenario="same", **settings)
     bins = settings["num_bins"]
     for name, (low, high) in ranged.items():
         # each histogram spans the tensor's whole calibrated range from the start: fed one sample at a time, the
@@ -371,7 +370,7 @@ def clip_ranges(calibrated: bytes, samples: np.ndarray, calibration: Calibration
     def write(model: Any) -> bool:
         for graph in model.subgraphs:
             for tensor in graph.tensors:
-                name = tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name
+                name = _tensor_name(tensor)
                 if name in narrowed and narrowed[name][1] > narrowed[name][0]:
                     tensor.quantization.min, tensor.quantization.max = [narrowed[name][0]], [narrowed[name][1]]
         return bool(narrowed)
@@ -389,9 +388,13 @@ def _activation_ranges(calibrated: bytes) -> dict[str, tuple[float, float]]:
         for tensor in graph.tensors:
             q = tensor.quantization
             if q is not None and q.min is not None and q.max is not None and len(q.min) == 1 and len(q.max) == 1:
-                name = tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name
-                ranges[name] = (float(q.min[0]), float(q.max[0]))
+                ranges[_tensor_name(tensor)] = (float(q.min[0]), float(q.max[0]))
     return ranges
+
+
+def _tensor_name(tensor: Any) -> str | None:
+    """A flatbuffer object-model tensor's name as text (the reader gives bytes)."""
+    return tensor.name.decode() if isinstance(tensor.name, bytes) else tensor.name
 
 
 def litert_quantize(float_tflite: bytes, calibration: np.ndarray, recipe_name: str) -> bytes:
