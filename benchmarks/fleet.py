@@ -113,7 +113,7 @@ def main() -> None:
     sources = _models(work)
     private, public = new_keys(work / "keys")
     local = _device_work(sources, work, private, public, args.repeats)
-    fleet = serve(work / "fleet", FleetConfig(port=free_port()))
+    fleet = serve(work / "fleet", FleetConfig(port=free_port()), signing_key=private)
     devices: list[subprocess.Popen] = []
     rows, version = [], 0
     try:

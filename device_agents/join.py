@@ -4,8 +4,9 @@ The device makes its key pair (:func:`make_node_key`; the private key never leav
 operator ``node.pub``; the operator registers it on the server, where the Control API is loopback-only.
 :func:`supernode_command` then builds the ``flower-supernode`` command that connects to the fleet's
 gateway with TLS (the fleet's ``ca.crt``) and the device key, with this device's store, trusted release
-key and data in its node config, and an environment with Flower's telemetry and update checks off and
-``FLWR_HOME`` inside the store.
+key and data in its node config, and an environment with Flower's telemetry and update checks off,
+``FLWR_HOME`` inside the store, and :mod:`device_agents.app_guard` first on ``PATH``: the device runs only
+Flower apps signed by the key it trusts.
 
 >>> private, public = make_node_key(Path("keys"), "node")                     # doctest: +SKIP
 """
@@ -92,6 +93,11 @@ def supernode_command(superlink: str, ca: Path, key: Path, store: Path, *, data:
         raise InputMismatchError("flower-supernode is not installed next to this Python; install "
                                  "edgekit-device-agent[fl]")
     store.mkdir(parents=True, exist_ok=True)
+    from device_agents.app_guard import TRUST_ENV, install_shims
+    from device_agents.store import TRUSTED_KEY
+
+    app_key = (trust if trust is not None else store / TRUSTED_KEY).absolute()
+    shims = install_shims(store.absolute() / ".flwr" / "guard")
     config = [f'store="{_plain(store, "store")}"']
     if data is not None:
         config.append(f'data-file="{_plain(data, "data")}"')
@@ -100,6 +106,6 @@ def supernode_command(superlink: str, ca: Path, key: Path, store: Path, *, data:
     command = [str(binary), "--root-certificates", str(ca.absolute()), "--superlink", superlink,
                "--auth-supernode-private-key", str(key.absolute()), "--node-config", " ".join(config),
                "--host", "127.0.0.1", "--port", str(free_port())]
-    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(store.absolute() / ".flwr"),
-           "PATH": f"{binary.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(store.absolute() / ".flwr"), TRUST_ENV: str(app_key),
+           "PATH": f"{shims}{os.pathsep}{binary.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     return command, env

@@ -79,33 +79,42 @@ def key_id(key: Any) -> str:
     return str(key.keyid)
 
 
-def verify_release(folder: str | Path, key: Any, *, now: datetime | None = None) -> Release:
-    """Read ``folder/release.json`` and verify it was signed by ``key`` and has not expired."""
+def verify_targets(data: bytes, key: Any, *, where: str, what: str, now: datetime | None = None) -> Any:
+    """The signed part of TUF targets metadata ``data`` (read from ``where``), after checking that ``key``
+    signed it and that it has not expired; :class:`ReleaseError` otherwise. ``what`` names it in messages."""
     from tuf.api.exceptions import UnsignedMetadataError
     from tuf.api.metadata import TOP_LEVEL_ROLE_NAMES, Metadata, Role, Root
 
-    path = Path(folder) / RELEASE
-    if not path.is_file():
-        raise ReleaseError(f"{folder} is not a signed release (no {RELEASE}); sign it with `edgekit release`")
     try:
-        data = read_bounded(path, max_bytes=MAX_RELEASE_BYTES, what="release metadata")
         metadata = Metadata.from_bytes(data)
     except Exception as exc:  # noqa: BLE001 (any parse failure of untrusted bytes is one refusal)
-        raise ReleaseError(f"{path} is not valid release metadata ({first_line(exc, limit=100)})") from None
+        raise ReleaseError(f"{where} is not valid {what} metadata ({first_line(exc, limit=100)})") from None
     signed = metadata.signed
     if signed.type != "targets":
-        raise ReleaseError(f"{path} holds TUF {signed.type} metadata, not a release (targets)")
+        raise ReleaseError(f"{where} holds TUF {signed.type} metadata, not a {what} (targets)")
     trust = Root(keys={key.keyid: key}, roles={name: Role([key.keyid], 1) for name in TOP_LEVEL_ROLE_NAMES})
     try:
         trust.verify_delegate("targets", metadata.signed_bytes, metadata.signatures)
     except UnsignedMetadataError:
         signers = ", ".join(k[:12] for k in metadata.signatures) or "none"
-        raise ReleaseError(f"{path}: no valid signature by the trusted key {key.keyid[:12]} (signatures by: "
-                           f"{signers}); the release was altered or signed with another key") from None
-    moment = now or datetime.now(timezone.utc)
-    if signed.is_expired(moment):
-        raise ReleaseError(f"release {signed.version} expired on {signed.expires:%Y-%m-%d %H:%M} UTC; "
-                           "sign a new release (or check this device's clock)")
+        raise ReleaseError(f"{where}: no valid signature by the trusted key {key.keyid[:12]} (signatures by: "
+                           f"{signers}); the {what} was altered or signed with another key") from None
+    if signed.is_expired(now or datetime.now(timezone.utc)):
+        raise ReleaseError(f"{what} {signed.version} expired on {signed.expires:%Y-%m-%d %H:%M} UTC; "
+                           f"sign a new {what} (or check this device's clock)")
+    return signed
+
+
+def verify_release(folder: str | Path, key: Any, *, now: datetime | None = None) -> Release:
+    """Read ``folder/release.json`` and verify it was signed by ``key`` and has not expired."""
+    path = Path(folder) / RELEASE
+    if not path.is_file():
+        raise ReleaseError(f"{folder} is not a signed release (no {RELEASE}); sign it with `edgekit release`")
+    try:
+        data = read_bounded(path, max_bytes=MAX_RELEASE_BYTES, what="release metadata")
+    except UnsafeFileError as exc:
+        raise ReleaseError(f"{path} is not valid release metadata ({first_line(exc, limit=100)})") from None
+    signed = verify_targets(data, key, where=str(path), what="release", now=now)
     targets: dict[str, tuple[int, str]] = {}
     for name, target in signed.targets.items():
         digest = target.hashes.get("sha256")

@@ -232,7 +232,7 @@ def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, k
 
     (private, public), _ = keys
     quiet = {"log": lambda _: None}
-    fleet = serve(tmp_path / "fleet", FleetConfig(port=free_port()))
+    fleet = serve(tmp_path / "fleet", FleetConfig(port=free_port()), signing_key=private)
     devices = []
     try:
         devices = _enroll(fleet, digits, tmp_path, public)
@@ -312,15 +312,15 @@ def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, k
     assert all(proc.returncode == 0 for proc, _ in devices), [p.returncode for p, _ in devices]
 
 
-def _enroll(fleet, digits, tmp_path, public):
-    """Four devices as the README enrolls them: own key pair, registered by the operator, joined with `join`."""
+def _enroll(fleet, digits, tmp_path, public, count=4):
+    """Devices as the README enrolls them: own key pair, registered by the operator, joined with `join`."""
     from edgekit.fleet.serve import register_node
 
     procs = []
 
     device = _device_bin()
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    for i in range(4):
+    for i in range(count):
         home = tmp_path / f"device{i}"
         home.mkdir()
         shutil.copy(public, home / "signing.pub")
@@ -338,9 +338,145 @@ def _enroll(fleet, digits, tmp_path, public):
             cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not all("joining the fleet" in (tmp_path / f"device{i}" / "join.log")
-                                                  .read_text() for i in range(4)):
+                                                  .read_text() for i in range(count)):
         time.sleep(0.5)
     return procs
+
+
+def _stop(devices, fleet):
+    for proc, _ in devices:
+        proc.terminate()
+    for proc, log in devices:
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    fleet.stop()
+
+
+HOSTILE_APP = """
+import time
+from pathlib import Path
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+server_app = ServerApp()
+client_app = ClientApp()
+
+@server_app.main()
+def main(grid, context):
+    deadline = time.monotonic() + 60
+    while not list(grid.get_node_ids()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    messages = [Message(RecordDict({{"config": ConfigRecord({{}})}}), message_type="query.status", dst_node_id=n)
+                for n in grid.get_node_ids()]
+    replies = list(grid.send_and_receive(messages, timeout=90))
+    Path({report!r}).write_text(" ".join(str(r.error.reason if r.has_error() else "ok") for r in replies) or "none")
+
+@client_app.query("status")
+def status(message, context):
+    Path({marker!r}).write_text("the device ran the outsider's code")
+    return Message(RecordDict(), reply_to=message)
+"""
+
+
+def _hostile_app(folder: Path, marker: Path, report: Path) -> Path:
+    folder.mkdir()
+    (folder / "hostile.py").write_text(HOSTILE_APP.format(marker=str(marker), report=str(report)))
+    (folder / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n[project]\nname = "hostile"\n'
+        'version = "1.0.0"\ndependencies = []\n[tool.hatch.build.targets.wheel]\npackages = ["."]\n'
+        '[tool.flwr.app]\npublisher = "hostile"\n[tool.flwr.app.components]\nserverapp = "hostile:server_app"\n'
+        'clientapp = "hostile:client_app"\n')
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("fleet")
+def test_a_device_runs_no_app_the_fleet_key_did_not_sign(digits, keys, tmp_path):
+    """Defence in depth: a stranger who reaches the Control API (here: straight on its loopback port) submits an
+    app; the device refuses to install or import it (no marker, an error reply), and still runs the signed jobs.
+    An app the stranger signed with their own key, or the signed app with a file added, is refused the same way."""
+    from edgekit.federated.deploy import free_port
+    from edgekit.fleet.rollout import fleet_status
+    from edgekit.fleet.serve import FleetConfig, flower_env, serve
+    from edgekit.fleet.signing import sign_app
+
+    (private, public), (their_private, _) = keys
+    fleet = serve(tmp_path / "fleet", FleetConfig(port=free_port()), signing_key=private)
+    devices = []
+    try:
+        devices = _enroll(fleet, digits, tmp_path, public, count=1)
+        unsigned = _hostile_app(tmp_path / "unsigned", tmp_path / "device0" / "RAN", tmp_path / "unsigned.txt")
+        theirs = _hostile_app(tmp_path / "theirs", tmp_path / "device0" / "RAN", tmp_path / "theirs.txt")
+        sign_app(theirs, their_private)
+        reasons = {}
+        for app in (unsigned, theirs):
+            proc = subprocess.run([str(BIN / "flwr"), "run", str(app), "fleet", "--stream"],
+                                  env=flower_env(fleet.folder), cwd=app, capture_output=True, text=True, timeout=300)
+            report = tmp_path / f"{app.name}.txt"
+            assert report.is_file(), proc.stdout[-2000:] + proc.stderr[-2000:]
+            reasons[app.name] = report.read_text()
+        assert not (tmp_path / "device0" / "RAN").exists()
+        # the device's error reply says why (Flower relays the guard's exception)
+        assert "the Flower app is not signed" in reasons["unsigned"], reasons
+        assert "no valid signature by the trusted key" in reasons["theirs"], reasons
+        # the operator's own signed jobs still run on it
+        status = fleet_status(fleet.folder, tmp_path / "status", log=lambda _: None)
+        assert len(status["nodes"]) == 1 and status["nodes"][0]["ok"], status
+    finally:
+        _stop(devices, fleet)
+    assert not (tmp_path / "device0" / "RAN").exists()
+
+
+def test_an_app_whose_files_differ_from_its_signature_is_refused(keys, tmp_path):
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    from device_agents.app_guard import verify_app
+    from device_agents.release import load_public_key
+    from edgekit.federated.deploy import write_flower_app
+    from edgekit.fleet.signing import sign_app
+
+    (private, public), (their_private, their_public) = keys
+    app = tmp_path / "app"
+    write_flower_app(app, name="edgekit-fleet", server="edgekit.fleet.jobs:fleet_server_app", config={"job": ""})
+    sign_app(app, private)
+    key = load_public_key(public)
+    signed = build_fab_from_disk(app)
+    assert set(verify_app(signed, key)) == {"pyproject.toml", "edgekit_client.py", "edgekit_server.py"}
+    with pytest.raises(ReleaseError, match="no valid signature by the trusted key"):
+        verify_app(signed, load_public_key(their_public))
+
+    def rebuilt(change):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(io.BytesIO(signed)) as source, zipfile.ZipFile(buffer, "w") as target:
+            for name in source.namelist():
+                data = change(name, source.read(name))
+                if data is not None:
+                    target.writestr(name, data)
+            if change("evil.py", None) is not None:
+                target.writestr("evil.py", change("evil.py", None))
+        return buffer.getvalue()
+
+    cases = {
+        "(size)": lambda n, d: d + b"\nimport os" if n == "edgekit_client.py" else d,
+        "(sha256)": lambda n, d: d[:-2] + b"#!" if n == "edgekit_client.py" else d,
+        "differ: evil.py": lambda n, d: b"import os" if n == "evil.py" else d,
+        "differ: edgekit_server.py": lambda n, d: None if n == "edgekit_server.py" else d,
+        "not signed": lambda n, d: None if n == "edgekit-app.json" else d,
+    }
+    for reason, change in cases.items():
+        with pytest.raises(ReleaseError, match=reason):
+            verify_app(rebuilt(change), key)
+    with pytest.raises(ReleaseError, match="not a valid FAB"):
+        verify_app(b"PK\x03\x04 not a zip", key)
+    with pytest.raises(ReleaseError, match="more than"):
+        verify_app(b"\x00" * ((10 << 20) + 1), key)
 
 
 def test_gates_fail_with_the_numbers_and_pass_otherwise():

@@ -126,6 +126,9 @@ def _add_fleet(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--port", type=int, default=_default(FleetConfig, "port"), help="(default %(default)s)")
     s.add_argument("--address", action="append", default=[], metavar="NAME",
                    help="a host name or IP devices dial, put in the server certificate; repeatable")
+    s.add_argument("--key", required=True, metavar="SIGNING_KEY",
+                   help="the fleet's signing.key: signs the Flower app of every job (devices run only apps signed "
+                        "by the key they trust with --trust)")
     s.set_defaults(func=cmd_fleet_serve)
     g = fleet_sub.add_parser("register", help="register a device's node.pub (only on the fleet's server)")
     g.add_argument("public_key", metavar="NODE_PUB")
@@ -477,7 +480,8 @@ def cmd_fleet_serve(args: argparse.Namespace) -> int:
 
     from edgekit.fleet.serve import FleetConfig, serve
 
-    fleet = serve(args.out, FleetConfig(host=args.host, port=args.port, addresses=tuple(args.address)))
+    fleet = serve(args.out, FleetConfig(host=args.host, port=args.port, addresses=tuple(args.address)),
+                  signing_key=args.key)
     stop: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: stop.append(signum))
     dial = args.address[0] if args.address else (args.host if args.host not in ("0.0.0.0", "::") else "HOST")

@@ -16,8 +16,9 @@ authentication; devices reach only the Fleet-only TLS gateway (:mod:`edgekit.fed
 ``host:port``. Registering a device's public key is therefore something only the operator, on this
 machine, can do (:func:`register_node`).
 
->>> fleet = serve("fleet", FleetConfig(host="0.0.0.0", port=9093, addresses=("10.0.0.5",)))  # doctest: +SKIP
->>> register_node("fleet", "node.pub")                                                         # doctest: +SKIP
+>>> config = FleetConfig(host="0.0.0.0", addresses=("10.0.0.5",))
+>>> fleet = serve("fleet", config, signing_key="keys/signing.key")     # doctest: +SKIP
+>>> register_node("fleet", "node.pub")                                 # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -98,21 +99,25 @@ def _check_folder(folder: Path) -> None:
         raise InputError(f"{folder} is not empty and is not a fleet folder; give a new or empty folder")
 
 
-def serve(out: str | Path, config: FleetConfig | None = None) -> Fleet:
+def serve(out: str | Path, config: FleetConfig | None = None, *, signing_key: str | Path) -> Fleet:
     """Start (or restart) the fleet in ``out``: SuperLink on loopback, Fleet gateway on ``host:port``.
 
     The CA and the registered node keys are kept across restarts; the server certificate is reissued for
-    ``config.certificate_hosts`` each time. Returns once both listen.
+    ``config.certificate_hosts`` each time. The jobs' Flower app is signed with ``signing_key`` (the fleet's
+    release key, :func:`edgekit.fleet.signing.sign_app`): devices run only apps their trusted key signed.
+    Returns once both listen.
 
-    >>> fleet = serve("fleet")            # doctest: +SKIP
+    >>> fleet = serve("fleet", signing_key="keys/signing.key")            # doctest: +SKIP
     >>> fleet.stop()                      # doctest: +SKIP
     """
     from edgekit.federated._tls import make_certificates, make_server_certificate
     from edgekit.federated.deploy import Processes, free_port, start_gateway, start_superlink, write_flower_app
+    from edgekit.fleet.signing import load_private_key, sign_app
 
     config = config or FleetConfig()
     folder = Path(out).absolute()
     _check_folder(folder)
+    load_private_key(Path(signing_key))  # a missing or wrong key is refused before anything is written
     if shutil.which("flower-superlink", path=str(Path(sys.executable).parent)) is None:
         raise InputError("flower-superlink is not installed next to this Python; install edgekit-sdk")
     state = folder / SERVE_STATE
@@ -130,6 +135,7 @@ def serve(out: str | Path, config: FleetConfig | None = None) -> Fleet:
         f'root-certificates = "{certs["ca"]}"\n').encode())
     write_flower_app(folder / "app", name="edgekit-fleet", server="edgekit.fleet.jobs:fleet_server_app",
                      config={"job": ""})
+    sign_app(folder / "app", signing_key)
     (folder / "logs").mkdir(exist_ok=True)
     procs = Processes(folder / "logs", flower_env(folder))
     try:

@@ -52,7 +52,8 @@ def new_keys(out: str | Path) -> tuple[Path, Path]:
     return private, public
 
 
-def _load_private(path: Path) -> Any:
+def load_private_key(path: Path) -> Any:
+    """The Ed25519 private key (PEM, unencrypted) at ``path``, or :class:`InputError` saying what is wrong."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -84,7 +85,7 @@ def sign_release(folder: str | Path, key: str | Path, *, version: int,
         raise InputError(f"release version {version!r} must be a whole number from 1 to {MAX_VERSION}")
     if not timedelta(minutes=1) <= expires <= timedelta(days=3650):
         raise InputError(f"release expiry {expires} must be between one minute and ten years")
-    signer = CryptoSigner(_load_private(Path(key)))
+    signer = CryptoSigner(load_private_key(Path(key)))
     try:
         manifest = read_manifest(folder)
         check_folder(folder)
@@ -122,3 +123,35 @@ def public_key_id(path: str | Path) -> str:
         return str(load_public_key(path).keyid)
     except AgentError as exc:
         raise InputError(str(exc)) from None
+
+
+def sign_app(folder: str | Path, key: str | Path, *, expires: timedelta = DEFAULT_EXPIRY) -> Path:
+    """Sign the Flower app in ``folder`` for the fleet's devices: write ``folder/edgekit-app.json``.
+
+    The FAB is built here with Flower's own builder (deterministic: fixed dates, sorted files), and every
+    file it holds becomes a signed target (length and SHA-256). ``flwr run`` builds the same files plus
+    this signature; a device (:mod:`device_agents.app_guard`) installs the app only when the files match.
+
+    >>> sign_app("fleet/app", "keys/signing.key")                     # doctest: +SKIP
+    """
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+    from securesystemslib.signer import CryptoSigner
+    from tuf.api.metadata import Metadata, TargetFile, Targets
+
+    from device_agents.app_guard import APP_SIGNATURE
+
+    folder = Path(folder)
+    signer = CryptoSigner(load_private_key(Path(key)))
+    (folder / APP_SIGNATURE).unlink(missing_ok=True)
+    with zipfile.ZipFile(io.BytesIO(build_fab_from_disk(folder))) as fab:
+        files = {name: fab.read(name) for name in fab.namelist()
+                 if not name.startswith(".info/") and not name.endswith("/")}
+    targets = {name: TargetFile.from_data(name, data, ["sha256"]) for name, data in sorted(files.items())}
+    signed = Targets(version=1, expires=(datetime.now(timezone.utc) + expires).replace(microsecond=0),
+                     targets=targets)
+    metadata = Metadata(signed)
+    metadata.sign(signer)
+    return write_atomic(folder / APP_SIGNATURE, metadata.to_bytes())
