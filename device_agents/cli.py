@@ -11,6 +11,7 @@ from pathlib import Path
 
 from device_agents.console import OneLineParser, quiet_native_logs, run
 from device_agents.exit_codes import ExitCode
+from device_agents.files import DEVICE_MAX_ARRAY_BYTES
 from device_agents.runtime import Runtime
 
 _T0 = time.perf_counter()
@@ -33,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help=".npz with an array x")
     p.add_argument("--output", required=True, help=".npy to write (float32, one row per sample)")
     p.add_argument("--telemetry", help="write telemetry JSON here")
+    p.add_argument("--batch", type=int, default=256, help="samples read and run at a time; memory stays at one "
+                                                          "batch whatever the input's size (default %(default)s)")
+    p.add_argument("--max-input-mib", type=int, metavar="MIB",
+                   help="the largest input array accepted (default: EDGEKIT_MAX_ARRAY_BYTES, else "
+                        f"{DEVICE_MAX_ARRAY_BYTES >> 20} MiB)")
     p.set_defaults(func=cmd_predict)
 
     b = sub.add_parser("bench", help="latency percentiles, cold start and peak memory")
@@ -111,6 +117,30 @@ def _load_x(path: str):  # noqa: ANN202
     return arrays["x"]
 
 
+def _x_batches(path: str, batch: int, max_mib: int | None):  # noqa: ANN202
+    """(rows, batches) of the array ``x`` of an .npz, read ``batch`` rows at a time (its header checked first)."""
+    from device_agents.errors import InputMismatchError
+    from device_agents.files import UnsafeFileError, iter_npz_rows
+
+    if not Path(path).is_file():
+        raise InputMismatchError(f"input file {path} does not exist; give an .npz with an array x")
+    try:
+        shape, _, batches = iter_npz_rows(path, "x", batch_rows=batch,
+                                          max_bytes=None if max_mib is None else max_mib << 20)
+    except UnsafeFileError as exc:
+        raise InputMismatchError(str(exc)) from None
+    if not shape:
+        raise InputMismatchError(f"{path} has no array 'x'; write it with numpy.savez(path, x=...)")
+
+    def checked():  # noqa: ANN202
+        try:
+            yield from batches
+        except UnsafeFileError as exc:
+            raise InputMismatchError(str(exc)) from None
+
+    return shape[0], checked()
+
+
 def _check_output(path: Path) -> None:
     """Refuse an output path that cannot be written, before any inference runs."""
     from device_agents.errors import InputMismatchError
@@ -124,26 +154,41 @@ def _check_output(path: Path) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import io
+    import tempfile
 
     import numpy as np
 
-    from device_agents.files import write_atomic
+    from device_agents.errors import InputMismatchError
     from device_agents.telemetry import Telemetry
 
     out = Path(args.output)
     _check_output(out)
+    if args.batch < 1 or (args.max_input_mib is not None and args.max_input_mib < 1):
+        raise InputMismatchError("--batch and --max-input-mib take a whole number of at least 1")
     model, version = _open(args.model, args.runtime, args.threads)
-    x = _load_x(args.input)
+    count, batches = _x_batches(args.input, args.batch, args.max_input_mib)
     telemetry = Telemetry(model_version=version)
-    with telemetry.measure(samples=len(x)):
-        y = model.predict(x)
-    buffer = io.BytesIO()
-    np.save(buffer, y.astype(np.float32))
-    write_atomic(out, buffer.getvalue())
+    with tempfile.TemporaryDirectory(prefix=".predict.", dir=out.parent) as scratch:
+        partial = Path(scratch) / "y.npy"
+        written = None
+        with telemetry.measure(samples=count):
+            done = 0
+            for x in batches:
+                y = np.asarray(model.predict(np.ascontiguousarray(x)), np.float32)
+                if written is None:
+                    written = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32,
+                                                        shape=(count, *y.shape[1:]))
+                written[done:done + len(y)] = y
+                done += len(y)
+        if written is None:
+            np.save(partial, np.zeros((0,), np.float32))
+        else:
+            written.flush()
+            del written
+        os.replace(partial, out)
     if args.telemetry:
         telemetry.write(args.telemetry)
-    print(f"{len(y)} predictions -> {out} ({model.runtime.value}, {model.format.value})")
+    print(f"{count} predictions -> {out} ({model.runtime.value}, {model.format.value})")
     return int(ExitCode.SUCCESS)
 
 

@@ -60,6 +60,8 @@ class Fault(str, Enum):
     LIST_EXAMPLES = "list-examples"  # num-examples = [5]
     EXTRA_METRIC = "extra-metric"  # one metric key more than the protocol has
     CODEC_SCALE = "codec-scale"    # compressed update with a scale of 1e30
+    SIGN_FLIP = "sign-flip"        # its update reversed and scaled x4.5, claiming 100x its examples
+    LABEL_FLIP = "label-flip"      # trains honestly on permuted labels (class c taught as the last class - c)
 
 
 class Clipping(str, Enum):
@@ -317,17 +319,21 @@ def make_client_app(settings: ClientSettings) -> Any:
         local_round = round_settings(config, _limits(settings, context))
         global_weights = received_weights(message.content, trainer.tensors, context)
         pid, x, y = _local_data(settings, context)
+        fault = settings.faults.get(pid)
+        if fault is Fault.LABEL_FLIP:
+            y = (trainer.tensors[list(trainer.tensors)[-1]][-1] - 1 - y).astype(y.dtype)
         trainer.set_weights(global_weights)
         _LAST_TRAINED[(artifact_dir, pid)] = codec.digest(global_weights)
         local = trainer.fit_safely(x, y, **local_round.fit_options(), seed=local_round.seed * 100_003 + pid)
         metrics = {"num-examples": len(x), "train-loss": float(local.losses[-1]),
                    "train-accuracy": float(local.accuracy), "learning-rate": float(local.learning_rate)}
-        new, fault = trainer.get_weights(), settings.faults.get(pid)
+        new = trainer.get_weights()
         if fault is not None:
-            new, metrics = _rehearse(fault, pid, new, metrics, output_bias=list(trainer.tensors)[-1])
+            new, metrics = _rehearse(fault, pid, new, metrics, output_bias=list(trainer.tensors)[-1],
+                                     base=global_weights)
         content = RecordDict({"metrics": MetricRecord(metrics)})
         used = _codec(config) if _limits(settings, context).local_dp_epsilon is None else codec.Codec.FLOAT32
-        if fault not in (None, Fault.CODEC_SCALE):
+        if fault not in (None, Fault.CODEC_SCALE, Fault.LABEL_FLIP):
             used = codec.Codec.FLOAT32
         _encode(content, used, new, global_weights, context, rng=np.random.default_rng([local_round.seed, pid]),
                 hostile_scale=fault is Fault.CODEC_SCALE)
@@ -460,7 +466,7 @@ def _encode(content: Any, used: codec.Codec, new: dict[str, np.ndarray], base: d
 
 
 def _rehearse(fault: Fault, pid: int, new: dict[str, np.ndarray], metrics: dict[str, Any], *,
-              output_bias: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+              output_bias: str, base: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """What a faulty or hostile device sends instead of its honest reply (tests and drills)."""
     if fault is Fault.CRASH:
         raise RuntimeError(f"client {pid}: simulated crash")
@@ -475,6 +481,9 @@ def _rehearse(fault: Fault, pid: int, new: dict[str, np.ndarray], metrics: dict[
         bias[..., 0] = 100.0
         new = {**new, output_bias: bias}
         metrics = {**metrics, "num-examples": 10**12}
+    elif fault is Fault.SIGN_FLIP:
+        new = {k: (base[k] - np.float32(4.5) * (v - base[k])).astype(v.dtype) for k, v in new.items()}
+        metrics = {**metrics, "num-examples": int(metrics["num-examples"]) * 100}
     elif fault is Fault.FLOAT64:
         new = {k: np.full(v.shape, 1e300, np.float64) for k, v in new.items()}
     elif fault is Fault.NAN_EXAMPLES:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def crash_point(name: str) -> None:
@@ -56,8 +58,11 @@ def write_atomic(path: str | Path, data: bytes, *, mode: int = 0o644) -> Path:
 # --- bounded reads of untrusted files --------------------------------------------------------------
 
 MAX_ARRAY_BYTES = 2 * 1024**3
-"""The most an ``.npz`` may expand to in memory (all its arrays together), unless the environment
-variable ``EDGEKIT_MAX_ARRAY_BYTES`` sets another number of bytes (see :func:`max_array_bytes`)."""
+"""The server's limit (edgekit's data loading): the most an ``.npz`` may expand to in memory, all its arrays
+together, unless the environment variable ``EDGEKIT_MAX_ARRAY_BYTES`` sets another number of bytes."""
+DEVICE_MAX_ARRAY_BYTES = 256 * 1024**2
+"""The device agent's limit (a phone, a Raspberry Pi): what :func:`read_npz` allows by default, unless
+``EDGEKIT_MAX_ARRAY_BYTES`` says otherwise (see :func:`max_array_bytes`)."""
 MAX_ARTIFACT_BYTES = 2 * 1024**3
 """The largest model artifact read (a TFLite flatbuffer cannot exceed 2 GiB)."""
 MAX_MANIFEST_BYTES = 16 * 1024**2
@@ -87,15 +92,16 @@ def describe_file(path: Path, head: bytes) -> str:
     return "a text file (CSV?)" if b"," in head or b";" in head or b"\t" in head else "a text file"
 
 
-def max_array_bytes() -> int:
-    """The limit in force: ``EDGEKIT_MAX_ARRAY_BYTES`` when set to a positive integer, else :data:`MAX_ARRAY_BYTES`."""
+def max_array_bytes(default: int = DEVICE_MAX_ARRAY_BYTES) -> int:
+    """The limit in force: ``EDGEKIT_MAX_ARRAY_BYTES`` when set to a positive integer, else ``default`` (the
+    device's :data:`DEVICE_MAX_ARRAY_BYTES`; the server passes :data:`MAX_ARRAY_BYTES`)."""
     import os
 
     try:
-        value = int(os.environ.get("EDGEKIT_MAX_ARRAY_BYTES", MAX_ARRAY_BYTES))
+        value = int(os.environ.get("EDGEKIT_MAX_ARRAY_BYTES", default))
     except ValueError:
-        return MAX_ARRAY_BYTES
-    return value if value > 0 else MAX_ARRAY_BYTES
+        return default
+    return value if value > 0 else default
 
 
 def read_npz(path: str | Path, *, names: tuple[str, ...], max_bytes: int | None = None) -> dict:
@@ -150,6 +156,69 @@ def read_npz(path: str | Path, *, names: tuple[str, ...], max_bytes: int | None 
         raise UnsafeFileError(f"{path} is not a readable .npz file ({first_line(exc, limit=160)}); "
                               "write it with numpy.savez") from None
     return arrays
+
+
+def iter_npz_rows(path: str | Path, name: str, *, batch_rows: int,
+                  max_bytes: int | None = None) -> tuple[tuple[int, ...], Any, Iterator[Any]]:
+    """(shape, dtype, batches) of array ``name`` of an ``.npz``, read ``batch_rows`` rows at a time: memory
+    stays at one batch whatever the array's size. The header is checked as :func:`read_npz` checks it (no
+    objects; the declared size within ``max_bytes``); a Fortran-ordered array is read whole, within the limit.
+    Raises :class:`UnsafeFileError`; an archive without ``name`` gives shape ``()`` and no batches."""
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    limit = max_array_bytes() if max_bytes is None else max_bytes
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if not head.startswith(_ZIP_MAGIC):
+        raise UnsafeFileError(f"{path} is {describe_file(path, head)}, not an .npz archive; "
+                              "write it with numpy.savez(path, x=...)")
+    try:
+        archive = zipfile.ZipFile(path)
+        info = next((i for i in archive.infolist() if i.filename.removesuffix(".npy") == name), None)
+        if info is None:
+            archive.close()
+            return (), None, iter(())
+        member = archive.open(info)
+        version = np.lib.format.read_magic(member)
+        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = header(member)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+        from device_agents.errors import first_line
+
+        raise UnsafeFileError(f"{path} is not a readable .npz file ({first_line(exc, limit=160)}); "
+                              "write it with numpy.savez") from None
+    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if dtype.hasobject or need > limit or not shape:
+        member.close()
+        archive.close()
+        if dtype.hasobject:
+            raise UnsafeFileError(f"{path}: array '{name}' holds Python objects ({dtype}); only numeric arrays are "
+                                  "read (no pickle)")
+        if not shape:
+            raise UnsafeFileError(f"{path}: array '{name}' is a scalar, not rows of samples")
+        raise UnsafeFileError(f"{path}: array '{name}' declares shape {tuple(shape)} of {dtype} ({need / 2**20:,.0f} "
+                              f"MiB); the limit is {limit / 2**20:,.0f} MiB (EDGEKIT_MAX_ARRAY_BYTES)")
+    if fortran:
+        member.close()
+        archive.close()
+        whole = read_npz(path, names=(name,), max_bytes=limit)[name]
+        return tuple(shape), dtype, (whole[i:i + batch_rows] for i in range(0, len(whole), batch_rows))
+    row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+
+    def batches() -> Iterator[Any]:
+        with archive, member:
+            for start in range(0, shape[0], batch_rows):
+                rows = min(batch_rows, shape[0] - start)
+                data = member.read(rows * row)
+                if len(data) != rows * row:
+                    raise UnsafeFileError(f"{path}: array '{name}' ends after {start} of its {shape[0]} rows "
+                                          "(truncated or corrupt)")
+                yield np.frombuffer(data, dtype=dtype).reshape((rows, *shape[1:]))
+
+    return tuple(shape), dtype, batches()
 
 
 def read_bounded(path: str | Path, *, max_bytes: int, what: str) -> bytes:

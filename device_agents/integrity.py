@@ -79,7 +79,12 @@ def _entry_fields(entry: Any) -> tuple[str, str, int]:
     return name, digest, size
 
 
-def _artifact_path(folder: str | Path, name: str, size: int) -> Path:
+def _artifact_path(folder: str | Path, name: str, size: int, fmt: Any = None) -> Path:
+    """The artifact's path, after checking what its first bytes and its size say, before it is read, copied
+    or hashed: a regular file of the manifest's size, a TFLite flatbuffer or an ONNX model (of the manifest's
+    format, when the entry names one)."""
+    from device_agents.runtime import detect_format
+
     path = Path(folder) / name
     if path.is_symlink() or not path.is_file():
         raise ArtifactError(f"manifest lists {name} but {path} is not a regular file")
@@ -87,6 +92,15 @@ def _artifact_path(folder: str | Path, name: str, size: int) -> Path:
     if actual != size:  # checked before anything is read or hashed
         raise IntegrityError(f"{path} has {actual:,} bytes, its manifest says {size:,}; "
                              "the file was altered or truncated, refusing it", expected=str(size), actual=str(actual))
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    try:
+        found = detect_format(head)
+    except ArtifactError:
+        raise ArtifactError(f"{path} is neither a TFLite flatbuffer nor an ONNX model (its first bytes); "
+                            f"refused before its {size:,} bytes were read") from None
+    if fmt in (ArtifactFormat.TFLITE.value, ArtifactFormat.ONNX.value) and found.value != fmt:
+        raise ArtifactError(f"{path} is a {found.value} file, its manifest says {fmt}; refusing it")
     return path
 
 
@@ -101,7 +115,7 @@ def check_entry(folder: str | Path, entry: dict[str, Any]) -> bytes:
     The bytes returned are the ones hashed: a file swapped after the check is never used.
     """
     name, expected, size = _entry_fields(entry)
-    path = _artifact_path(folder, name, size)
+    path = _artifact_path(folder, name, size, entry.get("format"))
     data = read_bounded(path, max_bytes=size, what="manifest entry of that size")
     actual = sha256_bytes(data)
     if actual != expected:
@@ -113,7 +127,7 @@ def copy_verified(folder: str | Path, entry: dict[str, Any], target: Path) -> No
     """Copy the artifact of ``entry`` to ``target`` in 1 MiB chunks, hashing what is written; the copy
     is flushed to disk and must match the manifest (memory stays bounded whatever the file's size)."""
     name, expected, size = _entry_fields(entry)
-    path = _artifact_path(folder, name, size)
+    path = _artifact_path(folder, name, size, entry.get("format"))
     digest, written = hashlib.sha256(), 0
     with open(path, "rb") as src, open(target, "wb") as dst:
         while written <= size and (chunk := src.read(1 << 20)):
@@ -132,7 +146,7 @@ def check_folder(folder: str | Path) -> list[ArtifactEntry]:
     out = []
     for entry in manifest["artifacts"]:
         name, expected, size = _entry_fields(entry)
-        path = _artifact_path(folder, name, size)
+        path = _artifact_path(folder, name, size, entry.get("format"))
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):

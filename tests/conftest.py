@@ -50,6 +50,17 @@ def tiny_cnn(seed: int = 0):
 
 
 @pytest.fixture(scope="session")
+def fl_model(digits, tmp_path_factory):
+    """The test CNN trained briefly on 300 samples: federated rounds have room to improve it."""
+    from edgekit.loading import zoo
+
+    model = zoo.train(tiny_cnn(), digits.take(np.arange(300)), epochs=2, learning_rate=1e-3)
+    path = tmp_path_factory.mktemp("fl") / "start.keras"
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def cnn(digits):
     """A trained tf-keras CNN (about 97% on digits)."""
     from edgekit.loading import zoo

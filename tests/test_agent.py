@@ -2,12 +2,13 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
+from conftest import BIN, ROOT, assert_one_line_error, run_cli
 
 from device_agents import AgentError, ArtifactError, InputMismatchError, IntegrityError, Model
 from device_agents.integrity import verified_artifact
@@ -237,3 +238,63 @@ def test_the_agent_refuses_a_zip_bomb_and_a_huge_non_model_file_without_reading_
         handle.write(b"\0\0\0\0TFL3")
     with pytest.raises(ArtifactError, match="more than the 2,147,483,648 a model artifact may have"):
         Model.load(huge)
+
+
+def _peak_rss_mib(command: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``command`` from a fresh Python whose only child it is; (the process, its peak RSS in MiB)."""
+    probe = ("import json, resource, subprocess, sys; p = subprocess.run(json.loads(sys.argv[1]), capture_output=True, "
+             "text=True); print(json.dumps([p.returncode, p.stdout, p.stderr, "
+             "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024]))")
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    out = subprocess.run([sys.executable, "-c", probe, json.dumps(command)], capture_output=True, text=True,
+                         timeout=600, env=env)
+    code, stdout, stderr, peak = json.loads(out.stdout)
+    return subprocess.CompletedProcess(command, code, stdout, stderr), peak
+
+
+def test_predict_streams_a_large_input_in_batches_and_the_device_limit_is_settable(float_out, digits, tmp_path):
+    """The issue's case: a small deflated npz that inflates to hundreds of MiB. Over the device's default
+    limit it is refused from its header; allowed, it is read and run a batch at a time, in bounded memory."""
+    from device_agents.files import DEVICE_MAX_ARRAY_BYTES
+
+    rows = 1_200_000  # 307 MB of float32 8x8x1: over the device default, deflates to well under 1 MiB
+    x = np.zeros((rows, 8, 8, 1), np.float32)
+    x[:50] = digits.x[:50]
+    np.savez_compressed(tmp_path / "big.npz", x=x)
+    del x
+    assert (tmp_path / "big.npz").stat().st_size < 2 << 20 and rows * 256 > DEVICE_MAX_ARRAY_BYTES
+    agent = [str(BIN / "edgekit-agent"), "predict", "--model", str(float_out), "--input", str(tmp_path / "big.npz"),
+             "--output", str(tmp_path / "y.npy")]
+    refused, _ = _peak_rss_mib(agent)
+    assert_one_line_error(refused, 2, "declares shape (1200000, 8, 8, 1)", "the limit is 256 MiB")
+    assert not (tmp_path / "y.npy").exists()
+    done, peak = _peak_rss_mib([*agent, "--max-input-mib", "512", "--batch", "4096"])
+    assert done.returncode == 0, done.stderr
+    assert peak < 250, peak  # the input alone is 293 MiB
+    y = np.load(tmp_path / "y.npy", mmap_mode="r")
+    assert y.shape == (rows, 10)
+    model = Model.load(float_out / "model.tflite")
+    np.testing.assert_allclose(y[:50], model.predict(digits.x[:50]), atol=1e-5)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".predict.")]
+
+
+def test_install_checks_an_artifacts_first_bytes_before_copying_or_hashing_it(float_out, tmp_path):
+    """The issue's case: an unpinned store and a 2 GB sparse file listed as model.tflite."""
+    folder = tmp_path / "release"
+    folder.mkdir()
+    manifest = json.loads((float_out / "manifest.json").read_text())
+    manifest["artifacts"] = [{**manifest["artifacts"][0], "file": "model.tflite", "bytes": 2_000_000_000}]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with open(folder / "model.tflite", "wb") as handle:
+        handle.truncate(2_000_000_000)
+    proc, peak = _peak_rss_mib([str(BIN / "edgekit-agent"), "install", "--model", str(folder), "--store",
+                                str(tmp_path / "store")])
+    assert_one_line_error(proc, 1, "neither a TFLite flatbuffer nor an ONNX model", "before its 2,000,000,000 bytes")
+    assert peak < 200, peak
+    assert not (tmp_path / "store" / "versions").exists() or not any((tmp_path / "store" / "versions").iterdir())
+    # an ONNX file listed as tflite is refused too, from its first bytes
+    shutil.copy(float_out / "model.onnx", folder / "model.tflite")
+    manifest["artifacts"][0]["bytes"] = (folder / "model.tflite").stat().st_size
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(run_cli("install", "--model", str(folder), "--store", str(tmp_path / "store"),
+                                  tool="edgekit-agent"), 1, "is a onnx file, its manifest says tflite")

@@ -34,19 +34,6 @@ def quiet(*_):
     pass
 
 
-@pytest.fixture(scope="module")
-def fl_model(digits, tmp_path_factory):
-    """The test CNN trained briefly on 300 samples: federated rounds have room to improve it."""
-    from conftest import tiny_cnn
-
-    from edgekit.loading import zoo
-
-    model = zoo.train(tiny_cnn(), digits.take(np.arange(300)), epochs=2, learning_rate=1e-3)
-    path = tmp_path_factory.mktemp("fl") / "start.keras"
-    model.save(path)
-    return path
-
-
 def test_codec_round_trip_error_is_bounded():
     rng = np.random.default_rng(0)
     base = {"w": rng.standard_normal((64, 32)).astype(np.float32), "b": np.zeros(32, np.float32)}
@@ -372,6 +359,9 @@ def _fedavgm(lr=STRATEGIES[Strategy.FEDAVGM].server_learning_rate, momentum=0.9)
     (Strategy.FEDAVG, [MEAN, MEAN]),     # weighted by examples: the outlier pulls the mean up
     (Strategy.FEDPROX, [MEAN, MEAN]),    # same aggregation; the proximal term acts on the devices
     (Strategy.TRIMMED, [3.0, 3.0]),      # beta 0.2 trims one reply at each end: mean of 2, 3, 4
+    (Strategy.MEDIAN, [3.0, 3.0]),       # the coordinate-wise median of 1, 2, 3, 4, 100
+    (Strategy.MULTIKRUM, [2.0, 2.0]),    # one attacker assumed, min 2 nodes: selects 2 - 1 = 1 reply, the one whose
+                                         # 2 nearest others are closest (2: 1 and 3; ties with 3, the first wins)
     (Strategy.FEDAVGM, _fedavgm()),  # momentum 0.9 carries round 1's step into round 2
     (Strategy.FEDADAM, _adam_like(yogi=False)),
     (Strategy.FEDYOGI, _adam_like(yogi=True)),

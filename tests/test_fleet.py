@@ -312,15 +312,40 @@ def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, k
     assert all(proc.returncode == 0 for proc, _ in devices), [p.returncode for p, _ in devices]
 
 
-def _enroll(fleet, digits, tmp_path, public, count=4):
-    """Devices as the README enrolls them: own key pair, registered by the operator, joined with `join`."""
+HOSTILE_DEVICE = """
+# What the owner of a registered device can do to its own agent: lie in its fleet replies, attack its updates.
+import device_agents.client_app as app
+import device_agents.fleet as fleet
+
+honest_install = fleet.install
+
+
+def install(files, node):
+    metrics, text = honest_install(files, node)
+    metrics.update({"accuracy": 100.0, "p99-ms": 0.0, "samples": 1e11})
+    return metrics, text
+
+
+fleet.install = install
+app.deployed_client_app = lambda: app.make_client_app(app.ClientSettings(faults={0: "sign-flip"}))
+"""
+
+
+def _enroll(fleet, digits, tmp_path, public, count=4, hostile=()):
+    """Devices as the README enrolls them: own key pair, registered by the operator, joined with `join`; the
+    ``hostile`` ones run an agent their owner changed (:data:`HOSTILE_DEVICE`)."""
     from edgekit.fleet.serve import register_node
 
     procs = []
 
     device = _device_bin()
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    honest_env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     for i in range(count):
+        env = honest_env
+        if i in hostile:
+            (tmp_path / f"hostile{i}").mkdir()
+            (tmp_path / f"hostile{i}" / "sitecustomize.py").write_text(HOSTILE_DEVICE)
+            env = {**honest_env, "PYTHONPATH": str(tmp_path / f"hostile{i}")}
         home = tmp_path / f"device{i}"
         home.mkdir()
         shutil.copy(public, home / "signing.pub")
@@ -431,6 +456,60 @@ def test_a_device_runs_no_app_the_fleet_key_did_not_sign(digits, keys, tmp_path)
     assert not (tmp_path / "device0" / "RAN").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("fleet")
+def test_one_hostile_device_of_four_can_neither_pass_a_broken_release_nor_halt_training(cnn_path, digits, keys,
+                                                                                       tmp_path):
+    """The issue's attacks on real processes: a registered device whose owner changed its agent replies accuracy
+    100, p99 0 and 1e11 samples to every install, and sends its training updates sign-flipped x4.5 with 100x its
+    examples. A broken release (always class 7) is stopped at the canary; a good one is rolled out with the
+    liar's vote dropped and named; federated rounds on the devices commit every round, keep the model's accuracy
+    and name the attacker (without the defences, one such update takes the model to chance: test_robust.py)."""
+    from edgekit import TrainableConfig, export_trainable
+    from edgekit.errors import RolloutError
+    from edgekit.federated.config import RoundSettings
+    from edgekit.federated.deploy import free_port
+    from edgekit.fleet.rollout import Gates, RolloutConfig, rollout
+    from edgekit.fleet.serve import FleetConfig, serve
+    from edgekit.fleet.signing import sign_release
+    from edgekit.fleet.train import FleetRunConfig, run_on_fleet
+
+    (private, public), _ = keys
+    quiet = {"log": lambda _: None}
+    fleet = serve(tmp_path / "fleet", FleetConfig(port=free_port()), signing_key=private)
+    devices = []
+    everyone = RolloutConfig(canary=1.0, min_nodes=4, wait=90, timeout=120, gates=Gates(min_accuracy=50))
+    try:
+        devices = _enroll(fleet, digits, tmp_path, public, hostile=(3,))
+        export_trainable(cnn_path, tmp_path / "trainable", data="digits", progress=False,
+                         config=TrainableConfig(batch_size=8))
+        sign_release(tmp_path / "trainable", private, version=1)
+        first = rollout(fleet.folder, tmp_path / "trainable", everyone, **quiet)
+        assert first["status"] == "complete" and len(first["dropped_votes"]) == 1, first["canary_votes"]
+        liar = first["dropped_votes"][0]["node"]
+        assert "more than the 200 the protocol asks for" in first["dropped_votes"][0]["reason"]
+        assert sorted(first["canary_nodes"]) == sorted(r["node"] for r in first["canary"])
+
+        seven = _signed(_always_seven(tmp_path / "seven-src"), tmp_path / "v2", private, 2)
+        with pytest.raises(RolloutError, match="accuracy .*% < 80% on 3 of 3 canary device") as caught:
+            rollout(fleet.folder, seven, RolloutConfig(canary=1.0, min_nodes=4, wait=90, timeout=120,
+                                                       gates=Gates(min_accuracy=80)), **quiet)
+        assert caught.value.result["dropped_votes"][0]["node"] == liar
+        assert all(ModelStore(tmp_path / f"device{i}" / "store").current.name == first["release_id"]
+                   for i in range(3))
+
+        lines = []
+        run = run_on_fleet(cnn_path, "digits", tmp_path / "run", fleet.folder, progress=False, log=lines.append,
+                           config=FleetRunConfig(clients=4, rounds=RoundSettings(rounds=2, local_epochs=1)))
+        history = json.loads((tmp_path / "run" / "history.json").read_text())["rounds"]
+        assert all(h["aggregated"] and h["replied"] == 4 for h in history[1:]), history
+        assert run.final_accuracy > history[0]["accuracy"] - 2 and run.final_accuracy > 85, history
+        assert any(d["node"] == liar for h in history[1:] for d in h["dropped"] + h["rejected"]), history
+        assert any(f"node {liar}" in line for line in lines), lines
+    finally:
+        _stop(devices, fleet)
+
+
 def test_an_app_whose_files_differ_from_its_signature_is_refused(keys, tmp_path):
     import io
     import zipfile
@@ -479,30 +558,72 @@ def test_an_app_whose_files_differ_from_its_signature_is_refused(keys, tmp_path)
         verify_app(b"\x00" * ((10 << 20) + 1), key)
 
 
-def test_gates_fail_with_the_numbers_and_pass_otherwise():
+def _row(node=1, ok=True, accuracy=95.0, previous=96.0, errors=0.0, p99=1.0, p50=0.5, samples=100.0, reason=""):
+    measure = {"inferences": samples, "errors": errors, "p99_ms": p99, "p50_ms": p50, "accuracy": accuracy,
+               "samples": samples}
+    before = {"inferences": 100.0, "errors": 0.0, "p99_ms": 0.6, "p50_ms": 0.5, "accuracy": previous, "samples": 100.0}
+    return {"node": node, "ok": ok, "reason": reason, **measure, **{f"previous_{k}": v for k, v in before.items()}}
+
+
+def test_each_canary_device_votes_once_on_every_gate_with_the_numbers():
     from edgekit.errors import InputError
-    from edgekit.fleet.jobs import gate_summary
-    from edgekit.fleet.rollout import Gates
+    from edgekit.fleet.rollout import Gates, canary_verdict
 
-    def row(ok=True, accuracy=95.0, previous=96.0, errors=0.0, p99=1.0, reason=""):
-        return {"node": 1, "ok": ok, "reason": reason, "inferences": 100.0, "errors": errors, "p99_ms": p99,
-                "accuracy": accuracy, "previous_accuracy": previous, "samples": 100.0, "previous_p99_ms": 0.5}
+    def failures(gates, *rows):
+        return canary_verdict(list(rows), gates)["failures"]
 
-    good = gate_summary([row(), row(accuracy=97.0)])
-    assert good["accuracy"] == pytest.approx(96.0) and Gates(min_accuracy=90, max_p99_ms=2).failures(good) == []
-    assert Gates(min_accuracy=97).failures(good) == ["accuracy 96.0% < 97%"]
-    assert Gates(max_p99_ms=0.5).failures(good) == ["p99 latency 1.00 ms > 0.5 ms"]
-    assert Gates().failures(gate_summary([row(errors=3)])) == ["error rate 0.030 > 0"]
-    assert Gates().failures(gate_summary([row(accuracy=90.0)])) == ["accuracy fell 6.0 points (96.0% -> 90.0%) > 2"]
-    assert Gates(max_accuracy_drop=None).failures(gate_summary([row(accuracy=90.0)])) == []
-    refused = Gates().failures(gate_summary([row(), row(ok=False, reason="bad signature")]))
-    assert refused == ["1 of 2 canary node(s) did not install it (bad signature)"]
-    assert Gates(min_accuracy=50).failures(gate_summary([row(accuracy=-1.0, previous=-1.0)])) == [
+    assert failures(Gates(min_accuracy=90, max_p99_ms=2), _row(1), _row(2, accuracy=97.0)) == []
+    # every device must pass: one at 95% fails a 96% gate, whatever the other shows
+    assert failures(Gates(min_accuracy=96), _row(1), _row(2, accuracy=99.0)) == [
+        "accuracy 95.0% < 96% on 1 of 2 canary device(s)"]
+    assert failures(Gates(max_p99_ms=0.5), _row(1)) == ["p99 latency 1.00 ms > 0.5 ms on 1 of 1 canary device(s)"]
+    assert failures(Gates(), _row(1, errors=3)) == ["error rate 0.030 > 0 on 1 of 1 canary device(s)"]
+    assert failures(Gates(), _row(1, accuracy=90.0)) == [
+        "accuracy fell 6.0 points (96.0% -> 90.0%) > 2 on 1 of 1 canary device(s)"]
+    assert failures(Gates(max_accuracy_drop=None), _row(1, accuracy=90.0)) == []  # a new model family
+    assert failures(Gates(), _row(1), _row(2, ok=False, reason="bad signature")) == [
+        "1 of 2 canary node(s) did not install it (bad signature)"]
+    assert failures(Gates(min_accuracy=50), _row(1, accuracy=-1.0, previous=-1.0)) == [
         "no canary device has labeled data to measure accuracy on"]
+    # a documented quorum: 2 of 3 pass is enough at 0.6, not at 1
+    rows = [_row(1), _row(2), _row(3, accuracy=50.0)]
+    assert failures(Gates(min_accuracy=90, quorum=0.6), *rows) == []
+    assert failures(Gates(min_accuracy=90), *rows) == ["accuracy 50.0% < 90% on 1 of 3 canary device(s)",
+                                                       "accuracy fell 46.0 points (96.0% -> 50.0%) > 2 on 1 of 3 "
+                                                       "canary device(s)"]
     for bad in ({"max_error_rate": -0.1}, {"min_accuracy": 101}, {"max_p99_ms": float("nan")},
-                {"max_accuracy_drop": True}):
+                {"max_accuracy_drop": True}, {"quorum": 0.4}):
         with pytest.raises(InputError, match="must be a number"):
             Gates(**bad)
+
+
+def test_a_lying_canary_device_cannot_pass_a_broken_release():
+    """The issue's attack: two honest canary devices measure 46.5% and 47.5%; a third replies accuracy 100, p99 0
+    and 1e11 samples. Sample-weighted, the release passed a 90% gate; now the liar's vote is dropped (its numbers
+    are impossible) and the honest devices fail it. A liar whose numbers are possible still has only one vote."""
+    from edgekit.fleet.jobs import gate_summary
+    from edgekit.fleet.rollout import Gates, canary_verdict, implausible
+
+    honest = [_row(1, accuracy=46.5, previous=47.0), _row(2, accuracy=47.5, previous=47.0)]
+    liar = _row(3, accuracy=100.0, p99=0.0, p50=0.4, samples=1e11)
+    verdict = canary_verdict([*honest, liar], Gates(min_accuracy=90))
+    assert verdict["failures"] == ["accuracy 46.5% < 90% on 2 of 2 canary device(s)"]
+    assert verdict["dropped"] == [{"node": 3, "reason": "measurement: 1e+11 samples, more than the 200 the protocol "
+                                                        "asks for"}]
+    assert gate_summary([*honest, liar], verdict)["accuracy"] == pytest.approx(47.0)  # each device once
+    plausible = _row(3, accuracy=100.0, samples=200.0)
+    assert canary_verdict([*honest, plausible], Gates(min_accuracy=90))["failures"] == [
+        "accuracy 46.5% < 90% on 2 of 3 canary device(s)"]
+    for lie, reason in [(_row(p99=0.1, p50=0.5), "p99 0.1 ms below p50 0.5 ms"),
+                        (_row(errors=60.0, accuracy=50.0), "accuracy 50% is more than 100 inferences with 60 errors"),
+                        (_row(errors=101.0), "101 errors in 100 inferences"),
+                        (_row(samples=250.0), "250 samples, more than the 200"),
+                        (_row(accuracy=101.0), "accuracy 101%")]:
+        assert reason in (implausible(lie) or ""), (lie, implausible(lie))
+    assert implausible(_row()) is None
+    # every device dropped: the canary fails
+    assert canary_verdict([liar], Gates())["failures"] == [
+        "no canary device reported a credible measurement (1 dropped)"]
 
 
 def test_lying_or_malformed_device_replies_count_as_failures():
@@ -534,7 +655,11 @@ def test_fleet_commands_refuse_bad_input_in_one_line(int8_out, keys, tmp_path):
     # serve: a folder that is not a fleet's; register / rollout / status / fl run: no served fleet
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.txt").write_text("keep me")
-    assert_one_line_error(run_cli("fleet", "serve", "--out", str(tmp_path / "mine")), 2, "not a fleet folder")
+    assert_one_line_error(run_cli("fleet", "serve", "--out", str(tmp_path / "mine"), "--key", str(private)), 2,
+                          "not a fleet folder")
+    assert_one_line_error(run_cli("fleet", "serve", "--out", str(tmp_path / "new"), "--key", str(public)), 2,
+                          "not an unencrypted PEM private key")
+    assert not (tmp_path / "new").exists()
     assert (tmp_path / "mine" / "thesis.txt").read_text() == "keep me"
     assert_one_line_error(run_cli("fleet", "register", str(public), "--fleet", str(tmp_path / "none")), 2,
                           "not a served fleet")

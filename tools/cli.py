@@ -144,11 +144,17 @@ def _add_fleet(sub: argparse._SubParsersAction) -> None:
     ro.add_argument("--canary", type=float, default=_default(RolloutConfig, "canary"),
                     help="fraction of devices that get it first (default %(default)s)")
     ro.add_argument("--max-error-rate", type=float, default=gates.max_error_rate,
-                    help="failed inferences / inferences on the canary (default %(default)s)")
-    ro.add_argument("--max-p99-ms", type=float, help="worst canary device's p99 latency in ms (default: no limit)")
-    ro.add_argument("--min-accuracy", type=float, help="accuracy %% on the canary devices' own labeled data")
-    ro.add_argument("--max-accuracy-drop", type=float, default=gates.max_accuracy_drop,
-                    help="points the canary may lose against the version it served before (default %(default)s)")
+                    help="failed inferences / inferences on each canary device (default %(default)s)")
+    ro.add_argument("--max-p99-ms", type=float, help="p99 latency in ms on each canary device (default: no limit)")
+    ro.add_argument("--min-accuracy", type=float, help="accuracy %% on each canary device's own labeled data")
+    ro.add_argument("--max-accuracy-drop", type=_number_or_off, default=gates.max_accuracy_drop, metavar="POINTS|off",
+                    help="points each canary device may lose against the version it served before; 'off' for the "
+                         "first release of a new model family (default %(default)s)")
+    ro.add_argument("--quorum", type=float, default=gates.quorum,
+                    help="fraction of the credible canary devices that must pass every gate, 0.5-1 (default "
+                         "%(default)s: all)")
+    ro.add_argument("--seed", type=int, help="make the random choice of canary devices repeatable (default: a new "
+                                            "random choice each rollout)")
     ro.add_argument("--min-nodes", type=int, default=_default(RolloutConfig, "min_nodes"),
                     help="wait for this many connected devices (default %(default)s)")
     ro.add_argument("--timeout", type=float, default=_default(RolloutConfig, "timeout"),
@@ -255,6 +261,16 @@ def _add_round_args(p: argparse.ArgumentParser, config: type) -> None:
                    help="fedavgm momentum, fedadam/fedyogi beta_1 (default %(default)s)")
     p.add_argument("--proximal-mu", type=float, default=_default(RoundSettings, "proximal_mu"),
                    help="FedProx mu (default %(default)s)")
+    p.add_argument("--trim-beta", type=float, default=_default(RoundSettings, "trim_beta"),
+                   help="trimmed: the fraction of updates cut at each end of every coordinate (default %(default)s)")
+    p.add_argument("--byzantine", type=int, default=_default(RoundSettings, "byzantine"),
+                   help="multikrum: the number of attackers it assumes per round (default %(default)s)")
+    p.add_argument("--update-norm-bound", type=_number_or_off, default=_default(RoundSettings, "update_norm_bound"),
+                   metavar="RATIO|off", help="scale every update down to this many times the round's median update "
+                   "norm (default %(default)s)")
+    p.add_argument("--screen-loss-ratio", type=_number_or_off, default=_default(RoundSettings, "screen_loss_ratio"),
+                   metavar="RATIO|off", help="drop an update whose own loss on the server's evaluation data is over "
+                   "this many times the round's median (and 3 robust deviations above it) (default %(default)s)")
     p.add_argument("--local-epochs", type=int, default=_default(RoundSettings, "local_epochs"),
                    help="(default %(default)s)")
     p.add_argument("--learning-rate", type=float, default=_default(RoundSettings, "learning_rate"),
@@ -418,8 +434,9 @@ def cmd_trainable(args: argparse.Namespace) -> int:
 def _round_settings(args: argparse.Namespace) -> RoundSettings:
     return RoundSettings(rounds=args.rounds, local_epochs=args.local_epochs, learning_rate=args.learning_rate,
                          lr_schedule=args.lr_schedule, client_momentum=args.client_momentum,
-                         strategy=args.strategy, proximal_mu=args.proximal_mu,
-                         fraction=args.fraction,
+                         strategy=args.strategy, proximal_mu=args.proximal_mu, trim_beta=args.trim_beta,
+                         byzantine=args.byzantine, update_norm_bound=args.update_norm_bound,
+                         screen_loss_ratio=args.screen_loss_ratio, fraction=args.fraction,
                          server_learning_rate=args.server_learning_rate, server_momentum=args.server_momentum,
                          min_fraction=args.min_fraction, compress_updates=args.compress_updates, seed=args.seed,
                          oversized_updates=args.oversized_updates, dp_noise_multiplier=args.dp_noise,
@@ -510,12 +527,22 @@ def cmd_fleet_register(args: argparse.Namespace) -> int:
     return int(ExitCode.SUCCESS)
 
 
+def _number_or_off(text: str) -> float | None:
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'off'") from None
+
+
 def cmd_fleet_rollout(args: argparse.Namespace) -> int:
     from edgekit.fleet.rollout import Gates, RolloutConfig, rollout
 
-    config = RolloutConfig(canary=args.canary, min_nodes=args.min_nodes, timeout=args.timeout,
+    config = RolloutConfig(canary=args.canary, min_nodes=args.min_nodes, timeout=args.timeout, seed=args.seed,
                            gates=Gates(max_error_rate=args.max_error_rate, max_p99_ms=args.max_p99_ms,
-                                       min_accuracy=args.min_accuracy, max_accuracy_drop=args.max_accuracy_drop))
+                                       min_accuracy=args.min_accuracy, max_accuracy_drop=args.max_accuracy_drop,
+                                       quorum=args.quorum))
     result = rollout(args.fleet, args.release, config, log=lambda line: print(line, flush=True))
     print(f"rollout complete: release {result['release_id']} on {result['nodes']} device(s) "
           f"(report: {result['job']}/rollout.json)")

@@ -31,6 +31,8 @@ class Strategy(str, Enum):
     FEDAVGM = "fedavgm"
     FEDPROX = "fedprox"
     FEDYOGI = "fedyogi"
+    MEDIAN = "median"
+    MULTIKRUM = "multikrum"
     TRIMMED = "trimmed"
 
 
@@ -115,6 +117,10 @@ class RoundSettings:
     bound_reject_ratio: float | None = None  # when bounding: still reject updates over this many times the median
     max_examples_ratio: float = 2.0       # cap a client's reported sample count at this many times the median
     max_round_accuracy_drop: float = 20.0  # last-good-model guard: commit no aggregate that loses more (points)
+    # Byzantine robustness (edgekit.federated.robust); neither applies in differentially private rounds
+    update_norm_bound: float | None = 1.0  # scale every update down to this many times the round's median norm
+    screen_loss_ratio: float | None = 2.5  # drop an update whose own held-out loss is over this x the round's median
+    byzantine: int = 1                     # attackers Multi-Krum assumes per round
 
     @property
     def aggregation(self) -> Strategy:
@@ -156,6 +162,14 @@ class RoundSettings:
                              f"{self.max_update_norm_ratio}")
         if not self.update_norm_floor >= 0:
             raise InputError(f"update norm floor must be >= 0, got {self.update_norm_floor}")
+        if self.update_norm_bound is not None and not self.update_norm_bound >= 1:
+            raise InputError(f"the update norm bound must be at least 1 (times the round's median), got "
+                             f"{self.update_norm_bound}")
+        if self.screen_loss_ratio is not None and not self.screen_loss_ratio > 1:
+            raise InputError(f"the screening loss ratio must be over 1 (times the round's median), got "
+                             f"{self.screen_loss_ratio}")
+        if isinstance(self.byzantine, bool) or not isinstance(self.byzantine, int) or self.byzantine < 0:
+            raise InputError(f"the number of assumed attackers must be a whole number >= 0, got {self.byzantine!r}")
         if not 0 < self.max_round_accuracy_drop <= 100:
             raise InputError(f"the per-round accuracy guard must be in (0, 100] points, "
                              f"got {self.max_round_accuracy_drop}")

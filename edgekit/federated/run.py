@@ -140,22 +140,25 @@ def finish_run(run: PreparedRun, out: Path, config: FederationConfig, history: l
 def close_the_loop(model: Any, weights: dict[str, np.ndarray], dataset: Dataset, out: Path, *,
                    progress: bool) -> dict[str, Any]:
     """Compress the final global model to a verified TFLite + manifest, ready to install: int8 when it stays
-    within the int8 budget after every remedy, else float16 (the rounds' result is never lost to the
-    final conversion)."""
+    within the int8 budget after every remedy, else float16, else float32 (the rounds' result is never lost
+    to the final conversion: a collapsed model, e.g. one that answers one class, may not even convert to
+    int8)."""
     from edgekit.compression import compress
     from edgekit.config import CompressConfig, Format, Quantization, Recipe
-    from edgekit.errors import BudgetError
+    from edgekit.errors import BudgetError, ConversionError
     from edgekit.trainable.contract import keras_with_weights
 
     trained = keras_with_weights(model, weights)
     error = ""
-    for quantization in (Quantization.INT8, Quantization.FLOAT16):
+    for quantization in (Quantization.INT8, Quantization.FLOAT16, Quantization.NONE):
         try:
             result = compress(trained, dataset, out, progress=progress, config=CompressConfig(
                 recipe=Recipe(quantize=quantization), formats=(Format.TFLITE,)))
             break
-        except BudgetError as exc:
-            error = str(exc).split("; see ")[0]
+        except (BudgetError, ConversionError) as exc:
+            if quantization is Quantization.NONE:
+                raise
+            error = error or str(exc).split("; see ")[0]
     art = result.selected.artifacts[0]
     return {"bytes": art.bytes, "accuracy": art.accuracy, "quantization": quantization.value, "int8_error": error}
 

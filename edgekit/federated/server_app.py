@@ -31,7 +31,7 @@ import numpy as np
 
 from device_agents import codec
 from device_agents.client_app import DP_CLIPPING, Clipping
-from device_agents.files import read_npz
+from device_agents.files import MAX_ARRAY_BYTES, max_array_bytes, read_npz
 from device_agents.training import Trainer
 from edgekit._io import crash_point, write_atomic
 from edgekit.errors import FederationError
@@ -86,7 +86,7 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, np.ndarray], ServerState, d
     if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != record.get("weights_sha256"):
         raise FederationError(f"the checkpoint in {folder} is damaged ({path.name} does not match state.json); "
                               "start a new run")
-    arrays = read_npz(path, names=_npz_names(path))
+    arrays = read_npz(path, names=_npz_names(path), max_bytes=max_array_bytes(MAX_ARRAY_BYTES))
     optimizer = {k: v for k, v in arrays.items() if k.startswith(OPTIMIZER_PREFIX)}
     weights = {k: v for k, v in arrays.items() if not k.startswith(OPTIMIZER_PREFIX)}
     layout = record.get("optimizer") or {}
@@ -397,8 +397,6 @@ def _one_round(grid: Any, strategy: Any, rnd: int, weights: dict[str, np.ndarray
                log: Any) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
-    from edgekit.federated.strategies import OptimizerSnapshot
-
     sent = link.advance(weights) if link is not None else weights  # what every device trains from
     arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in sent.items()})
     private = settings.dp_noise_multiplier is not None
@@ -421,33 +419,87 @@ def _one_round(grid: Any, strategy: Any, rnd: int, weights: dict[str, np.ndarray
     for item in outliers:
         log(f"round {rnd}: {'bounded' if item.get('bounded') else 'rejected'} the update of node {item['node']}: "
             f"{item['reason']}")
+
+    def evaluate(candidate: dict[str, np.ndarray]) -> tuple[float, float]:
+        return _evaluate(evaluator, candidate, eval_x, eval_y)
+
+    valid, defence = _defend(valid, sent, settings, lambda candidate: evaluate(candidate)[0], rnd, log)
     entry: dict[str, Any] = {"round": rnd, "learning_rate": settings.learning_rate_at(rnd),
                              "momentum": settings.client_momentum,
                              "sampled": len(messages), "replied": len(replies) - failed,
                              "valid": len(valid), "failed": failed, "rejected": rejected,
                              "bytes_down_per_client": float(np.mean(down)) if down else 0.0,
                              "bytes_up_per_client": float(np.mean(up)) if up else 0.0, "aggregated": False,
-                             "bounded": bounded}
+                             "bounded": bounded, **defence}
     if len(valid) < max(1, int(np.ceil(settings.min_fraction * len(messages)))):
         log(f"round {rnd}: only {len(valid)} of {len(messages)} clients gave a valid update "
             f"(minimum {settings.min_fraction:.0%}); the global model is unchanged")
     else:
-        snapshot = OptimizerSnapshot(strategy)
-        candidate, metrics = _aggregate(strategy, rnd, valid, settings)
-        loss, acc = _evaluate(evaluator, candidate, eval_x, eval_y) if candidate is not None else (math.nan,) * 2
-        entry["train_metrics"] = metrics
-        if math.isfinite(acc) and acc >= good - settings.max_round_accuracy_drop:
-            weights, entry["aggregated"] = candidate, True
-            entry.update({"accuracy": acc, "loss": loss})
-        else:
-            snapshot.restore()  # the server optimizer forgets the refused round
-            entry["guard"] = (f"the aggregate's held-out accuracy {acc:.2f}% is over "
-                              f"{settings.max_round_accuracy_drop:g} points below the last good model's {good:.2f}%"
-                              if math.isfinite(acc) else "the aggregate has non-finite weights")
-            log(f"round {rnd}: not committed: {entry['guard']}; the global model is unchanged")
+        weights = _commit(strategy, rnd, valid, settings, weights, good, evaluate, entry, log)
     if "accuracy" not in entry:
         entry["loss"], entry["accuracy"] = _evaluate(evaluator, weights, eval_x, eval_y)
     return weights, entry
+
+
+def _defend(valid: list[tuple[Any, dict[str, np.ndarray], int]], sent: dict[str, np.ndarray],
+            settings: RoundSettings, loss: Any, rnd: int, log: Any) -> tuple[list, dict[str, Any]]:
+    """Bound every update's norm and screen each one on the evaluation data (:mod:`edgekit.federated.robust`);
+    differentially private rounds skip both."""
+    from edgekit.federated import robust
+
+    defence: dict[str, Any] = {"norm_bounded": [], "dropped": []}
+    if settings.dp_noise_multiplier is not None:
+        return valid, defence
+    if settings.update_norm_bound is not None:
+        valid, defence["norm_bounded"] = robust.bound_norms(valid, sent, settings.update_norm_bound)
+    if settings.screen_loss_ratio is not None:
+        valid, defence["dropped"] = robust.screen(valid, loss, settings.screen_loss_ratio)
+        for item in defence["dropped"]:
+            log(f"round {rnd}: dropped the update of node {item['node']}: {item['reason']}")
+    return valid, defence
+
+
+def _commit(strategy: Any, rnd: int, valid: list[tuple[Any, dict[str, np.ndarray], int]], settings: RoundSettings,
+            weights: dict[str, np.ndarray], good: float, evaluate: Any, entry: dict[str, Any],
+            log: Any) -> dict[str, np.ndarray]:
+    """Aggregate, and commit the result when it passes the last-good-model guard. When it does not, drop the
+    updates whose absence helps the most (leave-one-out, :func:`edgekit.federated.robust.recover`) and
+    commit the rest if that passes. Returns the global model after the round."""
+    from edgekit.federated import robust
+    from edgekit.federated.strategies import OptimizerSnapshot
+
+    snapshot = OptimizerSnapshot(strategy)
+
+    def aggregate(updates: list) -> tuple[tuple[dict[str, np.ndarray] | None, float], float]:
+        """((candidate, its loss), its accuracy), every trial from the optimizer state before the round."""
+        snapshot.restore()
+        candidate, metrics = _aggregate(strategy, rnd, updates, settings)
+        entry["train_metrics"] = metrics
+        loss, accuracy = evaluate(candidate) if candidate is not None else (math.nan, math.nan)
+        return (candidate, loss), accuracy
+
+    def passes(accuracy: float) -> bool:
+        return math.isfinite(accuracy) and accuracy >= good - settings.max_round_accuracy_drop
+
+    (candidate, loss), acc = aggregate(valid)
+    if not passes(acc) and settings.dp_noise_multiplier is None and len(valid) >= 3:
+        kept, dropped, result = robust.recover(valid, aggregate, good, settings.max_round_accuracy_drop)
+        for item in dropped:
+            log(f"round {rnd}: dropped the update of node {item['node']} (the round's aggregate scored {acc:.2f}%, "
+                f"refused by the last-good-model guard): {item['reason']}")
+        entry["dropped"] = entry.get("dropped", []) + dropped
+        if result is not None:
+            (candidate, loss), acc = aggregate(kept)  # the strategy's state follows the committed aggregate
+            entry["valid"] = len(kept)
+    if candidate is not None and passes(acc):
+        entry.update({"aggregated": True, "loss": loss, "accuracy": acc})
+        return candidate
+    snapshot.restore()  # the server optimizer forgets the refused round
+    entry["guard"] = (f"the aggregate's held-out accuracy {acc:.2f}% is over "
+                      f"{settings.max_round_accuracy_drop:g} points below the last good model's {good:.2f}%"
+                      if math.isfinite(acc) else "the aggregate has non-finite weights")
+    log(f"round {rnd}: not committed: {entry['guard']}; the global model is unchanged")
+    return weights
 
 
 def _report_backoffs(valid: list[tuple[Any, dict[str, np.ndarray], int]], settings: RoundSettings, rnd: int,

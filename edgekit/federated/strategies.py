@@ -48,6 +48,19 @@ def _trimmed(settings: RoundSettings, lr: float | None, **kw: Any) -> Any:
     return FedTrimmedAvg(beta=settings.trim_beta, **kw)
 
 
+def _median(settings: RoundSettings, lr: float | None, **kw: Any) -> Any:
+    from flwr.serverapp.strategy import FedMedian
+
+    return FedMedian(**kw)
+
+
+def _multikrum(settings: RoundSettings, lr: float | None, **kw: Any) -> Any:
+    from flwr.serverapp.strategy import MultiKrum
+
+    select = max(1, kw["min_train_nodes"] - settings.byzantine)
+    return MultiKrum(num_malicious_nodes=settings.byzantine, num_nodes_to_select=select, **kw)
+
+
 def _fedavgm(settings: RoundSettings, lr: float | None, **kw: Any) -> Any:
     from flwr.serverapp.strategy import FedAvgM
 
@@ -72,6 +85,9 @@ STRATEGIES: dict[Strategy, StrategySpec] = {
     Strategy.FEDAVGM: StrategySpec(_fedavgm, 1.0, "FedAvg with server momentum"),
     Strategy.FEDPROX: StrategySpec(_fedprox, None, "FedAvg; clients add a proximal term"),
     Strategy.FEDYOGI: StrategySpec(_adaptive("FedYogi"), 0.01, "adaptive server optimizer (Yogi)"),
+    Strategy.MEDIAN: StrategySpec(_median, None, "coordinate-wise median (robust to outliers)"),
+    Strategy.MULTIKRUM: StrategySpec(_multikrum, None, "Multi-Krum: the average of the updates closest to the "
+                                                       "others (robust to a known number of attackers)"),
     Strategy.TRIMMED: StrategySpec(_trimmed, None, "coordinate-wise trimmed mean (robust to outliers)"),
 }
 """Strategy -> its spec. Every entry has an aggregation test and a simulation test."""

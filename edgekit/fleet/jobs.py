@@ -103,7 +103,7 @@ def rollout_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
     """Send the release to a canary fraction of nodes, check the gates, then to the rest or roll back."""
     from flwr.app import ConfigRecord, RecordDict
 
-    from edgekit.fleet.rollout import Gates
+    from edgekit.fleet.rollout import Gates, canary_verdict
 
     gates = Gates(**job["gates"])
     files = release_files(Path(job["release"]))
@@ -112,7 +112,8 @@ def rollout_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
     if not nodes:
         return {"status": "halted", "reason": "no device is connected to the fleet", "release_id": release_id}
     count = max(1, math.ceil(job["canary"] * len(nodes)))
-    canary = sorted(random.Random(job.get("seed", 0)).sample(nodes, count))
+    chooser = random.SystemRandom() if job.get("seed") is None else random.Random(job["seed"])
+    canary = sorted(chooser.sample(nodes, count))
     rest = [n for n in nodes if n not in canary]
     content = RecordDict({"release": ConfigRecord(files)})
     report(f"release {release_id} ({sum(map(len, files.values())):,} bytes) to {len(canary)} canary node(s) "
@@ -120,12 +121,17 @@ def rollout_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     canary_rows = _ask(grid, canary, device_fleet.INSTALL, content, job["timeout"])
     canary_seconds = time.monotonic() - started
-    summary = gate_summary(canary_rows)
-    failures = gates.failures(summary)
-    result: dict[str, Any] = {"release_id": release_id, "nodes": len(nodes), "canary": canary_rows,
+    verdict = canary_verdict(canary_rows, gates)
+    summary = gate_summary(canary_rows, verdict)
+    for dropped in verdict["dropped"]:
+        report(f"node {dropped['node']} reported impossible numbers ({dropped['reason']}); its vote is dropped")
+    failures = verdict["failures"]
+    result: dict[str, Any] = {"release_id": release_id, "nodes": len(nodes), "canary_nodes": canary,
+                              "canary_seed": job.get("seed"), "canary": canary_rows,
                               "payload_bytes_per_node": sum(map(len, files.values())),
-                              "seconds": {"canary": round(canary_seconds, 3)},
-                              "canary_summary": summary, "gates": job["gates"], "rest": [], "rolled_back": []}
+                              "seconds": {"canary": round(canary_seconds, 3)}, "canary_votes": verdict["votes"],
+                              "dropped_votes": verdict["dropped"], "canary_summary": summary, "gates": job["gates"],
+                              "rest": [], "rolled_back": []}
     if failures:
         # asked: every canary device but those that answered that they refused it (one that crashed after its
         # swap never answered); a device rolls back only when it serves this release
@@ -148,34 +154,40 @@ def rollout_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
     return {**result, "status": "complete", "reason": ""}
 
 
-def gate_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The canary's aggregates: nodes that installed, error rate, worst p99, accuracy now and before."""
-    good = [r for r in rows if r["ok"]]
-    inferences = sum(r["inferences"] for r in good if r["inferences"] > 0)
-    errors = sum(r["errors"] for r in good if r["inferences"] > 0)
-
-    def mean(key: str, among: list[dict[str, Any]]) -> float | None:
-        pairs = [(r[key], r["samples"]) for r in among if r[key] >= 0 and r["samples"] > 0]
-        return sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else None
-
-    labeled = [r for r in good if r["accuracy"] >= 0 and r["previous_accuracy"] >= 0]
+def gate_summary(rows: list[dict[str, Any]], verdict: dict[str, Any]) -> dict[str, Any]:
+    """What the canary showed, for people: nodes that installed, votes, and per-device figures over the
+    credible devices (each device once: the mean of their accuracies, the worst error rate and p99)."""
+    dropped = {d["node"] for d in verdict["dropped"]}
+    good = [r for r in rows if r["ok"] and r["node"] not in dropped]
+    rates = [r["errors"] / r["inferences"] if r["inferences"] > 0 else 1.0 for r in good]
+    labeled = [r for r in good if r["accuracy"] >= 0]
+    before = [r for r in labeled if r["previous_accuracy"] >= 0]
     p99 = [r["p99_ms"] for r in good if r["p99_ms"] >= 0]
-    return {"nodes": len(rows), "installed": len(good),
+
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    return {"nodes": len(rows), "installed": sum(r["ok"] for r in rows), "credible": verdict["credible"],
+            "passed": verdict["passed"], "dropped": len(dropped),
             "refusals": sorted({r["reason"] or "failed" for r in rows if not r["ok"]}),
-            "error_rate": errors / inferences if inferences else (1.0 if good else None),
-            "p99_ms": max(p99) if p99 else None, "accuracy": mean("accuracy", good),
-            "accuracy_same_nodes": mean("accuracy", labeled), "previous_accuracy": mean("previous_accuracy", labeled),
+            "error_rate": max(rates) if rates else None, "p99_ms": max(p99) if p99 else None,
+            "accuracy": mean([r["accuracy"] for r in labeled]),
+            "min_accuracy": min((r["accuracy"] for r in labeled), default=None),
+            "accuracy_same_nodes": mean([r["accuracy"] for r in before]),
+            "previous_accuracy": mean([r["previous_accuracy"] for r in before]),
             "previous_p99_ms": max((r["previous_p99_ms"] for r in good if r["previous_p99_ms"] >= 0), default=None)}
 
 
 def summary_line(summary: dict[str, Any]) -> str:
-    parts = [f"{summary['installed']}/{summary['nodes']} installed"]
+    parts = [f"{summary['installed']}/{summary['nodes']} installed, {summary['passed']} passed every gate"]
+    if summary["dropped"]:
+        parts.append(f"{summary['dropped']} vote(s) dropped")
     if summary["error_rate"] is not None:
-        parts.append(f"error rate {summary['error_rate']:.3f}")
+        parts.append(f"worst error rate {summary['error_rate']:.3f}")
     if summary["p99_ms"] is not None:
-        parts.append(f"p99 {summary['p99_ms']:.2f} ms")
-    if summary["accuracy"] is not None:
-        parts.append(f"accuracy {summary['accuracy']:.1f}%")
+        parts.append(f"worst p99 {summary['p99_ms']:.2f} ms")
+    if summary["min_accuracy"] is not None:
+        parts.append(f"accuracy {summary['min_accuracy']:.1f}% or more")
     return ", ".join(parts)
 
 

@@ -24,58 +24,125 @@ from edgekit.errors import InputError, RolloutError
 
 @dataclass(frozen=True)
 class Gates:
-    """What the canary must show. ``max_error_rate``: failed inferences / inferences; ``max_p99_ms``: the
-    worst canary device's p99 latency; ``min_accuracy``: accuracy (%) on the devices' labeled data;
-    ``max_accuracy_drop``: points lost against the version the same devices served before (None: off)."""
+    """What every canary device must show, each on its own measurement (one vote per device, never a mean
+    weighted by what devices report). ``max_error_rate``: failed inferences / inferences; ``max_p99_ms``:
+    p99 latency; ``min_accuracy``: accuracy (%) on the device's labeled data; ``max_accuracy_drop``: points
+    lost against the version the same device served before (None: off, e.g. for the first release of a new
+    model family, whose predecessor answered another task); ``quorum``: the fraction of credible canary
+    devices that must pass every gate (1.0: all; a device whose numbers are impossible has no vote)."""
 
     max_error_rate: float = 0.0
     max_p99_ms: float | None = None
     min_accuracy: float | None = None
     max_accuracy_drop: float | None = 2.0
+    quorum: float = 1.0
 
     def __post_init__(self) -> None:
         checks = {"max_error_rate": (self.max_error_rate, 0.0, 1.0), "max_p99_ms": (self.max_p99_ms, 0.0, 1e7),
                   "min_accuracy": (self.min_accuracy, 0.0, 100.0),
-                  "max_accuracy_drop": (self.max_accuracy_drop, 0.0, 100.0)}
+                  "max_accuracy_drop": (self.max_accuracy_drop, 0.0, 100.0), "quorum": (self.quorum, 0.5, 1.0)}
         for name, (value, low, high) in checks.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or not low <= value <= high):
                 raise InputError(f"gate {name} = {value!r} must be a number from {low:g} to {high:g}")
 
-    def failures(self, summary: dict[str, Any]) -> list[str]:
-        """Why the canary fails (empty: it passes), each with the measured number and the limit."""
-        out = []
-        if summary["installed"] < summary["nodes"]:
-            out.append(f"{summary['nodes'] - summary['installed']} of {summary['nodes']} canary node(s) did not "
-                       f"install it ({'; '.join(summary['refusals'])[:300]})")
-        if summary["error_rate"] is not None and summary["error_rate"] > self.max_error_rate:
-            out.append(f"error rate {summary['error_rate']:.3f} > {self.max_error_rate:g}")
-        if self.max_p99_ms is not None and summary["p99_ms"] is not None and summary["p99_ms"] > self.max_p99_ms:
-            out.append(f"p99 latency {summary['p99_ms']:.2f} ms > {self.max_p99_ms:g} ms")
-        if self.min_accuracy is not None:
-            if summary["accuracy"] is None:
-                out.append("no canary device has labeled data to measure accuracy on")
-            elif summary["accuracy"] < self.min_accuracy:
-                out.append(f"accuracy {summary['accuracy']:.1f}% < {self.min_accuracy:g}%")
-        before, now = summary["previous_accuracy"], summary["accuracy_same_nodes"]
-        if self.max_accuracy_drop is not None and before is not None and now is not None \
-                and before - now > self.max_accuracy_drop:
-            out.append(f"accuracy fell {before - now:.1f} points ({before:.1f}% -> {now:.1f}%) > "
-                       f"{self.max_accuracy_drop:g}")
+    def device_failures(self, row: dict[str, Any]) -> dict[str, str]:
+        """Gate name -> why one installed canary device's measurement fails it (empty: it passes them all)."""
+        out = {}
+        inferences, errors = row["inferences"], row["errors"]
+        rate = errors / inferences if inferences > 0 else 1.0
+        if rate > self.max_error_rate:
+            out["max_error_rate"] = f"error rate {rate:.3f} > {self.max_error_rate:g}"
+        if self.max_p99_ms is not None and row["p99_ms"] > self.max_p99_ms:
+            out["max_p99_ms"] = f"p99 latency {row['p99_ms']:.2f} ms > {self.max_p99_ms:g} ms"
+        if self.min_accuracy is not None and 0 <= row["accuracy"] < self.min_accuracy:
+            out["min_accuracy"] = f"accuracy {row['accuracy']:.1f}% < {self.min_accuracy:g}%"
+        before, now = row["previous_accuracy"], row["accuracy"]
+        if self.max_accuracy_drop is not None and before >= 0 and now >= 0 and before - now > self.max_accuracy_drop:
+            out["max_accuracy_drop"] = (f"accuracy fell {before - now:.1f} points ({before:.1f}% -> {now:.1f}%) > "
+                                        f"{self.max_accuracy_drop:g}")
         return out
+
+
+def implausible(row: dict[str, Any]) -> str | None:
+    """Why a device's measurement cannot be true (None: it can): more samples or inferences than the protocol
+    asks, more errors than inferences, an accuracy its own error count rules out, p99 below p50. The
+    measurement of the version served before is held to the same rules."""
+    for prefix, what in (("", "measurement"), ("previous_", "previous version's measurement")):
+        reason = _impossible({key: row[prefix + key] for key in ("inferences", "errors", "accuracy", "samples",
+                                                                  "p50_ms", "p99_ms")})
+        if reason is not None:
+            return f"{what}: {reason}"
+    return None
+
+
+def _impossible(m: dict[str, float]) -> str | None:
+    from device_agents.fleet import MAX_SAMPLES
+
+    inferences, errors, accuracy = m["inferences"], m["errors"], m["accuracy"]
+    if m["samples"] > MAX_SAMPLES or inferences > MAX_SAMPLES:
+        return f"{max(m['samples'], inferences):g} samples, more than the {MAX_SAMPLES} the protocol asks for"
+    if inferences >= 0 and errors > max(inferences, 1):  # a model that does not load: 0 inferences, 1 error
+        return f"{errors:g} errors in {inferences:g} inferences"
+    if accuracy > 100 or (accuracy >= 0 and (inferences <= 0 or m["samples"] <= 0)):
+        return f"accuracy {accuracy:g}% from {inferences:g} inferences"
+    if accuracy >= 0 and accuracy > 100.0 * (inferences - max(errors, 0.0)) / inferences + 0.05:
+        return f"accuracy {accuracy:g}% is more than {inferences:g} inferences with {errors:g} errors can give"
+    if m["p50_ms"] >= 0 and 0 <= m["p99_ms"] < m["p50_ms"]:
+        return f"p99 {m['p99_ms']:g} ms below p50 {m['p50_ms']:g} ms"
+    return None
+
+
+def canary_verdict(rows: list[dict[str, Any]], gates: Gates) -> dict[str, Any]:
+    """Each canary device's vote, and why the canary fails (``failures`` empty: it passes).
+
+    A device that did not install the release fails the canary. A device whose numbers are impossible
+    (:func:`implausible`) is reported and has no vote. The canary passes when at least ``quorum`` of the
+    credible devices (and at least one) pass every gate, and, with ``min_accuracy``, one of them had labels.
+    Each failure names one failing device's number and how many devices failed that gate."""
+    votes, refused = [], []
+    for row in rows:
+        vote: dict[str, Any] = {"node": row["node"], "installed": bool(row["ok"]), "dropped": "", "failures": {}}
+        if not row["ok"]:
+            refused.append(row["reason"] or "failed")
+        elif (reason := implausible(row)) is not None:
+            vote["dropped"] = reason
+        else:
+            vote["failures"] = gates.device_failures(row)
+            vote["labeled"] = row["accuracy"] >= 0
+        votes.append(vote)
+    credible = [v for v in votes if v["installed"] and not v["dropped"]]
+    passed = [v for v in credible if not v["failures"]]
+    failures = []
+    if refused:
+        failures.append(f"{len(refused)} of {len(rows)} canary node(s) did not install it "
+                        f"({'; '.join(sorted(set(refused)))[:300]})")
+    if not credible and not refused:
+        failures.append(f"no canary device reported a credible measurement ({len(rows)} dropped)")
+    elif credible and len(passed) < max(1, math.ceil(gates.quorum * len(credible) - 1e-9)):
+        for gate in ("max_error_rate", "max_p99_ms", "min_accuracy", "max_accuracy_drop"):
+            failed = [v["failures"][gate] for v in credible if gate in v["failures"]]
+            if failed:
+                failures.append(f"{failed[0]} on {len(failed)} of {len(credible)} canary device(s)")
+    if gates.min_accuracy is not None and credible and not any(v["labeled"] for v in credible):
+        failures.append("no canary device has labeled data to measure accuracy on")
+    return {"votes": votes, "credible": len(credible), "passed": len(passed), "failures": failures,
+            "dropped": [{"node": v["node"], "reason": v["dropped"]} for v in votes if v["dropped"]]}
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """``canary``: fraction of the connected devices that get the release first (at least one);
-    ``min_nodes``: wait (up to ``wait`` s) for this many devices; ``timeout``: seconds per step."""
+    """``canary``: fraction of the connected devices that get the release first (at least one), chosen at
+    random for each rollout (``seed``: None draws from the OS, so no device knows in advance it will be in the
+    canary; a number makes the choice repeatable); ``min_nodes``: wait (up to ``wait`` s) for this many
+    devices; ``timeout``: seconds per step."""
 
     canary: float = 0.25
     gates: Gates = field(default_factory=Gates)
     min_nodes: int = 1
     wait: float = 30.0
     timeout: float = 300.0
-    seed: int = 0
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.canary <= 1:
@@ -134,40 +201,60 @@ def fleet_status(fleet: str | Path, out: str | Path | None = None, *, timeout: f
 
 
 def _by_version(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per version served: devices, inferences and errors, worst p99, and accuracy (each device once: the
+    mean and the lowest of the devices with labels, and each device's own figure and sample count)."""
     versions: dict[str, Any] = {}
     for row in rows:
         if not row["ok"]:
             continue
         key = row["version_id"] or "none"
         entry = versions.setdefault(key, {"release": row.get("release"), "nodes": 0, "inferences": 0.0,
-                                          "errors": 0.0, "p99_ms": []})
+                                          "errors": 0.0, "p99_ms": [], "devices": []})
         entry["nodes"] += 1
         entry["inferences"] += max(0.0, row["inferences"])
         entry["errors"] += max(0.0, row["errors"])
         if row["p99_ms"] >= 0:
             entry["p99_ms"].append(row["p99_ms"])
+        entry["devices"].append({"node": row["node"], "accuracy": row["accuracy"] if row["accuracy"] >= 0 else None,
+                                 "samples": row["samples"] if row["samples"] >= 0 else None})
     for entry in versions.values():
         entry["error_rate"] = entry["errors"] / entry["inferences"] if entry["inferences"] else None
         entry["p99_ms"] = max(entry["p99_ms"]) if entry["p99_ms"] else None
+        labeled = [d["accuracy"] for d in entry["devices"] if d["accuracy"] is not None]
+        entry["accuracy"] = sum(labeled) / len(labeled) if labeled else None
+        entry["min_accuracy"] = min(labeled) if labeled else None
     return versions
 
 
 def plot_status(summary: dict[str, Any], path: Path) -> Path:
-    """Nodes per version, worst p99 latency and error rate per version, side by side."""
+    """Per version: devices serving it, accuracy (bar: mean over devices; dots: each device), worst p99
+    latency and error rate; a broken release shows as a low accuracy bar however healthy its latency."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     versions = summary["versions"]
     names = [f"{k[:8]}\nrelease {v['release']:g}" if v["release"] is not None and v["release"] >= 0 else k[:8]
              for k, v in versions.items()]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    panels = [("nodes", "devices serving it"), ("p99_ms", "worst p99 latency (ms)"), ("error_rate", "error rate")]
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
+    panels = [("nodes", "devices serving it"), ("accuracy", "accuracy on the devices' data (%)"),
+              ("p99_ms", "worst p99 latency (ms)"), ("error_rate", "error rate")]
     for ax, (key, title) in zip(axes, panels):
         values = [v[key] or 0 for v in versions.values()]
         ax.bar(names, values, color="#4c72b0")
-        ax.set_ylim(0, max([*values, 0.05 if key == "error_rate" else 1]) * 1.15)
+        if key == "accuracy":
+            for i, entry in enumerate(versions.values()):
+                dots = [d["accuracy"] for d in entry["devices"] if d["accuracy"] is not None]
+                ax.scatter([i] * len(dots), dots, color="#dd8452", zorder=3, s=18, label="a device" if i == 0 else None)
+            ax.set_ylim(0, 100)
+            if any(entry["devices"] for entry in versions.values()):
+                ax.legend(fontsize=7, loc="lower right")
+        else:
+            ax.set_ylim(0, max([*values, 0.05 if key == "error_rate" else 1]) * 1.15)
+        if key == "nodes":
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
     fig.suptitle(f"fleet: {len(summary['nodes'])} device(s)", fontsize=11)

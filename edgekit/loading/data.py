@@ -88,13 +88,13 @@ def load_npz(path: str | Path, *, require_labels: bool = False) -> Dataset:
     :func:`device_agents.files.max_array_bytes` for both arrays; ``EDGEKIT_MAX_ARRAY_BYTES`` sets it),
     and nothing is unpickled.
     """
-    from device_agents.files import UnsafeFileError, read_npz
+    from device_agents.files import MAX_ARRAY_BYTES, UnsafeFileError, max_array_bytes, read_npz
 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist; give an .npz file with arrays 'x' and 'y', or 'digits'")
     try:
-        arrays = read_npz(path, names=("x", "y"))
+        arrays = read_npz(path, names=("x", "y"), max_bytes=max_array_bytes(MAX_ARRAY_BYTES))
     except UnsafeFileError as exc:
         raise DataError(str(exc)) from None
     if "x" not in arrays:
