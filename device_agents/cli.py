@@ -8,6 +8,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from device_agents.console import OneLineParser, quiet_native_logs, run
 from device_agents.exit_codes import ExitCode
@@ -285,6 +286,7 @@ def cmd_node_key(args: argparse.Namespace) -> int:
 def cmd_join(args: argparse.Namespace) -> int:
     import signal
     import subprocess
+    import threading
 
     from device_agents.errors import InputMismatchError
     from device_agents.join import supernode_command
@@ -299,7 +301,8 @@ def cmd_join(args: argparse.Namespace) -> int:
     command, env = supernode_command(args.superlink, Path(args.ca), Path(args.key), store,
                                      data=Path(args.data) if args.data else None, trust=trust)
     print(f"joining the fleet at {args.superlink} (store {store}); Ctrl-C to leave", flush=True)
-    proc = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=_die_with_parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
 
     def forward(signum: int, _frame: object) -> None:
         if proc.poll() is None:
@@ -307,11 +310,41 @@ def cmd_join(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    reasons: list[str] = []
+    relay = threading.Thread(target=_relay, args=(proc.stdout, reasons), daemon=True)
+    relay.start()
     code = proc.wait()
+    try:  # what the SuperNode started (its SuperExec) goes with it, so its output ends too
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    relay.join(timeout=10)
     if code not in (0, -signal.SIGTERM, 128 + signal.SIGTERM):
-        print(f"edgekit-agent: error: the SuperNode exited with code {code} (see its log above)", file=sys.stderr)
+        reason = reasons[-1] if reasons else "see its log above"
+        print(f"edgekit-agent: error: the SuperNode exited with code {code}: {reason}", file=sys.stderr)
         return int(ExitCode.FAILURE)
     return int(ExitCode.SUCCESS)
+
+
+def _relay(stream: Any, reasons: list[str]) -> None:
+    """Copy the SuperNode's output to ours as it comes; collect Flower's own error reports (its exit-code block:
+    "Exit Code: 305 ... [code: 2004] Failed to activate SuperNode." for a key the fleet did not register)."""
+    import re
+
+    block: list[str] | None = None
+    for line in stream:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+        if re.match(r"^ERROR\s*:", plain):
+            block = [re.sub(r"^ERROR\s*:\s*", "", plain)]
+        elif block is not None and plain and not plain.startswith("For more information"):
+            block.append(plain)
+        if block is not None and (not plain or plain.startswith("For more information")):
+            reasons.append(" ".join(block)[:300])
+            block = None
+    if block:
+        reasons.append(" ".join(block)[:300])
 
 
 def _die_with_parent() -> None:

@@ -360,6 +360,17 @@ def make_client_app(settings: ClientSettings) -> Any:
         return Message(RecordDict({"metrics": MetricRecord(fleet.finite(metrics)), "text": ConfigRecord(text)}),
                        reply_to=message)
 
+    @app.query(TRAINABLE, mods=[audit_mod])
+    def trainable(message: Any, context: Any) -> Any:
+        from flwr.app import ConfigRecord
+
+        try:
+            digest, reason = tensors_digest(_trainer(_artifact_dir(settings, context)).tensors), ""
+        except Exception as exc:  # noqa: BLE001 (no trainable artifact, or one that does not load: say so)
+            digest, reason = "", " ".join(str(exc).split())[:200]
+        return Message(RecordDict({"text": ConfigRecord({"tensors-sha256": digest, "reason": reason})}),
+                       reply_to=message)
+
     @app.query(fleet.INSTALL, mods=[audit_mod])
     def install(message: Any, context: Any) -> Any:
         return fleet_reply(message, fleet.install(message.content["release"], context.node_config))
@@ -391,6 +402,19 @@ def make_client_app(settings: ClientSettings) -> Any:
         return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
     return app
+
+
+TRAINABLE = "trainable"
+"""The query a server sends before federated rounds: which trainable model (its tensor names and shapes) the
+device would train; the reply's ``tensors-sha256`` is :func:`tensors_digest`, or empty with a ``reason``."""
+
+
+def tensors_digest(tensors: dict[str, tuple[int, ...]]) -> str:
+    """SHA-256 of a trainable model's tensor names and shapes (what must match between server and devices)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(sorted((k, list(v)) for k, v in tensors.items())).encode()).hexdigest()
 
 
 PERSONALIZE = "personalize"

@@ -63,10 +63,23 @@ def quiet_native_logs() -> None:
         pass
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not raise on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def run(prog: str, handler: Callable[[], int], errors: tuple[type[BaseException], ...]) -> int:
     """Call ``handler``; turn the library's errors into one line on stderr and an exit code."""
     try:
         return handler()
+    except BrokenPipeError:  # the reader went away (`edgekit-agent status | head -1`): nothing left to say
+        _silence_stdout()
+        return int(ExitCode.SUCCESS)
     except errors as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return int(getattr(exc, "exit_code", ExitCode.FAILURE))

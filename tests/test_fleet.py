@@ -420,20 +420,23 @@ def _hostile_app(folder: Path, marker: Path, report: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("fleet")
-def test_a_device_runs_no_app_the_fleet_key_did_not_sign(digits, keys, tmp_path):
+def test_a_device_runs_no_app_the_fleet_key_did_not_sign(cnn_path, digits, keys, tmp_path):
     """Defence in depth: a stranger who reaches the Control API (here: straight on its loopback port) submits an
     app; the device refuses to install or import it (no marker, an error reply), and still runs the signed jobs.
     An app the stranger signed with their own key, or the signed app with a file added, is refused the same way."""
+    from edgekit.errors import FederationError
+    from edgekit.federated.config import RoundSettings
     from edgekit.federated.deploy import free_port
     from edgekit.fleet.rollout import fleet_status
     from edgekit.fleet.serve import FleetConfig, flower_env, serve
     from edgekit.fleet.signing import sign_app
+    from edgekit.fleet.train import FleetRunConfig, run_on_fleet
 
     (private, public), (their_private, _) = keys
     fleet = serve(tmp_path / "fleet", FleetConfig(port=free_port()), signing_key=private)
     devices = []
     try:
-        devices = _enroll(fleet, digits, tmp_path, public, count=1)
+        devices = _enroll(fleet, digits, tmp_path, public, count=2)
         unsigned = _hostile_app(tmp_path / "unsigned", tmp_path / "device0" / "RAN", tmp_path / "unsigned.txt")
         theirs = _hostile_app(tmp_path / "theirs", tmp_path / "device0" / "RAN", tmp_path / "theirs.txt")
         sign_app(theirs, their_private)
@@ -450,7 +453,12 @@ def test_a_device_runs_no_app_the_fleet_key_did_not_sign(digits, keys, tmp_path)
         assert "no valid signature by the trusted key" in reasons["theirs"], reasons
         # the operator's own signed jobs still run on it
         status = fleet_status(fleet.folder, tmp_path / "status", log=lambda _: None)
-        assert len(status["nodes"]) == 1 and status["nodes"][0]["ok"], status
+        assert len(status["nodes"]) == 2 and all(row["ok"] for row in status["nodes"]), status
+        # fl run refuses before round 1 when the devices do not hold this model's trainable release
+        with pytest.raises(FederationError, match="refused before round 1: 2 of 2 device.*no trainable artifact"):
+            run_on_fleet(cnn_path, "digits", tmp_path / "run", fleet.folder, progress=False, log=lambda _: None,
+                         config=FleetRunConfig(clients=2, rounds=RoundSettings(rounds=1)))
+        assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "history.json").exists()
     finally:
         _stop(devices, fleet)
     assert not (tmp_path / "device0" / "RAN").exists()

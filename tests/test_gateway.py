@@ -159,3 +159,25 @@ def test_a_flood_of_large_bodies_does_not_grow_the_gateway(link):
     assert status == 413 and b"limit" in body
     assert _raw(port, ca, b"/v1/fleet/get-run", body=b"x" * (300 << 10))[0] == 413
     link["procs"].check()  # the gateway and the SuperLink are still up
+
+
+@GATEWAY
+def test_join_with_a_key_the_fleet_did_not_register_says_flowers_reason(link, tmp_path):
+    import subprocess
+
+    from conftest import BIN
+
+    from edgekit.fleet.signing import new_keys
+
+    _, public = new_keys(tmp_path / "release-keys")
+    made = subprocess.run([str(BIN / "edgekit-agent"), "node-key", "--out", str(tmp_path / "keys")],
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    proc = subprocess.run([str(BIN / "edgekit-agent"), "join", "--superlink", f"127.0.0.1:{link['gateway']}",
+                           "--ca", str(link["ca"]), "--key", str(tmp_path / "keys" / "node.key"), "--store",
+                           str(tmp_path / "store"), "--trust", str(public)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, (proc.returncode, proc.stdout[-2000:], proc.stderr)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "the SuperNode exited with code" in last and "Failed to activate SuperNode" in last, last
+    assert "Traceback" not in proc.stderr

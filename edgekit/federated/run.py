@@ -133,7 +133,9 @@ def finish_run(run: PreparedRun, out: Path, config: FederationConfig, history: l
     else:
         log(f"final global model: {final['quantization']} TFLite {final['bytes']:,} bytes, accuracy "
             f"{final['accuracy']:.2f}% "
-            f"-> {out / 'final'} (install with: edgekit-agent install --model {out / 'final'} --store DIR)")
+            f"-> {out / 'final'} (release it: edgekit release {out / 'final'} --key signing.key --version N; then "
+            f"edgekit fleet rollout, or on a device: edgekit-agent install --model {out / 'final'} --store DIR "
+            "--trust signing.pub)")
     return FederatedResult(out, history, history[-1]["accuracy"], weights)
 
 

@@ -202,11 +202,47 @@ def status_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
-    """The federated rounds of a run folder prepared by :func:`edgekit.fleet.train.run_on_fleet`."""
+    """The federated rounds of a run folder prepared by :func:`edgekit.fleet.train.run_on_fleet`, after checking
+    that every device holds the trainable release of this model (else no round runs)."""
     from edgekit.federated.deploy import run_rounds_in
 
-    run_rounds_in(grid, Path(job["run_dir"]), log=report)
+    run_dir = Path(job["run_dir"])
+    mismatch = _trainable_mismatch(grid, run_dir, job)
+    if mismatch:
+        return {"status": "refused", "reason": mismatch}
+    run_rounds_in(grid, run_dir, log=report)
     return {"status": "complete"}
+
+
+def _trainable_mismatch(grid: Any, run_dir: Path, job: dict[str, Any]) -> str:
+    """Why the connected devices cannot train this run's model (empty: they can): a device that holds no
+    trainable release, or one of another model (its tensor names and shapes differ)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from device_agents.client_app import TRAINABLE, tensors_digest
+    from device_agents.training import Trainer
+
+    spec = json.loads((run_dir / "run.json").read_text())
+    expected = tensors_digest(Trainer.load(run_dir / "trainable").tensors)
+    nodes = _nodes(grid, {"min_nodes": spec["clients"], "wait": 120})
+    if not nodes:
+        return "no device is connected to the fleet"
+    messages = [Message(RecordDict({"config": ConfigRecord({})}), message_type=f"query.{TRAINABLE}", dst_node_id=n)
+                for n in nodes]
+    replies = {int(r.metadata.src_node_id): r for r in grid.send_and_receive(messages=messages, timeout=120)}
+    wrong = []
+    for node in nodes:
+        reply = replies.get(node)
+        text = None if reply is None or reply.has_error() or "text" not in reply.content else reply.content["text"]
+        digest = text.get("tensors-sha256") if text is not None else None
+        if digest != expected:
+            why = "no answer" if text is None else (str(text.get("reason", ""))[:MAX_TEXT] or "another model")
+            wrong.append(f"node {node}: {why}")
+    if not wrong:
+        return ""
+    return (f"{len(wrong)} of {len(nodes)} device(s) do not hold the trainable release of this model "
+            f"({'; '.join(wrong)[:MAX_TEXT]}); roll it out first: edgekit trainable, edgekit release, "
+            "edgekit fleet rollout")
 
 
 ACTIONS: dict[str, Callable[[Any, dict[str, Any]], dict[str, Any]]] = {

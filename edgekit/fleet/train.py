@@ -54,6 +54,8 @@ def run_on_fleet(model: Any, data: Any, out: str | Path, fleet: str | Path, conf
                                               "fleet": str(Path(fleet).absolute()),
                                               "personalize_epochs": config.personalize_epochs}))
     result = submit_job(fleet, "train", {"run_dir": str(out)}, timeout=config.timeout, log=log)
+    if result.get("status") == "refused":
+        raise FederationError(f"the federated run was refused before round 1: {result['reason']}")
     if result.get("status") != "complete" or not (out / "history.json").is_file():
         raise FederationError(f"the federated run on the fleet failed: {result.get('reason', 'no history')} "
                               f"(job folder {result['job']})")
