@@ -298,3 +298,15 @@ def test_install_checks_an_artifacts_first_bytes_before_copying_or_hashing_it(fl
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert_one_line_error(run_cli("install", "--model", str(folder), "--store", str(tmp_path / "store"),
                                   tool="edgekit-agent"), 1, "is a onnx file, its manifest says tflite")
+
+
+def test_a_closed_pipe_ends_the_agent_quietly(int8_out, tmp_path):
+    """`edgekit-agent status ... | head -1`: the reader goes away before the agent writes; it exits 0, silently."""
+    store = tmp_path / "store"
+    assert run_cli("install", "--model", str(int8_out), "--store", str(store), tool="edgekit-agent").returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    proc = subprocess.Popen([str(BIN / "edgekit-agent"), "status", "--store", str(store)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader is gone before the first line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and err == b"", (proc.returncode, err)
