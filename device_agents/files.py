@@ -104,6 +104,17 @@ def max_array_bytes(default: int = DEVICE_MAX_ARRAY_BYTES) -> int:
     return value if value > 0 else default
 
 
+def _npz_path(path: str | Path) -> Path:
+    """``path``, after checking from its first bytes that it is a zip archive (what ``numpy.savez`` writes)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(64)
+    if not head.startswith(_ZIP_MAGIC):
+        raise UnsafeFileError(f"{path} is {describe_file(path, head)}, not an .npz archive; "
+                              "write it with numpy.savez(path, x=..., y=...)")
+    return path
+
+
 def read_npz(path: str | Path, *, names: tuple[str, ...], max_bytes: int | None = None) -> dict:
     """Read arrays ``names`` (those present) of an ``.npz`` file, checking sizes before any allocation.
 
@@ -116,13 +127,8 @@ def read_npz(path: str | Path, *, names: tuple[str, ...], max_bytes: int | None 
 
     import numpy as np
 
-    path = Path(path)
+    path = _npz_path(path)
     max_bytes = max_array_bytes() if max_bytes is None else max_bytes
-    with open(path, "rb") as handle:
-        head = handle.read(64)
-    if not head.startswith(_ZIP_MAGIC):
-        raise UnsafeFileError(f"{path} is {describe_file(path, head)}, not an .npz archive; "
-                              "write it with numpy.savez(path, x=..., y=...)")
     arrays, total = {}, 0
     try:
         with zipfile.ZipFile(path) as archive:
@@ -168,13 +174,8 @@ def iter_npz_rows(path: str | Path, name: str, *, batch_rows: int,
 
     import numpy as np
 
-    path = Path(path)
+    path = _npz_path(path)
     limit = max_array_bytes() if max_bytes is None else max_bytes
-    with open(path, "rb") as handle:
-        head = handle.read(64)
-    if not head.startswith(_ZIP_MAGIC):
-        raise UnsafeFileError(f"{path} is {describe_file(path, head)}, not an .npz archive; "
-                              "write it with numpy.savez(path, x=...)")
     try:
         archive = zipfile.ZipFile(path)
         info = next((i for i in archive.infolist() if i.filename.removesuffix(".npy") == name), None)

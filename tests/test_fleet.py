@@ -296,19 +296,14 @@ def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, k
         status = fleet_status(fleet.folder, tmp_path / "status", **quiet)
         assert sorted(r["version_id"] for r in status["nodes"]) == [v5] * 4
         assert all(r["release"] == 5 and r["accuracy"] > 80 for r in status["nodes"])
-        assert status["versions"][v5]["nodes"] == 4
-        assert json.loads((tmp_path / "status" / "fleet.json").read_text())["versions"][v5]["nodes"] == 4
+        assert status["versions"][v5]["nodes"] == 4 and status["versions"][v5]["accuracy"] > 80
+        saved = json.loads((tmp_path / "status" / "fleet.json").read_text())["versions"][v5]
+        assert saved["nodes"] == 4 and sorted(d["node"] for d in saved["devices"]) == sorted(r["node"] for r in
+                                                                                              status["nodes"])
+        assert all(d["accuracy"] > 80 and d["samples"] == 90 for d in saved["devices"])
         assert (tmp_path / "status" / "fleet.png").read_bytes()[:4] == b"\x89PNG"
     finally:
-        for proc, _ in devices:
-            proc.terminate()
-        for proc, log in devices:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
-        fleet.stop()
+        _stop(devices, fleet)
     assert all(proc.returncode == 0 for proc, _ in devices), [p.returncode for p, _ in devices]
 
 
@@ -715,3 +710,37 @@ def test_every_device_answer_carries_exactly_the_protocol_metrics(int8_out, keys
     for metrics, text in answers:
         assert set(metrics) == set(fleet.METRICS) and all(isinstance(v, float) for v in metrics.values())
         assert set(text) <= {"version-id", "previous-id", "reason"}
+
+
+def test_the_status_picture_and_json_show_a_broken_release(tmp_path):
+    """fleet.json keeps each device's accuracy and sample count per version; fleet.png's device axis is whole
+    numbers and it has an accuracy panel (the issue: every device serving a 47% release looked healthy)."""
+    from edgekit.fleet.rollout import _by_version, plot_status
+
+    rows = [{**_row(node=n, accuracy=47.0 + n), "version_id": "broken0123456789", "release": 3.0} for n in range(3)]
+    rows.append({**_row(node=9, accuracy=96.5), "version_id": "good000011112222", "release": 2.0})
+    versions = _by_version(rows)
+    assert versions["broken0123456789"]["accuracy"] == pytest.approx(48.0)
+    assert versions["broken0123456789"]["min_accuracy"] == 47.0 and versions["good000011112222"]["nodes"] == 1
+    assert [d["samples"] for d in versions["broken0123456789"]["devices"]] == [100.0] * 3
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    original = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        captured["fig"] = fig
+        return original(fig, *args, **kwargs)
+
+    plt.Figure.savefig = keep
+    try:
+        plot_status({"nodes": rows, "versions": versions}, tmp_path / "fleet.png")
+    finally:
+        plt.Figure.savefig = original
+    axes = captured["fig"].axes
+    titles = [ax.get_title() for ax in axes]
+    assert "accuracy on the devices' data (%)" in titles
+    accuracy = axes[titles.index("accuracy on the devices' data (%)")]
+    assert [round(p.get_height(), 1) for p in accuracy.patches] == [48.0, 96.5]
+    assert all(float(t).is_integer() for t in axes[0].get_yticks())
+    assert (tmp_path / "fleet.png").read_bytes()[:4] == b"\x89PNG"
