@@ -15,6 +15,20 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _x86_without_vnni() -> bool:
+    """An x86 CPU with AVX2 and no VNNI: onnxruntime's U8S8 int8 kernels (vpmaddubsw) saturate at int16 there,
+    which is what edgekit's reduce-range rung is for (onnxruntime's own remedy on that CPU class)."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    words = set(flags.split())
+    return "avx2" in words and not words & {"avx512_vnni", "avx_vnni"}
+
+
+X86_WITHOUT_VNNI = _x86_without_vnni()
 BIN = Path(sys.executable).parent
 
 

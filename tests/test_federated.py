@@ -464,7 +464,7 @@ def test_the_cosine_schedule_decays_the_device_learning_rate_to_its_floor_at_the
 
 def test_strategy_and_partition_validation():
     with pytest.raises(InputError, match="unknown strategy 'krum2'; valid values: fedadagrad, fedadam, fedavg, "
-                                         "fedavgm, fedprox, fedyogi, trimmed"):
+                                         "fedavgm, fedprox, fedyogi, median, multikrum, trimmed"):
         RoundSettings(strategy="krum2")
     with pytest.raises(InputError, match="server momentum must be in"):
         RoundSettings(server_momentum=1.0)
