@@ -332,9 +332,14 @@ def _relay(stream: Any, reasons: list[str]) -> None:
     import re
 
     block: list[str] | None = None
-    for line in stream:
-        sys.stdout.write(line)
-        sys.stdout.flush()
+    echo = True
+    for line in stream:  # read to the end whatever happens to our stdout, so the SuperNode never blocks on its pipe
+        if echo:
+            try:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            except (OSError, ValueError):  # our reader went away (`join | head`): keep draining, silently
+                echo = False
         plain = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
         if re.match(r"^ERROR\s*:", plain):
             block = [re.sub(r"^ERROR\s*:\s*", "", plain)]
