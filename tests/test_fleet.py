@@ -621,7 +621,8 @@ def test_a_lying_canary_device_cannot_pass_a_broken_release():
                         (_row(errors=60.0, accuracy=50.0), "accuracy 50% is more than 100 inferences with 60 errors"),
                         (_row(errors=101.0), "101 errors in 100 inferences"),
                         (_row(samples=250.0), "250 samples, more than the 200"),
-                        (_row(accuracy=101.0), "accuracy 101%")]:
+                        (_row(accuracy=101.0), "accuracy 101%"),
+                        (_row(p99=-1.0, p50=-1.0), "100 inferences without a latency")]:
         assert reason in (implausible(lie) or ""), (lie, implausible(lie))
     assert implausible(_row()) is None
     # every device dropped: the canary fails

@@ -66,7 +66,8 @@ class Gates:
 
 def implausible(row: dict[str, Any]) -> str | None:
     """Why a device's measurement cannot be true (None: it can): more samples or inferences than the protocol
-    asks, more errors than inferences, an accuracy its own error count rules out, p99 below p50. The
+    asks, more errors than inferences, an accuracy its own error count rules out, inferences without a latency
+    (which would dodge the latency gate), p99 below p50. The
     measurement of the version served before is held to the same rules."""
     for prefix, what in (("", "measurement"), ("previous_", "previous version's measurement")):
         reason = _impossible({key: row[prefix + key] for key in ("inferences", "errors", "accuracy", "samples",
@@ -88,6 +89,8 @@ def _impossible(m: dict[str, float]) -> str | None:
         return f"accuracy {accuracy:g}% from {inferences:g} inferences"
     if accuracy >= 0 and accuracy > 100.0 * (inferences - max(errors, 0.0)) / inferences + 0.05:
         return f"accuracy {accuracy:g}% is more than {inferences:g} inferences with {errors:g} errors can give"
+    if inferences > 0 and (m["p50_ms"] < 0 or m["p99_ms"] < 0):  # it ran them, so it timed them
+        return f"{inferences:g} inferences without a latency"
     if m["p50_ms"] >= 0 and 0 <= m["p99_ms"] < m["p50_ms"]:
         return f"p99 {m['p99_ms']:g} ms below p50 {m['p50_ms']:g} ms"
     return None
