@@ -2,6 +2,7 @@
 
 import struct
 
+import numpy as np
 import pytest
 from conftest import fast_training
 
@@ -41,10 +42,30 @@ def test_report_has_a_row_per_candidate_and_marks_the_selected(searched):
     assert "sparsity" not in report and not (out / "sparsity.png").exists()  # nothing was pruned
 
 
+def _pixels_near(image, rgb, tolerance):
+    return int((np.abs(image[..., :3] - np.array(rgb)) < tolerance).all(axis=-1).sum())
+
+
+def _pixels_of_hue(image, channel):
+    """Pixels where one channel stands out over the other two by more than half the range."""
+    others = np.delete(image[..., :3], channel, axis=-1).max(axis=-1)
+    return int((image[..., channel] - others > 0.4).sum())
+
+
 def test_plots_are_real_pngs(searched):
+    """The picture holds what its legend says: a marker per candidate, the budget line and the selected candidate
+    circled."""
+    from matplotlib.image import imread
+
     _, out = searched
     width, height = png_size(out / "size_vs_accuracy.png")
-    assert width >= 600 and height >= 400 and (out / "size_vs_accuracy.png").stat().st_size > 10_000
+    assert width >= 600 and height >= 400
+    image = imread(out / "size_vs_accuracy.png")
+    assert image.shape[:2] == (height, width)
+    assert _pixels_of_hue(image, 0) > 100  # the budget line (red, dotted)
+    assert _pixels_of_hue(image, 1) > 100  # the selected candidate's circle (green)
+    marker = np.array([0x1F, 0x77, 0xB4]) / 255 * 0.8 + 0.2  # tflite's markers: C0 at alpha 0.8 over white
+    assert _pixels_near(image, marker, 0.03) > 80  # two candidates' filled markers
 
 
 def test_terminal_table(searched):
