@@ -204,7 +204,7 @@ def test_the_device_wheel_installs_alone_and_a_tflite_runtime_device_can_federat
     help_text = subprocess.run([str(bin_dir / "edgekit-agent"), "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "exit codes:" in help_text.stdout
     probe = subprocess.run([str(TFLRT_PYTHON), "-c", "import device_agents, importlib.util as u; "
-                            "print(device_agents.__file__, u.find_spec('edgekit'), u.find_spec('tools'))"],
+                            "print(device_agents.__file__, u.find_spec('edgekit'), u.find_spec('edgekit_cli'))"],
                            capture_output=True, text=True, cwd=tmp_path)
     location, edgekit_spec, tools_spec = probe.stdout.split()
     assert "site-packages" in location and edgekit_spec == "None" and tools_spec == "None", probe.stderr

@@ -80,7 +80,7 @@ def test_importing_the_cli_and_library_does_not_import_tensorflow():
     import subprocess
     import sys
 
-    code = "import sys, edgekit, tools.cli, device_agents; print('tensorflow' in sys.modules)"
+    code = "import sys, edgekit, edgekit_cli.cli, device_agents; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

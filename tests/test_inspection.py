@@ -6,7 +6,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 
 from edgekit import InputError, inspect_artifact
-from tools._render import format_inspection
+from edgekit_cli._render import format_inspection
 
 
 def test_a_folder_is_checked_and_described(int8_out):

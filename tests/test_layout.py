@@ -40,7 +40,8 @@ def stage(module):
 def test_device_agents_imports_nothing_of_the_server_or_the_cli():
     for path in python_files("device_agents"):
         for module, _ in imported_modules(path):
-            assert module.split(".")[0] not in ("edgekit", "tools", "tensorflow", "tf_keras"), (path, module)
+            top = module.split(".")[0]
+            assert top not in ("edgekit", "edgekit_cli", "tools", "tensorflow", "tf_keras"), (path, module)
 
 
 def test_edgekit_imports_only_downward_and_never_its_package_face():
@@ -51,7 +52,7 @@ def test_edgekit_imports_only_downward_and_never_its_package_face():
         if own == "__init__":
             continue  # the package face re-exports everything
         for module, names in imported_modules(path):
-            if module.split(".")[0] == "tools":
+            if module.split(".")[0] in ("tools", "edgekit_cli"):
                 pytest.fail(f"{rel} imports the CLI ({module})")
             if module == "edgekit":  # only submodules, never names of the package face
                 for name in names:
@@ -134,3 +135,31 @@ def test_readme_layout_lists_every_module_and_nothing_else():
               for p in python_files(folder)} | {"device_agents/pyproject.toml"}
     assert listed - actual == set(), f"README lists modules that do not exist: {sorted(listed - actual)}"
     assert actual - listed == set(), f"README's Layout misses: {sorted(actual - listed)}"
+
+
+def test_the_sdk_wheel_installs_its_cli_as_edgekit_cli_and_no_top_level_tools(tmp_path):
+    """tools/ is the CLI's folder, but a top-level ``tools`` module in site-packages is a name other distributions
+    use: the wheel maps it to ``edgekit_cli``, and lists every package folder of edgekit."""
+    import tomllib
+    import zipfile
+
+    listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "edgekit").rglob("__init__.py")}
+    assert set(listed) == folders | {"edgekit_cli"}, sorted(set(listed) ^ (folders | {"edgekit_cli"}))
+    import shutil
+
+    source = tmp_path / "source"  # built from a copy: setuptools writes build/ beside the sources
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for folder in ("edgekit", "tools"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(source)], check=True, capture_output=True, cwd=tmp_path)
+    wheel = next(tmp_path.glob("edgekit_sdk-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))}
+    assert tops == {"edgekit", "edgekit_cli"}, tops
+    assert "edgekit_cli/cli.py" in names and "edgekit_cli/_render.py" in names
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "edgekit = edgekit_cli.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

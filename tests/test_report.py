@@ -7,7 +7,7 @@ import pytest
 from conftest import fast_training
 
 from edgekit import CompressConfig, Recipe, compress
-from tools._render import format_table
+from edgekit_cli._render import format_table
 
 
 def png_size(path):
