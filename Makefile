@@ -18,7 +18,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export TF_CPP_MIN_LOG_LEVEL := 3
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 
-.PHONY: install demo test lint bench dist clean
+.PHONY: install demo test lint docs doctest bench dist clean
 
 install: $(STAMP)
 
@@ -53,8 +53,18 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py --out demo_out
 
 test: $(STAMP) $(TFLRT_STAMP) $(DEVICE_STAMP)
-	$(BIN)/ruff check edgekit tools device_agents tests benchmarks examples
+	$(BIN)/ruff check edgekit tools device_agents tests benchmarks examples docs
+	$(MAKE) docs doctest
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n 3 --dist loadgroup --durations=25 tests
+
+# The docs site (docs/, Sphinx + MyST + Furo) in docs/_build/html; warnings are errors.
+docs: $(STAMP)
+	$(BIN)/python -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
+# Every example in the docstrings and in the docs' pages runs (`>>>` lines; +SKIP marks those that need a model).
+doctest: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -o testpaths= --doctest-modules --doctest-glob='*.md' \
+		--ignore=docs/conf.py --ignore=docs/_build edgekit device_agents tools docs README.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -69,4 +79,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/fleet.py
 
 clean:
-	rm -rf $(VENV) $(TFLRT_VENV) $(DEVICE_VENV) demo_out dist build
+	rm -rf $(VENV) $(TFLRT_VENV) $(DEVICE_VENV) demo_out dist build docs/_build docs/_generated

@@ -327,7 +327,7 @@ app.deployed_client_app = lambda: app.make_client_app(app.ClientSettings(faults=
 
 
 def _enroll(fleet, digits, tmp_path, public, count=4, hostile=()):
-    """Devices as the README enrolls them: own key pair, registered by the operator, joined with `join`; the
+    """Devices as docs/fleet.md enrolls them: own key pair, registered by the operator, joined with `join`; the
     ``hostile`` ones run an agent their owner changed (:data:`HOSTILE_DEVICE`)."""
     from edgekit.fleet.serve import register_node
 

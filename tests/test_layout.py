@@ -1,5 +1,5 @@
 """The shape of the code: packages by stage, imports only downward, one exit-code table, a curated API,
-and a README layout that lists every module (no TensorFlow needed: these read the source)."""
+and a documented layout (docs/architecture.md) that lists every module (no TensorFlow needed: these read the source)."""
 
 import ast
 import re
@@ -111,9 +111,9 @@ def test_public_api_is_curated_sorted_and_importable():
         edgekit.__all__)
 
 
-def readme_layout():
-    """Paths listed in the README's Layout block (folders end in '/', indentation nests them)."""
-    text = (ROOT / "README.md").read_text()
+def documented_layout():
+    """Paths listed in the Layout block of docs/architecture.md (folders end in '/', indentation nests them)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
     block = text.split("## Layout", 1)[1].split("```", 2)[1]
     paths, stack = set(), []
     for line in block.splitlines()[1:]:
@@ -129,19 +129,20 @@ def readme_layout():
     return {p for p in paths if p.split("/")[0] in ("edgekit", "device_agents", "tools")}
 
 
-def test_readme_layout_lists_every_module_and_nothing_else():
-    listed = readme_layout()
+def test_documented_layout_lists_every_module_and_nothing_else():
+    listed = documented_layout()
     actual = {str(p.relative_to(ROOT)) for folder in ("edgekit", "device_agents", "tools")
               for p in python_files(folder)} | {"device_agents/pyproject.toml"}
-    assert listed - actual == set(), f"README lists modules that do not exist: {sorted(listed - actual)}"
-    assert actual - listed == set(), f"README's Layout misses: {sorted(actual - listed)}"
+    assert listed - actual == set(), f"docs/architecture.md lists modules that do not exist: {sorted(listed - actual)}"
+    assert actual - listed == set(), f"docs/architecture.md's Layout misses: {sorted(actual - listed)}"
 
 
 def test_the_sdk_wheel_installs_its_cli_as_edgekit_cli_and_no_top_level_tools(tmp_path):
     """tools/ is the CLI's folder, but a top-level ``tools`` module in site-packages is a name other distributions
     use: the wheel maps it to ``edgekit_cli``, and lists every package folder of edgekit."""
-    import tomllib
     import zipfile
+
+    import tomllib
 
     listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "edgekit").rglob("__init__.py")}

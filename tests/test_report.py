@@ -5,9 +5,9 @@ import struct
 import numpy as np
 import pytest
 from conftest import fast_training
+from edgekit_cli._render import format_table
 
 from edgekit import CompressConfig, Recipe, compress
-from edgekit_cli._render import format_table
 
 
 def png_size(path):

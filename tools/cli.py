@@ -380,6 +380,7 @@ def cmd_fl_run(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     import edgekit
+
     from ._render import format_table
 
     technique = any(v is not None for v in (args.prune, args.structured, args.student_width, args.student))
@@ -565,6 +566,7 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from edgekit.artifacts.inspection import inspect_artifact
+
     from ._render import format_inspection
 
     info = inspect_artifact(args.target)

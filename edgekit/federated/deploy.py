@@ -6,7 +6,7 @@ are edgekit's, and a Flower configuration (``flwr_home/config.toml``). It then s
 ``flower-superlink`` on 127.0.0.1 (its Control API, where nodes are registered and runs submitted,
 never leaves loopback), the Fleet-only TLS gateway (:mod:`edgekit.federated.gateway`) that SuperNodes
 connect to, and one ``flower-supernode`` per client; submits the run with ``flwr run`` and stops every
-process at the end. The README shows the same layout with a real address for the gateway.
+process at the end. docs/federated.md shows the same layout with a real address for the gateway.
 """
 
 from __future__ import annotations
