@@ -12,7 +12,7 @@ TFLRT_STAMP := $(TFLRT_VENV)/.installed
 # A device environment for fleet tests: the device wheel with its [fl] extra (LiteRT + Flower), no TensorFlow.
 DEVICE_VENV := .venv-device
 DEVICE_STAMP := $(DEVICE_VENV)/.installed
-DEVICE_SOURCES := $(wildcard device_agents/*.py) device_agents/pyproject.toml
+DEVICE_SOURCES := $(wildcard device_agents/*.py device_agents/*/*.py) device_agents/pyproject.toml
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export TF_CPP_MIN_LOG_LEVEL := 3

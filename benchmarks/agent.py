@@ -35,13 +35,13 @@ TARGETS = ("cold start >= 20x faster and peak RSS >= 10x smaller than TensorFlow
 AGENT_SNIPPET = """
 import sys, numpy as np
 from device_agents import Model
-from device_agents.telemetry import peak_rss_mib
+from device_agents.serving.telemetry import peak_rss_mib
 m = Model.load(sys.argv[1]); m.predict(np.load(sys.argv[2])[:1]); print(peak_rss_mib())
 """
 TF_SNIPPET = """
 import sys, numpy as np
 from edgekit.loading.models import load_model
-from device_agents.telemetry import peak_rss_mib
+from device_agents.serving.telemetry import peak_rss_mib
 m = load_model(sys.argv[1]).model; m(np.load(sys.argv[2])[:1], training=False); print(peak_rss_mib())
 """
 
@@ -80,7 +80,7 @@ def main() -> int:
     from ai_edge_litert.interpreter import Interpreter
 
     from device_agents import Model
-    from device_agents.training import Trainer
+    from device_agents.training.trainer import Trainer
     from edgekit import CompressConfig, Recipe, TrainableConfig, _tf, compress, export_trainable
     from edgekit.loading import zoo
     from edgekit.loading.data import Dataset, load_digits, split

@@ -301,7 +301,7 @@ def side_by_side(args: argparse.Namespace) -> int:
 
 def centralized_sgd(base: Setup, *, epochs: int) -> list[float]:
     """Held-out accuracy per epoch of the trainable artifact trained on all the clients' data in LiteRT."""
-    from device_agents.training import Trainer
+    from device_agents.training.trainer import Trainer
     from edgekit import TrainableConfig, export_trainable
     from edgekit.federated.config import FederationConfig, RoundSettings
     from edgekit.loading.data import load_digits, split
@@ -468,7 +468,7 @@ def device_central(args: argparse.Namespace) -> int:
     centralized. Splits the gap of federated learning into what on-device training costs by itself and what
     federating costs on top. Each start trains with its Dropout layer (Keras's training mode, what a device runs)
     and without it (the layer removed), side by side."""
-    from device_agents.training import Trainer
+    from device_agents.training.trainer import Trainer
     from edgekit import _tf
     from edgekit.loading.data import load_digits, split
     from edgekit.loading.models import load_model

@@ -71,7 +71,7 @@ def _join(fleet, home: Path, public: Path, rows: slice) -> subprocess.Popen:
 
 def _device_work(sources: dict[str, Path], work: Path, private: Path, public: Path, repeats: int) -> dict[str, float]:
     """The device's own work for one release, in this process: verify, install, smoke test, two measurements."""
-    from device_agents import fleet as device_fleet
+    from device_agents.fleet import agent as device_fleet
     from edgekit.fleet.jobs import release_files
     from edgekit.fleet.signing import sign_release
     from edgekit.loading.data import load_digits

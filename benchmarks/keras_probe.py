@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("data")
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
-    from device_agents.telemetry import peak_rss_mib
+    from device_agents.serving.telemetry import peak_rss_mib
     from edgekit.loading.models import load_model
 
     with np.load(args.data) as npz:

@@ -40,7 +40,7 @@ def accuracy(data: bytes, x: np.ndarray, y: np.ndarray) -> float:
 
 def measure(name: str, path: Path, train: Path, held_out: Path) -> dict:
     from device_agents import Model
-    from device_agents.isolation import probe_artifact
+    from device_agents.store.isolation import probe_artifact
     from edgekit import CompressConfig, Quantization, Recipe, compress
     from edgekit.export.tflite import compact, litert_quantize
 

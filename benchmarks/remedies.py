@@ -96,7 +96,7 @@ def run(path: Path, data: Path) -> list[list[str]]:
 
 def bn_rewrite_ab(path: Path, data: Path) -> tuple[float, float, int]:
     """int8 .onnx accuracy drop vs the float model with and without the BN rewrite, and the BN nodes it removed."""
-    from device_agents.runtime import Model
+    from device_agents.serving.runtime import Model
     from edgekit.config import Quantization
     from edgekit.export import onnx as onnx_export
     from edgekit.loading.models import load_model
@@ -127,7 +127,7 @@ def onnx_variants(path: Path, data: Path, *, blocks: int = 10, calls: int = 30) 
     import statistics
     import time
 
-    from device_agents.runtime import Model
+    from device_agents.serving.runtime import Model
     from edgekit.export.onnx import OnnxInt8, float_onnx
     from edgekit.export.remedies import Int8Options
     from edgekit.loading.models import load_model

@@ -2,7 +2,7 @@
 real trainer in LiteRT).
 
 3 rounds from a weak start (the test CNN after 2 epochs on 300 samples). Attacks, rehearsed by the device's
-own ClientApp (``device_agents.client_app.Fault``): ``sign-flip`` (the update reversed and scaled x4.5,
+own ClientApp (``device_agents.protocol.Fault``): ``sign-flip`` (the update reversed and scaled x4.5,
 claiming 100x its examples) and ``label-flip`` (honest training on permuted labels). Setups: 1 attacker of
 4 devices, 2 of 10. Defences: none (FedAvg, every server filter off), the norm bound alone, Flower's
 FedMedian, FedTrimmedAvg and Multi-Krum (filters off), edgekit's defences (norm bound, screening on the

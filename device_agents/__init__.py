@@ -17,10 +17,10 @@ from device_agents.errors import (
     ReleaseError,
 )
 from device_agents.exit_codes import ExitCode
-from device_agents.runtime import ArtifactFormat, Model, Runtime, TensorSpec, available_runtimes
-from device_agents.store import ModelStore
-from device_agents.telemetry import Telemetry
-from device_agents.training import Trainer
+from device_agents.serving.runtime import ArtifactFormat, Model, Runtime, TensorSpec, available_runtimes
+from device_agents.serving.telemetry import Telemetry
+from device_agents.store.model_store import ModelStore
+from device_agents.training.trainer import Trainer
 
 __all__ = [
     "AgentError",

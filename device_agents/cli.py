@@ -13,7 +13,7 @@ from typing import Any
 from device_agents.console import OneLineParser, quiet_native_logs, run
 from device_agents.exit_codes import ExitCode
 from device_agents.files import DEVICE_MAX_ARRAY_BYTES
-from device_agents.runtime import Runtime
+from device_agents.serving.runtime import Runtime
 
 _T0 = time.perf_counter()
 RUNTIMES = tuple(r.value for r in Runtime)
@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _open(path: str, runtime: str | None, threads: int | None):  # noqa: ANN202
-    from device_agents.integrity import verified_artifact
-    from device_agents.runtime import Model
+    from device_agents.serving.integrity import verified_artifact
+    from device_agents.serving.runtime import Model
 
     target = Path(path)
     if target.is_dir() and (target / "current").is_symlink():
@@ -160,7 +160,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from device_agents.errors import InputMismatchError
-    from device_agents.telemetry import Telemetry
+    from device_agents.serving.telemetry import Telemetry
 
     out = Path(args.output)
     _check_output(out)
@@ -195,7 +195,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
 
-    from device_agents.telemetry import Telemetry, peak_rss_mib
+    from device_agents.serving.telemetry import Telemetry, peak_rss_mib
 
     model, version = _open(args.model, args.runtime, args.threads)
     sample = _load_x(args.input)[:1] if args.input else model.example_input()
@@ -231,7 +231,7 @@ def _process_age_at_import() -> float:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    from device_agents.store import ModelStore
+    from device_agents.store.model_store import ModelStore
 
     store = ModelStore(args.store, trust=args.trust)
     before = store.current
@@ -244,7 +244,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from device_agents.errors import InputMismatchError
-    from device_agents.store import ModelStore
+    from device_agents.store.model_store import ModelStore
 
     if not Path(args.store).is_dir():
         raise InputMismatchError(f"store {args.store} does not exist")
@@ -262,7 +262,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from device_agents.store import ModelStore
+    from device_agents.store.model_store import ModelStore
 
     target = ModelStore(args.store).rollback()
     print(f"rolled back: current is {target.name}")
@@ -271,7 +271,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def cmd_node_key(args: argparse.Namespace) -> int:
     from device_agents.errors import InputMismatchError
-    from device_agents.join import make_node_key
+    from device_agents.federated.join import make_node_key
 
     out = Path(args.out)
     if (out / "node.key").exists() or (out / "node.pub").exists():
@@ -289,8 +289,8 @@ def cmd_join(args: argparse.Namespace) -> int:
     import threading
 
     from device_agents.errors import InputMismatchError
-    from device_agents.join import supernode_command
-    from device_agents.store import ModelStore
+    from device_agents.federated.join import supernode_command
+    from device_agents.store.model_store import ModelStore
 
     store = Path(args.store)
     trust = Path(args.trust) if args.trust else None

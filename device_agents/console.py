@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from device_agents.errors import first_line
 from device_agents.exit_codes import ExitCode, exit_code_help
+from device_agents.protocol import FLOWER_ENV
 
 NATIVE_LOG = os.path.join(tempfile.gettempdir(), "edgekit-native.log")
 
@@ -42,8 +43,8 @@ def quiet_native_logs() -> None:
     leaves everything as it is.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    for key, value in FLOWER_ENV.items():
+        os.environ.setdefault(key, value)
     warnings.filterwarnings("ignore")
     if os.environ.get("EDGEKIT_DEBUG") != "1":  # Python-side chatter of TensorFlow, tf2onnx, onnxruntime's quantizer
         import logging

@@ -11,9 +11,9 @@ import pytest
 from conftest import BIN, ROOT, assert_one_line_error, run_cli
 
 from device_agents import AgentError, ArtifactError, InputMismatchError, IntegrityError, Model
-from device_agents.integrity import verified_artifact
-from device_agents.runtime import LOADERS, Runtime
-from device_agents.telemetry import Telemetry
+from device_agents.serving.integrity import verified_artifact
+from device_agents.serving.runtime import LOADERS, Runtime
+from device_agents.serving.telemetry import Telemetry
 
 TFLRT_PYTHON = ROOT / ".venv-tflite-runtime" / "bin" / "python"
 
@@ -184,7 +184,7 @@ def test_tflite_runtime_trains_the_trainable_artifact(cnn_path, digits, tmp_path
 
     export_trainable(cnn_path, tmp_path / "tr", config=TrainableConfig(batch_size=8), progress=False)
     np.savez(tmp_path / "d.npz", x=digits.x[:64], y=digits.y[:64])
-    code = ("import sys, numpy as np; from device_agents.training import Trainer; "
+    code = ("import sys, numpy as np; from device_agents.training.trainer import Trainer; "
             "t = Trainer.load(sys.argv[1], runtime='tflite-runtime'); d = np.load(sys.argv[2]); "
             "losses = t.fit(d['x'], d['y'], epochs=2, learning_rate=0.01); print(t.runtime, losses[-1])")
     proc = subprocess.run([str(TFLRT_PYTHON), "-c", code, str(tmp_path / "tr"), str(tmp_path / "d.npz")],
@@ -210,7 +210,7 @@ def test_the_device_wheel_installs_alone_and_a_tflite_runtime_device_can_federat
     assert "site-packages" in location and edgekit_spec == "None" and tools_spec == "None", probe.stderr
     # the federated client picks its runtime as the agent does: tflite-runtime when LiteRT is absent
     export_trainable(cnn_path, tmp_path / "tr", config=TrainableConfig(batch_size=8), progress=False)
-    code = "import sys; from device_agents.client_app import _trainer; print(_trainer(sys.argv[1]).runtime)"
+    code = "import sys; from device_agents.federated.client_app import _trainer; print(_trainer(sys.argv[1]).runtime)"
     picked = subprocess.run([str(TFLRT_PYTHON), "-c", code, str(tmp_path / "tr")], capture_output=True, text=True,
                             cwd=tmp_path)
     assert picked.returncode == 0 and picked.stdout.strip() == "tflite-runtime", picked.stderr

@@ -174,7 +174,7 @@ def test_on_device_training_of_keras_applications_layers(saved, name, tmp_path):
 def test_a_text_model_trains_its_head_on_the_device(saved, tmp_path):
     """Token ids go to the int8 backbone; the float head trains in LiteRT (the whole model cannot: its attention
     has no on-device gradient, and the error names the layer)."""
-    from device_agents.training import Trainer
+    from device_agents.training.trainer import Trainer
     from edgekit.errors import UnsupportedLayerError
 
     path, data = saved["transformer"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli
 
-from device_agents import codec
+from device_agents.federated import codec
 from edgekit.errors import InputError
 from edgekit.federated.config import (
     LR_FLOOR,
@@ -184,7 +184,7 @@ def test_differential_privacy_clips_updates_and_reports_epsilon(fl_model, tmp_pa
     assert result.history[1]["privacy"]["clipping"] == clipping
     assert all(h["valid"] == 3 and h["rejected"] == [] for h in result.history[1:])  # the norm bit is protocol
     assert all(np.isfinite(v).all() for v in result.weights.values())
-    from device_agents.training import Trainer
+    from device_agents.training.trainer import Trainer
 
     start = Trainer.load(tmp_path / "dp" / "trainable").get_weights()  # the global model of round 1
     sent = sorted(audit.glob("*train-r1*.npz"))
@@ -243,7 +243,7 @@ def test_local_differential_privacy_noises_every_update_on_the_device(fl_model, 
     """Each device adds its own Gaussian noise (Flower's LocalDpMod) before anything leaves it."""
     import math
 
-    from device_agents.training import Trainer
+    from device_agents.training.trainer import Trainer
 
     audit = tmp_path / "audit"
     result = simulate(fl_model, "digits", tmp_path / "ldp", progress=False, log=quiet, config=SimulationConfig(
@@ -712,7 +712,7 @@ def device(fl_model, digits, tmp_path_factory):
     """A device's ClientApp with its own data, driven directly with crafted server messages."""
     from flwr.app import Context, RecordDict
 
-    from device_agents.client_app import ClientSettings, make_client_app
+    from device_agents.federated.client_app import ClientSettings, make_client_app
     from edgekit import TrainableConfig, export_trainable
 
     d = tmp_path_factory.mktemp("device")
@@ -722,7 +722,7 @@ def device(fl_model, digits, tmp_path_factory):
     app = make_client_app(ClientSettings(str(d / "trainable"), str(d / "data")))
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "artifact-dir": str(d / "trainable")},
                       state=RecordDict(), run_config={})
-    from device_agents.training import Trainer
+    from device_agents.training.trainer import Trainer
 
     return app, context, Trainer.load(d / "trainable").get_weights()
 
@@ -737,7 +737,8 @@ def _train_message(weights, **config):
 def test_a_hostile_server_cannot_steer_or_probe_the_device(device):
     from flwr.app import Array, ArrayRecord, RecordDict
 
-    from device_agents.client_app import ClientLimits, round_settings
+    from device_agents.federated.wire import round_settings
+    from device_agents.protocol import ClientLimits
 
     app, context, weights = device
     for config, fragment in (({"learning-rate": float("nan")}, "learning-rate nan is not a finite number"),
@@ -777,8 +778,8 @@ def test_a_hostile_server_cannot_steer_or_probe_the_device(device):
 def test_int4_device_updates_decode_carry_their_error_and_hostile_ones_are_rejected(device):
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
-    from device_agents.client_app import RESIDUAL
-    from device_agents.codec import Codec
+    from device_agents.federated.wire import RESIDUAL
+    from device_agents.protocol import Codec
     from edgekit.federated.downlink import payload_bytes
     from edgekit.federated.server_app import validate_reply
 
@@ -827,7 +828,7 @@ def test_int4_device_updates_decode_carry_their_error_and_hostile_ones_are_rejec
 def test_the_global_model_goes_down_as_an_int8_delta_to_devices_that_hold_the_last_one(device):
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-    from device_agents import codec
+    from device_agents.federated import codec
     from edgekit.federated.downlink import Downlink, payload_bytes
 
     app, context, weights = device
@@ -871,8 +872,9 @@ def test_personalisation_trains_only_the_head_and_keeps_it_on_the_device(device,
     """A device that only ever sees the digits 0 and 1: its own head fits its data better than the global one."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
-    from device_agents.client_app import PERSONAL_HEAD, _trainer
-    from device_agents.training import Trainer
+    from device_agents.federated.client_app import _trainer
+    from device_agents.federated.personalize import PERSONAL_HEAD
+    from device_agents.training.trainer import Trainer
 
     app, shared, weights = device
     folder = Path(shared.node_config["artifact-dir"]).parent
@@ -899,7 +901,7 @@ def test_personalisation_trains_only_the_head_and_keeps_it_on_the_device(device,
 def test_a_final_model_int8_cannot_hold_is_written_as_float16_not_lost(fl_model, digits, tmp_path, monkeypatch):
     """30 rounds were lost when the final int8 conversion went over the int8 budget (BudgetError after the run)."""
     import edgekit.compression
-    from device_agents.training import Trainer
+    from device_agents.training.trainer import Trainer
     from edgekit import export_trainable
     from edgekit.errors import BudgetError
     from edgekit.federated.run import close_the_loop

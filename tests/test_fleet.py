@@ -43,8 +43,8 @@ def _rehash(folder: Path) -> None:
 
 
 def _serves(store: ModelStore, version_id: str) -> None:
-    from device_agents.integrity import verified_artifact
-    from device_agents.runtime import Model
+    from device_agents.serving.integrity import verified_artifact
+    from device_agents.serving.runtime import Model
 
     assert store.current is not None and store.current.name == version_id
     model = Model.load(verified_artifact(store.current).data)
@@ -62,7 +62,7 @@ def test_keys_are_new_private_and_never_overwritten(tmp_path):
 
 
 def test_a_signed_release_installs_and_the_store_pins_its_key(float_out, keys, tmp_path):
-    from device_agents.release import load_public_key, verify_release
+    from device_agents.store.release import load_public_key, verify_release
 
     (_, ours), _ = keys
     release = _signed(float_out, tmp_path / "r1", keys[0][0], 1)
@@ -111,7 +111,7 @@ def test_every_hostile_release_is_refused_and_the_old_model_keeps_serving(float_
     with pytest.raises(ReleaseError, match="release 2 is not newer than release 2"):
         store.install(_signed(int8_out, tmp_path / "equal", private, 2))
     expired = _signed(int8_out, tmp_path / "expired", private, 5, expires=timedelta(minutes=1))
-    from device_agents.release import load_public_key, verify_release
+    from device_agents.store.release import load_public_key, verify_release
 
     with pytest.raises(ReleaseError, match="expired"):
         verify_release(expired, load_public_key(public), now=datetime.now(timezone.utc) + timedelta(minutes=2))
@@ -309,8 +309,8 @@ def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, k
 
 HOSTILE_DEVICE = """
 # What the owner of a registered device can do to its own agent: lie in its fleet replies, attack its updates.
-import device_agents.client_app as app
-import device_agents.fleet as fleet
+import device_agents.federated.client_app as app
+import device_agents.fleet.agent as fleet
 
 honest_install = fleet.install
 
@@ -519,8 +519,8 @@ def test_an_app_whose_files_differ_from_its_signature_is_refused(keys, tmp_path)
 
     from flwr.cli.build import build_fab_from_disk
 
-    from device_agents.app_guard import verify_app
-    from device_agents.release import load_public_key
+    from device_agents.federated.app_guard import verify_app
+    from device_agents.store.release import load_public_key
     from edgekit.federated.deploy import write_flower_app
     from edgekit.fleet.signing import sign_app
 
@@ -633,7 +633,7 @@ def test_a_lying_canary_device_cannot_pass_a_broken_release():
 def test_lying_or_malformed_device_replies_count_as_failures():
     from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
-    from device_agents.fleet import METRICS
+    from device_agents.protocol import FLEET_METRICS as METRICS
     from edgekit.fleet.jobs import node_row
 
     honest = dict.fromkeys(METRICS, 1.0)
@@ -695,7 +695,8 @@ def test_fleet_commands_refuse_bad_input_in_one_line(int8_out, keys, tmp_path):
 
 def test_every_device_answer_carries_exactly_the_protocol_metrics(int8_out, keys, tmp_path):
     """install (refused and accepted), rollback and status replies all pass the server's reply check."""
-    from device_agents import fleet
+    from device_agents.fleet import agent as fleet
+    from device_agents.protocol import FLEET_METRICS as METRICS
     from edgekit.fleet.jobs import release_files
 
     (private, public), _ = keys
@@ -709,7 +710,7 @@ def test_every_device_answer_carries_exactly_the_protocol_metrics(int8_out, keys
     assert answers[2][1]["reason"] == "already serving this release"
     assert answers[3][0]["release"] == 1 and answers[3][0]["samples"] == 20 and answers[3][0]["errors"] == 0
     for metrics, text in answers:
-        assert set(metrics) == set(fleet.METRICS) and all(isinstance(v, float) for v in metrics.values())
+        assert set(metrics) == set(METRICS) and all(isinstance(v, float) for v in metrics.values())
         assert set(text) <= {"version-id", "previous-id", "reason"}
 
 

@@ -15,6 +15,10 @@ RANKS = {"errors": 0, "_version": 0, "_tf": 0, "_progress": 0, "_io": 0, "config
          "optimize": 2, "export": 3, "artifacts": 4, "compression": 5, "trainable": 6, "federated": 7,
          "fleet": 8}
 
+# device_agents' sub-packages by role, in the same way: the wire and base files at the bottom, the commands on top
+DEVICE_RANKS = {"errors": 0, "exit_codes": 0, "files": 0, "protocol": 0, "serving": 1, "training": 2, "store": 3,
+                "fleet": 4, "federated": 5, "console": 6, "cli": 6, "__init__": 7}
+
 
 def python_files(folder):
     return sorted(p for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts
@@ -164,3 +168,65 @@ def test_the_sdk_wheel_installs_its_cli_as_edgekit_cli_and_no_top_level_tools(tm
     assert "edgekit_cli/cli.py" in names and "edgekit_cli/_render.py" in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "edgekit = edgekit_cli.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def _module_name(path):
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_device_agents_imports_only_downward_by_role_with_no_cycle():
+    """serving -> training -> store -> fleet -> federated -> commands; any import, even inside a function."""
+    graph, checked = {}, 0
+    for path in python_files("device_agents"):
+        rel = path.relative_to(ROOT / "device_agents")
+        own = rel.parts[0].removesuffix(".py")
+        assert own in DEVICE_RANKS, f"{rel}: a module outside the documented roles"
+        name = _module_name(path)
+        graph[name] = set()
+        for module, _ in imported_modules(path):
+            if not module.startswith("device_agents.") or module == "device_agents.__init__":
+                continue
+            target = module.split(".")[1]
+            assert DEVICE_RANKS[target] <= DEVICE_RANKS[own], f"{rel} ({own}) imports upward: {module}"
+            graph[name].add(module)
+            checked += 1
+    assert checked > 40
+
+    def visit(node, trail):
+        for nxt in sorted(graph.get(node, ())):
+            assert nxt not in trail, f"import cycle: {' -> '.join([*trail, nxt])}"
+            visit(nxt, [*trail, nxt])
+
+    for node in graph:
+        visit(node, [node])
+
+
+def test_the_wire_keys_are_spelled_only_in_the_protocol_module():
+    """Config and metric keys go through device_agents.protocol on both sides (a key spelled twice drifts). Checked for
+    the hyphenated keys: one-word keys (``seed``, ``momentum``) are also ordinary words of other records."""
+    from device_agents.protocol import Metric, TrainConfig
+
+    keys = {v for space in (TrainConfig, Metric) for k, v in vars(space).items() if k.isupper() and "-" in v}
+    for path in python_files("edgekit") + python_files("device_agents"):
+        if path.name == "protocol.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in keys:
+                pytest.fail(f"{path.relative_to(ROOT)}:{node.lineno} spells the wire key {node.value!r}")
+
+
+def test_every_module_is_imported_by_some_test():
+    """A module no test imports is a module no test checks directly."""
+    imported = set()
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for module, names in imported_modules(path):
+            imported.add(module)
+            imported.update(f"{module}.{name}" for name in names)
+        text = path.read_text()  # modules a test runs as code in a subprocess or a sitecustomize
+        imported.update(re.findall(r"(?:from|import) ((?:edgekit|device_agents|edgekit_cli)[\w.]*)", text))
+    modules = {_module_name(p) for folder in ("edgekit", "device_agents") for p in python_files(folder)}
+    modules |= {_module_name(p).replace("tools", "edgekit_cli", 1) for p in python_files("tools")}
+    missing = sorted(m for m in modules if m not in imported and not m.endswith("__init__")
+                     and not any(i.startswith(m + ".") for i in imported))
+    assert missing == [], f"no test imports: {missing}"

@@ -141,7 +141,7 @@ def test_an_int8_collapse_no_rung_recovers_is_recovered_by_keeping_the_sensitive
 
 
 def test_int8_io_remedy_keeps_int8_inputs(outlier_path, digits):
-    from device_agents.runtime import Model
+    from device_agents.serving.runtime import Model
 
     result = compress(outlier_path, digits, None, progress=False,
                       config=CompressConfig(recipe=Recipe(quantize="int8"), formats=("tflite",), int8_io=True,
@@ -170,7 +170,7 @@ def test_when_no_8_bit_remedy_recovers_16_bit_activations_do_and_the_slowdown_is
                                                                                         monkeypatch):
     """The last rung: int8 weights with int16 activations, for a model whose activations 8 bits cannot hold (here the
     outlier unit, with the other remedies taken away; measured on EfficientNetB0 in BENCHMARKS.md)."""
-    from device_agents.runtime import Model
+    from device_agents.serving.runtime import Model
     from edgekit.artifacts.report import remedy_notes
     from edgekit.export.remedies import WIDE_ACTIVATIONS
 
@@ -338,7 +338,7 @@ def onnx_quantizer(cnn, digits):
 def test_onnx_remedy_does_what_it_says(remedy, onnx_quantizer, digits, cnn):
     import onnx
 
-    from device_agents.runtime import Model
+    from device_agents.serving.runtime import Model
 
     base = onnx.load_from_string(onnx_quantizer.quantize(Int8Options()))
     data = onnx_quantizer.quantize(remedy.options)
@@ -351,7 +351,7 @@ def test_onnx_remedy_does_what_it_says(remedy, onnx_quantizer, digits, cnn):
 def test_tflite_remedy_does_what_it_says(remedy, cnn, digits):
     from ai_edge_litert.interpreter import Interpreter
 
-    from device_agents.runtime import Model
+    from device_agents.serving.runtime import Model
     from edgekit.config import Quantization
     from edgekit.export.tflite import compact, litert_quantize
 
@@ -377,7 +377,7 @@ def test_tflite_remedy_does_what_it_says(remedy, cnn, digits):
 
 @pytest.mark.parametrize("fmt", [Format.ONNX, Format.TFLITE], ids=lambda f: f.value)
 def test_16_bit_activations_are_int16_tensors_around_int8_weights(fmt, cnn, digits):
-    from device_agents.runtime import Model
+    from device_agents.serving.runtime import Model
 
     with EXPORTERS[fmt].int8(cnn, calibration=digits.x[:100], int8_io=False) as quantizer:
         data = quantizer.quantize(Int8Options(activations=IntType.INT16))
@@ -474,7 +474,7 @@ def test_batchnorm_that_cannot_fold_is_quantized_as_mul_and_add(preact, digits, 
     """onnxruntime's QDQ quantizer has no BatchNormalization kernel: left as it was, such a BN ran in float
     between DequantizeLinear and QuantizeLinear. The rewritten BNs' parameters are dropped too: onnxruntime
     printed a warning for each (DenseNet121: several hundred lines on the terminal of a library user)."""
-    from device_agents.runtime import Model
+    from device_agents.serving.runtime import Model
     from edgekit.export.onnx import OnnxInt8, _names_used, affine_batchnorm, float_onnx, onnx_ops
 
     rewritten = affine_batchnorm(float_onnx(preact))
@@ -761,7 +761,7 @@ def test_a_16x8_tflite_that_aborts_litert_is_a_failed_rung_not_a_dead_process(tm
     import hashlib
 
     from device_agents import InstallError, ModelStore
-    from device_agents.isolation import probe_artifact
+    from device_agents.store.isolation import probe_artifact
     from edgekit import _tf, load_model
     from edgekit.export import tflite
     from edgekit.loading import zoo

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from device_agents.errors import TrainingError
-from device_agents.training import Trainer
+from device_agents.training.trainer import Trainer
 from edgekit import _tf
 from edgekit.errors import InputError, UnsupportedLayerError
 from edgekit.trainable.export import TrainableConfig, export_trainable

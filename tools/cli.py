@@ -11,10 +11,9 @@ import json
 import sys
 from dataclasses import fields
 
-from device_agents.client_app import Clipping
-from device_agents.codec import Codec
 from device_agents.console import OneLineParser, quiet_native_logs, run
 from device_agents.exit_codes import ExitCode
+from device_agents.protocol import Clipping, Codec
 from edgekit.config import BatchNorm, CompressConfig, Format, Quantization, SizeMetric, TrainingConfig
 from edgekit.federated.config import (
     LR_FLOOR,

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from device_agents.errors import AgentError
-from device_agents.integrity import check_entry, read_manifest
-from device_agents.runtime import ArtifactFormat, Model, detect_format
+from device_agents.serving.integrity import check_entry, read_manifest
+from device_agents.serving.runtime import ArtifactFormat, Model, detect_format
 from edgekit.errors import InputError
 
 

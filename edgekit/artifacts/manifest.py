@@ -4,7 +4,7 @@ Both kinds share the header (``schema_version``, ``edgekit_version``, ``kind``, 
 ``source``) and the artifact entry (``file``, ``format``, ``sha256``, ``bytes``, plus ``role`` for
 trainable outputs and the measurements for inference outputs). ``kind`` is ``"inference"``
 (:func:`inference_manifest`) or ``"trainable"`` (:func:`trainable_manifest`). The device agent reads
-only this file and the artifacts it lists (:mod:`device_agents.integrity` checks hashes and sizes
+only this file and the artifacts it lists (:mod:`device_agents.serving.integrity` checks hashes and sizes
 against it); the file name and the schema version are the device's constants.
 """
 
@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from device_agents.integrity import MANIFEST, SCHEMA_VERSION
+from device_agents.serving.integrity import MANIFEST, SCHEMA_VERSION
 from edgekit._io import write_atomic
 from edgekit._version import __version__
 

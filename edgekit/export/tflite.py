@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from device_agents.errors import first_line
-from device_agents.isolation import probe_artifact
+from device_agents.store.isolation import probe_artifact
 from edgekit import _tf
 from edgekit.config import Quantization
 from edgekit.errors import ConversionError

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from device_agents.errors import AgentError
-from device_agents.runtime import Model, TensorSpec
+from device_agents.serving.runtime import Model, TensorSpec
 from edgekit.config import Quantization
 from edgekit.errors import ConversionError, VerificationError
 

@@ -13,7 +13,7 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
-from device_agents.join import make_node_key
+from device_agents.federated.join import make_node_key
 from edgekit._io import write_atomic
 
 __all__ = ["make_certificates", "make_node_key", "make_server_certificate"]

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import ClassVar
 
-from device_agents.client_app import ClientLimits, Clipping, Fault
-from device_agents.codec import Codec
+from device_agents.protocol import ClientLimits, Clipping, Codec, Fault, TrainConfig
 from edgekit.config import coerce_enum
 from edgekit.errors import InputError
 
@@ -141,6 +140,19 @@ class RoundSettings:
         progress = min(max(rnd - 1, 0), self.rounds - 1) / (self.rounds - 1)
         return round(self.learning_rate * (LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))), 12)
 
+    def train_config(self, rnd: int) -> dict[str, int | float | str]:
+        """The ``config`` record of round ``rnd``'s train messages (keys: :class:`device_agents.protocol.TrainConfig`).
+        Devices clip for central DP only when the round adds noise.
+
+        >>> RoundSettings(rounds=2, seed=1).train_config(2)[TrainConfig.SEED]
+        1002
+        """
+        private = self.dp_noise_multiplier is not None
+        return {TrainConfig.LOCAL_EPOCHS: self.local_epochs, TrainConfig.LEARNING_RATE: self.learning_rate_at(rnd),
+                TrainConfig.MOMENTUM: self.client_momentum, TrainConfig.COMPRESS_UPDATES: self.compress_updates.value,
+                TrainConfig.SEED: self.seed * 1000 + rnd,
+                TrainConfig.DP_CLIPPING: (self.dp_clipping if private else Clipping.NONE).value}
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_schedule", coerce_enum(LrSchedule, self.lr_schedule, "learning-rate schedule"))
         if self.strategy is not None:
@@ -247,7 +259,7 @@ class FederationConfig:
 class SimulationConfig(FederationConfig):
     """Options of :func:`edgekit.federated.simulate.simulate` (Flower's simulation engine on Ray).
 
-    ``faults`` rehearses faulty clients (partition id -> :class:`~device_agents.client_app.Fault`);
+    ``faults`` rehearses faulty clients (partition id -> :class:`~device_agents.protocol.Fault`);
     ``audit_dir`` keeps a copy of every reply a client sends; ``secure_aggregation`` runs SecAgg+;
     ``local_dp_epsilon`` makes every device add its own noise (local DP: the server is not trusted).
     """

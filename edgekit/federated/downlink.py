@@ -1,7 +1,7 @@
 """Down-link compression: the global model goes to a device as int8 deltas against the model it holds.
 
 The server keeps one *broadcast model* ``b``: each round ``b`` moves towards the new global model ``w``
-by an int8 delta, ``b' = b + q(w - b)`` (one scale per tensor, :func:`device_agents.codec.encode`). A
+by an int8 delta, ``b' = b + q(w - b)`` (one scale per tensor, :func:`device_agents.federated.codec.encode`). A
 device that holds ``b`` (it replied in the requested codec in the last round: it stored ``b`` and its
 updates are not float32, so no local-DP mod reads the message as weights) receives only the int8 delta
 and the SHA-256 of the ``b`` it must hold; any other device receives ``b'`` in float32. Every device
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agents import codec
+from device_agents.federated import codec
 
 
 class Downlink:

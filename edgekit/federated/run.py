@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from device_agents.protocol import FLOWER_ENV as DEVICE_FLOWER_ENV
 from edgekit._io import mark_output, write_atomic
 from edgekit.errors import InputError
 from edgekit.federated.config import FederationConfig
@@ -26,8 +27,7 @@ from edgekit.loading.models import LoadedModel, load_model
 # Flower must not call out to the internet; Ray must bind to 127.0.0.1 only. Ray swaps 127.0.0.1 for
 # the machine's address unless its multi-node mode is off, which this variable does; it is read when
 # Ray is imported and inherited by its workers.
-FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+FLOWER_ENV = {**DEVICE_FLOWER_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 WORSE_THAN_START = 0.5

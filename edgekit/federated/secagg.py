@@ -53,10 +53,7 @@ def make_secagg_server_app(*, settings: Any, names: list[str], initial: dict[str
     strategy = AggregateOnlyFedAvg(
         fraction_fit=settings.fraction, fraction_evaluate=0.0, min_fit_clients=max(2, int(clients * settings.fraction)),
         min_available_clients=clients, evaluate_fn=evaluate,
-        on_fit_config_fn=lambda rnd: {"local-epochs": settings.local_epochs,
-                                      "learning-rate": settings.learning_rate_at(rnd),
-                                      "momentum": settings.client_momentum,
-                                      "seed": settings.seed * 1000 + rnd},
+        on_fit_config_fn=settings.train_config,
         initial_parameters=ndarrays_to_parameters([initial[n] for n in names]))
     app = ServerApp()
 

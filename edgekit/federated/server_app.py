@@ -29,17 +29,16 @@ from typing import Any
 
 import numpy as np
 
-from device_agents import codec
-from device_agents.client_app import DP_CLIPPING, Clipping
+from device_agents.federated import codec
 from device_agents.files import MAX_ARRAY_BYTES, max_array_bytes, read_npz
-from device_agents.training import Trainer
+from device_agents.protocol import TRAIN_METRICS, Clipping, Codec, Metric, TrainConfig
+from device_agents.training.trainer import Trainer
 from edgekit._io import crash_point, write_atomic
 from edgekit.errors import FederationError
 from edgekit.federated.config import RoundSettings, Strategy
 from edgekit.federated.downlink import Downlink, payload_bytes
 from edgekit.federated.strategies import OPTIMIZER_PREFIX, optimizer_state, restore_optimizer_state
 
-TRAIN_METRICS = {"num-examples": int, "train-loss": float, "train-accuracy": float, "learning-rate": float}
 """The metrics a train reply carries: exactly these names, of these types (``learning-rate``: the rate the
 device trained at, lower than the round's when its local loss diverged at it)."""
 NORM_BIT = "norm_bit"
@@ -111,14 +110,14 @@ def _check_metrics(metrics: Any, clipping: Clipping) -> str:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or (kind is int and not float(value).is_integer()):
             return f"metric {name} is {value!r}, not a finite {kind.__name__}"
-    if metrics["num-examples"] < 1:
+    if metrics[Metric.NUM_EXAMPLES] < 1:
         return "num-examples is not positive"
-    if metrics["learning-rate"] <= 0:
+    if metrics[Metric.LEARNING_RATE] <= 0:
         return "learning-rate is not positive"
     return ""
 
 
-def validate_reply(content: Any, reference: dict[str, np.ndarray], asked: codec.Codec = codec.Codec.INT8,
+def validate_reply(content: Any, reference: dict[str, np.ndarray], asked: Codec = Codec.INT8,
                    clipping: Clipping = Clipping.NONE) -> tuple[dict[str, np.ndarray] | None, str]:
     """Decoded weights of a train reply, or (None, why it was rejected). Nothing is decoded before the
     records, metrics, tensor names, dtypes and shapes are checked.
@@ -128,13 +127,13 @@ def validate_reply(content: Any, reference: dict[str, np.ndarray], asked: codec.
     the norm bit to the metrics.
     """
     records = set(content.keys())
-    used = asked if "codec" in records and asked is not codec.Codec.FLOAT32 else codec.Codec.FLOAT32
-    if records != {"arrays", "metrics"} | ({"codec"} if used is not codec.Codec.FLOAT32 else set()):
+    used = asked if "codec" in records and asked is not Codec.FLOAT32 else Codec.FLOAT32
+    if records != {"arrays", "metrics"} | ({"codec"} if used is not Codec.FLOAT32 else set()):
         return None, f"records {sorted(records)} are not the protocol's"
     why = _check_metrics(content["metrics"], clipping)
     if why:
         return None, why
-    if used is codec.Codec.INT4:
+    if used is Codec.INT4:
         decoded, why = _decode_int4(content, reference)
     else:
         decoded, why = _decode_per_tensor(content, reference, used)
@@ -147,19 +146,19 @@ def validate_reply(content: Any, reference: dict[str, np.ndarray], asked: codec.
 
 
 def _decode_per_tensor(content: Any, reference: dict[str, np.ndarray],
-                       used: codec.Codec) -> tuple[dict[str, np.ndarray] | None, str]:
+                       used: Codec) -> tuple[dict[str, np.ndarray] | None, str]:
     """float32 weights or int8 deltas: one tensor per weight, of its shape."""
     arrays = content["arrays"]
     if set(arrays.keys()) != set(reference):
         return None, f"tensor names differ ({len(arrays)} tensors, expected {len(reference)})"
-    dtype = "int8" if used is codec.Codec.INT8 else "float32"
+    dtype = "int8" if used is Codec.INT8 else "float32"
     for name, array in arrays.items():
         if tuple(array.shape) != reference[name].shape:
             return None, f"tensor {name} has shape {tuple(array.shape)}, expected {reference[name].shape}"
         if array.dtype != dtype:
             return None, f"tensor {name} is {array.dtype}, expected {dtype}"
     decoded = {name: array.numpy() for name, array in arrays.items()}
-    if used is codec.Codec.INT8:
+    if used is Codec.INT8:
         scales = dict(content["codec"].items())
         if not codec.valid_scales(scales, reference):
             return None, "invalid codec scales"
@@ -269,7 +268,7 @@ def run_rounds(grid: Any, *, settings: RoundSettings, initial: dict[str, np.ndar
         state.history.append({"round": 0, "accuracy": acc, "loss": loss})
         log(f"round 0/{settings.rounds}: accuracy {acc:.2f}% loss {loss:.4f} (initial model)")
     good = next(h["accuracy"] for h in reversed(state.history) if h.get("aggregated", True))
-    link = Downlink() if settings.compress_updates is not codec.Codec.FLOAT32 else None
+    link = Downlink() if settings.compress_updates is not Codec.FLOAT32 else None
     for rnd in range(state.round + 1, settings.rounds + 1):
         start = time.perf_counter()
         weights, entry = _one_round(grid, strategy, rnd, weights, settings, evaluator, eval_x, eval_y, good, link,
@@ -304,12 +303,13 @@ def personalize(grid: Any, weights: dict[str, np.ndarray], settings: RoundSettin
     coarse before/after accuracies the devices report (weighted by their counts)."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-    from device_agents.client_app import PERSONALIZE
+    from device_agents.protocol import Query
 
     content = RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()}),
-                          "config": ConfigRecord({"personalize-epochs": epochs, "learning-rate": settings.learning_rate,
-                                                  "seed": settings.seed})})
-    messages = [Message(content=content, message_type=f"query.{PERSONALIZE}", dst_node_id=node)
+                          "config": ConfigRecord({TrainConfig.PERSONALIZE_EPOCHS: epochs,
+                                                  TrainConfig.LEARNING_RATE: settings.learning_rate,
+                                                  TrainConfig.SEED: settings.seed})})
+    messages = [Message(content=content, message_type=f"query.{Query.PERSONALIZE}", dst_node_id=node)
                 for node in grid.get_node_ids()]
     rows, refused = [], 0
     for reply in grid.send_and_receive(messages=messages, timeout=settings.round_timeout):
@@ -336,11 +336,12 @@ def personalize(grid: Any, weights: dict[str, np.ndarray], settings: RoundSettin
 def personal_row(metrics: Any) -> list[float] | None:
     """A personalisation reply's metrics as numbers, or ``None`` when they are not exactly the protocol's
     (names; finite non-boolean numbers; counts up to 1e9, accuracies 0-100, ``kept`` 0 or 1)."""
-    from device_agents.client_app import PERSONALIZE_METRICS
+    from device_agents.protocol import PERSONALIZE_METRICS
 
+    ceiling = {Metric.NUM_EXAMPLES: 10**9, Metric.KEPT: 1}
     if metrics is None or set(metrics.keys()) != set(PERSONALIZE_METRICS) or not all(
             isinstance(metrics[k], (int, float)) and not isinstance(metrics[k], bool)
-            and math.isfinite(metrics[k]) and 0 <= metrics[k] <= {"num-examples": 10**9, "kept": 1}.get(k, 100)
+            and math.isfinite(metrics[k]) and 0 <= metrics[k] <= ceiling.get(k, 100)
             for k in PERSONALIZE_METRICS):
         return None
     return [float(metrics[k]) for k in PERSONALIZE_METRICS]
@@ -399,11 +400,7 @@ def _one_round(grid: Any, strategy: Any, rnd: int, weights: dict[str, np.ndarray
 
     sent = link.advance(weights) if link is not None else weights  # what every device trains from
     arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in sent.items()})
-    private = settings.dp_noise_multiplier is not None
-    config = ConfigRecord({"local-epochs": settings.local_epochs, "learning-rate": settings.learning_rate_at(rnd),
-                           "momentum": settings.client_momentum, "compress-updates": settings.compress_updates.value,
-                           "seed": settings.seed * 1000 + rnd,
-                           DP_CLIPPING: (settings.dp_clipping if private else Clipping.NONE).value})
+    config = ConfigRecord(settings.train_config(rnd))
     messages = list(strategy.configure_train(rnd, arrays, config, grid))
     if link is not None:
         link.compress(messages)
@@ -505,7 +502,7 @@ def _commit(strategy: Any, rnd: int, valid: list[tuple[Any, dict[str, np.ndarray
 def _report_backoffs(valid: list[tuple[Any, dict[str, np.ndarray], int]], settings: RoundSettings, rnd: int,
                      log: Any) -> None:
     """Say when devices trained at a lower rate than the round's (their local loss diverged at it)."""
-    rates = [float(reply.content["metrics"]["learning-rate"]) for reply, _, _ in valid]
+    rates = [float(reply.content["metrics"][Metric.LEARNING_RATE]) for reply, _, _ in valid]
     asked = settings.learning_rate_at(rnd)
     lower = [rate for rate in rates if rate < asked * 0.999]
     if lower:
@@ -534,7 +531,7 @@ def _collect(replies: list, weights: dict[str, np.ndarray], settings: RoundSetti
             rejected.append({"node": int(reply.metadata.src_node_id), "reason": why})
             log(f"round {rnd}: rejected the update of node {reply.metadata.src_node_id}: {why}")
             continue
-        valid.append((reply, decoded, int(reply.content["metrics"]["num-examples"])))
+        valid.append((reply, decoded, int(reply.content["metrics"][Metric.NUM_EXAMPLES])))
     return valid, rejected, failed, up
 
 
@@ -545,7 +542,7 @@ def _aggregate(strategy: Any, rnd: int, valid: list[tuple[Any, dict[str, np.ndar
     from edgekit.federated.strategies import UNIFORM_WEIGHT
 
     for reply, decoded, examples in valid:
-        metrics = {**dict(reply.content["metrics"]), "num-examples": examples}
+        metrics = {**dict(reply.content["metrics"]), Metric.NUM_EXAMPLES: examples}
         if settings.dp_noise_multiplier is not None:
             metrics[UNIFORM_WEIGHT] = 1
         reply.content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in decoded.items()}),

@@ -26,7 +26,7 @@ def simulate(model: Any, data: str | Path | Dataset, out: str | Path, *, config:
     >>> simulate("cnn.keras", "digits", "fl_out",                                # doctest: +SKIP
     ...          config=SimulationConfig(clients=10, partition=Partition(PartitionScheme.DIRICHLET, 0.5)))
     """
-    from device_agents.training import Trainer
+    from device_agents.training.trainer import Trainer
 
     config = config or SimulationConfig()
     out = Path(out).absolute()
@@ -51,7 +51,8 @@ def _rounds(config: SimulationConfig, out: Path, evaluator: Any, run: PreparedRu
             log: Any) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], dict[str, Any] | None]:
     from flwr.serverapp import ServerApp
 
-    from device_agents.client_app import ClientLimits, ClientSettings, make_client_app
+    from device_agents.federated.client_app import ClientSettings, make_client_app
+    from device_agents.protocol import ClientLimits
 
     outcome: dict[str, Any] = {}
     initial = evaluator.get_weights()
@@ -82,7 +83,7 @@ def _rounds(config: SimulationConfig, out: Path, evaluator: Any, run: PreparedRu
 
 def _secagg_rounds(config: SimulationConfig, out: Path, evaluator: Any, run: PreparedRun,
                    log: Any) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    from device_agents.client_app import ClientSettings, make_secagg_client_app
+    from device_agents.federated.client_app import ClientSettings, make_secagg_client_app
     from edgekit.federated.secagg import make_secagg_server_app
 
     outcome: dict[str, Any] = {}

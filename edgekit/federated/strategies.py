@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from device_agents.client_app import Clipping
+from device_agents.protocol import Clipping
 from edgekit.federated.config import RoundSettings, Strategy
 
 

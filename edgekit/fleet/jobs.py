@@ -17,9 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from device_agents import fleet as device_fleet
 from device_agents.files import read_bounded, write_atomic
-from device_agents.release import RELEASE
+from device_agents.protocol import FLEET_METRICS, MAX_RELEASE_BYTES, Query
+from device_agents.store.release import RELEASE
 
 MAX_TEXT = 300
 
@@ -66,7 +66,7 @@ def node_row(node: int, reply: Any) -> dict[str, Any]:
     content = reply.content
     metrics = content.get("metrics") if "metrics" in content.keys() else None
     text = content.get("text") if "text" in content.keys() else None
-    if metrics is None or text is None or set(metrics.keys()) != set(device_fleet.METRICS):
+    if metrics is None or text is None or set(metrics.keys()) != set(FLEET_METRICS):
         row["reason"] = "malformed reply (not the fleet protocol's metrics)"
         return row
     values = dict(metrics.items())
@@ -92,10 +92,10 @@ def _ask(grid: Any, nodes: list[int], query: str, content: Any, timeout: float) 
 
 
 def release_files(folder: Path) -> dict[str, bytes]:
-    from device_agents.integrity import MANIFEST, read_manifest
+    from device_agents.serving.integrity import MANIFEST, read_manifest
 
     names = [RELEASE, MANIFEST, *(entry["file"] for entry in read_manifest(folder)["artifacts"])]
-    return {name: read_bounded(folder / name, max_bytes=device_fleet.MAX_RELEASE_BYTES, what="release file")
+    return {name: read_bounded(folder / name, max_bytes=MAX_RELEASE_BYTES, what="release file")
             for name in names}
 
 
@@ -119,7 +119,7 @@ def rollout_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
     report(f"release {release_id} ({sum(map(len, files.values())):,} bytes) to {len(canary)} canary node(s) "
            f"of {len(nodes)}")
     started = time.monotonic()
-    canary_rows = _ask(grid, canary, device_fleet.INSTALL, content, job["timeout"])
+    canary_rows = _ask(grid, canary, Query.INSTALL, content, job["timeout"])
     canary_seconds = time.monotonic() - started
     verdict = canary_verdict(canary_rows, gates)
     summary = gate_summary(canary_rows, verdict)
@@ -137,13 +137,13 @@ def rollout_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
         # swap never answered); a device rolls back only when it serves this release
         back = RecordDict({"config": ConfigRecord({"from-id": release_id})})
         ask = [row["node"] for row in canary_rows if row["ok"] or not row["answered"]]
-        result["rolled_back"] = _ask(grid, ask, device_fleet.ROLLBACK, back, job["timeout"])
+        result["rolled_back"] = _ask(grid, ask, Query.ROLLBACK, back, job["timeout"])
         done = sum(row["ok"] for row in result["rolled_back"])
         report(f"canary failed: {'; '.join(failures)}; rolled back on {done} node(s)")
         return {**result, "status": "halted", "reason": "; ".join(failures)}
     report(f"canary passed ({summary_line(summary)}); release to the other {len(rest)} node(s)")
     started = time.monotonic()
-    result["rest"] = _ask(grid, rest, device_fleet.INSTALL, content, job["timeout"])
+    result["rest"] = _ask(grid, rest, Query.INSTALL, content, job["timeout"])
     result["seconds"]["rest"] = round(time.monotonic() - started, 3)
     missing = [row for row in result["rest"] if not row["ok"]]
     if missing:
@@ -196,7 +196,7 @@ def status_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
     from flwr.app import ConfigRecord, RecordDict
 
     nodes = _nodes(grid, job)
-    rows = _ask(grid, nodes, device_fleet.STATUS, RecordDict({"config": ConfigRecord({})}), job["timeout"])
+    rows = _ask(grid, nodes, Query.STATUS, RecordDict({"config": ConfigRecord({})}), job["timeout"])
     report(f"{sum(r['ok'] for r in rows)} of {len(nodes)} node(s) answered")
     return {"status": "complete", "nodes": rows}
 
@@ -219,16 +219,16 @@ def _trainable_mismatch(grid: Any, run_dir: Path, job: dict[str, Any]) -> str:
     trainable release, or one of another model (its tensor names and shapes differ)."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
-    from device_agents.client_app import TRAINABLE, tensors_digest
-    from device_agents.training import Trainer
+    from device_agents.federated.wire import tensors_digest
+    from device_agents.training.trainer import Trainer
 
     spec = json.loads((run_dir / "run.json").read_text())
     expected = tensors_digest(Trainer.load(run_dir / "trainable").tensors)
     nodes = _nodes(grid, {"min_nodes": spec["clients"], "wait": 120})
     if not nodes:
         return "no device is connected to the fleet"
-    messages = [Message(RecordDict({"config": ConfigRecord({})}), message_type=f"query.{TRAINABLE}", dst_node_id=n)
-                for n in nodes]
+    messages = [Message(RecordDict({"config": ConfigRecord({})}), message_type=f"query.{Query.TRAINABLE}",
+                        dst_node_id=n) for n in nodes]
     replies = {int(r.metadata.src_node_id): r for r in grid.send_and_receive(messages=messages, timeout=120)}
     wrong = []
     for node in nodes:

@@ -2,7 +2,7 @@
 
 A rollout sends the release (its bytes, in a Flower message) to a canary fraction of the connected
 devices. Each verifies, installs atomically, smoke-tests and measures it against the version it served
-before, on its own data (:mod:`device_agents.fleet`). The canary passes when every canary device installed
+before, on its own data (:mod:`device_agents.fleet.agent`). The canary passes when every canary device installed
 it and the aggregates meet :class:`Gates`; the release then goes to every other device. Otherwise the
 canary devices roll back and :class:`RolloutError` says which gate failed, with the numbers.
 
@@ -78,7 +78,7 @@ def implausible(row: dict[str, Any]) -> str | None:
 
 
 def _impossible(m: dict[str, float]) -> str | None:
-    from device_agents.fleet import MAX_SAMPLES
+    from device_agents.protocol import MAX_SAMPLES
 
     inferences, errors, accuracy = m["inferences"], m["errors"], m["accuracy"]
     if m["samples"] > MAX_SAMPLES or inferences > MAX_SAMPLES:
@@ -155,8 +155,8 @@ class RolloutConfig:
 
 
 def _check_release(folder: Path) -> None:
-    from device_agents.integrity import check_folder
-    from device_agents.release import RELEASE
+    from device_agents.serving.integrity import check_folder
+    from device_agents.store.release import RELEASE
 
     if not (folder / RELEASE).is_file():
         raise InputError(f"{folder} is not a signed release (no {RELEASE}); sign it first")

@@ -1,6 +1,6 @@
 """Signing keys and signed releases: TUF targets metadata (python-tuf) signed with Ed25519.
 
-The format is :mod:`device_agents.release`'s (the device verifies what is written here). Why TUF
+The format is :mod:`device_agents.store.release`'s (the device verifies what is written here). Why TUF
 metadata and not the OpenSSF ``model-signing`` package: ``model-signing`` 1.1 brings 35 packages
 (sigstore, pydantic, requests, rich, ...) to every device and has no version or expiry, so it cannot
 refuse a downgrade; python-tuf's targets metadata adds two small packages (``tuf``,
@@ -21,8 +21,8 @@ from typing import Any
 
 from device_agents.errors import AgentError
 from device_agents.files import read_bounded, write_atomic
-from device_agents.integrity import MANIFEST, check_folder, read_manifest
-from device_agents.release import MAX_KEY_BYTES, RELEASE
+from device_agents.serving.integrity import MANIFEST, check_folder, read_manifest
+from device_agents.store.release import MAX_KEY_BYTES, RELEASE
 from edgekit.errors import InputError
 
 PRIVATE_KEY = "signing.key"
@@ -117,7 +117,7 @@ def _summary(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def public_key_id(path: str | Path) -> str:
     """The TUF key id of a public key file (what devices pin and messages name)."""
-    from device_agents.release import load_public_key
+    from device_agents.store.release import load_public_key
 
     try:
         return str(load_public_key(path).keyid)
@@ -130,7 +130,7 @@ def sign_app(folder: str | Path, key: str | Path, *, expires: timedelta = DEFAUL
 
     The FAB is built here with Flower's own builder (deterministic: fixed dates, sorted files), and every
     file it holds becomes a signed target (length and SHA-256). ``flwr run`` builds the same files plus
-    this signature; a device (:mod:`device_agents.app_guard`) installs the app only when the files match.
+    this signature; a device (:mod:`device_agents.federated.app_guard`) installs the app only when the files match.
 
     >>> sign_app("fleet/app", "keys/signing.key")                     # doctest: +SKIP
     """
@@ -141,7 +141,7 @@ def sign_app(folder: str | Path, key: str | Path, *, expires: timedelta = DEFAUL
     from securesystemslib.signer import CryptoSigner
     from tuf.api.metadata import Metadata, TargetFile, Targets
 
-    from device_agents.app_guard import APP_SIGNATURE
+    from device_agents.federated.app_guard import APP_SIGNATURE
 
     folder = Path(folder)
     signer = CryptoSigner(load_private_key(Path(key)))

@@ -78,7 +78,7 @@ def export_trainable(model: Any, out: str | Path | None, *, data: str | Path | D
 
 def _export(model: Any, data: str | Path | Dataset | None, config: TrainableConfig,
             bars: Progress) -> TrainableResult:
-    from device_agents.training import Trainer
+    from device_agents.training.trainer import Trainer
     from edgekit.export.tflite import to_tflite
     from edgekit.trainable.graph import build_module, build_nodes, convert, reference_step
 

@@ -1,6 +1,6 @@
 """A device's side of the fleet: install a signed release sent over Flower, measure it, roll back, report.
 
-The SuperNode's node config says where things are: ``store`` (the :class:`~device_agents.store.ModelStore`
+The SuperNode's node config says where things are: ``store`` (the :class:`~device_agents.store.model_store.ModelStore`
 root), ``trust`` (the release signing key, ``signing.pub``; a store that pinned one keeps requiring it),
 and the device's own labeled data, ``data-file`` (an ``.npz`` with ``x`` and ``y``), or ``data-dir`` with
 ``partition-id`` as in federated rounds. Queries (Flower message types ``query.<name>``):
@@ -13,8 +13,8 @@ and the device's own labeled data, ``data-file`` (an ``.npz`` with ``x`` and ``y
 
 A measurement runs up to 200 of the device's samples one at a time through the model: inference and
 error counts, latency p50/p99, peak RSS and, when the data has labels, accuracy (to 0.1 points, over a
-sample count rounded to tens). Only these aggregates leave the device (:data:`METRICS`); refusal reasons
-are one line of text.
+sample count rounded to tens). Only these aggregates leave the device
+(:data:`~device_agents.protocol.FLEET_METRICS`); refusal reasons are one line of text.
 """
 
 from __future__ import annotations
@@ -28,23 +28,14 @@ from typing import Any
 import numpy as np
 
 from device_agents.errors import AgentError, first_line
-from device_agents.store import ModelStore
-
-INSTALL, ROLLBACK, STATUS = "install", "rollback", "status"
-"""The query names of the fleet protocol (message types ``query.install`` etc.)."""
-MEASURE = ("inferences", "errors", "p50-ms", "p99-ms", "peak-rss-mib", "accuracy", "samples")
-"""The numbers of one measurement; ``accuracy`` is -1 when the device has no labels."""
-METRICS = ("ok", "release", "previous-release", *MEASURE, *(f"previous-{name}" for name in MEASURE))
-"""Every metric a fleet reply carries (missing measurements are -1)."""
-MAX_FILES = 32
-MAX_RELEASE_BYTES = 1 << 30
-MAX_SAMPLES = 200
+from device_agents.protocol import FLEET_METRICS, MAX_FILES, MAX_RELEASE_BYTES, MAX_SAMPLES, MEASURE
+from device_agents.store.model_store import ModelStore
 
 
 def _metrics(**values: float) -> dict[str, float]:
-    """A reply's metrics: every name of :data:`METRICS` (-1 where there is nothing to report), then ``values``
-    (names with ``-`` written as ``_``)."""
-    metrics = dict.fromkeys(METRICS, -1.0)
+    """A reply's metrics: every name of :data:`~device_agents.protocol.FLEET_METRICS` (-1 where there is nothing
+    to report), then ``values`` (names with ``-`` written as ``_``)."""
+    metrics = dict.fromkeys(FLEET_METRICS, -1.0)
     metrics.update({k.replace("_", "-"): v for k, v in values.items()})
     return metrics
 
@@ -74,11 +65,11 @@ def local_samples(node: Any) -> tuple[np.ndarray, np.ndarray | None] | None:
 
 
 def _predictor(folder: Path) -> Any:
-    from device_agents.integrity import read_manifest, verified_artifact
-    from device_agents.runtime import Model
+    from device_agents.serving.integrity import read_manifest, verified_artifact
+    from device_agents.serving.runtime import Model
 
     if read_manifest(folder).get("kind") == "trainable":
-        from device_agents.training import Trainer
+        from device_agents.training.trainer import Trainer
 
         trainer = Trainer.load(folder, num_threads=1)
         return trainer.predict, [1, *trainer.spec["input"]["shape"][1:]]
@@ -89,7 +80,7 @@ def _predictor(folder: Path) -> Any:
 
 def measure(folder: Path | None, samples: tuple[np.ndarray, np.ndarray | None] | None) -> dict[str, float]:
     """Run the version in ``folder`` on the samples one at a time (zeros, 50 times, without samples)."""
-    from device_agents.telemetry import Telemetry, peak_rss_mib
+    from device_agents.serving.telemetry import Telemetry, peak_rss_mib
 
     result = dict.fromkeys(MEASURE, -1.0)
     if folder is None:

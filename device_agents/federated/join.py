@@ -5,7 +5,7 @@ operator ``node.pub``; the operator registers it on the server, where the Contro
 :func:`supernode_command` then builds the ``flower-supernode`` command that connects to the fleet's
 gateway with TLS (the fleet's ``ca.crt``) and the device key, with this device's store, trusted release
 key and data in its node config, and an environment with Flower's telemetry and update checks off,
-``FLWR_HOME`` inside the store, and :mod:`device_agents.app_guard` first on ``PATH``: the device runs only
+``FLWR_HOME`` inside the store, and :mod:`device_agents.federated.app_guard` first on ``PATH``: the device runs only
 Flower apps signed by the key it trusts.
 
 >>> private, public = make_node_key(Path("keys"), "node")                     # doctest: +SKIP
@@ -21,9 +21,7 @@ from pathlib import Path
 
 from device_agents.errors import InputMismatchError
 from device_agents.files import read_bounded, write_atomic
-
-FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
-"""Set for every Flower process the device agent starts."""
+from device_agents.protocol import FLOWER_ENV
 
 
 def free_port() -> int:
@@ -73,7 +71,7 @@ def _check_inputs(ca: Path, key: Path, data: Path | None, trust: Path | None) ->
         if "x" not in arrays:
             raise InputMismatchError(f"{data} has no array 'x'; write it with numpy.savez(path, x=..., y=...)")
     if trust is not None:
-        from device_agents.release import load_public_key
+        from device_agents.store.release import load_public_key
 
         try:
             load_public_key(trust)
@@ -93,8 +91,8 @@ def supernode_command(superlink: str, ca: Path, key: Path, store: Path, *, data:
         raise InputMismatchError("flower-supernode is not installed next to this Python; install "
                                  "edgekit-device-agent[fl]")
     store.mkdir(parents=True, exist_ok=True)
-    from device_agents.app_guard import TRUST_ENV, install_shims
-    from device_agents.store import TRUSTED_KEY
+    from device_agents.federated.app_guard import TRUST_ENV, install_shims
+    from device_agents.store.model_store import TRUSTED_KEY
 
     app_key = (trust if trust is not None else store / TRUSTED_KEY).absolute()
     shims = install_shims(store.absolute() / ".flwr" / "guard")

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from device_agents.join import FLOWER_ENV
+from device_agents.errors import AgentError, InstallError
+from device_agents.protocol import FLOWER_ENV
+from device_agents.serving.integrity import read_manifest, verified_artifact
+from device_agents.serving.runtime import Model
 
 PROBE_SECONDS = 300.0
 """How long one probe may take (loading the runtime and one inference) before it counts as hung."""
@@ -29,8 +32,8 @@ _FAILED = 3  # the child's exit code when the model ran and failed (the reason i
 
 def probe_artifact(artifact: bytes, sample: np.ndarray, *, runtime: str | None = None,
                    timeout: float = PROBE_SECONDS) -> str | None:
-    """Run ``artifact`` once on ``sample`` (:class:`~device_agents.runtime.Model`) in a child process: ``None`` when
-    it ran, else what happened."""
+    """Run ``artifact`` once on ``sample`` (:class:`~device_agents.serving.runtime.Model`) in a child process:
+    ``None`` when it ran, else what happened."""
     with tempfile.TemporaryDirectory(prefix="edgekit-probe-") as tmp:
         model, x = Path(tmp, "artifact"), Path(tmp, "sample.npy")
         model.write_bytes(artifact)
@@ -39,17 +42,17 @@ def probe_artifact(artifact: bytes, sample: np.ndarray, *, runtime: str | None =
 
 
 def probe_folder(folder: str | Path, *, runtime: str | None = None, timeout: float = PROBE_SECONDS) -> str | None:
-    """Run the smoke test of a model folder (:func:`device_agents.store.smoke_test`) in a child process: ``None``
+    """Run the smoke test of a model folder (:func:`smoke_test`) in a child process: ``None``
     when it passed, else why not."""
     return _run(["folder", str(Path(folder).absolute()), runtime or ""], cwd=str(folder), timeout=timeout)
 
 
 def _run(args: list[str], *, cwd: str, timeout: float) -> str | None:
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding device_agents/
     path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
     env = {**os.environ, **FLOWER_ENV, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": path}
     try:
-        proc = subprocess.run([sys.executable, "-m", "device_agents.isolation", *args], capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "device_agents.store.isolation", *args], capture_output=True,
                               text=True, timeout=timeout, env=env, cwd=cwd)
     except subprocess.TimeoutExpired:
         return f"the runtime did not finish one inference in {timeout:g} s"
@@ -62,25 +65,45 @@ def _run(args: list[str], *, cwd: str, timeout: float) -> str | None:
 
 
 def _main(argv: list[str]) -> int:
-    from device_agents.errors import AgentError
-
     mode, *rest = argv
     try:
         if mode == "artifact":
-            from device_agents.runtime import Model
-
             path, sample, runtime = rest
             Model.load(Path(path).read_bytes(), runtime=runtime or None, num_threads=1).predict(
                 np.load(sample, allow_pickle=False))
         else:
-            from device_agents.store import smoke_test
-
             folder, runtime = rest
             smoke_test(Path(folder), runtime or None)
     except (AgentError, ValueError, OSError) as exc:
         print(f"{type(exc).__name__}: {exc}" if not isinstance(exc, AgentError) else str(exc), file=sys.stderr)
         return _FAILED
     return 0
+
+
+SMOKE_FAILED = "the new version failed its smoke test"
+
+
+def smoke_test(folder: Path, runtime: str | None) -> None:
+    """Load the artifact, run one sample, require finite outputs (:class:`InstallError` otherwise). The store runs
+    it in a child process (:func:`probe_folder`)."""
+    import numpy as np
+
+    try:
+        manifest = read_manifest(folder)
+        if manifest.get("kind") == "trainable":
+            from device_agents.training.trainer import Trainer
+
+            trainer = Trainer.load(folder, runtime=runtime)
+            shape = [1, *trainer.spec["input"]["shape"][1:]]
+            out = trainer.predict(np.zeros(shape, np.float32))
+        else:
+            entry = verified_artifact(folder, runtime=runtime)
+            model = Model.load(entry.data, runtime=runtime)
+            out = model.predict(model.example_input())
+    except AgentError as exc:
+        raise InstallError(f"{SMOKE_FAILED}: {exc}") from None
+    if not np.isfinite(out).all():
+        raise InstallError(f"{SMOKE_FAILED}: non-finite outputs")
 
 
 if __name__ == "__main__":

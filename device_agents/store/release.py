@@ -11,7 +11,7 @@ readers (``edgekit fleet status``); the manifest's own bytes are what is checked
 Checks, in order (:func:`verify_release`, :func:`check_manifest`): the file is at most 1 MiB of valid
 targets metadata; a signature by the trusted key verifies; it has not expired; ``manifest.json`` has the
 signed length and SHA-256; the manifest's artifacts are exactly the other targets, with the same sizes
-and hashes (each artifact is then hashed as it is copied, :mod:`device_agents.integrity`).
+and hashes (each artifact is then hashed as it is copied, :mod:`device_agents.serving.integrity`).
 
 >>> key = load_public_key("signing.pub")              # doctest: +SKIP
 >>> release = verify_release("out", key)               # doctest: +SKIP
@@ -29,7 +29,7 @@ from typing import Any
 
 from device_agents.errors import ReleaseError, first_line
 from device_agents.files import UnsafeFileError, read_bounded
-from device_agents.integrity import MANIFEST, parse_manifest
+from device_agents.serving.integrity import MANIFEST, parse_manifest
 
 RELEASE = "release.json"
 """The signed release metadata in a release folder (TUF targets metadata)."""

@@ -18,28 +18,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from enum import Enum
 
 import numpy as np
+
+from device_agents.protocol import TrainConfig
+
+BASE_DIGEST = TrainConfig.BASE_DIGEST
+"""Config key of a train message whose weights are an int8 delta: the :func:`digest` of the model the
+device must hold for the delta to apply (down-link compression)."""
 
 MAX_SCALE = 10.0
 """The largest scale a receiver accepts (a weight moving by over 1,270 in one round is an attack)."""
 
 BLOCK = 128
 """Values per int4 scale: 64 bytes of levels + 4 bytes of scale per 512 bytes of float32."""
-
-
-BASE_DIGEST = "base-sha256"
-"""Config key of a train message whose weights are an int8 delta: the :func:`digest` of the model the
-device must hold for the delta to apply (down-link compression)."""
-
-
-class Codec(str, Enum):
-    """How a client encodes its update."""
-
-    FLOAT32 = "float32"  # the new weights themselves
-    INT8 = "int8"        # int8 deltas, one scale per tensor
-    INT4 = "int4"        # packed int4 deltas, a scale per block, stochastic rounding, error feedback
 
 
 def digest(weights: dict[str, np.ndarray]) -> str:

@@ -44,7 +44,7 @@ CLIENT_COMMAND = "flwr-clientapp"
 
 def verify_app(fab: bytes, key: Any) -> dict[str, str]:
     """Check a FAB against its signed file list; return file name -> sha256, or :class:`ReleaseError`."""
-    from device_agents.release import verify_targets
+    from device_agents.store.release import verify_targets
 
     if len(fab) > MAX_FAB_BYTES:
         raise ReleaseError(f"the Flower app is {len(fab):,} bytes, more than the {MAX_FAB_BYTES:,} a FAB may have")
@@ -84,7 +84,7 @@ def verify_app(fab: bytes, key: Any) -> dict[str, str]:
 
 
 def _trusted_key() -> Any:
-    from device_agents.release import load_public_key
+    from device_agents.store.release import load_public_key
 
     path = os.environ.get(TRUST_ENV)
     if not path:
@@ -132,6 +132,6 @@ def install_shims(folder: Path) -> Path:
     for command in sorted(set(TASK_TYPE_TO_COMMAND.values())):
         entry = "clientapp_main" if command == CLIENT_COMMAND else "refuse_main"
         script = (f"#!{sys.executable}\n# Written by edgekit-agent join: {command} behind the app guard.\n"
-                  f"from device_agents.app_guard import {entry}\n\n{entry}()\n")
+                  f"from device_agents.federated.app_guard import {entry}\n\n{entry}()\n")
         write_atomic(folder / command, script.encode(), mode=0o755)
     return folder

@@ -16,7 +16,7 @@ from typing import Any
 
 from device_agents.errors import ArtifactError, IntegrityError, first_line
 from device_agents.files import MAX_ARTIFACT_BYTES, MAX_MANIFEST_BYTES, UnsafeFileError, read_bounded
-from device_agents.runtime import ArtifactFormat, Runtime, available_runtimes
+from device_agents.serving.runtime import ArtifactFormat, Runtime, available_runtimes
 
 MANIFEST = "manifest.json"
 """The file name of the manifest in every edgekit output folder."""
@@ -83,7 +83,7 @@ def _artifact_path(folder: str | Path, name: str, size: int, fmt: Any = None) ->
     """The artifact's path, after checking what its first bytes and its size say, before it is read, copied
     or hashed: a regular file of the manifest's size, a TFLite flatbuffer or an ONNX model (of the manifest's
     format, when the entry names one)."""
-    from device_agents.runtime import detect_format
+    from device_agents.serving.runtime import detect_format
 
     path = Path(folder) / name
     if path.is_symlink() or not path.is_file():

@@ -11,7 +11,7 @@ Layout under the store root::
     release-version.json                        the highest release version ever installed here
     .lock                                       held while a store is changed (one installer at a time)
 
-Signed releases (:mod:`device_agents.release`): a store given a trusted key (``trust=``) pins it at its
+Signed releases (:mod:`device_agents.store.release`): a store given a trusted key (``trust=``) pins it at its
 first install, and from then on installs only releases signed by that key, each newer than every release
 installed before (TUF's rollback protection: a release that was rolled back is not installed again; sign
 a new version). ``rollback`` is the one way back to an older version. A store that never had a key
@@ -42,17 +42,15 @@ from typing import Any
 
 from device_agents.errors import AgentError, InstallError, ReleaseError
 from device_agents.files import MAX_MANIFEST_BYTES, crash_point, fsync_dir, read_bounded, write_atomic
-from device_agents.integrity import (
+from device_agents.serving.integrity import (
     MANIFEST,
     check_folder,
     copy_verified,
     parse_manifest,
     read_manifest,
-    verified_artifact,
 )
-from device_agents.isolation import probe_folder
-from device_agents.release import RELEASE, Release, check_manifest, load_public_key, verify_release
-from device_agents.runtime import Model
+from device_agents.store.isolation import SMOKE_FAILED, probe_folder
+from device_agents.store.release import RELEASE, Release, check_manifest, load_public_key, verify_release
 
 TRUSTED_KEY = "trusted.pub"
 HIGH_WATER = "release-version.json"
@@ -283,29 +281,3 @@ class ModelStore:
         os.symlink(os.path.relpath(target, self.root), tmp)
         os.replace(tmp, link)  # atomic on POSIX
         fsync_dir(self.root)
-
-
-SMOKE_FAILED = "the new version failed its smoke test"
-
-
-def smoke_test(folder: Path, runtime: str | None) -> None:
-    """Load the artifact, run one sample, require finite outputs (:class:`InstallError` otherwise). The store runs
-    it in a child process (:func:`device_agents.isolation.probe_folder`)."""
-    import numpy as np
-
-    try:
-        manifest = read_manifest(folder)
-        if manifest.get("kind") == "trainable":
-            from device_agents.training import Trainer
-
-            trainer = Trainer.load(folder, runtime=runtime)
-            shape = [1, *trainer.spec["input"]["shape"][1:]]
-            out = trainer.predict(np.zeros(shape, np.float32))
-        else:
-            entry = verified_artifact(folder, runtime=runtime)
-            model = Model.load(entry.data, runtime=runtime)
-            out = model.predict(model.example_input())
-    except AgentError as exc:
-        raise InstallError(f"{SMOKE_FAILED}: {exc}") from None
-    if not np.isfinite(out).all():
-        raise InstallError(f"{SMOKE_FAILED}: non-finite outputs")

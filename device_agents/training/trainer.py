@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from device_agents.errors import ArtifactError, InputMismatchError, TrainingError, first_line
-from device_agents.integrity import check_entry, read_manifest
-from device_agents.runtime import ArtifactFormat, Model, Runtime, interpreter_class, pick_runtime
+from device_agents.serving.integrity import check_entry, read_manifest
+from device_agents.serving.runtime import ArtifactFormat, Model, Runtime, interpreter_class, pick_runtime
 
 DIVERGED_RATIO = 1.5
 DIVERGED_MARGIN = 0.1
