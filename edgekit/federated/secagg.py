@@ -18,9 +18,7 @@ def make_secagg_server_app(*, settings: Any, names: list[str], initial: dict[str
                            eval_x: np.ndarray, eval_y: np.ndarray, clients: int, log: Any,
                            outcome: dict[str, Any]) -> Any:
     """A ServerApp running FedAvg over SecAgg+ for ``settings.rounds`` rounds."""
-    from flwr.common import ndarrays_to_parameters
     from flwr.server import LegacyContext, ServerConfig
-    from flwr.server.strategy import FedAvg
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
     from flwr.serverapp import ServerApp
 
@@ -44,17 +42,8 @@ def make_secagg_server_app(*, settings: Any, names: list[str], initial: dict[str
             + ("  (SecAgg+: the server saw only the aggregate)" if server_round else " (initial model)"))
         return loss, {"accuracy": acc}
 
-    class AggregateOnlyFedAvg(FedAvg):
-        def aggregate_fit(self, server_round: int, results: list, failures: list) -> Any:
-            # SecAgg+ hands the strategy one result per client, each carrying the same unmasked sum
-            seen.append(len({b"".join(fit.parameters.tensors) for _, fit in results}))
-            return super().aggregate_fit(server_round, results, failures)
-
-    strategy = AggregateOnlyFedAvg(
-        fraction_fit=settings.fraction, fraction_evaluate=0.0, min_fit_clients=max(2, int(clients * settings.fraction)),
-        min_available_clients=clients, evaluate_fn=evaluate,
-        on_fit_config_fn=settings.train_config,
-        initial_parameters=ndarrays_to_parameters([initial[n] for n in names]))
+    strategy = secagg_strategy(settings, clients=clients, initial=[initial[n] for n in names], evaluate=evaluate,
+                               seen=seen)
     app = ServerApp()
 
     @app.main()
@@ -70,3 +59,22 @@ def make_secagg_server_app(*, settings: Any, names: list[str], initial: dict[str
             outcome["error"] = exc
 
     return app
+
+
+def secagg_strategy(settings: Any, *, clients: int, initial: list[np.ndarray], evaluate: Any, seen: list[int]) -> Any:
+    """Flower's FedAvg (legacy API, which SecAgg+ needs) that records how many distinct parameter sets it was
+    handed per round in ``seen`` (1: only the aggregate). Its fit config is the round loop's
+    (:meth:`~edgekit.federated.config.RoundSettings.train_config`)."""
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server.strategy import FedAvg
+
+    class AggregateOnlyFedAvg(FedAvg):
+        def aggregate_fit(self, server_round: int, results: list, failures: list) -> Any:
+            # SecAgg+ hands the strategy one result per client, each carrying the same unmasked sum
+            seen.append(len({b"".join(fit.parameters.tensors) for _, fit in results}))
+            return super().aggregate_fit(server_round, results, failures)
+
+    return AggregateOnlyFedAvg(
+        fraction_fit=settings.fraction, fraction_evaluate=0.0, min_fit_clients=max(2, int(clients * settings.fraction)),
+        min_available_clients=clients, evaluate_fn=evaluate, on_fit_config_fn=settings.train_config,
+        initial_parameters=ndarrays_to_parameters(initial))

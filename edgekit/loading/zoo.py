@@ -68,7 +68,7 @@ def device_name() -> str:
     return "GPU" if _tf.tf().config.list_physical_devices("GPU") else "CPU"
 
 
-# --- Keras 3 architectures of the conformance suite (tests/test_conformance.py, benchmarks/conformance.py) ---
+# --- Keras 3 architectures of the conformance suite (tests/compression/test_conformance.py, benchmarks/conformance.py) ---
 
 def token_dataset(n: int = 600, length: int = 16, vocab: int = 30, classes: int = 3, seed: int = 0) -> Dataset:
     """Token-id sequences whose class is their most frequent token band: a text task learnt in seconds."""
@@ -206,7 +206,7 @@ def massive_activation_cnn(data: Dataset, *, ratio: float, fraction: float, chan
     (entropy) search cannot clip below 1/16 of a tensor's largest value; a percentile of the values clips values
     this rare at any size. With ``channels=64`` and ``upscale=4`` the tensor holds 65,536 values a sample:
     ``ratio=100, fraction=1`` is recovered by entropy calibration alone, ``ratio=1000, fraction=0.25`` by
-    percentile calibration alone (tests/test_remedies.py)."""
+    percentile calibration alone (tests/export/test_remedies.py)."""
     import numpy as np
 
     keras = _tf.keras()

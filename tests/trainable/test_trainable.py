@@ -322,9 +322,6 @@ def _assign(model, weights):
 @pytest.fixture(scope="module")
 def half_trained(digits, tmp_path_factory):
     """The test CNN trained one epoch: room left for on-device training to improve it."""
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from conftest import tiny_cnn
 
     from edgekit.loading import zoo
@@ -474,6 +471,40 @@ def test_head_only_training_of_a_model_tf_keras_cannot_rebuild(digits, tmp_path)
     trainer.fit(digits.x[:600], digits.y[:600], epochs=3, learning_rate=0.05)
     after, _ = trainer.evaluate(digits.x[600:900], digits.y[600:900])
     assert after < before
+
+
+def test_a_graph_split_at_its_dense_head_composes_back_to_the_graph(digits, tmp_path):
+    """split_head_graph: the backbone's features through the tf-keras head give the SavedModel's own outputs."""
+    from edgekit.loading.graph import load_graph
+    from edgekit.trainable.graph_head import split_head_graph
+
+    tf = _tf.tf()
+    x = digits.x[:32]
+    for kind, path in _plain_savedmodels(digits, tmp_path).items():
+        graph = load_graph(path)
+        backbone, head = split_head_graph(graph)
+        whole = next(iter(graph.function(tf.constant(x)).values())).numpy()
+        features = backbone.function(tf.constant(x))["features"].numpy()
+        composed = head.predict(features, verbose=0)
+        if graph.outputs_probabilities and not np.allclose(composed.sum(1), 1, atol=1e-3):
+            composed = tf.nn.softmax(composed).numpy()
+        np.testing.assert_allclose(composed, whole, atol=1e-4, err_msg=kind)
+        assert head.layers[-1].units == graph.num_classes == 10
+
+
+def test_a_savedmodel_whose_graph_reads_files_is_refused_before_it_loads(tmp_path):
+    from edgekit.errors import ModelLoadError
+    from edgekit.loading.graph import check_graph_ops
+
+    tf = _tf.tf()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    module = tf.Module()
+    module.serve = tf.function(lambda x: {"y": x * tf.cast(tf.strings.length(tf.io.read_file(str(secret))), x.dtype)},
+                               input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+    tf.saved_model.save(module, str(tmp_path / "reads"), signatures=module.serve.get_concrete_function())
+    with pytest.raises(ModelLoadError, match="the graph runs ReadFile"):
+        check_graph_ops(tmp_path / "reads")
 
 
 def _plain_savedmodels(digits, folder):

@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from device_agents import InstallError, ModelStore
+from device_agents.errors import InstallError
+from device_agents.store.model_store import ModelStore
 
 
 def test_install_swaps_atomically_and_rolls_back(int8_out, float_out, tmp_path):

@@ -125,3 +125,50 @@ def test_a_custom_layer_loads_when_its_module_is_named_and_only_then(tmp_path):
     bad = run_cli("compress", str(tmp_path / "custom.keras"), "--custom-objects", "no_such_module", "--out",
                   str(tmp_path / "bad"), "--quiet")
     assert_one_line_error(bad, 2, "cannot import the custom-objects module 'no_such_module'")
+
+
+def _subparser(parser, *names):
+    import argparse
+
+    for name in names:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return parser
+
+
+def _option(parser, flag):
+    return next(a for a in parser._actions if flag in a.option_strings)
+
+
+def test_the_parsers_choices_and_defaults_come_from_the_library():
+    """The CLI restates no option: its choices are the library's enums and registries, its defaults the
+    dataclasses' defaults."""
+    from edgekit_cli.cli import build_parser
+
+    from edgekit import BatchNorm, CompressConfig, Quantization, SizeMetric, TrainingConfig
+    from edgekit.federated.config import LrSchedule, RoundSettings, Strategy
+    from edgekit.federated.strategies import STRATEGIES
+
+    parser = build_parser()
+    compress = _subparser(parser, "compress")
+    assert _option(compress, "--quantize").choices == [q.value for q in Quantization]
+    assert _option(compress, "--select-by").choices == [m.value for m in SizeMetric]
+    assert _option(compress, "--select-by").default == CompressConfig().select_by.value
+    assert _option(compress, "--batchnorm").choices == [b.value for b in BatchNorm]
+    assert _option(compress, "--batchnorm").default == TrainingConfig().batchnorm.value
+    for command in (("fl", "simulate"), ("fl", "up")):
+        fl = _subparser(parser, *command)
+        assert sorted(_option(fl, "--strategy").choices) == sorted(s.value for s in STRATEGIES) == sorted(
+            s.value for s in Strategy)
+        assert _option(fl, "--lr-schedule").default == RoundSettings().lr_schedule.value
+        assert _option(fl, "--lr-schedule").choices == [s.value for s in LrSchedule]
+
+
+def test_the_version_is_the_installed_distributions():
+    from importlib.metadata import version
+
+    from edgekit._version import DISTRIBUTION, __version__
+
+    assert __version__ == version(DISTRIBUTION) != "0.0.0+local"
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"edgekit {__version__}"

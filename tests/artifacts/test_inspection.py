@@ -6,7 +6,8 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from edgekit_cli._render import format_inspection
 
-from edgekit import InputError, inspect_artifact
+from edgekit.artifacts.inspection import inspect_artifact
+from edgekit.errors import InputError
 
 
 def test_a_folder_is_checked_and_described(int8_out):
