@@ -16,7 +16,8 @@ The packages follow the path a model takes (each imports only the ones before it
 
 from edgekit._version import __version__
 from edgekit.artifacts.inspection import inspect_artifact
-from edgekit.compression import ArtifactResult, CandidateResult, CompressResult, compress
+from edgekit.artifacts.results import ArtifactResult, CandidateResult, CompressResult
+from edgekit.compression import compress
 from edgekit.config import BatchNorm, CompressConfig, Format, Quantization, Recipe, SizeMetric, TrainingConfig
 from edgekit.errors import (
     BudgetError,

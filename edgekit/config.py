@@ -174,6 +174,75 @@ DEFAULT_INT8_BUDGET = 2.0
 """Points of accuracy an int8 or QAT artifact may lose when no ``max_accuracy_drop`` is given."""
 
 
+class BudgetBasis(str, Enum):
+    """What an accuracy budget is measured against."""
+
+    QUANTIZATION = "quantization"  # what quantizing cost: an int8/QAT artifact against the float model it came from
+    SOURCE = "source"              # every artifact against the source model (what pruning or a student cost too)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The accuracy budget, the one place that says what it measures, its floor and how it is told.
+
+    With ``max_accuracy_drop`` (:attr:`BudgetBasis.SOURCE`) every candidate is judged by its drop from the source
+    model. Without one (:attr:`BudgetBasis.QUANTIZATION`), an explicit recipe's int8 and QAT artifacts may lose
+    :data:`DEFAULT_INT8_BUDGET` points to quantizing (against the float model they were quantized from): what
+    pruning or a student cost is the user's to judge, and other recipes are not judged.
+
+    >>> Budget.of(CompressConfig()).describe()
+    'int8 and QAT artifacts may lose at most 2 points to quantizing (against the float model they came from)'
+    >>> Budget.of(CompressConfig(max_accuracy_drop=1)).score(accuracy_drop=1.5, quantization_drop=0.2)
+    1.5
+    """
+
+    points: float
+    basis: BudgetBasis
+
+    @classmethod
+    def of(cls, config: CompressConfig) -> Budget:
+        """The budget of a compression."""
+        if config.max_accuracy_drop is None:
+            return cls(DEFAULT_INT8_BUDGET, BudgetBasis.QUANTIZATION)
+        return cls(float(config.max_accuracy_drop), BudgetBasis.SOURCE)
+
+    @property
+    def against_source(self) -> bool:
+        return self.basis is BudgetBasis.SOURCE
+
+    def score(self, *, accuracy_drop: float | None, quantization_drop: float | None) -> float | None:
+        """The points an artifact is judged by: its drop from the source, or what quantizing cost it."""
+        return accuracy_drop if self.against_source else quantization_drop
+
+    def allows(self, score: float | None) -> bool:
+        return score is not None and score <= self.points
+
+    def remedy_can_help(self, *, accuracy_drop: float, quantization_drop: float, min_gain: float) -> bool:
+        """Over the budget in a way a quantizer remedy can help: on what quantizing cost; or, against the source,
+        when quantizing cost at least ``min_gain`` points of the drop."""
+        if not self.against_source:
+            return quantization_drop > self.points
+        return accuracy_drop > self.points and quantization_drop >= min_gain
+
+    def floor(self, *, source_accuracy: float, float_accuracy: float) -> float:
+        """The score below which no quantizer option can bring an artifact: what its float model already lost."""
+        return source_accuracy - float_accuracy if self.against_source else 0.0
+
+    def judges(self, quantization: Quantization) -> bool:
+        """Whether a candidate of this quantization is judged at all (every one is, against the source)."""
+        return self.against_source or quantization in (Quantization.INT8, Quantization.QAT)
+
+    def line(self, source_accuracy: float) -> float | None:
+        """The accuracy the budget allows, where it is one line for every artifact (against the source)."""
+        return source_accuracy - self.points if self.against_source else None
+
+    def describe(self) -> str:
+        if self.against_source:
+            return f"at most {self.points:g} points below the source"
+        return (f"int8 and QAT artifacts may lose at most {self.points:g} points to quantizing (against the float "
+                "model they came from)")
+
+
 @dataclass(frozen=True)
 class CompressConfig:
     """Everything :func:`edgekit.compress` does beyond the model and the data.
@@ -208,14 +277,13 @@ class CompressConfig:
             raise InputError(f"the maximum accuracy drop must be >= 0 points, got {self.max_accuracy_drop}")
 
     @property
-    def budget(self) -> float:
-        """The accuracy budget in points: ``max_accuracy_drop``, else :data:`DEFAULT_INT8_BUDGET`, which applies to
-        the int8 and QAT artifacts of an explicit recipe (post-training int8 tries remedies before giving up)."""
-        return DEFAULT_INT8_BUDGET if self.max_accuracy_drop is None else float(self.max_accuracy_drop)
+    def budget(self) -> Budget:
+        """The accuracy budget (:class:`Budget`): what it measures, its points, how it is told."""
+        return Budget.of(self)
 
     def candidates(self) -> tuple[Recipe, ...]:
         if self.recipe is not None:
             return (self.recipe,)
-        if self.max_accuracy_drop is not None:
+        if self.budget.against_source:
             return self.search
         return (Recipe(quantize=Quantization.INT8),)

@@ -14,7 +14,10 @@ import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgekit.artifacts.results import ArtifactResult, CompressResult
 
 from device_agents.serving.integrity import MANIFEST, SCHEMA_VERSION
 from edgekit._io import write_atomic
@@ -41,7 +44,7 @@ def file_entry(name: str, data: bytes, *, fmt: str, role: str | None = None) -> 
     return entry
 
 
-def artifact_entry(art: Any) -> dict[str, Any]:
+def artifact_entry(art: ArtifactResult) -> dict[str, Any]:
     """The entry of a measured inference artifact (:class:`~edgekit.ArtifactResult`)."""
     return {
         **file_entry(art.filename, art.data, fmt=art.format.value),
@@ -62,7 +65,7 @@ def artifact_entry(art: Any) -> dict[str, Any]:
     }
 
 
-def inference_manifest(result: Any, *, keras_model: str | None = KERAS_MODEL) -> dict[str, Any]:
+def inference_manifest(result: CompressResult, *, keras_model: str | None = KERAS_MODEL) -> dict[str, Any]:
     """The manifest of a :class:`~edgekit.CompressResult` whose candidate was selected; ``keras_model``
     names the float Keras model written beside the artifacts (``None`` when there is none)."""
     selected = result.selected
@@ -75,7 +78,8 @@ def inference_manifest(result: Any, *, keras_model: str | None = KERAS_MODEL) ->
                    "quantize": recipe.quantize.value, "student_width": recipe.student_width,
                    "student": recipe.student, "params": selected.params},
         "max_accuracy_drop": result.config.max_accuracy_drop,
-        "accuracy_budget": result.config.budget,
+        "accuracy_budget": result.budget.points,
+        "accuracy_budget_basis": result.budget.basis.value,
         "float32_reference": result.reference,
         "artifacts": [artifact_entry(a) for a in selected.artifacts],
         "layer_sparsity": selected.layer_sparsity,

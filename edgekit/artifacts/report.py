@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgekit.artifacts.results import ArtifactResult, CandidateResult, CompressResult
 
 
-def candidate_rows(result: Any) -> list[dict[str, Any]]:
+def candidate_rows(result: CompressResult) -> list[dict[str, Any]]:
     """One row per (candidate, artifact), or per failed candidate."""
     rows = []
     for cand in result.candidates:
@@ -27,7 +30,7 @@ def candidate_rows(result: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def speed_text(art: Any) -> str:
+def speed_text(art: ArtifactResult) -> str:
     """Time relative to the float32 artifact in the same runtime: ``0.62x`` or ``1.40x SLOWER``."""
     ratio = art.time_vs_float32
     if ratio is None:
@@ -35,7 +38,7 @@ def speed_text(art: Any) -> str:
     return f"{ratio:.2f}x SLOWER" if art.slower_than_float32 else f"{ratio:.2f}x"
 
 
-def slower_notes(candidate: Any) -> list[str]:
+def slower_notes(candidate: CandidateResult) -> list[str]:
     """One line per artifact of ``candidate`` that runs slower than the float32 artifact in the same runtime or
     is larger than it."""
     lines = []
@@ -51,7 +54,7 @@ def slower_notes(candidate: Any) -> list[str]:
     return lines
 
 
-def remedy_notes(candidate: Any) -> list[str]:
+def remedy_notes(candidate: CandidateResult) -> list[str]:
     """One line per artifact of ``candidate`` that needed an int8 remedy to stay within the budget or to be faster,
     or that a size rung made smaller."""
     wide = "; 16-bit activations have no fast CPU kernels: for 8-bit speed try quantization-aware training (the " \
@@ -73,7 +76,7 @@ def num(value: float | None, *, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
-def write_report(result: Any, folder: Path) -> None:
+def write_report(result: CompressResult, folder: Path) -> None:
     """Write ``report.md`` plus ``size_vs_accuracy.png`` and, when pruned, ``sparsity.png``."""
     plots = []
     if _plot_size_accuracy(result, folder / "size_vs_accuracy.png"):
@@ -92,12 +95,9 @@ def write_report(result: Any, folder: Path) -> None:
     if src.get("rebuild_max_abs_diff") is not None:
         lines.append("- Keras 3 model rebuilt as tf-keras; max abs output difference "
                      f"{src['rebuild_max_abs_diff']:.2g}")
-    if result.config.max_accuracy_drop is not None:
-        lines.append(f"- accuracy budget: at most {result.config.max_accuracy_drop:g} points below the source; "
-                     f"smallest by {result.config.select_by.value}")
-    else:
-        lines.append(f"- accuracy budget of int8 and QAT artifacts: at most {result.config.budget:g} points below "
-                     "the source (the default)")
+    budget = result.budget
+    lines.append(f"- accuracy budget: {budget.describe()}"
+                 + (f"; smallest by {result.config.select_by.value}" if budget.against_source else " (the default)"))
     if result.selected is not None:
         lines.append(f"- **selected: {result.selected.recipe.name}**")
     elif any(c.within_budget is False for c in result.candidates):
@@ -137,7 +137,7 @@ def write_report(result: Any, folder: Path) -> None:
     (folder / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def _remedy_lines(result: Any) -> list[str]:
+def _remedy_lines(result: CompressResult) -> list[str]:
     """The remedies tried on int8 artifacts: over the budget (drop per rung) or slower than float32 (time per rung)."""
     rows = [(c.recipe.name, a) for c in result.candidates for a in c.artifacts
             if a.remedies_tried or a.speed_tried or a.size_tried]
@@ -166,7 +166,7 @@ def _size_cell(tried: dict[str, float]) -> str:
     return f"{tried['drop']:+.2f}, {tried['bytes']:,} B, {tried['time']:.2f}x"
 
 
-def _plot_size_accuracy(result: Any, path: Path) -> bool:
+def _plot_size_accuracy(result: CompressResult, path: Path) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,8 +187,9 @@ def _plot_size_accuracy(result: Any, path: Path) -> bool:
                     labelled.add(cand.recipe.name)
                     ax.annotate(cand.recipe.name, (size, acc), fontsize=7, xytext=(5, 4), textcoords="offset points")
     ax.axhline(result.source["accuracy"], color="gray", linestyle="--", linewidth=1, label="source")
-    if result.config.max_accuracy_drop is not None:
-        ax.axhline(result.source["accuracy"] - result.config.max_accuracy_drop, color="red", linestyle=":",
+    budget_line = result.budget.line(result.source["accuracy"])
+    if budget_line is not None:
+        ax.axhline(budget_line, color="red", linestyle=":",
                    linewidth=1, label="budget")
     if result.selected is not None:
         for a in result.selected.artifacts:

@@ -68,7 +68,7 @@ def device_name() -> str:
     return "GPU" if _tf.tf().config.list_physical_devices("GPU") else "CPU"
 
 
-# --- Keras 3 architectures of the conformance suite (tests/compression/test_conformance.py, benchmarks/conformance.py) ---
+# --- Keras 3 architectures of the conformance suite (tests/compression/test_conformance.py, benchmarks/) ---
 
 def token_dataset(n: int = 600, length: int = 16, vocab: int = 30, classes: int = 3, seed: int = 0) -> Dataset:
     """Token-id sequences whose class is their most frequent token band: a text task learnt in seconds."""

@@ -534,7 +534,7 @@ def test_an_artifact_slower_than_float32_is_flagged_and_noted():
     from types import SimpleNamespace
 
     from edgekit.artifacts.report import slower_notes, speed_text
-    from edgekit.compression import ArtifactResult
+    from edgekit.artifacts.results import ArtifactResult
 
     def art(latency, reference, size=10, float_size=40):
         return ArtifactResult(Format.ONNX, "model.onnx", b"x" * size, Quantization.INT8, 0.0, 90.0, 1.0, 99.0, 0.1,

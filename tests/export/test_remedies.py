@@ -527,8 +527,8 @@ def test_an_int8_onnx_slower_than_float32_tries_the_speed_rungs(preact, digits):
 
 
 def test_qat_onnx_is_measured_against_onnxruntimes_quantizer_on_the_qat_weights(cnn_path):
-    from edgekit.compression import QAT_REQUANTIZED
     from edgekit.export.onnx import onnx_ops
+    from edgekit.export.tuning import QAT_REQUANTIZED
 
     result = compress(cnn_path, "digits", None, progress=False,
                       config=CompressConfig(recipe=Recipe(quantize="qat"), formats=("onnx",), training=fast_training()))

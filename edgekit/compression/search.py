@@ -1,0 +1,155 @@
+"""``edgekit.compress``: load, compress by recipe(s), export, verify, select, write.
+
+The top of the compression path: it may import every package below it (``loading``, ``optimize``,
+``export``, ``artifacts``), never ``federated`` or the package face ``edgekit``. What the accuracy budget measures
+is decided by :class:`~edgekit.config.Budget` alone.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from edgekit._io import StagedDir
+from edgekit._progress import Progress
+from edgekit.artifacts.results import CandidateResult, CompressResult
+from edgekit.compression.candidates import CandidateRunner
+from edgekit.config import CompressConfig, Quantization
+from edgekit.errors import BudgetError
+from edgekit.loading.data import Dataset, fit_to_model, load_data, split
+from edgekit.loading.models import LoadedModel, accuracy, load_model, predict
+
+
+def compress(model: Any, data: str | Path | Dataset = "digits", out: str | Path | None = None, *,
+             config: CompressConfig | None = None, eval_data: str | Path | Dataset | None = None,
+             progress: bool = True) -> CompressResult:
+    """Compress ``model`` into verified TFLite/ONNX artifacts and write them to ``out``.
+
+    ``model``: a path (SavedModel folder, ``.h5``, ``.keras`` of tf-keras or Keras 3) or a Keras
+    model object. ``data``: ``"digits"``, an ``.npz`` path with ``x`` (and ``y``), or a Dataset.
+
+    >>> from edgekit import CompressConfig, Recipe, compress
+    >>> result = compress("cnn.keras", "digits", "out",                     # doctest: +SKIP
+    ...                   config=CompressConfig(recipe=Recipe(prune=0.75, quantize="int8")))
+    >>> result.selected.artifacts[0].accuracy                               # doctest: +SKIP
+    97.2
+    """
+    config = config or CompressConfig()
+    # the output's staging folder exists before any work: an unwritable output is refused at once
+    with StagedDir(out, kind="compress") if out is not None else nullcontext() as stage:
+        result = _compress(model, data, eval_data, config, Progress(enabled=progress))
+        if stage is not None:
+            _write(result, stage)
+    if result.selected is None and any(c.within_budget is False for c in result.candidates):
+        report = str(Path(out).absolute() / "report.md") if out is not None else None
+        best = min((c.worst_drop for c in result.candidates if c.worst_drop is not None), default=None)
+        raise BudgetError(_refusal(result) + (f"; see {report}" if report else ""), budget=config.budget.points,
+                          best_drop=best, report=report)
+    return result
+
+
+def _compress(model: Any, data: str | Path | Dataset, eval_data: str | Path | Dataset | None,
+              config: CompressConfig, bars: Progress) -> CompressResult:
+    """Load, measure the source, run every candidate recipe, select."""
+    raw = load_data(data)
+    loaded = load_model(model)
+    dataset, evaluation, labels = _labelled(loaded, raw, eval_data)
+    splits = split(dataset, seed=config.seed, eval_data=evaluation)
+    source_out = predict(loaded.source, splits.evaluation.x)
+    source = {
+        "path": loaded.path, "sha256": loaded.sha256, "format": loaded.source_format,
+        "accuracy": accuracy(source_out, splits.evaluation.y), "params": loaded.params,
+        "input": {"shape": [None, *loaded.input_shape], "dtype": loaded.input_dtype},
+        "output": {"shape": [None, loaded.num_classes], "kind": "probabilities" if loaded.outputs_probabilities
+                   else "logits"},
+        "rebuild_max_abs_diff": loaded.rebuild_max_abs_diff,
+    }
+    data_info = {"name": raw.name, "samples": len(dataset), "labels": labels, "seed": config.seed,
+                 "finetune": len(splits.finetune), "calibration": len(splits.calibration),
+                 "evaluation": len(splits.evaluation)}
+    runner = CandidateRunner(loaded, splits, source_out, source["accuracy"], config, bars)
+    recipes = config.candidates()
+    bar = bars.bar(len(recipes), "candidates", unit="recipe")
+    candidates = []
+    for recipe in recipes:
+        bar.set_postfix_str(recipe.name)
+        candidates.append(runner.run(recipe, keep_going=len(recipes) > 1))
+        bar.update(1)
+    bar.close()
+    reference = runner.float32_reference(candidates)
+    for cand in candidates:  # what quantizing bought (or cost) in time, in the same runtime
+        for art in cand.artifacts:
+            art.float32_latency_us = reference.get(art.format.value, {}).get("latency_us")
+            art.float32_bytes = reference.get(art.format.value, {}).get("bytes")
+    result = CompressResult(source, candidates, _select(candidates, config), config, data_info=data_info)
+    result.reference = reference
+    return result
+
+
+def _labelled(loaded: LoadedModel, raw: Dataset,
+              eval_data: str | Path | Dataset | None) -> tuple[Dataset, Dataset | None, str]:
+    """The data fitted to the model; without labels, the source model's predictions serve as labels."""
+    dataset = fit_to_model(raw, loaded.input_shape, loaded.input_dtype, loaded.num_classes)
+    evaluation = None
+    if eval_data is not None:
+        evaluation = fit_to_model(load_data(eval_data), loaded.input_shape, loaded.input_dtype, loaded.num_classes)
+    if dataset.y is not None:
+        return dataset, evaluation, "given"
+    dataset = Dataset(dataset.x, predict(loaded.source, dataset.x).argmax(1), dataset.name)
+    if evaluation is not None and evaluation.y is None:
+        evaluation = Dataset(evaluation.x, predict(loaded.source, evaluation.x).argmax(1), evaluation.name)
+    return dataset, evaluation, "source model predictions (no y in the data)"
+
+
+def _select(candidates: list[CandidateResult], config: CompressConfig) -> CandidateResult | None:
+    """The candidate kept: every candidate the budget judges is marked within it or not; of those within, the
+    smallest by ``select_by``. Without a budget against the source there is one explicit recipe, kept when its
+    quantization stayed within the default budget (or the budget does not judge it)."""
+    budget = config.budget
+    for c in candidates:
+        if c.error is None and c.artifacts and budget.judges(c.recipe.quantize):
+            score = budget.score(accuracy_drop=c.worst_drop, quantization_drop=c.worst_quantization_drop)
+            c.within_budget = budget.allows(score) if score is not None or budget.against_source else None
+        elif budget.against_source:
+            c.within_budget = False
+    ok = [c for c in candidates if c.error is None and c.artifacts and c.within_budget is not False]
+    if not budget.against_source:
+        return ok[0] if len(candidates) == 1 and ok else None
+    if not ok:
+        return None
+    # every asked-for format written beats a smaller candidate that lacks one. Latency is measured, not
+    # selected on unless asked (timings of small models are noisy): a slower-than-float32 pick gets a note
+    return min(ok, key=lambda c: (bool(c.format_errors), c.size(config.select_by.value), c.worst_drop))
+
+
+def _refusal(result: CompressResult) -> str:
+    """Why no candidate was kept, with the numbers."""
+    budget = result.budget
+    if budget.against_source:
+        best = min((c.worst_drop for c in result.candidates if c.worst_drop is not None), default=None)
+        best_text = f"; the best candidate lost {best:.2f} points" if best is not None else ""
+        return f"no candidate kept the accuracy drop within {budget.points:g} points{best_text}"
+    recipe = result.candidates[0].recipe
+    cost = result.candidates[0].worst_quantization_drop
+    return (f"{recipe.name}: quantizing costs {cost:.2f} points of accuracy, more than the {budget.points:g} points "
+            "int8 artifacts may lose when no budget is given, after every remedy; give a larger accuracy budget to "
+            "accept it" + (", or try quantization-aware training (the qat recipe)"
+                           if recipe.quantize is Quantization.INT8 else ""))
+
+
+def _write(result: CompressResult, stage: StagedDir) -> None:
+    from edgekit.artifacts.manifest import KERAS_MODEL, inference_manifest, write_manifest
+    from edgekit.artifacts.report import write_report
+
+    if result.selected is not None:
+        for art in result.selected.artifacts:
+            (stage.path / art.filename).write_bytes(art.data)
+        # the selected float Keras model (pruned/distilled/QAT-tuned): for further training or federation
+        keras_model = result.selected.keras_model
+        if hasattr(keras_model, "save"):  # a tf-keras model (a model known only by its graph has none)
+            keras_model.save(stage.path / KERAS_MODEL)
+        result.manifest = inference_manifest(result, keras_model=KERAS_MODEL if hasattr(keras_model, "save") else None)
+        write_manifest(stage.path, result.manifest)
+    write_report(result, stage.path)
+    result.out = stage.commit()
