@@ -104,7 +104,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the fleet and the devices on SIGTERM too
     os.environ.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
 
-    from edgekit.federated.deploy import free_port
+    from device_agents.federated.join import free_port
     from edgekit.fleet.rollout import RolloutConfig, fleet_status, rollout
     from edgekit.fleet.serve import FleetConfig, serve
     from edgekit.fleet.signing import new_keys, sign_release

@@ -42,12 +42,12 @@ from edgekit.federated.config import (
     Strategy,
 )
 from edgekit.federated.deploy import up
+from edgekit.federated.fleet_run import FleetRunConfig, run_on_fleet
 from edgekit.federated.run import FederatedResult
 from edgekit.federated.simulate import simulate
 from edgekit.fleet.rollout import Gates, RolloutConfig, fleet_status, rollout
 from edgekit.fleet.serve import FleetConfig
 from edgekit.fleet.signing import new_keys, sign_release
-from edgekit.fleet.train import FleetRunConfig, run_on_fleet
 from edgekit.loading.data import Dataset, load_data, load_digits
 from edgekit.loading.models import LoadedModel, import_custom_objects, load_model
 from edgekit.trainable.export import TrainableConfig, TrainableResult, export_trainable

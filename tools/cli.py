@@ -353,7 +353,7 @@ def _add_timeout(p: argparse.ArgumentParser, config: type) -> None:
 
 
 def _add_fleet_run(fl_sub: argparse._SubParsersAction) -> None:
-    from edgekit.fleet.train import FleetRunConfig
+    from edgekit.federated.fleet_run import FleetRunConfig
 
     run = fl_sub.add_parser("run", help="federated rounds on a served fleet (edgekit fleet serve), devices' own data",
                             description="Each device trains the trainable release it has installed (roll one out "
@@ -367,7 +367,7 @@ def _add_fleet_run(fl_sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_fl_run(args: argparse.Namespace) -> int:
-    from edgekit.fleet.train import FleetRunConfig, run_on_fleet
+    from edgekit.federated.fleet_run import FleetRunConfig, run_on_fleet
 
     config = FleetRunConfig(clients=args.clients, rounds=_round_settings(args), batch_size=args.batch_size,
                             timeout=args.timeout, personalize_epochs=args.personalize_epochs)

@@ -17,21 +17,56 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.protocol import FLOWER_ENV as DEVICE_FLOWER_ENV
 from edgekit._io import mark_output, write_atomic
 from edgekit.errors import InputError
-from edgekit.federated.config import FederationConfig
+from edgekit.federated.config import FederationConfig, Partition, RoundSettings
 from edgekit.loading.data import Dataset, Splits, fit_to_model, load_data, partition, split
 from edgekit.loading.models import LoadedModel, load_model
 
-# Flower must not call out to the internet; Ray must bind to 127.0.0.1 only. Ray swaps 127.0.0.1 for
-# the machine's address unless its multi-node mode is off, which this variable does; it is read when
-# Ray is imported and inherited by its workers.
-FLOWER_ENV = {**DEVICE_FLOWER_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-
-
 WORSE_THAN_START = 0.5
 """Points below the starting model at which a run's final model is reported as worse, not as ready."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """``run.json``: what a deployed run's ServerApp reads from its run folder. Written by ``fl up``
+    (:func:`edgekit.federated.deploy.up`) and ``fl run`` (:func:`edgekit.federated.fleet_run.run_on_fleet`); read by
+    :func:`edgekit.federated.server_apps.run_rounds_in` and the fleet's train job.
+
+    >>> spec = RunSpec(clients=3, rounds=RoundSettings(rounds=2))
+    >>> RunSpec.from_json(spec.to_json()) == spec
+    True
+    """
+
+    FILE = "run.json"
+
+    clients: int
+    rounds: RoundSettings
+    personalize_epochs: int = 0
+    partition: Partition | None = None  # fl up: how the clients' partitions were cut
+    insecure: bool = False              # fl up: no TLS
+    fleet: str | None = None            # fl run: the served fleet folder
+
+    def to_json(self) -> str:
+        values = asdict(self)
+        values["partition"] = asdict(self.partition) if self.partition is not None else None
+        return json.dumps(values, default=lambda v: getattr(v, "value", str(v)))
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSpec:
+        values = json.loads(text)
+        partition = values.get("partition")
+        return cls(clients=int(values["clients"]), rounds=RoundSettings(**values["rounds"]),
+                   personalize_epochs=int(values.get("personalize_epochs", 0)),
+                   partition=Partition(**partition) if partition else None,
+                   insecure=bool(values.get("insecure", False)), fleet=values.get("fleet"))
+
+    def write(self, folder: Path) -> None:
+        write_atomic(folder / self.FILE, self.to_json().encode())
+
+    @classmethod
+    def read(cls, folder: Path) -> RunSpec:
+        return cls.from_json((folder / cls.FILE).read_text())
 
 
 @dataclass

@@ -13,7 +13,8 @@ import numpy as np
 from edgekit._io import check_output_dir, owned, pid_alive
 from edgekit.errors import EdgeKitError, FederationError
 from edgekit.federated.config import SimulationConfig
-from edgekit.federated.run import FLOWER_ENV, FederatedResult, PreparedRun, finish_run, prepare_run
+from edgekit.federated.processes import FLOWER_ENV
+from edgekit.federated.run import FederatedResult, PreparedRun, finish_run, prepare_run
 from edgekit.federated.server_app import run_rounds
 from edgekit.loading.data import Dataset
 

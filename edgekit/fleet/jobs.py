@@ -1,4 +1,5 @@
-"""The ServerApp of fleet jobs: one Flower app, one job per run (``--run-config job=PATH``).
+"""The fleet's jobs: one Flower app, one job per run (``--run-config job=PATH``), run by
+:func:`edgekit.federated.server_apps.job_server_app`.
 
 :data:`ACTIONS` maps a job's ``action`` to its handler; each gets the Flower grid and the job, and
 returns the JSON result written beside the job. Replies from devices are checked before use
@@ -8,45 +9,26 @@ returns the JSON result written beside the job. Replies from devices are checked
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from device_agents.files import read_bounded, write_atomic
+from device_agents.files import read_bounded
 from device_agents.protocol import FLEET_METRICS, MAX_RELEASE_BYTES, Query
 from device_agents.store.release import RELEASE
+from edgekit.federated.server_apps import report
 
 MAX_TEXT = 300
 
 
 def fleet_server_app() -> Any:
-    """The ``flwr.serverapp.ServerApp`` that runs the job named by the run config's ``job``."""
-    from flwr.serverapp import ServerApp
+    """The ``flwr.serverapp.ServerApp`` of the fleet: runs the job named by the run config's ``job``."""
+    from edgekit.federated.server_apps import job_server_app
 
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Any, context: Any) -> None:
-        job_path = Path(str(context.run_config["job"]))
-        job = json.loads(job_path.read_text())
-        try:
-            result = ACTIONS[job["action"]](grid, job)
-        except Exception as exc:  # noqa: BLE001 (the operator's command reports it as one line)
-            (job_path.parent / "traceback.txt").write_text(traceback.format_exc())
-            result = {"status": "error", "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
-        write_atomic(job_path.parent / "result.json", json.dumps(result, indent=2).encode())
-
-    return app
-
-
-def report(line: str) -> None:
-    """A line for the operator (``submit_job`` relays lines with this prefix)."""
-    print(f"edgekit: {line}", flush=True)
+    return job_server_app(ACTIONS)
 
 
 def _nodes(grid: Any, job: dict[str, Any]) -> list[int]:
@@ -202,9 +184,9 @@ def status_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
-    """The federated rounds of a run folder prepared by :func:`edgekit.fleet.train.run_on_fleet`, after checking
+    """The federated rounds of a run folder prepared by :func:`edgekit.federated.fleet_run.run_on_fleet`, after checking
     that every device holds the trainable release of this model (else no round runs)."""
-    from edgekit.federated.deploy import run_rounds_in
+    from edgekit.federated.server_apps import run_rounds_in
 
     run_dir = Path(job["run_dir"])
     mismatch = _trainable_mismatch(grid, run_dir, job)
@@ -221,10 +203,11 @@ def _trainable_mismatch(grid: Any, run_dir: Path, job: dict[str, Any]) -> str:
 
     from device_agents.federated.wire import tensors_digest
     from device_agents.training.trainer import Trainer
+    from edgekit.federated.run import RunSpec
 
-    spec = json.loads((run_dir / "run.json").read_text())
+    spec = RunSpec.read(run_dir)
     expected = tensors_digest(Trainer.load(run_dir / "trainable").tensors)
-    nodes = _nodes(grid, {"min_nodes": spec["clients"], "wait": 120})
+    nodes = _nodes(grid, {"min_nodes": spec.clients, "wait": 120})
     if not nodes:
         return "no device is connected to the fleet"
     messages = [Message(RecordDict({"config": ConfigRecord({})}), message_type=f"query.{Query.TRAINABLE}",

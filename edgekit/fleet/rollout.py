@@ -170,7 +170,7 @@ def rollout(fleet: str | Path, release: str | Path, config: RolloutConfig | None
             log: Any = print) -> dict[str, Any]:
     """Roll ``release`` (a signed folder) out to the served ``fleet``; the result is also written to the
     job folder as ``rollout.json``. Raises :class:`RolloutError` when the canary stops it."""
-    from edgekit.fleet.serve import submit_job
+    from edgekit.federated.submit import submit_job
 
     config = config or RolloutConfig()
     folder = Path(release).absolute()
@@ -191,7 +191,7 @@ def fleet_status(fleet: str | Path, out: str | Path | None = None, *, timeout: f
                  log: Any = print) -> dict[str, Any]:
     """Ask every connected device for its versions and a measurement; write ``fleet.json`` and
     ``fleet.png`` to ``out`` (default: the fleet's ``status/``)."""
-    from edgekit.fleet.serve import submit_job
+    from edgekit.federated.submit import submit_job
 
     result = submit_job(fleet, "status", {"timeout": timeout, "min_nodes": 1, "wait": 5.0}, timeout=timeout + 120,
                         log=log)

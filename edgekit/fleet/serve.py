@@ -26,18 +26,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from device_agents.files import write_atomic
-from edgekit.errors import FederationError, InputError
-
-SERVE_STATE = "serve.json"
-FEDERATION = "fleet"
+from edgekit.errors import InputError
+from edgekit.federated.processes import flower_env, register_supernode
+from edgekit.federated.submit import FEDERATION, SERVE_STATE, answers, served
 
 
 @dataclass(frozen=True)
@@ -61,16 +57,6 @@ class FleetConfig:
         if self.host not in ("0.0.0.0", "::"):
             names.append(self.host)
         return tuple(dict.fromkeys(names))
-
-
-def flower_env(folder: Path) -> dict[str, str]:
-    """The environment of every Flower command edgekit runs for this fleet (no telemetry, its own FLWR_HOME,
-    this Python's scripts first on PATH)."""
-    from edgekit.federated.run import FLOWER_ENV
-
-    bin_dir = Path(sys.executable).parent
-    return {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(folder / "flwr_home"),
-            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 class Fleet:
@@ -110,18 +96,26 @@ def serve(out: str | Path, config: FleetConfig | None = None, *, signing_key: st
     >>> fleet = serve("fleet", signing_key="keys/signing.key")            # doctest: +SKIP
     >>> fleet.stop()                      # doctest: +SKIP
     """
-    from edgekit.federated._tls import make_certificates, make_server_certificate
-    from edgekit.federated.deploy import Processes, free_port, start_gateway, start_superlink, write_flower_app
+    from device_agents.federated.join import free_port
+    from edgekit.federated.processes import (
+        BIN,
+        Processes,
+        start_gateway,
+        start_superlink,
+        write_flower_app,
+        write_flower_config,
+    )
+    from edgekit.federated.tls import make_certificates, make_server_certificate
     from edgekit.fleet.signing import load_private_key, sign_app
 
     config = config or FleetConfig()
     folder = Path(out).absolute()
     _check_folder(folder)
     load_private_key(Path(signing_key))  # a missing or wrong key is refused before anything is written
-    if shutil.which("flower-superlink", path=str(Path(sys.executable).parent)) is None:
+    if shutil.which("flower-superlink", path=str(BIN)) is None:
         raise InputError("flower-superlink is not installed next to this Python; install edgekit-sdk")
     state = folder / SERVE_STATE
-    if state.is_file() and _answers(json.loads(state.read_text())["control"]):
+    if state.is_file() and answers(json.loads(state.read_text())["control"]):
         raise InputError(f"the fleet in {folder} is already being served; stop that server first")
     certs_dir = folder / "certs"
     if (certs_dir / "ca.crt").is_file():
@@ -129,17 +123,14 @@ def serve(out: str | Path, config: FleetConfig | None = None, *, signing_key: st
     else:
         certs = make_certificates(certs_dir, hosts=config.certificate_hosts)
     control = free_port()
-    (folder / "flwr_home").mkdir(exist_ok=True)
-    write_atomic(folder / "flwr_home" / "config.toml", (
-        f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "127.0.0.1:{control}"\n'
-        f'root-certificates = "{certs["ca"]}"\n').encode())
+    write_flower_config(folder / "flwr_home", FEDERATION, control, certs["ca"])
     write_flower_app(folder / "app", name="edgekit-fleet", server="edgekit.fleet.jobs:fleet_server_app",
                      config={"job": ""})
     sign_app(folder / "app", signing_key)
     (folder / "logs").mkdir(exist_ok=True)
-    procs = Processes(folder / "logs", flower_env(folder))
+    procs = Processes(folder / "logs", flower_env(folder / "flwr_home"))
     try:
-        start_superlink(procs, Path(sys.executable).parent, folder, control, certs, node_auth=True)
+        start_superlink(procs, BIN, folder, control, certs, node_auth=True)
         start_gateway(procs, config.port, control, certs, host=config.host)
     except BaseException:
         procs.stop()
@@ -148,28 +139,6 @@ def serve(out: str | Path, config: FleetConfig | None = None, *, signing_key: st
     write_atomic(state, json.dumps({"gateway": gateway, "control": f"127.0.0.1:{control}", "ca": str(certs["ca"]),
                                     "pid": os.getpid()}).encode())
     return Fleet(folder, procs, gateway, control)
-
-
-def _answers(address: str) -> bool:
-    import socket
-
-    host, _, port = address.rpartition(":")
-    with socket.socket() as sock:
-        sock.settimeout(2)
-        return sock.connect_ex((host, int(port))) == 0
-
-
-def served(fleet: str | Path) -> dict[str, Any]:
-    """The serve state of the fleet folder ``fleet``, or :class:`InputError` when it is not being served."""
-    folder = Path(fleet).absolute()
-    state = folder / SERVE_STATE
-    if not state.is_file():
-        raise InputError(f"{folder} is not a served fleet (no {SERVE_STATE}); serve it first")
-    info = json.loads(state.read_text())
-    if not _answers(info["control"]):
-        raise InputError(f"the fleet in {folder} is not being served (nothing answers on {info['control']}); "
-                         "serve it first")
-    return {**info, "folder": folder}
 
 
 def register_node(fleet: str | Path, public_key: str | Path) -> str:
@@ -184,36 +153,4 @@ def register_node(fleet: str | Path, public_key: str | Path) -> str:
     text = key.read_text(errors="replace").strip()
     if not text.startswith("ecdsa-sha2-nistp256 "):
         raise InputError(f"{key} is not an OpenSSH ECDSA P-256 public key (node.pub written on the device)")
-    proc = subprocess.run([str(Path(sys.executable).parent / "flwr"), "supernode", "register", str(key.absolute()),
-                           FEDERATION], env=flower_env(info["folder"]), capture_output=True, text=True, timeout=120)
-    answer = (proc.stdout + proc.stderr).strip()
-    if proc.returncode != 0:
-        last = answer.splitlines()[-1][:300] if answer else f"code {proc.returncode}"
-        raise FederationError(f"registering {key} failed: {last}")
-    return answer.splitlines()[-1][:300] if answer else "registered"
-
-
-def submit_job(fleet: str | Path, action: str, spec: dict[str, Any], *, timeout: float, log: Any = print) -> dict:
-    """Run one job (``action`` of :data:`edgekit.fleet.jobs.ACTIONS`) on the served fleet; return its result."""
-    info = served(fleet)
-    folder = info["folder"] / "jobs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{action}-{os.getpid()}"
-    folder.mkdir(parents=True)
-    job = folder / "job.json"
-    write_atomic(job, json.dumps({"action": action, **spec}).encode())
-    try:
-        proc = subprocess.run([str(Path(sys.executable).parent / "flwr"), "run", str(info["folder"] / "app"),
-                               FEDERATION, "--stream", "--run-config", f'job="{job}"'],
-                              env=flower_env(info["folder"]), cwd=info["folder"] / "app", capture_output=True,
-                              text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise FederationError(f"the {action} job did not finish in {timeout:.0f} s (job folder {folder})") from None
-    (folder / "flwr-run.log").write_text(proc.stdout + proc.stderr)
-    for line in proc.stdout.splitlines():
-        if "edgekit: " in line:  # what the job's ServerApp reports (Flower prefixes its log lines)
-            log(line.split("edgekit: ", 1)[1])
-    result = folder / "result.json"
-    if not result.is_file():
-        tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])[:400]
-        raise FederationError(f"the {action} job wrote no result (flwr run code {proc.returncode}): {tail} "
-                              f"(log: {folder / 'flwr-run.log'})")
-    return {**json.loads(result.read_text()), "job": str(folder)}
+    return register_supernode(key.absolute(), FEDERATION, flower_env(info["folder"] / "flwr_home"))

@@ -16,7 +16,7 @@ from device_agents.protocol import FLOWER_ENV
 
 @pytest.fixture
 def device(tmp_path):
-    from edgekit.federated._tls import make_certificates
+    from edgekit.federated.tls import make_certificates
 
     ca = make_certificates(tmp_path / "certs")["ca"]
     private, public = make_node_key(tmp_path / "keys", "device1")

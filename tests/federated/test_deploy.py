@@ -75,9 +75,8 @@ def test_strangers_cannot_join_register_or_run_code_through_the_gateway(tmp_path
 
     import httpx
 
-    from edgekit.federated._tls import make_certificates, make_node_key
-    from edgekit.federated.deploy import Processes, free_port, start_gateway, wait_port
-    from edgekit.federated.run import FLOWER_ENV
+    from edgekit.federated.processes import FLOWER_ENV, Processes, free_port, start_gateway, wait_port
+    from edgekit.federated.tls import make_certificates, make_node_key
 
     good, other = make_certificates(tmp_path / "good"), make_certificates(tmp_path / "other")
     bin_dir = Path(sys.executable).parent
@@ -194,7 +193,7 @@ def test_federation_keys_are_private_from_the_start_and_certificates_say_their_u
     from cryptography import x509
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
-    from edgekit.federated._tls import make_certificates, make_node_key, make_server_certificate
+    from edgekit.federated.tls import make_certificates, make_node_key, make_server_certificate
 
     paths = make_certificates(tmp_path / "certs")
     private, public = make_node_key(tmp_path / "keys", "node")

@@ -49,9 +49,8 @@ def _rss_mib(pid: int) -> float:
 @pytest.fixture(scope="module")
 def link(tmp_path_factory):
     """A SuperLink (TLS, node auth) on loopback and the gateway in front of it."""
-    from edgekit.federated._tls import make_certificates
-    from edgekit.federated.deploy import Processes, free_port, start_gateway, start_superlink
-    from edgekit.federated.run import FLOWER_ENV
+    from edgekit.federated.processes import FLOWER_ENV, Processes, free_port, start_gateway, start_superlink
+    from edgekit.federated.tls import make_certificates
 
     base = tmp_path_factory.mktemp("gateway")
     certs = make_certificates(base / "certs")

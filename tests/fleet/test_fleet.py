@@ -221,14 +221,14 @@ def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, k
     """fleet serve; four devices (their own environment, key pair and data) registered and joined; a trainable
     release rolled out; fl run on the devices' data; its final/ released and rolled out; a collapsing and a
     broken release stopped at the canary; tampered and foreign releases refused by every node; fleet status."""
+    from device_agents.federated.join import free_port
     from edgekit import TrainableConfig, export_trainable
     from edgekit.errors import RolloutError
     from edgekit.federated.config import RoundSettings
-    from edgekit.federated.deploy import free_port
+    from edgekit.federated.fleet_run import FleetRunConfig, run_on_fleet
     from edgekit.fleet.rollout import Gates, RolloutConfig, fleet_status, rollout
     from edgekit.fleet.serve import FleetConfig, serve
     from edgekit.fleet.signing import sign_release
-    from edgekit.fleet.train import FleetRunConfig, run_on_fleet
 
     (private, public), _ = keys
     quiet = {"log": lambda _: None}
@@ -419,13 +419,14 @@ def test_a_device_runs_no_app_the_fleet_key_did_not_sign(cnn_path, digits, keys,
     """Defence in depth: a stranger who reaches the Control API (here: straight on its loopback port) submits an
     app; the device refuses to install or import it (no marker, an error reply), and still runs the signed jobs.
     An app the stranger signed with their own key, or the signed app with a file added, is refused the same way."""
+    from device_agents.federated.join import free_port
     from edgekit.errors import FederationError
     from edgekit.federated.config import RoundSettings
-    from edgekit.federated.deploy import free_port
+    from edgekit.federated.fleet_run import FleetRunConfig, run_on_fleet
+    from edgekit.federated.processes import flower_env
     from edgekit.fleet.rollout import fleet_status
-    from edgekit.fleet.serve import FleetConfig, flower_env, serve
+    from edgekit.fleet.serve import FleetConfig, serve
     from edgekit.fleet.signing import sign_app
-    from edgekit.fleet.train import FleetRunConfig, run_on_fleet
 
     (private, public), (their_private, _) = keys
     fleet = serve(tmp_path / "fleet", FleetConfig(port=free_port()), signing_key=private)
@@ -438,7 +439,8 @@ def test_a_device_runs_no_app_the_fleet_key_did_not_sign(cnn_path, digits, keys,
         reasons = {}
         for app in (unsigned, theirs):
             proc = subprocess.run([str(BIN / "flwr"), "run", str(app), "fleet", "--stream"],
-                                  env=flower_env(fleet.folder), cwd=app, capture_output=True, text=True, timeout=300)
+                                  env=flower_env(fleet.folder / "flwr_home"), cwd=app, capture_output=True, text=True,
+                                  timeout=300)
             report = tmp_path / f"{app.name}.txt"
             assert report.is_file(), proc.stdout[-2000:] + proc.stderr[-2000:]
             reasons[app.name] = report.read_text()
@@ -468,14 +470,14 @@ def test_one_hostile_device_of_four_can_neither_pass_a_broken_release_nor_halt_t
     examples. A broken release (always class 7) is stopped at the canary; a good one is rolled out with the
     liar's vote dropped and named; federated rounds on the devices commit every round, keep the model's accuracy
     and name the attacker (without the defences, one such update takes the model to chance: test_robust.py)."""
+    from device_agents.federated.join import free_port
     from edgekit import TrainableConfig, export_trainable
     from edgekit.errors import RolloutError
     from edgekit.federated.config import RoundSettings
-    from edgekit.federated.deploy import free_port
+    from edgekit.federated.fleet_run import FleetRunConfig, run_on_fleet
     from edgekit.fleet.rollout import Gates, RolloutConfig, rollout
     from edgekit.fleet.serve import FleetConfig, serve
     from edgekit.fleet.signing import sign_release
-    from edgekit.fleet.train import FleetRunConfig, run_on_fleet
 
     (private, public), _ = keys
     quiet = {"log": lambda _: None}
@@ -521,7 +523,7 @@ def test_an_app_whose_files_differ_from_its_signature_is_refused(keys, tmp_path)
 
     from device_agents.federated.app_guard import verify_app
     from device_agents.store.release import load_public_key
-    from edgekit.federated.deploy import write_flower_app
+    from edgekit.federated.processes import write_flower_app
     from edgekit.fleet.signing import sign_app
 
     (private, public), (their_private, their_public) = keys
@@ -686,7 +688,7 @@ def test_fleet_commands_refuse_bad_input_in_one_line(int8_out, keys, tmp_path):
     assert_one_line_error(run_cli(*common, "--ca", str(public), tool="edgekit-agent"), 2, "trusts no release key")
     (tmp_path / "keys" / "node.key").chmod(0o644)
     ca = tmp_path / "ca.crt"
-    from edgekit.federated._tls import make_certificates
+    from edgekit.federated.tls import make_certificates
 
     shutil.copy(make_certificates(tmp_path / "certs")["ca"], ca)
     assert_one_line_error(run_cli(*common, "--ca", str(ca), "--trust", str(public), tool="edgekit-agent"), 2,

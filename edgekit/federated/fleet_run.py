@@ -10,14 +10,13 @@ with; the server holds only held-out evaluation data (``data``) and the model. T
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from edgekit.errors import FederationError, InputError
 from edgekit.federated.config import FederationConfig
-from edgekit.federated.run import FederatedResult
+from edgekit.federated.run import FederatedResult, RunSpec
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ def run_on_fleet(model: Any, data: Any, out: str | Path, fleet: str | Path, conf
     from edgekit._io import check_output_dir
     from edgekit.federated.deploy import finish_deployed_run
     from edgekit.federated.run import prepare_run
-    from edgekit.fleet.serve import served, submit_job
+    from edgekit.federated.submit import served, submit_job
 
     config = config or FleetRunConfig()
     served(fleet)  # refused before anything is written
@@ -50,9 +49,8 @@ def run_on_fleet(model: Any, data: Any, out: str | Path, fleet: str | Path, conf
     run = prepare_run(model, data, out, config, progress=progress)
     for line in run.warnings:
         log(line)
-    (out / "run.json").write_text(json.dumps({"clients": config.clients, "rounds": asdict(config.rounds),
-                                              "fleet": str(Path(fleet).absolute()),
-                                              "personalize_epochs": config.personalize_epochs}))
+    RunSpec(clients=config.clients, rounds=config.rounds, personalize_epochs=config.personalize_epochs,
+            fleet=str(Path(fleet).absolute())).write(out)
     result = submit_job(fleet, "train", {"run_dir": str(out)}, timeout=config.timeout, log=log)
     if result.get("status") == "refused":
         raise FederationError(f"the federated run was refused before round 1: {result['reason']}")
