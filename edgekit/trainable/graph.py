@@ -455,33 +455,11 @@ def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo],
     class Trainable(tf.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.weights = {}
-            self.anchors = {}
-            self.velocity = {}
-            for node in nodes:
-                for pname, value in node.params:
-                    key = tensor_key(node.name, pname)
-                    self.weights[key] = tf.Variable(value.astype(np.float32), name=key)
-                    self.anchors[key] = tf.Variable(value.astype(np.float32), name=f"{key}_anchor", trainable=False)
-                    # initialised to the weights, not zeros: the converter stores identical constants once,
-                    # and `stepped` (0 until the first step) masks the initial value out
-                    self.velocity[key] = tf.Variable(value.astype(np.float32), name=f"{key}_velocity",
-                                                     trainable=False)
+            self.weights, self.anchors, self.velocity = _variables(nodes)
             self.stepped = tf.Variable(0.0, name="momentum_started", trainable=False)
 
         def forward(self, x: Any, *, logits: bool, dropout: Any = None) -> Any:
-            """The model's outputs (its logits when ``logits``); ``dropout``: the train signature's switch."""
-            values = {"input": x}
-            for node in nodes:
-                ws = [self.weights[tensor_key(node.name, p)] for p, _ in node.params]
-                xs = [values[name] for name in node.inputs]
-                if node.softmax_output and logits:
-                    values[node.name] = _logits_of(node, xs, ws)
-                elif dropout is not None and node.train_forward is not None:
-                    values[node.name] = node.train_forward(xs, ws, dropout)
-                else:
-                    values[node.name] = node.forward(xs, ws)
-            return values[nodes[-1].name]
+            return _forward(nodes, self.weights, x, logits=logits, dropout=dropout)
 
         @tf.function(autograph=False, input_signature=[
             tf.TensorSpec([batch_size, *in_shape], x_dtype, name="x"),
@@ -528,6 +506,36 @@ def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo],
             return {"count": tf.constant(len(values), tf.int32)}
 
     return Trainable(), tensors, softmax_out
+
+
+def _variables(nodes: list[_Node]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Per tensor: the weight, its anchor (FedProx's reference point, the weights last set) and its velocity."""
+    tf = _tf.tf()
+    weights, anchors, velocity = {}, {}, {}
+    for node in nodes:
+        for pname, value in node.params:
+            key = tensor_key(node.name, pname)
+            weights[key] = tf.Variable(value.astype(np.float32), name=key)
+            anchors[key] = tf.Variable(value.astype(np.float32), name=f"{key}_anchor", trainable=False)
+            # initialised to the weights, not zeros: the converter stores identical constants once,
+            # and `stepped` (0 until the first step) masks the initial value out
+            velocity[key] = tf.Variable(value.astype(np.float32), name=f"{key}_velocity", trainable=False)
+    return weights, anchors, velocity
+
+
+def _forward(nodes: list[_Node], weights: dict[str, Any], x: Any, *, logits: bool, dropout: Any = None) -> Any:
+    """The model's outputs (its logits when ``logits``); ``dropout``: the train signature's switch."""
+    values = {"input": x}
+    for node in nodes:
+        ws = [weights[tensor_key(node.name, p)] for p, _ in node.params]
+        xs = [values[name] for name in node.inputs]
+        if node.softmax_output and logits:
+            values[node.name] = _logits_of(node, xs, ws)
+        elif dropout is not None and node.train_forward is not None:
+            values[node.name] = node.train_forward(xs, ws, dropout)
+        else:
+            values[node.name] = node.forward(xs, ws)
+    return values[nodes[-1].name]
 
 
 def _logits_of(node: _Node, xs: list[Any], ws: list[Any]) -> Any:
