@@ -59,6 +59,7 @@ test: $(STAMP) $(TFLRT_STAMP) $(DEVICE_STAMP)
 
 # The docs site (docs/, Sphinx + MyST + Furo) in docs/_build/html; warnings are errors.
 docs: $(STAMP)
+	rm -rf docs/_generated
 	$(BIN)/python -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 # Every example in the docstrings and in the docs' pages runs (`>>>` lines; +SKIP marks those that need a model).
