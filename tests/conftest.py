@@ -193,3 +193,35 @@ def fast_training(**overrides):
     values = {"finetune_epochs": 2, "distill_epochs": 4, "batch_size": 32, "prune_min_steps": 0}
     values.update(overrides)
     return TrainingConfig(**values)
+
+
+def quiet(*_):
+    """A log callback that drops every line."""
+
+
+def peak_rss_mib(command: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``command`` from a fresh Python whose only child it is; (the process, its peak RSS in MiB)."""
+    import json
+
+    probe = ("import json, resource, subprocess, sys; p = subprocess.run(json.loads(sys.argv[1]), capture_output=True, "
+             "text=True); print(json.dumps([p.returncode, p.stdout, p.stderr, "
+             "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024]))")
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    out = subprocess.run([sys.executable, "-c", probe, json.dumps(command)], capture_output=True, text=True,
+                         timeout=600, env=env)
+    code, stdout, stderr, peak = json.loads(out.stdout)
+    return subprocess.CompletedProcess(command, code, stdout, stderr), peak
+
+
+def train_reply(value: float, examples: int, node: int):
+    """A device's train reply as Flower delivers it: one tensor ``w`` of three ``value``s, ``examples`` claimed."""
+    import time
+
+    from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+
+    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
+                        reply_to_message_id=f"q{node}", group_id="1", created_at=time.time(), ttl=60.0,
+                        message_type="train")
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.full(3, value, np.float32))}),
+                          "metrics": MetricRecord({"num-examples": examples})})
+    return Message(content, metadata=metadata)

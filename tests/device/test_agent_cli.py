@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import BIN, assert_one_line_error, run_cli
+from conftest import BIN, assert_one_line_error, peak_rss_mib, run_cli
 
 from device_agents import Model
 
@@ -65,16 +65,6 @@ def test_agent_cli_bad_input(case, int8_out, tmp_path):
     assert not (tmp_path / "y.npy").exists()
 
 
-def _peak_rss_mib(command: list[str]) -> tuple[subprocess.CompletedProcess, float]:
-    """Run ``command`` from a fresh Python whose only child it is; (the process, its peak RSS in MiB)."""
-    probe = ("import json, resource, subprocess, sys; p = subprocess.run(json.loads(sys.argv[1]), capture_output=True, "
-             "text=True); print(json.dumps([p.returncode, p.stdout, p.stderr, "
-             "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024]))")
-    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    out = subprocess.run([sys.executable, "-c", probe, json.dumps(command)], capture_output=True, text=True,
-                         timeout=600, env=env)
-    code, stdout, stderr, peak = json.loads(out.stdout)
-    return subprocess.CompletedProcess(command, code, stdout, stderr), peak
 
 
 def test_predict_streams_a_large_input_in_batches_and_the_device_limit_is_settable(float_out, digits, tmp_path):
@@ -90,10 +80,10 @@ def test_predict_streams_a_large_input_in_batches_and_the_device_limit_is_settab
     assert (tmp_path / "big.npz").stat().st_size < 2 << 20 and rows * 256 > DEVICE_MAX_ARRAY_BYTES
     agent = [str(BIN / "edgekit-agent"), "predict", "--model", str(float_out), "--input", str(tmp_path / "big.npz"),
              "--output", str(tmp_path / "y.npy")]
-    refused, _ = _peak_rss_mib(agent)
+    refused, _ = peak_rss_mib(agent)
     assert_one_line_error(refused, 2, "declares shape (1200000, 8, 8, 1)", "the limit is 256 MiB")
     assert not (tmp_path / "y.npy").exists()
-    done, peak = _peak_rss_mib([*agent, "--max-input-mib", "512", "--batch", "4096"])
+    done, peak = peak_rss_mib([*agent, "--max-input-mib", "512", "--batch", "4096"])
     assert done.returncode == 0, done.stderr
     assert peak < 250, peak  # the input alone is 293 MiB
     y = np.load(tmp_path / "y.npy", mmap_mode="r")

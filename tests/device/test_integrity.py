@@ -2,14 +2,11 @@
 bytes."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import BIN, assert_one_line_error, run_cli
+from conftest import BIN, assert_one_line_error, peak_rss_mib, run_cli
 
 from device_agents import ArtifactError, IntegrityError, Model
 from device_agents.serving.integrity import verified_artifact
@@ -52,16 +49,6 @@ def test_the_agent_refuses_a_zip_bomb_and_a_huge_non_model_file_without_reading_
         Model.load(huge)
 
 
-def _peak_rss_mib(command: list[str]) -> tuple[subprocess.CompletedProcess, float]:
-    """Run ``command`` from a fresh Python whose only child it is; (the process, its peak RSS in MiB)."""
-    probe = ("import json, resource, subprocess, sys; p = subprocess.run(json.loads(sys.argv[1]), capture_output=True, "
-             "text=True); print(json.dumps([p.returncode, p.stdout, p.stderr, "
-             "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024]))")
-    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
-    out = subprocess.run([sys.executable, "-c", probe, json.dumps(command)], capture_output=True, text=True,
-                         timeout=600, env=env)
-    code, stdout, stderr, peak = json.loads(out.stdout)
-    return subprocess.CompletedProcess(command, code, stdout, stderr), peak
 
 
 def test_install_checks_an_artifacts_first_bytes_before_copying_or_hashing_it(float_out, tmp_path):
@@ -73,7 +60,7 @@ def test_install_checks_an_artifacts_first_bytes_before_copying_or_hashing_it(fl
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with open(folder / "model.tflite", "wb") as handle:
         handle.truncate(2_000_000_000)
-    proc, peak = _peak_rss_mib([str(BIN / "edgekit-agent"), "install", "--model", str(folder), "--store",
+    proc, peak = peak_rss_mib([str(BIN / "edgekit-agent"), "install", "--model", str(folder), "--store",
                                 str(tmp_path / "store")])
     assert_one_line_error(proc, 1, "neither a TFLite flatbuffer nor an ONNX model", "before its 2,000,000,000 bytes")
     assert peak < 200, peak

@@ -9,8 +9,6 @@ from conftest import run_cli
 SECOND = pytest.mark.xdist_group("federated-2")  # the real processes, the CLI and the server optimizers
 
 
-def quiet(*_):
-    pass
 
 
 @SECOND

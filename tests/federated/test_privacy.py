@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, quiet, run_cli
 
 from edgekit.errors import InputError
 from edgekit.federated.config import (
@@ -19,8 +19,6 @@ pytestmark = pytest.mark.xdist_group("federated")
 SECOND = pytest.mark.xdist_group("federated-2")  # the real processes, the CLI and the server optimizers
 
 
-def quiet(*_):
-    pass
 
 
 @pytest.mark.parametrize("clipping, sigma", [("fixed", 0.8), ("adaptive", 0.25)])

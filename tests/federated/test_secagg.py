@@ -1,6 +1,7 @@
 """Secure aggregation (SecAgg+): the server sees only the aggregate."""
 
 import pytest
+from conftest import quiet
 
 from edgekit.errors import InputError
 from edgekit.federated.config import (
@@ -12,8 +13,6 @@ from edgekit.federated.simulate import simulate
 pytestmark = pytest.mark.xdist_group("federated")
 
 
-def quiet(*_):
-    pass
 
 
 def test_secure_aggregation_server_sees_only_the_aggregate(fl_model, tmp_path):

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import quiet, train_reply
 
 from edgekit.errors import InputError
 from edgekit.federated.config import (
@@ -14,21 +15,8 @@ from edgekit.federated.simulate import simulate
 pytestmark = pytest.mark.xdist_group("federated")
 
 
-def quiet(*_):
-    pass
 
 
-def _reply(value, examples, node):
-    import time
-
-    from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
-
-    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
-                        reply_to_message_id=f"q{node}", group_id="1", created_at=time.time(), ttl=60.0,
-                        message_type="train")
-    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.full(3, value, np.float32))}),
-                          "metrics": MetricRecord({"num-examples": examples})})
-    return Message(content, metadata=metadata)
 
 
 def test_poisoned_and_malformed_updates_are_rejected_and_never_stop_the_run(fl_model, tmp_path):
@@ -76,7 +64,7 @@ def test_an_oversized_update_is_rejected_or_its_norm_bounded_to_the_limit():
     from edgekit.federated.server_app import robust_filter
 
     base = {"w": np.zeros(3, np.float32)}
-    updates = [(_reply(v, 10, node), {"w": np.array([v, v, -v], np.float32)}, 10)
+    updates = [(train_reply(v, 10, node), {"w": np.array([v, v, -v], np.float32)}, 10)
                for node, v in enumerate([1.0, 1.1, 0.9, 100.0])]
     norms = [np.linalg.norm(w["w"]) for _, w, _ in updates]
     kept, rejected = robust_filter(updates, base, RoundSettings())

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import quiet
 
 from edgekit.federated.config import (
     LR_FLOOR,
@@ -27,8 +28,6 @@ SECOND = pytest.mark.xdist_group("federated-2")  # the real processes, the CLI a
 SKEWED = Partition(PartitionScheme.DIRICHLET, 0.5)
 
 
-def quiet(*_):
-    pass
 
 
 def test_simulated_devices_hold_no_tensorflow():

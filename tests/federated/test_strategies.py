@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import train_reply
 
 from edgekit.errors import InputError
 from edgekit.federated.config import (
@@ -14,19 +15,6 @@ from edgekit.federated.config import (
     Strategy,
 )
 from edgekit.federated.strategies import STRATEGIES, make_strategy
-
-
-def _reply(value, examples, node):
-    import time
-
-    from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict
-
-    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0,
-                        reply_to_message_id=f"q{node}", group_id="1", created_at=time.time(), ttl=60.0,
-                        message_type="train")
-    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.full(3, value, np.float32))}),
-                          "metrics": MetricRecord({"num-examples": examples})})
-    return Message(content, metadata=metadata)
 
 
 class _FiveNodes:
@@ -55,7 +43,7 @@ def _two_rounds(built):
     weights, after = np.zeros(3, np.float32), []
     for rnd in (1, 2):
         list(built.configure_train(rnd, ArrayRecord({"w": Array(weights)}), ConfigRecord({}), _FiveNodes()))
-        replies = [_reply(v, n, i + 1) for i, (v, n) in enumerate(_REPLIES)]
+        replies = [train_reply(v, n, i + 1) for i, (v, n) in enumerate(_REPLIES)]
         arrays, _ = built.aggregate_train(rnd, replies)
         weights = arrays["w"].numpy()
         after.append(float(weights[0]))
@@ -128,7 +116,7 @@ def test_a_refused_round_leaves_the_server_optimizer_as_it_was(run_identity):
     built = make_strategy(RoundSettings(strategy=Strategy.FEDAVGM), min_nodes=2)
     list(built.configure_train(1, ArrayRecord({"w": Array(np.zeros(3, np.float32))}), ConfigRecord({}), _FiveNodes()))
     snapshot = OptimizerSnapshot(built)
-    built.aggregate_train(1, [_reply(v, n, i + 1) for i, (v, n) in enumerate(_REPLIES)])
+    built.aggregate_train(1, [train_reply(v, n, i + 1) for i, (v, n) in enumerate(_REPLIES)])
     assert built.momentum_vector is not None
     snapshot.restore()
     assert built.momentum_vector is None and np.all(built.current_arrays["w"].numpy() == 0)
@@ -145,7 +133,7 @@ def test_a_resumed_run_continues_the_server_optimizer_from_its_checkpoint(strate
 
     def one_round(built, rnd, weights):
         list(built.configure_train(rnd, ArrayRecord({"w": Array(weights)}), ConfigRecord({}), _FiveNodes()))
-        arrays, _ = built.aggregate_train(rnd, [_reply(v, n, i + 1) for i, (v, n) in enumerate(_REPLIES)])
+        arrays, _ = built.aggregate_train(rnd, [train_reply(v, n, i + 1) for i, (v, n) in enumerate(_REPLIES)])
         return arrays["w"].numpy()
 
     settings = RoundSettings(strategy=strategy)
