@@ -150,6 +150,7 @@ def test_training_based_techniques_run_per_layer_and_list_what_they_left(saved, 
     # always leaves the LayerNormalization
     from edgekit.artifacts.report import write_report
 
+    (tmp_path / "qat").mkdir()
     write_report(replace(search, selected=qat), tmp_path / "qat")
     report = (tmp_path / "qat" / "report.md").read_text()
     table = report.split("## Layers a technique left as they were")[1].split("\n## ")[0]
