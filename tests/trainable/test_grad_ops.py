@@ -77,3 +77,19 @@ def test_every_gradient_op_is_checked():
     checked = {name.replace("relu6", "relu") for name in CASES}
     helpers = {"same_padding", "as_2d", "from_2d"}  # shape helpers, not differentiated ops
     assert public - helpers == checked, sorted(public - helpers - checked)
+
+
+def test_one_parity_rule_for_a_train_step():
+    """A step is TensorFlow's when each tensor is within 1e-5, or its difference is within 1% of the step (L2):
+    float32 summation order passes, a wrong gradient does not (the rule the export and benchmarks/agent.py use)."""
+    from edgekit.trainable.export import PARITY_RTOL, step_parity
+
+    before = {"a": np.zeros(100, np.float32), "b": np.zeros(10, np.float32)}
+    want = {"a": np.full(100, 5.0, np.float32), "b": np.full(10, 0.1, np.float32)}
+    reordered = {"a": want["a"] + 1.04e-5, "b": want["b"]}  # past 1e-5, a tiny share of a large step
+    parity = step_parity(before, reordered, want)
+    assert parity.ok and parity.worst == "a" and parity.worst_relative < PARITY_RTOL
+    wrong = {"a": want["a"], "b": want["b"] * 1.3}  # a gradient off by 30%
+    parity = step_parity(before, wrong, want)
+    assert not parity.ok and parity.worst == "b" and abs(parity.worst_relative - 0.3) < 1e-3
+    assert parity.max_abs_diff == pytest.approx(0.03, rel=1e-3)
