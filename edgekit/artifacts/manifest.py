@@ -44,8 +44,15 @@ def file_entry(name: str, data: bytes, *, fmt: str, role: str | None = None) -> 
     return entry
 
 
-def artifact_entry(art: ArtifactResult) -> dict[str, Any]:
-    """The entry of a measured inference artifact (:class:`~edgekit.ArtifactResult`)."""
+def artifact_entry(art: ArtifactResult, *, evaluated: int = 0) -> dict[str, Any]:
+    """The entry of a measured inference artifact (:class:`~edgekit.ArtifactResult`); with the number of samples it
+    was evaluated on, its accuracy's 95% Wilson interval and its drop's 95% margin."""
+    from edgekit.artifacts.uncertainty import drop_margin, wilson_interval
+
+    noise = {}
+    if evaluated and art.accuracy is not None:
+        noise = {"accuracy_ci95": [_round(v, 2) for v in wilson_interval(art.accuracy, evaluated)],
+                 "drop_margin95": _round(drop_margin(art.top1_agreement, evaluated), 2)}
     return {
         **file_entry(art.filename, art.data, fmt=art.format.value),
         "gzip_bytes": art.gzip_bytes, "quantization": art.quantization.value, "sparsity": round(art.sparsity, 4),
@@ -62,6 +69,7 @@ def artifact_entry(art: ArtifactResult) -> dict[str, Any]:
         "remedies_tried": art.remedies_tried or None,
         "speed_remedy": art.speed_remedy or None, "speed_tried": art.speed_tried or None,
         "size_remedy": art.size_remedy or None, "size_tried": art.size_tried or None,
+        **noise,
     }
 
 
@@ -80,8 +88,9 @@ def inference_manifest(result: CompressResult, *, keras_model: str | None = KERA
         "max_accuracy_drop": result.config.max_accuracy_drop,
         "accuracy_budget": result.budget.points,
         "accuracy_budget_basis": result.budget.basis.value,
+        "budget_within_noise": result.verdict_within_noise(selected) or None,
         "float32_reference": result.reference,
-        "artifacts": [artifact_entry(a) for a in selected.artifacts],
+        "artifacts": [artifact_entry(a, evaluated=result.evaluated) for a in selected.artifacts],
         "layer_sparsity": selected.layer_sparsity,
         "skipped_layers": selected.skipped_layers,
         "keras_model": keras_model,

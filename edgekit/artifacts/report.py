@@ -102,9 +102,11 @@ def write_report(result: CompressResult, folder: Path) -> None:
         lines.append(f"- **selected: {result.selected.recipe.name}**")
     elif any(c.within_budget is False for c in result.candidates):
         lines.append("- **no candidate met the budget**: nothing was exported")
+    lines += _noise_lines(result)
     lines += ["", "Accuracy and agreement are measured by running each artifact in its own runtime "
               "(ai-edge-litert for .tflite, onnxruntime for .onnx).", "", "## Candidates", "",
-              "| recipe | format | bytes | gzip bytes | accuracy % | drop (points) | top-1 agreement % "
+              "| recipe | format | bytes | gzip bytes | accuracy % (95% interval) | drop (points, 95% margin) "
+              "| top-1 agreement % "
               "| max abs diff | µs / sample | vs float32 time | budget | selected |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for fmt, size in result.reference.items():
@@ -116,7 +118,8 @@ def write_report(result: CompressResult, folder: Path) -> None:
             lines.append(f"| {r['recipe']} | {r['format']} | - | - | - | - | - | - | - | - | failed: {r['error']} | |")
             continue
         lines.append(f"| {r['recipe']} | {r['format']} | {r['bytes']:,} | {r['gzip_bytes']:,} | "
-                     f"{num(r['accuracy'])} | {num(r['drop'], signed=True)} | {r['agreement']:.2f} | "
+                     f"{_with_interval(r['accuracy'], result.evaluated)} | "
+                     f"{_with_margin(r['drop'], r['agreement'], result.evaluated)} | {r['agreement']:.2f} | "
                      f"{r['max_abs_diff']:.3g} | {r['latency_us']:.0f} | {r['speed']} | {budget} | "
                      f"{'**yes**' if r['selected'] else ''} |")
     lines += _remedy_lines(result)
@@ -135,6 +138,38 @@ def write_report(result: CompressResult, folder: Path) -> None:
     for title, name in plots:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
     (folder / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _with_interval(accuracy: float | None, n: int) -> str:
+    from edgekit.artifacts.uncertainty import wilson_interval
+
+    if accuracy is None or not n:
+        return num(accuracy)
+    low, high = wilson_interval(accuracy, n)
+    return f"{accuracy:.2f} ({low:.1f}-{high:.1f})"
+
+
+def _with_margin(drop: float | None, agreement: float, n: int) -> str:
+    from edgekit.artifacts.uncertainty import drop_margin
+
+    if drop is None or not n:
+        return num(drop, signed=True)
+    return f"{num(drop, signed=True)} ±{drop_margin(agreement, n):.2f}"
+
+
+def _noise_lines(result: CompressResult) -> list[str]:
+    """How sure the accuracies are, and any verdict closer to the budget than the evaluation can tell."""
+    from edgekit.artifacts.uncertainty import wilson_interval
+
+    if not result.evaluated or result.source.get("accuracy") is None:
+        return []
+    low, high = wilson_interval(result.source["accuracy"], result.evaluated)
+    lines = [f"- evaluation: {result.evaluated} samples; the source's accuracy {result.source['accuracy']:.2f}% has a "
+             f"95% interval of {low:.2f}-{high:.2f}% (Wilson); a drop's 95% margin is "
+             "1.96 x sqrt(share of samples the two models disagree on / samples) (paired)"]
+    chosen = [result.selected] if result.selected is not None else [c for c in result.candidates if c.artifacts]
+    lines += [f"- **within noise**: {text}" for c in chosen if (text := result.verdict_within_noise(c))]
+    return lines
 
 
 def _remedy_lines(result: CompressResult) -> list[str]:

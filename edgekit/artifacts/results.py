@@ -140,3 +140,31 @@ class CompressResult:
     def budget(self) -> Budget:
         """The budget the candidates were judged by."""
         return self.config.budget
+
+    @property
+    def evaluated(self) -> int:
+        """How many samples every accuracy was measured on (the evaluation split)."""
+        return int(self.data_info.get("evaluation", 0))
+
+    def noise_margin(self, candidate: CandidateResult) -> float | None:
+        """The 95% margin (points) of ``candidate``'s worst drop (:func:`~edgekit.artifacts.uncertainty.drop_margin`,
+        from its least-agreeing artifact)."""
+        from edgekit.artifacts.uncertainty import drop_margin
+
+        agreements = [a.top1_agreement for a in candidate.artifacts if a.top1_agreement is not None]
+        return drop_margin(min(agreements), self.evaluated) if agreements and self.evaluated else None
+
+    def verdict_within_noise(self, candidate: CandidateResult) -> str:
+        """A sentence when ``candidate``'s verdict (within the budget or not) is closer to the budget than the
+        evaluation can tell; empty otherwise."""
+        from edgekit.artifacts.uncertainty import within_noise
+
+        budget, margin = self.budget, self.noise_margin(candidate)
+        if not budget.judges(candidate.recipe.quantize) or margin is None:
+            return ""
+        score = budget.score(accuracy_drop=candidate.worst_drop, quantization_drop=candidate.worst_quantization_drop)
+        if not within_noise(score, budget.points, margin):
+            return ""
+        return (f"{candidate.recipe.name}'s drop of {score:.2f} points is within {margin:.2f} points (95%, "
+                f"{self.evaluated} evaluation samples) of the {budget.points:g}-point budget: the evaluation cannot "
+                "tell which side it is on; a larger evaluation set would")

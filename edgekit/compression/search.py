@@ -44,7 +44,9 @@ def compress(model: Any, data: str | Path | Dataset = "digits", out: str | Path 
     if result.selected is None and any(c.within_budget is False for c in result.candidates):
         report = str(Path(out).absolute() / "report.md") if out is not None else None
         best = min((c.worst_drop for c in result.candidates if c.worst_drop is not None), default=None)
-        raise BudgetError(_refusal(result) + (f"; see {report}" if report else ""), budget=config.budget.points,
+        noise = [text for c in result.candidates if c.artifacts and (text := result.verdict_within_noise(c))]
+        message = _refusal(result) + (f" ({noise[0]})" if noise else "") + (f"; see {report}" if report else "")
+        raise BudgetError(message, budget=config.budget.points,
                           best_drop=best, report=report)
     return result
 

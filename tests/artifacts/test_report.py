@@ -36,6 +36,15 @@ def test_report_has_a_row_per_candidate_and_marks_the_selected(searched):
     candidates = report.split("## Candidates")[1].split("\n## ")[0]  # a remedies table may list int8 again
     rows = [line for line in candidates.splitlines() if line.startswith(("| float16 |", "| int8 |"))]
     assert len(rows) == 2 and all("| ok |" in row for row in rows)
+    # each accuracy with its 95% Wilson interval on the evaluation count, each drop with its paired margin
+    from edgekit.artifacts.uncertainty import wilson_interval
+
+    evaluated = result.data_info["evaluation"]
+    assert f"- evaluation: {evaluated} samples; the source's accuracy {result.source['accuracy']:.2f}%" in report
+    for row, cand in zip(rows, result.candidates):
+        art = cand.artifacts[0]
+        low, high = wilson_interval(art.accuracy, evaluated)
+        assert f"| {art.accuracy:.2f} ({low:.1f}-{high:.1f}) | {art.accuracy_drop:+.2f} ±" in row, row
     assert sum("**yes**" in row for row in rows) == 1 and "**yes**" in next(r for r in rows if r.startswith("| int8"))
     assert "![Size vs accuracy of every candidate](size_vs_accuracy.png)" in report
     assert f"| float32 (source, reference) | tflite | {result.reference['tflite']['bytes']:,} |" in report

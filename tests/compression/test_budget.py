@@ -104,3 +104,29 @@ def test_a_candidate_runs_every_format_and_is_compared_with_the_sources_float32_
     reference = runner.float32_reference([candidate])
     assert set(reference) == {"tflite", "onnx"}
     assert all(reference[a.format.value]["bytes"] > 1.5 * a.bytes for a in candidate.artifacts)  # float16 halves
+
+
+def test_every_accuracy_carries_its_uncertainty_and_a_verdict_closer_than_the_noise_says_so(tmp_path):
+    """Wilson intervals on the evaluation count, a paired margin from the top-1 agreement, and the words when a
+    drop sits within that margin of the budget (the report and the manifest carry both)."""
+    from edgekit.artifacts.manifest import artifact_entry
+    from edgekit.artifacts.results import CompressResult
+    from edgekit.artifacts.uncertainty import drop_margin, wilson_interval
+
+    low, high = wilson_interval(90.0, 400)
+    assert 86.6 < low < 86.8 and 92.5 < high < 92.7  # the Wilson interval, not the normal one (87.06-92.94)
+    assert wilson_interval(100.0, 50)[1] == 100.0 and wilson_interval(100.0, 50)[0] < 93
+    assert drop_margin(100.0, 400) == 0.25  # one sample's worth when the models never disagree
+    assert abs(drop_margin(96.0, 400) - 1.96) < 0.01
+
+    config = CompressConfig(max_accuracy_drop=1.0, formats=("tflite",))
+    close = _candidate(Recipe(quantize="int8"), "int8", 1.3, 1.3, 100)  # 0.3 over, margin ~2.0 at 96% agreement
+    close.artifacts[0].top1_agreement = 96.0
+    far = _candidate(Recipe(quantize="float16"), "float16", 0.0, None, 300)
+    far.artifacts[0].top1_agreement = 100.0
+    result = CompressResult({"accuracy": 90.0}, [close, far], None, config, data_info={"evaluation": 400})
+    assert "int8's drop of 1.30 points is within 1.96 points" in result.verdict_within_noise(close)
+    assert result.verdict_within_noise(far) == ""
+    entry = artifact_entry(close.artifacts[0], evaluated=400)
+    assert entry["drop_margin95"] == 1.96 and entry["accuracy_ci95"][0] < 90 < entry["accuracy_ci95"][1]
+    assert "accuracy_ci95" not in artifact_entry(close.artifacts[0])  # no evaluation count: no interval claimed
