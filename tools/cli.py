@@ -399,6 +399,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     print(f"source: {result.source['path']}  accuracy {result.source['accuracy']:.2f}%  "
           f"params {result.source['params']:,}")
     print(format_table(result))
+    for line in result.warnings:
+        print(f"edgekit: warning: {line}", file=sys.stderr)
     files = ", ".join(f"{a.filename} ({a.bytes:,} bytes)" for a in result.selected.artifacts)
     keras_file = ", model.keras" if result.manifest and result.manifest.get("keras_model") else ""
     print(f"wrote {result.out}: {files}{keras_file}, manifest.json, report.md")

@@ -89,6 +89,7 @@ def inference_manifest(result: CompressResult, *, keras_model: str | None = KERA
         "accuracy_budget": result.budget.points,
         "accuracy_budget_basis": result.budget.basis.value,
         "budget_within_noise": result.verdict_within_noise(selected) or None,
+        "warnings": result.warnings or None,
         "float32_reference": result.reference,
         "artifacts": [artifact_entry(a, evaluated=result.evaluated) for a in selected.artifacts],
         "layer_sparsity": selected.layer_sparsity,

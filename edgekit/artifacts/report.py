@@ -103,6 +103,7 @@ def write_report(result: CompressResult, folder: Path) -> None:
     elif any(c.within_budget is False for c in result.candidates):
         lines.append("- **no candidate met the budget**: nothing was exported")
     lines += _noise_lines(result)
+    lines += [f"- **warning**: {line}" for line in result.warnings]
     lines += ["", "Accuracy and agreement are measured by running each artifact in its own runtime "
               "(ai-edge-litert for .tflite, onnxruntime for .onnx).", "", "## Candidates", "",
               "| recipe | format | bytes | gzip bytes | accuracy % (95% interval) | drop (points, 95% margin) "

@@ -135,6 +135,8 @@ class CompressResult:
     data_info: dict[str, Any] = field(default_factory=dict)
     # format -> the source's float32 artifact: bytes, gzip_bytes, latency_us
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
+    # what the user should hear about the data and the model (e.g. data outside the model's own preprocessing range)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def budget(self) -> Budget:

@@ -18,6 +18,7 @@ from edgekit.compression.candidates import CandidateRunner
 from edgekit.config import CompressConfig, Quantization
 from edgekit.errors import BudgetError
 from edgekit.loading.data import Dataset, fit_to_model, load_data, split
+from edgekit.loading.input_range import input_range_warnings
 from edgekit.loading.models import LoadedModel, accuracy, load_model, predict
 
 
@@ -45,7 +46,8 @@ def compress(model: Any, data: str | Path | Dataset = "digits", out: str | Path 
         report = str(Path(out).absolute() / "report.md") if out is not None else None
         best = min((c.worst_drop for c in result.candidates if c.worst_drop is not None), default=None)
         noise = [text for c in result.candidates if c.artifacts and (text := result.verdict_within_noise(c))]
-        message = _refusal(result) + (f" ({noise[0]})" if noise else "") + (f"; see {report}" if report else "")
+        message = (_refusal(result) + (f" ({noise[0]})" if noise else "")
+                   + "".join(f"; {line}" for line in result.warnings) + (f"; see {report}" if report else ""))
         raise BudgetError(message, budget=config.budget.points,
                           best_drop=best, report=report)
     return result
@@ -84,7 +86,8 @@ def _compress(model: Any, data: str | Path | Dataset, eval_data: str | Path | Da
         for art in cand.artifacts:
             art.float32_latency_us = reference.get(art.format.value, {}).get("latency_us")
             art.float32_bytes = reference.get(art.format.value, {}).get("bytes")
-    result = CompressResult(source, candidates, _select(candidates, config), config, data_info=data_info)
+    result = CompressResult(source, candidates, _select(candidates, config), config, data_info=data_info,
+                            warnings=input_range_warnings(loaded.source, splits.calibration.x))
     result.reference = reference
     return result
 
