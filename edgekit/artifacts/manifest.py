@@ -63,6 +63,7 @@ def artifact_entry(art: ArtifactResult, *, evaluated: int = 0) -> dict[str, Any]
         "verified_with": art.runtime, "latency_us": _round(art.latency_us, 1),
         "float32_latency_us": _round(art.float32_latency_us, 1), "float32_bytes": art.float32_bytes,
         "time_vs_float32": _round(art.time_vs_float32, 3),
+        "time_vs_float32_blocks": art.float32_time_blocks or None,
         "input": [s.to_dict() for s in art.inputs], "output": [s.to_dict() for s in art.outputs],
         "notes": art.notes,
         "remedy": art.remedy or None, "quantizer_options": art.quantizer_options or None,

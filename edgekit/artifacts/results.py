@@ -49,6 +49,7 @@ class ArtifactResult:
     size_tried: dict[str, dict[str, float]] = field(default_factory=dict)
     # post-training int8: its time over the source's float32 artifact's, timed side by side (alternating blocks)
     float32_time_ratio: float | None = None
+    float32_time_blocks: list[float] = field(default_factory=list)  # the side-by-side blocks' ratios behind it
 
     @property
     def time_vs_float32(self) -> float | None:
@@ -60,11 +61,12 @@ class ArtifactResult:
 
     @property
     def slower_than_float32(self) -> bool:
-        """Slower than the float32 artifact of the source in the same runtime (by more than 10%: timing noise)."""
-        from edgekit.export.remedies import SLOWER
+        """Slower than the float32 artifact of the source in the same runtime: by more than 10%, or by more than
+        the side-by-side measurement's own spread (:func:`~edgekit.export.remedies.slower_by_spread`)."""
+        from edgekit.export.remedies import SLOWER, slower_by_spread
 
         ratio = self.time_vs_float32
-        return ratio is not None and ratio > SLOWER
+        return ratio is not None and (ratio > SLOWER or slower_by_spread(self.float32_time_blocks))
 
     @property
     def larger_than_float32(self) -> bool:

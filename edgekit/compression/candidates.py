@@ -38,7 +38,7 @@ class CandidateRunner:
         self.tuner = Int8Tuner(TuningContext(
             budget=config.budget, calibration=splits.calibration.x, int8_io=config.int8_io, progress=progress,
             source_accuracy=source_accuracy, verify=self._verify, time_ratio=self._time_ratio,
-            float32_data=self._float32_data))
+            time_blocks=self._time_blocks, float32_data=self._float32_data))
 
     def run(self, recipe: Recipe, *, keep_going: bool) -> CandidateResult:
         start = time.perf_counter()
@@ -162,6 +162,12 @@ class CandidateRunner:
         if key not in self._cache:
             self._cache[key] = (predict(model, self.splits.evaluation.x), model)  # keep model alive: id stays
         return self._cache[key][0]
+
+    def _time_blocks(self, a: bytes, b: bytes) -> list[float]:
+        """Each alternating block's ratio of b's single-sample time over a's."""
+        from edgekit.export.verify import latency_ratios
+
+        return latency_ratios(a, b, self.splits.evaluation.x[:1], threads=self.config.threads)
 
     def _time_ratio(self, a: bytes, b: bytes) -> float:
         """b's single-sample time over a's, side by side (:func:`~edgekit.export.verify.latency_ratio`)."""

@@ -180,6 +180,20 @@ adds rungs of its own for the artifact at hand (:attr:`edgekit.export.Exporter.s
 op types XNNPACK does not run in int8)."""
 FLOAT_OPS = "float-ops"
 SLOWER = 1.1  # an int8 artifact is slower than float32 when it takes more than this (10%: timing noise)
+MIN_SLOWDOWN = 1.03
+"""A slowdown the side-by-side blocks must all but agree on to be flagged below :data:`SLOWER`."""
+
+
+def slower_by_spread(blocks: Sequence[float]) -> bool:
+    """Slower than float32 beyond the measurement's own spread: the lower quartile of the alternating blocks'
+    ratios (three blocks in four) is above :data:`MIN_SLOWDOWN`.
+
+    >>> slower_by_spread([1.08, 1.09, 1.10, 1.11, 1.07, 1.12, 1.09, 1.10]), slower_by_spread([0.9, 1.3, 1.0, 1.2])
+    (True, False)
+    """
+    import statistics
+
+    return len(blocks) >= 4 and statistics.quantiles(blocks, n=4)[0] > MIN_SLOWDOWN
 SPEED_GAIN = 0.9  # a rung replaces the artifact only if it takes at most this fraction of its time
 
 SIZE_RUNGS: dict[Format, tuple[tuple[str, dict[str, object]], ...]] = {

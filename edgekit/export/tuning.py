@@ -38,6 +38,7 @@ class TuningContext:
     source_accuracy: float
     verify: Callable[[bytes, str, Quantization, Any], Any]  # (data, name, quantization, model) -> verification
     time_ratio: Callable[[bytes, bytes], float]             # b's single-sample time over a's, side by side
+    time_blocks: Callable[[bytes, bytes], list[float]]      # the same, each alternating block's ratio
     float32_data: Callable[[Format], bytes | None]          # the source's float32 artifact in a format
 
 
@@ -133,7 +134,7 @@ class Int8Tuner:
         reference = self.context.float32_data(art.format)
         if reference is None:
             return
-        art.float32_time_ratio = round(self.context.time_ratio(reference, art.data), 3)
+        self._against_float32(art, reference)
         extra_rungs = spec.speed_rungs(art.data)
         if art.float32_time_ratio <= SLOWER or (not SPEED_LADDERS[art.format] and not extra_rungs):
             return
@@ -146,7 +147,7 @@ class Int8Tuner:
         if best is not current:
             art.speed_remedy = best.remedy
             self._adopt(art, best, float_accuracy)
-            art.float32_time_ratio = round(self.context.time_ratio(reference, art.data), 3)
+            self._against_float32(art, reference)
             art.notes.append(f"int8 ran slower than float32; {best.remedy} ({best.options.changes()}) runs "
                              f"{art.speed_tried[best.remedy]:.2f}x the time of the first int8 artifact")
 
@@ -174,9 +175,17 @@ class Int8Tuner:
             self._adopt(art, best, float_accuracy)
             reference = self.context.float32_data(art.format)
             if reference is not None:
-                art.float32_time_ratio = round(self.context.time_ratio(reference, art.data), 3)
+                self._against_float32(art, reference)
             art.notes.append(f"size rung {best.remedy} kept: {before:,} -> {len(art.data):,} bytes, "
                              f"{best.score - current.score:+.2f} points against the artifact it replaced")
+
+    def _against_float32(self, art: Any, reference: bytes) -> None:
+        """Time ``art`` against the source's float32 artifact side by side: its ratio and every block's."""
+        import statistics
+
+        blocks = self.context.time_blocks(reference, art.data)
+        art.float32_time_blocks = [round(b, 3) for b in blocks]
+        art.float32_time_ratio = round(float(statistics.median(blocks)), 3)
 
     @staticmethod
     def _attempt(art: Any, score: float) -> Any:

@@ -73,9 +73,18 @@ EfficientNetB0's 16x8 ``.tflite`` read 4.9x the float32 time in blocks of 3 call
 
 def latency_ratio(reference: bytes, candidate: bytes, sample: np.ndarray, *, threads: int, blocks: int = 8,
                   calls: int | None = None) -> float:
-    """``candidate``'s single-sample time over ``reference``'s, measured in alternating blocks of ``calls`` calls:
-    the median over the blocks of each pair's ratio, so both see the same machine state and small differences are
-    not noise from running one after the other. ``calls`` defaults to what makes the slower model's block last at
+    """The median of :func:`latency_ratios`: ``candidate``'s single-sample time over ``reference``'s."""
+    import statistics
+
+    return float(statistics.median(latency_ratios(reference, candidate, sample, threads=threads, blocks=blocks,
+                                                  calls=calls)))
+
+
+def latency_ratios(reference: bytes, candidate: bytes, sample: np.ndarray, *, threads: int, blocks: int = 8,
+                   calls: int | None = None) -> list[float]:
+    """``candidate``'s single-sample time over ``reference``'s in each of ``blocks`` alternating blocks of ``calls``
+    calls, so both see the same machine state and small differences are not noise from running one after the
+    other (their spread is the measurement's own). ``calls`` defaults to what makes the slower model's block last at
     least :data:`BLOCK_SECONDS` (:data:`MIN_BLOCK_CALLS` to 500 calls), timed on the warm-up calls; each block
     starts with one untimed call.
 
@@ -84,11 +93,9 @@ def latency_ratio(reference: bytes, candidate: bytes, sample: np.ndarray, *, thr
     on two cores, an artifact against itself read from 0.37x to 5.5x. With more threads the ratio is in wall time,
     as exact as the machine is quiet.
 
-    >>> latency_ratio(float32_tflite, int8_tflite, x[:1], threads=1)   # doctest: +SKIP
-    0.66
+    >>> latency_ratios(float32_tflite, int8_tflite, x[:1], threads=1)   # doctest: +SKIP
+    [0.66, 0.65, 0.67, 0.66, 0.66, 0.68, 0.65, 0.66]
     """
-    import statistics
-
     clock = _clock(threads)
     models = [Model.load(reference, num_threads=threads), Model.load(candidate, num_threads=threads)]
     warm: list[int] = []
@@ -110,7 +117,7 @@ def latency_ratio(reference: bytes, candidate: bytes, sample: np.ndarray, *, thr
                 model.predict(sample)
             pair.append(max(clock() - start, 1))
         ratios.append(pair[1] / pair[0])
-    return float(statistics.median(ratios))
+    return ratios
 
 
 def measure_latency(artifact: bytes, sample: np.ndarray, *, threads: int) -> float:

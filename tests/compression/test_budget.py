@@ -130,3 +130,20 @@ def test_every_accuracy_carries_its_uncertainty_and_a_verdict_closer_than_the_no
     entry = artifact_entry(close.artifacts[0], evaluated=400)
     assert entry["drop_margin95"] == 1.96 and entry["accuracy_ci95"][0] < 90 < entry["accuracy_ci95"][1]
     assert "accuracy_ci95" not in artifact_entry(close.artifacts[0])  # no evaluation count: no interval claimed
+
+
+def test_an_int8_artifact_is_flagged_slower_when_the_blocks_agree_not_only_past_ten_percent():
+    """The hidden depthwise CNN's int8 .tflite measured 1.099x float32 against the fixed 1.10 and was not flagged;
+    blocks that all but agree on a slowdown flag it, noisy blocks around the same median do not."""
+    steady = _candidate(None, "int8", 0.1, 0.1, 100).artifacts[0]
+    steady.float32_time_ratio, steady.float32_time_blocks = 1.099, [1.08, 1.09, 1.10, 1.11, 1.07, 1.12, 1.09, 1.10]
+    assert steady.slower_than_float32
+    noisy = _candidate(None, "int8", 0.1, 0.1, 100).artifacts[0]
+    noisy.float32_time_ratio, noisy.float32_time_blocks = 1.099, [0.9, 1.4, 1.0, 1.3, 0.95, 1.25, 1.05, 1.2]
+    assert not noisy.slower_than_float32
+    fast = _candidate(None, "int8", 0.1, 0.1, 100).artifacts[0]
+    fast.float32_time_ratio, fast.float32_time_blocks = 0.7, [0.7] * 8
+    assert not fast.slower_than_float32
+    past_ten = _candidate(None, "int8", 0.1, 0.1, 100).artifacts[0]
+    past_ten.float32_time_ratio = 1.2  # no blocks recorded (timed apart): the fixed threshold still applies
+    assert past_ten.slower_than_float32
