@@ -41,9 +41,12 @@ def test_the_float_twin_of_a_qat_model_computes_what_the_qat_model_learned(digit
                                probabilities=True, progress=Progress(enabled=False))
     twin = float_twin(qat, model)
     assert [layer.name for layer in twin.layers] == [layer.name for layer in model.layers]
-    x = digits.x[:64]
-    # fake quantization is all that separates them: the float twin agrees with the QAT model's predictions
-    agree = np.mean(twin.predict(x, verbose=0).argmax(1) == qat.predict(x, verbose=0).argmax(1))
-    assert agree >= 0.95, agree
+    x = digits.x[:256]
+    # fake quantization is all that separates them: the float twin computes what the QAT model learned, far closer
+    # to it than the source it started from (agreement alone is noise on a model tuned one epoch: 94-98%)
+    twin_out, qat_out, source_out = (m.predict(x, verbose=0) for m in (twin, qat, model))
+    near, far = np.mean(np.abs(twin_out - qat_out)), np.mean(np.abs(source_out - qat_out))
+    assert near < 0.5 * far, (near, far)
+    assert np.mean(twin_out.argmax(1) == qat_out.argmax(1)) >= 0.85
     changed = [not np.array_equal(a, b) for a, b in zip(twin.get_weights(), model.get_weights())]
     assert any(changed)  # the tuned weights, not the source's
