@@ -67,6 +67,7 @@ def _on(name):
     """The tests of one model run on one pytest-xdist worker, which builds and trains it once."""
     return pytest.mark.xdist_group(f"conformance-{BUILT_FROM.get(name, name)}")
 BRIEFLY_TRAINED = ("mobilenetv3small", "mobilenetv2", "efficientnetb0", "densenet121")  # a few steps: near chance
+NEAR_CHANCE_BUDGET = 25.0  # points of drop from the source; see test_post_training_int8_in_both_formats
 
 
 class _Saved:
@@ -106,8 +107,14 @@ def saved(text_data, images32, tmp_path_factory):
 @pytest.mark.parametrize("name", [pytest.param(name, marks=_on(name)) for name in ARCHITECTURES])
 def test_post_training_int8_in_both_formats(saved, name, tmp_path):
     path, data = saved[name]
+    # A briefly trained model is near chance: its int8 drop on 120 evaluation samples is noise (the paired margin at
+    # 70% agreement is 9.8 points, edgekit.artifacts.uncertainty.drop_margin), and the default 2-point budget sent
+    # EfficientNetB0 and DenseNet121 through every remedy rung (16 quantizations, 15 and 14 minutes) chasing it.
+    # Their budget is set past the noise: what is checked is conversion and agreement (a collapse to chance fails
+    # the agreement floor below). The ladders have their own tests (tests/export/test_remedies.py).
+    budget = NEAR_CHANCE_BUDGET if name in BRIEFLY_TRAINED else None
     result = compress(path, data, tmp_path / "out", progress=False,
-                      config=CompressConfig(recipe=Recipe(quantize="int8")))
+                      config=CompressConfig(recipe=Recipe(quantize="int8"), max_accuracy_drop=budget))
     formats = {a.format.value: a for a in result.selected.artifacts}
     assert set(formats) == {"tflite", "onnx"}, result.selected.format_errors
     if name in ("gru", "bilstm"):  # unrolled (a bidirectional LSTM kept TensorList ops before): no state kept
