@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,7 +68,8 @@ def artifact_entry(art: ArtifactResult, *, evaluated: int = 0) -> dict[str, Any]
         "input": [s.to_dict() for s in art.inputs], "output": [s.to_dict() for s in art.outputs],
         "notes": art.notes,
         "remedy": art.remedy or None, "quantizer_options": art.quantizer_options or None,
-        "remedies_tried": art.remedies_tried or None,
+        # null: the rung wrote nothing that runs (its quantizer failed, or the runtime could not prepare it)
+        "remedies_tried": {k: (v if math.isfinite(v) else None) for k, v in art.remedies_tried.items()} or None,
         "speed_remedy": art.speed_remedy or None, "speed_tried": art.speed_tried or None,
         "size_remedy": art.size_remedy or None, "size_tried": art.size_tried or None,
         **noise,

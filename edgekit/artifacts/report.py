@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,12 +55,17 @@ def slower_notes(candidate: CandidateResult) -> list[str]:
     return lines
 
 
+def _default_outcome(score: float) -> str:
+    return (f"lost {score:.2f} points with the quantizer's defaults" if math.isfinite(score)
+            else "with the quantizer's defaults did not run in its runtime")
+
+
 def remedy_notes(candidate: CandidateResult) -> list[str]:
     """One line per artifact of ``candidate`` that needed an int8 remedy to stay within the budget or to be faster,
     or that a size rung made smaller."""
     wide = "; 16-bit activations have no fast CPU kernels: for 8-bit speed try quantization-aware training (the " \
         "qat recipe)"
-    lines = [f"{a.format.value} int8 lost {a.remedies_tried['default']:.2f} points with the quantizer's defaults; "
+    lines = [f"{a.format.value} int8 {_default_outcome(a.remedies_tried['default'])}; "
              f"kept with remedy {a.remedy}, which loses {a.accuracy_drop:.2f}"
              + (wide if a.quantizer_options.get("activations") == "int16" else "")
              for a in candidate.artifacts if a.remedy]
@@ -187,7 +193,8 @@ def _remedy_lines(result: CompressResult) -> list[str]:
              "| recipe | format | accuracy rungs (drop) | kept | speed rungs (time) | kept | size rungs | kept |",
              "|---|---|---|---|---|---|---|---|"]
     for recipe, art in rows:
-        tried = ", ".join(f"{k} ({v:+.2f})" for k, v in art.remedies_tried.items()) or "-"
+        tried = ", ".join(f"{k} ({v:+.2f})" if math.isfinite(v) else f"{k} (did not run)"
+                          for k, v in art.remedies_tried.items()) or "-"
         speed = ", ".join(f"{k} ({v:.2f}x)" for k, v in art.speed_tried.items()) or "-"
         kept = art.remedy or ("defaults (nothing did better)" if art.remedies_tried else "-")
         size = ", ".join(f"{k} ({_size_cell(v)})" for k, v in art.size_tried.items()) or "-"

@@ -17,6 +17,7 @@ from edgekit.compression.models import ModelFactory
 from edgekit.config import CompressConfig, Format, Quantization, Recipe
 from edgekit.errors import ConversionError, EdgeKitError
 from edgekit.export import exporter
+from edgekit.export.accuracy_control import Labelled
 from edgekit.export.tuning import Int8Tuner, TuningContext
 from edgekit.export.verify import float_tolerance, verify
 from edgekit.loading.data import Splits
@@ -38,7 +39,8 @@ class CandidateRunner:
         self.tuner = Int8Tuner(TuningContext(
             budget=config.budget, calibration=splits.calibration.x, int8_io=config.int8_io, progress=progress,
             source_accuracy=source_accuracy, verify=self._verify, time_ratio=self._time_ratio,
-            time_blocks=self._time_blocks, float32_data=self._float32_data))
+            time_blocks=self._time_blocks, float32_data=self._float32_data,
+            validation=Labelled(splits.calibration.x, splits.calibration.y)))
 
     def run(self, recipe: Recipe, *, keep_going: bool) -> CandidateResult:
         start = time.perf_counter()
@@ -122,13 +124,23 @@ class CandidateRunner:
         with self.progress.step(f"export {name}"):
             data, notes = spec.convert(model, quantization=recipe.quantize, calibration=calibration,
                                        int8_io=self.config.int8_io)
-        check = self._verify(data, name, recipe.quantize, model)
+        float_accuracy = self._float_accuracy(float_model)
+        rescued = None
+        try:
+            check = self._verify(data, name, recipe.quantize, model)
+        except ConversionError as exc:  # e.g. LiteRT could not prepare it: int8 has other rungs to try
+            if recipe.quantize is not Quantization.INT8:
+                raise
+            rescued = self.tuner.rescue(fmt, model, name, float_accuracy, exc)
+            data, check = rescued.data, rescued.check
+            notes = [*notes, rescued.note]
         sparsity = overall_sparsity(float_model) if hasattr(float_model, "layers") else 0.0
         art = ArtifactResult(fmt, spec.filename, data, recipe.quantize, sparsity, check.accuracy,
                              self._drop(check), check.top1_agreement, check.max_abs_diff,
                              check.conversion_max_abs_diff, check.tolerance, check.runtime, check.inputs,
                              check.outputs, notes, latency_us=check.latency_us)
-        float_accuracy = self._float_accuracy(float_model)
+        if rescued is not None:
+            art.remedy, art.quantizer_options, art.remedies_tried = rescued.remedy, rescued.options, rescued.tried
         if recipe.quantize in _INTEGER and check.accuracy is not None and float_accuracy is not None:
             art.quantization_drop = float_accuracy - check.accuracy
         steps = self.tuner.steps(art, model, float_model, recipe.quantize, float_accuracy, name)

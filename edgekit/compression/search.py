@@ -135,12 +135,27 @@ def _refusal(result: CompressResult) -> str:
         best = min((c.worst_drop for c in result.candidates if c.worst_drop is not None), default=None)
         best_text = f"; the best candidate lost {best:.2f} points" if best is not None else ""
         return f"no candidate kept the accuracy drop within {budget.points:g} points{best_text}"
-    recipe = result.candidates[0].recipe
-    cost = result.candidates[0].worst_quantization_drop
+    candidate = result.candidates[0]
+    recipe, cost = candidate.recipe, candidate.worst_quantization_drop
     return (f"{recipe.name}: quantizing costs {cost:.2f} points of accuracy, more than the {budget.points:g} points "
-            "int8 artifacts may lose when no budget is given, after every remedy; give a larger accuracy budget to "
-            "accept it" + (", or try quantization-aware training (the qat recipe)"
-                           if recipe.quantize is Quantization.INT8 else ""))
+            f"int8 artifacts may lose when no budget is given, after every remedy ({_outcomes(candidate)}); give a "
+            "larger accuracy budget to accept it" + (", or try quantization-aware training (the qat recipe)"
+                                                     if recipe.quantize is Quantization.INT8 else ""))
+
+
+def _outcomes(candidate: CandidateResult) -> str:
+    """What each format came to: its drop after how many rungs, or why it was not written."""
+    import math
+
+    parts = []
+    for art in candidate.artifacts:
+        rungs = sum(1 for name in art.remedies_tried if name != "default")
+        ran = sum(1 for value in art.remedies_tried.values() if math.isfinite(value))
+        parts.append(f"{art.format.value}: {art.quantization_drop:.2f} after {rungs} rung(s)"
+                     + (f", {rungs + 1 - ran} of which did not run" if ran <= rungs else "")
+                     + (f", best {art.remedy}" if art.remedy else ""))
+    parts += [f"{fmt}: not written, {error[:200]}" for fmt, error in candidate.format_errors.items()]
+    return "; ".join(parts)
 
 
 def _write(result: CompressResult, stage: StagedDir) -> None:

@@ -7,7 +7,7 @@ import io
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,8 +23,12 @@ from edgekit.export.remedies import (
     Int8Options,
     IntType,
     OnnxFormat,
+    OnnxQuantizer,
     rank_nodes,
 )
+
+if TYPE_CHECKING:
+    from edgekit.export.accuracy_control import AccuracyControl
 
 OPSET = 17
 INPUT_NAME = "input"
@@ -362,6 +366,7 @@ class OnnxInt8:
         self._calibration = calibration
         self._pre = Path(self._tmp.name, "pre.onnx")
         self._entropy: dict[str, Any] | None = None
+        self._searched: dict[Int8Options, bytes] = {}  # NNCF's artifacts by the options that name them
         self._batch = _batch(proto)
         src = Path(self._tmp.name, "float.onnx")
         src.write_bytes(affine_batchnorm(proto).SerializeToString())
@@ -380,11 +385,28 @@ class OnnxInt8:
     def _quantized(self, options: Int8Options) -> bytes:
         if options.float_ops:
             raise ValueError("op types kept float by type are a TFLite option; ONNX keeps nodes float by name")
+        if options.searched:
+            if options not in self._searched:
+                raise ValueError("NNCF's accuracy control runs as a search on labelled data (accuracy_controlled)")
+            return self._searched[options]
         out = Path(self._tmp.name, "quant.onnx")
         if options.calibration is Calibration.ENTROPY and self._entropy is None:  # the KL search is slow: once
             self._entropy = _entropy_ranges(self._pre, self._calibration, self._batch)
         _quantize_static(self._pre, out, self._calibration, options, self._entropy, self._batch)
         return out.read_bytes()
+
+    def accuracy_controlled(self, control: AccuracyControl) -> Int8Options:
+        """NNCF's accuracy-controlled quantization (:func:`edgekit.export.accuracy_control.accuracy_controlled`) of
+        the pre-processed float model; the options that name it (the operations it kept float among them)."""
+        import onnx
+
+        from edgekit.export.accuracy_control import accuracy_controlled
+
+        found = accuracy_controlled(onnx.load(str(self._pre)), self._calibration, control.validation,
+                                    max_drop=control.max_drop, input_name=INPUT_NAME, batch=self._batch)
+        options = Int8Options(onnx_quantizer=OnnxQuantizer.NNCF, float_nodes=found.reverted)
+        self._searched[options] = found.data
+        return options
 
     def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
         """Nodes of the float graph, those whose quantization with ``options`` adds most to the intermediate

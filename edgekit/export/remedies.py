@@ -18,11 +18,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from edgekit.config import Format
+
+if TYPE_CHECKING:
+    from edgekit.export.accuracy_control import AccuracyControl
 
 
 class Calibration(str, Enum):
@@ -47,6 +50,13 @@ class TfliteQuantizer(str, Enum):
 
     CONVERTER = "converter"              # the TFLite converter's post-training quantization (what edgekit does first)
     LITERT = "litert-quantizer"          # the LiteRT Quantizer (ai-edge-quantizer), recipe static_wi8_ai8
+
+
+class OnnxQuantizer(str, Enum):
+    """Which library quantizes an ``.onnx``."""
+
+    ONNXRUNTIME = "onnxruntime"  # onnxruntime's quantize_static (what edgekit does first)
+    NNCF = "nncf"                # NNCF's quantize_with_accuracy_control (:mod:`edgekit.export.accuracy_control`)
 
 
 class OnnxFormat(str, Enum):
@@ -75,10 +85,12 @@ class Int8Options:
     float_nodes: tuple[str, ...] = ()  # kept in float (their names in the float graph)
     float_ops: tuple[str, ...] = ()  # TFLite op types kept in float (the converter's denylisted ops)
     tflite_quantizer: TfliteQuantizer = TfliteQuantizer.CONVERTER
+    onnx_quantizer: OnnxQuantizer = OnnxQuantizer.ONNXRUNTIME
 
     def __post_init__(self) -> None:
         for name, cls in (("calibration", Calibration), ("activations", IntType), ("weights", IntType),
-                          ("onnx_format", OnnxFormat), ("tflite_quantizer", TfliteQuantizer)):
+                          ("onnx_format", OnnxFormat), ("tflite_quantizer", TfliteQuantizer),
+                          ("onnx_quantizer", OnnxQuantizer)):
             object.__setattr__(self, name, cls(getattr(self, name)))
         object.__setattr__(self, "float_nodes", tuple(self.float_nodes))
         object.__setattr__(self, "float_ops", tuple(self.float_ops))
@@ -113,20 +125,29 @@ class Int8Options:
             words.append(f"{', '.join(self.float_ops)} kept float")
         if self.tflite_quantizer is not base.tflite_quantizer:
             words.append("the LiteRT Quantizer")
+        if self.onnx_quantizer is not base.onnx_quantizer:
+            words.insert(0, "NNCF's accuracy control")
         return "; ".join(words)
 
     @property
     def float_fallback(self) -> bool:
         """Whether nodes can be kept float on top of these options (the converter's denylists; not yet through the
         LiteRT Quantizer's per-op recipes)."""
-        return self.tflite_quantizer is TfliteQuantizer.CONVERTER
+        return self.tflite_quantizer is TfliteQuantizer.CONVERTER and self.onnx_quantizer is OnnxQuantizer.ONNXRUNTIME
+
+    @property
+    def searched(self) -> bool:
+        """Found by a search on labelled data (NNCF's accuracy control): no option can be changed on top of it
+        without repeating the search, so speed and size rungs leave it as it is."""
+        return self.onnx_quantizer is OnnxQuantizer.NNCF
 
     def as_dict(self) -> dict:
         return {"calibration": self.calibration.value, "activations": self.activations.value,
                 "weights": self.weights.value,
                 "reduce_range": self.reduce_range, "per_channel": self.per_channel,
                 "onnx_format": self.onnx_format.value, "float_nodes": list(self.float_nodes),
-                "float_ops": list(self.float_ops), "tflite_quantizer": self.tflite_quantizer.value}
+                "float_ops": list(self.float_ops), "tflite_quantizer": self.tflite_quantizer.value,
+                "onnx_quantizer": self.onnx_quantizer.value}
 
 
 @dataclass(frozen=True)
@@ -244,6 +265,11 @@ class Int8Quantizer(Protocol):
         """Groups of node names, most harmful when quantized with ``options`` first (:func:`rank_nodes`)."""
         ...
 
+    def accuracy_controlled(self, control: AccuracyControl) -> Int8Options | None:
+        """Options whose :meth:`quantize` returns the format's accuracy-controlled artifact (a search on labelled
+        data, :mod:`edgekit.export.accuracy_control`), or ``None`` when the format has no such search."""
+        ...
+
 
 @dataclass
 class Attempt:
@@ -267,11 +293,13 @@ class Recovery:
 
 def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: float,
             evaluate: Callable[[bytes], tuple[float, object]],
-            on_attempt: Callable[[str], None] | None = None) -> Recovery:
+            on_attempt: Callable[[str], None] | None = None, control: AccuracyControl | None = None) -> Recovery:
     """Walk ``fmt``'s ladder from ``first`` (the default artifact, over budget) until an attempt is within ``budget``.
 
     ``evaluate(data)`` returns the artifact's accuracy drop and whatever the caller wants kept with it.
-    A remedy whose quantizer fails is recorded as failed (score ``inf``) and the ladder goes on.
+    A remedy whose quantizer fails is recorded as failed (score ``inf``) and the ladder goes on. ``control``:
+    labelled data for the format's accuracy-controlled search (NNCF's for ONNX), tried after the float fallback
+    and before the 16-bit activations (it keeps 8-bit kernels).
     """
     recovery = Recovery(first, {"default": first.score})
 
@@ -295,7 +323,10 @@ def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: fl
             return recovery
     gained = recovery.best.score < first.score - MIN_GAIN and recovery.best.options.float_fallback
     base = recovery.best if gained else first
-    groups = quantizer.sensitive_nodes(base.options)
+    try:
+        groups = quantizer.sensitive_nodes(base.options)
+    except Exception:  # noqa: BLE001 (no ranking on this model, e.g. its runtime cannot prepare it: no fallback)
+        groups = []
     count = 1
     while count <= len(groups):
         nodes = tuple(dict.fromkeys(node for group in groups[:count] for node in group))
@@ -305,11 +336,28 @@ def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: fl
         if attempt(f"{name}({len(nodes)})", replace(base.options, float_nodes=nodes)):
             return recovery
         count *= 2
+    if control is not None and _controlled(quantizer, control, attempt):
+        return recovery
     for name, options in WIDE_RUNGS[fmt]:
         if attempt(name, options):
             return recovery
     recovery.within_budget = recovery.best.score <= budget
     return recovery
+
+
+def _controlled(quantizer: Int8Quantizer, control: AccuracyControl,
+                attempt: Callable[[str, Int8Options], bool]) -> bool:
+    """The accuracy-controlled rung: whether it was within the budget (a search that fails is a failed rung)."""
+    from edgekit.export.accuracy_control import NNCF_RUNG
+
+    search = getattr(quantizer, "accuracy_controlled", None)
+    if search is None:
+        return False
+    try:
+        options = search(control)
+    except Exception:  # noqa: BLE001 (a search the library cannot run on this model is a failed rung)
+        options = Int8Options(onnx_quantizer=OnnxQuantizer.NNCF)  # quantize() refuses it: recorded as failed
+    return options is not None and attempt(NNCF_RUNG, options)
 
 
 def speed_up(fmt: Format, quantizer: Int8Quantizer, current: Attempt, *, budget: float,
@@ -321,7 +369,7 @@ def speed_up(fmt: Format, quantizer: Int8Quantizer, current: Attempt, *, budget:
     ``ratio(a, b)``: b's time over a's, measured side by side.
     """
     best, best_ratio, tried = current, 1.0, {}
-    if current.options.wide_activations:  # no rung makes 16-bit activations fast; 8-bit ones lost the budget
+    if current.options.wide_activations or current.options.searched:  # 16 bits: no rung makes them fast
         return best, tried
     for name, changes in (*SPEED_LADDERS[fmt], *extra_rungs):
         options = replace(current.options, **changes)
@@ -353,7 +401,7 @@ def shrink(fmt: Format, quantizer: Int8Quantizer, current: Attempt, *, budget: f
     chance. ``ratio(a, b)``: b's time over a's, measured side by side.
     """
     best, tried = current, {}
-    if current.options.wide_activations:  # the converter's 16x8 mode has no per-tensor depthwise convolution
+    if current.options.wide_activations or current.options.searched:  # 16x8: no per-tensor depthwise conv
         return best, tried
     for name, changes in SIZE_RUNGS[fmt]:
         options = replace(current.options, **changes)

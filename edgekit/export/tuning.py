@@ -18,6 +18,7 @@ import numpy as np
 from edgekit._progress import Progress
 from edgekit.config import Budget, Format, Quantization
 from edgekit.export import exporter
+from edgekit.export.accuracy_control import AccuracyControl, Labelled
 from edgekit.export.remedies import MIN_GAIN
 
 QAT_REQUANTIZE = (Format.ONNX,)
@@ -40,6 +41,27 @@ class TuningContext:
     time_ratio: Callable[[bytes, bytes], float]             # b's single-sample time over a's, side by side
     time_blocks: Callable[[bytes, bytes], list[float]]      # the same, each alternating block's ratio
     float32_data: Callable[[Format], bytes | None]          # the source's float32 artifact in a format
+    # labelled samples for a format's accuracy-controlled search (the calibration split: never the evaluation one)
+    validation: Labelled | None = None
+
+
+@dataclass(frozen=True)
+class Rescued:
+    """An int8 artifact found by the ladder when the defaults' did not run: its bytes, its verification, the rung,
+    its quantizer options and every rung's score (``inf``: did not run)."""
+
+    data: bytes
+    check: Any
+    remedy: str
+    options: dict
+    tried: dict[str, float]
+    note: str
+
+
+def _first_line(exc: Exception) -> str:
+    from device_agents.errors import first_line
+
+    return first_line(exc)[:200]
 
 
 class Int8Tuner:
@@ -58,8 +80,8 @@ class Int8Tuner:
         """The tuning steps an artifact gets, each named for the note written when it cannot run."""
         steps: list[tuple[str, Callable[[], None]]] = []
         if quantization is Quantization.INT8 and art.quantization_drop is not None:
-            if self.context.budget.remedy_can_help(accuracy_drop=art.accuracy_drop,
-                                                   quantization_drop=art.quantization_drop, min_gain=MIN_GAIN):
+            if not art.remedies_tried and self.context.budget.remedy_can_help(
+                    accuracy_drop=art.accuracy_drop, quantization_drop=art.quantization_drop, min_gain=MIN_GAIN):
                 steps.append(("remedies", lambda: self._remedy(art, model, name, float_accuracy)))
             steps.append(("speed rungs", lambda: self._speed(art, model, name, float_accuracy)))
             steps.append(("size rungs", lambda: self._shrink(art, model, name, float_accuracy)))
@@ -113,7 +135,8 @@ class Int8Tuner:
         with self.context.progress.step(f"remedies {name}"), \
                 spec.int8(model, calibration=self.context.calibration, int8_io=self.context.int8_io) as quantizer:
             recovery = recover(art.format, quantizer, Attempt("", Int8Options(), art.data, self._score(art)),
-                               budget=self.context.budget.points, evaluate=self._scorer(model, name, float_accuracy))
+                               budget=self.context.budget.points, evaluate=self._scorer(model, name, float_accuracy),
+                               control=self._control(float_accuracy))
         art.remedies_tried = {k: round(float(v), 4) for k, v in recovery.tried.items()}
         best = recovery.best
         if not best.remedy:
@@ -123,6 +146,44 @@ class Int8Tuner:
         self._adopt(art, best, float_accuracy)
         art.notes.append(f"int8 with the quantizer's defaults lost {recovery.tried['default']:.2f} points; "
                          f"remedy {best.remedy} ({best.options.changes()}) loses {best.score:.2f}")
+
+    def _control(self, float_accuracy: float) -> AccuracyControl | None:
+        """What an accuracy-controlled search may cost against its float model: the budget less what that model
+        already lost (against the source)."""
+        if self.context.validation is None:
+            return None
+        floor = self.context.budget.floor(source_accuracy=self.context.source_accuracy, float_accuracy=float_accuracy)
+        return AccuracyControl(self.context.validation, self.context.budget.points - floor)
+
+    def rescue(self, fmt: Format, model: Any, name: str, float_accuracy: float | None,
+               failure: Exception) -> Rescued:
+        """The format's int8 artifact with the quantizer's defaults does not run in its runtime (``failure``: LiteRT
+        could not prepare it, XNNPACK refusing a node): a failed first rung. Walk the format's ladder for artifacts
+        that run; the best one is returned with every rung's outcome (``inf``: did not run). When none runs, the
+        error names the format and what was tried."""
+        from edgekit.errors import ConversionError
+        from edgekit.export.remedies import Attempt, Int8Options, recover
+
+        scorer = self._scorer(model, name, float_accuracy if float_accuracy is not None else 0.0)
+
+        def evaluate(data: bytes) -> tuple[float, Any]:
+            score, check = scorer(data)
+            return (0.0 if score is None or float_accuracy is None else score), check  # unlabelled: it runs
+
+        spec = exporter(fmt)
+        with self.context.progress.step(f"remedies {name}"), \
+                spec.int8(model, calibration=self.context.calibration, int8_io=self.context.int8_io) as quantizer:
+            recovery = recover(fmt, quantizer, Attempt("", Int8Options(), b"", float("inf")),
+                               budget=self.context.budget.points, evaluate=evaluate,
+                               control=self._control(float_accuracy) if float_accuracy is not None else None)
+        tried = {k: round(float(v), 4) for k, v in recovery.tried.items()}
+        best = recovery.best
+        if not best.remedy:
+            raise ConversionError(f"{failure}; no remedy rung ran either ({len(tried) - 1} tried: "
+                                  f"{', '.join(list(tried)[1:])})")
+        note = (f"the int8 artifact of the quantizer's defaults did not run ({_first_line(failure)}); remedy "
+                f"{best.remedy} ({best.options.changes() or 'defaults'}) runs and loses {best.score:.2f}")
+        return Rescued(best.data, best.extra, best.remedy, best.options.as_dict(), tried, note)
 
     def _speed(self, art: Any, model: Any, name: str, float_accuracy: float) -> None:
         """When the int8 artifact runs slower than the source's float32 one (side by side), try the format's speed

@@ -801,3 +801,74 @@ def test_a_16x8_tflite_that_aborts_litert_is_a_failed_rung_not_a_dead_process(tm
                                   tool="edgekit-agent"), 1, "failed its smoke test: the runtime crashed", "SIGABRT")
     assert store.current is None
 
+
+
+def test_an_int8_tflite_its_runtime_cannot_prepare_is_a_failed_first_rung_and_the_ladder_finds_one_that_runs(
+        cnn_path, tmp_path, monkeypatch):
+    """LiteRT could not prepare the converter's int8 .tflite of a Keras 3 MobileNetV3Small ("Node number 113
+    (TfLiteXNNPackDelegate) failed to prepare"): the format was skipped and no rung tried. The fault is injected at
+    the verification of the defaults' artifact (the first int8 .tflite verified); every rung after it runs for real."""
+    from edgekit.compression.candidates import CandidateRunner
+    from edgekit.errors import ConversionError
+
+    real, refused = CandidateRunner._verify, []
+
+    def verify(self, data, name, quantization, model):
+        if name == "int8 tflite" and not refused:
+            refused.append(len(data))
+            raise ConversionError(f"{name}: the exported artifact does not run in its runtime: Node number 113 "
+                                  "(TfLiteXNNPackDelegate) failed to prepare (simulated)")
+        return real(self, data, name, quantization, model)
+
+    monkeypatch.setattr(CandidateRunner, "_verify", verify)
+    result = compress(cnn_path, "digits", tmp_path / "out", progress=False,
+                      config=CompressConfig(recipe=Recipe(quantize="int8"), formats=("tflite",)))
+    art = result.selected.artifacts[0]
+    assert refused and art.remedies_tried["default"] == float("inf") and art.remedy == "litert-quantizer"
+    assert art.quantization_drop <= 2.0 and any("did not run (" in note for note in art.notes)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["artifacts"][0]["remedies_tried"]["default"] is None  # JSON has no infinity
+    from edgekit.artifacts.report import remedy_notes
+
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| int8 | tflite | default (did not run), litert-quantizer (" in report
+    assert "- tflite: the int8 artifact of the quantizer's defaults did not run (int8 tflite: " in report
+    assert remedy_notes(result.selected)[0].startswith("tflite int8 with the quantizer's defaults did not run in its "
+                                                       "runtime; kept with remedy litert-quantizer")
+
+
+def test_when_no_rung_runs_the_format_is_not_written_and_says_what_was_tried(cnn_path, monkeypatch):
+    from edgekit.compression.candidates import CandidateRunner
+    from edgekit.errors import ConversionError
+
+    real = CandidateRunner._verify
+
+    def verify(self, data, name, quantization, model):
+        if name == "int8 tflite":
+            raise ConversionError(f"{name}: the exported artifact does not run in its runtime (simulated)")
+        return real(self, data, name, quantization, model)
+
+    monkeypatch.setattr(CandidateRunner, "_verify", verify)
+    result = compress(cnn_path, "digits", None, progress=False,
+                      config=CompressConfig(recipe=Recipe(quantize="int8")))
+    assert [a.format.value for a in result.selected.artifacts] == ["onnx"]
+    error = result.selected.format_errors["tflite"]
+    assert "does not run in its runtime (simulated); no remedy rung ran either" in error
+    assert "litert-quantizer" in error and "int16-activations" in error and "\n" not in error
+
+
+def test_a_budget_refusal_names_each_formats_outcome():
+    from edgekit.artifacts.results import ArtifactResult, CandidateResult, CompressResult
+    from edgekit.compression.search import _refusal
+    from edgekit.config import Quantization
+
+    onnx = ArtifactResult(Format.ONNX, "model.onnx", b"", Quantization.INT8, 0.0, 20.0, 76.0, 30.0, 1.0, None, 0.1,
+                          "onnxruntime", [], [], [])
+    onnx.quantization_drop, onnx.remedy = 76.0, "percentile-calibration"
+    onnx.remedies_tried = {"default": 79.0, "entropy-calibration": float("inf"), "percentile-calibration": 76.0}
+    candidate = CandidateResult(Recipe(quantize="int8"), artifacts=[onnx],
+                                format_errors={"tflite": "int8 tflite: failed to prepare; no remedy rung ran either"})
+    result = CompressResult(source={}, candidates=[candidate], selected=None, config=CompressConfig())
+    message = _refusal(result)
+    assert "(onnx: 76.00 after 2 rung(s), 1 of which did not run, best percentile-calibration; tflite: not written, " \
+           "int8 tflite: failed to prepare; no remedy rung ran either)" in message
