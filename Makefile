@@ -78,6 +78,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/batchnorm.py
 	$(BIN)/python benchmarks/remedies.py
 	$(BIN)/python benchmarks/fleet.py
+	$(BIN)/python benchmarks/peers.py
 
 clean:
 	rm -rf $(VENV) $(TFLRT_VENV) $(DEVICE_VENV) demo_out dist build docs/_build docs/_generated

@@ -428,6 +428,8 @@ def cmd_trainable(args: argparse.Namespace) -> int:
           f"{sum(math.prod(t['shape']) for t in spec['tensors']):,} trainable weights")
     print(f"verified in {check['runtime']}: infer max abs diff {check['infer_max_abs_diff']:.2g}, "
           f"one train step vs TensorFlow max abs diff {check['train_step_max_abs_diff']:.2g}")
+    for line in result.warnings:
+        print(f"edgekit: warning: {line}", file=sys.stderr)
     files = ", ".join(f"{name} ({len(data):,} bytes)" for name, data in result.files.items())
     print(f"wrote {result.out}: {files}, manifest.json")
     return int(ExitCode.SUCCESS)

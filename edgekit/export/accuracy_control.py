@@ -1,4 +1,5 @@
-"""Quantization with accuracy control: NNCF's ``quantize_with_accuracy_control`` as a rung of the ONNX remedy ladder.
+"""Quantization with accuracy control: NNCF's ``quantize_with_accuracy_control`` as a rung of the ONNX remedy ladder,
+and the same greedy search on the TFLite converter's denylist (:func:`greedy_float_nodes`).
 
 NNCF (OpenVINO's Neural Network Compression Framework, ONNX backend, no torch) quantizes the float model, ranks its
 quantized operations by the accuracy each one costs on a labelled ranking subset, and reverts them to float one
@@ -6,9 +7,9 @@ group at a time, greedily, until the accuracy drop is within ``max_drop``. On Ke
 pixels (its own ``Rescaling`` squeezes them into [-1, -0.992]) it kept the first convolution and the first
 hard-swish float and lost 0.25 points where every onnxruntime rung lost 24-79 (issue 28).
 
-The validation data is the calibration split with its labels (disjoint from the evaluation split the budget is
-judged on); without labels the float model's own predictions stand in for them (the metric is then top-1
-agreement). Whatever NNCF returns is verified and scored by edgekit like every other rung.
+The validation data is labelled samples outside the evaluation split the budget is judged on (the calibration
+split, then fine-tuning samples); without labels the float model's own predictions stand in for them (the metric
+is then top-1 agreement). Whatever NNCF returns is verified and scored by edgekit like every other rung.
 
 NNCF's telemetry (``openvino-telemetry``, on by default) is switched off before NNCF is imported (:func:`_nncf`):
 edgekit writes nothing outside its output and sends nothing anywhere.
@@ -21,14 +22,24 @@ import io
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 NNCF_RUNG = "nncf-accuracy-control"
-"""The rung's name in the manifest's ``remedies_tried``."""
+"""The ONNX rung's name in the manifest's ``remedies_tried``."""
+GREEDY_RUNG = "accuracy-control"
+"""The TFLite rung's name: edgekit's own greedy search (:func:`greedy_float_nodes`), NNCF's algorithm on the
+converter's denylist (NNCF has no TFLite backend)."""
 VALIDATION_BATCH = 32
+RANKING_SAMPLES = 128
+"""Validation samples each candidate node is ranked on (NNCF's ``ranking_subset_size`` is 300 by default)."""
+MAX_CANDIDATES = 64
+"""Candidate groups ranked at most (each is a re-quantization and a run on :data:`RANKING_SAMPLES` samples)."""
+MAX_TRIALS = 16
+"""Greedy steps at most: each keeps the next ranked node float and measures the whole validation split."""
 
 
 @dataclass(frozen=True)
@@ -146,3 +157,63 @@ def accuracy_controlled(model: Any, calibration: np.ndarray, validation: Labelle
             nncf_logger.addHandler(handler)
         nncf_logger.setLevel(level)
     return Controlled(quantized.SerializeToString(), tuple(reverted.names))
+
+
+def greedy_float_nodes(quantize: Callable[[tuple[str, ...]], bytes], candidates: Sequence[tuple[str, ...]],
+                       float_data: bytes, control: AccuracyControl, *, max_nodes: int) -> tuple[str, ...]:
+    """Nodes to keep float, found as NNCF's accuracy control finds them: each candidate group (a node and the
+    nodes that feed it, :func:`~edgekit.export.remedies.node_groups`: in a TFLite graph a node kept float still
+    gets quantized inputs unless their producers are float too) is ranked by the accuracy the quantized model has
+    with that group alone kept float (on :data:`RANKING_SAMPLES` validation samples; ties by the output's mean
+    squared error against the float model), then groups are kept float in that order, one more a step, each step
+    measured on the whole validation split, until the drop from the float model is within ``control.max_drop``
+    (a step that does not raise the accuracy is undone), with at most ``max_nodes`` nodes; then every node the goal
+    holds without goes back to int8 (:func:`_pruned`). ``quantize(nodes)``
+    returns the artifact with ``nodes`` kept float; ``float_data`` is the float artifact of the same model.
+
+    It finds what an error ranking misses: a layer whose output is a large constant plus a tiny signal (a built-in
+    ``Rescaling`` fed values far from its range) has a small relative error while the signal is gone.
+    """
+    from device_agents.serving.runtime import Model
+
+    x = control.validation.x
+    reference = Model.load(float_data).predict(x)
+    labels = control.validation.y if control.validation.y is not None else reference.argmax(axis=-1)
+
+    def measure(nodes: tuple[str, ...], count: int) -> tuple[float, float]:
+        out = Model.load(quantize(nodes)).predict(x[:count])
+        correct = 100.0 * float(np.mean(out.reshape(len(out), -1).argmax(axis=-1) == labels[:count]))
+        return correct, float(np.mean((out - reference[:count]) ** 2))
+
+    goal = 100.0 * float(np.mean(reference.reshape(len(x), -1).argmax(axis=-1) == labels)) - control.max_drop
+    best, _ = measure((), len(x))
+    if best >= goal:
+        return ()
+    ranked: dict[tuple[str, ...], tuple[float, float]] = {}
+    for group in dict.fromkeys(tuple(group) for group in candidates if len(group) <= max_nodes):
+        try:
+            ranked[group] = measure(group, RANKING_SAMPLES)
+        except Exception:  # noqa: BLE001 (a node the quantizer cannot keep float is not a candidate)
+            continue
+    kept: tuple[str, ...] = ()
+    for group in sorted(ranked, key=lambda g: (-ranked[g][0], ranked[g][1]))[:MAX_TRIALS]:
+        trial = tuple(dict.fromkeys((*kept, *group)))
+        if trial == kept or len(trial) > max_nodes:
+            continue
+        accuracy, _ = measure(trial, len(x))
+        if accuracy > best:
+            kept, best = trial, accuracy
+        if best >= goal:
+            break
+    return _pruned(kept, goal, measure, len(x)) if best >= goal else kept
+
+
+def _pruned(kept: tuple[str, ...], goal: float, measure: Callable[[tuple[str, ...], int], tuple[float, float]],
+            count: int) -> tuple[str, ...]:
+    """``kept`` less every node the goal holds without (a group brings in producers that may not need to be
+    float): each is put back in int8 in turn, last kept first, and stays there when the accuracy holds."""
+    for node in reversed(kept):
+        trial = tuple(n for n in kept if n != node)
+        if trial and measure(trial, count)[0] >= goal:
+            kept = trial
+    return kept

@@ -395,9 +395,10 @@ class OnnxInt8:
         _quantize_static(self._pre, out, self._calibration, options, self._entropy, self._batch)
         return out.read_bytes()
 
-    def accuracy_controlled(self, control: AccuracyControl) -> Int8Options:
+    def accuracy_controlled(self, control: AccuracyControl, base: Int8Options) -> Int8Options:
         """NNCF's accuracy-controlled quantization (:func:`edgekit.export.accuracy_control.accuracy_controlled`) of
-        the pre-processed float model; the options that name it (the operations it kept float among them)."""
+        the pre-processed float model; the options that name it (the operations it kept float among them). NNCF
+        calibrates with its own scheme: ``base`` (onnxruntime's options) does not apply."""
         import onnx
 
         from edgekit.export.accuracy_control import accuracy_controlled

@@ -1,11 +1,14 @@
 """What edgekit tries when a post-training int8 artifact loses more accuracy than the budget allows.
 
 Each format has a ladder of remedies (:data:`LADDERS`): the real quantizer's own options, tried in order,
-each measured in the artifact's runtime; the first within the budget wins. When none is, the best settings
-found so far get a float fallback: the nodes whose quantization hurts most (ranked by how much each one adds
-to the error of the intermediate tensors, float vs quantized, as NNCF's accuracy control and Intel Neural
-Compressor rank them) are kept in float, 1, 2, 4 ... groups at a time, up to :data:`MAX_FLOAT_NODES` nodes.
-Last comes :data:`WIDE_ACTIVATIONS`: int8 weights with 16-bit activations, accurate but slower than float32.
+each measured in the artifact's runtime; the first within the budget wins. When none is, the format's
+:data:`STAGES` follow: an accuracy-controlled search keeps nodes float greedily by the accuracy each recovers on
+labelled calibration data (:mod:`edgekit.export.accuracy_control`: NNCF's for ONNX, the same algorithm on the
+converter's denylist for TFLite); a float fallback gives the best settings found so far the nodes whose
+quantization hurts most (ranked by how much each one adds to the relative error of the intermediate tensors,
+float vs quantized, as Intel Neural Compressor ranks them), 1, 2, 4 ... groups at a time, up to
+:data:`MAX_FLOAT_NODES` nodes. Last comes :data:`WIDE_ACTIVATIONS`: int8 weights with 16-bit activations,
+accurate but slower than float32.
 
 The quantizers themselves live with their formats: :class:`edgekit.export.onnx.OnnxInt8` (onnxruntime's
 ``quantize_static``) and :class:`edgekit.export.tflite.TfliteInt8` (the TFLite converter, calibrated once,
@@ -265,9 +268,10 @@ class Int8Quantizer(Protocol):
         """Groups of node names, most harmful when quantized with ``options`` first (:func:`rank_nodes`)."""
         ...
 
-    def accuracy_controlled(self, control: AccuracyControl) -> Int8Options | None:
+    def accuracy_controlled(self, control: AccuracyControl, base: Int8Options) -> Int8Options | None:
         """Options whose :meth:`quantize` returns the format's accuracy-controlled artifact (a search on labelled
-        data, :mod:`edgekit.export.accuracy_control`), or ``None`` when the format has no such search."""
+        data from ``base``'s options, :mod:`edgekit.export.accuracy_control`), or ``None`` when the format has no
+        such search."""
         ...
 
 
@@ -291,15 +295,36 @@ class Recovery:
     within_budget: bool = False
 
 
+class Stage(str, Enum):
+    """A stage of a remedy ladder, after the format's quantizer rungs (:data:`LADDERS`)."""
+
+    SEARCH = "search"          # the accuracy-controlled search (:mod:`edgekit.export.accuracy_control`)
+    FALLBACK = "fallback"      # the error-ranked float fallback (:data:`FLOAT_FALLBACK`)
+    WIDE = "wide"              # 16-bit activations (:data:`WIDE_RUNGS`)
+
+
+STAGES: dict[Format, tuple[Stage, ...]] = {
+    # NNCF quantizes with its own scheme and placement (its EfficientNetB0 .onnx ran 3.65-4.35x the float32 time,
+    # most convolutions left float, where onnxruntime's own int8 ran 0.62-0.79x): onnxruntime's fallback first
+    Format.ONNX: (Stage.FALLBACK, Stage.SEARCH, Stage.WIDE),
+    # the search keeps nodes float through the same converter, by what the budget measures: before the cruder
+    # error-ranked fallback (which kept all six compute ops of a squeezed-input CNN float, where the search kept
+    # its first convolution and Rescaling)
+    Format.TFLITE: (Stage.SEARCH, Stage.FALLBACK, Stage.WIDE),
+}
+"""Format -> the stages tried, in order, after its quantizer rungs when none is within the budget."""
+
+
 def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: float,
             evaluate: Callable[[bytes], tuple[float, object]],
             on_attempt: Callable[[str], None] | None = None, control: AccuracyControl | None = None) -> Recovery:
-    """Walk ``fmt``'s ladder from ``first`` (the default artifact, over budget) until an attempt is within ``budget``.
+    """Walk ``fmt``'s ladder from ``first`` (the default artifact, over budget) until an attempt is within ``budget``:
+    its quantizer rungs (:data:`LADDERS`), then its :data:`STAGES`.
 
     ``evaluate(data)`` returns the artifact's accuracy drop and whatever the caller wants kept with it.
     A remedy whose quantizer fails is recorded as failed (score ``inf``) and the ladder goes on. ``control``:
-    labelled data for the format's accuracy-controlled search (NNCF's for ONNX), tried after the float fallback
-    and before the 16-bit activations (it keeps 8-bit kernels).
+    labelled data for the format's accuracy-controlled search (NNCF's for ONNX, the same greedy search on the
+    converter's denylist for TFLite); without it the search stage is skipped.
     """
     recovery = Recovery(first, {"default": first.score})
 
@@ -321,43 +346,58 @@ def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: fl
     for remedy in LADDERS[fmt]:
         if attempt(remedy.name, remedy.options):
             return recovery
-    gained = recovery.best.score < first.score - MIN_GAIN and recovery.best.options.float_fallback
-    base = recovery.best if gained else first
-    try:
-        groups = quantizer.sensitive_nodes(base.options)
-    except Exception:  # noqa: BLE001 (no ranking on this model, e.g. its runtime cannot prepare it: no fallback)
-        groups = []
-    count = 1
-    while count <= len(groups):
-        nodes = tuple(dict.fromkeys(node for group in groups[:count] for node in group))
-        if len(nodes) > MAX_FLOAT_NODES:
-            break
-        name = FLOAT_FALLBACK if not base.remedy else f"{base.remedy}+{FLOAT_FALLBACK}"
-        if attempt(f"{name}({len(nodes)})", replace(base.options, float_nodes=nodes)):
-            return recovery
-        count *= 2
-    if control is not None and _controlled(quantizer, control, attempt):
-        return recovery
-    for name, options in WIDE_RUNGS[fmt]:
-        if attempt(name, options):
+    for stage in STAGES[fmt]:
+        gained = recovery.best.score < first.score - MIN_GAIN and recovery.best.options.float_fallback
+        base = recovery.best if gained else first  # what the stage builds on
+        if stage is Stage.SEARCH:
+            done = control is not None and _controlled(quantizer, control, base, attempt)
+        elif stage is Stage.FALLBACK:
+            done = _fallback(quantizer, base, attempt)
+        else:
+            done = any(attempt(name, options) for name, options in WIDE_RUNGS[fmt])
+        if done:
             return recovery
     recovery.within_budget = recovery.best.score <= budget
     return recovery
 
 
-def _controlled(quantizer: Int8Quantizer, control: AccuracyControl,
+def _fallback(quantizer: Int8Quantizer, base: Attempt, attempt: Callable[[str, Int8Options], bool]) -> bool:
+    """The error-ranked float fallback on top of ``base``: the most harmful node groups kept float (with the nodes
+    ``base`` already keeps float), 1, 2, 4 ... groups, up to :data:`MAX_FLOAT_NODES` nodes."""
+    try:
+        groups = quantizer.sensitive_nodes(base.options)
+    except Exception:  # noqa: BLE001 (no ranking on this model, e.g. its runtime cannot prepare it: no fallback)
+        return False
+    count = 1
+    while count <= len(groups):
+        nodes = tuple(dict.fromkeys((*base.options.float_nodes, *(n for group in groups[:count] for n in group))))
+        if len(nodes) > MAX_FLOAT_NODES:
+            return False
+        name = FLOAT_FALLBACK if not base.remedy else f"{base.remedy}+{FLOAT_FALLBACK}"
+        if attempt(f"{name}({len(nodes)})", replace(base.options, float_nodes=nodes)):
+            return True
+        count *= 2
+    return False
+
+
+def _controlled(quantizer: Int8Quantizer, control: AccuracyControl, base: Attempt,
                 attempt: Callable[[str, Int8Options], bool]) -> bool:
-    """The accuracy-controlled rung: whether it was within the budget (a search that fails is a failed rung)."""
-    from edgekit.export.accuracy_control import NNCF_RUNG
+    """The accuracy-controlled rung, searching from ``base``'s options (the best rung so far, where nodes can be
+    kept float on top of it): whether it was within the budget (a search that fails is a failed rung)."""
+    from edgekit.export.accuracy_control import GREEDY_RUNG, NNCF_RUNG
 
     search = getattr(quantizer, "accuracy_controlled", None)
     if search is None:
         return False
     try:
-        options = search(control)
+        options = search(control, base.options)
     except Exception:  # noqa: BLE001 (a search the library cannot run on this model is a failed rung)
         options = Int8Options(onnx_quantizer=OnnxQuantizer.NNCF)  # quantize() refuses it: recorded as failed
-    return options is not None and attempt(NNCF_RUNG, options)
+    if options is None:
+        return False
+    if options.searched:  # NNCF calibrates with its own scheme: it builds on nothing
+        return attempt(NNCF_RUNG, options)
+    return attempt(GREEDY_RUNG if not base.remedy else f"{base.remedy}+{GREEDY_RUNG}", options)
 
 
 def speed_up(fmt: Format, quantizer: Int8Quantizer, current: Attempt, *, budget: float,
@@ -434,15 +474,21 @@ def rank_nodes(nodes: Sequence[tuple[str, Sequence[str], Sequence[str]]],
     quantized input is crushed (an outlier channel widening the range) is only helped when that input stays
     float too.
     """
-    producer = {out: name for name, _, outs in nodes for out in outs}
-    inputs_of = {name: list(inputs) for name, inputs, _ in nodes}
+    groups = node_groups(nodes)
     added: dict[str, float] = {}
     for name, inputs, outputs in nodes:
         out_error = max((errors.get(t, 0.0) for t in outputs), default=0.0)
         in_error = max((errors.get(t, 0.0) for t in inputs), default=0.0)
         added[name] = out_error - in_error
-    return [(name, *_upstream(name, inputs_of, producer))
-            for name in sorted((n for n in added if added[n] > 1e-3), key=lambda n: -added[n])]
+    return [groups[name] for name in sorted((n for n in added if added[n] > 1e-3), key=lambda n: -added[n])]
+
+
+def node_groups(nodes: Sequence[tuple[str, Sequence[str], Sequence[str]]]) -> dict[str, tuple[str, ...]]:
+    """Node name -> the node and the nodes that produce its inputs (:func:`_upstream`), in graph order: what must
+    stay float with it for its inputs to reach it unquantized (``nodes`` as :func:`rank_nodes` takes them)."""
+    producer = {out: name for name, _, outs in nodes for out in outs}
+    inputs_of = {name: list(inputs) for name, inputs, _ in nodes}
+    return {name: (name, *_upstream(name, inputs_of, producer)) for name, _, _ in nodes}
 
 
 def _upstream(name: str, inputs_of: dict[str, list[str]], producer: dict[str, str]) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,13 +17,18 @@ from edgekit.errors import ConversionError
 from edgekit.export.remedies import (
     ENTROPY_BINS,
     FLOAT_OPS,
+    MAX_FLOAT_NODES,
     SENSITIVITY_SAMPLES,
     Calibration,
     ErrorSums,
     Int8Options,
     TfliteQuantizer,
+    node_groups,
     rank_nodes,
 )
+
+if TYPE_CHECKING:
+    from edgekit.export.accuracy_control import AccuracyControl
 
 
 def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray,
@@ -307,6 +312,24 @@ class TfliteInt8:
         if failure is not None:
             raise ValueError(f"the 16x8 artifact cannot run: {failure}")
         return data
+
+    def accuracy_controlled(self, control: AccuracyControl, base: Int8Options) -> Int8Options:
+        """``base`` (converter options) with the nodes :func:`~edgekit.export.accuracy_control.greedy_float_nodes`
+        keeps float, as the debugger's denylisted nodes. Candidates: each op with its producers, the error ranking's
+        first (:meth:`sensitive_nodes`), then graph order (early layers, where an input-range problem sits), at most
+        :data:`~edgekit.export.accuracy_control.MAX_CANDIDATES` (each costs a re-quantization and a run)."""
+        from dataclasses import replace
+
+        from edgekit.export.accuracy_control import MAX_CANDIDATES, greedy_float_nodes
+
+        try:
+            ranked = self.sensitive_nodes(base)
+        except Exception:  # noqa: BLE001 (no error ranking on this model: graph order alone)
+            ranked = []
+        groups = list(dict.fromkeys([*ranked, *node_groups(_ops(self._calibrated)).values()]))[:MAX_CANDIDATES]
+        nodes = greedy_float_nodes(lambda names: self._quantized(replace(base, float_nodes=names)), groups,
+                                   self._calibrated, control, max_nodes=MAX_FLOAT_NODES)
+        return replace(base, float_nodes=nodes)
 
     def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
         """Op output names of the float graph, those whose quantization with ``options`` adds most to the

@@ -41,7 +41,7 @@ class TuningContext:
     time_ratio: Callable[[bytes, bytes], float]             # b's single-sample time over a's, side by side
     time_blocks: Callable[[bytes, bytes], list[float]]      # the same, each alternating block's ratio
     float32_data: Callable[[Format], bytes | None]          # the source's float32 artifact in a format
-    # labelled samples for a format's accuracy-controlled search (the calibration split: never the evaluation one)
+    # labelled samples for a format's accuracy-controlled search (never the evaluation split)
     validation: Labelled | None = None
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,9 @@ class TrainableResult:
     out: Path | None
     manifest: dict[str, Any]
     files: dict[str, bytes]
+    # what the user should hear: data outside the model's own preprocessing range, an int8 backbone that changes
+    # the model's predictions
+    warnings: list[str] = field(default_factory=list)
 
 
 def export_trainable(model: Any, out: str | Path | None, *, data: str | Path | Dataset | None = None,
@@ -102,7 +105,24 @@ def _export(model: Any, data: str | Path | Dataset | None, config: TrainableConf
     with bars.step("verify in LiteRT"):
         checks = _verify(files, manifest, keras_model, train_model, dataset, config, reference_step, Trainer)
     manifest["verification"] = checks
-    return TrainableResult(None, manifest, files)
+    return TrainableResult(None, manifest, files, _warnings(loaded, dataset, checks, config))
+
+
+BACKBONE_AGREEMENT = 95.0
+"""Percent: a head-only export whose int8 backbone leaves the model's top-1 prediction unchanged on fewer samples is
+said to (the head would train on features int8 changed)."""
+
+
+def _warnings(loaded: Any, dataset: Dataset, checks: dict[str, Any], config: TrainableConfig) -> list[str]:
+    from edgekit.loading.input_range import input_range_warnings
+
+    found = input_range_warnings(loaded.source, dataset.x[:256]) if loaded.source is not None else []
+    agreement = checks["infer_top1_agreement"]
+    if config.head_only and agreement < BACKBONE_AGREEMENT:
+        found.append(f"the int8 backbone leaves the model's top-1 prediction unchanged on {agreement:.1f}% of the "
+                     f"samples (under {BACKBONE_AGREEMENT:g}%): the head trains on features int8 changed; a full "
+                     "(not head-only) export keeps the model float")
+    return found
 
 
 def _parts(loaded: Any, config: TrainableConfig) -> tuple[Any, Any, Any]:

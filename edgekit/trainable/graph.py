@@ -649,8 +649,16 @@ def split_head_keras3(model: Any) -> tuple[Any, Any]:
     if cut is None:
         raise _no_head(model)
     feature = layers[cut]
-    backbone = keras3.Model(model.inputs, feature.output, name="backbone")
-    x = head_in = keras.Input(tuple(feature.output.shape[1:]), name="features")
+    features = feature.output
+    shape = tuple(features.shape[1:])
+    if len(shape) > 1 and all(d == 1 for d in shape[:-1]):
+        # pooled with keepdims (MobileNetV3: (None, 1, 1, C)): the backbone hands over (None, C), a classifier's
+        # output shape, which its graph export takes; the head restores the unit dims first (a Reshape trains)
+        features = keras3.layers.Reshape(shape[-1:], name="features_flat")(features)
+    backbone = keras3.Model(model.inputs, features, name="backbone")
+    x = head_in = keras.Input(tuple(features.shape[1:]), name="features")
+    if tuple(features.shape[1:]) != shape:
+        x = keras.layers.Reshape(shape, name="features_unit_dims")(x)
     for layer in layers[cut + 1:]:
         twin = rebuild_layer(layer)
         x = twin(x)

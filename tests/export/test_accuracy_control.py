@@ -3,6 +3,7 @@ speed and size rungs leave alone, and a real NNCF search (its telemetry off) on 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,9 +12,10 @@ import numpy as np
 import pytest
 
 from edgekit.config import Format
-from edgekit.export.accuracy_control import NNCF_RUNG, AccuracyControl, Labelled
+from edgekit.export.accuracy_control import GREEDY_RUNG, NNCF_RUNG, AccuracyControl, Labelled
 from edgekit.export.remedies import (
     FLOAT_FALLBACK,
+    LADDERS,
     WIDE_ACTIVATIONS,
     Attempt,
     Int8Options,
@@ -40,7 +42,7 @@ class _Searching:
     def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
         return [("a",), ("b",)]
 
-    def accuracy_controlled(self, control: AccuracyControl) -> Int8Options:
+    def accuracy_controlled(self, control: AccuracyControl, base: Int8Options) -> Int8Options:
         self.searched.append(control)
         if self.error is not None:
             raise self.error
@@ -50,13 +52,14 @@ class _Searching:
 NNCF_FOUND = Int8Options(onnx_quantizer=OnnxQuantizer.NNCF, float_nodes=("conv0", "hswish0"))
 
 
-def test_the_search_is_tried_after_the_float_fallback_and_before_16_bit_activations():
+def test_nncf_is_tried_after_onnxruntimes_own_rungs_and_fallback_and_before_16_bit_activations():
     quantizer = _Searching(NNCF_FOUND)
     recovery = recover(Format.ONNX, quantizer, Attempt("", Int8Options(), b"first", 40.0), budget=2.0,
                        evaluate=lambda data: (0.25 if b"NNCF" in data else 40.0, None), control=CONTROL)
     names = list(recovery.tried)
-    assert names.index(f"{FLOAT_FALLBACK}(2)") < names.index(NNCF_RUNG) == len(names) - 1
-    assert WIDE_ACTIVATIONS not in names and recovery.within_budget and quantizer.searched == [CONTROL]
+    assert names == ["default", *(r.name for r in LADDERS[Format.ONNX]), f"{FLOAT_FALLBACK}(1)",
+                     f"{FLOAT_FALLBACK}(2)", NNCF_RUNG]
+    assert recovery.within_budget and quantizer.searched == [CONTROL]
     assert recovery.best.remedy == NNCF_RUNG and recovery.best.score == 0.25
     assert recovery.best.options.changes() == "NNCF's accuracy control; 2 node(s) kept float: conv0, hswish0"
     assert recovery.best.options.as_dict()["onnx_quantizer"] == "nncf"
@@ -67,10 +70,37 @@ def test_a_search_that_fails_or_misses_the_budget_is_a_failed_rung_and_the_ladde
                       Attempt("", Int8Options(), b"first", 40.0), budget=2.0,
                       evaluate=lambda data: (0.5 if b"INT16" in data else 40.0, None), control=CONTROL)
     assert failing.tried[NNCF_RUNG] == float("inf") and failing.best.remedy == WIDE_ACTIVATIONS
+    names = list(failing.tried)
+    assert names.index(f"{FLOAT_FALLBACK}(1)") < names.index(NNCF_RUNG) < names.index(WIDE_ACTIVATIONS)
     missing = recover(Format.ONNX, _Searching(NNCF_FOUND), Attempt("", Int8Options(), b"first", 40.0), budget=2.0,
                       evaluate=lambda data: (5.0 if b"NNCF" in data else 40.0, None), control=CONTROL)
     assert missing.tried[NNCF_RUNG] == 5.0 and list(missing.tried)[-1] == WIDE_ACTIVATIONS
     assert missing.best.remedy == NNCF_RUNG and not missing.within_budget  # the best it found, said to miss
+
+
+def test_the_tflite_search_comes_before_the_error_ranked_fallback_and_builds_on_the_best_rung():
+    """The greedy search keeps nodes float through the same converter: it goes first, from the best quantizer rung
+    (a rung that gained more than a point), and the fallback after it keeps its nodes float too."""
+    found = Int8Options(per_channel=False, float_nodes=("conv0", "rescale"))
+    bases = []
+
+    class Greedy(_Searching):
+        def accuracy_controlled(self, control, base):
+            bases.append(base)
+            return found
+
+    scores = {b"per_channel=False, onnx_format": 20.0}  # the per-tensor rung gained; then the search gets 5
+    recovery = recover(Format.TFLITE, Greedy(), Attempt("", Int8Options(), b"first", 40.0), budget=2.0,
+                       evaluate=lambda data: (5.0 if b"'conv0', 'rescale'" in data and b"'a'" not in data else next(
+                           (v for k, v in scores.items() if k in data and b"float_nodes=()" in data), 40.0), None),
+                       control=CONTROL)
+    names = list(recovery.tried)
+    assert bases == [Int8Options(per_channel=False)]
+    assert names[names.index("per-tensor") + 1] == f"per-tensor+{GREEDY_RUNG}"  # the last quantizer rung, then it
+    fallback = [n for n in names if FLOAT_FALLBACK in n]
+    assert fallback and recovery.tried[f"per-tensor+{GREEDY_RUNG}"] == 5.0
+    assert all(n.startswith(f"per-tensor+{GREEDY_RUNG}+{FLOAT_FALLBACK}(") for n in fallback), fallback
+    assert recovery.best.remedy == f"per-tensor+{GREEDY_RUNG}" and not recovery.within_budget
 
 
 def test_without_labelled_data_or_a_search_the_rung_is_not_tried():
@@ -126,7 +156,8 @@ def test_a_real_nncf_search_keeps_its_drop_and_names_nodes_of_the_float_graph(di
     proto = float_onnx(model)
     float_accuracy = _accuracy(proto.SerializeToString(), x, y)
     with OnnxInt8(proto, data.x[:200]) as quantizer:
-        options = quantizer.accuracy_controlled(AccuracyControl(Labelled(x, y if labelled else None), max_drop=1.0))
+        options = quantizer.accuracy_controlled(AccuracyControl(Labelled(x, y if labelled else None), max_drop=1.0),
+                                                Int8Options())
         artifact = quantizer.quantize(options)
         with pytest.raises(ValueError, match="search on labelled data"):
             quantizer.quantize(Int8Options(onnx_quantizer=OnnxQuantizer.NNCF, float_nodes=("other",)))
@@ -149,3 +180,55 @@ def test_nncf_writes_and_sends_nothing(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]  # NNCF's stub, and openvino_telemetry never loaded
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def squeezed_path(tmp_path_factory):
+    """A CNN whose own Rescaling (x / 127.5 - 1, built for 0-255 pixels) is fed 0-1 pixels, as many users feed
+    keras.applications MobileNetV3Small: its inputs become [-1, -0.992], a large constant plus a tiny signal,
+    which an 8-bit range that must hold 0 crushes (issue 28; this model is its small twin)."""
+    from edgekit import _tf
+    from edgekit.loading.data import load_digits
+
+    keras = _tf.keras()
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    data = load_digits()
+    model = keras.Sequential([
+        layers.Input((8, 8, 1)), layers.Rescaling(1 / 127.5, -1, name="rescale"),
+        layers.Conv2D(16, 3, padding="same", name="first_conv"), layers.BatchNormalization(), layers.ReLU(),
+        layers.Conv2D(32, 3, padding="same", name="second_conv"), layers.BatchNormalization(), layers.ReLU(),
+        layers.GlobalAveragePooling2D(), layers.Dense(10, activation="softmax", name="head")])
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    model.fit(data.x[:1400], data.y[:1400], epochs=30, batch_size=32, verbose=0)
+    norms = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+    for layer in norms:  # batch statistics of so narrow a signal: the moving ones lag far behind after 30 epochs
+        layer.momentum = 0.0
+    model(data.x[:1400], training=True)
+    path = tmp_path_factory.mktemp("squeezed") / "squeezed.h5"
+    model.save(path)
+    return path
+
+
+def test_a_model_every_8_bit_rung_loses_is_recovered_by_accuracy_control_in_both_formats(squeezed_path, tmp_path):
+    """NNCF (ONNX) keeps the first convolution float; edgekit's greedy search (TFLite) keeps it and the Rescaling
+    that feeds it; every quantizer rung before them lost 50 points or more, and the error-ranked float fallback
+    that came next before kept all six compute ops float."""
+    from edgekit import CompressConfig, Recipe, compress
+
+    result = compress(squeezed_path, "digits", tmp_path / "out", progress=False,
+                      config=CompressConfig(recipe=Recipe(quantize="int8")))
+    assert result.source["accuracy"] >= 80 and any("Rescaling" in w for w in result.warnings)
+    arts = {a.format.value: a for a in result.selected.artifacts}
+    for fmt, rung in (("tflite", "accuracy-control"), ("onnx", NNCF_RUNG)):
+        art = arts[fmt]
+        assert art.remedy == rung and art.quantization_drop <= 2.0, (fmt, art.remedies_tried)
+        assert all(score >= 50 for name, score in art.remedies_tried.items() if name != rung), art.remedies_tried
+        floats = art.quantizer_options["float_nodes"]
+        assert any("first_conv" in n for n in floats), floats
+        assert not any("second_conv" in n or "head" in n for n in floats), floats
+    assert len(arts["tflite"].quantizer_options["float_nodes"]) <= 3
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert {a["remedy"] for a in manifest["artifacts"]} == {"accuracy-control", NNCF_RUNG}
+    assert [a["quantizer_options"]["onnx_quantizer"] for a in manifest["artifacts"] if a["format"] == "onnx"] == [
+        "nncf"]

@@ -122,7 +122,8 @@ def test_an_outlier_channel_is_clipped_in_tflite_and_kept_float_on_top_of_clippi
 
 def test_an_int8_collapse_no_rung_recovers_is_recovered_by_keeping_the_sensitive_nodes_float(cnn, tmp_path):
     """The outlier unit at 100,000: clipping to 1/16 of it still crushes the layer in both formats, and no other rung
-    helps. Keeping the nodes around it in float does, in both."""
+    helps. Keeping the nodes around it in float does, in both: found by the accuracy-controlled search in TFLite
+    (its first stage) and by the error-ranked fallback in ONNX (before NNCF's search)."""
     from edgekit.loading import zoo
 
     zoo.with_outlier_unit(cnn, 100000.0).save(tmp_path / "huge.keras")
@@ -133,7 +134,8 @@ def test_an_int8_collapse_no_rung_recovers_is_recovered_by_keeping_the_sensitive
         ladder = [r.name for r in LADDERS[art.format]]
         assert list(tried)[:len(ladder) + 1] == ["default", *ladder], tried
         assert all(tried[name] > 5 for name in ["default", *ladder]), tried  # every rung before it collapses
-        assert art.remedy.startswith("float-fallback(") and list(tried)[-1] == art.remedy, tried
+        first = {Format.TFLITE: "accuracy-control", Format.ONNX: "float-fallback("}[art.format]
+        assert art.remedy.startswith(first) and list(tried)[-1] == art.remedy, tried
         assert art.quantization_drop <= 2.0
         # the nodes kept float are those around the outlier: the 33-unit dense layer's consumer (and the layer)
         kept = " ".join(art.quantizer_options["float_nodes"])
@@ -153,8 +155,7 @@ def test_int8_io_remedy_keeps_int8_inputs(outlier_path, digits):
 
 def test_no_remedy_left_means_exit_code_3_with_the_report(outlier_path, tmp_path, monkeypatch):
     monkeypatch.setitem(LADDERS, Format.TFLITE, ())
-    monkeypatch.setattr(remedies_module, "MAX_FLOAT_NODES", 0)  # no float fallback either
-    monkeypatch.setitem(remedies_module.WIDE_RUNGS, Format.TFLITE, ())  # nor 16-bit activations
+    monkeypatch.setitem(remedies_module.STAGES, Format.TFLITE, ())  # no search, float fallback or 16-bit activations
     out = tmp_path / "over"
     with pytest.raises(BudgetError, match=r"int8: quantizing costs \d+\.\d\d points .* more than the 2 points") as info:
         compress(outlier_path, "digits", out, progress=False,
@@ -176,7 +177,8 @@ def test_when_no_8_bit_remedy_recovers_16_bit_activations_do_and_the_slowdown_is
 
     monkeypatch.setitem(LADDERS, Format.TFLITE, ())
     monkeypatch.setitem(LADDERS, Format.ONNX, ())
-    monkeypatch.setattr(remedies_module, "MAX_FLOAT_NODES", 0)
+    for fmt in (Format.TFLITE, Format.ONNX):
+        monkeypatch.setitem(remedies_module.STAGES, fmt, (remedies_module.Stage.WIDE,))
     result = compress(outlier_path, "digits", tmp_path / "out", progress=False,
                       config=CompressConfig(recipe=Recipe(quantize="int8"), training=fast_training()))
     for art in result.selected.artifacts:

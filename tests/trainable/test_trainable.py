@@ -465,7 +465,7 @@ def test_head_only_training_of_a_model_tf_keras_cannot_rebuild(digits, tmp_path)
     result = export_trainable(tmp_path / "rms.keras", tmp_path / "head", data=tmp_path / "d.npz", progress=False,
                               config=TrainableConfig(head_only=True, batch_size=16))
     assert set(result.files) == {"backbone.tflite", "trainable.tflite"}
-    assert result.manifest["verification"]["infer_top1_agreement"] >= 95
+    assert result.manifest["verification"]["infer_top1_agreement"] >= 95 and result.warnings == []
     trainer = Trainer.load(tmp_path / "head")
     before, _ = trainer.evaluate(digits.x[600:900], digits.y[600:900])
     trainer.fit(digits.x[:600], digits.y[:600], epochs=3, learning_rate=0.05)
@@ -612,6 +612,41 @@ def test_head_only_cuts_before_a_mobilenetv3_style_top(digits, tmp_path):
     flat = keras.Sequential([keras.Input((8, 8, 1)), layers.Flatten(), layers.Activation("softmax")])
     with pytest.raises(UnsupportedLayerError, match="needs a head at the end of the model"):
         export_trainable(flat, None, data=tmp_path / "d.npz", progress=False, config=TrainableConfig(head_only=True))
+
+
+def test_head_only_of_a_keras3_model_whose_pooled_features_keep_unit_spatial_dims(digits, tmp_path):
+    """Keras 3 MobileNetV3Small --head-only was refused: "the serving output has shape (None, 1, 1, 576)" (its
+    pooling keeps dims; the backbone goes through its own graph where tf-keras cannot rebuild the model, here
+    because of RMSNormalization). The backbone now hands over (None, C) and the head restores (1, 1, C)."""
+    keras = _tf.keras3()
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), layers.Conv2D(8, 3, activation="hard_swish"),
+                              layers.RMSNormalization(), layers.GlobalAveragePooling2D(keepdims=True),
+                              layers.Conv2D(16, 1, activation="hard_swish"), layers.Dropout(0.2),
+                              layers.Conv2D(10, 1), layers.Flatten(), layers.Activation("softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(digits.x[:600], digits.y[:600], epochs=10, verbose=0)
+    model.save(tmp_path / "v3top.keras")
+    np.savez(tmp_path / "d.npz", x=digits.x[:600], y=digits.y[:600])
+    result = export_trainable(tmp_path / "v3top.keras", tmp_path / "head", data=tmp_path / "d.npz", progress=False,
+                              config=TrainableConfig(head_only=True, batch_size=16))
+    trainable, check = result.manifest["trainable"], result.manifest["verification"]
+    assert trainable["head_input"] == {"shape": [None, 8]}
+    assert [t["shape"] for t in trainable["tensors"]] == [[1, 1, 8, 16], [16], [1, 1, 16, 10], [10]]
+    # the int8 backbone (hard-swish, RMSNormalization) agrees on 85.5% here: what is checked is that it feeds the
+    # head the right features, not the int8 quality of this small model
+    assert check["infer_top1_agreement"] >= 80 and check["train_step_max_relative_l2"] <= 1e-2
+    if check["infer_top1_agreement"] < 95:  # said, with the number
+        assert result.warnings == [f"the int8 backbone leaves the model's top-1 prediction unchanged on "
+                                   f"{check['infer_top1_agreement']:.1f}% of the samples (under 95%): the head "
+                                   "trains on features int8 changed; a full (not head-only) export keeps the model "
+                                   "float"]
+    trainer = Trainer.load(tmp_path / "head")
+    before, _ = trainer.evaluate(digits.x[600:900], digits.y[600:900])
+    trainer.fit(digits.x[:600], digits.y[:600], epochs=3, learning_rate=0.05)
+    after, _ = trainer.evaluate(digits.x[600:900], digits.y[600:900])
+    assert after < before
 
 
 def test_head_only_head_is_the_trailing_run_of_layers_that_train_on_the_device(digits, tmp_path):
