@@ -15,11 +15,13 @@ from device_agents.errors import (
     InstallError,
     IntegrityError,
     ReleaseError,
+    StatsError,
 )
 from device_agents.exit_codes import ExitCode
 from device_agents.serving.runtime import ArtifactFormat, Model, Runtime, TensorSpec, available_runtimes
 from device_agents.serving.telemetry import Telemetry
 from device_agents.store.model_store import ModelStore
+from device_agents.store.serving import ServedModel
 from device_agents.training.trainer import Trainer
 
 __all__ = [
@@ -34,6 +36,8 @@ __all__ = [
     "ModelStore",
     "ReleaseError",
     "Runtime",
+    "ServedModel",
+    "StatsError",
     "Telemetry",
     "TensorSpec",
     "Trainer",

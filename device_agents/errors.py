@@ -9,6 +9,7 @@ escape from a bad artifact or a bad request::
     ├── InputMismatchError  a request's shape or dtype does not fit the model (exit code 2)
     ├── TrainingError       local training diverged at every learning rate tried (the weights are left as
     │                       they were)
+    ├── StatsError          a serving-statistics window (spool file or message) is not what it says
     └── InstallError        a new model version failed its smoke test (the old one stays)
         └── ReleaseError    a release was refused: unsigned, bad signature, expired, altered, or not
                             newer than the installed one (the old one stays)
@@ -61,6 +62,10 @@ class InputMismatchError(AgentError):
 
 class TrainingError(AgentError):
     """Local training diverged at every learning rate tried; the weights are left as they were."""
+
+
+class StatsError(AgentError):
+    """A serving-statistics window (:mod:`device_agents.serving.stats`) with wrong names, sizes or numbers."""
 
 
 class InstallError(AgentError):

@@ -1,0 +1,111 @@
+"""A bounded, crash-safe spool of serving-statistics windows in a folder (the store's ``telemetry/``).
+
+Each window is one JSON file, ``<sequence>.json``, written atomically (a crash leaves the previous files whole and
+at most a temporary file, which is ignored and cleared); when the files pass ``max_bytes`` the oldest are deleted,
+so a device that serves for weeks offline keeps a bounded summary of its most recent windows. Writers take a lock
+on the folder. Reading skips (and reports) a file that is not a valid window: the spool is read as untrusted.
+
+>>> spool = Spool(store_root / "telemetry", max_bytes=1 << 20)     # doctest: +SKIP
+>>> spool.append(stats)                                             # doctest: +SKIP
+>>> [w.calls for w in spool.windows()]                              # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from device_agents.errors import StatsError
+from device_agents.files import write_atomic
+from device_agents.serving.stats import ServingStats
+
+DEFAULT_SPOOL_BYTES = 1 << 20
+"""The spool's size at most (1 MiB): about a thousand windows of a 10-class model with a few features."""
+SUFFIX = ".json"
+
+
+class Spool:
+    """A folder of serving-statistics windows, at most ``max_bytes`` in all, oldest dropped first."""
+
+    def __init__(self, folder: str | Path, *, max_bytes: int = DEFAULT_SPOOL_BYTES) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"a spool holds a positive number of bytes, not {max_bytes}")
+        self.folder, self.max_bytes = Path(folder), int(max_bytes)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _files(self) -> list[tuple[int, Path]]:
+        """(sequence, path) of every window file, oldest first (other names are not the spool's)."""
+        found = []
+        for path in self.folder.glob(f"*{SUFFIX}") if self.folder.is_dir() else []:
+            stem = path.name[:-len(SUFFIX)]
+            if stem.isdigit() and len(stem) == 12 and path.is_file() and not path.is_symlink():
+                found.append((int(stem), path))
+        return sorted(found)
+
+    def append(self, stats: ServingStats) -> Path | None:
+        """Write ``stats`` as the newest window and drop the oldest beyond ``max_bytes``; ``None`` for an empty
+        window (nothing served). A window larger than the whole spool is refused (:class:`ValueError`)."""
+        if stats.empty:
+            return None
+        data = (json.dumps(stats.to_dict(), separators=(",", ":")) + "\n").encode()
+        if len(data) > self.max_bytes:
+            raise ValueError(f"a serving-statistics window of {len(data):,} bytes does not fit a spool of "
+                             f"{self.max_bytes:,} bytes")
+        with self._locked():
+            for stale in self.folder.glob(".*.partial"):  # a writer that crashed mid-write (none runs: locked)
+                stale.unlink(missing_ok=True)
+            files = self._files()
+            path = self.folder / f"{(files[-1][0] + 1 if files else 1):012d}{SUFFIX}"
+            write_atomic(path, data)
+            self._trim([*files, (0, path)])
+        return path
+
+    def _trim(self, files: list[tuple[int, Path]]) -> None:
+        sizes = [(path, path.stat().st_size) for _, path in files]
+        total = sum(size for _, size in sizes)
+        for path, size in sizes:
+            if total <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+
+    def bytes(self) -> int:
+        """The window files' total size."""
+        return sum(path.stat().st_size for _, path in self._files())
+
+    def windows(self, *, problems: list[str] | None = None) -> list[ServingStats]:
+        """Every valid window, oldest first; a file that is not one is skipped (its name and why are appended to
+        ``problems``)."""
+        found = []
+        for _, path in self._files():
+            try:
+                if path.stat().st_size > self.max_bytes:
+                    raise StatsError(f"larger than the spool ({self.max_bytes:,} bytes)")
+                found.append(ServingStats.from_dict(json.loads(path.read_bytes())))
+            except (OSError, ValueError, StatsError) as exc:
+                if problems is not None:
+                    problems.append(f"{path.name}: {exc}")
+        return found
+
+    def drain(self, through: int) -> None:
+        """Delete the windows up to sequence ``through`` (once collected)."""
+        with self._locked():
+            for sequence, path in self._files():
+                if sequence <= through:
+                    path.unlink(missing_ok=True)
+
+    def last_sequence(self) -> int:
+        files = self._files()
+        return files[-1][0] if files else 0

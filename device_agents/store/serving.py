@@ -1,0 +1,95 @@
+"""The store's current version, served with telemetry: an application that serves through the agent records what
+it served (:mod:`device_agents.serving.stats`) into the store's bounded spool (:mod:`device_agents.serving.spool`),
+aggregates only, never a sample.
+
+>>> with ServedModel.open(ModelStore("/var/lib/edgekit")) as served:     # doctest: +SKIP
+...     scores = served.predict(x)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agents.errors import InstallError
+from device_agents.serving.integrity import verified_artifact
+from device_agents.serving.runtime import Model, Runtime
+from device_agents.serving.spool import DEFAULT_SPOOL_BYTES, Spool
+from device_agents.serving.stats import ServingStats, features_of
+from device_agents.store.model_store import ModelStore
+
+SPOOL_FOLDER = "telemetry"
+"""The spool's folder in the store's root."""
+FLUSH_SECONDS = 60.0
+FLUSH_CALLS = 10_000
+
+
+class ServedModel:
+    """A :class:`~device_agents.Model` whose every :meth:`predict` is counted, timed and summarised per version;
+    the window goes to the spool every ``flush_seconds`` or ``flush_calls`` calls, and at :meth:`close`."""
+
+    def __init__(self, model: Model, version: str, spool: Spool, *, flush_seconds: float = FLUSH_SECONDS,
+                 flush_calls: int = FLUSH_CALLS) -> None:
+        self.model, self.version, self.spool = model, version, spool
+        self.flush_seconds, self.flush_calls = float(flush_seconds), int(flush_calls)
+        sample = model.example_input()
+        self._features = features_of(sample).shape[1]
+        self._classes = int(np.prod([d for d in model.outputs[0].shape[1:] if d > 0]) or 1)
+        self._stats = self._new()
+
+    @classmethod
+    def open(cls, store: ModelStore, *, runtime: Runtime | str | None = None, num_threads: int | None = None,
+             max_spool_bytes: int = DEFAULT_SPOOL_BYTES, flush_seconds: float = FLUSH_SECONDS,
+             flush_calls: int = FLUSH_CALLS) -> ServedModel:
+        """The store's current version (hash-checked as :func:`~device_agents.serving.integrity.verified_artifact`
+        checks it), served into the store's spool."""
+        current = store.current
+        if current is None:
+            raise InstallError(f"{store.root} has no current version: install one first")
+        entry = verified_artifact(current, runtime=runtime, kind="inference")
+        model = Model.load(entry.data, runtime=runtime, num_threads=num_threads)
+        spool = Spool(Path(store.root) / SPOOL_FOLDER, max_bytes=max_spool_bytes)
+        return cls(model, current.name, spool, flush_seconds=flush_seconds, flush_calls=flush_calls)
+
+    def _new(self) -> ServingStats:
+        now = time.time()
+        return ServingStats(self.version, self._classes, self._features, start=now, end=now)
+
+    def predict(self, x: np.ndarray, **kwargs: Any) -> np.ndarray:
+        """:meth:`Model.predict`, recorded (a failed call is counted as an error and re-raised)."""
+        start = time.perf_counter()
+        try:
+            outputs = self.model.predict(x, **kwargs)
+        except Exception:
+            self._stats.record_error(seconds=time.perf_counter() - start)
+            self._maybe_flush()
+            raise
+        seconds = time.perf_counter() - start
+        batch = np.asarray(x)
+        single = batch.ndim == len(self.model.inputs[0].shape) - 1
+        self._stats.record(batch[None] if single else batch, outputs[None] if single else outputs, seconds=seconds)
+        self._maybe_flush()
+        return outputs
+
+    def _maybe_flush(self) -> None:
+        if (self._stats.calls >= self.flush_calls
+                or time.time() - self._stats.start >= self.flush_seconds):
+            self.flush()
+
+    def flush(self) -> Path | None:
+        """Write the current window to the spool (nothing when nothing was served) and start a new one."""
+        stats, self._stats = self._stats, self._new()
+        stats.end = time.time()
+        return self.spool.append(stats)
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> ServedModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
