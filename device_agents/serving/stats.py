@@ -215,3 +215,64 @@ def _edges(value: Any, features: int) -> list[list[float]] | None:
     if any(not 0 < len(e) < MAX_BINS or e != sorted(e) for e in edges):
         raise StatsError(f"a serving-statistics window's edges are not ascending lists of 1 to {MAX_BINS - 1}")
     return edges
+
+
+REFERENCE_BINS = 10
+"""A release's reference bins per feature: its calibration data's deciles."""
+PSI_FLOOR = 1e-4
+"""A bin's share is at least this in the population stability index (an empty bin would make it infinite)."""
+
+
+def reference_of(x: np.ndarray, outputs: np.ndarray) -> dict[str, Any]:
+    """The reference statistics a release carries in its manifest (``reference``): of the data it was calibrated
+    on, the predicted-class frequencies and per-feature (:func:`features_of`) means, variances, decile edges and
+    the share of samples in each decile bin. Served traffic is counted in the same bins on the device
+    (:class:`ServingStats` with ``edges``) and compared with :func:`stability_index`.
+
+    >>> ref = reference_of(np.arange(100.0)[:, None], np.eye(2)[np.arange(100) % 2])
+    >>> ref["class_frequencies"], len(ref["feature_edges"][0]), ref["feature_bin_frequencies"][0][0]
+    ([0.5, 0.5], 9, 0.1)
+    """
+    values = features_of(x)
+    outputs = np.asarray(outputs).reshape(len(outputs), -1)
+    classes = np.bincount(outputs.argmax(axis=1), minlength=outputs.shape[1]) / max(len(outputs), 1)
+    edges, shares = [], []
+    for column in values.T:
+        quantiles = np.quantile(column, np.linspace(0, 1, REFERENCE_BINS + 1)[1:-1])
+        found = [float(e) for e in np.unique(quantiles)]
+        counts = np.bincount(np.searchsorted(found, column, side="right"), minlength=len(found) + 1)
+        edges.append(found)
+        shares.append([round(float(c) / len(column), 6) for c in counts])
+    return {"samples": len(values), "class_frequencies": [round(float(c), 6) for c in classes],
+            "feature_mean": [float(v) for v in values.mean(axis=0)],
+            "feature_var": [float(v) for v in values.var(axis=0)],
+            "feature_edges": edges, "feature_bin_frequencies": shares}
+
+
+def reference_edges(manifest: Any) -> list[list[float]] | None:
+    """The reference bin edges of a manifest's ``reference``, checked as a window's are; ``None`` when it has none
+    or they are malformed (a release without a reference is served without bins)."""
+    reference = manifest.get("reference") if isinstance(manifest, dict) else None
+    edges = reference.get("feature_edges") if isinstance(reference, dict) else None
+    try:
+        return _edges(edges, len(edges)) if isinstance(edges, list) and 0 < len(edges) <= MAX_FEATURES else None
+    except StatsError:
+        return None
+
+
+def stability_index(expected: list[float], counts: list[int]) -> float:
+    """The population stability index of served ``counts`` against the reference's bin shares ``expected``:
+    sum of (a - e) * ln(a / e) over bins, each share floored at :data:`PSI_FLOOR`. Under 0.1 is commonly read as
+    no shift, 0.1-0.25 as a moderate one, over 0.25 as a significant one.
+
+    >>> round(stability_index([0.5, 0.5], [50, 50]), 6), round(stability_index([0.5, 0.5], [90, 10]), 3)
+    (0.0, 0.879)
+    """
+    total = sum(counts)
+    if total == 0 or len(expected) != len(counts):
+        return 0.0
+    psi = 0.0
+    for e, c in zip(expected, counts, strict=True):
+        a, e = max(c / total, PSI_FLOOR), max(float(e), PSI_FLOOR)
+        psi += (a - e) * math.log(a / e)
+    return psi

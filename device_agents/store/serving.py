@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from device_agents.errors import InstallError
-from device_agents.serving.integrity import verified_artifact
+from device_agents.serving.integrity import read_manifest, verified_artifact
 from device_agents.serving.runtime import Model, Runtime
 from device_agents.serving.spool import DEFAULT_SPOOL_BYTES, Spool
-from device_agents.serving.stats import ServingStats, features_of
+from device_agents.serving.stats import ServingStats, features_of, reference_edges
 from device_agents.store.model_store import ModelStore
 
 SPOOL_FOLDER = "telemetry"
@@ -31,12 +31,14 @@ class ServedModel:
     """A :class:`~device_agents.Model` whose every :meth:`predict` is counted, timed and summarised per version;
     the window goes to the spool every ``flush_seconds`` or ``flush_calls`` calls, and at :meth:`close`."""
 
-    def __init__(self, model: Model, version: str, spool: Spool, *, flush_seconds: float = FLUSH_SECONDS,
-                 flush_calls: int = FLUSH_CALLS) -> None:
-        self.model, self.version, self.spool = model, version, spool
+    def __init__(self, model: Model, version: str, spool: Spool, *, edges: list[list[float]] | None = None,
+                 flush_seconds: float = FLUSH_SECONDS, flush_calls: int = FLUSH_CALLS) -> None:
+        self.model, self.version, self.spool, self.edges = model, version, spool, edges
         self.flush_seconds, self.flush_calls = float(flush_seconds), int(flush_calls)
         sample = model.example_input()
         self._features = features_of(sample).shape[1]
+        if edges is not None and len(edges) != self._features:
+            self.edges = None  # a reference of another input shape: served without bins
         self._classes = int(np.prod([d for d in model.outputs[0].shape[1:] if d > 0]) or 1)
         self._stats = self._new()
 
@@ -45,18 +47,20 @@ class ServedModel:
              max_spool_bytes: int = DEFAULT_SPOOL_BYTES, flush_seconds: float = FLUSH_SECONDS,
              flush_calls: int = FLUSH_CALLS) -> ServedModel:
         """The store's current version (hash-checked as :func:`~device_agents.serving.integrity.verified_artifact`
-        checks it), served into the store's spool."""
+        checks it), served into the store's spool; served inputs are counted in the bins of the release's
+        reference statistics (its manifest's ``reference``) when it has them."""
         current = store.current
         if current is None:
             raise InstallError(f"{store.root} has no current version: install one first")
         entry = verified_artifact(current, runtime=runtime, kind="inference")
         model = Model.load(entry.data, runtime=runtime, num_threads=num_threads)
         spool = Spool(Path(store.root) / SPOOL_FOLDER, max_bytes=max_spool_bytes)
-        return cls(model, current.name, spool, flush_seconds=flush_seconds, flush_calls=flush_calls)
+        return cls(model, current.name, spool, edges=reference_edges(read_manifest(current)),
+                   flush_seconds=flush_seconds, flush_calls=flush_calls)
 
     def _new(self) -> ServingStats:
         now = time.time()
-        return ServingStats(self.version, self._classes, self._features, start=now, end=now)
+        return ServingStats(self.version, self._classes, self._features, self.edges, start=now, end=now)
 
     def predict(self, x: np.ndarray, **kwargs: Any) -> np.ndarray:
         """:meth:`Model.predict`, recorded (a failed call is counted as an error and re-raised)."""

@@ -94,6 +94,9 @@ def inference_manifest(result: CompressResult, *, keras_model: str | None = KERA
         "budget_within_noise": result.verdict_within_noise(selected) or None,
         "warnings": result.warnings or None,
         "float32_reference": result.reference,
+        # the calibration data's predicted classes and per-feature summaries and decile bins: served traffic is
+        # counted in these bins on the device and compared with them (population stability index)
+        "reference": result.data_reference,
         "artifacts": [artifact_entry(a, evaluated=result.evaluated) for a in selected.artifacts],
         "layer_sparsity": selected.layer_sparsity,
         "skipped_layers": selected.skipped_layers,

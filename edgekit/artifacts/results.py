@@ -139,6 +139,8 @@ class CompressResult:
     reference: dict[str, dict[str, float]] = field(default_factory=dict)
     # what the user should hear about the data and the model (e.g. data outside the model's own preprocessing range)
     warnings: list[str] = field(default_factory=list)
+    # the calibration data's reference statistics (device_agents.serving.stats.reference_of), for drift
+    data_reference: dict[str, Any] | None = None
 
     @property
     def budget(self) -> Budget:

@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from device_agents.serving.stats import reference_of
 from edgekit._io import StagedDir
 from edgekit._progress import Progress
 from edgekit.artifacts.results import CandidateResult, CompressResult
@@ -89,6 +90,7 @@ def _compress(model: Any, data: str | Path | Dataset, eval_data: str | Path | Da
     result = CompressResult(source, candidates, _select(candidates, config), config, data_info=data_info,
                             warnings=input_range_warnings(loaded.source, splits.calibration.x))
     result.reference = reference
+    result.data_reference = reference_of(splits.calibration.x, predict(loaded.source, splits.calibration.x))
     return result
 
 

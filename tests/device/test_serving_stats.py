@@ -145,3 +145,26 @@ def test_an_app_serving_through_the_store_records_per_version_into_the_spool(int
     assert mean == pytest.approx(float(np.concatenate([digits.x[:48], digits.x[100:101]]).mean()), rel=1e-6)
     predicted = sum(np.array(w.class_counts) for w in windows)
     assert predicted.sum() == 49 and (predicted > 0).sum() >= 5  # the model predicts several digits
+
+
+def test_served_inputs_are_binned_against_the_releases_reference_and_drift_shows_in_the_stability_index(
+        int8_out, digits, tmp_path):
+    """compress stores the calibration data's reference statistics in the manifest; a device counts what it serves
+    in the same bins. The calibration distribution scores a small index, inverted images a large one."""
+    from device_agents.serving.integrity import read_manifest
+    from device_agents.serving.stats import stability_index
+
+    reference = read_manifest(int8_out)["reference"]
+    assert reference["samples"] > 100 and len(reference["feature_edges"]) == 1  # one channel
+    assert sum(reference["class_frequencies"]) == pytest.approx(1.0, abs=1e-4)
+    indexes = {}
+    for name, x in (("same", digits.x[:600]), ("inverted", 1.0 - digits.x[:600])):
+        store = ModelStore(tmp_path / name)
+        store.install(int8_out)
+        with ServedModel.open(store) as served:
+            for i in range(0, 600, 50):
+                served.predict(x[i:i + 50])
+        (window,) = Spool(tmp_path / name / "telemetry").windows()
+        assert window.edges == reference["feature_edges"] and sum(window.bin_counts[0]) == 600
+        indexes[name] = stability_index(reference["feature_bin_frequencies"][0], window.bin_counts[0])
+    assert indexes["same"] < 0.1 < 0.25 < indexes["inverted"], indexes
