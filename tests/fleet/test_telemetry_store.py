@@ -1,0 +1,93 @@
+"""The fleet's telemetry store (issue 27, part 2, server side): windows kept in SQLite once per (node, sequence),
+implausible ones refused, versions summed, latency quantiles and drift read from what was stored."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+
+from device_agents.serving.stats import LATENCY_BUCKETS, ServingStats, reference_of
+from edgekit.fleet.telemetry import (
+    DRIFT_THRESHOLD,
+    MAX_BATCH,
+    MAX_CONCURRENCY,
+    SCHEMA_VERSION,
+    TelemetryStore,
+    drift,
+    plausible,
+    quantile,
+)
+
+NOW = 1_000_000.0
+
+
+def _window(version="v1", calls=4, seconds=0.004, start=NOW - 60, end=NOW - 1, x=None, edges=None):
+    stats = ServingStats(version, num_classes=3, features=1, edges=edges, start=start, end=end)
+    for _ in range(calls):
+        stats.record(np.zeros((2, 1)) if x is None else x, np.eye(3)[[0, 2]], seconds=seconds)
+    return stats
+
+
+def test_windows_are_stored_once_and_summed_per_version(tmp_path):
+    store = TelemetryStore(tmp_path / "fleet" / "telemetry.sqlite")
+    assert store.add(1, 1, _window(), now=NOW) == "" and store.add(1, 1, _window(), now=NOW) == "already stored"
+    assert store.add(1, 2, _window(calls=2), now=NOW) == "" and store.add(2, 1, _window(), now=NOW) == ""
+    assert store.add(2, 2, _window("v2", seconds=0.2), now=NOW) == ""
+    store.close()
+    store = TelemetryStore(tmp_path / "fleet" / "telemetry.sqlite")  # what was stored survives a restart
+    v1 = store.totals("v1")
+    assert (v1.windows, v1.nodes, v1.calls, v1.samples, v1.errors) == (3, 2, 10, 20, 0)
+    assert v1.class_counts == [10, 0, 10] and v1.error_rate == 0.0
+    assert v1.latency_counts[LATENCY_BUCKETS.index(0.005)] == 10 and sum(v1.latency_counts) == 10
+    assert store.versions() == ["v1", "v2"] and store.last_sequence(1) == 2 and store.last_sequence(9) == 0
+    assert store.totals("v1", since=NOW).windows == 0 and store.totals("unknown").calls == 0
+    with sqlite3.connect(tmp_path / "fleet" / "telemetry.sqlite") as db:
+        assert db.execute("SELECT value FROM meta").fetchone() == (str(SCHEMA_VERSION),)
+        db.execute("UPDATE meta SET value = '99'")
+    with pytest.raises(ValueError, match="holds telemetry schema 99"):
+        TelemetryStore(tmp_path / "fleet" / "telemetry.sqlite")
+
+
+@pytest.mark.parametrize(("window", "reason"), [
+    (_window(end=NOW + 3600), "in the future"),
+    (_window(start=NOW - 400 * 86_400, end=NOW - 1), "days ago"),
+    # a device that claims a day of serving time in a one-minute window
+    (_window(calls=10, seconds=86_400 / 10), f"at most {MAX_CONCURRENCY} calls at once"),
+])
+def test_a_window_the_device_could_not_have_served_is_refused(window, reason):
+    assert reason in plausible(window, now=NOW)
+    store = TelemetryStore(":memory:")
+    assert reason in store.add(3, 1, window, now=NOW) and store.totals("v1").windows == 0
+
+
+def test_more_samples_than_calls_could_carry_is_refused():
+    window = _window(calls=1)
+    window.samples, window.class_counts = MAX_BATCH + 1, [MAX_BATCH + 1, 0, 0]
+    assert "a call" in plausible(window, now=NOW)
+
+
+def test_latency_quantiles_interpolate_within_buckets_as_prometheus_does():
+    counts = [0] * (len(LATENCY_BUCKETS) + 1)
+    counts[LATENCY_BUCKETS.index(0.01)] = 90  # (0.005, 0.01]
+    counts[LATENCY_BUCKETS.index(0.1)] = 10   # (0.05, 0.1]
+    assert quantile(counts, 0.5) == pytest.approx(0.005 + 0.005 * 50 / 90)
+    assert quantile(counts, 0.99) == pytest.approx(0.05 + 0.05 * 9 / 10)
+    assert quantile([0] * len(counts), 0.5) is None and quantile([*[0] * len(LATENCY_BUCKETS), 3], 0.5) == 10.0
+
+
+def test_drift_is_reported_against_the_releases_reference_and_not_for_its_own_distribution():
+    rng = np.random.default_rng(0)
+    calibration = rng.normal(0.0, 1.0, (500, 1))
+    reference = reference_of(calibration, np.eye(3)[rng.integers(0, 3, 500)])
+    edges = reference["feature_edges"]
+    store = TelemetryStore(":memory:")
+    for node, (version, mean) in enumerate((("same", 0.0), ("shifted", 2.0))):  # 100 served samples each
+        for sequence in range(50):
+            sample = rng.normal(mean, 1.0, (2, 1))
+            assert store.add(node, sequence + 1, _window(version, calls=1, x=sample, edges=edges), now=NOW) == ""
+    same, shifted = drift(store.totals("same"), reference), drift(store.totals("shifted"), reference)
+    assert same < 0.1 and shifted > DRIFT_THRESHOLD, (same, shifted)
+    assert drift(store.totals("same"), None) is None
+    assert drift(store.totals("same"), {**reference, "feature_edges": [[0.0]]}) is None  # other bins
