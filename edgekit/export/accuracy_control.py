@@ -35,11 +35,13 @@ GREEDY_RUNG = "accuracy-control"
 converter's denylist (NNCF has no TFLite backend)."""
 VALIDATION_BATCH = 32
 RANKING_SAMPLES = 128
-"""Validation samples each candidate node is ranked on (NNCF's ``ranking_subset_size`` is 300 by default)."""
+"""Validation samples each candidate is ranked on, by both searches (NNCF's ``ranking_subset_size`` is 300 by
+default)."""
 MAX_CANDIDATES = 64
 """Candidate groups ranked at most (each is a re-quantization and a run on :data:`RANKING_SAMPLES` samples)."""
 MAX_TRIALS = 16
-"""Greedy steps at most: each keeps the next ranked node float and measures the whole validation split."""
+"""Greedy steps at most, in both searches (NNCF's ``max_num_iterations``): each keeps the next ranked group float
+and measures the whole validation split, so the time a search takes is bounded whatever the model's size."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ def accuracy_controlled(model: Any, calibration: np.ndarray, validation: Labelle
     """
     nncf = _nncf()
     from nncf.common.logging import nncf_logger
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
 
     step = batch or 1
     usable = len(calibration) - len(calibration) % step
@@ -150,7 +153,9 @@ def accuracy_controlled(model: Any, calibration: np.ndarray, validation: Labelle
                 model, nncf.Dataset(calibration_items, lambda item: {input_name: item}),
                 nncf.Dataset(items, lambda item: {input_name: item[0]}), validate,
                 max_drop=max(float(max_drop), 0.0), drop_type=nncf.DropType.ABSOLUTE,
-                subset_size=len(calibration_items))
+                subset_size=len(calibration_items),
+                advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+                    max_num_iterations=MAX_TRIALS, ranking_subset_size=min(RANKING_SAMPLES, len(items))))
     finally:
         nncf_logger.removeHandler(reverted)
         for handler in quiet:
