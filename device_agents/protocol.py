@@ -66,6 +66,24 @@ class Query:
     INSTALL = "install"          # a ConfigRecord ``release`` of file name -> bytes
     ROLLBACK = "rollback"        # config ``from-id``: roll back only when that version is the one served
     STATUS = "status"            # the versions the store holds, and a measurement of the current one
+    TELEMETRY = "telemetry"      # the serving-statistics windows of the store's spool (TelemetryWire)
+
+
+class TelemetryWire:
+    """The keys of a telemetry collection: the server's config says ``through`` (the newest spool sequence it has
+    stored of this device, which the device then drains); the reply carries ``windows`` (a ConfigRecord of spool
+    sequence, 12 digits -> the window's JSON bytes, oldest first, at most :data:`MAX_WINDOWS`) and the metric
+    ``last-sequence`` (the newest sequence the spool holds)."""
+
+    THROUGH = "through"
+    WINDOWS = "windows"
+    LAST_SEQUENCE = "last-sequence"
+
+
+MAX_WINDOWS = 256
+"""The most serving-statistics windows one telemetry reply carries (the rest come with the next collection)."""
+MAX_WINDOW_BYTES = 1 << 20
+"""The most bytes one window may take (a spool's default size)."""
 
 
 MEASURE = ("inferences", "errors", "p50-ms", "p99-ms", "peak-rss-mib", "accuracy", "samples")

@@ -53,7 +53,7 @@ from device_agents.federated.wire import (
 )
 from device_agents.files import read_npz
 from device_agents.fleet import agent as fleet
-from device_agents.protocol import ClientLimits, Clipping, Codec, Fault, Metric, Query, TrainConfig
+from device_agents.protocol import ClientLimits, Clipping, Codec, Fault, Metric, Query, TelemetryWire, TrainConfig
 from device_agents.training.trainer import Trainer
 
 _TRAINERS: dict[str, Trainer] = {}
@@ -247,6 +247,16 @@ class _Handlers:
     def status(self, message: Any, context: Any) -> Any:
         return _fleet_reply(message, fleet.status(context.node_config))
 
+    def telemetry(self, message: Any, context: Any) -> Any:
+        from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+        through = message.content["config"].get(TelemetryWire.THROUGH, 0)
+        if isinstance(through, bool) or not isinstance(through, int) or through < 0:
+            raise ValueError("a telemetry collection names the newest sequence stored as a whole number")
+        windows, metrics = fleet.telemetry(through, context.node_config)
+        return Message(RecordDict({TelemetryWire.WINDOWS: ConfigRecord(windows), "metrics": MetricRecord(metrics)}),
+                       reply_to=message)
+
 
 def _fleet_reply(message: Any, result: tuple[dict[str, float], dict[str, str]]) -> Any:
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
@@ -263,7 +273,7 @@ def make_client_app(settings: ClientSettings) -> Any:
     app, mods, handlers = ClientApp(), _Mods(settings), _Handlers(settings)
     app.train(mods=[mods.audit, mods.local_dp, mods.central_dp])(handlers.train)
     app.evaluate(mods=[mods.audit])(handlers.evaluate)
-    for name in (Query.TRAINABLE, Query.PERSONALIZE, Query.INSTALL, Query.ROLLBACK, Query.STATUS):
+    for name in (Query.TRAINABLE, Query.PERSONALIZE, Query.INSTALL, Query.ROLLBACK, Query.STATUS, Query.TELEMETRY):
         app.query(name, mods=[mods.audit])(getattr(handlers, name))
     return app
 

@@ -45,7 +45,7 @@ class Spool:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _files(self) -> list[tuple[int, Path]]:
+    def files(self) -> list[tuple[int, Path]]:
         """(sequence, path) of every window file, oldest first (other names are not the spool's)."""
         found = []
         for path in self.folder.glob(f"*{SUFFIX}") if self.folder.is_dir() else []:
@@ -66,7 +66,7 @@ class Spool:
         with self._locked():
             for stale in self.folder.glob(".*.partial"):  # a writer that crashed mid-write (none runs: locked)
                 stale.unlink(missing_ok=True)
-            files = self._files()
+            files = self.files()
             path = self.folder / f"{(files[-1][0] + 1 if files else 1):012d}{SUFFIX}"
             write_atomic(path, data)
             self._trim([*files, (0, path)])
@@ -83,13 +83,21 @@ class Spool:
 
     def bytes(self) -> int:
         """The window files' total size."""
-        return sum(path.stat().st_size for _, path in self._files())
+        return sum(path.stat().st_size for _, path in self.files())
+
+    @staticmethod
+    def parse(data: bytes) -> ServingStats | None:
+        """The window in ``data``, or ``None`` when it is not one."""
+        try:
+            return ServingStats.from_dict(json.loads(data))
+        except (ValueError, StatsError):
+            return None
 
     def windows(self, *, problems: list[str] | None = None) -> list[ServingStats]:
         """Every valid window, oldest first; a file that is not one is skipped (its name and why are appended to
         ``problems``)."""
         found = []
-        for _, path in self._files():
+        for _, path in self.files():
             try:
                 if path.stat().st_size > self.max_bytes:
                     raise StatsError(f"larger than the spool ({self.max_bytes:,} bytes)")
@@ -102,10 +110,10 @@ class Spool:
     def drain(self, through: int) -> None:
         """Delete the windows up to sequence ``through`` (once collected)."""
         with self._locked():
-            for sequence, path in self._files():
+            for sequence, path in self.files():
                 if sequence <= through:
                     path.unlink(missing_ok=True)
 
     def last_sequence(self) -> int:
-        files = self._files()
+        files = self.files()
         return files[-1][0] if files else 0

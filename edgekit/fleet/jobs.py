@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from device_agents.errors import AgentError
 from device_agents.files import read_bounded
 from device_agents.protocol import FLEET_METRICS, MAX_RELEASE_BYTES, Query
 from device_agents.store.release import RELEASE
@@ -183,6 +184,67 @@ def status_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
     return {"status": "complete", "nodes": rows}
 
 
+def collected(store: Any, node: int, reply: Any, *, now: float) -> dict[str, Any]:
+    """Store one device's telemetry reply (:data:`~device_agents.protocol.Query.TELEMETRY`) in ``store`` (a
+    :class:`~edgekit.fleet.telemetry.TelemetryStore`): every window checked as a message from outside (exact names,
+    at most :data:`~device_agents.protocol.MAX_WINDOWS` of at most ``MAX_WINDOW_BYTES``, a well-formed window,
+    :func:`~edgekit.fleet.telemetry.plausible`); a refused window is named with why, the others are kept."""
+    import json
+
+    from device_agents.protocol import MAX_WINDOW_BYTES, MAX_WINDOWS, TelemetryWire
+    from device_agents.serving.stats import ServingStats
+
+    row: dict[str, Any] = {"node": node, "stored": 0, "refused": [], "reason": ""}
+    if reply is None or reply.has_error():
+        row["reason"] = "no reply" if reply is None else f"error: {str(reply.error.reason)[:MAX_TEXT]}"
+        return row
+    content = reply.content
+    windows = content.get(TelemetryWire.WINDOWS) if TelemetryWire.WINDOWS in content.keys() else None
+    if windows is None or len(windows) > MAX_WINDOWS:
+        row["reason"] = "malformed reply (no windows, or more than a reply may carry)"
+        return row
+    for key, data in sorted(windows.items()):
+        if not (isinstance(key, str) and key.isdigit() and len(key) == 12 and isinstance(data, bytes)
+                and len(data) <= MAX_WINDOW_BYTES):
+            row["refused"].append(f"{str(key)[:20]}: not a spool window")
+            continue
+        try:
+            stats = ServingStats.from_dict(json.loads(data))
+        except (ValueError, TypeError, RecursionError, AgentError) as exc:  # not JSON, or not a window
+            row["refused"].append(f"{key}: {str(exc)[:MAX_TEXT]}")
+            continue
+        why = store.add(node, int(key), stats, now=now)
+        if why and why != "already stored":
+            row["refused"].append(f"{key}: {why}")
+        elif not why:
+            row["stored"] += 1
+    return row
+
+
+def collect_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """Collect every connected device's serving telemetry into the fleet's database (``job["database"]``): each
+    device is told the newest window stored of it (which it drains) and sends the newer ones."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from device_agents.protocol import TelemetryWire
+    from edgekit.fleet.telemetry import TelemetryStore
+
+    store = TelemetryStore(job["database"])
+    try:
+        nodes = _nodes(grid, job)
+        messages = [Message(RecordDict({"config": ConfigRecord({TelemetryWire.THROUGH: store.last_sequence(n)})}),
+                            message_type=f"query.{Query.TELEMETRY}", dst_node_id=n) for n in nodes]
+        replies = {int(r.metadata.src_node_id): r
+                   for r in (grid.send_and_receive(messages=messages, timeout=job["timeout"]) if nodes else [])}
+        now = time.time()
+        rows = [collected(store, node, replies.get(node), now=now) for node in nodes]
+    finally:
+        store.close()
+    report(f"telemetry: {sum(r['stored'] for r in rows)} window(s) from {len(nodes)} node(s), "
+           f"{sum(len(r['refused']) for r in rows)} refused")
+    return {"status": "complete", "nodes": rows}
+
+
 def train_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
     """The federated rounds of a run folder prepared by :func:`edgekit.federated.fleet_run.run_on_fleet`, after checking
     that every device holds the trainable release of this model (else no round runs)."""
@@ -229,6 +291,7 @@ def _trainable_mismatch(grid: Any, run_dir: Path, job: dict[str, Any]) -> str:
 
 
 ACTIONS: dict[str, Callable[[Any, dict[str, Any]], dict[str, Any]]] = {
+    "collect": collect_job,
     "rollout": rollout_job,
     "status": status_job,
     "train": train_job,

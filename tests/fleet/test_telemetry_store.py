@@ -91,3 +91,65 @@ def test_drift_is_reported_against_the_releases_reference_and_not_for_its_own_di
     assert same < 0.1 and shifted > DRIFT_THRESHOLD, (same, shifted)
     assert drift(store.totals("same"), None) is None
     assert drift(store.totals("same"), {**reference, "feature_edges": [[0.0]]}) is None  # other bins
+
+
+def test_a_device_sends_the_windows_after_what_the_server_stored_and_drains_the_rest(tmp_path):
+    import json
+
+    from device_agents.fleet import agent as fleet
+    from device_agents.protocol import MAX_WINDOWS, TelemetryWire
+    from device_agents.serving.spool import Spool
+
+    node = {"store": str(tmp_path / "store")}
+    spool = Spool(tmp_path / "store" / "telemetry")
+    for i in range(5):
+        spool.append(_window(f"v{i}", start=10.0, end=20.0))
+    (tmp_path / "store" / "telemetry" / "000000000006.json").write_text('{"forged": true}')
+    windows, metrics = fleet.telemetry(0, node)
+    assert list(windows) == [f"{i:012d}" for i in range(1, 6)] and metrics == {TelemetryWire.LAST_SEQUENCE: 6.0}
+    assert json.loads(windows["000000000003"])["version"] == "v2"  # the window as the spool holds it
+    windows, _ = fleet.telemetry(3, node)  # the server stored up to 3: drained
+    assert list(windows) == ["000000000004", "000000000005"] and [s for s, _ in spool.files()][0] == 4
+    assert list(fleet.telemetry(10**6, node)[0]) == ["000000000004", "000000000005"]  # not this spool's: kept
+    for _ in range(MAX_WINDOWS + 10):
+        spool.append(_window(start=10.0, end=20.0))
+    assert len(fleet.telemetry(5, node)[0]) == MAX_WINDOWS
+
+
+def _reply(windows):
+    import time
+
+    from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+
+    metadata = Metadata(run_id=1, message_id="m7", src_node_id=7, dst_node_id=0, reply_to_message_id="q7",
+                        group_id="1", created_at=time.time(), ttl=60.0, message_type="query.telemetry")
+    return Message(RecordDict({"windows": ConfigRecord(windows), "metrics": MetricRecord({"last-sequence": 0.0})}),
+                   metadata=metadata)
+
+
+def test_the_server_stores_honest_windows_once_and_refuses_lying_ones_by_name():
+    import json
+
+    from edgekit.fleet.jobs import collected
+
+    def encoded(stats):
+        return json.dumps(stats.to_dict()).encode()
+
+    lying = _window(calls=10, seconds=86_400 / 10)  # a day of serving in a minute
+    forged = _window().to_dict()
+    forged["samples"] += 100  # more samples than predicted classes
+    store = TelemetryStore(":memory:")
+    windows = {"000000000001": encoded(_window()), "000000000002": encoded(lying),
+               "000000000003": json.dumps(forged).encode(), "000000000004": b"\xff not json",
+               "../../etc/passwd": encoded(_window())}
+    row = collected(store, 7, _reply(windows), now=NOW)
+    assert row["stored"] == 1 and store.totals("v1").windows == 1 and row["reason"] == ""
+    reasons = dict(r.split(": ", 1) for r in row["refused"])
+    assert f"at most {MAX_CONCURRENCY} calls at once" in reasons["000000000002"]
+    assert "predicted classes" in reasons["000000000003"] and "000000000004" in reasons
+    assert reasons["../../etc/passwd"] == "not a spool window"
+    again = collected(store, 7, _reply({"000000000001": encoded(_window())}), now=NOW)
+    assert again["stored"] == 0 and again["refused"] == [] and store.totals("v1").windows == 1
+    too_many = {f"{i:012d}": encoded(_window()) for i in range(1, 300)}
+    assert "malformed reply" in collected(store, 7, _reply(too_many), now=NOW)["reason"]
+    assert collected(store, 7, None, now=NOW)["reason"] == "no reply"
