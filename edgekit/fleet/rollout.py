@@ -187,17 +187,59 @@ def rollout(fleet: str | Path, release: str | Path, config: RolloutConfig | None
     return result
 
 
-def fleet_status(fleet: str | Path, out: str | Path | None = None, *, timeout: float = 120.0,
-                 log: Any = print) -> dict[str, Any]:
-    """Ask every connected device for its versions and a measurement; write ``fleet.json`` and
-    ``fleet.png`` to ``out`` (default: the fleet's ``status/``)."""
+TELEMETRY_DATABASE = "telemetry.sqlite"
+"""The fleet's serving-telemetry database, in its folder (:class:`edgekit.fleet.telemetry.TelemetryStore`)."""
+
+
+def collect(fleet: str | Path, *, timeout: float = 120.0, log: Any = print) -> dict[str, Any]:
+    """Collect every connected device's serving telemetry into the fleet's database (the job
+    :func:`edgekit.fleet.jobs.collect_job`)."""
     from edgekit.federated.submit import submit_job
 
+    return submit_job(fleet, "collect", {"timeout": timeout, "min_nodes": 1, "wait": 5.0,
+                                         "database": str(Path(fleet).resolve() / TELEMETRY_DATABASE)},
+                      timeout=timeout + 120, log=log)
+
+
+def serving_summary(fleet: str | Path) -> dict[str, Any]:
+    """Per version, what the devices served as their telemetry says: windows, nodes, calls, samples, errors,
+    error rate and p50/p99 latency (seconds) over every window stored."""
+    from edgekit.fleet.telemetry import TelemetryStore, quantile
+
+    path = Path(fleet) / TELEMETRY_DATABASE
+    if not path.is_file():
+        return {}
+    store = TelemetryStore(path)
+    try:
+        summary = {}
+        for version in store.versions():
+            t = store.totals(version)
+            summary[version] = {"windows": t.windows, "nodes": t.nodes, "calls": t.calls, "samples": t.samples,
+                                "errors": t.errors, "error_rate": t.error_rate,
+                                "p50_s": quantile(t.latency_counts, 0.5), "p99_s": quantile(t.latency_counts, 0.99)}
+        return summary
+    finally:
+        store.close()
+
+
+def fleet_status(fleet: str | Path, out: str | Path | None = None, *, timeout: float = 120.0,
+                 log: Any = print) -> dict[str, Any]:
+    """Collect the devices' serving telemetry (:func:`collect`), then ask every connected device for its versions
+    and a measurement; write ``fleet.json`` (with ``serving``: :func:`serving_summary`) and ``fleet.png`` to
+    ``out`` (default: the fleet's ``status/``)."""
+    from edgekit.errors import EdgeKitError
+    from edgekit.federated.submit import submit_job
+
+    try:
+        collect(fleet, timeout=timeout, log=log)
+    except EdgeKitError as exc:  # the status is still worth having; the telemetry waits for the next collection
+        log(f"telemetry not collected: {exc}")
     result = submit_job(fleet, "status", {"timeout": timeout, "min_nodes": 1, "wait": 5.0}, timeout=timeout + 120,
                         log=log)
     target = Path(out) if out is not None else Path(fleet) / "status"
     target.mkdir(parents=True, exist_ok=True)
-    summary = {"nodes": result.get("nodes", []), "versions": _by_version(result.get("nodes", []))}
+    summary = {"nodes": result.get("nodes", []), "versions": _by_version(result.get("nodes", [])),
+               "serving": serving_summary(fleet)}
     (target / "fleet.json").write_text(json.dumps(summary, indent=2))
     plot_status(summary, target / "fleet.png")
     return {**summary, "out": str(target)}

@@ -32,7 +32,7 @@ SCHEMA_VERSION = 1
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS windows (
-    node INTEGER NOT NULL,
+    node TEXT NOT NULL,
     sequence INTEGER NOT NULL,
     version TEXT NOT NULL,
     start REAL NOT NULL,
@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS windows (
 );
 CREATE INDEX IF NOT EXISTS windows_by_version ON windows (version, end);
 """
-"""The telemetry database's tables: one row per window a device served (the lists as JSON text)."""
+"""The telemetry database's tables: one row per window a device served (the lists as JSON text; a node id as
+text: Flower's are unsigned 64-bit, past SQLite's signed INTEGER)."""
 
 MAX_CONCURRENCY = 64
 """Calls a device may have served at once: its time spent serving is at most the window's length times this."""
@@ -168,8 +169,8 @@ class TelemetryStore:
         why = plausible(stats, now=now)
         if why:
             return why
-        row = (node, sequence, stats.version, stats.start, stats.end, now, stats.calls, stats.samples, stats.errors,
-               stats.latency_sum, json.dumps(stats.latency_counts), json.dumps(stats.class_counts),
+        row = (str(node), sequence, stats.version, stats.start, stats.end, now, stats.calls, stats.samples,
+               stats.errors, stats.latency_sum, json.dumps(stats.latency_counts), json.dumps(stats.class_counts),
                stats.feature_count, json.dumps(stats.feature_sum), json.dumps(stats.feature_sumsq),
                None if stats.edges is None else json.dumps(stats.edges),
                None if stats.bin_counts is None else json.dumps(stats.bin_counts))
@@ -179,7 +180,7 @@ class TelemetryStore:
 
     def last_sequence(self, node: int) -> int:
         """The newest sequence stored of ``node`` (0: none): what it may drain from its spool."""
-        found = self._db.execute("SELECT MAX(sequence) FROM windows WHERE node = ?", (node,)).fetchone()[0]
+        found = self._db.execute("SELECT MAX(sequence) FROM windows WHERE node = ?", (str(node),)).fetchone()[0]
         return int(found or 0)
 
     def versions(self) -> list[str]:

@@ -226,7 +226,7 @@ def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, k
     from edgekit.errors import RolloutError
     from edgekit.federated.config import RoundSettings
     from edgekit.federated.fleet_run import FleetRunConfig, run_on_fleet
-    from edgekit.fleet.rollout import Gates, RolloutConfig, fleet_status, rollout
+    from edgekit.fleet.rollout import Gates, RolloutConfig, collect, fleet_status, rollout, serving_summary
     from edgekit.fleet.serve import FleetConfig, serve
     from edgekit.fleet.signing import sign_release
 
@@ -293,7 +293,22 @@ def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, k
             assert caught.value.result["rolled_back"] == []  # every device answered that it refused it
             assert _versions(tmp_path, 4) == [v5] * 4
 
+        # an application serves through the agent on two devices: fleet status collects what they served
+        from device_agents import ModelStore
+        from device_agents.store.serving import ServedModel
+
+        for i, calls in ((0, 7), (1, 5)):
+            with ServedModel.open(ModelStore(tmp_path / f"device{i}" / "store"), flush_calls=3) as served:
+                for j in range(calls):
+                    served.predict(digits.x[j * 2:j * 2 + 2])
         status = fleet_status(fleet.folder, tmp_path / "status", **quiet)
+        served_v5 = ModelStore(tmp_path / "device0" / "store").current.name
+        serving = status["serving"][served_v5]
+        assert (serving["nodes"], serving["windows"], serving["calls"], serving["samples"]) == (2, 5, 12, 24)
+        assert serving["errors"] == 0 and 0 < serving["p50_s"] <= serving["p99_s"] < 10
+        collect(fleet.folder, **quiet)  # the next collection: each device drains what the server stored
+        assert not list((tmp_path / "device0" / "store" / "telemetry").glob("*.json"))
+        assert serving_summary(fleet.folder)[served_v5]["windows"] == 5  # stored once
         assert sorted(r["version_id"] for r in status["nodes"]) == [v5] * 4
         assert all(r["release"] == 5 and r["accuracy"] > 80 for r in status["nodes"])
         assert status["versions"][v5]["nodes"] == 4 and status["versions"][v5]["accuracy"] > 80

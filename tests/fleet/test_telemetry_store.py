@@ -35,6 +35,8 @@ def test_windows_are_stored_once_and_summed_per_version(tmp_path):
     assert store.add(1, 1, _window(), now=NOW) == "" and store.add(1, 1, _window(), now=NOW) == "already stored"
     assert store.add(1, 2, _window(calls=2), now=NOW) == "" and store.add(2, 1, _window(), now=NOW) == ""
     assert store.add(2, 2, _window("v2", seconds=0.2), now=NOW) == ""
+    big = 2**64 - 5  # Flower's node ids are unsigned 64-bit: past SQLite's INTEGER (the fleet test met one)
+    assert store.add(big, 1, _window("v2"), now=NOW) == "" and store.last_sequence(big) == 1
     store.close()
     store = TelemetryStore(tmp_path / "fleet" / "telemetry.sqlite")  # what was stored survives a restart
     v1 = store.totals("v1")
@@ -42,6 +44,7 @@ def test_windows_are_stored_once_and_summed_per_version(tmp_path):
     assert v1.class_counts == [10, 0, 10] and v1.error_rate == 0.0
     assert v1.latency_counts[LATENCY_BUCKETS.index(0.005)] == 10 and sum(v1.latency_counts) == 10
     assert store.versions() == ["v1", "v2"] and store.last_sequence(1) == 2 and store.last_sequence(9) == 0
+    assert store.totals("v2").nodes == 2
     assert store.totals("v1", since=NOW).windows == 0 and store.totals("unknown").calls == 0
     with sqlite3.connect(tmp_path / "fleet" / "telemetry.sqlite") as db:
         assert db.execute("SELECT value FROM meta").fetchone() == (str(SCHEMA_VERSION),)
