@@ -8,9 +8,11 @@ folder is fsynced, so a crash leaves either the old file or the new one, never a
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,19 @@ def fsync_dir(folder: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextmanager
+def locked(folder: str | Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (created if missing), held by ``flock`` on its ``.lock`` file: one writer
+    at a time among processes (the model store's installs, a telemetry spool's writers)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(Path(folder) / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def write_atomic(path: str | Path, data: bytes, *, mode: int = 0o644) -> Path:

@@ -12,14 +12,11 @@ on the folder. Reading skips (and reports) a file that is not a valid window: th
 
 from __future__ import annotations
 
-import fcntl
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from device_agents.errors import StatsError
-from device_agents.files import write_atomic
+from device_agents.files import locked, write_atomic
 from device_agents.serving.stats import ServingStats
 
 DEFAULT_SPOOL_BYTES = 1 << 20
@@ -34,16 +31,6 @@ class Spool:
         if max_bytes <= 0:
             raise ValueError(f"a spool holds a positive number of bytes, not {max_bytes}")
         self.folder, self.max_bytes = Path(folder), int(max_bytes)
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def files(self) -> list[tuple[int, Path]]:
         """(sequence, path) of every window file, oldest first (other names are not the spool's)."""
@@ -63,7 +50,7 @@ class Spool:
         if len(data) > self.max_bytes:
             raise ValueError(f"a serving-statistics window of {len(data):,} bytes does not fit a spool of "
                              f"{self.max_bytes:,} bytes")
-        with self._locked():
+        with locked(self.folder):
             for stale in self.folder.glob(".*.partial"):  # a writer that crashed mid-write (none runs: locked)
                 stale.unlink(missing_ok=True)
             files = self.files()
@@ -109,7 +96,7 @@ class Spool:
 
     def drain(self, through: int) -> None:
         """Delete the windows up to sequence ``through`` (once collected)."""
-        with self._locked():
+        with locked(self.folder):
             for sequence, path in self.files():
                 if sequence <= through:
                     path.unlink(missing_ok=True)

@@ -28,7 +28,6 @@ folder, removed by the next install; at most ``keep`` versions besides current a
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from device_agents.errors import AgentError, InstallError, ReleaseError
-from device_agents.files import MAX_MANIFEST_BYTES, crash_point, fsync_dir, read_bounded, write_atomic
+from device_agents.files import MAX_MANIFEST_BYTES, crash_point, fsync_dir, locked, read_bounded, write_atomic
 from device_agents.serving.integrity import (
     MANIFEST,
     check_folder,
@@ -152,12 +151,8 @@ class ModelStore:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         self.versions.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with locked(self.root):
+            yield
 
     def install(self, folder: str | Path, *, runtime: str | None = None) -> Path:
         """Verify ``folder``, copy it beside the current version (hashing the copy), smoke-test, then swap.
