@@ -112,6 +112,7 @@ def _add_fleet(sub: argparse._SubParsersAction) -> None:
 
     from edgekit.fleet.rollout import Gates, RolloutConfig
     from edgekit.fleet.serve import FleetConfig
+    from edgekit.fleet.watch import WatchConfig
 
     fleet = sub.add_parser("fleet", help="serve a fleet of devices, roll signed releases out to it, see its status")
     fleet_sub = fleet.add_subparsers(dest="fleet_command", parser_class=OneLineParser)
@@ -128,6 +129,14 @@ def _add_fleet(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--key", required=True, metavar="SIGNING_KEY",
                    help="the fleet's signing.key: signs the Flower app of every job (devices run only apps signed "
                         "by the key they trust with --trust)")
+    watch = WatchConfig()
+    s.add_argument("--converge-every", type=_number_or_off, default=watch.converge_every, metavar="SECONDS|off",
+                   help="seconds between convergence passes: a device that does not serve the last release rolled "
+                        "out (offline then, or joined later) is sent it (default %(default)s)")
+    s.add_argument("--collect-every", type=_number_or_off, default=watch.collect_every, metavar="SECONDS|off",
+                   help="seconds between collections of the devices' serving telemetry (default %(default)s)")
+    s.add_argument("--metrics", type=_metrics_address, metavar="[HOST:]PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST default 127.0.0.1)")
     s.set_defaults(func=cmd_fleet_serve)
     g = fleet_sub.add_parser("register", help="register a device's node.pub (only on the fleet's server)")
     g.add_argument("public_key", metavar="NODE_PUB")
@@ -500,9 +509,11 @@ def cmd_fleet_serve(args: argparse.Namespace) -> int:
     import time
 
     from edgekit.fleet.serve import FleetConfig, serve
+    from edgekit.fleet.watch import WatchConfig
 
+    watch = WatchConfig(converge_every=args.converge_every, collect_every=args.collect_every, metrics=args.metrics)
     fleet = serve(args.out, FleetConfig(host=args.host, port=args.port, addresses=tuple(args.address)),
-                  signing_key=args.key)
+                  signing_key=args.key, watch=watch, log=lambda line: print(line, flush=True))
     stop: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: stop.append(signum))
     dial = args.address[0] if args.address else (args.host if args.host not in ("0.0.0.0", "::") else "HOST")
@@ -512,6 +523,8 @@ def cmd_fleet_serve(args: argparse.Namespace) -> int:
           f"here, per device: edgekit fleet register --fleet {args.out} keys/node.pub\n"
           f"on each device:  edgekit-agent join --superlink {dial}:{args.port} --ca ca.crt --key keys/node.key "
           f"--data DEVICE_DATA.npz --store STORE --trust signing.pub   (ca.crt: {fleet.ca})", flush=True)
+    if fleet.watcher is not None and fleet.watcher.metrics is not None:
+        print(f"metrics: {fleet.watcher.metrics.url}", flush=True)
     try:
         while not stop:
             fleet.check()
@@ -529,6 +542,16 @@ def cmd_fleet_register(args: argparse.Namespace) -> int:
 
     print(register_node(args.fleet, args.public_key))
     return int(ExitCode.SUCCESS)
+
+
+def _metrics_address(text: str) -> object:
+    from edgekit.fleet.metrics import MetricsAddress
+
+    host, _, port = text.rpartition(":")
+    try:
+        return MetricsAddress(host=host or MetricsAddress.host, port=int(port))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not [HOST:]PORT, e.g. 127.0.0.1:9094") from None
 
 
 def _number_or_off(text: str) -> float | None:
@@ -563,8 +586,31 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
                                          f"errors {row['errors']:g}/{row['inferences']:g}"
                                          + (f", accuracy {row['accuracy']:.1f}%" if row["accuracy"] >= 0 else "")
                                          if row["ok"] else f"no answer ({row['reason']})"))
-    print(f"wrote {summary['out']}/fleet.json and fleet.png")
+    for line in _state_lines(summary):
+        print(line)
+    print(f"wrote {summary['out']}/fleet.json, fleet.png and serving.png")
     return int(ExitCode.SUCCESS)
+
+
+def _state_lines(summary: dict) -> list[str]:
+    """The desired release, each device's state against it, and per version what it served (with drift)."""
+    from edgekit.fleet.telemetry import DRIFT_THRESHOLD
+
+    desired = summary["desired"]
+    lines = [f"desired: release {desired['release']} ({desired['release_id']})" if desired else
+             "desired: none (no rollout has completed)"]
+    for device in summary["devices"]:
+        lines.append(f"  node {device['node']}: {device['state']}"
+                     + (f" ({device['reason']})" if device["reason"] else ""))
+    for version, s in summary["serving"].items():
+        line = (f"served {version}: {s['calls']} calls, {s['samples']} samples on {s['nodes']} device(s), error rate "
+                f"{s['error_rate'] or 0:.3f}, p99 {1000 * (s['p99_s'] or 0):.2f} ms")
+        if s["drift_psi"] is not None:
+            line += f", drift PSI {s['drift_psi']:.3f}"
+            if s["drifted"]:
+                line += f" > {DRIFT_THRESHOLD:g}: DRIFT, its inputs no longer look like its calibration data"
+        lines.append(line)
+    return lines
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -49,7 +49,14 @@ from device_agents.serving.integrity import (
     read_manifest,
 )
 from device_agents.store.isolation import SMOKE_FAILED, probe_folder
-from device_agents.store.release import RELEASE, Release, check_manifest, load_public_key, verify_release
+from device_agents.store.release import (
+    RELEASE,
+    Release,
+    check_manifest,
+    load_public_key,
+    release_number,
+    verify_release,
+)
 
 TRUSTED_KEY = "trusted.pub"
 HIGH_WATER = "release-version.json"
@@ -111,11 +118,7 @@ class ModelStore:
         """The signed release number of an installed version folder (None: none, unsigned or unreadable)."""
         if folder is None or not (folder / RELEASE).is_file():
             return None
-        try:
-            version = json.loads((folder / RELEASE).read_bytes())["signed"]["version"]
-        except (ValueError, KeyError, TypeError):
-            return None
-        return version if isinstance(version, int) and not isinstance(version, bool) else None
+        return release_number((folder / RELEASE).read_bytes())
 
     def status(self) -> dict[str, Any]:
         """What this store serves: current and previous version ids, their release versions and kinds."""

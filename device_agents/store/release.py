@@ -22,6 +22,7 @@ and hashes (each artifact is then hashed as it is copied, :mod:`device_agents.se
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,6 +53,15 @@ class Release:
     def id(self) -> str:
         """The store's name for this release: the first 16 hex digits of the signed metadata's SHA-256."""
         return hashlib.sha256(self.data).hexdigest()[:16]
+
+
+def release_number(data: bytes) -> int | None:
+    """The release number in a release's signed metadata (its ``release.json`` bytes; None: unreadable)."""
+    try:
+        version = json.loads(data)["signed"]["version"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
 
 
 def load_public_key(path: str | Path) -> Any:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from device_agents.files import write_atomic
+from device_agents.files import locked, write_atomic
 from edgekit.errors import FederationError, InputError
 from edgekit.federated.processes import flower_env, flwr_run
 
@@ -59,8 +59,9 @@ def submit_job(folder: str | Path, action: str, spec: dict[str, Any], *, timeout
     job = job_dir / "job.json"
     write_atomic(job, json.dumps({"action": action, **spec}).encode())
     try:
-        proc = flwr_run(info["folder"] / "app", FEDERATION, flower_env(info["folder"] / "flwr_home"),
-                        timeout=timeout, run_config=f'job="{job}"')
+        with locked(info["folder"] / "jobs"):  # one job at a time: a rollout and a convergence pass never interleave
+            proc = flwr_run(info["folder"] / "app", FEDERATION, flower_env(info["folder"] / "flwr_home"),
+                            timeout=timeout, run_config=f'job="{job}"')
     except subprocess.TimeoutExpired:
         raise FederationError(f"the {action} job did not finish in {timeout:.0f} s (job folder {job_dir})") from None
     (job_dir / "flwr-run.log").write_text(proc.stdout + proc.stderr)

@@ -8,18 +8,19 @@ returns the JSON result written beside the job. Replies from devices are checked
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from device_agents.errors import AgentError
 from device_agents.files import read_bounded
 from device_agents.protocol import FLEET_METRICS, MAX_RELEASE_BYTES, Query
-from device_agents.store.release import RELEASE
+from device_agents.store.release import RELEASE, release_number
 from edgekit.federated.server_apps import report
 
 MAX_TEXT = 300
@@ -91,6 +92,10 @@ def rollout_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
     gates = Gates(**job["gates"])
     files = release_files(Path(job["release"]))
     release_id = hashlib.sha256(files[RELEASE]).hexdigest()[:16]
+    with _database(job) as store:
+        if store is not None:
+            store.record_release(release_id, release_number(files[RELEASE]) or -1, job["release"],
+                                 _reference(Path(job["release"])), now=time.time())
     nodes = _nodes(grid, job)
     if not nodes:
         return {"status": "halted", "reason": "no device is connected to the fleet", "release_id": release_id}
@@ -128,6 +133,10 @@ def rollout_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
     started = time.monotonic()
     result["rest"] = _ask(grid, rest, Query.INSTALL, content, job["timeout"])
     result["seconds"]["rest"] = round(time.monotonic() - started, 3)
+    with _database(job) as store:
+        if store is not None:  # the canary passed: this is what every device should serve from now on
+            store.set_desired(release_id)
+            record_installs(store, canary_rows + result["rest"], release_id)
     missing = [row for row in result["rest"] if not row["ok"]]
     if missing:
         reasons = sorted({row["reason"] or "failed" for row in missing})
@@ -181,7 +190,128 @@ def status_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
     nodes = _nodes(grid, job)
     rows = _ask(grid, nodes, Query.STATUS, RecordDict({"config": ConfigRecord({})}), job["timeout"])
     report(f"{sum(r['ok'] for r in rows)} of {len(nodes)} node(s) answered")
+    with _database(job) as store:
+        if store is not None:
+            record_status(store, rows)
     return {"status": "complete", "nodes": rows}
+
+
+@contextlib.contextmanager
+def _database(job: dict[str, Any]) -> Iterator[Any]:
+    """The fleet database of ``job`` (``job["database"]``; None when the job names none)."""
+    from edgekit.fleet.telemetry import TelemetryStore
+
+    if not job.get("database"):
+        yield None
+        return
+    store = TelemetryStore(job["database"])
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _reference(folder: Path) -> dict[str, Any] | None:
+    """The reference statistics of a release's manifest (None: it carries none)."""
+    from device_agents.serving.integrity import read_manifest
+
+    reference = read_manifest(folder).get("reference")
+    return reference if isinstance(reference, dict) else None
+
+
+def _measured(store: Any, row: dict[str, Any], now: float) -> None:
+    rate = row["errors"] / row["inferences"] if row["inferences"] > 0 else None
+    store.record_measurement(row["node"], row["version_id"], now=now,
+                             accuracy=row["accuracy"] if row["accuracy"] >= 0 else None, error_rate=rate,
+                             p99_ms=row["p99_ms"] if row["p99_ms"] >= 0 else None)
+
+
+def record_installs(store: Any, rows: list[dict[str, Any]], release_id: str) -> None:
+    """Each device's state after it was sent the desired release ``release_id``: converged when it serves it,
+    failed when it answered that it could not install it (the reason), pending when it did not answer."""
+    from edgekit.fleet.rollout import implausible
+    from edgekit.fleet.telemetry import DeviceState
+
+    now = time.time()
+    for row in rows:
+        if not row["answered"]:
+            store.record_device(row["node"], row["previous_id"], DeviceState.PENDING, row["reason"] or "no reply",
+                                now=now)
+        elif not row["ok"]:
+            store.record_device(row["node"], row["previous_id"], DeviceState.FAILED, row["reason"] or "failed",
+                                now=now)
+        elif row["version_id"] != release_id:
+            store.record_device(row["node"], row["version_id"], DeviceState.FAILED,
+                                f"serves {row['version_id'][:16]} after installing {release_id}", now=now)
+        else:
+            store.record_device(row["node"], release_id, DeviceState.CONVERGED, now=now)
+            if implausible(row) is None:
+                _measured(store, row, now)
+
+
+def record_status(store: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each answering device's state against the desired release, from what it serves (a device that failed the
+    desired release stays failed while it serves the same version); its measurement when credible. Returns the
+    rows of devices that should be sent the desired release."""
+    from edgekit.fleet.rollout import implausible
+    from edgekit.fleet.telemetry import DeviceState
+
+    now, desired, behind = time.time(), store.desired(), []
+    for row in rows:
+        if not row["ok"]:
+            continue
+        if implausible(row) is None:
+            _measured(store, row, now)
+        version = row["version_id"]
+        if desired is None:
+            store.record_device(row["node"], version, DeviceState.UNTRACKED, "no release rolled out yet", now=now)
+            continue
+        wanted = desired["release_id"]
+        known = store.device(row["node"])
+        if version == wanted:
+            store.record_device(row["node"], version, DeviceState.CONVERGED, now=now)
+        elif known and known["state"] == DeviceState.FAILED and known["target"] == wanted and \
+                known["version"] == version:
+            continue
+        else:
+            store.record_device(row["node"], version, DeviceState.PENDING,
+                                f"serves {version[:16] or 'nothing'}; release {desired['release']} ({wanted}) is "
+                                "installed at the next convergence pass", now=now)
+            behind.append(row)
+    return behind
+
+
+def converge_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """One convergence pass: every connected device is asked what it serves; each that does not serve the desired
+    release (and has not already failed it) is sent it, with every check an install has."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    with _database(job) as store:
+        desired = store.desired()
+        if desired is None:
+            return {"status": "complete", "reason": "no release rolled out yet", "nodes": [], "installed": []}
+        nodes = _nodes(grid, job)
+        rows = _ask(grid, nodes, Query.STATUS, RecordDict({"config": ConfigRecord({})}), job["timeout"])
+        behind = [row["node"] for row in record_status(store, rows)]
+        installed: list[dict[str, Any]] = []
+        if behind:
+            try:
+                files = release_files(Path(desired["folder"]))
+            except AgentError as exc:
+                return {"status": "error", "reason": f"the desired release cannot be read: {exc}", "nodes": rows,
+                        "installed": []}
+            if hashlib.sha256(files[RELEASE]).hexdigest()[:16] != desired["release_id"]:
+                return {"status": "error", "nodes": rows, "installed": [],
+                        "reason": f"{desired['folder']} is no longer release {desired['release_id']}"}
+            installed = _ask(grid, behind, Query.INSTALL, RecordDict({"release": ConfigRecord(files)}),
+                             job["timeout"])
+            record_installs(store, installed, desired["release_id"])
+        states = store.devices()
+    report(f"convergence to release {desired['release']} ({desired['release_id']}): {len(nodes)} connected, "
+           f"{len(behind)} behind, {sum(r['ok'] for r in installed)} installed it now; "
+           f"{sum(d['state'] == 'converged' for d in states)} converged, "
+           f"{sum(d['state'] == 'failed' for d in states)} failed of {len(states)} seen")
+    return {"status": "complete", "reason": "", "nodes": rows, "installed": installed, "devices": states}
 
 
 def collected(store: Any, node: int, reply: Any, *, now: float) -> dict[str, Any]:
@@ -292,6 +422,7 @@ def _trainable_mismatch(grid: Any, run_dir: Path, job: dict[str, Any]) -> str:
 
 ACTIONS: dict[str, Callable[[Any, dict[str, Any]], dict[str, Any]]] = {
     "collect": collect_job,
+    "converge": converge_job,
     "rollout": rollout_job,
     "status": status_job,
     "train": train_job,

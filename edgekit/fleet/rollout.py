@@ -175,7 +175,7 @@ def rollout(fleet: str | Path, release: str | Path, config: RolloutConfig | None
     config = config or RolloutConfig()
     folder = Path(release).absolute()
     _check_release(folder)
-    spec = {**asdict(config), "release": str(folder)}
+    spec = {**asdict(config), "release": str(keep_release(fleet, folder)), "database": str(database(fleet))}
     result = submit_job(fleet, "rollout", spec, timeout=config.wait + 4 * config.timeout + 120, log=log)
     (Path(result["job"]) / "rollout.json").write_text(json.dumps(result, indent=2))
     if result["status"] == "error":
@@ -188,7 +188,54 @@ def rollout(fleet: str | Path, release: str | Path, config: RolloutConfig | None
 
 
 TELEMETRY_DATABASE = "telemetry.sqlite"
-"""The fleet's serving-telemetry database, in its folder (:class:`edgekit.fleet.telemetry.TelemetryStore`)."""
+"""The fleet's database (serving telemetry, releases, device states), in its folder
+(:class:`edgekit.fleet.telemetry.TelemetryStore`)."""
+RELEASES = "releases"
+"""The fleet folder's copies of the releases rolled out (``releases/<release id>/``): what a device that converges
+later is sent, whatever became of the folder the operator rolled out."""
+
+
+def database(fleet: str | Path) -> Path:
+    """The fleet database's path in the fleet folder ``fleet``."""
+    return Path(fleet).resolve() / TELEMETRY_DATABASE
+
+
+def keep_release(fleet: str | Path, folder: Path) -> Path:
+    """The fleet's own copy of the release ``folder`` (made once, atomically): ``releases/<release id>``."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    from device_agents.store.release import RELEASE
+    from edgekit.fleet.jobs import release_files
+
+    files = release_files(folder)
+    kept = Path(fleet).resolve() / RELEASES / hashlib.sha256(files[RELEASE]).hexdigest()[:16]
+    if kept.is_dir():
+        return kept
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{kept.name}.", dir=kept.parent))
+    try:
+        for name, data in files.items():
+            (partial / name).write_bytes(data)
+        partial.rename(kept)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return kept
+
+
+def converge(fleet: str | Path, *, timeout: float = 300.0, log: Any = print) -> dict[str, Any]:
+    """One convergence pass (the job :func:`edgekit.fleet.jobs.converge_job`): every connected device that does not
+    serve the desired release (the last one rolled out past its canary) is sent it. ``fleet serve`` runs one every
+    :attr:`~edgekit.fleet.watch.WatchConfig.converge_every` seconds.
+
+    >>> converge("fleet")["devices"]                                          # doctest: +SKIP
+    [{'node': '5123...', 'version': '9f2c...', 'state': 'converged', ...}]
+    """
+    from edgekit.federated.submit import submit_job
+
+    return submit_job(fleet, "converge", {"timeout": timeout, "min_nodes": 1, "wait": 5.0,
+                                          "database": str(database(fleet))}, timeout=timeout * 2 + 120, log=log)
 
 
 def collect(fleet: str | Path, *, timeout: float = 120.0, log: Any = print) -> dict[str, Any]:
@@ -197,16 +244,18 @@ def collect(fleet: str | Path, *, timeout: float = 120.0, log: Any = print) -> d
     from edgekit.federated.submit import submit_job
 
     return submit_job(fleet, "collect", {"timeout": timeout, "min_nodes": 1, "wait": 5.0,
-                                         "database": str(Path(fleet).resolve() / TELEMETRY_DATABASE)},
+                                         "database": str(database(fleet))},
                       timeout=timeout + 120, log=log)
 
 
 def serving_summary(fleet: str | Path) -> dict[str, Any]:
     """Per version, what the devices served as their telemetry says: windows, nodes, calls, samples, errors,
-    error rate and p50/p99 latency (seconds) over every window stored."""
-    from edgekit.fleet.telemetry import TelemetryStore, quantile
+    error rate, p50/p99 latency (seconds) over every window stored, the mean of the devices' latest accuracy
+    measurements, and ``drift_psi`` against the release's reference (``drifted``: past
+    :data:`~edgekit.fleet.telemetry.DRIFT_THRESHOLD`)."""
+    from edgekit.fleet.telemetry import DRIFT_THRESHOLD, TelemetryStore, quantile
 
-    path = Path(fleet) / TELEMETRY_DATABASE
+    path = database(fleet)
     if not path.is_file():
         return {}
     store = TelemetryStore(path)
@@ -214,10 +263,29 @@ def serving_summary(fleet: str | Path) -> dict[str, Any]:
         summary = {}
         for version in store.versions():
             t = store.totals(version)
+            psi = store.drift(version)
             summary[version] = {"windows": t.windows, "nodes": t.nodes, "calls": t.calls, "samples": t.samples,
                                 "errors": t.errors, "error_rate": t.error_rate,
-                                "p50_s": quantile(t.latency_counts, 0.5), "p99_s": quantile(t.latency_counts, 0.99)}
+                                "p50_s": quantile(t.latency_counts, 0.5), "p99_s": quantile(t.latency_counts, 0.99),
+                                "accuracy": store.accuracy(version), "drift_psi": psi,
+                                "drifted": psi is not None and psi > DRIFT_THRESHOLD}
         return summary
+    finally:
+        store.close()
+
+
+def fleet_state(fleet: str | Path) -> dict[str, Any]:
+    """The desired release (None before a rollout completed) and each device seen, with its state against it."""
+    from edgekit.fleet.telemetry import TelemetryStore
+
+    path = database(fleet)
+    if not path.is_file():
+        return {"desired": None, "devices": []}
+    store = TelemetryStore(path)
+    try:
+        desired = store.desired()
+        return {"desired": None if desired is None else {k: desired[k] for k in ("release_id", "release")},
+                "devices": store.devices()}
     finally:
         store.close()
 
@@ -225,23 +293,27 @@ def serving_summary(fleet: str | Path) -> dict[str, Any]:
 def fleet_status(fleet: str | Path, out: str | Path | None = None, *, timeout: float = 120.0,
                  log: Any = print) -> dict[str, Any]:
     """Collect the devices' serving telemetry (:func:`collect`), then ask every connected device for its versions
-    and a measurement; write ``fleet.json`` (with ``serving``: :func:`serving_summary`) and ``fleet.png`` to
-    ``out`` (default: the fleet's ``status/``)."""
+    and a measurement; write ``fleet.json`` (``nodes``, ``versions``, ``serving``: :func:`serving_summary`,
+    ``desired`` and ``devices``: :func:`fleet_state`), ``fleet.png`` (the devices' measurements per version) and
+    ``serving.png`` (:func:`~edgekit.fleet.plots.plot_serving`, served telemetry over time) to ``out`` (default:
+    the fleet's ``status/``)."""
     from edgekit.errors import EdgeKitError
     from edgekit.federated.submit import submit_job
+    from edgekit.fleet.plots import plot_serving, plot_status
 
     try:
         collect(fleet, timeout=timeout, log=log)
     except EdgeKitError as exc:  # the status is still worth having; the telemetry waits for the next collection
         log(f"telemetry not collected: {exc}")
-    result = submit_job(fleet, "status", {"timeout": timeout, "min_nodes": 1, "wait": 5.0}, timeout=timeout + 120,
-                        log=log)
+    result = submit_job(fleet, "status", {"timeout": timeout, "min_nodes": 1, "wait": 5.0,
+                                          "database": str(database(fleet))}, timeout=timeout + 120, log=log)
     target = Path(out) if out is not None else Path(fleet) / "status"
     target.mkdir(parents=True, exist_ok=True)
     summary = {"nodes": result.get("nodes", []), "versions": _by_version(result.get("nodes", [])),
-               "serving": serving_summary(fleet)}
+               "serving": serving_summary(fleet), **fleet_state(fleet)}
     (target / "fleet.json").write_text(json.dumps(summary, indent=2))
     plot_status(summary, target / "fleet.png")
+    plot_serving(database(fleet), target / "serving.png")
     return {**summary, "out": str(target)}
 
 
@@ -269,41 +341,3 @@ def _by_version(rows: list[dict[str, Any]]) -> dict[str, Any]:
         entry["accuracy"] = sum(labeled) / len(labeled) if labeled else None
         entry["min_accuracy"] = min(labeled) if labeled else None
     return versions
-
-
-def plot_status(summary: dict[str, Any], path: Path) -> Path:
-    """Per version: devices serving it, accuracy (bar: mean over devices; dots: each device), worst p99
-    latency and error rate; a broken release shows as a low accuracy bar however healthy its latency."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    versions = summary["versions"]
-    names = [f"{k[:8]}\nrelease {v['release']:g}" if v["release"] is not None and v["release"] >= 0 else k[:8]
-             for k, v in versions.items()]
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.4))
-    panels = [("nodes", "devices serving it"), ("accuracy", "accuracy on the devices' data (%)"),
-              ("p99_ms", "worst p99 latency (ms)"), ("error_rate", "error rate")]
-    for ax, (key, title) in zip(axes, panels):
-        values = [v[key] or 0 for v in versions.values()]
-        ax.bar(names, values, color="#4c72b0")
-        if key == "accuracy":
-            for i, entry in enumerate(versions.values()):
-                dots = [d["accuracy"] for d in entry["devices"] if d["accuracy"] is not None]
-                ax.scatter([i] * len(dots), dots, color="#dd8452", zorder=3, s=18, label="a device" if i == 0 else None)
-            ax.set_ylim(0, 100)
-            if any(entry["devices"] for entry in versions.values()):
-                ax.legend(fontsize=7, loc="lower right")
-        else:
-            ax.set_ylim(0, max([*values, 0.05 if key == "error_rate" else 1]) * 1.15)
-        if key == "nodes":
-            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(title, fontsize=10)
-        ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(f"fleet: {len(summary['nodes'])} device(s)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

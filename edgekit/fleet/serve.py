@@ -26,14 +26,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from device_agents.files import write_atomic
 from edgekit.errors import InputError
 from edgekit.federated.processes import flower_env, register_supernode
 from edgekit.federated.submit import FEDERATION, SERVE_STATE, answers, served
+
+if TYPE_CHECKING:
+    from edgekit.fleet.watch import WatchConfig
 
 
 @dataclass(frozen=True)
@@ -60,10 +64,12 @@ class FleetConfig:
 
 
 class Fleet:
-    """A served fleet: its folder, the gateway devices dial, the loopback control port; :meth:`stop` ends it."""
+    """A served fleet: its folder, the gateway devices dial, the loopback control port, what it does on its own
+    (``watcher``, :class:`~edgekit.fleet.watch.Watcher`); :meth:`stop` ends it."""
 
-    def __init__(self, folder: Path, procs: Any, gateway: str, control: int) -> None:
+    def __init__(self, folder: Path, procs: Any, gateway: str, control: int, watcher: Any = None) -> None:
         self.folder, self.procs, self.gateway, self.control = folder, procs, gateway, control
+        self.watcher = watcher
 
     @property
     def ca(self) -> Path:
@@ -74,7 +80,11 @@ class Fleet:
         self.procs.check()
 
     def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.halt()  # no new job; the one in progress ends with the SuperLink
         self.procs.stop()
+        if self.watcher is not None:
+            self.watcher.stop()
         (self.folder / SERVE_STATE).unlink(missing_ok=True)
 
 
@@ -85,13 +95,16 @@ def _check_folder(folder: Path) -> None:
         raise InputError(f"{folder} is not empty and is not a fleet folder; give a new or empty folder")
 
 
-def serve(out: str | Path, config: FleetConfig | None = None, *, signing_key: str | Path) -> Fleet:
+def serve(out: str | Path, config: FleetConfig | None = None, *, signing_key: str | Path,
+          watch: WatchConfig | None = None, log: Callable[[str], Any] | None = None) -> Fleet:
     """Start (or restart) the fleet in ``out``: SuperLink on loopback, Fleet gateway on ``host:port``.
 
     The CA and the registered node keys are kept across restarts; the server certificate is reissued for
     ``config.certificate_hosts`` each time. The jobs' Flower app is signed with ``signing_key`` (the fleet's
     release key, :func:`edgekit.fleet.signing.sign_app`): devices run only apps their trusted key signed.
-    Returns once both listen.
+    ``watch`` (:class:`~edgekit.fleet.watch.WatchConfig`): the convergence passes, telemetry collections and
+    ``/metrics`` the fleet runs on its own until stopped (None: none; their lines go to ``log`` and
+    ``logs/watch.log``). Returns once both listen.
 
     >>> fleet = serve("fleet", signing_key="keys/signing.key")            # doctest: +SKIP
     >>> fleet.stop()                      # doctest: +SKIP
@@ -138,7 +151,17 @@ def serve(out: str | Path, config: FleetConfig | None = None, *, signing_key: st
     gateway = f"{config.host}:{config.port}"
     write_atomic(state, json.dumps({"gateway": gateway, "control": f"127.0.0.1:{control}", "ca": str(certs["ca"]),
                                     "pid": os.getpid()}).encode())
-    return Fleet(folder, procs, gateway, control)
+    watcher = None
+    if watch is not None:
+        from edgekit.fleet.watch import Watcher
+
+        try:
+            watcher = Watcher(folder, watch, log=log).start()
+        except BaseException:
+            procs.stop()
+            state.unlink(missing_ok=True)
+            raise
+    return Fleet(folder, procs, gateway, control, watcher)
 
 
 def register_node(fleet: str | Path, public_key: str | Path) -> str:

@@ -22,13 +22,15 @@ from __future__ import annotations
 import json
 import sqlite3
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from device_agents.serving.stats import LATENCY_BUCKETS, ServingStats
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS windows (
@@ -52,9 +54,46 @@ CREATE TABLE IF NOT EXISTS windows (
     PRIMARY KEY (node, sequence)
 );
 CREATE INDEX IF NOT EXISTS windows_by_version ON windows (version, end);
+CREATE TABLE IF NOT EXISTS releases (
+    release_id TEXT PRIMARY KEY,
+    release INTEGER NOT NULL,
+    folder TEXT NOT NULL,
+    reference TEXT,
+    recorded REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    node TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
+    state TEXT NOT NULL,
+    target TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    seen REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS measurements (
+    node TEXT NOT NULL,
+    version TEXT NOT NULL,
+    time REAL NOT NULL,
+    accuracy REAL,
+    error_rate REAL,
+    p99_ms REAL
+);
+CREATE INDEX IF NOT EXISTS measurements_by_version ON measurements (version, time);
 """
-"""The telemetry database's tables: one row per window a device served (the lists as JSON text; a node id as
-text: Flower's are unsigned 64-bit, past SQLite's signed INTEGER)."""
+"""The fleet database's tables: ``windows``, one row per window a device served (the lists as JSON text; a node
+id as text: Flower's are unsigned 64-bit, past SQLite's signed INTEGER); ``releases``, each release rolled out
+(its folder and its manifest's reference statistics, for drift); ``devices``, each device's state against the
+desired release (:class:`DeviceState`, ``target`` the release it should serve); ``measurements``, what each
+device measured of the version it served (rollouts and status); ``meta`` holds the schema version and the desired
+release (``desired``)."""
+
+class DeviceState(str, Enum):
+    """Where a device stands against the fleet's desired release."""
+
+    CONVERGED = "converged"  # it serves the desired release
+    PENDING = "pending"      # it does not yet (offline, not asked yet, or no reply): the next pass installs it
+    FAILED = "failed"        # it refused or failed the desired release (the reason says why); not retried
+    UNTRACKED = "untracked"  # no release has been rolled out yet: there is nothing to converge to
+
 
 MAX_CONCURRENCY = 64
 """Calls a device may have served at once: its time spent serving is at most the window's length times this."""
@@ -91,6 +130,7 @@ class Totals:
     samples: int = 0
     errors: int = 0
     latency_sum: float = 0.0
+    seconds: float = 0.0  # the windows' lengths summed
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     class_counts: list[int] = field(default_factory=list)
     edges: list[list[float]] | None = None
@@ -100,22 +140,34 @@ class Totals:
     def error_rate(self) -> float | None:
         return self.errors / self.calls if self.calls else None
 
+    @property
+    def calls_per_second(self) -> float | None:
+        """Calls the fleet served per second while these windows ran: the calls over the time a device's windows
+        cover (their lengths summed, over the devices), whatever the windows' lengths."""
+        return self.calls / (self.seconds / self.nodes) if self.seconds > 0 and self.nodes else None
+
 
 DRIFT_THRESHOLD = 0.25
 """The population stability index past which a version's served inputs are said to have drifted from the data
 its release was calibrated on (0.1-0.25 is commonly read as a moderate shift, over 0.25 as a significant one)."""
 
 
+DRIFT_MIN_SAMPLES = 100
+"""Served samples below which no drift is computed: on a few samples the index is mostly noise (its expected value
+on the reference's own distribution is about bins / samples)."""
+
+
 def drift(totals: Totals, reference: dict | None) -> float | None:
     """The largest population stability index over the features of ``totals``' served inputs against the release's
-    ``reference`` (its manifest's), or ``None`` when the windows were not binned in that reference's bins."""
+    ``reference`` (its manifest's), or ``None`` when the windows were not binned in that reference's bins or hold
+    fewer than :data:`DRIFT_MIN_SAMPLES` binned samples."""
     from device_agents.serving.stats import stability_index
 
     if (not reference or totals.bin_counts is None or totals.edges is None
             or totals.edges != reference.get("feature_edges")):
         return None
     shares = reference.get("feature_bin_frequencies") or []
-    if len(shares) != len(totals.bin_counts):
+    if len(shares) != len(totals.bin_counts) or min(map(sum, totals.bin_counts), default=0) < DRIFT_MIN_SAMPLES:
         return None
     return max(stability_index(e, c) for e, c in zip(shares, totals.bin_counts, strict=True))
 
@@ -156,8 +208,10 @@ class TelemetryStore:
             found = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if found is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif found[0] == "1":  # version 1 had only the windows: the new tables were just created
+                self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
             elif found[0] != str(SCHEMA_VERSION):
-                raise ValueError(f"{self.path} holds telemetry schema {found[0]}; this edgekit reads "
+                raise ValueError(f"{self.path} holds fleet database schema {found[0]}; this edgekit reads "
                                  f"{SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -186,15 +240,18 @@ class TelemetryStore:
     def versions(self) -> list[str]:
         return [v for (v,) in self._db.execute("SELECT DISTINCT version FROM windows ORDER BY version")]
 
-    def totals(self, version: str, *, since: float | None = None) -> Totals:
-        """Every stored window of ``version`` (ending after ``since``) summed; reference bins only where the
-        windows share their edges."""
+    def totals(self, version: str, *, since: float | None = None, until: float | None = None) -> Totals:
+        """Every stored window of ``version`` (ending after ``since``, at or before ``until``) summed; reference
+        bins only where the windows share their edges."""
         rows = self._db.execute(
-            "SELECT node, calls, samples, errors, latency_sum, latency_counts, class_counts, edges, bin_counts "
-            "FROM windows WHERE version = ? AND end > ? ORDER BY end", (version, -1.0 if since is None else since))
+            "SELECT node, start, end, calls, samples, errors, latency_sum, latency_counts, class_counts, edges, "
+            "bin_counts "
+            "FROM windows WHERE version = ? AND end > ? AND end <= ? ORDER BY end",
+            (version, -1.0 if since is None else since, float("inf") if until is None else until))
         totals, nodes, edges = Totals(version), set(), None
-        for node, calls, samples, errors, latency_sum, latency, classes, window_edges, bins in rows:
+        for node, start, end, calls, samples, errors, latency_sum, latency, classes, window_edges, bins in rows:
             totals.windows += 1
+            totals.seconds += max(end - start, 0.0)
             nodes.add(node)
             totals.calls, totals.samples, totals.errors = (totals.calls + calls, totals.samples + samples,
                                                           totals.errors + errors)
@@ -211,3 +268,113 @@ class TelemetryStore:
         totals.nodes, totals.edges = len(nodes), None if edges is None else json.loads(edges)
         totals.bin_counts = None if totals.bin_counts is None else [[int(v) for v in b] for b in totals.bin_counts]
         return totals
+
+    def record_release(self, release_id: str, release: int, folder: str | Path, reference: dict | None, *,
+                       now: float) -> None:
+        """Remember a release rolled out: its number, its folder (what a device that converges later gets) and its
+        manifest's reference statistics (what its served inputs are compared with)."""
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO releases VALUES (?, ?, ?, ?, ?)",
+                             (release_id, int(release), str(folder),
+                              None if reference is None else json.dumps(reference), now))
+
+    def release(self, release_id: str) -> dict[str, Any] | None:
+        """A recorded release: ``release_id``, ``release``, ``folder``, ``reference``; None when never rolled out."""
+        row = self._db.execute("SELECT release_id, release, folder, reference FROM releases WHERE release_id = ?",
+                               (release_id,)).fetchone()
+        if row is None:
+            return None
+        return {"release_id": row[0], "release": row[1], "folder": row[2],
+                "reference": None if row[3] is None else json.loads(row[3])}
+
+    def set_desired(self, release_id: str) -> None:
+        """Make ``release_id`` (recorded with :meth:`record_release`) what every device should serve."""
+        if self.release(release_id) is None:
+            raise ValueError(f"release {release_id} was never recorded")
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES ('desired', ?)", (release_id,))
+
+    def desired(self) -> dict[str, Any] | None:
+        """The desired release (:meth:`release`), or None before any rollout completed."""
+        found = self._db.execute("SELECT value FROM meta WHERE key = 'desired'").fetchone()
+        return None if found is None else self.release(found[0])
+
+    def record_device(self, node: int, version: str, state: DeviceState, reason: str = "", *, now: float) -> None:
+        """A device seen serving ``version``, and its ``state`` against the desired release."""
+        target = (self.desired() or {}).get("release_id", "")
+        with self._db:
+            self._db.execute("INSERT OR REPLACE INTO devices VALUES (?, ?, ?, ?, ?, ?)",
+                             (str(node), version, DeviceState(state).value, target, reason[:300], now))
+
+    def device(self, node: int) -> dict[str, Any] | None:
+        rows = [d for d in self.devices() if d["node"] == str(node)]
+        return rows[0] if rows else None
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Every device seen: ``node``, ``version``, ``state``, ``target`` (the desired release then), ``reason``,
+        ``seen`` (time)."""
+        rows = self._db.execute("SELECT node, version, state, target, reason, seen FROM devices ORDER BY node")
+        return [dict(zip(("node", "version", "state", "target", "reason", "seen"), row, strict=True)) for row in rows]
+
+    def record_measurement(self, node: int, version: str, *, now: float, accuracy: float | None,
+                           error_rate: float | None, p99_ms: float | None) -> None:
+        """What a device measured of ``version`` on its own data (a rollout's or a status's measurement)."""
+        with self._db:
+            self._db.execute("INSERT INTO measurements VALUES (?, ?, ?, ?, ?, ?)",
+                             (str(node), version, now, accuracy, error_rate, p99_ms))
+
+    def accuracy(self, version: str) -> float | None:
+        """The mean over devices of each one's latest accuracy measured of ``version`` (None: no labeled device)."""
+        rows = self._db.execute(
+            "SELECT m.accuracy FROM measurements m JOIN (SELECT node, MAX(time) AS time FROM measurements "
+            "WHERE version = ? AND accuracy IS NOT NULL GROUP BY node) latest "
+            "ON m.node = latest.node AND m.time = latest.time WHERE m.version = ? AND m.accuracy IS NOT NULL",
+            (version, version)).fetchall()
+        return sum(r[0] for r in rows) / len(rows) if rows else None
+
+    def accuracy_series(self, version: str) -> list[tuple[float, float]]:
+        """(time, accuracy) of every labeled measurement of ``version``, oldest first."""
+        return [(t, a) for t, a in self._db.execute(
+            "SELECT time, accuracy FROM measurements WHERE version = ? AND accuracy IS NOT NULL ORDER BY time",
+            (version,))]
+
+    def drift(self, version: str, *, since: float | None = None) -> float | None:
+        """:func:`drift` of ``version``'s served inputs against its release's reference (None: unknown)."""
+        release = self.release(version)
+        return drift(self.totals(version, since=since), None if release is None else release["reference"])
+
+    def span(self, version: str) -> tuple[float, float] | None:
+        """The first window's start and the last window's end of ``version`` (None: no window)."""
+        row = self._db.execute("SELECT MIN(start), MAX(end) FROM windows WHERE version = ?", (version,)).fetchone()
+        return None if row[0] is None else (float(row[0]), float(row[1]))
+
+
+def series(store: TelemetryStore, *, points: int = 24) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Per version, time series of what its devices served, over the span of every stored window cut into
+    ``points`` equal steps (a step's point is at its end; steps with no window ending in them are left out):
+    ``calls`` per second (:attr:`Totals.calls_per_second`), ``error_rate``, ``p50_s``, ``p99_s``, ``drift_psi``
+    (of that step's windows), and each labeled ``accuracy`` measurement."""
+    spans = [s for v in store.versions() if (s := store.span(v)) is not None]
+    out: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    if not spans:
+        return out
+    first, last = min(s[0] for s in spans), max(s[1] for s in spans)
+    step = max((last - first) / points, 1e-3)
+    for version in store.versions():
+        release = store.release(version)
+        lines: dict[str, list[tuple[float, float]]] = {k: [] for k in ("calls", "error_rate", "p50_s", "p99_s",
+                                                                      "drift_psi")}
+        for index in range(points):
+            low, high = first + index * step, (last if index == points - 1 else first + (index + 1) * step)
+            t = store.totals(version, since=low if index else low - 1.0, until=high)
+            if not t.windows:
+                continue
+            values = {"calls": t.calls_per_second, "error_rate": t.error_rate, "p50_s": quantile(t.latency_counts, 0.5),
+                      "p99_s": quantile(t.latency_counts, 0.99),
+                      "drift_psi": drift(t, None if release is None else release["reference"])}
+            for key, value in values.items():
+                if value is not None:
+                    lines[key].append((high, value))
+        lines["accuracy"] = store.accuracy_series(version)
+        out[version] = lines
+    return out

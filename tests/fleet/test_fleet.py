@@ -322,6 +322,99 @@ def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, k
     assert all(proc.returncode == 0 for proc, _ in devices), [p.returncode for p, _ in devices]
 
 
+def _scrape(url: str) -> dict:
+    """/metrics as {(name, labels...): value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: S310 (loopback)
+    return {(s.name, *sorted(s.labels.items())): s.value for f in text_string_to_metric_families(text)
+            for s in f.samples}
+
+
+def _until(check, seconds, what):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(1.0)
+    raise AssertionError(f"not within {seconds} s: {what}")
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("fleet-watch")
+def test_a_watched_fleet_collects_serves_metrics_and_converges_a_device_that_joins_later(int8_out, digits, keys,
+                                                                                            tmp_path):
+    """fleet serve with convergence passes, collections and /metrics (real SuperLink, SuperNodes, prometheus
+    HTTP server): an app serves through the agent and its counts and latency histogram reach /metrics under the
+    release's version; a device offline at the rollout installs the release when it joins, without another
+    command; drift shows when a device serves inputs of another distribution and not for the calibration one."""
+    from device_agents.federated.join import free_port
+    from device_agents.store.serving import ServedModel
+    from edgekit.fleet.metrics import MetricsAddress
+    from edgekit.fleet.rollout import Gates, RolloutConfig, rollout
+    from edgekit.fleet.serve import FleetConfig, serve
+    from edgekit.fleet.telemetry import DRIFT_THRESHOLD
+    from edgekit.fleet.watch import WatchConfig
+
+    (private, public), _ = keys
+    watch = WatchConfig(converge_every=5.0, collect_every=5.0, metrics=MetricsAddress(port=free_port()))
+    fleet = serve(tmp_path / "fleet", FleetConfig(port=free_port()), signing_key=private, watch=watch)
+    url = fleet.watcher.metrics.url
+    devices = []
+    try:
+        devices = _enroll(fleet, digits, tmp_path, public, count=1)
+        release = _signed(int8_out, tmp_path / "v1", private, 1)
+        everyone = RolloutConfig(canary=1.0, min_nodes=1, wait=90, timeout=120, gates=Gates(max_accuracy_drop=None))
+        v1 = rollout(fleet.folder, release, everyone, log=lambda _: None)["release_id"]
+        shutil.rmtree(release)  # the fleet keeps its own copy for the devices that converge later
+        assert _versions(tmp_path, 1) == [v1]
+
+        # an application serves through the agent on device 0: the calibration distribution, 9 calls of 20
+        with ServedModel.open(ModelStore(tmp_path / "device0" / "store"), flush_calls=3) as served:
+            for i in range(9):
+                served.predict(digits.x[i * 20:(i + 1) * 20])
+        metrics = _until(lambda: (m := _scrape(url)).get(("edgekit_inferences_total", ("version", v1))) == 9 and m,
+                         90, "device 0's calls in /metrics")
+        assert metrics[("edgekit_inference_samples_total", ("version", v1))] == 180
+        assert metrics[("edgekit_inference_errors_total", ("version", v1))] == 0
+        assert metrics[("edgekit_inference_latency_seconds_count", ("version", v1))] == 9
+        assert metrics[("edgekit_inference_latency_seconds_bucket", ("le", "+Inf"), ("version", v1))] == 9
+        assert metrics[("edgekit_fleet_devices", ("state", "converged"), ("version", v1))] == 1
+        assert metrics[("edgekit_desired_release", ("release_id", v1))] == 1
+        assert metrics[("edgekit_release_accuracy", ("version", v1))] > 80  # the rollout's measurement
+        # its own calibration distribution: no drift (on 180 samples the index is about 0.1: sampling noise)
+        assert metrics[("edgekit_drift_psi", ("version", v1))] < DRIFT_THRESHOLD
+
+        # device 1 was offline at the rollout: it joins now and converges on its own
+        devices += _enroll(fleet, digits, tmp_path, public, count=2, first=1)
+        _until(lambda: getattr(ModelStore(tmp_path / "device1" / "store").current, "name", None) == v1, 120,
+               "device 1 serving the desired release")
+        metrics = _until(lambda: (m := _scrape(url)).get(("edgekit_fleet_devices", ("state", "converged"),
+                                                          ("version", v1))) == 2 and m, 60, "two converged devices")
+
+        # device 1 serves inverted images: the version's inputs drift from its calibration data
+        with ServedModel.open(ModelStore(tmp_path / "device1" / "store"), flush_calls=3) as served:
+            for i in range(9):
+                served.predict(1.0 - digits.x[i * 60:(i + 1) * 60])
+        metrics = _until(lambda: (m := _scrape(url)).get(("edgekit_inferences_total", ("version", v1))) == 18 and m,
+                         90, "device 1's calls in /metrics")
+        assert metrics[("edgekit_drift_psi", ("version", v1))] > DRIFT_THRESHOLD
+        proc = run_cli("fleet", "status", "--fleet", str(fleet.folder), "--out", str(tmp_path / "status"))
+        assert proc.returncode == 0, proc.stderr
+        assert f"desired: release 1 ({v1})" in proc.stdout and proc.stdout.count(": converged") == 2
+        assert "DRIFT" in proc.stdout and f"served {v1}: 18 calls, 720 samples on 2 device(s)" in proc.stdout
+        saved = json.loads((tmp_path / "status" / "fleet.json").read_text())
+        assert saved["serving"][v1]["drifted"] is True and saved["desired"]["release_id"] == v1
+        assert (tmp_path / "status" / "serving.png").read_bytes()[:4] == b"\x89PNG"
+        assert "convergence to release 1" in (fleet.folder / "logs" / "watch.log").read_text()
+    finally:
+        _stop(devices, fleet)
+    assert all(proc.returncode == 0 for proc, _ in devices), [p.returncode for p, _ in devices]
+
+
 HOSTILE_DEVICE = """
 # What the owner of a registered device can do to its own agent: lie in its fleet replies, attack its updates.
 import device_agents.federated.client_app as app
@@ -341,7 +434,7 @@ app.deployed_client_app = lambda: app.make_client_app(app.ClientSettings(faults=
 """
 
 
-def _enroll(fleet, digits, tmp_path, public, count=4, hostile=()):
+def _enroll(fleet, digits, tmp_path, public, count=4, hostile=(), first=0):
     """Devices as docs/fleet.md enrolls them: own key pair, registered by the operator, joined with `join`; the
     ``hostile`` ones run an agent their owner changed (:data:`HOSTILE_DEVICE`)."""
     from edgekit.fleet.serve import register_node
@@ -350,7 +443,7 @@ def _enroll(fleet, digits, tmp_path, public, count=4, hostile=()):
 
     device = _device_bin()
     honest_env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    for i in range(count):
+    for i in range(first, count):
         env = honest_env
         if i in hostile:
             (tmp_path / f"hostile{i}").mkdir()
@@ -373,7 +466,7 @@ def _enroll(fleet, digits, tmp_path, public, count=4, hostile=()):
             cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT), log))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not all("joining the fleet" in (tmp_path / f"device{i}" / "join.log")
-                                                  .read_text() for i in range(count)):
+                                                  .read_text() for i in range(first, count)):
         time.sleep(0.5)
     return procs
 
@@ -734,7 +827,8 @@ def test_every_device_answer_carries_exactly_the_protocol_metrics(int8_out, keys
 def test_the_status_picture_and_json_show_a_broken_release(tmp_path):
     """fleet.json keeps each device's accuracy and sample count per version; fleet.png's device axis is whole
     numbers and it has an accuracy panel (the issue: every device serving a 47% release looked healthy)."""
-    from edgekit.fleet.rollout import _by_version, plot_status
+    from edgekit.fleet.plots import plot_status
+    from edgekit.fleet.rollout import _by_version
 
     rows = [{**_row(node=n, accuracy=47.0 + n), "version_id": "broken0123456789", "release": 3.0} for n in range(3)]
     rows.append({**_row(node=9, accuracy=96.5), "version_id": "good000011112222", "release": 2.0})

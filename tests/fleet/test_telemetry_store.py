@@ -10,6 +10,7 @@ import pytest
 
 from device_agents.serving.stats import LATENCY_BUCKETS, ServingStats, reference_of
 from edgekit.fleet.telemetry import (
+    DRIFT_MIN_SAMPLES,
     DRIFT_THRESHOLD,
     MAX_BATCH,
     MAX_CONCURRENCY,
@@ -49,7 +50,7 @@ def test_windows_are_stored_once_and_summed_per_version(tmp_path):
     with sqlite3.connect(tmp_path / "fleet" / "telemetry.sqlite") as db:
         assert db.execute("SELECT value FROM meta").fetchone() == (str(SCHEMA_VERSION),)
         db.execute("UPDATE meta SET value = '99'")
-    with pytest.raises(ValueError, match="holds telemetry schema 99"):
+    with pytest.raises(ValueError, match="holds fleet database schema 99"):
         TelemetryStore(tmp_path / "fleet" / "telemetry.sqlite")
 
 
@@ -94,6 +95,10 @@ def test_drift_is_reported_against_the_releases_reference_and_not_for_its_own_di
     assert same < 0.1 and shifted > DRIFT_THRESHOLD, (same, shifted)
     assert drift(store.totals("same"), None) is None
     assert drift(store.totals("same"), {**reference, "feature_edges": [[0.0]]}) is None  # other bins
+    assert drift(store.totals("same", until=NOW - 1 - 1e-9), reference) is None  # no window
+    few = TelemetryStore(":memory:")
+    few.add(1, 1, _window("same", calls=DRIFT_MIN_SAMPLES // 2 - 1, x=rng.normal(0, 1, (2, 1)), edges=edges), now=NOW)
+    assert drift(few.totals("same"), reference) is None  # 98 samples: too few to tell noise from drift
 
 
 def test_a_device_sends_the_windows_after_what_the_server_stored_and_drains_the_rest(tmp_path):

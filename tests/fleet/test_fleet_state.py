@@ -1,0 +1,203 @@
+"""The fleet's desired state, device states, Prometheus metrics and serving time series (issue 27, parts 3 and 5,
+server side), on the real fleet database, ``prometheus_client`` and its HTTP server."""
+
+from __future__ import annotations
+
+import sqlite3
+import urllib.request
+
+import numpy as np
+import pytest
+
+from device_agents.serving.stats import LATENCY_BUCKETS, ServingStats, reference_of
+from edgekit.fleet.telemetry import DRIFT_THRESHOLD, DeviceState, TelemetryStore, series
+
+NOW = 1_000_000.0
+
+
+def _window(version, *, calls=4, errors=0, seconds=0.004, start=NOW - 60, end=NOW - 1, x=None, edges=None):
+    stats = ServingStats(version, num_classes=3, features=1, edges=edges, start=start, end=end)
+    for _ in range(calls):
+        stats.record(np.zeros((2, 1)) if x is None else x, np.eye(3)[[0, 2]], seconds=seconds)
+    for _ in range(errors):
+        stats.record_error(seconds=seconds)
+    return stats
+
+
+def _row(node, version, *, ok=True, answered=True, accuracy=95.0, reason="", previous=""):
+    return {"node": node, "ok": ok, "answered": answered, "reason": reason, "version_id": version,
+            "previous_id": previous, "inferences": 100.0, "errors": 0.0, "p50_ms": 0.5, "p99_ms": 1.0,
+            "accuracy": accuracy, "samples": 100.0, "previous_inferences": -1.0, "previous_errors": -1.0,
+            "previous_p50_ms": -1.0, "previous_p99_ms": -1.0, "previous_accuracy": -1.0, "previous_samples": -1.0}
+
+
+def test_a_version_1_database_is_upgraded_in_place_and_keeps_its_windows(tmp_path):
+    path = tmp_path / "telemetry.sqlite"
+    with sqlite3.connect(path) as db:  # what the first collecting edgekit wrote
+        db.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+                         "INSERT INTO meta VALUES ('schema_version', '1');")
+    TelemetryStore(path).close()
+    store = TelemetryStore(path)
+    assert store.desired() is None and store.devices() == []
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+
+
+def test_devices_converge_on_the_desired_release_and_one_that_failed_it_is_not_retried():
+    from edgekit.fleet.jobs import record_installs, record_status
+
+    store = TelemetryStore(":memory:")
+    # before any rollout there is nothing to converge to
+    assert record_status(store, [_row(1, "")]) == [] and store.device(1)["state"] == DeviceState.UNTRACKED
+    with pytest.raises(ValueError, match="never recorded"):
+        store.set_desired("r2")
+    store.record_release("r1", 1, "/fleet/releases/r1", None, now=NOW)
+    store.record_release("r2", 2, "/fleet/releases/r2", None, now=NOW)
+    store.set_desired("r2")
+    assert store.desired()["release"] == 2
+    behind = record_status(store, [_row(1, "r2"), _row(2, "r1"), _row(3, "r1"),
+                                   _row(4, "", ok=False, answered=False, reason="no reply")])
+    assert [r["node"] for r in behind] == [2, 3]
+    states = {d["node"]: (d["state"], d["reason"]) for d in store.devices()}
+    assert states["1"] == ("converged", "") and states["2"][0] == "pending" and "release 2 (r2)" in states["2"][1]
+    assert "4" not in states  # it never answered: nothing is known of it
+    # the pass sends r2: node 2 installs it, node 3 refuses it (its own check), node 4 stays silent
+    record_installs(store, [_row(2, "r2"), _row(3, "", ok=False, reason="smoke test failed", previous="r1"),
+                            _row(4, "", ok=False, answered=False, reason="no reply", previous="r1")], "r2")
+    states = {d["node"]: (d["state"], d["reason"], d["version"]) for d in store.devices()}
+    assert states["2"] == ("converged", "", "r2") and states["3"] == ("failed", "smoke test failed", "r1")
+    assert states["4"] == ("pending", "no reply", "r1")
+    # the next pass: the failed device is not sent the same release again, the silent one is
+    assert [r["node"] for r in record_status(store, [_row(3, "r1"), _row(4, "r1")])] == [4]
+    assert store.device(3)["state"] == "failed"
+    # a device that says it installed it but serves something else has failed it
+    record_installs(store, [_row(5, "r1")], "r2")
+    assert store.device(5)["state"] == "failed" and "after installing r2" in store.device(5)["reason"]
+    # a new desired release: the failed device is tried again
+    store.record_release("r3", 3, "/fleet/releases/r3", None, now=NOW)
+    store.set_desired("r3")
+    assert 3 in [r["node"] for r in record_status(store, [_row(3, "r1")])]
+
+
+def test_accuracy_is_each_devices_latest_measurement_averaged_and_lies_are_not_recorded():
+    from edgekit.fleet.jobs import record_status
+
+    store = TelemetryStore(":memory:")
+    record_status(store, [_row(1, "v", accuracy=80.0), _row(2, "v", accuracy=90.0)])
+    record_status(store, [_row(1, "v", accuracy=84.0), _row(3, "v", accuracy=-1.0)])  # 3 has no labels
+    assert store.accuracy("v") == pytest.approx(87.0) and store.accuracy("other") is None
+    liar = {**_row(4, "v", accuracy=100.0), "samples": 1e11}
+    record_status(store, [liar])
+    assert store.accuracy("v") == pytest.approx(87.0)
+    assert [a for _, a in store.accuracy_series("v")] == [80.0, 90.0, 84.0]
+
+
+def _families(store):
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edgekit.fleet.metrics import FleetCollector
+
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(store))
+    text = generate_latest(registry).decode()
+    return {f.name: f for f in text_string_to_metric_families(text)}, text
+
+
+def _samples(family, name, **labels):
+    return [s.value for s in family.samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+
+
+def test_the_metrics_carry_what_the_fleet_served_per_version_with_its_labels():
+    from edgekit.fleet.jobs import record_status
+
+    rng = np.random.default_rng(0)
+    reference = reference_of(rng.normal(0, 1, (400, 1)), np.eye(3)[rng.integers(0, 3, 400)])
+    store = TelemetryStore(":memory:")
+    store.record_release("v1", 1, "/r/v1", reference, now=NOW)
+    store.record_release("v2", 2, "/r/v2", reference, now=NOW)
+    store.set_desired("v2")
+    edges = reference["feature_edges"]
+    for sequence in range(1, 61):  # v1 serves its calibration distribution, v2 a shifted one and fails sometimes
+        assert store.add(1, sequence, _window("v1", calls=1, x=rng.normal(0, 1, (2, 1)), edges=edges), now=NOW) == ""
+        assert store.add(2, sequence, _window("v2", calls=1, errors=1, seconds=0.2, x=rng.normal(3, 1, (2, 1)),
+                                              edges=edges), now=NOW) == ""
+    record_status(store, [_row(1, "v1", accuracy=91.0), _row(2, "v2", accuracy=60.0)])
+    families, text = _families(store)
+    devices = families["edgekit_fleet_devices"]
+    assert _samples(devices, "edgekit_fleet_devices", version="v1", state="pending") == [1.0]
+    assert _samples(devices, "edgekit_fleet_devices", version="v2", state="converged") == [1.0]
+    assert _samples(families["edgekit_desired_release"], "edgekit_desired_release", release_id="v2") == [2.0]
+    assert _samples(families["edgekit_inferences"], "edgekit_inferences_total", version="v1") == [60.0]
+    assert _samples(families["edgekit_inferences"], "edgekit_inferences_total", version="v2") == [120.0]
+    assert _samples(families["edgekit_inference_errors"], "edgekit_inference_errors_total", version="v2") == [60.0]
+    assert _samples(families["edgekit_inference_samples"], "edgekit_inference_samples_total", version="v1") == [120.0]
+    latency = families["edgekit_inference_latency_seconds"]
+    buckets = {s.labels["le"]: s.value for s in latency.samples
+               if s.name == "edgekit_inference_latency_seconds_bucket" and s.labels["version"] == "v2"}
+    assert buckets["0.1"] == 0 and buckets["0.25"] == 120 and buckets["+Inf"] == 120  # cumulative, every call
+    assert len(buckets) == len(LATENCY_BUCKETS) + 1
+    assert _samples(latency, "edgekit_inference_latency_seconds_count", version="v2") == [120.0]
+    assert _samples(latency, "edgekit_inference_latency_seconds_sum", version="v2") == [pytest.approx(24.0)]
+    assert _samples(families["edgekit_release_accuracy"], "edgekit_release_accuracy", version="v1") == [91.0]
+    (same,) = _samples(families["edgekit_drift_psi"], "edgekit_drift_psi", version="v1")
+    (shifted,) = _samples(families["edgekit_drift_psi"], "edgekit_drift_psi", version="v2")
+    assert same < 0.1 and shifted > DRIFT_THRESHOLD, (same, shifted)
+    assert "# TYPE edgekit_inference_latency_seconds histogram" in text
+
+
+def test_metrics_are_served_over_http_from_the_database_file_and_a_taken_port_is_refused(tmp_path):
+    from device_agents.federated.join import free_port
+    from edgekit.errors import InputError
+    from edgekit.fleet.metrics import MetricsAddress, MetricsServer
+
+    path = tmp_path / "telemetry.sqlite"
+    server = MetricsServer(path, MetricsAddress(port=free_port()))
+    try:
+        empty = urllib.request.urlopen(server.url, timeout=10).read().decode()  # noqa: S310 (loopback)
+        assert "edgekit_" not in empty  # no database yet: nothing, and no error
+        store = TelemetryStore(path)
+        store.add(5, 1, _window("v9"), now=NOW)
+        store.close()
+        text = urllib.request.urlopen(server.url, timeout=10).read().decode()  # noqa: S310
+        assert 'edgekit_inferences_total{version="v9"} 4.0' in text
+        with pytest.raises(InputError, match=f"cannot serve metrics on 127.0.0.1:{server.address.port}"):
+            MetricsServer(path, server.address)
+    finally:
+        server.stop()
+    with pytest.raises(InputError, match="not a TCP port"):
+        MetricsAddress(port=70_000)
+
+
+def test_serving_series_and_their_picture_show_each_version_over_time(tmp_path):
+    from edgekit.fleet.plots import plot_serving
+
+    path = tmp_path / "telemetry.sqlite"
+    store = TelemetryStore(path)
+    for minute in range(10):  # v1 for ten minutes, v2 from minute 5 with errors
+        start = NOW - 600 + 60 * minute
+        store.add(1, minute + 1, _window("v1", calls=6, start=start, end=start + 59), now=NOW)
+        if minute >= 5:
+            store.add(2, minute + 1, _window("v2", calls=3, errors=3, start=start, end=start + 59), now=NOW)
+    lines = series(store, points=10)
+    assert [round(v, 3) for _, v in lines["v1"]["calls"]] == [0.102] * 10  # 6 calls in each 59 s window
+    assert {round(v, 3) for _, v in series(store, points=37)["v1"]["calls"]} == {0.102}  # whatever the steps
+    assert len(lines["v2"]["calls"]) == 5 and {v for _, v in lines["v2"]["error_rate"]} == {0.5}
+    assert all(0.0025 < v <= 0.005 for _, v in lines["v1"]["p99_s"])
+    store.close()
+    plot_serving(path, tmp_path / "serving.png")
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(tmp_path / "serving.png")
+    assert pixels.shape[0] > 400 and len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 20
+
+
+def test_the_watch_periods_are_checked():
+    from edgekit.errors import InputError
+    from edgekit.fleet.watch import WatchConfig
+
+    assert WatchConfig(converge_every=None, collect_every=5).collect_every == 5
+    for bad in ({"converge_every": 1.0}, {"collect_every": float("nan")}, {"collect_every": True},
+                {"converge_every": 10 ** 6}):
+        with pytest.raises(InputError, match="seconds"):
+            WatchConfig(**bad)
