@@ -71,11 +71,14 @@ class Query:
 
 class TelemetryWire:
     """The keys of a telemetry collection: the server's config says ``through`` (the newest spool sequence it has
-    stored of this device, which the device then drains); the reply carries ``windows`` (a ConfigRecord of spool
-    sequence, 12 digits -> the window's JSON bytes, oldest first, at most :data:`MAX_WINDOWS`) and the metric
-    ``last-sequence`` (the newest sequence the spool holds)."""
+    stored of this device) and ``spool`` (the id of the spool it counted in); the device drains those windows
+    when that is its spool's id. The reply carries ``windows`` (a ConfigRecord of spool sequence, 12 digits -> the
+    window's JSON bytes, oldest first, at most :data:`MAX_WINDOWS`), the metric ``last-sequence`` (the newest
+    sequence the spool holds) and a ConfigRecord ``spool`` with the spool's ``id`` (16 hex digits)."""
 
     THROUGH = "through"
+    SPOOL = "spool"
+    SPOOL_ID = "id"
     WINDOWS = "windows"
     LAST_SEQUENCE = "last-sequence"
 

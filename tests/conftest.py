@@ -225,3 +225,22 @@ def train_reply(value: float, examples: int, node: int):
     content = RecordDict({"arrays": ArrayRecord({"w": Array(np.full(3, value, np.float32))}),
                           "metrics": MetricRecord({"num-examples": examples})})
     return Message(content, metadata=metadata)
+
+
+def nan_on_negative_release(folder: Path) -> Path:
+    """A valid float TFLite inference folder (8x8x1 in, 10 scores out) whose scores are NaN when any input pixel is
+    negative (sqrt of the pixels, then Dense): healthy on digits, broken on traffic with a negative pixel."""
+    import json
+
+    from edgekit import _tf
+    from edgekit.artifacts.manifest import file_entry
+
+    tf, keras = _tf.tf(), _tf.keras()
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Lambda(tf.math.sqrt), keras.layers.Flatten(),
+                              keras.layers.Dense(10)])
+    data = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    folder.mkdir()
+    (folder / "model.tflite").write_bytes(data)
+    (folder / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "inference",
+                                                      "artifacts": [file_entry("model.tflite", data, fmt="tflite")]}))
+    return folder

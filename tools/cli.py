@@ -163,6 +163,15 @@ def _add_fleet(sub: argparse._SubParsersAction) -> None:
                          "%(default)s: all)")
     ro.add_argument("--seed", type=int, help="make the random choice of canary devices repeatable (default: a new "
                                             "random choice each rollout)")
+    ro.add_argument("--stages", type=_fractions, metavar="F,F,...,1",
+                    help="staged rollout: cumulative fractions of the devices, e.g. 0.1,0.5,1; each stage is gated "
+                         "like a canary (and on its bake); a failed gate rolls every stage back (replaces --canary)")
+    ro.add_argument("--bake", type=float, default=_default(RolloutConfig, "bake"), metavar="SECONDS",
+                    help="after each gated stage, wait this long and judge what its devices served of the release "
+                         "meanwhile: error rate, p99, drift (default %(default)s: no bake)")
+    ro.add_argument("--max-drift-psi", type=_number_or_off, default=gates.max_drift_psi, metavar="PSI|off",
+                    help="in a bake: the largest population stability index of the served inputs against the "
+                         "release's calibration data (default %(default)s)")
     ro.add_argument("--min-nodes", type=int, default=_default(RolloutConfig, "min_nodes"),
                     help="wait for this many connected devices (default %(default)s)")
     ro.add_argument("--timeout", type=float, default=_default(RolloutConfig, "timeout"),
@@ -544,6 +553,13 @@ def cmd_fleet_register(args: argparse.Namespace) -> int:
     return int(ExitCode.SUCCESS)
 
 
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated fractions, e.g. 0.1,0.5,1") from None
+
+
 def _metrics_address(text: str) -> object:
     from edgekit.fleet.metrics import MetricsAddress
 
@@ -567,9 +583,10 @@ def cmd_fleet_rollout(args: argparse.Namespace) -> int:
     from edgekit.fleet.rollout import Gates, RolloutConfig, rollout
 
     config = RolloutConfig(canary=args.canary, min_nodes=args.min_nodes, timeout=args.timeout, seed=args.seed,
+                           stages=args.stages or (), bake=args.bake,
                            gates=Gates(max_error_rate=args.max_error_rate, max_p99_ms=args.max_p99_ms,
                                        min_accuracy=args.min_accuracy, max_accuracy_drop=args.max_accuracy_drop,
-                                       quorum=args.quorum))
+                                       quorum=args.quorum, max_drift_psi=args.max_drift_psi))
     result = rollout(args.fleet, args.release, config, log=lambda line: print(line, flush=True))
     print(f"rollout complete: release {result['release_id']} on {result['nodes']} device(s) "
           f"(report: {result['job']}/rollout.json)")

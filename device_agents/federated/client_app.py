@@ -250,11 +250,16 @@ class _Handlers:
     def telemetry(self, message: Any, context: Any) -> Any:
         from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-        through = message.content["config"].get(TelemetryWire.THROUGH, 0)
+        config = message.content["config"]
+        through = config.get(TelemetryWire.THROUGH, 0)
         if isinstance(through, bool) or not isinstance(through, int) or through < 0:
             raise ValueError("a telemetry collection names the newest sequence stored as a whole number")
-        windows, metrics = fleet.telemetry(through, context.node_config)
-        return Message(RecordDict({TelemetryWire.WINDOWS: ConfigRecord(windows), "metrics": MetricRecord(metrics)}),
+        spool_id = config.get(TelemetryWire.SPOOL)
+        if spool_id is not None and not isinstance(spool_id, str):
+            raise ValueError("a telemetry collection names its spool as text")
+        windows, metrics, own = fleet.telemetry(through, spool_id, context.node_config)
+        return Message(RecordDict({TelemetryWire.WINDOWS: ConfigRecord(windows), "metrics": MetricRecord(metrics),
+                                   TelemetryWire.SPOOL: ConfigRecord({TelemetryWire.SPOOL_ID: own})}),
                        reply_to=message)
 
 

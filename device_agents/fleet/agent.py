@@ -197,17 +197,20 @@ def status(node: Any) -> tuple[dict[str, float], dict[str, str]]:
                      "reason": ""}
 
 
-def telemetry(through: int, node: Any) -> tuple[dict[str, bytes], dict[str, float]]:
-    """The store's spool for a collection: drain what the server has stored (sequences up to ``through``), then
-    up to :data:`~device_agents.protocol.MAX_WINDOWS` of the windows after it, oldest first, as sequence -> bytes,
-    and the newest sequence the spool holds. Only aggregates leave the device (the windows are checked as the
-    spool reads them: a file that is not a window stays behind)."""
+def telemetry(through: int, spool_id: str | None, node: Any) -> tuple[dict[str, bytes], dict[str, float], str]:
+    """The store's spool for a collection: drain what the server has stored (sequences up to ``through`` of the
+    spool ``spool_id``: only when that is this spool, and never past what it held), then up to
+    :data:`~device_agents.protocol.MAX_WINDOWS` of the windows left, oldest first, as sequence -> bytes; the newest
+    sequence the spool holds, and its id. ``spool_id`` None (a server that names no spool) drains by sequence
+    alone. Only aggregates leave the device (the windows are checked as the spool reads them: a file that is not a
+    window stays behind)."""
     from device_agents.protocol import MAX_WINDOW_BYTES, MAX_WINDOWS, TelemetryWire
     from device_agents.serving.spool import Spool
     from device_agents.store.serving import SPOOL_FOLDER
 
     spool = Spool(_store(node).root / SPOOL_FOLDER)
-    if 0 < through <= spool.last_sequence():  # more than this spool ever held: another spool's count, kept
+    own = spool.identity()
+    if spool_id in (None, own) and 0 < through <= spool.last_sequence():
         spool.drain(through)
     windows: dict[str, bytes] = {}
     for sequence, path in spool.files():
@@ -216,7 +219,7 @@ def telemetry(through: int, node: Any) -> tuple[dict[str, bytes], dict[str, floa
         data = path.read_bytes() if path.stat().st_size <= MAX_WINDOW_BYTES else b""
         if data and spool.parse(data) is not None:
             windows[f"{sequence:012d}"] = data
-    return windows, {TelemetryWire.LAST_SEQUENCE: float(spool.last_sequence())}
+    return windows, {TelemetryWire.LAST_SEQUENCE: float(spool.last_sequence())}, own
 
 
 def finite(metrics: dict[str, float]) -> dict[str, float]:

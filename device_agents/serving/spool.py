@@ -5,6 +5,12 @@ at most a temporary file, which is ignored and cleared); when the files pass ``m
 so a device that serves for weeks offline keeps a bounded summary of its most recent windows. Writers take a lock
 on the folder. Reading skips (and reports) a file that is not a valid window: the spool is read as untrusted.
 
+A spool has an identity (:meth:`Spool.identity`, a random id in ``spool.json`` beside the windows, with the next
+sequence to write): sequences never restart, even when every window was collected and drained, and a store
+that was wiped (or a device re-provisioned with the same node key) starts a spool of another id, so the server,
+which stores windows per (node, spool, sequence), neither drops the new windows as already stored nor makes the
+device drain windows it never collected.
+
 >>> spool = Spool(store_root / "telemetry", max_bytes=1 << 20)     # doctest: +SKIP
 >>> spool.append(stats)                                             # doctest: +SKIP
 >>> [w.calls for w in spool.windows()]                              # doctest: +SKIP
@@ -13,15 +19,24 @@ on the folder. Reading skips (and reports) a file that is not a valid window: th
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 
 from device_agents.errors import StatsError
-from device_agents.files import locked, write_atomic
+from device_agents.files import UnsafeFileError, locked, read_bounded, write_atomic
 from device_agents.serving.stats import ServingStats
 
 DEFAULT_SPOOL_BYTES = 1 << 20
 """The spool's size at most (1 MiB): about a thousand windows of a 10-class model with a few features."""
 SUFFIX = ".json"
+IDENTITY = "spool.json"
+"""The spool's identity file: ``{"id": <16 hex digits>, "next": <the next sequence to write>}``."""
+MAX_SEQUENCE = 10 ** 12 - 1
+
+
+def valid_id(value: object) -> bool:
+    """Whether ``value`` is a spool id: 16 lowercase hex digits."""
+    return isinstance(value, str) and len(value) == 16 and all(c in "0123456789abcdef" for c in value)
 
 
 class Spool:
@@ -54,10 +69,41 @@ class Spool:
             for stale in self.folder.glob(".*.partial"):  # a writer that crashed mid-write (none runs: locked)
                 stale.unlink(missing_ok=True)
             files = self.files()
-            path = self.folder / f"{(files[-1][0] + 1 if files else 1):012d}{SUFFIX}"
+            spool_id, following, _ = self._identity()
+            sequence = max(following, files[-1][0] + 1 if files else 1)
+            if sequence > MAX_SEQUENCE:  # a trillion windows: a new spool (the server sees a new id)
+                spool_id, sequence = secrets.token_hex(8), 1
+            path = self.folder / f"{sequence:012d}{SUFFIX}"
             write_atomic(path, data)
+            self._write_identity(spool_id, sequence + 1)
             self._trim([*files, (0, path)])
         return path
+
+    def identity(self) -> str:
+        """The spool's id (made, with its identity file, when the spool has none or a malformed one)."""
+        with locked(self.folder):
+            spool_id, following, stored = self._identity()
+            if not stored:
+                self._write_identity(spool_id, following)
+        return spool_id
+
+    def _identity(self) -> tuple[str, int, bool]:
+        """(id, next sequence, whether the file holds them) from the identity file; a missing or malformed one is
+        a new spool (a new id, and sequences after the windows it holds). Called under the lock."""
+        try:
+            data = json.loads(read_bounded(self.folder / IDENTITY, max_bytes=4096, what="spool identity"))
+            spool_id, following = data["id"], data["next"]
+            if valid_id(spool_id) and isinstance(following, int) and not isinstance(following, bool) \
+                    and 1 <= following <= MAX_SEQUENCE + 1:
+                return spool_id, following, True
+        except (OSError, ValueError, KeyError, TypeError, UnsafeFileError):
+            pass
+        files = self.files()
+        return secrets.token_hex(8), (files[-1][0] + 1 if files else 1), False
+
+    def _write_identity(self, spool_id: str, following: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.folder / IDENTITY, json.dumps({"id": spool_id, "next": following}).encode())
 
     def _trim(self, files: list[tuple[int, Path]]) -> None:
         sizes = [(path, path.stat().st_size) for _, path in files]

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.errors import InstallError
+from device_agents.errors import AgentError, InstallError
 from device_agents.serving.integrity import read_manifest, verified_artifact
 from device_agents.serving.runtime import Model, Runtime
 from device_agents.serving.spool import DEFAULT_SPOOL_BYTES, Spool
@@ -25,22 +25,35 @@ SPOOL_FOLDER = "telemetry"
 """The spool's folder in the store's root."""
 FLUSH_SECONDS = 60.0
 FLUSH_CALLS = 10_000
+FOLLOW_SECONDS = 1.0
+"""How often a :class:`ServedModel` opened from a store looks for a new current version (a rollout, a rollback)."""
 
 
 class ServedModel:
     """A :class:`~device_agents.Model` whose every :meth:`predict` is counted, timed and summarised per version;
-    the window goes to the spool every ``flush_seconds`` or ``flush_calls`` calls, and at :meth:`close`."""
+    the window goes to the spool every ``flush_seconds`` or ``flush_calls`` calls, and at :meth:`close`.
+
+    Opened from a store (:meth:`open`), it follows the store: at most every :data:`FOLLOW_SECONDS` it looks at the
+    current version and, when a rollout or a rollback changed it, flushes the window and serves the new one (a
+    version that does not verify or load is not served: the one in memory keeps serving, and is looked at again
+    at the next check). A call that raises, or returns non-finite scores, is an error."""
 
     def __init__(self, model: Model, version: str, spool: Spool, *, edges: list[list[float]] | None = None,
-                 flush_seconds: float = FLUSH_SECONDS, flush_calls: int = FLUSH_CALLS) -> None:
-        self.model, self.version, self.spool, self.edges = model, version, spool, edges
-        self.flush_seconds, self.flush_calls = float(flush_seconds), int(flush_calls)
-        sample = model.example_input()
-        self._features = features_of(sample).shape[1]
+                 flush_seconds: float = FLUSH_SECONDS, flush_calls: int = FLUSH_CALLS,
+                 follow: ModelStore | None = None, runtime: Runtime | str | None = None,
+                 num_threads: int | None = None) -> None:
+        self.spool, self.flush_seconds, self.flush_calls = spool, float(flush_seconds), int(flush_calls)
+        self._follow, self._load_options = follow, {"runtime": runtime, "num_threads": num_threads}
+        self._next_check = time.monotonic() + FOLLOW_SECONDS
+        self._serve(model, version, edges)
+        self._stats = self._new()
+
+    def _serve(self, model: Model, version: str, edges: list[list[float]] | None) -> None:
+        self.model, self.version, self.edges = model, version, edges
+        self._features = features_of(model.example_input()).shape[1]
         if edges is not None and len(edges) != self._features:
             self.edges = None  # a reference of another input shape: served without bins
         self._classes = int(np.prod([d for d in model.outputs[0].shape[1:] if d > 0]) or 1)
-        self._stats = self._new()
 
     @classmethod
     def open(cls, store: ModelStore, *, runtime: Runtime | str | None = None, num_threads: int | None = None,
@@ -52,18 +65,35 @@ class ServedModel:
         current = store.current
         if current is None:
             raise InstallError(f"{store.root} has no current version: install one first")
-        entry = verified_artifact(current, runtime=runtime, kind="inference")
-        model = Model.load(entry.data, runtime=runtime, num_threads=num_threads)
+        model, edges = _load(current, runtime=runtime, num_threads=num_threads)
         spool = Spool(Path(store.root) / SPOOL_FOLDER, max_bytes=max_spool_bytes)
-        return cls(model, current.name, spool, edges=reference_edges(read_manifest(current)),
-                   flush_seconds=flush_seconds, flush_calls=flush_calls)
+        return cls(model, current.name, spool, edges=edges, flush_seconds=flush_seconds, flush_calls=flush_calls,
+                   follow=store, runtime=runtime, num_threads=num_threads)
+
+    def _check_store(self) -> None:
+        """Serve the store's current version when it is no longer the one served (see the class)."""
+        if self._follow is None or time.monotonic() < self._next_check:
+            return
+        self._next_check = time.monotonic() + FOLLOW_SECONDS
+        current = self._follow.current
+        if current is None or current.name == self.version:
+            return
+        try:
+            model, edges = _load(current, **self._load_options)
+        except AgentError:
+            return
+        self.flush()
+        self._serve(model, current.name, edges)
+        self._stats = self._new()
 
     def _new(self) -> ServingStats:
         now = time.time()
         return ServingStats(self.version, self._classes, self._features, self.edges, start=now, end=now)
 
     def predict(self, x: np.ndarray, **kwargs: Any) -> np.ndarray:
-        """:meth:`Model.predict`, recorded (a failed call is counted as an error and re-raised)."""
+        """:meth:`Model.predict`, recorded (a failed call is counted as an error and re-raised; non-finite scores
+        are returned and counted as an error)."""
+        self._check_store()
         start = time.perf_counter()
         try:
             outputs = self.model.predict(x, **kwargs)
@@ -72,6 +102,10 @@ class ServedModel:
             self._maybe_flush()
             raise
         seconds = time.perf_counter() - start
+        if not np.all(np.isfinite(outputs)):
+            self._stats.record_error(seconds=seconds)
+            self._maybe_flush()
+            return outputs
         batch = np.asarray(x)
         single = batch.ndim == len(self.model.inputs[0].shape) - 1
         self._stats.record(batch[None] if single else batch, outputs[None] if single else outputs, seconds=seconds)
@@ -97,3 +131,11 @@ class ServedModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _load(folder: Path, *, runtime: Runtime | str | None, num_threads: int | None) -> tuple[Model,
+                                                                                          list[list[float]] | None]:
+    """The inference artifact of an installed version (hash-checked) and its release's reference bin edges."""
+    entry = verified_artifact(folder, runtime=runtime, kind="inference")
+    model = Model.load(entry.data, runtime=runtime, num_threads=num_threads)
+    return model, reference_edges(read_manifest(folder))

@@ -84,10 +84,12 @@ def release_files(folder: Path) -> dict[str, bytes]:
 
 
 def rollout_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
-    """Send the release to a canary fraction of nodes, check the gates, then to the rest or roll back."""
+    """Send the release to the nodes stage by stage (``stages``; without them a canary fraction, then the rest),
+    each stage gated on its devices' measurements and, with ``bake``, on what they served meanwhile; a failed
+    gate rolls every stage back. The last stage's success makes the release the fleet's desired one."""
     from flwr.app import ConfigRecord, RecordDict
 
-    from edgekit.fleet.rollout import Gates, canary_verdict
+    from edgekit.fleet.rollout import Gates
 
     gates = Gates(**job["gates"])
     files = release_files(Path(job["release"]))
@@ -99,51 +101,122 @@ def rollout_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
     nodes = _nodes(grid, job)
     if not nodes:
         return {"status": "halted", "reason": "no device is connected to the fleet", "release_id": release_id}
-    count = max(1, math.ceil(job["canary"] * len(nodes)))
-    chooser = random.SystemRandom() if job.get("seed") is None else random.Random(job["seed"])
-    canary = sorted(chooser.sample(nodes, count))
-    rest = [n for n in nodes if n not in canary]
+    plan = stage_plan(nodes, job)
     content = RecordDict({"release": ConfigRecord(files)})
-    report(f"release {release_id} ({sum(map(len, files.values())):,} bytes) to {len(canary)} canary node(s) "
-           f"of {len(nodes)}")
-    started = time.monotonic()
-    canary_rows = _ask(grid, canary, Query.INSTALL, content, job["timeout"])
-    canary_seconds = time.monotonic() - started
-    verdict = canary_verdict(canary_rows, gates)
-    summary = gate_summary(canary_rows, verdict)
-    for dropped in verdict["dropped"]:
-        report(f"node {dropped['node']} reported impossible numbers ({dropped['reason']}); its vote is dropped")
-    failures = verdict["failures"]
-    result: dict[str, Any] = {"release_id": release_id, "nodes": len(nodes), "canary_nodes": canary,
-                              "canary_seed": job.get("seed"), "canary": canary_rows,
-                              "payload_bytes_per_node": sum(map(len, files.values())),
-                              "seconds": {"canary": round(canary_seconds, 3)}, "canary_votes": verdict["votes"],
-                              "dropped_votes": verdict["dropped"], "canary_summary": summary, "gates": job["gates"],
-                              "rest": [], "rolled_back": []}
-    if failures:
-        # asked: every canary device but those that answered that they refused it (one that crashed after its
-        # swap never answered); a device rolls back only when it serves this release
-        back = RecordDict({"config": ConfigRecord({"from-id": release_id})})
-        ask = [row["node"] for row in canary_rows if row["ok"] or not row["answered"]]
-        result["rolled_back"] = _ask(grid, ask, Query.ROLLBACK, back, job["timeout"])
-        done = sum(row["ok"] for row in result["rolled_back"])
-        report(f"canary failed: {'; '.join(failures)}; rolled back on {done} node(s)")
-        return {**result, "status": "halted", "reason": "; ".join(failures)}
-    report(f"canary passed ({summary_line(summary)}); release to the other {len(rest)} node(s)")
-    started = time.monotonic()
-    result["rest"] = _ask(grid, rest, Query.INSTALL, content, job["timeout"])
-    result["seconds"]["rest"] = round(time.monotonic() - started, 3)
+    result: dict[str, Any] = {"release_id": release_id, "nodes": len(nodes), "canary_nodes": plan[0],
+                              "canary_seed": job.get("seed"), "payload_bytes_per_node": sum(map(len, files.values())),
+                              "seconds": {}, "gates": job["gates"], "stages": [], "canary": [], "rest": [],
+                              "rolled_back": []}
+    staged = bool(job.get("stages"))
+    report(f"release {release_id} ({result['payload_bytes_per_node']:,} bytes) to {len(plan[0])} "
+           f"{'first-stage' if staged else 'canary'} node(s) of {len(nodes)}")
+    sent: list[dict[str, Any]] = []
+    for index, batch in enumerate(plan):
+        gated = staged or index == 0
+        stage = _stage(grid, job, gates, batch, content, release_id, gated=gated)
+        stage["fraction"] = job["stages"][index] if staged else (job["canary"] if index == 0 else 1.0)
+        result["stages"].append(stage)
+        sent += stage["rows"]
+        result["canary" if index == 0 else "rest"] += stage["rows"]
+        result["seconds"]["canary" if index == 0 else "rest"] = stage["seconds"]
+        if index == 0:
+            result.update(canary_votes=stage["verdict"]["votes"], dropped_votes=stage["verdict"]["dropped"],
+                          canary_summary=stage["summary"])
+        if stage["failures"]:
+            return _halt(grid, job, result, sent, release_id, stage["failures"], stage=index + 1)
+        if index + 1 < len(plan):
+            report(f"stage {index + 1} passed ({summary_line(stage['summary'])}); release to "
+                   f"{len(plan[index + 1])} more node(s)" if staged else
+                   f"canary passed ({summary_line(stage['summary'])}); release to the other "
+                   f"{len(plan[index + 1])} node(s)")
     with _database(job) as store:
-        if store is not None:  # the canary passed: this is what every device should serve from now on
+        if store is not None:  # every gate passed: this is what every device should serve from now on
             store.set_desired(release_id)
-            record_installs(store, canary_rows + result["rest"], release_id)
+            record_installs(store, sent, release_id)
     missing = [row for row in result["rest"] if not row["ok"]]
     if missing:
         reasons = sorted({row["reason"] or "failed" for row in missing})
         return {**result, "status": "partial",
-                "reason": f"{len(missing)} of {len(rest)} node(s) after the canary did not install it: "
+                "reason": f"{len(missing)} of {len(result['rest'])} node(s) after the canary did not install it: "
                           f"{'; '.join(reasons)[:MAX_TEXT]}"}
     return {**result, "status": "complete", "reason": ""}
+
+
+def stage_plan(nodes: list[int], job: dict[str, Any]) -> list[list[int]]:
+    """The nodes of each stage, in a random order drawn once (OS randomness, or ``seed``): stage ``k`` brings the
+    nodes reached to ``ceil(fraction_k * len(nodes))`` (at least one more than before); without ``stages``, a
+    canary fraction then the rest. A stage that would add no node is left out."""
+    chooser = random.SystemRandom() if job.get("seed") is None else random.Random(job["seed"])
+    order = chooser.sample(nodes, len(nodes))
+    fractions = job.get("stages") or [job["canary"], 1.0]
+    plan, reached = [], 0
+    for fraction in fractions:
+        upto = min(len(nodes), max(reached + 1, math.ceil(fraction * len(nodes) - 1e-9)))
+        if upto > reached:
+            plan.append(sorted(order[reached:upto]))
+            reached = upto
+    return plan
+
+
+def _stage(grid: Any, job: dict[str, Any], gates: Any, batch: list[int], content: Any, release_id: str, *,
+           gated: bool) -> dict[str, Any]:
+    """Install on ``batch``; with ``gated``, judge the measurements (:func:`~edgekit.fleet.rollout.canary_verdict`)
+    and, with a bake, what the devices that installed it served meanwhile (:func:`bake`)."""
+    from edgekit.fleet.rollout import canary_verdict
+
+    started, wall = time.monotonic(), time.time()
+    rows = _ask(grid, batch, Query.INSTALL, content, job["timeout"])
+    verdict = canary_verdict(rows, gates)
+    stage: dict[str, Any] = {"nodes": batch, "rows": rows, "verdict": verdict,
+                             "summary": gate_summary(rows, verdict), "failures": [], "bake": None,
+                             "seconds": round(time.monotonic() - started, 3)}
+    for dropped in verdict["dropped"]:
+        report(f"node {dropped['node']} reported impossible numbers ({dropped['reason']}); its vote is dropped")
+    if not gated:
+        return stage
+    stage["failures"] = list(verdict["failures"])
+    if not stage["failures"] and float(job.get("bake") or 0) > 0:
+        installed = [row["node"] for row in rows if row["ok"]]
+        stage["bake"] = bake(grid, job, gates, installed, release_id, since=wall)
+        stage["failures"] = stage["bake"]["failures"]
+    return stage
+
+
+def bake(grid: Any, job: dict[str, Any], gates: Any, nodes: list[int], release_id: str, *,
+         since: float) -> dict[str, Any]:
+    """Wait ``job["bake"]`` seconds while ``nodes`` serve the release, collect their serving telemetry and judge
+    what they served of it since ``since`` (:func:`~edgekit.fleet.rollout.bake_verdict`)."""
+    from edgekit.fleet.rollout import bake_verdict
+    from edgekit.fleet.telemetry import TelemetryStore
+
+    report(f"baking {float(job['bake']):g} s on {len(nodes)} node(s)")
+    time.sleep(float(job["bake"]))
+    with _database(job) as store:
+        own = store if store is not None else TelemetryStore(":memory:")
+        rows = collect_from(grid, own, nodes, job["timeout"])
+        totals = own.totals(release_id, since=since)
+        release = own.release(release_id)
+        evidence = bake_verdict(totals, gates, None if release is None else release["reference"])
+    evidence["collected"] = [{k: r[k] for k in ("node", "stored", "reason")} for r in rows]
+    report(f"bake: {evidence['line']}")
+    return evidence
+
+
+def _halt(grid: Any, job: dict[str, Any], result: dict[str, Any], sent: list[dict[str, Any]], release_id: str,
+          failures: list[str], *, stage: int) -> dict[str, Any]:
+    """Roll back every device sent the release (but those that answered that they refused it: one that crashed
+    after its swap never answered; a device rolls back only when it serves this release)."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    back = RecordDict({"config": ConfigRecord({"from-id": release_id})})
+    ask = [row["node"] for row in sent if row["ok"] or not row["answered"]]
+    result["rolled_back"] = _ask(grid, ask, Query.ROLLBACK, back, job["timeout"])
+    done = sum(row["ok"] for row in result["rolled_back"])
+    what = f"stage {stage}" if job.get("stages") else "canary"
+    report(f"{what} failed: {'; '.join(failures)}; rolled back on {done} node(s)")
+    reason = "; ".join(failures)
+    return {**result, "status": "halted", "halted_at_stage": stage,
+            "reason": reason if not job.get("stages") else f"stage {stage}: {reason}"}
 
 
 def gate_summary(rows: list[dict[str, Any]], verdict: dict[str, Any]) -> dict[str, Any]:
@@ -322,6 +395,7 @@ def collected(store: Any, node: int, reply: Any, *, now: float) -> dict[str, Any
     import json
 
     from device_agents.protocol import MAX_WINDOW_BYTES, MAX_WINDOWS, TelemetryWire
+    from device_agents.serving.spool import valid_id
     from device_agents.serving.stats import ServingStats
 
     row: dict[str, Any] = {"node": node, "stored": 0, "refused": [], "reason": ""}
@@ -333,6 +407,13 @@ def collected(store: Any, node: int, reply: Any, *, now: float) -> dict[str, Any
     if windows is None or len(windows) > MAX_WINDOWS:
         row["reason"] = "malformed reply (no windows, or more than a reply may carry)"
         return row
+    spool = ""  # a device without a spool identity counts in the spool ""
+    if TelemetryWire.SPOOL in content.keys():
+        spool = content[TelemetryWire.SPOOL].get(TelemetryWire.SPOOL_ID)
+        if not valid_id(spool):
+            row["reason"] = "malformed reply (a spool id is 16 hex digits)"
+            return row
+    row["spool"] = spool
     for key, data in sorted(windows.items()):
         if not (isinstance(key, str) and key.isdigit() and len(key) == 12 and isinstance(data, bytes)
                 and len(data) <= MAX_WINDOW_BYTES):
@@ -343,7 +424,7 @@ def collected(store: Any, node: int, reply: Any, *, now: float) -> dict[str, Any
         except (ValueError, TypeError, RecursionError, AgentError) as exc:  # not JSON, or not a window
             row["refused"].append(f"{key}: {str(exc)[:MAX_TEXT]}")
             continue
-        why = store.add(node, int(key), stats, now=now)
+        why = store.add(node, int(key), stats, now=now, spool=spool)
         if why and why != "already stored":
             row["refused"].append(f"{key}: {why}")
         elif not why:
@@ -351,25 +432,30 @@ def collected(store: Any, node: int, reply: Any, *, now: float) -> dict[str, Any
     return row
 
 
-def collect_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
-    """Collect every connected device's serving telemetry into the fleet's database (``job["database"]``): each
-    device is told the newest window stored of it (which it drains) and sends the newer ones."""
+def collect_from(grid: Any, store: Any, nodes: list[int], timeout: float) -> list[dict[str, Any]]:
+    """Collect ``nodes``' serving telemetry into ``store`` (:func:`collected`): each device is told the newest
+    window stored of it and of which spool (which it drains when that is its spool) and sends the others."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
     from device_agents.protocol import TelemetryWire
-    from edgekit.fleet.telemetry import TelemetryStore
 
-    store = TelemetryStore(job["database"])
-    try:
+    def config(node: int) -> ConfigRecord:
+        spool, through = store.last_stored(node)
+        return ConfigRecord({TelemetryWire.THROUGH: through, TelemetryWire.SPOOL: spool})
+
+    messages = [Message(RecordDict({"config": config(n)}), message_type=f"query.{Query.TELEMETRY}", dst_node_id=n)
+                for n in nodes]
+    replies = {int(r.metadata.src_node_id): r
+               for r in (grid.send_and_receive(messages=messages, timeout=timeout) if nodes else [])}
+    now = time.time()
+    return [collected(store, node, replies.get(node), now=now) for node in nodes]
+
+
+def collect_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """Collect every connected device's serving telemetry into the fleet's database (``job["database"]``)."""
+    with _database(job) as store:
         nodes = _nodes(grid, job)
-        messages = [Message(RecordDict({"config": ConfigRecord({TelemetryWire.THROUGH: store.last_sequence(n)})}),
-                            message_type=f"query.{Query.TELEMETRY}", dst_node_id=n) for n in nodes]
-        replies = {int(r.metadata.src_node_id): r
-                   for r in (grid.send_and_receive(messages=messages, timeout=job["timeout"]) if nodes else [])}
-        now = time.time()
-        rows = [collected(store, node, replies.get(node), now=now) for node in nodes]
-    finally:
-        store.close()
+        rows = collect_from(grid, store, nodes, job["timeout"])
     report(f"telemetry: {sum(r['stored'] for r in rows)} window(s) from {len(nodes)} node(s), "
            f"{sum(len(r['refused']) for r in rows)} refused")
     return {"status": "complete", "nodes": rows}

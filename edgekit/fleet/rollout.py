@@ -20,6 +20,7 @@ from typing import Any
 
 from device_agents.errors import AgentError
 from edgekit.errors import InputError, RolloutError
+from edgekit.fleet.telemetry import DRIFT_THRESHOLD, Totals, quantile
 
 
 @dataclass(frozen=True)
@@ -29,18 +30,24 @@ class Gates:
     p99 latency; ``min_accuracy``: accuracy (%) on the device's labeled data; ``max_accuracy_drop``: points
     lost against the version the same device served before (None: off, e.g. for the first release of a new
     model family, whose predecessor answered another task); ``quorum``: the fraction of credible canary
-    devices that must pass every gate (1.0: all; a device whose numbers are impossible has no vote)."""
+    devices that must pass every gate (1.0: all; a device whose numbers are impossible has no vote).
+
+    A bake (:class:`RolloutConfig` ``bake``) judges what the stage's devices served of the release meanwhile,
+    summed over them: ``max_error_rate`` and ``max_p99_ms`` again, on the served calls, and ``max_drift_psi``:
+    the population stability index of the served inputs against the release's reference (None: not judged)."""
 
     max_error_rate: float = 0.0
     max_p99_ms: float | None = None
     min_accuracy: float | None = None
     max_accuracy_drop: float | None = 2.0
     quorum: float = 1.0
+    max_drift_psi: float | None = DRIFT_THRESHOLD
 
     def __post_init__(self) -> None:
         checks = {"max_error_rate": (self.max_error_rate, 0.0, 1.0), "max_p99_ms": (self.max_p99_ms, 0.0, 1e7),
                   "min_accuracy": (self.min_accuracy, 0.0, 100.0),
-                  "max_accuracy_drop": (self.max_accuracy_drop, 0.0, 100.0), "quorum": (self.quorum, 0.5, 1.0)}
+                  "max_accuracy_drop": (self.max_accuracy_drop, 0.0, 100.0), "quorum": (self.quorum, 0.5, 1.0),
+                  "max_drift_psi": (self.max_drift_psi, 0.0, 100.0)}
         for name, (value, low, high) in checks.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or not low <= value <= high):
@@ -133,12 +140,49 @@ def canary_verdict(rows: list[dict[str, Any]], gates: Gates) -> dict[str, Any]:
             "dropped": [{"node": v["node"], "reason": v["dropped"]} for v in votes if v["dropped"]]}
 
 
+def bake_verdict(totals: Totals, gates: Gates, reference: dict | None) -> dict[str, Any]:
+    """What a stage's devices served of the release during a bake (``totals``: its windows since the stage
+    began) against ``gates``; ``failures`` empty: it passes. No served call is no evidence against it: it
+    passes, and ``line`` says so."""
+    from edgekit.fleet.telemetry import drift
+
+    p99 = quantile(totals.latency_counts, 0.99)
+    psi = drift(totals, reference)
+    evidence: dict[str, Any] = {"calls": totals.calls, "errors": totals.errors, "samples": totals.samples,
+                                "nodes": totals.nodes, "error_rate": totals.error_rate, "p99_s": p99,
+                                "drift_psi": psi, "failures": []}
+    if not totals.calls:
+        evidence["line"] = "no served call of the release was collected (nothing to judge)"
+        return evidence
+    failures = evidence["failures"]
+    if totals.error_rate > gates.max_error_rate:
+        failures.append(f"served error rate {totals.error_rate:.3f} > {gates.max_error_rate:g} ({totals.errors} "
+                        f"of {totals.calls} calls on {totals.nodes} device(s) during the bake)")
+    if gates.max_p99_ms is not None and p99 is not None and 1000 * p99 > gates.max_p99_ms:
+        failures.append(f"served p99 latency {1000 * p99:.2f} ms > {gates.max_p99_ms:g} ms during the bake")
+    if gates.max_drift_psi is not None and psi is not None and psi > gates.max_drift_psi:
+        failures.append(f"served inputs drifted: PSI {psi:.3f} > {gates.max_drift_psi:g} during the bake")
+    evidence["line"] = (f"{totals.calls} calls on {totals.nodes} device(s), error rate {totals.error_rate:.3f}"
+                        + (f", p99 {1000 * p99:.2f} ms" if p99 is not None else "")
+                        + (f", drift PSI {psi:.3f}" if psi is not None else ""))
+    return evidence
+
+
+MAX_STAGES = 10
+MAX_BAKE_SECONDS = 86_400.0
+
+
 @dataclass(frozen=True)
 class RolloutConfig:
     """``canary``: fraction of the connected devices that get the release first (at least one), chosen at
     random for each rollout (``seed``: None draws from the OS, so no device knows in advance it will be in the
     canary; a number makes the choice repeatable); ``min_nodes``: wait (up to ``wait`` s) for this many
-    devices; ``timeout``: seconds per step."""
+    devices; ``timeout``: seconds per step.
+
+    ``stages``: cumulative fractions of the devices, increasing, the last 1 (e.g. ``(0.1, 0.5, 1.0)``): each
+    stage is gated like a canary, and on what its devices served during the ``bake`` (seconds; 0: no bake); a
+    failed gate rolls every stage back. Without stages, the canary is gated (and baked) and then every other
+    device gets the release."""
 
     canary: float = 0.25
     gates: Gates = field(default_factory=Gates)
@@ -146,12 +190,31 @@ class RolloutConfig:
     wait: float = 30.0
     timeout: float = 300.0
     seed: int | None = None
+    stages: tuple[float, ...] = ()
+    bake: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.canary <= 1:
             raise InputError(f"canary fraction {self.canary} must be more than 0 and at most 1")
         if self.min_nodes < 1 or not 0 <= self.wait <= 3600 or not 1 <= self.timeout <= 86_400:
             raise InputError("min_nodes must be at least 1, wait 0-3600 s and timeout 1-86400 s")
+        if not (isinstance(self.bake, (int, float)) and not isinstance(self.bake, bool)
+                and 0 <= self.bake <= MAX_BAKE_SECONDS):
+            raise InputError(f"bake {self.bake!r} must be 0 to {MAX_BAKE_SECONDS:g} seconds")
+        if self.stages:
+            stages = list(self.stages)
+            if (len(stages) > MAX_STAGES or any(not isinstance(f, (int, float)) or isinstance(f, bool)
+                                                or not math.isfinite(f) for f in stages)
+                    or any(not 0 < f <= 1 for f in stages) or stages != sorted(set(stages)) or stages[-1] != 1):
+                raise InputError(f"stages {tuple(self.stages)} must be at most {MAX_STAGES} increasing fractions "
+                                 "of the devices, more than 0, the last 1 (e.g. 0.1, 0.5, 1)")
+
+    @property
+    def seconds(self) -> float:
+        """The longest the rollout may take: waiting for devices, each stage's install, bake and collection, and
+        a rollback."""
+        steps = len(self.stages) or 2
+        return self.wait + steps * (2 * self.timeout + self.bake) + self.timeout + 120
 
 
 def _check_release(folder: Path) -> None:
@@ -176,7 +239,7 @@ def rollout(fleet: str | Path, release: str | Path, config: RolloutConfig | None
     folder = Path(release).absolute()
     _check_release(folder)
     spec = {**asdict(config), "release": str(keep_release(fleet, folder)), "database": str(database(fleet))}
-    result = submit_job(fleet, "rollout", spec, timeout=config.wait + 4 * config.timeout + 120, log=log)
+    result = submit_job(fleet, "rollout", spec, timeout=config.seconds, log=log)
     (Path(result["job"]) / "rollout.json").write_text(json.dumps(result, indent=2))
     if result["status"] == "error":
         from edgekit.errors import FederationError

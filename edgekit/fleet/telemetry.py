@@ -35,6 +35,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS windows (
     node TEXT NOT NULL,
+    spool TEXT NOT NULL,
     sequence INTEGER NOT NULL,
     version TEXT NOT NULL,
     start REAL NOT NULL,
@@ -51,7 +52,7 @@ CREATE TABLE IF NOT EXISTS windows (
     feature_sumsq TEXT NOT NULL,
     edges TEXT,
     bin_counts TEXT,
-    PRIMARY KEY (node, sequence)
+    PRIMARY KEY (node, spool, sequence)
 );
 CREATE INDEX IF NOT EXISTS windows_by_version ON windows (version, end);
 CREATE TABLE IF NOT EXISTS releases (
@@ -79,12 +80,12 @@ CREATE TABLE IF NOT EXISTS measurements (
 );
 CREATE INDEX IF NOT EXISTS measurements_by_version ON measurements (version, time);
 """
-"""The fleet database's tables: ``windows``, one row per window a device served (the lists as JSON text; a node
-id as text: Flower's are unsigned 64-bit, past SQLite's signed INTEGER); ``releases``, each release rolled out
-(its folder and its manifest's reference statistics, for drift); ``devices``, each device's state against the
-desired release (:class:`DeviceState`, ``target`` the release it should serve); ``measurements``, what each
-device measured of the version it served (rollouts and status); ``meta`` holds the schema version and the desired
-release (``desired``)."""
+"""The fleet database's tables: ``windows``, one row per window a device served, by (node, spool, sequence) (the
+lists as JSON text; a node id as text: Flower's are unsigned 64-bit, past SQLite's signed INTEGER); ``releases``,
+each release rolled out (its folder and its manifest's reference statistics, for drift); ``devices``, each
+device's state against the desired release (:class:`DeviceState`, ``target`` the release it should serve);
+``measurements``, what each device measured of the version it served (rollouts and status); ``meta`` holds the
+schema version and the desired release (``desired``)."""
 
 class DeviceState(str, Enum):
     """Where a device stands against the fleet's desired release."""
@@ -208,8 +209,8 @@ class TelemetryStore:
             found = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if found is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif found[0] == "1":  # version 1 had only the windows: the new tables were just created
-                self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+            elif found[0] == "1":
+                self._upgrade_from_1()
             elif found[0] != str(SCHEMA_VERSION):
                 raise ValueError(f"{self.path} holds fleet database schema {found[0]}; this edgekit reads "
                                  f"{SCHEMA_VERSION}")
@@ -217,25 +218,48 @@ class TelemetryStore:
     def close(self) -> None:
         self._db.close()
 
-    def add(self, node: int, sequence: int, stats: ServingStats, *, now: float) -> str:
-        """Store one window of ``node`` (its spool ``sequence``); "" when stored, else why not (implausible, or
-        already stored)."""
+    def _upgrade_from_1(self) -> None:
+        """Schema 1 had only the windows, keyed (node, sequence): they are kept, under the spool id "" (the
+        spool a device without an identity counted in); the new tables were just created."""
+        columns = [row[1] for row in self._db.execute("PRAGMA table_info(windows)")]
+        if "spool" not in columns:
+            self._db.execute("ALTER TABLE windows RENAME TO windows_1")
+            self._db.execute("DROP INDEX IF EXISTS windows_by_version")
+            self._db.executescript(SCHEMA)
+            kept = ", ".join(columns)
+            self._db.execute(f"INSERT INTO windows (spool, {kept}) SELECT '', {kept} FROM windows_1")
+            self._db.execute("DROP TABLE windows_1")
+        self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+
+    def add(self, node: int, sequence: int, stats: ServingStats, *, now: float, spool: str = "") -> str:
+        """Store one window of ``node`` (its ``spool``'s ``sequence``); "" when stored, else why not (implausible,
+        or already stored)."""
         why = plausible(stats, now=now)
         if why:
             return why
-        row = (str(node), sequence, stats.version, stats.start, stats.end, now, stats.calls, stats.samples,
-               stats.errors, stats.latency_sum, json.dumps(stats.latency_counts), json.dumps(stats.class_counts),
-               stats.feature_count, json.dumps(stats.feature_sum), json.dumps(stats.feature_sumsq),
-               None if stats.edges is None else json.dumps(stats.edges),
-               None if stats.bin_counts is None else json.dumps(stats.bin_counts))
+        row = {"node": str(node), "spool": spool, "sequence": sequence, "version": stats.version,
+               "start": stats.start, "end": stats.end, "received": now, "calls": stats.calls,
+               "samples": stats.samples, "errors": stats.errors, "latency_sum": stats.latency_sum,
+               "latency_counts": json.dumps(stats.latency_counts), "class_counts": json.dumps(stats.class_counts),
+               "feature_count": stats.feature_count, "feature_sum": json.dumps(stats.feature_sum),
+               "feature_sumsq": json.dumps(stats.feature_sumsq),
+               "edges": None if stats.edges is None else json.dumps(stats.edges),
+               "bin_counts": None if stats.bin_counts is None else json.dumps(stats.bin_counts)}
         with self._db:
-            cursor = self._db.execute(f"INSERT OR IGNORE INTO windows VALUES ({', '.join('?' * len(row))})", row)
+            cursor = self._db.execute(f"INSERT OR IGNORE INTO windows ({', '.join(row)}) "
+                                      f"VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
         return "" if cursor.rowcount == 1 else "already stored"
 
-    def last_sequence(self, node: int) -> int:
-        """The newest sequence stored of ``node`` (0: none): what it may drain from its spool."""
-        found = self._db.execute("SELECT MAX(sequence) FROM windows WHERE node = ?", (str(node),)).fetchone()[0]
-        return int(found or 0)
+    def last_stored(self, node: int) -> tuple[str, int]:
+        """(spool id, sequence): the spool of the window of ``node`` received last and the newest sequence stored
+        of it (``("", 0)``: none), what the device may drain of that spool."""
+        found = self._db.execute("SELECT spool FROM windows WHERE node = ? ORDER BY rowid DESC LIMIT 1",
+                                 (str(node),)).fetchone()  # rowid: the order windows were stored in
+        if found is None:
+            return "", 0
+        newest = self._db.execute("SELECT MAX(sequence) FROM windows WHERE node = ? AND spool = ?",
+                                  (str(node), found[0])).fetchone()[0]
+        return found[0], int(newest)
 
     def versions(self) -> list[str]:
         return [v for (v,) in self._db.execute("SELECT DISTINCT version FROM windows ORDER BY version")]

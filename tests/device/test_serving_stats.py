@@ -119,7 +119,7 @@ def test_a_writer_killed_mid_flood_leaves_whole_windows(tmp_path):
     import time
 
     deadline = time.time() + 30
-    while len(list((tmp_path / "t").glob("*.json"))) < 50 and time.time() < deadline:
+    while len(Spool(tmp_path / "t").files()) < 50 and time.time() < deadline:
         time.sleep(0.05)
     proc.kill()
     proc.wait()
@@ -168,3 +168,33 @@ def test_served_inputs_are_binned_against_the_releases_reference_and_drift_shows
         assert window.edges == reference["feature_edges"] and sum(window.bin_counts[0]) == 600
         indexes[name] = stability_index(reference["feature_bin_frequencies"][0], window.bin_counts[0])
     assert indexes["same"] < 0.1 < 0.25 < indexes["inverted"], indexes
+
+
+def test_a_served_model_follows_the_stores_current_version_and_counts_non_finite_scores_as_errors(int8_out, digits,
+                                                                                                 tmp_path):
+    """An app keeps its ServedModel open across a rollout: once the store serves the new version, calls are served
+    by it and recorded under its id; the new version answers NaN on inputs with a negative pixel, and each such
+    call is an error (the scores are still returned)."""
+    import time
+
+    from conftest import nan_on_negative_release
+
+    from device_agents.store import serving
+
+    store = ModelStore(tmp_path / "store")
+    first = store.install(int8_out).name
+    traffic = digits.x[:4].copy()
+    traffic[:, 0, 0, 0] = -1.0  # a negative corner pixel: the int8 CNN answers, the new version answers NaN
+    with ServedModel.open(store, flush_calls=1000) as served:
+        assert np.isfinite(served.predict(traffic)).all() and served.version == first
+        second = store.install(nan_on_negative_release(tmp_path / "nan")).name
+        time.sleep(serving.FOLLOW_SECONDS + 0.1)
+        scores = served.predict(traffic)
+        assert served.version == second and np.isnan(scores).all()
+        served.predict(digits.x[:4])  # digits: finite, not an error
+        store.rollback()
+        time.sleep(serving.FOLLOW_SECONDS + 0.1)
+        served.predict(traffic)
+        assert served.version == first
+    windows = [(w.version, w.calls, w.errors) for w in Spool(tmp_path / "store" / "telemetry").windows()]
+    assert windows == [(first, 1, 0), (second, 2, 1), (first, 1, 0)], (windows, first, second)

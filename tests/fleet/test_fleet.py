@@ -1,17 +1,19 @@
 """Signed releases, the device store's refusals, and canary rollouts on a real fleet (SuperLink + 4 SuperNodes)."""
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BIN, ROOT, assert_one_line_error, run_cli
+from conftest import BIN, ROOT, assert_one_line_error, nan_on_negative_release, run_cli
 
 from device_agents import ModelStore
 from device_agents.errors import InstallError, ReleaseError
@@ -295,6 +297,7 @@ def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, k
 
         # an application serves through the agent on two devices: fleet status collects what they served
         from device_agents import ModelStore
+        from device_agents.serving.spool import Spool
         from device_agents.store.serving import ServedModel
 
         for i, calls in ((0, 7), (1, 5)):
@@ -307,7 +310,7 @@ def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, k
         assert (serving["nodes"], serving["windows"], serving["calls"], serving["samples"]) == (2, 5, 12, 24)
         assert serving["errors"] == 0 and 0 < serving["p50_s"] <= serving["p99_s"] < 10
         collect(fleet.folder, **quiet)  # the next collection: each device drains what the server stored
-        assert not list((tmp_path / "device0" / "store" / "telemetry").glob("*.json"))
+        assert Spool(tmp_path / "device0" / "store" / "telemetry").files() == []
         assert serving_summary(fleet.folder)[served_v5]["windows"] == 5  # stored once
         assert sorted(r["version_id"] for r in status["nodes"]) == [v5] * 4
         assert all(r["release"] == 5 and r["accuracy"] > 80 for r in status["nodes"])
@@ -333,6 +336,32 @@ def _scrape(url: str) -> dict:
             for s in f.samples}
 
 
+@contextlib.contextmanager
+def _serving_apps(tmp_path, count, digits):
+    """An application on each device serving through the agent (following its store) until the block ends:
+    batches of digits whose corner pixel is -1."""
+    from device_agents.store.serving import ServedModel
+
+    stop, traffic = threading.Event(), digits.x[:20].copy()
+    traffic[:, 0, 0, 0] = -1.0
+
+    def app(i):
+        with ServedModel.open(ModelStore(tmp_path / f"device{i}" / "store"), flush_seconds=2) as served:
+            while not stop.is_set():
+                served.predict(traffic)
+                time.sleep(0.05)
+
+    apps = [threading.Thread(target=app, args=(i,)) for i in range(count)]
+    for thread in apps:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in apps:
+            thread.join()
+
+
 def _until(check, seconds, what):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -353,6 +382,7 @@ def test_a_watched_fleet_collects_serves_metrics_and_converges_a_device_that_joi
     command; drift shows when a device serves inputs of another distribution and not for the calibration one."""
     from device_agents.federated.join import free_port
     from device_agents.store.serving import ServedModel
+    from edgekit.errors import RolloutError
     from edgekit.fleet.metrics import MetricsAddress
     from edgekit.fleet.rollout import Gates, RolloutConfig, rollout
     from edgekit.fleet.serve import FleetConfig, serve
@@ -410,6 +440,23 @@ def test_a_watched_fleet_collects_serves_metrics_and_converges_a_device_that_joi
         assert saved["serving"][v1]["drifted"] is True and saved["desired"]["release_id"] == v1
         assert (tmp_path / "status" / "serving.png").read_bytes()[:4] == b"\x89PNG"
         assert "convergence to release 1" in (fleet.folder / "logs" / "watch.log").read_text()
+
+        # a staged rollout whose release answers NaN on the apps' traffic: the served error rate in the bake
+        # stops it at the first stage, which is rolled back; the other device never gets it
+        nan = _signed(nan_on_negative_release(tmp_path / "nan-src"), tmp_path / "v2", private, 2)
+        staged = RolloutConfig(stages=(0.5, 1.0), bake=15, min_nodes=2, wait=90, timeout=120,
+                               gates=Gates(max_accuracy_drop=None, max_drift_psi=None))
+        with _serving_apps(tmp_path, 2, digits), pytest.raises(RolloutError, match="stage 1: served error rate") \
+                as caught:
+            rollout(fleet.folder, nan, staged, log=lambda _: None)
+        result = caught.value.result
+        assert result["halted_at_stage"] == 1 and [len(stage["nodes"]) for stage in result["stages"]] == [1]
+        evidence = result["stages"][0]["bake"]
+        assert evidence["calls"] > 10 and evidence["error_rate"] == 1.0 and evidence["nodes"] == 1, evidence
+        assert [row["ok"] for row in result["rolled_back"]] == [True] and _versions(tmp_path, 2) == [v1, v1]
+        saved = json.loads((Path(result["job"]) / "rollout.json").read_text())
+        assert saved["stages"][0]["bake"]["failures"] == evidence["failures"]
+        assert _scrape(url)[("edgekit_desired_release", ("release_id", v1))] == 1  # the desired release stays
     finally:
         _stop(devices, fleet)
     assert all(proc.returncode == 0 for proc, _ in devices), [p.returncode for p, _ in devices]

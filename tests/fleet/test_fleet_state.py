@@ -201,3 +201,55 @@ def test_the_watch_periods_are_checked():
                 {"converge_every": 10 ** 6}):
         with pytest.raises(InputError, match="seconds"):
             WatchConfig(**bad)
+
+
+def test_stages_reach_their_fractions_of_the_devices_in_one_random_order():
+    from edgekit.fleet.jobs import stage_plan
+
+    nodes = list(range(100, 120))
+    plan = stage_plan(nodes, {"stages": [0.1, 0.5, 1.0], "seed": 3})
+    assert [len(batch) for batch in plan] == [2, 8, 10] and sorted(sum(plan, [])) == nodes
+    assert plan == stage_plan(nodes, {"stages": [0.1, 0.5, 1.0], "seed": 3})  # a seed repeats the choice
+    assert plan != stage_plan(nodes, {"stages": [0.1, 0.5, 1.0], "seed": 4})
+    # every stage adds a device, however small its fraction; one that would add none is left out
+    assert [len(b) for b in stage_plan([1, 2, 3], {"stages": [0.01, 0.02, 0.5, 1.0], "seed": 0})] == [1, 1, 1]
+    assert [len(b) for b in stage_plan([1], {"stages": [0.1, 1.0], "seed": 0})] == [1]
+    # no stages: the canary fraction, then the rest
+    assert [len(b) for b in stage_plan(nodes, {"canary": 0.25, "seed": 0})] == [5, 15]
+    assert [len(b) for b in stage_plan(nodes, {"canary": 1.0, "seed": 0})] == [20]
+
+
+def test_a_bake_judges_what_the_stage_served_error_rate_p99_and_drift_with_the_numbers():
+    from edgekit.fleet.rollout import Gates, bake_verdict
+
+    rng = np.random.default_rng(1)
+    reference = reference_of(rng.normal(0, 1, (400, 1)), np.eye(3)[rng.integers(0, 3, 400)])
+    edges = reference["feature_edges"]
+    store = TelemetryStore(":memory:")
+    for sequence in range(1, 61):
+        store.add(1, sequence, _window("good", calls=1, x=rng.normal(0, 1, (2, 1)), edges=edges), now=NOW)
+        store.add(2, sequence, _window("bad", calls=1, errors=1, seconds=0.2, x=rng.normal(3, 1, (2, 1)),
+                                       edges=edges), now=NOW)
+    good = bake_verdict(store.totals("good"), Gates(max_p99_ms=10), reference)
+    assert good["failures"] == [] and good["calls"] == 60 and good["drift_psi"] < DRIFT_THRESHOLD
+    bad = bake_verdict(store.totals("bad"), Gates(max_p99_ms=100), reference)
+    assert bad["failures"][0] == "served error rate 0.500 > 0 (60 of 120 calls on 1 device(s) during the bake)"
+    assert bad["failures"][1].startswith("served p99 latency 24") and "> 100 ms" in bad["failures"][1]
+    assert bad["failures"][2].startswith("served inputs drifted: PSI") and len(bad["failures"]) == 3
+    assert bake_verdict(store.totals("bad"), Gates(max_error_rate=0.5, max_drift_psi=None), reference)[
+        "failures"] == []
+    nothing = bake_verdict(store.totals("none"), Gates(), reference)
+    assert nothing["failures"] == [] and "no served call" in nothing["line"]
+
+
+def test_stages_and_bake_are_checked():
+    from edgekit.errors import InputError
+    from edgekit.fleet.rollout import RolloutConfig
+
+    assert RolloutConfig(stages=(0.1, 0.5, 1.0), bake=30).seconds > 3 * 30
+    for bad in ({"stages": (0.5, 0.1, 1.0)}, {"stages": (0.1, 0.5)}, {"stages": (0.0, 1.0)},
+                {"stages": (0.5, 0.5, 1.0)}, {"stages": (float("nan"), 1.0)}, {"stages": tuple([0.05] * 11)}):
+        with pytest.raises(InputError, match="increasing fractions"):
+            RolloutConfig(**bad)
+    with pytest.raises(InputError, match="bake"):
+        RolloutConfig(bake=-1)

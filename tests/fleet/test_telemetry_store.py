@@ -8,6 +8,7 @@ import sqlite3
 import numpy as np
 import pytest
 
+from device_agents.serving.spool import Spool
 from device_agents.serving.stats import LATENCY_BUCKETS, ServingStats, reference_of
 from edgekit.fleet.telemetry import (
     DRIFT_MIN_SAMPLES,
@@ -37,14 +38,14 @@ def test_windows_are_stored_once_and_summed_per_version(tmp_path):
     assert store.add(1, 2, _window(calls=2), now=NOW) == "" and store.add(2, 1, _window(), now=NOW) == ""
     assert store.add(2, 2, _window("v2", seconds=0.2), now=NOW) == ""
     big = 2**64 - 5  # Flower's node ids are unsigned 64-bit: past SQLite's INTEGER (the fleet test met one)
-    assert store.add(big, 1, _window("v2"), now=NOW) == "" and store.last_sequence(big) == 1
+    assert store.add(big, 1, _window("v2"), now=NOW) == "" and store.last_stored(big) == ("", 1)
     store.close()
     store = TelemetryStore(tmp_path / "fleet" / "telemetry.sqlite")  # what was stored survives a restart
     v1 = store.totals("v1")
     assert (v1.windows, v1.nodes, v1.calls, v1.samples, v1.errors) == (3, 2, 10, 20, 0)
     assert v1.class_counts == [10, 0, 10] and v1.error_rate == 0.0
     assert v1.latency_counts[LATENCY_BUCKETS.index(0.005)] == 10 and sum(v1.latency_counts) == 10
-    assert store.versions() == ["v1", "v2"] and store.last_sequence(1) == 2 and store.last_sequence(9) == 0
+    assert store.versions() == ["v1", "v2"] and store.last_stored(1) == ("", 2) and store.last_stored(9) == ("", 0)
     assert store.totals("v2").nodes == 2
     assert store.totals("v1", since=NOW).windows == 0 and store.totals("unknown").calls == 0
     with sqlite3.connect(tmp_path / "fleet" / "telemetry.sqlite") as db:
@@ -112,27 +113,63 @@ def test_a_device_sends_the_windows_after_what_the_server_stored_and_drains_the_
     spool = Spool(tmp_path / "store" / "telemetry")
     for i in range(5):
         spool.append(_window(f"v{i}", start=10.0, end=20.0))
+    own = spool.identity()
     (tmp_path / "store" / "telemetry" / "000000000006.json").write_text('{"forged": true}')
-    windows, metrics = fleet.telemetry(0, node)
+    windows, metrics, spool_id = fleet.telemetry(0, "", node)
     assert list(windows) == [f"{i:012d}" for i in range(1, 6)] and metrics == {TelemetryWire.LAST_SEQUENCE: 6.0}
+    assert spool_id == own and len(own) == 16
     assert json.loads(windows["000000000003"])["version"] == "v2"  # the window as the spool holds it
-    windows, _ = fleet.telemetry(3, node)  # the server stored up to 3: drained
+    assert list(fleet.telemetry(3, "0123456789abcdef", node)[0])[0] == "000000000001"  # another spool's: kept
+    windows, _, _ = fleet.telemetry(3, own, node)  # the server stored up to 3 of this spool: drained
     assert list(windows) == ["000000000004", "000000000005"] and [s for s, _ in spool.files()][0] == 4
-    assert list(fleet.telemetry(10**6, node)[0]) == ["000000000004", "000000000005"]  # not this spool's: kept
+    assert list(fleet.telemetry(10**6, own, node)[0]) == ["000000000004", "000000000005"]  # more than it held
     for _ in range(MAX_WINDOWS + 10):
         spool.append(_window(start=10.0, end=20.0))
-    assert len(fleet.telemetry(5, node)[0]) == MAX_WINDOWS
+    assert len(fleet.telemetry(5, own, node)[0]) == MAX_WINDOWS
 
 
-def _reply(windows):
+def test_windows_served_after_a_full_drain_or_a_wiped_store_are_stored_not_dropped(tmp_path):
+    """The bug this reproduces: once the server had collected and the device drained every window, the next
+    window restarted at sequence 1, which the server already held of that node: dropped as 'already stored'. A
+    wiped store did the same. Sequences now never restart, and a new spool has a new id."""
+    import shutil
+
+    from device_agents.fleet import agent as fleet
+    from edgekit.fleet.jobs import collected
+
+    node, store = {"store": str(tmp_path / "store")}, TelemetryStore(":memory:")
+    spool = Spool(tmp_path / "store" / "telemetry")
+
+    def collect():
+        through_spool, through = store.last_stored(7)
+        windows, _, spool_id = fleet.telemetry(through, through_spool, node)
+        return collected(store, 7, _reply(windows, spool_id), now=NOW)["stored"]
+
+    for _ in range(3):
+        spool.append(_window())
+    assert collect() == 3 and collect() == 0 and spool.files() == []  # collected, then drained
+    spool.append(_window(calls=2))
+    assert spool.files()[0][0] == 4 and collect() == 1 and store.totals("v1").calls == 14
+    shutil.rmtree(tmp_path / "store")  # a wiped store: a new spool, sequences from 1 again
+    spool.append(_window(calls=3))
+    assert spool.files()[0][0] == 1 and collect() == 1 and store.totals("v1").calls == 17
+    assert collect() == 0 and spool.files() == []
+    (tmp_path / "store" / "telemetry" / "spool.json").write_text("{not json")  # a damaged identity: a new spool
+    first = spool.identity()
+    assert first == spool.identity() and len(first) == 16
+
+
+def _reply(windows, spool_id=None):
     import time
 
     from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
     metadata = Metadata(run_id=1, message_id="m7", src_node_id=7, dst_node_id=0, reply_to_message_id="q7",
                         group_id="1", created_at=time.time(), ttl=60.0, message_type="query.telemetry")
-    return Message(RecordDict({"windows": ConfigRecord(windows), "metrics": MetricRecord({"last-sequence": 0.0})}),
-                   metadata=metadata)
+    content = {"windows": ConfigRecord(windows), "metrics": MetricRecord({"last-sequence": 0.0})}
+    if spool_id is not None:
+        content["spool"] = ConfigRecord({"id": spool_id})
+    return Message(RecordDict(content), metadata=metadata)
 
 
 def test_the_server_stores_honest_windows_once_and_refuses_lying_ones_by_name():
@@ -161,3 +198,5 @@ def test_the_server_stores_honest_windows_once_and_refuses_lying_ones_by_name():
     too_many = {f"{i:012d}": encoded(_window()) for i in range(1, 300)}
     assert "malformed reply" in collected(store, 7, _reply(too_many), now=NOW)["reason"]
     assert collected(store, 7, None, now=NOW)["reason"] == "no reply"
+    for forged in ("../../etc", "ABCDEF0123456789", "0" * 17):
+        assert "a spool id is 16 hex digits" in collected(store, 7, _reply({}, forged), now=NOW)["reason"]
