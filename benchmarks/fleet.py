@@ -10,14 +10,15 @@ status job (no payload) is the baseline of what one Flower run costs. All proces
 
 ``--scale``: the fleet at 2, 8 and 32 devices (real SuperNodes on this machine): time for every device to
 converge to a new release (one convergence pass), a canary rollout to all, a telemetry collection, the server's
-resident memory and idle CPU per device, the bytes per device (the release in the message, and what the
-SuperLink's own database keeps of it), and a scrape of /metrics over 100,000 stored windows; then a projection
-for 10,000 devices behind one SuperLink, computed from these figures (section "fleet-scale").
+resident memory and idle CPU per device, the release bytes per device, and a scrape of /metrics over 100,000
+stored windows; then a projection for 10,000 devices behind one SuperLink, computed from these figures (section
+"fleet-scale").
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -102,6 +103,44 @@ def _device_work(sources: dict[str, Path], work: Path, private: Path, public: Pa
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _converge_all(fleet_folder: Path, work: Path, count: int, wanted: str, passes: int = 4) -> dict:
+    """Convergence passes (as ``fleet serve`` runs them) until every device serves ``wanted``: the time and the
+    passes it took, the devices converged after the first pass, and the SuperLink's "database is locked" errors
+    meanwhile (its SQLite state under contention)."""
+    from device_agents import ModelStore
+    from edgekit.errors import EdgeKitError
+    from edgekit.fleet.rollout import converge
+
+    log = fleet_folder / "logs" / "superlink.log"
+    locked_before = log.read_text(errors="replace").count("database is locked")
+    start, out = time.monotonic(), {"first_pass_converged": 0}
+    for done in range(1, passes + 1):
+        try:
+            converge(fleet_folder, timeout=120, log=lambda _: None)
+        except EdgeKitError as exc:  # the pass failed as a whole: the next one tries again, as fleet serve does
+            print(f"convergence pass failed: {exc}", flush=True)
+        serving = sum(getattr(ModelStore(work / f"device{i}" / "store").current, "name", "") == wanted
+                      for i in range(count))
+        if done == 1:
+            out["first_pass_s"], out["first_pass_converged"] = time.monotonic() - start, serving
+        if serving == count:
+            break
+    out.update(converge_s=time.monotonic() - start, converge_passes=done, converged=serving,
+               locked_errors=log.read_text(errors="replace").count("database is locked") - locked_before)
+    return out
+
+
+def _stop(devices: list[subprocess.Popen], fleet) -> None:
+    for proc in devices:
+        proc.terminate()
+    for proc in devices:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    fleet.stop()
+
+
 def _tree(pid: int) -> list[int]:
     """``pid`` and its descendants (from /proc)."""
     children: dict[int, list[int]] = {}
@@ -167,11 +206,6 @@ def _scrape_seconds(work: Path, windows: int) -> float:
     return time.perf_counter() - start
 
 
-def _db_bytes(folder: Path) -> int:
-    """The SuperLink's state database with its write-ahead log."""
-    return sum(p.stat().st_size for p in folder.glob("superlink.db*"))
-
-
 def _desire(fleet_folder: Path, release: Path) -> str:
     """Make ``release`` the fleet's desired release without a rollout (as if devices were offline for it)."""
     import hashlib
@@ -193,7 +227,8 @@ def scale(counts: list[int], idle_seconds: float) -> None:
     from device_agents import ModelStore
     from device_agents.federated.join import free_port
     from device_agents.store.serving import ServedModel
-    from edgekit.fleet.rollout import RolloutConfig, collect, converge, rollout
+    from edgekit.errors import EdgeKitError, RolloutError
+    from edgekit.fleet.rollout import RolloutConfig, collect, rollout
     from edgekit.fleet.serve import FleetConfig, serve
     from edgekit.fleet.signing import new_keys, sign_release
     from edgekit.loading.data import load_digits
@@ -216,30 +251,28 @@ def scale(counts: list[int], idle_seconds: float) -> None:
             folder = work / f"release{version}"
             shutil.copytree(source, folder)
             sign_release(folder, private, version=version)
-            db_before = _db_bytes(fleet.folder)
             start = time.monotonic()
-            result = rollout(fleet.folder, folder, RolloutConfig(canary=0.25, min_nodes=count, wait=600,
-                                                                 timeout=600), log=lambda _: None)
-            row["rollout_s"] = time.monotonic() - start
-            assert result["status"] == "complete", result["reason"]
+            try:
+                result = rollout(fleet.folder, folder, RolloutConfig(canary=0.25, min_nodes=count, wait=600,
+                                                                     timeout=300), log=lambda _: None)
+            except RolloutError as exc:  # a device that did not answer in time: recorded, not hidden
+                result = exc.result
+            row["rollout_s"], row["rollout_status"] = time.monotonic() - start, result["status"]
             row["payload"] = result["payload_bytes_per_node"]
-            row["db_growth"] = (_db_bytes(fleet.folder) - db_before) / count
             version += 1
             folder = work / f"release{version}"
             shutil.copytree(source, folder)
             sign_release(folder, private, version=version)
             wanted = _desire(fleet.folder, folder)
-            start = time.monotonic()
-            passed = converge(fleet.folder, timeout=600, log=lambda _: None)
-            row["converge_s"] = time.monotonic() - start
-            states = [d["state"] for d in passed["devices"]]
-            assert states.count("converged") == count and all(
-                ModelStore(work / f"device{i}" / "store").current.name == wanted for i in range(count)), states
+            row.update(_converge_all(fleet.folder, work, count, wanted))
             for i in range(count):  # each device's application served one window
                 with ServedModel.open(ModelStore(work / f"device{i}" / "store")) as served:
                     served.predict(digits.x[:16])
             start = time.monotonic()
-            collect(fleet.folder, timeout=600, log=lambda _: None)
+            try:
+                collect(fleet.folder, timeout=120, log=lambda _: None)
+            except EdgeKitError as exc:
+                print(f"collection failed: {exc}", flush=True)
             row["collect_s"] = time.monotonic() - start
             time.sleep(5)
             cpu_before, start = _cpu_seconds(server), time.monotonic()
@@ -251,33 +284,32 @@ def scale(counts: list[int], idle_seconds: float) -> None:
             rows.append(row)
             print(row, flush=True)
     finally:
-        for proc in devices:
-            proc.terminate()
-        for proc in devices:
-            proc.wait(timeout=60)
-        fleet.stop()
+        _stop(devices, fleet)
     scrape = _scrape_seconds(work, 100_000)
     shutil.rmtree(work, ignore_errors=True)
+    (Path(__file__).parent / "results" / "fleet-scale.json").write_text(
+        json.dumps({"rows": rows, "scrape_s": scrape, "idle_seconds": idle_seconds}, indent=2) + "\n")
     write_section("fleet-scale", _scale_report(rows, scrape, counts, idle_seconds))
 
 
 def _scale_report(rows: list[dict], scrape: float, counts: list[int], idle_seconds: float) -> str:
-    table = ["| devices | converge all (one pass) | canary rollout to all | telemetry collection | server RSS | "
-             "server RSS per device | server idle CPU per device | device RSS (agent + SuperNode) | release bytes "
-             "per device | SuperLink database growth per device and rollout |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| devices | all converged | passes | converged after one pass | canary rollout to all | "
+             "telemetry collection | SuperLink 'database is locked' errors | server RSS | server RSS per device | "
+             "server idle CPU per device | device RSS (agent + SuperNode) | release bytes per device |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        table.append(f"| {r['devices']} | {r['converge_s']:.1f} s | {r['rollout_s']:.1f} s | "
-                     f"{r['collect_s']:.1f} s | "
-                     f"{r['server_rss']:.0f} MiB | {r['server_rss_per_device']:.2f} MiB | "
-                     f"{100 * r['idle_cpu_per_device']:.2f}% of a core | {r['device_rss']:.0f} MiB | "
-                     f"{r['payload']:,} B | {r['db_growth']:,.0f} B |")
+        converged = (f"{r['converge_s']:.1f} s" if r["converged"] == r["devices"] else
+                     f"not within {r['converge_s']:.0f} s ({r['converged']} of {r['devices']})")
+        table.append(f"| {r['devices']} | {converged} | {r['converge_passes']} | {r['first_pass_converged']} in "
+                     f"{r['first_pass_s']:.1f} s | {r['rollout_s']:.1f} s ({r['rollout_status']}) | "
+                     f"{r['collect_s']:.1f} s | {r['locked_errors']} | {r['server_rss']:.0f} MiB | "
+                     f"{r['server_rss_per_device']:.2f} MiB | {100 * r['idle_cpu_per_device']:.2f}% of a core | "
+                     f"{r['device_rss']:.0f} MiB | {r['payload']:,} B |")
     big = rows[-1]
     n = 10_000
     polls = n / 3.0
     cores = big["idle_cpu_per_device"] * n
-    slope = ((rows[-1]["converge_s"] - rows[0]["converge_s"]) / (rows[-1]["devices"] - rows[0]["devices"])
-             if len(rows) > 1 else big["converge_s"] / big["devices"])
+    locked = sum(r["locked_errors"] for r in rows)
     projection = (
         f"**Projection for {n:,} devices behind one SuperLink** (arithmetic on the figures above, not a "
         f"measurement):\n\n"
@@ -285,20 +317,24 @@ def _scale_report(rows: list[dict], scrape: float, counts: list[int], idle_secon
         f"requests/s at {n:,} devices, each through the TLS gateway. Idle, the SuperLink and gateway used "
         f"{100 * big['idle_cpu_per_device']:.2f}% of a core per device here ({big['devices']} devices, "
         f"{idle_seconds:g} s): about {cores:,.1f} cores for {n:,} idle devices, before any job. That is the "
-        "first limit: past a few thousand devices the poll needs a push channel (Flower's gRPC-bidi/streaming "
-        "transport when it lands for the Fleet API), a longer poll interval, or several SuperLinks by region "
-        "with the fleet's jobs fanned out over them.\n"
-        f"- *Convergence time.* One pass grew by about {slope:.2f} s per device from {rows[0]['devices']} to "
-        f"{rows[-1]['devices']} devices on these 2 cores, where every device's ClientApp (a new Python "
-        f"process per message: import, LiteRT load, verify, smoke test, two measurements) runs on the same "
-        f"machine as the server; on a real fleet that work is spread over the devices, and the server's part is "
-        f"sending {n:,} messages and storing their replies. The per-message ClientApp process is the device's "
-        "cost; it does not limit the server.\n"
-        f"- *Flower's state database.* The SuperLink keeps each message's content in its SQLite state: "
-        f"{big['db_growth']:,.0f} bytes per device per rollout of a {big['payload']:,}-byte release here, so "
-        f"{big['db_growth'] * n / 2**20:,.0f} MiB per rollout at {n:,} devices (at the same ratio to the payload, "
-        f"a 1.3 MB release: about {big['db_growth'] / big['payload'] * 1.33e6 * n / 2**30:,.0f} GiB), written by "
-        "one writer. Past a few thousand devices releases should "
+        "first limit: past a few thousand devices the poll needs a push channel instead of polling, a longer "
+        "poll interval, or several SuperLinks by region with the fleet's jobs fanned out over them.\n"
+        f"- *Lost replies.* At {big['devices']} devices the first convergence pass brought "
+        f"{big['first_pass_converged']} of {big['devices']} devices to the release in {big['first_pass_s']:.0f} s; "
+        f"all took {big['converge_passes']} pass(es), {big['converge_s']:.0f} s (a pass waits out its timeout for "
+        f"a device that does not answer), and the collection {big['collect_s']:.0f} s. The SuperLink logged "
+        f"{big['locked_errors']} SQLite \"database is locked\" error(s) meanwhile ({locked} over all rows). Every "
+        "device's ClientApp (a new Python process per message: import, LiteRT load, verify, smoke test, two "
+        "measurements) runs on the same 2 cores as the SuperLink here, so this run does not separate CPU "
+        "contention from the SuperLink's single SQLite writer. On a real fleet the ClientApp work is spread over "
+        f"the devices, but {n:,} devices' polls, heartbeats and replies all go through that one writer "
+        "(SQLAlchemy over SQLite): a SuperLink on a server database, or one SuperLink per few thousand devices. "
+        "Passes are idempotent, so a lost reply costs a pass, not a device.\n"
+        "- *Flower's state database.* The SuperLink keeps each message's serialized content in its SQL state "
+        "until the device pulls it (`flwr/server/superlink/linkstate/sql_linkstate.py`), through one writer: a "
+        f"rollout to {n:,} devices puts {n:,} copies of the release through it ({big['payload']:,} bytes here: "
+        f"{big['payload'] * n / 2**20:,.0f} MiB; a 1.3 MB release: {1.33e6 * n / 2**30:,.0f} GiB). Past a few "
+        "thousand devices releases should "
         "travel by reference (a signed URL or a content-addressed cache the device fetches and verifies "
         "against the signed digest) instead of inside the message.\n"
         f"- *edgekit's telemetry database.* One /metrics scrape over 100,000 stored windows took {scrape:.2f} s "
@@ -312,8 +348,9 @@ def _scale_report(rows: list[dict], scrape: float, counts: list[int], idle_secon
     return (f"## Fleet at scale (`benchmarks/fleet.py --scale`)\n\n`python benchmarks/fleet.py --scale "
             f"{','.join(map(str, counts))}` on {machine()}: one served fleet, every device a real SuperNode "
             "joined with `edgekit-agent join` on this machine (so the devices' work competes with the server's "
-            "for the same 2 cores). Per row, one run of each: a convergence pass that brings every device to a new "
-            "desired release; a canary rollout (0.25, then the rest); a collection after each device's "
+            "for the same 2 cores). Per row, one run of each: a canary rollout (0.25, then the rest); convergence "
+            "passes (at most 4, a 120 s timeout each) until every device serves a new desired release; a "
+            "collection after each device's "
             "application served one window. Server RSS and CPU are the SuperLink's and the TLS gateway's "
             f"processes (RSS over the fleet's RSS before any device joined; CPU over {idle_seconds:g} s idle). "
             "Device RSS is each device's process tree (`edgekit-agent join` and its SuperNode) at rest.\n\n"
@@ -380,11 +417,7 @@ def main() -> None:
                              statistics.median(status_s), len(runs[0]["canary"])))
             print(rows[-2:], flush=True)
     finally:
-        for proc in devices:
-            proc.terminate()
-        for proc in devices:
-            proc.wait(timeout=30)
-        fleet.stop()
+        _stop(devices, fleet)
         shutil.rmtree(work, ignore_errors=True)
     table = ["| devices | release | payload per device | release to all (median) | canary step | rest step | "
              "empty job (status) | canary devices | device's own work |", "|---|---|---|---|---|---|---|---|---|"]

@@ -45,9 +45,11 @@ from edgekit.federated.deploy import up
 from edgekit.federated.fleet_run import FleetRunConfig, run_on_fleet
 from edgekit.federated.run import FederatedResult
 from edgekit.federated.simulate import simulate
-from edgekit.fleet.rollout import Gates, RolloutConfig, fleet_status, rollout
+from edgekit.fleet.metrics import MetricsAddress
+from edgekit.fleet.rollout import Gates, RolloutConfig, converge, fleet_status, rollout
 from edgekit.fleet.serve import FleetConfig
 from edgekit.fleet.signing import new_keys, sign_release
+from edgekit.fleet.watch import WatchConfig
 from edgekit.loading.data import Dataset, load_data, load_digits
 from edgekit.loading.models import LoadedModel, import_custom_objects, load_model
 from edgekit.trainable.export import TrainableConfig, TrainableResult, export_trainable
@@ -72,6 +74,7 @@ __all__ = [
     "Gates",
     "InputError",
     "LoadedModel",
+    "MetricsAddress",
     "ModelLoadError",
     "OutputError",
     "OversizedUpdate",
@@ -90,8 +93,10 @@ __all__ = [
     "TrainingConfig",
     "UnsupportedLayerError",
     "VerificationError",
+    "WatchConfig",
     "__version__",
     "compress",
+    "converge",
     "export_trainable",
     "fleet_status",
     "import_custom_objects",

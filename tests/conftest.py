@@ -227,20 +227,26 @@ def train_reply(value: float, examples: int, node: int):
     return Message(content, metadata=metadata)
 
 
-def nan_on_negative_release(folder: Path) -> Path:
-    """A valid float TFLite inference folder (8x8x1 in, 10 scores out) whose scores are NaN when any input pixel is
-    negative (sqrt of the pixels, then Dense): healthy on digits, broken on traffic with a negative pixel."""
+def float_release(model, folder: Path) -> Path:
+    """A valid float TFLite inference folder of the Keras ``model``: its ``model.tflite`` and ``manifest.json``."""
     import json
 
     from edgekit import _tf
     from edgekit.artifacts.manifest import file_entry
 
-    tf, keras = _tf.tf(), _tf.keras()
-    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Lambda(tf.math.sqrt), keras.layers.Flatten(),
-                              keras.layers.Dense(10)])
-    data = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    data = _tf.tf().lite.TFLiteConverter.from_keras_model(model).convert()
     folder.mkdir()
     (folder / "model.tflite").write_bytes(data)
     (folder / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "inference",
                                                       "artifacts": [file_entry("model.tflite", data, fmt="tflite")]}))
     return folder
+
+
+def nan_on_negative_release(folder: Path) -> Path:
+    """A float release (8x8x1 in, 10 scores out) whose scores are NaN when any input pixel is negative (sqrt of the
+    pixels, then Dense): healthy on digits, broken on traffic with a negative pixel."""
+    from edgekit import _tf
+
+    tf, keras = _tf.tf(), _tf.keras()
+    return float_release(keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Lambda(tf.math.sqrt),
+                                           keras.layers.Flatten(), keras.layers.Dense(10)]), folder)

@@ -561,13 +561,15 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 
 def _metrics_address(text: str) -> object:
+    from edgekit.errors import InputError
     from edgekit.fleet.metrics import MetricsAddress
 
     host, _, port = text.rpartition(":")
     try:
         return MetricsAddress(host=host or MetricsAddress.host, port=int(port))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not [HOST:]PORT, e.g. 127.0.0.1:9094") from None
+    except (ValueError, InputError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not [HOST:]PORT with a port from 1 to 65535, e.g. "
+                                         "127.0.0.1:9094") from None
 
 
 def _number_or_off(text: str) -> float | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BIN, ROOT, assert_one_line_error, nan_on_negative_release, run_cli
+from conftest import BIN, ROOT, assert_one_line_error, float_release, nan_on_negative_release, run_cli
 
 from device_agents import ModelStore
 from device_agents.errors import InstallError, ReleaseError
@@ -198,19 +198,13 @@ def _device_bin() -> Path:
 def _always_seven(folder: Path) -> Path:
     """A valid float TFLite release that answers class 7 for every input."""
     from edgekit import _tf
-    from edgekit.artifacts.manifest import file_entry
 
-    tf, keras = _tf.tf(), _tf.keras()
+    keras = _tf.keras()
     model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(10)])
     bias = np.full(10, -10.0, np.float32)
     bias[7] = 10.0
     model.layers[-1].set_weights([np.zeros((64, 10), np.float32), bias])
-    data = tf.lite.TFLiteConverter.from_keras_model(model).convert()
-    folder.mkdir()
-    (folder / "model.tflite").write_bytes(data)
-    (folder / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "inference",
-                                                      "artifacts": [file_entry("model.tflite", data, fmt="tflite")]}))
-    return folder
+    return float_release(model, folder)
 
 
 def _versions(tmp_path, count):
@@ -477,6 +471,24 @@ def install(files, node):
 
 
 fleet.install = install
+honest_telemetry = fleet.telemetry
+
+
+def telemetry(through, spool_id, node):
+    import json
+    import time
+
+    from device_agents.serving.stats import ServingStats
+
+    windows, metrics, own = honest_telemetry(through, spool_id, node)
+    forged = ServingStats("liar", num_classes=10, features=1, start=time.time() - 60, end=time.time() - 1)
+    for _ in range(10):
+        forged.record_error(seconds=8640.0)  # a day of serving in a one-minute window
+    windows["000000000999"] = json.dumps(forged.to_dict()).encode()
+    return windows, metrics, own
+
+
+fleet.telemetry = telemetry
 app.deployed_client_app = lambda: app.make_client_app(app.ClientSettings(faults={0: "sign-flip"}))
 """
 
@@ -621,16 +633,17 @@ def test_a_device_runs_no_app_the_fleet_key_did_not_sign(cnn_path, digits, keys,
 def test_one_hostile_device_of_four_can_neither_pass_a_broken_release_nor_halt_training(cnn_path, digits, keys,
                                                                                        tmp_path):
     """The issue's attacks on real processes: a registered device whose owner changed its agent replies accuracy
-    100, p99 0 and 1e11 samples to every install, and sends its training updates sign-flipped x4.5 with 100x its
-    examples. A broken release (always class 7) is stopped at the canary; a good one is rolled out with the
-    liar's vote dropped and named; federated rounds on the devices commit every round, keep the model's accuracy
-    and name the attacker (without the defences, one such update takes the model to chance: test_robust.py)."""
+    100, p99 0 and 1e11 samples to every install, sends its training updates sign-flipped x4.5 with 100x its
+    examples, and its telemetry claims a day of serving in a minute. A broken release (always class 7) is stopped
+    at the canary; a good one is rolled out with the liar's vote dropped and named; its telemetry is refused by
+    name; federated rounds on the devices commit every round, keep the model's accuracy and name the attacker
+    (without the defences, one such update takes the model to chance: test_robust.py)."""
     from device_agents.federated.join import free_port
     from edgekit import TrainableConfig, export_trainable
     from edgekit.errors import RolloutError
     from edgekit.federated.config import RoundSettings
     from edgekit.federated.fleet_run import FleetRunConfig, run_on_fleet
-    from edgekit.fleet.rollout import Gates, RolloutConfig, rollout
+    from edgekit.fleet.rollout import Gates, RolloutConfig, collect, rollout, serving_summary
     from edgekit.fleet.serve import FleetConfig, serve
     from edgekit.fleet.signing import sign_release
 
@@ -649,6 +662,13 @@ def test_one_hostile_device_of_four_can_neither_pass_a_broken_release_nor_halt_t
         liar = first["dropped_votes"][0]["node"]
         assert "more than the 200 the protocol asks for" in first["dropped_votes"][0]["reason"]
         assert sorted(first["canary_nodes"]) == sorted(r["node"] for r in first["canary"])
+        # its telemetry claims what it could not have served: refused by name, nothing of it stored
+        rows = {row["node"]: row for row in collect(fleet.folder, **quiet)["nodes"]}
+        assert len(rows) == 4 and rows[liar]["stored"] == 0, rows
+        assert rows[liar]["refused"] == ["000000000999: 86400.0 s spent serving in a window of 59.0 s (at most 64 "
+                                         "calls at once)"], rows[liar]
+        assert all(not row["refused"] for node, row in rows.items() if node != liar)
+        assert serving_summary(fleet.folder) == {}
 
         seven = _signed(_always_seven(tmp_path / "seven-src"), tmp_path / "v2", private, 2)
         with pytest.raises(RolloutError, match="accuracy .*% < 80% on 3 of 3 canary device") as caught:

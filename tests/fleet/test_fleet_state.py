@@ -253,3 +253,17 @@ def test_stages_and_bake_are_checked():
             RolloutConfig(**bad)
     with pytest.raises(InputError, match="bake"):
         RolloutConfig(bake=-1)
+
+
+def test_the_watch_and_stage_options_are_refused_in_one_line(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    serve = ("fleet", "serve", "--out", str(tmp_path / "fleet"), "--key", str(tmp_path / "none.key"))
+    assert_one_line_error(run_cli(*serve, "--metrics", "70000"), 2, "argument --metrics", "port from 1 to 65535")
+    assert_one_line_error(run_cli(*serve, "--metrics", "abc"), 2, "'abc' is not [HOST:]PORT")
+    assert_one_line_error(run_cli(*serve, "--converge-every", "1"), 2, "converge_every = 1.0 must be 5 to 86400")
+    rollout = ("fleet", "rollout", "--fleet", str(tmp_path / "fleet"), "--release", str(tmp_path))
+    assert_one_line_error(run_cli(*rollout, "--stages", "0.5,0.2"), 2, "increasing fractions")
+    assert_one_line_error(run_cli(*rollout, "--stages", "half,1"), 2, "comma-separated fractions")
+    assert_one_line_error(run_cli(*rollout, "--bake", "-5"), 2, "bake -5.0 must be 0 to 86400 seconds")
+    assert not (tmp_path / "fleet").exists()
