@@ -194,9 +194,9 @@ def bake(grid: Any, job: dict[str, Any], gates: Any, nodes: list[int], release_i
     with _database(job) as store:
         own = store if store is not None else TelemetryStore(":memory:")
         rows = collect_from(grid, own, nodes, job["timeout"])
-        totals = own.totals(release_id, since=since)
+        served = {node: own.totals(release_id, since=since, node=node) for node in nodes}
         release = own.release(release_id)
-        evidence = bake_verdict(totals, gates, None if release is None else release["reference"])
+        evidence = bake_verdict(served, gates, None if release is None else release["reference"])
     evidence["collected"] = [{k: r[k] for k in ("node", "stored", "reason")} for r in rows]
     report(f"bake: {evidence['line']}")
     return evidence

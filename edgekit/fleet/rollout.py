@@ -32,8 +32,9 @@ class Gates:
     model family, whose predecessor answered another task); ``quorum``: the fraction of credible canary
     devices that must pass every gate (1.0: all; a device whose numbers are impossible has no vote).
 
-    A bake (:class:`RolloutConfig` ``bake``) judges what the stage's devices served of the release meanwhile,
-    summed over them: ``max_error_rate`` and ``max_p99_ms`` again, on the served calls, and ``max_drift_psi``:
+    A bake (:class:`RolloutConfig` ``bake``) judges what each of the stage's devices served of the release
+    meanwhile, one vote per device and ``quorum`` again: ``max_error_rate`` and ``max_p99_ms`` on its served
+    calls, and ``max_drift_psi``:
     the population stability index of the served inputs against the release's reference (None: not judged)."""
 
     max_error_rate: float = 0.0
@@ -140,32 +141,56 @@ def canary_verdict(rows: list[dict[str, Any]], gates: Gates) -> dict[str, Any]:
             "dropped": [{"node": v["node"], "reason": v["dropped"]} for v in votes if v["dropped"]]}
 
 
-def bake_verdict(totals: Totals, gates: Gates, reference: dict | None) -> dict[str, Any]:
-    """What a stage's devices served of the release during a bake (``totals``: its windows since the stage
-    began) against ``gates``; ``failures`` empty: it passes. No served call is no evidence against it: it
-    passes, and ``line`` says so."""
+def bake_verdict(served: dict[int, Totals], gates: Gates, reference: dict | None) -> dict[str, Any]:
+    """What each of a stage's devices served of the release during a bake (``served``: node -> its windows since
+    the stage began) against ``gates``, one vote per device as in the canary: a device that claims a flood of
+    error-free calls cannot dilute another's errors. The bake fails when fewer than ``quorum`` of the devices
+    that served (and at least one) pass every gate; ``failures`` names each failing gate with one device's number
+    and how many failed it. A device that served nothing has no vote; no served call at all is no evidence
+    against the release: it passes, and ``line`` says so."""
     from edgekit.fleet.telemetry import drift
 
-    p99 = quantile(totals.latency_counts, 0.99)
-    psi = drift(totals, reference)
-    evidence: dict[str, Any] = {"calls": totals.calls, "errors": totals.errors, "samples": totals.samples,
-                                "nodes": totals.nodes, "error_rate": totals.error_rate, "p99_s": p99,
-                                "drift_psi": psi, "failures": []}
-    if not totals.calls:
+    devices = []
+    for node, totals in sorted(served.items()):
+        p99, psi = quantile(totals.latency_counts, 0.99), drift(totals, reference)
+        device: dict[str, Any] = {"node": node, "calls": totals.calls, "errors": totals.errors,
+                                  "samples": totals.samples, "error_rate": totals.error_rate, "p99_s": p99,
+                                  "drift_psi": psi, "failures": {}}
+        if totals.calls:
+            device["failures"] = _served_failures(totals, p99, psi, gates)
+        devices.append(device)
+    voters = [d for d in devices if d["calls"]]
+    calls, errors = sum(d["calls"] for d in devices), sum(d["errors"] for d in devices)
+    evidence: dict[str, Any] = {"devices": devices, "nodes": len(voters), "calls": calls, "errors": errors,
+                                "samples": sum(d["samples"] for d in devices),
+                                "error_rate": errors / calls if calls else None, "failures": []}
+    if not voters:
         evidence["line"] = "no served call of the release was collected (nothing to judge)"
         return evidence
-    failures = evidence["failures"]
-    if totals.error_rate > gates.max_error_rate:
-        failures.append(f"served error rate {totals.error_rate:.3f} > {gates.max_error_rate:g} ({totals.errors} "
-                        f"of {totals.calls} calls on {totals.nodes} device(s) during the bake)")
-    if gates.max_p99_ms is not None and p99 is not None and 1000 * p99 > gates.max_p99_ms:
-        failures.append(f"served p99 latency {1000 * p99:.2f} ms > {gates.max_p99_ms:g} ms during the bake")
-    if gates.max_drift_psi is not None and psi is not None and psi > gates.max_drift_psi:
-        failures.append(f"served inputs drifted: PSI {psi:.3f} > {gates.max_drift_psi:g} during the bake")
-    evidence["line"] = (f"{totals.calls} calls on {totals.nodes} device(s), error rate {totals.error_rate:.3f}"
-                        + (f", p99 {1000 * p99:.2f} ms" if p99 is not None else "")
-                        + (f", drift PSI {psi:.3f}" if psi is not None else ""))
+    passed = [d for d in voters if not d["failures"]]
+    if len(passed) < max(1, math.ceil(gates.quorum * len(voters) - 1e-9)):
+        for gate in ("max_error_rate", "max_p99_ms", "max_drift_psi"):
+            failed = [d["failures"][gate] for d in voters if gate in d["failures"]]
+            if failed:
+                evidence["failures"].append(f"{failed[0]} on {len(failed)} of {len(voters)} device(s) during the "
+                                            "bake")
+    worst_p99 = max((d["p99_s"] for d in voters if d["p99_s"] is not None), default=None)
+    evidence["line"] = (f"{calls} calls on {len(voters)} device(s), {len(passed)} passed every gate, error rate "
+                        f"{errors / calls:.3f}" + (f", worst p99 {1000 * worst_p99:.2f} ms" if worst_p99 else ""))
     return evidence
+
+
+def _served_failures(totals: Totals, p99: float | None, psi: float | None, gates: Gates) -> dict[str, str]:
+    """Gate name -> why what one device served fails it."""
+    out = {}
+    if totals.error_rate > gates.max_error_rate:
+        out["max_error_rate"] = (f"served error rate {totals.error_rate:.3f} > {gates.max_error_rate:g} "
+                                 f"({totals.errors} of {totals.calls} calls)")
+    if gates.max_p99_ms is not None and p99 is not None and 1000 * p99 > gates.max_p99_ms:
+        out["max_p99_ms"] = f"served p99 latency {1000 * p99:.2f} ms > {gates.max_p99_ms:g} ms"
+    if gates.max_drift_psi is not None and psi is not None and psi > gates.max_drift_psi:
+        out["max_drift_psi"] = f"served inputs drifted: PSI {psi:.3f} > {gates.max_drift_psi:g}"
+    return out
 
 
 MAX_STAGES = 10

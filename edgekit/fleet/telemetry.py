@@ -264,14 +264,15 @@ class TelemetryStore:
     def versions(self) -> list[str]:
         return [v for (v,) in self._db.execute("SELECT DISTINCT version FROM windows ORDER BY version")]
 
-    def totals(self, version: str, *, since: float | None = None, until: float | None = None) -> Totals:
-        """Every stored window of ``version`` (ending after ``since``, at or before ``until``) summed; reference
-        bins only where the windows share their edges."""
+    def totals(self, version: str, *, since: float | None = None, until: float | None = None,
+               node: int | None = None) -> Totals:
+        """Every stored window of ``version`` (ending after ``since``, at or before ``until``; of ``node`` alone
+        when given) summed; reference bins only where the windows share their edges."""
         rows = self._db.execute(
             "SELECT node, start, end, calls, samples, errors, latency_sum, latency_counts, class_counts, edges, "
-            "bin_counts "
-            "FROM windows WHERE version = ? AND end > ? AND end <= ? ORDER BY end",
-            (version, -1.0 if since is None else since, float("inf") if until is None else until))
+            "bin_counts FROM windows WHERE version = ? AND end > ? AND end <= ? AND (? IS NULL OR node = ?) "
+            "ORDER BY end", (version, -1.0 if since is None else since, float("inf") if until is None else until,
+                             None if node is None else str(node), None if node is None else str(node)))
         totals, nodes, edges = Totals(version), set(), None
         for node, start, end, calls, samples, errors, latency_sum, latency, classes, window_edges, bins in rows:
             totals.windows += 1

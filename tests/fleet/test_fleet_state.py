@@ -230,16 +230,38 @@ def test_a_bake_judges_what_the_stage_served_error_rate_p99_and_drift_with_the_n
         store.add(1, sequence, _window("good", calls=1, x=rng.normal(0, 1, (2, 1)), edges=edges), now=NOW)
         store.add(2, sequence, _window("bad", calls=1, errors=1, seconds=0.2, x=rng.normal(3, 1, (2, 1)),
                                        edges=edges), now=NOW)
-    good = bake_verdict(store.totals("good"), Gates(max_p99_ms=10), reference)
-    assert good["failures"] == [] and good["calls"] == 60 and good["drift_psi"] < DRIFT_THRESHOLD
-    bad = bake_verdict(store.totals("bad"), Gates(max_p99_ms=100), reference)
-    assert bad["failures"][0] == "served error rate 0.500 > 0 (60 of 120 calls on 1 device(s) during the bake)"
-    assert bad["failures"][1].startswith("served p99 latency 24") and "> 100 ms" in bad["failures"][1]
+    good = bake_verdict({1: store.totals("good", node=1)}, Gates(max_p99_ms=10), reference)
+    assert good["failures"] == [] and good["calls"] == 60 and good["devices"][0]["drift_psi"] < DRIFT_THRESHOLD
+    bad = bake_verdict({2: store.totals("bad", node=2)}, Gates(max_p99_ms=100), reference)
+    assert bad["failures"][0] == ("served error rate 0.500 > 0 (60 of 120 calls) on 1 of 1 device(s) during the "
+                                  "bake")
+    assert bad["failures"][1].startswith("served p99 latency 24") and "> 100 ms on 1 of 1" in bad["failures"][1]
     assert bad["failures"][2].startswith("served inputs drifted: PSI") and len(bad["failures"]) == 3
-    assert bake_verdict(store.totals("bad"), Gates(max_error_rate=0.5, max_drift_psi=None), reference)[
-        "failures"] == []
-    nothing = bake_verdict(store.totals("none"), Gates(), reference)
+    assert bake_verdict({2: store.totals("bad", node=2)}, Gates(max_error_rate=0.5, max_drift_psi=None),
+                        reference)["failures"] == []
+    nothing = bake_verdict({3: store.totals("none", node=3)}, Gates(), reference)
     assert nothing["failures"] == [] and "no served call" in nothing["line"]
+
+
+def test_a_device_claiming_a_flood_of_good_calls_cannot_dilute_another_devices_errors_in_a_bake():
+    """The attack: an honest stage device serves the release with half its calls failing; a registered liar
+    claims a billion error-free calls of zero latency in the same minute (plausible by the window checks: no
+    serving time). Summed, the error rate was 1.2e-09, under a 1% gate; one vote per device, the honest device
+    fails it. With a quorum of 0.5 the liar's vote is enough to pass, as in the canary."""
+    from edgekit.fleet.rollout import Gates, bake_verdict
+
+    store = TelemetryStore(":memory:")
+    store.add(1, 1, _window("r", calls=1, errors=1), now=NOW)
+    liar = _window("r", calls=0)
+    liar.calls = liar.latency_counts[0] = 10 ** 9
+    liar.samples = liar.class_counts[0] = 10 ** 9
+    assert store.add(2, 1, liar, now=NOW) == ""
+    served = {node: store.totals("r", node=node) for node in (1, 2)}
+    verdict = bake_verdict(served, Gates(max_error_rate=0.01), None)
+    assert verdict["failures"] == ["served error rate 0.500 > 0.01 (1 of 2 calls) on 1 of 2 device(s) during the "
+                                   "bake"]
+    assert verdict["error_rate"] < 1e-8  # what summing would have judged
+    assert bake_verdict(served, Gates(max_error_rate=0.01, quorum=0.5), None)["failures"] == []
 
 
 def test_stages_and_bake_are_checked():
