@@ -192,7 +192,10 @@ def bake(grid: Any, job: dict[str, Any], gates: Any, nodes: list[int], release_i
     report(f"baking {float(job['bake']):g} s on {len(nodes)} node(s)")
     time.sleep(float(job["bake"]))
     with _database(job) as store:
-        own = store if store is not None else TelemetryStore(":memory:")
+        own = store
+        if own is None:
+            own = TelemetryStore(":memory:")
+            own.record_release(release_id, -1, "", None, now=time.time())
         rows = collect_from(grid, own, nodes, job["timeout"])
         served = {node: own.totals(release_id, since=since, node=node) for node in nodes}
         release = own.release(release_id)
@@ -390,8 +393,9 @@ def converge_job(grid: Any, job: dict[str, Any]) -> dict[str, Any]:
 def collected(store: Any, node: int, reply: Any, *, now: float) -> dict[str, Any]:
     """Store one device's telemetry reply (:data:`~device_agents.protocol.Query.TELEMETRY`) in ``store`` (a
     :class:`~edgekit.fleet.telemetry.TelemetryStore`): every window checked as a message from outside (exact names,
-    at most :data:`~device_agents.protocol.MAX_WINDOWS` of at most ``MAX_WINDOW_BYTES``, a well-formed window,
-    :func:`~edgekit.fleet.telemetry.plausible`); a refused window is named with why, the others are kept."""
+    at most :data:`~device_agents.protocol.MAX_WINDOWS` of at most ``MAX_WINDOW_BYTES``, a well-formed window of
+    a release rolled out to this fleet, :func:`~edgekit.fleet.telemetry.plausible`); a refused window is named
+    with why, the others are kept."""
     import json
 
     from device_agents.protocol import MAX_WINDOW_BYTES, MAX_WINDOWS, TelemetryWire
@@ -423,6 +427,9 @@ def collected(store: Any, node: int, reply: Any, *, now: float) -> dict[str, Any
             stats = ServingStats.from_dict(json.loads(data))
         except (ValueError, TypeError, RecursionError, AgentError) as exc:  # not JSON, or not a window
             row["refused"].append(f"{key}: {str(exc)[:MAX_TEXT]}")
+            continue
+        if store.release(stats.version) is None:  # also bounds the versions (metric labels) a device can invent
+            row["refused"].append(f"{key}: version {stats.version[:40]!r} is no release rolled out to this fleet")
             continue
         why = store.add(node, int(key), stats, now=now, spool=spool)
         if why and why != "already stored":

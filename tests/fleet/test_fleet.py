@@ -481,7 +481,8 @@ def telemetry(through, spool_id, node):
     from device_agents.serving.stats import ServingStats
 
     windows, metrics, own = honest_telemetry(through, spool_id, node)
-    forged = ServingStats("liar", num_classes=10, features=1, start=time.time() - 60, end=time.time() - 1)
+    serving = fleet._store(node).current.name  # the release the fleet rolled out: the claim is about it
+    forged = ServingStats(serving, num_classes=10, features=1, start=time.time() - 60, end=time.time() - 1)
     for _ in range(10):
         forged.record_error(seconds=8640.0)  # a day of serving in a one-minute window
     windows["000000000999"] = json.dumps(forged.to_dict()).encode()

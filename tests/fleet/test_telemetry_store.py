@@ -138,6 +138,7 @@ def test_windows_served_after_a_full_drain_or_a_wiped_store_are_stored_not_dropp
     from edgekit.fleet.jobs import collected
 
     node, store = {"store": str(tmp_path / "store")}, TelemetryStore(":memory:")
+    store.record_release("v1", 1, "/fleet/releases/v1", None, now=NOW)
     spool = Spool(tmp_path / "store" / "telemetry")
 
     def collect():
@@ -184,15 +185,19 @@ def test_the_server_stores_honest_windows_once_and_refuses_lying_ones_by_name():
     forged = _window().to_dict()
     forged["samples"] += 100  # more samples than predicted classes
     store = TelemetryStore(":memory:")
+    store.record_release("v1", 1, "/fleet/releases/v1", None, now=NOW)
     windows = {"000000000001": encoded(_window()), "000000000002": encoded(lying),
                "000000000003": json.dumps(forged).encode(), "000000000004": b"\xff not json",
-               "../../etc/passwd": encoded(_window())}
+               "../../etc/passwd": encoded(_window()), "000000000005": encoded(_window("invented-by-the-device"))}
     row = collected(store, 7, _reply(windows), now=NOW)
     assert row["stored"] == 1 and store.totals("v1").windows == 1 and row["reason"] == ""
     reasons = dict(r.split(": ", 1) for r in row["refused"])
     assert f"at most {MAX_CONCURRENCY} calls at once" in reasons["000000000002"]
     assert "predicted classes" in reasons["000000000003"] and "000000000004" in reasons
     assert reasons["../../etc/passwd"] == "not a spool window"
+    # a version the fleet never rolled out: refused, so a device cannot invent metric label values without end
+    assert reasons["000000000005"] == "version 'invented-by-the-device' is no release rolled out to this fleet"
+    assert store.versions() == ["v1"]
     again = collected(store, 7, _reply({"000000000001": encoded(_window())}), now=NOW)
     assert again["stored"] == 0 and again["refused"] == [] and store.totals("v1").windows == 1
     too_many = {f"{i:012d}": encoded(_window()) for i in range(1, 300)}
