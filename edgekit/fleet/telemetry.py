@@ -96,6 +96,9 @@ class DeviceState(str, Enum):
     UNTRACKED = "untracked"  # no release has been rolled out yet: there is nothing to converge to
 
 
+DEVICE_FIELDS = ("node", "version", "state", "target", "reason", "seen")
+"""The columns of the ``devices`` table, as :meth:`TelemetryStore.devices` returns them."""
+
 MAX_CONCURRENCY = 64
 """Calls a device may have served at once: its time spent serving is at most the window's length times this."""
 MAX_BATCH = 65_536
@@ -332,14 +335,16 @@ class TelemetryStore:
                              (str(node), version, DeviceState(state).value, target, reason[:300], now))
 
     def device(self, node: int) -> dict[str, Any] | None:
-        rows = [d for d in self.devices() if d["node"] == str(node)]
-        return rows[0] if rows else None
+        """One device as :meth:`devices` lists it (None: never seen)."""
+        found = self._db.execute(f"SELECT {', '.join(DEVICE_FIELDS)} FROM devices WHERE node = ?",
+                                 (str(node),)).fetchone()
+        return None if found is None else dict(zip(DEVICE_FIELDS, found, strict=True))
 
     def devices(self) -> list[dict[str, Any]]:
         """Every device seen: ``node``, ``version``, ``state``, ``target`` (the desired release then), ``reason``,
         ``seen`` (time)."""
-        rows = self._db.execute("SELECT node, version, state, target, reason, seen FROM devices ORDER BY node")
-        return [dict(zip(("node", "version", "state", "target", "reason", "seen"), row, strict=True)) for row in rows]
+        rows = self._db.execute(f"SELECT {', '.join(DEVICE_FIELDS)} FROM devices ORDER BY node")
+        return [dict(zip(DEVICE_FIELDS, row, strict=True)) for row in rows]
 
     def record_measurement(self, node: int, version: str, *, now: float, accuracy: float | None,
                            error_rate: float | None, p99_ms: float | None) -> None:
