@@ -39,9 +39,40 @@ def digits():
     return load_digits()
 
 
-@pytest.fixture(scope="session")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("models")
+def shared(tmp_path_factory, name: str, build) -> Path:
+    """``build(path)`` once for the whole run, read by every pytest-xdist worker: each worker would otherwise train
+    and compress the same models again (four workers on two cores). The first worker to ask builds it under a
+    lock; a build that failed midway is redone. Tests read these and never change them (copy first)."""
+    import fcntl
+    import shutil
+
+    root = tmp_path_factory.getbasetemp()
+    folder = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "shared"
+    folder.mkdir(exist_ok=True)
+    target, done = folder / name, folder / f".{name}.done"
+    with open(folder / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            if target.is_dir():
+                shutil.rmtree(target)
+            target.unlink(missing_ok=True)
+            build(target)
+            done.touch()
+    return target
+
+
+FIRST = ("federated", "fleet", "fleet-apps", "federated-3", "federated-privacy", "federated-2")
+"""xdist groups scheduled first, longest first: Flower simulations and real fleets, minutes of waiting on processes
+and rounds each, run one after another in their group; started last, they were the run's tail."""
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        group = item.get_closest_marker("xdist_group")
+        name = str(group.args[0]) if group and group.args else ""
+        return FIRST.index(name) if name in FIRST else len(FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
 
 
 def tiny_cnn(seed: int = 0):
@@ -68,30 +99,36 @@ def fl_model(digits, tmp_path_factory):
     """The test CNN trained briefly on 300 samples: federated rounds have room to improve it."""
     from edgekit.loading import zoo
 
-    model = zoo.train(tiny_cnn(), digits.take(np.arange(300)), epochs=2, learning_rate=1e-3)
-    path = tmp_path_factory.mktemp("fl") / "start.keras"
-    model.save(path)
-    return path
+    def build(path):
+        zoo.train(tiny_cnn(), digits.take(np.arange(300)), epochs=2, learning_rate=1e-3).save(path)
+
+    return shared(tmp_path_factory, "start.keras", build)
 
 
 @pytest.fixture(scope="session")
-def cnn(digits):
-    """A trained tf-keras CNN (about 97% on digits)."""
+def cnn_path(digits, tmp_path_factory) -> Path:
+    """A trained tf-keras CNN (about 97% on digits), saved."""
     from edgekit.loading import zoo
 
-    return zoo.train(tiny_cnn(), digits, epochs=8, seed=0)
+    return shared(tmp_path_factory, "cnn.keras",
+                  lambda path: zoo.train(tiny_cnn(), digits, epochs=8, seed=0).save(path))
 
 
 @pytest.fixture(scope="session")
-def cnn_path(cnn, workdir) -> Path:
-    path = workdir / "cnn.keras"
-    cnn.save(path)
-    return path
+def cnn(cnn_path):
+    """The trained tf-keras CNN of :func:`cnn_path`."""
+    from edgekit import _tf
+
+    return _tf.keras().models.load_model(cnn_path)
 
 
 @pytest.fixture(scope="session")
-def keras3_path(digits, workdir) -> Path:
+def keras3_path(digits, tmp_path_factory) -> Path:
     """A trained Keras 3 functional model (residual Add, BN, DepthwiseConv2D, ReLU6, GAP)."""
+    return shared(tmp_path_factory, "k3.keras", lambda path: _keras3_model(digits).save(path))
+
+
+def _keras3_model(digits):
     from edgekit import _tf
 
     keras = _tf.keras3()
@@ -111,25 +148,29 @@ def keras3_path(digits, workdir) -> Path:
     model.compile("adam", "sparse_categorical_crossentropy")
     keras.utils.set_random_seed(0)
     model.fit(digits.x, digits.y, epochs=6, batch_size=32, verbose=0)
-    path = workdir / "k3.keras"
-    model.save(path)
-    return path
+    return model
 
 
 @pytest.fixture(scope="session")
-def text_npz(workdir) -> Path:
+def text_npz(tmp_path_factory) -> Path:
     """Token-id sequences whose class is the most frequent token band (learnable quickly)."""
     from edgekit.loading import zoo
 
-    data = zoo.token_dataset()
-    path = workdir / "text.npz"
-    np.savez(path, x=data.x, y=data.y)
-    return path
+    def build(path):
+        data = zoo.token_dataset()
+        with open(path, "wb") as out:
+            np.savez(out, x=data.x, y=data.y)
+
+    return shared(tmp_path_factory, "text.npz", build)
 
 
 @pytest.fixture(scope="session")
-def text_model_path(text_npz, workdir) -> Path:
+def text_model_path(text_npz, tmp_path_factory) -> Path:
     """A Keras 3 Embedding/Conv1D/LSTM/GlobalAveragePooling1D text classifier on integer tokens."""
+    return shared(tmp_path_factory, "text.keras", lambda path: _text_model(text_npz).save(path))
+
+
+def _text_model(text_npz):
     from edgekit import _tf
 
     keras = _tf.keras3()
@@ -143,9 +184,7 @@ def text_model_path(text_npz, workdir) -> Path:
     model.compile("adam", "sparse_categorical_crossentropy")
     keras.utils.set_random_seed(0)
     model.fit(data["x"], data["y"], epochs=8, batch_size=32, verbose=0)
-    path = workdir / "text.keras"
-    model.save(path)
-    return path
+    return model
 
 
 @pytest.fixture(scope="session")
@@ -153,10 +192,9 @@ def int8_out(cnn_path, tmp_path_factory) -> Path:
     """The test CNN compressed to int8 (int8 I/O) in both formats: an edgekit output folder."""
     from edgekit import CompressConfig, Recipe, compress
 
-    out = tmp_path_factory.mktemp("agent") / "int8"
-    compress(cnn_path, "digits", out, progress=False,
-             config=CompressConfig(recipe=Recipe(quantize="int8"), int8_io=True, training=fast_training()))
-    return out
+    return shared(tmp_path_factory, "int8", lambda out: compress(
+        cnn_path, "digits", out, progress=False,
+        config=CompressConfig(recipe=Recipe(quantize="int8"), int8_io=True, training=fast_training())))
 
 
 @pytest.fixture(scope="session")
@@ -164,10 +202,9 @@ def float_out(cnn_path, tmp_path_factory) -> Path:
     """The test CNN exported as float32 in both formats."""
     from edgekit import CompressConfig, Recipe, compress
 
-    out = tmp_path_factory.mktemp("agent") / "float"
-    compress(cnn_path, "digits", out, progress=False,
-             config=CompressConfig(recipe=Recipe(quantize="none"), training=fast_training()))
-    return out
+    return shared(tmp_path_factory, "float", lambda out: compress(
+        cnn_path, "digits", out, progress=False,
+        config=CompressConfig(recipe=Recipe(quantize="none"), training=fast_training())))
 
 
 def run_cli(*args: str, tool: str = "edgekit", timeout: int = 600, env: dict | None = None):

@@ -339,11 +339,17 @@ def _entropy_ranges(pre: Path, calibration: np.ndarray, batch: int = 0) -> dict[
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator
 
+    from edgekit.export.entropy import fast_histogram_collector
+
     with tempfile.TemporaryDirectory(prefix="edgekit-entropy-") as tmp:
         calibrator = create_calibrator(str(pre), augmented_model_path=str(Path(tmp, "augmented.onnx")),
                                        calibrate_method=CalibrationMethod.Entropy,
                                        extra_options={"num_bins": ENTROPY_BINS[0],
                                                       "num_quantized_bins": ENTROPY_BINS[1]})
+        calibrator.collector = fast_histogram_collector(  # the collector it would make, its KL search vectorised
+            method=calibrator.method, symmetric=calibrator.symmetric, num_bins=calibrator.num_bins,
+            num_quantized_bins=calibrator.num_quantized_bins, percentile=calibrator.percentile,
+            scenario=calibrator.scenario)
         with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
             calibrator.collect_data(_reader(calibration, batch))
             ranges = calibrator.compute_data()

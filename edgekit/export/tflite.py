@@ -361,11 +361,12 @@ def clip_ranges(calibrated: bytes, samples: np.ndarray, calibration: Calibration
     >>> data = convert.mlir_quantize(clip_ranges(calibrated, x[:256], Calibration.PERCENTILE))  # doctest: +SKIP
     """
     from ai_edge_litert.interpreter import Interpreter
-    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from edgekit.export.entropy import fast_histogram_collector
 
     ranged = _activation_ranges(calibrated)
     settings = CLIPPING[calibration]
-    collector = HistogramCollector(symmetric=False, scenario="same", **settings)
+    collector = fast_histogram_collector(symmetric=False, scenario="same", **settings)
     bins = settings["num_bins"]
     for name, (low, high) in ranged.items():
         # each histogram spans the tensor's whole calibrated range from the start: fed one sample at a time, the

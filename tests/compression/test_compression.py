@@ -267,6 +267,7 @@ def test_budget_search_keeps_the_smallest_within_budget(cnn_path, tmp_path):
         assert f"| {recipe.name} | tflite |" in report
 
 
+@pytest.mark.slow  # through the CLI in make test: tests/cli/test_cli.py::test_budget_failure_exit_code_and_kept_report
 def test_budget_not_met_exits_with_report_and_no_artifacts(cnn_path, tmp_path):
     out = tmp_path / "nb"
     with pytest.raises(BudgetError, match=r"no candidate kept the accuracy drop within 0.01 points") as info:

@@ -64,8 +64,10 @@ BUILT_FROM = {"model.export() savedmodel": "preprocessing-cnn"}
 
 
 def _on(name):
-    """The tests of one model run on one pytest-xdist worker, which builds and trains it once."""
-    return pytest.mark.xdist_group(f"conformance-{BUILT_FROM.get(name, name)}")
+    """The tests of one model run on one pytest-xdist worker, which builds and trains it once; a keras.applications
+    architecture's are in the slow tier (``make test-all``): each takes 1-3 minutes of both cores."""
+    group = pytest.mark.xdist_group(f"conformance-{BUILT_FROM.get(name, name)}")
+    return (group, pytest.mark.slow) if name in BRIEFLY_TRAINED else group
 BRIEFLY_TRAINED = ("mobilenetv3small", "mobilenetv2", "efficientnetb0", "densenet121")  # a few steps: near chance
 NEAR_CHANCE_BUDGET = 25.0  # points of drop from the source; see test_post_training_int8_in_both_formats
 

@@ -61,6 +61,7 @@ def test_a_collapse_from_rare_large_activations_is_recovered_by_averaged_ranges(
     assert options["onnx"]["calibration"] == "moving-average"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("ratio", "fraction", "chosen"), [(100.0, 1.0, "entropy-calibration"),
                                                         (1000.0, 0.25, "percentile-calibration")])
 def test_a_collapse_from_a_massive_activation_is_recovered_by_clipping_calibration(digits, tmp_path, ratio, fraction,
@@ -94,6 +95,7 @@ def test_a_collapse_from_a_massive_activation_is_recovered_by_clipping_calibrati
         assert art.quantizer_options["activations"] != "int16"  # 8 bits: not the slow last rung
 
 
+@pytest.mark.slow
 def test_an_outlier_channel_is_clipped_in_tflite_and_kept_float_on_top_of_clipping_in_onnx(outlier_path, tmp_path):
     """A hidden unit constantly 10,000 that nothing reads (a 33-unit layer, so 3% of the tensor's values). The KL
     (entropy) search clips its range to 1/16 of it: TFLite's int8 range is then [0, 625] and recovers; ONNX's

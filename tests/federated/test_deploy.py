@@ -11,6 +11,7 @@ SECOND = pytest.mark.xdist_group("federated-2")  # the real processes, the CLI a
 
 
 
+@pytest.mark.slow
 @SECOND
 def test_real_superlink_and_supernodes_with_tls(fl_model, tmp_path):
     """flower-superlink + 2 flower-supernode processes on 127.0.0.1, TLS from a generated CA, flwr run; central
@@ -133,6 +134,7 @@ def test_strangers_cannot_join_register_or_run_code_through_the_gateway(tmp_path
     assert not marker.exists() and not list(tmp_path.rglob("OUTSIDER_RAN"))
 
 
+@pytest.mark.slow
 @SECOND
 def test_a_killed_server_resumes_without_losing_a_round_and_cleans_up(fl_model, tmp_path):
     """SIGKILL of the server's process group once round 1 is checkpointed; the first --resume killed between a

@@ -13,7 +13,7 @@ from edgekit.federated.config import (
 )
 from edgekit.federated.simulate import simulate
 
-pytestmark = pytest.mark.xdist_group("federated")
+pytestmark = pytest.mark.xdist_group("federated-privacy")  # each group: one Ray cluster at a time on its worker
 
 
 SECOND = pytest.mark.xdist_group("federated-2")  # the real processes, the CLI and the server optimizers
@@ -21,7 +21,7 @@ SECOND = pytest.mark.xdist_group("federated-2")  # the real processes, the CLI a
 
 
 
-@pytest.mark.parametrize("clipping, sigma", [("fixed", 0.8), ("adaptive", 0.25)])
+@pytest.mark.parametrize("clipping, sigma", [("fixed", 0.8), pytest.param("adaptive", 0.25, marks=pytest.mark.slow)])
 def test_differential_privacy_clips_updates_and_reports_epsilon(fl_model, tmp_path, clipping, sigma):
     audit = tmp_path / "audit"
     result = simulate(fl_model, "digits", tmp_path / "dp", progress=False, log=quiet, config=SimulationConfig(

@@ -10,7 +10,7 @@ from edgekit.federated.config import (
 )
 from edgekit.federated.simulate import simulate
 
-pytestmark = pytest.mark.xdist_group("federated")
+pytestmark = pytest.mark.xdist_group("federated-3")
 
 
 

@@ -212,7 +212,7 @@ def _versions(tmp_path, count):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("fleet")
+@pytest.mark.xdist_group("fleet-recipe")
 def test_the_readme_fleet_recipe_on_real_processes(cnn_path, int8_out, digits, keys, tmp_path):
     """fleet serve; four devices (their own environment, key pair and data) registered and joined; a trainable
     release rolled out; fl run on the devices' data; its final/ released and rolled out; a collapsing and a
@@ -581,8 +581,7 @@ def _hostile_app(folder: Path, marker: Path, report: Path) -> Path:
     return folder
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("fleet")
+@pytest.mark.xdist_group("fleet-apps")
 def test_a_device_runs_no_app_the_fleet_key_did_not_sign(cnn_path, digits, keys, tmp_path):
     """Defence in depth: a stranger who reaches the Control API (here: straight on its loopback port) submits an
     app; the device refuses to install or import it (no marker, an error reply), and still runs the signed jobs.
@@ -629,7 +628,6 @@ def test_a_device_runs_no_app_the_fleet_key_did_not_sign(cnn_path, digits, keys,
     assert not (tmp_path / "device0" / "RAN").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.xdist_group("fleet")
 def test_one_hostile_device_of_four_can_neither_pass_a_broken_release_nor_halt_training(cnn_path, digits, keys,
                                                                                        tmp_path):

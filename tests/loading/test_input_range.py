@@ -2,7 +2,6 @@
 Rescaling(1/127.5, -1) fed 0-1 pixels sees [-1, -0.992]), in the library, the CLI and the report."""
 
 import numpy as np
-import pytest
 from conftest import run_cli
 
 from edgekit import _tf
@@ -39,7 +38,6 @@ def test_a_normalization_adapted_to_other_data_is_named_and_a_model_without_prep
     assert input_range_warnings(_model(), PIXELS) == []
 
 
-@pytest.mark.slow
 def test_the_cli_and_the_report_say_it(tmp_path):
     keras = _tf.keras()
     model = _model(keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale"))
