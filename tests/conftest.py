@@ -61,9 +61,10 @@ def shared(tmp_path_factory, name: str, build) -> Path:
     return target
 
 
-FIRST = ("federated", "fleet", "fleet-apps", "federated-3", "federated-privacy", "federated-2")
-"""xdist groups scheduled first, longest first: Flower simulations and real fleets, minutes of waiting on processes
-and rounds each, run one after another in their group; started last, they were the run's tail."""
+FIRST = ("federated", "fleet")
+"""xdist groups scheduled first, longest first: Flower simulations and a real fleet, minutes of waiting on processes
+and rounds each, run one after another in their group; started last, they were the run's tail (and started together,
+all such groups slowed each other: the other workers start with compressions)."""
 
 
 def pytest_collection_modifyitems(items):

@@ -67,8 +67,9 @@ def _on(name):
     """The tests of one model run on one pytest-xdist worker, which builds and trains it once; a keras.applications
     architecture's are in the slow tier (``make test-all``): each takes 1-3 minutes of both cores."""
     group = pytest.mark.xdist_group(f"conformance-{BUILT_FROM.get(name, name)}")
-    return (group, pytest.mark.slow) if name in BRIEFLY_TRAINED else group
+    return (group, pytest.mark.slow) if name in SLOW else group
 BRIEFLY_TRAINED = ("mobilenetv3small", "mobilenetv2", "efficientnetb0", "densenet121")  # a few steps: near chance
+SLOW = (*BRIEFLY_TRAINED, "gru", "bilstm")  # make test keeps an LSTM text model: tests/compression/test_compression.py
 NEAR_CHANCE_BUDGET = 25.0  # points of drop from the source; see test_post_training_int8_in_both_formats
 
 
@@ -140,6 +141,7 @@ def test_post_training_int8_in_both_formats(saved, name, tmp_path):
 
 
 @_on("transformer")
+@pytest.mark.slow  # each technique on the test CNN in make test: tests/compression, tests/optimize
 def test_training_based_techniques_run_per_layer_and_list_what_they_left(saved, tmp_path):
     """The transformer was refused by pruning, QAT and distillation; now each applies to the layers it can."""
     path, data = saved["transformer"]

@@ -64,8 +64,9 @@ def test_leave_one_out_finds_the_update_that_breaks_the_aggregate():
     assert result is None and len(dropped) == 1
 
 
+@pytest.mark.slow  # in make test: the defences above, and a sign-flipping device in a real fleet (test_fleet.py)
 @SECOND
-@pytest.mark.parametrize("attack", ["sign-flip", pytest.param("label-flip", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("attack", ["sign-flip", "label-flip"])
 def test_one_attacking_device_of_four_neither_halts_nor_wrecks_training(fl_model, tmp_path, attack):
     """The issue's attacks on real Flower simulations (the device's own ClientApp attacks): 3 rounds from a weak
     start, 1 of 4 devices. With edgekit's defences (on by default; here on FedAvg, see BENCHMARKS.md "Robust

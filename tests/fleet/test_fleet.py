@@ -581,6 +581,7 @@ def _hostile_app(folder: Path, marker: Path, report: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # the device-side check in make test: test_an_app_whose_files_differ_from_its_signature_...
 @pytest.mark.xdist_group("fleet-apps")
 def test_a_device_runs_no_app_the_fleet_key_did_not_sign(cnn_path, digits, keys, tmp_path):
     """Defence in depth: a stranger who reaches the Control API (here: straight on its loopback port) submits an
