@@ -28,22 +28,28 @@ $(STAMP): pyproject.toml device_agents/pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q -c requirements.lock -e ./device_agents -e ".[dev]"
 	touch $(STAMP)
 
-# Both wheels: dist/edgekit_sdk-*.whl (server) and dist/edgekit_device_agent-*.whl (device).
-dist: $(STAMP)
+# Both wheels: dist/edgekit_sdk-*.whl (server) and dist/edgekit_device_agent-*.whl (device), built once for both
+# device environments (DIST_STAMP), so make can build those in parallel.
+DIST_STAMP := dist/.built
+
+dist:
+	rm -f $(DIST_STAMP)
+	$(MAKE) $(DIST_STAMP)
+
+$(DIST_STAMP): $(STAMP) $(DEVICE_SOURCES) pyproject.toml
 	rm -rf dist
 	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w dist ./device_agents .
 	rm -rf build device_agents/build
+	touch $(DIST_STAMP)
 
 # A device-like environment: the device wheel installed as a device installs it, next to tflite-runtime.
-$(TFLRT_STAMP): $(DEVICE_SOURCES) pyproject.toml
-	$(MAKE) dist
+$(TFLRT_STAMP): $(DIST_STAMP)
 	rm -rf $(TFLRT_VENV)
 	$(PYTHON) -m venv $(TFLRT_VENV)
 	$(TFLRT_VENV)/bin/python -m pip install -q "numpy<2" "tflite-runtime==2.14.0" dist/edgekit_device_agent-*.whl
 	touch $(TFLRT_STAMP)
 
-$(DEVICE_STAMP): $(DEVICE_SOURCES) pyproject.toml requirements.lock
-	$(MAKE) dist
+$(DEVICE_STAMP): $(DIST_STAMP) requirements.lock
 	rm -rf $(DEVICE_VENV)
 	$(PYTHON) -m venv $(DEVICE_VENV)
 	$(DEVICE_VENV)/bin/python -m pip install -q -c requirements.lock "$$(ls dist/edgekit_device_agent-*.whl)[fl]"
@@ -56,14 +62,15 @@ demo: $(STAMP)
 # make test-all: also the slow tier (pytest -m slow: long end-to-end journeys, keras.applications architectures).
 PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider -n 4 --dist loadgroup --durations=25
 
-test: $(STAMP) $(TFLRT_STAMP) $(DEVICE_STAMP)
+# The two device environments, the docs and the doctests are independent: built side by side (-j4).
+test: $(STAMP)
 	$(BIN)/ruff check edgekit tools device_agents tests benchmarks examples docs
-	$(MAKE) docs doctest
+	$(MAKE) -j4 $(TFLRT_STAMP) $(DEVICE_STAMP) docs doctest
 	$(PYTEST) -m "not slow" tests
 
-test-all: $(STAMP) $(TFLRT_STAMP) $(DEVICE_STAMP)
+test-all: $(STAMP)
 	$(BIN)/ruff check edgekit tools device_agents tests benchmarks examples docs
-	$(MAKE) docs doctest
+	$(MAKE) -j4 $(TFLRT_STAMP) $(DEVICE_STAMP) docs doctest
 	$(PYTEST) tests
 
 test-slow: $(STAMP) $(TFLRT_STAMP) $(DEVICE_STAMP)
