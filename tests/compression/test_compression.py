@@ -362,6 +362,7 @@ def test_an_output_displaced_by_a_kill_between_two_renames_is_put_back(tmp_path)
     assert (tmp_path / "out" / "model.tflite").read_bytes() == b"the previous output" and not old.exists()
 
 
+@pytest.mark.slow  # make test: the recurrent int8 test below
 def test_text_model_int8_and_dynamic_export(text_model_path, text_npz, tmp_path):
     # 2:4 applies to Dense layers only here (tfmot's m-by-n fails on Conv1D/LSTM/Embedding at training time)
     recipes = (Recipe(quantize="int8"), Recipe(quantize="dynamic"), Recipe(structured=(2, 4), quantize="int8"))

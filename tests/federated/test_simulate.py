@@ -145,6 +145,7 @@ def test_every_server_optimizer_trains_in_a_simulation(fl_model, tmp_path, strat
     assert saved["config"]["rounds"]["strategy"] == strategy.value and saved["worse_than_start"] is False
 
 
+@pytest.mark.slow  # make test: token ids train on the device in tests/compression/test_conformance.py
 @SECOND
 def test_a_text_classifier_federates_on_token_ids(text_npz, tmp_path):
     """Embedding + Conv1D + global max pooling trained on the devices (LiteRT) from scratch, on token ids."""

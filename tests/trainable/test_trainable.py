@@ -547,6 +547,7 @@ def _plain_savedmodels(digits, folder):
     return {"model.export()": folder / "exported", "tf.saved_model.save": folder / "module"}
 
 
+@pytest.mark.slow  # make test: a graph split at its dense head composes back to the graph (test above)
 def test_head_only_training_of_a_plain_savedmodel(digits, tmp_path):
     """A SavedModel without Keras layers is split at its trailing dense layers: the graph before them is the int8
     backbone, the dense layers (read back from MatMul, bias and activation) the head that trains in LiteRT."""
