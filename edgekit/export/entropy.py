@@ -4,7 +4,7 @@
 histogram (961 for 128 quantized bins) and, for each, sums the outliers with Python's ``sum`` over array elements
 and merges and expands the 128 quantized bins in two Python loops: about 0.9 s per tensor on this machine, paid on
 every entropy rung of both formats' remedy ladders (a model of 21 activation tensors spent 20 of its 38 seconds
-of compression there). :class:`FastHistogramCollector` computes each candidate's two distributions with array
+of compression there). :func:`entropy_threshold` computes each candidate's two distributions with array
 operations on the same integer counts (exact: integer sums do not depend on their order, and the expanded bins
 are truncated as onnxruntime's ``int64`` assignment truncates) and then calls onnxruntime's own
 ``smooth_distribution`` and ``entropy``, so it chooses the same threshold; ``tests/export/test_entropy.py``
@@ -13,20 +13,10 @@ compares the two on real and adversarial histograms. Histograms of non-integer c
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import numpy as np
-
-_BASE: Any = None
-
-
-def _base() -> Any:
-    global _BASE
-    if _BASE is None:
-        from onnxruntime.quantization.calibrate import HistogramCollector
-
-        _BASE = HistogramCollector
-    return _BASE
 
 
 def entropy_threshold(histogram: tuple, num_quantized_bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,11 +74,17 @@ def entropy_threshold(histogram: tuple, num_quantized_bins: int) -> tuple[np.nda
 
 def fast_histogram_collector(**settings: Any) -> Any:
     """onnxruntime's ``HistogramCollector(**settings)`` whose entropy search is :func:`entropy_threshold`."""
+    return _fast_collector_class()(**settings)
 
-    class FastHistogramCollector(_base()):
+
+@cache
+def _fast_collector_class() -> type:
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    class FastHistogramCollector(HistogramCollector):
         def get_entropy_threshold(self, histogram: tuple, num_quantized_bins: int) -> Any:
-            if not np.issubdtype(np.asarray(histogram[0]).dtype, np.integer):
+            if not np.issubdtype(np.asarray(histogram[0]).dtype, np.integer):  # onnxruntime's search for float counts
                 return super().get_entropy_threshold(histogram, num_quantized_bins)
             return entropy_threshold(histogram, num_quantized_bins)
 
-    return FastHistogramCollector(**settings)
+    return FastHistogramCollector
