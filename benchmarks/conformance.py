@@ -75,8 +75,8 @@ def measure(name: str, path: Path, data: Path, held_out: Path) -> dict:
         row["formats"][art.format.value] = {"float_bytes": ref.bytes, "int8_bytes": art.bytes,
                                             "drop": art.accuracy_drop, "int8_us": q_us, "float_us": f_us,
                                             "ratio": ratio, "runtime": art.runtime,
-                                            "remedy": "+".join(r for r in (art.remedy, art.speed_remedy,
-                                                                           art.size_remedy) if r) or "none",
+                                            "remedy": art.remedy or None, "speed_remedy": art.speed_remedy or None,
+                                            "size_remedy": art.size_remedy or None,
                                             "within_budget": int8.within_budget}
     for fmt, error in int8.format_errors.items():
         row["formats"][fmt] = {"error": error}
@@ -212,7 +212,9 @@ def _remedy(cell: dict) -> str:
     """The remedy kept; rows measured before the default budget ran with a 100-point one (no ladder)."""
     if "remedy" not in cell:
         return "not run (100-point budget)"
-    return cell["remedy"] + ("" if cell["within_budget"] is not False else " (over budget)")
+    kept = [f"{kind}: {cell[key]}" for kind, key in (("accuracy", "remedy"), ("speed", "speed_remedy"),
+                                                     ("size", "size_remedy")) if cell.get(key)]
+    return (", ".join(kept) or "none") + ("" if cell["within_budget"] is not False else " (over budget)")
 
 
 def supported_table(rows: list[dict]) -> str:
