@@ -3,8 +3,8 @@
 Peers, each run as its documentation shows, on the model's float32 artifact and the same 256 calibration samples:
 
 - the TFLite converter's post-training int8 (full-integer, float I/O) and onnxruntime's ``quantize_static`` with
-  its defaults (QDQ, U8S8, min-max): the first rung of edgekit's ladders, so taken from ``edgekit.compress`` with a
-  budget that runs no remedy;
+  its defaults (QDQ, U8S8, min-max), as edgekit's exporters call them before any rung of edgekit's (accuracy,
+  speed or size) runs;
 - the LiteRT Quantizer (``ai-edge-quantizer``), recipe ``static_wi8_ai8``, on the float32 ``.tflite``;
 - NNCF 3.4 (ONNX backend): ``nncf.quantize`` and ``nncf.quantize_with_accuracy_control`` (at most 1 point on a
   labelled validation split of the training data);
@@ -147,16 +147,18 @@ def _nncf_controlled(onnx_float: bytes, calibration: np.ndarray, x: np.ndarray, 
 
 def peers(path: Path, train: Path) -> tuple[dict[str, dict[str, bytes | str]], dict[str, bytes]]:
     """format -> peer -> artifact (or why it failed); format -> the float32 artifact."""
-    from edgekit import CompressConfig, Quantization, Recipe, compress
+    from edgekit import Format, Quantization
+    from edgekit.export import exporter
     from edgekit.export.tflite import compact, litert_quantize
+    from edgekit.loading.models import load_model
 
-    search = (Recipe(quantize=Quantization.NONE), Recipe(quantize=Quantization.INT8))
-    result = compress(path, train, None, progress=False,
-                      config=CompressConfig(max_accuracy_drop=100.0, search=search))  # no remedy: the defaults
-    plain, int8 = ({a.format.value: a.data for a in c.artifacts} for c in result.candidates)
     with np.load(train) as npz:
         calibration = npz["x"][:CALIBRATION]
         validation = (npz["x"][-CALIBRATION:], npz["y"][-CALIBRATION:])
+    source = load_model(path).source  # the converters' own defaults: no edgekit rung (accuracy, speed, size) runs
+    plain, int8 = ({fmt.value: exporter(fmt).convert(source, quantization=quantization, calibration=calibration,
+                                                     int8_io=False)[0] for fmt in Format}
+                   for quantization in (Quantization.NONE, Quantization.INT8))
     runs: dict[str, dict[str, bytes | str]] = {
         "tflite": {"TFLite converter int8": int8["tflite"]},
         "onnx": {"onnxruntime quantize_static": int8["onnx"]},
