@@ -1,6 +1,6 @@
 """The conformance suite's architectures, measured: float32 and int8 bytes, accuracy drop per format,
 single-sample latency of the int8 artifact against the float32 one in the same runtime (alternating
-blocks, one thread). Writes its section of BENCHMARKS.md and the README's "Supported models" table.
+blocks, one thread). Writes its section of BENCHMARKS.md and the "Supported models" table of docs/compress.md.
 
     .venv/bin/python benchmarks/conformance.py [--only NAME,NAME]
 
@@ -147,7 +147,7 @@ def main() -> int:
     parser.add_argument("--only", type=lambda text: [n for n in text.split(",") if n], default=list(names),
                         help=f"comma-separated, of: {', '.join(names)} ('' rewrites the tables from the kept rows)")
     parser.add_argument("--int8-only", action="store_true",
-                        help="re-measure int8 only; keep each row's techniques (the README table says their commit)")
+                        help="re-measure int8 only; keep each row's techniques (docs/compress.md says their commit)")
     args = parser.parse_args()
     unknown = set(args.only) - set(names)
     if unknown:
@@ -176,7 +176,7 @@ def main() -> int:
         ROWS.write_text("".join(json.dumps(kept[n]) + "\n" for n in names if n in kept))
     rows = [kept[n] for n in names if n in kept]
     write_section("conformance", benchmark_table(rows))
-    write_section("supported-models", supported_table(rows), path=ROOT / "README.md")
+    write_section("supported-models", supported_table(rows), path=ROOT / "docs" / "compress.md")
     return 0
 
 
