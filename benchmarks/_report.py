@@ -26,9 +26,13 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip() or "?"
-    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, commit {commit}"
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, commit {commit()}"
+
+
+def commit() -> str:
+    """The short hash of the checked-out commit (what a row was measured at)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=ROOT).stdout.strip() or "?"
 
 
 def median_us(fn: Callable[[], object], *, repeats: int = 200, warmup: int = 20) -> tuple[float, float]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from _report import ROOT, interleaved_us, machine, write_section  # noqa: E402
+from _report import ROOT, commit, interleaved_us, machine, write_section  # noqa: E402
 
 
 def build(name: str, work: Path, images: Path, texts: Path) -> tuple[Path, Path, Path]:
@@ -59,7 +58,7 @@ def measure(name: str, path: Path, data: Path, held_out: Path) -> dict:
     reference = compress(path, data, None, progress=False, eval_data=held_out,
                          config=CompressConfig(recipe=Recipe(quantize=Quantization.NONE)))
     (plain,) = reference.candidates
-    row = {"name": name, "source": reference.source["accuracy"], "formats": {}, "commit": _commit()}
+    row = {"name": name, "source": reference.source["accuracy"], "formats": {}, "commit": commit()}
     try:
         (int8,) = compress(path, data, None, progress=False, eval_data=held_out,
                            config=CompressConfig(recipe=Recipe(quantize=Quantization.INT8))).candidates
@@ -81,11 +80,6 @@ def measure(name: str, path: Path, data: Path, held_out: Path) -> dict:
     for fmt, error in int8.format_errors.items():
         row["formats"][fmt] = {"error": error}
     return row
-
-
-def _commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=ROOT).stdout.strip()
 
 
 def techniques(path: Path, data: Path, held_out: Path) -> dict[str, str]:

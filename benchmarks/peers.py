@@ -44,7 +44,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from _report import ROOT, interleaved_us, machine, write_section  # noqa: E402
+from _report import ROOT, commit, interleaved_us, machine, write_section  # noqa: E402
 
 from edgekit.artifacts.uncertainty import drop_margin  # noqa: E402
 
@@ -203,7 +203,7 @@ def measure(name: str, work: Path) -> dict:
     start = time.perf_counter()
     mine, remedies = edgekit_int8(path, train)
     edgekit_seconds = time.perf_counter() - start
-    row: dict = {"name": name, "commit": _commit(), "edgekit_seconds": round(edgekit_seconds), "n": len(y),
+    row: dict = {"name": name, "commit": commit(), "edgekit_seconds": round(edgekit_seconds), "n": len(y),
                  "formats": {}}
     sample = x[:1]
     for fmt, found in runs.items():
@@ -234,10 +234,6 @@ def measure(name: str, work: Path) -> dict:
 def _last_words(exc: Exception) -> str:
     """The runtime's own complaint, without its source path (onnxruntime: "... Status Message: /src...cc:75 ...")."""
     return str(exc).splitlines()[0].rsplit("] ", 1)[-1][-140:]
-
-
-def _commit() -> str:
-    return machine().rsplit("commit ", 1)[-1]
 
 
 def _accuracy(answers: np.ndarray, y: np.ndarray) -> float:
@@ -324,7 +320,7 @@ def main() -> int:
         "`Rescaling(1/127.5, -1)` is fed 0-1 pixels, as Keras 3 MobileNetV3Small is in the `mobilenetv3small` "
         "rows: its inputs become [-1, -0.992] (`-0-255`: the 0-255 pixels Keras documents). edgekit runs with its "
         "defaults (a 2-point budget judged on its own evaluation split of the training data); its row names the "
-        "remedy it kept; its compressions took " + seconds + ".\n\n" + table(rows, _commit())))
+        "remedy it kept; its compressions took " + seconds + ".\n\n" + table(rows, commit())))
     return 0
 
 
