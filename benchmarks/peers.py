@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -124,15 +125,24 @@ def build(name: str, work: Path) -> tuple[Path, Path, Path]:
     return path, work / f"{name}-train.npz", work / f"{name}-test.npz"
 
 
-def _nncf_plain(onnx_float: bytes, calibration: np.ndarray) -> bytes:
+ABLATIONS = ("NNCF quantize, no bias correction",)
+"""Rows that take a peer's step away to measure what it is worth: not peers, so no verdict counts them."""
+
+
+def _nncf_plain(onnx_float: bytes, calibration: np.ndarray, *, bias_correction: bool = True) -> bytes:
+    """NNCF's default post-training int8 (min-max, then its fast bias correction unless ``bias_correction`` is
+    off: the ablation that tells whether bias correction is what puts NNCF ahead of onnxruntime's quantizer)."""
     import onnx
 
     from edgekit.export.accuracy_control import _nncf
 
     nncf = _nncf()
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+
     items = [calibration[i:i + 1] for i in range(len(calibration))]
     model = nncf.quantize(onnx.load_from_string(onnx_float), nncf.Dataset(items, lambda item: {"input": item}),
-                          subset_size=len(items))
+                          subset_size=len(items), advanced_parameters=AdvancedQuantizationParameters(
+                              disable_bias_correction=not bias_correction))
     return model.SerializeToString()
 
 
@@ -167,6 +177,8 @@ def peers(path: Path, train: Path) -> tuple[dict[str, dict[str, bytes | str]], d
         ("tflite", "LiteRT Quantizer static_wi8_ai8"):
             lambda: compact(litert_quantize(plain["tflite"], calibration, "static_wi8_ai8")),
         ("onnx", "NNCF quantize"): lambda: _nncf_plain(plain["onnx"], calibration),
+        ("onnx", ABLATIONS[0]):
+            lambda: _nncf_plain(plain["onnx"], calibration, bias_correction=False),
         ("onnx", "NNCF accuracy control (1 pt)"): lambda: _nncf_controlled(plain["onnx"], calibration, *validation),
     }
     for (fmt, peer), run in attempts.items():
@@ -177,20 +189,23 @@ def peers(path: Path, train: Path) -> tuple[dict[str, dict[str, bytes | str]], d
     return runs, plain
 
 
-def edgekit_int8(path: Path, train: Path) -> tuple[dict[str, bytes | str], dict[str, str]]:
-    """format -> edgekit's int8 artifact (or its refusal), and the remedy each kept."""
+def edgekit_int8(path: Path, train: Path) -> tuple[dict[str, bytes | str], dict[str, str], dict[str, dict]]:
+    """format -> edgekit's int8 artifact (or its refusal), the remedy each kept and the rungs it tried (name ->
+    drop on edgekit's evaluation split; ``None``: wrote nothing that runs)."""
     from edgekit import BudgetError, CompressConfig, Recipe, compress
 
     try:
         result = compress(path, train, None, progress=False, config=CompressConfig(recipe=Recipe(quantize="int8")))
     except BudgetError as exc:
         refusal = f"refused (exit 3): {str(exc)[:160]}"
-        return {"tflite": refusal, "onnx": refusal}, {}
+        return {"tflite": refusal, "onnx": refusal}, {}, {}
     arts = {a.format.value: a for a in result.selected.artifacts}
     found: dict[str, bytes | str] = {fmt: art.data for fmt, art in arts.items()}
     for fmt, error in result.selected.format_errors.items():
         found[fmt] = f"not written: {error[:120]}"
-    return found, {fmt: art.remedy or "defaults" for fmt, art in arts.items()}
+    tried = {fmt: {name: (round(score, 2) if math.isfinite(score) else None)
+                   for name, score in art.remedies_tried.items()} for fmt, art in arts.items()}
+    return found, {fmt: art.remedy or "defaults" for fmt, art in arts.items()}, tried
 
 
 def measure(name: str, work: Path) -> dict:
@@ -201,10 +216,10 @@ def measure(name: str, work: Path) -> dict:
         x, y = npz["x"], npz["y"]
     runs, float32 = peers(path, train)
     start = time.perf_counter()
-    mine, remedies = edgekit_int8(path, train)
+    mine, remedies, tried = edgekit_int8(path, train)
     edgekit_seconds = time.perf_counter() - start
     row: dict = {"name": name, "commit": commit(), "edgekit_seconds": round(edgekit_seconds), "n": len(y),
-                 "formats": {}}
+                 "formats": {}, "edgekit_tried": tried}
     sample = x[:1]
     for fmt, found in runs.items():
         found[f"edgekit ({remedies.get(fmt, '-')})"] = mine[fmt]
@@ -245,7 +260,8 @@ def verdict(cells: dict[str, dict], n: int) -> str:
     fastest artifact of those within the budget; a gap is compared with the paired margin of the two models. An
     artifact byte for byte a peer's (edgekit's first rung is the converter's or onnxruntime's defaults) ties with it;
     times within 5% tie (measured: two runs of one artifact, edgekit's and its twin's, differ by up to 3%)."""
-    ran = {peer: cell for peer, cell in cells.items() if "answers" in cell and peer != "float32"}
+    ran = {peer: cell for peer, cell in cells.items()
+           if "answers" in cell and peer != "float32" and peer not in ABLATIONS}
     ours = next((peer for peer in cells if peer.startswith("edgekit")), None)
     rivals = [peer for peer in ran if peer != ours]
     if ours not in ran or not rivals:
@@ -291,6 +307,22 @@ def table(rows: list[dict], head: str) -> str:
     return "\n".join(lines)
 
 
+def ladders(rows: list[dict]) -> str:
+    """The rungs each edgekit artifact that needed a remedy went through, with each rung's drop on edgekit's own
+    evaluation split (the split its budget is judged on; the table's figures are on the held-out one)."""
+    lines = []
+    for row in rows:
+        for fmt, tried in row.get("edgekit_tried", {}).items():
+            if len(tried) > 1:
+                steps = ", ".join(f"{name} {'fails' if drop is None else f'{drop:.2f}'}"
+                                  for name, drop in tried.items())
+                lines.append(f"- {row['name']} `.{fmt}`: {steps}")
+    if not lines:
+        return ""
+    return ("\n\nedgekit's remedy ladders, each rung's drop on edgekit's own evaluation split (the table names "
+            "the one kept; the speed and size rungs that followed are in the manifest):\n\n" + "\n".join(lines))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=lambda text: [n for n in text.split(",") if n], default=list(MODELS),
@@ -320,7 +352,7 @@ def main() -> int:
         "`Rescaling(1/127.5, -1)` is fed 0-1 pixels, as Keras 3 MobileNetV3Small is in the `mobilenetv3small` "
         "rows: its inputs become [-1, -0.992] (`-0-255`: the 0-255 pixels Keras documents). edgekit runs with its "
         "defaults (a 2-point budget judged on its own evaluation split of the training data); its row names the "
-        "remedy it kept; its compressions took " + seconds + ".\n\n" + table(rows, commit())))
+        "remedy it kept; its compressions took " + seconds + ".\n\n" + table(rows, commit()) + ladders(rows)))
     return 0
 
 

@@ -30,6 +30,11 @@ import numpy as np
 
 NNCF_RUNG = "nncf-accuracy-control"
 """The ONNX rung's name in the manifest's ``remedies_tried``."""
+NNCF_NODES_RUNG = "nncf-float-nodes"
+"""The ONNX rung tried before NNCF's own artifact: onnxruntime's int8 with the operations NNCF's search kept float
+(and the nodes that feed them) kept float too. onnxruntime fuses its own QDQ placement into integer kernels; NNCF's
+QDQ around the operations it reverts ran 3.1-3.9x the float32 time where onnxruntime's int8 ran 0.6-1.0x
+(BENCHMARKS.md, "edgekit's int8 against its peers")."""
 GREEDY_RUNG = "accuracy-control"
 """The TFLite rung's name: edgekit's own greedy search (:func:`greedy_float_nodes`), NNCF's algorithm on the
 converter's denylist (NNCF has no TFLite backend)."""

@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from edgekit.export.remedies import (
     IntType,
     OnnxFormat,
     OnnxQuantizer,
+    node_groups,
     rank_nodes,
 )
 
@@ -401,19 +403,27 @@ class OnnxInt8:
         _quantize_static(self._pre, out, self._calibration, options, self._entropy, self._batch)
         return out.read_bytes()
 
-    def accuracy_controlled(self, control: AccuracyControl, base: Int8Options) -> Int8Options:
+    def accuracy_controlled(self, control: AccuracyControl, base: Int8Options) -> list[tuple[str, Int8Options]]:
         """NNCF's accuracy-controlled quantization (:func:`edgekit.export.accuracy_control.accuracy_controlled`) of
-        the pre-processed float model; the options that name it (the operations it kept float among them). NNCF
-        calibrates with its own scheme: ``base`` (onnxruntime's options) does not apply."""
+        the pre-processed float model, as two rungs, the faster first: onnxruntime's int8 with ``base``'s settings
+        and, in place of the nodes ``base`` keeps float (an error ranking's, which missed the budget), the
+        operations NNCF kept float, each with the nodes that feed it (:func:`node_groups`: onnxruntime quantizes a
+        tensor any of its nodes reads in int8); then NNCF's own artifact (its own calibration and placement;
+        ``base`` does not apply to it)."""
         import onnx
 
-        from edgekit.export.accuracy_control import accuracy_controlled
+        from edgekit.export.accuracy_control import NNCF_NODES_RUNG, NNCF_RUNG, accuracy_controlled
 
-        found = accuracy_controlled(onnx.load(str(self._pre)), self._calibration, control.validation,
+        float_model = onnx.load(str(self._pre))
+        found = accuracy_controlled(float_model, self._calibration, control.validation,
                                     max_drop=control.max_drop, input_name=INPUT_NAME, batch=self._batch)
-        options = Int8Options(onnx_quantizer=OnnxQuantizer.NNCF, float_nodes=found.reverted)
-        self._searched[options] = found.data
-        return options
+        searched = Int8Options(onnx_quantizer=OnnxQuantizer.NNCF, float_nodes=found.reverted)
+        self._searched[searched] = found.data
+        if not found.reverted:  # NNCF's own calibration did it: nothing to keep float in onnxruntime's
+            return [(NNCF_RUNG, searched)]
+        groups = node_groups(_graph_nodes(float_model.graph))
+        nodes = tuple(dict.fromkeys(n for name in found.reverted for n in groups.get(name, (name,))))
+        return [(NNCF_NODES_RUNG, replace(base, float_nodes=nodes)), (NNCF_RUNG, searched)]
 
     def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
         """Nodes of the float graph, those whose quantization with ``options`` adds most to the intermediate
@@ -444,7 +454,21 @@ class OnnxInt8:
                     sums.add(name, other, value)
         errors = sums.errors()
         graph = onnx.load(str(self._pre)).graph
-        return rank_nodes([(n.name, list(n.input), list(n.output)) for n in graph.node if n.name], errors)
+        return rank_nodes(_graph_nodes(graph), errors)
+
+
+def _graph_nodes(graph: Any) -> list[tuple[str, list[str], list[str]]]:
+    """(name, input tensor names, output tensor names) of each named node, as :func:`node_groups` and
+    :func:`rank_nodes` take them. Integer constants (a Reshape's shape, a Squeeze's axes) are left out of the
+    inputs: they make no node a computing one, so the walk up from a node kept float goes on through the Reshape
+    and Transpose nodes tf2onnx writes to the op that computed the values (as it does through a TFLite reshape)."""
+    import onnx
+
+    integer = {onnx.TensorProto.INT64, onnx.TensorProto.INT32}
+    constants = {t.name for t in graph.initializer if t.data_type in integer}
+    constants |= {n.output[0] for n in graph.node if n.op_type == "Constant" and n.output
+                  and any(a.t.data_type in integer for a in n.attribute if a.name == "value")}
+    return [(n.name, [i for i in n.input if i and i not in constants], list(n.output)) for n in graph.node if n.name]
 
 
 SAVED_SUFFIX = "_ReshapedSavedOutput"

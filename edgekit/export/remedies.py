@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from edgekit.config import Format
+from edgekit.export.accuracy_control import GREEDY_RUNG, NNCF_RUNG
 
 if TYPE_CHECKING:
     from edgekit.export.accuracy_control import AccuracyControl
@@ -268,10 +269,10 @@ class Int8Quantizer(Protocol):
         """Groups of node names, most harmful when quantized with ``options`` first (:func:`rank_nodes`)."""
         ...
 
-    def accuracy_controlled(self, control: AccuracyControl, base: Int8Options) -> Int8Options | None:
-        """Options whose :meth:`quantize` returns the format's accuracy-controlled artifact (a search on labelled
-        data from ``base``'s options, :mod:`edgekit.export.accuracy_control`), or ``None`` when the format has no
-        such search."""
+    def accuracy_controlled(self, control: AccuracyControl, base: Int8Options) -> Sequence[tuple[str, Int8Options]]:
+        """The format's accuracy-controlled artifacts (a search on labelled data from ``base``'s options,
+        :mod:`edgekit.export.accuracy_control`), the preferred first: (rung name, options whose :meth:`quantize`
+        returns it); none when the search finds nothing to try."""
         ...
 
 
@@ -313,6 +314,8 @@ STAGES: dict[Format, tuple[Stage, ...]] = {
     Format.TFLITE: (Stage.SEARCH, Stage.FALLBACK, Stage.WIDE),
 }
 """Format -> the stages tried, in order, after its quantizer rungs when none is within the budget."""
+SEARCH_RUNGS: dict[Format, str] = {Format.ONNX: NNCF_RUNG, Format.TFLITE: GREEDY_RUNG}
+"""Format -> the name its accuracy-controlled search is recorded under when the search itself fails."""
 
 
 def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: float,
@@ -343,6 +346,11 @@ def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: fl
         recovery.within_budget = score <= budget
         return recovery.within_budget
 
+    def failed(name: str) -> None:
+        if on_attempt is not None:
+            on_attempt(name)
+        recovery.tried[name] = float("inf")
+
     for remedy in LADDERS[fmt]:
         if attempt(remedy.name, remedy.options):
             return recovery
@@ -350,7 +358,7 @@ def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: fl
         gained = recovery.best.score < first.score - MIN_GAIN and recovery.best.options.float_fallback
         base = recovery.best if gained else first  # what the stage builds on
         if stage is Stage.SEARCH:
-            done = control is not None and _controlled(quantizer, control, base, attempt)
+            done = control is not None and _controlled(fmt, quantizer, control, base, attempt, failed)
         elif stage is Stage.FALLBACK:
             done = _fallback(quantizer, base, attempt)
         else:
@@ -380,24 +388,28 @@ def _fallback(quantizer: Int8Quantizer, base: Attempt, attempt: Callable[[str, I
     return False
 
 
-def _controlled(quantizer: Int8Quantizer, control: AccuracyControl, base: Attempt,
-                attempt: Callable[[str, Int8Options], bool]) -> bool:
-    """The accuracy-controlled rung, searching from ``base``'s options (the best rung so far, where nodes can be
-    kept float on top of it): whether it was within the budget (a search that fails is a failed rung)."""
-    from edgekit.export.accuracy_control import GREEDY_RUNG, NNCF_RUNG
-
+def _controlled(fmt: Format, quantizer: Int8Quantizer, control: AccuracyControl, base: Attempt,
+                attempt: Callable[[str, Int8Options], bool], failed: Callable[[str], None]) -> bool:
+    """The accuracy-controlled rungs, searching from ``base``'s options (the best rung so far, where nodes can be
+    kept float on top of it), tried in the quantizer's order until one is within the budget (a search that fails
+    is a failed rung: :data:`SEARCH_RUNGS` names it)."""
     search = getattr(quantizer, "accuracy_controlled", None)
     if search is None:
         return False
     try:
-        options = search(control, base.options)
+        rungs = search(control, base.options)
     except Exception:  # noqa: BLE001 (a search the library cannot run on this model is a failed rung)
-        options = Int8Options(onnx_quantizer=OnnxQuantizer.NNCF)  # quantize() refuses it: recorded as failed
-    if options is None:
+        failed(SEARCH_RUNGS[fmt])
         return False
-    if options.searched:  # NNCF calibrates with its own scheme: it builds on nothing
-        return attempt(NNCF_RUNG, options)
-    return attempt(GREEDY_RUNG if not base.remedy else f"{base.remedy}+{GREEDY_RUNG}", options)
+    for name, options in rungs:
+        built_on = base.remedy  # a rung is named after what it builds on (a searched one builds on nothing)
+        if not set(base.options.float_nodes) <= set(options.float_nodes):  # base's settings, not its float nodes
+            built_on = "+".join(part for part in built_on.split("+") if not part.startswith(FLOAT_FALLBACK))
+        if not options.searched and built_on:
+            name = f"{built_on}+{name}"
+        if attempt(name, options):
+            return True
+    return False
 
 
 def speed_up(fmt: Format, quantizer: Int8Quantizer, current: Attempt, *, budget: float,

@@ -313,14 +313,15 @@ class TfliteInt8:
             raise ValueError(f"the 16x8 artifact cannot run: {failure}")
         return data
 
-    def accuracy_controlled(self, control: AccuracyControl, base: Int8Options) -> Int8Options:
-        """``base`` (converter options) with the nodes :func:`~edgekit.export.accuracy_control.greedy_float_nodes`
-        keeps float, as the debugger's denylisted nodes. Candidates: each op with its producers, the error ranking's
-        first (:meth:`sensitive_nodes`), then graph order (early layers, where an input-range problem sits), at most
+    def accuracy_controlled(self, control: AccuracyControl, base: Int8Options) -> list[tuple[str, Int8Options]]:
+        """The greedy search's rung: ``base`` (converter options) with the nodes
+        :func:`~edgekit.export.accuracy_control.greedy_float_nodes` keeps float, as the debugger's denylisted
+        nodes. Candidates: each op with its producers, the error ranking's first (:meth:`sensitive_nodes`), then
+        graph order (early layers, where an input-range problem sits), at most
         :data:`~edgekit.export.accuracy_control.MAX_CANDIDATES` (each costs a re-quantization and a run)."""
         from dataclasses import replace
 
-        from edgekit.export.accuracy_control import MAX_CANDIDATES, greedy_float_nodes
+        from edgekit.export.accuracy_control import GREEDY_RUNG, MAX_CANDIDATES, greedy_float_nodes
 
         try:
             ranked = self.sensitive_nodes(base)
@@ -329,7 +330,7 @@ class TfliteInt8:
         groups = list(dict.fromkeys([*ranked, *node_groups(_ops(self._calibrated)).values()]))[:MAX_CANDIDATES]
         nodes = greedy_float_nodes(lambda names: self._quantized(replace(base, float_nodes=names)), groups,
                                    self._calibrated, control, max_nodes=MAX_FLOAT_NODES)
-        return replace(base, float_nodes=nodes)
+        return [(GREEDY_RUNG, replace(base, float_nodes=nodes))]
 
     def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
         """Op output names of the float graph, those whose quantization with ``options`` adds most to the

@@ -53,14 +53,16 @@ BUILT_FROM = {"model.export() savedmodel": "preprocessing-cnn"}
 
 def _on(name):
     """The tests of one model run on one pytest-xdist worker, which builds and trains it once; a keras.applications
-    architecture's are in the slow tier (``make test-all``): each takes 1-3 minutes of both cores."""
+    architecture's are in the slow tier (``make test-all``): each takes 1-6 minutes of both cores (DenseNet121 the
+    longest: 311 s measured)."""
     group = pytest.mark.xdist_group(f"conformance-{BUILT_FROM.get(name, name)}")
     return (group, pytest.mark.slow) if name in SLOW else group
 
 
 APPLICATIONS = ("mobilenetv3small", "mobilenetv2", "efficientnetb0", "densenet121")  # keras.applications
 SLOW = (*APPLICATIONS, "gru", "bilstm")  # make test keeps an LSTM text model: tests/compression/test_compression.py
-APPLICATION_EPOCHS = 10  # on 600 samples: 74-92% held-out (MobileNetV2 the lowest), 45-170 s of training each
+# on 600 samples: 74-92% held-out (MobileNetV2 the lowest); training is most of each model's test time
+APPLICATION_EPOCHS = 10
 APPLICATION_BUDGET = 5.0  # points of drop from the source; see test_post_training_int8_in_both_formats
 AGREEMENT_FLOOR = 80.0  # top-1 agreement of each int8 artifact with its source on the held-out samples
 

@@ -7,12 +7,13 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from edgekit.config import Format
-from edgekit.export.accuracy_control import GREEDY_RUNG, NNCF_RUNG, AccuracyControl, Labelled
+from edgekit.export.accuracy_control import GREEDY_RUNG, NNCF_NODES_RUNG, NNCF_RUNG, AccuracyControl, Labelled
 from edgekit.export.remedies import (
     FLOAT_FALLBACK,
     LADDERS,
@@ -29,10 +30,12 @@ CONTROL = AccuracyControl(Labelled(np.zeros((4, 2), np.float32), np.zeros(4, np.
 
 
 class _Searching:
-    """A quantizer whose bytes name their options, with an accuracy-controlled search that finds ``found``."""
+    """A quantizer whose bytes name their options, with an accuracy-controlled search that finds ``found`` (and,
+    as the ONNX quantizer does, onnxruntime's int8 with ``found``'s nodes kept float first, when ``nodes_rung``)."""
 
-    def __init__(self, found: Int8Options | None = None, error: Exception | None = None) -> None:
-        self.found, self.error, self.searched = found, error, []
+    def __init__(self, found: Int8Options | None = None, error: Exception | None = None, *,
+                 nodes_rung: bool = False) -> None:
+        self.found, self.error, self.searched, self.nodes_rung = found, error, [], nodes_rung
 
     def quantize(self, options: Int8Options) -> bytes:
         if options.searched and options != self.found:
@@ -42,11 +45,12 @@ class _Searching:
     def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
         return [("a",), ("b",)]
 
-    def accuracy_controlled(self, control: AccuracyControl, base: Int8Options) -> Int8Options:
+    def accuracy_controlled(self, control: AccuracyControl, base: Int8Options) -> list[tuple[str, Int8Options]]:
         self.searched.append(control)
         if self.error is not None:
             raise self.error
-        return self.found
+        nodes = [(NNCF_NODES_RUNG, replace(base, float_nodes=self.found.float_nodes))] if self.nodes_rung else []
+        return [*nodes, (NNCF_RUNG, self.found)]
 
 
 NNCF_FOUND = Int8Options(onnx_quantizer=OnnxQuantizer.NNCF, float_nodes=("conv0", "hswish0"))
@@ -87,7 +91,7 @@ def test_the_tflite_search_comes_before_the_error_ranked_fallback_and_builds_on_
     class Greedy(_Searching):
         def accuracy_controlled(self, control, base):
             bases.append(base)
-            return found
+            return [(GREEDY_RUNG, found)]
 
     scores = {b"per_channel=False, onnx_format": 20.0}  # the per-tensor rung gained; then the search gets 5
     recovery = recover(Format.TFLITE, Greedy(), Attempt("", Int8Options(), b"first", 40.0), budget=2.0,
@@ -101,6 +105,34 @@ def test_the_tflite_search_comes_before_the_error_ranked_fallback_and_builds_on_
     assert fallback and recovery.tried[f"per-tensor+{GREEDY_RUNG}"] == 5.0
     assert all(n.startswith(f"per-tensor+{GREEDY_RUNG}+{FLOAT_FALLBACK}(") for n in fallback), fallback
     assert recovery.best.remedy == f"per-tensor+{GREEDY_RUNG}" and not recovery.within_budget
+
+
+def test_onnxruntimes_int8_with_nncfs_float_nodes_comes_before_nncfs_own_artifact():
+    """NNCF's QDQ placement runs several times slower than onnxruntime's own: NNCF's choice of nodes is tried in
+    onnxruntime's quantizer first (on the best rung so far), and NNCF's artifact only when that misses."""
+    def evaluate(data):
+        if b"NNCF" in data:
+            return 0.25, None
+        return (nodes_score if b"'conv0', 'hswish0'" in data else 40.0), None
+
+    nodes_score = 1.5
+    fast = recover(Format.ONNX, _Searching(NNCF_FOUND, nodes_rung=True), Attempt("", Int8Options(), b"first", 40.0),
+                   budget=2.0, evaluate=evaluate, control=CONTROL)
+    assert list(fast.tried)[-1] == NNCF_NODES_RUNG and NNCF_RUNG not in fast.tried and fast.within_budget
+    assert fast.best.remedy == NNCF_NODES_RUNG and not fast.best.options.searched
+    assert fast.best.options.float_nodes == ("conv0", "hswish0")
+    nodes_score = 9.0
+    slow = recover(Format.ONNX, _Searching(NNCF_FOUND, nodes_rung=True), Attempt("", Int8Options(), b"first", 40.0),
+                   budget=2.0, evaluate=evaluate, control=CONTROL)
+    assert list(slow.tried)[-2:] == [NNCF_NODES_RUNG, NNCF_RUNG] and slow.tried[NNCF_NODES_RUNG] == 9.0
+    assert slow.best.remedy == NNCF_RUNG and slow.within_budget
+
+
+def test_a_failing_tflite_search_is_recorded_under_its_own_name():
+    failing = recover(Format.TFLITE, _Searching(error=RuntimeError("no ranking")),
+                      Attempt("", Int8Options(), b"first", 40.0), budget=2.0,
+                      evaluate=lambda data: (40.0, None), control=CONTROL)
+    assert failing.tried[GREEDY_RUNG] == float("inf") and NNCF_RUNG not in failing.tried
 
 
 def test_without_labelled_data_or_a_search_the_rung_is_not_tried():
@@ -156,9 +188,17 @@ def test_a_real_nncf_search_keeps_its_drop_and_names_nodes_of_the_float_graph(di
     proto = float_onnx(model)
     float_accuracy = _accuracy(proto.SerializeToString(), x, y)
     with OnnxInt8(proto, data.x[:200]) as quantizer:
-        options = quantizer.accuracy_controlled(AccuracyControl(Labelled(x, y if labelled else None), max_drop=1.0),
-                                                Int8Options())
+        rungs = dict(quantizer.accuracy_controlled(
+            AccuracyControl(Labelled(x, y if labelled else None), max_drop=1.0), Int8Options(per_channel=False)))
+        options = rungs[NNCF_RUNG]
         artifact = quantizer.quantize(options)
+        if options.float_nodes:  # onnxruntime's int8 on the base options, NNCF's nodes (and their feeders) float
+            nodes = rungs[NNCF_NODES_RUNG]
+            assert list(rungs) == [NNCF_NODES_RUNG, NNCF_RUNG] and not nodes.per_channel and not nodes.searched
+            assert set(options.float_nodes) <= set(nodes.float_nodes) <= {n.name for n in proto.graph.node}
+            quantizer.quantize(nodes)
+        else:
+            assert list(rungs) == [NNCF_RUNG]
         with pytest.raises(ValueError, match="search on labelled data"):
             quantizer.quantize(Int8Options(onnx_quantizer=OnnxQuantizer.NNCF, float_nodes=("other",)))
     import onnx
@@ -211,24 +251,27 @@ def squeezed_path(tmp_path_factory):
 
 
 def test_a_model_every_8_bit_rung_loses_is_recovered_by_accuracy_control_in_both_formats(squeezed_path, tmp_path):
-    """NNCF (ONNX) keeps the first convolution float; edgekit's greedy search (TFLite) keeps it and the Rescaling
-    that feeds it; every quantizer rung before them lost 50 points or more, and the error-ranked float fallback
-    that came next before kept all six compute ops float."""
+    """NNCF (ONNX) keeps the first convolution float, and onnxruntime's own int8 with that convolution and the nodes
+    that feed it (Reshape, the Rescaling's Add) kept float is within the budget; edgekit's greedy search (TFLite)
+    keeps it and the Rescaling that feeds it; every quantizer rung before them lost 50 points or more, and the
+    error-ranked float fallback that came next before kept all six compute ops float."""
     from edgekit import CompressConfig, Recipe, compress
 
     result = compress(squeezed_path, "digits", tmp_path / "out", progress=False,
                       config=CompressConfig(recipe=Recipe(quantize="int8")))
     assert result.source["accuracy"] >= 80 and any("Rescaling" in w for w in result.warnings)
     arts = {a.format.value: a for a in result.selected.artifacts}
-    for fmt, rung in (("tflite", "accuracy-control"), ("onnx", NNCF_RUNG)):
+    for fmt, rung in (("tflite", GREEDY_RUNG), ("onnx", NNCF_NODES_RUNG)):
         art = arts[fmt]
-        assert art.remedy == rung and art.quantization_drop <= 2.0, (fmt, art.remedies_tried)
-        assert all(score >= 50 for name, score in art.remedies_tried.items() if name != rung), art.remedies_tried
+        assert art.remedy.endswith(rung) and art.quantization_drop <= 2.0, (fmt, art.remedies_tried)
+        assert all(score >= 50 for name, score in art.remedies_tried.items() if FLOAT_FALLBACK not in name
+                   and not name.endswith(rung)), art.remedies_tried
         floats = art.quantizer_options["float_nodes"]
-        assert any("first_conv" in n for n in floats), floats
+        assert any("first_conv" in n for n in floats) and any("rescale" in n for n in floats), floats
         assert not any("second_conv" in n or "head" in n for n in floats), floats
+        assert art.quantizer_options["onnx_quantizer"] == "onnxruntime"  # fused by onnxruntime, not NNCF's QDQ
     assert len(arts["tflite"].quantizer_options["float_nodes"]) <= 3
+    assert len(arts["onnx"].quantizer_options["float_nodes"]) == 3  # the convolution, its Reshape, the Add
+    assert NNCF_RUNG not in arts["onnx"].remedies_tried  # NNCF's own artifact was not needed
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert {a["remedy"] for a in manifest["artifacts"]} == {"accuracy-control", NNCF_RUNG}
-    assert [a["quantizer_options"]["onnx_quantizer"] for a in manifest["artifacts"] if a["format"] == "onnx"] == [
-        "nncf"]
+    assert {a["remedy"] for a in manifest["artifacts"]} == {arts["tflite"].remedy, arts["onnx"].remedy}
