@@ -320,18 +320,22 @@ SEARCH_RUNGS: dict[Format, str] = {Format.ONNX: NNCF_RUNG, Format.TFLITE: GREEDY
 
 def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: float,
             evaluate: Callable[[bytes], tuple[float, object]],
-            on_attempt: Callable[[str], None] | None = None, control: AccuracyControl | None = None) -> Recovery:
+            on_attempt: Callable[[str], None] | None = None, control: AccuracyControl | None = None,
+            ratio: Callable[[bytes, bytes], float] | None = None) -> Recovery:
     """Walk ``fmt``'s ladder from ``first`` (the default artifact, over budget) until an attempt is within ``budget``:
     its quantizer rungs (:data:`LADDERS`), then its :data:`STAGES`.
 
     ``evaluate(data)`` returns the artifact's accuracy drop and whatever the caller wants kept with it.
     A remedy whose quantizer fails is recorded as failed (score ``inf``) and the ladder goes on. ``control``:
     labelled data for the format's accuracy-controlled search (NNCF's for ONNX, the same greedy search on the
-    converter's denylist for TFLite); without it the search stage is skipped.
+    converter's denylist for TFLite); without it the search stage is skipped. ``ratio(a, b)``: b's time over
+    a's, measured side by side; with it, every rung of the search is tried and the fastest within the budget
+    kept (:func:`_controlled`).
     """
     recovery = Recovery(first, {"default": first.score})
 
-    def attempt(name: str, options: Int8Options) -> bool:
+    def attempt(name: str, options: Int8Options) -> Attempt | None:
+        """The attempt, when it is within the budget."""
         if on_attempt is not None:
             on_attempt(name)
         try:
@@ -339,12 +343,13 @@ def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: fl
             score, extra = evaluate(data)
         except Exception:  # noqa: BLE001 (a remedy the library cannot apply to this model is just not a remedy)
             recovery.tried[name] = float("inf")
-            return False
+            return None
         recovery.tried[name] = score
+        made = Attempt(name, options, data, score, extra)
         if score < recovery.best.score:
-            recovery.best = Attempt(name, options, data, score, extra)
+            recovery.best = made
         recovery.within_budget = score <= budget
-        return recovery.within_budget
+        return made if recovery.within_budget else None
 
     def failed(name: str) -> None:
         if on_attempt is not None:
@@ -352,24 +357,27 @@ def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: fl
         recovery.tried[name] = float("inf")
 
     for remedy in LADDERS[fmt]:
-        if attempt(remedy.name, remedy.options):
+        if attempt(remedy.name, remedy.options) is not None:
             return recovery
     for stage in STAGES[fmt]:
         gained = recovery.best.score < first.score - MIN_GAIN and recovery.best.options.float_fallback
         base = recovery.best if gained else first  # what the stage builds on
         if stage is Stage.SEARCH:
-            done = control is not None and _controlled(fmt, quantizer, control, base, attempt, failed)
+            found = None if control is None else _controlled(fmt, quantizer, control, base, attempt, failed, ratio)
+            if found is not None:
+                recovery.best, recovery.within_budget = found, True
+            done = found is not None
         elif stage is Stage.FALLBACK:
             done = _fallback(quantizer, base, attempt)
         else:
-            done = any(attempt(name, options) for name, options in WIDE_RUNGS[fmt])
+            done = any(attempt(name, options) is not None for name, options in WIDE_RUNGS[fmt])
         if done:
             return recovery
     recovery.within_budget = recovery.best.score <= budget
     return recovery
 
 
-def _fallback(quantizer: Int8Quantizer, base: Attempt, attempt: Callable[[str, Int8Options], bool]) -> bool:
+def _fallback(quantizer: Int8Quantizer, base: Attempt, attempt: Callable[[str, Int8Options], Attempt | None]) -> bool:
     """The error-ranked float fallback on top of ``base``: the most harmful node groups kept float (with the nodes
     ``base`` already keeps float), 1, 2, 4 ... groups, up to :data:`MAX_FLOAT_NODES` nodes."""
     try:
@@ -382,34 +390,43 @@ def _fallback(quantizer: Int8Quantizer, base: Attempt, attempt: Callable[[str, I
         if len(nodes) > MAX_FLOAT_NODES:
             return False
         name = FLOAT_FALLBACK if not base.remedy else f"{base.remedy}+{FLOAT_FALLBACK}"
-        if attempt(f"{name}({len(nodes)})", replace(base.options, float_nodes=nodes)):
+        if attempt(f"{name}({len(nodes)})", replace(base.options, float_nodes=nodes)) is not None:
             return True
         count *= 2
     return False
 
 
 def _controlled(fmt: Format, quantizer: Int8Quantizer, control: AccuracyControl, base: Attempt,
-                attempt: Callable[[str, Int8Options], bool], failed: Callable[[str], None]) -> bool:
+                attempt: Callable[[str, Int8Options], Attempt | None], failed: Callable[[str], None],
+                ratio: Callable[[bytes, bytes], float] | None) -> Attempt | None:
     """The accuracy-controlled rungs, searching from ``base``'s options (the best rung so far, where nodes can be
-    kept float on top of it), tried in the quantizer's order until one is within the budget (a search that fails
-    is a failed rung: :data:`SEARCH_RUNGS` names it)."""
+    kept float on top of it): the one kept, or ``None`` when none is within the budget (a search that fails is a
+    failed rung, named by :data:`SEARCH_RUNGS`). The rungs come in the quantizer's order, the one expected
+    fastest first; with ``ratio`` each is tried and a later one replaces the kept one only if it takes at most
+    :data:`SPEED_GAIN` of its time (NNCF's own artifact against onnxruntime's int8 with NNCF's nodes float: on
+    a large model NNCF's QDQ placement is several times slower, on an 8x8 CNN it was the faster); without
+    ``ratio``, the first within the budget."""
     search = getattr(quantizer, "accuracy_controlled", None)
     if search is None:
-        return False
+        return None
     try:
         rungs = search(control, base.options)
     except Exception:  # noqa: BLE001 (a search the library cannot run on this model is a failed rung)
         failed(SEARCH_RUNGS[fmt])
-        return False
+        return None
+    kept: Attempt | None = None
     for name, options in rungs:
         built_on = base.remedy  # a rung is named after what it builds on (a searched one builds on nothing)
         if not set(base.options.float_nodes) <= set(options.float_nodes):  # base's settings, not its float nodes
             built_on = "+".join(part for part in built_on.split("+") if not part.startswith(FLOAT_FALLBACK))
         if not options.searched and built_on:
             name = f"{built_on}+{name}"
-        if attempt(name, options):
-            return True
-    return False
+        made = attempt(name, options)
+        if made is not None and (kept is None or ratio(kept.data, made.data) <= SPEED_GAIN):
+            kept = made
+        if kept is not None and ratio is None:
+            break
+    return kept
 
 
 def speed_up(fmt: Format, quantizer: Int8Quantizer, current: Attempt, *, budget: float,

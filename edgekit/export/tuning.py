@@ -136,7 +136,7 @@ class Int8Tuner:
                 spec.int8(model, calibration=self.context.calibration, int8_io=self.context.int8_io) as quantizer:
             recovery = recover(art.format, quantizer, Attempt("", Int8Options(), art.data, self._score(art)),
                                budget=self.context.budget.points, evaluate=self._scorer(model, name, float_accuracy),
-                               control=self._control(float_accuracy))
+                               control=self._control(float_accuracy), ratio=self.context.time_ratio)
         art.remedies_tried = {k: round(float(v), 4) for k, v in recovery.tried.items()}
         best = recovery.best
         if not best.remedy:
@@ -175,7 +175,8 @@ class Int8Tuner:
                 spec.int8(model, calibration=self.context.calibration, int8_io=self.context.int8_io) as quantizer:
             recovery = recover(fmt, quantizer, Attempt("", Int8Options(), b"", float("inf")),
                                budget=self.context.budget.points, evaluate=evaluate,
-                               control=self._control(float_accuracy) if float_accuracy is not None else None)
+                               control=self._control(float_accuracy) if float_accuracy is not None else None,
+                               ratio=self.context.time_ratio)
         tried = {k: round(float(v), 4) for k, v in recovery.tried.items()}
         best = recovery.best
         if not best.remedy:
