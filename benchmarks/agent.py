@@ -3,9 +3,10 @@
 Cold start (process start to first prediction, wall time of a fresh process), single-sample latency
 p50/p99, peak RSS, installed size of the agent's environment vs the server's, agent overhead over
 the raw interpreter ``invoke()``, and one on-device training step vs TensorFlow's own step.
-The agent environment is a fresh venv with numpy + ai-edge-litert + the edgekit-device-agent
-distribution (no TensorFlow),
-created in .venv-device on first run.
+The agent environment is a fresh venv, made for each run, holding what a device installs to serve: the
+edgekit-device-agent distribution with its LiteRT extra (numpy, ai-edge-litert, tuf, cryptography), pinned by
+requirements.lock; no TensorFlow, no Flower (`make test`'s .venv-device holds the federated extra too, so it is
+not used).
 
     .venv/bin/python benchmarks/agent.py
 """
@@ -27,7 +28,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from _report import ROOT, interleaved_us, machine, median_us, write_section  # noqa: E402
 
-DEVICE_VENV = ROOT / ".venv-device"
 TARGETS = ("cold start >= 20x faster and peak RSS >= 10x smaller than TensorFlow; installed footprint <= 1/10 "
            "of TensorFlow's; agent overhead over raw invoke() <= 10% at p50; training step within 2x of "
            "TensorFlow's step")
@@ -46,14 +46,13 @@ m = load_model(sys.argv[1]).model; m(np.load(sys.argv[2])[:1], training=False); 
 """
 
 
-def device_venv() -> Path:
-    python = DEVICE_VENV / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(DEVICE_VENV)], check=True)
-        lock = {line.split("==")[0].lower(): line.strip() for line in (ROOT / "requirements.lock").read_text().split()}
-        subprocess.run([str(python), "-m", "pip", "install", "-q", lock["numpy"], lock["ai-edge-litert"]], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(ROOT / "device_agents")],
-                       check=True)
+def device_venv(work: Path) -> Path:
+    """A fresh venv under ``work`` with the device agent and its LiteRT extra, pinned by requirements.lock."""
+    venv = work / "device-venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "-c", str(ROOT / "requirements.lock"),
+                    f"{ROOT / 'device_agents'}[litert]"], check=True)
     return python
 
 
@@ -102,7 +101,7 @@ def main() -> int:
     artifact = work / "int8" / "model.tflite"
 
     # cold start and peak RSS, each in a fresh process
-    device_python = device_venv()
+    device_python = device_venv(work)
     agent_cold, agent_rss = cold_start(device_python, AGENT_SNIPPET, str(artifact), str(work / "x.npy"))
     tf_cold, tf_rss = cold_start(Path(sys.executable), TF_SNIPPET, str(work / "cnn.keras"), str(work / "x.npy"))
 
@@ -192,7 +191,8 @@ def main() -> int:
         f"Command: `.venv/bin/python benchmarks/agent.py`. Machine: {machine()}.", "",
         f"Targets (issue): {TARGETS}.", "",
         "Model: the digits CNN (94,410 parameters); the agent runs its int8 TFLite artifact with ai-edge-litert "
-        "(1 thread) in a venv holding only numpy, ai-edge-litert and edgekit; TensorFlow runs the source "
+        "(1 thread) in a fresh venv holding the device agent with its LiteRT extra (numpy, ai-edge-litert, tuf, "
+        "cryptography; no Flower); TensorFlow runs the source "
         "`.keras` model (Keras `__call__`).", "",
         "| measure | TensorFlow (source model) | device agent | ratio |", "|---|---:|---:|---:|",
         *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows), "",
