@@ -254,7 +254,23 @@ def _add_trainable(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_round_args(p: argparse.ArgumentParser, config: type) -> None:
-    """Options shared by ``fl simulate`` and ``fl up``; defaults from the config dataclasses."""
+    """Options shared by ``fl simulate`` and ``fl up``, in help groups by role; defaults from the config
+    dataclasses."""
+    _add_run_args(p, config)
+    _add_aggregation_args(p.add_argument_group("aggregation (the server)"))
+    _add_device_training_args(p.add_argument_group("training on the devices"), config)
+    _add_update_args(p.add_argument_group("rounds and updates"))
+    _add_privacy_args(p.add_argument_group("differential privacy"))
+    after = p.add_argument_group("after the rounds")
+    after.add_argument("--personalize-epochs", type=int, default=_default(config, "personalize_epochs"),
+                       metavar="EPOCHS", help="after the rounds, each device fine-tunes the final model's head "
+                       "(after its last Flatten / global pooling layer) on 80%% of its own data and keeps it; "
+                       "history.json gets the devices' accuracy before and after on the other 20%% (default "
+                       "%(default)s: off)")
+
+
+def _add_run_args(p: argparse.ArgumentParser, config: type) -> None:
+    """The model, the data, the run folder, the clients and the rounds."""
     p.add_argument("--model", required=True, help="a Keras model (trained or never trained)")
     _add_custom_objects(p)
     p.add_argument("--data", default="digits", help="'digits' or an .npz with x and y (default: digits)")
@@ -264,77 +280,88 @@ def _add_round_args(p: argparse.ArgumentParser, config: type) -> None:
         p.add_argument("--partition", type=parse_partition, default=_default(config, "partition"),
                        help="iid or dirichlet:ALPHA (default %(default)s)")
     p.add_argument("--rounds", type=int, default=_default(RoundSettings, "rounds"), help="(default %(default)s)")
+    p.add_argument("--seed", type=int, default=_default(RoundSettings, "seed"), help="(default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_aggregation_args(g: argparse._ArgumentGroup) -> None:
+    """The strategy and its robust-aggregation settings."""
     from edgekit.federated.strategies import STRATEGIES
 
     described = [f"{k.value}: {spec.summary}" + (f", server learning rate {spec.server_learning_rate:g}"
                                                   if spec.server_learning_rate else "")
                  for k, spec in sorted(STRATEGIES.items(), key=lambda kv: kv[0].value)]
-    p.add_argument("--strategy", choices=_values(Strategy),
+    g.add_argument("--strategy", choices=_values(Strategy),
                    help="; ".join(described) + f" (default {RoundSettings().aggregation.value}; "
                    f"{RoundSettings(dp_noise_multiplier=1.0).aggregation.value} with differential privacy)")
-    p.add_argument("--server-learning-rate", type=float, metavar="ETA",
+    g.add_argument("--server-learning-rate", type=float, metavar="ETA",
                    help="server learning rate of fedavgm/fedadam/fedyogi/fedadagrad (default: the strategy's)")
-    p.add_argument("--server-momentum", type=float, default=_default(RoundSettings, "server_momentum"),
+    g.add_argument("--server-momentum", type=float, default=_default(RoundSettings, "server_momentum"),
                    help="fedavgm momentum, fedadam/fedyogi beta_1 (default %(default)s)")
-    p.add_argument("--proximal-mu", type=float, default=_default(RoundSettings, "proximal_mu"),
+    g.add_argument("--proximal-mu", type=float, default=_default(RoundSettings, "proximal_mu"),
                    help="FedProx mu (default %(default)s)")
-    p.add_argument("--trim-beta", type=float, default=_default(RoundSettings, "trim_beta"),
+    g.add_argument("--trim-beta", type=float, default=_default(RoundSettings, "trim_beta"),
                    help="trimmed: the fraction of updates cut at each end of every coordinate (default %(default)s)")
-    p.add_argument("--byzantine", type=int, default=_default(RoundSettings, "byzantine"),
+    g.add_argument("--byzantine", type=int, default=_default(RoundSettings, "byzantine"),
                    help="multikrum: the number of attackers it assumes per round (default %(default)s)")
-    p.add_argument("--update-norm-bound", type=_number_or_off, default=_default(RoundSettings, "update_norm_bound"),
+    g.add_argument("--update-norm-bound", type=_number_or_off, default=_default(RoundSettings, "update_norm_bound"),
                    metavar="RATIO|off", help="scale every update down to this many times the round's median update "
                    "norm (default %(default)s)")
-    p.add_argument("--screen-loss-ratio", type=_number_or_off, default=_default(RoundSettings, "screen_loss_ratio"),
+    g.add_argument("--screen-loss-ratio", type=_number_or_off, default=_default(RoundSettings, "screen_loss_ratio"),
                    metavar="RATIO|off", help="drop an update whose own loss on the server's evaluation data is over "
                    "this many times the round's median (and 3 robust deviations above it) (default %(default)s)")
-    p.add_argument("--local-epochs", type=int, default=_default(RoundSettings, "local_epochs"),
+
+
+def _add_device_training_args(g: argparse._ArgumentGroup, config: type) -> None:
+    """What each device's local training runs with."""
+    g.add_argument("--local-epochs", type=int, default=_default(RoundSettings, "local_epochs"),
                    help="(default %(default)s)")
-    p.add_argument("--learning-rate", type=float, default=_default(RoundSettings, "learning_rate"),
+    g.add_argument("--learning-rate", type=float, default=_default(RoundSettings, "learning_rate"),
                    help="on-device learning rate (default %(default)s)")
-    p.add_argument("--lr-schedule", choices=_values(LrSchedule), default=_default(RoundSettings, "lr_schedule").value,
+    g.add_argument("--lr-schedule", choices=_values(LrSchedule), default=_default(RoundSettings, "lr_schedule").value,
                    help=f"on-device learning rate over the rounds: constant, or cosine decay to {LR_FLOOR:g}x the "
                    "rate at the last round (default %(default)s)")
-    p.add_argument("--client-momentum", type=float, default=_default(RoundSettings, "client_momentum"),
+    g.add_argument("--client-momentum", type=float, default=_default(RoundSettings, "client_momentum"),
                    metavar="BETA", help="on-device SGD momentum, zeroed at each round's start (default %(default)s: "
                    "plain SGD)")
-    p.add_argument("--batch-size", type=int, default=_default(config, "batch_size"),
+    g.add_argument("--batch-size", type=int, default=_default(config, "batch_size"),
                    help="on-device batch size (default %(default)s)")
-    p.add_argument("--fraction", type=float, default=_default(RoundSettings, "fraction"),
+
+
+def _add_update_args(g: argparse._ArgumentGroup) -> None:
+    """Which clients a round samples and how their updates travel and are checked."""
+    g.add_argument("--fraction", type=float, default=_default(RoundSettings, "fraction"),
                    help="fraction of clients sampled per round (default %(default)s)")
-    p.add_argument("--min-fraction", type=float, default=_default(RoundSettings, "min_fraction"),
+    g.add_argument("--min-fraction", type=float, default=_default(RoundSettings, "min_fraction"),
                    help="a round needs valid updates from this fraction of the sampled clients (default %(default)s)")
-    p.add_argument("--compress-updates", nargs="?", const=Codec.INT8.value, default=Codec.FLOAT32.value,
+    g.add_argument("--compress-updates", nargs="?", const=Codec.INT8.value, default=Codec.FLOAT32.value,
                    choices=_values(Codec), metavar="CODEC",
                    help="clients send weight deltas: int8 (one scale per tensor, ~4x fewer bytes; the value when "
                         "the flag is given alone) or int4 (block scales, stochastic rounding, error feedback on "
                         "the device, ~7.5x fewer bytes) (default %(default)s: no compression)")
-    p.add_argument("--oversized-updates", choices=_values(OversizedUpdate),
+    g.add_argument("--oversized-updates", choices=_values(OversizedUpdate),
                    default=_default(RoundSettings, "oversized_updates").value,
                    help="an update over 5x the round's median norm (and over 0.1x the model's): reject it, or bound "
                         "its norm to that limit keeping its direction (default %(default)s)")
-    p.add_argument("--dp-noise", type=float, metavar="SIGMA",
+
+
+def _add_privacy_args(g: argparse._ArgumentGroup) -> None:
+    """Central differential privacy: clipping on the devices, noise on the server."""
+    g.add_argument("--dp-noise", type=float, metavar="SIGMA",
                    help="differential privacy: each device clips its update, the server adds Gaussian noise "
                         "with this multiplier")
-    p.add_argument("--dp-clip", type=float, default=_default(RoundSettings, "dp_clipping_norm"),
+    g.add_argument("--dp-clip", type=float, default=_default(RoundSettings, "dp_clipping_norm"),
                    help="L2 clipping norm of each update (default %(default)s)")
-    p.add_argument("--dp-delta", type=float, default=_default(RoundSettings, "dp_delta"),
+    g.add_argument("--dp-delta", type=float, default=_default(RoundSettings, "dp_delta"),
                    help="delta of the reported (epsilon, delta) (default %(default)s)")
-    p.add_argument("--dp-clipping", choices=[c.value for c in Clipping if c is not Clipping.NONE],
+    g.add_argument("--dp-clipping", choices=[c.value for c in Clipping if c is not Clipping.NONE],
                    default=_default(RoundSettings, "dp_clipping").value,
                    help="fixed: every update clipped to --dp-clip; adaptive: starts at --dp-clip and follows the "
                         "median update norm (Flower's adaptive clipping) (default %(default)s)")
-    p.add_argument("--dp-noise-guard", choices=_values(NoiseGuard),
+    g.add_argument("--dp-noise-guard", choices=_values(NoiseGuard),
                    default=_default(RoundSettings, "dp_noise_guard").value,
                    help="when the noise would be larger than any clipped mean update (sigma x sqrt(weights) > "
                         "clients per round): refuse to start, or warn and run (default %(default)s)")
-    p.add_argument("--personalize-epochs", type=int, default=_default(config, "personalize_epochs"),
-                   metavar="EPOCHS", help="after the rounds, each device fine-tunes the final model's head "
-                   "(after its last Flatten / global pooling layer) on 80%% of its own data and keeps it; "
-                   "history.json gets the devices' accuracy before and after on the other 20%% (default "
-                   "%(default)s: off)")
-    p.add_argument("--seed", type=int, default=_default(RoundSettings, "seed"), help="(default %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_simulate(fl_sub: argparse._SubParsersAction) -> None:
