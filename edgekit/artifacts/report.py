@@ -46,9 +46,11 @@ def slower_notes(candidate: CandidateResult) -> list[str]:
     for a in candidate.artifacts:
         larger = (f"larger ({a.bytes:,} vs {a.float32_bytes:,} bytes)" if a.larger_than_float32 else "")
         if a.slower_than_float32:
+            medians = f"{a.latency_us:.0f} vs {a.float32_latency_us:.0f} µs per sample"
+            how = (f"timed side by side; medians measured apart: {medians}" if a.float32_time_ratio is not None
+                   else medians)  # the ratio is the side-by-side blocks' where there are any, not the medians'
             lines.append(f"{a.format.value} {a.quantization.value} runs {a.time_vs_float32:.2f}x "
-                         f"the time of the float32 {a.format.value} in {a.runtime} ({a.latency_us:.0f} vs "
-                         f"{a.float32_latency_us:.0f} µs per sample): it is "
+                         f"the time of the float32 {a.format.value} in {a.runtime} ({how}): it is "
                          + (f"{larger} and slower" if larger else "smaller, not faster"))
         elif larger:
             lines.append(f"{a.format.value} {a.quantization.value} is {larger} than the float32 {a.format.value}")
