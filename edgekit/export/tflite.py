@@ -241,6 +241,8 @@ class TfliteInt8:
         self._signed = source.signed
         self._int8_io = int8_io and source.float_input
         self._samples = calibration[:SENSITIVITY_SAMPLES]
+        self._ranked: dict[Int8Options, list[tuple[str, ...]]] = {}  # sensitive_nodes by options: the search
+        # and the fallback after it both rank from the same options when the search gained nothing
 
     def __enter__(self) -> TfliteInt8:
         return self
@@ -334,9 +336,12 @@ class TfliteInt8:
 
     def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
         """Op output names of the float graph, those whose quantization with ``options`` adds most to the
-        intermediate error first (they name the ops to keep float, as the debugger's denylisted nodes)."""
-        return rank_nodes(_ops(self._calibrated), _relative_errors(self._calibrated, self._quantized(options),
-                                                                   self._samples))
+        intermediate error first (they name the ops to keep float, as the debugger's denylisted nodes); ranked once
+        per options."""
+        if options not in self._ranked:
+            self._ranked[options] = rank_nodes(_ops(self._calibrated), _relative_errors(
+                self._calibrated, self._quantized(options), self._samples))
+        return self._ranked[options]
 
 
 LITERT_CALIBRATION_SAMPLES = 256

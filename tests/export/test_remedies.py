@@ -876,3 +876,23 @@ def test_a_budget_refusal_names_each_formats_outcome():
     message = _refusal(result)
     assert "(onnx: 76.00 after 2 rung(s), 1 of which did not run, best percentile-calibration; tflite: not written, " \
            "int8 tflite: failed to prepare; no remedy rung ran either)" in message
+
+
+def test_the_tflite_sensitivity_ranking_runs_once_per_options(cnn, digits, monkeypatch):
+    """The greedy search and the fallback after it both rank from the same options when the search gained
+    nothing: the float and quantized models are run side by side once for those options, not twice."""
+    from edgekit.export import tflite as tflite_module
+
+    calls = []
+    measure = tflite_module._relative_errors
+
+    def counted(*args):
+        calls.append(args)
+        return measure(*args)
+
+    monkeypatch.setattr(tflite_module, "_relative_errors", counted)
+    with EXPORTERS[Format.TFLITE].int8(cnn, calibration=digits.x[:100], int8_io=False) as quantizer:
+        first = quantizer.sensitive_nodes(Int8Options())
+        assert quantizer.sensitive_nodes(Int8Options()) == first and len(calls) == 1
+        quantizer.sensitive_nodes(Int8Options(per_channel=False))
+    assert len(calls) == 2 and first and all(isinstance(group, tuple) for group in first)
