@@ -170,7 +170,8 @@ def accuracy_controlled(model: Any, calibration: np.ndarray, validation: Labelle
 
 
 def greedy_float_nodes(quantize: Callable[[tuple[str, ...]], bytes], candidates: Sequence[tuple[str, ...]],
-                       float_data: bytes, control: AccuracyControl, *, max_nodes: int) -> tuple[str, ...]:
+                       float_data: bytes, control: AccuracyControl, *, max_nodes: int,
+                       start: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Nodes to keep float, found as NNCF's accuracy control finds them: each candidate group (a node and the
     nodes that feed it, :func:`~edgekit.export.remedies.node_groups`: in a TFLite graph a node kept float still
     gets quantized inputs unless their producers are float too) is ranked by the accuracy the quantized model has
@@ -180,6 +181,8 @@ def greedy_float_nodes(quantize: Callable[[tuple[str, ...]], bytes], candidates:
     (a step that does not raise the accuracy is undone), with at most ``max_nodes`` nodes; then every node the goal
     holds without goes back to int8 (:func:`_pruned`). ``quantize(nodes)``
     returns the artifact with ``nodes`` kept float; ``float_data`` is the float artifact of the same model.
+    ``start``: nodes kept float from the first step (another search's choice, which the steps extend when it
+    misses the goal; counted in ``max_nodes``).
 
     It finds what an error ranking misses: a layer whose output is a large constant plus a tiny signal (a built-in
     ``Rescaling`` fed values far from its range) has a small relative error while the signal is gone.
@@ -196,16 +199,16 @@ def greedy_float_nodes(quantize: Callable[[tuple[str, ...]], bytes], candidates:
         return correct, float(np.mean((out - reference[:count]) ** 2))
 
     goal = 100.0 * float(np.mean(reference.reshape(len(x), -1).argmax(axis=-1) == labels)) - control.max_drop
-    best, _ = measure((), len(x))
+    kept = tuple(dict.fromkeys(start))
+    best, _ = measure(kept, len(x))
     if best >= goal:
-        return ()
+        return kept
     ranked: dict[tuple[str, ...], tuple[float, float]] = {}
-    for group in dict.fromkeys(tuple(group) for group in candidates if len(group) <= max_nodes):
+    for group in dict.fromkeys(tuple(group) for group in candidates if len(group) + len(kept) <= max_nodes):
         try:
-            ranked[group] = measure(group, RANKING_SAMPLES)
+            ranked[group] = measure(tuple(dict.fromkeys((*kept, *group))), RANKING_SAMPLES)
         except Exception:  # noqa: BLE001 (a node the quantizer cannot keep float is not a candidate)
             continue
-    kept: tuple[str, ...] = ()
     for group in sorted(ranked, key=lambda g: (-ranked[g][0], ranked[g][1]))[:MAX_TRIALS]:
         trial = tuple(dict.fromkeys((*kept, *group)))
         if trial == kept or len(trial) > max_nodes:

@@ -18,6 +18,7 @@ from edgekit.config import Quantization
 from edgekit.errors import ConversionError
 from edgekit.export.remedies import (
     ENTROPY_BINS,
+    MAX_FLOAT_NODES,
     SENSITIVITY_SAMPLES,
     Calibration,
     ErrorSums,
@@ -375,6 +376,7 @@ class OnnxInt8:
         self._pre = Path(self._tmp.name, "pre.onnx")
         self._entropy: dict[str, Any] | None = None
         self._searched: dict[Int8Options, bytes] = {}  # NNCF's artifacts by the options that name them
+        self._ranked: dict[Int8Options, list[tuple[str, ...]]] = {}  # sensitive_nodes by options
         self._batch = _batch(proto)
         src = Path(self._tmp.name, "float.onnx")
         src.write_bytes(affine_batchnorm(proto).SerializeToString())
@@ -408,11 +410,20 @@ class OnnxInt8:
         the pre-processed float model, as two rungs, the faster first: onnxruntime's int8 with ``base``'s settings
         and, in place of the nodes ``base`` keeps float (an error ranking's, which missed the budget), the
         operations NNCF kept float, each with the nodes that feed it (:func:`node_groups`: onnxruntime quantizes a
-        tensor any of its nodes reads in int8); then NNCF's own artifact (its own calibration and placement;
+        tensor any of its nodes reads in int8), extended by edgekit's greedy search
+        (:func:`~edgekit.export.accuracy_control.greedy_float_nodes`, up to
+        :data:`~edgekit.export.remedies.MAX_FLOAT_NODES` nodes) when those miss the goal on the validation split
+        (NNCF chose them for its own calibration); then NNCF's own artifact (its own calibration and placement;
         ``base`` does not apply to it)."""
         import onnx
 
-        from edgekit.export.accuracy_control import NNCF_NODES_RUNG, NNCF_RUNG, accuracy_controlled
+        from edgekit.export.accuracy_control import (
+            MAX_CANDIDATES,
+            NNCF_NODES_RUNG,
+            NNCF_RUNG,
+            accuracy_controlled,
+            greedy_float_nodes,
+        )
 
         float_model = onnx.load(str(self._pre))
         found = accuracy_controlled(float_model, self._calibration, control.validation,
@@ -421,13 +432,26 @@ class OnnxInt8:
         self._searched[searched] = found.data
         if not found.reverted:  # NNCF's own calibration did it: nothing to keep float in onnxruntime's
             return [(NNCF_RUNG, searched)]
+        settings = replace(base, float_nodes=())
         groups = node_groups(_graph_nodes(float_model.graph))
         nodes = tuple(dict.fromkeys(n for name in found.reverted for n in groups.get(name, (name,))))
-        return [(NNCF_NODES_RUNG, replace(base, float_nodes=nodes)), (NNCF_RUNG, searched)]
+        try:
+            ranked = self.sensitive_nodes(settings)
+        except Exception:  # noqa: BLE001 (no error ranking on this model: graph order alone)
+            ranked = []
+        candidates = list(dict.fromkeys([*ranked, *groups.values()]))[:MAX_CANDIDATES]
+        nodes = greedy_float_nodes(lambda names: self._quantized(replace(settings, float_nodes=names)), candidates,
+                                   self._pre.read_bytes(), control, max_nodes=MAX_FLOAT_NODES, start=nodes)
+        return [(NNCF_NODES_RUNG, replace(settings, float_nodes=nodes)), (NNCF_RUNG, searched)]
 
     def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
         """Nodes of the float graph, those whose quantization with ``options`` adds most to the intermediate
-        error first."""
+        error first; ranked once per options (the fallback and the search rank from the same ones)."""
+        if options not in self._ranked:
+            self._ranked[options] = self._rank(options)
+        return self._ranked[options]
+
+    def _rank(self, options: Int8Options) -> list[tuple[str, ...]]:
         quantized = self._quantized(options)
         import onnx
         import onnxruntime as ort

@@ -307,3 +307,31 @@ def test_a_model_every_8_bit_rung_loses_is_recovered_by_accuracy_control_in_both
         assert onnx.quantizer_options["onnx_quantizer"] == "nncf"
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert {a["remedy"] for a in manifest["artifacts"]} == {tflite.remedy, onnx.remedy}
+
+
+def test_the_greedy_search_extends_another_searchs_choice_when_it_misses_the_goal(cnn, digits):
+    """NNCF's choice of nodes is the start of edgekit's greedy search in onnxruntime's quantizer: kept when it meets
+    the goal (one measurement), extended by the group that recovers the accuracy when it does not."""
+    from edgekit import _tf
+    from edgekit.export.accuracy_control import greedy_float_nodes
+    from edgekit.export.onnx import float_onnx
+
+    keras = _tf.keras()
+    keras.utils.set_random_seed(1)
+    good = float_onnx(cnn).SerializeToString()
+    bad = float_onnx(keras.models.clone_model(cnn)).SerializeToString()  # untrained: near chance
+    control = AccuracyControl(Labelled(digits.x[:96], digits.y[:96]), max_drop=1.0)
+    asked = []
+
+    def quantize(names):
+        asked.append(names)
+        return good if {"start", "needed"} <= set(names) else bad
+
+    nodes = greedy_float_nodes(quantize, [("other",), ("needed",), ("more", "feeder")], good, control, max_nodes=8,
+                               start=("start",))
+    assert nodes == ("start", "needed")
+    assert asked[0] == ("start",)  # the start alone first, then every candidate on top of it
+    assert {("start", "other"), ("start", "needed"), ("start", "more", "feeder")} <= set(asked)
+    asked.clear()
+    assert greedy_float_nodes(quantize, [("other",)], good, control, max_nodes=8, start=("start", "needed")) == (
+        "start", "needed") and len(asked) == 1
