@@ -403,7 +403,14 @@ class OnnxInt8:
         if options.calibration is Calibration.ENTROPY and self._entropy is None:  # the KL search is slow: once
             self._entropy = _entropy_ranges(self._pre, self._calibration, self._batch)
         _quantize_static(self._pre, out, self._calibration, options, self._entropy, self._batch)
-        return out.read_bytes()
+        if not options.bias_correction:
+            return out.read_bytes()
+        import onnx
+
+        from edgekit.export.bias_correction import correct_biases
+
+        return correct_biases(onnx.load(str(self._pre)), out.read_bytes(), self._calibration, input_name=INPUT_NAME,
+                              batch=self._batch)
 
     def accuracy_controlled(self, control: AccuracyControl, base: Int8Options) -> list[tuple[str, Int8Options]]:
         """NNCF's accuracy-controlled quantization (:func:`edgekit.export.accuracy_control.accuracy_controlled`) of
@@ -433,14 +440,17 @@ class OnnxInt8:
         if not found.reverted:  # NNCF's own calibration did it: nothing to keep float in onnxruntime's
             return [(NNCF_RUNG, searched)]
         settings = replace(base, float_nodes=())
+        # each step of the search quantizes again: bias correction (a model run per corrected node) is applied to
+        # the rung, not to every step
+        steps = replace(settings, bias_correction=False)
         groups = node_groups(_graph_nodes(float_model.graph))
         nodes = tuple(dict.fromkeys(n for name in found.reverted for n in groups.get(name, (name,))))
         try:
-            ranked = self.sensitive_nodes(settings)
+            ranked = self.sensitive_nodes(steps)
         except Exception:  # noqa: BLE001 (no error ranking on this model: graph order alone)
             ranked = []
         candidates = list(dict.fromkeys([*ranked, *groups.values()]))[:MAX_CANDIDATES]
-        nodes = greedy_float_nodes(lambda names: self._quantized(replace(settings, float_nodes=names)), candidates,
+        nodes = greedy_float_nodes(lambda names: self._quantized(replace(steps, float_nodes=names)), candidates,
                                    self._pre.read_bytes(), control, max_nodes=MAX_FLOAT_NODES, start=nodes)
         return [(NNCF_NODES_RUNG, replace(settings, float_nodes=nodes)), (NNCF_RUNG, searched)]
 

@@ -259,6 +259,9 @@ class TfliteInt8:
         name)."""
         from tensorflow.lite.python import convert
 
+        if options.bias_correction:
+            raise ValueError("bias correction is an ONNX rung (edgekit corrects onnxruntime's QDQ graph); the "
+                             "converter's int8 has none")
         if options.tflite_quantizer is TfliteQuantizer.LITERT:
             return self._litert(options)
         if options.wide_activations:

@@ -15,6 +15,7 @@ import pytest
 from edgekit.config import Format
 from edgekit.export.accuracy_control import GREEDY_RUNG, NNCF_NODES_RUNG, NNCF_RUNG, AccuracyControl, Labelled
 from edgekit.export.remedies import (
+    BIAS_CORRECTION,
     FLOAT_FALLBACK,
     LADDERS,
     WIDE_ACTIVATIONS,
@@ -61,7 +62,7 @@ def test_nncf_is_tried_after_onnxruntimes_own_rungs_and_fallback_and_before_16_b
     recovery = recover(Format.ONNX, quantizer, Attempt("", Int8Options(), b"first", 40.0), budget=2.0,
                        evaluate=lambda data: (0.25 if b"NNCF" in data else 40.0, None), control=CONTROL)
     names = list(recovery.tried)
-    assert names == ["default", *(r.name for r in LADDERS[Format.ONNX]), f"{FLOAT_FALLBACK}(1)",
+    assert names == ["default", *(r.name for r in LADDERS[Format.ONNX]), BIAS_CORRECTION, f"{FLOAT_FALLBACK}(1)",
                      f"{FLOAT_FALLBACK}(2)", NNCF_RUNG]
     assert recovery.within_budget and quantizer.searched == [CONTROL]
     assert recovery.best.remedy == NNCF_RUNG and recovery.best.score == 0.25
@@ -93,7 +94,7 @@ def test_the_tflite_search_comes_before_the_error_ranked_fallback_and_builds_on_
             bases.append(base)
             return [(GREEDY_RUNG, found)]
 
-    scores = {b"per_channel=False, onnx_format": 20.0}  # the per-tensor rung gained; then the search gets 5
+    scores = {b"per_channel=False, bias_correction=False": 20.0}  # the per-tensor rung gained; then the search gets 5
     recovery = recover(Format.TFLITE, Greedy(), Attempt("", Int8Options(), b"first", 40.0), budget=2.0,
                        evaluate=lambda data: (5.0 if b"'conv0', 'rescale'" in data and b"'a'" not in data else next(
                            (v for k, v in scores.items() if k in data and b"float_nodes=()" in data), 40.0), None),
@@ -275,11 +276,12 @@ def squeezed_path(tmp_path_factory):
 
 
 def test_a_model_every_8_bit_rung_loses_is_recovered_by_accuracy_control_in_both_formats(squeezed_path, tmp_path):
-    """NNCF (ONNX) keeps the first convolution float, and onnxruntime's int8 with that convolution and the nodes
-    that feed it (Reshape, the Rescaling's Add) kept float is within the budget too: the faster of the two is
-    kept. edgekit's greedy search (TFLite) keeps the convolution and the Rescaling that feeds it. Every quantizer
-    rung before them lost 50 points or more, and the error-ranked float fallback that came next before kept all
-    six compute ops float."""
+    """Every 8-bit settings rung loses 50 points or more on a squeezed-input CNN. ONNX: bias correction recovers
+    most of it (measured: 82.7 -> 4.7 points, the budget is 2); built on it, NNCF's nodes (the first convolution)
+    and the nodes that feed it (Reshape, the Rescaling's Add) kept float in onnxruntime's int8, or NNCF's own
+    artifact, whichever is faster, are within the budget. TFLite (no bias correction in the converter): edgekit's
+    greedy search keeps the convolution and the Rescaling that feeds it (the error-ranked float fallback that came
+    next before kept all six compute ops float)."""
     from edgekit import CompressConfig, Recipe, compress
 
     result = compress(squeezed_path, "digits", tmp_path / "out", progress=False,
@@ -288,23 +290,27 @@ def test_a_model_every_8_bit_rung_loses_is_recovered_by_accuracy_control_in_both
     arts = {a.format.value: a for a in result.selected.artifacts}
     tflite, onnx = arts["tflite"], arts["onnx"]
     assert tflite.remedy.endswith(GREEDY_RUNG) and tflite.quantization_drop <= 2.0, tflite.remedies_tried
-    assert onnx.remedy.endswith((NNCF_NODES_RUNG, NNCF_RUNG)) and onnx.quantization_drop <= 2.0, onnx.remedies_tried
-    nodes_rung = next(name for name in onnx.remedies_tried if name.endswith(NNCF_NODES_RUNG))
-    assert onnx.remedies_tried[nodes_rung] <= 2.0 and onnx.remedies_tried[NNCF_RUNG] <= 2.0, onnx.remedies_tried
+    assert onnx.quantization_drop <= 2.0, onnx.remedies_tried
+    corrected = {name: onnx.remedies_tried.pop(name) for name in list(onnx.remedies_tried)
+                 if name.endswith(BIAS_CORRECTION)}
+    assert min(corrected.values()) < 0.5 * onnx.remedies_tried["default"], (corrected, onnx.remedies_tried)
     for art in (tflite, onnx):
         searched = (GREEDY_RUNG, NNCF_NODES_RUNG, NNCF_RUNG)
         assert all(score >= 50 for name, score in art.remedies_tried.items()
-                   if FLOAT_FALLBACK not in name and not name.endswith(searched)), art.remedies_tried
-        floats = art.quantizer_options["float_nodes"]
-        assert any("first_conv" in n for n in floats), floats
-        assert not any("second_conv" in n or "head" in n for n in floats), floats
-    assert len(tflite.quantizer_options["float_nodes"]) <= 3
-    if onnx.remedy == nodes_rung:  # fused by onnxruntime: the convolution, its Reshape, the Rescaling's Add
-        assert onnx.quantizer_options["onnx_quantizer"] == "onnxruntime"
+                   if BIAS_CORRECTION not in name and FLOAT_FALLBACK not in name
+                   and not name.endswith(searched)), art.remedies_tried
+    floats = tflite.quantizer_options["float_nodes"]
+    assert any("first_conv" in n for n in floats) and len(floats) <= 3, floats
+    assert not any("second_conv" in n or "head" in n for n in floats), floats
+    if onnx.remedy.endswith(BIAS_CORRECTION):  # within the budget by itself on this CPU: nothing kept float
+        assert not onnx.quantizer_options["float_nodes"] and onnx.quantizer_options["bias_correction"]
+    elif onnx.remedy.endswith(NNCF_NODES_RUNG):  # fused by onnxruntime: the convolution, its Reshape, the Add
+        assert onnx.quantizer_options["onnx_quantizer"] == "onnxruntime" and onnx.quantizer_options["bias_correction"]
         floats = onnx.quantizer_options["float_nodes"]
-        assert len(floats) == 3 and any("rescale" in n for n in floats), floats
+        assert len(floats) == 3 and any("rescale" in n for n in floats) and any("first_conv" in n for n in floats)
+        assert onnx.remedies_tried[NNCF_RUNG] <= 2.0, onnx.remedies_tried
     else:  # NNCF's own artifact ran in at most 90% of the time of onnxruntime's
-        assert onnx.quantizer_options["onnx_quantizer"] == "nncf"
+        assert onnx.remedy == NNCF_RUNG and onnx.quantizer_options["onnx_quantizer"] == "nncf", onnx.remedy
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert {a["remedy"] for a in manifest["artifacts"]} == {tflite.remedy, onnx.remedy}
 

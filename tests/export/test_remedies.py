@@ -429,6 +429,11 @@ def _initializers(model):
     return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
 
 
+def _by_type(model, dtype):
+    """The initializers of ``dtype``, as lists (comparable with ==)."""
+    return {name: value.tolist() for name, value in _initializers(model).items() if value.dtype == dtype}
+
+
 def _dq_nodes(model):
     return [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
 
@@ -673,6 +678,7 @@ def test_a_speed_rung_replaces_the_artifact_only_when_faster_by_the_margin_and_w
     assert (best.remedy == FLOAT_OPS and best.options == rung) if kept else best is current
 
 
+@pytest.mark.slow  # a whole compress through the CLI (20-30 s); the rule's combinations: the test below
 def test_per_tensor_weights_are_kept_where_per_channel_weights_buy_no_accuracy(cnn_path, digits, tmp_path):
     """The size rung: per-tensor weights drop a scale and a zero point per output channel (MobileNetV2 0.35: 2.97x ->
     3.59x smaller than float32 as .onnx, 2.60x -> 3.54x as .tflite, no accuracy lost); the test CNN loses nothing
@@ -903,3 +909,99 @@ def test_the_tflite_sensitivity_ranking_runs_once_per_options(cnn, digits, monke
         assert quantizer.sensitive_nodes(Int8Options()) == first and len(calls) == 1
         quantizer.sensitive_nodes(Int8Options(per_channel=False))
     assert len(calls) == 2 and first and all(isinstance(group, tuple) for group in first)
+
+
+def _channel_mean_errors(quantizer, options, calibration):
+    """Per corrected node (graph order): the mean over channels of |float mean - quantized mean| of its output."""
+    import onnx
+
+    from edgekit.export import bias_correction
+
+    float_model = onnx.load(str(quantizer._pre))
+    quantized = onnx.load_from_string(quantizer._quantized(options))
+    targets = bias_correction._targets(float_model, quantized)
+    expected = bias_correction._means(float_model, [t.float_output for t in targets], calibration, 0, "input")
+    measured = bias_correction._means(quantized, [t.output for t in targets], calibration, 0, "input")
+    return [float(np.abs(e - m).mean()) for e, m in zip(expected, measured, strict=True)]
+
+
+def test_bias_correction_removes_the_mean_shift_quantization_adds_to_each_layer(onnx_quantizer, digits):
+    """Per-tensor weights shift each layer's mean output; corrected node by node, every layer's shift shrinks (the
+    first to rounding: its inputs are the float model's), measured on samples the correction did not see."""
+    held_out = digits.x[-200:].astype(np.float32)
+    plain = _channel_mean_errors(onnx_quantizer, Int8Options(per_channel=False), held_out)
+    corrected = _channel_mean_errors(onnx_quantizer, Int8Options(per_channel=False, bias_correction=True), held_out)
+    assert len(plain) == len(corrected) == 4, (plain, corrected)  # two convolutions, two dense layers (Gemm)
+    # measured: 43x, 19x, 8x and 4x smaller
+    assert corrected[0] < 0.1 * plain[0], (plain, corrected)
+    assert all(c < 0.5 * p for p, c in zip(plain, corrected, strict=True)), (plain, corrected)
+
+
+def test_bias_correction_moves_only_int32_biases(onnx_quantizer):
+    """The same graph, weights and ranges: onnxruntime fuses it into the same integer kernels."""
+    import onnx
+
+    base = onnx.load_from_string(onnx_quantizer.quantize(Int8Options()))
+    corrected = onnx.load_from_string(onnx_quantizer.quantize(Int8Options(bias_correction=True)))
+    assert [n.op_type for n in corrected.graph.node] == [n.op_type for n in base.graph.node]
+    assert _by_type(corrected, np.int8) == _by_type(base, np.int8) and _scales(corrected) == _scales(base)
+    moved = _by_type(corrected, np.int32)
+    assert moved.keys() == _by_type(base, np.int32).keys() and moved != _by_type(base, np.int32)
+
+
+def test_bias_correction_is_tried_on_the_best_rungs_settings_then_the_defaults_before_nodes_are_kept_float():
+    """The bias stage comes after the settings rungs and before the float fallback, which builds on it."""
+    tried = []
+
+    class Quantizer:
+        def quantize(self, options):
+            return repr(options).encode()
+
+        def sensitive_nodes(self, options):
+            return [("conv0",), ("conv1",)]
+
+    scores = {"u8u8": 30.0, "u8u8+bias-correction": 12.0, "bias-correction": 20.0}
+
+    def evaluate(data):
+        text = data.decode()
+        name = ("u8u8" if "weights=<IntType.UINT8" in text else "") + (
+            "+bias-correction" if "bias_correction=True" in text else "")
+        tried.append(name)
+        return (1.0 if "conv0" in text and "bias_correction=True" in text and "UINT8" in text
+                else scores.get(name.strip("+"), 40.0)), None
+
+    recovery = remedies_module.recover(Format.ONNX, Quantizer(),
+                                       remedies_module.Attempt("", Int8Options(), b"", 40.0),
+                                       budget=2.0, evaluate=evaluate)
+    names = list(recovery.tried)
+    assert names.index("u8u8+bias-correction") == len(LADDERS[Format.ONNX]) + 1
+    assert names[names.index("u8u8+bias-correction") + 1] == "bias-correction"
+    assert recovery.within_budget and recovery.best.remedy == "u8u8+bias-correction+float-fallback(1)"
+    assert recovery.best.options.bias_correction and recovery.best.options.float_nodes == ("conv0",)
+
+
+def test_bias_correction_is_refused_where_there_is_no_float_output_to_measure(onnx_quantizer, cnn, digits):
+    """QOperator convolutions output integers, and the converter's int8 is not edgekit's graph: a failed rung (a
+    ValueError the ladder records), never a silently uncorrected artifact."""
+    with pytest.raises(ValueError, match="QOperator"):
+        onnx_quantizer.quantize(Int8Options(bias_correction=True, onnx_format=OnnxFormat.QOPERATOR))
+    with EXPORTERS[Format.TFLITE].int8(cnn, calibration=digits.x[:100], int8_io=False) as quantizer:
+        with pytest.raises(ValueError, match="bias correction is an ONNX rung"):
+            quantizer.quantize(Int8Options(bias_correction=True))
+
+
+def test_bias_correction_leaves_shared_and_non_initializer_biases_alone(onnx_quantizer):
+    """A bias another node also reads would be moved twice; one computed by the graph cannot be moved: neither is a
+    target, and what is left is still corrected."""
+    import onnx
+
+    from edgekit.export import bias_correction
+
+    float_model = onnx.load(str(onnx_quantizer._pre))
+    quantized = onnx.load_from_string(onnx_quantizer._quantized(Int8Options()))
+    before = [t.output for t in bias_correction._targets(float_model, quantized)]
+    convs = [n for n in quantized.graph.node if n.op_type == "Conv"]
+    convs[0].input[2] = "computed_bias"  # produced by no initializer
+    quantized.graph.node.append(onnx.helper.make_node("Identity", [convs[1].input[2]], ["second_reader"]))
+    after = [t.output for t in bias_correction._targets(float_model, quantized)]
+    assert len(before) == 4 and after == before[2:]
