@@ -14,7 +14,7 @@ to 15.3%, as they correct errors of another placement. The correction here is me
 which onnxruntime then fuses into integer kernels as before (the biases stay int32 on the same scale).
 
 >>> import onnx                                                                            # doctest: +SKIP
->>> data = correct_biases(float_model, quantized, calibration, input_name="input")  # doctest: +SKIP
+>>> data = correct_biases(float_model, quantized, calibration)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import numpy as np
 CORRECTED_OPS = ("Conv", "Gemm")  # ops whose third input is a bias added per output channel (axis 1 of the output)
 SAMPLES = 128
 """Calibration samples the means are taken over (at most): each corrected node runs the model on them once."""
-BATCH = 32
 
 
 class _Target:
@@ -50,8 +49,7 @@ class _Target:
         self.bias.CopyFrom(numpy_helper.from_array(new, self.bias.name))
 
 
-def correct_biases(float_model: Any, quantized: bytes, calibration: np.ndarray, *, input_name: str,
-                   batch: int = 0) -> bytes:
+def correct_biases(float_model: Any, quantized: bytes, calibration: np.ndarray, *, batch: int = 0) -> bytes:
     """``quantized`` (onnxruntime's QDQ int8 of ``float_model``, nodes named as in it) with each Conv's and Gemm's
     bias corrected, in graph order, by the mean difference of its output from the float model's over
     ``calibration`` (:data:`SAMPLES` of them at most). ``batch``: the models' fixed batch size (0: any).
@@ -69,9 +67,9 @@ def correct_biases(float_model: Any, quantized: bytes, calibration: np.ndarray, 
     targets = _targets(float_model, model)
     if not targets:
         return quantized
-    reference = _means(float_model, [t.float_output for t in targets], samples, batch, input_name)
+    reference = _means(float_model, [t.float_output for t in targets], samples, batch)
     for target, expected in zip(targets, reference, strict=True):
-        (measured,) = _means(model, [target.output], samples, batch, input_name)
+        (measured,) = _means(model, [target.output], samples, batch)
         if measured.shape == expected.shape and np.all(np.isfinite(measured)):
             target.shift(expected.astype(np.float64) - measured)
     return model.SerializeToString()
@@ -109,11 +107,14 @@ def _targets(float_model: Any, model: Any) -> list[_Target]:
     return targets
 
 
-def _means(model: Any, outputs: list[str], samples: np.ndarray, batch: int, input_name: str) -> list[np.ndarray]:
-    """Each of ``outputs``' mean per channel (axis 1) over ``samples``, the graph run as written (no fusion: the
-    quantized graph computes in float between its QuantizeLinear/DequantizeLinear pairs)."""
+def _means(model: Any, outputs: list[str], samples: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Each of ``outputs``' mean per channel (axis 1) over ``samples`` in the calibration's runs (``batch``: the
+    model's fixed batch size, 0: any), the graph run as written (no fusion: the quantized graph computes in float
+    between its QuantizeLinear/DequantizeLinear pairs)."""
     import onnx
     import onnxruntime as ort
+
+    from edgekit.export.onnx import _reader
 
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
@@ -123,14 +124,15 @@ def _means(model: Any, outputs: list[str], samples: np.ndarray, batch: int, inpu
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    step = batch or BATCH
-    usable = len(samples) - len(samples) % step if batch else len(samples)
+    reader = _reader(samples, batch)
     sums: list[np.ndarray] | None = None
-    for start in range(0, usable, step):
-        values = session.run(outputs, {input_name: samples[start:start + step]})
+    count = 0
+    while (feed := reader.get_next()) is not None:
+        values = session.run(outputs, feed)
         parts = [value.astype(np.float64).sum(axis=tuple(a for a in range(value.ndim) if a != 1))
                  / (value.size / value.shape[1]) * len(value) for value in values]
         sums = parts if sums is None else [a + b for a, b in zip(sums, parts, strict=True)]
+        count += len(values[0])
     if sums is None:
-        raise ValueError(f"bias correction needs at least {step} calibration samples")
-    return [total / usable for total in sums]
+        raise ValueError(f"bias correction needs at least {batch} calibration samples")
+    return [total / count for total in sums]

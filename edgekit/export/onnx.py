@@ -409,8 +409,7 @@ class OnnxInt8:
 
         from edgekit.export.bias_correction import correct_biases
 
-        return correct_biases(onnx.load(str(self._pre)), out.read_bytes(), self._calibration, input_name=INPUT_NAME,
-                              batch=self._batch)
+        return correct_biases(onnx.load(str(self._pre)), out.read_bytes(), self._calibration, batch=self._batch)
 
     def accuracy_controlled(self, control: AccuracyControl, base: Int8Options) -> list[tuple[str, Int8Options]]:
         """NNCF's accuracy-controlled quantization (:func:`edgekit.export.accuracy_control.accuracy_controlled`) of

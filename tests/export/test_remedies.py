@@ -920,8 +920,8 @@ def _channel_mean_errors(quantizer, options, calibration):
     float_model = onnx.load(str(quantizer._pre))
     quantized = onnx.load_from_string(quantizer._quantized(options))
     targets = bias_correction._targets(float_model, quantized)
-    expected = bias_correction._means(float_model, [t.float_output for t in targets], calibration, 0, "input")
-    measured = bias_correction._means(quantized, [t.output for t in targets], calibration, 0, "input")
+    expected = bias_correction._means(float_model, [t.float_output for t in targets], calibration, 0)
+    measured = bias_correction._means(quantized, [t.output for t in targets], calibration, 0)
     return [float(np.abs(e - m).mean()) for e, m in zip(expected, measured, strict=True)]
 
 
