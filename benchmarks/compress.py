@@ -164,6 +164,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="edgekit-compress-bench-"))
     if args.sparsity:
         return sparsity(work)
+    from edgekit.export.verify import BLOCK_SECONDS
+
     sections = [bench_model(*spec) for spec in models(work, quick=args.quick)]
     body = "\n".join([
         "## Compression (`benchmarks/compress.py`)", "",
@@ -174,8 +176,8 @@ def main() -> int:
         "Accuracy, drop (against the source model) and agreement are measured in each artifact's runtime "
         "(ai-edge-litert, onnxruntime) on the held-out evaluation split. Ratios are against the float32 artifact of "
         "the same format; `time vs float32` is the single-sample time over the float32 artifact's in the same "
-        "runtime, measured side by side in alternating blocks of about 20 ms of the calling thread's CPU time (one "
-        "thread; the median of the blocks' ratios; > 1: slower).", "",
+        f"runtime, measured side by side in alternating blocks of at least {BLOCK_SECONDS * 1000:.0f} ms of the "
+        "calling thread's CPU time (one thread; the median of the blocks' ratios; > 1: slower).", "",
         *("\n" + s + "\n" for s in sections)])
     write_section("compress", body)
     print(body)

@@ -200,6 +200,8 @@ def vnni() -> str:
 
 
 def main() -> int:
+    from edgekit.export.verify import BLOCK_SECONDS
+
     work = Path(tempfile.mkdtemp(prefix="edgekit-remedies-"))
     built = models(work)
     lines = ["## int8 remedies", "",
@@ -207,10 +209,11 @@ def main() -> int:
              "`--quantize int8` (both formats, 1 thread); drops are what quantizing cost, in points, against the "
              "float model on the evaluation split (the default 2-point budget applies). Size and time are against "
              "the float32 artifact of the same model in the same runtime (>1 time: slower; timed side by side in "
-             "alternating blocks of about 20 ms, as edgekit's speed step does). The outlier unit is constantly "
-             "10,000; the rare outlier unit fires on 5% of the inputs, at a median of 3,000 when it does "
-             "(`zoo.with_rare_outlier_unit`). The massive activation is one value of a 65,536-value tensor at a "
-             "fixed position, that many times the tensor's largest other value, in that share of the inputs "
+             f"alternating blocks of at least {BLOCK_SECONDS * 1000:.0f} ms, as edgekit's speed step does). The "
+             "outlier unit is constantly 10,000; the rare outlier unit fires on 5% of the inputs, at a median of "
+             "3,000 when it does (`zoo.with_rare_outlier_unit`). The massive activation is one value of a "
+             "65,536-value tensor at a fixed position, that many times the tensor's largest other value, in that "
+             "share of the inputs "
              "(`zoo.massive_activation_cnn`; digits upscaled to 32x32 with a marker channel).", "",
              "| model | format | drop, defaults | remedy kept | drop, kept | float32 bytes / bytes | time vs float32 "
              "| accuracy rungs tried (drop) | speed rung kept | speed rungs tried (time vs first int8) |",

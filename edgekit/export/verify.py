@@ -63,9 +63,12 @@ def latency_us(model: Model, sample: np.ndarray, *, threads: int | None, repeats
     return float(statistics.median(times))
 
 
-BLOCK_SECONDS = 0.02
-"""How long one block of :func:`latency_ratio` runs at least: a tiny model's block of 20 calls was about 1 ms, timer
-and scheduler noise."""
+BLOCK_SECONDS = 0.01
+"""How long one block of :func:`latency_ratio` runs at least (in CPU time with one thread): a tiny model's block of
+20 calls was about 1 ms, timer and scheduler noise. 10 ms blocks measured as steady as 20 ms ones and cost half the
+time (the 8x8 test CNN's int8 ``.onnx`` against itself, 12 ratios each: median ratio 0.98-1.04 with a standard
+deviation of 0.019 at 10 ms, 0.97-1.02 and 0.020 at 20 ms; 0.13 s a ratio against 0.25 s). A model whose call takes
+over 0.5 ms runs :data:`MIN_BLOCK_CALLS` calls a block either way."""
 MIN_BLOCK_CALLS = 20
 """Calls per block at least: fewer let the other model's block bias the ratio (its cache state lasts several calls:
 EfficientNetB0's 16x8 ``.tflite`` read 4.9x the float32 time in blocks of 3 calls, 6.3x in blocks of 20, 6.2x apart)."""

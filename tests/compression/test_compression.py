@@ -249,6 +249,8 @@ def test_distillation_into_a_user_student_file(cnn_path, tmp_path):
                  config=config(recipe=Recipe(student=str(tmp_path / "wrong.keras"))))
 
 
+@pytest.mark.slow  # make test: the rule in test_budget.py (test_the_search_keeps_the_smallest_candidate_within_the_
+# budget_and_marks_every_one), pruning and distillation below; this end-to-end search took 66-80 s of make test
 def test_budget_search_keeps_the_smallest_within_budget(cnn_path, tmp_path):
     recipes = (Recipe(quantize="float16"), Recipe(quantize="int8"), Recipe(prune=0.5, quantize="int8"),
                Recipe(student_width=0.1, quantize="int8"))

@@ -33,6 +33,7 @@ SKEWED = Partition(PartitionScheme.DIRICHLET, 0.5)
 def test_simulated_devices_hold_no_tensorflow():
     """Flower's Ray actor module imports TensorFlow when it can (about 9 s of CPU per worker per simulation); the
     simulation's workers are devices, which run LiteRT only."""
+    import os
     import shutil
     import tempfile
 
@@ -49,8 +50,10 @@ def test_simulated_devices_hold_no_tensorflow():
         return utils.TF is None, sys.modules.get("tensorflow") is None
 
     temp = tempfile.mkdtemp(prefix="edgekit-ray-test-")
+    before = os.environ.get("PYTHONPATH")
     try:
         _start_ray(temp)
+        assert os.environ.get("PYTHONPATH") == before  # only Ray's processes see the device's path
         assert ray.get(probe.remote()) == (True, True)
     finally:
         ray.shutdown()
