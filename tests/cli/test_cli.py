@@ -1,12 +1,10 @@
 """The edgekit command as a user runs it: exit codes, one-line errors, no tracebacks, no half-written output."""
 
 import json
-import os
-import subprocess
 
 import numpy as np
 import pytest
-from conftest import BIN, assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli
 
 
 def test_compress_then_inspect_then_tamper(cnn_path, tmp_path):
@@ -101,18 +99,21 @@ class Scale(keras.layers.Layer):
 '''
 
 
-def test_a_custom_layer_loads_when_its_module_is_named_and_only_then(tmp_path):
+def test_a_custom_layer_loads_when_its_module_is_named_and_only_then(tmp_path, digits, monkeypatch):
+    import importlib
+
+    from edgekit import _tf
+
     (tmp_path / "mine_layers.py").write_text(CUSTOM_LAYER)
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); import numpy as np, keras, mine_layers\n"
-              "keras.utils.set_random_seed(0)\n"
-              "m = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), mine_layers.Scale(),"
-              " keras.layers.Dense(10, activation='softmax')])\n"
-              "from sklearn.datasets import load_digits; d = load_digits()\n"
-              "m.compile('adam', 'sparse_categorical_crossentropy')\n"
-              "m.fit((d.images / 16.0)[..., None], d.target, epochs=3, verbose=0)\n"
-              "m.save(sys.argv[2])\n")
-    subprocess.run([str(BIN / "python"), "-c", script, str(tmp_path), str(tmp_path / "custom.keras")], check=True,
-                   env={**os.environ, "TF_USE_LEGACY_KERAS": "0"}, capture_output=True)
+    keras = _tf.keras3()  # the user's Keras 3 model, built here (the CLI runs below are the user's shell)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mine_layers = importlib.import_module("mine_layers")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), mine_layers.Scale(),
+                              keras.layers.Dense(10, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(digits.x, digits.y, epochs=3, verbose=0)
+    model.save(tmp_path / "custom.keras")
     refused = run_cli("compress", str(tmp_path / "custom.keras"), "--out", str(tmp_path / "no"), "--quiet")
     assert_one_line_error(refused, 2, "mine>Scale", "import the module that registers it first")
     assert not (tmp_path / "no").exists()
