@@ -117,6 +117,9 @@ def test_faulty_clients_are_rejected_and_compressed_updates_are_smaller(fl_model
     assert blocked.history[1]["accuracy"] == pytest.approx(blocked.history[0]["accuracy"])
 
 
+@pytest.mark.slow  # make test: the checkpoint round trip and each server optimizer's resume (test_strategies.py),
+# the cosine schedule (there too), FedProx (the honest-clients test below), compressed updates (the faulty-clients
+# test); these two simulations took 90-124 s of a make test that CI timed at 1101 s
 def test_fedprox_compressed_bytes_and_resume(fl_model, tmp_path):
     out = tmp_path / "prox"
     settings = {"strategy": "fedprox", "compress_updates": True, "proximal_mu": 0.1, "lr_schedule": "cosine",
