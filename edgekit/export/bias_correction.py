@@ -134,5 +134,5 @@ def _means(model: Any, outputs: list[str], samples: np.ndarray, batch: int) -> l
         sums = parts if sums is None else [a + b for a, b in zip(sums, parts, strict=True)]
         count += len(values[0])
     if sums is None:
-        raise ValueError(f"bias correction needs at least {batch} calibration samples")
+        raise ValueError(f"bias correction needs at least {max(batch, 1)} calibration samples")
     return [total / count for total in sums]

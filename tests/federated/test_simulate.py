@@ -142,7 +142,7 @@ def test_fedprox_compressed_bytes_and_resume(fl_model, tmp_path):
 @SECOND
 @pytest.mark.parametrize("strategy", [pytest.param(s, marks=pytest.mark.slow) for s in (
     Strategy.FEDADAM, Strategy.FEDAVGM, Strategy.FEDYOGI, Strategy.FEDADAGRAD)])  # each one's server step:
-# test_strategies.py; make test simulates the default (FedAvgM), trimmed mean and FedProx in the tests above (this one
+# test_strategies.py; make test simulates the default (FedAvgM), trimmed mean and FedProx in this module (this one
 # took 2 minutes of a make test that CI timed at 882 s)
 def test_every_server_optimizer_trains_in_a_simulation(fl_model, tmp_path, strategy):
     result = simulate(fl_model, "digits", tmp_path / strategy.value, progress=False, log=quiet,
