@@ -398,7 +398,7 @@ def _corrected(bases: Sequence[Attempt], attempt: Callable[[str, Int8Options], A
         if options in tried or base.options.bias_correction:
             continue
         tried.append(options)
-        if attempt(f"{base.remedy}+{BIAS_CORRECTION}" if base.remedy else BIAS_CORRECTION, options) is not None:
+        if attempt(_rung_name(base.remedy, BIAS_CORRECTION), options) is not None:
             return True
     return False
 
@@ -415,11 +415,22 @@ def _fallback(quantizer: Int8Quantizer, base: Attempt, attempt: Callable[[str, I
         nodes = tuple(dict.fromkeys((*base.options.float_nodes, *(n for group in groups[:count] for n in group))))
         if len(nodes) > MAX_FLOAT_NODES:
             return False
-        name = FLOAT_FALLBACK if not base.remedy else f"{base.remedy}+{FLOAT_FALLBACK}"
-        if attempt(f"{name}({len(nodes)})", replace(base.options, float_nodes=nodes)) is not None:
+        if attempt(_rung_name(base.remedy, f"{FLOAT_FALLBACK}({len(nodes)})"),
+                   replace(base.options, float_nodes=nodes)) is not None:
             return True
         count *= 2
     return False
+
+
+def _rung_name(*parts: str) -> str:
+    """A rung's name: the remedies it stacks, in order, joined by ``+`` (empty parts left out)."""
+    return "+".join(part for part in parts if part)
+
+
+def _settings_only(name: str) -> str:
+    """``name`` (a :func:`_rung_name`) without its float-fallback part: the settings a rung that keeps other
+    nodes float builds on."""
+    return _rung_name(*(part for part in name.split("+") if not part.startswith(FLOAT_FALLBACK)))
 
 
 def _controlled(fmt: Format, quantizer: Int8Quantizer, control: AccuracyControl, base: Attempt,
@@ -442,12 +453,11 @@ def _controlled(fmt: Format, quantizer: Int8Quantizer, control: AccuracyControl,
         return None
     kept: Attempt | None = None
     for name, options in rungs:
-        built_on = base.remedy  # a rung is named after what it builds on (a searched one builds on nothing)
-        if not set(base.options.float_nodes) <= set(options.float_nodes):  # base's settings, not its float nodes
-            built_on = "+".join(part for part in built_on.split("+") if not part.startswith(FLOAT_FALLBACK))
-        if not options.searched and built_on:
-            name = f"{built_on}+{name}"
-        made = attempt(name, options)
+        # a rung is named after what it builds on (a searched one builds on nothing); one that replaces base's
+        # float nodes builds on its settings only
+        keeps_nodes = set(base.options.float_nodes) <= set(options.float_nodes)
+        built_on = "" if options.searched else base.remedy if keeps_nodes else _settings_only(base.remedy)
+        made = attempt(_rung_name(built_on, name), options)
         if made is not None and (kept is None or _faster(kept, made, ratio)):
             kept = made
         if kept is not None and ratio is None:

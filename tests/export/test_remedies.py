@@ -1005,3 +1005,13 @@ def test_bias_correction_leaves_shared_and_non_initializer_biases_alone(onnx_qua
     quantized.graph.node.append(onnx.helper.make_node("Identity", [convs[1].input[2]], ["second_reader"]))
     after = [t.output for t in bias_correction._targets(float_model, quantized)]
     assert len(before) == 4 and after == before[2:]
+
+
+def test_rung_names_stack_the_remedies_they_build_on():
+    """A rung's name lists what it builds on; a rung that keeps other nodes float keeps only the settings' names."""
+    from edgekit.export.remedies import FLOAT_FALLBACK, _rung_name, _settings_only
+
+    assert _rung_name("", "bias-correction") == "bias-correction"
+    assert _rung_name("u8u8", "bias-correction") == "u8u8+bias-correction"
+    assert _settings_only(f"u8u8+bias-correction+{FLOAT_FALLBACK}(4)") == "u8u8+bias-correction"
+    assert _settings_only(f"{FLOAT_FALLBACK}(2)") == ""
