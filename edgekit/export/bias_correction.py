@@ -19,6 +19,7 @@ which onnxruntime then fuses into integer kernels as before (the biases stay int
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,12 @@ class _Target:
 
     def __init__(self, float_output: str, output: str, bias: Any, scale: np.ndarray | None) -> None:
         self.float_output, self.output, self.bias, self.scale = float_output, output, bias, scale
+
+    def value(self) -> np.ndarray:
+        """The bias as stored (int32 or float)."""
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(self.bias)
 
     def shift(self, delta: np.ndarray) -> None:
         """Add ``delta`` (float, per channel) to the bias, in its own units."""
@@ -67,9 +74,12 @@ def correct_biases(float_model: Any, quantized: bytes, calibration: np.ndarray, 
     targets = _targets(float_model, model)
     if not targets:
         return quantized
-    reference = _means(float_model, [t.float_output for t in targets], samples, batch)
-    for target, expected in zip(targets, reference, strict=True):
-        (measured,) = _means(model, [target.output], samples, batch)
+    reference = _Means(float_model, [t.float_output for t in targets], samples, batch)()
+    # one session of the quantized graph, its corrected biases fed as inputs: each measurement runs with every
+    # earlier correction in place without building the session again
+    means = _Means(model, [t.output for t in targets], samples, batch, fed=[t.bias.name for t in targets])
+    for index, (target, expected) in enumerate(zip(targets, reference, strict=True)):
+        measured = means(index, {t.bias.name: t.value() for t in targets})
         if measured.shape == expected.shape and np.all(np.isfinite(measured)):
             target.shift(expected.astype(np.float64) - measured)
     return model.SerializeToString()
@@ -107,32 +117,47 @@ def _targets(float_model: Any, model: Any) -> list[_Target]:
     return targets
 
 
-def _means(model: Any, outputs: list[str], samples: np.ndarray, batch: int) -> list[np.ndarray]:
-    """Each of ``outputs``' mean per channel (axis 1) over ``samples`` in the calibration's runs (``batch``: the
-    model's fixed batch size, 0: any), the graph run as written (no fusion: the quantized graph computes in float
-    between its QuantizeLinear/DequantizeLinear pairs)."""
-    import onnx
-    import onnxruntime as ort
+class _Means:
+    """Means per channel (axis 1) of a model's ``outputs`` over ``samples`` in the calibration's runs
+    (``batch``: the model's fixed batch size, 0: any), the graph run as written (no fusion: the quantized graph
+    computes in float between its QuantizeLinear/DequantizeLinear pairs). The initializers named in ``fed``
+    become inputs, their values given at each call."""
 
-    from edgekit.export.onnx import _reader
+    def __init__(self, model: Any, outputs: list[str], samples: np.ndarray, batch: int, *,
+                 fed: Sequence[str] = ()) -> None:
+        import onnx
+        import onnxruntime as ort
 
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    present = {out.name for out in exposed.graph.output}
-    exposed.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                                for name in dict.fromkeys(outputs) if name not in present)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    reader = _reader(samples, batch)
-    sums: list[np.ndarray] | None = None
-    count = 0
-    while (feed := reader.get_next()) is not None:
-        values = session.run(outputs, feed)
-        parts = [value.astype(np.float64).sum(axis=tuple(a for a in range(value.ndim) if a != 1))
-                 / (value.size / value.shape[1]) * len(value) for value in values]
-        sums = parts if sums is None else [a + b for a, b in zip(sums, parts, strict=True)]
-        count += len(values[0])
-    if sums is None:
-        raise ValueError(f"bias correction needs at least {max(batch, 1)} calibration samples")
-    return [total / count for total in sums]
+        exposed = onnx.ModelProto()
+        exposed.CopyFrom(model)
+        present = {out.name for out in exposed.graph.output}
+        exposed.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                                    for name in dict.fromkeys(outputs) if name not in present)
+        moved = [init for init in exposed.graph.initializer if init.name in set(fed)]
+        for init in moved:
+            exposed.graph.initializer.remove(init)
+            exposed.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self._session = ort.InferenceSession(exposed.SerializeToString(), options,
+                                             providers=["CPUExecutionProvider"])
+        self._outputs, self._samples, self._batch = outputs, samples, batch
+
+    def __call__(self, index: int | None = None, fed: dict[str, np.ndarray] | None = None) -> Any:
+        """Every output's means, or the one at ``index``; ``fed``: the values of the initializers made inputs."""
+        from edgekit.export.onnx import _reader
+
+        fetch = self._outputs if index is None else [self._outputs[index]]
+        reader = _reader(self._samples, self._batch)
+        sums: list[np.ndarray] | None = None
+        count = 0
+        while (feed := reader.get_next()) is not None:
+            values = self._session.run(fetch, {**feed, **(fed or {})})
+            parts = [value.astype(np.float64).sum(axis=tuple(a for a in range(value.ndim) if a != 1))
+                     / (value.size / value.shape[1]) * len(value) for value in values]
+            sums = parts if sums is None else [a + b for a, b in zip(sums, parts, strict=True)]
+            count += len(values[0])
+        if sums is None:
+            raise ValueError(f"bias correction needs at least {max(self._batch, 1)} calibration samples")
+        means = [total / count for total in sums]
+        return means if index is None else means[0]

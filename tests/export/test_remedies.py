@@ -920,8 +920,8 @@ def _channel_mean_errors(quantizer, options, calibration):
     float_model = onnx.load(str(quantizer._pre))
     quantized = onnx.load_from_string(quantizer._quantized(options))
     targets = bias_correction._targets(float_model, quantized)
-    expected = bias_correction._means(float_model, [t.float_output for t in targets], calibration, 0)
-    measured = bias_correction._means(quantized, [t.output for t in targets], calibration, 0)
+    expected = bias_correction._Means(float_model, [t.float_output for t in targets], calibration, 0)()
+    measured = bias_correction._Means(quantized, [t.output for t in targets], calibration, 0)()
     return [float(np.abs(e - m).mean()) for e, m in zip(expected, measured, strict=True)]
 
 
@@ -1015,3 +1015,23 @@ def test_rung_names_stack_the_remedies_they_build_on():
     assert _rung_name("u8u8", "bias-correction") == "u8u8+bias-correction"
     assert _settings_only(f"u8u8+bias-correction+{FLOAT_FALLBACK}(4)") == "u8u8+bias-correction"
     assert _settings_only(f"{FLOAT_FALLBACK}(2)") == ""
+
+
+def test_bias_correction_with_biases_fed_as_inputs_measures_what_a_rebuilt_graph_measures(onnx_quantizer, digits):
+    """The correction's one session takes the biases as inputs: a changed bias fed there moves the means exactly
+    as the same bias written into the graph does."""
+    import onnx
+
+    from edgekit.export import bias_correction
+
+    float_model = onnx.load(str(onnx_quantizer._pre))
+    quantized = onnx.load_from_string(onnx_quantizer._quantized(Int8Options(per_channel=False)))
+    samples = digits.x[:64].astype(np.float32)
+    targets = bias_correction._targets(float_model, quantized)
+    fed = bias_correction._Means(quantized, [t.output for t in targets], samples, 0, fed=[t.bias.name for t in targets])
+    before = fed(0, {t.bias.name: t.value() for t in targets})
+    targets[0].shift(np.full(before.shape, 0.5))
+    moved = fed(0, {t.bias.name: t.value() for t in targets})
+    written = bias_correction._Means(quantized, [targets[0].output], samples, 0)()[0]
+    np.testing.assert_allclose(moved, written, rtol=1e-6, atol=1e-6)
+    assert np.abs(moved - before).max() > 0.4  # the shift (on the bias's int32 grid) reached the output
