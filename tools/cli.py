@@ -240,7 +240,8 @@ def _add_trainable(sub: argparse._SubParsersAction) -> None:
     _add_custom_objects(t)
     t.add_argument("--out", required=True, help="output folder (written atomically)")
     t.add_argument("--head-only", action="store_true",
-                   help="train only the head; the backbone becomes an int8 backbone.tflite")
+                   help="train only the head; the backbone becomes an int8 backbone.tflite (int8 weights with float "
+                        "activations where full int8 changes the model's predictions)")
     t.add_argument("--batch-size", type=int, default=_default(TrainableConfig, "batch_size"),
                    help="fixed batch of the train signature (default %(default)s)")
     t.add_argument("--learning-rate", type=float, default=_default(TrainableConfig, "learning_rate"),
@@ -475,7 +476,8 @@ def cmd_trainable(args: argparse.Namespace) -> int:
           f"one train step vs TensorFlow max abs diff {check['train_step_max_abs_diff']:.2g}")
     for line in result.warnings:
         print(f"edgekit: warning: {line}", file=sys.stderr)
-    files = ", ".join(f"{name} ({len(data):,} bytes)" for name, data in result.files.items())
+    files = ", ".join(f"{a['file']} ({'float32' if a['quantization'] == 'none' else a['quantization']}, "
+                      f"{a['bytes']:,} bytes)" for a in result.manifest["artifacts"])
     print(f"wrote {result.out}: {files}, manifest.json")
     return int(ExitCode.SUCCESS)
 

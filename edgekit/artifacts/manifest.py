@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 from device_agents.serving.integrity import MANIFEST, SCHEMA_VERSION
 from edgekit._io import write_atomic
 from edgekit._version import __version__
+from edgekit.config import Quantization
 
 KERAS_MODEL = "model.keras"
 """The selected float Keras model in every compress output (for further training or federation)."""
@@ -104,13 +105,17 @@ def inference_manifest(result: CompressResult, *, keras_model: str | None = KERA
     }
 
 
-def trainable_manifest(source: dict[str, Any], files: dict[str, bytes], trainable: dict[str, Any]) -> dict[str, Any]:
+def trainable_manifest(source: dict[str, Any], files: dict[str, bytes], trainable: dict[str, Any], *,
+                       backbone: Quantization = Quantization.INT8) -> dict[str, Any]:
     """The manifest of a trainable export: ``files`` maps file name -> bytes (``trainable.tflite``
-    and, head-only, ``backbone.tflite``); ``trainable`` is the signature and tensor contract."""
+    and, head-only, ``backbone.tflite``, quantized as ``backbone`` says); ``trainable`` is the signature and
+    tensor contract."""
     roles = {"trainable.tflite": "trainable", "backbone.tflite": "backbone"}
+    quantization = {"trainable.tflite": Quantization.NONE, "backbone.tflite": backbone}
     return {
         **_header("trainable", source),
-        "artifacts": [file_entry(name, data, fmt="tflite", role=roles[name]) for name, data in files.items()],
+        "artifacts": [{**file_entry(name, data, fmt="tflite", role=roles[name]),
+                       "quantization": quantization[name].value} for name, data in files.items()],
         "trainable": trainable,
     }
 
