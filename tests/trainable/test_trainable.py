@@ -419,11 +419,10 @@ def test_head_only_mode_has_int8_backbone_and_trains_the_head(half_trained, tmp_
     assert result.manifest["verification"]["train_step_max_abs_diff"] <= 1e-5
 
 
-def test_a_head_only_backbone_int8_breaks_computes_in_float_with_int8_weights(digits, tmp_path):
-    """A CNN whose own Rescaling (built for 0-255) is fed 0-1 pixels, as users feed Keras 3 MobileNetV3Small: its
-    full int8 backbone changed the prediction on most samples and the export only said so (the head trained on
-    broken features). The dynamic-range backbone (int8 weights, float activations) is now kept, and both figures
-    are said."""
+@pytest.fixture(scope="module")
+def squeezed(digits, tmp_path_factory):
+    """A CNN whose own Rescaling (built for 0-255) is fed 0-1 pixels, as users feed Keras 3 MobileNetV3Small, and
+    its training data: (model path, .npz path)."""
     keras = _tf.keras()
     layers = keras.layers
     keras.utils.set_random_seed(0)
@@ -438,16 +437,24 @@ def test_a_head_only_backbone_int8_breaks_computes_in_float_with_int8_weights(di
         if isinstance(layer, layers.BatchNormalization):
             layer.momentum = 0.0
     model(digits.x[:1200], training=True)
-    model.save(tmp_path / "squeezed.h5")
-    np.savez(tmp_path / "d.npz", x=digits.x[:1200], y=digits.y[:1200])
-    result = export_trainable(tmp_path / "squeezed.h5", tmp_path / "head", data=tmp_path / "d.npz", progress=False,
+    folder = tmp_path_factory.mktemp("squeezed")
+    model.save(folder / "squeezed.h5")
+    np.savez(folder / "d.npz", x=digits.x[:1200], y=digits.y[:1200])
+    return folder / "squeezed.h5", folder / "d.npz"
+
+
+def test_a_head_only_backbone_int8_breaks_computes_in_float_with_int8_weights(squeezed, digits, tmp_path):
+    """The squeezed CNN's full int8 backbone changed the prediction on most samples and the export only said so
+    (the head trained on broken features). The dynamic-range backbone (int8 weights, float activations) is now
+    kept, and both figures are said."""
+    import re
+
+    result = export_trainable(squeezed[0], tmp_path / "head", data=squeezed[1], progress=False,
                               config=TrainableConfig(head_only=True, batch_size=16))
     check = result.manifest["verification"]
     kept = {a["file"]: a["quantization"] for a in result.manifest["artifacts"]}
     assert kept == {"backbone.tflite": "dynamic", "trainable.tflite": "none"}
     assert check["infer_top1_agreement"] >= 95 and check["train_step_max_relative_l2"] <= 1e-2
-    import re
-
     said = [w for w in result.warnings if w.startswith("the int8 backbone")]
     found = re.fullmatch(r"the int8 backbone leaves the model's top-1 prediction unchanged on ([\d.]+)% of the "
                          r"samples \(under 95%\); the backbone keeps int8 weights and computes in float \(dynamic "
@@ -461,6 +468,31 @@ def test_a_head_only_backbone_int8_breaks_computes_in_float_with_int8_weights(di
     trainer.fit(digits.x[:1200], digits.y[:1200], epochs=2, learning_rate=0.05)
     after, _ = trainer.evaluate(digits.x[1200:1500], digits.y[1200:1500])
     assert after <= before
+
+
+def test_a_backbone_the_converter_cannot_make_dynamic_stays_int8_and_is_said(squeezed, monkeypatch):
+    """Where the dynamic-range conversion fails, the export is not lost: the int8 backbone stays, with the
+    warning that it changes the predictions."""
+    from edgekit.config import Quantization
+    from edgekit.errors import ConversionError
+    from edgekit.export import tflite
+
+    convert = tflite.to_tflite
+
+    def no_dynamic(model, *, quantization, **kwargs):
+        if quantization is Quantization.DYNAMIC:
+            raise ConversionError("TFLite dynamic conversion failed: an op with no hybrid kernel")
+        return convert(model, quantization=quantization, **kwargs)
+
+    monkeypatch.setattr(tflite, "to_tflite", no_dynamic)
+    result = export_trainable(squeezed[0], None, data=squeezed[1], progress=False,
+                              config=TrainableConfig(head_only=True, batch_size=16))
+    kept = {a["file"]: a["quantization"] for a in result.manifest["artifacts"]}
+    agreement = result.manifest["verification"]["infer_top1_agreement"]
+    assert kept["backbone.tflite"] == "int8" and agreement < 90
+    assert f"the int8 backbone leaves the model's top-1 prediction unchanged on {agreement:.1f}% of the samples " \
+           "(under 95%): the head trains on features quantization changed; a full (not head-only) export keeps the " \
+           "model float" in result.warnings
 
 
 def test_untrainable_layers_and_bad_options_are_refused(tmp_path, text_model_path):
