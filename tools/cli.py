@@ -92,6 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_fleet(sub: argparse._SubParsersAction) -> None:
+    _add_release(sub)
+    fleet = sub.add_parser("fleet", help="serve a fleet of devices, roll signed releases out to it, see its status")
+    fleet_sub = fleet.add_subparsers(dest="fleet_command", parser_class=OneLineParser)
+    _add_fleet_serve(fleet_sub)
+    g = fleet_sub.add_parser("register", help="register a device's node.pub (only on the fleet's server)")
+    g.add_argument("public_key", metavar="NODE_PUB")
+    g.add_argument("--fleet", required=True, metavar="DIR")
+    g.set_defaults(func=cmd_fleet_register)
+    _add_fleet_rollout(fleet_sub)
+    st = fleet_sub.add_parser("status", help="every device's version and telemetry: fleet.json and fleet.png")
+    st.add_argument("--fleet", required=True, metavar="DIR")
+    st.add_argument("--out", help="where to write fleet.json and fleet.png (default DIR/status)")
+    st.set_defaults(func=cmd_fleet_status)
+
+
+def _add_release(sub: argparse._SubParsersAction) -> None:
+    """``keys new`` and ``release``: signing keys and signed releases."""
     from edgekit.fleet.signing import DEFAULT_EXPIRY
 
     keys = sub.add_parser("keys", help="release signing keys")
@@ -110,12 +127,11 @@ def _add_fleet(sub: argparse._SubParsersAction) -> None:
                    help="devices refuse the release after this many days (default %(default)s)")
     r.set_defaults(func=cmd_release)
 
-    from edgekit.fleet.rollout import Gates, RolloutConfig
+
+def _add_fleet_serve(fleet_sub: argparse._SubParsersAction) -> None:
     from edgekit.fleet.serve import FleetConfig
     from edgekit.fleet.watch import WatchConfig
 
-    fleet = sub.add_parser("fleet", help="serve a fleet of devices, roll signed releases out to it, see its status")
-    fleet_sub = fleet.add_subparsers(dest="fleet_command", parser_class=OneLineParser)
     s = fleet_sub.add_parser("serve", help="run the fleet's SuperLink (TLS, node keys) until Ctrl-C",
                              description="Start the fleet in DIR (CA, certificates, Flower state; reused on restart): "
                                          "the SuperLink on 127.0.0.1 and the Fleet-only TLS gateway devices dial on "
@@ -138,10 +154,11 @@ def _add_fleet(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--metrics", type=_metrics_address, metavar="[HOST:]PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics (HOST default 127.0.0.1)")
     s.set_defaults(func=cmd_fleet_serve)
-    g = fleet_sub.add_parser("register", help="register a device's node.pub (only on the fleet's server)")
-    g.add_argument("public_key", metavar="NODE_PUB")
-    g.add_argument("--fleet", required=True, metavar="DIR")
-    g.set_defaults(func=cmd_fleet_register)
+
+
+def _add_fleet_rollout(fleet_sub: argparse._SubParsersAction) -> None:
+    from edgekit.fleet.rollout import Gates, RolloutConfig
+
     ro = fleet_sub.add_parser("rollout", help="send a signed release to a canary fraction, gate, then to all",
                               description="Devices verify, install, smoke-test and measure the release on their own "
                                           "data. If the canary meets every gate the release goes to all devices; "
@@ -177,10 +194,6 @@ def _add_fleet(sub: argparse._SubParsersAction) -> None:
     ro.add_argument("--timeout", type=float, default=_default(RolloutConfig, "timeout"),
                     help="seconds per step (default %(default)s)")
     ro.set_defaults(func=cmd_fleet_rollout)
-    st = fleet_sub.add_parser("status", help="every device's version and telemetry: fleet.json and fleet.png")
-    st.add_argument("--fleet", required=True, metavar="DIR")
-    st.add_argument("--out", help="where to write fleet.json and fleet.png (default DIR/status)")
-    st.set_defaults(func=cmd_fleet_status)
 
 
 def _add_compress(sub: argparse._SubParsersAction) -> None:
