@@ -246,6 +246,20 @@ MOMENTUM_TEXT = ("the on-device optimizer: plain SGD, or SGD with heavy-ball mom
                  "default's 0.1.")
 
 
+DEFENCES = {
+    "norm bound 1 + screening (the defaults)": {},
+    "norm bound 2 + screening": {"update_norm_bound": 2.0},
+    "norm bound 3 + screening": {"update_norm_bound": 3.0},
+    "screening only": {"update_norm_bound": None},
+    "norm bound 1 only": {"screen_loss_ratio": None},
+    "neither": {"update_norm_bound": None, "screen_loss_ratio": None},
+}
+"""Label -> RoundSettings overrides of the Byzantine defences (edgekit.federated.robust): what each costs honest
+devices over a long run (benchmarks/robust.py measures what each keeps under attack)."""
+DEFENCES_TEXT = ("the Byzantine defences: every update's norm bounded to 1, 2 or 3 times the round's median, "
+                 "screening on the evaluation data (2.5x the round's median loss), both or neither (the oversized "
+                 "filter, the example cap and the last-good-model guard stay on).")
+
 # -- the defaults, side by side --------------------------------------------------------------------
 def side_by_side(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="edgekit-fl-bench-"))
@@ -527,6 +541,9 @@ def main() -> int:
                         help="the defaults with a constant or a cosine-decayed on-device learning rate")
     parser.add_argument("--momentum", action="store_true",
                         help="the defaults with plain on-device SGD or with on-device momentum")
+    parser.add_argument("--defences", action="store_true",
+                        help="the defaults with the Byzantine defences' norm bound at 1, 2, 3 or off, screening on or "
+                             "off: their cost to honest devices")
     parser.add_argument("--oversized", action="store_true",
                         help="compare what the server does with oversized updates: reject, bound, bound + reject")
     parser.add_argument("--seeds", action="store_true",
@@ -557,6 +574,9 @@ def main() -> int:
         return server_rates(args)
     if args.seeds:
         return seeds(args)
+    if args.defences:
+        return compare(args, DEFENCES, flag="defences", section="federated-defences", column="defences",
+                       title="Byzantine defences without attackers", text=DEFENCES_TEXT)
     if args.momentum:
         return compare(args, MOMENTUM, flag="momentum", section="federated-momentum", column="on-device momentum",
                        title="On-device momentum", text=MOMENTUM_TEXT)
