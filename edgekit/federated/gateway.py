@@ -16,20 +16,29 @@ version installed, nothing else:
   (``http://host/...``), or holds a dot segment, a percent escape, ``//``, ``;`` or ``\\``, is refused
   with 400; any other path with 404. What is forwarded is the route from the table, never the client's
   string, so no later normalisation (httpx resolves dot segments) can turn one path into another.
-- **Bounded bodies, streamed.** Each route has a body limit sized to what it legitimately carries
+- **Bounded bodies, spooled.** Each route has a body limit sized to what it legitimately carries
   (:data:`BODY_LIMITS`: an object push carries one array chunk of at most Flower's 5 MiB; release bytes
-  only ever flow down, in responses). Bodies stream through in both directions, never buffered whole;
-  a declared length over the limit is refused before a byte is read, a streamed one when it crosses.
+  only ever flow down, in responses). A declared length over the limit is refused before a byte is read,
+  a streamed one when it crosses. The body is read whole before the request takes a forwarding slot, and
+  the SuperLink's answer is read whole before the slot is given back (each held in memory up to
+  :data:`SPOOL_BYTES`, in a temporary file past it, as nginx's request and response buffering do), so no
+  client's speed holds a slot: the slots are the SuperLink's time only.
 - **Bounded load.** At most :data:`MAX_CONCURRENT` requests are forwarded at once (others wait up to
-  :data:`QUEUE_SECONDS`, then get 503, which Flower's client retries); uvicorn refuses connections past
-  :data:`MAX_CONNECTIONS`. A client that sends nothing for :data:`IDLE_SECONDS` mid-body, or takes over
+  :data:`QUEUE_SECONDS`, then get 503, which Flower's client retries); at most :data:`MAX_CONNECTIONS`
+  connections are open. A client that sends nothing for :data:`IDLE_SECONDS` mid-body, or takes over
   :data:`BODY_SECONDS` for one body, gets 408.
+- **Bounded time on every connection**, which uvicorn itself does not bound (its issue #157): a request
+  head (request line and headers) must be complete within :data:`HEADER_SECONDS` of the connection (or, on
+  a kept-alive one, of the head's first byte), and a client that reads none of its answer for
+  :data:`IDLE_SECONDS` is dropped. When all :data:`MAX_CONNECTIONS` are open, a new connection sheds the one
+  that has waited longest on its own client (no head yet, idle between requests, or a body still arriving),
+  so connections that send nothing, or a byte now and then (slowloris), cannot lock devices out.
 
 Why hand-written and not nginx or Envoy: neither installs with the SDK from the package registry (a
 Python distribution would need a system package and a generated configuration per fleet), and both
 match locations on a *normalised* path by default (nginx decodes ``%2e`` and resolves ``..`` before
 matching), the opposite of the exact raw-path rule; the route table would also have to be restated
-per Flower version instead of read from Flower. The gateway is ~200 lines on uvicorn and httpx, which
+per Flower version instead of read from Flower. The gateway is ~300 lines on uvicorn and httpx, which
 the SuperLink itself already runs on.
 
     python -m edgekit.federated.gateway --host 0.0.0.0 --port 9093 --upstream-port 9092 \\
@@ -41,9 +50,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import IO, Any
 
 MIB = 1 << 20
 SMALL_BODY = 256 << 10
@@ -51,11 +62,18 @@ SMALL_BODY = 256 << 10
 BODY_LIMITS = {"/v1/fleet/push-object": 5 * MIB + MIB, "/v1/fleet/push-messages": 4 * MIB}
 """Routes whose requests carry more than :data:`SMALL_BODY`: one object (an array chunk of at most Flower's
 ``FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE``, 5 MiB, plus framing), or message headers with their object trees."""
+ANSWER_LIMIT = 32 * MIB
+"""The largest answer forwarded from the SuperLink (a Fleet answer carries at most one 5 MiB object chunk)."""
+SPOOL_BYTES = SMALL_BODY
+"""A body or answer larger than this waits in a temporary file rather than in memory."""
 MAX_CONCURRENT = 32
 MAX_CONNECTIONS = 256
 QUEUE_SECONDS = 10.0
+HEADER_SECONDS = 10.0
 IDLE_SECONDS = 30.0
 BODY_SECONDS = 300.0
+CHUNK = 1 << 16
+LOG_SECONDS = 60.0
 _SUSPICIOUS = (b"/.", b"%", b"//", b";", b"\\")
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailers",
                b"transfer-encoding", b"upgrade", b"host", b"content-length", b"forwarded", b"x-forwarded-for",
@@ -115,9 +133,11 @@ def _declared_length(scope: Scope, limit: int) -> int | None:
     return length
 
 
-async def _body(receive: Receive, limit: int, counted: list[int]) -> AsyncIterator[bytes]:
-    """The request body as it arrives, refused past ``limit`` bytes or a slow client's time."""
+async def _read_body(receive: Receive, limit: int, into: IO[bytes]) -> int:
+    """Read the request body into ``into`` as it arrives; its length, or :class:`_Refused` past ``limit`` bytes
+    or a slow client's time."""
     deadline = time.monotonic() + BODY_SECONDS
+    counted = 0
     while True:
         wait = min(IDLE_SECONDS, deadline - time.monotonic())
         try:
@@ -127,13 +147,18 @@ async def _body(receive: Receive, limit: int, counted: list[int]) -> AsyncIterat
         if message["type"] == "http.disconnect":
             raise _Refused(400, "the client disconnected mid-body")
         chunk = message.get("body", b"")
-        counted[0] += len(chunk)
-        if counted[0] > limit:
+        counted += len(chunk)
+        if counted > limit:
             raise _Refused(413, f"request body over this route's limit of {limit:,} bytes")
-        if chunk:
-            yield chunk
+        into.write(chunk)
         if not message.get("more_body", False):
-            return
+            return counted
+
+
+async def _chunks(spool: IO[bytes]) -> AsyncIterator[bytes]:
+    spool.seek(0)
+    while chunk := spool.read(CHUNK):
+        yield chunk
 
 
 async def _respond(send: Send, status: int, detail: str) -> None:
@@ -172,14 +197,17 @@ def make_app(upstream: str, *, ca: str | None) -> Callable[[Scope, Receive, Send
         route = check_target(scope, routes)
         limit = routes[route]
         _declared_length(scope, limit)
-        try:
-            await asyncio.wait_for(slots.acquire(), timeout=QUEUE_SECONDS)
-        except asyncio.TimeoutError:
-            raise _Refused(503, "the gateway is busy; retry") from None
-        try:
-            await _proxy(client, route, scope, receive, send, limit)
-        finally:
-            slots.release()
+        with tempfile.SpooledTemporaryFile(SPOOL_BYTES) as body, tempfile.SpooledTemporaryFile(SPOOL_BYTES) as answer:
+            length = await _read_body(receive, limit, body)
+            try:
+                await asyncio.wait_for(slots.acquire(), timeout=QUEUE_SECONDS)
+            except asyncio.TimeoutError:
+                raise _Refused(503, "the gateway is busy; retry") from None
+            try:
+                status, headers = await _exchange(client, route, scope, (body, length), answer)
+            finally:
+                slots.release()
+            await _answer(send, status, headers, answer)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -195,28 +223,126 @@ def make_app(upstream: str, *, ca: str | None) -> Callable[[Scope, Receive, Send
     return app
 
 
-async def _proxy(client: Any, route: bytes, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-    """Stream one request to the route on the SuperLink and its response back."""
+async def _exchange(client: Any, route: bytes, scope: Scope, body: tuple[IO[bytes], int],
+                    answer: IO[bytes]) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """Send one spooled request body to the route on the SuperLink; its status and headers, the answer's bytes
+    written to ``answer``."""
     import httpx
 
+    spool, length = body
     headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP_BY_HOP]
-    counted = [0]
-    request = client.build_request("POST", route.decode("ascii"), headers=headers,
-                                   content=_body(receive, limit, counted))
+    headers.append((b"content-length", str(length).encode()))
+    request = client.build_request("POST", route.decode("ascii"), headers=headers, content=_chunks(spool))
     try:
         response = await client.send(request, stream=True)
-    except _Refused:
-        raise
+        try:
+            size = 0
+            async for chunk in response.aiter_raw():
+                size += len(chunk)
+                if size > ANSWER_LIMIT:
+                    raise _Refused(502, f"the SuperLink's answer is over {ANSWER_LIMIT:,} bytes")
+                answer.write(chunk)
+        finally:
+            await response.aclose()
     except httpx.HTTPError:
         raise _Refused(502, "the SuperLink is not reachable") from None
-    try:
-        out = [(k, v) for k, v in response.headers.raw if k.decode("latin-1").lower() not in _DROP_FROM_RESPONSE]
-        await send({"type": "http.response.start", "status": response.status_code, "headers": out})
-        async for chunk in response.aiter_raw():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
-    finally:
-        await response.aclose()
+    out = [(k, v) for k, v in response.headers.raw
+           if k.decode("latin-1").lower() not in _DROP_FROM_RESPONSE | {"content-length"}]
+    return response.status_code, [*out, (b"content-length", str(size).encode())]
+
+
+async def _answer(send: Send, status: int, headers: list[tuple[bytes, bytes]], answer: IO[bytes]) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    async for chunk in _chunks(answer):
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+class _DropLog:
+    """One log line per reason a connection is dropped, at most every :data:`LOG_SECONDS`, with the count since:
+    a flood of connections cannot flood the log."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, float] = {}
+        self.count: dict[str, int] = {}
+
+    def note(self, why: str, client: str) -> None:
+        self.count[why] = self.count.get(why, 0) + 1
+        now = time.monotonic()
+        if now - self.last.get(why, -LOG_SECONDS) >= LOG_SECONDS:
+            logging.getLogger("edgekit.gateway").warning(
+                "gateway: dropped %d connection(s), the last from %s: it %s", self.count[why], client, why)
+            self.last[why], self.count[why] = now, 0
+
+
+_DROPS = _DropLog()
+
+
+def _protocol() -> type:
+    """uvicorn's h11 protocol with the time limits uvicorn lacks: a deadline on each request head, a client that
+    reads nothing of its answer for :data:`IDLE_SECONDS` dropped, and a full gateway shedding the connection that
+    has waited longest on its client."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GatewayProtocol(H11Protocol):  # type: ignore[misc]
+        _head: asyncio.TimerHandle | None = None
+        _stall: asyncio.TimerHandle | None = None
+        _since = 0.0
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._since = time.monotonic()
+            self._head = self.loop.call_later(HEADER_SECONDS, self._drop, "sent no complete request head in time")
+            self._shed()
+
+        def data_received(self, data: bytes) -> None:
+            if self._head is None and self.conn.their_state is h11.IDLE:  # a kept-alive connection's next head
+                self._head = self.loop.call_later(HEADER_SECONDS, self._drop, "sent no complete request head in time")
+            super().data_received(data)
+            if self._head is not None and self.conn.their_state is not h11.IDLE:
+                self._head.cancel()
+                self._head = None
+
+        def on_response_complete(self) -> None:
+            self._since = time.monotonic()
+            super().on_response_complete()
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._stall is None:
+                self._stall = self.loop.call_later(IDLE_SECONDS, self._drop, "read none of its answer in time")
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._stall is not None:
+                self._stall.cancel()
+                self._stall = None
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            for timer in (self._head, self._stall):
+                if timer is not None:
+                    timer.cancel()
+            super().connection_lost(exc)
+
+        def _waiting_on_client(self) -> bool:
+            return self.conn.their_state in (h11.IDLE, h11.SEND_BODY)
+
+        def _shed(self) -> None:
+            """Past the connection limit, close the connections that have waited longest on their clients."""
+            while len(self.connections) >= MAX_CONNECTIONS:
+                waiting = [c for c in self.connections if c is not self and c._waiting_on_client()]
+                if not waiting:
+                    return
+                oldest = min(waiting, key=lambda c: c._since)
+                oldest._drop("was shed for a new connection: the gateway is full")
+                self.connections.discard(oldest)
+
+        def _drop(self, why: str) -> None:
+            _DROPS.note(why, f"{self.client[0]}:{self.client[1]}" if self.client else "a client")
+            self.transport.abort()
+
+    return GatewayProtocol
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,10 +358,11 @@ def main(argv: list[str] | None = None) -> None:
 
     scheme = "https" if args.ca else "http"
     app = make_app(f"{scheme}://127.0.0.1:{args.upstream_port}", ca=args.ca)
-    # h11: its raw_path is the request target byte for byte (httptools' is the parsed URL's path, which hides
-    # an absolute-form target)
+    # h11 (the protocol is uvicorn's h11 one): its raw_path is the request target byte for byte (httptools' is the
+    # parsed URL's path, which hides an absolute-form target)
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
     uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.certfile, ssl_keyfile=args.keyfile,
-                log_level="warning", access_log=False, lifespan="on", http="h11", ws="none",
+                log_level="warning", access_log=False, lifespan="on", http=_protocol(), ws="none",
                 limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=int(IDLE_SECONDS),
                 h11_max_incomplete_event_size=16384)
 

@@ -180,3 +180,166 @@ def test_join_with_a_key_the_fleet_did_not_register_says_flowers_reason(link, tm
     last = proc.stderr.strip().splitlines()[-1]
     assert "the SuperNode exited with code" in last and "Failed to activate SuperNode" in last, last
     assert "Traceback" not in proc.stderr
+
+
+# --- slow clients: the gateway's own time limits, on the real gateway process with its numbers shrunk ---------
+
+TIGHT = {"HEADER_SECONDS": 4.0, "IDLE_SECONDS": 3.0, "MAX_CONNECTIONS": 16, "MAX_CONCURRENT": 4,
+         "QUEUE_SECONDS": 3.0}
+BIG = 24 << 20  # larger than loopback's socket buffers on both ends, so a client that reads nothing stalls the send
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory):
+    """The gateway with the limits of TIGHT (the same code, smaller numbers, so a test waits seconds, not minutes)
+    in front of a stand-in upstream: a SuperLink gives large answers only to a registered node, so a plain HTTP
+    server answers ``pull-object`` with BIG bytes and every other route with ``ok``."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from edgekit.federated.processes import FLOWER_ENV, Processes, free_port, wait_port
+
+    class Upstream(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            body = b"o" * BIG if self.path == "/v1/fleet/pull-object" else b"ok"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    base = tmp_path_factory.mktemp("tight")
+    procs = Processes(base, {**os.environ, **FLOWER_ENV})
+    port = free_port()
+    shrink = "; ".join(f"g.{name} = {value!r}" for name, value in TIGHT.items())
+    procs.start("gateway", [sys.executable, "-c", f"import edgekit.federated.gateway as g; {shrink}; "
+                            f"g.main(['--port', '{port}', '--upstream-port', '{upstream.server_address[1]}'])"])
+    try:
+        wait_port(port, procs)
+        yield {"port": port, "log": base / "gateway.log", "procs": procs}
+    finally:
+        procs.stop()
+        upstream.shutdown()
+
+
+def _ask(port: int, target: bytes = b"/v1/fleet/get-run") -> tuple[int, bytes, float]:
+    """One whole request on a plain connection: (status, body, seconds)."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST " + target + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+            head, _, rest = data.partition(b"\r\n\r\n")
+            if rest and len(rest) >= int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                             if line.lower().startswith(b"content-length:"))):
+                break
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), rest, time.monotonic() - start
+
+
+def _closed(sockets: list[socket.socket], wait: float) -> int:
+    """How many of ``sockets`` the gateway closed within ``wait`` seconds (end of stream or a reset)."""
+    import select
+
+    closed, deadline = set(), time.monotonic() + wait
+    while time.monotonic() < deadline and len(closed) < len(sockets):
+        readable, _, _ = select.select([s for s in sockets if s not in closed], [], [], 0.1)
+        for sock in readable:
+            try:
+                if not sock.recv(65536):
+                    closed.add(sock)
+            except OSError:
+                closed.add(sock)
+    return len(closed)
+
+
+@GATEWAY
+def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(tight):
+    head = b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
+    with socket.create_connection(("127.0.0.1", tight["port"]), timeout=30) as sock:
+        start, cut = time.monotonic(), None
+        for byte in head:  # a byte every 0.2 s: 40 s for the head, were it let through
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                cut = time.monotonic() - start
+                break
+            if _closed([sock], 0.2):
+                cut = time.monotonic() - start
+                break
+    assert cut is not None and TIGHT["HEADER_SECONDS"] - 0.5 < cut < TIGHT["HEADER_SECONDS"] + 3, cut
+    assert _ask(tight["port"])[:2] == (200, b"ok")
+    assert "sent no complete request head in time" in tight["log"].read_text()
+
+
+@GATEWAY
+def test_connections_that_send_nothing_do_not_lock_devices_out(tight):
+    """Three times the connection limit held open silently; a device's request still goes through at once (before
+    the gateway shed them, uvicorn answered every request past the limit 503 for as long as they stayed)."""
+    silent = [socket.create_connection(("127.0.0.1", tight["port"]), timeout=30)
+              for _ in range(3 * TIGHT["MAX_CONNECTIONS"])]
+    try:
+        status, body, seconds = _ask(tight["port"])
+        assert (status, body) == (200, b"ok") and seconds < 2.5, (status, body, seconds)
+        # shed oldest first: at most the limit stay open, well before the head deadline would have closed them
+        assert _closed(silent, 0.5) >= len(silent) - TIGHT["MAX_CONNECTIONS"] + 1
+        assert _closed(silent[-4:], 0.1) == 0  # the newest are still open
+    finally:
+        for sock in silent:
+            sock.close()
+    assert "was shed for a new connection" in tight["log"].read_text()
+
+
+@GATEWAY
+def test_bodies_sent_slowly_hold_no_forwarding_slot(tight):
+    """Three times the forwarding slots taken by bodies that stall after 10 of 1000 bytes: a device's request is
+    answered at once (before, each stalled body held a slot and the device waited out the queue for a 503)."""
+    slow = []
+    for _ in range(3 * TIGHT["MAX_CONCURRENT"]):
+        sock = socket.create_connection(("127.0.0.1", tight["port"]), timeout=30)
+        sock.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+        slow.append(sock)
+    try:
+        status, body, seconds = _ask(tight["port"])
+        assert (status, body) == (200, b"ok") and seconds < 2.5, (status, body, seconds)
+        # and each stalled body gets its 408 once it has sent nothing for IDLE_SECONDS
+        answers = [sock.recv(64) for sock in slow]
+        assert all(answer.startswith(b"HTTP/1.1 408") for answer in answers), answers
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+@GATEWAY
+def test_clients_that_read_none_of_a_large_answer_hold_no_slot_and_are_dropped(tight):
+    readers = []
+    for _ in range(3 * TIGHT["MAX_CONCURRENT"] // 2):
+        sock = socket.create_connection(("127.0.0.1", tight["port"]), timeout=30)
+        sock.sendall(b"POST /v1/fleet/pull-object HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        readers.append(sock)
+    try:
+        time.sleep(1.0)  # every answer fetched from upstream, none read
+        status, body, seconds = _ask(tight["port"])
+        assert (status, body) == (200, b"ok") and seconds < 2.5, (status, body, seconds)
+        time.sleep(TIGHT["IDLE_SECONDS"] + 1.5)
+        received = []
+        for sock in readers:
+            got = 0
+            try:
+                while chunk := sock.recv(1 << 20):
+                    got += len(chunk)
+            except OSError:
+                pass
+            received.append(got)
+        assert all(got < BIG for got in received), received  # cut off mid-answer, not sent it whole
+    finally:
+        for sock in readers:
+            sock.close()
+    assert "read none of its answer in time" in tight["log"].read_text()
