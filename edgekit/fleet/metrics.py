@@ -121,19 +121,41 @@ class MetricsAddress:
             raise InputError(f"metrics port {self.port} is not a TCP port (1-65535)")
 
 
+MAX_SCRAPES = 16
+"""Connections served at once; a new one past it closes the oldest (a Prometheus server scrapes over one)."""
+REQUEST_SECONDS = 10.0
+"""The longest a request may take to arrive, however its client trickles it (the answer is not bounded: a scrape
+reads the whole fleet database)."""
+IDLE_SECONDS = 10.0
+"""The longest a connection may send or read nothing."""
+
+
 class MetricsServer:
-    """``/metrics`` of a fleet database, served by ``prometheus_client``'s HTTP server in a daemon thread."""
+    """``/metrics`` of a fleet database, served by ``prometheus_client``'s WSGI app on a thread per connection,
+    with the limits its ``start_http_server`` lacks: a connection is closed after :data:`IDLE_SECONDS` of silence
+    or when its request has not arrived whole within :data:`REQUEST_SECONDS`, and past :data:`MAX_SCRAPES` open
+    connections a new one closes the oldest, so connections that send nothing cannot pile up threads in the fleet
+    server nor lock scrapes out."""
 
     def __init__(self, database: str | Path, address: MetricsAddress) -> None:
-        from prometheus_client import CollectorRegistry
-        from prometheus_client.exposition import start_http_server
+        import socket
+        import threading
+        from wsgiref.simple_server import make_server
+
+        from prometheus_client import CollectorRegistry, make_wsgi_app
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(FleetCollector(database))
+        server_class, handler_class = _bounded_server()
         try:
-            self._server, self._thread = start_http_server(address.port, addr=address.host, registry=registry)
+            server_class.address_family = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)[0][0]
+            self._server = make_server(address.host, address.port, make_wsgi_app(registry), server_class,
+                                       handler_class=handler_class)
         except OSError as exc:
-            raise InputError(f"cannot serve metrics on {address.host}:{address.port}: {exc.strerror}") from None
+            why = exc.strerror or str(exc)
+            raise InputError(f"cannot serve metrics on {address.host}:{address.port}: {why}") from None
+        self._thread = threading.Thread(target=self._server.serve_forever, name="edgekit-metrics", daemon=True)
+        self._thread.start()
         self.address = address
 
     @property
@@ -144,3 +166,64 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
 
+
+def _bounded_server() -> tuple[type, type]:
+    """prometheus_client's threading WSGI server and silent handler, bounded in connections and time."""
+    import socket
+    import threading
+    import time
+    from wsgiref.simple_server import WSGIRequestHandler
+
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    def cut(connection: socket.socket) -> None:
+        try:
+            connection.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed
+            pass
+
+    class Handler(WSGIRequestHandler):
+        timeout = IDLE_SECONDS
+
+        def parse_request(self) -> bool:  # reads the headers after the request line
+            parsed = super().parse_request()
+            self.server.arrived(self.request)
+            return parsed
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+            """No line per scrape."""
+
+    class Server(ThreadingWSGIServer):  # type: ignore[misc]
+        def server_activate(self) -> None:
+            self.open: dict[Any, float] = {}
+            self.deadlines: dict[Any, threading.Timer] = {}
+            self.lock = threading.Lock()
+            super().server_activate()
+
+        def verify_request(self, request: Any, client_address: Any) -> bool:
+            with self.lock:
+                while len(self.open) >= MAX_SCRAPES:
+                    oldest = min(self.open, key=self.open.__getitem__)
+                    del self.open[oldest]
+                    cut(oldest)
+                self.open[request] = time.monotonic()
+                self.deadlines[request] = threading.Timer(REQUEST_SECONDS, cut, (request,))
+                self.deadlines[request].start()
+            return True
+
+        def arrived(self, request: Any) -> None:
+            """The request line and headers are in: the request deadline no longer applies."""
+            with self.lock:
+                deadline = self.deadlines.pop(request, None)
+            if deadline is not None:
+                deadline.cancel()
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.arrived(request)
+                with self.lock:
+                    self.open.pop(request, None)
+
+    return Server, Handler

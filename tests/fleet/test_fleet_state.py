@@ -169,6 +169,68 @@ def test_metrics_are_served_over_http_from_the_database_file_and_a_taken_port_is
         MetricsAddress(port=70_000)
 
 
+def _cut_within(sock, seconds: float) -> float | None:
+    """Seconds until the server closed ``sock`` (end of stream or a reset), or None if it stayed open."""
+    import select
+    import time
+
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        if select.select([sock], [], [], 0.1)[0]:
+            try:
+                if not sock.recv(1024):
+                    return time.monotonic() - start
+            except OSError:
+                return time.monotonic() - start
+    return None
+
+
+def test_connections_that_send_nothing_neither_pile_up_threads_nor_lock_scrapes_out(tmp_path, monkeypatch):
+    """prometheus_client's own server keeps a thread per connection for as long as the client stays silent: three
+    times the cap of silent connections, and one trickling its request a byte at a time, were all still open (and
+    their threads alive) after the deadlines below before this bound."""
+    import socket
+    import threading
+    import time
+
+    from device_agents.federated.join import free_port
+    from edgekit.fleet import metrics
+    from edgekit.fleet.metrics import MetricsAddress, MetricsServer
+
+    monkeypatch.setattr(metrics, "MAX_SCRAPES", 4)
+    monkeypatch.setattr(metrics, "IDLE_SECONDS", 2.0)
+    monkeypatch.setattr(metrics, "REQUEST_SECONDS", 3.0)
+    server = MetricsServer(tmp_path / "telemetry.sqlite", MetricsAddress(port=free_port()))
+    threads = threading.active_count()
+    silent = []
+    try:
+        for _ in range(12):
+            silent.append(socket.create_connection(("127.0.0.1", server.address.port), timeout=10))
+            time.sleep(0.02)
+        assert urllib.request.urlopen(server.url, timeout=5).status == 200  # noqa: S310 (loopback)
+        shed = [_cut_within(sock, 0.3) for sock in silent[:8]]
+        assert all(cut is not None for cut in shed), shed  # the oldest were closed for the newer ones
+        assert threading.active_count() - threads <= 2 * 4 + 2  # a thread and a deadline timer per open one
+        assert all(_cut_within(sock, 4.0) is not None for sock in silent[8:])  # the rest after 2 s of silence
+        with socket.create_connection(("127.0.0.1", server.address.port), timeout=10) as trickle:
+            start, cut = time.monotonic(), None
+            trickle.sendall(b"GET /metrics HTTP/1.1\r\n")  # the request line at once, then its headers slowly
+            for byte in b"Host: x\r\nX-Slow: " + b"a" * 100:  # 50 s, were it let through
+                try:
+                    trickle.sendall(bytes([byte]))
+                except OSError:
+                    break
+                if _cut_within(trickle, 0.5) is not None:
+                    break
+            cut = time.monotonic() - start
+        assert 2.5 < cut < 6.0, cut  # cut at REQUEST_SECONDS though never silent for IDLE_SECONDS
+        assert urllib.request.urlopen(server.url, timeout=5).status == 200  # noqa: S310
+    finally:
+        for sock in silent:
+            sock.close()
+        server.stop()
+
+
 def test_serving_series_and_their_picture_show_each_version_over_time(tmp_path):
     from edgekit.fleet.plots import plot_serving
 
