@@ -24,14 +24,26 @@ def build_parser() -> argparse.ArgumentParser:
                           exit_codes=True)
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
 
-    def model_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", required=True,
-                       help="an artifact file, an edgekit output folder (hash-checked), or a store root")
-        p.add_argument("--runtime", choices=RUNTIMES, help="force a runtime")
-        p.add_argument("--threads", type=int, help="interpreter threads")
+    _add_serving(sub)
+    _add_store(sub)
+    _add_federated(sub)
+    r = sub.add_parser("rollback", help="make the previous installed version current again")
+    r.add_argument("--store", required=True)
+    r.set_defaults(func=cmd_rollback)
+    return parser
 
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="an artifact file, an edgekit output folder (hash-checked), or a store root")
+    p.add_argument("--runtime", choices=RUNTIMES, help="force a runtime")
+    p.add_argument("--threads", type=int, help="interpreter threads")
+
+
+def _add_serving(sub: Any) -> None:
+    """predict and bench."""
     p = sub.add_parser("predict", help="run samples from an .npz through the model")
-    model_args(p)
+    _model_args(p)
     p.add_argument("--input", required=True, help=".npz with an array x")
     p.add_argument("--output", required=True, help=".npy to write (float32, one row per sample)")
     p.add_argument("--telemetry", help="write telemetry JSON here")
@@ -43,12 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     b = sub.add_parser("bench", help="latency percentiles, cold start and peak memory")
-    model_args(b)
+    _model_args(b)
     b.add_argument("--input", help=".npz with x (default: zeros of the input shape)")
     b.add_argument("--repeats", type=int, default=500)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
 
+
+def _add_store(sub: Any) -> None:
+    """install and status (rollback stays last in the help)."""
     i = sub.add_parser("install", help="verify and atomically install a model version into a store")
     i.add_argument("--model", required=True, help="an edgekit output folder")
     i.add_argument("--store", required=True, help="the store root folder")
@@ -63,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
 
+
+def _add_federated(sub: Any) -> None:
+    """node-key and join."""
     k = sub.add_parser("node-key", help="write this device's SuperNode key pair: DIR/node.key (0600), DIR/node.pub")
     k.add_argument("--out", required=True, help="the folder for the key pair (an existing key is never replaced)")
     k.set_defaults(func=cmd_node_key)
@@ -81,11 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--trust", metavar="PUBKEY", help="the release signing key (signing.pub); required when the "
                                                      "store has not pinned one yet")
     j.set_defaults(func=cmd_join)
-
-    r = sub.add_parser("rollback", help="make the previous installed version current again")
-    r.add_argument("--store", required=True)
-    r.set_defaults(func=cmd_rollback)
-    return parser
 
 
 def _open(path: str, runtime: str | None, threads: int | None):  # noqa: ANN202

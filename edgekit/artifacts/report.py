@@ -84,6 +84,23 @@ def num(value: float | None, *, signed: bool = False) -> str:
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
+def _selected_lines(selected: CandidateResult) -> list[str]:
+    """The selected candidate's notes, the layers a technique left alone, and its per-layer sparsity."""
+    lines = []
+    notes = [f"- {a.format.value}: {n}" for a in selected.artifacts for n in a.notes]
+    notes += [f"- **{line}**" for line in slower_notes(selected)]
+    if notes:
+        lines += ["", "## Notes", "", *notes]
+    skipped = [(t, k, v) for t, layers in selected.skipped_layers.items() for k, v in layers.items()]
+    if skipped:
+        lines += ["", "## Layers a technique left as they were", "", "| technique | layer | why |", "|---|---|---|"]
+        lines += [f"| {t} | {k} | {v} |" for t, k, v in skipped]
+    if selected.recipe.prunes and selected.layer_sparsity:  # nothing to show otherwise
+        lines += ["", "## Per-layer sparsity (fraction of zero weights)", "", "| layer | sparsity |", "|---|---:|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in selected.layer_sparsity.items()]
+    return lines
+
+
 def write_report(result: CompressResult, folder: Path) -> None:
     """Write ``report.md`` plus ``size_vs_accuracy.png`` and, when pruned, ``sparsity.png``."""
     plots = []
@@ -133,17 +150,7 @@ def write_report(result: CompressResult, folder: Path) -> None:
                      f"{'**yes**' if r['selected'] else ''} |")
     lines += _remedy_lines(result)
     if result.selected is not None:
-        notes = [f"- {a.format.value}: {n}" for a in result.selected.artifacts for n in a.notes]
-        notes += [f"- **{line}**" for line in slower_notes(result.selected)]
-        if notes:
-            lines += ["", "## Notes", "", *notes]
-        skipped = [(t, k, v) for t, layers in result.selected.skipped_layers.items() for k, v in layers.items()]
-        if skipped:
-            lines += ["", "## Layers a technique left as they were", "", "| technique | layer | why |", "|---|---|---|"]
-            lines += [f"| {t} | {k} | {v} |" for t, k, v in skipped]
-        if result.selected.recipe.prunes and result.selected.layer_sparsity:  # nothing to show otherwise
-            lines += ["", "## Per-layer sparsity (fraction of zero weights)", "", "| layer | sparsity |", "|---|---:|"]
-            lines += [f"| {k} | {v:.3f} |" for k, v in result.selected.layer_sparsity.items()]
+        lines += _selected_lines(result.selected)
     for title, name in plots:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
     (folder / "report.md").write_text("\n".join(lines) + "\n")

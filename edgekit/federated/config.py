@@ -154,6 +154,13 @@ class RoundSettings:
                 TrainConfig.DP_CLIPPING: (self.dp_clipping if private else Clipping.NONE).value}
 
     def __post_init__(self) -> None:
+        self._coerce()
+        self._check_defences()
+        self._check_training()
+        self._check_privacy()
+
+    def _coerce(self) -> None:
+        """Enums from their values (and the older boolean codec)."""
         object.__setattr__(self, "lr_schedule", coerce_enum(LrSchedule, self.lr_schedule, "learning-rate schedule"))
         if self.strategy is not None:
             object.__setattr__(self, "strategy", coerce_enum(Strategy, self.strategy, "strategy"))
@@ -166,6 +173,9 @@ class RoundSettings:
         codec = {True: Codec.INT8, False: Codec.FLOAT32, None: Codec.FLOAT32}.get(self.compress_updates,
                                                                                  self.compress_updates)
         object.__setattr__(self, "compress_updates", coerce_enum(Codec, codec, "update codec"))
+
+    def _check_defences(self) -> None:
+        """The update limits, the Byzantine defences and the last-good-model guard."""
         for name in ("max_update_norm_ratio", "max_examples_ratio"):
             if not getattr(self, name) >= 1:
                 raise InputError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
@@ -185,6 +195,9 @@ class RoundSettings:
         if not 0 < self.max_round_accuracy_drop <= 100:
             raise InputError(f"the per-round accuracy guard must be in (0, 100] points, "
                              f"got {self.max_round_accuracy_drop}")
+
+    def _check_training(self) -> None:
+        """Rounds, learning rates, momenta, strategy parameters and sampling."""
         for name in ("rounds", "local_epochs"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name.replace('_', ' ')} must be at least 1, got {getattr(self, name)}")
@@ -208,17 +221,21 @@ class RoundSettings:
         if not 0 < self.fraction <= 1 or not 0 < self.min_fraction <= 1:
             raise InputError(f"the sampled fraction ({self.fraction}) and the minimum valid fraction "
                              f"({self.min_fraction}) must be in (0, 1]")
-        if self.dp_noise_multiplier is not None:
-            if not self.dp_noise_multiplier > 0 or not self.dp_clipping_norm > 0:
-                raise InputError("the differential-privacy noise multiplier and clipping norm must be > 0")
-            if not 0 < self.dp_delta < 1:
-                raise InputError(f"the differential-privacy delta must be in (0, 1), got {self.dp_delta}")
-            if self.compress_updates is not Codec.FLOAT32:
-                raise InputError("differential privacy clips float weight updates; "
-                                 "it cannot be combined with update compression")
-            if self.strategy not in (None, Strategy.FEDAVG, Strategy.FEDPROX):
-                raise InputError(f"differential privacy's accounting (Flower's) needs plain averaging of the clipped "
-                                 f"updates: fedavg or fedprox, not {self.strategy.value}")
+
+    def _check_privacy(self) -> None:
+        """Differential privacy's parameters and what it cannot be combined with."""
+        if self.dp_noise_multiplier is None:
+            return
+        if not self.dp_noise_multiplier > 0 or not self.dp_clipping_norm > 0:
+            raise InputError("the differential-privacy noise multiplier and clipping norm must be > 0")
+        if not 0 < self.dp_delta < 1:
+            raise InputError(f"the differential-privacy delta must be in (0, 1), got {self.dp_delta}")
+        if self.compress_updates is not Codec.FLOAT32:
+            raise InputError("differential privacy clips float weight updates; "
+                             "it cannot be combined with update compression")
+        if self.strategy not in (None, Strategy.FEDAVG, Strategy.FEDPROX):
+            raise InputError(f"differential privacy's accounting (Flower's) needs plain averaging of the clipped "
+                             f"updates: fedavg or fedprox, not {self.strategy.value}")
 
 
 @dataclass(frozen=True)

@@ -278,6 +278,18 @@ class _DropLog:
 _DROPS = _DropLog()
 
 
+def _shed_oldest(connections: set[Any], new: Any) -> None:
+    """Past :data:`MAX_CONNECTIONS`, close the connections (other than ``new``) that have waited longest on their
+    clients: no request head yet, idle between requests, or a body still arriving."""
+    while len(connections) >= MAX_CONNECTIONS:
+        waiting = [c for c in connections if c is not new and c._waiting_on_client()]
+        if not waiting:
+            return
+        oldest = min(waiting, key=lambda c: c._since)
+        oldest._drop("was shed for a new connection: the gateway is full")
+        connections.discard(oldest)
+
+
 def _protocol() -> type:
     """uvicorn's h11 protocol with the time limits uvicorn lacks: a deadline on each request head, a client that
     reads nothing of its answer for :data:`IDLE_SECONDS` dropped, and a full gateway shedding the connection that
@@ -329,14 +341,7 @@ def _protocol() -> type:
             return self.conn.their_state in (h11.IDLE, h11.SEND_BODY)
 
         def _shed(self) -> None:
-            """Past the connection limit, close the connections that have waited longest on their clients."""
-            while len(self.connections) >= MAX_CONNECTIONS:
-                waiting = [c for c in self.connections if c is not self and c._waiting_on_client()]
-                if not waiting:
-                    return
-                oldest = min(waiting, key=lambda c: c._since)
-                oldest._drop("was shed for a new connection: the gateway is full")
-                self.connections.discard(oldest)
+            _shed_oldest(self.connections, self)
 
         def _drop(self, why: str) -> None:
             _DROPS.note(why, f"{self.client[0]}:{self.client[1]}" if self.client else "a client")

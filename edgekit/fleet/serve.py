@@ -95,6 +95,30 @@ def _check_folder(folder: Path) -> None:
         raise InputError(f"{folder} is not empty and is not a fleet folder; give a new or empty folder")
 
 
+def _check_can_serve(folder: Path, signing_key: Path) -> None:
+    """Refuse, before anything is written: a folder that is not a fleet's, a missing or wrong key, no Flower, a
+    fleet already served."""
+    from edgekit.federated.processes import BIN
+    from edgekit.fleet.signing import load_private_key
+
+    _check_folder(folder)
+    load_private_key(signing_key)
+    if shutil.which("flower-superlink", path=str(BIN)) is None:
+        raise InputError("flower-superlink is not installed next to this Python; install edgekit-sdk")
+    state = folder / SERVE_STATE
+    if state.is_file() and answers(json.loads(state.read_text())["control"]):
+        raise InputError(f"the fleet in {folder} is already being served; stop that server first")
+
+
+def _certificates(certs_dir: Path, config: FleetConfig) -> dict[str, Path]:
+    """The fleet's CA (kept across restarts, made the first time) and a server certificate for its hosts."""
+    from edgekit.federated.tls import make_certificates, make_server_certificate
+
+    if (certs_dir / "ca.crt").is_file():
+        return {"ca": certs_dir / "ca.crt", **make_server_certificate(certs_dir, hosts=config.certificate_hosts)}
+    return make_certificates(certs_dir, hosts=config.certificate_hosts)
+
+
 def serve(out: str | Path, config: FleetConfig | None = None, *, signing_key: str | Path,
           watch: WatchConfig | None = None, log: Callable[[str], Any] | None = None) -> Fleet:
     """Start (or restart) the fleet in ``out``: SuperLink on loopback, Fleet gateway on ``host:port``.
@@ -118,23 +142,13 @@ def serve(out: str | Path, config: FleetConfig | None = None, *, signing_key: st
         write_flower_app,
         write_flower_config,
     )
-    from edgekit.federated.tls import make_certificates, make_server_certificate
-    from edgekit.fleet.signing import load_private_key, sign_app
+    from edgekit.fleet.signing import sign_app
 
     config = config or FleetConfig()
     folder = Path(out).absolute()
-    _check_folder(folder)
-    load_private_key(Path(signing_key))  # a missing or wrong key is refused before anything is written
-    if shutil.which("flower-superlink", path=str(BIN)) is None:
-        raise InputError("flower-superlink is not installed next to this Python; install edgekit-sdk")
+    _check_can_serve(folder, Path(signing_key))
     state = folder / SERVE_STATE
-    if state.is_file() and answers(json.loads(state.read_text())["control"]):
-        raise InputError(f"the fleet in {folder} is already being served; stop that server first")
-    certs_dir = folder / "certs"
-    if (certs_dir / "ca.crt").is_file():
-        certs = {"ca": certs_dir / "ca.crt", **make_server_certificate(certs_dir, hosts=config.certificate_hosts)}
-    else:
-        certs = make_certificates(certs_dir, hosts=config.certificate_hosts)
+    certs = _certificates(folder / "certs", config)
     control = free_port()
     write_flower_config(folder / "flwr_home", FEDERATION, control, certs["ca"])
     write_flower_app(folder / "app", name="edgekit-fleet", server="edgekit.fleet.jobs:fleet_server_app",

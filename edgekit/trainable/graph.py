@@ -439,6 +439,19 @@ def build_nodes(model: Any) -> list[_Node]:
     return nodes
 
 
+def _momentum_step(module: Any, grads: dict[str, Any], learning_rate: Any, mu: Any, momentum: Any) -> None:
+    """One heavy-ball step with FedProx's proximal term toward the round's anchors, on ``module``'s variables."""
+    tf = _tf.tf()
+    for key, grad in grads.items():
+        var, velocity = module.weights[key], module.velocity[key]
+        # selected, not multiplied by `stepped`: after a step that diverged to NaN, 0 * NaN would poison every
+        # later step, even after set_weights restored the weights
+        carried = tf.where(module.stepped > 0, momentum * velocity, 0.0)
+        velocity.assign(carried + grad + mu * (var - module.anchors[key]))
+        var.assign_sub(learning_rate * velocity)
+    module.stepped.assign(1.0)
+
+
 def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo], bool]:
     """A ``tf.Module`` with the four signatures for ``model``; its tensor list; whether it outputs softmax."""
     tf = _tf.tf()
@@ -477,15 +490,7 @@ def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo],
             with tf.GradientTape() as tape:
                 out = self.forward(x, logits=True, dropout=dropout)
                 loss = ops.cross_entropy(out, tf.one_hot(y, num_classes), sample_weight)
-            grads = tape.gradient(loss, variables)
-            for key, var, grad in zip(keys, variables, grads):
-                velocity = self.velocity[key]
-                # selected, not multiplied by `stepped`: after a step that diverged to NaN, 0 * NaN would poison
-                # every later step, even after set_weights restored the weights
-                carried = tf.where(self.stepped > 0, momentum * velocity, 0.0)
-                velocity.assign(carried + grad + mu * (var - self.anchors[key]))
-                var.assign_sub(learning_rate * velocity)
-            self.stepped.assign(1.0)
+            _momentum_step(self, dict(zip(keys, tape.gradient(loss, variables))), learning_rate, mu, momentum)
             return {"loss": loss}
 
         @tf.function(autograph=False, input_signature=[tf.TensorSpec([None, *in_shape], x_dtype, name="x")])
