@@ -191,12 +191,13 @@ BIG = 24 << 20  # larger than loopback's socket buffers on both ends, so a clien
 
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory):
-    """The gateway with the limits of TIGHT (the same code, smaller numbers, so a test waits seconds, not minutes)
-    in front of a stand-in upstream: a SuperLink gives large answers only to a registered node, so a plain HTTP
-    server answers ``pull-object`` with BIG bytes and every other route with ``ok``."""
+    """The gateway with the limits of TIGHT (the same code, smaller numbers, so a test waits seconds, not minutes),
+    with TLS as devices meet it, in front of a stand-in upstream: a SuperLink gives large answers only to a
+    registered node, so a plain HTTP server answers ``pull-object`` with BIG bytes and every other route ``ok``."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from edgekit.federated.processes import FLOWER_ENV, Processes, free_port, wait_port
+    from edgekit.federated.tls import make_certificates
 
     class Upstream(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -215,23 +216,32 @@ def tight(tmp_path_factory):
     upstream = ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     base = tmp_path_factory.mktemp("tight")
+    certs = make_certificates(base / "certs")
     procs = Processes(base, {**os.environ, **FLOWER_ENV})
     port = free_port()
     shrink = "; ".join(f"g.{name} = {value!r}" for name, value in TIGHT.items())
     procs.start("gateway", [sys.executable, "-c", f"import edgekit.federated.gateway as g; {shrink}; "
-                            f"g.main(['--port', '{port}', '--upstream-port', '{upstream.server_address[1]}'])"])
+                            f"g.main(['--port', '{port}', '--upstream-port', '{upstream.server_address[1]}', "
+                            f"'--certfile', '{certs['cert']}', '--keyfile', '{certs['key']}'])"])
     try:
         wait_port(port, procs)
-        yield {"port": port, "log": base / "gateway.log", "procs": procs}
+        yield {"port": port, "ca": certs["ca"], "log": base / "gateway.log", "procs": procs}
     finally:
         procs.stop()
         upstream.shutdown()
 
 
-def _ask(port: int, target: bytes = b"/v1/fleet/get-run") -> tuple[int, bytes, float]:
-    """One whole request on a plain connection: (status, body, seconds)."""
+def _tls(gateway: dict) -> ssl.SSLSocket:
+    """A TLS connection to the gateway, handshake done."""
+    context = ssl.create_default_context(cafile=str(gateway["ca"]))
+    plain = socket.create_connection(("127.0.0.1", gateway["port"]), timeout=30)
+    return context.wrap_socket(plain, server_hostname="127.0.0.1")
+
+
+def _ask(gateway: dict, target: bytes = b"/v1/fleet/get-run") -> tuple[int, bytes, float]:
+    """One whole request on a new connection: (status, body, seconds)."""
     start = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+    with _tls(gateway) as sock:
         sock.sendall(b"POST " + target + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
         data = b""
         while chunk := sock.recv(65536):
@@ -244,26 +254,33 @@ def _ask(port: int, target: bytes = b"/v1/fleet/get-run") -> tuple[int, bytes, f
     return int(head.split(b" ")[1]), rest, time.monotonic() - start
 
 
-def _closed(sockets: list[socket.socket], wait: float) -> int:
-    """How many of ``sockets`` the gateway closed within ``wait`` seconds (end of stream or a reset)."""
+def _closed(sockets: list[ssl.SSLSocket], wait: float) -> int:
+    """How many of ``sockets`` the gateway closed within ``wait`` seconds (end of stream or a reset). A TLS 1.3
+    socket turns readable for the server's session tickets too: that read wants more and the socket is open."""
     import select
 
     closed, deadline = set(), time.monotonic() + wait
     while time.monotonic() < deadline and len(closed) < len(sockets):
         readable, _, _ = select.select([s for s in sockets if s not in closed], [], [], 0.1)
         for sock in readable:
+            timeout = sock.gettimeout()
+            sock.setblocking(False)
             try:
                 if not sock.recv(65536):
                     closed.add(sock)
+            except (ssl.SSLWantReadError, BlockingIOError):
+                pass
             except OSError:
                 closed.add(sock)
+            finally:
+                sock.settimeout(timeout)
     return len(closed)
 
 
 @GATEWAY
 def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(tight):
     head = b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
-    with socket.create_connection(("127.0.0.1", tight["port"]), timeout=30) as sock:
+    with _tls(tight) as sock:
         start, cut = time.monotonic(), None
         for byte in head:  # a byte every 0.2 s: 40 s for the head, were it let through
             try:
@@ -275,7 +292,7 @@ def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(tight):
                 cut = time.monotonic() - start
                 break
     assert cut is not None and TIGHT["HEADER_SECONDS"] - 0.5 < cut < TIGHT["HEADER_SECONDS"] + 3, cut
-    assert _ask(tight["port"])[:2] == (200, b"ok")
+    assert _ask(tight)[:2] == (200, b"ok")
     assert "sent no complete request head in time" in tight["log"].read_text()
 
 
@@ -283,10 +300,10 @@ def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(tight):
 def test_connections_that_send_nothing_do_not_lock_devices_out(tight):
     """Three times the connection limit held open silently; a device's request still goes through at once (before
     the gateway shed them, uvicorn answered every request past the limit 503 for as long as they stayed)."""
-    silent = [socket.create_connection(("127.0.0.1", tight["port"]), timeout=30)
+    silent = [_tls(tight)
               for _ in range(3 * TIGHT["MAX_CONNECTIONS"])]
     try:
-        status, body, seconds = _ask(tight["port"])
+        status, body, seconds = _ask(tight)
         assert (status, body) == (200, b"ok") and seconds < 2.5, (status, body, seconds)
         # shed oldest first: at most the limit stay open, well before the head deadline would have closed them
         assert _closed(silent, 0.5) >= len(silent) - TIGHT["MAX_CONNECTIONS"] + 1
@@ -303,11 +320,11 @@ def test_bodies_sent_slowly_hold_no_forwarding_slot(tight):
     answered at once (before, each stalled body held a slot and the device waited out the queue for a 503)."""
     slow = []
     for _ in range(3 * TIGHT["MAX_CONCURRENT"]):
-        sock = socket.create_connection(("127.0.0.1", tight["port"]), timeout=30)
+        sock = _tls(tight)
         sock.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
         slow.append(sock)
     try:
-        status, body, seconds = _ask(tight["port"])
+        status, body, seconds = _ask(tight)
         assert (status, body) == (200, b"ok") and seconds < 2.5, (status, body, seconds)
         # and each stalled body gets its 408 once it has sent nothing for IDLE_SECONDS
         answers = [sock.recv(64) for sock in slow]
@@ -321,12 +338,12 @@ def test_bodies_sent_slowly_hold_no_forwarding_slot(tight):
 def test_clients_that_read_none_of_a_large_answer_hold_no_slot_and_are_dropped(tight):
     readers = []
     for _ in range(3 * TIGHT["MAX_CONCURRENT"] // 2):
-        sock = socket.create_connection(("127.0.0.1", tight["port"]), timeout=30)
+        sock = _tls(tight)
         sock.sendall(b"POST /v1/fleet/pull-object HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
         readers.append(sock)
     try:
         time.sleep(1.0)  # every answer fetched from upstream, none read
-        status, body, seconds = _ask(tight["port"])
+        status, body, seconds = _ask(tight)
         assert (status, body) == (200, b"ok") and seconds < 2.5, (status, body, seconds)
         time.sleep(TIGHT["IDLE_SECONDS"] + 1.5)
         received = []
