@@ -160,7 +160,8 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.address.host}:{self.address.port}/metrics"
+        host = f"[{self.address.host}]" if ":" in self.address.host else self.address.host  # an IPv6 address
+        return f"http://{host}:{self.address.port}/metrics"
 
     def stop(self) -> None:
         self._server.shutdown()

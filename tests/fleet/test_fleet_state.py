@@ -169,6 +169,25 @@ def test_metrics_are_served_over_http_from_the_database_file_and_a_taken_port_is
         MetricsAddress(port=70_000)
 
 
+def test_metrics_on_an_ipv6_address_print_a_url_that_works(tmp_path):
+    import socket
+
+    from device_agents.federated.join import free_port
+    from edgekit.fleet.metrics import MetricsAddress, MetricsServer
+
+    try:
+        socket.socket(socket.AF_INET6).close()
+        socket.getaddrinfo("::1", 0, socket.AF_INET6)
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    server = MetricsServer(tmp_path / "telemetry.sqlite", MetricsAddress(host="::1", port=free_port()))
+    try:
+        assert server.url == f"http://[::1]:{server.address.port}/metrics"
+        assert urllib.request.urlopen(server.url, timeout=10).status == 200  # noqa: S310 (loopback)
+    finally:
+        server.stop()
+
+
 def _cut_within(sock, seconds: float) -> float | None:
     """Seconds until the server closed ``sock`` (end of stream or a reset), or None if it stayed open."""
     import select
