@@ -53,8 +53,22 @@ def slower_notes(candidate: CandidateResult) -> list[str]:
                          f"the time of the float32 {a.format.value} in {a.runtime} ({how}): it is "
                          + (f"{larger} and slower" if larger else "smaller, not faster"))
         elif larger:
-            lines.append(f"{a.format.value} {a.quantization.value} is {larger} than the float32 {a.format.value}")
+            lines.append(f"{a.format.value} {a.quantization.value} is {larger} than the float32 {a.format.value}"
+                         + _smaller_rung_not_kept(a))
     return lines
+
+
+def _smaller_rung_not_kept(art: ArtifactResult) -> str:
+    """Why the smallest size rung that beat float32's bytes was not kept, or ""."""
+    from edgekit.export.remedies import SLOWER
+
+    rungs = [(v["bytes"], name, v) for name, v in art.size_tried.items()
+             if "time" in v and art.float32_bytes is not None and v["bytes"] < art.float32_bytes]
+    if not rungs:
+        return ""
+    size, name, tried = min(rungs)
+    why = f"{tried['time']:.2f}x its time" if tried["time"] > SLOWER else f"{tried['drop']:+.2f} points"
+    return f"; size rung {name} measured {size:,} bytes but was not kept at {why}"
 
 
 def _default_outcome(score: float) -> str:
@@ -65,6 +79,8 @@ def _default_outcome(score: float) -> str:
 def remedy_notes(candidate: CandidateResult) -> list[str]:
     """One line per artifact of ``candidate`` that needed an int8 remedy to stay within the budget or to be faster,
     or that a size rung made smaller."""
+    from edgekit.export.remedies import SIZE_RUNG_WORDS
+
     wide = "; 16-bit activations have no fast CPU kernels: for 8-bit speed try quantization-aware training (the " \
         "qat recipe)"
     lines = [f"{a.format.value} int8 {_default_outcome(a.remedies_tried['default'])}; "
@@ -73,8 +89,8 @@ def remedy_notes(candidate: CandidateResult) -> list[str]:
              for a in candidate.artifacts if a.remedy]
     lines += [f"{a.format.value} int8 ran slower than float32; kept with {a.speed_remedy}, "
               f"{a.speed_tried[a.speed_remedy]:.2f}x the time" for a in candidate.artifacts if a.speed_remedy]
-    return lines + [f"{a.format.value} int8 kept with {a.size_remedy} weights, "
-                    f"{a.size_tried[a.size_remedy]['saved']:,} bytes smaller: per-channel weights bought no accuracy"
+    return lines + [f"{a.format.value} int8 kept with {SIZE_RUNG_WORDS[a.size_remedy][0]}, "
+                    f"{a.size_tried[a.size_remedy]['saved']:,} bytes smaller: {SIZE_RUNG_WORDS[a.size_remedy][1]}"
                     for a in candidate.artifacts if a.size_remedy]
 
 

@@ -24,14 +24,16 @@ class Exporter:
     ``convert(model, quantization=, calibration=, int8_io=)`` gets the model to export (the QAT
     model itself for QAT) and returns the artifact's bytes and notes. ``int8(model, calibration=, int8_io=)``
     prepares the format's post-training int8 quantizer once, to be re-run with the remedies'
-    options (:mod:`edgekit.export.remedies`); it is a context manager. ``speed_rungs(data)``: the speed rungs
-    the format adds for one int8 artifact (name, option changes), read from the artifact alone.
+    options (:mod:`edgekit.export.remedies`); it is a context manager. ``speed_rungs(data)`` and
+    ``size_rungs(data)``: the speed and size rungs the format adds for one int8 artifact (name, option changes),
+    read from the artifact alone.
     """
 
     filename: str
     convert: Callable[..., tuple[bytes, list[str]]]
     int8: Callable[..., Any]
     speed_rungs: Callable[[bytes], list[tuple[str, dict[str, object]]]]
+    size_rungs: Callable[[bytes], list[tuple[str, dict[str, object]]]]
 
 
 def _tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray,
@@ -73,9 +75,19 @@ def _no_speed_rungs(data: bytes) -> list[tuple[str, dict[str, object]]]:
     return []  # onnxruntime runs every quantized op type its quantizer writes
 
 
+def _onnx_size_rungs(data: bytes) -> list[tuple[str, dict[str, object]]]:
+    from edgekit.export.onnx import size_rungs
+
+    return size_rungs(data)
+
+
+def _no_size_rungs(data: bytes) -> list[tuple[str, dict[str, object]]]:
+    return []  # the converter quantizes every weight it has an int8 kernel for
+
+
 EXPORTERS: dict[Format, Exporter] = {
-    Format.TFLITE: Exporter("model.tflite", _tflite, _tflite_int8, _tflite_speed_rungs),
-    Format.ONNX: Exporter("model.onnx", _onnx, _onnx_int8, _no_speed_rungs),
+    Format.TFLITE: Exporter("model.tflite", _tflite, _tflite_int8, _tflite_speed_rungs, _no_size_rungs),
+    Format.ONNX: Exporter("model.onnx", _onnx, _onnx_int8, _no_speed_rungs, _onnx_size_rungs),
 }
 """Format -> exporter. Every :class:`Format` has one (a test checks it)."""
 

@@ -70,14 +70,33 @@ def to_onnx(model: Any, *, quantization: Quantization, calibration: np.ndarray) 
         raise ConversionError(f"onnxruntime {quantization.value} quantization failed: {first_line(exc)}") from None
 
 
-def _quantize_dynamic(proto: Any) -> bytes:
+def _quantize_dynamic(proto: Any, *, op_types: tuple[str, ...] = (), per_channel: bool = True) -> bytes:
+    """onnxruntime's dynamic quantization (int8 weights) of ``proto``'s ``op_types`` (every type it quantizes when
+    empty)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory(prefix="edgekit-onnx-") as tmp:
         src, out = Path(tmp, "float.onnx"), Path(tmp, "quant.onnx")
         src.write_bytes(proto.SerializeToString())
-        quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
+                         op_types_to_quantize=list(op_types) or None)
         return out.read_bytes()
+
+
+def size_rungs(data: bytes) -> list[tuple[str, dict[str, object]]]:
+    """The size rungs an int8 ``.onnx`` adds for itself: :data:`~edgekit.export.remedies.DYNAMIC_LSTM` when
+    onnxruntime's static quantizer left an LSTM's weights float (its input and recurrence weights are float
+    initializers)."""
+    import onnx
+
+    from edgekit.export.remedies import DYNAMIC_LSTM
+
+    graph = onnx.load_from_string(data).graph
+    floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    if any(node.op_type == "LSTM" and len(node.input) > 2 and {node.input[1], node.input[2]} <= floats
+           for node in graph.node):
+        return [(DYNAMIC_LSTM, {"dynamic_ops": ("LSTM",)})]
+    return []
 
 
 def float_onnx(model: Any) -> Any:
@@ -403,13 +422,17 @@ class OnnxInt8:
         if options.calibration is Calibration.ENTROPY and self._entropy is None:  # the KL search is slow: once
             self._entropy = _entropy_ranges(self._pre, self._calibration, self._batch)
         _quantize_static(self._pre, out, self._calibration, options, self._entropy, self._batch)
-        if not options.bias_correction:
-            return out.read_bytes()
+        data = out.read_bytes()
         import onnx
 
-        from edgekit.export.bias_correction import correct_biases
+        if options.bias_correction:
+            from edgekit.export.bias_correction import correct_biases
 
-        return correct_biases(onnx.load(str(self._pre)), out.read_bytes(), self._calibration, batch=self._batch)
+            data = correct_biases(onnx.load(str(self._pre)), data, self._calibration, batch=self._batch)
+        if options.dynamic_ops:
+            data = _quantize_dynamic(onnx.load_from_string(data), op_types=options.dynamic_ops,
+                                     per_channel=options.per_channel)
+        return data
 
     def accuracy_controlled(self, control: AccuracyControl, base: Int8Options) -> list[tuple[str, Int8Options]]:
         """NNCF's accuracy-controlled quantization (:func:`edgekit.export.accuracy_control.accuracy_controlled`) of

@@ -262,6 +262,9 @@ class TfliteInt8:
         if options.bias_correction:
             raise ValueError("bias correction is an ONNX rung (edgekit corrects onnxruntime's QDQ graph); the "
                              "converter's int8 has none")
+        if options.dynamic_ops:
+            raise ValueError("dynamic quantization of op types left float is an ONNX rung (onnxruntime's static "
+                             "quantizer has no LSTM rule); the TFLite converter has no such option")
         if options.tflite_quantizer is TfliteQuantizer.LITERT:
             return self._litert(options)
         if options.wide_activations:

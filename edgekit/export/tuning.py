@@ -230,7 +230,7 @@ class Int8Tuner:
                                               float_accuracy=float_accuracy)
             best, art.size_tried = shrink(art.format, quantizer, current, budget=self.context.budget.points,
                                           floor=floor, evaluate=self._scorer(model, name, float_accuracy),
-                                          ratio=self.context.time_ratio)
+                                          ratio=self.context.time_ratio, extra_rungs=spec.size_rungs(art.data))
         if best is not current:
             before = len(art.data)
             art.size_remedy = best.remedy

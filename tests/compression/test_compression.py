@@ -567,6 +567,15 @@ def test_an_artifact_slower_than_float32_is_flagged_and_noted():
     assert slower_notes(SimpleNamespace(artifacts=[big_slow, big])) == [
         "onnx int8 runs 1.79x the time of the float32 onnx in onnxruntime (840 vs 470 µs per sample): it is larger "
         "(2,000 vs 1,000 bytes) and slower", "onnx int8 is larger (2,000 vs 1,000 bytes) than the float32 onnx"]
+    # a size rung that beat float32's bytes but was not kept says so, with the reason (an LSTM(32)'s dynamic-lstm
+    # rung measured 8,959 bytes against 20,813 in float32, at 1.17x the int8 artifact's time)
+    big.size_tried = {"per-tensor": {"drop": 0.0, "bytes": 1990, "saved": 10, "time": 1.0},
+                      "dynamic-lstm": {"drop": -0.42, "bytes": 600, "saved": 1400, "time": 1.172}}
+    assert slower_notes(SimpleNamespace(artifacts=[big])) == [
+        "onnx int8 is larger (2,000 vs 1,000 bytes) than the float32 onnx; size rung dynamic-lstm measured 600 bytes "
+        "but was not kept at 1.17x its time"]
+    big.size_tried["dynamic-lstm"].update(time=0.9, drop=2.5)
+    assert slower_notes(SimpleNamespace(artifacts=[big]))[0].endswith("was not kept at +2.50 points")
 
 
 def test_a_keras3_grouped_convolution_and_exact_gelu_convert_to_onnx(digits):
