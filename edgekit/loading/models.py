@@ -154,6 +154,7 @@ def _keras3_loaded(k3: Any, sample: np.ndarray | None, path: str, digest: str) -
     exported to its TensorFlow graph, which every post-training path takes."""
     from edgekit.loading.graph import export_keras3
 
+    _check_outputs(k3)  # the Keras 3 model's own inputs and outputs, before a rebuild or an export needs them
     try:
         model, diff = rebuild_keras3(k3, sample)
         _check_outputs(model)
@@ -354,8 +355,9 @@ def _guarded_load(load, path: Path):  # noqa: ANN001, ANN202
 
 def _check_outputs(model: Any) -> None:
     if len(model.inputs) != 1 or len(model.outputs) != 1:
+        ins, outs = len(model.inputs), len(model.outputs)
         raise ModelLoadError(
-            f"the model has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
+            f"the model has {ins} input{'s' * (ins != 1)} and {outs} output{'s' * (outs != 1)}; "
             "edgekit handles single-input, single-output classifiers"
         )
     shape = model.outputs[0].shape

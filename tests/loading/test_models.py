@@ -181,6 +181,21 @@ def test_non_classifier_outputs_refused(tmp_path):
         load_model(tmp_path / "reg.keras")
 
 
+def test_keras3_models_edgekit_cannot_serve_are_refused_before_a_rebuild(tmp_path):
+    """A Keras 3 two-input model reached the tf-keras rebuild and stopped with Keras's own ValueError (an internal
+    error, exit 70); a Keras 3 regression model was refused naming the temporary SavedModel of its graph."""
+    keras3 = _tf.keras3()
+    a, b = keras3.Input((6,)), keras3.Input((3,))
+    two = keras3.Model([a, b], keras3.layers.Dense(3, activation="softmax")(keras3.layers.Concatenate()([a, b])))
+    two.save(tmp_path / "two.keras")
+    with pytest.raises(ModelLoadError, match=r"^the model has 2 inputs and 1 output; edgekit handles single-input"):
+        load_model(tmp_path / "two.keras")
+    regression = keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(1)])
+    regression.save(tmp_path / "reg.keras")
+    with pytest.raises(ModelLoadError, match=r"^the model's output has shape \(None, 1\); edgekit handles classifiers"):
+        load_model(tmp_path / "reg.keras")
+
+
 PRUNE_ARGS = {"Conv1D": (2, 3), "Conv2D": (2, 3), "Dense": (2,), "Embedding": (10, 2), "LSTM": (2,), "GRU": (2,),
               "SimpleRNN": (2,), "SeparableConv2D": (2, 3)}
 
