@@ -481,7 +481,14 @@ def cmd_trainable(args: argparse.Namespace) -> int:
 
     config = edgekit.TrainableConfig(head_only=args.head_only, batch_size=args.batch_size,
                                      learning_rate=args.learning_rate)
-    result = edgekit.export_trainable(args.model, args.out, data=args.data, config=config, progress=not args.quiet)
+    try:
+        result = edgekit.export_trainable(args.model, args.out, data=args.data, config=config,
+                                          progress=not args.quiet)
+    except edgekit.UnsupportedLayerError as exc:
+        if args.head_only:
+            raise
+        raise edgekit.UnsupportedLayerError(f"{exc}; --head-only trains the head alone on the frozen rest's features",
+                                            layer_name=exc.layer_name, layer_type=exc.layer_type) from None
     spec, check = result.manifest["trainable"], result.manifest["verification"]
     print(f"trainable ({spec['mode']}): {len(spec['tensors'])} tensors, batch {spec['batch_size']}, "
           f"{sum(math.prod(t['shape']) for t in spec['tensors']):,} trainable weights")

@@ -496,6 +496,8 @@ def test_a_backbone_the_converter_cannot_make_dynamic_stays_int8_and_is_said(squ
 
 
 def test_untrainable_layers_and_bad_options_are_refused(tmp_path, text_model_path):
+    from conftest import assert_one_line_error, run_cli
+
     keras = _tf.keras()
     model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, dilation_rate=2),
                               keras.layers.Flatten(), keras.layers.Dense(3)])
@@ -506,6 +508,11 @@ def test_untrainable_layers_and_bad_options_are_refused(tmp_path, text_model_pat
         export_trainable(text_model_path, None, progress=False)  # Embedding and Conv1D train; the LSTM does not
     with pytest.raises(InputError, match="batch size must be between 1 and 4096"):
         TrainableConfig(batch_size=0)
+    # the CLI says what still trains on the device: the head, on the frozen rest's features
+    proc = run_cli("trainable", str(tmp_path / "dil.keras"), "--out", str(tmp_path / "t"), "--quiet")
+    assert_one_line_error(proc, 2, "(Conv2D) cannot be trained on the device",
+                          "; --head-only trains the head alone on the frozen rest's features")
+    assert not (tmp_path / "t").exists()
 
 
 def test_a_model_whose_input_is_not_8x8_exports_without_data(tmp_path):
