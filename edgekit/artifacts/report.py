@@ -51,11 +51,32 @@ def slower_notes(candidate: CandidateResult) -> list[str]:
                    else medians)  # the ratio is the side-by-side blocks' where there are any, not the medians'
             lines.append(f"{a.format.value} {a.quantization.value} runs {a.time_vs_float32:.2f}x "
                          f"the time of the float32 {a.format.value} in {a.runtime} ({how}): it is "
-                         + (f"{larger} and slower" if larger else "smaller, not faster"))
+                         + (f"{larger} and slower" + _left_float(a) if larger else "smaller, not faster"))
         elif larger:
             lines.append(f"{a.format.value} {a.quantization.value} is {larger} than the float32 {a.format.value}"
-                         + _smaller_rung_not_kept(a))
+                         + _left_float(a) + _smaller_rung_not_kept(a))
     return lines
+
+
+def _left_float(art: ArtifactResult) -> str:
+    """The weights an int8 ``.onnx`` still holds float, by op type (what onnxruntime's quantizers have no rule
+    for, e.g. GRU), or ""."""
+    from edgekit.config import Format, Quantization
+
+    if art.format is not Format.ONNX or art.quantization is not Quantization.INT8:
+        return ""
+    from google.protobuf.message import DecodeError
+
+    from edgekit.export.onnx import float_weights
+
+    try:
+        left = float_weights(art.data)
+    except DecodeError:  # not an ONNX graph (the report's own tests pass placeholder bytes)
+        return ""
+    if not left:
+        return ""
+    ops = ", ".join(f"{op} ({count:,})" for op, count in sorted(left.items(), key=lambda kv: -kv[1]))
+    return f": onnxruntime's int8 left these weights float: {ops}"
 
 
 def _smaller_rung_not_kept(art: ArtifactResult) -> str:

@@ -83,6 +83,35 @@ def _quantize_dynamic(proto: Any, *, op_types: tuple[str, ...] = (), per_channel
         return out.read_bytes()
 
 
+_RECURRENT = frozenset({"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"})
+
+
+def float_weights(data: bytes) -> dict[str, int]:
+    """Op type -> how many float weights (initializers of two or more dimensions, read without a
+    DequantizeLinear; a recurrent op's input and recurrence weights, not its biases) its nodes in the ``.onnx``
+    still hold: what a quantizer left float.
+
+    >>> float_weights(float_model_bytes)          # doctest: +SKIP
+    {'GRU': 37248}
+    """
+    import math
+
+    import onnx
+
+    graph = onnx.load_from_string(data).graph
+    floats = {i.name: math.prod(i.dims) for i in graph.initializer
+              if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2}
+    left: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear":
+            continue
+        inputs = node.input[1:3] if node.op_type in _RECURRENT else node.input
+        for name in inputs:
+            if name in floats:
+                left[node.op_type] = left.get(node.op_type, 0) + floats.pop(name)
+    return left
+
+
 def size_rungs(data: bytes) -> list[tuple[str, dict[str, object]]]:
     """The size rungs an int8 ``.onnx`` adds for itself: :data:`~edgekit.export.remedies.DYNAMIC_LSTM` when
     onnxruntime's static quantizer left an LSTM's weights float (its input and recurrence weights are float

@@ -1073,7 +1073,7 @@ def test_onnx_lstm_weights_left_float_by_the_static_quantizer_are_stored_int8(ls
     and compress keeps it when it is within the budget and no slower."""
     import onnxruntime as ort
 
-    from edgekit.export.onnx import OnnxInt8, float_onnx, size_rungs
+    from edgekit.export.onnx import OnnxInt8, float_onnx, float_weights, size_rungs
     from edgekit.export.remedies import DYNAMIC_LSTM, SLOWER
 
     model, data = lstm
@@ -1082,6 +1082,8 @@ def test_onnx_lstm_weights_left_float_by_the_static_quantizer_are_stored_int8(ls
         assert size_rungs(static) == [(DYNAMIC_LSTM, {"dynamic_ops": ("LSTM",)})]
         hybrid = quantizer.quantize(Int8Options(dynamic_ops=("LSTM",)))
     assert size_rungs(hybrid) == [] and len(hybrid) < 0.5 * len(static), (len(hybrid), len(static))
+    # LSTM(64) on 8 features: W 4x64x8 and R 4x64x64 left float by the static pass, none by the rung
+    assert float_weights(static) == {"LSTM": 4 * 64 * 8 + 4 * 64 * 64} and float_weights(hybrid) == {}
     session = ort.InferenceSession(hybrid, providers=["CPUExecutionProvider"])
     assert "DynamicQuantizeLSTM" in {node.op_type for node in __import__("onnx").load_from_string(hybrid).graph.node}
     probs = session.run(None, {session.get_inputs()[0].name: data.x[-300:]})[0]
