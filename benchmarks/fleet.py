@@ -2,8 +2,9 @@
 
 One served fleet (`edgekit fleet serve` in-process: SuperLink + TLS gateway), N devices enrolled as the
 README enrolls them (own key pair, registered, `edgekit-agent join` with a store and data). For each N,
-releases of two sizes are rolled out alternately (canary 0.25, then the rest), `repeats` times each; a
-status job (no payload) is the baseline of what one Flower run costs. All processes share this machine.
+releases of two sizes are rolled out alternately (canary 0.25, then the rest), `repeats` times each; `fleet
+status` (no payload: a telemetry collection, then a status job, two Flower runs since 6ff3e6a) is the baseline of
+what Flower runs cost. All processes share this machine.
 
     python benchmarks/fleet.py [--nodes 2,4,8] [--repeats 3]
     python benchmarks/fleet.py --scale 2,8,32
@@ -424,7 +425,7 @@ def main() -> None:
         _stop(devices, fleet)
         shutil.rmtree(work, ignore_errors=True)
     table = ["| devices | release | payload per device | release to all (median) | canary step | rest step | "
-             "empty job (status) | canary devices | device's own work |", "|---|---|---|---|---|---|---|---|---|"]
+             "fleet status (2 runs) | canary devices | device's own work |", "|---|---|---|---|---|---|---|---|---|"]
     for count, name, size, total, canary, rest, status, canary_n in rows:
         table.append(f"| {count} | {name} | {size:,} B | {total:.1f} s | {canary:.2f} s | {rest:.2f} s | "
                      f"{status:.1f} s | {canary_n} | {local[name]:.2f} s |")
@@ -436,7 +437,8 @@ def main() -> None:
             "of `rollout()` (submitting the Flower run, canary, gate, rest, result); the steps are the ServerApp's "
             "send-and-receive times, which include each device's verify, install, smoke test and two "
             "measurements on 50 samples. \"Payload\" is the release files inside the message (Flower's envelope "
-            "and TLS are not counted). The empty job is a status collection: the fixed cost of one Flower run. "
+            "and TLS are not counted). \"Fleet status\" is `fleet_status()` with no payload: a telemetry collection "
+            "then a status job, the fixed cost of two Flower runs. "
             "\"Device's own work\" is the same install handler called in-process (verify, install, smoke test, "
             "measure before and after), without Flower: the rest of each step is Flower's delivery. An idle "
             "Flower 1.41 SuperNode asks for messages every 3 s (a fixed `time.sleep(3)` in "
