@@ -114,18 +114,10 @@ def float_weights(data: bytes) -> dict[str, int]:
 
 def size_rungs(data: bytes) -> list[tuple[str, dict[str, object]]]:
     """The size rungs an int8 ``.onnx`` adds for itself: :data:`~edgekit.export.remedies.DYNAMIC_LSTM` when
-    onnxruntime's static quantizer left an LSTM's weights float (its input and recurrence weights are float
-    initializers)."""
-    import onnx
-
+    onnxruntime's static quantizer left an LSTM's weights float (:func:`float_weights`)."""
     from edgekit.export.remedies import DYNAMIC_LSTM
 
-    graph = onnx.load_from_string(data).graph
-    floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
-    if any(node.op_type == "LSTM" and len(node.input) > 2 and {node.input[1], node.input[2]} <= floats
-           for node in graph.node):
-        return [(DYNAMIC_LSTM, {"dynamic_ops": ("LSTM",)})]
-    return []
+    return [(DYNAMIC_LSTM, {"dynamic_ops": ("LSTM",)})] if "LSTM" in float_weights(data) else []
 
 
 def float_onnx(model: Any) -> Any:
