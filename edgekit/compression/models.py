@@ -9,7 +9,7 @@ from edgekit import _tf
 from edgekit._progress import Progress
 from edgekit.config import CompressConfig, Quantization, Recipe
 from edgekit.loading.data import Splits
-from edgekit.loading.models import LoadedModel, ends_in_softmax, load_model
+from edgekit.loading.models import LoadedModel, ends_in_softmax, load_model, pin_input
 
 
 class ModelFactory:
@@ -35,7 +35,7 @@ class ModelFactory:
             _tf.set_seed(self.config.seed)
             teacher = self.loaded.trainable_model("distillation")
             if recipe.student is not None:
-                student_loaded = load_model(recipe.student)
+                student_loaded = pin_input(load_model(recipe.student), self.loaded.input_shape)
                 student, student_probs = student_loaded.trainable_model("distillation"), \
                     student_loaded.outputs_probabilities
             else:

@@ -17,10 +17,10 @@ from edgekit._progress import Progress
 from edgekit.artifacts.results import CandidateResult, CompressResult
 from edgekit.compression.candidates import CandidateRunner
 from edgekit.config import CompressConfig, Quantization
-from edgekit.errors import BudgetError
-from edgekit.loading.data import Dataset, fit_to_model, load_data, split
+from edgekit.errors import BudgetError, DataError
+from edgekit.loading.data import Dataset, fit_to_model, load_data, shape_text, split
 from edgekit.loading.input_range import input_range_warnings
-from edgekit.loading.models import LoadedModel, accuracy, load_model, predict
+from edgekit.loading.models import LoadedModel, accuracy, load_model, pin_input, pinned_warnings, predict
 
 
 def compress(model: Any, data: str | Path | Dataset = "digits", out: str | Path | None = None, *,
@@ -59,13 +59,13 @@ def _compress(model: Any, data: str | Path | Dataset, eval_data: str | Path | Da
     """Load, measure the source, run every candidate recipe, select."""
     raw = load_data(data)
     loaded = load_model(model)
-    dataset, evaluation, labels = _labelled(loaded, raw, eval_data)
+    loaded, dataset, evaluation, labels = _labelled(loaded, raw, eval_data)
     splits = split(dataset, seed=config.seed, eval_data=evaluation)
     source_out = predict(loaded.source, splits.evaluation.x)
     source = {
         "path": loaded.path, "sha256": loaded.sha256, "format": loaded.source_format,
         "accuracy": accuracy(source_out, splits.evaluation.y), "params": loaded.params,
-        "input": {"shape": [None, *loaded.input_shape], "dtype": loaded.input_dtype},
+        "input": {"shape": [None, *(loaded.free_input_shape or loaded.input_shape)], "dtype": loaded.input_dtype},
         "output": {"shape": [None, loaded.num_classes], "kind": "probabilities" if loaded.outputs_probabilities
                    else "logits"},
         "rebuild_max_abs_diff": loaded.rebuild_max_abs_diff,
@@ -88,25 +88,39 @@ def _compress(model: Any, data: str | Path | Dataset, eval_data: str | Path | Da
             art.float32_latency_us = reference.get(art.format.value, {}).get("latency_us")
             art.float32_bytes = reference.get(art.format.value, {}).get("bytes")
     result = CompressResult(source, candidates, _select(candidates, config), config, data_info=data_info,
-                            warnings=input_range_warnings(loaded.source, splits.calibration.x))
+                            warnings=[*pinned_warnings(loaded),
+                                      *input_range_warnings(loaded.source, splits.calibration.x)])
     result.reference = reference
     result.data_reference = reference_of(splits.calibration.x, predict(loaded.source, splits.calibration.x))
     return result
 
 
-def _labelled(loaded: LoadedModel, raw: Dataset,
-              eval_data: str | Path | Dataset | None) -> tuple[Dataset, Dataset | None, str]:
-    """The data fitted to the model; without labels, the source model's predictions serve as labels."""
+def _labelled(loaded: LoadedModel, raw: Dataset, eval_data: str | Path | Dataset | None,
+              ) -> tuple[LoadedModel, Dataset, Dataset | None, str]:
+    """The model taking the data's sample shape (:func:`pin_input`) and the data fitted to it; without labels, the
+    source model's predictions serve as labels."""
     dataset = fit_to_model(raw, loaded.input_shape, loaded.input_dtype, loaded.num_classes)
-    evaluation = None
-    if eval_data is not None:
-        evaluation = fit_to_model(load_data(eval_data), loaded.input_shape, loaded.input_dtype, loaded.num_classes)
+    loaded = pin_input(loaded, dataset.x.shape[1:])
+    evaluation = None if eval_data is None else _fit_evaluation(loaded, load_data(eval_data))
     if dataset.y is not None:
-        return dataset, evaluation, "given"
+        return loaded, dataset, evaluation, "given"
     dataset = Dataset(dataset.x, predict(loaded.source, dataset.x).argmax(1), dataset.name)
     if evaluation is not None and evaluation.y is None:
         evaluation = Dataset(evaluation.x, predict(loaded.source, evaluation.x).argmax(1), evaluation.name)
-    return dataset, evaluation, "source model predictions (no y in the data)"
+    return loaded, dataset, evaluation, "source model predictions (no y in the data)"
+
+
+def _fit_evaluation(loaded: LoadedModel, evaluation: Dataset) -> Dataset:
+    """The evaluation data fitted to the model, whose free input dimensions the data fixed (:func:`pin_input`)."""
+    try:
+        return fit_to_model(evaluation, loaded.input_shape, loaded.input_dtype, loaded.num_classes)
+    except DataError:
+        if loaded.free_input_shape is None:
+            raise
+        raise DataError(f"{evaluation.name}: x has shape {evaluation.x.shape}, but the model's free input "
+                        f"{shape_text(loaded.free_input_shape)} was fixed to {shape_text(loaded.input_shape)} by "
+                        "the data's samples (the artifacts take one shape); evaluate on samples of that size") \
+            from None
 
 
 def _select(candidates: list[CandidateResult], config: CompressConfig) -> CandidateResult | None:

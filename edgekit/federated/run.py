@@ -116,9 +116,11 @@ def prepare_run(model: Any, data: Any, out: Path, config: FederationConfig, *, p
             np.savez(out / "partitions" / f"{i}.npz", x=part.x, y=part.y)
     np.savez(out / "evaluation.npz", x=parts.evaluation.x, y=parts.evaluation.y)
     if not (reuse_trainable and (out / "trainable" / "manifest.json").exists()):
-        export_trainable(keras_model, out / "trainable", data=dataset, progress=progress,
-                         config=TrainableConfig(batch_size=config.batch_size,
-                                                learning_rate=config.rounds.learning_rate))
+        exported = export_trainable(keras_model, out / "trainable", data=dataset, progress=progress,
+                                    config=TrainableConfig(batch_size=config.batch_size,
+                                                           learning_rate=config.rounds.learning_rate))
+        # the data outside the model's input range, a free input dimension fixed to the data's
+        warnings = (*warnings, *(f"warning: {line}" for line in exported.warnings))
     return PreparedRun(loaded, dataset, parts, warnings)
 
 

@@ -156,6 +156,15 @@ def load_data(source: str | Path | Dataset, *, require_labels: bool = False) -> 
     return load_npz(source, require_labels=require_labels)
 
 
+def shape_text(sample_shape: tuple[int | None, ...]) -> str:
+    """A model's input shape as errors and notes write it: ``(n, ?, ?, 3)``, ``?`` for a free dimension.
+
+    >>> shape_text((None, None, 3))
+    '(n, ?, ?, 3)'
+    """
+    return "(n, " + ", ".join("?" if d is None else str(d) for d in sample_shape) + ")"
+
+
 def fit_to_model(data: Dataset, input_shape: tuple[int | None, ...], input_dtype: str, num_classes: int) -> Dataset:
     """Check that ``data`` fits a model's input and output, and cast ``x`` to the input dtype.
 
@@ -169,9 +178,8 @@ def fit_to_model(data: Dataset, input_shape: tuple[int | None, ...], input_dtype
     if len(sample_shape) != len(input_shape) or any(
         want is not None and want != got for want, got in zip(input_shape, sample_shape)
     ):
-        want = "(n, " + ", ".join("?" if d is None else str(d) for d in input_shape) + ")"
         raise DataError(
-            f"{data.name}: x has shape {x.shape} but the model expects {want}; "
+            f"{data.name}: x has shape {x.shape} but the model expects {shape_text(input_shape)}; "
             "reshape or resize the samples to the model's input"
         )
     if np.issubdtype(np.dtype(input_dtype), np.integer):

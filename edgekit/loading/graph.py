@@ -130,6 +130,36 @@ def export_keras3(model: Any, *, probabilities: bool) -> SavedModelGraph:
     return graph
 
 
+def pin_graph(graph: SavedModelGraph, shape: tuple[int, ...]) -> SavedModelGraph:
+    """``graph`` with its input's free dimensions fixed to ``shape`` (the sample shape; the batch stays free),
+    re-saved as a SavedModel of its own under the temporary directory; ``graph`` itself when nothing is free.
+
+    The converters keep a free dimension free: the TFLite interpreter then allocates it as 1 before any input
+    arrives, and a convolution over a 1x1 image cannot be prepared (XNNPACK: "failed to reshape runtime")."""
+    if all(d is not None for d in graph.input_shape):
+        return graph
+    tf = _tf.tf()
+    spec = tf.TensorSpec([None, *shape], graph.input_dtype, name=graph.input_name)
+    function = tf.function(lambda x: graph.function(**{graph.input_name: x})).get_concrete_function(spec)
+    module = tf.Module()
+    module.owner = graph.owner  # tracks every variable and resource the signature captures
+    folder = Path(tempfile.mkdtemp(prefix="edgekit-graph-")) / "saved_model"
+    try:
+        tf.saved_model.save(module, str(folder), signatures={SIGNATURE: function})
+        pinned = load_graph(folder, temporary=True, params=graph.params, probabilities=graph.outputs_probabilities)
+    except ModelLoadError:
+        shutil.rmtree(folder.parent, ignore_errors=True)
+        raise
+    except Exception as exc:
+        from device_agents.errors import first_line
+
+        shutil.rmtree(folder.parent, ignore_errors=True)
+        raise ModelLoadError(f"the model's graph cannot take inputs of shape {tuple(shape)}: {first_line(exc)}") \
+            from None
+    pinned.layer_names = graph.layer_names
+    return pinned
+
+
 def _looks_like_probabilities(graph: SavedModelGraph) -> bool:
     """Whether the outputs on random inputs are rows of probabilities (non-negative, summing to 1)."""
     rng = np.random.default_rng(0)

@@ -19,12 +19,13 @@ import numpy as np
 from device_agents.errors import first_line
 from edgekit import _tf
 from edgekit._io import sha256_of
-from edgekit.errors import ModelLoadError, UnsupportedLayerError
+from edgekit.errors import DataError, ModelLoadError, UnsupportedLayerError
+from edgekit.loading.data import shape_text
 from edgekit.loading.layers import check_model
 from edgekit.loading.rebuild import REBUILD_TOLERANCE, rebuild_keras3
 
 __all__ = ["REBUILD_TOLERANCE", "LoadedModel", "accuracy", "check_code_free", "copy_model", "ends_in_softmax",
-           "import_custom_objects", "load_model", "predict", "rebuild_keras3"]
+           "import_custom_objects", "load_model", "pin_input", "pinned_warnings", "predict", "rebuild_keras3"]
 
 
 @dataclass
@@ -47,6 +48,8 @@ class LoadedModel:
     training_unavailable: str | None = None
     keras3_model: Any = None  # the Keras 3 model behind ``graph`` when tf-keras could not rebuild it (head-only
     #                           on-device training splits it: its trailing Dense head is rebuilt on its own)
+    free_input_shape: tuple[int | None, ...] | None = None  # the model's own input shape when :func:`pin_input`
+    #                                                         fixed its free dimensions (``None``: nothing was free)
 
     @property
     def source(self) -> Any:
@@ -79,6 +82,57 @@ class LoadedModel:
             raise UnsupportedLayerError(f"{technique} needs a tf-keras model: {self.training_unavailable}",
                                         layer_name="?", layer_type="?")
         return self.model
+
+
+def pin_input(loaded: LoadedModel, shape: tuple[int, ...]) -> LoadedModel:
+    """``loaded`` taking samples of ``shape`` (the data's), where its input has free dimensions besides the batch
+    (a fully convolutional ``(None, None, 3)``); ``loaded`` itself when it has none.
+
+    TFLite runtimes plan every tensor's memory for one input shape: a free dimension is allocated as 1 before any
+    input arrives (a convolution over a 1x1 image cannot be prepared), and int8 calibration and verification
+    happen at the data's shape anyway. So the artifacts take the shape they were calibrated and verified at,
+    and the batch stays free. The tf-keras model is cloned onto a fixed input with the same weights (or wrapped,
+    where Keras cannot clone it); a graph is re-saved with a fixed signature.
+
+    >>> pinned = pin_input(load_model("fcn.keras"), (96, 96, 3))   # doctest: +SKIP
+    >>> pinned.input_shape, pinned.free_input_shape                # doctest: +SKIP
+    ((96, 96, 3), (None, None, 3))
+    """
+    from dataclasses import replace
+
+    from edgekit.loading.graph import pin_graph
+
+    free = loaded.input_shape
+    if all(d is not None for d in free):
+        return loaded
+    shape = tuple(int(d) for d in shape)
+    if len(shape) != len(free) or any(d is not None and d != s for d, s in zip(free, shape)):
+        raise DataError(f"samples of shape {shape} do not fit the model's input {shape_text(free)}")
+    model = _pinned_keras(loaded.model, shape) if loaded.model is not None else None
+    graph = pin_graph(loaded.graph, shape) if loaded.graph is not None else None
+    return replace(loaded, model=model, graph=graph, free_input_shape=free)
+
+
+def pinned_warnings(loaded: LoadedModel) -> list[str]:
+    """What the user should hear when :func:`pin_input` fixed the model's free input dimensions (nothing when it
+    did not)."""
+    if loaded.free_input_shape is None:
+        return []
+    return [f"the model's input {shape_text(loaded.free_input_shape)} has free dimensions: the artifacts take "
+            f"{shape_text(loaded.input_shape)}, the shape of the data they were calibrated and verified on "
+            "(TFLite runtimes plan memory for one shape); give data of another size for artifacts of that size"]
+
+
+def _pinned_keras(model: Any, shape: tuple[int, ...]) -> Any:
+    keras = _tf.keras()
+    names = getattr(model, "input_names", None) or ["input"]
+    given = keras.Input(shape=shape, dtype=model.inputs[0].dtype, name=str(names[0]))
+    try:
+        clone = keras.models.clone_model(model, input_tensors=given)
+        clone.set_weights(model.get_weights())
+        return clone
+    except (ValueError, TypeError, NotImplementedError):  # a subclassed model: called whole on the fixed input
+        return keras.Model(given, model(given), name=model.name)
 
 
 def copy_model(model: Any) -> Any:

@@ -16,7 +16,7 @@ from edgekit.artifacts.manifest import trainable_manifest, write_manifest
 from edgekit.config import Quantization
 from edgekit.errors import InputError, VerificationError
 from edgekit.loading.data import Dataset, fit_to_model, load_data
-from edgekit.loading.models import load_model
+from edgekit.loading.models import load_model, pin_input, pinned_warnings
 
 PARITY_TOLERANCE = 1e-5
 PARITY_RTOL = 1e-2
@@ -92,9 +92,10 @@ def _export(model: Any, data: str | Path | Dataset | None, config: TrainableConf
     if loaded.input_dtype not in ("float32", "float16", "int32", "int64"):
         raise InputError(f"on-device training takes float32, int32 or int64 inputs; this model takes "
                          f"{loaded.input_dtype}")
+    dataset = _verification_data(loaded, data, config)
+    loaded = pin_input(loaded, dataset.x.shape[1:])  # the artifact takes the data's shape (a graph's free size is 1)
     backbone, train_model, keras_model = _parts(loaded, config)
     build_nodes(train_model)  # refuse before any work
-    dataset = _verification_data(loaded, data, config)
     files: dict[str, bytes] = {}
     if backbone is not None:
         with bars.step("export int8 backbone"):
@@ -152,7 +153,8 @@ def _warnings(loaded: Any, dataset: Dataset, manifest: dict[str, Any], int8_agre
     changes (what was kept instead, and whether that still does)."""
     from edgekit.loading.input_range import input_range_warnings
 
-    found = input_range_warnings(loaded.source, dataset.x[:256]) if loaded.source is not None else []
+    found = pinned_warnings(loaded) + (input_range_warnings(loaded.source, dataset.x[:256])
+                                       if loaded.source is not None else [])
     if manifest["trainable"]["mode"] != "head-only" or int8_agreement >= BACKBONE_AGREEMENT:
         return found
     agreement = manifest["verification"]["infer_top1_agreement"]
@@ -175,13 +177,13 @@ def _parts(loaded: Any, config: TrainableConfig) -> tuple[Any, Any, Any]:
     backbone converts from its own graph (any layer the converter takes), its Dense head is rebuilt alone.
     A plain SavedModel's graph is split at its trailing dense layers the same way.
     """
-    from edgekit.loading.graph import export_keras3
+    from edgekit.loading.graph import export_keras3, pin_graph
     from edgekit.trainable.graph import split_head, split_head_keras3
     from edgekit.trainable.graph_head import split_head_graph
 
     if config.head_only and loaded.model is None and loaded.keras3_model is not None:
         backbone, head = split_head_keras3(loaded.keras3_model)
-        return export_keras3(backbone, probabilities=False), head, loaded.source
+        return pin_graph(export_keras3(backbone, probabilities=False), loaded.input_shape), head, loaded.source
     if config.head_only and loaded.model is None:  # a plain SavedModel: split its graph at the dense head
         backbone, head = split_head_graph(loaded.graph)
         return backbone, head, loaded.source

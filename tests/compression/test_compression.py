@@ -392,6 +392,41 @@ def test_keras3_model_compresses_like_any_other(keras3_path, tmp_path):
         assert art.quantization_drop <= 2.0 and art.top1_agreement >= 90.0, (art.format, art.top1_agreement)
 
 
+@pytest.mark.parametrize("saved", ["keras3", "savedmodel"])
+def test_a_model_with_free_spatial_dims_exports_at_the_datas_shape(digits, tmp_path, saved):
+    """A fully convolutional model, input (None, None, 1): the converter kept the dimensions free, LiteRT allocated
+    them as 1x1 and could not prepare the convolution ("XNNPack delegate failed to reshape runtime"), so no .tflite
+    was written, and the trainable export crashed (TypeError, exit 70). The artifacts take the data's shape now,
+    and the user hears it."""
+    from edgekit import TrainableConfig, _tf, export_trainable
+
+    keras = _tf.keras3()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((None, None, 1)), keras.layers.Conv2D(4, 3, activation="relu"),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10, activation="softmax")])
+    path = tmp_path / ("fcn.keras" if saved == "keras3" else "fcn")
+    model.save(path) if saved == "keras3" else model.export(str(path), verbose=False)
+    result = compress(path, "digits", tmp_path / "out", progress=False, config=config(recipe=Recipe(quantize="none")))
+    assert not result.selected.format_errors, result.selected.format_errors
+    said = "the model's input (n, ?, ?, 1) has free dimensions: the artifacts take (n, 8, 8, 1)"
+    assert any(line.startswith(said) for line in result.warnings), result.warnings
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["source"]["input"]["shape"] == [None, None, None, 1]
+    for art in result.selected.artifacts:
+        assert [spec.shape for spec in art.inputs] == [(-1, 8, 8, 1)], art.format
+        written = Model.load((tmp_path / "out" / art.filename).read_bytes())
+        np.testing.assert_allclose(written.predict(digits.x[:7]), model(digits.x[:7]).numpy(), atol=1e-5)
+    trained = export_trainable(path, tmp_path / "t", data="digits", progress=False,
+                               config=TrainableConfig(head_only=saved == "savedmodel"))  # a graph trains its head
+    assert trained.manifest["trainable"]["input"]["shape"] == [None, 8, 8, 1]
+    assert any(line.startswith(said) for line in trained.warnings), trained.warnings
+    assert trained.manifest["verification"]["train_step_max_abs_diff"] <= 1e-5
+    np.savez(tmp_path / "other.npz", x=np.zeros((20, 12, 12, 1), np.float32), y=np.zeros(20, np.int64))
+    with pytest.raises(InputError, match=r"other.npz: x has shape \(20, 12, 12, 1\), but the model's free input "
+                                         r"\(n, \?, \?, 1\) was fixed to \(n, 8, 8, 1\) by the data's samples"):
+        compress(path, "digits", None, eval_data=tmp_path / "other.npz", progress=False, config=config())
+
+
 def test_labels_are_optional(cnn_path, digits, tmp_path):
     np.savez(tmp_path / "nolabels.npz", x=digits.x)
     result = compress(cnn_path, tmp_path / "nolabels.npz", None, progress=False, config=config(formats="tflite"))
