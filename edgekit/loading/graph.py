@@ -115,8 +115,9 @@ def load_graph(path: Path, *, temporary: bool = False, params: int | None = None
     return graph
 
 
-def export_keras3(model: Any, *, probabilities: bool) -> SavedModelGraph:
-    """Export a Keras 3 model with its own ``model.export`` into a temporary SavedModel and load it."""
+def export_keras3(model: Any, *, probabilities: bool | None) -> SavedModelGraph:
+    """Export a Keras 3 model with its own ``model.export`` into a temporary SavedModel and load it
+    (``probabilities``: whether it outputs probabilities; ``None``: judged from its outputs)."""
     folder = Path(tempfile.mkdtemp(prefix="edgekit-graph-")) / "saved_model"
     try:
         model.export(str(folder), format="tf_saved_model", verbose=False)

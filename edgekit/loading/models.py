@@ -9,6 +9,7 @@ rebuild is checked numerically against the original before anything else runs.
 from __future__ import annotations
 
 import json
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,7 +190,8 @@ def _from_object(model: Any, sample: np.ndarray | None) -> LoadedModel:
     if isinstance(model, keras2.Model):
         _check_outputs(model)
         return LoadedModel(model, "<in-memory>", "", "object", training_unavailable=_training_check(model))
-    if type(model).__module__.startswith("keras"):
+    keras3 = sys.modules.get("keras")  # a Keras 3 model object means Keras 3 is imported (a user's subclass too)
+    if keras3 is not None and isinstance(model, getattr(keras3, "Model", ())):
         return _keras3_loaded(model, sample, "<in-memory>", "")
     raise ModelLoadError(f"expected a Keras model or a path, got {type(model).__name__}")
 
@@ -208,6 +210,10 @@ def _keras3_loaded(k3: Any, sample: np.ndarray | None, path: str, digest: str) -
     exported to its TensorFlow graph, which every post-training path takes."""
     from edgekit.loading.graph import export_keras3
 
+    if getattr(k3, "inputs", None) is None:  # subclassed: no layer graph to rebuild; model.export traces its call()
+        return LoadedModel(None, path, digest, "keras3", graph=export_keras3(k3, probabilities=None),
+                           training_unavailable=f"a subclassed model ({type(k3).__name__}) has no layer graph for "
+                                                "training-based techniques to rewrite")
     _check_outputs(k3)  # the Keras 3 model's own inputs and outputs, before a rebuild or an export needs them
     try:
         model, diff = rebuild_keras3(k3, sample)
@@ -233,6 +239,12 @@ def _load_savedmodel(path: Path) -> LoadedModel:
     for config in _savedmodel_configs(path / "keras_metadata.pb"):
         check_code_free(config, source=path)
     model = _guarded_load(lambda: _tf.keras().models.load_model(path, compile=False), path)
+    if getattr(model, "inputs", None) is None:  # a subclassed model: tf-keras saved its functions, no layer graph
+        from edgekit.loading.graph import load_graph
+
+        return LoadedModel(None, str(path), sha256_of(path), "savedmodel", graph=load_graph(path),
+                           training_unavailable=f"a subclassed model ({type(model).__name__}) has no layer graph "
+                                                "for training-based techniques to rewrite")
     return LoadedModel(model, str(path), sha256_of(path), "savedmodel", training_unavailable=_training_check(model))
 
 
@@ -408,6 +420,10 @@ def _guarded_load(load, path: Path):  # noqa: ANN001, ANN202
 
 
 def _check_outputs(model: Any) -> None:
+    if getattr(model, "inputs", None) is None or getattr(model, "outputs", None) is None:
+        raise ModelLoadError(f"the model is a subclassed {type(model).__name__} with no layer graph (no inputs and "
+                             "outputs to check); save it as a SavedModel (model.export(path) in Keras 3, "
+                             "tf.saved_model.save in tf-keras) and give that folder")
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         ins, outs = len(model.inputs), len(model.outputs)
         raise ModelLoadError(

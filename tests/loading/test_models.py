@@ -155,6 +155,40 @@ def test_a_plain_savedmodel_is_used_by_its_serving_signature(cnn, digits, tmp_pa
     np.testing.assert_allclose(loaded.source(digits.x[:16]), cnn(digits.x[:16]).numpy(), atol=1e-5)
 
 
+def _subclassed(keras):
+    class Sub(keras.Model):  # no layer graph: Keras knows its layers, not how call() wires them
+        def __init__(self):
+            super().__init__()
+            self.conv = keras.layers.Conv2D(4, 3, activation="relu")
+            self.pool = keras.layers.GlobalAveragePooling2D()
+            self.head = keras.layers.Dense(10, activation="softmax")
+
+        def call(self, x):
+            return self.head(self.pool(self.conv(x)))
+
+    return Sub()
+
+
+def test_subclassed_models_are_used_by_their_graph_or_refused_in_one_line(digits, tmp_path):
+    """A tf-keras subclassed model saved as a SavedModel (model.save writes Keras metadata, but no layer graph) ended
+    in a TypeError (exit 70); a Keras 3 subclassed model passed to the API was "expected a Keras model or a path".
+    Both are used by their own graph now, for post-training paths; an in-memory tf-keras one is refused in one line."""
+    x = digits.x[:16]
+    tf_keras_model = _subclassed(_tf.keras())
+    tf_keras_model(x)
+    tf_keras_model.save(tmp_path / "sub")
+    keras3_model = _subclassed(_tf.keras3())
+    keras3_model(x)
+    for loaded, model in ((load_model(tmp_path / "sub"), tf_keras_model), (load_model(keras3_model), keras3_model)):
+        assert loaded.model is None and loaded.graph is not None and loaded.num_classes == 10
+        assert loaded.outputs_probabilities is True and loaded.input_shape == (8, 8, 1)
+        assert loaded.training_unavailable.startswith("a subclassed model (Sub) has no layer graph")
+        np.testing.assert_allclose(loaded.source(x), np.asarray(model(x)), atol=1e-5)
+    with pytest.raises(ModelLoadError, match=r"the model is a subclassed Sub with no layer graph .*; save it as a "
+                                             r"SavedModel"):
+        load_model(tf_keras_model)
+
+
 def test_a_savedmodel_whose_graph_writes_files_is_refused_before_it_runs(tmp_path):
     tf = _tf.tf()
     marker = tmp_path / "GRAPH_RAN"
