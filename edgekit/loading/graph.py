@@ -120,7 +120,7 @@ def export_keras3(model: Any, *, probabilities: bool | None) -> SavedModelGraph:
     (``probabilities``: whether it outputs probabilities; ``None``: judged from its outputs)."""
     folder = Path(tempfile.mkdtemp(prefix="edgekit-graph-")) / "saved_model"
     try:
-        model.export(str(folder), format="tf_saved_model", verbose=False)
+        _without_augmentation(model).export(str(folder), format="tf_saved_model", verbose=False)
     except Exception as exc:
         from device_agents.errors import first_line
 
@@ -129,6 +129,24 @@ def export_keras3(model: Any, *, probabilities: bool | None) -> SavedModelGraph:
     graph = load_graph(folder, temporary=True, params=int(model.count_params()), probabilities=probabilities)
     graph.layer_names = tuple(layer.name for layer in model._flatten_layers(include_self=False))  # noqa: SLF001
     return graph
+
+
+def _without_augmentation(model: Any) -> Any:
+    """``model`` sharing its layers, its data-augmentation layers (:data:`~edgekit.loading.layers.AUGMENTATION_LAYERS`,
+    the identity at inference) replaced by ``Identity``; ``model`` itself when it has none, or is subclassed."""
+    from edgekit.loading.layers import AUGMENTATION_LAYERS, iter_layers
+
+    if getattr(model, "inputs", None) is None or not any(
+            type(layer).__name__ in AUGMENTATION_LAYERS for layer in iter_layers(model)):
+        return model
+    keras = _tf.keras3()
+
+    def same_or_identity(layer: Any) -> Any:
+        if type(layer).__name__ in AUGMENTATION_LAYERS:
+            return keras.layers.Identity(name=layer.name)
+        return layer
+
+    return keras.models.clone_model(model, clone_function=same_or_identity, recursive=True)
 
 
 def pin_graph(graph: SavedModelGraph, shape: tuple[int, ...]) -> SavedModelGraph:

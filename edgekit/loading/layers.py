@@ -34,6 +34,17 @@ QAT_ACTIVATIONS: frozenset[str] = frozenset({"gelu", "linear", "relu", "sigmoid"
 QAT_ACTIVATION_LAYERS: frozenset[str] = QAT_ACTIVATIONS | {"relu6"}
 """Activations tfmot's scheme quantizes as an ``Activation`` layer (``Default8BitActivationQuantizeConfig``)."""
 
+AUGMENTATION_LAYERS: frozenset[str] = frozenset({
+    "AugMix", "CutMix", "MixUp", "RandAugment", "RandomBrightness", "RandomColorDegeneration", "RandomColorJitter",
+    "RandomContrast", "RandomElasticTransform", "RandomErasing", "RandomFlip", "RandomGaussianBlur",
+    "RandomGrayscale", "RandomHue", "RandomInvert", "RandomPerspective", "RandomPosterization", "RandomRotation",
+    "RandomSaturation", "RandomSharpness", "RandomShear", "RandomTranslation", "RandomZoom",
+})
+"""Data-augmentation layers: they change their input only while training and pass it through at inference (each
+checked in the tests, in Keras 3). ``RandomCrop`` is not one: it crops at inference too. Keras 3's ``model.export``
+keeps their random ops in the inference graph, which TFLite has no builtin kernel for; edgekit exports the model
+without them (:func:`edgekit.loading.graph.export_keras3`)."""
+
 _KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings", "recurrent_kernel")
 
 

@@ -301,7 +301,11 @@ class _Builder:
 
     def _functional_body(self, config: dict, given: tuple | None) -> tuple[list, list]:
         """Layers are created in config order; their calls (nodes) run as soon as their inputs exist, so a
-        shared layer whose second call depends on later layers is still wired correctly."""
+        shared layer whose second call depends on later layers is still wired correctly. A node's recorded
+        ``training=True`` is dropped: Keras 3 records the default of the call it traced (``training=True`` for every
+        augmentation layer), which it overrides at call time, and tf-keras would bake it into the graph (a RandomFlip
+        flipping at inference). ``training=False`` is kept: a user's ``base_model(x, training=False)`` keeps its
+        BatchNormalization in inference mode while fine-tuning, as in Keras."""
         tensors: dict[tuple[str, int, int], Any] = {}
         pending: list[tuple[Any, str, int, dict]] = []
         input_refs = [tuple(ref) for ref in _refs(config["input_layers"])]
@@ -324,7 +328,8 @@ class _Builder:
             for item in ready:
                 built, name, node_index, node = item
                 self.current = name
-                out = built(*_resolve(node.get("args", []), tensors), **_resolve(node.get("kwargs", {}), tensors))
+                kwargs = {k: v for k, v in node.get("kwargs", {}).items() if (k, v) != ("training", True)}
+                out = built(*_resolve(node.get("args", []), tensors), **_resolve(kwargs, tensors))
                 for tensor_index, tensor in enumerate(out if isinstance(out, (list, tuple)) else [out]):
                     tensors[(name, node_index, tensor_index)] = tensor
                 pending.remove(item)

@@ -34,6 +34,7 @@ import numpy as np
 from device_agents.errors import first_line
 from edgekit import _tf
 from edgekit.errors import ConversionError, UnsupportedLayerError
+from edgekit.loading.layers import AUGMENTATION_LAYERS
 from edgekit.trainable import _grad_ops as ops
 from edgekit.trainable.contract import TensorInfo, tensor_key, weight_key
 
@@ -431,6 +432,9 @@ def build_nodes(model: Any) -> list[_Node]:
     last_name = graph[-1][0].name
     for layer, inputs in graph:
         handler = HANDLERS.get(layer.__class__.__name__)
+        if layer.__class__.__name__ in AUGMENTATION_LAYERS:
+            raise _unsupported(layer, "data augmentation runs random image ops while training, which device "
+                                      "runtimes lack (at inference it passes its input through)")
         if handler is None:
             raise _unsupported(layer, "no on-device gradient for this layer type")
         in_shape = tuple(layer.input_shape) if not isinstance(layer.input_shape, list) else tuple(layer.input_shape[0])

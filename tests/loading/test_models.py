@@ -10,7 +10,7 @@ import pytest
 from edgekit import _tf
 from edgekit.errors import ModelLoadError, UnsupportedLayerError
 from edgekit.loading.layers import PRUNABLE, SCALE_ATTRIBUTES, prune_skip_reason, qat_output_only, qat_skip_reason
-from edgekit.loading.models import load_model, rebuild_keras3
+from edgekit.loading.models import load_model, predict, rebuild_keras3
 
 
 @pytest.mark.parametrize("fmt", ["keras", "h5", "savedmodel"])
@@ -153,6 +153,56 @@ def test_a_plain_savedmodel_is_used_by_its_serving_signature(cnn, digits, tmp_pa
     assert loaded.model is None and loaded.num_classes == 10 and loaded.input_shape == (8, 8, 1)
     assert loaded.outputs_probabilities is True and "graph only" in loaded.training_unavailable
     np.testing.assert_allclose(loaded.source(digits.x[:16]), cnn(digits.x[:16]).numpy(), atol=1e-5)
+
+
+AUGMENTATION_ARGS = {
+    "AugMix": {"value_range": (0, 255)}, "CutMix": {}, "MixUp": {}, "RandAugment": {"value_range": (0, 255)},
+    "RandomBrightness": {"factor": 0.2}, "RandomColorDegeneration": {"factor": 0.5},
+    "RandomColorJitter": {"value_range": (0, 255), "brightness_factor": 0.2}, "RandomContrast": {"factor": 0.2},
+    "RandomElasticTransform": {}, "RandomErasing": {}, "RandomFlip": {}, "RandomGaussianBlur": {},
+    "RandomGrayscale": {"factor": 1.0}, "RandomHue": {"factor": 0.2, "value_range": (0, 255)}, "RandomInvert": {},
+    "RandomPerspective": {}, "RandomPosterization": {"factor": (1, 4), "value_range": (0, 255)},
+    "RandomRotation": {"factor": 0.2}, "RandomSaturation": {"factor": 0.3}, "RandomSharpness": {"factor": 0.3},
+    "RandomShear": {"x_factor": 0.3}, "RandomTranslation": {"height_factor": 0.2, "width_factor": 0.2},
+    "RandomZoom": {"height_factor": 0.3},
+}
+
+
+def test_every_augmentation_layer_changes_images_while_training_and_passes_them_through_at_inference():
+    from edgekit.loading.layers import AUGMENTATION_LAYERS
+
+    assert set(AUGMENTATION_ARGS) == AUGMENTATION_LAYERS
+    keras = _tf.keras3()
+    x = np.random.default_rng(0).random((8, 12, 12, 3)).astype(np.float32) * 255
+    for name, kwargs in AUGMENTATION_ARGS.items():
+        layer = getattr(keras.layers, name)(**kwargs)
+        np.testing.assert_array_equal(np.asarray(layer(x, training=False)), x, err_msg=name)
+
+
+def test_a_model_with_data_augmentation_loads_and_converts_without_its_random_ops(digits, tmp_path):
+    """Keras 3 records `training=True` on an augmentation layer's node; the rebuild passed it on, so the tf-keras model
+    flipped and rotated at inference, differed from the Keras 3 model and fell back to its graph, where Keras 3's
+    export keeps the random ops: "op StatelessRandomGetKeyCounter (layer 'random_flip') has no TFLite builtin kernel".
+    Now the rebuild is exact, and a graph (a layer tf-keras lacks: RandomGrayscale) is exported without them."""
+    from edgekit.config import Quantization
+    from edgekit.export.tflite import to_tflite
+
+    keras = _tf.keras3()
+    keras.utils.set_random_seed(0)
+    x = digits.x[:16] * 255
+    for extra in ([], [keras.layers.RandomGrayscale(factor=0.5)]):
+        augment = keras.Sequential([keras.layers.RandomFlip(), *extra], name="data_augmentation")
+        inputs = keras.Input((8, 8, 1))
+        h = keras.layers.RandomRotation(0.2)(augment(inputs))
+        h = keras.layers.Conv2D(4, 3, activation="relu")(keras.layers.Rescaling(1 / 255)(h))
+        model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(h)))
+        model.save(tmp_path / "aug.keras")
+        loaded = load_model(tmp_path / "aug.keras")
+        assert (loaded.model is None) == bool(extra), loaded.training_unavailable
+        if not extra:
+            assert loaded.rebuild_max_abs_diff <= 1e-5
+        np.testing.assert_allclose(predict(loaded.source, x), np.asarray(model(x, training=False)), atol=1e-5)
+        to_tflite(loaded.source, quantization=Quantization.NONE, calibration=x)  # raised ConversionError before
 
 
 def _subclassed(keras):

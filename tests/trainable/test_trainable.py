@@ -506,6 +506,11 @@ def test_untrainable_layers_and_bad_options_are_refused(tmp_path, text_model_pat
         export_trainable(tmp_path / "dil.keras", None, progress=False)
     with pytest.raises(UnsupportedLayerError, match=r"\(LSTM\) cannot be trained on the device"):
         export_trainable(text_model_path, None, progress=False)  # Embedding and Conv1D train; the LSTM does not
+    augmenting = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.RandomFlip(), keras.layers.Flatten(),
+                                   keras.layers.Dense(3)])
+    with pytest.raises(UnsupportedLayerError, match=r"\(RandomFlip\) cannot be trained on the device: data "
+                                                    "augmentation runs random image ops while training"):
+        export_trainable(augmenting, None, progress=False)
     with pytest.raises(InputError, match="batch size must be between 1 and 4096"):
         TrainableConfig(batch_size=0)
     # the CLI says what still trains on the device: the head, on the frozen rest's features
