@@ -119,7 +119,8 @@ def _export(model: Any, data: str | Path | Dataset | None, config: TrainableConf
     if backbone is not None and int8_agreement < BACKBONE_AGREEMENT:
         with bars.step("export and verify a dynamic-range backbone"):
             files, manifest = _better_backbone(backbone, files, manifest, verified)
-    return TrainableResult(None, manifest, files, _warnings(loaded, dataset, manifest, int8_agreement))
+    return TrainableResult(None, manifest, files, [*_warnings(loaded, dataset, manifest, int8_agreement),
+                                                   *_augmentation_warnings(train_model)])
 
 
 BACKBONE_AGREEMENT = 95.0
@@ -168,6 +169,17 @@ def _warnings(loaded: Any, dataset: Dataset, manifest: dict[str, Any], int8_agre
             return [*found, said]
     return [*found, f"{said}: the head trains on features quantization changed; a full (not head-only) export "
                     "keeps the model float"]
+
+
+def _augmentation_warnings(train_model: Any) -> list[str]:
+    """The model's data-augmentation layers, which the trainable artifact passes samples through (as at inference)."""
+    from edgekit.loading.layers import AUGMENTATION_LAYERS
+
+    names = [layer.name for layer in getattr(train_model, "layers", []) if type(layer).__name__ in AUGMENTATION_LAYERS]
+    if not names:
+        return []
+    return [f"on-device training does not augment: the model's data-augmentation layers ({', '.join(names)}) pass "
+            "samples through in the trainable artifact, as at inference (random image ops have no builtin kernels)"]
 
 
 def _parts(loaded: Any, config: TrainableConfig) -> tuple[Any, Any, Any]:

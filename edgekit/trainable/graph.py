@@ -34,7 +34,6 @@ import numpy as np
 from device_agents.errors import first_line
 from edgekit import _tf
 from edgekit.errors import ConversionError, UnsupportedLayerError
-from edgekit.loading.layers import AUGMENTATION_LAYERS
 from edgekit.trainable import _grad_ops as ops
 from edgekit.trainable.contract import TensorInfo, tensor_key, weight_key
 
@@ -329,6 +328,14 @@ def _reshape(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
     return node
 
 
+def _augmentation(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    """Data augmentation (:data:`~edgekit.loading.layers.AUGMENTATION_LAYERS`): the identity, as at inference. The
+    device trains on its own samples without augmenting them (random image ops have no builtin kernels), and the
+    parity reference runs Keras with ``training=False``, where these layers pass their input through."""
+    node.forward = lambda xs, ws: xs[0]
+    return node
+
+
 def _dropout(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
     """Keras's training mode in the ``train`` signature (its ``dropout`` input 1): each unit is zeroed with
     probability ``rate`` (units share a draw along the dimensions ``noise_shape`` gives as 1) and the others are
@@ -382,6 +389,12 @@ HANDLERS: dict[str, Callable[[Any, _Node, tuple, bool], _Node]] = {
     "MaxPooling2D": _max_pool,
     "Multiply": _multiply,
     "Normalization": _normalization,
+    "RandomBrightness": _augmentation,
+    "RandomContrast": _augmentation,
+    "RandomFlip": _augmentation,
+    "RandomRotation": _augmentation,
+    "RandomTranslation": _augmentation,
+    "RandomZoom": _augmentation,
     "ReLU": _relu_layer,
     "Rescaling": _rescaling,
     "Reshape": _reshape,
@@ -432,9 +445,6 @@ def build_nodes(model: Any) -> list[_Node]:
     last_name = graph[-1][0].name
     for layer, inputs in graph:
         handler = HANDLERS.get(layer.__class__.__name__)
-        if layer.__class__.__name__ in AUGMENTATION_LAYERS:
-            raise _unsupported(layer, "data augmentation runs random image ops while training, which device "
-                                      "runtimes lack (at inference it passes its input through)")
         if handler is None:
             raise _unsupported(layer, "no on-device gradient for this layer type")
         in_shape = tuple(layer.input_shape) if not isinstance(layer.input_shape, list) else tuple(layer.input_shape[0])
