@@ -188,13 +188,14 @@ def greedy_float_nodes(quantize: Callable[[tuple[str, ...]], bytes], candidates:
     ``Rescaling`` fed values far from its range) has a small relative error while the signal is gone.
     """
     from device_agents.serving.runtime import Model
+    from edgekit.export.verify import load_probed
 
     x = control.validation.x
     reference = Model.load(float_data).predict(x)
     labels = control.validation.y if control.validation.y is not None else reference.argmax(axis=-1)
 
     def measure(nodes: tuple[str, ...], count: int) -> tuple[float, float]:
-        out = Model.load(quantize(nodes)).predict(x[:count])
+        out = load_probed(quantize(nodes), x).predict(x[:count])
         correct = 100.0 * float(np.mean(out.reshape(len(out), -1).argmax(axis=-1) == labels[:count]))
         return correct, float(np.mean((out - reference[:count]) ** 2))
 

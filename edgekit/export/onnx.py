@@ -497,6 +497,10 @@ class OnnxInt8:
                                    self._pre.read_bytes(), control, max_nodes=MAX_FLOAT_NODES, start=nodes)
         return [(NNCF_NODES_RUNG, replace(settings, float_nodes=nodes)), (NNCF_RUNG, searched)]
 
+    def runnable_rungs(self) -> list[tuple[str, Int8Options]]:
+        """None: onnxruntime refuses what it cannot run with an exception, which the ladder's rungs answer."""
+        return []
+
     def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
         """Nodes of the float graph, those whose quantization with ``options`` adds most to the intermediate
         error first; ranked once per options (the fallback and the search rank from the same ones)."""

@@ -256,6 +256,10 @@ budget); more means per-channel weights buy accuracy, and accuracy comes before 
 
 ENTROPY_BINS = (2048, 128)  # histogram bins, quantized bins of the KL (entropy) search (TensorRT's calibration)
 
+RUNNABLE = "runnable-float-op"
+"""The first rung where the defaults' int8 artifact does not run in its runtime: the op type whose int8 kernel fails
+or crashes kept float, found by trying each (LiteRT aborts in ``allocate_tensors()`` on the converter's int8
+SQUARED_DIFFERENCE of a Keras time-series Transformer's LayerNormalization; kept float, the rest runs in int8)."""
 FLOAT_FALLBACK = "float-fallback"
 BIAS_CORRECTION = "bias-correction"
 WIDE_ACTIVATIONS = "int16-activations"
@@ -294,6 +298,11 @@ class Int8Quantizer(Protocol):
         """The format's accuracy-controlled artifacts (a search on labelled data from ``base``'s options,
         :mod:`edgekit.export.accuracy_control`), the preferred first: (rung name, options whose :meth:`quantize`
         returns it); none when the search finds nothing to try."""
+        ...
+
+    def runnable_rungs(self) -> Sequence[tuple[str, Int8Options]]:
+        """Where the defaults' artifact does not run in its runtime: the rung (:data:`RUNNABLE`) that keeps float the
+        one op type whose int8 kernel fails or crashes, when keeping one does; none otherwise."""
         ...
 
 
@@ -347,9 +356,11 @@ SEARCH_RUNGS: dict[Format, str] = {Format.ONNX: NNCF_RUNG, Format.TFLITE: GREEDY
 def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: float,
             evaluate: Callable[[bytes], tuple[float, object]],
             on_attempt: Callable[[str], None] | None = None, control: AccuracyControl | None = None,
-            ratio: Callable[[bytes, bytes], float] | None = None) -> Recovery:
+            ratio: Callable[[bytes, bytes], float] | None = None,
+            first_rungs: Sequence[tuple[str, Int8Options]] = ()) -> Recovery:
     """Walk ``fmt``'s ladder from ``first`` (the default artifact, over budget) until an attempt is within ``budget``:
-    its quantizer rungs (:data:`LADDERS`), then its :data:`STAGES`.
+    ``first_rungs`` (the quantizer's :meth:`~Int8Quantizer.runnable_rungs` where the defaults' artifact did not
+    run), its quantizer rungs (:data:`LADDERS`), then its :data:`STAGES`.
 
     ``evaluate(data)`` returns the artifact's accuracy drop and whatever the caller wants kept with it.
     A remedy whose quantizer fails is recorded as failed (score ``inf``) and the ladder goes on. ``control``:
@@ -382,6 +393,8 @@ def recover(fmt: Format, quantizer: Int8Quantizer, first: Attempt, *, budget: fl
             on_attempt(name)
         recovery.tried[name] = float("inf")
 
+    if any(attempt(name, options) is not None for name, options in first_rungs):
+        return recovery
     for remedy in LADDERS[fmt]:
         if attempt(remedy.name, remedy.options) is not None:
             return recovery

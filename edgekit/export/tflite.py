@@ -340,6 +340,30 @@ class TfliteInt8:
                                    self._calibrated, control, max_nodes=MAX_FLOAT_NODES)
         return [(GREEDY_RUNG, replace(base, float_nodes=nodes))]
 
+    def runnable_rungs(self) -> list[tuple[str, Int8Options]]:
+        """The defaults' int8 artifact does not run in LiteRT (in a child process, :func:`~edgekit.export.verify.probe`:
+        it fails to prepare or crashes): keep float each of its op types in turn (graph order) and offer the first
+        whose artifact runs, as :data:`~edgekit.export.remedies.RUNNABLE`; none when it runs there, or when no single
+        op type does."""
+        from device_agents.errors import AgentError
+        from edgekit.export.remedies import RUNNABLE
+        from edgekit.export.verify import probe
+
+        default = self.quantize(Int8Options())
+        try:
+            probe(default, self._calibration)
+            return []  # it runs in a child: what failed was not one of its kernels
+        except AgentError:
+            pass
+        for op in dict.fromkeys(op for op in tflite_ops(default) if op not in QUANTIZE_OPS):
+            options = Int8Options(float_ops=(op,))
+            try:
+                probe(self.quantize(options), self._calibration)
+            except (AgentError, ValueError, RuntimeError):  # it still does not run, or the converter cannot
+                continue
+            return [(RUNNABLE, options)]
+        return []
+
     def sensitive_nodes(self, options: Int8Options) -> list[tuple[str, ...]]:
         """Op output names of the float graph, those whose quantization with ``options`` adds most to the
         intermediate error first (they name the ops to keep float, as the debugger's denylisted nodes); ranked once
@@ -521,6 +545,9 @@ def _relative_errors(reference: bytes, quantized: bytes, samples: np.ndarray) ->
     two models run side by side one sample at a time (memory: one sample's tensors, whatever the model)."""
     from ai_edge_litert.interpreter import Interpreter
 
+    from edgekit.export.verify import probe
+
+    probe(quantized, samples)  # in a child first: LiteRT aborts on some int8 graphs
     runs = [Interpreter(model_content=data, experimental_preserve_all_tensors=True) for data in (reference, quantized)]
     for interpreter in runs:
         interpreter.allocate_tensors()

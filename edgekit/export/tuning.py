@@ -176,7 +176,7 @@ class Int8Tuner:
             recovery = recover(fmt, quantizer, Attempt("", Int8Options(), b"", float("inf")),
                                budget=self.context.budget.points, evaluate=evaluate,
                                control=self._control(float_accuracy) if float_accuracy is not None else None,
-                               ratio=self.context.time_ratio)
+                               ratio=self.context.time_ratio, first_rungs=quantizer.runnable_rungs())
         tried = {k: round(float(v), 4) for k, v in recovery.tried.items()}
         best = recovery.best
         if not best.remedy:

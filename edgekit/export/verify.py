@@ -36,6 +36,43 @@ class Verification:
 
 
 LATENCY_REPEATS = 40
+PROBED_KEPT = 512
+"""How many artifacts' probe outcomes :func:`load_probed` remembers (by digest), so a verified artifact is not
+probed again when it is timed or loaded once more."""
+_probed: dict[bytes, str | None] = {}
+
+
+def load_probed(artifact: bytes, sample: np.ndarray, *, threads: int | None = None) -> Model:
+    """``artifact`` loaded in this process, a ``.tflite`` after its first run in a child process
+    (:func:`device_agents.store.isolation.probe_artifact`, on ``sample``'s first row).
+
+    LiteRT aborts the process on some of the converter's int8 graphs (SIGABRT in ``allocate_tensors()``, delegate
+    or not: a Keras time-series Transformer's), which no exception reports: edgekit died with exit code 134 and no
+    message, its output's staging folder left behind. A crash in the child is an :class:`AgentError` here, which a
+    quantization ladder treats as a rung that did not run."""
+    probe(artifact, sample)
+    return Model.load(artifact, num_threads=threads)
+
+
+def probe(artifact: bytes, sample: np.ndarray) -> None:
+    """Run a ``.tflite`` ``artifact`` once on ``sample[:1]`` in a child process, unless it ran before (remembered
+    by digest); :class:`AgentError` saying what happened when it crashed, failed or hung (see :func:`load_probed`).
+    Call it before any interpreter of this process allocates a quantized artifact's tensors."""
+    import hashlib
+
+    from device_agents.errors import ArtifactError
+    from device_agents.serving.runtime import ArtifactFormat, detect_format
+    from device_agents.store.isolation import probe_artifact
+
+    if detect_format(artifact) is not ArtifactFormat.TFLITE:
+        return
+    key = hashlib.sha256(artifact).digest()
+    if key not in _probed:
+        if len(_probed) >= PROBED_KEPT:
+            _probed.pop(next(iter(_probed)))
+        _probed[key] = probe_artifact(artifact, sample[:1])
+    if _probed[key] is not None:
+        raise ArtifactError(str(_probed[key]))
 
 
 def _clock(threads: int | None) -> Callable[[], int]:
@@ -140,7 +177,8 @@ def verify(artifact: bytes, *, name: str, quantization: Quantization, x: np.ndar
     time with ``threads`` interpreter threads.
     """
     try:
-        model = Model.load(artifact, num_threads=threads)
+        model = (Model.load(artifact, num_threads=threads) if quantization is Quantization.NONE
+                 else load_probed(artifact, x, threads=threads))  # the crashes seen are all in quantized kernels
         out = model.predict(x)
         latency = latency_us(model, x[:1], threads=threads)
     except AgentError as exc:

@@ -858,6 +858,35 @@ def test_an_int8_tflite_its_runtime_cannot_prepare_is_a_failed_first_rung_and_th
                                                        "runtime; kept with remedy litert-quantizer")
 
 
+def test_an_int8_tflite_that_aborts_litert_is_a_failed_rung_and_the_op_whose_kernel_aborts_is_kept_float(tmp_path):
+    """keras.io's time-series Transformer shape (one channel, attention, LayerNormalization over that channel): LiteRT
+    aborts the process in allocate_tensors() on the converter's int8 file (SIGABRT, its int8 SQUARED_DIFFERENCE),
+    and edgekit died with exit code 134, no message and its staging folder left behind. The artifact now runs in a
+    child first; the crash is a failed first rung, and keeping the aborting op type float makes one that runs."""
+    from edgekit import _tf
+
+    keras = _tf.keras()
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 1))
+    x = layers.LayerNormalization(epsilon=1e-6)(layers.MultiHeadAttention(key_dim=8, num_heads=2)(inputs, inputs))
+    pooled = layers.GlobalAveragePooling1D(data_format="channels_first")(layers.Add()([x, inputs]))
+    keras.Model(inputs, layers.Dense(2, activation="softmax")(pooled)).save(tmp_path / "series.keras")
+    rng = np.random.default_rng(0)
+    series = rng.standard_normal((200, 16, 1)).astype(np.float32)
+    np.savez(tmp_path / "series.npz", x=series, y=(series[:, :8, 0].mean(axis=1) > 0).astype(np.int64))
+    proc = run_cli("compress", str(tmp_path / "series.keras"), "--data", str(tmp_path / "series.npz"),
+                   "--out", str(tmp_path / "out"), "--formats", "tflite", "--quiet")
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "tflite int8 with the quantizer's defaults did not run in its runtime; kept with remedy " \
+           f"{remedies_module.RUNNABLE}" in proc.stderr
+    entry = json.loads((tmp_path / "out" / "manifest.json").read_text())["artifacts"][0]
+    assert entry["remedy"] == remedies_module.RUNNABLE and entry["remedies_tried"]["default"] is None
+    assert entry["quantizer_options"]["float_ops"] == ["SQUARED_DIFFERENCE"]
+    assert "crashed running it (SIGABRT)" in (tmp_path / "out" / "report.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "series.keras", "series.npz"]  # no staging left
+
+
 def test_when_no_rung_runs_the_format_is_not_written_and_says_what_was_tried(cnn_path, monkeypatch):
     from edgekit.compression.candidates import CandidateRunner
     from edgekit.errors import ConversionError
