@@ -85,7 +85,6 @@ def export_trainable(model: Any, out: str | Path | None, *, data: str | Path | D
 def _export(model: Any, data: str | Path | Dataset | None, config: TrainableConfig,
             bars: Progress) -> TrainableResult:
     from device_agents.training.trainer import Trainer
-    from edgekit.export.tflite import to_tflite
     from edgekit.trainable.graph import build_module, build_nodes, convert, reference_step
 
     loaded = load_model(model)
@@ -97,10 +96,10 @@ def _export(model: Any, data: str | Path | Dataset | None, config: TrainableConf
     backbone, train_model, keras_model = _parts(loaded, config)
     build_nodes(train_model)  # refuse before any work
     files: dict[str, bytes] = {}
+    kept, crash = Quantization.INT8, []
     if backbone is not None:
         with bars.step("export int8 backbone"):
-            files["backbone.tflite"], _ = to_tflite(backbone, quantization=Quantization.INT8,
-                                                    calibration=dataset.x[:256])
+            files["backbone.tflite"], kept, crash = _runnable_backbone(backbone, dataset.x[:256])
     with bars.step("build and convert the trainable model"):
         module, tensors, softmax_out = build_module(train_model, batch_size=config.batch_size)
         files["trainable.tflite"] = convert(module)
@@ -114,13 +113,41 @@ def _export(model: Any, data: str | Path | Dataset | None, config: TrainableConf
         return manifest
 
     with bars.step("verify in LiteRT"):
-        manifest = verified(files, Quantization.INT8)
+        manifest = verified(files, kept)
     int8_agreement = manifest["verification"]["infer_top1_agreement"]
-    if backbone is not None and int8_agreement < BACKBONE_AGREEMENT:
+    if backbone is not None and kept is Quantization.INT8 and int8_agreement < BACKBONE_AGREEMENT:
         with bars.step("export and verify a dynamic-range backbone"):
             files, manifest = _better_backbone(backbone, files, manifest, verified)
-    return TrainableResult(None, manifest, files, [*_warnings(loaded, dataset, manifest, int8_agreement),
+    if crash:  # what the dynamic-range backbone kept is said with the crash; the int8 agreement does not exist
+        int8_agreement, crash = BACKBONE_AGREEMENT, [f"{crash[0]}, which leaves the model's top-1 prediction "
+                                                     f"unchanged on {int8_agreement:.1f}% of the samples"]
+    return TrainableResult(None, manifest, files, [*_warnings(loaded, dataset, manifest, int8_agreement), *crash,
                                                    *_augmentation_warnings(train_model)])
+
+
+def _runnable_backbone(backbone: Any, calibration: np.ndarray) -> tuple[bytes, Quantization, list[str]]:
+    """The int8 backbone, run first in a child process (:func:`~edgekit.export.verify.probe`: LiteRT aborts the
+    process on some of the converter's int8 graphs); where it fails there, a dynamic-range backbone (int8 weights,
+    float activations), said in the returned warning. :class:`~edgekit.errors.ConversionError` when neither runs."""
+    from device_agents.errors import AgentError
+    from edgekit.errors import ConversionError
+    from edgekit.export.tflite import to_tflite
+    from edgekit.export.verify import probe
+
+    data, _ = to_tflite(backbone, quantization=Quantization.INT8, calibration=calibration)
+    try:
+        probe(data, calibration)
+        return data, Quantization.INT8, []
+    except AgentError as exc:
+        failure = str(exc)
+    data, _ = to_tflite(backbone, quantization=Quantization.DYNAMIC, calibration=calibration)
+    try:
+        probe(data, calibration)
+    except AgentError as exc:
+        raise ConversionError(f"the backbone does not run in LiteRT in int8 ({failure}) or dynamic range ({exc})") \
+            from None
+    return data, Quantization.DYNAMIC, [f"the int8 backbone does not run in LiteRT ({failure}): the backbone keeps "
+                                        "int8 weights and computes in float (dynamic range)"]
 
 
 BACKBONE_AGREEMENT = 95.0

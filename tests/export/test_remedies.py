@@ -885,6 +885,14 @@ def test_an_int8_tflite_that_aborts_litert_is_a_failed_rung_and_the_op_whose_ker
     assert entry["quantizer_options"]["float_ops"] == ["SQUARED_DIFFERENCE"]
     assert "crashed running it (SIGABRT)" in (tmp_path / "out" / "report.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "series.keras", "series.npz"]  # no staging left
+    # head-only on-device training converts the same graph to an int8 backbone: it aborted the same way
+    proc = run_cli("trainable", str(tmp_path / "series.keras"), "--head-only", "--data", str(tmp_path / "series.npz"),
+                   "--out", str(tmp_path / "trainable"), "--quiet")
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "the int8 backbone does not run in LiteRT (the runtime crashed running it (SIGABRT)): the backbone keeps " \
+           "int8 weights and computes in float (dynamic range)" in proc.stderr
+    manifest = json.loads((tmp_path / "trainable" / "manifest.json").read_text())
+    assert {a["file"]: a["quantization"] for a in manifest["artifacts"]}["backbone.tflite"] == "dynamic"
 
 
 def test_when_no_rung_runs_the_format_is_not_written_and_says_what_was_tried(cnn_path, monkeypatch):
