@@ -58,7 +58,7 @@ def _compress(model: Any, data: str | Path | Dataset, eval_data: str | Path | Da
               config: CompressConfig, bars: Progress) -> CompressResult:
     """Load, measure the source, run every candidate recipe, select."""
     raw = load_data(data)
-    loaded = load_model(model)
+    loaded = load_model(model, sample=raw.x[:64])  # a Keras 3 rebuild is checked on the user's samples
     loaded, dataset, evaluation, labels = _labelled(loaded, raw, eval_data)
     splits = split(dataset, seed=config.seed, eval_data=evaluation)
     source_out = predict(loaded.source, splits.evaluation.x)

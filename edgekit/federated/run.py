@@ -95,11 +95,11 @@ def prepare_run(model: Any, data: Any, out: Path, config: FederationConfig, *, p
     and the trainable artifact into ``out``."""
     from edgekit.trainable.export import TrainableConfig, export_trainable
 
-    loaded = load_model(model)
+    raw = load_data(data, require_labels=True)
+    loaded = load_model(model, sample=raw.x[:64])
     keras_model = loaded.trainable_model("federated training")  # refused before anything is written
     warnings = check_privacy_noise(config, sum(int(np.prod(w.shape)) for w in keras_model.trainable_weights))
-    dataset = fit_to_model(load_data(data, require_labels=True), loaded.input_shape, loaded.input_dtype,
-                           loaded.num_classes)
+    dataset = fit_to_model(raw, loaded.input_shape, loaded.input_dtype, loaded.num_classes)
     if dataset.y is None:
         raise InputError("federated training needs labels: give an .npz with x and y")
     seed = config.rounds.seed

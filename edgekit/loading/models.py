@@ -158,7 +158,9 @@ def accuracy(outputs: np.ndarray, y: np.ndarray) -> float:
 def load_model(source: Any, *, sample: np.ndarray | None = None) -> LoadedModel:
     """Load a Keras model from a path (or take a model object) as a checked tf-keras model.
 
-    ``sample`` (a few inputs) is used to verify a Keras 3 rebuild; random inputs otherwise.
+    ``sample`` (a few of the user's inputs) verifies a Keras 3 rebuild where it fits the model's input (random
+    inputs otherwise: too short for a text model's strided convolutions over a free length, or far from what an
+    untrained network was built for).
 
     >>> loaded = load_model("model.keras")          # doctest: +SKIP
     >>> loaded.source_format, loaded.num_classes    # doctest: +SKIP

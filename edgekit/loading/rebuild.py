@@ -107,7 +107,8 @@ def rebuild_keras3(k3_model: Any, sample: np.ndarray | None = None) -> tuple[Any
     except Exception as exc:
         where = f" at layer '{builder.current}'" if builder.current else ""
         raise ModelLoadError(f"cannot rebuild the Keras 3 model as tf-keras{where}: {first_line(exc)}") from None
-    x = (sample if sample is not None else _random_inputs(model))[:64]
+    x = _fitting(sample, model)
+    x = (x if x is not None else _random_inputs(model))[:64]
     want = np.asarray(k3_model(x, training=False))
     got = model(x, training=False).numpy()
     diff = float(np.max(np.abs(want - got))) if want.size else 0.0
@@ -185,6 +186,22 @@ def rebuild_layer(layer: Any) -> Any:
         raise
     except Exception as exc:
         raise ModelLoadError(f"cannot rebuild layer '{layer.name}' as tf-keras: {first_line(exc)}") from None
+
+
+def _fitting(sample: np.ndarray | None, model: Any) -> np.ndarray | None:
+    """``sample`` (the user's data) as the model's input dtype when its samples fit the model's input shape (token ids
+    for an integer input), else ``None``: data that does not fit is refused later, with the data's name."""
+    if sample is None:
+        return None
+    want, dtype = tuple(model.inputs[0].shape[1:]), model.inputs[0].dtype
+    if sample.ndim != len(want) + 1 or any(d is not None and d != s for d, s in zip(want, sample.shape[1:])):
+        return None
+    sample = sample[:64]
+    if dtype.is_integer:  # token ids within the first Embedding's vocabulary
+        vocab = min((layer.input_dim for layer in model.layers if hasattr(layer, "input_dim")), default=None)
+        if not np.array_equal(sample, np.round(sample)) or sample.min() < 0 or (vocab and sample.max() >= vocab):
+            return None
+    return sample.astype(dtype.name)
 
 
 def _random_inputs(model: Any) -> np.ndarray:

@@ -87,11 +87,12 @@ def _export(model: Any, data: str | Path | Dataset | None, config: TrainableConf
     from device_agents.training.trainer import Trainer
     from edgekit.trainable.graph import build_module, build_nodes, convert, reference_step
 
-    loaded = load_model(model)
+    raw = None if data is None else load_data(data)
+    loaded = load_model(model, sample=None if raw is None else raw.x[:64])
     if loaded.input_dtype not in ("float32", "float16", "int32", "int64"):
         raise InputError(f"on-device training takes float32, int32 or int64 inputs; this model takes "
                          f"{loaded.input_dtype}")
-    dataset = _verification_data(loaded, data, config)
+    dataset = _verification_data(loaded, raw, config)
     loaded = pin_input(loaded, dataset.x.shape[1:])  # the artifact takes the data's shape (a graph's free size is 1)
     backbone, train_model, keras_model = _parts(loaded, config)
     build_nodes(train_model)  # refuse before any work

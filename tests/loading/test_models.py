@@ -7,7 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from edgekit import _tf
+from edgekit import CompressConfig, Recipe, _tf
 from edgekit.errors import ModelLoadError, UnsupportedLayerError
 from edgekit.loading.layers import PRUNABLE, SCALE_ATTRIBUTES, prune_skip_reason, qat_output_only, qat_skip_reason
 from edgekit.loading.models import load_model, predict, rebuild_keras3
@@ -203,6 +203,27 @@ def test_a_model_with_data_augmentation_loads_and_converts_without_its_random_op
             assert loaded.rebuild_max_abs_diff <= 1e-5
         np.testing.assert_allclose(predict(loaded.source, x), np.asarray(model(x, training=False)), atol=1e-5)
         to_tflite(loaded.source, quantization=Quantization.NONE, calibration=x)  # raised ConversionError before
+
+
+def test_a_keras3_rebuild_is_checked_on_the_users_samples(tmp_path):
+    """keras.io's text classifier takes token ids of any length (input (None,)) through two Conv1D(7, strides=3): the
+    rebuild was checked on 16 random ids, too short for the second convolution (its output was empty in Keras 3 and
+    garbage in tf-keras), so it was refused and the model lost pruning, QAT and on-device training. compress, trainable
+    and federated runs check it on the user's own samples now (random inputs where those do not fit)."""
+    from edgekit import Dataset, compress
+
+    keras = _tf.keras3()
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((None,), dtype="int64")
+    x = layers.Conv1D(8, 7, strides=3, activation="relu")(layers.Embedding(500, 8)(inputs))
+    x = layers.GlobalMaxPooling1D()(layers.Conv1D(8, 7, strides=3, activation="relu")(x))
+    keras.Model(inputs, layers.Dense(2, activation="softmax")(x)).save(tmp_path / "text.keras")
+    tokens = np.random.default_rng(0).integers(1, 500, (120, 60))
+    assert load_model(tmp_path / "text.keras", sample=tokens).rebuild_max_abs_diff <= 1e-5
+    result = compress(tmp_path / "text.keras", Dataset(tokens, tokens[:, 0] % 2, "tokens"), None, progress=False,
+                      config=CompressConfig(recipe=Recipe(quantize="none"), formats=("tflite",)))
+    assert result.source["rebuild_max_abs_diff"] <= 1e-5  # rebuilt: a tf-keras model, which training paths need
 
 
 def _subclassed(keras):
