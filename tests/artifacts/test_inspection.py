@@ -45,6 +45,13 @@ def test_inspect_bad_targets(tmp_path):
     (tmp_path / "junk.tflite").write_bytes(b"\x00" * 64)
     assert_one_line_error(run_cli("inspect", str(tmp_path / "junk.tflite")), 2, "neither a TFLite flatbuffer")
     assert_one_line_error(run_cli("inspect", str(tmp_path)), 2, "has no manifest.json")
+    # the right magic bytes, then garbage: the parsers' errors were internal errors (exit 70)
+    (tmp_path / "schema.tflite").write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 200)
+    (tmp_path / "garbage.onnx").write_bytes(b"\x08\x07" + b"\xff" * 100)
+    with pytest.raises(InputError, match=r"schema.tflite: not a valid tflite artifact \(Model provided is schema"):
+        inspect_artifact(tmp_path / "schema.tflite")
+    with pytest.raises(InputError, match=r"garbage.onnx: not a valid onnx artifact \(Error parsing message"):
+        inspect_artifact(tmp_path / "garbage.onnx")
 
 
 def test_a_trainable_folder_and_its_artifact_are_described_by_their_signatures(cnn_path, tmp_path):

@@ -885,6 +885,16 @@ def test_an_int8_tflite_that_aborts_litert_is_a_failed_rung_and_the_op_whose_ker
     assert entry["quantizer_options"]["float_ops"] == ["SQUARED_DIFFERENCE"]
     assert "crashed running it (SIGABRT)" in (tmp_path / "out" / "report.md").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "series.keras", "series.npz"]  # no staging left
+    # the converter's file itself, given to edgekit inspect: it took the inspecting process along
+    from edgekit.config import Quantization
+    from edgekit.export.tflite import to_tflite
+    from edgekit.loading.models import load_model
+
+    aborting, _ = to_tflite(load_model(tmp_path / "series.keras").source, quantization=Quantization.INT8,
+                            calibration=series[:64])
+    (tmp_path / "aborts.tflite").write_bytes(aborting)
+    assert_one_line_error(run_cli("inspect", str(tmp_path / "aborts.tflite")), 2,
+                          "aborts.tflite: the runtime crashed running it (SIGABRT)")
     # head-only on-device training converts the same graph to an int8 backbone: it aborted the same way
     proc = run_cli("trainable", str(tmp_path / "series.keras"), "--head-only", "--data", str(tmp_path / "series.npz"),
                    "--out", str(tmp_path / "trainable"), "--quiet")
