@@ -57,6 +57,13 @@ def iter_layers(model: Any) -> Any:
             yield layer
 
 
+def vocabulary(model: Any) -> int | None:
+    """The smallest ``input_dim`` of ``model``'s Embedding layers (the token ids every one of them takes), or
+    ``None`` when it has none."""
+    return min((layer.input_dim for layer in getattr(model, "layers", []) if hasattr(layer, "input_dim")),
+               default=None)
+
+
 def has_kernel(layer: Any) -> bool:
     """True when ``layer`` holds a kernel-like weight (what pruning would act on)."""
     return any(weight.name.split("/")[-1].split(":")[0] in _KERNEL_NAMES for weight in layer.weights)

@@ -214,8 +214,7 @@ def _keras3_loaded(k3: Any, sample: np.ndarray | None, path: str, digest: str) -
 
     if getattr(k3, "inputs", None) is None:  # subclassed: no layer graph to rebuild; model.export traces its call()
         return LoadedModel(None, path, digest, "keras3", graph=export_keras3(k3, probabilities=None),
-                           training_unavailable=f"a subclassed model ({type(k3).__name__}) has no layer graph for "
-                                                "training-based techniques to rewrite")
+                           training_unavailable=_subclassed(k3))
     _check_outputs(k3)  # the Keras 3 model's own inputs and outputs, before a rebuild or an export needs them
     try:
         model, diff = rebuild_keras3(k3, sample)
@@ -245,8 +244,7 @@ def _load_savedmodel(path: Path) -> LoadedModel:
         from edgekit.loading.graph import load_graph
 
         return LoadedModel(None, str(path), sha256_of(path), "savedmodel", graph=load_graph(path),
-                           training_unavailable=f"a subclassed model ({type(model).__name__}) has no layer graph "
-                                                "for training-based techniques to rewrite")
+                           training_unavailable=_subclassed(model))
     return LoadedModel(model, str(path), sha256_of(path), "savedmodel", training_unavailable=_training_check(model))
 
 
@@ -419,6 +417,11 @@ def _guarded_load(load, path: Path):  # noqa: ANN001, ANN202
         hint = ("; if it is a custom layer, import the module that registers it first (custom objects)"
                 if any(marker in str(exc) for marker in _UNKNOWN_CLASS) else "")
         raise ModelLoadError(f"cannot load model {path}: {first_line(exc, limit=200)}{hint}") from None
+
+
+def _subclassed(model: Any) -> str:
+    """Why training-based techniques cannot run on a subclassed model (used by its graph)."""
+    return f"a subclassed model ({type(model).__name__}) has no layer graph for training-based techniques to rewrite"
 
 
 def _check_outputs(model: Any) -> None:

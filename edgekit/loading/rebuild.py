@@ -21,7 +21,7 @@ import numpy as np
 from device_agents.errors import first_line
 from edgekit import _tf
 from edgekit.errors import ModelLoadError
-from edgekit.loading.layers import iter_layers
+from edgekit.loading.layers import iter_layers, vocabulary
 
 REBUILD_TOLERANCE = 1e-5
 LAYER_TOLERANCE = 1e-5
@@ -198,7 +198,7 @@ def _fitting(sample: np.ndarray | None, model: Any) -> np.ndarray | None:
         return None
     sample = sample[:64]
     if dtype.is_integer:  # token ids within the first Embedding's vocabulary
-        vocab = min((layer.input_dim for layer in model.layers if hasattr(layer, "input_dim")), default=None)
+        vocab = vocabulary(model)
         if not np.array_equal(sample, np.round(sample)) or sample.min() < 0 or (vocab and sample.max() >= vocab):
             return None
     return sample.astype(dtype.name)
@@ -208,8 +208,7 @@ def _random_inputs(model: Any) -> np.ndarray:
     rng = np.random.default_rng(0)
     shape = [8] + [d or 16 for d in model.inputs[0].shape[1:]]
     if model.inputs[0].dtype.is_integer:
-        vocab = min((layer.input_dim for layer in model.layers if hasattr(layer, "input_dim")), default=2)
-        return rng.integers(0, vocab, size=shape).astype(model.inputs[0].dtype.name)
+        return rng.integers(0, vocabulary(model) or 2, size=shape).astype(model.inputs[0].dtype.name)
     return rng.standard_normal(shape).astype(np.float32)
 
 

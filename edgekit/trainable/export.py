@@ -97,7 +97,7 @@ def _export(model: Any, data: str | Path | Dataset | None, config: TrainableConf
     backbone, train_model, keras_model = _parts(loaded, config)
     build_nodes(train_model)  # refuse before any work
     files: dict[str, bytes] = {}
-    kept, crash = Quantization.INT8, []
+    kept, crash = Quantization.INT8, None
     if backbone is not None:
         with bars.step("export int8 backbone"):
             files["backbone.tflite"], kept, crash = _runnable_backbone(backbone, dataset.x[:256])
@@ -119,17 +119,21 @@ def _export(model: Any, data: str | Path | Dataset | None, config: TrainableConf
     if backbone is not None and kept is Quantization.INT8 and int8_agreement < BACKBONE_AGREEMENT:
         with bars.step("export and verify a dynamic-range backbone"):
             files, manifest = _better_backbone(backbone, files, manifest, verified)
-    if crash:  # what the dynamic-range backbone kept is said with the crash; the int8 agreement does not exist
-        int8_agreement, crash = BACKBONE_AGREEMENT, [f"{crash[0]}, which leaves the model's top-1 prediction "
-                                                     f"unchanged on {int8_agreement:.1f}% of the samples"]
-    return TrainableResult(None, manifest, files, [*_warnings(loaded, dataset, manifest, int8_agreement), *crash,
-                                                   *_augmentation_warnings(train_model)])
+    if crash is None:
+        said = _warnings(loaded, dataset, manifest, int8_agreement)
+    else:  # no int8 backbone ran: the dynamic-range one's agreement is said with why
+        said = [*_input_warnings(loaded, dataset),
+                f"the int8 backbone does not run in LiteRT ({crash}): the backbone keeps int8 weights and computes in "
+                f"float (dynamic range), which leaves the model's top-1 prediction unchanged on {int8_agreement:.1f}% "
+                "of the samples"]
+    return TrainableResult(None, manifest, files, [*said, *_augmentation_warnings(train_model)])
 
 
-def _runnable_backbone(backbone: Any, calibration: np.ndarray) -> tuple[bytes, Quantization, list[str]]:
+def _runnable_backbone(backbone: Any, calibration: np.ndarray) -> tuple[bytes, Quantization, str | None]:
     """The int8 backbone, run first in a child process (:func:`~edgekit.export.verify.probe`: LiteRT aborts the
     process on some of the converter's int8 graphs); where it fails there, a dynamic-range backbone (int8 weights,
-    float activations), said in the returned warning. :class:`~edgekit.errors.ConversionError` when neither runs."""
+    float activations) and why the int8 one was not kept. :class:`~edgekit.errors.ConversionError` when neither
+    runs."""
     from device_agents.errors import AgentError
     from edgekit.errors import ConversionError
     from edgekit.export.tflite import to_tflite
@@ -138,7 +142,7 @@ def _runnable_backbone(backbone: Any, calibration: np.ndarray) -> tuple[bytes, Q
     data, _ = to_tflite(backbone, quantization=Quantization.INT8, calibration=calibration)
     try:
         probe(data, calibration)
-        return data, Quantization.INT8, []
+        return data, Quantization.INT8, None
     except AgentError as exc:
         failure = str(exc)
     data, _ = to_tflite(backbone, quantization=Quantization.DYNAMIC, calibration=calibration)
@@ -147,8 +151,7 @@ def _runnable_backbone(backbone: Any, calibration: np.ndarray) -> tuple[bytes, Q
     except AgentError as exc:
         raise ConversionError(f"the backbone does not run in LiteRT in int8 ({failure}) or dynamic range ({exc})") \
             from None
-    return data, Quantization.DYNAMIC, [f"the int8 backbone does not run in LiteRT ({failure}): the backbone keeps "
-                                        "int8 weights and computes in float (dynamic range)"]
+    return data, Quantization.DYNAMIC, failure
 
 
 BACKBONE_AGREEMENT = 95.0
@@ -180,10 +183,8 @@ def _better_backbone(backbone: Any, files: dict[str, bytes], manifest: dict[str,
 def _warnings(loaded: Any, dataset: Dataset, manifest: dict[str, Any], int8_agreement: float) -> list[str]:
     """What the user should hear: data outside the model's own preprocessing range; a head-only backbone int8
     changes (what was kept instead, and whether that still does)."""
-    from edgekit.loading.input_range import input_range_warnings
 
-    found = pinned_warnings(loaded) + (input_range_warnings(loaded.source, dataset.x[:256])
-                                       if loaded.source is not None else [])
+    found = _input_warnings(loaded, dataset)
     if manifest["trainable"]["mode"] != "head-only" or int8_agreement >= BACKBONE_AGREEMENT:
         return found
     agreement = manifest["verification"]["infer_top1_agreement"]
@@ -197,6 +198,14 @@ def _warnings(loaded: Any, dataset: Dataset, manifest: dict[str, Any], int8_agre
             return [*found, said]
     return [*found, f"{said}: the head trains on features quantization changed; a full (not head-only) export "
                     "keeps the model float"]
+
+
+def _input_warnings(loaded: Any, dataset: Dataset) -> list[str]:
+    """A free input fixed to the data's shape; data outside the model's own preprocessing range."""
+    from edgekit.loading.input_range import input_range_warnings
+
+    return pinned_warnings(loaded) + (input_range_warnings(loaded.source, dataset.x[:256])
+                                      if loaded.source is not None else [])
 
 
 def _augmentation_warnings(train_model: Any) -> list[str]:
@@ -246,9 +255,9 @@ def _verification_data(loaded: Any, data: str | Path | Dataset | None, config: T
         raise InputError(f"the model's input {loaded.input_shape} has a free dimension: give data to verify with")
     rng = np.random.default_rng(0)
     if not loaded.input_dtype.startswith("float"):  # token ids: within the first Embedding's vocabulary
-        layers = getattr(loaded.model, "layers", [])
-        vocab = min((layer.input_dim for layer in layers if hasattr(layer, "input_dim")), default=2)
-        x = rng.integers(0, vocab, (256, *loaded.input_shape)).astype(loaded.input_dtype)
+        from edgekit.loading.layers import vocabulary
+
+        x = rng.integers(0, vocabulary(loaded.model) or 2, (256, *loaded.input_shape)).astype(loaded.input_dtype)
     else:
         x = rng.random((256, *loaded.input_shape), dtype=np.float32)
     return Dataset(x, rng.integers(0, loaded.num_classes, 256), "synthetic inputs")
