@@ -20,7 +20,7 @@ from edgekit.config import CompressConfig, Quantization
 from edgekit.errors import BudgetError, DataError
 from edgekit.loading.data import Dataset, fit_to_model, load_data, shape_text, split
 from edgekit.loading.input_range import input_range_warnings
-from edgekit.loading.models import LoadedModel, accuracy, load_model, pin_input, pinned_warnings, predict
+from edgekit.loading.models import LoadedModel, accuracy, load_model, load_warnings, pin_input, predict
 
 
 def compress(model: Any, data: str | Path | Dataset = "digits", out: str | Path | None = None, *,
@@ -68,6 +68,8 @@ def _compress(model: Any, data: str | Path | Dataset, eval_data: str | Path | Da
         "input": {"shape": [None, *(loaded.free_input_shape or loaded.input_shape)], "dtype": loaded.input_dtype},
         "output": {"shape": [None, loaded.num_classes], "kind": "probabilities" if loaded.outputs_probabilities
                    else "logits"},
+        # a binary classifier's one output, served as two columns (column 1 is that output)
+        "model_output": None if loaded.one_output is None else {"shape": [None, 1], "kind": loaded.one_output.value},
         "rebuild_max_abs_diff": loaded.rebuild_max_abs_diff,
     }
     data_info = {"name": raw.name, "samples": len(dataset), "labels": labels, "seed": config.seed,
@@ -88,7 +90,7 @@ def _compress(model: Any, data: str | Path | Dataset, eval_data: str | Path | Da
             art.float32_latency_us = reference.get(art.format.value, {}).get("latency_us")
             art.float32_bytes = reference.get(art.format.value, {}).get("bytes")
     result = CompressResult(source, candidates, _select(candidates, config), config, data_info=data_info,
-                            warnings=[*pinned_warnings(loaded),
+                            warnings=[*load_warnings(loaded),
                                       *input_range_warnings(loaded.source, splits.calibration.x)])
     result.reference = reference
     result.data_reference = reference_of(splits.calibration.x, predict(loaded.source, splits.calibration.x))

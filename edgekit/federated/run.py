@@ -20,6 +20,7 @@ import numpy as np
 from edgekit._io import mark_output, write_atomic
 from edgekit.errors import InputError
 from edgekit.federated.config import FederationConfig, Partition, RoundSettings
+from edgekit.loading.binary import one_output_note
 from edgekit.loading.data import Dataset, Splits, fit_to_model, load_data, partition, split
 from edgekit.loading.models import LoadedModel, load_model
 
@@ -121,6 +122,7 @@ def prepare_run(model: Any, data: Any, out: Path, config: FederationConfig, *, p
                                                            learning_rate=config.rounds.learning_rate))
         # the data outside the model's input range, a free input dimension fixed to the data's
         warnings = (*warnings, *(f"warning: {line}" for line in exported.warnings))
+    warnings = (*(f"warning: {line}" for line in one_output_note(loaded.one_output)), *warnings)
     return PreparedRun(loaded, dataset, parts, warnings)
 
 

@@ -104,9 +104,9 @@ def load_graph(path: Path, *, temporary: bool = False, params: int | None = None
                              "edgekit handles single-input, single-output classifiers")
     name, spec = next(iter(inputs.items()))
     out_shape = next(iter(outputs.values())).shape
-    if len(out_shape) != 2 or out_shape[-1] is None or out_shape[-1] < 2:
+    if len(out_shape) != 2 or out_shape[-1] is None:
         raise ModelLoadError(f"{path}: the serving output has shape {tuple(out_shape)}; edgekit handles classifiers "
-                             "with output (batch, classes) and at least 2 classes")
+                             "with output (batch, classes), or one output for a binary classifier")
     if params is None:
         params = int(sum(np.prod(v.shape) for v in getattr(owner, "variables", [])))
     graph = SavedModelGraph(path, name, tuple(spec.shape[1:]), spec.dtype.name, int(out_shape[-1]), params,
@@ -159,13 +159,29 @@ def pin_graph(graph: SavedModelGraph, shape: tuple[int, ...]) -> SavedModelGraph
         return graph
     tf = _tf.tf()
     spec = tf.TensorSpec([None, *shape], graph.input_dtype, name=graph.input_name)
-    function = tf.function(lambda x: graph.function(**{graph.input_name: x})).get_concrete_function(spec)
+    pinned = resaved(graph, spec, None, probabilities=graph.outputs_probabilities,
+                     what=f"the model's graph cannot take inputs of shape {tuple(shape)}")
+    pinned.layer_names = graph.layer_names
+    return pinned
+
+
+def resaved(graph: SavedModelGraph, spec: Any, transform: Any, *, probabilities: bool, what: str) -> SavedModelGraph:
+    """``graph``'s signature traced for inputs of ``spec`` with ``transform`` (``None``: the identity) applied to its
+    output, re-saved as a SavedModel of its own under the temporary directory and loaded (checked) from there;
+    ``what`` starts the error when TensorFlow cannot trace or save it."""
+    tf = _tf.tf()
+
+    def serve(x: Any) -> Any:
+        outputs = graph.function(**{graph.input_name: x})
+        return outputs if transform is None else {key: transform(value) for key, value in outputs.items()}
+
+    function = tf.function(serve).get_concrete_function(spec)
     module = tf.Module()
     module.owner = graph.owner  # tracks every variable and resource the signature captures
     folder = Path(tempfile.mkdtemp(prefix="edgekit-graph-")) / "saved_model"
     try:
         tf.saved_model.save(module, str(folder), signatures={SIGNATURE: function})
-        pinned = load_graph(folder, temporary=True, params=graph.params, probabilities=graph.outputs_probabilities)
+        return load_graph(folder, temporary=True, params=graph.params, probabilities=probabilities)
     except ModelLoadError:
         shutil.rmtree(folder.parent, ignore_errors=True)
         raise
@@ -173,16 +189,19 @@ def pin_graph(graph: SavedModelGraph, shape: tuple[int, ...]) -> SavedModelGraph
         from device_agents.errors import first_line
 
         shutil.rmtree(folder.parent, ignore_errors=True)
-        raise ModelLoadError(f"the model's graph cannot take inputs of shape {tuple(shape)}: {first_line(exc)}") \
-            from None
-    pinned.layer_names = graph.layer_names
-    return pinned
+        raise ModelLoadError(f"{what}: {first_line(exc)}") from None
+
+
+def random_inputs(graph: SavedModelGraph, count: int = 4) -> np.ndarray:
+    """``count`` random inputs for ``graph`` (0/1 ids for an integer input, [0, 1) floats otherwise; a free
+    dimension taken as 8), seeded."""
+    rng = np.random.default_rng(0)
+    shape = [count, *(d or 8 for d in graph.input_shape)]
+    x = rng.integers(0, 2, shape) if np.issubdtype(np.dtype(graph.input_dtype), np.integer) else rng.random(shape)
+    return x.astype(graph.input_dtype)
 
 
 def _looks_like_probabilities(graph: SavedModelGraph) -> bool:
     """Whether the outputs on random inputs are rows of probabilities (non-negative, summing to 1)."""
-    rng = np.random.default_rng(0)
-    shape = [4, *(d or 8 for d in graph.input_shape)]
-    x = rng.integers(0, 2, shape) if np.issubdtype(np.dtype(graph.input_dtype), np.integer) else rng.random(shape)
-    out = graph(x.astype(graph.input_dtype))
+    out = graph(random_inputs(graph))
     return bool((out >= 0).all() and np.allclose(out.sum(axis=1), 1.0, atol=1e-3))

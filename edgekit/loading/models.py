@@ -21,12 +21,13 @@ from device_agents.errors import first_line
 from edgekit import _tf
 from edgekit._io import sha256_of
 from edgekit.errors import DataError, ModelLoadError, UnsupportedLayerError
+from edgekit.loading import binary
 from edgekit.loading.data import shape_text
 from edgekit.loading.layers import check_model
 from edgekit.loading.rebuild import REBUILD_TOLERANCE, rebuild_keras3
 
 __all__ = ["REBUILD_TOLERANCE", "LoadedModel", "accuracy", "check_code_free", "copy_model", "ends_in_softmax",
-           "import_custom_objects", "load_model", "pin_input", "pinned_warnings", "predict", "rebuild_keras3"]
+           "import_custom_objects", "load_model", "load_warnings", "pin_input", "predict", "rebuild_keras3"]
 
 
 @dataclass
@@ -51,6 +52,8 @@ class LoadedModel:
     #                           on-device training splits it: its trailing Dense head is rebuilt on its own)
     free_input_shape: tuple[int | None, ...] | None = None  # the model's own input shape when :func:`pin_input`
     #                                                         fixed its free dimensions (``None``: nothing was free)
+    one_output: binary.OneOutput | None = None  # what a binary classifier's one output was, now served as two columns
+    #                                      (:mod:`edgekit.loading.binary`; ``None``: the model has a column per class)
 
     @property
     def source(self) -> Any:
@@ -114,9 +117,13 @@ def pin_input(loaded: LoadedModel, shape: tuple[int, ...]) -> LoadedModel:
     return replace(loaded, model=model, graph=graph, free_input_shape=free)
 
 
-def pinned_warnings(loaded: LoadedModel) -> list[str]:
-    """What the user should hear when :func:`pin_input` fixed the model's free input dimensions (nothing when it
-    did not)."""
+def load_warnings(loaded: LoadedModel) -> list[str]:
+    """What the user should hear about how edgekit serves the model: a one-output binary classifier served as two
+    columns, free input dimensions :func:`pin_input` fixed (nothing when neither happened)."""
+    return binary.one_output_note(loaded.one_output) + _load_warnings(loaded)
+
+
+def _load_warnings(loaded: LoadedModel) -> list[str]:
     if loaded.free_input_shape is None:
         return []
     return [f"the model's input {shape_text(loaded.free_input_shape)} has free dimensions: the artifacts take "
@@ -184,18 +191,37 @@ def load_model(source: Any, *, sample: np.ndarray | None = None) -> LoadedModel:
         )
     if loaded.model is not None:
         _check_outputs(loaded.model)
-    return loaded
+    return _two_columns(loaded, sample)
 
 
 def _from_object(model: Any, sample: np.ndarray | None) -> LoadedModel:
     keras2 = _tf.keras()
     if isinstance(model, keras2.Model):
         _check_outputs(model)
-        return LoadedModel(model, "<in-memory>", "", "object", training_unavailable=_training_check(model))
+        loaded = LoadedModel(model, "<in-memory>", "", "object", training_unavailable=_training_check(model))
+        return _two_columns(loaded, sample)
     keras3 = sys.modules.get("keras")  # a Keras 3 model object means Keras 3 is imported (a user's subclass too)
     if keras3 is not None and isinstance(model, getattr(keras3, "Model", ())):
-        return _keras3_loaded(model, sample, "<in-memory>", "")
+        return _two_columns(_keras3_loaded(model, sample, "<in-memory>", ""), sample)
     raise ModelLoadError(f"expected a Keras model or a path, got {type(model).__name__}")
+
+
+def _two_columns(loaded: LoadedModel, sample: np.ndarray | None) -> LoadedModel:
+    """``loaded`` itself, or a one-output binary classifier served as two columns (:mod:`edgekit.loading.binary`):
+    its tf-keras model, its Keras 3 model (head-only on-device training splits it) and its graph."""
+    from dataclasses import replace
+
+    if loaded.num_classes != 1:
+        return loaded
+    model, kind = binary.two_columns_keras(loaded.model, _tf.keras()) if loaded.model is not None else (None, None)
+    keras3_model = None
+    if loaded.keras3_model is not None and binary.dense_head(loaded.keras3_model) is not None:  # else the graph alone
+        keras3_model, kind = binary.two_columns_keras(loaded.keras3_model, _tf.keras3())    # serves post-training paths
+    graph = None
+    if loaded.graph is not None:
+        graph = binary.two_columns_graph(loaded.graph, kind or binary.graph_kind(loaded.graph, sample))
+        kind = kind or (binary.OneOutput.PROBABILITY if graph.outputs_probabilities else binary.OneOutput.LOGIT)
+    return replace(loaded, model=model, graph=graph, keras3_model=keras3_model, one_output=kind)
 
 
 def _training_check(model: Any) -> str | None:
@@ -436,10 +462,10 @@ def _check_outputs(model: Any) -> None:
             "edgekit handles single-input, single-output classifiers"
         )
     shape = model.outputs[0].shape
-    if len(shape) != 2 or shape[-1] is None or shape[-1] < 2:
+    if len(shape) != 2 or shape[-1] is None:
         raise ModelLoadError(
             f"the model's output has shape {tuple(shape)}; edgekit handles classifiers with output "
-            "(batch, classes) and at least 2 classes (use a 2-unit softmax for binary tasks)"
+            "(batch, classes), or (batch, 1) for a binary classifier"
         )
 
 

@@ -16,7 +16,7 @@ from edgekit.artifacts.manifest import trainable_manifest, write_manifest
 from edgekit.config import Quantization
 from edgekit.errors import InputError, VerificationError
 from edgekit.loading.data import Dataset, fit_to_model, load_data
-from edgekit.loading.models import load_model, pin_input, pinned_warnings
+from edgekit.loading.models import load_model, load_warnings, pin_input
 
 PARITY_TOLERANCE = 1e-5
 PARITY_RTOL = 1e-2
@@ -204,7 +204,7 @@ def _input_warnings(loaded: Any, dataset: Dataset) -> list[str]:
     """A free input fixed to the data's shape; data outside the model's own preprocessing range."""
     from edgekit.loading.input_range import input_range_warnings
 
-    return pinned_warnings(loaded) + (input_range_warnings(loaded.source, dataset.x[:256])
+    return load_warnings(loaded) + (input_range_warnings(loaded.source, dataset.x[:256])
                                       if loaded.source is not None else [])
 
 

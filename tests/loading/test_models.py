@@ -280,24 +280,27 @@ def test_a_savedmodel_whose_graph_writes_files_is_refused_before_it_runs(tmp_pat
 
 def test_non_classifier_outputs_refused(tmp_path):
     keras = _tf.keras()
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
-    model.save(tmp_path / "reg.keras")
-    with pytest.raises(ModelLoadError, match="at least 2 classes"):
-        load_model(tmp_path / "reg.keras")
+    model = keras.Sequential([keras.Input((5, 4)), keras.layers.Dense(2)])  # a prediction per step
+    model.save(tmp_path / "seq.keras")
+    with pytest.raises(ModelLoadError, match=r"^the model's output has shape \(None, 5, 2\); edgekit handles "
+                                             r"classifiers with output \(batch, classes\), or \(batch, 1\)"):
+        load_model(tmp_path / "seq.keras")
 
 
 def test_keras3_models_edgekit_cannot_serve_are_refused_before_a_rebuild(tmp_path):
     """A Keras 3 two-input model reached the tf-keras rebuild and stopped with Keras's own ValueError (an internal
-    error, exit 70); a Keras 3 regression model was refused naming the temporary SavedModel of its graph."""
+    error, exit 70); a Keras 3 regression model was refused naming the temporary SavedModel of its graph (a one-output
+    model is a binary classifier now, :mod:`edgekit.loading.binary`: one with a relu is refused naming it)."""
     keras3 = _tf.keras3()
     a, b = keras3.Input((6,)), keras3.Input((3,))
     two = keras3.Model([a, b], keras3.layers.Dense(3, activation="softmax")(keras3.layers.Concatenate()([a, b])))
     two.save(tmp_path / "two.keras")
     with pytest.raises(ModelLoadError, match=r"^the model has 2 inputs and 1 output; edgekit handles single-input"):
         load_model(tmp_path / "two.keras")
-    regression = keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(1)])
+    regression = keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(1, activation="relu")])
     regression.save(tmp_path / "reg.keras")
-    with pytest.raises(ModelLoadError, match=r"^the model's output has shape \(None, 1\); edgekit handles classifiers"):
+    with pytest.raises(ModelLoadError, match=r"^the model's one output comes from layer 'dense\w*' with activation "
+                                             r"relu; edgekit reads one output as a binary classifier's sigmoid"):
         load_model(tmp_path / "reg.keras")
 
 
