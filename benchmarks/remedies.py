@@ -90,7 +90,8 @@ def run(path: Path, data: Path) -> list[list[str]]:
         rows.append([art.format.value, f"{default:+.2f}", art.remedy or "none needed", f"{art.quantization_drop:+.2f}",
                      f"{ref['bytes'] / art.bytes:.2f}x", f"{art.time_vs_float32:.2f}x",
                      ", ".join(f"{k} {v:+.2f}" for k, v in art.remedies_tried.items() if k != "default") or "-",
-                     art.speed_remedy or "-", ", ".join(f"{k} {v:.2f}x" for k, v in art.speed_tried.items()) or "-"])
+                     art.speed_remedy or "-", ", ".join(f"{k} {v:.2f}x" if np.isfinite(v) else f"{k} did not run"
+                                                        for k, v in art.speed_tried.items()) or "-"])
     return rows
 
 

@@ -69,9 +69,11 @@ def artifact_entry(art: ArtifactResult, *, evaluated: int = 0) -> dict[str, Any]
         "input": [s.to_dict() for s in art.inputs], "output": [s.to_dict() for s in art.outputs],
         "notes": art.notes,
         "remedy": art.remedy or None, "quantizer_options": art.quantizer_options or None,
-        # null: the rung wrote nothing that runs (its quantizer failed, or the runtime could not prepare it)
+        # null: the rung wrote nothing that runs (its quantizer failed, or the runtime could not prepare it); a size
+        # rung that did not run is {"ran": false}
         "remedies_tried": {k: (v if math.isfinite(v) else None) for k, v in art.remedies_tried.items()} or None,
-        "speed_remedy": art.speed_remedy or None, "speed_tried": art.speed_tried or None,
+        "speed_remedy": art.speed_remedy or None,
+        "speed_tried": {k: (v if math.isfinite(v) else None) for k, v in art.speed_tried.items()} or None,
         "size_remedy": art.size_remedy or None, "size_tried": art.size_tried or None,
         **noise,
     }

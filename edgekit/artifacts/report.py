@@ -241,7 +241,8 @@ def _remedy_lines(result: CompressResult) -> list[str]:
     for recipe, art in rows:
         tried = ", ".join(f"{k} ({v:+.2f})" if math.isfinite(v) else f"{k} (did not run)"
                           for k, v in art.remedies_tried.items()) or "-"
-        speed = ", ".join(f"{k} ({v:.2f}x)" for k, v in art.speed_tried.items()) or "-"
+        speed = ", ".join(f"{k} ({v:.2f}x)" if math.isfinite(v) else f"{k} (did not run)"
+                          for k, v in art.speed_tried.items()) or "-"
         kept = art.remedy or ("defaults (nothing did better)" if art.remedies_tried else "-")
         size = ", ".join(f"{k} ({_size_cell(v)})" for k, v in art.size_tried.items()) or "-"
         lines.append(f"| {recipe} | {art.format.value} | {tried} | {kept} | {speed} | {art.speed_remedy or '-'} | "
@@ -250,6 +251,8 @@ def _remedy_lines(result: CompressResult) -> list[str]:
 
 
 def _size_cell(tried: dict[str, float]) -> str:
+    if "bytes" not in tried:
+        return "did not run"
     if "drop" not in tried:
         return f"{tried['bytes']:,} B, not smaller"
     return f"{tried['drop']:+.2f}, {tried['bytes']:,} B, {tried['time']:.2f}x"

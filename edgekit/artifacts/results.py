@@ -42,6 +42,7 @@ class ArtifactResult:
     quantizer_options: dict[str, Any] = field(default_factory=dict)
     remedies_tried: dict[str, float] = field(default_factory=dict)
     # int8 slower than float32: the speed rung kept ("" = none) and each rung's time over the first int8 artifact's
+    # (inf: the rung did not run)
     speed_remedy: str = ""
     speed_tried: dict[str, float] = field(default_factory=dict)
     # int8 within the budget: the size rung kept ("" = none) and each rung's drop, bytes and time over the artifact's

@@ -506,7 +506,8 @@ def speed_up(fmt: Format, quantizer: Int8Quantizer, current: Attempt, *, budget:
              evaluate: Callable[[bytes], tuple[float, object]], ratio: Callable[[bytes, bytes], float],
              extra_rungs: Sequence[tuple[str, dict[str, object]]] = ()) -> tuple[Attempt, dict[str, float]]:
     """Try ``fmt``'s speed rungs on top of ``current``'s options; return the fastest attempt within ``budget``
-    (``current`` unless a rung takes at most :data:`SPEED_GAIN` of its time) and each rung's time ratio.
+    (``current`` unless a rung takes at most :data:`SPEED_GAIN` of its time) and each rung's time ratio (``inf``:
+    the rung did not run: its quantizer, runtime or timing raised).
 
     ``ratio(a, b)``: b's time over a's, measured side by side.
     """
@@ -521,7 +522,8 @@ def speed_up(fmt: Format, quantizer: Int8Quantizer, current: Attempt, *, budget:
             data = quantizer.quantize(options)
             score, extra = evaluate(data)
             time_ratio = ratio(current.data, data)
-        except Exception:  # noqa: BLE001 (a rung the library cannot apply here is just not a rung)
+        except Exception:  # noqa: BLE001 (a rung the library cannot apply here is recorded as not run: inf)
+            tried[name] = float("inf")
             continue
         tried[name] = round(time_ratio, 3)
         if score <= max(budget, current.score) and time_ratio <= SPEED_GAIN and time_ratio < best_ratio:
@@ -536,7 +538,7 @@ def shrink(fmt: Format, quantizer: Int8Quantizer, current: Attempt, *, budget: f
     :attr:`edgekit.export.Exporter.size_rungs`) on top of ``current``'s options; return the smallest attempt
     that is within ``budget``, at most :data:`SIZE_TOLERANCE` points worse than ``current`` and no slower than it
     (``current`` when none is), and each rung's measurements (``drop``, ``bytes``, ``saved`` bytes, ``time`` over
-    ``current``'s; only ``bytes`` when it was not smaller).
+    ``current``'s; only ``bytes`` when it was not smaller; ``{"ran": False}`` when it raised).
 
     ``floor``: the score of the float model ``current`` was quantized from. A quantized artifact that scores better
     than its float model does so by chance (MobileNetV2 0.35's int8 .tflite: one sample of 359), so ``current`` is
@@ -557,7 +559,8 @@ def shrink(fmt: Format, quantizer: Int8Quantizer, current: Attempt, *, budget: f
                 continue
             score, extra = evaluate(data)
             time_ratio = ratio(current.data, data)
-        except Exception:  # noqa: BLE001 (a rung the library cannot apply here is just not a rung)
+        except Exception:  # noqa: BLE001 (a rung the library cannot apply here is recorded as not run)
+            tried[name] = {"ran": False}
             continue
         tried[name] = {"drop": round(float(score), 4), "bytes": len(data), "saved": len(current.data) - len(data),
                        "time": round(time_ratio, 3)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from dataclasses import replace
 
@@ -525,7 +526,7 @@ def test_an_int8_onnx_slower_than_float32_tries_the_speed_rungs(preact, digits):
     else:  # measured no slower than float32 side by side: no rung is tried
         assert art.speed_tried == {}, (art.float32_time_ratio, art.speed_tried)
     assert X86_WITHOUT_VNNI or changing == [name for name, _ in SPEED_LADDERS[Format.ONNX]]
-    assert all(ratio > 0 for ratio in art.speed_tried.values())
+    assert all(0 < ratio < math.inf for ratio in art.speed_tried.values()), art.speed_tried  # inf: a rung raised
     if art.speed_remedy:  # kept only when measured faster by the margin, and never at the budget's cost
         assert art.speed_tried[art.speed_remedy] <= SPEED_GAIN and art.quantization_drop <= 2.0
         assert art.quantizer_options["activations"] == "int8" or art.quantizer_options["reduce_range"] \
@@ -680,6 +681,39 @@ def test_a_speed_rung_replaces_the_artifact_only_when_faster_by_the_margin_and_w
                            extra_rungs=[(FLOAT_OPS, {"float_ops": ("AVERAGE_POOL_2D",)})])
     assert tried == {FLOAT_OPS: rung_ratio}
     assert (best.remedy == FLOAT_OPS and best.options == rung) if kept else best is current
+
+
+def test_a_rung_that_raises_is_recorded_as_not_run_in_the_manifest_and_the_report():
+    """A speed or size rung whose quantizer, runtime or timing raised vanished from the rungs tried (a fresh clone's
+    speed-ladder test once saw qoperator missing, with nothing to say why): it is recorded as not run."""
+    from edgekit.artifacts.manifest import artifact_entry
+    from edgekit.artifacts.report import _remedy_lines
+    from edgekit.artifacts.results import ArtifactResult, CandidateResult, CompressResult
+    from edgekit.config import Quantization
+    from edgekit.export.remedies import Attempt, shrink, speed_up
+
+    class Failing(_Quantizer):
+        def quantize(self, options):
+            if options.onnx_format is OnnxFormat.QOPERATOR or not options.per_channel:
+                raise RuntimeError("the quantizer cannot apply this")
+            return super().quantize(options)
+
+    current = Attempt("", Int8Options(), b"first", 0.2)
+    best, speed = speed_up(Format.ONNX, Failing(), current, budget=2.0, evaluate=lambda data: (0.2, None),
+                           ratio=lambda a, b: 1.2)
+    assert best is current and speed == {"s8s8": 1.2, "reduce-range": 1.2, "qoperator": math.inf}
+    best, size = shrink(Format.ONNX, Failing(), current, budget=2.0, floor=0.0, evaluate=lambda data: (0.2, None),
+                        ratio=lambda a, b: 1.0)
+    assert best is current and size == {"per-tensor": {"ran": False}}
+
+    art = ArtifactResult(Format.ONNX, "model.onnx", b"x", Quantization.INT8, 0.0, 90.0, 1.0, 99.0, 0.1, 0.1, None,
+                         "onnxruntime", [], [], [], speed_tried=speed, size_tried=size)
+    entry = json.loads(json.dumps(artifact_entry(art), allow_nan=False))  # strict JSON: no Infinity
+    assert entry["speed_tried"] == {"s8s8": 1.2, "reduce-range": 1.2, "qoperator": None}
+    assert entry["size_tried"] == {"per-tensor": {"ran": False}}
+    result = CompressResult({}, [CandidateResult(Recipe(quantize="int8"), [art])], None, CompressConfig())
+    row = _remedy_lines(result)[-1]
+    assert "qoperator (did not run)" in row and "per-tensor (did not run)" in row, row
 
 
 @pytest.mark.slow  # a whole compress through the CLI (20-30 s); the rule's combinations: the test below
