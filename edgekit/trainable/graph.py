@@ -443,14 +443,29 @@ def build_nodes(model: Any) -> list[_Node]:
                 raise _unsupported(layer, "integer inputs train on the device only through an Embedding layer")
     nodes = []
     last_name = graph[-1][0].name
+    trained: set[str] = set()  # layers whose output depends on a trained weight: gradients flow back through them
     for layer, inputs in graph:
         handler = HANDLERS.get(layer.__class__.__name__)
+        upstream = any(name in trained for name in inputs)
         if handler is None:
-            raise _unsupported(layer, "no on-device gradient for this layer type")
+            if upstream or layer.weights:
+                raise _unsupported(layer, "no on-device gradient for this layer type (a layer without weights "
+                                          "before every trained weight runs forward only)")
+            handler = _forward_only
         in_shape = tuple(layer.input_shape) if not isinstance(layer.input_shape, list) else tuple(layer.input_shape[0])
         node = handler(layer, _Node(layer.name, inputs), in_shape, layer.name == last_name)
         nodes.append(node)
+        if upstream or node.params:
+            trained.add(layer.name)
     return nodes
+
+
+def _forward_only(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    """A layer without weights that no gradient flows back through (every trained weight comes after it: the
+    preprocessing at a model's start, Resizing, CenterCrop, Cropping2D...): run as Keras runs it at inference. Its
+    ops must still have TFLite builtin kernels (the conversion says which does not); it needs no backward pass."""
+    node.forward = lambda xs, ws: layer(xs[0] if len(xs) == 1 else xs, training=False)
+    return node
 
 
 def _momentum_step(module: Any, grads: dict[str, Any], learning_rate: Any, mu: Any, momentum: Any) -> None:

@@ -110,10 +110,34 @@ def test_every_registered_layer_has_a_parity_case():
 
 @pytest.mark.parametrize("index", [0, 1, 2, 3, 4])
 def test_one_train_step_matches_tensorflow(index):
+    _assert_step_parity(parity_models()[index], index)
+
+
+def test_layers_without_weights_before_every_trained_weight_run_forward_only():
+    """Resizing and CenterCrop (keras.io's models resize inside the model) have no on-device gradient and were
+    refused; no gradient flows back through a layer every trained weight comes after, so it runs forward only.
+    After a trained weight, the same layer is still refused (its backward pass would need Flex ops)."""
+    keras = _tf.keras()
+    L = keras.layers
+    _tf.set_seed(11)
+    inp = keras.Input((10, 10, 2))
+    x = L.Cropping2D(((1, 0), (0, 1)))(L.CenterCrop(9, 9)(L.Resizing(12, 12)(inp)))
+    out = L.Dense(3, activation="softmax")(L.GlobalAveragePooling2D()(L.Conv2D(4, 3, activation="relu")(x)))
+    _assert_step_parity(keras.Model(inp, out), 11)
+
+    late = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(4, 3), L.Resizing(4, 4), L.Flatten(), L.Dense(3)])
+    with pytest.raises(UnsupportedLayerError, match=r"^layer 'resizing\w*' \(Resizing\) cannot be trained on the "
+                                                    r"device: no on-device gradient for this layer type \(a layer "
+                                                    r"without weights before every trained weight runs forward only"):
+        build_module(late, batch_size=4)
+
+
+def _assert_step_parity(model, seed):
+    """``model``'s trainable artifact converts with builtins only, infers as Keras does and takes the step
+    TensorFlow takes."""
     from ai_edge_litert.interpreter import Interpreter
 
-    model = parity_models()[index]
-    rng = np.random.default_rng(index)
+    rng = np.random.default_rng(seed)
     batch = 6
     x = rng.standard_normal((batch, *model.inputs[0].shape[1:])).astype(np.float32)
     if model.inputs[0].dtype.is_integer:  # token ids, some repeated within a batch (the scatter-add sums them)
