@@ -24,6 +24,7 @@ from edgekit.errors import DataError, ModelLoadError, UnsupportedLayerError
 from edgekit.loading import binary
 from edgekit.loading.data import shape_text
 from edgekit.loading.layers import check_model
+from edgekit.loading.precision import Float32Served, float32_model
 from edgekit.loading.rebuild import REBUILD_TOLERANCE, rebuild_keras3
 
 __all__ = ["REBUILD_TOLERANCE", "LoadedModel", "accuracy", "check_code_free", "copy_model", "ends_in_softmax",
@@ -52,6 +53,8 @@ class LoadedModel:
     #                           on-device training splits it: its trailing Dense head is rebuilt on its own)
     free_input_shape: tuple[int | None, ...] | None = None  # the model's own input shape when :func:`pin_input`
     #                                                         fixed its free dimensions (``None``: nothing was free)
+    float32_served: Float32Served | None = None  # a model trained with mixed precision, served in float32
+    #                                             (:mod:`edgekit.loading.precision`; ``None``: it computes in 32 bits)
     one_output: binary.OneOutput | None = None  # what a binary classifier's one output was, now served as two columns
     #                                      (:mod:`edgekit.loading.binary`; ``None``: the model has a column per class)
 
@@ -118,12 +121,14 @@ def pin_input(loaded: LoadedModel, shape: tuple[int, ...]) -> LoadedModel:
 
 
 def load_warnings(loaded: LoadedModel) -> list[str]:
-    """What the user should hear about how edgekit serves the model: a one-output binary classifier served as two
-    columns, free input dimensions :func:`pin_input` fixed (nothing when neither happened)."""
-    return binary.one_output_note(loaded.one_output) + _load_warnings(loaded)
+    """What the user should hear about how edgekit serves the model: a mixed-precision model served in float32, a
+    one-output binary classifier served as two columns, free input dimensions :func:`pin_input` fixed (nothing when
+    none of these happened)."""
+    served = [loaded.float32_served.note()] if loaded.float32_served is not None else []
+    return served + binary.one_output_note(loaded.one_output) + _pinned_warnings(loaded)
 
 
-def _load_warnings(loaded: LoadedModel) -> list[str]:
+def _pinned_warnings(loaded: LoadedModel) -> list[str]:
     if loaded.free_input_shape is None:
         return []
     return [f"the model's input {shape_text(loaded.free_input_shape)} has free dimensions: the artifacts take "
@@ -191,7 +196,7 @@ def load_model(source: Any, *, sample: np.ndarray | None = None) -> LoadedModel:
         )
     if loaded.model is not None:
         _check_outputs(loaded.model)
-    return _two_columns(loaded, sample)
+    return _served(loaded, sample)
 
 
 def _from_object(model: Any, sample: np.ndarray | None) -> LoadedModel:
@@ -199,11 +204,22 @@ def _from_object(model: Any, sample: np.ndarray | None) -> LoadedModel:
     if isinstance(model, keras2.Model):
         _check_outputs(model)
         loaded = LoadedModel(model, "<in-memory>", "", "object", training_unavailable=_training_check(model))
-        return _two_columns(loaded, sample)
+        return _served(loaded, sample)
     keras3 = sys.modules.get("keras")  # a Keras 3 model object means Keras 3 is imported (a user's subclass too)
     if keras3 is not None and isinstance(model, getattr(keras3, "Model", ())):
-        return _two_columns(_keras3_loaded(model, sample, "<in-memory>", ""), sample)
+        return _served(_keras3_loaded(model, sample, "<in-memory>", ""), sample)
     raise ModelLoadError(f"expected a Keras model or a path, got {type(model).__name__}")
+
+
+def _served(loaded: LoadedModel, sample: np.ndarray | None) -> LoadedModel:
+    """``loaded`` as edgekit serves it: a tf-keras model computing in 16 bits in float32
+    (:mod:`edgekit.loading.precision`; a Keras 3 one was before its rebuild), one output as two columns."""
+    from dataclasses import replace
+
+    if loaded.model is not None and loaded.float32_served is None:
+        model, served = float32_model(loaded.model, sample)
+        loaded = replace(loaded, model=model, float32_served=served)
+    return _two_columns(loaded, sample)
 
 
 def _two_columns(loaded: LoadedModel, sample: np.ndarray | None) -> LoadedModel:
@@ -242,15 +258,17 @@ def _keras3_loaded(k3: Any, sample: np.ndarray | None, path: str, digest: str) -
         return LoadedModel(None, path, digest, "keras3", graph=export_keras3(k3, probabilities=None),
                            training_unavailable=_subclassed(k3))
     _check_outputs(k3)  # the Keras 3 model's own inputs and outputs, before a rebuild or an export needs them
+    k3, served = float32_model(k3, sample)  # mixed precision: rebuilt and exported in float32
     try:
         model, diff = rebuild_keras3(k3, sample)
         _check_outputs(model)
         return LoadedModel(model, path, digest, "keras3", rebuild_max_abs_diff=diff,
-                           training_unavailable=_training_check(model))
+                           training_unavailable=_training_check(model), float32_served=served)
     except ModelLoadError as exc:
         reason = str(exc)
     graph = export_keras3(k3, probabilities=ends_in_softmax(k3))
-    return LoadedModel(None, path, digest, "keras3", graph=graph, training_unavailable=reason, keras3_model=k3)
+    return LoadedModel(None, path, digest, "keras3", graph=graph, training_unavailable=reason, keras3_model=k3,
+                       float32_served=served)
 
 
 def _load_savedmodel(path: Path) -> LoadedModel:

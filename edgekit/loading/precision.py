@@ -1,0 +1,114 @@
+"""A model trained with mixed precision, served in float32.
+
+Training on a GPU box often sets ``mixed_precision.set_global_policy("mixed_float16")`` (or ``mixed_bfloat16``): the
+weights stay float32 variables, but each layer computes in float16 and the saved model keeps that policy. The
+TFLite converter then meets float16 convolutions it has no builtin kernel for (no ``.tflite`` at all), and the
+"float32" reference artifacts are float16 computations. So a model whose layers compute in a 16-bit type is
+rebuilt from its own config with every dtype policy float32 and given the same weights, before anything else runs:
+the same model without the float16 rounding, which is what every artifact is converted and quantized from. The CLI,
+the report and the manifest say so, with the largest difference on the user's samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from device_agents.errors import first_line
+from edgekit.errors import ModelLoadError
+
+__all__ = ["HALF_TYPES", "Float32Served", "float32_model"]
+
+HALF_TYPES = frozenset({"float16", "bfloat16"})
+"""Compute dtypes served in float32 instead (a mixed ``mixed_float16`` / ``mixed_bfloat16`` policy or a plain one)."""
+
+
+@dataclass(frozen=True)
+class Float32Served:
+    """A 16-bit model served in float32: its policy, and the largest output difference where it was measured."""
+
+    policy: str
+    max_abs_diff: float
+    measured_on: str  # "64 samples of the data" | "random inputs"
+
+    def note(self) -> str:
+        """What the user should hear."""
+        return (f"the model computes in {self.policy} (trained with mixed precision): edgekit serves it in float32 "
+                f"with the same weights (the TFLite converter has no float16 kernels for its layers); outputs differ "
+                f"from the {self.policy} model's by at most {self.max_abs_diff:.2g} on {self.measured_on}")
+
+
+def _leaves(model: Any) -> Any:
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.__class__.__name__ in ("Functional", "Sequential", "Model"):
+            yield from _leaves(layer)
+        else:
+            yield layer
+
+
+def half_policy(model: Any) -> str | None:
+    """The name of the first 16-bit dtype policy among ``model``'s layers (``None``: every layer computes in a
+    32-bit type, or the model has no layer graph)."""
+    if getattr(model, "inputs", None) is None:
+        return None
+    for layer in _leaves(model):
+        if str(getattr(layer, "compute_dtype", "float32")) in HALF_TYPES:
+            policy = getattr(layer, "dtype_policy", None)
+            return str(getattr(policy, "name", layer.compute_dtype))
+    return None
+
+
+def _float32_config(value: Any) -> Any:
+    """``value`` (a model config) with every dtype and dtype policy naming a 16-bit type replaced by float32."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if key == "dtype" and _names_half(item):
+                out[key] = "float32"
+            else:
+                out[key] = _float32_config(item)
+        return out
+    if isinstance(value, list):
+        return [_float32_config(item) for item in value]
+    return value
+
+
+def _names_half(dtype: Any) -> bool:
+    if isinstance(dtype, str):
+        return dtype in HALF_TYPES or dtype.removeprefix("mixed_") in HALF_TYPES
+    if isinstance(dtype, dict):  # tf-keras {"class_name": "Policy", ...}; Keras 3 {"class_name": "DTypePolicy", ...}
+        return _names_half(dtype.get("config", {}).get("name"))
+    return False
+
+
+def float32_model(model: Any, sample: np.ndarray | None) -> tuple[Any, Float32Served | None]:
+    """``model`` (tf-keras or Keras 3) rebuilt with float32 dtype policies and its weights, and what was served
+    (:class:`Float32Served`, measured on ``sample`` where it fits the input, else on random inputs); ``model``
+    itself and ``None`` when every layer computes in 32 bits.
+
+    >>> served, was = float32_model(mixed_model, x[:64])   # doctest: +SKIP
+    >>> was.policy, was.max_abs_diff < 1e-2                 # doctest: +SKIP
+    ('mixed_float16', True)
+    """
+    policy = half_policy(model)
+    if policy is None:
+        return model, None
+    try:
+        served = type(model).from_config(_float32_config(model.get_config()))
+        served.set_weights([np.asarray(w, np.float32) if np.asarray(w).dtype.kind == "f" else w
+                            for w in model.get_weights()])
+    except Exception as exc:  # noqa: BLE001 (a custom layer's from_config can raise anything)
+        raise ModelLoadError(f"the model computes in {policy} (mixed precision), which the TFLite converter has no "
+                             f"kernels for, and cannot be rebuilt in float32 from its config: {first_line(exc)}; "
+                             "save it after mixed_precision.set_global_policy('float32') and loading its "
+                             "weights") from None
+    given = tuple(model.inputs[0].shape[1:])
+    fits = sample is not None and tuple(sample.shape[1:]) == given
+    x = sample if fits else np.random.default_rng(0).random((8, *(d or 8 for d in given)))
+    x = np.asarray(x).astype(str(getattr(model.inputs[0].dtype, "name", model.inputs[0].dtype)))
+    before = np.asarray(model(x, training=False), np.float32)
+    after = np.asarray(served(x, training=False), np.float32)
+    return served, Float32Served(policy, float(np.max(np.abs(before - after))),
+                                 f"{len(x)} samples of the data" if fits else "random inputs")

@@ -1,0 +1,64 @@
+"""Models trained with mixed precision (``mixed_float16``, a GPU box's usual setting) kept their 16-bit layers: the
+TFLite converter had no builtin kernel for their float16 convolutions, so no ``.tflite`` was written at all, and the
+"float32" reference artifacts computed in float16. They are served in float32 with the same weights
+(:mod:`edgekit.loading.precision`)."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from edgekit import _tf
+from edgekit.loading.models import load_model, load_warnings, predict
+
+
+def _mixed(keras, digits):
+    """A CNN whose layers compute in mixed_float16 (set per layer: the global policy stays float32 for other tests),
+    its softmax in float32 as Keras's mixed-precision guide writes it; trained briefly."""
+    policy = "mixed_float16"
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Conv2D(8, 3, activation="relu", dtype=policy),
+        keras.layers.BatchNormalization(dtype=policy), keras.layers.Flatten(dtype=policy),
+        keras.layers.Dense(10, dtype=policy), keras.layers.Activation("softmax", dtype="float32")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(digits.x, digits.y, epochs=3, batch_size=64, verbose=0)
+    return model
+
+
+@pytest.mark.parametrize("keras_version, save_as", [("keras3", "mixed.keras"), ("tf-keras", "mixed.h5"),
+                                                     ("tf-keras", "savedmodel")])
+def test_a_mixed_precision_model_is_served_in_float32_with_its_weights(digits, tmp_path, keras_version, save_as):
+    keras = _tf.keras3() if keras_version == "keras3" else _tf.keras()
+    model = _mixed(keras, digits)
+    assert model.layers[0].compute_dtype == "float16"
+    model.save(tmp_path / save_as)
+    own = np.asarray(model(digits.x[:200], training=False), np.float32)
+
+    loaded = load_model(tmp_path / save_as, sample=digits.x[:64])
+    computes = {layer.name: layer.compute_dtype for layer in loaded.model.layers}
+    assert set(computes.values()) == {"float32"}, computes
+    served = predict(loaded.source, digits.x[:200])
+    assert 0 < np.max(np.abs(served - own)) < 1e-2  # the float16 rounding, no more
+    assert np.mean(served.argmax(1) == own.argmax(1)) > 0.98
+    assert loaded.float32_served.policy == "mixed_float16"
+    assert loaded.float32_served.measured_on == "64 samples of the data"
+    assert 0 < loaded.float32_served.max_abs_diff < 1e-2
+    assert load_warnings(loaded)[0].startswith("the model computes in mixed_float16 (trained with mixed precision): "
+                                               "edgekit serves it in float32 with the same weights")
+
+
+def test_a_mixed_precision_model_compresses_to_both_formats(digits, tmp_path):
+    """No .tflite was written ("op Conv2D has no TFLite builtin kernel"); the int8 .onnx was larger than the
+    "float32" one."""
+    _mixed(_tf.keras(), digits).save(tmp_path / "mixed.h5")
+    proc = run_cli("compress", str(tmp_path / "mixed.h5"), "--out", str(tmp_path / "out"), "--quantize", "int8",
+                   "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "the model computes in mixed_float16 (trained with mixed precision)" in proc.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    artifacts = {a["format"]: a for a in manifest["artifacts"]}
+    assert set(artifacts) == {"tflite", "onnx"}, proc.stderr
+    for art in artifacts.values():
+        assert art["bytes"] < art["float32_bytes"] / 2, art
+    assert manifest["warnings"][0].startswith("the model computes in mixed_float16")
