@@ -11,6 +11,7 @@ from conftest import run_cli
 
 from edgekit import _tf
 from edgekit.loading.models import load_model, load_warnings, predict
+from edgekit.loading.precision import half_policy
 
 
 def _mixed(keras, digits):
@@ -31,13 +32,13 @@ def _mixed(keras, digits):
 def test_a_mixed_precision_model_is_served_in_float32_with_its_weights(digits, tmp_path, keras_version, save_as):
     keras = _tf.keras3() if keras_version == "keras3" else _tf.keras()
     model = _mixed(keras, digits)
-    assert model.layers[0].compute_dtype == "float16"
+    assert model.layers[0].compute_dtype == "float16" and half_policy(model) == "mixed_float16"
     model.save(tmp_path / save_as)
     own = np.asarray(model(digits.x[:200], training=False), np.float32)
 
     loaded = load_model(tmp_path / save_as, sample=digits.x[:64])
     computes = {layer.name: layer.compute_dtype for layer in loaded.model.layers}
-    assert set(computes.values()) == {"float32"}, computes
+    assert set(computes.values()) == {"float32"} and half_policy(loaded.model) is None, computes
     served = predict(loaded.source, digits.x[:200])
     assert 0 < np.max(np.abs(served - own)) < 1e-2  # the float16 rounding, no more
     assert np.mean(served.argmax(1) == own.argmax(1)) > 0.98
