@@ -266,7 +266,7 @@ class Trainer:
     def _score(self, out: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         y = np.asarray(y).astype(np.int64)
         probs = out if self.spec.get("output") == "probabilities" else _softmax(out)
-        loss = float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-8, 1.0))))
+        loss = 0.0 - float(np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-8, 1.0))))  # 0, never -0 ("-0.0000")
         return loss, float(np.mean(out.argmax(1) == y) * 100.0)
 
 

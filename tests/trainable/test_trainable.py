@@ -240,6 +240,16 @@ def test_sample_weight_zero_ignores_padding_and_mu_pulls_to_anchor():
     assert all(np.linalg.norm(after[k] - start[k]) <= before[k] * 0.51 + 1e-7 for k in start)
 
 
+def test_a_perfect_prediction_scores_a_loss_of_zero_not_minus_zero(tmp_path):
+    """A model certain and right on every sample printed its federated rounds' loss as -0.0000 (-log 1 = -0.0)."""
+    keras = _tf.keras()
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+    model.set_weights([np.array([[100.0, -100.0], [-100.0, 100.0]], np.float32), np.zeros(2, np.float32)])
+    export_trainable(model, tmp_path / "tr", progress=False, config=TrainableConfig(batch_size=2))
+    loss, accuracy = Trainer.load(tmp_path / "tr").evaluate(np.eye(2, dtype=np.float32), np.array([0, 1]))
+    assert accuracy == 100.0 and f"{loss:.4f}" == "0.0000", loss
+
+
 def test_momentum_matches_heavy_ball_sgd_on_tensorflow_gradients_and_set_weights_restarts_it(tmp_path):
     """Three steps at momentum 0.9 in LiteRT give the weights of v = 0.9 v + g, w -= lr v computed on
     TensorFlow's own gradients; after set_weights the first step is plain SGD again (no stale velocity)."""
