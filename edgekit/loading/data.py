@@ -92,7 +92,8 @@ def load_npz(path: str | Path, *, require_labels: bool = False) -> Dataset:
 
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist; give an .npz file with arrays 'x' and 'y', or 'digits'")
+        what = "is a folder" if path.is_dir() else "does not exist"  # a folder of images, say: edgekit reads arrays
+        raise DataError(f"data file {path} {what}; give an .npz file with arrays 'x' and 'y', or 'digits'")
     try:
         arrays = read_npz(path, names=("x", "y"), max_bytes=max_array_bytes(MAX_ARRAY_BYTES))
     except UnsafeFileError as exc:

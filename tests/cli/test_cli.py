@@ -50,6 +50,7 @@ def bad_inputs(tmp_path_factory, digits):
     ("bad sparsity", ["{cnn}", "--prune", "1.5"], 2, ["between 0 and 1"]),
     ("out under a file", ["{cnn}", "--out", "{d}/afile/sub"], 2, ["not writable"]),
     ("missing data file", ["{cnn}", "--data", "{d}/none.npz"], 2, ["does not exist"]),
+    ("data folder", ["{cnn}", "--data", "{d}"], 2, ["is a folder; give an .npz file with arrays 'x' and 'y'"]),
     ("bad structured", ["{cnn}", "--structured", "two"], 2, ["'two' is not of the form M:N"]),
     ("negative prune steps", ["{cnn}", "--prune", "0.5", "--prune-min-steps", "-1"], 2,
      ["prune_min_steps must be >= 0, got -1"]),
