@@ -42,9 +42,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_serving(sub: Any) -> None:
     """predict and bench."""
-    p = sub.add_parser("predict", help="run samples from an .npz through the model")
+    p = sub.add_parser("predict", help="run samples from an .npz or .npy through the model")
     _model_args(p)
-    p.add_argument("--input", required=True, help=".npz with an array x")
+    p.add_argument("--input", required=True, help=".npz with an array x, or one .npy array")
     p.add_argument("--output", required=True, help=".npy to write (float32, one row per sample)")
     p.add_argument("--telemetry", help="write telemetry JSON here")
     p.add_argument("--batch", type=int, default=256, help="samples read and run at a time; memory stays at one "
@@ -56,7 +56,7 @@ def _add_serving(sub: Any) -> None:
 
     b = sub.add_parser("bench", help="latency percentiles, cold start and peak memory")
     _model_args(b)
-    b.add_argument("--input", help=".npz with x (default: zeros of the input shape)")
+    b.add_argument("--input", help=".npz with x, or one .npy array (default: zeros of the input shape)")
     b.add_argument("--repeats", type=int, default=500)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
@@ -116,14 +116,14 @@ def _open(path: str, runtime: str | None, threads: int | None):  # noqa: ANN202
 
 
 def _load_x(path: str):  # noqa: ANN202
-    """The array ``x`` of an .npz, its size checked from its header before it is read."""
+    """The array ``x`` of an .npz (or a single .npy array), its size checked from its header before it is read."""
     from device_agents.errors import InputMismatchError
     from device_agents.files import UnsafeFileError, read_npz
 
     if not Path(path).is_file():
-        raise InputMismatchError(f"input file {path} does not exist; give an .npz with an array x")
+        raise InputMismatchError(f"input file {path} does not exist; give an .npz with an array x, or an .npy")
     try:
-        arrays = read_npz(path, names=("x",))
+        arrays = read_npz(path, names=("x",), single_array="x")
     except UnsafeFileError as exc:
         raise InputMismatchError(str(exc)) from None
     if "x" not in arrays:
@@ -132,14 +132,15 @@ def _load_x(path: str):  # noqa: ANN202
 
 
 def _x_batches(path: str, batch: int, max_mib: int | None):  # noqa: ANN202
-    """(rows, batches) of the array ``x`` of an .npz, read ``batch`` rows at a time (its header checked first)."""
+    """(rows, batches) of the array ``x`` of an .npz (or a single .npy array), read ``batch`` rows at a time (its
+    header checked first)."""
     from device_agents.errors import InputMismatchError
     from device_agents.files import UnsafeFileError, iter_npz_rows
 
     if not Path(path).is_file():
-        raise InputMismatchError(f"input file {path} does not exist; give an .npz with an array x")
+        raise InputMismatchError(f"input file {path} does not exist; give an .npz with an array x, or an .npy")
     try:
-        shape, _, batches = iter_npz_rows(path, "x", batch_rows=batch,
+        shape, _, batches = iter_npz_rows(path, "x", batch_rows=batch, single_array="x",
                                           max_bytes=None if max_mib is None else max_mib << 20)
     except UnsafeFileError as exc:
         raise InputMismatchError(str(exc)) from None

@@ -119,19 +119,54 @@ def max_array_bytes(default: int = DEVICE_MAX_ARRAY_BYTES) -> int:
     return value if value > 0 else default
 
 
-def _npz_path(path: str | Path) -> Path:
-    """``path``, after checking from its first bytes that it is a zip archive (what ``numpy.savez`` writes)."""
+def _archive_kind(path: str | Path, single_array: str | None) -> str:
+    """``"npz"`` (a zip archive, what ``numpy.savez`` writes) or, where ``single_array`` names what a lone array is
+    read as, ``"npy"`` (``numpy.save``), judged from the file's first bytes; else :class:`UnsafeFileError`."""
     path = Path(path)
     with open(path, "rb") as handle:
         head = handle.read(64)
-    if not head.startswith(_ZIP_MAGIC):
-        raise UnsafeFileError(f"{path} is {describe_file(path, head)}, not an .npz archive; "
-                              "write it with numpy.savez(path, x=..., y=...)")
-    return path
+    if head.startswith(_ZIP_MAGIC):
+        return "npz"
+    if single_array is not None and head.startswith(_NPY_MAGIC):
+        return "npy"
+    raise UnsafeFileError(f"{path} is {describe_file(path, head)}, not an .npz archive; "
+                          "write it with numpy.savez(path, x=..., y=...)")
 
 
-def read_npz(path: str | Path, *, names: tuple[str, ...], max_bytes: int | None = None) -> dict:
-    """Read arrays ``names`` (those present) of an ``.npz`` file, checking sizes before any allocation.
+@contextmanager
+def _arrays(path: Path, single_array: str | None) -> Iterator[dict[str, tuple[Any, int]]]:
+    """Name -> (a function opening a stream at that array's ``.npy`` bytes, their stored size) for an ``.npz``'s
+    members, or for a single ``.npy`` file (read as ``single_array``)."""
+    import zipfile
+
+    if _archive_kind(path, single_array) == "npy":
+        yield {single_array: (lambda: open(path, "rb"), path.stat().st_size)}
+        return
+    with zipfile.ZipFile(path) as archive:
+        yield {info.filename.removesuffix(".npy"): (lambda info=info: archive.open(info), info.file_size)
+               for info in archive.infolist()}
+
+
+def _header(stream: Any) -> tuple[tuple[int, ...], bool, Any]:
+    import numpy as np
+
+    version = np.lib.format.read_magic(stream)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(stream)
+
+
+def _unreadable(path: Path, exc: BaseException, single_array: str | None) -> UnsafeFileError:
+    from device_agents.errors import first_line
+
+    what = ".npz (or .npy)" if single_array is not None else ".npz"
+    return UnsafeFileError(f"{path} is not a readable {what} file ({first_line(exc, limit=160)}); "
+                           "write it with numpy.savez")
+
+
+def read_npz(path: str | Path, *, names: tuple[str, ...], max_bytes: int | None = None,
+             single_array: str | None = None) -> dict:
+    """Read arrays ``names`` (those present) of an ``.npz`` file, checking sizes before any allocation;
+    with ``single_array``, a single ``.npy`` array is read too, as that name.
 
     Every array's header (shape x itemsize) and the zip member's declared size are checked against
     ``max_bytes`` (all arrays together) before reading; object arrays are refused (no pickle); a
@@ -142,74 +177,67 @@ def read_npz(path: str | Path, *, names: tuple[str, ...], max_bytes: int | None 
 
     import numpy as np
 
-    path = _npz_path(path)
+    path = Path(path)
     max_bytes = max_array_bytes() if max_bytes is None else max_bytes
     arrays, total = {}, 0
     try:
-        with zipfile.ZipFile(path) as archive:
-            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+        with _arrays(path, single_array) as members:
             for name in names:
-                info = members.get(name)
-                if info is None:
+                if name not in members:
                     continue
-                with archive.open(info) as member:
-                    version = np.lib.format.read_magic(member)
-                    header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                              else np.lib.format.read_array_header_2_0)
-                    shape, _, dtype = header(member)
+                opener, stored = members[name]
+                with opener() as member:
+                    shape, _, dtype = _header(member)
                 if dtype.hasobject:
                     raise UnsafeFileError(f"{path}: array '{name}' holds Python objects ({dtype}); "
                                           "only numeric arrays are read (no pickle)")
                 need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-                total += max(need, info.file_size)
+                total += max(need, stored)
                 if total > max_bytes:
                     raise UnsafeFileError(
                         f"{path}: array '{name}' declares shape {tuple(shape)} of {dtype} ({need / 2**20:,.0f} MiB, "
-                        f"{info.file_size / 2**20:,.0f} MiB unpacked); the limit is {max_bytes / 2**20:,.0f} MiB "
+                        f"{stored / 2**20:,.0f} MiB unpacked); the limit is {max_bytes / 2**20:,.0f} MiB "
                         "for all arrays together (EDGEKIT_MAX_ARRAY_BYTES)")
-                with archive.open(info) as member:
+                with opener() as member:
                     arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
     except UnsafeFileError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
-        from device_agents.errors import first_line
-
-        raise UnsafeFileError(f"{path} is not a readable .npz file ({first_line(exc, limit=160)}); "
-                              "write it with numpy.savez") from None
+        raise _unreadable(path, exc, single_array) from None
     return arrays
 
 
-def iter_npz_rows(path: str | Path, name: str, *, batch_rows: int,
-                  max_bytes: int | None = None) -> tuple[tuple[int, ...], Any, Iterator[Any]]:
-    """(shape, dtype, batches) of array ``name`` of an ``.npz``, read ``batch_rows`` rows at a time: memory
-    stays at one batch whatever the array's size. The header is checked as :func:`read_npz` checks it (no
-    objects; the declared size within ``max_bytes``); a Fortran-ordered array is read whole, within the limit.
-    Raises :class:`UnsafeFileError`; an archive without ``name`` gives shape ``()`` and no batches."""
+def iter_npz_rows(path: str | Path, name: str, *, batch_rows: int, max_bytes: int | None = None,
+                  single_array: str | None = None) -> tuple[tuple[int, ...], Any, Iterator[Any]]:
+    """(shape, dtype, batches) of array ``name`` of an ``.npz`` (or, with ``single_array``, of a single ``.npy``
+    array read as that name), read ``batch_rows`` rows at a time: memory stays at one batch whatever the
+    array's size. The header is checked as :func:`read_npz` checks it (no objects; the declared size within
+    ``max_bytes``); a Fortran-ordered array is read whole, within the limit. Raises :class:`UnsafeFileError`;
+    an archive without ``name`` gives shape ``()`` and no batches."""
     import zipfile
+    from contextlib import ExitStack
 
     import numpy as np
 
-    path = _npz_path(path)
+    path = Path(path)
     limit = max_array_bytes() if max_bytes is None else max_bytes
+    stack = ExitStack()
     try:
-        archive = zipfile.ZipFile(path)
-        info = next((i for i in archive.infolist() if i.filename.removesuffix(".npy") == name), None)
-        if info is None:
-            archive.close()
+        members = stack.enter_context(_arrays(path, single_array))
+        if name not in members:
+            stack.close()
             return (), None, iter(())
-        member = archive.open(info)
-        version = np.lib.format.read_magic(member)
-        header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = header(member)
+        member = stack.enter_context(members[name][0]())
+        shape, fortran, dtype = _header(member)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
-        from device_agents.errors import first_line
-
-        raise UnsafeFileError(f"{path} is not a readable .npz file ({first_line(exc, limit=160)}); "
-                              "write it with numpy.savez") from None
+        stack.close()
+        raise _unreadable(path, exc, single_array) from None
+    except UnsafeFileError:
+        stack.close()
+        raise
     need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if dtype.hasobject or need > limit or not shape:
-        member.close()
-        archive.close()
+        stack.close()
         if dtype.hasobject:
             raise UnsafeFileError(f"{path}: array '{name}' holds Python objects ({dtype}); only numeric arrays are "
                                   "read (no pickle)")
@@ -218,14 +246,13 @@ def iter_npz_rows(path: str | Path, name: str, *, batch_rows: int,
         raise UnsafeFileError(f"{path}: array '{name}' declares shape {tuple(shape)} of {dtype} ({need / 2**20:,.0f} "
                               f"MiB); the limit is {limit / 2**20:,.0f} MiB (EDGEKIT_MAX_ARRAY_BYTES)")
     if fortran:
-        member.close()
-        archive.close()
-        whole = read_npz(path, names=(name,), max_bytes=limit)[name]
+        stack.close()
+        whole = read_npz(path, names=(name,), max_bytes=limit, single_array=single_array)[name]
         return tuple(shape), dtype, (whole[i:i + batch_rows] for i in range(0, len(whole), batch_rows))
     row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
 
     def batches() -> Iterator[Any]:
-        with archive, member:
+        with stack:
             for start in range(0, shape[0], batch_rows):
                 rows = min(batch_rows, shape[0] - start)
                 data = member.read(rows * row)

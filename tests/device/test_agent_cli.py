@@ -67,6 +67,37 @@ def test_agent_cli_bad_input(case, int8_out, tmp_path):
 
 
 
+def test_predict_and_bench_take_a_single_npy_array_checked_as_an_npz_member_is(int8_out, digits, tmp_path):
+    """The README's quickstart runs `edgekit-agent predict --input x.npy`: a single .npy array was refused ("not an
+    .npz archive"). It is read as x, its header checked first: a lying header, objects, a truncated file refused."""
+    np.save(tmp_path / "x.npy", digits.x[:64])
+    np.savez(tmp_path / "x.npz", x=digits.x[:64])
+    outputs = {}
+    for name in ("x.npy", "x.npz"):
+        proc = run_cli("predict", "--model", str(int8_out), "--input", str(tmp_path / name), "--output",
+                       str(tmp_path / f"{name}.out.npy"), tool="edgekit-agent")
+        assert proc.returncode == 0, proc.stderr
+        outputs[name] = np.load(tmp_path / f"{name}.out.npy")
+    assert outputs["x.npy"].shape == (64, 10) and np.array_equal(outputs["x.npy"], outputs["x.npz"])
+    bench = run_cli("bench", "--model", str(int8_out / "model.tflite"), "--input", str(tmp_path / "x.npy"),
+                    "--repeats", "20", "--json", tool="edgekit-agent")
+    assert bench.returncode == 0 and json.loads(bench.stdout)["latency_ms"]["p50"] > 0, bench.stderr
+
+    lying = bytearray((tmp_path / "x.npy").read_bytes())  # the header declares 10^9 rows; the file holds 64
+    header_end = lying.index(b"\n") + 1
+    text = lying[:header_end].decode("latin1").replace("(64, 8, 8, 1)", "(1000000000, 8, 8, 1)")
+    (tmp_path / "lying.npy").write_bytes(text[:header_end - 1].ljust(header_end - 1).encode("latin1") + b"\n"
+                                         + bytes(lying[header_end:]))
+    np.save(tmp_path / "objects.npy", np.array([object()] * 3, dtype=object))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "x.npy").read_bytes()[:400])
+    for name, fragment in (("lying.npy", "declares shape (1000000000, 8, 8, 1)"),
+                           ("objects.npy", "holds Python objects"), ("cut.npy", "(truncated or corrupt)")):
+        proc, peak = peak_rss_mib([str(BIN / "edgekit-agent"), "predict", "--model", str(int8_out), "--input",
+                                   str(tmp_path / name), "--output", str(tmp_path / "refused.npy")])
+        assert_one_line_error(proc, 2, fragment)
+        assert peak < 250 and not (tmp_path / "refused.npy").exists(), (name, peak)
+
+
 def test_predict_streams_a_large_input_in_batches_and_the_device_limit_is_settable(float_out, digits, tmp_path):
     """The issue's case: a small deflated npz that inflates to hundreds of MiB. Over the device's default
     limit it is refused from its header; allowed, it is read and run a batch at a time, in bounded memory."""
