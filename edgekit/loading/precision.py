@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from device_agents.errors import first_line
-from edgekit.errors import ModelLoadError
 
 __all__ = ["HALF_TYPES", "Float32Served", "float32_model"]
 
@@ -30,11 +29,15 @@ class Float32Served:
     """A 16-bit model served in float32: its policy, and the largest output difference where it was measured."""
 
     policy: str
-    max_abs_diff: float
-    measured_on: str  # "64 samples of the data" | "random inputs"
+    max_abs_diff: float | None  # None: not rebuilt in float32 (``measured_on`` says why); served as it is
+    measured_on: str  # "64 samples of the data" | "random inputs" | why it could not be rebuilt
 
     def note(self) -> str:
         """What the user should hear."""
+        if self.max_abs_diff is None:
+            return (f"the model computes in {self.policy} (trained with mixed precision) and cannot be rebuilt in "
+                    f"float32 from its config ({self.measured_on}): the TFLite converter has no float16 kernels for "
+                    "its layers; save it after mixed_precision.set_global_policy('float32') and loading its weights")
         return (f"the model computes in {self.policy} (trained with mixed precision): edgekit serves it in float32 "
                 f"with the same weights (the TFLite converter has no float16 kernels for its layers); outputs differ "
                 f"from the {self.policy} model's by at most {self.max_abs_diff:.2g} on {self.measured_on}")
@@ -86,7 +89,8 @@ def _names_half(dtype: Any) -> bool:
 def float32_model(model: Any, sample: np.ndarray | None) -> tuple[Any, Float32Served | None]:
     """``model`` (tf-keras or Keras 3) rebuilt with float32 dtype policies and its weights, and what was served
     (:class:`Float32Served`, measured on ``sample`` where it fits the input, else on random inputs); ``model``
-    itself and ``None`` when every layer computes in 32 bits.
+    itself and ``None`` when every layer computes in 32 bits; ``model`` itself and why, when its config cannot be
+    rebuilt (a custom layer's ``from_config``).
 
     >>> served, was = float32_model(mixed_model, x[:64])   # doctest: +SKIP
     >>> was.policy, was.max_abs_diff < 1e-2                 # doctest: +SKIP
@@ -99,11 +103,8 @@ def float32_model(model: Any, sample: np.ndarray | None) -> tuple[Any, Float32Se
         served = type(model).from_config(_float32_config(model.get_config()))
         served.set_weights([np.asarray(w, np.float32) if np.asarray(w).dtype.kind == "f" else w
                             for w in model.get_weights()])
-    except Exception as exc:  # noqa: BLE001 (a custom layer's from_config can raise anything)
-        raise ModelLoadError(f"the model computes in {policy} (mixed precision), which the TFLite converter has no "
-                             f"kernels for, and cannot be rebuilt in float32 from its config: {first_line(exc)}; "
-                             "save it after mixed_precision.set_global_policy('float32') and loading its "
-                             "weights") from None
+    except Exception as exc:  # noqa: BLE001 (a custom layer's from_config can raise anything: served as it is)
+        return model, Float32Served(policy, None, first_line(exc, limit=160))
     given = tuple(model.inputs[0].shape[1:])
     fits = sample is not None and tuple(sample.shape[1:]) == given
     x = sample if fits else np.random.default_rng(0).random((8, *(d or 8 for d in given)))

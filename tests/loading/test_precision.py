@@ -63,3 +63,22 @@ def test_a_mixed_precision_model_compresses_to_both_formats(digits, tmp_path):
     for art in artifacts.values():
         assert art["bytes"] < art["float32_bytes"] / 2, art
     assert manifest["warnings"][0].startswith("the model computes in mixed_float16")
+
+
+def test_a_mixed_precision_model_whose_config_cannot_be_rebuilt_is_served_as_it_is_and_said(digits, monkeypatch):
+    """A custom layer's from_config can raise: the model is served as it was (its ONNX exports), and the user hears
+    why a .tflite may fail and what to do."""
+    keras = _tf.keras()
+    model = _mixed(keras, digits)
+
+    def refuse(cls, config, custom_objects=None):
+        raise ValueError("MyLayer.from_config takes no dtype")
+
+    monkeypatch.setattr(keras.Sequential, "from_config", classmethod(refuse))
+    loaded = load_model(model, sample=digits.x[:64])
+    assert half_policy(loaded.model) == "mixed_float16"
+    assert loaded.float32_served.max_abs_diff is None
+    assert load_warnings(loaded)[0] == (
+        "the model computes in mixed_float16 (trained with mixed precision) and cannot be rebuilt in float32 from its "
+        "config (MyLayer.from_config takes no dtype): the TFLite converter has no float16 kernels for its "
+        "layers; save it after mixed_precision.set_global_policy('float32') and loading its weights")
