@@ -49,7 +49,7 @@ _KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings",
 
 
 def iter_layers(model: Any) -> Any:
-    """Yield every leaf layer of a tf-keras ``model``, descending into nested models."""
+    """Yield every leaf layer of a tf-keras (or Keras 3) ``model``, descending into nested models."""
     for layer in model.layers:
         if hasattr(layer, "layers") and layer.__class__.__name__ in ("Functional", "Sequential", "Model"):
             yield from iter_layers(layer)

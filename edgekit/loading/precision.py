@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from device_agents.errors import first_line
+from edgekit.loading.layers import iter_layers
 
 __all__ = ["HALF_TYPES", "Float32Served", "float32_model"]
 
@@ -43,20 +44,12 @@ class Float32Served:
                 f"from the {self.policy} model's by at most {self.max_abs_diff:.2g} on {self.measured_on}")
 
 
-def _leaves(model: Any) -> Any:
-    for layer in model.layers:
-        if hasattr(layer, "layers") and layer.__class__.__name__ in ("Functional", "Sequential", "Model"):
-            yield from _leaves(layer)
-        else:
-            yield layer
-
-
 def half_policy(model: Any) -> str | None:
     """The name of the first 16-bit dtype policy among ``model``'s layers (``None``: every layer computes in a
     32-bit type, or the model has no layer graph)."""
     if getattr(model, "inputs", None) is None:
         return None
-    for layer in _leaves(model):
+    for layer in iter_layers(model):  # tf-keras and Keras 3 alike
         if str(getattr(layer, "compute_dtype", "float32")) in HALF_TYPES:
             policy = getattr(layer, "dtype_policy", None)
             return str(getattr(policy, "name", layer.compute_dtype))
