@@ -58,7 +58,8 @@ def load_private_key(path: Path) -> Any:
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
     if not path.is_file():
-        raise InputError(f"signing key {path} does not exist; create one with edgekit.fleet.signing.new_keys")
+        raise InputError(f"signing key {path} does not exist; create a key pair with `edgekit keys new` "
+                         "(edgekit.new_keys in Python)")
     try:
         key = load_pem_private_key(read_bounded(path, max_bytes=MAX_KEY_BYTES, what="signing key"), password=None)
     except (ValueError, TypeError) as exc:

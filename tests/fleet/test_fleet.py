@@ -185,6 +185,9 @@ def test_cli_install_trust_refusals_are_one_line_and_release_checks_its_folder(f
                           "cannot release")
     assert_one_line_error(run_cli("release", str(good), "--key", str(private), "--version", "0"), 2, "version")
     assert_one_line_error(run_cli("release", str(good), "--key", str(public), "--version", "4"), 2, "private key")
+    # a key that is not there: the command that makes one (it named a Python function to a CLI user)
+    assert_one_line_error(run_cli("release", str(good), "--key", str(tmp_path / "none.key"), "--version", "4"), 2,
+                          "none.key does not exist; create a key pair with `edgekit keys new`")
 
 
 # --- a real fleet: `fleet serve`, 4 devices enrolled with their own keys, rollouts and status -------------------
