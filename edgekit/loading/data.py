@@ -136,7 +136,10 @@ def _check_arrays(x: np.ndarray, y: np.ndarray | None, name: str) -> Dataset:
                 raise DataError(f"{name}: y holds NaN/inf; labels must be integer class ids")
             if not np.equal(np.mod(y, 1), 0).all():
                 raise DataError(f"{name}: y holds non-integer values; labels must be integer class ids")
-        elif not np.issubdtype(y.dtype, np.integer):
+        elif y.dtype.kind in "USO":  # class names: their order is the user's to choose
+            raise DataError(f"{name}: y holds {y.dtype} values (class names?); labels must be integer class ids "
+                            "0..K-1 in the order of the model's outputs, e.g. np.unique(y, return_inverse=True)[1]")
+        elif not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):  # bool: a binary task's 0/1
             raise DataError(f"{name}: y has dtype {y.dtype}; labels must be integer class ids")
         y = y.astype(np.int64)
         if len(y) != len(x):

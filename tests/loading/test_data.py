@@ -39,6 +39,9 @@ def test_npz_round_trip_and_one_hot_labels(tmp_path):
     np.savez(tmp_path / "d.npz", x=x, y=y)
     ds = load_data(tmp_path / "d.npz")
     assert ds.y.tolist() == (np.arange(20) % 3).tolist()
+    np.savez(tmp_path / "b.npz", x=x, y=np.arange(20) % 2 == 1)  # a binary task's labels saved as bool were refused
+    ds = load_data(tmp_path / "b.npz")
+    assert ds.y.dtype == np.int64 and ds.y.tolist() == (np.arange(20) % 2).tolist()
 
 
 @pytest.mark.parametrize("arrays, message", [
@@ -47,6 +50,9 @@ def test_npz_round_trip_and_one_hot_labels(tmp_path):
     ({"x": np.ones((3, 2)), "y": np.array([0.5, 1, 2])}, "non-integer"),
     ({"x": np.ones((3, 2)), "y": np.zeros(4)}, "x has 3 samples but y has 4"),
     ({"x": np.array([["a", "b"]] * 3)}, "numeric array"),
+    ({"x": np.ones((3, 2)), "y": np.array(["cat", "dog", "cat"])},
+     r"y holds <U3 values \(class names\?\); labels must be integer class ids 0..K-1 in the order of the model's "
+     r"outputs, e.g. np.unique\(y, return_inverse=True\)\[1\]"),
 ])
 def test_bad_npz_contents(tmp_path, arrays, message):
     np.savez(tmp_path / "bad.npz", **arrays)
