@@ -125,7 +125,7 @@ def two_columns_graph(graph: Any, kind: OneOutput) -> Any:
     spec = tf.TensorSpec([None, *graph.input_shape], graph.input_dtype, name=graph.input_name)
     two = resaved(graph, spec, columns, probabilities=kind is OneOutput.PROBABILITY,
                   what="the model's graph cannot be given a second output column")
-    two.layer_names = graph.layer_names
+    two.layer_names, two.one_column = graph.layer_names, graph
     return two
 
 

@@ -48,6 +48,9 @@ class SavedModelGraph:
     outputs_probabilities: bool = False
     temporary: bool = False  # exported by edgekit into a temporary folder (removed with the graph)
     layer_names: tuple[str, ...] = ()  # the Keras layers it was exported from (to name a layer in errors)
+    # a binary classifier's one-output graph this graph appends a second column to (:mod:`edgekit.loading.binary`):
+    # head-only training splits that one at its dense head
+    one_column: SavedModelGraph | None = field(default=None, repr=False)
 
     def __call__(self, x: Any, training: bool = False) -> np.ndarray:
         tf = _tf.tf()
@@ -162,6 +165,8 @@ def pin_graph(graph: SavedModelGraph, shape: tuple[int, ...]) -> SavedModelGraph
     pinned = resaved(graph, spec, None, probabilities=graph.outputs_probabilities,
                      what=f"the model's graph cannot take inputs of shape {tuple(shape)}")
     pinned.layer_names = graph.layer_names
+    if graph.one_column is not None:
+        pinned.one_column = pin_graph(graph.one_column, shape)
     return pinned
 
 

@@ -109,9 +109,15 @@ def _head(layers: list[_Dense]) -> Any:
 
 def split_head_graph(graph: Any) -> tuple[Any, Any]:
     """Split a :class:`~edgekit.loading.graph.SavedModelGraph` at its trailing dense layers:
-    (backbone graph from the input to the head's input, tf-keras head with the graph's weights)."""
+    (backbone graph from the input to the head's input, tf-keras head with the graph's weights). A binary
+    classifier's two-column graph is split at its own one-output graph's head, which then gets the two columns
+    (:func:`~edgekit.loading.binary.two_columns_keras`)."""
+    from edgekit.loading.binary import two_columns_keras
     from edgekit.loading.graph import load_graph
 
+    if graph.one_column is not None:
+        backbone, head = split_head_graph(graph.one_column)
+        return backbone, two_columns_keras(head, _tf.keras())[0]
     tf = _tf.tf()
     frozen = _FrozenGraph(graph.function)
     layers, features = _dense_layers(frozen)

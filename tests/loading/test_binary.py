@@ -123,3 +123,29 @@ def test_a_binary_keras3_classifier_compresses_installs_predicts_and_trains_on_t
     assert proc.returncode == 0, proc.stderr
     assert "one train step vs TensorFlow max abs diff" in proc.stdout
     assert json.loads((tmp_path / "trainable" / "manifest.json").read_text())["trainable"]["num_classes"] == 2
+
+
+@pytest.mark.parametrize("flavour", ["sigmoid", "logit"])
+def test_head_only_training_of_a_one_output_graph_trains_two_columns(digits, tmp_path, flavour):
+    """A plain SavedModel's head is read back from its graph's trailing dense ops: the two columns appended to the
+    graph hid them ("its output comes from a ConcatV2 op"). The one-output graph is split, its head given the
+    columns."""
+    from device_agents.training.trainer import Trainer
+    from edgekit.trainable.export import TrainableConfig, export_trainable
+
+    keras3 = _tf.keras3()
+    x, y = _binary_digits(digits)
+    keras3.utils.set_random_seed(0)
+    model = keras3.Sequential([keras3.Input((64,)), keras3.layers.Dense(16, activation="relu"),
+                               keras3.layers.Dense(1, activation="sigmoid" if flavour == "sigmoid" else None)])
+    model.export(str(tmp_path / "export"), verbose=False)
+    own = np.asarray(model(x[:64])).reshape(-1)
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    export_trainable(tmp_path / "export", tmp_path / "trainable", data=tmp_path / "data.npz", progress=False,
+                     config=TrainableConfig(head_only=True))
+    trainer = Trainer.load(tmp_path / "trainable")
+    assert trainer.spec["mode"] == "head-only" and trainer.spec["num_classes"] == 2
+    out = trainer.predict(x[:64])
+    assert out.shape == (64, 2)
+    np.testing.assert_allclose(out[:, 1], own, atol=0.1)  # the int8 backbone's rounding
+    assert np.mean(out.argmax(1) == (own > (0.5 if flavour == "sigmoid" else 0))) > 0.95
