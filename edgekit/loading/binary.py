@@ -28,8 +28,8 @@ from edgekit.errors import ModelLoadError
 
 __all__ = ["OneOutput", "dense_head", "graph_kind", "one_output_note", "two_columns_graph", "two_columns_keras"]
 
-_PROBABILITY_ACTIVATIONS = frozenset({"sigmoid", "hard_sigmoid"})
-_LOGIT_ACTIVATIONS = frozenset({"linear"})
+_PROBABILITY_ACTIVATIONS = frozenset({"sigmoid"})  # softmax([0, z]) is [1 - sigmoid(z), sigmoid(z)]: exactly (not
+_LOGIT_ACTIVATIONS = frozenset({"linear"})  # a hard_sigmoid's piecewise line, which is refused with the others)
 
 
 class OneOutput(str, Enum):
@@ -53,7 +53,8 @@ def _kind(activation: str, layer: Any) -> OneOutput:
         return OneOutput.PROBABILITY
     if activation in _LOGIT_ACTIVATIONS:
         return OneOutput.LOGIT
-    raise ModelLoadError(f"the model's one output comes from layer '{layer.name}' with activation {activation}; "
+    shown = activation.removeprefix("edgekit_")  # the rebuild's name for a Keras 3 activation tf-keras defines apart
+    raise ModelLoadError(f"the model's one output comes from layer '{layer.name}' with activation {shown}; "
                          "edgekit reads one output as a binary classifier's sigmoid probability or logit of class 1 "
                          "(a sigmoid or no activation)")
 

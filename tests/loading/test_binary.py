@@ -77,6 +77,12 @@ def test_one_outputs_that_are_not_a_binary_classifiers_are_refused_naming_the_la
     with pytest.raises(ModelLoadError, match=r"^the model's one output comes from layer 'score' with activation tanh; "
                                              r"edgekit reads one output as a binary classifier's sigmoid probability"):
         load_model(tmp_path / "tanh.keras")
+    # a hard sigmoid is a probability too, but no two-column softmax reproduces its piecewise line
+    hard = keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(1, activation="hard_sigmoid", name="hard")])
+    hard.save(tmp_path / "hard.keras")
+    with pytest.raises(ModelLoadError, match=r"^the model's one output comes from layer 'hard' with activation "
+                                             r"hard_sigmoid"):
+        load_model(tmp_path / "hard.keras")
     keras = _tf.keras()
     pooled = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(1, 3),
                                keras.layers.GlobalAveragePooling2D(name="pool")])
