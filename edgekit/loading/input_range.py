@@ -56,12 +56,24 @@ def input_range_warnings(model: Any, x: np.ndarray) -> list[str]:
                     "that range, or drop the layer")
             low, high = sorted((low * scale + offset, high * scale + offset))
         else:
-            mean, variance = (np.asarray(w, np.float64) for w in layer.get_weights()[:2])
+            stats = _normalization_stats(layer)
+            if stats is None:
+                break
+            mean, variance = stats
             spread = float(np.mean((high - low) / np.sqrt(np.maximum(variance, 1e-12))))
             if spread < TINY_SHARE * 4:  # a normalized range is about 4 units wide (+-2 standard deviations)
                 warnings.append(
-                    f"the model's own Normalization layer '{layer.name}' (adapted to mean {float(np.mean(mean)):.3g}, "
+                    f"the model's own Normalization layer '{layer.name}' (mean {float(np.mean(mean)):.3g}, "
                     f"std {float(np.mean(np.sqrt(variance))):.3g}) sees data from {low:.3g} to {high:.3g}, "
                     f"{spread:.3g} standard deviations wide: feed it data like what it was adapted to")
             break
     return warnings
+
+
+def _normalization_stats(layer: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """A Normalization layer's mean and variance: adapted (its weights) or given to its constructor (attributes
+    without weights: keras.applications' ``include_preprocessing``, EfficientNetV2's); ``None`` when it has none."""
+    try:
+        return np.asarray(layer.mean, np.float64), np.asarray(layer.variance, np.float64)
+    except (AttributeError, TypeError, ValueError):
+        return None

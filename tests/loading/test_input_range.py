@@ -38,6 +38,17 @@ def test_a_normalization_adapted_to_other_data_is_named_and_a_model_without_prep
     assert input_range_warnings(_model(), PIXELS) == []
 
 
+def test_a_normalization_given_its_statistics_is_read_too():
+    """keras.applications' include_preprocessing (EfficientNetV2's) gives Normalization its mean and variance in
+    the constructor: it has no weights, and reading them ended compress and trainable in an internal error."""
+    keras = _tf.keras()
+    model = _model(keras.layers.Rescaling(1.0), keras.layers.Normalization(mean=127.5, variance=64.0**2, name="given"))
+    assert model.layers[1].get_weights() == []
+    warnings = input_range_warnings(model, PIXELS)
+    assert len(warnings) == 1 and "Normalization layer 'given' (mean 128, std 64)" in warnings[0], warnings
+    assert input_range_warnings(model, PIXELS * 255) == []
+
+
 def test_the_cli_and_the_report_say_it(tmp_path):
     keras = _tf.keras()
     model = _model(keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="rescale"))
