@@ -20,9 +20,8 @@ import numpy as np
 from edgekit._io import mark_output, write_atomic
 from edgekit.errors import InputError
 from edgekit.federated.config import FederationConfig, Partition, RoundSettings
-from edgekit.loading.binary import one_output_note
 from edgekit.loading.data import Dataset, Splits, fit_to_model, load_data, partition, split
-from edgekit.loading.models import LoadedModel, load_model
+from edgekit.loading.models import LoadedModel, load_model, load_warnings
 
 WORSE_THAN_START = 0.5
 """Points below the starting model at which a run's final model is reported as worse, not as ready."""
@@ -122,7 +121,8 @@ def prepare_run(model: Any, data: Any, out: Path, config: FederationConfig, *, p
                                                            learning_rate=config.rounds.learning_rate))
         # the data outside the model's input range, a free input dimension fixed to the data's
         warnings = (*warnings, *(f"warning: {line}" for line in exported.warnings))
-    warnings = (*(f"warning: {line}" for line in one_output_note(loaded.one_output)), *warnings)
+    # how the model is served (mixed precision in float32, one output as two columns): the export above got it served
+    warnings = (*(f"warning: {line}" for line in load_warnings(loaded)), *warnings)
     return PreparedRun(loaded, dataset, parts, warnings)
 
 

@@ -82,3 +82,19 @@ def test_a_mixed_precision_model_whose_config_cannot_be_rebuilt_is_served_as_it_
         "the model computes in mixed_float16 (trained with mixed precision) and cannot be rebuilt in float32 from its "
         "config (MyLayer.from_config takes no dtype): the TFLite converter has no float16 kernels for its "
         "layers; save it after mixed_precision.set_global_policy('float32') and loading its weights")
+
+
+def test_a_federated_run_says_how_the_model_is_served(digits, tmp_path):
+    """The federated run trains the served model (float32, two columns): its warnings say so, as compress's do."""
+    from edgekit.federated.config import FederationConfig
+    from edgekit.federated.run import prepare_run
+
+    keras3 = _tf.keras3()
+    policy = "mixed_float16"
+    model = keras3.Sequential([keras3.Input((8, 8, 1)), keras3.layers.Flatten(), keras3.layers.Dense(8, dtype=policy),
+                               keras3.layers.Dense(1, activation="sigmoid", dtype="float32")])
+    np.savez(tmp_path / "binary.npz", x=digits.x, y=digits.y >= 5)  # bool labels: a binary task's
+    run = prepare_run(model, tmp_path / "binary.npz", tmp_path / "run", FederationConfig(clients=2), progress=False)
+    assert run.loaded.num_classes == 2 and half_policy(run.loaded.model) is None
+    assert run.warnings[0].startswith("warning: the model computes in mixed_float16 (trained with mixed precision)")
+    assert run.warnings[1].startswith("warning: the model has one output, read as the sigmoid probability of class 1")
