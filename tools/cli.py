@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 
 from device_agents.console import OneLineParser, quiet_native_logs, run
@@ -340,6 +342,10 @@ def _add_device_training_args(g: argparse._ArgumentGroup, config: type) -> None:
                    "plain SGD)")
     g.add_argument("--batch-size", type=int, default=_default(config, "batch_size"),
                    help="on-device batch size (default %(default)s)")
+    g.add_argument("--head-only", action="store_true",
+                   help="the devices train the head alone (after the last Flatten / global pooling layer) on the "
+                        "features of the frozen rest as int8, and only the head is federated: for models whose "
+                        "other layers have no on-device gradient (LSTM, GRU) or to send fewer weights")
 
 
 def _add_update_args(g: argparse._ArgumentGroup) -> None:
@@ -429,9 +435,11 @@ def cmd_fl_run(args: argparse.Namespace) -> int:
     from edgekit.federated.fleet_run import FleetRunConfig, run_on_fleet
 
     config = FleetRunConfig(clients=args.clients, rounds=_round_settings(args), batch_size=args.batch_size,
-                            timeout=args.timeout, personalize_epochs=args.personalize_epochs)
-    result = run_on_fleet(args.model, args.data, args.out, args.fleet, config, progress=not args.quiet,
-                          log=lambda line: print(line, flush=True))
+                            timeout=args.timeout, personalize_epochs=args.personalize_epochs,
+                            head_only=args.head_only)
+    with _head_only_hint(args.head_only, whole_model=False):
+        result = run_on_fleet(args.model, args.data, args.out, args.fleet, config, progress=not args.quiet,
+                              log=lambda line: print(line, flush=True))
     print(f"wrote {result.out}: history.json, accuracy.png, final/ (sign it with edgekit release, then roll it out)")
     return int(ExitCode.SUCCESS)
 
@@ -481,14 +489,9 @@ def cmd_trainable(args: argparse.Namespace) -> int:
 
     config = edgekit.TrainableConfig(head_only=args.head_only, batch_size=args.batch_size,
                                      learning_rate=args.learning_rate)
-    try:
+    with _head_only_hint(args.head_only, whole_model=True):
         result = edgekit.export_trainable(args.model, args.out, data=args.data, config=config,
                                           progress=not args.quiet)
-    except edgekit.UnsupportedLayerError as exc:
-        if args.head_only:
-            raise
-        raise edgekit.UnsupportedLayerError(f"{exc}; --head-only trains the head alone on the frozen rest's features",
-                                            layer_name=exc.layer_name, layer_type=exc.layer_type) from None
     spec, check = result.manifest["trainable"], result.manifest["verification"]
     print(f"trainable ({spec['mode']}): {len(spec['tensors'])} tensors, batch {spec['batch_size']}, "
           f"{sum(math.prod(t['shape']) for t in spec['tensors']):,} trainable weights")
@@ -515,15 +518,33 @@ def _round_settings(args: argparse.Namespace) -> RoundSettings:
                          dp_clipping=args.dp_clipping)
 
 
+@contextmanager
+def _head_only_hint(head_only: bool, *, whole_model: bool) -> Iterator[None]:
+    """A layer without an on-device gradient, refused: the line says --head-only trains the head alone (unless it
+    was given). ``whole_model``: say it also when the model as a whole has no tf-keras twin (a graph), whose head
+    the trainable export splits off; a federated run needs the tf-keras model either way."""
+    from edgekit.errors import UnsupportedLayerError
+
+    try:
+        yield
+    except UnsupportedLayerError as exc:
+        if head_only or (exc.layer_name == "?" and not whole_model):  # "?": the model itself, not one of its layers
+            raise
+        raise UnsupportedLayerError(f"{exc}; --head-only trains the head alone on the frozen rest's features",
+                                    layer_name=exc.layer_name, layer_type=exc.layer_type) from None
+
+
 def cmd_fl_simulate(args: argparse.Namespace) -> int:
     from edgekit.federated.simulate import simulate
 
     rounds = _round_settings(args)
     config = SimulationConfig(clients=args.clients, partition=args.partition, rounds=rounds,
                               batch_size=args.batch_size, resume=args.resume, secure_aggregation=args.secagg,
-                              local_dp_epsilon=args.local_dp_epsilon, personalize_epochs=args.personalize_epochs)
-    result = simulate(args.model, args.data, args.out, config=config, progress=not args.quiet,
-                      log=lambda line: print(line, flush=True))
+                              local_dp_epsilon=args.local_dp_epsilon, personalize_epochs=args.personalize_epochs,
+                              head_only=args.head_only)
+    with _head_only_hint(args.head_only, whole_model=False):
+        result = simulate(args.model, args.data, args.out, config=config, progress=not args.quiet,
+                          log=lambda line: print(line, flush=True))
     print(f"wrote {result.out}: history.json, accuracy.png, checkpoints/, final/ (int8 model.tflite + manifest)")
     return int(ExitCode.SUCCESS)
 
@@ -533,9 +554,11 @@ def cmd_fl_up(args: argparse.Namespace) -> int:
 
     config = DeployConfig(clients=args.clients, partition=args.partition, rounds=_round_settings(args),
                           batch_size=args.batch_size, insecure=args.insecure, node_auth=not args.no_node_auth,
-                          timeout=args.timeout, personalize_epochs=args.personalize_epochs)
-    result = up(args.model, args.data, args.out, config=config, progress=not args.quiet,
-                log=lambda line: print(line, flush=True))
+                          timeout=args.timeout, personalize_epochs=args.personalize_epochs,
+                          head_only=args.head_only)
+    with _head_only_hint(args.head_only, whole_model=False):
+        result = up(args.model, args.data, args.out, config=config, progress=not args.quiet,
+                    log=lambda line: print(line, flush=True))
     print(f"wrote {result.out}: history.json, accuracy.png, certs/, logs/, final/ (int8 model.tflite + manifest)")
     return int(ExitCode.SUCCESS)
 

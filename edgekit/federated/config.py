@@ -240,9 +240,11 @@ class RoundSettings:
 
 @dataclass(frozen=True)
 class FederationConfig:
-    """What every federated run has: the clients, how the data is split among them, the rounds, and
+    """What every federated run has: the clients, how the data is split among them, the rounds,
     ``personalize_epochs``: after the rounds, every device fine-tunes the final model's head on its own data
-    and keeps it (0: off)."""
+    and keeps it (0: off), and ``head_only``: the devices train the head alone on the features of a frozen int8
+    backbone (:class:`~edgekit.trainable.export.TrainableConfig`), for models whose other layers have no on-device
+    gradient (recurrent layers, say) or to federate fewer weights."""
 
     LOCAL_PARTITIONS: ClassVar[bool] = True  # the run's clients train on partitions of the data given here
     clients: int = 10
@@ -250,6 +252,7 @@ class FederationConfig:
     rounds: RoundSettings = field(default_factory=RoundSettings)
     batch_size: int = 8  # the on-device batch of the trainable artifact (8: more steps on a device's few samples)
     personalize_epochs: int = 0  # after the rounds, each device fine-tunes its own head this many epochs (0: off)
+    head_only: bool = False  # the devices train (and the rounds federate) the model's head alone
 
     def __post_init__(self) -> None:
         if not isinstance(self.partition, Partition):

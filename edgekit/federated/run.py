@@ -98,7 +98,8 @@ def prepare_run(model: Any, data: Any, out: Path, config: FederationConfig, *, p
     raw = load_data(data, require_labels=True)
     loaded = load_model(model, sample=raw.x[:64])
     keras_model = loaded.trainable_model("federated training")  # refused before anything is written
-    warnings = check_privacy_noise(config, sum(int(np.prod(w.shape)) for w in keras_model.trainable_weights))
+    federated = _federated_model(keras_model, config)  # a layer with no on-device gradient too
+    warnings = check_privacy_noise(config, sum(int(np.prod(w.shape)) for w in federated.trainable_weights))
     dataset = fit_to_model(raw, loaded.input_shape, loaded.input_dtype, loaded.num_classes)
     if dataset.y is None:
         raise InputError("federated training needs labels: give an .npz with x and y")
@@ -117,13 +118,23 @@ def prepare_run(model: Any, data: Any, out: Path, config: FederationConfig, *, p
     np.savez(out / "evaluation.npz", x=parts.evaluation.x, y=parts.evaluation.y)
     if not (reuse_trainable and (out / "trainable" / "manifest.json").exists()):
         exported = export_trainable(keras_model, out / "trainable", data=dataset, progress=progress,
-                                    config=TrainableConfig(batch_size=config.batch_size,
+                                    config=TrainableConfig(head_only=config.head_only, batch_size=config.batch_size,
                                                            learning_rate=config.rounds.learning_rate))
         # the data outside the model's input range, a free input dimension fixed to the data's
         warnings = (*warnings, *(f"warning: {line}" for line in exported.warnings))
     # how the model is served (mixed precision in float32, one output as two columns): the export above got it served
     warnings = (*(f"warning: {line}" for line in load_warnings(loaded)), *warnings)
     return PreparedRun(loaded, dataset, parts, warnings)
+
+
+def _federated_model(keras_model: Any, config: FederationConfig) -> Any:
+    """What the devices train and the rounds federate: the model, or its head; refused (as the trainable export
+    refuses it) when a layer of it has no on-device gradient or the model has no head, before a file is written."""
+    from edgekit.trainable.graph import build_nodes, split_head
+
+    model = split_head(keras_model)[1] if config.head_only else keras_model
+    build_nodes(model)
+    return model
 
 
 def check_privacy_noise(config: FederationConfig, parameters: int) -> tuple[str, ...]:

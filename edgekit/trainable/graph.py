@@ -448,9 +448,12 @@ def build_nodes(model: Any) -> list[_Node]:
         handler = HANDLERS.get(layer.__class__.__name__)
         upstream = any(name in trained for name in inputs)
         if handler is None:
-            if upstream or layer.weights:
-                raise _unsupported(layer, "no on-device gradient for this layer type (a layer without weights "
-                                          "before every trained weight runs forward only)")
+            if layer.weights:
+                raise _unsupported(layer, "no on-device gradient for this layer type")
+            if upstream:
+                raise _unsupported(layer, "no on-device gradient for this layer type, and trained weights come "
+                                          "before it (a layer without weights before every trained weight runs "
+                                          "forward only)")
             handler = _forward_only
         in_shape = tuple(layer.input_shape) if not isinstance(layer.input_shape, list) else tuple(layer.input_shape[0])
         node = handler(layer, _Node(layer.name, inputs), in_shape, layer.name == last_name)

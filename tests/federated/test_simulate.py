@@ -171,6 +171,38 @@ def test_a_text_classifier_federates_on_token_ids(text_npz, tmp_path):
     assert result.history[0]["accuracy"] < 50 and result.history[-1]["accuracy"] > 80  # 3 classes, from chance
 
 
+@SECOND
+def test_a_recurrent_text_classifier_federates_its_head_only(text_model_path, text_npz, tmp_path):
+    """An LSTM has no on-device gradient: a federated run refused the model (after writing its partitions), with no
+    way to federate it. With head_only, the devices train the head (after the global pooling) on the features of
+    the frozen int8 backbone, only the head is federated, and the final model carries the federated head."""
+    from conftest import assert_one_line_error, run_cli
+
+    from device_agents import Model
+    from device_agents.training.trainer import Trainer
+
+    refused = run_cli("fl", "simulate", "--model", str(text_model_path), "--data", str(text_npz), "--out",
+                      str(tmp_path / "refused"), "--clients", "2", "--quiet")
+    assert_one_line_error(refused, 2, "(LSTM) cannot be trained on the device: no on-device gradient",
+                          "; --head-only trains the head alone on the frozen rest's features")
+    assert not (tmp_path / "refused").exists()
+
+    run = tmp_path / "run"
+    result = simulate(text_model_path, text_npz, run, progress=False, log=quiet,
+                      config=SimulationConfig(clients=2, head_only=True, rounds=RoundSettings(rounds=2)))
+    manifest = json.loads((run / "trainable" / "manifest.json").read_text())["trainable"]
+    assert manifest["mode"] == "head-only" and (run / "trainable" / "backbone.tflite").is_file()
+    assert set(result.weights) == {t["name"] for t in manifest["tensors"]} == {"dense_kernel", "dense_bias"}
+    assert all(h["aggregated"] and h["valid"] == 2 for h in result.history[1:])
+    trainer = Trainer.load(run / "trainable")
+    start = trainer.get_weights()
+    assert any(not np.allclose(start[k], result.weights[k]) for k in start)  # the rounds moved the head
+    trainer.set_weights(result.weights)
+    x = np.load(run / "evaluation.npz")["x"]
+    final = Model.load(run / "final" / "model.tflite").predict(x)
+    assert np.mean(final.argmax(1) == trainer.predict(x).argmax(1)) > 0.95
+
+
 def test_a_final_model_int8_cannot_hold_is_written_as_float16_not_lost(fl_model, digits, tmp_path, monkeypatch):
     """30 rounds were lost when the final int8 conversion went over the int8 budget (BudgetError after the run)."""
     import edgekit.compression

@@ -127,8 +127,9 @@ def test_layers_without_weights_before_every_trained_weight_run_forward_only():
 
     late = keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(4, 3), L.Resizing(4, 4), L.Flatten(), L.Dense(3)])
     with pytest.raises(UnsupportedLayerError, match=r"^layer 'resizing\w*' \(Resizing\) cannot be trained on the "
-                                                    r"device: no on-device gradient for this layer type \(a layer "
-                                                    r"without weights before every trained weight runs forward only"):
+                                                    r"device: no on-device gradient for this layer type, and trained "
+                                                    r"weights come before it \(a layer without weights before every "
+                                                    r"trained weight runs forward only\)"):
         build_module(late, batch_size=4)
 
 
