@@ -24,7 +24,7 @@ from edgekit.errors import DataError, ModelLoadError, UnsupportedLayerError
 from edgekit.loading import binary
 from edgekit.loading.data import shape_text
 from edgekit.loading.layers import check_model
-from edgekit.loading.precision import Float32Served, float32_model
+from edgekit.loading.precision import Float32Served, float32_model, refuse_keras_quantized
 from edgekit.loading.rebuild import REBUILD_TOLERANCE, rebuild_keras3
 
 __all__ = ["REBUILD_TOLERANCE", "LoadedModel", "accuracy", "check_code_free", "copy_model", "ends_in_softmax",
@@ -258,6 +258,7 @@ def _keras3_loaded(k3: Any, sample: np.ndarray | None, path: str, digest: str) -
         return LoadedModel(None, path, digest, "keras3", graph=export_keras3(k3, probabilities=None),
                            training_unavailable=_subclassed(k3))
     _check_outputs(k3)  # the Keras 3 model's own inputs and outputs, before a rebuild or an export needs them
+    refuse_keras_quantized(k3)
     k3, served = float32_model(k3, sample)  # mixed precision: rebuilt and exported in float32
     try:
         model, diff = rebuild_keras3(k3, sample)

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from device_agents.errors import first_line
+from edgekit.errors import ModelLoadError
 from edgekit.loading.layers import iter_layers
 
-__all__ = ["HALF_TYPES", "Float32Served", "float32_model"]
+__all__ = ["HALF_TYPES", "Float32Served", "float32_model", "half_policy", "refuse_keras_quantized"]
 
 HALF_TYPES = frozenset({"float16", "bfloat16"})
 """Compute dtypes served in float32 instead (a mixed ``mixed_float16`` / ``mixed_bfloat16`` policy or a plain one)."""
@@ -42,6 +43,22 @@ class Float32Served:
         return (f"the model computes in {self.policy} (trained with mixed precision): edgekit serves it in float32 "
                 f"with the same weights (the TFLite converter has no float16 kernels for its layers); outputs differ "
                 f"from the {self.policy} model's by at most {self.max_abs_diff:.2g} on {self.measured_on}")
+
+
+def refuse_keras_quantized(model: Any) -> None:
+    """Refuse a Keras 3 model already quantized by Keras (``model.quantize("int8")``: int8/int4/float8 kernels and
+    scales in Keras's own layout, dtype policies such as ``int8_from_float32``): the TFLite converter has no builtin
+    kernel for its quantized matmuls (``BatchMatMulV3``) and its ONNX export comes out larger than float32. edgekit
+    quantizes for the runtimes itself, from the float model."""
+    if getattr(model, "inputs", None) is None:
+        return
+    for layer in iter_layers(model):
+        mode = getattr(layer, "quantization_mode", None)
+        if mode:
+            policy = getattr(getattr(layer, "dtype_policy", None), "name", mode)
+            raise ModelLoadError(f"the model was quantized by Keras (layer '{layer.name}': {policy}), in kernels "
+                                 "device runtimes do not run; give edgekit the float model (before model.quantize()): "
+                                 "it quantizes for TFLite and ONNX runtimes itself")
 
 
 def half_policy(model: Any) -> str | None:

@@ -98,3 +98,20 @@ def test_a_federated_run_says_how_the_model_is_served(digits, tmp_path):
     assert run.loaded.num_classes == 2 and half_policy(run.loaded.model) is None
     assert run.warnings[0].startswith("warning: the model computes in mixed_float16 (trained with mixed precision)")
     assert run.warnings[1].startswith("warning: the model has one output, read as the sigmoid probability of class 1")
+
+
+def test_a_model_keras_quantized_itself_is_refused_saying_to_give_the_float_model(digits, tmp_path):
+    """model.quantize("int8") (Keras 3) gave no .tflite (BatchMatMulV3 has no builtin kernel) and an int8 .onnx
+    larger than float32, with warnings that did not say why."""
+    from edgekit.errors import ModelLoadError
+
+    keras3 = _tf.keras3()
+    model = keras3.Sequential([keras3.Input((64,)), keras3.layers.Dense(8, name="hidden"), keras3.layers.Dense(10)])
+    model.save(tmp_path / "float.keras")
+    model.quantize("int8")
+    model.save(tmp_path / "quantized.keras")
+    with pytest.raises(ModelLoadError, match=r"^the model was quantized by Keras \(layer 'hidden': int8_from_float32\)"
+                                             r", in kernels device runtimes do not run; give edgekit the float model "
+                                             r"\(before model.quantize\(\)\)"):
+        load_model(tmp_path / "quantized.keras")
+    assert load_model(tmp_path / "float.keras").num_classes == 10
