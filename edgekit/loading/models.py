@@ -282,9 +282,10 @@ def _load_savedmodel(path: Path) -> LoadedModel:
         return LoadedModel(None, str(path), sha256_of(path), "savedmodel", graph=graph,
                            training_unavailable="a SavedModel without Keras layers (written by model.export() or "
                                                 "tf.saved_model.save) holds a graph only")
-    for config in _savedmodel_configs(path / "keras_metadata.pb"):
+    configs = _savedmodel_configs(path / "keras_metadata.pb")
+    for config in configs:
         check_code_free(config, source=path)
-    model = _guarded_load(lambda: _tf.keras().models.load_model(path, compile=False), path)
+    model = _tf_keras_load(path, configs, safe_mode=False)
     if getattr(model, "inputs", None) is None:  # a subclassed model: tf-keras saved its functions, no layer graph
         from edgekit.loading.graph import load_graph
 
@@ -327,7 +328,7 @@ def _load_h5(path: Path, sample: np.ndarray | None) -> LoadedModel:
     parsed = _parse_json(config, path, "model_config")
     check_code_free(parsed, source=path)
     _check_registered(parsed, keras3=version.startswith("3."), source=path)
-    return _load_checked(path, sample, keras3=version.startswith("3."), fmt="h5")
+    return _load_checked(path, sample, keras3=version.startswith("3."), fmt="h5", config=parsed)
 
 
 def _load_keras_zip(path: Path, sample: np.ndarray | None) -> LoadedModel:
@@ -349,7 +350,7 @@ def _load_keras_zip(path: Path, sample: np.ndarray | None) -> LoadedModel:
     check_code_free(config, source=path)
     keras3 = str(metadata.get("keras_version", "")).startswith("3.")
     _check_registered(config, keras3=keras3, source=path)
-    return _load_checked(path, sample, keras3=keras3, fmt="keras")
+    return _load_checked(path, sample, keras3=keras3, fmt="keras", config=config)
 
 
 def _parse_json(text: str | bytes, path: Path, what: str) -> Any:
@@ -409,14 +410,38 @@ def _check_registered(config: Any, *, keras3: bool, source: Path) -> None:
                                  "module registers; import the module that registers it first (custom objects)")
 
 
-def _load_checked(path: Path, sample: np.ndarray | None, *, keras3: bool, fmt: str) -> LoadedModel:
-    """Load a file whose config was checked: Keras 3 files are rebuilt as tf-keras (or used as their
+def _load_checked(path: Path, sample: np.ndarray | None, *, keras3: bool, fmt: str, config: Any) -> LoadedModel:
+    """Load a file whose ``config`` was checked: Keras 3 files are rebuilt as tf-keras (or used as their
     graph), tf-keras files load directly (any layer tf-keras has; training needs registered layers)."""
     if keras3:
         k3 = _guarded_load(lambda: _tf.keras3().saving.load_model(path, compile=False, safe_mode=True), path)
         return _keras3_loaded(k3, sample, str(path), sha256_of(path))
-    model = _guarded_load(lambda: _tf.keras().models.load_model(path, compile=False, safe_mode=True), path)
+    model = _tf_keras_load(path, [config], safe_mode=True)
     return LoadedModel(model, str(path), sha256_of(path), fmt, training_unavailable=_training_check(model))
+
+
+TFMOT_PRUNING = frozenset({"PruneLowMagnitude"})
+TFMOT_QAT = frozenset({"QuantizeLayer", "QuantizeWrapper", "QuantizeWrapperV2", "QuantizeAnnotate"})
+"""tensorflow-model-optimization's wrapper layers, as a model saved mid-way through pruning or QAT holds them."""
+
+
+def _tf_keras_load(path: Path, configs: list[Any], *, safe_mode: bool) -> Any:
+    """The tf-keras model at ``path`` (``configs``: its checked configs). A model saved while tfmot pruned it
+    (``PruneLowMagnitude`` wrappers: "Unknown layer" to a plain loader) loads under tfmot's scope and is stripped,
+    its sparse weights kept; a QAT model is refused (edgekit quantizes from the float model)."""
+    names = {node.get("class_name") for config in configs for node in _config_nodes(config)}
+    qat = sorted(names & TFMOT_QAT)
+    if qat:
+        raise ModelLoadError(f"{path} is a quantization-aware-training model (tensorflow-model-optimization's "
+                             f"{', '.join(qat)} layers); give edgekit the float model: it runs QAT itself (the qat "
+                             "recipe) and converts for TFLite and ONNX runtimes")
+    kwargs = {"compile": False, **({"safe_mode": True} if safe_mode else {})}
+    if not names & TFMOT_PRUNING:
+        return _guarded_load(lambda: _tf.keras().models.load_model(path, **kwargs), path)
+    sparsity = _tf.tfmot().sparsity.keras
+    with sparsity.prune_scope():
+        wrapped = _guarded_load(lambda: _tf.keras().models.load_model(path, **kwargs), path)
+    return sparsity.strip_pruning(wrapped)
 
 
 def _attr_text(value: Any) -> str:

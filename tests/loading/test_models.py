@@ -426,3 +426,29 @@ def test_a_nested_backbone_is_inlined_so_training_techniques_reach_its_layers(tm
     pruned = prune(loaded.model, load_digits().take(np.arange(200)), sparsity=0.5, probabilities=True,
                    training=TrainingConfig(finetune_epochs=1, prune_min_steps=0), progress=Progress(enabled=False))
     assert layer_sparsity(pruned.model)["b_conv"] >= 0.45  # inside the former backbone
+
+
+def test_a_model_saved_mid_way_through_tfmot_pruning_loads_stripped_and_a_qat_model_is_refused(tmp_path):
+    """A user who pruned with tensorflow-model-optimization and saved the wrapped model got "Unknown layer:
+    'PruneLowMagnitude'" (and, for a QAT model, "The added layer must be an instance of class Layer")."""
+    keras, tfmot = _tf.keras(), _tf.tfmot()
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)])
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(
+        0.5, begin_step=0, frequency=1))
+    pruned.compile("sgd", "mse")
+    x = np.random.default_rng(0).random((32, 16)).astype(np.float32)
+    pruned.fit(x, np.zeros((32, 3)), epochs=1, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+    want = np.asarray(tfmot.sparsity.keras.strip_pruning(pruned)(x))
+    for name in ("pruned.h5", "pruned.keras"):
+        pruned.save(tmp_path / name)
+        loaded = load_model(tmp_path / name)
+        assert [type(layer).__name__ for layer in loaded.model.layers] == ["Dense", "Dense"]
+        kernel = loaded.model.layers[0].get_weights()[0]
+        assert np.mean(kernel == 0) >= 0.5  # the sparsity is kept
+        np.testing.assert_allclose(np.asarray(loaded.model(x)), want, atol=1e-6)
+    qat = tfmot.quantization.keras.quantize_model(model)
+    qat.save(tmp_path / "qat.h5")
+    with pytest.raises(ModelLoadError, match=r"qat.h5 is a quantization-aware-training model \(tensorflow-model-"
+                                             r"optimization's QuantizeLayer, QuantizeWrapperV2 layers\); give edgekit "
+                                             r"the float model"):
+        load_model(tmp_path / "qat.h5")
