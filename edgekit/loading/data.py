@@ -135,7 +135,8 @@ def _check_arrays(x: np.ndarray, y: np.ndarray | None, name: str) -> Dataset:
             if not np.isfinite(y).all():
                 raise DataError(f"{name}: y holds NaN/inf; labels must be integer class ids")
             if not np.equal(np.mod(y, 1), 0).all():
-                raise DataError(f"{name}: y holds non-integer values; labels must be integer class ids")
+                raise DataError(f"{name}: y holds non-integer values; labels must be integer class ids (edgekit "
+                                "compresses classifiers, not models that predict values)")
         elif y.dtype.kind in "USO":  # class names: their order is the user's to choose
             raise DataError(f"{name}: y holds {y.dtype} values (class names?); labels must be integer class ids "
                             "0..K-1 in the order of the model's outputs, e.g. np.unique(y, return_inverse=True)[1]")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from device_agents.errors import first_line
 from edgekit import _tf
 from edgekit._io import sha256_of
 from edgekit.errors import DataError, ModelLoadError, UnsupportedLayerError
-from edgekit.loading import binary
+from edgekit.loading import binary, task
 from edgekit.loading.data import shape_text
 from edgekit.loading.layers import check_model
 from edgekit.loading.precision import Float32Served, float32_model, refuse_keras_quantized
@@ -57,6 +57,7 @@ class LoadedModel:
     #                                             (:mod:`edgekit.loading.precision`; ``None``: it computes in 32 bits)
     one_output: binary.OneOutput | None = None  # what a binary classifier's one output was, now served as two columns
     #                                      (:mod:`edgekit.loading.binary`; ``None``: the model has a column per class)
+    compile_loss: str | None = None  # the loss the model was compiled with (:func:`edgekit.loading.task.loss_name`)
 
     @property
     def source(self) -> Any:
@@ -105,8 +106,6 @@ def pin_input(loaded: LoadedModel, shape: tuple[int, ...]) -> LoadedModel:
     >>> pinned.input_shape, pinned.free_input_shape                # doctest: +SKIP
     ((96, 96, 3), (None, None, 3))
     """
-    from dataclasses import replace
-
     from edgekit.loading.graph import pin_graph
 
     free = loaded.input_shape
@@ -203,30 +202,32 @@ def _from_object(model: Any, sample: np.ndarray | None) -> LoadedModel:
     keras2 = _tf.keras()
     if isinstance(model, keras2.Model):
         _check_outputs(model)
-        loaded = LoadedModel(model, "<in-memory>", "", "object", training_unavailable=_training_check(model))
+        loaded = LoadedModel(model, "<in-memory>", "", "object", training_unavailable=_training_check(model),
+                             compile_loss=task.loss_name(getattr(model, "loss", None)))
         return _served(loaded, sample)
     keras3 = sys.modules.get("keras")  # a Keras 3 model object means Keras 3 is imported (a user's subclass too)
     if keras3 is not None and isinstance(model, getattr(keras3, "Model", ())):
-        return _served(_keras3_loaded(model, sample, "<in-memory>", ""), sample)
+        loaded = _keras3_loaded(model, sample, "<in-memory>", "")
+        return _served(replace(loaded, compile_loss=task.loss_name(getattr(model, "loss", None))), sample)
     raise ModelLoadError(f"expected a Keras model or a path, got {type(model).__name__}")
 
 
 def _served(loaded: LoadedModel, sample: np.ndarray | None) -> LoadedModel:
     """``loaded`` as edgekit serves it: a tf-keras model computing in 16 bits in float32
     (:mod:`edgekit.loading.precision`; a Keras 3 one was before its rebuild), one output as two columns."""
-    from dataclasses import replace
-
     if loaded.model is not None and loaded.float32_served is None:
         model, served = float32_model(loaded.model, sample)
         loaded = replace(loaded, model=model, float32_served=served)
-    return _two_columns(loaded, sample)
+    loaded = _two_columns(loaded, sample)
+    linear = loaded.one_output is binary.OneOutput.LOGIT or (loaded.one_output is None
+                                                             and not loaded.outputs_probabilities)
+    task.refuse_regression(loaded.compile_loss, linear_output=linear, source=Path(loaded.path).name)
+    return loaded
 
 
 def _two_columns(loaded: LoadedModel, sample: np.ndarray | None) -> LoadedModel:
     """``loaded`` itself, or a one-output binary classifier served as two columns (:mod:`edgekit.loading.binary`):
     its tf-keras model, its Keras 3 model (head-only on-device training splits it) and its graph."""
-    from dataclasses import replace
-
     if loaded.num_classes != 1:
         return loaded
     model, kind = binary.two_columns_keras(loaded.model, _tf.keras()) if loaded.model is not None else (None, None)
@@ -286,12 +287,14 @@ def _load_savedmodel(path: Path) -> LoadedModel:
     for config in configs:
         check_code_free(config, source=path)
     model = _tf_keras_load(path, configs, safe_mode=False)
+    loss = task.loss_name(_training_loss(configs[0].get("training_config") if configs else None))
     if getattr(model, "inputs", None) is None:  # a subclassed model: tf-keras saved its functions, no layer graph
         from edgekit.loading.graph import load_graph
 
         return LoadedModel(None, str(path), sha256_of(path), "savedmodel", graph=load_graph(path),
-                           training_unavailable=_subclassed(model))
-    return LoadedModel(model, str(path), sha256_of(path), "savedmodel", training_unavailable=_training_check(model))
+                           training_unavailable=_subclassed(model), compile_loss=loss)
+    return LoadedModel(model, str(path), sha256_of(path), "savedmodel", training_unavailable=_training_check(model),
+                       compile_loss=loss)
 
 
 def _savedmodel_configs(metadata_path: Path) -> list[Any]:
@@ -321,6 +324,7 @@ def _load_h5(path: Path, sample: np.ndarray | None) -> LoadedModel:
         with h5py.File(path, "r") as handle:
             version = _attr_text(handle.attrs.get("keras_version", ""))
             config = _attr_text(handle.attrs.get("model_config", ""))
+            training = _attr_text(handle.attrs.get("training_config", ""))
     except OSError:
         raise ModelLoadError(f"{path} is not a valid HDF5 file (corrupt or truncated); re-save the model") from None
     if not config:
@@ -328,7 +332,9 @@ def _load_h5(path: Path, sample: np.ndarray | None) -> LoadedModel:
     parsed = _parse_json(config, path, "model_config")
     check_code_free(parsed, source=path)
     _check_registered(parsed, keras3=version.startswith("3."), source=path)
-    return _load_checked(path, sample, keras3=version.startswith("3."), fmt="h5", config=parsed)
+    loaded = _load_checked(path, sample, keras3=version.startswith("3."), fmt="h5", config=parsed)
+    return replace(loaded, compile_loss=task.loss_name(_training_loss(_parse_json(training, path, "training_config")
+                                                                     if training else None)))
 
 
 def _load_keras_zip(path: Path, sample: np.ndarray | None) -> LoadedModel:
@@ -350,7 +356,14 @@ def _load_keras_zip(path: Path, sample: np.ndarray | None) -> LoadedModel:
     check_code_free(config, source=path)
     keras3 = str(metadata.get("keras_version", "")).startswith("3.")
     _check_registered(config, keras3=keras3, source=path)
-    return _load_checked(path, sample, keras3=keras3, fmt="keras", config=config)
+    loaded = _load_checked(path, sample, keras3=keras3, fmt="keras", config=config)
+    return replace(loaded, compile_loss=task.loss_name(_training_loss(config.get("compile_config"))))
+
+
+def _training_loss(compiled: Any) -> Any:
+    """The loss of a saved compile configuration (a .keras ``compile_config``, an .h5 or SavedModel
+    ``training_config``), as saved; ``None`` when the model was saved uncompiled."""
+    return compiled.get("loss") if isinstance(compiled, dict) else None
 
 
 def _parse_json(text: str | bytes, path: Path, what: str) -> Any:

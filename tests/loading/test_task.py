@@ -1,0 +1,73 @@
+"""A regression model (one linear output, compiled with mean squared error: keras.io's regression tutorials) was
+read as a binary classifier's logit: without labels it was compressed and "verified" on the sign of its output; with
+its targets as labels the error said "the model has 2 classes". It is refused at load, from the loss it was compiled
+with (:mod:`edgekit.loading.task`), in every saved format; a classifier compiled with any loss still loads."""
+
+import numpy as np
+import pytest
+from conftest import assert_one_line_error, run_cli
+
+from edgekit import _tf
+from edgekit.errors import ModelLoadError
+from edgekit.loading.binary import OneOutput
+from edgekit.loading.models import load_model
+from edgekit.loading.task import loss_name
+
+
+def _model(keras, units: int, activation: str | None = None):
+    return keras.Sequential([keras.Input((10,)), keras.layers.Dense(4, activation="relu"),
+                             keras.layers.Dense(units, activation=activation)])
+
+
+@pytest.mark.parametrize("keras_version, units, loss, save_as", [
+    ("keras3", 1, "mse", "model.keras"),
+    ("keras3", 1, "Huber", "model.h5"),
+    ("keras3", 3, "mean_absolute_error", "model.keras"),  # three values per sample, not three classes
+    ("tf-keras", 1, "mean_absolute_error", "model.h5"),
+    ("tf-keras", 1, "LogCosh", "model.keras"),
+    ("tf-keras", 1, "mse", "savedmodel"),
+])
+def test_a_regression_model_is_refused_from_its_compiled_loss(tmp_path, keras_version, units, loss, save_as):
+    keras = _tf.keras() if keras_version == "tf-keras" else _tf.keras3()
+    model = _model(keras, units)
+    model.compile("adam", getattr(keras.losses, loss)() if loss[0].isupper() else loss)
+    path = tmp_path / save_as
+    model.save(path)
+    with pytest.raises(ModelLoadError, match=rf"^{save_as} was compiled with the regression loss '\w+' and its output "
+                                             r"layer is linear: it predicts values, not classes; edgekit compresses "
+                                             r"classifiers"):
+        load_model(path)
+    with pytest.raises(ModelLoadError, match="regression loss"):  # a compiled model object, as the Python API takes
+        load_model(model)
+
+
+@pytest.mark.parametrize("keras_version, units, activation, loss, kind", [
+    ("keras3", 1, None, "BinaryCrossentropy", OneOutput.LOGIT),  # from_logits: keras.io's binary tutorials
+    ("keras3", 1, "sigmoid", "mse", OneOutput.PROBABILITY),  # a probability trained on squared error: a classifier
+    ("tf-keras", 3, "softmax", "mse", None),
+    ("tf-keras", 3, None, "sparse_categorical_crossentropy", None),
+    ("keras3", 1, None, None, OneOutput.LOGIT),  # saved uncompiled: read as a logit, as before
+])
+def test_a_classifier_loads_whatever_it_was_compiled_with(tmp_path, keras_version, units, activation, loss, kind):
+    keras = _tf.keras() if keras_version == "tf-keras" else _tf.keras3()
+    model = _model(keras, units, activation)
+    if loss is not None:
+        model.compile("adam", getattr(keras.losses, loss)(from_logits=True) if loss[0].isupper() else loss)
+    model.save(tmp_path / "model.keras")
+    loaded = load_model(tmp_path / "model.keras")
+    assert loaded.num_classes == max(units, 2) and loaded.one_output is kind
+    assert loss_name(getattr(model, "loss", None)) == loaded.compile_loss
+
+
+def test_the_cli_refuses_a_regression_model_in_one_line_before_any_file(tmp_path):
+    keras3 = _tf.keras3()
+    model = _model(keras3, 1)
+    model.compile("adam", "mse")
+    model.save(tmp_path / "price.keras")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "houses.npz", x=rng.random((64, 10), np.float32), y=rng.integers(50, 400, 64))
+    proc = run_cli("compress", str(tmp_path / "price.keras"), "--data", str(tmp_path / "houses.npz"),
+                   "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, 2, "price.keras was compiled with the regression loss 'mse'",
+                          "edgekit compresses classifiers")
+    assert not (tmp_path / "out").exists()
