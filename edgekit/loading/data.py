@@ -113,7 +113,8 @@ def load_npz(path: str | Path, *, require_labels: bool = False) -> Dataset:
 
 def _check_arrays(x: np.ndarray, y: np.ndarray | None, name: str) -> Dataset:
     if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-        raise DataError(f"{name}: x has dtype {x.dtype}; it must be a numeric array")
+        text = " (for text, the token ids a vectorization layer outputs)" if x.dtype.kind in "USO" else ""
+        raise DataError(f"{name}: x has dtype {x.dtype}; it must be a numeric array{text}")
     if x.ndim < 2 or len(x) == 0:
         raise DataError(f"{name}: x has shape {x.shape}; it must be (samples, ...) with at least one sample")
     if np.issubdtype(x.dtype, np.floating):

@@ -23,6 +23,7 @@ import numpy as np
 
 from edgekit import _tf
 from edgekit.errors import ModelLoadError
+from edgekit.loading.task import refuse_text_input
 
 FORBIDDEN_OPS = frozenset({
     "WriteFile", "ReadFile", "DeleteFile", "MatchingFiles", "PyFunc", "PyFuncStateless", "EagerPyFunc",
@@ -106,6 +107,7 @@ def load_graph(path: Path, *, temporary: bool = False, params: int | None = None
         raise ModelLoadError(f"{path}: the serving signature has {len(inputs)} inputs and {len(outputs)} outputs; "
                              "edgekit handles single-input, single-output classifiers")
     name, spec = next(iter(inputs.items()))
+    refuse_text_input(spec.dtype.name, source=str(path))
     out_shape = next(iter(outputs.values())).shape
     if len(out_shape) != 2 or out_shape[-1] is None:
         raise ModelLoadError(f"{path}: the serving output has shape {tuple(out_shape)}; edgekit handles classifiers "

@@ -518,12 +518,18 @@ def _check_outputs(model: Any) -> None:
             f"the model has {ins} input{'s' * (ins != 1)} and {outs} output{'s' * (outs != 1)}; "
             "edgekit handles single-input, single-output classifiers"
         )
+    task.refuse_text_input(_dtype_name(model.inputs[0].dtype))
     shape = model.outputs[0].shape
     if len(shape) != 2 or shape[-1] is None:
         raise ModelLoadError(
             f"the model's output has shape {tuple(shape)}; edgekit handles classifiers with output "
             "(batch, classes), or (batch, 1) for a binary classifier"
         )
+
+
+def _dtype_name(dtype: Any) -> str:
+    """A Keras tensor's dtype as a name: Keras 3 gives a string, tf-keras a ``tf.DType``."""
+    return dtype if isinstance(dtype, str) else getattr(dtype, "name", str(dtype))
 
 
 def ends_in_softmax(model: Any) -> bool:

@@ -1,4 +1,4 @@
-"""What a model was trained to do, read from the loss it was compiled with.
+"""What a model was trained to do: classify numbers. Read from the loss it was compiled with and its input's dtype.
 
 edgekit serves classifiers: every check it runs (top-1 agreement, accuracy, the cross-entropies of fine-tuning and
 on-device training) reads the outputs as class scores. A model whose output layer is linear could be a classifier
@@ -13,7 +13,7 @@ from typing import Any
 
 from edgekit.errors import ModelLoadError
 
-__all__ = ["REGRESSION_LOSSES", "loss_name", "refuse_regression"]
+__all__ = ["REGRESSION_LOSSES", "loss_name", "refuse_regression", "refuse_text_input"]
 
 REGRESSION_LOSSES = frozenset({
     "mse", "mae", "mape", "msle", "meansquarederror", "meanabsoluteerror", "meanabsolutepercentageerror",
@@ -49,3 +49,20 @@ def refuse_regression(loss: str | None, *, linear_output: bool, source: str) -> 
         raise ModelLoadError(
             f"{source} was compiled with the regression loss '{loss}' and its output layer is linear: it predicts "
             "values, not classes; edgekit compresses classifiers (outputs a score per class, labels are class ids)")
+
+
+def refuse_text_input(dtype: str, *, source: str = "the model") -> None:
+    """Refuse a model whose input is a string tensor (a ``TextVectorization`` or ``StringLookup`` inside it, as
+    keras.io's end-to-end text models end up): device runtimes take numbers, and neither converter gives a builtin
+    kernel for string lookups.
+
+    >>> refuse_text_input("float32", source="m.keras")
+    >>> refuse_text_input("string")
+    Traceback (most recent call last):
+    edgekit.errors.ModelLoadError: the model takes strings (a text vectorization or string lookup layer inside it); ...
+    """
+    if dtype == "string":
+        raise ModelLoadError(
+            f"{source} takes strings (a text vectorization or string lookup layer inside it); TFLite and "
+            "ONNX runtimes on devices take numbers: give edgekit the model from the layer after the vectorization "
+            "on (token ids in), and x as those token ids (what the vectorization layer outputs)")

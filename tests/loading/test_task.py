@@ -71,3 +71,32 @@ def test_the_cli_refuses_a_regression_model_in_one_line_before_any_file(tmp_path
     assert_one_line_error(proc, 2, "price.keras was compiled with the regression loss 'mse'",
                           "edgekit compresses classifiers")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_that_takes_strings_is_refused_saying_to_give_token_ids(tmp_path):
+    """keras.io's end-to-end text model (TextVectorization inside) ended in an internal error (exit 70, "data type
+    'string' not understood"); its text samples in "x has dtype <U10; it must be a numeric array"."""
+    keras3 = _tf.keras3()
+    texts = np.array(["a good film", "a bad film", "good", "bad"])
+    vectorize = keras3.layers.TextVectorization(max_tokens=20, output_sequence_length=4)
+    vectorize.adapt(texts)
+    given = keras3.Input((1,), dtype="string")
+    pooled = keras3.layers.GlobalAveragePooling1D()(keras3.layers.Embedding(20, 4)(vectorize(given)))
+    model = keras3.Model(given, keras3.layers.Dense(2, activation="softmax")(pooled))
+    model.save(tmp_path / "text.keras")
+    model.export(str(tmp_path / "exported"), verbose=False)
+    for path in (tmp_path / "text.keras", tmp_path / "exported"):
+        with pytest.raises(ModelLoadError, match=r"takes strings \(a text vectorization or string lookup layer "
+                                                 r"inside it\); TFLite and ONNX runtimes on devices take numbers: give "
+                                                 r"edgekit the model from the layer after the vectorization on"):
+            load_model(path)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ids.npz", x=rng.integers(0, 20, (16, 1)), y=rng.integers(0, 2, 16))
+    np.savez(tmp_path / "texts.npz", x=np.repeat(texts, 4)[:, None], y=rng.integers(0, 2, 16))
+    proc = run_cli("compress", str(tmp_path / "text.keras"), "--data", str(tmp_path / "ids.npz"),
+                   "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, 2, "the model takes strings", "x as those token ids")
+    proc = run_cli("compress", str(tmp_path / "text.keras"), "--data", str(tmp_path / "texts.npz"),
+                   "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, 2, "texts.npz: x has dtype <U11; it must be a numeric array (for text, the token ids")
+    assert not (tmp_path / "out").exists()
