@@ -11,6 +11,8 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from device_agents.serving.stats import reference_of
 from edgekit._io import StagedDir
 from edgekit._progress import Progress
@@ -90,11 +92,26 @@ def _compress(model: Any, data: str | Path | Dataset, eval_data: str | Path | Da
             art.float32_latency_us = reference.get(art.format.value, {}).get("latency_us")
             art.float32_bytes = reference.get(art.format.value, {}).get("bytes")
     result = CompressResult(source, candidates, _select(candidates, config), config, data_info=data_info,
-                            warnings=[*load_warnings(loaded),
+                            warnings=[*load_warnings(loaded), *_one_class_warning(source_out),
                                       *input_range_warnings(loaded.source, splits.calibration.x)])
     result.reference = reference
     result.data_reference = reference_of(splits.calibration.x, predict(loaded.source, splits.calibration.x))
     return result
+
+
+def _one_class_warning(outputs: np.ndarray) -> list[str]:
+    """A line when the source model gives one class for every evaluation sample (an untrained model, weights not
+    loaded, data unlike its training data): no quantization error can change a top-1 agreement or accuracy there.
+
+    >>> _one_class_warning(np.tile([0.1, 0.9], (40, 1)))[0][:56]
+    'the source model gives class 1 for all 40 evaluation sam'
+    """
+    top = outputs.argmax(axis=1)
+    if len(top) < 2 or (top != top[0]).any():
+        return []
+    return [f"the source model gives class {int(top[0])} for all {len(top)} evaluation samples: top-1 agreement and "
+            "accuracy cannot show what compressing changed; check that the model is trained (its weights saved with "
+            "it) and that the data is what it was trained on"]
 
 
 def _labelled(loaded: LoadedModel, raw: Dataset, eval_data: str | Path | Dataset | None,

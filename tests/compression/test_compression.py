@@ -435,6 +435,28 @@ def test_labels_are_optional(cnn_path, digits, tmp_path):
     assert artifact(result, "tflite").accuracy == artifact(result, "tflite").top1_agreement
 
 
+def test_a_model_that_gives_one_class_for_every_sample_is_flagged(cnn_path, digits, tmp_path):
+    """An untrained model (weights=None, or weights never loaded) gives one class for everything: without labels its
+    every artifact "agreed" 100% with it and nothing said that this measured nothing."""
+    from edgekit import _tf
+
+    keras3 = _tf.keras3()
+    model = keras3.Sequential([keras3.Input((8, 8, 1)), keras3.layers.Flatten(),
+                               keras3.layers.Dense(10, activation="softmax", kernel_initializer="zeros",
+                                                   bias_initializer=keras3.initializers.Constant(np.eye(10)[3]))])
+    model.save(tmp_path / "untrained.keras")
+    np.savez(tmp_path / "nolabels.npz", x=digits.x[:300])
+    result = compress(tmp_path / "untrained.keras", tmp_path / "nolabels.npz", tmp_path / "out", progress=False,
+                      config=config(formats="onnx"))
+    assert result.source["accuracy"] == 100.0 and artifact(result, "onnx").top1_agreement == 100.0
+    assert [w for w in result.warnings if w.startswith("the source model gives class 3 for all 60 evaluation "
+                                                       "samples: top-1 agreement and accuracy cannot show")]
+    assert "gives class 3 for all 60 evaluation samples" in (tmp_path / "out" / "report.md").read_text()
+    trained = compress(cnn_path, "digits", None, progress=False, config=config(formats="onnx",
+                                                                              recipe=Recipe(quantize="none")))
+    assert not [w for w in trained.warnings if "gives class" in w]
+
+
 def test_every_registered_exporter_has_a_case():
     assert set(EXPORTERS) == set(Format)
     with pytest.raises(InputError, match="unknown format 'coreml'; valid: tflite, onnx"):
