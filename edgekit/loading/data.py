@@ -184,6 +184,10 @@ def fit_to_model(data: Dataset, input_shape: tuple[int | None, ...], input_dtype
     if len(sample_shape) != len(input_shape) or any(
         want is not None and want != got for want, got in zip(input_shape, sample_shape)
     ):
+        if data.name == DIGITS:  # the embedded default: the user may not know they gave it
+            raise DataError(f"the model expects {shape_text(input_shape)}, and the embedded default data "
+                            f"(scikit-learn's digits, {shape_text(sample_shape)}) does not fit it; give the model's "
+                            "own data as an .npz with x (samples) and y (labels)")
         raise DataError(
             f"{data.name}: x has shape {x.shape} but the model expects {shape_text(input_shape)}; "
             "reshape or resize the samples to the model's input"

@@ -204,8 +204,8 @@ def _input_warnings(loaded: Any, dataset: Dataset) -> list[str]:
     """A free input fixed to the data's shape; data outside the model's own preprocessing range."""
     from edgekit.loading.input_range import input_range_warnings
 
-    return load_warnings(loaded) + (input_range_warnings(loaded.source, dataset.x[:256])
-                                      if loaded.source is not None else [])
+    users = loaded.source is not None and dataset.name != SYNTHETIC  # random inputs say nothing of the user's range
+    return load_warnings(loaded) + (input_range_warnings(loaded.source, dataset.x[:256]) if users else [])
 
 
 def _augmentation_warnings(train_model: Any) -> list[str]:
@@ -260,7 +260,11 @@ def _verification_data(loaded: Any, data: str | Path | Dataset | None, config: T
         x = rng.integers(0, vocabulary(loaded.model) or 2, (256, *loaded.input_shape)).astype(loaded.input_dtype)
     else:
         x = rng.random((256, *loaded.input_shape), dtype=np.float32)
-    return Dataset(x, rng.integers(0, loaded.num_classes, 256), "synthetic inputs")
+    return Dataset(x, rng.integers(0, loaded.num_classes, 256), SYNTHETIC)
+
+
+SYNTHETIC = "synthetic inputs"
+"""The name of the samples an export without data verifies on."""
 
 
 def _contract(loaded: Any, train_model: Any, tensors: list, softmax_out: bool,

@@ -84,6 +84,18 @@ def test_fit_to_model_checks_shape_labels_and_casts():
         fit_to_model(tokens, (2,), "int32", 3)
 
 
+def test_the_embedded_default_that_does_not_fit_says_it_is_the_default(tmp_path):
+    """compress without data on a 32x32x3 model said "digits: x has shape (1797, 8, 8, 1) ...; reshape or resize the
+    samples": a user who gave no data does not know which samples."""
+    with pytest.raises(DataError, match=r"^the model expects \(n, 32, 32, 3\), and the embedded default data "
+                                        r"\(scikit-learn's digits, \(n, 8, 8, 1\)\) does not fit it; give the "
+                                        r"model's own data as an .npz with x \(samples\) and y \(labels\)$"):
+        fit_to_model(load_data("digits"), (32, 32, 3), "float32", 10)
+    np.savez(tmp_path / "mine.npz", x=np.zeros((4, 8, 8, 1), np.float32))
+    with pytest.raises(DataError, match=r"mine.npz: x has shape \(4, 8, 8, 1\) but the model expects"):
+        fit_to_model(load_data(tmp_path / "mine.npz"), (32, 32, 3), "float32", 10)
+
+
 def test_partitions_cover_the_data(digits):
     iid = partition(digits, 10, scheme="iid", seed=0)
     assert sum(len(p) for p in iid) == len(digits)

@@ -251,6 +251,21 @@ def test_a_perfect_prediction_scores_a_loss_of_zero_not_minus_zero(tmp_path):
     assert accuracy == 100.0 and f"{loss:.4f}" == "0.0000", loss
 
 
+def test_an_export_without_data_says_nothing_of_the_data_range(tmp_path):
+    """Without data the export verifies on random inputs in [0, 1); a model with Rescaling(1/127.5, -1) got "the
+    model's own Rescaling layer maps the data (0.001 to 0.999) into [-1.000, -0.992]": data the user never gave."""
+    keras = _tf.keras()
+    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Rescaling(1 / 127.5, offset=-1.0),
+                              keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")])
+    result = export_trainable(model, tmp_path / "tr", progress=False, config=TrainableConfig(batch_size=2))
+    assert not [w for w in result.warnings if "Rescaling" in w], result.warnings
+    np.savez(tmp_path / "pixels.npz", x=np.random.default_rng(0).random((32, 4, 4, 1), np.float32),
+             y=np.arange(32) % 3)
+    given = export_trainable(model, tmp_path / "tr2", data=tmp_path / "pixels.npz", progress=False,
+                             config=TrainableConfig(batch_size=2))
+    assert [w for w in given.warnings if "own Rescaling layer" in w and "into [-1.000, -0.99" in w], given.warnings
+
+
 def test_momentum_matches_heavy_ball_sgd_on_tensorflow_gradients_and_set_weights_restarts_it(tmp_path):
     """Three steps at momentum 0.9 in LiteRT give the weights of v = 0.9 v + g, w -= lr v computed on
     TensorFlow's own gradients; after set_weights the first step is plain SGD again (no stale velocity)."""
