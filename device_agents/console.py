@@ -74,8 +74,18 @@ def _silence_stdout() -> None:
         pass
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, timeout, a service manager stopping it): unwound as Ctrl-C is
+
+
 def run(prog: str, handler: Callable[[], int], errors: tuple[type[BaseException], ...]) -> int:
-    """Call ``handler``; turn the library's errors into one line on stderr and an exit code."""
+    """Call ``handler``; turn the library's errors into one line on stderr and an exit code. SIGTERM stops it as
+    Ctrl-C does (exit code 130): what it was writing is removed on the way out, not left for the next run."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return handler()
     except BrokenPipeError:  # the reader went away (`edgekit-agent status | head -1`): nothing left to say

@@ -19,7 +19,7 @@ class ExitCode(IntEnum):
     BUDGET_NOT_MET = 3   # edgekit compress: no candidate within the accuracy budget (report kept)
     ROLLOUT_STOPPED = 4  # edgekit fleet rollout: the canary failed its gates (rolled back) or devices refused
     INTERNAL_ERROR = 70  # a bug: not caused by the input (EX_SOFTWARE)
-    INTERRUPTED = 130    # Ctrl-C (128 + SIGINT)
+    INTERRUPTED = 130    # Ctrl-C (128 + SIGINT), or SIGTERM
 
 
 EXIT_CODE_HELP: dict[ExitCode, str] = {
@@ -39,8 +39,8 @@ EXIT_CODE_HELP: dict[ExitCode, str] = {
                               "rollout.json.",
     ExitCode.INTERNAL_ERROR: "An internal error (a bug, not your input). Rerun with EDGEKIT_DEBUG=1 for the "
                              "traceback and report it.",
-    ExitCode.INTERRUPTED: "Interrupted (Ctrl-C). Outputs are written atomically, so nothing half-written "
-                          "was left.",
+    ExitCode.INTERRUPTED: "Interrupted (Ctrl-C, or SIGTERM). Outputs are written atomically, so nothing "
+                          "half-written was left.",
 }
 """Exit code -> what it means and what to do."""
 

@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import os
 
 import numpy as np
 import onnx
@@ -348,6 +349,30 @@ def test_a_killed_compress_loses_nothing_and_its_staging_is_cleaned(cnn_path, tm
     assert list(tmp_path.glob(".out.*")) == []  # stale staging removed, no second copy
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["artifacts"][0]["quantization"] == "dynamic" and (out / ".edgekit-output").is_file()
+
+
+def test_a_terminated_compress_removes_its_staging_and_exits_130(cnn_path, tmp_path):
+    """SIGTERM (kill, timeout, a service manager) ended compress at once: its hidden staging folder (28 MB for a
+    ConvNeXt) stayed until the next run to the same output, and nothing was said."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import BIN
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    proc = subprocess.Popen([str(BIN / "edgekit"), "compress", str(cnn_path), "--out", str(tmp_path / "out"),
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.partial-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".out.partial-*")), "the staging folder never appeared"
+    time.sleep(1.0)  # well into the work
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert [line for line in err.splitlines() if line.strip()] == ["edgekit: interrupted"]
+    assert list(tmp_path.iterdir()) == []  # no staging, no output
 
 
 def test_an_output_displaced_by_a_kill_between_two_renames_is_put_back(tmp_path):
