@@ -263,10 +263,14 @@ class CompressConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     search: tuple[Recipe, ...] = SEARCH_RECIPES
     threads: int = 1  # interpreter threads for verification and latency (1: comparable across machines)
+    search_minutes: float = 15.0  # how long one format's accuracy-controlled search may take (remedies)
 
     def __post_init__(self) -> None:
         if not 1 <= int(self.threads) <= 256:
             raise InputError(f"threads must be between 1 and 256, got {self.threads}")
+        if not 0 < float(self.search_minutes) <= 24 * 60:
+            raise InputError(f"the search time must be more than 0 and at most 1440 minutes, got "
+                             f"{self.search_minutes}")
         formats = (self.formats,) if isinstance(self.formats, (str, Format)) else tuple(self.formats)
         formats = tuple(coerce_enum(Format, f, "format") for f in formats)
         if not formats:

@@ -225,6 +225,9 @@ def _add_compress(sub: argparse._SubParsersAction) -> None:
                         "(default: %(default)s)")
     c.add_argument("--threads", type=int, default=_default(CompressConfig, "threads"),
                    help="interpreter threads when verifying and timing artifacts (default %(default)s)")
+    c.add_argument("--search-minutes", type=float, metavar="M", default=_default(CompressConfig, "search_minutes"),
+                   help="how long the accuracy-controlled search (a remedy when int8 misses the budget) may take "
+                        "per format (default %(default)g)")
     c.add_argument("--epochs", type=int, default=training.finetune_epochs,
                    help="fine-tuning epochs for pruning/QAT (default %(default)s; pruning runs more on a small "
                         "dataset: see --prune-min-steps)")
@@ -457,7 +460,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                 student_width=args.student_width, student=args.student)
     config = edgekit.CompressConfig(
         recipe=recipe, formats=args.formats, max_accuracy_drop=args.max_accuracy_drop, int8_io=args.int8_io,
-        select_by=args.select_by, seed=args.seed, threads=args.threads,
+        select_by=args.select_by, seed=args.seed, threads=args.threads, search_minutes=args.search_minutes,
         training=edgekit.TrainingConfig(finetune_epochs=args.epochs, prune_min_steps=args.prune_min_steps,
                                         distill_epochs=args.distill_epochs,
                                         batch_size=args.batch_size, batchnorm=args.batchnorm))

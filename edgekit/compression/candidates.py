@@ -40,7 +40,7 @@ class CandidateRunner:
             budget=config.budget, calibration=splits.calibration.x, int8_io=config.int8_io, progress=progress,
             source_accuracy=source_accuracy, verify=self._verify, time_ratio=self._time_ratio,
             time_blocks=self._time_blocks, float32_data=self._float32_data,
-            validation=_validation(splits)))
+            validation=_validation(splits), search_seconds=60.0 * config.search_minutes))
 
     def run(self, recipe: Recipe, *, keep_going: bool) -> CandidateResult:
         start = time.perf_counter()

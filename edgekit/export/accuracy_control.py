@@ -22,8 +22,9 @@ import io
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -57,13 +58,49 @@ class Labelled:
     y: np.ndarray | None
 
 
+SEARCH_SECONDS = 900.0
+"""How long one format's accuracy-controlled search may take by default. Its steps are bounded in number
+(:data:`MAX_CANDIDATES`, :data:`MAX_TRIALS`), but NNCF ranks every group of quantizers the model has, each a
+re-quantized model run on :data:`RANKING_SAMPLES` samples: on an untrained ConvNeXtTiny (28M parameters, 32x32
+inputs) NNCF was still ranking after 19 minutes on 2 cores."""
+
+
+class SearchTimeLimit(Exception):
+    """A search ran past its :class:`SearchClock`'s limit."""
+
+
+class SearchClock:
+    """The time one format's accuracy-controlled searches may take together, from :meth:`start`; a search that
+    passes it stops at its next measurement, keeping what it found (:attr:`stopped` says where)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.stopped: str | None = None
+        self._deadline: float | None = None
+
+    def start(self) -> None:
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.seconds
+
+    def check(self, where: str) -> None:
+        """Raise :class:`SearchTimeLimit` (and remember ``where``) when the time is up."""
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            self.stopped = self.stopped or where
+            raise SearchTimeLimit(where)
+
+
 @dataclass(frozen=True)
 class AccuracyControl:
-    """What an accuracy-controlled search gets: labelled data and the drop (points) it may cost against the float
-    model it quantizes."""
+    """What an accuracy-controlled search gets: labelled data, the drop (points) it may cost against the float
+    model it quantizes, and how long it may take (seconds, for every search of one format together)."""
 
     validation: Labelled
     max_drop: float
+    seconds: float = SEARCH_SECONDS
+    clock: SearchClock = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "clock", SearchClock(self.seconds))
 
 
 @dataclass(frozen=True)
@@ -115,11 +152,13 @@ def _session(model: Any) -> Any:
 
 
 def accuracy_controlled(model: Any, calibration: np.ndarray, validation: Labelled, *, max_drop: float,
-                        input_name: str, batch: int = 0) -> Controlled:
+                        input_name: str, batch: int = 0, clock: SearchClock | None = None) -> Controlled:
     """NNCF's accuracy-controlled int8 quantization of the float ONNX ``model`` (an ``onnx.ModelProto``): its
     top-1 accuracy on ``validation`` (percent) may drop at most ``max_drop`` points.
 
-    ``batch``: the model's fixed batch dimension (0 when free); samples are fed in runs of that size.
+    ``batch``: the model's fixed batch dimension (0 when free); samples are fed in runs of that size. ``clock``:
+    checked before each of NNCF's validations (:class:`SearchTimeLimit` ends the search: NNCF returns nothing
+    part-way).
 
     >>> controlled = accuracy_controlled(proto, calibration, Labelled(x, y), max_drop=2.0,  # doctest: +SKIP
     ...                                  input_name="input")
@@ -138,6 +177,8 @@ def accuracy_controlled(model: Any, calibration: np.ndarray, validation: Labelle
     items = [(validation.x[i:i + step], labels[i:i + step]) for i in range(0, usable, step)]
 
     def validate(candidate: Any, data: Any) -> tuple[float, list[float]]:
+        if clock is not None:
+            clock.check("NNCF's search")
         session = _session(candidate)
         correct: list[float] = []
         for x, y in data:
@@ -183,6 +224,7 @@ def greedy_float_nodes(quantize: Callable[[tuple[str, ...]], bytes], candidates:
     returns the artifact with ``nodes`` kept float; ``float_data`` is the float artifact of the same model.
     ``start``: nodes kept float from the first step (another search's choice, which the steps extend when it
     misses the goal; counted in ``max_nodes``).
+    Each measurement checks ``control.clock``: out of time, the search returns the nodes it kept so far.
 
     It finds what an error ranking misses: a layer whose output is a large constant plus a tiny signal (a built-in
     ``Rescaling`` fed values far from its range) has a small relative error while the signal is gone.
@@ -195,31 +237,37 @@ def greedy_float_nodes(quantize: Callable[[tuple[str, ...]], bytes], candidates:
     labels = control.validation.y if control.validation.y is not None else reference.argmax(axis=-1)
 
     def measure(nodes: tuple[str, ...], count: int) -> tuple[float, float]:
+        control.clock.check("edgekit's greedy search")
         out = load_probed(quantize(nodes), x).predict(x[:count])
         correct = 100.0 * float(np.mean(out.reshape(len(out), -1).argmax(axis=-1) == labels[:count]))
         return correct, float(np.mean((out - reference[:count]) ** 2))
 
     goal = 100.0 * float(np.mean(reference.reshape(len(x), -1).argmax(axis=-1) == labels)) - control.max_drop
     kept = tuple(dict.fromkeys(start))
-    best, _ = measure(kept, len(x))
-    if best >= goal:
-        return kept
     ranked: dict[tuple[str, ...], tuple[float, float]] = {}
-    for group in dict.fromkeys(tuple(group) for group in candidates if len(group) + len(kept) <= max_nodes):
-        try:
-            ranked[group] = measure(tuple(dict.fromkeys((*kept, *group))), RANKING_SAMPLES)
-        except Exception:  # noqa: BLE001 (a node the quantizer cannot keep float is not a candidate)
-            continue
-    for group in sorted(ranked, key=lambda g: (-ranked[g][0], ranked[g][1]))[:MAX_TRIALS]:
-        trial = tuple(dict.fromkeys((*kept, *group)))
-        if trial == kept or len(trial) > max_nodes:
-            continue
-        accuracy, _ = measure(trial, len(x))
-        if accuracy > best:
-            kept, best = trial, accuracy
+    try:
+        best, _ = measure(kept, len(x))
         if best >= goal:
-            break
-    return _pruned(kept, goal, measure, len(x)) if best >= goal else kept
+            return kept
+        for group in dict.fromkeys(tuple(group) for group in candidates if len(group) + len(kept) <= max_nodes):
+            try:
+                ranked[group] = measure(tuple(dict.fromkeys((*kept, *group))), RANKING_SAMPLES)
+            except SearchTimeLimit:
+                raise
+            except Exception:  # noqa: BLE001 (a node the quantizer cannot keep float is not a candidate)
+                continue
+        for group in sorted(ranked, key=lambda g: (-ranked[g][0], ranked[g][1]))[:MAX_TRIALS]:
+            trial = tuple(dict.fromkeys((*kept, *group)))
+            if trial == kept or len(trial) > max_nodes:
+                continue
+            accuracy, _ = measure(trial, len(x))
+            if accuracy > best:
+                kept, best = trial, accuracy
+            if best >= goal:
+                break
+        return _pruned(kept, goal, measure, len(x)) if best >= goal else kept
+    except SearchTimeLimit:  # out of time: what the trials found so far (the ranking alone keeps nothing)
+        return kept
 
 
 def _pruned(kept: tuple[str, ...], goal: float, measure: Callable[[tuple[str, ...], int], tuple[float, float]],

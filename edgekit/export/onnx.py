@@ -477,7 +477,8 @@ class OnnxInt8:
 
         float_model = onnx.load(str(self._pre))
         found = accuracy_controlled(float_model, self._calibration, control.validation,
-                                    max_drop=control.max_drop, input_name=INPUT_NAME, batch=self._batch)
+                                    max_drop=control.max_drop, input_name=INPUT_NAME, batch=self._batch,
+                                    clock=control.clock)
         searched = Int8Options(onnx_quantizer=OnnxQuantizer.NNCF, float_nodes=found.reverted)
         self._searched[searched] = found.data
         if not found.reverted:  # NNCF's own calibration did it: nothing to keep float in onnxruntime's

@@ -475,6 +475,7 @@ def _controlled(fmt: Format, quantizer: Int8Quantizer, control: AccuracyControl,
     search = getattr(quantizer, "accuracy_controlled", None)
     if search is None:
         return None
+    control.clock.start()
     try:
         rungs = search(control, base.options)
     except Exception:  # noqa: BLE001 (a search the library cannot run on this model is a failed rung)

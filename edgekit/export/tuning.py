@@ -18,7 +18,7 @@ import numpy as np
 from edgekit._progress import Progress
 from edgekit.config import Budget, Format, Quantization
 from edgekit.export import exporter
-from edgekit.export.accuracy_control import AccuracyControl, Labelled
+from edgekit.export.accuracy_control import SEARCH_SECONDS, AccuracyControl, Labelled
 from edgekit.export.remedies import MIN_GAIN
 
 QAT_REQUANTIZE = (Format.ONNX,)
@@ -43,6 +43,7 @@ class TuningContext:
     float32_data: Callable[[Format], bytes | None]          # the source's float32 artifact in a format
     # labelled samples for a format's accuracy-controlled search (never the evaluation split)
     validation: Labelled | None = None
+    search_seconds: float = SEARCH_SECONDS  # how long a format's accuracy-controlled search may take
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,14 @@ class Rescued:
     options: dict
     tried: dict[str, float]
     note: str
+
+
+def _stopped(control: AccuracyControl | None) -> list[str]:
+    """What the user should hear when a format's accuracy-controlled search ran out of time (nothing otherwise)."""
+    if control is None or control.clock.stopped is None:
+        return []
+    return [f"the accuracy-controlled search stopped at its time limit ({control.seconds / 60:g} min) in "
+            f"{control.clock.stopped}, keeping what it had found; a longer search time may find more"]
 
 
 def _first_line(exc: Exception) -> str:
@@ -132,11 +141,13 @@ class Int8Tuner:
         from edgekit.export.remedies import Attempt, Int8Options, recover
 
         spec = exporter(art.format)
+        control = self._control(float_accuracy)
         with self.context.progress.step(f"remedies {name}"), \
                 spec.int8(model, calibration=self.context.calibration, int8_io=self.context.int8_io) as quantizer:
             recovery = recover(art.format, quantizer, Attempt("", Int8Options(), art.data, self._score(art)),
                                budget=self.context.budget.points, evaluate=self._scorer(model, name, float_accuracy),
-                               control=self._control(float_accuracy), ratio=self.context.time_ratio)
+                               control=control, ratio=self.context.time_ratio)
+        art.notes.extend(_stopped(control))
         art.remedies_tried = {k: round(float(v), 4) for k, v in recovery.tried.items()}
         best = recovery.best
         if not best.remedy:
@@ -153,7 +164,8 @@ class Int8Tuner:
         if self.context.validation is None:
             return None
         floor = self.context.budget.floor(source_accuracy=self.context.source_accuracy, float_accuracy=float_accuracy)
-        return AccuracyControl(self.context.validation, self.context.budget.points - floor)
+        return AccuracyControl(self.context.validation, self.context.budget.points - floor,
+                               seconds=self.context.search_seconds)
 
     def rescue(self, fmt: Format, model: Any, name: str, float_accuracy: float | None,
                failure: Exception) -> Rescued:
@@ -171,19 +183,20 @@ class Int8Tuner:
             return (0.0 if score is None or float_accuracy is None else score), check  # unlabelled: it runs
 
         spec = exporter(fmt)
+        control = self._control(float_accuracy) if float_accuracy is not None else None
         with self.context.progress.step(f"remedies {name}"), \
                 spec.int8(model, calibration=self.context.calibration, int8_io=self.context.int8_io) as quantizer:
             recovery = recover(fmt, quantizer, Attempt("", Int8Options(), b"", float("inf")),
-                               budget=self.context.budget.points, evaluate=evaluate,
-                               control=self._control(float_accuracy) if float_accuracy is not None else None,
+                               budget=self.context.budget.points, evaluate=evaluate, control=control,
                                ratio=self.context.time_ratio, first_rungs=quantizer.runnable_rungs())
         tried = {k: round(float(v), 4) for k, v in recovery.tried.items()}
         best = recovery.best
         if not best.remedy:
             raise ConversionError(f"{failure}; no remedy rung ran either ({len(tried) - 1} tried: "
                                   f"{', '.join(list(tried)[1:])})")
-        note = (f"the int8 artifact of the quantizer's defaults did not run ({_first_line(failure)}); remedy "
-                f"{best.remedy} ({best.options.changes() or 'defaults'}) runs and loses {best.score:.2f}")
+        note = "; ".join([f"the int8 artifact of the quantizer's defaults did not run ({_first_line(failure)}); "
+                          f"remedy {best.remedy} ({best.options.changes() or 'defaults'}) runs and loses "
+                          f"{best.score:.2f}", *_stopped(control)])
         return Rescued(best.data, best.extra, best.remedy, best.options.as_dict(), tried, note)
 
     def _speed(self, art: Any, model: Any, name: str, float_accuracy: float) -> None:

@@ -506,6 +506,9 @@ def test_config_validation():
         CompressConfig(formats="tflite2")
     with pytest.raises(InputError, match=">= 0 points"):
         CompressConfig(max_accuracy_drop=-1)
+    for minutes in (0, -5, float("nan"), 1441):
+        with pytest.raises(InputError, match="the search time must be more than 0 and at most 1440 minutes"):
+            CompressConfig(search_minutes=minutes)
     assert Recipe(prune=0.75, quantize="int8").name == "prune75+int8"
 
 

@@ -341,3 +341,54 @@ def test_the_greedy_search_extends_another_searchs_choice_when_it_misses_the_goa
     asked.clear()
     assert greedy_float_nodes(quantize, [("other",)], good, control, max_nodes=8, start=("start", "needed")) == (
         "start", "needed") and len(asked) == 1
+
+
+def test_a_search_out_of_time_keeps_what_it_found_and_says_where_it_stopped(digits_cnn, cnn, digits):
+    """NNCF ranks every group of quantizers a model has: on an untrained ConvNeXtTiny it was still ranking after 19
+    minutes, and nothing bounded it. Each format's searches share a clock (CompressConfig.search_minutes)."""
+    import time
+
+    from edgekit.export.accuracy_control import SearchClock, SearchTimeLimit, accuracy_controlled, greedy_float_nodes
+    from edgekit.export.onnx import float_onnx
+    from edgekit.export.tuning import _stopped
+
+    model, data = digits_cnn
+    clock = SearchClock(1e-6)
+    clock.start()
+    time.sleep(0.01)
+    with pytest.raises(SearchTimeLimit):  # raised from NNCF's validation, through NNCF
+        accuracy_controlled(float_onnx(model), data.x[:64], Labelled(data.x[1200:1264], data.y[1200:1264]),
+                            max_drop=1.0, input_name="input", clock=clock)
+    assert clock.stopped == "NNCF's search"
+
+    from edgekit import _tf
+
+    keras = _tf.keras()
+    keras.utils.set_random_seed(1)
+    good = float_onnx(cnn).SerializeToString()
+    bad = float_onnx(keras.models.clone_model(cnn)).SerializeToString()  # untrained: near chance
+    control = AccuracyControl(Labelled(digits.x[:96], digits.y[:96]), max_drop=1.0, seconds=0.5)
+    asked = []
+
+    def slow(names):  # each measurement takes 0.3 s: the start's, then the first candidate's, then out of time
+        asked.append(names)
+        time.sleep(0.3)
+        return bad
+
+    control.clock.start()
+    assert greedy_float_nodes(slow, [("a",), ("b",), ("c",)], good, control, max_nodes=8, start=("s",)) == ("s",)
+    assert control.clock.stopped == "edgekit's greedy search" and asked == [("s",), ("s", "a")]
+    assert _stopped(control) == ["the accuracy-controlled search stopped at its time limit (0.00833333 min) in "
+                                 "edgekit's greedy search, keeping what it had found; a longer search time may find "
+                                 "more"]
+    assert _stopped(AccuracyControl(control.validation, max_drop=1.0)) == []
+
+
+def test_a_search_out_of_time_is_a_failed_rung_and_the_ladder_goes_on():
+    from edgekit.export.accuracy_control import SEARCH_SECONDS, SearchTimeLimit
+
+    quantizer = _Searching(error=SearchTimeLimit("NNCF's search"))
+    recovery = recover(Format.ONNX, quantizer, Attempt("", Int8Options(), b"d", 9.0), budget=1.0,
+                       evaluate=lambda data: (9.0, None), control=CONTROL)
+    assert recovery.tried[NNCF_RUNG] == float("inf") and WIDE_ACTIVATIONS in recovery.tried
+    assert quantizer.searched[0].seconds == SEARCH_SECONDS == 900.0
