@@ -72,6 +72,7 @@ def artifact_entry(art: ArtifactResult, *, evaluated: int = 0) -> dict[str, Any]
         # null: the rung wrote nothing that runs (its quantizer failed, or the runtime could not prepare it); a size
         # rung that did not run is {"ran": false}
         "remedies_tried": {k: (v if math.isfinite(v) else None) for k, v in art.remedies_tried.items()} or None,
+        "search_stopped": art.search_stopped,  # where the accuracy-controlled search ran out of time (null: it did not)
         "speed_remedy": art.speed_remedy or None,
         "speed_tried": {k: (v if math.isfinite(v) else None) for k, v in art.speed_tried.items()} or None,
         "size_remedy": art.size_remedy or None, "size_tried": art.size_tried or None,

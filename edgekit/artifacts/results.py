@@ -41,6 +41,8 @@ class ArtifactResult:
     remedy: str = ""
     quantizer_options: dict[str, Any] = field(default_factory=dict)
     remedies_tried: dict[str, float] = field(default_factory=dict)
+    # where the accuracy-controlled search stopped at its time limit (None: it did not run out of time)
+    search_stopped: str | None = None
     # int8 slower than float32: the speed rung kept ("" = none) and each rung's time over the first int8 artifact's
     # (inf: the rung did not run)
     speed_remedy: str = ""

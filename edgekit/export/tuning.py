@@ -148,6 +148,7 @@ class Int8Tuner:
                                budget=self.context.budget.points, evaluate=self._scorer(model, name, float_accuracy),
                                control=control, ratio=self.context.time_ratio)
         art.notes.extend(_stopped(control))
+        art.search_stopped = control.clock.stopped if control is not None else None
         art.remedies_tried = {k: round(float(v), 4) for k, v in recovery.tried.items()}
         best = recovery.best
         if not best.remedy:

@@ -974,6 +974,16 @@ def test_a_budget_refusal_names_each_formats_outcome():
     message = _refusal(result)
     assert "(onnx: 76.00 after 2 rung(s), 1 of which did not run, best percentile-calibration; tflite: not written, " \
            "int8 tflite: failed to prepare; no remedy rung ran either)" in message
+    onnx.search_stopped = "NNCF's search"  # a search out of time is named: a longer one is what to try
+    assert "best percentile-calibration, the accuracy-controlled search stopped at its time limit in NNCF's search; " \
+           "tflite: not written" in _refusal(result)
+    from edgekit.artifacts.manifest import artifact_entry
+    from edgekit.artifacts.report import _remedy_lines
+
+    assert artifact_entry(onnx)["search_stopped"] == "NNCF's search"
+    assert _remedy_lines(result)[-1].endswith("percentile-calibration (+76.00); the accuracy-controlled search "
+                                              "stopped at its time limit in NNCF's search | percentile-calibration "
+                                              "| - | - | - | - |")
 
 
 def test_the_tflite_sensitivity_ranking_runs_once_per_options(cnn, digits, monkeypatch):
