@@ -333,8 +333,7 @@ def _load_h5(path: Path, sample: np.ndarray | None) -> LoadedModel:
     check_code_free(parsed, source=path)
     _check_registered(parsed, keras3=version.startswith("3."), source=path)
     loaded = _load_checked(path, sample, keras3=version.startswith("3."), fmt="h5", config=parsed)
-    return replace(loaded, compile_loss=task.loss_name(_training_loss(_parse_json(training, path, "training_config")
-                                                                     if training else None)))
+    return replace(loaded, compile_loss=task.loss_name(_training_loss(_json_or_none(training))))
 
 
 def _load_keras_zip(path: Path, sample: np.ndarray | None) -> LoadedModel:
@@ -358,6 +357,14 @@ def _load_keras_zip(path: Path, sample: np.ndarray | None) -> LoadedModel:
     _check_registered(config, keras3=keras3, source=path)
     loaded = _load_checked(path, sample, keras3=keras3, fmt="keras", config=config)
     return replace(loaded, compile_loss=task.loss_name(_training_loss(config.get("compile_config"))))
+
+
+def _json_or_none(text: str) -> Any:
+    """``text`` parsed, or ``None`` when it is empty or not JSON (an unreadable training config says nothing)."""
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
 
 
 def _training_loss(compiled: Any) -> Any:
