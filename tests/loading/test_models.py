@@ -435,9 +435,9 @@ def test_a_model_saved_mid_way_through_tfmot_pruning_loads_stripped_and_a_qat_mo
     model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)])
     pruned = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=tfmot.sparsity.keras.ConstantSparsity(
         0.5, begin_step=0, frequency=1))
-    pruned.compile("sgd", "mse")
+    pruned.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x = np.random.default_rng(0).random((32, 16)).astype(np.float32)
-    pruned.fit(x, np.zeros((32, 3)), epochs=1, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+    pruned.fit(x, np.arange(32) % 3, epochs=1, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
     want = np.asarray(tfmot.sparsity.keras.strip_pruning(pruned)(x))
     for name in ("pruned.h5", "pruned.keras"):
         pruned.save(tmp_path / name)
