@@ -29,9 +29,11 @@ def loss_name(loss: Any) -> str | None:
 
     >>> loss_name({"module": "keras.losses", "class_name": "MeanSquaredError", "config": {}})
     'MeanSquaredError'
-    >>> loss_name("mean_absolute_error"), loss_name(None)
-    ('mean_absolute_error', None)
+    >>> loss_name("mean_absolute_error"), loss_name(None), loss_name(["mse", "mae"])
+    ('mean_absolute_error', None, None)
     """
+    if isinstance(loss, (list, tuple)):  # one loss per output
+        return None
     if isinstance(loss, dict):
         loss = loss.get("class_name") if "class_name" in loss else None
     elif loss is not None and not isinstance(loss, str):  # a compiled model's own loss object or function
