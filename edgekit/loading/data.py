@@ -225,7 +225,7 @@ def split(data: Dataset, *, seed: int = 0, eval_data: Dataset | None = None,
     """
     n = len(data)
     if n < 10:
-        raise DataError(f"{data.name}: {n} samples are too few to split; give at least 10")
+        raise DataError(f"{data.name}: {n} sample{' is' if n == 1 else 's are'} too few to split; give at least 10")
     index = np.arange(n)
     if eval_data is None:
         n_eval = max(1, int(round(n * eval_fraction)))

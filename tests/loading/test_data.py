@@ -96,6 +96,12 @@ def test_the_embedded_default_that_does_not_fit_says_it_is_the_default(tmp_path)
         fit_to_model(load_data(tmp_path / "mine.npz"), (32, 32, 3), "float32", 10)
 
 
+def test_too_few_samples_to_split_are_refused_with_the_count():
+    for n, text in ((1, "1 sample is"), (9, "9 samples are")):
+        with pytest.raises(DataError, match=rf"^tiny: {text} too few to split; give at least 10$"):
+            split(Dataset(np.zeros((n, 4), np.float32), np.zeros(n, np.int64), "tiny"))
+
+
 def test_partitions_cover_the_data(digits):
     iid = partition(digits, 10, scheme="iid", seed=0)
     assert sum(len(p) for p in iid) == len(digits)
