@@ -327,15 +327,19 @@ class _Builder:
         input_refs = [tuple(ref) for ref in _refs(config["input_layers"])]
         given_list = list(given[0]) if given and len(given) == 1 and isinstance(given[0], (list, tuple)) \
             else list(given or [])
+        implied = _implied_masks(config["layers"])
         for spec in config["layers"]:
             name = spec.get("name") or spec["config"]["name"]
+            if name in implied:  # a Masking layer's mask, which tf-keras propagates with the tensor itself
+                continue
             if spec["class_name"] == "InputLayer":
                 ref = (name, 0, 0)
                 tensors[ref] = given_list[input_refs.index(ref)] if given is not None \
                     else self._input(spec["config"], name)
                 continue
             built = self._built(spec, name)
-            pending.extend((built, name, i, node) for i, node in enumerate(spec.get("inbound_nodes", [])))
+            pending.extend((built, name, i, _unmasked(node, implied))
+                           for i, node in enumerate(spec.get("inbound_nodes", [])))
         while pending:
             ready = [item for item in pending if _inputs_ready(item[3], tensors)]
             if not ready:
@@ -422,6 +426,45 @@ class _OpNode:
             return 1.0 / c, 0.0
         raise ModelLoadError(f"cannot rebuild the Keras 3 model as tf-keras: op '{self.name}' ({self.op}) "
                              "has no tf-keras layer")
+
+
+def _implied_masks(specs: list[dict]) -> set[str]:
+    """The op nodes of a Keras 3 functional config that compute a ``Masking`` layer's mask: Keras 3 records
+    ``any(not_equal(x, mask_value), axis=-1)`` as two op nodes and passes it to the next layers as ``mask=``; a
+    tf-keras ``Masking`` layer attaches the same mask to its output, which the layers after it read."""
+    def producer(arg: Any) -> tuple | None:
+        refs = _history(arg)
+        return refs[0] if len(refs) == 1 and isinstance(arg, dict) else None
+
+    masked = {(producer(node["args"][0]), float(spec["config"].get("mask_value", 0.0)))
+              for spec in specs if spec["class_name"] == "Masking"
+              for node in spec.get("inbound_nodes", []) if node.get("args")}
+    not_equal = {}
+    for spec in specs:
+        nodes = spec.get("inbound_nodes", [])
+        if spec["class_name"] != "NotEqual" or len(nodes) != 1 or len(nodes[0].get("args", [])) != 2:
+            continue
+        x, value = nodes[0]["args"]
+        if isinstance(value, (int, float)) and (producer(x), float(value)) in masked:
+            not_equal[spec.get("name") or spec["config"]["name"]] = spec
+    implied = set()
+    for spec in specs:
+        nodes, config = spec.get("inbound_nodes", []), spec.get("config", {})
+        if (spec["class_name"] == "Any" and len(nodes) == 1 and config.get("axis") == -1
+                and not config.get("keepdims") and len(nodes[0].get("args", [])) == 1):
+            source = producer(nodes[0]["args"][0])
+            if source is not None and source[0] in not_equal:
+                implied |= {spec.get("name") or config["name"], source[0]}
+    return implied
+
+
+def _unmasked(node: dict, implied: set[str]) -> dict:
+    """``node`` without a ``mask`` argument that :func:`_implied_masks` computes (tf-keras reads it from the input)."""
+    kwargs = node.get("kwargs", {})
+    mask = kwargs.get("mask")
+    if mask is None or not {ref[0] for ref in _history(mask)} or not {ref[0] for ref in _history(mask)} <= implied:
+        return node
+    return {**node, "kwargs": {k: v for k, v in kwargs.items() if k != "mask"}}
 
 
 def _refs(value: list) -> list:

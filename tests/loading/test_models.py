@@ -115,6 +115,32 @@ def test_the_rebuild_is_generic_ops_keras3_activations_shared_and_nested_layers(
     np.testing.assert_allclose(again.model(x).numpy(), model(x).numpy(), atol=1e-5)
 
 
+def test_a_masked_recurrent_model_is_rebuilt_and_converts_to_tflite(tmp_path):
+    """keras.io's "Masking and padding": Keras 3 records a Masking layer's mask as two op nodes (not_equal, any)
+    passed on as mask=; the rebuild refused ("op 'not_equal' (NotEqual) has no tf-keras layer"), the graph kept the
+    recurrent loop, and no .tflite was written (TensorListReserve)."""
+    from edgekit.config import Quantization
+    from edgekit.export.tflite import to_tflite
+
+    keras = _tf.keras3()
+    keras.utils.set_random_seed(0)
+    steps = keras.Input((12, 6))
+    hidden = keras.layers.Bidirectional(keras.layers.GRU(8))(keras.layers.Masking(0.0)(steps))
+    model = keras.Model(steps, keras.layers.Dense(3, activation="softmax")(hidden))
+    model.save(tmp_path / "masked.keras")
+    x = np.random.default_rng(0).random((16, 12, 6)).astype(np.float32)
+    x[:8, 7:] = 0.0  # padded sequences
+    unmasked = keras.Model(steps, model.layers[-1](model.layers[-2](steps)))  # the same weights, no Masking
+    assert np.abs(np.asarray(unmasked(x[:8])) - np.asarray(model(x[:8]))).max() > 1e-3  # the mask matters here
+    loaded = load_model(tmp_path / "masked.keras", sample=x)
+    assert loaded.model is not None and loaded.rebuild_max_abs_diff <= 1e-5, loaded.training_unavailable
+    np.testing.assert_allclose(predict(loaded.model, x), np.asarray(model(x)), atol=1e-5)
+    data, _ = to_tflite(loaded.model, quantization=Quantization.NONE, calibration=x)
+    from device_agents import Model
+
+    np.testing.assert_allclose(Model.load(data).predict(x), np.asarray(model(x)), atol=1e-4)
+
+
 @pytest.mark.parametrize("content, message", [
     (b"garbage", "not a valid .keras file"),
     (None, "not a valid .keras file"),
