@@ -51,7 +51,7 @@ def to_tflite(model: Any, *, quantization: Quantization, calibration: np.ndarray
             raise _failure(exc, quantization, _layer_names(model)) from None
         strict_error = first_line(exc, prefer='error:')
         if "TensorList" in strict_error:  # no builtin kernel at all, int8 or float: the fallback fails the same
-            raise ConversionError(f"TFLite int8 conversion failed: {strict_error}") from None
+            raise ConversionError(f"TFLite int8 conversion failed: {_loop_failure(model) or strict_error}") from None
     # Some ops (e.g. LSTM pieces) have no int8 kernel: keep those in float.
     conv = source.converter(quantization, calibration, int8_io=int8_io)
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -580,6 +580,24 @@ def _sample_tensors(interpreter: Any, x: np.ndarray) -> dict[str, np.ndarray]:
         elif np.issubdtype(value.dtype, np.floating):
             values[t["name"]] = np.array(value, np.float32)
     return values
+
+
+def _loop_failure(model: Any) -> str | None:
+    """What a converter's TensorList error means, naming the recurrent layers it comes from (``None`` when the model
+    names none): a loop over the sequence that edgekit could not unroll."""
+    from edgekit.loading.layers import iter_layers
+
+    if hasattr(model, "layers"):
+        named = [f"'{layer.name}' ({type(layer).__name__})" for layer in iter_layers(model)
+                 if any(kind in type(layer).__name__ for kind in ("LSTM", "GRU", "RNN"))]
+    else:
+        named = [f"'{name}'" for name in _layer_names(model) if any(kind in name.lower()
+                                                                    for kind in ("lstm", "gru", "rnn"))]
+    if not named:
+        return None
+    return (f"layer {', '.join(dict.fromkeys(named))} loops over the sequence with TensorList ops, which have no "
+            "TFLite builtin kernel (Flex ops are not on devices); edgekit unrolls the LSTM, GRU and SimpleRNN layers "
+            "of a model it rebuilds in tf-keras when the sequence length is fixed, not this one")
 
 
 def _layer_names(model: Any) -> tuple[str, ...]:

@@ -687,6 +687,22 @@ def test_a_keras3_grouped_convolution_and_exact_gelu_convert_to_onnx(digits):
     assert ops & {"Conv", "QLinearConv"} and "Erf" in ops and not ops & {"StatefulPartitionedCall", "Erfc"}, ops
 
 
+def test_a_recurrent_loop_tflite_cannot_run_is_named_with_its_layer(digits):
+    """A ConvLSTM2D (no unrolled form) gave "'tf.TensorListReserve' op requires element_shape to be static during
+    TF Lite transformation pass", prefixed by a path inside tf_keras: nothing a user could act on."""
+    from edgekit import _tf
+    from edgekit.export.tflite import to_tflite
+
+    keras = _tf.keras()
+    model = keras.Sequential([keras.Input((3, 8, 8, 1)), keras.layers.ConvLSTM2D(2, 3, name="frames"),
+                              keras.layers.Flatten(), keras.layers.Dense(2, activation="softmax")])
+    x = np.stack([digits.x[:16]] * 3, axis=1)
+    with pytest.raises(ConversionError, match=r"^TFLite int8 conversion failed: layer 'frames' \(ConvLSTM2D\) loops "
+                                              r"over the sequence with TensorList ops, which have no TFLite builtin "
+                                              r"kernel \(Flex ops are not on devices\); edgekit unrolls"):
+        to_tflite(model, quantization=Quantization.INT8, calibration=x)
+
+
 def test_an_op_onnx_does_not_define_is_named():
     from onnx import TensorProto, helper
 
