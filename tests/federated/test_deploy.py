@@ -187,6 +187,58 @@ def test_a_killed_server_resumes_without_losing_a_round_and_cleans_up(fl_model, 
     assert stale == []
 
 
+def _descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (children started in their own sessions included)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+@SECOND
+def test_a_terminated_fl_up_stops_every_flower_process_it_started(fl_model, tmp_path):
+    """SIGTERM (kill, timeout, a service manager) ended `fl up` at once: its SuperLink, SuperNodes and their
+    SuperExec processes, each in a session of its own, ran on (9 of them, holding their ports)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import BIN, ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    proc = subprocess.Popen([str(BIN / "edgekit"), "fl", "up", "--model", str(fl_model), "--clients", "2",
+                             "--rounds", "50", "--out", str(tmp_path / "up"), "--quiet"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    line = ""
+    while "submitting the run" not in line and time.monotonic() < deadline and proc.poll() is None:
+        line = proc.stdout.readline()
+    time.sleep(3)
+    started = _descendants(proc.pid)
+    assert len(started) >= 4, (line, proc.poll())  # SuperLink, gateway, 2 SuperNodes (and what they start)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in started):
+        time.sleep(0.5)
+    left = [pid for pid in started if Path(f"/proc/{pid}/cmdline").exists()
+            and (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z")]
+    for pid in left:  # do not leave them to the next test
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "edgekit: interrupted", err[-500:]
+
+
 def test_federation_keys_are_private_from_the_start_and_certificates_say_their_use(tmp_path):
     import stat
 
