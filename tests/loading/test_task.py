@@ -69,7 +69,11 @@ def test_the_cli_refuses_a_regression_model_in_one_line_before_any_file(tmp_path
     proc = run_cli("compress", str(tmp_path / "price.keras"), "--data", str(tmp_path / "houses.npz"),
                    "--out", str(tmp_path / "out"))
     assert_one_line_error(proc, 2, "price.keras was compiled with the regression loss 'mse'",
-                          "edgekit compresses classifiers")
+                          "edgekit compresses classifiers",
+                          "save it compiled with a classification loss, or uncompiled")
+    model.compile("adam", "sparse_categorical_crossentropy")  # what the message says a classifier's owner can do
+    model.save(tmp_path / "price.keras")
+    assert load_model(tmp_path / "price.keras").one_output is OneOutput.LOGIT
     assert not (tmp_path / "out").exists()
 
 
