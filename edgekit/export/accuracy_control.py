@@ -62,7 +62,7 @@ SEARCH_SECONDS = 900.0
 """How long one format's accuracy-controlled search may take by default. Its steps are bounded in number
 (:data:`MAX_CANDIDATES`, :data:`MAX_TRIALS`), but NNCF ranks every group of quantizers the model has, each a
 re-quantized model run on :data:`RANKING_SAMPLES` samples: on an untrained ConvNeXtTiny (28M parameters, 32x32
-inputs) NNCF was still ranking after 19 minutes on 2 cores."""
+inputs) NNCF was still ranking 19 minutes into the compress, on 2 cores."""
 
 
 class SearchTimeLimit(Exception):
