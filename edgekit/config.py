@@ -173,6 +173,10 @@ class TrainingConfig:
 DEFAULT_INT8_BUDGET = 2.0
 """Points of accuracy an int8 or QAT artifact may lose when no ``max_accuracy_drop`` is given."""
 
+SEARCH_MINUTES = 15.0
+"""How long one format's accuracy-controlled search may take when no ``search_minutes`` is given
+(:mod:`edgekit.export.accuracy_control`: NNCF ranks every group of quantizers a model has)."""
+
 
 class BudgetBasis(str, Enum):
     """What an accuracy budget is measured against."""
@@ -263,7 +267,7 @@ class CompressConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     search: tuple[Recipe, ...] = SEARCH_RECIPES
     threads: int = 1  # interpreter threads for verification and latency (1: comparable across machines)
-    search_minutes: float = 15.0  # how long one format's accuracy-controlled search may take (remedies)
+    search_minutes: float = SEARCH_MINUTES  # how long one format's accuracy-controlled search may take (remedies)
 
     def __post_init__(self) -> None:
         if not 1 <= int(self.threads) <= 256:

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.config import SEARCH_MINUTES
+
 NNCF_RUNG = "nncf-accuracy-control"
 """The ONNX rung's name in the manifest's ``remedies_tried``."""
 NNCF_NODES_RUNG = "nncf-float-nodes"
@@ -58,7 +60,7 @@ class Labelled:
     y: np.ndarray | None
 
 
-SEARCH_SECONDS = 900.0
+SEARCH_SECONDS = 60.0 * SEARCH_MINUTES
 """How long one format's accuracy-controlled search may take by default. Its steps are bounded in number
 (:data:`MAX_CANDIDATES`, :data:`MAX_TRIALS`), but NNCF ranks every group of quantizers the model has, each a
 re-quantized model run on :data:`RANKING_SAMPLES` samples: on an untrained ConvNeXtTiny (28M parameters, 32x32
