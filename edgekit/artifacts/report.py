@@ -242,7 +242,7 @@ def _remedy_lines(result: CompressResult) -> list[str]:
         tried = ", ".join(f"{k} ({v:+.2f})" if math.isfinite(v) else f"{k} (did not run)"
                           for k, v in art.remedies_tried.items()) or "-"
         if art.search_stopped:
-            tried += f"; the accuracy-controlled search stopped at its time limit in {art.search_stopped}"
+            tried += f"; {art.search_stopped_words}"
         speed = ", ".join(f"{k} ({v:.2f}x)" if math.isfinite(v) else f"{k} (did not run)"
                           for k, v in art.speed_tried.items()) or "-"
         kept = art.remedy or ("defaults (nothing did better)" if art.remedies_tried else "-")

@@ -55,6 +55,14 @@ class ArtifactResult:
     float32_time_blocks: list[float] = field(default_factory=list)  # the side-by-side blocks' ratios behind it
 
     @property
+    def search_stopped_words(self) -> str:
+        """Where its accuracy-controlled search ran out of time, as the report and a budget error say it ("" when
+        it did not)."""
+        if not self.search_stopped:
+            return ""
+        return f"the accuracy-controlled search stopped at its time limit in {self.search_stopped}"
+
+    @property
     def time_vs_float32(self) -> float | None:
         """Its time over the source's float32 artifact's in the same runtime: the side-by-side ratio where one was
         measured, else the ratio of the two medians (measured apart)."""

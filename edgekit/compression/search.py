@@ -189,8 +189,7 @@ def _outcomes(candidate: CandidateResult) -> str:
         parts.append(f"{art.format.value}: {art.quantization_drop:.2f} after {rungs} rung(s)"
                      + (f", {rungs + 1 - ran} of which did not run" if ran <= rungs else "")
                      + (f", best {art.remedy}" if art.remedy else "")
-                     + (f", the accuracy-controlled search stopped at its time limit in {art.search_stopped}"
-                        if art.search_stopped else ""))
+                     + (f", {art.search_stopped_words}" if art.search_stopped else ""))
     parts += [f"{fmt}: not written, {error[:200]}" for fmt, error in candidate.format_errors.items()]
     return "; ".join(parts)
 

@@ -439,14 +439,14 @@ def _implied_masks(specs: list[dict]) -> set[str]:
     masked = {(producer(node["args"][0]), float(spec["config"].get("mask_value", 0.0)))
               for spec in specs if spec["class_name"] == "Masking"
               for node in spec.get("inbound_nodes", []) if node.get("args")}
-    not_equal = {}
+    not_equal = set()
     for spec in specs:
         nodes = spec.get("inbound_nodes", [])
         if spec["class_name"] != "NotEqual" or len(nodes) != 1 or len(nodes[0].get("args", [])) != 2:
             continue
         x, value = nodes[0]["args"]
         if isinstance(value, (int, float)) and (producer(x), float(value)) in masked:
-            not_equal[spec.get("name") or spec["config"]["name"]] = spec
+            not_equal.add(spec.get("name") or spec["config"]["name"])
     implied = set()
     for spec in specs:
         nodes, config = spec.get("inbound_nodes", []), spec.get("config", {})
@@ -461,8 +461,8 @@ def _implied_masks(specs: list[dict]) -> set[str]:
 def _unmasked(node: dict, implied: set[str]) -> dict:
     """``node`` without a ``mask`` argument that :func:`_implied_masks` computes (tf-keras reads it from the input)."""
     kwargs = node.get("kwargs", {})
-    mask = kwargs.get("mask")
-    if mask is None or not {ref[0] for ref in _history(mask)} or not {ref[0] for ref in _history(mask)} <= implied:
+    producers = {ref[0] for ref in _history(kwargs.get("mask"))}
+    if not producers or not producers <= implied:
         return node
     return {**node, "kwargs": {k: v for k, v in kwargs.items() if k != "mask"}}
 
