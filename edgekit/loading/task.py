@@ -32,7 +32,7 @@ def loss_name(loss: Any) -> str | None:
     >>> loss_name("mean_absolute_error"), loss_name(None), loss_name(["mse", "mae"])
     ('mean_absolute_error', None, None)
     """
-    if isinstance(loss, (list, tuple)):  # one loss per output
+    if isinstance(loss, (list, tuple, int, float)):  # one loss per output; a number is no loss
         return None
     if isinstance(loss, dict):
         loss = loss.get("class_name") if "class_name" in loss else None

@@ -104,3 +104,12 @@ def test_a_model_that_takes_strings_is_refused_saying_to_give_token_ids(tmp_path
                    "--out", str(tmp_path / "out"))
     assert_one_line_error(proc, 2, "texts.npz: x has dtype <U11; it must be a numeric array (for text, the token ids")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("saved", [["mse"], {"out": "mse"}, {"class_name": 7}, {"class_name": ""}, 3.5, "", None])
+def test_a_compile_config_that_names_no_single_loss_reads_as_uncompiled(saved):
+    """The compile config is the file's, not edgekit's: anything but one named loss names none (no refusal)."""
+    from edgekit.loading.task import refuse_regression
+
+    assert loss_name(saved) is None
+    refuse_regression(loss_name(saved), linear_output=True, source="m.keras")
