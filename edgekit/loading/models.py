@@ -256,6 +256,7 @@ def _keras3_loaded(k3: Any, sample: np.ndarray | None, path: str, digest: str) -
     from edgekit.loading.graph import export_keras3
 
     if getattr(k3, "inputs", None) is None:  # subclassed: no layer graph to rebuild; model.export traces its call()
+        _call_once(k3, sample)
         return LoadedModel(None, path, digest, "keras3", graph=export_keras3(k3, probabilities=None),
                            training_unavailable=_subclassed(k3))
     _check_outputs(k3)  # the Keras 3 model's own inputs and outputs, before a rebuild or an export needs them
@@ -507,6 +508,28 @@ def _guarded_load(load, path: Path):  # noqa: ANN001, ANN202
         hint = ("; if it is a custom layer, import the module that registers it first (custom objects)"
                 if any(marker in str(exc) for marker in _UNKNOWN_CLASS) else "")
         raise ModelLoadError(f"cannot load model {path}: {first_line(exc, limit=200)}{hint}") from None
+
+
+def _call_once(model: Any, sample: np.ndarray | None) -> None:
+    """Call a subclassed Keras 3 model loaded from a file once, as ``model.export`` requires: loading builds it (its
+    weights in place, its input shape recorded from the build) but does not call it. The call takes one of the user's
+    samples where it fits the recorded shape, else zeros of that shape (a free dimension as 1)."""
+    if getattr(model, "_called", True):
+        return
+    shapes = list((getattr(model, "_build_shapes_dict", None) or {}).values())
+    if len(shapes) != 1 or not isinstance(shapes[0], (list, tuple)) or len(shapes[0]) < 2:
+        raise ModelLoadError(f"the subclassed {type(model).__name__} has no one recorded input shape (recorded: "
+                             f"{shapes or 'none'}: never built or called); call it once on a batch before saving it, "
+                             "or save it as a SavedModel (model.export(path)) and give that folder")
+    shape = tuple(shapes[0])[1:]
+    fits = sample is not None and sample.ndim == len(shape) + 1 and all(
+        want is None or want == have for want, have in zip(shape, sample.shape[1:], strict=True))
+    x = sample[:1] if fits else np.zeros((1, *(1 if d is None else d for d in shape)))
+    try:
+        model(x.astype(model.input_dtype))
+    except Exception as exc:
+        raise ModelLoadError(f"calling the subclassed {type(model).__name__} on an input of shape {x.shape} failed: "
+                             f"{first_line(exc, limit=200)}") from None
 
 
 def _subclassed(model: Any) -> str:

@@ -286,6 +286,42 @@ def test_subclassed_models_are_used_by_their_graph_or_refused_in_one_line(digits
         load_model(tf_keras_model)
 
 
+def test_a_keras3_subclassed_model_loaded_from_its_file_is_called_before_its_export(digits, tmp_path):
+    """keras.io's subclassing guide saves a called model to .keras; loading it builds it (weights in place) but does
+    not call it, and ``model.export`` refuses a model never called: every command ended in "the Keras 3 model cannot
+    be exported as a TensorFlow graph: The model provided has never called". It is called once now, on a sample or on
+    zeros of its recorded input shape."""
+    keras = _tf.keras3()
+
+    @keras.saving.register_keras_serializable(package="edgekit_test_subclass")
+    class Saved(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = keras.layers.Conv2D(4, 3, activation="relu")
+            self.pool = keras.layers.GlobalAveragePooling2D()
+            self.head = keras.layers.Dense(10, activation="softmax")
+
+        def call(self, x):
+            return self.head(self.pool(self.conv(x)))
+
+    x = digits.x[:16]
+    model = Saved()
+    expected = np.asarray(model(x))
+    model.save(tmp_path / "sub.keras")
+    for sample in (x, None):
+        loaded = load_model(tmp_path / "sub.keras", sample=sample)
+        assert loaded.graph is not None and loaded.input_shape == (8, 8, 1) and loaded.num_classes == 10
+        np.testing.assert_allclose(loaded.source(x), expected, atol=1e-5)
+    with pytest.raises(ModelLoadError, match=r"the subclassed Saved has no one recorded input shape \(recorded: none: "
+                                             r"never built or called\); call it once on a batch before saving it"):
+        load_model(Saved())
+    from edgekit import compress
+
+    result = compress(tmp_path / "sub.keras", digits, tmp_path / "out", progress=False,
+                      config=CompressConfig(recipe=Recipe(quantize="none"), formats=("tflite",)))
+    assert result.selected.artifacts[0].top1_agreement == 100.0 and (tmp_path / "out" / "model.tflite").is_file()
+
+
 def test_a_savedmodel_whose_graph_writes_files_is_refused_before_it_runs(tmp_path):
     tf = _tf.tf()
     marker = tmp_path / "GRAPH_RAN"
