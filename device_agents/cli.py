@@ -132,7 +132,7 @@ def _load_x(path: str):  # noqa: ANN202
 
 
 def _x_batches(path: str, batch: int, max_mib: int | None):  # noqa: ANN202
-    """(rows, batches) of the array ``x`` of an .npz (or a single .npy array), read ``batch`` rows at a time (its
+    """(shape, batches) of the array ``x`` of an .npz (or a single .npy array), read ``batch`` rows at a time (its
     header checked first)."""
     from device_agents.errors import InputMismatchError
     from device_agents.files import UnsafeFileError, iter_npz_rows
@@ -153,7 +153,7 @@ def _x_batches(path: str, batch: int, max_mib: int | None):  # noqa: ANN202
         except UnsafeFileError as exc:
             raise InputMismatchError(str(exc)) from None
 
-    return shape[0], checked()
+    return shape, checked()
 
 
 def _check_output(path: Path) -> None:
@@ -181,7 +181,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.batch < 1 or (args.max_input_mib is not None and args.max_input_mib < 1):
         raise InputMismatchError("--batch and --max-input-mib take a whole number of at least 1")
     model, version = _open(args.model, args.runtime, args.threads)
-    count, batches = _x_batches(args.input, args.batch, args.max_input_mib)
+    shape, batches = _x_batches(args.input, args.batch, args.max_input_mib)
+    count, single = shape[0], len(shape) == len(model.inputs[0].shape) - 1
+    if single:  # one sample without the batch axis: its rows are not samples (Model.predict checks its shape)
+        count, batches = 1, iter([np.concatenate(list(batches))])
     telemetry = Telemetry(model_version=version)
     with tempfile.TemporaryDirectory(prefix=".predict.", dir=out.parent) as scratch:
         partial = Path(scratch) / "y.npy"
@@ -190,6 +193,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             done = 0
             for x in batches:
                 y = np.asarray(model.predict(np.ascontiguousarray(x)), np.float32)
+                y = y[None] if single else y
                 if written is None:
                     written = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32,
                                                         shape=(count, *y.shape[1:]))
@@ -203,7 +207,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         os.replace(partial, out)
     if args.telemetry:
         telemetry.write(args.telemetry)
-    print(f"{count} predictions -> {out} ({model.runtime.value}, {model.format.value})")
+    print(f"{count} prediction{'s' * (count != 1)} -> {out} ({model.runtime.value}, {model.format.value})")
     return int(ExitCode.SUCCESS)
 
 

@@ -98,6 +98,26 @@ def test_predict_and_bench_take_a_single_npy_array_checked_as_an_npz_member_is(i
         assert peak < 250 and not (tmp_path / "refused.npy").exists(), (name, peak)
 
 
+def test_predict_takes_one_sample_without_its_batch_axis(int8_out, digits, tmp_path):
+    """`np.save("x.npy", x[0])`, one image of shape (8, 8, 1): its 8 rows were read as 8 samples, and the output held
+    the one sample's 10 scores spread over 8 rows of nothing ("8 predictions"). It is one sample now; an array that
+    is neither samples nor one sample is refused with both shapes."""
+    np.save(tmp_path / "batch.npy", digits.x[:4])
+    np.save(tmp_path / "one.npy", digits.x[0])
+    np.save(tmp_path / "flat.npy", digits.x[:5, :, :, 0])
+    for name in ("batch", "one"):
+        proc = run_cli("predict", "--model", str(int8_out), "--input", str(tmp_path / f"{name}.npy"), "--output",
+                       str(tmp_path / f"{name}.out.npy"), tool="edgekit-agent")
+        assert proc.returncode == 0, proc.stderr
+    assert "1 prediction ->" in proc.stdout
+    one, batch = np.load(tmp_path / "one.out.npy"), np.load(tmp_path / "batch.out.npy")
+    assert one.shape == (1, 10) and batch.shape == (4, 10) and np.array_equal(one[0], batch[0])
+    proc = run_cli("predict", "--model", str(int8_out), "--input", str(tmp_path / "flat.npy"), "--output",
+                   str(tmp_path / "flat.out.npy"), tool="edgekit-agent")
+    assert_one_line_error(proc, 2, "input has shape (5, 8, 8), the model expects (n, 8, 8, 1)")
+    assert not (tmp_path / "flat.out.npy").exists()
+
+
 def test_predict_streams_a_large_input_in_batches_and_the_device_limit_is_settable(float_out, digits, tmp_path):
     """The issue's case: a small deflated npz that inflates to hundreds of MiB. Over the device's default
     limit it is refused from its header; allowed, it is read and run a batch at a time, in bounded memory."""
