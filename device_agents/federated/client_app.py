@@ -54,6 +54,7 @@ from device_agents.federated.wire import (
 from device_agents.files import read_npz
 from device_agents.fleet import agent as fleet
 from device_agents.protocol import ClientLimits, Clipping, Codec, Fault, Metric, Query, TelemetryWire, TrainConfig
+from device_agents.training.samples import check_samples, class_labels
 from device_agents.training.trainer import Trainer
 
 _TRAINERS: dict[str, Trainer] = {}
@@ -112,7 +113,8 @@ def _local_data(settings: ClientSettings, context: Any) -> tuple[int, np.ndarray
     arrays = read_npz(path, names=("x", "y"))  # sizes checked before reading
     if "x" not in arrays or "y" not in arrays:
         raise ValueError(f"{path} needs arrays x and y to train on")
-    return pid, arrays["x"].astype(np.float32), arrays["y"].astype(np.int64)
+    check_samples(arrays["x"], str(path))
+    return pid, arrays["x"].astype(np.float32), class_labels(arrays["y"], len(arrays["x"]), str(path))
 
 
 def _limits(settings: ClientSettings, context: Any) -> ClientLimits:

@@ -55,6 +55,7 @@ def _plain(path: Path, what: str) -> str:
 
 def _check_inputs(ca: Path, key: Path, data: Path | None, trust: Path | None) -> None:
     from device_agents.files import UnsafeFileError, read_npz
+    from device_agents.training.samples import check_samples, class_labels
 
     if not ca.is_file() or not read_bounded(ca, max_bytes=1 << 16, what="CA certificate").startswith(
             b"-----BEGIN CERTIFICATE-----"):
@@ -68,8 +69,11 @@ def _check_inputs(ca: Path, key: Path, data: Path | None, trust: Path | None) ->
             arrays = read_npz(data, names=("x", "y"))
         except (UnsafeFileError, OSError) as exc:
             raise InputMismatchError(f"data {data}: {exc}") from None
-        if "x" not in arrays:
-            raise InputMismatchError(f"{data} has no array 'x'; write it with numpy.savez(path, x=..., y=...)")
+        if "x" not in arrays or "y" not in arrays:
+            raise InputMismatchError(f"{data} has no array '{'y' if 'x' in arrays else 'x'}': this device trains on "
+                                     "samples x and their labels y; write them with numpy.savez(path, x=..., y=...)")
+        check_samples(arrays["x"], str(data))  # what each round would refuse, refused before joining
+        class_labels(arrays["y"], len(arrays["x"]), str(data))
     if trust is not None:
         from device_agents.store.release import load_public_key
 

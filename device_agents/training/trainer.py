@@ -19,6 +19,7 @@ import numpy as np
 from device_agents.errors import ArtifactError, InputMismatchError, TrainingError, first_line
 from device_agents.serving.integrity import check_entry, read_manifest
 from device_agents.serving.runtime import ArtifactFormat, Model, Runtime, interpreter_class, pick_runtime
+from device_agents.training.samples import check_samples, class_labels
 
 DIVERGED_RATIO = 1.5
 DIVERGED_MARGIN = 0.1
@@ -177,14 +178,20 @@ class Trainer:
         return self._fit_features(feats, y, epochs=epochs, learning_rate=self._rate(learning_rate), mu=mu,
                                   momentum=momentum, seed=seed, frozen=frozen)
 
-    def _training_data(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(features, int32 labels) of a training set, checked."""
-        x = np.asarray(x, dtype=self.input_dtype)
-        y = np.asarray(y).astype(np.int32)
+    def _training_data(self, x: np.ndarray, y: np.ndarray, what: str = "training data") -> tuple[np.ndarray,
+                                                                                                   np.ndarray]:
+        """(features, int32 labels) of a training set, checked (:mod:`device_agents.training.samples`)."""
+        x, y = self._labelled(x, y, what)
+        return self.features(x), y.astype(np.int32)
+
+    def _labelled(self, x: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+        """``x`` in the model's dtype and ``y`` as class ids, checked: finite numeric samples, one label each."""
+        x = np.asarray(x)
+        check_samples(x, what)
+        y = class_labels(y, len(x), what)
+        x = x.astype(self.input_dtype)
         self._check(x, y)
-        if len(x) == 0:
-            raise InputMismatchError("no training samples")
-        return self.features(x), y
+        return x, y
 
     def _rate(self, learning_rate: float | None) -> float:
         return float(self.spec.get("learning_rate", 0.05) if learning_rate is None else learning_rate)
@@ -261,6 +268,7 @@ class Trainer:
 
     def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         """(mean cross-entropy, accuracy in percent) of the current weights."""
+        x, y = self._labelled(x, y, "evaluation data")
         return self._score(self.predict(x), y)
 
     def _score(self, out: np.ndarray, y: np.ndarray) -> tuple[float, float]:

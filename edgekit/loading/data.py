@@ -112,41 +112,14 @@ def load_npz(path: str | Path, *, require_labels: bool = False) -> Dataset:
 
 
 def _check_arrays(x: np.ndarray, y: np.ndarray | None, name: str) -> Dataset:
-    if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-        text = " (for text, the token ids a vectorization layer outputs)" if x.dtype.kind in "USO" else ""
-        raise DataError(f"{name}: x has dtype {x.dtype}; it must be a numeric array{text}")
-    if x.ndim < 2 or len(x) == 0:
-        raise DataError(f"{name}: x has shape {x.shape}; it must be (samples, ...) with at least one sample")
-    if np.issubdtype(x.dtype, np.floating):
-        bad = ~np.isfinite(x)
-        if bad.any():
-            first = int(np.argwhere(bad.reshape(len(x), -1).any(axis=1))[0][0])
-            raise DataError(
-                f"{name}: x holds {int(bad.sum())} NaN/inf values (first in sample {first}); "
-                "clean or drop those samples"
-            )
-    if y is not None:
-        y = np.asarray(y)
-        if y.ndim == 2 and y.shape[1] > 1 and np.isin(y, (0, 1)).all() and (y.sum(axis=1) == 1).all():
-            y = y.argmax(axis=1)  # one-hot labels
-        y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
-        if y.ndim != 1:
-            raise DataError(f"{name}: y has shape {y.shape}; it must hold one integer class label per sample")
-        if np.issubdtype(y.dtype, np.floating):
-            if not np.isfinite(y).all():
-                raise DataError(f"{name}: y holds NaN/inf; labels must be integer class ids")
-            if not np.equal(np.mod(y, 1), 0).all():
-                raise DataError(f"{name}: y holds non-integer values; labels must be integer class ids (edgekit "
-                                "compresses classifiers, not models that predict values)")
-        elif y.dtype.kind in "USO":  # class names: their order is the user's to choose
-            raise DataError(f"{name}: y holds {y.dtype} values (class names?); labels must be integer class ids "
-                            "0..K-1 in the order of the model's outputs, e.g. np.unique(y, return_inverse=True)[1]")
-        elif not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):  # bool: a binary task's 0/1
-            raise DataError(f"{name}: y has dtype {y.dtype}; labels must be integer class ids")
-        y = y.astype(np.int64)
-        if len(y) != len(x):
-            raise DataError(f"{name}: x has {len(x)} samples but y has {len(y)}; give one label per sample")
-    return Dataset(x, y, name)
+    from device_agents.errors import InputMismatchError
+    from device_agents.training.samples import check_samples, class_labels
+
+    try:
+        check_samples(x, name)
+        return Dataset(x, None if y is None else class_labels(y, len(x), name), name)
+    except InputMismatchError as exc:
+        raise DataError(str(exc)) from None
 
 
 def load_data(source: str | Path | Dataset, *, require_labels: bool = False) -> Dataset:

@@ -51,16 +51,32 @@ def test_the_supernode_command_names_the_fleet_the_key_the_store_and_the_data(de
     ("key-mode", "readable by other users"),
     ("ca", "is not a PEM certificate"),
     ("data", "has no array 'x'"),
+    ("no-labels", "has no array 'y': this device trains on samples x and their labels y"),
+    ("nan", r"x holds 1 NaN/inf values \(first in sample 2\)"),
+    ("fractions", "y holds non-integer values; labels must be integer class ids"),
+    ("names", r"y holds <U3 values \(class names\?\)"),
 ])
 def test_join_refuses_bad_inputs_before_starting_anything(device, change, fragment):
+    """Data a round would refuse (no labels, NaN, fractional or named labels) joined the fleet and then failed every
+    round on the device, or trained on NaN; join refuses it before starting anything."""
     ca, private, _, data, store = device
     address = "fleet.example" if change == "address" else "fleet.example:9092"
     if change == "key-mode":
         private.chmod(0o644)
     if change == "ca":
         ca = data
+    x = np.zeros((4, 8, 8, 1), np.float32)
     if change == "data":
         np.savez(data, y=np.zeros(4))
+    if change == "no-labels":
+        np.savez(data, x=x)
+    if change == "nan":
+        x[2, 0, 0, 0] = np.nan
+        np.savez(data, x=x, y=np.zeros(4))
+    if change == "fractions":
+        np.savez(data, x=x, y=np.array([0, 1, 1.5, 2]))
+    if change == "names":
+        np.savez(data, x=x, y=np.array(["cat", "dog", "cat", "dog"]))
     with pytest.raises(InputMismatchError, match=fragment):
         supernode_command(address, ca, private, store, data=data)
     assert not (store / ".flwr").exists()

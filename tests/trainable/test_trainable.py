@@ -458,6 +458,39 @@ def test_local_training_halves_a_learning_rate_that_diverges_and_refuses_when_ev
     assert all(np.array_equal(value, trainer.get_weights()[name]) for name, value in start.items())
 
 
+def test_a_device_reads_one_hot_labels_and_refuses_what_the_server_refuses(half_trained, digits, tmp_path):
+    """A device's private data is the user's file as much as the server's is: one-hot labels ended in an IndexError
+    inside the trainer, an (n, 1) column in "XNNPack delegate failed to reshape", a NaN sample trained to a NaN loss
+    and was reported as a finished round, and labels 1.7 were truncated to 1. The device reads labels as the server
+    does (edgekit.loading.data and the device share device_agents.training.samples)."""
+    from device_agents.errors import InputMismatchError
+    from edgekit import export_trainable
+
+    export_trainable(half_trained, tmp_path / "tr", data="digits", progress=False)
+    x, y = digits.x[:64], digits.y[:64]
+    weights = {}
+    for name, labels in (("ids", y), ("one-hot", np.eye(10)[y]), ("column", y[:, None].astype(np.float64))):
+        trainer = Trainer.load(tmp_path / "tr")
+        trainer.fit(x, labels, epochs=1, seed=0)
+        weights[name] = trainer.get_weights()
+        assert trainer.evaluate(x, labels) == trainer.evaluate(x, y)
+    assert all(np.array_equal(weights["ids"][k], weights[name][k]) for name in weights for k in weights["ids"])
+    nan = x.copy()
+    nan[5, 1, 1, 0] = np.nan
+    trainer = Trainer.load(tmp_path / "tr")
+    start = trainer.get_weights()
+    for bad_x, bad_y, message in (
+            (nan, y, r"training data: x holds 1 NaN/inf values \(first in sample 5\)"),
+            (x, y + 0.7, "training data: y holds non-integer values"),
+            (x, y + 10, r"labels must be in 0..9"),
+            (x, y[:10], "training data: x has 64 samples but y has 10")):
+        with pytest.raises(InputMismatchError, match=message):
+            trainer.fit_safely(bad_x, bad_y, epochs=1)
+    with pytest.raises(InputMismatchError, match=r"evaluation data: y has shape \(64, 2, 5\)"):
+        trainer.evaluate(x, np.zeros((64, 2, 5)))
+    assert all(np.array_equal(value, trainer.get_weights()[name]) for name, value in start.items())
+
+
 def test_head_only_mode_has_int8_backbone_and_trains_the_head(half_trained, tmp_path):
     with pytest.raises(InputError, match="head-only export calibrates its int8 backbone on real samples"):
         export_trainable(half_trained, None, config=TrainableConfig(head_only=True), progress=False)
