@@ -260,13 +260,19 @@ def cmd_install(args: argparse.Namespace) -> int:
     return int(ExitCode.SUCCESS)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _existing_store(path: str) -> str:
+    """``path``, refused when it is not a store folder: status and rollback create nothing (a mistyped path)."""
     from device_agents.errors import InputMismatchError
+
+    if not Path(path).is_dir():
+        raise InputMismatchError(f"store {path} does not exist; give the --store folder this device installs into")
+    return path
+
+
+def cmd_status(args: argparse.Namespace) -> int:
     from device_agents.store.model_store import ModelStore
 
-    if not Path(args.store).is_dir():
-        raise InputMismatchError(f"store {args.store} does not exist")
-    status = ModelStore(args.store).status()
+    status = ModelStore(_existing_store(args.store)).status()
     if args.json:
         print(json.dumps(status))
         return int(ExitCode.SUCCESS)
@@ -282,7 +288,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from device_agents.store.model_store import ModelStore
 
-    target = ModelStore(args.store).rollback()
+    target = ModelStore(_existing_store(args.store)).rollback()
     print(f"rolled back: current is {target.name}")
     return int(ExitCode.SUCCESS)
 

@@ -203,6 +203,8 @@ class ModelStore:
 
     def rollback(self) -> Path:
         """Make the previous version current again (and the current one previous), after verifying it."""
+        if not self.versions.is_dir():  # no store here (a mistyped path): nothing to lock, nothing created
+            raise InstallError(f"no previous version to roll back to: {self.root} holds no store")
         with self._locked():
             previous, current = self.previous, self.current
             if previous is None:

@@ -38,7 +38,7 @@ def test_agent_cli_predict_bench_install_without_tensorflow(int8_out, digits, tm
     assert via_store.returncode == 0 and np.array_equal(np.load(tmp_path / "y2.npy"), y)
 
 
-@pytest.mark.parametrize("case", ["corrupt", "shape", "hash", "no x", "no rollback"])
+@pytest.mark.parametrize("case", ["corrupt", "shape", "hash", "no x", "no rollback", "no store"])
 def test_agent_cli_bad_input(case, int8_out, tmp_path):
 
     np.savez(tmp_path / "x.npz", x=np.zeros((3, 8, 8, 1), np.float32))
@@ -57,9 +57,13 @@ def test_agent_cli_bad_input(case, int8_out, tmp_path):
     elif case == "no x":
         np.savez(tmp_path / "x.npz", y=np.zeros(3))
         want = "has no array 'x'"
-    else:
+    elif case == "no rollback":
+        (tmp_path / "empty" / "versions").mkdir(parents=True)
         args, want = ["rollback", "--store", str(tmp_path / "empty")], "no previous version"
+    else:  # a mistyped store path created an empty store there (rollback locked it before looking)
+        args, want = ["rollback", "--store", str(tmp_path / "typo")], "store " + str(tmp_path / "typo") + " does not"
     proc = run_cli(*args, tool="edgekit-agent")
+    assert not (tmp_path / "typo").exists()
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and want in proc.stderr, proc.stderr
     assert not (tmp_path / "y.npy").exists()

@@ -38,6 +38,12 @@ def test_install_swaps_atomically_and_rolls_back(int8_out, float_out, tmp_path):
     assert store.rollback() == first.resolve() and store.current == first.resolve()
 
 
+def test_rollback_of_a_path_that_holds_no_store_creates_nothing(tmp_path):
+    with pytest.raises(InstallError, match="no previous version to roll back to: .* holds no store"):
+        ModelStore(tmp_path / "typo").rollback()
+    assert not (tmp_path / "typo").exists()
+
+
 def test_reinstall_repairs_a_corrupted_copy_and_rollback_refuses_one(int8_out, float_out, tmp_path):
     store = ModelStore(tmp_path / "store")
     first = store.install(int8_out)
