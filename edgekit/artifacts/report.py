@@ -153,7 +153,8 @@ def write_report(result: CompressResult, folder: Path) -> None:
              f"- data: {result.data_info['name']}, {result.data_info['samples']} samples, labels: "
              f"{result.data_info['labels']}; split (seed {result.data_info['seed']}): fine-tune "
              f"{result.data_info['finetune']}, calibration {result.data_info['calibration']}, "
-             f"evaluation {result.data_info['evaluation']}"]
+             f"evaluation {result.data_info['evaluation']}"
+             + (f" ({result.data_info['evaluation_data']})" if "evaluation_data" in result.data_info else "")]
     if src.get("rebuild_max_abs_diff") is not None:
         lines.append("- Keras 3 model rebuilt as tf-keras; max abs output difference "
                      f"{src['rebuild_max_abs_diff']:.2g}")

@@ -76,7 +76,9 @@ def _compress(model: Any, data: str | Path | Dataset, eval_data: str | Path | Da
     }
     data_info = {"name": raw.name, "samples": len(dataset), "labels": labels, "seed": config.seed,
                  "finetune": len(splits.finetune), "calibration": len(splits.calibration),
-                 "evaluation": len(splits.evaluation)}
+                 "evaluation": len(splits.evaluation),
+                 # what the evaluation samples are: given ones (eval data, the data file's test split) or a split
+                 "evaluation_data": "a split of the data" if evaluation is None else evaluation.name}
     runner = CandidateRunner(loaded, splits, source_out, source["accuracy"], config, bars)
     recipes = config.candidates()
     bar = bars.bar(len(recipes), "candidates", unit="recipe")
@@ -120,7 +122,12 @@ def _labelled(loaded: LoadedModel, raw: Dataset, eval_data: str | Path | Dataset
     source model's predictions serve as labels."""
     dataset = fit_to_model(raw, loaded.input_shape, loaded.input_dtype, loaded.num_classes)
     loaded = pin_input(loaded, dataset.x.shape[1:])
-    evaluation = None if eval_data is None else _fit_evaluation(loaded, load_data(eval_data))
+    if eval_data is None:
+        given = raw.held_out  # the data file's own test split (x_test, y_test), if it has one
+    else:
+        given = load_data(eval_data)
+        given = given if given.held_out is None else given.held_out  # an evaluation file's test split
+    evaluation = None if given is None else _fit_evaluation(loaded, given)
     if dataset.y is not None:
         return loaded, dataset, evaluation, "given"
     dataset = Dataset(dataset.x, predict(loaded.source, dataset.x).argmax(1), dataset.name)

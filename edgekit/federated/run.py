@@ -104,7 +104,9 @@ def prepare_run(model: Any, data: Any, out: Path, config: FederationConfig, *, p
     if dataset.y is None:
         raise InputError("federated training needs labels: give an .npz with x and y")
     seed = config.rounds.seed
-    parts = split(dataset, seed=seed)
+    held_out = None if raw.held_out is None else fit_to_model(  # the data file's own test split (labelled when
+        raw.held_out, loaded.input_shape, loaded.input_dtype, loaded.num_classes)  # its train split is)
+    parts = split(dataset, seed=seed, eval_data=held_out)
     pool = Dataset(np.concatenate([parts.finetune.x, parts.calibration.x]),
                    np.concatenate([parts.finetune.y, parts.calibration.y]), "clients")
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ Nothing is downloaded: ``"digits"`` is scikit-learn's bundled copy of the UCI ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,9 @@ class Dataset:
     x: np.ndarray
     y: np.ndarray | None
     name: str = "data"
+    # the file's own test split (x_test/y_test beside x_train/y_train, as keras.datasets saves them): the held-out
+    # samples a command evaluates on when it is given no other evaluation data
+    held_out: Dataset | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.y is not None and len(self.y) != len(self.x):
@@ -81,11 +84,18 @@ def _resize_bilinear(x: np.ndarray, size: int) -> np.ndarray:
     return (top * (1 - wy) + bottom * wy).astype(np.float32)
 
 
+TRAIN_TEST = ("x_train", "y_train", "x_test", "y_test")
+"""The arrays of a file saved as keras.datasets splits data (``np.savez(path, x_train=..., y_train=..., x_test=...,
+y_test=...)``; Keras's own ``mnist.npz``): read as ``x``/``y`` and a held-out test split when the file has no ``x``."""
+
+
 def load_npz(path: str | Path, *, require_labels: bool = False) -> Dataset:
-    """Load an ``.npz`` file holding ``x`` (samples) and optionally ``y`` (integer labels).
+    """Load an ``.npz`` file holding ``x`` (samples) and optionally ``y`` (integer labels), or the train and test
+    splits keras.datasets files hold (:data:`TRAIN_TEST`: ``x_train``/``y_train`` are the data, ``x_test``/``y_test``
+    its :attr:`Dataset.held_out` evaluation samples).
 
     Sizes are checked from the array headers before anything is allocated (at most
-    :func:`device_agents.files.max_array_bytes` for both arrays; ``EDGEKIT_MAX_ARRAY_BYTES`` sets it),
+    :func:`device_agents.files.max_array_bytes` for all arrays together; ``EDGEKIT_MAX_ARRAY_BYTES`` sets it),
     and nothing is unpickled.
     """
     from device_agents.files import MAX_ARRAY_BYTES, UnsafeFileError, max_array_bytes, read_npz
@@ -95,20 +105,49 @@ def load_npz(path: str | Path, *, require_labels: bool = False) -> Dataset:
         what = "is a folder" if path.is_dir() else "does not exist"  # a folder of images, say: edgekit reads arrays
         raise DataError(f"data file {path} {what}; give an .npz file with arrays 'x' and 'y', or 'digits'")
     try:
-        arrays = read_npz(path, names=("x", "y"), max_bytes=max_array_bytes(MAX_ARRAY_BYTES))
+        names = ("x", "y") if "x" in _array_names(path) else TRAIN_TEST
+        arrays = read_npz(path, names=names, max_bytes=max_array_bytes(MAX_ARRAY_BYTES))
     except UnsafeFileError as exc:
         raise DataError(str(exc)) from None
+    if "x" not in arrays and "x_train" in arrays:
+        return _train_test(arrays, path, require_labels)
     if "x" not in arrays:
-        import zipfile
-
-        with zipfile.ZipFile(path) as archive:
-            keys = sorted(name.removesuffix(".npy") for name in archive.namelist())
+        keys = sorted(_array_names(path))
         raise DataError(f"{path} has no array 'x' (it has: {', '.join(keys) or 'none'}); "
                         "save samples as x, labels as y: np.savez(path, x=..., y=...)")
     x, y = arrays["x"], arrays.get("y")
     if y is None and require_labels:
         raise DataError(f"{path} has no array 'y'; labels are needed here: np.savez(path, x=..., y=...)")
     return _check_arrays(x, y, str(path))
+
+
+def _array_names(path: Path) -> set[str]:
+    """The array names of an ``.npz`` (none for a file that is not a zip archive: reading it says what it is)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {name.removesuffix(".npy") for name in archive.namelist()}
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile):
+        return set()
+
+
+def _train_test(arrays: dict[str, np.ndarray], path: Path, require_labels: bool) -> Dataset:
+    """A keras.datasets-style file: ``x_train``/``y_train`` as the data, ``x_test``/``y_test`` held out."""
+    if require_labels and "y_train" not in arrays:
+        raise DataError(f"{path} has no array 'y_train'; labels are needed here: np.savez(path, x_train=..., "
+                        "y_train=...)")
+    held_out = None
+    if "x_test" in arrays:
+        if ("y_train" in arrays) != ("y_test" in arrays):
+            have, lack = ("y_train", "y_test") if "y_train" in arrays else ("y_test", "y_train")
+            raise DataError(f"{path} has {have} but no {lack}; give labels for both splits or for neither")
+        held_out = _check_arrays(arrays["x_test"], arrays.get("y_test"), f"{path} (x_test)")
+    train = _check_arrays(arrays["x_train"], arrays.get("y_train"), f"{path} (x_train)")
+    if held_out is not None and held_out.x.shape[1:] != train.x.shape[1:]:
+        raise DataError(f"{path}: x_train's samples have shape {train.x.shape[1:]} but x_test's "
+                        f"{held_out.x.shape[1:]}; both splits must hold samples of one shape")
+    return Dataset(train.x, train.y, train.name, held_out=held_out)
 
 
 def _check_arrays(x: np.ndarray, y: np.ndarray | None, name: str) -> Dataset:
@@ -129,7 +168,8 @@ def load_data(source: str | Path | Dataset, *, require_labels: bool = False) -> 
     dtype('float32')
     """
     if isinstance(source, Dataset):
-        return _check_arrays(source.x, source.y, source.name)
+        checked = _check_arrays(source.x, source.y, source.name)
+        return checked if source.held_out is None else replace(checked, held_out=load_data(source.held_out))
     if str(source) == DIGITS:
         return load_digits()
     return load_npz(source, require_labels=require_labels)

@@ -460,6 +460,27 @@ def test_labels_are_optional(cnn_path, digits, tmp_path):
     assert artifact(result, "tflite").accuracy == artifact(result, "tflite").top1_agreement
 
 
+def test_a_keras_datasets_style_file_is_its_train_split_evaluated_on_its_test_split(cnn_path, digits, tmp_path):
+    """keras.datasets splits data as x_train/y_train/x_test/y_test (Keras's own mnist.npz): such a file was refused
+    ("has no array 'x'"). Its train split is the data and its test split, whole, is what accuracy is measured on;
+    given as the evaluation data, its test split is evaluated on."""
+    np.savez(tmp_path / "splits.npz", x_train=digits.x[:1500], y_train=digits.y[:1500], x_test=digits.x[1500:],
+             y_test=digits.y[1500:])
+    result = compress(cnn_path, tmp_path / "splits.npz", tmp_path / "out", progress=False,
+                      config=config(formats="tflite"))
+    assert result.data_info["samples"] == 1500 and result.data_info["evaluation"] == len(digits) - 1500
+    assert result.data_info["evaluation_data"] == f"{tmp_path / 'splits.npz'} (x_test)"
+    assert f"evaluation {len(digits) - 1500} ({tmp_path / 'splits.npz'} (x_test))" in (
+        tmp_path / "out" / "report.md").read_text()
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["data"]["evaluation"] == len(digits) - 1500
+    expected = 100 * float(np.mean(tf_keras_model(cnn_path).predict(digits.x[1500:], verbose=0).argmax(1)
+                                   == digits.y[1500:]))
+    assert result.source["accuracy"] == pytest.approx(expected, abs=1e-6)
+    result = compress(cnn_path, "digits", None, eval_data=tmp_path / "splits.npz", progress=False,
+                      config=config(formats="tflite"))
+    assert result.data_info["evaluation"] == len(digits) - 1500 and result.data_info["samples"] == len(digits)
+
+
 def test_a_model_that_gives_one_class_for_every_sample_is_flagged(cnn_path, digits, tmp_path):
     """An untrained model (weights=None, or weights never loaded) gives one class for everything: without labels its
     every artifact "agreed" 100% with it and nothing said that this measured nothing."""

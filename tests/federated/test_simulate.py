@@ -242,3 +242,20 @@ def test_honest_clients_of_a_converged_model_on_skewed_data_are_not_rejected(fl_
     assert summary["devices"] == 8 and summary["failed_or_rejected"] == 0
     assert summary["accuracy_after"] >= summary["accuracy_before"]
     assert summary["accuracy_after"] >= summary["accuracy_fine_tuned"]  # a head that got worse is not kept
+
+
+def test_a_keras_datasets_style_file_trains_on_its_train_split_and_evaluates_on_its_test_split(cnn_path, digits,
+                                                                                             tmp_path):
+    """x_train/y_train/x_test/y_test (keras.datasets' split) was refused ("has no array 'x'"): the devices' partitions
+    are cut from the train split and every round is evaluated on the test split, whole."""
+    from edgekit.federated.config import FederationConfig
+    from edgekit.federated.run import prepare_run
+
+    np.savez(tmp_path / "splits.npz", x_train=digits.x[:1500], y_train=digits.y[:1500], x_test=digits.x[1500:],
+             y_test=digits.y[1500:])
+    run = prepare_run(cnn_path, tmp_path / "splits.npz", tmp_path / "run", FederationConfig(clients=3),
+                      progress=False)
+    evaluation = np.load(tmp_path / "run" / "evaluation.npz")
+    assert np.array_equal(evaluation["x"], digits.x[1500:]) and np.array_equal(evaluation["y"], digits.y[1500:])
+    shares = [np.load(tmp_path / "run" / "partitions" / f"{i}.npz")["y"] for i in range(3)]
+    assert sum(len(share) for share in shares) == 1500 == len(run.dataset)

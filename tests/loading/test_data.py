@@ -60,6 +60,32 @@ def test_bad_npz_contents(tmp_path, arrays, message):
         load_npz(tmp_path / "bad.npz")
 
 
+def test_a_keras_datasets_style_file_is_read_as_its_train_and_test_splits(tmp_path):
+    x = np.random.default_rng(0).random((30, 4)).astype(np.float32)
+    y = np.arange(30) % 3
+    np.savez(tmp_path / "splits.npz", x_train=x[:20], y_train=y[:20], x_test=x[20:], y_test=np.eye(3)[y[20:]])
+    data = load_data(tmp_path / "splits.npz", require_labels=True)
+    assert np.array_equal(data.x, x[:20]) and data.y.tolist() == y[:20].tolist()
+    assert np.array_equal(data.held_out.x, x[20:]) and data.held_out.y.tolist() == y[20:].tolist()  # one-hot read
+    assert load_data(data).held_out is not None  # a Dataset passed through keeps its test split
+    np.savez(tmp_path / "both.npz", x=x, y=y, x_train=x[:20], y_train=y[:20])  # x and y win: the file's own names
+    assert len(load_data(tmp_path / "both.npz")) == 30 and load_data(tmp_path / "both.npz").held_out is None
+    np.savez(tmp_path / "train.npz", x_train=x, y_train=y)
+    assert len(load_data(tmp_path / "train.npz")) == 30 and load_data(tmp_path / "train.npz").held_out is None
+    for name, arrays, message in (
+            ("half", {"x_train": x, "y_train": y, "x_test": x}, "has y_train but no y_test; give labels for both"),
+            ("shape", {"x_train": x, "y_train": y, "x_test": x[:, :2], "y_test": y},
+             r"x_train's samples have shape \(4,\) but x_test's \(2,\)"),
+            ("nan", {"x_train": x, "x_test": np.full((3, 4), np.nan)}, r"\(x_test\): x holds 12 NaN/inf values"),
+            ("test-only", {"x_test": x, "y_test": y}, r"has no array 'x' \(it has: x_test, y_test\)")):
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        with pytest.raises(DataError, match=message):
+            load_data(tmp_path / f"{name}.npz")
+    np.savez(tmp_path / "unlabelled.npz", x_train=x, x_test=x)
+    with pytest.raises(DataError, match="has no array 'y_train'; labels are needed here"):
+        load_data(tmp_path / "unlabelled.npz", require_labels=True)
+
+
 def test_corrupt_and_missing_npz(tmp_path):
     (tmp_path / "c.npz").write_bytes(b"PK\x03\x04 not a zip after all")
     with pytest.raises(DataError, match="not a readable .npz"):
