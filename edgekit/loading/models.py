@@ -555,6 +555,16 @@ def _check_outputs(model: Any) -> None:
             f"the model's output has shape {tuple(shape)}; edgekit handles classifiers with output "
             "(batch, classes), or (batch, 1) for a binary classifier"
         )
+    if shape[-1] > 1 and _last_activation(model) == "sigmoid":
+        inputs = tuple(model.inputs[0].shape[1:])
+        echo = None not in inputs and int(np.prod(inputs)) == shape[-1]
+        what = f"{shape[-1]} outputs for {shape[-1]} input values: an autoencoder?" if echo else \
+            "a multi-label classifier?"
+        raise ModelLoadError(
+            f"the model ends in {shape[-1]} sigmoids, an independent 0-1 value per unit ({what}); edgekit handles "
+            "single-label classifiers, whose top-1 class it verifies: a softmax or logits over the classes, or one "
+            "sigmoid for a binary classifier"
+        )
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -564,10 +574,15 @@ def _dtype_name(dtype: Any) -> str:
 
 def ends_in_softmax(model: Any) -> bool:
     """True when the model's last layer is a softmax (it outputs probabilities, not logits)."""
+    return _last_activation(model) == "softmax"
+
+
+def _last_activation(model: Any) -> str:
+    """The name of the activation the model's last layer applies (``"softmax"`` for a ``Softmax`` layer, ``""`` for
+    a layer without one)."""
     layer = model.layers[-1]
     while hasattr(layer, "layers") and layer.layers:  # a nested model at the end
         layer = layer.layers[-1]
     if layer.__class__.__name__ == "Softmax":
-        return True
-    activation = getattr(layer, "activation", None)
-    return getattr(activation, "__name__", "") == "softmax"
+        return "softmax"
+    return getattr(getattr(layer, "activation", None), "__name__", "")

@@ -49,9 +49,9 @@ def refuse_regression(loss: str | None, *, linear_output: bool, source: str) -> 
     """
     if loss is not None and loss.replace("_", "").lower() in REGRESSION_LOSSES and linear_output:
         raise ModelLoadError(
-            f"{source} was compiled with the regression loss '{loss}' and its output layer is linear: it predicts "
-            "values, not classes; edgekit compresses classifiers (a score per class, labels are class ids). A "
-            "classifier trained this way: save it compiled with a classification loss, or uncompiled")
+            f"{source} was compiled with the regression loss '{loss}' and its output layer is linear (no softmax or "
+            "sigmoid): it predicts values, not classes; edgekit compresses classifiers (a score per class, labels are "
+            "class ids). A classifier trained this way: save it compiled with a classification loss, or uncompiled")
 
 
 def refuse_text_input(dtype: str, *, source: str = "the model") -> None:

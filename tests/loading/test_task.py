@@ -3,6 +3,8 @@ read as a binary classifier's logit: without labels it was compressed and "verif
 its targets as labels the error said "the model has 2 classes". It is refused at load, from the loss it was compiled
 with (:mod:`edgekit.loading.task`), in every saved format; a classifier compiled with any loss still loads."""
 
+import re
+
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, run_cli
@@ -34,8 +36,8 @@ def test_a_regression_model_is_refused_from_its_compiled_loss(tmp_path, keras_ve
     path = tmp_path / save_as
     model.save(path)
     with pytest.raises(ModelLoadError, match=rf"^{save_as} was compiled with the regression loss '\w+' and its output "
-                                             r"layer is linear: it predicts values, not classes; edgekit compresses "
-                                             r"classifiers"):
+                                             r"layer is linear \(no softmax or sigmoid\): it predicts values, not "
+                                             r"classes; edgekit compresses classifiers"):
         load_model(path)
     with pytest.raises(ModelLoadError, match="regression loss"):  # a compiled model object, as the Python API takes
         load_model(model)
@@ -113,3 +115,30 @@ def test_a_compile_config_that_names_no_single_loss_reads_as_uncompiled(saved):
 
     assert loss_name(saved) is None
     refuse_regression(loss_name(saved), linear_output=True, source="m.keras")
+
+
+@pytest.mark.parametrize("keras_version, units, head, loss, said", [
+    ("keras3", 10, "sigmoid", "binary_crossentropy", "10 outputs for 10 input values: an autoencoder?"),
+    ("tf-keras", 10, "sigmoid", "mse", "10 outputs for 10 input values: an autoencoder?"),
+    ("keras3", 10, "layer", None, "10 outputs for 10 input values: an autoencoder?"),  # Activation("sigmoid") last
+    ("keras3", 5, "sigmoid", "binary_crossentropy", "a multi-label classifier?"),
+    ("tf-keras", 5, "layer", None, "a multi-label classifier?"),
+])
+def test_a_model_ending_in_several_sigmoids_is_refused(tmp_path, keras_version, units, head, loss, said):
+    """A dense autoencoder (anomaly detection on a device: Dense(n, sigmoid) reconstructing n inputs) and a multi-label
+    classifier (k sigmoids) were compressed and "verified" on the top-1 of independent 0-1 values, written to the
+    manifest as logits (a softmax on the device); the autoencoder compiled with MSE was refused as having a *linear*
+    output. They are refused at load, saying what the model looks like."""
+    keras = _tf.keras() if keras_version == "tf-keras" else _tf.keras3()
+    model = _model(keras, units, "sigmoid" if head == "sigmoid" else None)
+    if head == "layer":
+        model = keras.Sequential([*model.layers, keras.layers.Activation("sigmoid")])
+        model.build((None, 10))
+    if loss is not None:
+        model.compile("adam", loss)
+    model.save(tmp_path / "model.keras")
+    with pytest.raises(ModelLoadError, match=rf"^the model ends in {units} sigmoids, an independent 0-1 value per unit "
+                                             rf"\({re.escape(said)}\); edgekit handles single-label classifiers"):
+        load_model(tmp_path / "model.keras")
+    for activation in ("softmax", None):  # as many classes as input values: a classifier still loads
+        assert load_model(_model(keras, 10, activation)).num_classes == 10
