@@ -6,10 +6,16 @@ step at the end (:class:`StagedDir`; Linux ``renameat2(RENAME_EXCHANGE)``, elsew
 recovery). Every folder edgekit writes holds :data:`MARKER`; edgekit replaces or deletes only folders
 that hold it, never a folder it did not write. Staging left by a killed run is removed by the next
 run. Single files go through :func:`device_agents.files.write_atomic` (temporary sibling, fsync, rename).
+
+Work folders under the system's temporary directory (an exported graph, an ONNX quantizer's models, Ray's session)
+are named after the process that made them, ``edgekit-KIND-PID-*`` (:func:`temp_dir`): a process killed before it
+could remove its own (SIGKILL, an out-of-memory kill, a power cut) leaves them behind, and the next edgekit process
+that makes one removes those whose process is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import hashlib
@@ -18,13 +24,14 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from device_agents.files import crash_point, fsync_dir, write_atomic
 from edgekit.errors import OutputError
 
-__all__ = ["MARKER", "StagedDir", "check_output_dir", "crash_point", "mark_output", "pid_alive", "sha256_of",
-           "write_atomic"]
+__all__ = ["MARKER", "StagedDir", "check_output_dir", "crash_point", "mark_output", "pid_alive",
+           "remove_stale_temp_dirs", "sha256_of", "temp_dir", "temporary_dir", "write_atomic"]
 
 MARKER = ".edgekit-output"
 """The file that says edgekit wrote a folder (and may replace it)."""
@@ -73,6 +80,43 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def temp_dir(kind: str) -> Path:
+    """A new private (0700) folder ``edgekit-KIND-PID-*`` under the temporary directory, for the caller to remove;
+    first, those left by edgekit processes that are gone are removed (:func:`remove_stale_temp_dirs`).
+
+    >>> folder = temp_dir("doc"); folder.name.startswith(f"edgekit-doc-{os.getpid()}-"); shutil.rmtree(folder)
+    True
+    """
+    if not kind.isalnum():
+        raise ValueError(f"a temporary folder's kind is one word of letters and digits, not {kind!r}")
+    remove_stale_temp_dirs()
+    return Path(tempfile.mkdtemp(prefix=f"edgekit-{kind}-{os.getpid()}-"))
+
+
+@contextlib.contextmanager
+def temporary_dir(kind: str) -> Iterator[Path]:
+    """:func:`temp_dir`, removed when the block ends."""
+    folder = temp_dir(kind)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_stale_temp_dirs() -> None:
+    """Remove this user's ``edgekit-KIND-PID-*`` folders (:func:`temp_dir`) whose process no longer runs."""
+    for folder in Path(tempfile.gettempdir()).glob("edgekit-*-*-*"):
+        parts = folder.name.split("-")
+        if len(parts) != 4 or not parts[1].isalnum() or not parts[2].isdigit() or pid_alive(int(parts[2])):
+            continue
+        try:
+            stale = folder.is_dir() and not folder.is_symlink() and folder.stat().st_uid == os.getuid()
+        except OSError:  # removed meanwhile
+            continue
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _recover(out: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import tempfile
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +14,7 @@ import numpy as np
 
 from device_agents.errors import first_line
 from edgekit import _tf
+from edgekit._io import temp_dir, temporary_dir
 from edgekit.config import Quantization
 from edgekit.errors import ConversionError
 from edgekit.export.remedies import (
@@ -75,7 +76,7 @@ def _quantize_dynamic(proto: Any, *, op_types: tuple[str, ...] = (), per_channel
     empty)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory(prefix="edgekit-onnx-") as tmp:
+    with temporary_dir("onnx") as tmp:
         src, out = Path(tmp, "float.onnx"), Path(tmp, "quant.onnx")
         src.write_bytes(proto.SerializeToString())
         quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
@@ -384,7 +385,7 @@ def _entropy_ranges(pre: Path, calibration: np.ndarray, batch: int = 0) -> dict[
 
     from edgekit.export.entropy import fast_histogram_collector
 
-    with tempfile.TemporaryDirectory(prefix="edgekit-entropy-") as tmp:
+    with temporary_dir("entropy") as tmp:
         calibrator = create_calibrator(str(pre), augmented_model_path=str(Path(tmp, "augmented.onnx")),
                                        calibrate_method=CalibrationMethod.Entropy,
                                        extra_options={"num_bins": ENTROPY_BINS[0],
@@ -411,14 +412,14 @@ class OnnxInt8:
         """``proto``: the float ONNX model (:func:`float_onnx`); ``calibration``: samples for the ranges."""
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        self._tmp = tempfile.TemporaryDirectory(prefix="edgekit-onnx-")
+        self._tmp = temp_dir("onnx")
         self._calibration = calibration
-        self._pre = Path(self._tmp.name, "pre.onnx")
+        self._pre = Path(self._tmp, "pre.onnx")
         self._entropy: dict[str, Any] | None = None
         self._searched: dict[Int8Options, bytes] = {}  # NNCF's artifacts by the options that name them
         self._ranked: dict[Int8Options, list[tuple[str, ...]]] = {}  # sensitive_nodes by options
         self._batch = _batch(proto)
-        src = Path(self._tmp.name, "float.onnx")
+        src = Path(self._tmp, "float.onnx")
         src.write_bytes(affine_batchnorm(proto).SerializeToString())
         quant_pre_process(str(src), str(self._pre), skip_symbolic_shape=True)
 
@@ -426,7 +427,7 @@ class OnnxInt8:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._tmp.cleanup()
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
     def quantize(self, options: Int8Options) -> bytes:
         """The int8 model (names compacted: :func:`compact_names`)."""
@@ -439,7 +440,7 @@ class OnnxInt8:
             if options not in self._searched:
                 raise ValueError("NNCF's accuracy control runs as a search on labelled data (accuracy_controlled)")
             return self._searched[options]
-        out = Path(self._tmp.name, "quant.onnx")
+        out = Path(self._tmp, "quant.onnx")
         if options.calibration is Calibration.ENTROPY and self._entropy is None:  # the KL search is slow: once
             self._entropy = _entropy_ranges(self._pre, self._calibration, self._batch)
         _quantize_static(self._pre, out, self._calibration, options, self._entropy, self._batch)
@@ -519,10 +520,10 @@ class OnnxInt8:
         options = ort.SessionOptions()  # as onnxruntime's own collect_activations runs them
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 3
-        for kind, path in (("float", self._pre), ("quant", Path(self._tmp.name, "sens.onnx"))):
+        for kind, path in (("float", self._pre), ("quant", Path(self._tmp, "sens.onnx"))):
             if kind == "quant":
                 path.write_bytes(quantized)
-            augmented = Path(self._tmp.name, f"aug-{kind}.onnx")
+            augmented = Path(self._tmp, f"aug-{kind}.onnx")
             modify_model_output_intermediate_tensors(str(path), str(augmented))
             sessions.append(ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"]))
         sums = ErrorSums()

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgekit._io import check_output_dir, owned, pid_alive
+from edgekit._io import check_output_dir, owned, temp_dir
 from edgekit.errors import EdgeKitError, FederationError
 from edgekit.federated.config import SimulationConfig
 from edgekit.federated.processes import FLOWER_ENV
@@ -110,8 +109,7 @@ def _run_simulation(server_app: Any, client_app: Any, clients: int) -> None:
     flower.setLevel(logging.ERROR)
     flower.propagate = False
 
-    _remove_stale_ray_folders()
-    temp = tempfile.mkdtemp(prefix=f"edgekit-ray-{os.getpid()}-")  # 0700, removed when the run ends
+    temp = str(temp_dir("ray"))  # 0700, removed when the run ends (or by a later run, if this one is killed)
     try:
         _start_ray(temp)  # Flower's backend uses a running Ray and shuts it down when the run ends
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=clients,
@@ -154,10 +152,3 @@ def _start_ray(temp: str) -> None:
         else:
             os.environ["PYTHONPATH"] = before
 
-
-def _remove_stale_ray_folders() -> None:
-    """Ray folders of simulations whose process is gone (killed before it could clean up)."""
-    for folder in Path(tempfile.gettempdir()).glob("edgekit-ray-*-*"):
-        pid = folder.name.split("-")[2]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)

@@ -14,7 +14,6 @@ file-system or Python-callback ops are refused (:data:`FORBIDDEN_OPS`).
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgekit import _tf
+from edgekit._io import temp_dir
 from edgekit.errors import ModelLoadError
 from edgekit.loading.task import refuse_text_input
 
@@ -123,7 +123,7 @@ def load_graph(path: Path, *, temporary: bool = False, params: int | None = None
 def export_keras3(model: Any, *, probabilities: bool | None) -> SavedModelGraph:
     """Export a Keras 3 model with its own ``model.export`` into a temporary SavedModel and load it
     (``probabilities``: whether it outputs probabilities; ``None``: judged from its outputs)."""
-    folder = Path(tempfile.mkdtemp(prefix="edgekit-graph-")) / "saved_model"
+    folder = temp_dir("graph") / "saved_model"
     try:
         _without_augmentation(model).export(str(folder), format="tf_saved_model", verbose=False)
     except Exception as exc:
@@ -185,7 +185,7 @@ def resaved(graph: SavedModelGraph, spec: Any, transform: Any, *, probabilities:
     function = tf.function(serve).get_concrete_function(spec)
     module = tf.Module()
     module.owner = graph.owner  # tracks every variable and resource the signature captures
-    folder = Path(tempfile.mkdtemp(prefix="edgekit-graph-")) / "saved_model"
+    folder = temp_dir("graph") / "saved_model"
     try:
         tf.saved_model.save(module, str(folder), signatures={SIGNATURE: function})
         return load_graph(folder, temporary=True, params=graph.params, probabilities=probabilities)

@@ -24,7 +24,6 @@ trains (on-device personalisation).
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +32,7 @@ import numpy as np
 
 from device_agents.errors import first_line
 from edgekit import _tf
+from edgekit._io import temporary_dir
 from edgekit.errors import ConversionError, UnsupportedLayerError
 from edgekit.trainable import _grad_ops as ops
 from edgekit.trainable.contract import TensorInfo, tensor_key, weight_key
@@ -602,11 +602,11 @@ def convert(module: Any) -> bytes:
 
 
 def _convert(tf: Any, module: Any) -> bytes:
-    with tempfile.TemporaryDirectory(prefix="edgekit-trainable-") as tmp:
+    with temporary_dir("trainable") as tmp:
         signatures = {name: getattr(module, name).get_concrete_function() for name in SIGNATURES}
-        tf.saved_model.save(module, tmp, signatures=signatures,
+        tf.saved_model.save(module, str(tmp), signatures=signatures,
                             options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))
-        converter = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=list(SIGNATURES))
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(tmp), signature_keys=list(SIGNATURES))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
         converter.experimental_enable_resource_variables = True
         try:

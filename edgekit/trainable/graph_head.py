@@ -11,14 +11,13 @@ A graph is not a list of layers, so only the pattern every dense classifier head
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgekit import _tf
+from edgekit._io import temp_dir
 from edgekit.errors import UnsupportedLayerError
 
 _ACTIVATIONS = {"Relu": "relu", "Relu6": "relu6", "Sigmoid": "sigmoid", "Tanh": "tanh", "Elu": "elu",
@@ -131,7 +130,7 @@ def split_head_graph(graph: Any) -> tuple[Any, Any]:
     spec = tf.TensorSpec([None, *graph.input_shape], graph.input_dtype, name=graph.input_name)
     module = tf.Module()
     module.serve = tf.function(lambda x: {"features": pruned(x)}, input_signature=[spec])
-    folder = Path(tempfile.mkdtemp(prefix="edgekit-backbone-")) / "saved_model"
+    folder = temp_dir("backbone") / "saved_model"
     try:
         tf.saved_model.save(module, str(folder), signatures=module.serve.get_concrete_function(),
                             options=tf.saved_model.SaveOptions(experimental_custom_gradients=False))  # inference only

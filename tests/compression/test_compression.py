@@ -351,6 +351,56 @@ def test_a_killed_compress_loses_nothing_and_its_staging_is_cleaned(cnn_path, tm
     assert manifest["artifacts"][0]["quantization"] == "dynamic" and (out / ".edgekit-output").is_file()
 
 
+KILLED_LAYERS = """
+import keras
+
+
+@keras.saving.register_keras_serializable(package="edgekit_test_killed")
+class Net(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.flat = keras.layers.Flatten()
+        self.head = keras.layers.Dense(10, activation="softmax")
+
+    def call(self, x):
+        return self.head(self.flat(x))
+"""
+
+
+def test_the_work_folders_of_a_killed_run_are_removed_by_the_next_one(digits, tmp_path, monkeypatch):
+    """A run killed outright (SIGKILL, the out-of-memory killer) left its work folders under the temporary directory
+    (a Keras 3 graph exported for the converters: 400 MB for a ConvNeXt) and nothing ever removed them. They are named
+    after their process now (edgekit-KIND-PID-*); the next edgekit process that makes one removes those whose process
+    is gone, and no other."""
+    import importlib
+    import sys
+    import tempfile
+
+    from conftest import run_cli
+
+    from edgekit._io import temp_dir
+
+    (tmp_path / "edgekit_test_killed_layers.py").write_text(KILLED_LAYERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = importlib.import_module("edgekit_test_killed_layers").Net()
+    model(digits.x[:2])
+    model.save(tmp_path / "sub.keras")  # subclassed: served by its exported graph, in a work folder
+    private = tmp_path / "tmp"  # this test's own temporary directory: no other test's folders in it
+    private.mkdir()
+    killed = run_cli("compress", str(tmp_path / "sub.keras"), "--custom-objects", "edgekit_test_killed_layers",
+                     "--out", str(tmp_path / "out"), "--formats", "tflite", "--quantize", "float16", "--quiet",
+                     env={"EDGEKIT_CRASH_AT": "output-staged", "TMPDIR": str(private), "PYTHONPATH": str(tmp_path)})
+    assert killed.returncode == -9, killed.stderr
+    left = [folder.name for folder in private.iterdir()]
+    assert any(name.startswith("edgekit-graph-") for name in left), left  # what the kill left behind
+    mine = private / f"edgekit-graph-{os.getpid()}-live"  # a running process's folder
+    mine.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    fresh = temp_dir("next")
+    assert sorted(f.name for f in private.glob("edgekit-*") if f.is_dir()) == sorted([mine.name, fresh.name])
+    del sys.modules["edgekit_test_killed_layers"]
+
+
 def test_a_terminated_compress_removes_its_staging_and_exits_130(cnn_path, tmp_path):
     """SIGTERM (kill, timeout, a service manager) ended compress at once: its hidden staging folder (28 MB for a
     ConvNeXt) stayed until the next run to the same output, and nothing was said."""
