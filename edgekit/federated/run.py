@@ -21,7 +21,7 @@ from edgekit._io import mark_output, write_atomic
 from edgekit.errors import InputError
 from edgekit.federated.config import FederationConfig, Partition, RoundSettings
 from edgekit.loading.data import Dataset, Splits, fit_to_model, load_data, partition, split
-from edgekit.loading.models import LoadedModel, load_model, load_warnings
+from edgekit.loading.models import LoadedModel, float_pixels, load_model, load_warnings
 
 WORSE_THAN_START = 0.5
 """Points below the starting model at which a run's final model is reported as worse, not as ready."""
@@ -97,7 +97,9 @@ def prepare_run(model: Any, data: Any, out: Path, config: FederationConfig, *, p
 
     raw = load_data(data, require_labels=True)
     loaded = load_model(model, sample=raw.x[:64])
-    keras_model = loaded.trainable_model("federated training")  # refused before anything is written
+    # refused before anything is written; a model taking integer pixels trains as its float twin (the final model
+    # keeps the model's own input)
+    keras_model = float_pixels(loaded).trainable_model("federated training")
     federated = _federated_model(keras_model, config)  # a layer with no on-device gradient too
     warnings = check_privacy_noise(config, sum(int(np.prod(w.shape)) for w in federated.trainable_weights))
     dataset = fit_to_model(raw, loaded.input_shape, loaded.input_dtype, loaded.num_classes)

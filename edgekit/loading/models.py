@@ -28,7 +28,8 @@ from edgekit.loading.precision import Float32Served, float32_model, refuse_keras
 from edgekit.loading.rebuild import REBUILD_TOLERANCE, rebuild_keras3
 
 __all__ = ["REBUILD_TOLERANCE", "LoadedModel", "accuracy", "check_code_free", "copy_model", "ends_in_softmax",
-           "import_custom_objects", "load_model", "load_warnings", "pin_input", "predict", "rebuild_keras3"]
+           "float_pixels", "import_custom_objects", "load_model", "load_warnings", "pin_input", "predict",
+           "rebuild_keras3"]
 
 
 @dataclass
@@ -90,6 +91,28 @@ class LoadedModel:
             raise UnsupportedLayerError(f"{technique} needs a tf-keras model: {self.training_unavailable}",
                                         layer_name="?", layer_type="?")
         return self.model
+
+
+PIXEL_DTYPES = ("uint8", "int8", "uint16", "int16")
+"""Integer inputs that are pixels or samples (a camera's uint8 frames), not token ids, when no Embedding takes them."""
+
+
+def float_pixels(loaded: LoadedModel) -> LoadedModel:
+    """``loaded`` with its tf-keras model taking float32 where it takes integer pixels (:data:`PIXEL_DTYPES`): its
+    first layers cast them to float anyway (a ``Rescaling``), float32 holds every such value exactly, and on-device
+    training differentiates in float. The twin shares nothing with the model: a clone with the same weights (and layer
+    names), for on-device training; what is deployed keeps the model's own input."""
+    model = loaded.model
+    if model is None or loaded.input_dtype not in PIXEL_DTYPES:
+        return loaded
+    keras = _tf.keras()
+    first = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)][:1]
+    if first and first[0].__class__.__name__ == "Embedding":  # byte ids: token ids, trained through the Embedding
+        return loaded
+    inputs = keras.Input(tuple(model.inputs[0].shape[1:]), dtype="float32", name=model.inputs[0].name.split(":")[0])
+    twin = keras.models.clone_model(model, input_tensors=inputs)
+    twin.set_weights(model.get_weights())
+    return replace(loaded, model=twin)
 
 
 def pin_input(loaded: LoadedModel, shape: tuple[int, ...]) -> LoadedModel:

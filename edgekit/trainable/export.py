@@ -16,7 +16,7 @@ from edgekit.artifacts.manifest import trainable_manifest, write_manifest
 from edgekit.config import Quantization
 from edgekit.errors import InputError, VerificationError
 from edgekit.loading.data import Dataset, fit_to_model, load_data
-from edgekit.loading.models import load_model, load_warnings, pin_input
+from edgekit.loading.models import float_pixels, load_model, load_warnings, pin_input
 
 PARITY_TOLERANCE = 1e-5
 PARITY_RTOL = 1e-2
@@ -88,7 +88,7 @@ def _export(model: Any, data: str | Path | Dataset | None, config: TrainableConf
     from edgekit.trainable.graph import build_module, build_nodes, convert, reference_step
 
     raw = None if data is None else load_data(data)
-    loaded = load_model(model, sample=None if raw is None else raw.x[:64])
+    loaded = float_pixels(load_model(model, sample=None if raw is None else raw.x[:64]))
     if loaded.input_dtype not in ("float32", "float16", "int32", "int64"):
         raise InputError(f"on-device training takes float32, int32 or int64 inputs; this model takes "
                          f"{loaded.input_dtype}")

@@ -259,3 +259,23 @@ def test_a_keras_datasets_style_file_trains_on_its_train_split_and_evaluates_on_
     assert np.array_equal(evaluation["x"], digits.x[1500:]) and np.array_equal(evaluation["y"], digits.y[1500:])
     shares = [np.load(tmp_path / "run" / "partitions" / f"{i}.npz")["y"] for i in range(3)]
     assert sum(len(share) for share in shares) == 1500 == len(run.dataset)
+
+
+def test_a_model_taking_uint8_pixels_trains_in_rounds_and_its_final_model_keeps_its_input(digits, tmp_path):
+    """Refused as on-device training was ("integer inputs train on the device only through an Embedding layer"):
+    the devices train its float twin on their uint8 data; the final model takes uint8, as the user's did."""
+    from edgekit import _tf
+    from edgekit.federated.config import FederationConfig
+    from edgekit.federated.run import prepare_run
+
+    keras = _tf.keras3()
+    inputs = keras.Input((8, 8, 1), dtype="uint8")
+    outputs = keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(
+        inputs)))
+    np.savez(tmp_path / "pixels.npz", x=np.round(digits.x * 255).astype(np.uint8), y=digits.y)
+    run = prepare_run(keras.Model(inputs, outputs), tmp_path / "pixels.npz", tmp_path / "run",
+                      FederationConfig(clients=2), progress=False)
+    assert run.loaded.input_dtype == "uint8" and run.dataset.x.dtype == np.uint8
+    manifest = json.loads((tmp_path / "run" / "trainable" / "manifest.json").read_text())
+    assert manifest["trainable"]["input"]["dtype"] == "float32"
+    assert np.load(tmp_path / "run" / "partitions" / "0.npz")["x"].dtype == np.uint8

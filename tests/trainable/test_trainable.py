@@ -491,6 +491,39 @@ def test_a_device_reads_one_hot_labels_and_refuses_what_the_server_refuses(half_
     assert all(np.array_equal(value, trainer.get_weights()[name]) for name, value in start.items())
 
 
+def _uint8_cnn(digits):
+    keras = _tf.keras3()
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1), dtype="uint8")  # a camera's frames, as many edge models take them
+    x = keras.layers.Conv2D(8, 3, activation="relu")(keras.layers.Rescaling(1 / 255)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(keras.layers.Flatten()(x)))
+    model.compile("adam", "sparse_categorical_crossentropy")
+    pixels = np.round(digits.x * 255).astype(np.uint8)
+    model.fit(pixels[:1000], digits.y[:1000], epochs=3, verbose=0)
+    return model, pixels
+
+
+@pytest.mark.parametrize("head_only", [False, True])
+def test_a_model_taking_uint8_pixels_trains_on_the_device(digits, tmp_path, head_only):
+    """A model whose input is uint8 (a camera's frames, cast to float by its Rescaling) was refused: "on-device
+    training takes float32, int32 or int64 inputs; this model takes uint8". It trains as its float twin (same weights;
+    float32 holds every uint8 exactly): the device feeds its uint8 frames."""
+    from edgekit import Dataset, TrainableConfig, export_trainable
+
+    model, pixels = _uint8_cnn(digits)
+    model.save(tmp_path / "u8.keras")
+    data = Dataset(pixels, digits.y, "pixels")
+    result = export_trainable(tmp_path / "u8.keras", tmp_path / "tr", data=data, progress=False,
+                              config=TrainableConfig(head_only=head_only))
+    assert result.manifest["trainable"]["input"] == {"shape": [None, 8, 8, 1], "dtype": "float32"}
+    trainer = Trainer.load(tmp_path / "tr")
+    np.testing.assert_allclose(trainer.predict(pixels[1000:1100]), model.predict(pixels[1000:1100], verbose=0),
+                               atol=1e-5 if not head_only else 0.05)
+    before = trainer.get_weights()
+    local = trainer.fit_safely(pixels[1000:1300], digits.y[1000:1300], epochs=1)
+    assert local.accuracy > 80 and any(not np.array_equal(v, trainer.get_weights()[k]) for k, v in before.items())
+
+
 def test_head_only_mode_has_int8_backbone_and_trains_the_head(half_trained, tmp_path):
     with pytest.raises(InputError, match="head-only export calibrates its int8 backbone on real samples"):
         export_trainable(half_trained, None, config=TrainableConfig(head_only=True), progress=False)
