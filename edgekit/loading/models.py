@@ -110,8 +110,11 @@ def float_pixels(loaded: LoadedModel) -> LoadedModel:
     if first and first[0].__class__.__name__ == "Embedding":  # byte ids: token ids, trained through the Embedding
         return loaded
     inputs = keras.Input(tuple(model.inputs[0].shape[1:]), dtype="float32", name=model.inputs[0].name.split(":")[0])
-    twin = keras.models.clone_model(model, input_tensors=inputs)
-    twin.set_weights(model.get_weights())
+    try:
+        twin = keras.models.clone_model(model, input_tensors=inputs)
+        twin.set_weights(model.get_weights())
+    except Exception:  # noqa: BLE001 (a layer Keras cannot clone from its config: the model stays as it is, refused)
+        return loaded
     return replace(loaded, model=twin)
 
 
