@@ -177,9 +177,8 @@ class Model:
             raise InputMismatchError(f"input has shape {given}, the model expects {shape} "
                                      f"(or one sample of shape {self._sample_shape})")
         kind = x.dtype.kind
-        if self._integer_model and kind not in "iu":
-            raise InputMismatchError(
-                f"input has dtype {x.dtype}, the model expects integer token ids ({self.inputs[0].dtype})")
+        if self._integer_model:
+            self._check_integers(x)
         if kind not in "iufb":
             raise InputMismatchError(f"input has dtype {x.dtype}, the model expects numbers")
         try:
@@ -191,6 +190,19 @@ class Model:
             raise InputMismatchError(f"{self.runtime.value} rejected the input: {first_line(exc, limit=200)}") \
                 from None
         return y[0] if single else y
+
+    def _check_integers(self, x: np.ndarray) -> None:
+        """Refuse what an integer input would silently change: fractions, and values its dtype cannot hold (300 as a
+        uint8 pixel, a token id past int32) would be wrapped by the cast."""
+        want = np.dtype(self.inputs[0].dtype)
+        if x.dtype.kind not in "iub":
+            raise InputMismatchError(f"input has dtype {x.dtype}, the model expects integers ({want}: pixels or "
+                                     "token ids as the model was trained on them)")
+        if not np.can_cast(x.dtype, want) and x.size:
+            info, lo, hi = np.iinfo(want), int(x.min()), int(x.max())
+            if lo < info.min or hi > info.max:
+                raise InputMismatchError(f"input values range over [{lo}, {hi}], outside what the model's {want} "
+                                         f"input holds ({info.min}..{info.max})")
 
     def example_input(self) -> np.ndarray:
         """One all-zero sample of the model's input shape and dtype (free dimensions as 1): a smoke input."""

@@ -59,3 +59,25 @@ def test_bad_requests_raise_one_documented_type(int8_out):
                 lambda: Model.load(truncated), lambda: Model.load(int8_out / "model.tflite", runtime="coreml")):
         with pytest.raises(AgentError):
             bad()
+
+
+def test_an_integer_input_refuses_what_its_cast_would_change(tmp_path):
+    """A uint8-input model (a camera's frames) fed int32 values past 255 wrapped them silently (300 became 44) and
+    answered; fed 0-1 floats, the error spoke of "token ids". Values its dtype cannot hold are refused, naming them."""
+    from edgekit import _tf
+
+    tf = _tf.tf()
+    keras = _tf.keras()
+    inputs = keras.Input((4,), dtype="uint8")
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Rescaling(1 / 255)(inputs)))
+    (tmp_path / "u8.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    lite = Model.load(tmp_path / "u8.tflite")
+    pixels = np.array([[0, 17, 200, 255]], np.int32)
+    np.testing.assert_allclose(lite.predict(pixels), model(pixels.astype(np.uint8)).numpy(), atol=1e-5)
+    with pytest.raises(InputMismatchError, match=r"input values range over \[0, 300\], outside what the model's uint8 "
+                                                 r"input holds \(0..255\)"):
+        lite.predict(np.array([[0, 17, 300, 255]], np.int32))
+    with pytest.raises(InputMismatchError, match=r"input values range over \[-1, 255\]"):
+        lite.predict(np.array([[-1, 17, 2, 255]], np.int64))
+    with pytest.raises(InputMismatchError, match=r"input has dtype float32, the model expects integers \(uint8"):
+        lite.predict(pixels.astype(np.float32) / 255)
