@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -82,6 +83,8 @@ class _Source:
 
         notes: list[str] = []
         graph = isinstance(model, SavedModelGraph)
+        if not graph:
+            model = _static_group_norms(model)
         recurrent = not graph and has_recurrent_layer(model)
         if recurrent:
             unrolled = _unrolled(model)
@@ -662,6 +665,54 @@ def _unrolled(model: Any) -> Any | None:
 
 
 _RECURRENT = ("LSTM", "GRU", "SimpleRNN")
+
+
+def _static_group_norms(model: Any) -> Any:
+    """``model``, or a copy (same weights) whose ``GroupNormalization`` layers compute their moments without a mask.
+
+    tf-keras's layer weighs its moments by a mask of ones shaped like its input (``tf.ones_like``): with a free batch
+    dimension the converter leaves a ``BROADCAST_TO`` of a runtime shape, which LiteRT refuses to prepare ("Output
+    shape must be broadcastable from input shape"), so no ``.tflite`` was written for any model with the layer. The
+    unweighted moments are the same numbers and convert to plain ops (``SUM``, ``RSQRT``, ``MUL``...)."""
+    if not any(layer.__class__.__name__ == "GroupNormalization" for layer in model.layers):
+        return model
+    keras = _tf.keras()
+    static = _static_group_norm_class()
+
+    def swap(layer: Any) -> Any:
+        if layer.__class__ is keras.layers.GroupNormalization:
+            return static.from_config(layer.get_config())
+        return layer.__class__.from_config(layer.get_config())
+
+    try:
+        clone = keras.models.clone_model(model, clone_function=swap)
+        clone.set_weights(model.get_weights())
+    except (ValueError, TypeError):
+        return model
+    return clone
+
+
+@functools.cache
+def _static_group_norm_class() -> type:
+    tf, keras = _tf.tf(), _tf.keras()
+
+    class StaticGroupNormalization(keras.layers.GroupNormalization):  # type: ignore[misc,name-defined]
+        """tf-keras's GroupNormalization without its all-ones mask (the moments of every element, unweighted)."""
+
+        def call(self, inputs: Any, mask: Any = None) -> Any:
+            if mask is not None:
+                return super().call(inputs, mask=mask)
+            input_shape = tf.shape(inputs)
+            grouped = self._reshape_into_groups(inputs)
+            axes = list(range(1, grouped.shape.rank))
+            axes.pop(self.axis - 1)  # the groups' axis, as the layer's own _apply_normalization drops it
+            mean, variance = tf.nn.moments(grouped, axes=axes, keepdims=True)
+            gamma, beta = self._get_reshaped_weights(input_shape)
+            normalized = tf.nn.batch_normalization(grouped, mean=mean, variance=variance, scale=gamma, offset=beta,
+                                                   variance_epsilon=self.epsilon)
+            return tf.reshape(normalized, input_shape)
+
+    return StaticGroupNormalization
 
 
 def has_recurrent_layer(model: Any) -> bool:

@@ -619,6 +619,31 @@ def test_a_recurrent_int8_tflite_is_right_in_a_plain_interpreter_loop(text_model
     assert hits / len(x) * 100 >= art.accuracy - 3  # the loop agrees with what the manifest claims
 
 
+@pytest.mark.parametrize("keras_version", ["keras3", "tf-keras"])
+def test_a_group_normalization_model_gets_its_tflite(keras_version, digits, tmp_path):
+    """GroupNormalization (tf-keras's, and Keras 3's rebuilt as it) weighs its moments by a mask of ones shaped like
+    its input: the converter left a BROADCAST_TO of a runtime shape that LiteRT refuses to prepare, so no .tflite was
+    written, float32 included. The artifact computes the unweighted moments: the same numbers, plain ops."""
+    from edgekit import _tf
+    from edgekit.export.tflite import tflite_ops
+
+    keras = _tf.keras3() if keras_version == "keras3" else _tf.keras()
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.GroupNormalization(groups=4)(keras.layers.Conv2D(8, 3, padding="same")(inputs))
+    x = keras.layers.Flatten()(keras.layers.ReLU()(x))
+    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x))
+    model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
+    model.fit(digits.x, digits.y, epochs=3, verbose=0)
+    model.save(tmp_path / "gn.keras")
+    result = compress(tmp_path / "gn.keras", "digits", tmp_path / "out", progress=False,
+                      config=config(recipe=Recipe(quantize="none"), formats="tflite"))
+    art = artifact(result, "tflite")
+    assert art.conversion_max_abs_diff < 1e-4 and art.top1_agreement == 100.0
+    assert result.source["accuracy"] > 50 and "BROADCAST_TO" not in tflite_ops((tmp_path / "out" / "model.tflite")
+                                                                            .read_bytes())
+
+
 @pytest.mark.parametrize("mode", ["reestimate", "freeze", "keep"])
 def test_each_batchnorm_mode_does_what_it_says(mode):
     from edgekit import BatchNorm, _tf
