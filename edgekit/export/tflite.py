@@ -644,7 +644,7 @@ def _unrolled(model: Any) -> Any | None:
     shape = model.inputs[0].shape
     if len(shape) < 2 or shape[1] is None:
         return None
-    keras = _tf.keras()
+    from edgekit.loading.models import copy_model
 
     def unroll(layer: Any) -> Any:
         config = layer.get_config()
@@ -657,11 +657,9 @@ def _unrolled(model: Any) -> Any | None:
         return layer.__class__.from_config(config)
 
     try:
-        clone = keras.models.clone_model(model, clone_function=unroll)
-        clone.set_weights(model.get_weights())
+        return copy_model(model, clone_function=unroll)
     except (ValueError, TypeError):
         return None
-    return clone
 
 
 _RECURRENT = ("LSTM", "GRU", "SimpleRNN")
@@ -676,6 +674,8 @@ def _static_group_norms(model: Any) -> Any:
     unweighted moments are the same numbers and convert to plain ops (``SUM``, ``RSQRT``, ``MUL``...)."""
     if not any(layer.__class__.__name__ == "GroupNormalization" for layer in model.layers):
         return model
+    from edgekit.loading.models import copy_model
+
     keras = _tf.keras()
     static = _static_group_norm_class()
 
@@ -685,11 +685,9 @@ def _static_group_norms(model: Any) -> Any:
         return layer.__class__.from_config(layer.get_config())
 
     try:
-        clone = keras.models.clone_model(model, clone_function=swap)
-        clone.set_weights(model.get_weights())
+        return copy_model(model, clone_function=swap)
     except (ValueError, TypeError):
         return model
-    return clone
 
 
 @functools.cache

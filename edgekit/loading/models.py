@@ -111,8 +111,7 @@ def float_pixels(loaded: LoadedModel) -> LoadedModel:
         return loaded
     inputs = keras.Input(tuple(model.inputs[0].shape[1:]), dtype="float32", name=model.inputs[0].name.split(":")[0])
     try:
-        twin = keras.models.clone_model(model, input_tensors=inputs)
-        twin.set_weights(model.get_weights())
+        twin = copy_model(model, input_tensors=inputs)
     except Exception:  # noqa: BLE001 (a layer Keras cannot clone from its config: the model stays as it is, refused)
         return loaded
     return replace(loaded, model=twin)
@@ -166,17 +165,16 @@ def _pinned_keras(model: Any, shape: tuple[int, ...]) -> Any:
     names = getattr(model, "input_names", None) or ["input"]
     given = keras.Input(shape=shape, dtype=model.inputs[0].dtype, name=str(names[0]))
     try:
-        clone = keras.models.clone_model(model, input_tensors=given)
-        clone.set_weights(model.get_weights())
-        return clone
+        return copy_model(model, input_tensors=given)
     except Exception:  # noqa: BLE001 (a model Keras cannot clone, a subclassed one say: called whole on the input)
         return keras.Model(given, model(given), name=model.name)
 
 
-def copy_model(model: Any) -> Any:
-    """A structural copy of a tf-keras model with its own copy of the weights."""
+def copy_model(model: Any, *, input_tensors: Any = None, clone_function: Any = None) -> Any:
+    """A structural copy of a tf-keras model with its own copy of the weights (``keras.models.clone_model``: on new
+    ``input_tensors``, each layer made by ``clone_function``)."""
     keras = _tf.keras()
-    clone = keras.models.clone_model(model)
+    clone = keras.models.clone_model(model, input_tensors=input_tensors, clone_function=clone_function)
     clone.set_weights(model.get_weights())
     return clone
 
