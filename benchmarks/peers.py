@@ -218,7 +218,8 @@ def measure(name: str, work: Path) -> dict:
     start = time.perf_counter()
     mine, remedies, tried = edgekit_int8(path, train)
     edgekit_seconds = time.perf_counter() - start
-    row: dict = {"name": name, "commit": commit(), "edgekit_seconds": round(edgekit_seconds), "n": len(y),
+    row: dict = {"name": name, "commit": commit(), "machine": _cpus(), "edgekit_seconds": round(edgekit_seconds),
+                 "n": len(y),
                  "formats": {}, "edgekit_tried": tried}
     sample = x[:1]
     for fmt, found in runs.items():
@@ -288,11 +289,19 @@ def verdict(cells: dict[str, dict], n: int) -> str:
     return f"{accurate}; {ranks} of those within {BUDGET:g} points{same}"
 
 
+def _cpus() -> str:
+    """This machine's cores and CPU model (``2 cores (AMD EPYC ...)``), as a row records it."""
+    return machine().split(", Python")[0]
+
+
 def table(rows: list[dict], head: str) -> str:
+    here = _cpus()
     lines = ["| model | format | quantizer | held-out top-1 | drop vs float32 (95% margin) | bytes | time vs float32 |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         label = row["name"] if row.get("commit", head) == head else f"{row['name']} (commit {row.get('commit')})"
+        if row.get("machine", here) != here:  # rows kept from another run: each row's ratios are its own machine's
+            label += f" ({row['machine']})"
         for fmt, cells in row["formats"].items():
             base = cells["float32"]["accuracy"]
             for peer, cell in cells.items():
@@ -344,7 +353,9 @@ def main() -> int:
     write_section("peers", (
         "## edgekit's int8 against its peers (`benchmarks/peers.py`)\n\n"
         f"Measured on {machine()} with `.venv/bin/python benchmarks/peers.py` (rows measured at another commit say "
-        "so; `--models` re-measures some and keeps the others). Each model is trained on the first four fifths of "
+        "so, and name their CPU when it was recorded and differs; rows older than that record were measured on 2 "
+        "cores of this workplace whose CPU model may differ: each row's time ratios are measured within its own "
+        "run; `--models` re-measures some and keeps the others). Each model is trained on the first four fifths of "
         "its data (scikit-learn's digits, 8x8 for the CNNs and 32x32x3 for the Keras 3 applications; token ids for "
         "the transformer) and every artifact is measured on the last fifth, which edgekit never sees; the drop's "
         "margin is the paired 95% margin against float32 on those samples; time is single-sample, one thread, "
