@@ -84,15 +84,15 @@ def _resize_bilinear(x: np.ndarray, size: int) -> np.ndarray:
     return (top * (1 - wy) + bottom * wy).astype(np.float32)
 
 
-TRAIN_TEST = ("x_train", "y_train", "x_test", "y_test")
-"""The arrays of a file saved as keras.datasets splits data (``np.savez(path, x_train=..., y_train=..., x_test=...,
-y_test=...)``; Keras's own ``mnist.npz``): read as ``x``/``y`` and a held-out test split when the file has no ``x``."""
+TEST_SPLIT = ("x_test", "y_test")
+"""A file's own test split, beside its data (``x``/``y``, or ``x_train``/``y_train`` as keras.datasets splits data and
+Keras's own ``mnist.npz`` holds it): the held-out samples every accuracy is measured on (:attr:`Dataset.held_out`)."""
 
 
 def load_npz(path: str | Path, *, require_labels: bool = False) -> Dataset:
-    """Load an ``.npz`` file holding ``x`` (samples) and optionally ``y`` (integer labels), or the train and test
-    splits keras.datasets files hold (:data:`TRAIN_TEST`: ``x_train``/``y_train`` are the data, ``x_test``/``y_test``
-    its :attr:`Dataset.held_out` evaluation samples).
+    """Load an ``.npz`` file holding ``x`` (samples) and optionally ``y`` (integer labels), or ``x_train`` and
+    ``y_train`` as keras.datasets names them; ``x_test``/``y_test`` beside either are its :attr:`Dataset.held_out`
+    test split (:data:`TEST_SPLIT`).
 
     Sizes are checked from the array headers before anything is allocated (at most
     :func:`device_agents.files.max_array_bytes` for all arrays together; ``EDGEKIT_MAX_ARRAY_BYTES`` sets it),
@@ -104,21 +104,21 @@ def load_npz(path: str | Path, *, require_labels: bool = False) -> Dataset:
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"  # a folder of images, say: edgekit reads arrays
         raise DataError(f"data file {path} {what}; give an .npz file with arrays 'x' and 'y', or 'digits'")
+    present = _array_names(path)
+    x_name, y_name = ("x", "y") if "x" in present or "x_train" not in present else ("x_train", "y_train")
     try:
-        names = ("x", "y") if "x" in _array_names(path) else TRAIN_TEST
-        arrays = read_npz(path, names=names, max_bytes=max_array_bytes(MAX_ARRAY_BYTES))
+        arrays = read_npz(path, names=(x_name, y_name, *TEST_SPLIT), max_bytes=max_array_bytes(MAX_ARRAY_BYTES))
     except UnsafeFileError as exc:
         raise DataError(str(exc)) from None
-    if "x" not in arrays and "x_train" in arrays:
-        return _train_test(arrays, path, require_labels)
-    if "x" not in arrays:
-        keys = sorted(_array_names(path))
-        raise DataError(f"{path} has no array 'x' (it has: {', '.join(keys) or 'none'}); "
+    if x_name not in arrays:
+        raise DataError(f"{path} has no array 'x' (it has: {', '.join(sorted(present)) or 'none'}); "
                         "save samples as x, labels as y: np.savez(path, x=..., y=...)")
-    x, y = arrays["x"], arrays.get("y")
-    if y is None and require_labels:
-        raise DataError(f"{path} has no array 'y'; labels are needed here: np.savez(path, x=..., y=...)")
-    return _check_arrays(x, y, str(path))
+    if y_name not in arrays and require_labels:
+        raise DataError(f"{path} has no array '{y_name}'; labels are needed here: np.savez(path, {x_name}=..., "
+                        f"{y_name}=...)")
+    name = str(path) if x_name == "x" else f"{path} (x_train)"
+    data = _check_arrays(arrays[x_name], arrays.get(y_name), name)
+    return data if "x_test" not in arrays else replace(data, held_out=_test_split(arrays, data, path, y_name))
 
 
 def _array_names(path: Path) -> set[str]:
@@ -132,22 +132,16 @@ def _array_names(path: Path) -> set[str]:
         return set()
 
 
-def _train_test(arrays: dict[str, np.ndarray], path: Path, require_labels: bool) -> Dataset:
-    """A keras.datasets-style file: ``x_train``/``y_train`` as the data, ``x_test``/``y_test`` held out."""
-    if require_labels and "y_train" not in arrays:
-        raise DataError(f"{path} has no array 'y_train'; labels are needed here: np.savez(path, x_train=..., "
-                        "y_train=...)")
-    held_out = None
-    if "x_test" in arrays:
-        if ("y_train" in arrays) != ("y_test" in arrays):
-            have, lack = ("y_train", "y_test") if "y_train" in arrays else ("y_test", "y_train")
-            raise DataError(f"{path} has {have} but no {lack}; give labels for both splits or for neither")
-        held_out = _check_arrays(arrays["x_test"], arrays.get("y_test"), f"{path} (x_test)")
-    train = _check_arrays(arrays["x_train"], arrays.get("y_train"), f"{path} (x_train)")
-    if held_out is not None and held_out.x.shape[1:] != train.x.shape[1:]:
-        raise DataError(f"{path}: x_train's samples have shape {train.x.shape[1:]} but x_test's "
-                        f"{held_out.x.shape[1:]}; both splits must hold samples of one shape")
-    return Dataset(train.x, train.y, train.name, held_out=held_out)
+def _test_split(arrays: dict[str, np.ndarray], data: Dataset, path: Path, y_name: str) -> Dataset:
+    """The file's ``x_test``/``y_test``, checked against its data: labelled when the data is, samples of one shape."""
+    if (y_name in arrays) != ("y_test" in arrays):
+        have, lack = (y_name, "y_test") if y_name in arrays else ("y_test", y_name)
+        raise DataError(f"{path} has {have} but no {lack}; give labels for both splits or for neither")
+    test = _check_arrays(arrays["x_test"], arrays.get("y_test"), f"{path} (x_test)")
+    if test.x.shape[1:] != data.x.shape[1:]:
+        raise DataError(f"{path}: the data's samples have shape {data.x.shape[1:]} but x_test's "
+                        f"{test.x.shape[1:]}; both splits must hold samples of one shape")
+    return test
 
 
 def _check_arrays(x: np.ndarray, y: np.ndarray | None, name: str) -> Dataset:

@@ -70,12 +70,14 @@ def test_a_keras_datasets_style_file_is_read_as_its_train_and_test_splits(tmp_pa
     assert load_data(data).held_out is not None  # a Dataset passed through keeps its test split
     np.savez(tmp_path / "both.npz", x=x, y=y, x_train=x[:20], y_train=y[:20])  # x and y win: the file's own names
     assert len(load_data(tmp_path / "both.npz")) == 30 and load_data(tmp_path / "both.npz").held_out is None
+    np.savez(tmp_path / "xy_test.npz", x=x[:20], y=y[:20], x_test=x[20:], y_test=y[20:])  # x/y beside a test split
+    assert len(load_data(tmp_path / "xy_test.npz")) == 20 and len(load_data(tmp_path / "xy_test.npz").held_out) == 10
     np.savez(tmp_path / "train.npz", x_train=x, y_train=y)
     assert len(load_data(tmp_path / "train.npz")) == 30 and load_data(tmp_path / "train.npz").held_out is None
     for name, arrays, message in (
             ("half", {"x_train": x, "y_train": y, "x_test": x}, "has y_train but no y_test; give labels for both"),
             ("shape", {"x_train": x, "y_train": y, "x_test": x[:, :2], "y_test": y},
-             r"x_train's samples have shape \(4,\) but x_test's \(2,\)"),
+             r"the data's samples have shape \(4,\) but x_test's \(2,\)"),
             ("nan", {"x_train": x, "x_test": np.full((3, 4), np.nan)}, r"\(x_test\): x holds 12 NaN/inf values"),
             ("test-only", {"x_test": x, "y_test": y}, r"has no array 'x' \(it has: x_test, y_test\)")):
         np.savez(tmp_path / f"{name}.npz", **arrays)
