@@ -92,7 +92,7 @@ Keras's own ``mnist.npz`` holds it): the held-out samples every accuracy is meas
 def load_npz(path: str | Path, *, require_labels: bool = False) -> Dataset:
     """Load an ``.npz`` file holding ``x`` (samples) and optionally ``y`` (integer labels), or ``x_train`` and
     ``y_train`` as keras.datasets names them; ``x_test``/``y_test`` beside either are its :attr:`Dataset.held_out`
-    test split (:data:`TEST_SPLIT`).
+    test split (:data:`TEST_SPLIT`). A single ``.npy`` array is read as ``x`` (samples without labels).
 
     Sizes are checked from the array headers before anything is allocated (at most
     :func:`device_agents.files.max_array_bytes` for all arrays together; ``EDGEKIT_MAX_ARRAY_BYTES`` sets it),
@@ -107,7 +107,8 @@ def load_npz(path: str | Path, *, require_labels: bool = False) -> Dataset:
     present = _array_names(path)
     x_name, y_name = ("x", "y") if "x" in present or "x_train" not in present else ("x_train", "y_train")
     try:
-        arrays = read_npz(path, names=(x_name, y_name, *TEST_SPLIT), max_bytes=max_array_bytes(MAX_ARRAY_BYTES))
+        arrays = read_npz(path, names=(x_name, y_name, *TEST_SPLIT), max_bytes=max_array_bytes(MAX_ARRAY_BYTES),
+                          single_array="x")  # a single .npy array is samples without labels
     except UnsafeFileError as exc:
         raise DataError(str(exc)) from None
     if x_name not in arrays:

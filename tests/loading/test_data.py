@@ -88,6 +88,19 @@ def test_a_keras_datasets_style_file_is_read_as_its_train_and_test_splits(tmp_pa
         load_data(tmp_path / "unlabelled.npz", require_labels=True)
 
 
+def test_a_single_npy_array_is_samples_without_labels(tmp_path):
+    """The device agent took `--input x.npy`; compress refused `--data x.npy` ("a single .npy array, not an .npz")."""
+    x = np.random.default_rng(0).random((12, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    data = load_data(tmp_path / "x.npy")
+    assert np.array_equal(data.x, x) and data.y is None and data.held_out is None
+    with pytest.raises(DataError, match="x.npy has no array 'y'; labels are needed here"):
+        load_data(tmp_path / "x.npy", require_labels=True)
+    np.save(tmp_path / "objects.npy", np.array([object()] * 3, dtype=object))
+    with pytest.raises(DataError, match="holds Python objects"):
+        load_data(tmp_path / "objects.npy")
+
+
 def test_corrupt_and_missing_npz(tmp_path):
     (tmp_path / "c.npz").write_bytes(b"PK\x03\x04 not a zip after all")
     with pytest.raises(DataError, match="not a readable .npz"):
@@ -172,7 +185,7 @@ def test_a_lying_header_and_a_pickle_are_refused(tmp_path):
     with pytest.raises(DataError, match=r"declares shape \(1000000000, 64\)"):
         load_npz(tmp_path / "lie.npz")
     _npz_with_header(tmp_path / "short.npz", (1000,), b"\0" * 40)
-    with pytest.raises(DataError, match="not a readable .npz file"):
+    with pytest.raises(DataError, match=r"not a readable .npz \(or .npy\) file"):
         load_npz(tmp_path / "short.npz")
     np.savez(tmp_path / "obj.npz", x=np.array([{"a": 1}, None], dtype=object))
     with pytest.raises(DataError, match="holds Python objects"):
