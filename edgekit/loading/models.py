@@ -602,11 +602,16 @@ def ends_in_softmax(model: Any) -> bool:
 
 
 def _last_activation(model: Any) -> str:
-    """The name of the activation the model's last layer applies (``"softmax"`` for a ``Softmax`` layer, ``""`` for
-    a layer without one)."""
-    layer = model.layers[-1]
-    while hasattr(layer, "layers") and layer.layers:  # a nested model at the end
-        layer = layer.layers[-1]
-    if layer.__class__.__name__ == "Softmax":
-        return "softmax"
-    return getattr(getattr(layer, "activation", None), "__name__", "")
+    """The name of the activation that makes the model's output (``"softmax"`` for a ``Softmax`` layer or a Keras 3
+    ``ops.softmax`` node, ``""`` for a layer without one)."""
+    layer = _output_layer(model)
+    named = {"Softmax": "softmax", "Sigmoid": "sigmoid"}.get(layer.__class__.__name__)  # a layer, or an op node
+    return named or getattr(getattr(layer, "activation", None), "__name__", "")
+
+
+def _output_layer(model: Any) -> Any:
+    """The layer (or Keras 3 op node) that makes the model's output, inside a nested model at the end too."""
+    outputs = getattr(model, "outputs", None)
+    history = getattr(outputs[0], "_keras_history", None) if outputs else None
+    layer = history[0] if history else model.layers[-1]
+    return _output_layer(layer) if hasattr(layer, "layers") and layer.layers else layer

@@ -278,8 +278,8 @@ class _Builder:
 
     def _built(self, spec: dict, name: str) -> Any:
         """The callable of one entry of a model config: a layer, an op node, or a nested model (inlined)."""
-        if str(spec.get("module", "")).startswith("keras.src.ops"):  # `x + y`, `x * 0.5` in a Keras 3 model
-            return _OpNode(spec["class_name"], name)
+        if str(spec.get("module", "")).startswith("keras.src.ops"):  # `x + y`, `ops.softmax(x)` in a Keras 3 model
+            return _OpNode(spec["class_name"], name, spec.get("config") or {})
         if spec["class_name"] in _MODEL_CLASSES:
             if self.flatten:
                 return _Inlined(self, spec["class_name"], spec["config"])
@@ -391,16 +391,20 @@ def _has_nested(config: dict) -> bool:
 
 
 class _OpNode:
-    """A Keras 3 arithmetic op node (``x + y``, ``x * 0.5``) as the standard tf-keras layer doing the same: a merge
-    layer for two tensors, ``Rescaling`` for a tensor and a number (serializable, no code in the saved model)."""
+    """A Keras 3 op node (``x + y``, ``x * 0.5``, ``ops.softmax(x)``) as the standard tf-keras layer doing the same: a
+    merge layer for two tensors, ``Rescaling`` for a tensor and a number, an activation layer for an activation
+    (serializable, no code in the saved model)."""
 
     _MERGE = {"Add": "Add", "Subtract": "Subtract", "Multiply": "Multiply"}
+    _ACTIVATIONS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}
 
-    def __init__(self, op: str, name: str) -> None:
-        self.op, self.name = op, name
+    def __init__(self, op: str, name: str, config: dict) -> None:
+        self.op, self.name, self.config = op, name, config
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         keras = _tf.keras()
+        if len(args) == 1 and not kwargs and not isinstance(args[0], (int, float)):
+            return self._activation(keras)(args[0])
         numbers = [a for a in args if isinstance(a, (int, float))]
         tensors = [a for a in args if not isinstance(a, (int, float))]
         if kwargs or len(args) != 2:
@@ -411,6 +415,15 @@ class _OpNode:
         if len(tensors) == 1 and numbers:
             scale, offset = self._affine(float(numbers[0]), tensor_first=not isinstance(args[0], (int, float)))
             return keras.layers.Rescaling(scale, offset=offset, name=self.name)(tensors[0])
+        raise ModelLoadError(f"cannot rebuild the Keras 3 model as tf-keras: op '{self.name}' ({self.op}) "
+                             "has no tf-keras layer")
+
+    def _activation(self, keras: Any) -> Any:
+        """The tf-keras layer of a one-tensor activation op (``ops.softmax(x, axis)``, ``ops.relu(x)``...)."""
+        if self.op == "Softmax":
+            return keras.layers.Softmax(axis=self.config.get("axis", -1), name=self.name)
+        if self.op in self._ACTIVATIONS:
+            return keras.layers.Activation(self._ACTIVATIONS[self.op], name=self.name)
         raise ModelLoadError(f"cannot rebuild the Keras 3 model as tf-keras: op '{self.name}' ({self.op}) "
                              "has no tf-keras layer")
 

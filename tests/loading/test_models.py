@@ -115,6 +115,25 @@ def test_the_rebuild_is_generic_ops_keras3_activations_shared_and_nested_layers(
     np.testing.assert_allclose(again.model(x).numpy(), model(x).numpy(), atol=1e-5)
 
 
+def test_activation_op_nodes_are_rebuilt_and_a_softmax_op_output_is_read_as_probabilities(tmp_path):
+    """`ops.softmax(logits)` as a functional model's output (an op node, not a layer) was not rebuilt (the model lost
+    its training paths) and, judged by its last *layer* (a linear Dense), its probabilities were written to the
+    manifest as logits, which a device's trainer softmaxes again. Activation op nodes rebuild as tf-keras layers and
+    the output's own producer says what it is."""
+    keras = _tf.keras3()
+    ops = keras.ops
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8,))
+    hidden = ops.tanh(ops.relu(keras.layers.Dense(8)(inp)))
+    model = keras.Model(inp, ops.softmax(keras.layers.Dense(4)(ops.sigmoid(hidden))))
+    model.save(tmp_path / "ops.keras")
+    loaded = load_model(tmp_path / "ops.keras")
+    assert loaded.model is not None and loaded.rebuild_max_abs_diff <= 1e-5 and loaded.outputs_probabilities
+    sigmoids = keras.Model(inp, ops.sigmoid(keras.layers.Dense(4)(inp)))  # four independent 0-1 values
+    with pytest.raises(ModelLoadError, match="the model ends in 4 sigmoids"):
+        load_model(sigmoids)
+
+
 def test_a_masked_recurrent_model_is_rebuilt_and_converts_to_tflite(tmp_path):
     """keras.io's "Masking and padding": Keras 3 records a Masking layer's mask as two op nodes (not_equal, any)
     passed on as mask=; the rebuild refused ("op 'not_equal' (NotEqual) has no tf-keras layer"), the graph kept the
