@@ -108,6 +108,11 @@ def load_graph(path: Path, *, temporary: bool = False, params: int | None = None
                              "edgekit handles single-input, single-output classifiers")
     name, spec = next(iter(inputs.items()))
     refuse_text_input(spec.dtype.name, source=str(path))
+    if spec.shape.rank and spec.shape[0] is not None:  # exported for one batch size (PyTorch/ONNX conversions often)
+        free = ", ".join(["None", *("None" if d is None else str(d) for d in spec.shape[1:])])
+        raise ModelLoadError(f"{path}: the serving signature takes a fixed batch of {spec.shape[0]} (input "
+                             f"{tuple(spec.shape)}); edgekit calibrates, verifies and serves batches of any size: "
+                             f"export the model with a free batch dimension (tf.TensorSpec([{free}]))")
     out_shape = next(iter(outputs.values())).shape
     if len(out_shape) != 2 or out_shape[-1] is None:
         raise ModelLoadError(f"{path}: the serving output has shape {tuple(out_shape)}; edgekit handles classifiers "

@@ -341,6 +341,25 @@ def test_a_keras3_subclassed_model_loaded_from_its_file_is_called_before_its_exp
     assert result.selected.artifacts[0].top1_agreement == 100.0 and (tmp_path / "out" / "model.tflite").is_file()
 
 
+def test_a_savedmodel_exported_for_one_batch_size_is_refused_in_one_line(tmp_path):
+    """A SavedModel whose signature fixes the batch (PyTorch -> ONNX -> TensorFlow conversions often export batch 1)
+    loaded, then every prediction on a batch of samples ended in an internal error (InvalidArgumentError, exit 70)."""
+    from conftest import assert_one_line_error, run_cli
+
+    tf = _tf.tf()
+    module = tf.Module()
+    module.w = tf.Variable(np.full((64, 10), 0.01, np.float32))
+    module.serve = tf.function(lambda x: {"output_0": tf.nn.softmax(tf.reshape(x, [1, 64]) @ module.w)},
+                               input_signature=[tf.TensorSpec([1, 8, 8, 1], tf.float32, name="x")])
+    tf.saved_model.save(module, str(tmp_path / "batch1"), signatures={"serving_default": module.serve})
+    with pytest.raises(ModelLoadError, match=r"takes a fixed batch of 1 \(input \(1, 8, 8, 1\)\); .* export the "
+                                             r"model with a free batch dimension "
+                                             r"\(tf.TensorSpec\(\[None, 8, 8, 1\]\)\)"):
+        load_model(tmp_path / "batch1")
+    proc = run_cli("compress", str(tmp_path / "batch1"), "--out", str(tmp_path / "out"), "--quiet")
+    assert_one_line_error(proc, 2, "takes a fixed batch of 1")
+
+
 def test_a_savedmodel_whose_graph_writes_files_is_refused_before_it_runs(tmp_path):
     tf = _tf.tf()
     marker = tmp_path / "GRAPH_RAN"
