@@ -198,16 +198,10 @@ def fit_to_model(data: Dataset, input_shape: tuple[int | None, ...], input_dtype
                             "own data as an .npz with x (samples) and y (labels)")
         raise DataError(
             f"{data.name}: x has shape {x.shape} but the model expects {shape_text(input_shape)}; "
-            "reshape or resize the samples to the model's input"
+            f"{_reshape_hint(sample_shape, input_shape)}"
         )
     if np.issubdtype(np.dtype(input_dtype), np.integer):
-        if np.issubdtype(x.dtype, np.floating):
-            if not np.equal(np.mod(x, 1), 0).all():
-                raise DataError(
-                    f"{data.name}: the model takes integer token ids but x holds fractional values; "
-                    "give token ids as integers"
-                )
-        x = x.astype(input_dtype)
+        x = _integers(x, np.dtype(input_dtype), data.name)
     else:
         x = x.astype(np.float32)
     if data.y is not None:
@@ -219,6 +213,31 @@ def fit_to_model(data: Dataset, input_shape: tuple[int | None, ...], input_dtype
                 f"(valid labels 0..{num_classes - 1}); check y or the model's output layer"
             )
     return Dataset(x, data.y, data.name)
+
+
+def _reshape_hint(sample_shape: tuple[int, ...], input_shape: tuple[int | None, ...]) -> str:
+    """What to do about samples of the wrong shape: a transpose when they hold the model's dimensions in another
+    order (channels last for a channels-first model, as PyTorch exports take), else a reshape or resize."""
+    if None not in input_shape and len(sample_shape) == 3 and sorted(sample_shape) == sorted(input_shape):
+        for order in ((2, 0, 1), (1, 2, 0)):
+            if tuple(sample_shape[i] for i in order) == tuple(input_shape):
+                axes = ", ".join(str(i + 1) for i in order)
+                return (f"the same dimensions in another order (channels {'first' if order[0] == 2 else 'last'} in "
+                        f"the model): transpose the samples, np.transpose(x, (0, {axes}))")
+    return "reshape or resize the samples to the model's input"
+
+
+def _integers(x: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+    """``x`` as the model's integer input dtype: whole numbers its dtype holds (a cast would wrap 300 to 44 in uint8
+    and truncate 0.5 to 0), else :class:`DataError`."""
+    if np.issubdtype(x.dtype, np.floating) and not np.equal(np.mod(x, 1), 0).all():
+        raise DataError(f"{name}: the model takes integers ({dtype}: pixels or token ids) but x holds fractional "
+                        "values; give x as the model was trained on it")
+    info = np.iinfo(dtype)
+    if x.size and (x.min() < info.min or x.max() > info.max):
+        raise DataError(f"{name}: x ranges over [{x.min():g}, {x.max():g}], outside what the model's {dtype} input "
+                        f"holds ({info.min}..{info.max})")
+    return x.astype(dtype)
 
 
 def split(data: Dataset, *, seed: int = 0, eval_data: Dataset | None = None,

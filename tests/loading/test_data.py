@@ -121,8 +121,27 @@ def test_fit_to_model_checks_shape_labels_and_casts():
     with pytest.raises(DataError, match=r"labels range over \[0, 9\] but the model has 5 classes"):
         fit_to_model(ds, (8, 8, 1), "float32", 5)
     tokens = Dataset(np.array([[1.5, 2.0]] * 10), None)
-    with pytest.raises(DataError, match="integer token ids"):
+    with pytest.raises(DataError, match=r"takes integers \(int32: pixels or token ids\)"):
         fit_to_model(tokens, (2,), "int32", 3)
+
+
+def test_channels_in_another_order_and_integers_a_dtype_cannot_hold_are_named():
+    """Channels-last samples for a channels-first model (a PyTorch export) were told to "reshape or resize"; floats
+    for a uint8 model were "token ids", and 300.0 was cast to 44 silently."""
+    x = np.zeros((4, 32, 32, 3), np.float32)
+    with pytest.raises(DataError, match=r"channels first in the model\): transpose the samples, "
+                                        r"np.transpose\(x, \(0, 3, 1, 2\)\)"):
+        fit_to_model(Dataset(x, None), (3, 32, 32), "float32", 10)
+    with pytest.raises(DataError, match=r"channels last in the model\): transpose the samples, "
+                                        r"np.transpose\(x, \(0, 2, 3, 1\)\)"):
+        fit_to_model(Dataset(np.zeros((4, 3, 32, 32)), None), (32, 32, 3), "float32", 10)
+    pixels = np.array([[0.0, 17.0, 255.0]] * 2)
+    assert fit_to_model(Dataset(pixels, None), (3,), "uint8", 2).x.dtype == np.uint8
+    with pytest.raises(DataError, match=r"x ranges over \[0, 300\], outside what the model's uint8 input holds"):
+        fit_to_model(Dataset(pixels + [0, 0, 45], None), (3,), "uint8", 2)
+    with pytest.raises(DataError, match=r"the model takes integers \(uint8: pixels or token ids\) but x holds "
+                                        r"fractional values"):
+        fit_to_model(Dataset(pixels / 255, None), (3,), "uint8", 2)
 
 
 def test_the_embedded_default_that_does_not_fit_says_it_is_the_default(tmp_path):
