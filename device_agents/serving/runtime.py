@@ -175,7 +175,8 @@ class Model:
         if x.ndim != self._rank or (x.shape[1:] != self._sample_shape and not self._shape_fits(x.shape)):
             shape = "(n, " + ", ".join("?" if d == -1 else str(d) for d in self._sample_shape) + ")"
             raise InputMismatchError(f"input has shape {given}, the model expects {shape} "
-                                     f"(or one sample of shape {self._sample_shape})")
+                                     f"(or one sample of shape {self._sample_shape}); "
+                                     f"{reshape_hint(tuple(given[1:] if not single else given), self._sample_shape)}")
         kind = x.dtype.kind
         if self._integer_model:
             self._check_integers(x)
@@ -220,6 +221,23 @@ class _Backend:
 
     def run(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def reshape_hint(sample_shape: tuple[int, ...], input_shape: tuple[int | None, ...]) -> str:
+    """What to do about samples of the wrong shape: a transpose when they hold the model's dimensions in another
+    order (channels last for a channels-first model, as PyTorch exports take), else a reshape or resize.
+
+    >>> reshape_hint((32, 32, 3), (3, 32, 32)).split(": ")[-1]
+    'transpose the samples, np.transpose(x, (0, 3, 1, 2))'
+    """
+    if len(sample_shape) == 3 and all(d is not None and d > 0 for d in input_shape) and \
+            sorted(sample_shape) == sorted(input_shape):
+        for order in ((2, 0, 1), (1, 2, 0)):
+            if tuple(sample_shape[i] for i in order) == tuple(input_shape):
+                axes = ", ".join(str(i + 1) for i in order)
+                return (f"the same dimensions in another order (channels {'first' if order[0] == 2 else 'last'} in "
+                        f"the model): transpose the samples, np.transpose(x, (0, {axes}))")
+    return "reshape or resize the samples to the model's input"
 
 
 def _quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:

@@ -184,6 +184,8 @@ def fit_to_model(data: Dataset, input_shape: tuple[int | None, ...], input_dtype
 
     ``input_shape`` excludes the batch dimension; ``None`` entries accept any size.
     """
+    from device_agents.serving.runtime import reshape_hint
+
     x = data.x
     sample_shape = tuple(x.shape[1:])
     if len(sample_shape) == len(input_shape) - 1 and input_shape[-1] == 1:
@@ -198,7 +200,7 @@ def fit_to_model(data: Dataset, input_shape: tuple[int | None, ...], input_dtype
                             "own data as an .npz with x (samples) and y (labels)")
         raise DataError(
             f"{data.name}: x has shape {x.shape} but the model expects {shape_text(input_shape)}; "
-            f"{_reshape_hint(sample_shape, input_shape)}"
+            f"{reshape_hint(sample_shape, input_shape)}"
         )
     if np.issubdtype(np.dtype(input_dtype), np.integer):
         x = _integers(x, np.dtype(input_dtype), data.name)
@@ -213,18 +215,6 @@ def fit_to_model(data: Dataset, input_shape: tuple[int | None, ...], input_dtype
                 f"(valid labels 0..{num_classes - 1}); check y or the model's output layer"
             )
     return Dataset(x, data.y, data.name)
-
-
-def _reshape_hint(sample_shape: tuple[int, ...], input_shape: tuple[int | None, ...]) -> str:
-    """What to do about samples of the wrong shape: a transpose when they hold the model's dimensions in another
-    order (channels last for a channels-first model, as PyTorch exports take), else a reshape or resize."""
-    if None not in input_shape and len(sample_shape) == 3 and sorted(sample_shape) == sorted(input_shape):
-        for order in ((2, 0, 1), (1, 2, 0)):
-            if tuple(sample_shape[i] for i in order) == tuple(input_shape):
-                axes = ", ".join(str(i + 1) for i in order)
-                return (f"the same dimensions in another order (channels {'first' if order[0] == 2 else 'last'} in "
-                        f"the model): transpose the samples, np.transpose(x, (0, {axes}))")
-    return "reshape or resize the samples to the model's input"
 
 
 def _integers(x: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:

@@ -81,3 +81,16 @@ def test_an_integer_input_refuses_what_its_cast_would_change(tmp_path):
         lite.predict(np.array([[-1, 17, 2, 255]], np.int64))
     with pytest.raises(InputMismatchError, match=r"input has dtype float32, the model expects integers \(uint8"):
         lite.predict(pixels.astype(np.float32) / 255)
+
+
+def test_samples_with_the_channels_in_another_order_are_told_the_transpose(tmp_path):
+    from edgekit import _tf
+
+    tf, keras = _tf.tf(), _tf.keras()
+    inputs = keras.Input((3, 4, 4))  # channels first, as a PyTorch export takes its images
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(inputs)))
+    lite = Model.load(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    with pytest.raises(InputMismatchError, match=r"input has shape \(2, 4, 4, 3\), .*channels first in the model\): "
+                                                 r"transpose the samples, np.transpose\(x, \(0, 3, 1, 2\)\)"):
+        lite.predict(np.zeros((2, 4, 4, 3), np.float32))
+    assert lite.predict(np.zeros((2, 4, 4, 3), np.float32).transpose(0, 3, 1, 2)).shape == (2, 2)
