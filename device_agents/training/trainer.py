@@ -178,10 +178,9 @@ class Trainer:
         return self._fit_features(feats, y, epochs=epochs, learning_rate=self._rate(learning_rate), mu=mu,
                                   momentum=momentum, seed=seed, frozen=frozen)
 
-    def _training_data(self, x: np.ndarray, y: np.ndarray, what: str = "training data") -> tuple[np.ndarray,
-                                                                                                   np.ndarray]:
+    def _training_data(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(features, int32 labels) of a training set, checked (:mod:`device_agents.training.samples`)."""
-        x, y = self._labelled(x, y, what)
+        x, y = self._labelled(x, y, "training data")
         return self.features(x), y.astype(np.int32)
 
     def _labelled(self, x: np.ndarray, y: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:

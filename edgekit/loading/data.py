@@ -23,8 +23,8 @@ class Dataset:
     x: np.ndarray
     y: np.ndarray | None
     name: str = "data"
-    # the file's own test split (x_test/y_test beside x_train/y_train, as keras.datasets saves them): the held-out
-    # samples a command evaluates on when it is given no other evaluation data
+    # the file's own test split (x_test/y_test beside x/y or x_train/y_train, as keras.datasets saves them): the
+    # held-out samples a command evaluates on when it is given no other evaluation data
     held_out: Dataset | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
