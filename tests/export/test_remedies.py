@@ -782,13 +782,20 @@ def test_a_size_rung_is_kept_only_within_the_tolerance_the_budget_and_the_time(s
 
 
 def test_latency_ratio_of_an_artifact_against_itself_is_about_one(cnn, digits):
-    """The side-by-side timing: blocks sized by time (a tiny model's block is many calls, not timer noise)."""
+    """The side-by-side timing: blocks sized by time (a tiny model's block is many calls, not timer noise).
+
+    The median of three measurements: a fresh clone's make test read 1.83 once for an artifact against itself (four
+    workers on two cores; thread CPU time does not exclude a busy sibling hyperthread). A biased measurement is off
+    in every run and still fails; one unlucky run of 8 blocks does not."""
+    import statistics
+
     from edgekit.config import Quantization
     from edgekit.export.verify import latency_ratio
 
     data, _ = EXPORTERS[Format.TFLITE].convert(cnn, quantization=Quantization.NONE, calibration=digits.x[:10],
                                                int8_io=False)
-    assert 0.6 < latency_ratio(data, data, digits.x[:1], threads=1) < 1.6
+    ratios = [latency_ratio(data, data, digits.x[:1], threads=1) for _ in range(3)]
+    assert 0.6 < statistics.median(ratios) < 1.6, ratios
 
 
 def test_latency_ratio_is_not_biased_by_other_processes_on_the_machine(cnn, digits):
