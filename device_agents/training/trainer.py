@@ -127,11 +127,8 @@ class Trainer:
         want = tuple(self.spec["input"]["shape"][1:])
         if tuple(x.shape[1:]) != want:
             raise InputMismatchError(f"x has shape {x.shape}, the model expects (n, {', '.join(map(str, want))})")
-        if y is not None:
-            if len(y) != len(x):
-                raise InputMismatchError(f"x has {len(x)} samples but y has {len(y)}")
-            if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
-                raise InputMismatchError(f"labels must be in 0..{self.num_classes - 1}")
+        if y is not None and len(y) and (y.min() < 0 or y.max() >= self.num_classes):  # one per sample: class_labels
+            raise InputMismatchError(f"labels must be in 0..{self.num_classes - 1}")
 
     # -- training ------------------------------------------------------------------------------
     def train_step(self, x: np.ndarray, y: np.ndarray, *, learning_rate: float, mu: float = 0.0,
