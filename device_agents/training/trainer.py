@@ -27,6 +27,9 @@ DIVERGED_MARGIN = 0.1
 not finite): SGD on the data it trains on does not raise that loss unless the step is too large."""
 MAX_BACKOFFS = 4
 """How many times :meth:`Trainer.fit_safely` halves the learning rate (down to 1/16 of it)."""
+TRAIN_INPUTS = ("x", "y", "sample_weight", "learning_rate", "mu", "momentum", "dropout", "dropout_noise")
+"""The inputs of the artifact's ``train`` signature this agent feeds (the manifest's ``trainable.signatures``
+lists an artifact's own: one exported before ``momentum``, ``dropout`` or ``dropout_noise`` lacks them)."""
 
 
 @dataclass(frozen=True)
@@ -74,14 +77,26 @@ class Trainer:
         # an artifact exported before the train signature had a momentum input trains plain SGD only; one
         # exported before it had a dropout input trains with its Dropout layers off
         train_inputs = (spec.get("signatures") or {}).get("train", ())
+        unknown = sorted(set(train_inputs) - set(TRAIN_INPUTS))
+        if unknown:
+            raise ArtifactError(f"the trainable artifact's train step takes {', '.join(unknown)}, which this agent "
+                                f"does not know: update the device agent to one as new as the exporting edgekit")
         self.has_momentum = "momentum" in train_inputs
         self.has_dropout = "dropout" in train_inputs
+        # the uniform draws of one step's dropout masks (an artifact exported before it draws its own at random)
+        self.noise_size = self._noise_size() if "dropout_noise" in train_inputs else 0
         dtype = str(spec.get("input", {}).get("dtype", "float32"))
         if dtype not in ("float32", "int32", "int64"):
             raise ArtifactError(f"the trainable artifact's input dtype {dtype!r} is not float32, int32 or int64")
         self.input_dtype = np.dtype(dtype)  # token ids of a text model (its backbone's or its Embedding's input)
         # what the train/infer signatures take: the backbone's float features, else the model's own input
         self._x_dtype = np.dtype(np.int32) if self._backbone is None and dtype != "float32" else np.dtype(np.float32)
+
+    def _noise_size(self) -> int:
+        details = self._train.get_input_details().get("dropout_noise")
+        if details is None or len(details["shape"]) != 1:
+            raise ArtifactError("the trainable artifact's manifest lists a dropout_noise input its train step lacks")
+        return int(details["shape"][0])
 
     @classmethod
     def from_bytes(cls, data: bytes, manifest: dict[str, Any], **kwargs: Any) -> Trainer:
@@ -132,22 +147,26 @@ class Trainer:
 
     # -- training ------------------------------------------------------------------------------
     def train_step(self, x: np.ndarray, y: np.ndarray, *, learning_rate: float, mu: float = 0.0,
-                   momentum: float = 0.0, sample_weight: np.ndarray | None = None, dropout: float = 1.0) -> float:
+                   momentum: float = 0.0, sample_weight: np.ndarray | None = None, dropout: float = 1.0,
+                   rng: np.random.Generator | None = None) -> float:
         """One SGD step on exactly one batch (already features in head-only mode); returns the loss.
 
         ``momentum``: heavy-ball momentum in [0, 1); its velocity lives in the artifact and is zeroed by
         :meth:`set_weights`. ``dropout`` scales the rates of the model's Dropout layers: 1 drops units as Keras's
-        training mode does (a fresh random mask every step; :meth:`predict` never drops), 0 keeps every unit (an
-        artifact exported before the train signature had a dropout input trains with them off).
+        training mode does (a fresh mask every step, drawn from ``rng``, or at random without it; :meth:`predict`
+        never drops), 0 keeps every unit (an artifact exported before the train signature had a dropout input
+        trains with them off; one exported before it had ``dropout_noise`` draws its masks at random).
         """
         if not 0 <= dropout <= 1:
             raise InputMismatchError(f"dropout must be in [0, 1], got {dropout}")
         if sample_weight is None:
             sample_weight = np.ones(len(x), np.float32)
         momentum = self._momentum(momentum)
-        extra = {"momentum": np.float32(momentum)} if self.has_momentum else {}
+        extra: dict[str, np.ndarray] = {"momentum": np.float32(momentum)} if self.has_momentum else {}
         if self.has_dropout:
             extra["dropout"] = np.float32(dropout)
+        if self.noise_size:
+            extra["dropout_noise"] = (rng or np.random.default_rng()).random(self.noise_size, dtype=np.float32)
         out = self._train(x=np.asarray(x, self._x_dtype), y=np.asarray(y, np.int32),
                           sample_weight=np.asarray(sample_weight, np.float32),
                           learning_rate=np.float32(learning_rate), mu=np.float32(mu), **extra)
@@ -194,7 +213,8 @@ class Trainer:
 
     def _fit_features(self, feats: np.ndarray, y: np.ndarray, *, epochs: int, learning_rate: float, mu: float,
                       momentum: float, seed: int, frozen: Collection[str]) -> list[float]:
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed)  # the batch order
+        masks = np.random.default_rng([seed, 1])  # the dropout draws: a stream of their own, beside the order
         b = self.batch_size
         losses = []
         kept = {k: v for k, v in self.get_weights().items() if k in set(frozen)}
@@ -208,7 +228,7 @@ class Trainer:
                 w = np.zeros(b, np.float32)
                 w[:n] = 1.0
                 loss = self.train_step(feats[pad], y[pad], learning_rate=learning_rate, mu=mu, momentum=momentum,
-                                       sample_weight=w)
+                                       sample_weight=w, rng=masks)
                 if kept:
                     self.set_weights({**self.get_weights(), **kept})
                 total += loss * n

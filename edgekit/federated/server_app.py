@@ -409,6 +409,9 @@ def _one_round(grid: Any, strategy: Any, rnd: int, weights: dict[str, np.ndarray
     if link is not None:
         link.settle({int(r.metadata.src_node_id) for r in replies if not r.has_error() and "codec" in r.content})
     valid, rejected, failed, up = _collect(replies, sent, settings, rnd, log)
+    # replies arrive in any order, and float sums in another order round differently: aggregate in an order set by
+    # the updates' contents alone, so a seeded run repeats exactly
+    valid.sort(key=lambda item: codec.digest(item[1]))
     _report_backoffs(valid, settings, rnd, log)
     valid, outliers = robust_filter(valid, sent, settings)
     rejected += [item for item in outliers if not item.get("bounded")]

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from device_agents.training.trainer import TRAIN_INPUTS
 from edgekit._io import StagedDir
 from edgekit._progress import Progress
 from edgekit.artifacts.manifest import trainable_manifest, write_manifest
@@ -279,7 +280,7 @@ def _contract(loaded: Any, train_model: Any, tensors: list, softmax_out: bool,
         "head_input": {"shape": [None, *train_model.inputs[0].shape[1:]]} if config.head_only else None,
         "output": "probabilities" if softmax_out else "logits",
         "signatures": {
-            "train": ["x", "y", "sample_weight", "learning_rate", "mu", "momentum", "dropout"], "infer": ["x"],
+            "train": list(TRAIN_INPUTS), "infer": ["x"],
             "get_weights": [], "set_weights": [t.name for t in tensors]},
         "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in tensors],
         # personalisation: the tensors of the layers after the last Flatten / global pooling layer

@@ -6,12 +6,13 @@ and weights live in resource variables.
 
 Signatures (all tensors float32 unless said):
 
-- ``train(x[B,...], y[B] int32, sample_weight[B], learning_rate[], mu[], momentum[], dropout[]) -> {loss}``:
-  one SGD step on the weighted cross-entropy, plus a FedProx term ``mu/2 * ||w - anchor||^2`` (``mu=0``:
-  plain SGD), with heavy-ball momentum (``v = momentum * v + g; w -= learning_rate * v``, as
-  ``keras.optimizers.SGD`` and ``torch.optim.SGD`` do; ``momentum=0``: plain SGD). ``dropout`` 1 applies
-  the model's Dropout layers as Keras's training mode does (0: off). Pad a short batch with
-  ``sample_weight`` 0.
+- ``train(x[B,...], y[B] int32, sample_weight[B], learning_rate[], mu[], momentum[], dropout[],
+  dropout_noise[N]) -> {loss}``: one SGD step on the weighted cross-entropy, plus a FedProx term
+  ``mu/2 * ||w - anchor||^2`` (``mu=0``: plain SGD), with heavy-ball momentum (``v = momentum * v + g;
+  w -= learning_rate * v``, as ``keras.optimizers.SGD`` and ``torch.optim.SGD`` do; ``momentum=0``: plain SGD).
+  ``dropout`` 1 applies the model's Dropout layers as Keras's training mode does (0: off), with the masks drawn
+  from ``dropout_noise``: N uniform draws in [0, 1) the caller makes (:func:`noise_size`; 1, unused, for a model
+  without Dropout), so a seeded caller trains reproducibly. Pad a short batch with ``sample_weight`` 0.
 - ``infer(x[n,...]) -> {output}``: the model's outputs (probabilities if it ends in softmax).
   ``x`` is int32 token ids for a model that starts with an Embedding, float32 otherwise.
 - ``get_weights() -> {tensor name: value}``; ``set_weights(**tensors) -> {count}``: replace the
@@ -49,8 +50,41 @@ class _Node:
     params: list[tuple[str, np.ndarray]] = field(default_factory=list)
     forward: Callable[[list[Any], list[Any]], Any] = lambda xs, ws: xs[0]
     softmax_output: bool = False  # a final softmax, skipped when training on logits
-    # the forward of the train signature when it differs (Dropout): (inputs, weights, the dropout switch)
-    train_forward: Callable[[list[Any], list[Any], Any], Any] | None = None
+    # the forward of the train signature when it differs (Dropout): (inputs, weights, the step's dropout draws)
+    train_forward: Callable[[list[Any], list[Any], _DropoutDraws], Any] | None = None
+    # the shape of the uniform draws one train step takes (Dropout), the batch dimension None (the step's batch)
+    noise_shape: tuple[int | None, ...] | None = None
+
+    def noise_size(self, batch_size: int) -> int:
+        """How many uniform draws this node takes from one train step's ``dropout_noise``."""
+        if self.noise_shape is None:
+            return 0
+        return int(np.prod([batch_size if d is None else d for d in self.noise_shape]))
+
+
+@dataclass
+class _DropoutDraws:
+    """One train step's dropout inputs: the switch, and the uniform draws each Dropout node takes its share of,
+    in the order of the nodes."""
+
+    switch: Any
+    values: Any
+    batch_size: int
+    taken: int = 0
+
+    def take(self, node: _Node) -> Any:
+        """The node's uniform draws, shaped as its noise shape."""
+        size = node.noise_size(self.batch_size)
+        shape = [self.batch_size if d is None else d for d in node.noise_shape or ()]
+        part = _tf.tf().reshape(self.values[self.taken:self.taken + size], shape)
+        self.taken += size
+        return part
+
+
+def noise_size(nodes: list[_Node], batch_size: int) -> int:
+    """The length of the train signature's ``dropout_noise``: every Dropout node's draws for one step, at least 1
+    (a model without Dropout still has the input, unused)."""
+    return max(1, sum(node.noise_size(batch_size) for node in nodes))
 
 
 def _unsupported(layer: Any, why: str) -> UnsupportedLayerError:
@@ -339,23 +373,25 @@ def _augmentation(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node
 def _dropout(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
     """Keras's training mode in the ``train`` signature (its ``dropout`` input 1): each unit is zeroed with
     probability ``rate`` (units share a draw along the dimensions ``noise_shape`` gives as 1) and the others are
-    scaled by ``1 / (1 - rate)``, a fresh mask at every step (TFLite's RANDOM_UNIFORM, which the interpreter seeds
-    at random); ``infer`` passes the values through. With ``dropout`` 0 every unit is kept, unscaled."""
+    scaled by ``1 / (1 - rate)``, a fresh mask at every step from the step's ``dropout_noise`` (uniform draws the
+    caller makes: a device seeds them by round and device, so a federated run repeats exactly); ``infer`` passes
+    the values through. With ``dropout`` 0 every unit is kept, unscaled."""
     rate = float(layer.rate)
-    noise_shape = getattr(layer, "noise_shape", None)
     if not 0.0 <= rate < 1.0:
         raise _unsupported(layer, f"a dropout rate of {rate:g} (it must be in [0, 1))")
+    dims = list(in_shape)  # (None, d1, ...): the batch first
+    noise_shape = getattr(layer, "noise_shape", None)
+    if noise_shape is not None:
+        dims = [d if n is None else int(n) for d, n in zip(dims, noise_shape)]
+    if any(d is None for d in dims[1:]):
+        raise _unsupported(layer, f"a dropout over a dimension of unknown size (input shape {in_shape})")
+    node.noise_shape = tuple(dims)
 
-    def train_forward(xs: list[Any], ws: list[Any], switch: Any) -> Any:
+    def train_forward(xs: list[Any], ws: list[Any], draws: _DropoutDraws) -> Any:
         tf = _tf.tf()
         x = xs[0]
-        shape = tf.shape(x) if noise_shape is None else tf.stack(
-            [tf.shape(x)[i] if d is None else int(d) for i, d in enumerate(noise_shape)])
-        drop = rate * switch
-        # seeds 0 and 0 as such (tf.random.uniform would derive them from a global seed the exporting process set):
-        # the interpreter then seeds each instance at random, so devices do not share a mask sequence
-        uniform = tf.raw_ops.RandomUniform(shape=shape, dtype=tf.float32, seed=0, seed2=0)  # in [0, 1)
-        keep = tf.cast(uniform >= drop, x.dtype)  # all kept when drop is 0
+        drop = rate * draws.switch
+        keep = tf.cast(draws.take(node) >= drop, x.dtype)  # all kept when drop is 0; broadcast over shared dims
         return x * keep / (1.0 - drop)
 
     node.train_forward = train_forward
@@ -497,13 +533,16 @@ def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo],
         for pname, value in node.params:
             tensors.append(TensorInfo(tensor_key(node.name, pname), tuple(int(d) for d in value.shape)))
 
+    noise = noise_size(nodes, batch_size)
+
     class Trainable(tf.Module):
         def __init__(self) -> None:
             super().__init__()
             self.weights, self.anchors, self.velocity = _variables(nodes)
             self.stepped = tf.Variable(0.0, name="momentum_started", trainable=False)
+            self.noise_size = noise  # the length of the train signature's dropout_noise
 
-        def forward(self, x: Any, *, logits: bool, dropout: Any = None) -> Any:
+        def forward(self, x: Any, *, logits: bool, dropout: _DropoutDraws | None = None) -> Any:
             return _forward(nodes, self.weights, x, logits=logits, dropout=dropout)
 
         @tf.function(autograph=False, input_signature=[
@@ -514,13 +553,14 @@ def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo],
             tf.TensorSpec([], tf.float32, name="mu"),
             tf.TensorSpec([], tf.float32, name="momentum"),
             tf.TensorSpec([], tf.float32, name="dropout"),
+            tf.TensorSpec([noise], tf.float32, name="dropout_noise"),
         ])
         def train(self, x: Any, y: Any, sample_weight: Any, learning_rate: Any, mu: Any, momentum: Any,
-                  dropout: Any) -> dict:
+                  dropout: Any, dropout_noise: Any) -> dict:
             keys = list(self.weights)
             variables = [self.weights[k] for k in keys]
             with tf.GradientTape() as tape:
-                out = self.forward(x, logits=True, dropout=dropout)
+                out = self.forward(x, logits=True, dropout=_DropoutDraws(dropout, dropout_noise, batch_size))
                 loss = ops.cross_entropy(out, tf.one_hot(y, num_classes), sample_weight)
             _momentum_step(self, dict(zip(keys, tape.gradient(loss, variables))), learning_rate, mu, momentum)
             return {"loss": loss}
@@ -560,8 +600,9 @@ def _variables(nodes: list[_Node]) -> tuple[dict[str, Any], dict[str, Any], dict
     return weights, anchors, velocity
 
 
-def _forward(nodes: list[_Node], weights: dict[str, Any], x: Any, *, logits: bool, dropout: Any = None) -> Any:
-    """The model's outputs (its logits when ``logits``); ``dropout``: the train signature's switch."""
+def _forward(nodes: list[_Node], weights: dict[str, Any], x: Any, *, logits: bool,
+             dropout: _DropoutDraws | None = None) -> Any:
+    """The model's outputs (its logits when ``logits``); ``dropout``: the train signature's dropout inputs."""
     values = {"input": x}
     for node in nodes:
         ws = [weights[tensor_key(node.name, p)] for p, _ in node.params]

@@ -5,10 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from device_agents.errors import TrainingError
+from device_agents.errors import ArtifactError, TrainingError
 from device_agents.training.trainer import Trainer
 from edgekit import _tf
 from edgekit.errors import InputError, UnsupportedLayerError
+from edgekit.loading.data import Dataset
 from edgekit.trainable.export import TrainableConfig, export_trainable
 from edgekit.trainable.graph import HANDLERS, build_module, convert, reference_step
 
@@ -133,6 +134,11 @@ def test_layers_without_weights_before_every_trained_weight_run_forward_only():
         build_module(late, batch_size=4)
 
 
+def _no_noise(train):
+    """Draws for a step with dropout off (any values: every unit is kept)."""
+    return np.zeros(train.get_input_details()["dropout_noise"]["shape"], np.float32)
+
+
 def _assert_step_parity(model, seed):
     """``model``'s trainable artifact converts with builtins only, infers as Keras does and takes the step
     TensorFlow takes."""
@@ -151,9 +157,9 @@ def _assert_step_parity(model, seed):
     assert not any(op.startswith("Flex") or "CUSTOM" in op for op in ops), ops
     np.testing.assert_allclose(interp.get_signature_runner("infer")(x=x)["output"], model(x, training=False).numpy(),
                                atol=1e-5)
-    interp.get_signature_runner("train")(x=x, y=y, sample_weight=np.ones(batch, np.float32),
-                                          learning_rate=np.float32(0.1), mu=np.float32(0.0),
-                                          momentum=np.float32(0.0), dropout=np.float32(0.0))
+    train = interp.get_signature_runner("train")
+    train(x=x, y=y, sample_weight=np.ones(batch, np.float32), learning_rate=np.float32(0.1), mu=np.float32(0.0),
+          momentum=np.float32(0.0), dropout=np.float32(0.0), dropout_noise=_no_noise(train))
     got = interp.get_signature_runner("get_weights")()
     want = reference_step(model, x, y, learning_rate=0.1)
     assert set(want) == set(got) == {t.name for t in tensors}
@@ -162,11 +168,11 @@ def _assert_step_parity(model, seed):
 
 
 @pytest.mark.parametrize("noise_shape", [None, (None, 1, 1, 4)], ids=["units", "channels"])
-def test_dropout_trains_in_keras_training_mode_with_a_fresh_mask_each_step(noise_shape):
-    """With its dropout input 1, a train step zeroes each unit (or, with a noise shape, each channel) with
-    probability ``rate`` and scales the rest by 1 / (1 - rate): a Dense kernel after the dropout moves only in the
-    rows of kept units, by exactly TensorFlow's step on the masked, rescaled input. Masks differ from step to step
-    and from interpreter to interpreter; infer passes the values through."""
+def test_dropout_trains_in_keras_training_mode_with_masks_from_the_steps_draws(noise_shape):
+    """With its dropout input 1, a train step zeroes each unit (or, with a noise shape, each channel) whose draw in
+    ``dropout_noise`` is under ``rate`` and scales the rest by 1 / (1 - rate): a Dense kernel after the dropout
+    moves only in the rows of kept units, by exactly TensorFlow's step on the masked, rescaled input. The same
+    draws give the same step (a seeded device repeats its training); infer passes the values through."""
     from ai_edge_litert.interpreter import Interpreter
 
     keras = _tf.keras()
@@ -175,45 +181,62 @@ def test_dropout_trains_in_keras_training_mode_with_a_fresh_mask_each_step(noise
     inp = keras.Input((5, 5, 4))
     model = keras.Model(inp, L.Dense(3, name="head")(L.Flatten()(L.Dropout(0.5, noise_shape=noise_shape)(inp))))
     module, _, _ = build_module(model, batch_size=1)
-    _tf.tf().random.set_seed(3)  # as an exporting script may: the artifact's masks must not follow it
     data = convert(module)
     interp = Interpreter(model_content=data)
     train, get, put = (interp.get_signature_runner(s) for s in ("train", "get_weights", "set_weights"))
+    size = 100 if noise_shape is None else 4  # one draw per unit, or per channel
+    assert train.get_input_details()["dropout_noise"]["shape"].tolist() == [size]
     rng = np.random.default_rng(0)
     x = rng.uniform(0.5, 1.5, (1, 5, 5, 4)).astype(np.float32)  # no zero input: a kept unit always moves
     y = np.array([1], np.int32)
     start = get()
     np.testing.assert_allclose(interp.get_signature_runner("infer")(x=x)["output"], model(x, training=False).numpy(),
                                atol=1e-5)
-    masks = []
-    for _ in range(40):
+
+    def step(noise, switch=1.0):
         put(**start)
         train(x=x, y=y, sample_weight=np.ones(1, np.float32), learning_rate=np.float32(0.1), mu=np.float32(0.0),
-              momentum=np.float32(0.0), dropout=np.float32(1.0))
-        moved = np.any(get()["head_kernel"] != start["head_kernel"], axis=1)  # one row per flattened unit
-        masks.append(moved)
-        want = reference_step(model, x * moved.reshape(x.shape) * 2.0, y, learning_rate=0.1)
-        np.testing.assert_allclose(get()["head_kernel"], want["head_kernel"], atol=1e-5)
-    masks = np.array(masks)
-    # another interpreter of the same artifact draws other masks, though this process set TensorFlow's global seed
-    # when it exported (op seeds derived from it would give every device the same sequence)
-    other = Interpreter(model_content=data)
-    other_train, other_get = other.get_signature_runner("train"), other.get_signature_runner("get_weights")
-    others = []
-    for _ in range(3):
-        other.get_signature_runner("set_weights")(**start)
-        other_train(x=x, y=y, sample_weight=np.ones(1, np.float32), learning_rate=np.float32(0.1),
-                    mu=np.float32(0.0), momentum=np.float32(0.0), dropout=np.float32(1.0))
-        others.append(np.any(other_get()["head_kernel"] != start["head_kernel"], axis=1))
-    assert not np.array_equal(np.array(others), masks[:3])
-    if noise_shape is not None:  # one draw per channel, shared by the 25 positions
-        assert (masks.reshape(40, 25, 4) == masks.reshape(40, 25, 4)[:, :1]).all()
-    assert 0.35 < masks.mean() < 0.65 and len({m.tobytes() for m in masks}) > (30 if noise_shape is None else 7)
-    put(**start)
-    train(x=x, y=y, sample_weight=np.ones(1, np.float32), learning_rate=np.float32(0.1), mu=np.float32(0.0),
-          momentum=np.float32(0.0), dropout=np.float32(0.0))  # off: every unit, unscaled
-    np.testing.assert_allclose(get()["head_kernel"], reference_step(model, x, y, learning_rate=0.1)["head_kernel"],
-                               atol=1e-5)
+              momentum=np.float32(0.0), dropout=np.float32(switch), dropout_noise=noise)
+        return get()["head_kernel"]
+
+    for _ in range(5):
+        noise = rng.random(size, dtype=np.float32)
+        kept = np.broadcast_to((noise >= 0.5).reshape((1, 5, 5, 4) if noise_shape is None else (1, 1, 1, 4)),
+                               x.shape)
+        kernel = step(noise)
+        moved = np.any(kernel != start["head_kernel"], axis=1)  # one row per flattened unit
+        np.testing.assert_array_equal(moved, kept.reshape(-1))
+        want = reference_step(model, x * kept * 2.0, y, learning_rate=0.1)
+        np.testing.assert_allclose(kernel, want["head_kernel"], atol=1e-5)
+        np.testing.assert_array_equal(step(noise), kernel)  # the same draws: the same step
+    off = step(np.zeros(size, np.float32), switch=0.0)  # off: every unit, unscaled
+    np.testing.assert_allclose(off, reference_step(model, x, y, learning_rate=0.1)["head_kernel"], atol=1e-5)
+
+
+def test_a_seeded_fit_repeats_exactly_and_another_seed_draws_other_dropout_masks(tmp_path):
+    """A federated simulation did not repeat: each interpreter seeded its dropout op at random, so one seed gave
+    another round 1 (loss 0.576 and 0.640 in two runs). The device draws the masks from the fit's seed now."""
+    keras = _tf.keras()
+    L = keras.layers
+    _tf.set_seed(1)
+    inp = keras.Input((6,))
+    model = keras.Model(inp, L.Dense(3, activation="softmax")(L.Dropout(0.5)(L.Dense(16, activation="relu")(inp))))
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((40, 6)).astype(np.float32), rng.integers(0, 3, 40)
+    export_trainable(model, tmp_path / "tr", data=Dataset(x, y, "t"), progress=False,
+                     config=TrainableConfig(batch_size=8))
+    trainer = Trainer.load(tmp_path / "tr")
+    assert trainer.noise_size == 8 * 16
+    start = trainer.get_weights()
+
+    def fit(seed):
+        trainer.set_weights(start)
+        trainer.fit(x, y, epochs=2, learning_rate=0.1, seed=seed)
+        return trainer.get_weights()
+
+    first, again, other = fit(5), fit(5), fit(6)
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert any(not np.array_equal(first[k], other[k]) for k in first)
 
 
 def test_sample_weight_zero_ignores_padding_and_mu_pulls_to_anchor():
@@ -228,7 +251,7 @@ def test_sample_weight_zero_ignores_padding_and_mu_pulls_to_anchor():
     y = np.array([0, 1, 2, 0], np.int32)
     start = get()
     train(x=x, y=y, sample_weight=np.array([1, 1, 0, 0], np.float32), learning_rate=np.float32(0.1),
-          mu=np.float32(0.0), momentum=np.float32(0.0), dropout=np.float32(0.0))
+          mu=np.float32(0.0), momentum=np.float32(0.0), dropout=np.float32(0.0), dropout_noise=_no_noise(train))
     padded = get()
     want = reference_step(model, x[:2], y[:2], learning_rate=0.1)
     for name in want:
@@ -236,7 +259,7 @@ def test_sample_weight_zero_ignores_padding_and_mu_pulls_to_anchor():
     # with a large proximal term, a step moves the weights back toward the anchor (the start)
     before = {k: np.linalg.norm(padded[k] - start[k]) for k in start}
     train(x=x, y=y, sample_weight=np.zeros(4, np.float32), learning_rate=np.float32(0.5), mu=np.float32(1.0),
-          momentum=np.float32(0.0), dropout=np.float32(0.0))
+          momentum=np.float32(0.0), dropout=np.float32(0.0), dropout_noise=_no_noise(train))
     after = get()
     assert all(np.linalg.norm(after[k] - start[k]) <= before[k] * 0.51 + 1e-7 for k in start)
 
@@ -363,6 +386,11 @@ def test_momentum_or_dropout_out_of_range_or_momentum_on_an_artifact_without_it_
     assert not old.has_momentum and not old.has_dropout
     with pytest.raises(TrainingError, match="has no momentum input .* re-export it to train with momentum 0.5"):
         old.fit(np.zeros((4, 9, 9, 2)), np.zeros(4), momentum=0.5)
+    newer = json.loads((tmp_path / "tr" / "manifest.json").read_text())
+    newer["trainable"]["signatures"]["train"].append("temperature")  # an artifact of a newer edgekit
+    with pytest.raises(ArtifactError, match="train step takes temperature, which this agent does not know: "
+                                            "update the device agent"):
+        Trainer.from_bytes((tmp_path / "tr" / "trainable.tflite").read_bytes(), newer)
 
 
 def _assign(model, weights):
