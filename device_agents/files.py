@@ -163,6 +163,17 @@ def _unreadable(path: Path, exc: BaseException, single_array: str | None) -> Uns
                            "write it with numpy.savez")
 
 
+def npz_names(path: str | Path) -> set[str]:
+    """The array names of an ``.npz`` (none for a file that is not a zip archive: reading it says what it is)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {name.removesuffix(".npy") for name in archive.namelist()}
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile):
+        return set()
+
+
 def read_npz(path: str | Path, *, names: tuple[str, ...], max_bytes: int | None = None,
              single_array: str | None = None) -> dict:
     """Read arrays ``names`` (those present) of an ``.npz`` file, checking sizes before any allocation;

@@ -51,10 +51,9 @@ from device_agents.federated.wire import (
     round_settings,
     tensors_digest,
 )
-from device_agents.files import read_npz
 from device_agents.fleet import agent as fleet
 from device_agents.protocol import ClientLimits, Clipping, Codec, Fault, Metric, Query, TelemetryWire, TrainConfig
-from device_agents.training.samples import check_samples, class_labels
+from device_agents.training.samples import read_labelled
 from device_agents.training.trainer import Trainer
 
 _TRAINERS: dict[str, Trainer] = {}
@@ -110,11 +109,8 @@ def _local_data(settings: ClientSettings, context: Any) -> tuple[int, np.ndarray
         path = Path(str(node["data-file"]))
     else:
         path = Path(settings.data_dir or str(node["data-dir"])) / f"{pid}.npz"
-    arrays = read_npz(path, names=("x", "y"))  # sizes checked before reading
-    if "x" not in arrays or "y" not in arrays:
-        raise ValueError(f"{path} needs arrays x and y to train on")
-    check_samples(arrays["x"], str(path))
-    return pid, arrays["x"].astype(np.float32), class_labels(arrays["y"], len(arrays["x"]), str(path))
+    x, y = read_labelled(path)
+    return pid, x.astype(np.float32), y
 
 
 def _limits(settings: ClientSettings, context: Any) -> ClientLimits:

@@ -54,8 +54,8 @@ def _plain(path: Path, what: str) -> str:
 
 
 def _check_inputs(ca: Path, key: Path, data: Path | None, trust: Path | None) -> None:
-    from device_agents.files import UnsafeFileError, read_npz
-    from device_agents.training.samples import check_samples, class_labels
+    from device_agents.files import UnsafeFileError
+    from device_agents.training.samples import read_labelled
 
     if not ca.is_file() or not read_bounded(ca, max_bytes=1 << 16, what="CA certificate").startswith(
             b"-----BEGIN CERTIFICATE-----"):
@@ -66,14 +66,9 @@ def _check_inputs(ca: Path, key: Path, data: Path | None, trust: Path | None) ->
         raise InputMismatchError(f"{key} is readable by other users; chmod 600 {key}")
     if data is not None:
         try:
-            arrays = read_npz(data, names=("x", "y"))
+            read_labelled(data)  # what each round would refuse, refused before joining
         except (UnsafeFileError, OSError) as exc:
             raise InputMismatchError(f"data {data}: {exc}") from None
-        if "x" not in arrays or "y" not in arrays:
-            raise InputMismatchError(f"{data} has no array '{'y' if 'x' in arrays else 'x'}': this device trains on "
-                                     "samples x and their labels y; write them with numpy.savez(path, x=..., y=...)")
-        check_samples(arrays["x"], str(data))  # what each round would refuse, refused before joining
-        class_labels(arrays["y"], len(arrays["x"]), str(data))
     if trust is not None:
         from device_agents.store.release import load_public_key
 

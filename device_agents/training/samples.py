@@ -10,9 +10,39 @@ would refuse, instead of failing inside its interpreter (one-hot labels), traini
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from pathlib import Path
+
 import numpy as np
 
 from device_agents.errors import InputMismatchError
+
+
+def training_names(present: Collection[str]) -> tuple[str, str]:
+    """The names of a data file's samples and labels among the arrays ``present``: ``x``/``y``, else ``x_train``/
+    ``y_train`` as keras.datasets saves a split.
+
+    >>> training_names({"x_train", "y_train", "x_test", "y_test"})
+    ('x_train', 'y_train')
+    """
+    return ("x", "y") if "x" in present or "x_train" not in present else ("x_train", "y_train")
+
+
+def read_labelled(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A device's private training data: the samples and class ids of an ``.npz`` (``x``/``y``, or ``x_train``/
+    ``y_train`` as keras.datasets saves them; a test split beside them is not read), checked. Raises
+    :class:`~device_agents.files.UnsafeFileError` for a file that is not a safe ``.npz`` within the size limit,
+    :class:`InputMismatchError` for arrays a device cannot train on."""
+    from device_agents.files import npz_names, read_npz
+
+    x_name, y_name = training_names(npz_names(path))
+    arrays = read_npz(path, names=(x_name, y_name))  # sizes checked before reading
+    if x_name not in arrays or y_name not in arrays:
+        raise InputMismatchError(
+            f"{path} has no array '{y_name if x_name in arrays else x_name}': a device trains on samples and their "
+            "labels; write them with numpy.savez(path, x=..., y=...) (or keras.datasets' x_train, y_train)")
+    check_samples(arrays[x_name], str(path))
+    return arrays[x_name], class_labels(arrays[y_name], len(arrays[x_name]), str(path))
 
 
 def check_samples(x: np.ndarray, name: str) -> None:

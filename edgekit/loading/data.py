@@ -98,14 +98,15 @@ def load_npz(path: str | Path, *, require_labels: bool = False) -> Dataset:
     :func:`device_agents.files.max_array_bytes` for all arrays together; ``EDGEKIT_MAX_ARRAY_BYTES`` sets it),
     and nothing is unpickled.
     """
-    from device_agents.files import MAX_ARRAY_BYTES, UnsafeFileError, max_array_bytes, read_npz
+    from device_agents.files import MAX_ARRAY_BYTES, UnsafeFileError, max_array_bytes, npz_names, read_npz
+    from device_agents.training.samples import training_names
 
     path = Path(path)
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"  # a folder of images, say: edgekit reads arrays
         raise DataError(f"data file {path} {what}; give an .npz file with arrays 'x' and 'y', or 'digits'")
-    present = _array_names(path)
-    x_name, y_name = ("x", "y") if "x" in present or "x_train" not in present else ("x_train", "y_train")
+    present = npz_names(path)
+    x_name, y_name = training_names(present)
     try:
         arrays = read_npz(path, names=(x_name, y_name, *TEST_SPLIT), max_bytes=max_array_bytes(MAX_ARRAY_BYTES),
                           single_array="x")  # a single .npy array is samples without labels
@@ -120,17 +121,6 @@ def load_npz(path: str | Path, *, require_labels: bool = False) -> Dataset:
     name = str(path) if x_name == "x" else f"{path} (x_train)"
     data = _check_arrays(arrays[x_name], arrays.get(y_name), name)
     return data if "x_test" not in arrays else replace(data, held_out=_test_split(arrays, data, path, y_name))
-
-
-def _array_names(path: Path) -> set[str]:
-    """The array names of an ``.npz`` (none for a file that is not a zip archive: reading it says what it is)."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return {name.removesuffix(".npy") for name in archive.namelist()}
-    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile):
-        return set()
 
 
 def _test_split(arrays: dict[str, np.ndarray], data: Dataset, path: Path, y_name: str) -> Dataset:

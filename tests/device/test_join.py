@@ -51,7 +51,7 @@ def test_the_supernode_command_names_the_fleet_the_key_the_store_and_the_data(de
     ("key-mode", "readable by other users"),
     ("ca", "is not a PEM certificate"),
     ("data", "has no array 'x'"),
-    ("no-labels", "has no array 'y': this device trains on samples x and their labels y"),
+    ("no-labels", "has no array 'y': a device trains on samples and their labels"),
     ("nan", r"x holds 1 NaN/inf values \(first in sample 2\)"),
     ("fractions", "y holds non-integer values; labels must be integer class ids"),
     ("names", r"y holds <U3 values \(class names\?\)"),
@@ -80,3 +80,25 @@ def test_join_refuses_bad_inputs_before_starting_anything(device, change, fragme
     with pytest.raises(InputMismatchError, match=fragment):
         supernode_command(address, ca, private, store, data=data)
     assert not (store / ".flwr").exists()
+
+
+
+def test_a_device_trains_on_a_keras_datasets_style_file_its_train_split_alone(device):
+    """A device's data saved as keras.datasets splits it (x_train, y_train, x_test, y_test), as the server reads
+    it, was refused by join ("has no array 'x'"), and every round failed on it. The device trains on its train split;
+    its test split is not read."""
+    from device_agents.training.samples import read_labelled
+
+    ca, private, _, data, store = device
+    rng = np.random.default_rng(0)
+    x_train, x_test = rng.random((6, 8, 8, 1), np.float32), np.full((3, 8, 8, 1), np.nan, np.float32)
+    np.savez(data, x_train=x_train, y_train=np.eye(3)[[0, 1, 2, 0, 1, 2]], x_test=x_test, y_test=np.zeros(3))
+    supernode_command("fleet.example:9092", ca, private, store, data=data)  # no refusal
+    x, y = read_labelled(data)  # what each round trains on
+    np.testing.assert_array_equal(x, x_train)
+    assert y.tolist() == [0, 1, 2, 0, 1, 2]
+    np.savez(data, x_train=x_train, x_test=x_test)
+    with pytest.raises(InputMismatchError, match=r"has no array 'y_train': a device trains on samples and their "
+                                                 r"labels; write them with numpy.savez\(path, x=..., y=...\) \(or "
+                                                 r"keras.datasets' x_train, y_train\)"):
+        supernode_command("fleet.example:9092", ca, private, store, data=data)
