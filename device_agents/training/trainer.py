@@ -165,8 +165,9 @@ class Trainer:
         extra: dict[str, np.ndarray] = {"momentum": np.float32(momentum)} if self.has_momentum else {}
         if self.has_dropout:
             extra["dropout"] = np.float32(dropout)
-        if self.noise_size:
-            extra["dropout_noise"] = (rng or np.random.default_rng()).random(self.noise_size, dtype=np.float32)
+        if self.noise_size:  # with dropout off every unit is kept whatever the draws
+            extra["dropout_noise"] = (np.zeros(self.noise_size, np.float32) if dropout == 0 else
+                                      (rng or np.random.default_rng()).random(self.noise_size, dtype=np.float32))
         out = self._train(x=np.asarray(x, self._x_dtype), y=np.asarray(y, np.int32),
                           sample_weight=np.asarray(sample_weight, np.float32),
                           learning_rate=np.float32(learning_rate), mu=np.float32(mu), **extra)
