@@ -376,11 +376,24 @@ def _dropout(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
     scaled by ``1 / (1 - rate)``, a fresh mask at every step from the step's ``dropout_noise`` (uniform draws the
     caller makes: a device seeds them by round and device, so a federated run repeats exactly); ``infer`` passes
     the values through. With ``dropout`` 0 every unit is kept, unscaled."""
+    return _masked(layer, node, in_shape, getattr(layer, "noise_shape", None))
+
+
+def _spatial_dropout(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    """SpatialDropout1D/2D/3D: Dropout with one draw per sample and channel, shared by every position (Keras's
+    noise shape for these layers, channels last or first)."""
+    positions = [1] * (len(in_shape) - 2)
+    first = getattr(layer, "data_format", "channels_last") == "channels_first"
+    return _masked(layer, node, in_shape, (None, None, *positions) if first else (None, *positions, None))
+
+
+def _masked(layer: Any, node: _Node, in_shape: tuple, noise_shape: tuple | None) -> _Node:
+    """The train forward of a dropout layer whose draws have ``noise_shape`` (Keras's: None for the input's size, 1
+    for a dimension that shares a draw; None for one draw per unit)."""
     rate = float(layer.rate)
     if not 0.0 <= rate < 1.0:
         raise _unsupported(layer, f"a dropout rate of {rate:g} (it must be in [0, 1))")
     dims = list(in_shape)  # (None, d1, ...): the batch first
-    noise_shape = getattr(layer, "noise_shape", None)
     if noise_shape is not None:
         dims = [d if n is None else int(n) for d, n in zip(dims, noise_shape)]
     if any(d is None for d in dims[1:]):
@@ -435,6 +448,8 @@ HANDLERS: dict[str, Callable[[Any, _Node, tuple, bool], _Node]] = {
     "Rescaling": _rescaling,
     "Reshape": _reshape,
     "SeparableConv2D": _separable,
+    "SpatialDropout1D": _spatial_dropout,
+    "SpatialDropout2D": _spatial_dropout,
     "Softmax": _softmax_layer,
     "ZeroPadding2D": _zero_padding,
 }

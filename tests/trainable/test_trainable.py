@@ -27,7 +27,7 @@ def parity_models():
         L.Flatten(), L.Dropout(0.3), L.Dense(8, activation="relu"), L.Dense(5), L.Softmax()], name="seq")
     inp = keras.Input((8, 8, 1))
     x = L.Conv2D(4, 3, padding="same", use_bias=False)(inp)
-    x = L.Activation("relu")(x)
+    x = L.SpatialDropout2D(0.2)(L.Activation("relu")(x))
     y = L.DepthwiseConv2D(3, padding="same")(x)
     x = L.Add()([x, y])
     x = L.MaxPooling2D(pool_size=3, strides=2, padding="same")(x)
@@ -52,7 +52,7 @@ def text_model():
     _tf.set_seed(10)
     inp = keras.Input((12,), dtype="int32")
     x = L.Embedding(20, 6)(inp)
-    x = L.Conv1D(5, 3, strides=2, padding="same", activation="relu")(x)
+    x = L.SpatialDropout1D(0.2)(L.Conv1D(5, 3, strides=2, padding="same", activation="relu")(x))
     a = L.GlobalAveragePooling1D()(x)
     x = L.MaxPooling1D(2, padding="same")(L.Conv1D(4, 2, padding="valid")(x))
     b = L.GlobalMaxPooling1D()(x)
@@ -167,19 +167,21 @@ def _assert_step_parity(model, seed):
         np.testing.assert_allclose(got[name], want[name], atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("noise_shape", [None, (None, 1, 1, 4)], ids=["units", "channels"])
+@pytest.mark.parametrize("noise_shape", [None, (None, 1, 1, 4), "spatial"], ids=["units", "channels", "spatial"])
 def test_dropout_trains_in_keras_training_mode_with_masks_from_the_steps_draws(noise_shape):
-    """With its dropout input 1, a train step zeroes each unit (or, with a noise shape, each channel) whose draw in
-    ``dropout_noise`` is under ``rate`` and scales the rest by 1 / (1 - rate): a Dense kernel after the dropout
-    moves only in the rows of kept units, by exactly TensorFlow's step on the masked, rescaled input. The same
-    draws give the same step (a seeded device repeats its training); infer passes the values through."""
+    """With its dropout input 1, a train step zeroes each unit (or, with a noise shape or SpatialDropout2D, each
+    channel) whose draw in ``dropout_noise`` is under ``rate`` and scales the rest by 1 / (1 - rate): a Dense
+    kernel after the dropout moves only in the rows of kept units, by exactly TensorFlow's step on the masked,
+    rescaled input. The same draws give the same step (a seeded device repeats its training); infer passes the
+    values through."""
     from ai_edge_litert.interpreter import Interpreter
 
     keras = _tf.keras()
     L = keras.layers
     _tf.set_seed(3)
     inp = keras.Input((5, 5, 4))
-    model = keras.Model(inp, L.Dense(3, name="head")(L.Flatten()(L.Dropout(0.5, noise_shape=noise_shape)(inp))))
+    dropout = L.SpatialDropout2D(0.5) if noise_shape == "spatial" else L.Dropout(0.5, noise_shape=noise_shape)
+    model = keras.Model(inp, L.Dense(3, name="head")(L.Flatten()(dropout(inp))))
     module, _, _ = build_module(model, batch_size=1)
     data = convert(module)
     interp = Interpreter(model_content=data)
