@@ -12,7 +12,7 @@ Signatures (all tensors float32 unless said):
   w -= learning_rate * v``, as ``keras.optimizers.SGD`` and ``torch.optim.SGD`` do; ``momentum=0``: plain SGD).
   ``dropout`` 1 applies the model's Dropout layers as Keras's training mode does (0: off), with the masks drawn
   from ``dropout_noise``: N uniform draws in [0, 1) the caller makes (:func:`noise_size`; 1, unused, for a model
-  without Dropout), so a seeded caller trains reproducibly. Pad a short batch with ``sample_weight`` 0.
+  without Dropout or Gaussian noise layers), so a seeded caller trains reproducibly. Pad a short batch with ``sample_weight`` 0.
 - ``infer(x[n,...]) -> {output}``: the model's outputs (probabilities if it ends in softmax).
   ``x`` is int32 token ids for a model that starts with an Embedding, float32 otherwise.
 - ``get_weights() -> {tensor name: value}``; ``set_weights(**tensors) -> {count}``: replace the
@@ -25,6 +25,7 @@ trains (on-device personalisation).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -411,6 +412,32 @@ def _masked(layer: Any, node: _Node, in_shape: tuple, noise_shape: tuple | None)
     return node
 
 
+def _gaussian(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    """GaussianNoise (adds noise of deviation ``stddev``) and GaussianDropout (multiplies by noise of mean 1 and
+    deviation ``sqrt(rate / (1 - rate))``): Keras's training mode in the ``train`` signature, each normal draw made
+    from two of the step's uniform draws (Box-Muller, in builtin LOG, SQRT and COS); ``infer`` passes the values
+    through. The ``dropout`` input scales the noise (0: none)."""
+    multiplies = layer.__class__.__name__ == "GaussianDropout"
+    value = float(layer.rate if multiplies else layer.stddev)
+    if not (0.0 <= value < 1.0 if multiplies else 0.0 <= value < math.inf):
+        raise _unsupported(layer, f"a {'rate' if multiplies else 'stddev'} of {value:g}")
+    if any(d is None for d in in_shape[1:]):
+        raise _unsupported(layer, f"noise over a dimension of unknown size (input shape {in_shape})")
+    stddev = math.sqrt(value / (1.0 - value)) if multiplies else value
+    node.noise_shape = (*in_shape, 2)  # two uniform draws per unit
+
+    def train_forward(xs: list[Any], ws: list[Any], draws: _DropoutDraws) -> Any:
+        tf = _tf.tf()
+        u = draws.take(node)
+        # 1 - u is in (0, 1]: its log is finite
+        normal = tf.sqrt(-2.0 * tf.math.log(1.0 - u[..., 0])) * tf.cos(2.0 * math.pi * u[..., 1])
+        noise = stddev * draws.switch * normal
+        return xs[0] * (1.0 + noise) if multiplies else xs[0] + noise
+
+    node.train_forward = train_forward
+    return node
+
+
 def _add(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
     node.forward = lambda xs, ws: _tf.tf().add_n(xs)
     return node
@@ -429,6 +456,8 @@ HANDLERS: dict[str, Callable[[Any, _Node, tuple, bool], _Node]] = {
     "Dropout": _dropout,
     "Embedding": _embedding,
     "Flatten": _flatten,
+    "GaussianDropout": _gaussian,
+    "GaussianNoise": _gaussian,
     "GlobalAveragePooling1D": _gap1d,
     "GlobalAveragePooling2D": _gap,
     "GlobalMaxPooling1D": _gmp1d,

@@ -24,7 +24,8 @@ def parity_models():
         L.Conv2D(4, 3, strides=2, padding="same"), L.BatchNormalization(), L.ReLU(max_value=6.0),
         L.DepthwiseConv2D(3, strides=2, padding="same", activation="relu"),
         L.Conv2D(6, 2, padding="valid", activation="relu6"),
-        L.Flatten(), L.Dropout(0.3), L.Dense(8, activation="relu"), L.Dense(5), L.Softmax()], name="seq")
+        L.Flatten(), L.Dropout(0.3), L.GaussianNoise(0.1), L.Dense(8, activation="relu"), L.GaussianDropout(0.2),
+        L.Dense(5), L.Softmax()], name="seq")
     inp = keras.Input((8, 8, 1))
     x = L.Conv2D(4, 3, padding="same", use_bias=False)(inp)
     x = L.SpatialDropout2D(0.2)(L.Activation("relu")(x))
@@ -213,6 +214,39 @@ def test_dropout_trains_in_keras_training_mode_with_masks_from_the_steps_draws(n
         np.testing.assert_array_equal(step(noise), kernel)  # the same draws: the same step
     off = step(np.zeros(size, np.float32), switch=0.0)  # off: every unit, unscaled
     np.testing.assert_allclose(off, reference_step(model, x, y, learning_rate=0.1)["head_kernel"], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["GaussianNoise", "GaussianDropout"])
+def test_gaussian_noise_layers_train_as_in_keras_training_mode_from_the_steps_draws(kind):
+    """GaussianNoise adds, GaussianDropout multiplies by, normal noise in Keras's training mode (these layers were
+    refused at export). Each normal value comes from two of the step's uniform draws (Box-Muller): the step is
+    TensorFlow's step on the input with that noise; with ``dropout`` 0 there is none."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    keras = _tf.keras()
+    L = keras.layers
+    _tf.set_seed(4)
+    inp = keras.Input((6,))
+    noisy = L.GaussianNoise(0.5) if kind == "GaussianNoise" else L.GaussianDropout(0.3)
+    model = keras.Model(inp, L.Dense(3, activation="softmax", name="head")(noisy(inp)))
+    module, _, _ = build_module(model, batch_size=2)
+    interp = Interpreter(model_content=convert(module))
+    train, get, put = (interp.get_signature_runner(s) for s in ("train", "get_weights", "set_weights"))
+    assert train.get_input_details()["dropout_noise"]["shape"].tolist() == [2 * 6 * 2]
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal((2, 6)).astype(np.float32), np.array([0, 2], np.int32)
+    start = get()
+    draws = rng.random(24, dtype=np.float32)
+    u = draws.reshape(2, 6, 2).astype(np.float64)
+    normal = np.sqrt(-2 * np.log(1 - u[..., 0])) * np.cos(2 * np.pi * u[..., 1])
+    noisy_x = x + 0.5 * normal if kind == "GaussianNoise" else x * (1 + np.sqrt(0.3 / 0.7) * normal)
+    for switch, seen in ((1.0, noisy_x), (0.0, x)):
+        put(**start)
+        train(x=x, y=y, sample_weight=np.ones(2, np.float32), learning_rate=np.float32(0.1), mu=np.float32(0.0),
+              momentum=np.float32(0.0), dropout=np.float32(switch), dropout_noise=draws)
+        want = reference_step(model, seen.astype(np.float32), y, learning_rate=0.1)
+        np.testing.assert_allclose(get()["head_kernel"], want["head_kernel"], atol=1e-5)
+    assert not np.allclose(noisy_x, x, atol=1e-2)  # the noise is there to see
 
 
 def test_a_seeded_fit_repeats_exactly_and_another_seed_draws_other_dropout_masks(tmp_path):
