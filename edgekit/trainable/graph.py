@@ -10,9 +10,10 @@ Signatures (all tensors float32 unless said):
   dropout_noise[N]) -> {loss}``: one SGD step on the weighted cross-entropy, plus a FedProx term
   ``mu/2 * ||w - anchor||^2`` (``mu=0``: plain SGD), with heavy-ball momentum (``v = momentum * v + g;
   w -= learning_rate * v``, as ``keras.optimizers.SGD`` and ``torch.optim.SGD`` do; ``momentum=0``: plain SGD).
-  ``dropout`` 1 applies the model's Dropout layers as Keras's training mode does (0: off), with the masks drawn
-  from ``dropout_noise``: N uniform draws in [0, 1) the caller makes (:func:`noise_size`; 1, unused, for a model
-  without Dropout or Gaussian noise layers), so a seeded caller trains reproducibly. Pad a short batch with ``sample_weight`` 0.
+  ``dropout`` 1 applies the model's Dropout and Gaussian noise layers as Keras's training mode does (0: off),
+  with the masks and noise drawn from ``dropout_noise``: N uniform draws in [0, 1) the caller makes
+  (:func:`noise_size`; 1, unused, for a model without such layers), so a seeded caller trains reproducibly. Pad a
+  short batch with ``sample_weight`` 0.
 - ``infer(x[n,...]) -> {output}``: the model's outputs (probabilities if it ends in softmax).
   ``x`` is int32 token ids for a model that starts with an Embedding, float32 otherwise.
 - ``get_weights() -> {tensor name: value}``; ``set_weights(**tensors) -> {count}``: replace the
@@ -224,6 +225,14 @@ def _max_pool1d(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
     (pool,), (stride,) = tuple(layer.pool_size), tuple(layer.strides)
     pads = ((0, 0), (0, 0) if layer.padding == "valid" else ops.same_padding(in_shape[1], pool, stride))
     node.forward = lambda xs, ws: ops.from_2d(ops.max_pool(ops.as_2d(xs[0]), (1, pool), (1, stride), pads))
+    return node
+
+
+def _avg_pool1d(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
+    if layer.padding != "valid":
+        raise _unsupported(layer, "'same' average pooling (use padding='valid')")
+    (pool,), (stride,) = tuple(layer.pool_size), tuple(layer.strides)
+    node.forward = lambda xs, ws: ops.from_2d(ops.avg_pool(ops.as_2d(xs[0]), (1, pool), (1, stride)))
     return node
 
 
@@ -446,6 +455,7 @@ def _add(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
 HANDLERS: dict[str, Callable[[Any, _Node, tuple, bool], _Node]] = {
     "Activation": _activation_layer,
     "Add": _add,
+    "AveragePooling1D": _avg_pool1d,
     "AveragePooling2D": _avg_pool,
     "BatchNormalization": _batch_norm,
     "Concatenate": _concatenate,

@@ -47,7 +47,7 @@ def parity_models():
 
 def text_model():
     """A token-id text classifier: Embedding (scatter-add gradient), Conv1D with stride and both paddings,
-    1D max pooling, global average and max pooling over time."""
+    1D average and max pooling, global average and max pooling over time."""
     keras = _tf.keras()
     L = keras.layers
     _tf.set_seed(10)
@@ -55,7 +55,7 @@ def text_model():
     x = L.Embedding(20, 6)(inp)
     x = L.SpatialDropout1D(0.2)(L.Conv1D(5, 3, strides=2, padding="same", activation="relu")(x))
     a = L.GlobalAveragePooling1D()(x)
-    x = L.MaxPooling1D(2, padding="same")(L.Conv1D(4, 2, padding="valid")(x))
+    x = L.MaxPooling1D(2, padding="same")(L.Conv1D(4, 2, padding="valid")(L.AveragePooling1D(2, strides=1)(x)))
     b = L.GlobalMaxPooling1D()(x)
     out = L.Dense(3, activation="softmax")(L.Concatenate()([a, b]))
     return keras.Model(inp, out, name="text")
