@@ -210,15 +210,28 @@ def _embedding(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
 
 
 def _conv1d(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
-    """A convolution over time: the 2D convolution of a one-row image."""
-    if tuple(layer.dilation_rate) != (1,) or getattr(layer, "groups", 1) != 1 or layer.padding == "causal":
-        raise _unsupported(layer, "dilated, grouped or causal 1D convolution")
-    (stride,), (kernel,) = tuple(layer.strides), tuple(layer.kernel_size)
-    pads = ((0, 0), (0, 0) if layer.padding == "valid" else ops.same_padding(in_shape[1], kernel, stride))
+    """A convolution over time: the 2D convolution of a one-row image. A dilated kernel is the kernel with
+    ``dilation - 1`` zeros between its taps (its gradient flows back through the pad, reshape and slice that make
+    it: builtins); 'causal' padding pads the start alone, by the dilated kernel's span less one (temporal
+    convolutional networks, streaming keyword spotting)."""
+    if getattr(layer, "groups", 1) != 1:
+        raise _unsupported(layer, "grouped 1D convolution")
+    (stride,), (kernel,), (dilation,) = tuple(layer.strides), tuple(layer.kernel_size), tuple(layer.dilation_rate)
+    span = (kernel - 1) * dilation + 1
+    pads = ((0, 0), {"valid": (0, 0), "causal": (span - 1, 0)}.get(layer.padding)
+                    or ops.same_padding(in_shape[1], span, stride))
     node.params = [("kernel", layer.kernel.numpy())] + ([("bias", layer.bias.numpy())] if layer.use_bias else [])
     tf = _tf.tf()
+
+    def dilated(w: Any) -> Any:
+        if dilation == 1:
+            return w
+        taps = tf.reshape(tf.pad(tf.expand_dims(w, 1), [[0, 0], [0, dilation - 1], [0, 0], [0, 0]]),
+                          [kernel * dilation, *w.shape[1:]])
+        return tf.slice(taps, [0, 0, 0], [span, *w.shape[1:]])
+
     return _with_bias(node, layer, lambda x, ws: ops.from_2d(
-        ops.conv2d(ops.as_2d(x), tf.expand_dims(ws[0], 0), (1, stride), pads)), last=last)
+        ops.conv2d(ops.as_2d(x), tf.expand_dims(dilated(ws[0]), 0), (1, stride), pads)), last=last)
 
 
 def _max_pool1d(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:

@@ -46,13 +46,15 @@ def parity_models():
 
 
 def text_model():
-    """A token-id text classifier: Embedding (scatter-add gradient), Conv1D with stride and both paddings,
+    """A token-id text classifier: Embedding (scatter-add gradient), Conv1D with stride, dilation and every padding,
     1D average and max pooling, global average and max pooling over time."""
     keras = _tf.keras()
     L = keras.layers
     _tf.set_seed(10)
     inp = keras.Input((12,), dtype="int32")
     x = L.Embedding(20, 6)(inp)
+    x = L.Conv1D(6, 3, padding="causal", dilation_rate=2)(x)  # a temporal convolutional network's layers
+    x = L.Conv1D(6, 2, padding="same", dilation_rate=3, activation="relu")(x)
     x = L.SpatialDropout1D(0.2)(L.Conv1D(5, 3, strides=2, padding="same", activation="relu")(x))
     a = L.GlobalAveragePooling1D()(x)
     x = L.MaxPooling1D(2, padding="same")(L.Conv1D(4, 2, padding="valid")(L.AveragePooling1D(2, strides=1)(x)))
