@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,14 +61,16 @@ def _rounds(config: SimulationConfig, out: Path, evaluator: Any, run: PreparedRu
     outcome: dict[str, Any] = {}
     initial = evaluator.get_weights()
     server_app = ServerApp()
+    stopped = threading.Event()
 
     @server_app.main()
     def main(grid: Any, context: Any) -> None:
         try:
             outcome["weights"], outcome["state"] = run_rounds(
-                grid, settings=config.rounds, initial=initial, evaluator=evaluator, eval_x=run.parts.evaluation.x,
-                eval_y=run.parts.evaluation.y, checkpoint_dir=out / "checkpoints", resume=config.resume,
-                expected_nodes=config.clients, log=log, personalize_epochs=config.personalize_epochs)
+                _StoppableGrid(grid, stopped), settings=config.rounds, initial=initial, evaluator=evaluator,
+                eval_x=run.parts.evaluation.x, eval_y=run.parts.evaluation.y, checkpoint_dir=out / "checkpoints",
+                resume=config.resume, expected_nodes=config.clients, log=log,
+                personalize_epochs=config.personalize_epochs)
         except BaseException as exc:  # the simulation engine would only log it
             outcome["error"] = exc
 
@@ -72,7 +78,7 @@ def _rounds(config: SimulationConfig, out: Path, evaluator: Any, run: PreparedRu
                           local_dp_delta=config.rounds.dp_delta)
     client_app = make_client_app(ClientSettings(str(out / "trainable"), str(out / "partitions"), dict(config.faults),
                                                 audit_dir=config.audit_dir, limits=limits))
-    _run_simulation(server_app, client_app, config.clients)
+    _run_simulation(server_app, client_app, config.clients, stopped, log)
     if "error" in outcome:
         exc = outcome["error"]
         raise exc if isinstance(exc, EdgeKitError) else FederationError(f"the federated run failed: {exc}")
@@ -92,7 +98,7 @@ def _secagg_rounds(config: SimulationConfig, out: Path, evaluator: Any, run: Pre
                                         eval_x=run.parts.evaluation.x, eval_y=run.parts.evaluation.y,
                                         clients=config.clients, log=log, outcome=outcome)
     client_app = make_secagg_client_app(ClientSettings(str(out / "trainable"), str(out / "partitions")))
-    _run_simulation(server_app, client_app, config.clients)
+    _run_simulation(server_app, client_app, config.clients, None, log)
     if "error" in outcome:
         raise FederationError(f"the secure-aggregation run failed: {outcome['error']}")
     if "history" not in outcome:
@@ -100,7 +106,10 @@ def _secagg_rounds(config: SimulationConfig, out: Path, evaluator: Any, run: Pre
     return outcome["history"], outcome["weights"]
 
 
-def _run_simulation(server_app: Any, client_app: Any, clients: int) -> None:
+def _run_simulation(server_app: Any, client_app: Any, clients: int, stopped: threading.Event | None,
+                    log: Any) -> None:
+    """Run the apps on Flower's simulation engine; ``stopped``: set by Ctrl-C or SIGTERM, and watched by the
+    ServerApp's grid (:class:`_StoppableGrid`), or None when nothing watches it (see :func:`_stopping`)."""
     import logging
 
     from flwr.simulation import run_simulation
@@ -112,14 +121,95 @@ def _run_simulation(server_app: Any, client_app: Any, clients: int) -> None:
     temp = str(temp_dir("ray"))  # 0700, removed when the run ends (or by a later run, if this one is killed)
     try:
         _start_ray(temp)  # Flower's backend uses a running Ray and shuts it down when the run ends
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=clients,
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+        with _stopping(flower, stopped, log):
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=clients,
+                           backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     finally:
         import ray
 
         if ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+class _Stopped(Exception):
+    """The run was stopped (Ctrl-C, SIGTERM) while the ServerApp waited for replies."""
+
+
+class _StoppableGrid:
+    """Flower's grid, whose ``send_and_receive`` gives up when ``stopped`` is set: its own waits out the round's
+    timeout, and the ServerApp's thread (not a daemon) held the process for that long after a Ctrl-C."""
+
+    def __init__(self, grid: Any, stopped: threading.Event) -> None:
+        self._grid, self._stopped = grid, stopped
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
+        """Flower's ``InMemoryGrid.send_and_receive`` (push, then pull until every reply is in or the timeout),
+        checking ``stopped`` at every pull."""
+        waiting = set(self._grid.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Any] = []
+        while waiting and (end is None or time.monotonic() < end):
+            if self._stopped.is_set():
+                raise _Stopped("the run was stopped")
+            pulled = list(self._grid.pull_messages(waiting))
+            replies.extend(pulled)
+            waiting -= {message.metadata.reply_to_message_id for message in pulled}
+            if waiting:
+                time.sleep(getattr(self._grid, "pull_interval", 0.1))
+        return replies
+
+
+@contextmanager
+def _stopping(flower: Any, stopped: threading.Event | None, log: Any) -> Iterator[None]:
+    """Ctrl-C or SIGTERM during a simulation. The first sets ``stopped``: the ServerApp stops at its next wait for
+    replies, the devices finish the work they hold, Ray shuts down, and the run ends as a KeyboardInterrupt (the
+    CLI's "interrupted", exit 130) with its checkpoints kept for a resume. A second one, or the first when nothing
+    watches ``stopped`` (None), interrupts at once, and Flower's log is dropped from then on.
+
+    Interrupted at once, Flower shut Ray down while its threads still waited for the devices' replies: one thread
+    per busy device then waited forever in ``ray.get``, holding the process after "interrupted", and Flower's
+    threads logged every device still training with its traceback."""
+    import logging
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread alone
+        yield
+        return
+    aborted = threading.Event()
+
+    def stop(signum: int, frame: Any) -> None:
+        if stopped is not None and not stopped.is_set():
+            stopped.set()
+            log("stopping: the devices finish the work they hold, then the run ends (resume it with its checkpoints); "
+                "interrupt again to stop at once")
+            return
+        aborted.set()
+        raise KeyboardInterrupt
+
+    class UntilAborted(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not aborted.is_set()
+
+    guard = UntilAborted()
+    flower.addFilter(guard)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except KeyboardInterrupt:
+        aborted.set()
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if aborted.is_set():
+            flower.setLevel(logging.CRITICAL + 1)  # its threads may still log after this returns
+        flower.removeFilter(guard)
+    if stopped is not None and stopped.is_set():
+        raise KeyboardInterrupt
 
 
 def _start_ray(temp: str) -> None:
