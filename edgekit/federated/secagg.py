@@ -9,6 +9,7 @@ individual update to check or decode it).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,8 +17,9 @@ import numpy as np
 
 def make_secagg_server_app(*, settings: Any, names: list[str], initial: dict[str, np.ndarray], evaluator: Any,
                            eval_x: np.ndarray, eval_y: np.ndarray, clients: int, log: Any,
-                           outcome: dict[str, Any]) -> Any:
-    """A ServerApp running FedAvg over SecAgg+ for ``settings.rounds`` rounds."""
+                           outcome: dict[str, Any], grid_of: Callable[[Any], Any] = lambda grid: grid) -> Any:
+    """A ServerApp running FedAvg over SecAgg+ for ``settings.rounds`` rounds (on ``grid_of`` Flower's grid: a
+    simulation's stoppable one)."""
     from flwr.server import LegacyContext, ServerConfig
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
     from flwr.serverapp import ServerApp
@@ -52,7 +54,7 @@ def make_secagg_server_app(*, settings: Any, names: list[str], initial: dict[str
             legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=settings.rounds), strategy=strategy)
             workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
                 num_shares=max(2, clients - 1), reconstruction_threshold=max(2, (clients + 1) // 2)))
-            workflow(grid, legacy)
+            workflow(grid_of(grid), legacy)
             outcome["history"] = history
             outcome["seen"] = list(seen)
         except BaseException as exc:  # the simulation engine would only log it

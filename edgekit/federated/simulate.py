@@ -93,12 +93,14 @@ def _secagg_rounds(config: SimulationConfig, out: Path, evaluator: Any, run: Pre
     from edgekit.federated.secagg import make_secagg_server_app
 
     outcome: dict[str, Any] = {}
+    stopped = threading.Event()
     server_app = make_secagg_server_app(settings=config.rounds, names=list(evaluator.tensors),
                                         initial=evaluator.get_weights(), evaluator=evaluator,
                                         eval_x=run.parts.evaluation.x, eval_y=run.parts.evaluation.y,
-                                        clients=config.clients, log=log, outcome=outcome)
+                                        clients=config.clients, log=log, outcome=outcome,
+                                        grid_of=lambda grid: _StoppableGrid(grid, stopped))
     client_app = make_secagg_client_app(ClientSettings(str(out / "trainable"), str(out / "partitions")))
-    _run_simulation(server_app, client_app, config.clients, None, log)
+    _run_simulation(server_app, client_app, config.clients, stopped, log)
     if "error" in outcome:
         raise FederationError(f"the secure-aggregation run failed: {outcome['error']}")
     if "history" not in outcome:
@@ -106,10 +108,9 @@ def _secagg_rounds(config: SimulationConfig, out: Path, evaluator: Any, run: Pre
     return outcome["history"], outcome["weights"]
 
 
-def _run_simulation(server_app: Any, client_app: Any, clients: int, stopped: threading.Event | None,
-                    log: Any) -> None:
+def _run_simulation(server_app: Any, client_app: Any, clients: int, stopped: threading.Event, log: Any) -> None:
     """Run the apps on Flower's simulation engine; ``stopped``: set by Ctrl-C or SIGTERM, and watched by the
-    ServerApp's grid (:class:`_StoppableGrid`), or None when nothing watches it (see :func:`_stopping`)."""
+    ServerApp's grid (:class:`_StoppableGrid`; see :func:`_stopping`)."""
     import logging
 
     from flwr.simulation import run_simulation
@@ -164,11 +165,11 @@ class _StoppableGrid:
 
 
 @contextmanager
-def _stopping(flower: Any, stopped: threading.Event | None, log: Any) -> Iterator[None]:
+def _stopping(flower: Any, stopped: threading.Event, log: Any) -> Iterator[None]:
     """Ctrl-C or SIGTERM during a simulation. The first sets ``stopped``: the ServerApp stops at its next wait for
     replies, the devices finish the work they hold, Ray shuts down, and the run ends as a KeyboardInterrupt (the
-    CLI's "interrupted", exit 130) with its checkpoints kept for a resume. A second one, or the first when nothing
-    watches ``stopped`` (None), interrupts at once, and Flower's log is dropped from then on.
+    CLI's "interrupted", exit 130), its checkpoints kept for a resume (SecAgg+ runs keep none). A second one
+    interrupts at once, and Flower's log is dropped from then on.
 
     Interrupted at once, Flower shut Ray down while its threads still waited for the devices' replies: one thread
     per busy device then waited forever in ``ray.get``, holding the process after "interrupted", and Flower's
@@ -182,10 +183,9 @@ def _stopping(flower: Any, stopped: threading.Event | None, log: Any) -> Iterato
     aborted = threading.Event()
 
     def stop(signum: int, frame: Any) -> None:
-        if stopped is not None and not stopped.is_set():
+        if not stopped.is_set():
             stopped.set()
-            log("stopping: the devices finish the work they hold, then the run ends (resume it with its checkpoints); "
-                "interrupt again to stop at once")
+            log("stopping: the devices finish the work they hold, then the run ends; interrupt again to stop at once")
             return
         aborted.set()
         raise KeyboardInterrupt
@@ -208,7 +208,7 @@ def _stopping(flower: Any, stopped: threading.Event | None, log: Any) -> Iterato
         if aborted.is_set():
             flower.setLevel(logging.CRITICAL + 1)  # its threads may still log after this returns
         flower.removeFilter(guard)
-    if stopped is not None and stopped.is_set():
+    if stopped.is_set():
         raise KeyboardInterrupt
 
 
