@@ -52,9 +52,9 @@ class _Node:
     params: list[tuple[str, np.ndarray]] = field(default_factory=list)
     forward: Callable[[list[Any], list[Any]], Any] = lambda xs, ws: xs[0]
     softmax_output: bool = False  # a final softmax, skipped when training on logits
-    # the forward of the train signature when it differs (Dropout): (inputs, weights, the step's dropout draws)
+    # the forward of the train signature when it differs (dropout, noise): (inputs, weights, the step's draws)
     train_forward: Callable[[list[Any], list[Any], _DropoutDraws], Any] | None = None
-    # the shape of the uniform draws one train step takes (Dropout), the batch dimension None (the step's batch)
+    # the shape of the uniform draws one train step takes (dropout, noise), its batch dimension None (the step's)
     noise_shape: tuple[int | None, ...] | None = None
 
     def noise_size(self, batch_size: int) -> int:
@@ -66,8 +66,8 @@ class _Node:
 
 @dataclass
 class _DropoutDraws:
-    """One train step's dropout inputs: the switch, and the uniform draws each Dropout node takes its share of,
-    in the order of the nodes."""
+    """One train step's dropout inputs: the switch, and the uniform draws each dropout or noise node takes its share
+    of, in the order of the nodes."""
 
     switch: Any
     values: Any
@@ -84,8 +84,8 @@ class _DropoutDraws:
 
 
 def noise_size(nodes: list[_Node], batch_size: int) -> int:
-    """The length of the train signature's ``dropout_noise``: every Dropout node's draws for one step, at least 1
-    (a model without Dropout still has the input, unused)."""
+    """The length of the train signature's ``dropout_noise``: every dropout or noise node's draws for one step, at
+    least 1 (a model without such layers still has the input, unused)."""
     return max(1, sum(node.noise_size(batch_size) for node in nodes))
 
 
@@ -403,7 +403,7 @@ def _dropout(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
 
 
 def _spatial_dropout(layer: Any, node: _Node, in_shape: tuple, last: bool) -> _Node:
-    """SpatialDropout1D/2D/3D: Dropout with one draw per sample and channel, shared by every position (Keras's
+    """SpatialDropout1D/2D: Dropout with one draw per sample and channel, shared by every position (Keras's
     noise shape for these layers, channels last or first)."""
     positions = [1] * (len(in_shape) - 2)
     first = getattr(layer, "data_format", "channels_last") == "channels_first"
@@ -500,9 +500,9 @@ HANDLERS: dict[str, Callable[[Any, _Node, tuple, bool], _Node]] = {
     "Rescaling": _rescaling,
     "Reshape": _reshape,
     "SeparableConv2D": _separable,
+    "Softmax": _softmax_layer,
     "SpatialDropout1D": _spatial_dropout,
     "SpatialDropout2D": _spatial_dropout,
-    "Softmax": _softmax_layer,
     "ZeroPadding2D": _zero_padding,
 }
 """Layer type -> builder of its trainable node. A test checks gradient parity for every entry."""
@@ -607,7 +607,6 @@ def build_module(model: Any, *, batch_size: int) -> tuple[Any, list[TensorInfo],
             super().__init__()
             self.weights, self.anchors, self.velocity = _variables(nodes)
             self.stepped = tf.Variable(0.0, name="momentum_started", trainable=False)
-            self.noise_size = noise  # the length of the train signature's dropout_noise
 
         def forward(self, x: Any, *, logits: bool, dropout: _DropoutDraws | None = None) -> Any:
             return _forward(nodes, self.weights, x, logits=logits, dropout=dropout)
