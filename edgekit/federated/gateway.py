@@ -33,6 +33,13 @@ version installed, nothing else:
   :data:`IDLE_SECONDS` is dropped. When all :data:`MAX_CONNECTIONS` are open, a new connection sheds the one
   that has waited longest on its own client (no head yet, idle between requests, or a body still arriving),
   so connections that send nothing, or a byte now and then (slowloris), cannot lock devices out.
+- **Bounded TLS handshakes.** The gateway does the TLS handshake in its own protocol (``loop.start_tls``), not in
+  the listening socket, where asyncio gives a connection 60 s before the server sees it at all: each handshake must
+  end within :data:`HEADER_SECONDS`, and at most :data:`MAX_HANDSHAKES` (:data:`MAX_HANDSHAKES_PER_CLIENT` per
+  address) are pending, a new one shedding the oldest. Before, 1,100 TCP connections that never sent a ClientHello
+  held every file descriptor of a gateway limited to 1,024 and refused every device; the gateway also raises its
+  own descriptor limit to the hard limit at start. A connection closed while its client still sends (a body
+  refused with 413) lingers first (:data:`LINGER_SECONDS`), so the client reads its answer.
 
 Why hand-written and not nginx or Envoy: neither installs with the SDK from the package registry (a
 Python distribution would need a system package and a generated configuration per fleet), and both
@@ -51,6 +58,7 @@ import argparse
 import asyncio
 import json
 import logging
+import ssl
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -74,6 +82,17 @@ IDLE_SECONDS = 30.0
 BODY_SECONDS = 300.0
 CHUNK = 1 << 16
 LOG_SECONDS = 60.0
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 * MIB
+"""Closing a TLS connection whose client is still sending (a body refused with 413), the gateway reads and drops
+what arrives until the client pauses, for at most these seconds and bytes (nginx's lingering close): closed at once,
+the unread bytes made the kernel reset the connection, and the client lost the answer it was refused with."""
+LINGER_QUIET = 0.5
+MAX_HANDSHAKES = 128
+"""Connections still in their TLS handshake, at most; a new one past it sheds the one that has waited longest."""
+MAX_HANDSHAKES_PER_CLIENT = 16
+"""Connections from one address still in their TLS handshake, at most; a new one past it sheds that address's
+oldest."""
 _SUSPICIOUS = (b"/.", b"%", b"//", b";", b"\\")
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te", b"trailers",
                b"transfer-encoding", b"upgrade", b"host", b"content-length", b"forwarded", b"x-forwarded-for",
@@ -278,6 +297,48 @@ class _DropLog:
 _DROPS = _DropLog()
 
 
+class _Lingering:
+    """A TLS transport whose ``close`` lingers (:data:`LINGER_SECONDS`): what uvicorn's protocol is given."""
+
+    def __init__(self, transport: Any, protocol: Any) -> None:
+        self._transport, self._protocol, self._closing = transport, protocol, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self._protocol._linger(self._transport)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.is_closing()
+
+
+class _Handshakes:
+    """The connections still in their TLS handshake, each with when it arrived and from which address."""
+
+    def __init__(self) -> None:
+        self.pending: dict[Any, tuple[float, str]] = {}
+
+    def admit(self, protocol: Any, host: str) -> None:
+        """Register ``protocol``'s handshake; past :data:`MAX_HANDSHAKES_PER_CLIENT` from ``host`` or
+        :data:`MAX_HANDSHAKES` in all, first drop the oldest pending one (of that address, then of all)."""
+        for limit, of_host in ((MAX_HANDSHAKES_PER_CLIENT, True), (MAX_HANDSHAKES, False)):
+            waiting = [p for p, (_, h) in self.pending.items() if h == host or not of_host]
+            if len(waiting) >= limit:
+                oldest = min(waiting, key=lambda p: self.pending[p][0])
+                self.pending.pop(oldest)
+                oldest._drop("was shed in its TLS handshake for a new connection")
+        self.pending[protocol] = (time.monotonic(), host)
+
+    def done(self, protocol: Any) -> None:
+        self.pending.pop(protocol, None)
+
+
+_HANDSHAKES = _Handshakes()
+
+
 def _shed_oldest(connections: set[Any], new: Any) -> None:
     """Past :data:`MAX_CONNECTIONS`, close the connections (other than ``new``) that have waited longest on their
     clients: no request head yet, idle between requests, or a body still arriving."""
@@ -290,10 +351,11 @@ def _shed_oldest(connections: set[Any], new: Any) -> None:
         connections.discard(oldest)
 
 
-def _protocol() -> type:
-    """uvicorn's h11 protocol with the time limits uvicorn lacks: a deadline on each request head, a client that
-    reads nothing of its answer for :data:`IDLE_SECONDS` dropped, and a full gateway shedding the connection that
-    has waited longest on its client."""
+def _protocol(tls: ssl.SSLContext | None) -> type:
+    """uvicorn's h11 protocol with the limits uvicorn lacks: the TLS handshake (with ``tls``) done here, bounded in
+    time and number (:class:`_Handshakes`), a deadline on each request head, a client that reads nothing of its
+    answer for :data:`IDLE_SECONDS` dropped, and a full gateway shedding the connection that has waited longest on
+    its client."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -301,14 +363,71 @@ def _protocol() -> type:
         _head: asyncio.TimerHandle | None = None
         _stall: asyncio.TimerHandle | None = None
         _since = 0.0
+        _raw: Any = None  # the TCP transport while the TLS handshake runs
+        _ready = False  # uvicorn's protocol has its (TLS) transport
+        _early = b""  # bytes the client sent with the handshake's end, before the protocol had its transport
+        _lingering: Any = None  # the TLS transport while it lingers before closing
+        _lingered = 0
+        _quiet: asyncio.TimerHandle | None = None
+        _linger_end: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: Any) -> None:
+            if tls is None:
+                self._start(transport)
+                return
+            self._raw = transport
+            transport.pause_reading()  # nothing reaches the HTTP parser before the handshake
+            peer = transport.get_extra_info("peername")
+            _HANDSHAKES.admit(self, str(peer[0]) if peer else "?")
+            self._handshaking = self.loop.create_task(self._handshake(transport))  # a reference keeps the task
+
+        async def _handshake(self, transport: Any) -> None:
+            if transport.is_closing():  # shed or gone before its turn: start_tls would wait out its timeout
+                _HANDSHAKES.done(self)
+                return
+            try:
+                secure = await self.loop.start_tls(transport, self, tls, server_side=True,
+                                                   ssl_handshake_timeout=HEADER_SECONDS)
+            except Exception:  # noqa: BLE001 (a timeout, a reset, a bad ClientHello, a shed: one dropped connection)
+                secure = None
+            _HANDSHAKES.done(self)
+            if secure is None:
+                transport.abort()
+                return
+            self._start(_Lingering(secure, self))
+
+        def _linger(self, transport: Any) -> None:
+            """Close ``transport`` once the client pauses (:data:`LINGER_QUIET`), after :data:`LINGER_SECONDS`, or
+            past :data:`LINGER_BYTES`, reading and dropping what it sends meanwhile."""
+            self._lingering, self._lingered = transport, 0
+            self._quiet = self.loop.call_later(LINGER_QUIET, transport.close)
+            self._linger_end = self.loop.call_later(LINGER_SECONDS, transport.close)
+            transport.resume_reading()  # flow control may have paused it
+
+        def _start(self, transport: Any) -> None:
             super().connection_made(transport)
+            self._ready = True
             self._since = time.monotonic()
             self._head = self.loop.call_later(HEADER_SECONDS, self._drop, "sent no complete request head in time")
             self._shed()
+            if self._early:  # asyncio hands decrypted bytes over as the handshake ends, before start_tls returns
+                early, self._early = self._early, b""
+                self.data_received(early)
 
         def data_received(self, data: bytes) -> None:
+            if self._lingering is not None:  # closing: dropped unread
+                self._lingered += len(data)
+                if self._quiet is not None:
+                    self._quiet.cancel()
+                self._quiet = self.loop.call_later(LINGER_QUIET, self._lingering.close)
+                if self._lingered > LINGER_BYTES:
+                    self._lingering.close()
+                return
+            if not self._ready:
+                self._early += data
+                if len(self._early) > CHUNK:
+                    self._drop("sent more than a request head with its TLS handshake")
+                return
             if self._head is None and self.conn.their_state is h11.IDLE:  # a kept-alive connection's next head
                 self._head = self.loop.call_later(HEADER_SECONDS, self._drop, "sent no complete request head in time")
             super().data_received(data)
@@ -321,21 +440,27 @@ def _protocol() -> type:
             super().on_response_complete()
 
         def pause_writing(self) -> None:
+            if not self._ready:
+                return
             super().pause_writing()
             if self._stall is None:
                 self._stall = self.loop.call_later(IDLE_SECONDS, self._drop, "read none of its answer in time")
 
         def resume_writing(self) -> None:
+            if not self._ready:
+                return
             super().resume_writing()
             if self._stall is not None:
                 self._stall.cancel()
                 self._stall = None
 
         def connection_lost(self, exc: Exception | None) -> None:
-            for timer in (self._head, self._stall):
+            for timer in (self._head, self._stall, self._quiet, self._linger_end):
                 if timer is not None:
                     timer.cancel()
-            super().connection_lost(exc)
+            _HANDSHAKES.done(self)
+            if self._ready:
+                super().connection_lost(exc)
 
         def _waiting_on_client(self) -> bool:
             return self.conn.their_state in (h11.IDLE, h11.SEND_BODY)
@@ -344,10 +469,26 @@ def _protocol() -> type:
             _shed_oldest(self.connections, self)
 
         def _drop(self, why: str) -> None:
-            _DROPS.note(why, f"{self.client[0]}:{self.client[1]}" if self.client else "a client")
-            self.transport.abort()
+            transport = self.transport if self._ready else self._raw
+            peer = self.client or (transport.get_extra_info("peername") if transport is not None else None)
+            _DROPS.note(why, f"{peer[0]}:{peer[1]}" if peer else "a client")
+            if transport is not None:
+                transport.abort()
 
     return GatewayProtocol
+
+
+def _raise_descriptor_limit() -> None:
+    """The soft limit on open files raised to the hard one (a shell's default soft limit is often 1,024)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 16
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -363,11 +504,19 @@ def main(argv: list[str] | None = None) -> None:
 
     scheme = "https" if args.ca else "http"
     app = make_app(f"{scheme}://127.0.0.1:{args.upstream_port}", ca=args.ca)
+    tls = None
+    if args.certfile:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)  # TLS 1.2 or newer, no client certificate
+        tls.load_cert_chain(args.certfile, args.keyfile)
+    _raise_descriptor_limit()
     # h11 (the protocol is uvicorn's h11 one): its raw_path is the request target byte for byte (httptools' is the
     # parsed URL's path, which hides an absolute-form target)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    uvicorn.run(app, host=args.host, port=args.port, ssl_certfile=args.certfile, ssl_keyfile=args.keyfile,
-                log_level="warning", access_log=False, lifespan="on", http=_protocol(), ws="none",
+    # TLS in the protocol (bounded handshakes), on asyncio's loop: it honours a read paused in connection_made, so
+    # the ClientHello waits for start_tls (uvloop starts reading after connection_made returns, and the ClientHello
+    # reached the HTTP protocol instead)
+    uvicorn.run(app, host=args.host, port=args.port, loop="asyncio",
+                log_level="warning", access_log=False, lifespan="on", http=_protocol(tls), ws="none",
                 limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=int(IDLE_SECONDS),
                 h11_max_incomplete_event_size=16384)
 

@@ -185,7 +185,7 @@ def test_join_with_a_key_the_fleet_did_not_register_says_flowers_reason(link, tm
 # --- slow clients: the gateway's own time limits, on the real gateway process with its numbers shrunk ---------
 
 TIGHT = {"HEADER_SECONDS": 6.0, "IDLE_SECONDS": 3.0, "MAX_CONNECTIONS": 16, "MAX_CONCURRENT": 4,
-         "QUEUE_SECONDS": 3.0}
+         "QUEUE_SECONDS": 3.0, "MAX_HANDSHAKES_PER_CLIENT": 8}
 BIG = 24 << 20  # larger than loopback's socket buffers on both ends, so a client that reads nothing stalls the send
 
 
@@ -312,6 +312,26 @@ def test_connections_that_send_nothing_do_not_lock_devices_out(tight):
         for sock in silent:
             sock.close()
     assert "was shed for a new connection" in tight["log"].read_text()
+
+
+@GATEWAY
+def test_connections_that_never_start_tls_do_not_lock_devices_out(tight):
+    """TCP connections that never send a ClientHello: asyncio held each for 60 s before the gateway saw it, outside
+    every limit, and 1,100 of them took every descriptor of a gateway limited to 1,024, so every device was refused.
+    The gateway does the handshake itself now: a new connection sheds the oldest pending one of its address past
+    MAX_HANDSHAKES_PER_CLIENT, and each handshake ends at the head deadline."""
+    silent = [socket.create_connection(("127.0.0.1", tight["port"]), timeout=30)
+              for _ in range(10 * TIGHT["MAX_HANDSHAKES_PER_CLIENT"])]
+    try:
+        status, body, seconds = _ask(tight)
+        assert (status, body) == (200, b"ok") and seconds < 10, (status, body, seconds)
+        assert _closed(silent, 1.0) >= len(silent) - TIGHT["MAX_HANDSHAKES_PER_CLIENT"]
+        assert _closed(silent[-4:], 0.1) == 0  # the newest still wait, until the deadline
+        assert _closed(silent, TIGHT["HEADER_SECONDS"] + 3) == len(silent)
+    finally:
+        for sock in silent:
+            sock.close()
+    assert "was shed in its TLS handshake for a new connection" in tight["log"].read_text()
 
 
 @GATEWAY
