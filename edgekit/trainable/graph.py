@@ -57,11 +57,13 @@ class _Node:
     # the shape of the uniform draws one train step takes (dropout, noise), its batch dimension None (the step's)
     noise_shape: tuple[int | None, ...] | None = None
 
+    def noise_dims(self, batch_size: int) -> list[int]:
+        """The shape of the uniform draws this node takes from one train step's ``dropout_noise`` (none: [])."""
+        return [batch_size if d is None else d for d in self.noise_shape or ()]
+
     def noise_size(self, batch_size: int) -> int:
         """How many uniform draws this node takes from one train step's ``dropout_noise``."""
-        if self.noise_shape is None:
-            return 0
-        return int(np.prod([batch_size if d is None else d for d in self.noise_shape]))
+        return 0 if self.noise_shape is None else int(np.prod(self.noise_dims(batch_size)))
 
 
 @dataclass
@@ -76,8 +78,8 @@ class _DropoutDraws:
 
     def take(self, node: _Node) -> Any:
         """The node's uniform draws, shaped as its noise shape."""
-        size = node.noise_size(self.batch_size)
-        shape = [self.batch_size if d is None else d for d in node.noise_shape or ()]
+        shape = node.noise_dims(self.batch_size)
+        size = int(np.prod(shape))
         part = _tf.tf().reshape(self.values[self.taken:self.taken + size], shape)
         self.taken += size
         return part
